@@ -1,0 +1,5 @@
+import sys
+
+from sfxflow.cli import main
+
+sys.exit(main())

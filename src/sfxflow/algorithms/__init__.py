@@ -1,0 +1,1 @@
+"""sfxflow.algorithms layer (see ARCHITECTURE.md)."""

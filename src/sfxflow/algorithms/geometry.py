@@ -1,0 +1,190 @@
+"""Diffraction geometry on the sfxflow lab frame: pixels <-> rays <-> reciprocal space.
+
+Shared by the simulator, spot finder (resolution of spots), indexer and refinement. Pure numpy.
+See :mod:`sfxflow.models` for the frame and pixel conventions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gemmi
+import numpy as np
+
+from sfxflow.models import Beam, Crystal, Detector
+
+__all__ = [
+    "PanelMatrices",
+    "PredictedSpots",
+    "d_spacing_a",
+    "miller_indices",
+    "panel_matrices",
+    "pixels_to_lab_mm",
+    "pixels_to_q",
+    "predict_spots",
+    "rays_to_pixels",
+]
+
+
+@dataclass(frozen=True)
+class PanelMatrices:
+    """Per-panel affine maps as stacked arrays, for vectorised work over many spots.
+
+    ``d[p]`` is the 3x3 matrix with columns ``fast*pix, slow*pix, origin`` so that
+    ``lab = d @ (fs, ss, 1)``; ``d_inv[p]`` maps a lab direction back (CrystFEL/DIALS "D matrix").
+    """
+
+    d: np.ndarray  # (n_panels, 3, 3)
+    d_inv: np.ndarray  # (n_panels, 3, 3)
+    shape: np.ndarray  # (n_panels, 2) as (n_ss, n_fs)
+
+
+def panel_matrices(detector: Detector) -> PanelMatrices:
+    d = np.empty((len(detector), 3, 3))
+    shapes = np.empty((len(detector), 2), dtype=np.int64)
+    for i, p in enumerate(detector.panels):
+        d[i, :, 0] = np.asarray(p.fast_axis) * p.pixel_size_mm
+        d[i, :, 1] = np.asarray(p.slow_axis) * p.pixel_size_mm
+        d[i, :, 2] = p.origin_mm
+        shapes[i] = p.shape
+    return PanelMatrices(d=d, d_inv=np.linalg.inv(d), shape=shapes)
+
+
+def pixels_to_lab_mm(
+    detector: Detector, panel: np.ndarray, fs_px: np.ndarray, ss_px: np.ndarray
+) -> np.ndarray:
+    """Lab positions (mm), shape ``(n, 3)``, of continuous pixel coordinates on given panels."""
+    m = panel_matrices(detector)
+    panel = np.asarray(panel, dtype=np.int64)
+    v = np.stack([np.asarray(fs_px, float), np.asarray(ss_px, float), np.ones(panel.shape)], -1)
+    return np.einsum("nij,nj->ni", m.d[panel], v)
+
+
+def pixels_to_q(
+    detector: Detector, beam: Beam, panel: np.ndarray, fs_px: np.ndarray, ss_px: np.ndarray
+) -> np.ndarray:
+    """Scattering vectors ``q = s1 - s0`` (Å⁻¹), shape ``(n, 3)``, of pixel coordinates."""
+    r = pixels_to_lab_mm(detector, panel, fs_px, ss_px)
+    s1 = r / (np.linalg.norm(r, axis=1, keepdims=True) * beam.wavelength_a)
+    return s1 - np.asarray(beam.s0_inv_a)
+
+
+def d_spacing_a(q: np.ndarray) -> np.ndarray:
+    """Resolution ``d = 1/|q|`` in Å (``inf`` for q = 0)."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / np.linalg.norm(np.atleast_2d(q), axis=1)
+
+
+def rays_to_pixels(
+    detector: Detector, directions: np.ndarray, margin_px: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intersect rays from the sample along ``directions`` (n, 3) with the panels.
+
+    Returns ``(panel, fs_px, ss_px)``; ``panel`` is -1 where a ray hits no panel. When panels
+    overlap along a ray (they should not), the nearest panel wins.
+    """
+    m = panel_matrices(detector)
+    directions = np.atleast_2d(np.asarray(directions, dtype=float))
+    n = directions.shape[0]
+    best_panel = np.full(n, -1, dtype=np.int64)
+    best_fs = np.full(n, np.nan)
+    best_ss = np.full(n, np.nan)
+    best_t = np.full(n, np.inf)
+    for p in range(len(detector)):
+        # Solve d @ (fs, ss, 1) * 1/t = direction  ->  (fs, ss, 1)/t = d_inv @ direction
+        v = directions @ m.d_inv[p].T
+        w = v[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fs = v[:, 0] / w
+            ss = v[:, 1] / w
+            t = 1.0 / w  # ray parameter: lab point = t * direction
+        n_ss, n_fs = m.shape[p]
+        ok = (
+            (w > 0)
+            & (fs >= -margin_px)
+            & (fs < n_fs + margin_px)
+            & (ss >= -margin_px)
+            & (ss < n_ss + margin_px)
+            & (t < best_t)
+        )
+        best_panel[ok] = p
+        best_fs[ok] = fs[ok]
+        best_ss[ok] = ss[ok]
+        best_t[ok] = t[ok]
+    return best_panel, best_fs, best_ss
+
+
+def miller_indices(
+    cell: gemmi.UnitCell,
+    space_group: gemmi.SpaceGroup,
+    d_min_a: float,
+    d_max_a: float = np.inf,
+) -> np.ndarray:
+    """All Miller indices (not only unique ones) with ``d_min <= d <= d_max``, systematic absences
+    removed, as an ``(n, 3)`` int array.
+
+    >>> hkl = miller_indices(gemmi.UnitCell(93, 93, 130.5, 90, 90, 120),
+    ...                      gemmi.SpaceGroup("P 61 2 2"), 20.0)
+    >>> bool(np.any(np.all(hkl == [0, 0, 1], axis=1)))  # 00l needs l = 6n
+    False
+    """
+    # |h| <= |a| / d_min bounds the sphere of radius 1/d_min for any cell shape.
+    b = np.array(cell.frac.mat.tolist(), dtype=float).T  # columns are a*, b*, c*
+    hmax = [int(np.floor(x / d_min_a)) + 1 for x in (cell.a, cell.b, cell.c)]
+    grids = np.meshgrid(*[np.arange(-h, h + 1) for h in hmax], indexing="ij")
+    hkl = np.stack([g.ravel() for g in grids], axis=1)
+    q = hkl @ b.T
+    q_len = np.linalg.norm(q, axis=1)
+    with np.errstate(divide="ignore"):
+        d = 1.0 / q_len
+    keep = (q_len > 0) & (d >= d_min_a) & (d <= d_max_a)
+    hkl = hkl[keep]
+    hkl = hkl.astype(np.int32)
+    absent = np.asarray(space_group.operations().systematic_absences(hkl), dtype=bool)
+    return hkl[~absent]
+
+
+@dataclass(frozen=True)
+class PredictedSpots:
+    """Reflections predicted to diffract on a still, one row per reflection on a panel."""
+
+    hkl: np.ndarray  # (n, 3) int
+    panel: np.ndarray  # (n,) int
+    fs_px: np.ndarray
+    ss_px: np.ndarray
+    excitation_error_inv_a: np.ndarray  # signed distance of q from the Ewald sphere
+    q_inv_a: np.ndarray  # (n, 3)
+    d_a: np.ndarray
+
+
+def predict_spots(
+    crystal: Crystal,
+    beam: Beam,
+    detector: Detector,
+    hkl: np.ndarray,
+    max_excitation_inv_a: float,
+) -> PredictedSpots:
+    """Predict where reflections near the Ewald sphere land on a still.
+
+    A reflection is kept when ``| |q + s0| - 1/λ | <= max_excitation_inv_a``; its ray is
+    ``s1 ∝ q + s0`` (the point of the sphere nearest q, as for stills in DIALS).
+    """
+    hkl = np.asarray(hkl)
+    q = hkl @ crystal.a_matrix.T
+    s0 = np.asarray(beam.s0_inv_a)
+    k = q + s0
+    k_len = np.linalg.norm(k, axis=1)
+    exc = k_len - 1.0 / beam.wavelength_a
+    keep = np.abs(exc) <= max_excitation_inv_a
+    hkl, q, k, exc = hkl[keep], q[keep], k[keep], exc[keep]
+    panel, fs, ss = rays_to_pixels(detector, k)
+    on = panel >= 0
+    return PredictedSpots(
+        hkl=hkl[on].astype(np.int32),
+        panel=panel[on],
+        fs_px=fs[on],
+        ss_px=ss[on],
+        excitation_error_inv_a=exc[on],
+        q_inv_a=q[on],
+        d_a=1.0 / np.linalg.norm(q[on], axis=1),
+    )

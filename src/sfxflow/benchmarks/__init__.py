@@ -1,0 +1,1 @@
+"""sfxflow.benchmarks layer (see ARCHITECTURE.md)."""

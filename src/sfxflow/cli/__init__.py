@@ -1,0 +1,79 @@
+"""The ``sfxflow`` command line. Thin: each subcommand module parses, validates and calls a library.
+
+Every subcommand module ``sfxflow.cli.<name>`` provides ``HELP`` (one line), ``DESCRIPTION``
+(``--help`` text with examples), ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+
+from sfxflow import __version__
+from sfxflow.errors import InputError
+
+SUBCOMMANDS: dict[str, str] = {
+    "simulate": "sfxflow.cli.simulate",
+    "view": "sfxflow.cli.view",
+    "find-spots": "sfxflow.cli.find_spots",
+    "index": "sfxflow.cli.index",
+    "process": "sfxflow.cli.process",
+    "plan": "sfxflow.cli.plan",
+    "transfer": "sfxflow.cli.transfer",
+    "bench": "sfxflow.cli.bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sfxflow",
+        description="Serial crystallography processing from a laptop to a cluster to the cloud.",
+        epilog="Run 'sfxflow COMMAND --help' for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"sfxflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in SUBCOMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("distributed", "botocore", "s3fs", "aiobotocore", "fsspec", "numba", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. Returns the exit status: 0 success, 2 user error, 130 interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args._run(args) or 0)
+    except InputError as exc:
+        print(f"sfxflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sfxflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""sfxflow.cost layer (see ARCHITECTURE.md)."""

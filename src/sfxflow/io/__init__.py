@@ -1,0 +1,1 @@
+"""sfxflow.io layer (see ARCHITECTURE.md)."""

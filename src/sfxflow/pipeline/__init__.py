@@ -1,0 +1,1 @@
+"""sfxflow.pipeline layer (see ARCHITECTURE.md)."""
