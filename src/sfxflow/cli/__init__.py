@@ -17,6 +17,7 @@ from sfxflow import __version__
 from sfxflow.errors import InputError
 
 SUBCOMMANDS: dict[str, str] = {
+    "demo": "sfxflow.cli.demo",
     "simulate": "sfxflow.cli.simulate",
     "view": "sfxflow.cli.view",
     "find-spots": "sfxflow.cli.find_spots",
