@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import gemmi
@@ -397,7 +397,7 @@ class SpotTable:
         return {k: getattr(self, k) for k in SPOT_COLUMNS}
 
 
-class FrameStatus(str, Enum):
+class FrameStatus(StrEnum):
     """Outcome of processing one frame. ``indexed`` implies a hit."""
 
     MISS = "miss"
