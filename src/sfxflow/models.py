@@ -48,8 +48,8 @@ HC_EV_A = 12398.419843320026  # h*c in eV·Å: E[eV] = HC_EV_A / λ[Å]
 def photon_energy_ev_to_wavelength_a(energy_ev: float) -> float:
     """Convert a photon energy in eV to a wavelength in Å.
 
-    >>> round(photon_energy_ev_to_wavelength_a(9742.6), 5)
-    1.27261
+    >>> round(photon_energy_ev_to_wavelength_a(9742.6), 4)
+    1.2726
     """
     if energy_ev <= 0:
         raise ValueError(f"photon energy must be positive, got {energy_ev} eV")
