@@ -1,0 +1,169 @@
+"""``sfxflow bench decode``: frames/s decoded on one core, local files and a local S3 server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HELP = "decode speed: frames/s per core for CBF and compressed CXI, local and from S3 (median)"
+DESCRIPTION = HELP + """
+
+Decodes, in this one process and thread, through the same path the pipeline uses
+(discover -> plan_blocks -> read_block):
+  * the real LCLS CSPAD CBFs in ../shared/data/lcls-cspad-thermolysin (multi-panel imgCIF),
+  * simulated CSPAD (1480 x 1552) and Jungfrau 4M (4096 x 1024) stills written as
+    bitshuffle-LZ4 CXI files (sfxflow.io.simulated) in a temporary folder,
+each from the local disk and from a local S3-protocol server (moto) that the benchmark starts on
+127.0.0.1. Prints the median over --repeats runs of frames/s, and MB read per frame.
+
+Examples:
+  sfxflow bench decode
+  sfxflow bench decode --frames 20 --repeats 7 --no-s3
+"""
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=10,
+                        help="simulated frames per detector (default 10)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
+    parser.add_argument("--frames-per-block", type=int, default=10,
+                        help="frames per block (default 10)")
+    parser.add_argument("--cbf-dir", default=None,
+                        help="folder of CBFs (default ../shared/data/lcls-cspad-thermolysin)")
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 rows")
+
+
+def _default_cbf_dir() -> Path | None:
+    env = os.environ.get("SFXFLOW_SHARED_DATA")
+    cands = [Path(env)] if env else []
+    cands += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3].parent
+              / "shared" / "data"]
+    for c in cands:
+        d = c / "lcls-cspad-thermolysin"
+        if d.is_dir():
+            return d
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _time_decode(urls: list[str], geometry: Any, opts: dict | None, fpb: int,
+                 repeats: int) -> tuple[float, float, int]:
+    """Median frames/s, bytes read per frame, frames; discover + plan are not timed."""
+    from sfxflow.io.sources import discover, plan_blocks, read_block
+    from sfxflow.io.storage import read_stats, reset_read_stats
+
+    infos = discover(urls, geometry, opts)
+    bad = [i for i in infos if i.error]
+    if bad:
+        raise RuntimeError(f"benchmark input unreadable: {bad[0].error}")
+    blocks = plan_blocks(infos, fpb)
+    n = sum(b.n_frames for b in blocks)
+    read_block(blocks[0], geometry, opts)  # warm-up: imports, caches
+    rates, per_frame = [], []
+    for _ in range(repeats):
+        reset_read_stats()
+        t0 = time.perf_counter()
+        for b in blocks:
+            frames = read_block(b, geometry, opts)
+            assert len(frames) == b.n_frames
+            del frames
+        dt = time.perf_counter() - t0
+        rates.append(n / dt)
+        per_frame.append(read_stats().bytes_read / n)
+    return statistics.median(rates), statistics.median(per_frame), n
+
+
+def run(args: argparse.Namespace) -> int:
+    from sfxflow.errors import InputError
+
+    if args.frames < 1 or args.repeats < 1 or args.frames_per_block < 1:
+        raise InputError(f"--frames {args.frames} / --repeats {args.repeats} / --frames-per-block "
+                         f"{args.frames_per_block}: expected >= 1")
+    cbf_dir = Path(args.cbf_dir) if args.cbf_dir else _default_cbf_dir()
+    if cbf_dir is not None and not cbf_dir.is_dir():
+        raise InputError(f"--cbf-dir {cbf_dir}: not a folder")
+    from sfxflow.algorithms import layouts
+    from sfxflow.algorithms.simulate import SimulationParams
+    from sfxflow.io.geometry import read_geom
+    from sfxflow.io.simulated import write_simulated_dataset
+
+    logging.getLogger("sfxflow.io.simulated").setLevel(logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
+    cases: list[tuple[str, list[Path], Any]] = []
+    with tempfile.TemporaryDirectory(prefix="sfxflow-bench-decode-") as tmp:
+        if cbf_dir is not None:
+            cbfs = sorted(cbf_dir.glob("*.cbf"))
+            if cbfs:
+                cases.append(("CSPAD CBF (real, 4 arrays, 64 ASICs)", cbfs, None))
+        for name, det in (("CSPAD CXI bitshuffle-LZ4 (1480x1552)", layouts.cspad()),
+                          ("Jungfrau4M CXI bitshuffle-LZ4 (4096x1024)", layouts.jungfrau4m())):
+            out = Path(tmp) / name.split()[0]
+            t0 = time.perf_counter()
+            info = write_simulated_dataset(out, det, None, SimulationParams(), args.frames,
+                                           n_files=1, seed=1, compression="bitshuffle-lz4")
+            print(f"simulated {args.frames} {name.split()[0]} frames in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+            cases.append((name, list(info.files), read_geom(info.geometry_path)))
+
+        rows = []
+        for name, files, geom in cases:
+            fps, bpf, n = _time_decode([str(f) for f in files], geom, None,
+                                       args.frames_per_block, args.repeats)
+            rows.append((name, "local", n, bpf, fps))
+        if not args.no_s3:
+            rows += _s3_rows(cases, args)
+
+    print()
+    print(f"decode, one process / one thread, median of {args.repeats} runs "
+          f"(blocks of {args.frames_per_block} frames)")
+    print(f"{'input':44s} {'from':6s} {'frames':>6s} {'MB/frame':>9s} {'frames/s':>9s} "
+          f"{'MB/s':>8s}")
+    for name, where, n, bpf, fps in rows:
+        print(f"{name:44s} {where:6s} {n:6d} {bpf / 1e6:9.3f} {fps:9.1f} {bpf * fps / 1e6:8.1f}")
+    return 0
+
+
+def _s3_rows(cases: list[tuple[str, list[Path], Any]],
+             args: argparse.Namespace) -> list[tuple[str, str, int, float, float]]:
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
+                                                                 "region_name": "us-east-1"}}
+    rows = []
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                     aws_access_key_id="bench", aws_secret_access_key="bench",
+                     ).create_bucket(Bucket="bench-decode")
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **opts)
+        for k, (name, files, geom) in enumerate(cases):
+            urls = []
+            for f in files:
+                key = f"bench-decode/case{k}/{f.name}"
+                fs.put_file(str(f), key)
+                urls.append(f"s3://{key}")
+            fps, bpf, n = _time_decode(urls, geom, opts, args.frames_per_block, args.repeats)
+            rows.append((name, "S3", n, bpf, fps))
+    finally:
+        server.stop()
+    return rows

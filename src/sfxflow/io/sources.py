@@ -1,0 +1,328 @@
+"""Image sources, discovery and blocks of frames: the unit of work of the whole system.
+
+* :func:`open_source` opens one file or object (CBF, HDF5 CXI with a CrystFEL geometry, or NeXus
+  NXmx) as an :class:`ImageSource`.
+* :func:`discover` lists inputs (paths, globs, folders, ``s3://`` prefixes) and counts frames per
+  file from metadata only; a file that cannot be listed gets a :class:`FileInfo` with ``error``
+  set instead of stopping the others.
+* :func:`plan_blocks` cuts files into :class:`Block` s (a block never spans two files);
+  :func:`read_block` decodes one block into frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sfxflow.errors import ConfigError, InputError, SourceError
+from sfxflow.io import storage
+
+if TYPE_CHECKING:
+    from sfxflow.io.geometry import CrystfelGeometry
+    from sfxflow.models import Frame
+
+__all__ = [
+    "Block",
+    "FileInfo",
+    "ImageSource",
+    "discover",
+    "open_source",
+    "plan_blocks",
+    "read_block",
+    "source_kind",
+]
+
+log = logging.getLogger(__name__)
+
+CBF_EXTENSIONS = (".cbf",)
+HDF5_EXTENSIONS = (".h5", ".hdf5", ".cxi", ".nxs", ".nx5", ".hdf")
+IMAGE_EXTENSIONS = CBF_EXTENSIONS + HDF5_EXTENSIONS
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class ImageSource(ABC):
+    """One file or object of frames. Use as a context manager; frames are read on demand.
+
+    Attributes
+    ----------
+    url : where the frames live.
+    n_frames : number of frames.
+    kind : ``"cbf"``, ``"cxi"`` or ``"nxmx"``.
+    """
+
+    url: str
+    n_frames: int
+    kind: str = "unknown"
+
+    @abstractmethod
+    def read_frame(self, i: int) -> Frame:
+        """Frame ``i`` (0-based)."""
+
+    def read_frames(self, start: int, stop: int) -> list[Frame]:
+        """Frames ``start .. stop-1``."""
+        self._check_range(start, stop)
+        return [self.read_frame(i) for i in range(start, stop)]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release open files."""
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < self.n_frames:
+            raise SourceError(self.url, f"frame {i} out of range (file has {self.n_frames})", i)
+
+    def _check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.n_frames:
+            raise SourceError(
+                self.url,
+                f"frame range {start}..{stop} out of range (file has {self.n_frames} frames)",
+            )
+
+
+def _extension(url: str) -> str:
+    name = url.rsplit("/", 1)[-1].lower()
+    for ext in IMAGE_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    return ""
+
+
+def source_kind(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """``"cbf"`` or ``"hdf5"``: from the extension, else from the first bytes.
+
+    >>> source_kind("/data/idx-0001.cbf"), source_kind("s3://b/run_0001.cxi")
+    ('cbf', 'hdf5')
+    """
+    ext = _extension(url)
+    if ext in CBF_EXTENSIONS:
+        return "cbf"
+    if ext in HDF5_EXTENSIONS:
+        return "hdf5"
+    head = storage.read_bytes(url, storage_options, start=0, end=64)
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "hdf5"
+    if head.lstrip()[:6] == b"###CBF":
+        return "cbf"
+    raise SourceError(url, "unknown image format (expected CBF or HDF5 by extension or content)")
+
+
+def open_source(
+    url: str,
+    geometry: CrystfelGeometry | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    metadata_only: bool = False,
+) -> ImageSource:
+    """Open one file or object of frames.
+
+    Parameters
+    ----------
+    url : local path or fsspec URL.
+    geometry : CrystFEL geometry; required for CXI/Cheetah HDF5, ignored for CBF (the header
+        describes the detector), optional for NXmx (the file's own geometry is used when none).
+    storage_options : fsspec options for remote URLs.
+    metadata_only : open for counting frames only (remote HDF5 is then read in small ranges
+        instead of being fetched whole).
+
+    Raises
+    ------
+    SourceError, GeometryError
+    """
+    kind = source_kind(url, storage_options)
+    if kind == "cbf":
+        from sfxflow.io.cbf import CbfSource
+
+        return CbfSource(url, storage_options)
+    from sfxflow.io.hdf5 import open_hdf5_source
+
+    return open_hdf5_source(url, geometry, storage_options, metadata_only=metadata_only)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One input file as seen by :func:`discover` (metadata only)."""
+
+    url: str
+    n_frames: int
+    size_bytes: int
+    kind: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _expand(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """A URL, glob or folder -> image file URLs (sorted)."""
+    if storage.is_local(url):
+        from pathlib import Path
+
+        path = storage.local_path(url)
+        if _GLOB_CHARS.search(str(path)):
+            import glob
+
+            return sorted(glob.glob(str(path)))
+        if path.is_dir():
+            return sorted(
+                str(p) for p in path.iterdir() if p.is_file() and _extension(p.name)
+            )
+        if not path.exists():
+            raise SourceError(url, "no such file or folder")
+        return [str(Path(path))]
+    fs = storage.filesystem(url, storage_options)
+    proto = url.split("://", 1)[0]
+    key = url.split("://", 1)[1]
+    try:
+        if _GLOB_CHARS.search(key):
+            found = fs.glob(key)
+            return sorted(f"{proto}://{p}" for p in found)
+        info = fs.info(key)
+        if info.get("type") == "directory":
+            return sorted(
+                f"{proto}://{e['name']}"
+                for e in fs.ls(key, detail=True)
+                if e.get("type") != "directory" and _extension(e["name"])
+            )
+    except FileNotFoundError as exc:
+        raise SourceError(url, "no such file, folder or object") from exc
+    except SourceError:
+        raise
+    except Exception as exc:  # botocore/aiohttp errors come in many types
+        raise storage._wrap_storage_error(url, exc) from exc
+    return [url]
+
+
+def discover(
+    urls: str | Iterable[str],
+    geometry: CrystfelGeometry | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[FileInfo]:
+    """List input files and count their frames (metadata only, no pixel reads).
+
+    Parameters
+    ----------
+    urls : one or more paths/URLs; globs (``run_*.cxi``) and folders/prefixes are expanded.
+    geometry : CrystFEL geometry for CXI files.
+    storage_options : fsspec options.
+
+    Returns
+    -------
+    One :class:`FileInfo` per file, in input order (each expansion sorted). A file or pattern
+    that cannot be listed or opened yields ``FileInfo(error=...)`` and the others still go.
+    """
+    if isinstance(urls, str):
+        urls = [urls]
+    out: list[FileInfo] = []
+    for pattern in urls:
+        try:
+            files = _expand(str(pattern), storage_options)
+        except InputError as exc:
+            out.append(FileInfo(str(pattern), 0, 0, "unknown", str(exc)))
+            continue
+        if not files:
+            out.append(FileInfo(str(pattern), 0, 0, "unknown",
+                                f"{pattern}: matched no image files"))
+            continue
+        for url in files:
+            out.append(_describe(url, geometry, storage_options))
+    return out
+
+
+def _describe(
+    url: str, geometry: CrystfelGeometry | None, storage_options: Mapping[str, Any] | None
+) -> FileInfo:
+    size = 0
+    kind = "unknown"
+    try:
+        size = storage.object_size(url, storage_options)
+        kind = source_kind(url, storage_options)
+        if kind == "cbf":
+            if size == 0:
+                raise SourceError(url, "empty file")
+            return FileInfo(url, 1, size, "cbf")
+        with open_source(url, geometry, storage_options, metadata_only=True) as src:
+            return FileInfo(url, src.n_frames, size, src.kind)
+    except (InputError, OSError) as exc:
+        msg = str(exc) if url in str(exc) else f"{url}: {exc}"
+        log.warning("cannot list %s: %s", url, msg)
+        return FileInfo(url, 0, size, kind, msg)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Frames ``start .. stop-1`` of one file: the unit of work.
+
+    >>> b = Block("s3://bucket/run_0001.cxi", 0, 50)
+    >>> b.block_id == Block("s3://bucket/run_0001.cxi", 0, 50).block_id, b.n_frames
+    (True, 50)
+    >>> b.block_id.startswith("run_0001.cxi-") and b.block_id.endswith("-000000-000050")
+    True
+    """
+
+    url: str
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop:
+            raise ValueError(f"block needs 0 <= start < stop, got {self.start}..{self.stop}")
+
+    @property
+    def n_frames(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def block_id(self) -> str:
+        """Deterministic, filesystem-safe name: file stem, URL hash, frame range."""
+        name = self.url.rstrip("/").rsplit("/", 1)[-1]
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip(".") or "file"
+        digest = hashlib.sha1(self.url.encode()).hexdigest()[:10]
+        return f"{stem}-{digest}-{self.start:06d}-{self.stop:06d}"
+
+
+def plan_blocks(files: Sequence[FileInfo], frames_per_block: int) -> list[Block]:
+    """Cut every good file into blocks of at most ``frames_per_block`` frames.
+
+    Files with an ``error`` or no frames are skipped.
+
+    >>> plan_blocks([FileInfo("a.cxi", 5, 10, "cxi"), FileInfo("b.cbf", 1, 10, "cbf")], 2)
+    [Block(url='a.cxi', start=0, stop=2), Block(url='a.cxi', start=2, stop=4), \
+Block(url='a.cxi', start=4, stop=5), Block(url='b.cbf', start=0, stop=1)]
+    """
+    if int(frames_per_block) < 1:
+        raise ConfigError(f"frames_per_block must be >= 1, got {frames_per_block}")
+    n = int(frames_per_block)
+    blocks: list[Block] = []
+    for f in files:
+        if f.error is not None or f.n_frames <= 0:
+            continue
+        for start in range(0, f.n_frames, n):
+            blocks.append(Block(f.url, start, min(start + n, f.n_frames)))
+    return blocks
+
+
+def read_block(
+    block: Block,
+    geometry: CrystfelGeometry | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[Frame]:
+    """Decode the frames of one block.
+
+    Raises
+    ------
+    SourceError, GeometryError
+        Naming the block's URL and the problem.
+    """
+    with open_source(block.url, geometry, storage_options) as src:
+        return src.read_frames(block.start, block.stop)
