@@ -1,0 +1,1092 @@
+"""Spot finding and hit finding on still images (compiled with numba, one core per frame).
+
+Method (per panel, with the panel mask)
+---------------------------------------
+``dispersion`` (DIALS-style local dispersion threshold). For every good pixel, the mean ``m``
+and unbiased variance ``v`` of the good pixels in a ``window_px x window_px`` window around it
+are computed with O(1) work per pixel (column running sums updated row by row, then fixed-size
+window sums in one vectorised loop). With an expected background variance ``e`` (ADU²; see
+``noise_model``: ``gain * m`` for Poisson data, where ``gain`` is the panel's
+``adu_per_photon``, so no photon-scaled copy of the frame is made) a pixel is *strong* when
+
+* its value is above ``global_threshold_photons * gain``;
+* at least ``min_local`` good pixels are in its window;
+* ``value - m > sigma_strong * sqrt(e)`` (DIALS' code uses the Poisson ``sqrt(gain * m)``;
+  ``noise_model="local"`` uses ``sqrt(v)`` instead, which spots themselves inflate);
+* the index of dispersion ``v / e > 1 + sigma_background * sqrt(2 / (n - 1))``.
+
+``radial`` (peakfinder8-style). Pixels are binned by their distance from the beam axis; per bin
+the mean and standard deviation of good pixels are found with ``radial_iterations`` rounds of
+clipping at ``radial_snr`` sigma, and a pixel is strong when it exceeds its bin's mean by
+``radial_snr`` standard deviations (and the global threshold).
+
+Strong pixels are joined into spots with 8-connectivity in the same compiled pass (union-find).
+Spots with fewer than ``min_spot_pixels`` or more than ``max_spot_pixels`` pixels are dropped.
+For each spot, the local background is the mean of the good, non-strong pixels in a ring
+``background_margin_px`` wide, one pixel outside its bounding box; the intensity is the sum of
+background-subtracted photons; the centroid is weighted by the background-subtracted photons
+(pixel centres at +0.5, see :mod:`sfxflow.models`); the SNR is
+``I / sqrt(max(I, 0) + n * var_bg * (1 + n / n_bg))``. The resolution ``d_a`` comes from
+:func:`sfxflow.algorithms.geometry.pixels_to_q`; optional resolution limits and an ice-ring
+filter (hexagonal ice Ih reflections, DIALS-style) remove spots afterwards.
+
+Hit finding: :func:`is_hit` compares the spot count (and optionally the count of spots at
+``d <= d_a``) with :class:`HitParams`.
+
+The compiled kernels run single-threaded (no numba ``parallel``), so a worker process can run
+one frame per core; they release the GIL (``nogil``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from sfxflow.algorithms.geometry import d_spacing_a, miller_indices, pixels_to_lab_mm, pixels_to_q
+from sfxflow.errors import ConfigError, GeometryError
+from sfxflow.models import (
+    Beam,
+    Detector,
+    Frame,
+    Panel,
+    SpotTable,
+    as_space_group,
+    as_unit_cell,
+)
+
+__all__ = [
+    "ICE_IH_CELL",
+    "METHODS",
+    "NOISE_MODELS",
+    "HitParams",
+    "SpotParams",
+    "find_spots",
+    "find_spots_panel",
+    "ice_ring_d_spacings_a",
+    "is_hit",
+]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dispersion", "radial")
+NOISE_MODELS = ("auto", "poisson", "local")
+
+#: Hexagonal ice Ih: unit cell (Å, degrees) and space group used for the ice-ring filter.
+ICE_IH_CELL = (4.498, 4.498, 7.338, 90.0, 90.0, 120.0)
+ICE_IH_SPACE_GROUP = "P 63/m m c"
+
+
+@dataclass(frozen=True)
+class SpotParams:
+    """Parameters of :func:`find_spots` (defaults suit CSPAD-class XFEL stills).
+
+    Parameters
+    ----------
+    method : ``"dispersion"`` (DIALS-style local threshold) or ``"radial"`` (peakfinder8-style).
+    noise_model : the expected background variance of both tests: ``"poisson"`` is
+        ``gain * mean`` (DIALS' code); ``"auto"`` (default) is the same with the gain raised, per
+        panel and frame, to the background's own index of dispersion when that is larger (so ADU
+        data declared as 1 ADU/photon do not flood with noise spots), and a noise floor where the
+        background mean is <= 0; ``"local"`` uses the window's own variance for the strong test
+        (as described in DIALS' documentation; spots inflate it, so it finds fewer weak spots).
+    window_px : odd edge of the square local window of the dispersion method (9 = 9x9).
+    sigma_strong : a strong pixel exceeds the local mean by this many local standard deviations.
+    sigma_background : the local index of dispersion must exceed ``1 + sigma_background *
+        sqrt(2 / (n - 1))``.
+    min_local : fewest good pixels in a window for its centre to be tested.
+    global_threshold_photons : a strong pixel must be above this value (photons).
+    gain_adu_per_photon : overrides every panel's ``adu_per_photon`` when set; panels without a
+        gain and no override are taken as 1 ADU per photon.
+    border_px : pixels this close to a panel edge are ignored (ASIC edge pixels of CSPAD-class
+        detectors are larger and brighter than the rest; 0 keeps them).
+    min_spot_pixels, max_spot_pixels : allowed number of strong pixels in one spot.
+    background_margin_px : width of the ring used for a spot's background; the ring starts one
+        pixel outside the spot's bounding box.
+    d_min_a, d_max_a : keep spots with ``d_min_a <= d <= d_max_a`` (Å; ``None`` = no limit).
+    filter_ice_rings : drop spots within ``ice_ring_half_width_inv_a`` of an ice Ih ring in 1/d.
+    ice_ring_half_width_inv_a : half width of an ice ring in 1/d (Å⁻¹).
+    radial_snr : ``radial`` method: threshold in standard deviations above the ring mean.
+    radial_iterations : ``radial`` method: rounds of sigma clipping of the ring statistics.
+    radial_bin_px : ``radial`` method: ring width in pixels.
+
+    >>> SpotParams(window_px=7).half_window
+    3
+    """
+
+    method: str = "dispersion"
+    noise_model: str = "auto"
+    window_px: int = 9
+    sigma_strong: float = 3.0
+    sigma_background: float = 4.5
+    min_local: int = 2
+    global_threshold_photons: float = 0.0
+    gain_adu_per_photon: float | None = None
+    border_px: int = 1
+    min_spot_pixels: int = 2
+    max_spot_pixels: int = 500
+    background_margin_px: int = 2
+    d_min_a: float | None = None
+    d_max_a: float | None = None
+    filter_ice_rings: bool = False
+    ice_ring_half_width_inv_a: float = 0.004
+    radial_snr: float = 5.0
+    radial_iterations: int = 5
+    radial_bin_px: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ConfigError:
+            return ConfigError(
+                f"spot finding parameter {name}={getattr(self, name)!r}: expected {expected}"
+            )
+
+        if self.method not in METHODS:
+            raise bad("method", f"one of {', '.join(METHODS)}")
+        if self.noise_model not in NOISE_MODELS:
+            raise bad("noise_model", f"one of {', '.join(NOISE_MODELS)}")
+        if int(self.window_px) != self.window_px or self.window_px < 3 or self.window_px % 2 == 0:
+            raise bad("window_px", "an odd integer >= 3")
+        if self.window_px > 63:
+            raise bad("window_px", "at most 63")
+        for name in ("sigma_strong", "sigma_background", "radial_snr", "radial_bin_px",
+                     "ice_ring_half_width_inv_a"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise bad(name, "a finite number >= 0")
+        if not self.radial_bin_px > 0:
+            raise bad("radial_bin_px", "a number > 0")
+        if not math.isfinite(self.global_threshold_photons):
+            raise bad("global_threshold_photons", "a finite number")
+        if self.gain_adu_per_photon is not None and not (
+            math.isfinite(self.gain_adu_per_photon) and self.gain_adu_per_photon > 0
+        ):
+            raise bad("gain_adu_per_photon", "a positive number or None")
+        if self.min_local < 2:
+            raise bad("min_local", "an integer >= 2")
+        if self.border_px < 0:
+            raise bad("border_px", "an integer >= 0")
+        if self.min_spot_pixels < 1:
+            raise bad("min_spot_pixels", "an integer >= 1")
+        if self.max_spot_pixels < self.min_spot_pixels:
+            raise bad("max_spot_pixels", f"an integer >= min_spot_pixels={self.min_spot_pixels}")
+        if self.background_margin_px < 1:
+            raise bad("background_margin_px", "an integer >= 1")
+        if self.radial_iterations < 0:
+            raise bad("radial_iterations", "an integer >= 0")
+        for name in ("d_min_a", "d_max_a"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise bad(name, "a positive resolution in Å or None")
+        if self.d_min_a is not None and self.d_max_a is not None and self.d_min_a > self.d_max_a:
+            raise bad("d_min_a", f"a value <= d_max_a={self.d_max_a}")
+
+    @property
+    def half_window(self) -> int:
+        """Half width of the local window (``window_px // 2``)."""
+        return int(self.window_px) // 2
+
+
+@dataclass(frozen=True)
+class HitParams:
+    """When a frame counts as a hit.
+
+    Parameters
+    ----------
+    min_spots : fewest spots on a hit.
+    min_spots_beyond_d_a : fewest spots with ``d <= d_a`` (0 disables this test).
+    d_a : resolution (Å) for ``min_spots_beyond_d_a``.
+
+    >>> HitParams(min_spots=10).min_spots
+    10
+    """
+
+    min_spots: int = 10
+    min_spots_beyond_d_a: int = 0
+    d_a: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.min_spots < 0:
+            raise ConfigError(f"hit parameter min_spots={self.min_spots}: expected an integer >= 0")
+        if self.min_spots_beyond_d_a < 0:
+            raise ConfigError(
+                f"hit parameter min_spots_beyond_d_a={self.min_spots_beyond_d_a}: "
+                "expected an integer >= 0"
+            )
+        if not (math.isfinite(self.d_a) and self.d_a > 0):
+            raise ConfigError(f"hit parameter d_a={self.d_a}: expected a positive resolution in Å")
+
+
+def is_hit(spots: SpotTable, params: HitParams) -> bool:
+    """Whether a frame with these spots is a hit.
+
+    >>> t = SpotTable(**{k: np.zeros(12) for k in
+    ...     ("panel", "fs_px", "ss_px", "intensity", "background", "snr", "n_pixels")},
+    ...     d_a=np.full(12, 3.0))
+    >>> is_hit(t, HitParams(min_spots=10)), is_hit(t, HitParams(min_spots=13))
+    (True, False)
+    >>> is_hit(t, HitParams(min_spots=5, min_spots_beyond_d_a=5, d_a=2.5))
+    False
+    """
+    if len(spots) < params.min_spots:
+        return False
+    if params.min_spots_beyond_d_a > 0:
+        n_high = int(np.count_nonzero(spots.d_a <= params.d_a))
+        return n_high >= params.min_spots_beyond_d_a
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled kernels
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _grow(a):  # pragma: no cover - compiled
+    b = np.empty(a.shape[0] * 2, a.dtype)
+    b[: a.shape[0]] = a
+    return b
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _find_root(parent, i):  # pragma: no cover - compiled
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _union(parent, a, b):  # pragma: no cover - compiled
+    ra = _find_root(parent, a)
+    rb = _find_root(parent, b)
+    if ra < rb:
+        parent[rb] = ra
+    elif rb < ra:
+        parent[ra] = rb
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _link_strong(rowlab, rowtag, parent, p, r, c, nfs, n):  # pragma: no cover - compiled
+    """Label strong pixel ``n`` at panel ``p`` (r, c) and union it with its already visited
+    8-connected neighbours (left, and the three above).
+
+    Labels live in two row buffers (``rowlab[r & 1]``) tagged with a row id, so nothing
+    frame-sized is touched (sparse writes into a frame-sized label image cost page faults).
+    """
+    parent[n] = n
+    row_id = p * 1048576 + r
+    cur = r & 1
+    rowlab[cur, c] = n
+    rowtag[cur, c] = row_id
+    if c > 0 and rowtag[cur, c - 1] == row_id:
+        _union(parent, n, rowlab[cur, c - 1])
+    if r > 0:
+        prev = 1 - cur
+        for cc in range(max(c - 1, 0), min(c + 2, nfs)):
+            if rowtag[prev, cc] == row_id - 1:
+                _union(parent, n, rowlab[prev, cc])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _strong_test(v, good, cnt, s, q, gain, floor, thr_adu, min_local, s2, b2, local_sigma):
+    """The dispersion test of one pixel from its window sums (no branches: vectorisable).
+
+    ``cnt``, ``s``, ``q``: number, sum and sum of squares (ADU) of the window's good pixels.
+    The expected background variance (ADU²) is ``max(gain * mean, floor)``.
+    """
+    a = cnt * v - s  # = N (v - mean)
+    big_a = cnt * q - s * s  # = N (N - 1) var
+    nm1 = cnt - 1.0
+    # N * expected variance = max(gain S, N floor)
+    gs = max(gain * s, cnt * floor)
+    if local_sigma:
+        # (v - mean)^2 > s2 var  <=>  a^2 (N - 1) > s2 N A ; dispersion passes where mean <= 0
+        strong_s = (a * a * nm1 > s2 * cnt * big_a)
+        gs_ok = True
+        disp_free = s <= 0.0
+    else:
+        # v - mean > sigma_s sqrt(expected var)  <=>  a^2 > s2 N gs  (DIALS: gs = gain S >= 0)
+        strong_s = a * a > s2 * cnt * gs
+        gs_ok = gs > 0.0
+        disp_free = False
+    # var > expected var * (1 + sigma_b sqrt(2 / (N - 1)))
+    #   <=>  A - gs (N - 1) > gs sigma_b sqrt(2 (N - 1))
+    lhs = big_a - gs * nm1
+    disp = (lhs > 0.0) & (disp_free | (lhs * lhs > gs * gs * b2 * nm1))
+    return (good & (v > thr_adu) & (cnt >= min_local) & (a > 0.0) & strong_s & gs_ok
+            & disp)
+
+
+_FLOOR_CLIP2 = 36.0  # clip neighbour differences at 6 sigma: drops spots, keeps photon noise
+
+
+@njit(cache=True, nogil=True, fastmath={"contract", "arcp", "nsz"})
+def _noise_floor(data3, mask3, ptab, pf, row_step, out):  # pragma: no cover - compiled
+    """Per panel, a robust background variance (ADU²) from differences of neighbouring pixels
+    along fs on every ``row_step``-th row: three rounds of clipping at 3 sigma (so spots and
+    hot pixels drop out), corrected for the clipping; insensitive to smooth background
+    gradients. Written to ``out[p]``.
+    """
+    for p in range(ptab.shape[0]):
+        lead = ptab[p, 0]
+        ss0 = ptab[p, 1]
+        fs0 = ptab[p, 2]
+        nss = ptab[p, 3]
+        nfs = ptab[p, 4]
+        max_adu = pf[p, 1]
+        clip = np.inf
+        est = 0.0
+        mean = 0.0
+        for _ in range(3):
+            acc = 0.0
+            acc_v = 0.0
+            cnt = 0.0
+            for r in range(0, nss, row_step):
+                drow = data3[lead, ss0 + r, fs0 : fs0 + nfs]
+                mrow = mask3[lead, ss0 + r, fs0 : fs0 + nfs]
+                for c in range(nfs - 1):
+                    v0 = np.float64(drow[c])
+                    v1 = np.float64(drow[c + 1])
+                    d2 = (v1 - v0) * (v1 - v0)
+                    ok = ((mrow[c] != 0) & (mrow[c + 1] != 0) & (v0 < max_adu) & (v1 < max_adu)
+                          & (d2 <= clip))
+                    acc += d2 if ok else 0.0
+                    acc_v += v0 + v1 if ok else 0.0
+                    cnt += 1.0 if ok else 0.0
+            if cnt < 2.0:
+                est = 0.0
+                break
+            # var(v1 - v0) = 2 var(v); a normal clipped at 3 sigma keeps 97.3% of its variance
+            est = acc / cnt / 2.0
+            mean = acc_v / cnt / 2.0
+            clip = _FLOOR_CLIP2 * 2.0 * est
+        # Poisson data: variance = gain * mean, so the background's own index of dispersion is
+        # the effective gain (raises a declared gain that is too low, e.g. 1 for ADU data)
+        if mean > 0.0 and est / mean > pf[p, 0]:
+            out[p, 0] = est / mean
+        # no photons in the mean (pedestal-subtracted, empty background): noise floor instead
+        out[p, 1] = est if mean <= 0.0 else 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum7(a, c):
+    return ((a[c] + a[c + 1]) + (a[c + 2] + a[c + 3])) + ((a[c + 4] + a[c + 5]) + a[c + 6])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum9(a, c):
+    return (((a[c] + a[c + 1]) + (a[c + 2] + a[c + 3])) + ((a[c + 4] + a[c + 5])
+            + (a[c + 6] + a[c + 7]))) + a[c + 8]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum5(a, c):
+    return ((a[c] + a[c + 1]) + (a[c + 2] + a[c + 3])) + a[c + 4]
+
+
+@njit(cache=True, nogil=True, fastmath={"contract", "arcp", "nsz"})
+def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local,
+                       global_thr, local_sigma, border, cap):  # pragma: no cover - compiled
+    """Threshold every panel and label strong pixels (union-find, 8-connectivity).
+
+    Per panel row: the incoming row is cleaned (mask, saturation, NaN) into a ring buffer, the
+    column sums over the window's rows are updated (add the incoming row, subtract the
+    outgoing one), and one fused loop forms the window sums and applies the test. Each of these
+    loops writes one or two arrays and has no loop-carried dependency, so LLVM vectorises it;
+    only the rare strong pixels take the branchy labelling path.
+    Returns ``(sp_panel, sp_r, sp_c, parent, n)`` for the ``n`` strong pixels in raster order.
+    """
+    k = 2 * half + 1
+    s2 = sigma_s * sigma_s
+    b2 = 2.0 * sigma_b * sigma_b
+    max_fs = 1
+    for p in range(ptab.shape[0]):
+        max_fs = max(max_fs, ptab[p, 4])
+    n_ring = 2 * half + 2
+    ringv = np.zeros((n_ring, max_fs))
+    ringg = np.zeros((n_ring, max_fs))
+    width = max_fs + 2 * half
+    # column sums over the rows in the window, with `half` zero columns on each side
+    col_s = np.zeros(width)
+    col_q = np.zeros(width)
+    col_n = np.zeros(width)
+    win_s = np.zeros(max_fs)
+    win_q = np.zeros(max_fs)
+    win_n = np.zeros(max_fs)
+    flag = np.zeros(max_fs, np.bool_)
+    rowlab = np.zeros((2, max_fs), np.int32)
+    rowtag = np.full((2, max_fs), -1, np.int64)
+    sp_panel = np.empty(cap, np.int32)
+    sp_r = np.empty(cap, np.int32)
+    sp_c = np.empty(cap, np.int32)
+    parent = np.empty(cap, np.int32)
+    n = 0
+    for p in range(ptab.shape[0]):
+        lead = ptab[p, 0]
+        ss0 = ptab[p, 1]
+        fs0 = ptab[p, 2]
+        nss = ptab[p, 3]
+        nfs = ptab[p, 4]
+        gain = pf[p, 0]
+        max_adu = pf[p, 1]
+        floor = pf[p, 2]
+        thr_adu = global_thr * gain
+        col_s[:] = 0.0
+        col_q[:] = 0.0
+        col_n[:] = 0.0
+        for rr in range(-half, nss):
+            rin = rr + half
+            rout = rr - half - 1
+            has_in = rin < nss
+            has_out = rout >= 0
+            if has_in:
+                drow = data3[lead, ss0 + rin, fs0 : fs0 + nfs]
+                mrow = mask3[lead, ss0 + rin, fs0 : fs0 + nfs]
+                rv = ringv[rin % n_ring]
+                rg = ringg[rin % n_ring]
+                row_ok = (rin >= border) & (rin < nss - border)
+                for c in range(nfs):
+                    v = np.float64(drow[c])
+                    good = ((mrow[c] != 0) & (v < max_adu) & row_ok  # NaN compares False
+                            & (c >= border) & (c < nfs - border))
+                    rv[c] = v if good else 0.0
+                    rg[c] = 1.0 if good else 0.0
+                if has_out:
+                    ov = ringv[rout % n_ring]
+                    og = ringg[rout % n_ring]
+                    for c in range(nfs):
+                        col_s[half + c] += rv[c] - ov[c]
+                    for c in range(nfs):
+                        col_q[half + c] += rv[c] * rv[c] - ov[c] * ov[c]
+                    for c in range(nfs):
+                        col_n[half + c] += rg[c] - og[c]
+                else:
+                    for c in range(nfs):
+                        col_s[half + c] += rv[c]
+                    for c in range(nfs):
+                        col_q[half + c] += rv[c] * rv[c]
+                    for c in range(nfs):
+                        col_n[half + c] += rg[c]
+            elif has_out:
+                ov = ringv[rout % n_ring]
+                og = ringg[rout % n_ring]
+                for c in range(nfs):
+                    col_s[half + c] -= ov[c]
+                for c in range(nfs):
+                    col_q[half + c] -= ov[c] * ov[c]
+                for c in range(nfs):
+                    col_n[half + c] -= og[c]
+            if rr < 0:
+                continue
+            r = rr
+            rv = ringv[r % n_ring]
+            rg = ringg[r % n_ring]
+            any_strong = False
+            # fused window sums + test; fixed-size sums for the usual windows
+            if k == 7:
+                for c in range(nfs):
+                    f = _strong_test(rv[c], rg[c] > 0.0, _sum7(col_n, c), _sum7(col_s, c),
+                                     _sum7(col_q, c), gain, floor, thr_adu, min_local, s2,
+                                     b2, local_sigma)
+                    flag[c] = f
+                    any_strong |= f
+            elif k == 9:
+                for c in range(nfs):
+                    f = _strong_test(rv[c], rg[c] > 0.0, _sum9(col_n, c), _sum9(col_s, c),
+                                     _sum9(col_q, c), gain, floor, thr_adu, min_local, s2,
+                                     b2, local_sigma)
+                    flag[c] = f
+                    any_strong |= f
+            elif k == 5:
+                for c in range(nfs):
+                    f = _strong_test(rv[c], rg[c] > 0.0, _sum5(col_n, c), _sum5(col_s, c),
+                                     _sum5(col_q, c), gain, floor, thr_adu, min_local, s2,
+                                     b2, local_sigma)
+                    flag[c] = f
+                    any_strong |= f
+            else:
+                win_s[:nfs] = col_s[:nfs]
+                win_q[:nfs] = col_q[:nfs]
+                win_n[:nfs] = col_n[:nfs]
+                for d in range(1, k):
+                    for c in range(nfs):
+                        win_s[c] += col_s[c + d]
+                    for c in range(nfs):
+                        win_q[c] += col_q[c + d]
+                    for c in range(nfs):
+                        win_n[c] += col_n[c + d]
+                for c in range(nfs):
+                    f = _strong_test(rv[c], rg[c] > 0.0, win_n[c], win_s[c], win_q[c], gain,
+                                     floor, thr_adu, min_local, s2, b2, local_sigma)
+                    flag[c] = f
+                    any_strong |= f
+            if not any_strong:
+                continue
+            if n + nfs > sp_panel.shape[0]:  # room for a whole row of strong pixels
+                sp_panel = _grow(sp_panel)
+                sp_r = _grow(sp_r)
+                sp_c = _grow(sp_c)
+                parent = _grow(parent)
+            for c in range(nfs):
+                if flag[c]:
+                    sp_panel[n] = p
+                    sp_r[n] = r
+                    sp_c[n] = c
+                    _link_strong(rowlab, rowtag, parent, p, r, c, nfs, n)
+                    n += 1
+    return sp_panel, sp_r, sp_c, parent, n
+
+
+@njit(cache=True, nogil=True)
+def _radial_strong(data3, mask3, bins3, n_bins, ptab, pf, snr, iterations, global_thr,
+                   border, cap):  # pragma: no cover - compiled
+    """peakfinder8-style: per-ring mean/sigma with sigma clipping, then threshold + label."""
+    bsum = np.zeros(n_bins)
+    bsq = np.zeros(n_bins)
+    bcnt = np.zeros(n_bins)
+    thr = np.full(n_bins, np.inf)
+    mean = np.zeros(n_bins)
+    for it in range(iterations + 1):
+        bsum[:] = 0.0
+        bsq[:] = 0.0
+        bcnt[:] = 0.0
+        for p in range(ptab.shape[0]):
+            lead = ptab[p, 0]
+            ss0 = ptab[p, 1]
+            fs0 = ptab[p, 2]
+            gain = pf[p, 0]
+            max_adu = pf[p, 1]
+            for r in range(border, ptab[p, 3] - border):
+                for c in range(border, ptab[p, 4] - border):
+                    b = bins3[lead, ss0 + r, fs0 + c]
+                    if b < 0 or mask3[lead, ss0 + r, fs0 + c] == 0:
+                        continue
+                    v = np.float64(data3[lead, ss0 + r, fs0 + c])
+                    if not (v == v and v < max_adu):
+                        continue
+                    v = v / gain
+                    if it > 0 and v > thr[b]:
+                        continue
+                    bsum[b] += v
+                    bsq[b] += v * v
+                    bcnt[b] += 1.0
+        for b in range(n_bins):
+            if bcnt[b] >= 2:
+                m = bsum[b] / bcnt[b]
+                var = max((bsq[b] - bsum[b] * m) / (bcnt[b] - 1.0), 0.0)
+                mean[b] = m
+                thr[b] = m + snr * math.sqrt(var)
+            else:
+                mean[b] = 0.0
+                thr[b] = np.inf
+    max_fs = 1
+    for p in range(ptab.shape[0]):
+        max_fs = max(max_fs, ptab[p, 4])
+    rowlab = np.zeros((2, max_fs), np.int32)
+    rowtag = np.full((2, max_fs), -1, np.int64)
+    sp_panel = np.empty(cap, np.int32)
+    sp_r = np.empty(cap, np.int32)
+    sp_c = np.empty(cap, np.int32)
+    parent = np.empty(cap, np.int32)
+    n = 0
+    for p in range(ptab.shape[0]):
+        lead = ptab[p, 0]
+        ss0 = ptab[p, 1]
+        fs0 = ptab[p, 2]
+        nfs = ptab[p, 4]
+        gain = pf[p, 0]
+        max_adu = pf[p, 1]
+        for r in range(ptab[p, 3]):
+            row = ss0 + r
+            if n + nfs > sp_panel.shape[0]:  # room for a whole row of strong pixels
+                sp_panel = _grow(sp_panel)
+                sp_r = _grow(sp_r)
+                sp_c = _grow(sp_c)
+                parent = _grow(parent)
+            if r < border or r >= ptab[p, 3] - border:
+                continue
+            for c in range(border, nfs - border):
+                col = fs0 + c
+                b = bins3[lead, row, col]
+                if b < 0 or mask3[lead, row, col] == 0:
+                    continue
+                v = np.float64(data3[lead, row, col])
+                if not (v == v and v < max_adu):
+                    continue
+                v = v / gain
+                if v <= thr[b] or v <= global_thr:
+                    continue
+                sp_panel[n] = p
+                sp_r[n] = r
+                sp_c[n] = c
+                _link_strong(rowlab, rowtag, parent, p, r, c, nfs, n)
+                n += 1
+    return sp_panel, sp_r, sp_c, parent, n
+
+
+_BG_GAP_PX = 1
+
+
+@njit(cache=True, nogil=True)
+def _ring_background(data3, mask3, keys, p, lead, ss0, fs0, nss, nfs, gain, max_adu,
+                     r0, r1, c0, c1, margin):  # pragma: no cover - compiled
+    """Mean, variance (photons) and count of good non-strong pixels in the ring of width
+    ``margin`` around the box rows [r0, r1], cols [c0, c1] (panel coordinates) grown by
+    ``_BG_GAP_PX`` (the gap keeps the spot's own tails out of its background)."""
+    r0 -= _BG_GAP_PX
+    r1 += _BG_GAP_PX
+    c0 -= _BG_GAP_PX
+    c1 += _BG_GAP_PX
+    ra = max(r0 - margin, 0)
+    rb = min(r1 + margin, nss - 1)
+    ca = max(c0 - margin, 0)
+    cb = min(c1 + margin, nfs - 1)
+    s = 0.0
+    q = 0.0
+    cnt = 0
+    for r in range(ra, rb + 1):
+        inner_row = r0 <= r <= r1
+        for c in range(ca, cb + 1):
+            if inner_row and c0 <= c <= c1:
+                continue
+            row = ss0 + r
+            col = fs0 + c
+            if mask3[lead, row, col] == 0:
+                continue
+            key = (p * 1048576 + r) * 1048576 + c
+            at = np.searchsorted(keys, key)
+            if at < keys.shape[0] and keys[at] == key:  # a strong pixel
+                continue
+            v = np.float64(data3[lead, row, col])
+            if not (v == v and v < max_adu):
+                continue
+            v = v / gain
+            s += v
+            q += v * v
+            cnt += 1
+    if cnt == 0:
+        return 0.0, 0.0, 0
+    m = s / cnt
+    var = 0.0
+    if cnt > 1:
+        var = max((q - s * m) / (cnt - 1), 0.0)
+    return m, var, cnt
+
+
+@njit(cache=True, nogil=True)
+def _spot_stats(data3, mask3, ptab, pf, sp_panel, sp_r, sp_c, parent, n,
+                min_pix, max_pix, margin):  # pragma: no cover - compiled
+    """Group strong pixels by root and measure each spot.
+
+    Returns ``(panel, fs_px, ss_px, intensity, background, snr, n_pixels)`` arrays.
+    """
+    # strong pixels come in raster order (panel, r, c): sorted keys for membership tests
+    keys = np.empty(n, np.int64)
+    for i in range(n):
+        keys[i] = (np.int64(sp_panel[i]) * 1048576 + sp_r[i]) * 1048576 + sp_c[i]
+    spot_of_root = np.full(n, -1, np.int64)
+    spot_id = np.empty(n, np.int64)
+    n_spots = 0
+    for i in range(n):
+        root = _find_root(parent, i)
+        if spot_of_root[root] < 0:
+            spot_of_root[root] = n_spots
+            n_spots += 1
+        spot_id[i] = spot_of_root[root]
+    cnt = np.zeros(n_spots, np.int64)
+    panel = np.zeros(n_spots, np.int64)
+    rmin = np.full(n_spots, 1 << 30, np.int64)
+    rmax = np.full(n_spots, -1, np.int64)
+    cmin = np.full(n_spots, 1 << 30, np.int64)
+    cmax = np.full(n_spots, -1, np.int64)
+    raw = np.zeros(n_spots)
+    for i in range(n):
+        j = spot_id[i]
+        p = sp_panel[i]
+        r = sp_r[i]
+        c = sp_c[i]
+        cnt[j] += 1
+        panel[j] = p
+        rmin[j] = min(rmin[j], r)
+        rmax[j] = max(rmax[j], r)
+        cmin[j] = min(cmin[j], c)
+        cmax[j] = max(cmax[j], c)
+        v = np.float64(data3[ptab[p, 0], ptab[p, 1] + r, ptab[p, 2] + c])
+        raw[j] += v / pf[p, 0]
+    keep = np.zeros(n_spots, np.bool_)
+    bg = np.zeros(n_spots)
+    bg_var = np.zeros(n_spots)
+    bg_n = np.zeros(n_spots)
+    for j in range(n_spots):
+        if cnt[j] < min_pix or cnt[j] > max_pix:
+            continue
+        keep[j] = True
+        p = panel[j]
+        m, var, nb = _ring_background(data3, mask3, keys, p, ptab[p, 0], ptab[p, 1], ptab[p, 2],
+                                      ptab[p, 3], ptab[p, 4], pf[p, 0], pf[p, 1],
+                                      rmin[j], rmax[j], cmin[j], cmax[j], margin)
+        if nb < 4:  # crowded or at a masked edge: look further out
+            m, var, nb = _ring_background(data3, mask3, keys, p, ptab[p, 0], ptab[p, 1],
+                                          ptab[p, 2], ptab[p, 3], ptab[p, 4], pf[p, 0],
+                                          pf[p, 1], rmin[j], rmax[j], cmin[j], cmax[j],
+                                          margin + 3)
+        bg[j] = m
+        bg_var[j] = var
+        bg_n[j] = nb
+    sw = np.zeros(n_spots)
+    swf = np.zeros(n_spots)
+    sws = np.zeros(n_spots)
+    sf = np.zeros(n_spots)
+    ssum = np.zeros(n_spots)
+    for i in range(n):
+        j = spot_id[i]
+        if not keep[j]:
+            continue
+        p = sp_panel[i]
+        r = sp_r[i]
+        c = sp_c[i]
+        v = np.float64(data3[ptab[p, 0], ptab[p, 1] + r, ptab[p, 2] + c]) / pf[p, 0]
+        w = max(v - bg[j], 0.0)
+        sw[j] += w
+        swf[j] += w * (c + 0.5)
+        sws[j] += w * (r + 0.5)
+        sf[j] += c + 0.5
+        ssum[j] += r + 0.5
+    n_out = 0
+    for j in range(n_spots):
+        if keep[j]:
+            n_out += 1
+    o_panel = np.empty(n_out, np.int32)
+    o_fs = np.empty(n_out)
+    o_ss = np.empty(n_out)
+    o_int = np.empty(n_out)
+    o_bg = np.empty(n_out)
+    o_snr = np.empty(n_out)
+    o_npix = np.empty(n_out, np.int32)
+    k = 0
+    for j in range(n_spots):
+        if not keep[j]:
+            continue
+        o_panel[k] = panel[j]
+        if sw[j] > 0.0:
+            o_fs[k] = swf[j] / sw[j]
+            o_ss[k] = sws[j] / sw[j]
+        else:
+            o_fs[k] = sf[j] / cnt[j]
+            o_ss[k] = ssum[j] / cnt[j]
+        inten = raw[j] - cnt[j] * bg[j]
+        o_int[k] = inten
+        o_bg[k] = bg[j]
+        var_i = max(inten, 0.0)
+        if bg_n[j] > 0:
+            var_i += cnt[j] * bg_var[j] * (1.0 + cnt[j] / bg_n[j])
+        if var_i > 0.0:
+            o_snr[k] = inten / math.sqrt(var_i)
+        else:
+            o_snr[k] = 0.0
+        o_npix[k] = cnt[j]
+        k += 1
+    return o_panel, o_fs, o_ss, o_int, o_bg, o_snr, o_npix
+
+
+# --------------------------------------------------------------------------------------------
+# Per-detector preparation (cached: tables, combined mask, radial bins)
+# --------------------------------------------------------------------------------------------
+
+
+class _Prepared:
+    """Detector tables shared by every frame with the same Detector object."""
+
+    def __init__(self, detector: Detector, lead_shape: tuple[int, ...], plane: tuple[int, int]):
+        n_lead = int(np.prod(lead_shape)) if lead_shape else 1
+        self.lead_shape = lead_shape
+        self.plane = plane
+        self.ptab = np.zeros((len(detector), 5), dtype=np.int64)
+        self.mask3 = np.zeros((n_lead, *plane), dtype=np.uint8)
+        for i, p in enumerate(detector.panels):
+            if len(p.data_index) != len(lead_shape):
+                raise GeometryError(
+                    f"panel {p.name}: data_index {p.data_index} has {len(p.data_index)} "
+                    f"leading indices but the frame data has {len(lead_shape)}"
+                )
+            if any(ix >= n for ix, n in zip(p.data_index, lead_shape, strict=True)):
+                raise GeometryError(
+                    f"panel {p.name}: data_index {p.data_index} is outside frame data with "
+                    f"leading shape {lead_shape}"
+                )
+            ss0, fs0 = p.data_origin
+            n_ss, n_fs = p.shape
+            if ss0 < 0 or fs0 < 0 or ss0 + n_ss > plane[0] or fs0 + n_fs > plane[1]:
+                raise GeometryError(
+                    f"panel {p.name}: pixels ss {ss0}..{ss0 + n_ss}, fs {fs0}..{fs0 + n_fs} do "
+                    f"not fit in frame data of shape {(*lead_shape, *plane)}"
+                )
+            lead = int(np.ravel_multi_index(p.data_index, lead_shape)) if lead_shape else 0
+            self.ptab[i] = (lead, ss0, fs0, n_ss, n_fs)
+            self.mask3[lead, ss0 : ss0 + n_ss, fs0 : fs0 + n_fs] = p.good_mask()
+        self._radial: dict[float, tuple[np.ndarray, int]] = {}
+        self._lock = threading.Lock()
+        self.detector_ref = weakref.ref(detector)
+
+    def pf(self, detector: Detector, gain_override: float | None) -> np.ndarray:
+        out = np.zeros((len(detector), 3))
+        for i, p in enumerate(detector.panels):
+            gain = gain_override if gain_override is not None else p.adu_per_photon
+            out[i, 0] = gain if gain is not None and gain > 0 else 1.0
+            out[i, 1] = p.max_adu
+        return out
+
+    def radial_bins(self, detector: Detector, bin_px: float) -> tuple[np.ndarray, int]:
+        """Per-pixel ring index (int32, -1 off-panel) by distance from the beam axis."""
+        with self._lock:
+            if bin_px in self._radial:
+                return self._radial[bin_px]
+            bins3 = np.full(self.mask3.shape, -1, dtype=np.int32)
+            for i, p in enumerate(detector.panels):
+                lead, ss0, fs0, n_ss, n_fs = (int(x) for x in self.ptab[i])
+                ss, fs = np.mgrid[0:n_ss, 0:n_fs]
+                xyz = pixels_to_lab_mm(
+                    Detector((p,)), np.zeros(ss.size, np.int64), fs.ravel() + 0.5,
+                    ss.ravel() + 0.5,
+                )
+                r_px = np.hypot(xyz[:, 0], xyz[:, 1]) / p.pixel_size_mm
+                bins3[lead, ss0 : ss0 + n_ss, fs0 : fs0 + n_fs] = (
+                    (r_px / bin_px).astype(np.int32).reshape(n_ss, n_fs)
+                )
+            result = (bins3, int(bins3.max()) + 1)
+            self._radial[bin_px] = result
+            return result
+
+
+_CACHE: dict[int, _Prepared] = {}
+_CACHE_LOCK = threading.Lock()
+_CACHE_MAX = 16
+
+
+def _prepared(detector: Detector, lead_shape: tuple[int, ...], plane: tuple[int, int]) -> _Prepared:
+    key = id(detector)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if (hit is not None and hit.detector_ref() is detector and hit.lead_shape == lead_shape
+                and hit.plane == plane):
+            return hit
+    prep = _Prepared(detector, lead_shape, plane)
+    with _CACHE_LOCK:
+        if len(_CACHE) >= _CACHE_MAX:
+            for k in [k for k, v in _CACHE.items() if v.detector_ref() is None] or list(_CACHE)[:1]:
+                del _CACHE[k]
+        _CACHE[key] = prep
+    return prep
+
+
+def _as_data3(data: np.ndarray) -> np.ndarray:
+    """View the frame data as (n_lead, n_ss, n_fs) in native byte order (copy only if needed)."""
+    a = np.asarray(data)
+    if a.ndim < 2:
+        raise GeometryError(f"frame data must have at least 2 dimensions, got shape {a.shape}")
+    if a.dtype == np.bool_ or a.dtype.kind not in "iuf":
+        raise GeometryError(f"frame data must be integer or float pixels, got dtype {a.dtype}")
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    # C order keeps the compiled kernels to one layout per dtype (a copy only for views)
+    return np.ascontiguousarray(a).reshape(-1, a.shape[-2], a.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+_STRONG_CAPACITY = 4096
+_FLOOR_ROW_STEP = 16  # every 16th row: ~12 rows per CSPAD ASIC, ~150k pixel pairs
+
+def _find_spots_raw(
+    data: np.ndarray, detector: Detector, params: SpotParams
+) -> tuple[tuple[np.ndarray, ...], _Prepared]:
+    a = np.asarray(data)
+    if a.ndim < 2:
+        raise GeometryError(f"frame data must have at least 2 dimensions, got shape {a.shape}")
+    data3 = _as_data3(a)
+    prep = _prepared(detector, tuple(a.shape[:-2]), (a.shape[-2], a.shape[-1]))
+    pf = prep.pf(detector, params.gain_adu_per_photon)
+    if params.method == "dispersion" and params.noise_model == "auto":
+        _noise_floor(data3, prep.mask3, prep.ptab, pf, _FLOOR_ROW_STEP, pf[:, ::2])
+    if params.method == "dispersion":
+        sp_panel, sp_r, sp_c, parent, n = _dispersion_strong(
+            data3, prep.mask3, prep.ptab, pf, params.half_window, float(params.sigma_strong),
+            float(params.sigma_background), float(params.min_local),
+            float(params.global_threshold_photons), params.noise_model == "local",
+            int(params.border_px), _STRONG_CAPACITY,
+        )
+    else:
+        bins3, n_bins = prep.radial_bins(detector, float(params.radial_bin_px))
+        sp_panel, sp_r, sp_c, parent, n = _radial_strong(
+            data3, prep.mask3, bins3, n_bins, prep.ptab, pf, float(params.radial_snr),
+            int(params.radial_iterations), float(params.global_threshold_photons),
+            int(params.border_px), _STRONG_CAPACITY,
+        )
+    stats = _spot_stats(
+        data3, prep.mask3, prep.ptab, pf, sp_panel, sp_r, sp_c, parent, n,
+        int(params.min_spot_pixels), int(params.max_spot_pixels),
+        int(params.background_margin_px),
+    )
+    return stats, prep
+
+
+_ICE_RINGS: dict[float, np.ndarray] = {}
+
+
+def ice_ring_d_spacings_a(d_min_a: float = 1.0) -> np.ndarray:
+    """Distinct d-spacings (Å, descending) of hexagonal ice Ih reflections with ``d >= d_min_a``.
+
+    Computed from the ice Ih cell and space group (systematic absences removed), as DIALS does.
+
+    >>> [round(float(d), 3) for d in ice_ring_d_spacings_a(3.0)]
+    [3.895, 3.669, 3.441]
+    """
+    key = float(d_min_a)
+    if key not in _ICE_RINGS:
+        cell = as_unit_cell(ICE_IH_CELL)
+        sg = as_space_group(ICE_IH_SPACE_GROUP)
+        hkl = miller_indices(cell, sg, key)
+        b = np.array(cell.frac.mat.tolist(), dtype=float).T
+        d = d_spacing_a(hkl @ b.T)
+        _ICE_RINGS[key] = np.unique(np.round(d, 4))[::-1]
+    return _ICE_RINGS[key]
+
+
+def _resolution_keep(d: np.ndarray, params: SpotParams) -> np.ndarray:
+    keep = np.ones(d.shape, dtype=bool)
+    if params.d_min_a is not None:
+        keep &= d >= params.d_min_a
+    if params.d_max_a is not None:
+        keep &= d <= params.d_max_a
+    if params.filter_ice_rings and d.size:
+        rings_inv = 1.0 / ice_ring_d_spacings_a(1.0)
+        with np.errstate(divide="ignore"):
+            inv = 1.0 / d
+        dist = np.min(np.abs(inv[:, None] - rings_inv[None, :]), axis=1)
+        keep &= dist > params.ice_ring_half_width_inv_a
+    return keep
+
+
+def _table(stats: tuple[np.ndarray, ...], d: np.ndarray) -> SpotTable:
+    panel, fs, ss, inten, bg, snr, npix = stats
+    return SpotTable(panel=panel, fs_px=fs, ss_px=ss, intensity=inten, background=bg, snr=snr,
+                     n_pixels=npix, d_a=d)
+
+
+def find_spots(
+    frame: Frame,
+    params: SpotParams | None = None,
+    *,
+    timings: dict[str, float] | None = None,
+) -> SpotTable:
+    """Find Bragg spots on every panel of a frame.
+
+    Parameters
+    ----------
+    frame : the still image and its geometry (masks, gains and saturation from its panels).
+    params : spot-finding parameters (defaults: :class:`SpotParams`).
+    timings : when given, ``spots_threshold_s`` (threshold, labelling and spot measurement in the
+        compiled kernels) and ``spots_resolution_s`` (d-spacings and filters) are added to it.
+
+    Returns
+    -------
+    SpotTable
+        One row per spot: panel index into ``frame.detector``, centroid ``fs_px``/``ss_px`` in
+        panel pixels (centre of the first pixel at 0.5), background-subtracted ``intensity`` and
+        per-pixel ``background`` in photons, ``snr``, ``n_pixels`` and ``d_a`` (Å).
+
+    Examples
+    --------
+    >>> from sfxflow.models import Beam, Detector, Frame, Panel
+    >>> panel = Panel("p0", (-10.0, -10.0, 100.0), (1, 0, 0), (0, 1, 0), 0.1, (200, 200))
+    >>> rng = np.random.default_rng(0)
+    >>> img = rng.poisson(2.0, (200, 200)).astype(np.float32)
+    >>> img[120:123, 60:63] += 60.0
+    >>> spots = find_spots(Frame(img, Detector((panel,)), Beam(1.0)))
+    >>> len(spots), round(float(spots.fs_px[0]), 1), round(float(spots.ss_px[0]), 1)
+    (1, 61.5, 121.5)
+    """
+    params = params if params is not None else SpotParams()
+    t0 = time.perf_counter()
+    stats, _ = _find_spots_raw(frame.data, frame.detector, params)
+    t1 = time.perf_counter()
+    panel, fs, ss = stats[0], stats[1], stats[2]
+    if panel.size:
+        d = d_spacing_a(pixels_to_q(frame.detector, frame.beam, panel, fs, ss))
+    else:
+        d = np.zeros(0)
+    table = _table(stats, d)
+    if params.d_min_a is not None or params.d_max_a is not None or params.filter_ice_rings:
+        keep = _resolution_keep(d, params)
+        if not keep.all():
+            table = table.select(np.flatnonzero(keep))
+    if timings is not None:
+        timings["spots_threshold_s"] = timings.get("spots_threshold_s", 0.0) + (t1 - t0)
+        timings["spots_resolution_s"] = (
+            timings.get("spots_resolution_s", 0.0) + time.perf_counter() - t1
+        )
+    return table
+
+
+def find_spots_panel(
+    data: np.ndarray,
+    panel: Panel,
+    params: SpotParams | None = None,
+    *,
+    beam: Beam | None = None,
+    panel_index: int = 0,
+) -> SpotTable:
+    """Find spots on one panel's pixels (``data`` of shape ``panel.shape``).
+
+    ``data_index``/``data_origin`` of the panel are ignored: ``data`` is the panel itself. The
+    panel's mask, gain and saturation level apply. ``d_a`` is computed when ``beam`` is given
+    (``nan`` otherwise) and the resolution filters apply only then. ``panel_index`` is written
+    into the ``panel`` column.
+
+    >>> panel = Panel("p0", (-10.0, -10.0, 100.0), (1, 0, 0), (0, 1, 0), 0.1, (64, 64))
+    >>> img = np.ones((64, 64), np.float32)
+    >>> img[10:12, 20:22] = 50.0
+    >>> t = find_spots_panel(img, panel, panel_index=3)
+    >>> int(t.panel[0]), float(t.fs_px[0]), float(t.ss_px[0]), int(t.n_pixels[0])
+    (3, 21.0, 11.0, 4)
+    """
+    params = params if params is not None else SpotParams()
+    a = np.asarray(data)
+    if a.shape != panel.shape:
+        raise GeometryError(
+            f"panel {panel.name}: data shape {a.shape} differs from panel shape {panel.shape}"
+        )
+    from dataclasses import replace
+
+    local = replace(panel, data_index=(), data_origin=(0, 0))
+    detector = Detector((local,))
+    stats, _ = _find_spots_raw(a, detector, params)
+    n = stats[0].shape[0]
+    if beam is not None and n:
+        d = d_spacing_a(pixels_to_q(detector, beam, stats[0], stats[1], stats[2]))
+    else:
+        d = np.full(n, np.nan)
+    table = _table(stats, d)
+    if beam is not None:
+        keep = _resolution_keep(d, params)
+        if not keep.all():
+            table = table.select(np.flatnonzero(keep))
+    if panel_index:
+        table = SpotTable(**{**table.to_dict(), "panel": np.full(len(table), panel_index)})
+    return table
+
+
+def describe_params(params: SpotParams) -> dict[str, Any]:
+    """The parameters that differ from the defaults (for logs and run records)."""
+    default = SpotParams()
+    return {k: v for k, v in params.__dict__.items() if getattr(default, k) != v}

@@ -1,0 +1,427 @@
+"""Spot finding and hit finding: compiled kernels against numpy/scipy references, synthetic
+frames with known spots, the simulator's ground truth, and the real CSPAD CBF frames."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from sfxflow.algorithms import spots as S
+from sfxflow.algorithms.geometry import d_spacing_a, pixels_to_q
+from sfxflow.algorithms.spots import (
+    HitParams,
+    SpotParams,
+    find_spots,
+    find_spots_panel,
+    ice_ring_d_spacings_a,
+    is_hit,
+)
+from sfxflow.errors import ConfigError, GeometryError
+from sfxflow.models import Beam, Detector, Frame, Panel, SpotTable
+
+BEAM = Beam(wavelength_a=1.3)
+
+
+def _detector(n_panels: int = 4, shape: tuple[int, int] = (96, 120), gain: float | None = None,
+              stacked: bool = False, masks: dict[int, np.ndarray] | None = None,
+              distance_mm: float = 100.0) -> Detector:
+    """Panels in a 2 x 2 arrangement 100 mm from the sample, side by side in a 2-D data array
+    (or stacked as (n_panels, ss, fs) with ``stacked``)."""
+    panels = []
+    n_fs = shape[1]
+    for i in range(n_panels):
+        x0 = -13.0 + 13.5 * (i % 2)
+        y0 = -11.0 + 11.5 * (i // 2)
+        panels.append(Panel(
+            name=f"p{i}", origin_mm=(x0, y0, distance_mm), fast_axis=(1, 0, 0), slow_axis=(0, 1, 0),
+            pixel_size_mm=0.11, shape=shape,
+            data_index=(i,) if stacked else (),
+            data_origin=(0, 0) if stacked else (0, i * n_fs),
+            mask=(masks or {}).get(i), adu_per_photon=gain,
+        ))
+    return Detector(tuple(panels))
+
+
+def _gauss_spots(img_shape: tuple[int, ...], centres: np.ndarray, photons: float,
+                 sigma_px: float = 0.8) -> np.ndarray:
+    """Expected photons of Gaussian spots at continuous (fs, ss) centres on a 2-D plane."""
+    out = np.zeros(img_shape)
+    for fs, ss in centres:
+        c0, r0 = int(fs), int(ss)
+        rr, cc = np.mgrid[r0 - 4 : r0 + 5, c0 - 4 : c0 + 5]
+        ok = (rr >= 0) & (rr < img_shape[0]) & (cc >= 0) & (cc < img_shape[1])
+        g = np.exp(-((cc + 0.5 - fs) ** 2 + (rr + 0.5 - ss) ** 2) / (2 * sigma_px**2))
+        g *= photons / (2 * math.pi * sigma_px**2)
+        out[rr[ok], cc[ok]] += g[ok]
+    return out
+
+
+def _synthetic_frame(rng: np.random.Generator, n_spots: int = 40, gain: float = 8.0,
+                     background: float = 2.0, photons: float = 250.0, stacked: bool = False,
+                     masks: dict[int, np.ndarray] | None = None, distance_mm: float = 100.0):
+    """4 panels with Poisson background and Gaussian spots; returns (frame, truth rows
+    (panel, fs, ss))."""
+    det = _detector(gain=gain, stacked=stacked, masks=masks, distance_mm=distance_mm)
+    n_ss, n_fs = det[0].shape
+    truth = []
+    planes = []
+    for i in range(len(det)):
+        centres = []
+        while len(centres) < n_spots // len(det):
+            c = rng.uniform([6, 6], [n_fs - 6, n_ss - 6])
+            if all(np.hypot(*(c - o)) > 8 for o in centres):
+                centres.append(c)
+        centres_a = np.array(centres)
+        truth.extend((i, fs, ss) for fs, ss in centres_a)
+        expected = background + _gauss_spots((n_ss, n_fs), centres_a, photons)
+        planes.append(rng.poisson(expected) * gain)
+    data = np.stack(planes) if stacked else np.concatenate(planes, axis=1)
+    return Frame(data.astype(np.float32), det, BEAM, "synthetic", 0), np.array(truth)
+
+
+def _match(spots: SpotTable, truth: np.ndarray, radius: float = 2.0):
+    found_ok = np.zeros(len(spots), bool)
+    truth_ok = np.zeros(len(truth), bool)
+    errors = []
+    for j in range(len(spots)):
+        on = truth[:, 0] == spots.panel[j]
+        if not on.any():
+            continue
+        d = np.hypot(truth[on, 1] - spots.fs_px[j], truth[on, 2] - spots.ss_px[j])
+        k = int(np.argmin(d))
+        if d[k] <= radius:
+            found_ok[j] = True
+            truth_ok[np.flatnonzero(on)[k]] = True
+            errors.append(d[k])
+    return truth_ok.mean(), found_ok.mean() if len(spots) else 0.0, np.median(errors)
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel against a numpy reference
+# ------------------------------------------------------------------------------------------
+
+
+def _reference_strong(img: np.ndarray, good: np.ndarray, half: int, p: SpotParams, gain: float,
+                      floor: float = 0.0) -> np.ndarray:
+    """Straightforward numpy version of the dispersion test on one panel."""
+    k = 2 * half + 1
+    v = np.where(good, img.astype(np.float64), 0.0)
+    ones = np.ones((k, k))
+    n = ndimage.convolve(good.astype(np.float64), ones, mode="constant")
+    s = ndimage.convolve(v, ones, mode="constant")
+    q = ndimage.convolve(v * v, ones, mode="constant")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = s / n
+        var = (q - s * mean) / (n - 1)
+        expected = np.maximum(gain * mean, floor)
+        if p.noise_model == "local":
+            strong = (img - mean) > p.sigma_strong * np.sqrt(np.maximum(var, 0))
+            disp = (var > expected * (1 + p.sigma_background * np.sqrt(2 / (n - 1)))) | (
+                (s <= 0) & (var > expected))
+        else:
+            strong = (img - mean > p.sigma_strong * np.sqrt(expected)) & (expected > 0)
+            disp = var > expected * (1 + p.sigma_background * np.sqrt(2 / (n - 1)))
+    return good & (n >= p.min_local) & (img > p.global_threshold_photons * gain) & strong & disp
+
+
+def _kernel_strong(frame: Frame, p: SpotParams, floor: float = 0.0) -> np.ndarray:
+    data3 = S._as_data3(frame.data)
+    prep = S._prepared(frame.detector, tuple(frame.data.shape[:-2]), frame.data.shape[-2:])
+    pf = prep.pf(frame.detector, p.gain_adu_per_photon)
+    pf[:, 2] = floor
+    sp_panel, sp_r, sp_c, _, n = S._dispersion_strong(
+        data3, prep.mask3, prep.ptab, pf, p.half_window, p.sigma_strong, p.sigma_background,
+        float(p.min_local), p.global_threshold_photons, p.noise_model == "local", p.border_px,
+        16,  # small capacity: exercises the growth path
+    )
+    out = np.zeros((len(frame.detector), *frame.detector[0].shape), bool)
+    out[sp_panel[:n], sp_r[:n], sp_c[:n]] = True
+    return out
+
+
+@pytest.mark.parametrize("window", [5, 7, 9, 11])
+@pytest.mark.parametrize("noise_model", ["poisson", "local"])
+def test_strong_pixels_match_numpy_reference(window: int, noise_model: str) -> None:
+    rng = np.random.default_rng(window)
+    masks = {1: rng.random((96, 120)) > 0.05}  # 5 % bad pixels on panel 1
+    frame, _ = _synthetic_frame(rng, gain=1.0, photons=120.0, background=3.0, masks=masks)
+    p = SpotParams(window_px=window, noise_model=noise_model, border_px=0, sigma_background=4.0)
+    got = _kernel_strong(frame, p)
+    assert got.sum() > 10
+    for i, panel in enumerate(frame.detector):
+        ref = _reference_strong(frame.panel_data(i), panel.good_mask(), p.half_window, p, 1.0)
+        np.testing.assert_array_equal(got[i], ref, err_msg=f"panel {i}")
+
+
+def test_noise_floor_and_gain_enter_the_test_like_the_reference() -> None:
+    rng = np.random.default_rng(3)
+    frame, _ = _synthetic_frame(rng, gain=4.0, photons=150.0, background=0.5)
+    p = SpotParams(noise_model="poisson", border_px=0)
+    got = _kernel_strong(frame, p, floor=30.0)
+    for i, panel in enumerate(frame.detector):
+        ref = _reference_strong(frame.panel_data(i), panel.good_mask(), p.half_window, p, 4.0,
+                                floor=30.0)
+        np.testing.assert_array_equal(got[i], ref)
+
+
+def test_components_match_scipy_labelling() -> None:
+    rng = np.random.default_rng(5)
+    frame, _ = _synthetic_frame(rng, n_spots=60, gain=1.0, photons=400.0)
+    # touching spots and a diagonal chain exercise the union-find
+    data = frame.data.copy()
+    data[40, 10:14] += 80.0
+    data[41:45, 60] += 80.0
+    for d in range(5):
+        data[70 + d, 200 + d] += 90.0
+    frame = replace(frame, data=data)
+    p = SpotParams(min_spot_pixels=1, max_spot_pixels=10_000, border_px=0, noise_model="poisson")
+    strong = _kernel_strong(frame, p)
+    spots = find_spots(frame, p)
+    expected_sizes = []
+    for i in range(len(frame.detector)):
+        lab, n = ndimage.label(strong[i], structure=np.ones((3, 3)))
+        expected_sizes += list(np.bincount(lab.ravel())[1:])
+        assert n == int(np.sum(spots.panel == i))
+    assert sorted(expected_sizes) == sorted(spots.n_pixels.tolist())
+    assert 5 in spots.n_pixels  # the diagonal chain is one spot
+
+
+# ------------------------------------------------------------------------------------------
+# Synthetic frames with known spots
+# ------------------------------------------------------------------------------------------
+
+
+def test_finds_synthetic_spots_with_accurate_centroids() -> None:
+    rng = np.random.default_rng(11)
+    frame, truth = _synthetic_frame(rng, n_spots=48)
+    spots = find_spots(frame)
+    recall, precision, err = _match(spots, truth)
+    assert recall >= 0.97 and precision >= 0.97, (recall, precision)
+    assert err <= 0.2
+    # intensities are background-subtracted photons: ~250 of which the strong pixels hold most
+    assert 150 < np.median(spots.intensity) < 280
+    assert np.all(np.abs(spots.background - 2.0) < 1.0)
+    assert np.median(spots.snr) > 8
+    np.testing.assert_allclose(
+        spots.d_a, d_spacing_a(pixels_to_q(frame.detector, BEAM, spots.panel, spots.fs_px,
+                                           spots.ss_px)))
+
+
+def test_blank_frame_has_no_spots_and_is_a_miss() -> None:
+    rng = np.random.default_rng(2)
+    det = _detector(gain=8.0)
+    data = (rng.poisson(2.0, det.data_shape()) * 8.0).astype(np.float32)
+    spots = find_spots(Frame(data, det, BEAM))
+    assert len(spots) <= 1
+    assert not is_hit(spots, HitParams())
+
+
+def test_gain_is_folded_in_not_copied() -> None:
+    rng = np.random.default_rng(4)
+    frame, _ = _synthetic_frame(rng, gain=1.0)
+    det8 = Detector(tuple(replace(p, adu_per_photon=8.0) for p in frame.detector))
+    frame8 = Frame((frame.data * 8.0).astype(np.float32), det8, BEAM)
+    p = SpotParams(noise_model="poisson")
+    a, b = find_spots(frame, p), find_spots(frame8, p)
+    assert len(a) == len(b) > 10
+    np.testing.assert_allclose(a.fs_px, b.fs_px)
+    np.testing.assert_allclose(a.intensity, b.intensity, rtol=1e-9)
+    # the override wins over the panels' gain
+    c = find_spots(frame8, replace(p, gain_adu_per_photon=1.0))
+    assert len(c) > len(b)
+
+
+def test_stacked_layout_gives_the_same_spots() -> None:
+    flat, _ = _synthetic_frame(np.random.default_rng(8))
+    stacked, _ = _synthetic_frame(np.random.default_rng(8), stacked=True)
+    a, b = find_spots(flat), find_spots(stacked)
+    assert len(a) == len(b) > 10
+    for k in ("panel", "fs_px", "ss_px", "intensity", "snr", "n_pixels"):
+        np.testing.assert_allclose(getattr(a, k), getattr(b, k))
+
+
+def test_masked_nan_and_saturated_pixels_never_make_spots() -> None:
+    rng = np.random.default_rng(9)
+    mask0 = np.ones((96, 120), bool)
+    mask0[20:40, 20:40] = False
+    frame, _ = _synthetic_frame(rng, masks={0: mask0}, gain=8.0)
+    data = frame.data.copy()
+    data[25:28, 25:28] = 1e6  # a bright blob on masked pixels
+    data[60, 60:63] = np.nan  # NaN pixels in panel 0
+    det = Detector(tuple(replace(p, max_adu=5e5) for p in frame.detector))
+    data[10:12, 130:132] = 6e5  # saturated blob on panel 1
+    spots = find_spots(Frame(data, det, BEAM))
+    assert np.all(np.isfinite(spots.fs_px)) and np.all(np.isfinite(spots.intensity))
+    for j in range(len(spots)):
+        panel = det[int(spots.panel[j])]
+        c, r = int(spots.fs_px[j]), int(spots.ss_px[j])
+        assert 0 <= r < panel.shape[0] and 0 <= c < panel.shape[1]
+        assert panel.good_mask()[r, c]
+    assert not np.any((spots.panel == 1) & (np.abs(spots.fs_px - 11) < 3)
+                      & (np.abs(spots.ss_px - 11) < 3))
+
+
+def test_border_pixels_are_ignored() -> None:
+    det = _detector(n_panels=1, gain=1.0)
+    data = np.random.default_rng(1).poisson(2.0, det.data_shape()).astype(np.float32)
+    data[0:2, 50] += 100.0  # bright pair on the first row
+    assert len(find_spots(Frame(data, det, BEAM), SpotParams(border_px=0))) == 1
+    assert len(find_spots(Frame(data, det, BEAM), SpotParams(border_px=1))) == 0
+
+
+def test_spot_size_limits() -> None:
+    det = _detector(n_panels=1, gain=1.0)
+    data = np.random.default_rng(1).poisson(1.0, det.data_shape()).astype(np.float32)
+    data[30:33, 30:33] += 100.0  # 9 px
+    data[60, 80:82] += 100.0  # 2 px
+    f = Frame(data, det, BEAM)
+    assert sorted(find_spots(f).n_pixels.tolist()) == [2, 9]
+    assert find_spots(f, SpotParams(min_spot_pixels=3)).n_pixels.tolist() == [9]
+    assert find_spots(f, SpotParams(max_spot_pixels=8)).n_pixels.tolist() == [2]
+
+
+def test_resolution_and_ice_ring_filters() -> None:
+    rng = np.random.default_rng(12)
+    frame, _ = _synthetic_frame(rng, n_spots=120, distance_mm=30.0)
+    spots = find_spots(frame)
+    d = spots.d_a
+    lo, hi = np.percentile(d, [30, 70])
+    kept = find_spots(frame, SpotParams(d_min_a=lo, d_max_a=hi))
+    assert len(kept) == int(np.sum((d >= lo) & (d <= hi)))
+    assert np.all((kept.d_a >= lo) & (kept.d_a <= hi))
+    rings = ice_ring_d_spacings_a(1.0)
+    near = np.min(np.abs(1 / d[:, None] - 1 / rings[None, :]), axis=1) <= 0.01
+    assert near.any()  # 30 mm away the panels span d ~ 2-50 Å: some spots sit on ice rings
+    no_ice = find_spots(frame, SpotParams(filter_ice_rings=True, ice_ring_half_width_inv_a=0.01))
+    assert len(no_ice) == int(np.sum(~near))
+
+
+def test_ice_ring_spacings() -> None:
+    rings = ice_ring_d_spacings_a(1.5)
+    # the strong ice Ih powder lines (Å)
+    for d in (3.90, 3.67, 3.44, 2.67, 2.25, 2.07, 1.92, 1.88):
+        assert np.min(np.abs(rings - d)) < 0.01, d
+
+
+def test_radial_method_finds_the_spots() -> None:
+    rng = np.random.default_rng(13)
+    frame, truth = _synthetic_frame(rng, n_spots=40)
+    spots = find_spots(frame, SpotParams(method="radial"))
+    recall, precision, err = _match(spots, truth)
+    assert recall >= 0.95 and precision >= 0.9 and err <= 0.25
+
+
+def test_find_spots_panel_matches_find_spots() -> None:
+    frame, _ = _synthetic_frame(np.random.default_rng(14))
+    whole = find_spots(frame)
+    one = find_spots_panel(frame.panel_data(2), frame.detector[2], beam=BEAM, panel_index=2)
+    on2 = whole.select(np.flatnonzero(whole.panel == 2))
+    np.testing.assert_allclose(one.fs_px, on2.fs_px)
+    np.testing.assert_array_equal(one.panel, on2.panel)
+    np.testing.assert_allclose(one.d_a, on2.d_a)
+    with pytest.raises(GeometryError, match="differs from panel shape"):
+        find_spots_panel(np.zeros((3, 3)), frame.detector[0])
+    assert np.all(np.isnan(find_spots_panel(frame.panel_data(2), frame.detector[2]).d_a))
+
+
+def test_timings_are_recorded() -> None:
+    frame, _ = _synthetic_frame(np.random.default_rng(15))
+    t: dict[str, float] = {}
+    find_spots(frame, timings=t)
+    assert t["spots_threshold_s"] > 0 and t["spots_resolution_s"] >= 0
+
+
+def test_bad_frame_layout_is_a_geometry_error() -> None:
+    det = _detector()
+    with pytest.raises(GeometryError, match="do not fit"):
+        find_spots(Frame(np.zeros((96, 200), np.float32), det, BEAM))
+    with pytest.raises(GeometryError, match="integer or float"):
+        find_spots(Frame(np.zeros(det.data_shape(), bool), det, BEAM))
+
+
+def test_big_endian_and_integer_data() -> None:
+    frame, _ = _synthetic_frame(np.random.default_rng(16))
+    ref = find_spots(frame)
+    for dtype in (">f4", "<i4", "<u2"):
+        got = find_spots(replace(frame, data=frame.data.astype(dtype)))
+        np.testing.assert_allclose(got.fs_px, ref.fs_px)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"window_px": 8}, "window_px"),
+    ({"method": "fast"}, "method"),
+    ({"noise_model": "gauss"}, "noise_model"),
+    ({"sigma_strong": -1.0}, "sigma_strong"),
+    ({"min_spot_pixels": 5, "max_spot_pixels": 2}, "max_spot_pixels"),
+    ({"d_min_a": 5.0, "d_max_a": 2.0}, "d_min_a"),
+    ({"gain_adu_per_photon": 0.0}, "gain_adu_per_photon"),
+    ({"border_px": -1}, "border_px"),
+])
+def test_bad_parameters_are_config_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SpotParams(**kwargs)
+
+
+def test_hit_decision() -> None:
+    n = 15
+    t = SpotTable(panel=np.zeros(n), fs_px=np.zeros(n), ss_px=np.zeros(n),
+                  intensity=np.zeros(n), background=np.zeros(n), snr=np.zeros(n),
+                  n_pixels=np.zeros(n), d_a=np.linspace(2.0, 9.0, n))
+    assert is_hit(t, HitParams(min_spots=15))
+    assert not is_hit(t, HitParams(min_spots=16))
+    n_high = int(np.sum(t.d_a <= 4.0))
+    assert is_hit(t, HitParams(min_spots=5, min_spots_beyond_d_a=n_high, d_a=4.0))
+    assert not is_hit(t, HitParams(min_spots=5, min_spots_beyond_d_a=n_high + 1, d_a=4.0))
+    assert not is_hit(SpotTable.empty(), HitParams(min_spots=1))
+    with pytest.raises(ConfigError, match="min_spots"):
+        HitParams(min_spots=-1)
+    with pytest.raises(ConfigError, match="d_a"):
+        HitParams(d_a=0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Simulator ground truth (looser versions of the bench --accuracy goals)
+# ------------------------------------------------------------------------------------------
+
+
+def test_accuracy_against_simulated_truth() -> None:
+    pytest.importorskip("sfxflow.algorithms.simulate")
+    from sfxflow.benchmarks.spots import measure_accuracy
+
+    rep = measure_accuracy(16, seed=21)
+    assert rep.hits_true >= 4 and rep.reflections_snr5 > 200
+    assert rep.recall >= 0.92, rep
+    assert rep.precision >= 0.95, rep
+    assert rep.median_centroid_error_px <= 0.3, rep
+    assert rep.hit_accuracy >= 0.9, rep
+
+
+# ------------------------------------------------------------------------------------------
+# Real CSPAD frames
+# ------------------------------------------------------------------------------------------
+
+
+def test_real_cspad_cbf_frames(shared_data) -> None:
+    pytest.importorskip("sfxflow.io.cbf")
+    from sfxflow.io.sources import open_source
+
+    cbfs = sorted((shared_data / "lcls-cspad-thermolysin").glob("*.cbf"))
+    assert len(cbfs) == 2
+    for path in cbfs:
+        with open_source(str(path)) as src:
+            frame = src.read_frame(0)
+        for params in (SpotParams(), SpotParams(gain_adu_per_photon=25.0, noise_model="poisson")):
+            spots = find_spots(frame, params)
+            assert 50 < len(spots) < 5000, (path.name, len(spots))
+            assert is_hit(spots, HitParams())
+            # every centroid lies on a good pixel of its own panel (none in gaps or masks)
+            for j in range(len(spots)):
+                panel = frame.detector[int(spots.panel[j])]
+                r, c = int(spots.ss_px[j]), int(spots.fs_px[j])
+                assert 0 <= r < panel.shape[0] and 0 <= c < panel.shape[1]
+                assert panel.good_mask()[r, c]
+            assert np.all((spots.d_a > 1.0) & (spots.d_a < 100.0))
