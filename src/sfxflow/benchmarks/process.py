@@ -1,0 +1,160 @@
+"""``sfxflow bench process``: end-to-end throughput per core and the effect of prefetching.
+
+1. Simulated CSPAD data (hit fraction 0.3) processed by ``run_process`` on a LocalCluster of 1
+   and then 2 single-threaded workers: median frames/s, frames/s per core and the parallel
+   efficiency (per-core rate with 2 workers / with 1).
+2. The same files served by a local S3 server (``moto.server.ThreadedMotoServer`` on 127.0.0.1,
+   started here) and read by the workers with prefetching on (1 block ahead) and off: median
+   wall time, fetch time, the part of it the workers waited for, and the time hidden.
+
+Wall times count execution only (cluster start-up excluded); each figure is the median of
+``--repeats`` runs into fresh run directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HELP = "end-to-end frames/s per core (1 and 2 workers) and prefetching on/off from local S3"
+DESCRIPTION = HELP + """
+
+Examples:
+  sfxflow bench process
+  sfxflow bench process --frames 80 --repeats 3 --frames-per-block 5
+"""
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=60, help="CSPAD frames (default 60)")
+    parser.add_argument("--files", type=int, default=4, help="CXI files (default 4)")
+    parser.add_argument("--frames-per-block", type=int, default=5,
+                        help="frames per block (default 5)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting (default 3)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="worker counts to compare (default 1 2)")
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 prefetch comparison")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(geometry: str, fpb: int, n_workers: int, prefetch: int) -> Any:
+    from sfxflow.pipeline.config import load_config
+
+    return load_config(overrides=[
+        f"io.geometry='{geometry}'", f"io.frames_per_block={fpb}", f"io.prefetch_depth={prefetch}",
+        "target.cell=[93, 93, 130.5, 90, 90, 120]", "target.space_group='P6122'",
+        f"cluster.n_workers={n_workers}", "run.manifest_interval_s=30",
+    ])
+
+
+def _runs(inputs: list[str], geometry: str, work: Path, tag: str, args: argparse.Namespace,
+          n_workers: int, prefetch: int, storage_options: dict | None = None) -> list[dict]:
+    from sfxflow.pipeline.run import run_process
+
+    out = []
+    for i in range(args.repeats):
+        res = run_process(inputs, str(work / f"{tag}-{i}"),
+                          _config(geometry, args.frames_per_block, n_workers, prefetch),
+                          storage_options=storage_options, force=True)
+        out.append(res.summary)
+    return out
+
+
+def _med(summaries: list[dict], key: str) -> float:
+    return statistics.median(float(s[key]) for s in summaries)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sfxflow.algorithms import layouts
+    from sfxflow.algorithms.simulate import SimulationParams
+    from sfxflow.errors import InputError
+    from sfxflow.io.simulated import write_simulated_dataset
+
+    if args.frames < 2 or args.repeats < 1 or args.files < 1 or args.files > args.frames:
+        raise InputError("--frames >= 2, 1 <= --files <= --frames and --repeats >= 1 expected")
+    with tempfile.TemporaryDirectory(prefix="sfxflow-bench-process-") as tmp:
+        work = Path(tmp)
+        print(f"simulating {args.frames} CSPAD frames (hit fraction 0.3) ...", file=sys.stderr,
+              flush=True)
+        info = write_simulated_dataset(work / "data", layouts.cspad(), None,
+                                       SimulationParams(hit_fraction=0.3), n_frames=args.frames,
+                                       n_files=args.files, seed=7)
+        inputs = [str(p) for p in info.files]
+        geometry = str(info.geometry_path)
+        print(f"end to end, local files, {args.frames} frames in blocks of "
+              f"{args.frames_per_block}, median of {args.repeats}:")
+        per_core: dict[int, float] = {}
+        for n in args.workers:
+            s = _runs(inputs, geometry, work, f"w{n}", args, n, 1)
+            per_core[n] = _med(s, "frames_per_s_per_core")
+            print(f"  {n} worker(s): {_med(s, 'frames_per_s'):7.2f} frames/s  "
+                  f"{per_core[n]:6.2f} frames/s per core  "
+                  f"{_med(s, 'core_seconds_per_frame'):.3f} core-s/frame  "
+                  f"(busy {_med(s, 'busy_core_seconds_per_frame'):.3f})  "
+                  f"finish spread {_med(s, 'finish_spread_s'):.2f} s", flush=True)
+        base = min(per_core)
+        for n in sorted(per_core):
+            if n != base:
+                print(f"  parallel efficiency {n} vs {base} worker(s): "
+                      f"{per_core[n] / per_core[base]:.2f}")
+        if not args.no_s3:
+            _s3_prefetch(inputs, info.geometry_path, work, args)
+    return 0
+
+
+def _s3_prefetch(inputs: list[str], geometry_path: Path, work: Path,
+                 args: argparse.Namespace) -> None:
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        print("  (S3 comparison skipped: moto[server] is not installed)")
+        return
+    import s3fs
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        # dummy credentials for the local test server only
+        so = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
+                                                                   "region_name": "us-east-1"}}
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                     aws_access_key_id="bench", aws_secret_access_key="bench",
+                     ).create_bucket(Bucket="bench")
+        fs = s3fs.S3FileSystem(**so)
+        for p in [*inputs, str(geometry_path)]:
+            fs.put_file(p, f"bench/in/{Path(p).name}")
+        s3_inputs = [f"s3://bench/in/{Path(p).name}" for p in inputs]
+        geometry = f"s3://bench/in/{geometry_path.name}"
+        n = max(args.workers)
+        print(f"reading from a local S3 server ({endpoint}), {n} worker(s), "
+              f"median of {args.repeats}:")
+        results = {}
+        for prefetch in (1, 0):
+            s = _runs(s3_inputs, geometry, work, f"s3p{prefetch}", args, n, prefetch, so)
+            results[prefetch] = s
+            print(f"  prefetch {'on ' if prefetch else 'off'}: wall {_med(s, 'wall_s'):6.2f} s  "
+                  f"fetch {_med(s, 'fetch_s'):6.2f} s  waited {_med(s, 'fetch_wait_s'):6.2f} s  "
+                  f"hidden {_med(s, 'fetch_hidden_s'):6.2f} s  "
+                  f"{_med(s, 'read_mb_per_s'):7.1f} MB/s", flush=True)
+        saved = _med(results[0], "wall_s") - _med(results[1], "wall_s")
+        print(f"  wall time saved by prefetching: {saved:.2f} s "
+              f"({100 * saved / _med(results[0], 'wall_s'):.0f}% of the run without it)")
+    finally:
+        server.stop()

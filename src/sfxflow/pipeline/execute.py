@@ -1,0 +1,314 @@
+"""Executing blocks: serially in this process, or as tasks on a dask.distributed cluster.
+
+Dask execution
+--------------
+Every block is one task (key ``sfxflow-<run token>-<block id>``); the scheduler hands them out
+dynamically and, with its default ``worker-saturation`` (1.1), keeps one task *queued* on each
+single-threaded worker besides the one running. A :class:`BlockRunner` worker plugin, registered
+once per run (so workers that join or are restarted get it too), holds the run context and a
+per-worker :class:`Prefetcher`: when a block task becomes ``ready`` on a worker, the plugin starts
+reading it in a background thread while the current block computes. At most ``depth`` blocks per
+worker thread are fetched ahead, so a worker holds at most ``1 + depth`` blocks per thread.
+
+The per-worker :class:`Prefetcher` is keyed by the tasks the scheduler queues on that worker
+(their order is only known as they arrive); the serial executor, whose order is fixed, reads
+ahead with :func:`sfxflow.io.prefetch.prefetch`.
+
+A worker that dies loses only its running and queued blocks; the scheduler reruns them elsewhere
+(``allowed_failures`` deaths per block). A task that raises is retried ``task_retries`` times;
+after that the block is recorded as failed (its frames get ``failed`` records with the reason)
+and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from sfxflow.pipeline.blocks import (
+    BlockContext,
+    BlockRef,
+    BlockReport,
+    Fetched,
+    failed_block_shards,
+    fetch_block,
+    run_block,
+)
+
+__all__ = ["BlockFailure", "BlockRunner", "Prefetcher", "execute_dask", "execute_serial"]
+
+logger = logging.getLogger(__name__)
+
+OnReport = Callable[[BlockReport], None]
+
+
+class BlockFailure:
+    """A block whose task failed for good (retries spent): id and reason."""
+
+    def __init__(self, block: BlockRef, reason: str) -> None:
+        self.block = block
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"BlockFailure({self.block.block_id!r}, {self.reason!r})"
+
+
+class Prefetcher:
+    """Reads blocks ahead in one background thread, holding at most ``depth`` of them.
+
+    ``want(key, block)`` queues a block (e.g. when its task is queued on this worker);
+    ``take(key, block)`` returns its :class:`Fetched` (waiting for an in-flight read, or reading
+    now when it was never queued) and starts the next queued read; ``drop(key)`` forgets a block
+    that was moved to another worker.
+    """
+
+    def __init__(self, ctx: BlockContext, depth: int = 1) -> None:
+        self.ctx = ctx
+        self.depth = max(int(depth), 0)
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[str, BlockRef] = OrderedDict()
+        self._inflight: dict[str, Future[Fetched]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfxflow-prefetch")
+
+    def want(self, key: str, block: BlockRef) -> None:
+        if self.depth == 0:
+            return
+        with self._lock:
+            if key in self._inflight or key in self._pending:
+                return
+            self._pending[key] = block
+            self._pump()
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+            fut = self._inflight.pop(key, None)
+            if fut is not None:
+                fut.cancel()
+            self._pump()
+
+    def _pump(self) -> None:  # caller holds the lock
+        while self._pending and len(self._inflight) < self.depth:
+            key, block = self._pending.popitem(last=False)
+            self._inflight[key] = self._pool.submit(fetch_block, block, self.ctx)
+
+    def take(self, key: str, block: BlockRef) -> Fetched:
+        with self._lock:
+            self._pending.pop(key, None)
+            fut = self._inflight.pop(key, None)
+        t0 = time.perf_counter()
+        if fut is None or fut.cancelled():
+            fetched = fetch_block(block, self.ctx)
+            fetched.wait_s = time.perf_counter() - t0
+        else:
+            fetched = fut.result()
+            fetched.wait_s = time.perf_counter() - t0
+            fetched.prefetched = True
+        with self._lock:
+            self._pump()
+        return fetched
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def close(self) -> None:
+        with self._lock:
+            for fut in self._inflight.values():
+                fut.cancel()
+            self._inflight.clear()
+            self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+try:
+    from distributed import WorkerPlugin as _WorkerPluginBase
+except ImportError:  # pragma: no cover - distributed is a dependency
+    _WorkerPluginBase = object  # type: ignore[assignment,misc]
+
+
+class BlockRunner(_WorkerPluginBase):  # type: ignore[misc,valid-type]
+    """Worker plugin holding one run's context, block table and prefetcher.
+
+    Parameters
+    ----------
+    name : plugin name (unique per run).
+    ctx : the run context.
+    blocks : task key -> block.
+    prefetch_depth : blocks read ahead per worker thread (0 disables prefetching).
+    """
+
+    def __init__(self, name: str, ctx: BlockContext, blocks: dict[str, BlockRef],
+                 prefetch_depth: int = 1, file_errors: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.blocks = blocks
+        self.prefetch_depth = prefetch_depth
+        self.file_errors = file_errors or {}
+        self.worker: Any = None
+        self.prefetcher: Prefetcher | None = None
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+        nthreads = max(int(getattr(worker.state, "nthreads", 1) or 1), 1)
+        self.prefetcher = Prefetcher(self.ctx, depth=self.prefetch_depth * nthreads)
+
+    def teardown(self, worker: Any) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        block = self.blocks.get(key) if isinstance(key, str) else None
+        if block is None or self.prefetcher is None:
+            return
+        if finish == "ready":
+            self.prefetcher.want(key, block)
+        elif finish in ("released", "cancelled", "forgotten", "error"):
+            self.prefetcher.drop(key)
+
+    def execute(self, key: str) -> BlockReport:
+        block = self.blocks[key]
+        assert self.prefetcher is not None
+        fetched = self.prefetcher.take(key, block)
+        return run_block(block, self.ctx, fetched, worker=str(self.worker.address),
+                         file_error=self.file_errors.get(block.block_id, ""))
+
+
+def _block_task(plugin_name: str, key: str) -> BlockReport:
+    """The Dask task of one block: delegate to this worker's :class:`BlockRunner`."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    plugin: Any = worker.plugins.get(plugin_name)
+    if plugin is None:
+        raise RuntimeError(f"worker {worker.address} has no {plugin_name} plugin")
+    return plugin.execute(key)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _record_failure(block: BlockRef, ctx: BlockContext, reason: str) -> BlockFailure:
+    logger.error("block %s failed for good: %s", block.block_id, reason)
+    ctx.run.write_shards(failed_block_shards(block, reason))
+    return BlockFailure(block, reason)
+
+
+def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnReport,
+                   on_failure: Callable[[BlockFailure], None], *, prefetch_depth: int = 1,
+                   attempts: int = 1, file_errors: dict[str, str] | None = None) -> None:
+    """Run blocks one after another in this process (no Dask), reading ahead with
+    :func:`sfxflow.io.prefetch.prefetch` (``prefetch_depth`` blocks besides the current one).
+
+    ``attempts`` bounds how often a block whose processing raised is tried.
+    """
+    from sfxflow.io.prefetch import prefetch
+
+    file_errors = file_errors or {}
+    depth = max(int(prefetch_depth), 0)
+    stream = prefetch(list(blocks), lambda b: fetch_block(b, ctx), max_in_memory=1 + depth)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                block, fetched = next(stream)
+            except StopIteration:
+                break
+            if isinstance(fetched, Exception):  # fetch_block captures read errors itself
+                raise fetched
+            fetched.wait_s = time.perf_counter() - t0
+            fetched.prefetched = depth > 0
+            last: BaseException | None = None
+            for attempt in range(max(attempts, 1)):
+                try:
+                    report = run_block(block, ctx, fetched if attempt == 0 else None,
+                                       file_error=file_errors.get(block.block_id, ""))
+                    last = None
+                    break
+                except (KeyboardInterrupt, SystemExit, MemoryError):
+                    raise
+                except Exception as exc:
+                    logger.warning("block %s attempt %d failed: %s", block.block_id,
+                                   attempt + 1, _reason(exc), exc_info=True)
+                    last = exc
+            del fetched
+            if last is not None:
+                on_failure(_record_failure(block, ctx, _reason(last)))
+            else:
+                on_report(report)
+    finally:
+        stream.close()  # type: ignore[attr-defined]  # a generator
+
+
+def _set_allowed_failures(client: Any, n: int) -> None:
+    def _set(dask_scheduler: Any = None, n: int = n) -> int:
+        dask_scheduler.allowed_failures = n
+        return n
+
+    try:
+        client.run_on_scheduler(_set)
+    except Exception as exc:  # an old or locked-down scheduler: keep its own setting
+        logger.info("could not set allowed-failures on the scheduler (%s); using its default",
+                    _reason(exc))
+
+
+def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
+                 on_report: OnReport, on_failure: Callable[[BlockFailure], None], *,
+                 prefetch_depth: int = 1, task_retries: int = 1, allowed_failures: int = 3,
+                 file_errors: dict[str, str] | None = None) -> None:
+    """Run blocks as tasks on the cluster behind ``client``; call back as each finishes.
+
+    Parameters
+    ----------
+    client : a connected ``distributed.Client``.
+    blocks : blocks to run.
+    ctx : run context (sent once to every worker in a plugin).
+    on_report : called in this thread with each finished block's report.
+    on_failure : called with each block that failed for good.
+    prefetch_depth : blocks read ahead per worker thread.
+    task_retries : reruns of a task that raised.
+    allowed_failures : worker deaths a block may cause before it is failed (KilledWorker).
+    """
+    from distributed import as_completed
+
+    if not blocks:
+        return
+    token = uuid.uuid4().hex[:10]
+    name = f"sfxflow-run-{token}"
+    keys = {f"sfxflow-{token}-{b.block_id}": b for b in blocks}
+    plugin = BlockRunner(name, ctx, keys, prefetch_depth=prefetch_depth, file_errors=file_errors)
+    _set_allowed_failures(client, allowed_failures)
+    client.register_plugin(plugin, name=name)
+    futures = []
+    try:
+        for key in keys:
+            futures.append(client.submit(_block_task, name, key, key=key, pure=False,
+                                         retries=task_retries))
+        for fut in as_completed(futures):
+            block = keys[fut.key]
+            try:
+                report = fut.result()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                on_failure(_record_failure(block, ctx, _reason(exc)))
+                continue
+            finally:
+                fut.release()
+            on_report(report)
+    finally:
+        for fut in futures:
+            if fut.status == "pending":
+                fut.cancel()
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(name)
+

@@ -1,0 +1,358 @@
+"""``run_process``: a whole run - discover, plan, resume, execute, merge, summarise.
+
+The run directory (local or ``s3://``) ends up holding::
+
+    config.toml            the resolved configuration, every key
+    manifest.json          every block with its state and shard checksums
+    header.stream          CrystFEL stream header (geometry + target cell), written once
+    shards/<block>.*       one frames/spots/stream shard triple per block (atomic writes)
+    frames.parquet         all frames, one row each, sorted by (source_url, frame_index)
+    summary.json           counts, rates, throughput (see sfxflow.pipeline.summary)
+
+Running the same command again resumes: a block whose shards exist and verify is skipped; blocks
+recorded as failed are tried again. ``force=True`` recomputes everything. Changing a setting that
+changes results (spots, hit, index, target, block size, geometry) on an existing run directory
+is refused unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sfxflow.errors import ConfigError, InputError
+from sfxflow.io.results import RunDir, shard_names, sort_frames
+from sfxflow.pipeline import params as _params
+from sfxflow.pipeline.blocks import BlockContext, BlockRef, BlockReport
+from sfxflow.pipeline.cluster import ClusterInfo, cluster_threads, open_cluster
+from sfxflow.pipeline.config import ProcessConfig, changed_settings, config_from_toml, with_target
+from sfxflow.pipeline.execute import BlockFailure, execute_dask, execute_serial
+from sfxflow.pipeline.manifest import MANIFEST_NAME, BlockEntry, Manifest
+from sfxflow.pipeline.progress import Progress
+from sfxflow.pipeline.summary import build_summary
+
+__all__ = ["RunResult", "plan_run", "resolve_config", "run_process"]
+
+logger = logging.getLogger(__name__)
+
+#: Settings that change per-frame results: a run directory made with other values is not resumed.
+RESULT_SECTIONS = ("spots", "hit", "index", "target")
+RESULT_IO_KEYS = ("frames_per_block", "geometry")
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_process` did."""
+
+    run_url: str
+    summary: dict[str, Any]
+    blocks_total: int
+    blocks_skipped: int
+    blocks_done: int
+    blocks_failed: int
+    complete: bool
+    cluster: ClusterInfo | None = None
+    reports: list[BlockReport] = field(default_factory=list)
+
+
+def resolve_config(config: ProcessConfig) -> ProcessConfig:
+    """Resolve ``target.cell_file`` into ``target.cell``/``space_group`` (space group from the
+    file, or the lattice's default when the file has none and none was given)."""
+    if not config.target.cell_file or config.target.cell is not None:
+        return config
+    from sfxflow.io.cellfile import default_space_group, read_cell_file
+
+    cf = read_cell_file(config.target.cell_file)
+    sg = config.target.space_group
+    if not sg:
+        group = cf.space_group if cf.space_group is not None else default_space_group(*cf.lattice)
+        sg = group.hm
+    return with_target(config, cf.cell.parameters, sg)
+
+
+def _failed_file_ref(url: str) -> BlockRef:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip(".") or "file"
+    digest = hashlib.sha1(url.encode()).hexdigest()[:10]
+    return BlockRef(f"{stem}-{digest}-unreadable", url, -1, 0)
+
+
+def plan_run(inputs: Sequence[str], config: ProcessConfig, geometry: Any,
+             storage_options: Mapping[str, Any] | None) -> tuple[list[BlockRef], dict[str, str],
+                                                                  int]:
+    """Discover inputs and cut them into blocks.
+
+    Returns ``(blocks, file_errors, total_bytes)``: files that cannot be opened become one block
+    with ``start = -1`` (one ``failed`` record, ``frame_index = -1``: their frame count is
+    unknown); ``file_errors`` maps such a block's id to the reason.
+    """
+    from sfxflow.io.sources import discover, plan_blocks
+
+    files = discover(list(inputs), geometry=geometry, storage_options=dict(storage_options or {}))
+    good = [f for f in files if f.ok and f.n_frames > 0]
+    for f in files:
+        if f.ok and f.n_frames == 0:
+            logger.warning("%s: no frames; nothing to process in it", f.url)
+    blocks = [BlockRef(b.block_id, b.url, b.start, b.stop)
+              for b in plan_blocks(good, config.io.frames_per_block)]
+    file_errors: dict[str, str] = {}
+    for f in files:
+        if not f.ok:
+            ref = _failed_file_ref(f.url)
+            blocks.append(ref)
+            file_errors[ref.block_id] = str(f.error)
+    ids = [b.block_id for b in blocks]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise InputError(f"input {dup[0]} is listed more than once; give each file once")
+    return blocks, file_errors, sum(f.size_bytes for f in good)
+
+
+def _check_compatible(run: RunDir, config: ProcessConfig) -> None:
+    if not run.exists("config.toml"):
+        return
+    old = config_from_toml(run.read_text("config.toml"), where=run.url_of("config.toml"))
+    diffs = {k: v for k, v in _params.differences(old, config).items()
+             if k.split(".")[0] in RESULT_SECTIONS
+             or (k.startswith("io.") and k.split(".")[1] in RESULT_IO_KEYS)}
+    if diffs:
+        key, (was, now) = next(iter(diffs.items()))
+        raise ConfigError(
+            f"{run.url}: this run directory was made with {key} = {was!r}, now {now!r} "
+            f"({len(diffs)} result setting(s) differ); use --force to recompute or a new --out"
+        )
+
+
+def _stream_parts(config: ProcessConfig, geometry: Any, inputs: list[str],
+                  storage_options: Mapping[str, Any]) -> tuple[str | None,
+                                                               Callable[..., str] | None]:
+    """Header text and chunk function for CrystFEL stream shards (``None`` when disabled)."""
+    if not config.io.write_stream:
+        return None, None
+    from sfxflow.pipeline.streams import stream_chunk, stream_header
+
+    return stream_header(config, geometry, inputs, storage_options), stream_chunk
+
+
+def _detector_info(geometry: Any, reports: Sequence[BlockReport]) -> dict[str, Any]:
+    name = "from image headers"
+    if geometry is not None:
+        name = str(getattr(geometry, "source", "geometry")).rsplit("/", 1)[-1]
+    n_pixels = next((r.n_pixels for r in reports if r.n_pixels), 0)
+    return {"name": name, "n_pixels": n_pixels}
+
+
+def run_process(
+    inputs: Sequence[str],
+    out: str,
+    config: ProcessConfig,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_block: Callable[[BlockReport], None] | None = None,
+    on_cluster: Callable[[ClusterInfo], None] | None = None,
+    frame_fn: Callable[..., Any] | None = None,
+) -> RunResult:
+    """Process ``inputs`` into the run directory ``out``.
+
+    Parameters
+    ----------
+    inputs : files, globs, folders or ``s3://`` prefixes.
+    out : run directory, local path or URL.
+    config : the configuration (``cluster`` says where to run).
+    storage_options : fsspec options for inputs and the run directory (never written or logged).
+    force : recompute every block even if its shards verify.
+    progress : a :class:`Progress` to update (the CLI makes one); ``None`` logs only.
+    on_block : called after each finished block (tests use it to stop a run part way).
+    on_cluster : called once the cluster is up (the CLI prints its address).
+    frame_fn : replace :func:`~sfxflow.pipeline.frame.process_frame` (tests).
+
+    Returns
+    -------
+    RunResult
+    """
+    t_start = time.perf_counter()
+    storage_options = dict(storage_options or {})
+    config = resolve_config(config)
+    if config.target.cell is None:
+        logger.warning("no target cell: hits will not be indexed")
+    else:
+        config.target_cell()  # validate the space group now, not on every worker
+    for key, (default, value) in changed_settings(config).items():
+        logger.info("setting %s = %r (default %r)", key, value, default)
+
+    geometry = None
+    if config.io.geometry:
+        from sfxflow.io.geometry import read_geom
+
+        geometry = read_geom(config.io.geometry, storage_options)
+
+    run = RunDir(out, storage_options)
+    run.makedirs()
+    run.remove_temporaries()
+    if not force:
+        _check_compatible(run, config)
+    run.write_text("config.toml", config.to_toml())
+
+    blocks, file_errors, input_bytes = plan_run(inputs, config, geometry, storage_options)
+    if not blocks:
+        raise InputError(f"no frames found in {', '.join(inputs)}")
+    logger.info("%d block(s) of up to %d frames from %d input(s), %.1f MB",
+                len(blocks), config.io.frames_per_block, len(inputs), input_bytes / 1e6)
+
+    old_manifest = None
+    if run.exists(MANIFEST_NAME) and not force:
+        try:
+            old_manifest = Manifest.from_json(run.read_text(MANIFEST_NAME),
+                                              where=run.url_of(MANIFEST_NAME))
+        except InputError as exc:
+            logger.warning("ignoring the old manifest: %s", exc)
+    manifest = Manifest.from_plan(list(inputs), [BlockEntry(b.block_id, b.url, b.start, b.stop)
+                                                 for b in blocks])
+    todo: list[BlockRef] = []
+    skipped = 0
+    for b in blocks:
+        entry = manifest.blocks[b.block_id]
+        old = old_manifest.blocks.get(b.block_id) if old_manifest else None
+        if not force and (old is None or old.state != "failed"):
+            problem = run.verify_shards(b.block_id, b.expected_rows,
+                                        old.checksums if old and old.state == "done" else None)
+            if not problem:
+                entry.state = "done"
+                entry.n_frames = b.expected_rows
+                if old is not None:
+                    entry.checksums, entry.worker = old.checksums, old.worker
+                    entry.finished_at = old.finished_at
+                skipped += 1
+                continue
+            if old is not None or run.exists(shard_names(b.block_id)["frames"]):
+                logger.info("block %s will be recomputed: %s", b.block_id, problem)
+        todo.append(b)
+    if skipped:
+        logger.info("resuming: %d block(s) already done, %d to do", skipped, len(todo))
+    if config.run.max_blocks and len(todo) > config.run.max_blocks:
+        logger.info("run.max_blocks = %d: doing %d of %d remaining block(s) now",
+                    config.run.max_blocks, config.run.max_blocks, len(todo))
+        todo = todo[: config.run.max_blocks]
+
+    header, chunker = None, None
+    if config.io.write_stream:
+        first_urls = [b.url for b in blocks if b.start >= 0][:1]
+        header, chunker = _stream_parts(config, geometry, first_urls, storage_options)
+        if header is not None and (force or not run.exists("header.stream")):
+            run.write_text("header.stream", header)
+    ctx = BlockContext(config=config, run=run, geometry=geometry,
+                       storage_options=storage_options, frame_fn=frame_fn,
+                       stream_chunk_fn=chunker)
+
+    reports: list[BlockReport] = []
+    failures: list[BlockFailure] = []
+    total_todo = sum(b.expected_rows for b in todo)
+    if progress is None:
+        progress = Progress(total_todo, tty=False)
+    else:
+        progress.total = total_todo
+    last_manifest = [time.perf_counter()]
+
+    def save_manifest(force_write: bool = False) -> None:
+        now = time.perf_counter()
+        if force_write or now - last_manifest[0] >= config.run.manifest_interval_s:
+            run.write_text(MANIFEST_NAME, manifest.to_json())
+            last_manifest[0] = now
+
+    def on_report(report: BlockReport) -> None:
+        report.received_at = time.perf_counter() - t_exec0
+        reports.append(report)
+        entry = manifest.blocks[report.block_id]
+        entry.state = "done"
+        entry.n_frames = report.n_frames
+        entry.checksums = report.checksums
+        entry.worker = report.worker
+        entry.attempts += 1
+        entry.reason = ""
+        entry.finished_at = time.time()
+        progress.update(report.n_frames, hits=report.hits, indexed=report.counts.get("indexed", 0),
+                        failed=report.counts.get("failed", 0))
+        save_manifest()
+        if on_block is not None:
+            on_block(report)
+
+    def on_failure(failure: BlockFailure) -> None:
+        entry = manifest.blocks[failure.block.block_id]
+        entry.state = "failed"
+        entry.reason = failure.reason
+        entry.attempts += 1
+        entry.n_frames = failure.block.expected_rows
+        failures.append(failure)
+        progress.update(failure.block.expected_rows, failed=failure.block.expected_rows)
+        save_manifest()
+
+    save_manifest(force_write=True)
+    n_cores = 1
+    info: ClusterInfo | None = None
+    t_exec0 = time.perf_counter()
+    t_exec1 = 0.0
+    try:
+        with open_cluster(config.cluster) as (client, info):
+            if on_cluster is not None:
+                on_cluster(info)
+            t_exec0 = time.perf_counter()
+            if client is None:
+                execute_serial(todo, ctx, on_report, on_failure,
+                               prefetch_depth=config.io.prefetch_depth,
+                               attempts=1 + config.run.task_retries, file_errors=file_errors)
+            else:
+                n_cores = max(info.n_threads, 1)
+                execute_dask(client, todo, ctx, on_report, on_failure,
+                             prefetch_depth=config.io.prefetch_depth,
+                             task_retries=config.run.task_retries,
+                             allowed_failures=config.run.allowed_failures,
+                             file_errors=file_errors)
+                n_cores = max(n_cores, cluster_threads(client))
+            t_exec1 = time.perf_counter()
+    finally:
+        progress.close()
+        save_manifest(force_write=True)
+        run.remove_temporaries()
+    wall_s = (t_exec1 or time.perf_counter()) - t_exec0
+
+    counts = manifest.counts()
+    complete = counts["pending"] == 0
+    done_ids = [b.block_id for b in blocks if manifest.blocks[b.block_id].state != "pending"]
+    frames = sort_frames(run.read_frames_shards(done_ids))
+    if complete:
+        from sfxflow.io.results import parquet_bytes
+
+        run.write_bytes("frames.parquet", parquet_bytes(frames, {"sfxflow.blocks": str(len(blocks))}))
+    elif run.exists("frames.parquet"):
+        run.remove("frames.parquet")
+    summary = build_summary(
+        frames, reports, wall_s=wall_s, n_cores=n_cores,
+        detector=_detector_info(geometry, reports),
+        extra={
+            "complete": complete,
+            "blocks": len(blocks),
+            "blocks_skipped": skipped,
+            "blocks_processed": len(reports),
+            "blocks_failed": len(failures),
+            "failed_blocks": {f.block.block_id: f.reason for f in failures},
+            "frames_per_block": config.io.frames_per_block,
+            "prefetch_depth": config.io.prefetch_depth,
+            "input_bytes": input_bytes,
+            "cluster": info.kind if info else config.cluster.kind,
+            "total_wall_s": time.perf_counter() - t_start,
+        },
+    )
+    run.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
+    return RunResult(run_url=run.url, summary=summary, blocks_total=len(blocks),
+                     blocks_skipped=skipped, blocks_done=len(reports),
+                     blocks_failed=len(failures), complete=complete, cluster=info,
+                     reports=reports)
+

@@ -1,0 +1,68 @@
+"""Fixtures for the pipeline tests: a small simulated data set and its serial reference run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from sfxflow.io.results import TIMING_COLUMNS
+
+CELL = "93 93 130.5 90 90 120"
+SPACE_GROUP = "P6122"
+
+
+def base_overrides(geometry: Path | str, frames_per_block: int = 2) -> list[str]:
+    """``--set`` strings for a run on the simulated set (indexing against its true cell)."""
+    return [
+        f"io.geometry='{geometry}'",
+        f"io.frames_per_block={frames_per_block}",
+        "target.cell=[93, 93, 130.5, 90, 90, 120]",
+        f"target.space_group='{SPACE_GROUP}'",
+    ]
+
+
+def comparable(table, file_names_only: bool = False):
+    """A frames table without timings and block ids, as sorted python rows (NaN -> None);
+    ``file_names_only`` compares runs of the same files at different URLs."""
+    keep = [c for c in table.column_names if c not in (*TIMING_COLUMNS, "block_id")]
+    rows = table.select(keep).to_pylist()
+    out = []
+    for r in rows:
+        r = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+        if file_names_only:
+            r["source_url"] = r["source_url"].rsplit("/", 1)[-1]
+        out.append(r)
+    return sorted(out, key=lambda r: (r["source_url"], r["frame_index"]))
+
+
+def read_frames(run_dir: Path | str):
+    return pq.read_table(Path(run_dir) / "frames.parquet")
+
+
+@pytest.fixture(scope="session")
+def sim_set(tmp_path_factory: pytest.TempPathFactory):
+    """12 frames of a 1024x1024 single-panel detector in 2 CXI files, half of them hits."""
+    from sfxflow.algorithms import layouts
+    from sfxflow.algorithms.simulate import SimulationParams
+    from sfxflow.io.simulated import write_simulated_dataset
+
+    out = tmp_path_factory.mktemp("sim")
+    info = write_simulated_dataset(out, layouts.simple(distance_mm=100.0, n_px=1024), None,
+                                   SimulationParams(hit_fraction=0.5), n_frames=12, n_files=2,
+                                   seed=11)
+    return info
+
+
+@pytest.fixture(scope="session")
+def serial_run(sim_set, tmp_path_factory: pytest.TempPathFactory):
+    """The reference: the simulated set processed serially in-process (no Dask)."""
+    from sfxflow.pipeline.config import load_config
+    from sfxflow.pipeline.run import run_process
+
+    out = tmp_path_factory.mktemp("serial") / "run"
+    cfg = load_config(overrides=[*base_overrides(sim_set.geometry_path), "cluster.kind=synchronous"])
+    result = run_process([str(p) for p in sim_set.files], str(out), cfg)
+    return out, result

@@ -1,0 +1,116 @@
+"""Runs on a real Dask cluster: ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sfxflow.pipeline.config import load_config
+from sfxflow.pipeline.run import run_process
+
+from .conftest import base_overrides, comparable, read_frames
+
+pytestmark = [pytest.mark.dask, pytest.mark.slow]
+
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_workers(address: str, n: int, timeout_s: float = 60.0) -> dict[str, int]:
+    """Wait for ``n`` workers; their addresses -> process ids."""
+    from distributed import Client
+
+    with Client(address, timeout="20s") as client:
+        client.wait_for_workers(n, timeout=timeout_s)
+        return client.run(os.getpid)
+
+
+@pytest.fixture()
+def dask_cluster(tmp_path):
+    """A scheduler and two single-threaded workers (no nanny: a killed worker stays dead)."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", "127.0.0.1:0"], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(1.0)
+    workers = []
+    for name in ("w1", "w2"):
+        p = subprocess.Popen([DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
+                              "--no-nanny", "--host", "127.0.0.1", "--name", name,
+                              "--no-dashboard"], env=env, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        workers.append(p)
+        procs.append(p)
+    try:
+        _wait_for_workers(address, 2)
+        yield address, workers
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_worker_killed_mid_run_loses_nothing(sim_set, serial_run, dask_cluster, tmp_path):
+    address, workers = dask_cluster
+    by_pid = {p.pid: p for p in workers}
+    pid_of = _wait_for_workers(address, 2)
+    killed: list[str] = []
+
+    def kill_the_other_worker(report):
+        if killed:
+            return
+        victim = next(a for a in pid_of if a != report.worker)
+        by_pid[pid_of[victim]].send_signal(signal.SIGKILL)
+        killed.append(victim)
+
+    cfg = load_config(overrides=[*base_overrides(sim_set.geometry_path, frames_per_block=1),
+                                 f"cluster.scheduler='{address}'"])
+    out = tmp_path / "run"
+    result = run_process([str(p) for p in sim_set.files], str(out), cfg,
+                         on_block=kill_the_other_worker)
+    assert killed and by_pid[pid_of[killed[0]]].wait(timeout=10) == -signal.SIGKILL
+    assert result.complete and result.blocks_failed == 0
+    assert result.blocks_done == 12
+    frames = read_frames(out)
+    keys = list(zip(frames["source_url"].to_pylist(), frames["frame_index"].to_pylist(),
+                    strict=True))
+    assert len(keys) == 12 and len(set(keys)) == 12
+    assert comparable(frames) == comparable(read_frames(serial_run[0]))
+    survivor = next(a for a in pid_of if a != killed[0])
+    # the survivor finished the run, including blocks the killed worker held
+    assert result.summary["workers"][survivor]["frames"] >= 6
+    assert result.summary["failed"] == 0
+
+
+def test_blocks_run_on_both_workers_with_prefetch(sim_set, serial_run, dask_cluster, tmp_path):
+    address, _ = dask_cluster
+    cfg = load_config(overrides=[*base_overrides(sim_set.geometry_path, frames_per_block=1),
+                                 f"cluster.scheduler='{address}'"])
+    result = run_process([str(p) for p in sim_set.files], str(tmp_path / "run"), cfg)
+    assert result.complete
+    s = result.summary
+    assert len(s["workers"]) == 2 and s["n_cores"] == 2
+    assert sum(w["frames"] for w in s["workers"].values()) == 12
+    # queued blocks were read ahead on the workers while the previous block computed
+    assert sum(r.prefetched for r in result.reports) >= 6
+    assert s["fetch_hidden_s"] > 0
+    assert comparable(read_frames(tmp_path / "run")) == comparable(read_frames(serial_run[0]))
