@@ -1,0 +1,711 @@
+"""Indexing of serial-crystallography stills against a known unit cell.
+
+Method (pair-vector matching with a known cell, the idea of TakeTwo / TORO):
+
+1. Spots -> scattering vectors ``q`` (:func:`~sfxflow.algorithms.geometry.pixels_to_q`).
+2. For the target cell and space group a table of all symmetry-allowed Miller indices, sorted by
+   ``|q|``, is built once and cached (:func:`target_table`). The first index of a pair is taken
+   only among one representative per orbit of the point group's rotations (every other choice
+   gives an equivalent orientation), the second among all indices.
+3. Pairs of low-resolution spots are tried, fewest candidate pairs first. For each spot the
+   candidate indices are those whose ``|q|`` matches within tolerance; for a pair, candidate
+   ``(h1, h2)`` must also reproduce the observed angle between the two vectors. The angle
+   tolerance grows with the expected excitation error, which tilts a low-resolution ``q`` the
+   most. Each surviving pair gives a rotation (two-vector alignment).
+4. Every rotation is scored at once (numpy, vectorised over candidates and spots) by the number
+   of spots whose fractional Miller indices lie within ``hkl_tolerance`` of integers. The search
+   stops early when a candidate indexes ``early_exit_fraction`` of the spots.
+5. The best distinct candidates are polished (Kabsch fit of ``U B h`` to ``q``) and refined in
+   pixel space by :func:`sfxflow.algorithms.refine.refine_still` (orientation, cell within the
+   lattice constraints, optionally the distance), with Miller indices re-assigned along each
+   observed ray and outliers rejected. A solution is accepted only if enough spots index, the
+   fraction indexed is high enough, the RMSD is small and the refined cell is close to the
+   target; otherwise the next candidate is tried, and the failure reason is reported.
+6. The accepted crystal is put into a canonical setting (:func:`canonical_crystal`): among the
+   orientations related by the rotations of the space group's point group (which predict the
+   same spots), the one whose ``U`` is the smallest rotation from the identity (largest trace)
+   is reported.
+
+Pure numpy/scipy; no I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field, replace
+
+import gemmi
+import numpy as np
+from numba import njit
+
+from sfxflow.algorithms.geometry import miller_indices, pixels_to_lab_mm, pixels_to_q
+from sfxflow.algorithms.refine import RefineParams, refine_still
+from sfxflow.models import (
+    Beam,
+    Crystal,
+    Detector,
+    SpotTable,
+    as_space_group,
+    as_unit_cell,
+    reciprocal_basis,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "IndexParams",
+    "IndexResult",
+    "TargetCell",
+    "canonical_crystal",
+    "index_q_candidates",
+    "index_spots",
+    "misorientation_deg",
+    "point_group_rotations",
+    "target_table",
+]
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Options of :func:`index_spots`.
+
+    Parameters
+    ----------
+    q_tolerance_rel, q_tolerance_abs_inv_a : a spot may carry a Miller index whose ``|q|``
+        differs by at most ``rel * |q| + abs`` (detector distance, wavelength and cell errors).
+    angle_tolerance_deg : base tolerance on the angle between the two vectors of a pair.
+    max_excitation_inv_a : largest expected distance of an observed reflection's lattice point
+        from the Ewald sphere (Å⁻¹); widens the angle tolerance and sets the ray search in
+        refinement.
+    hkl_tolerance : a spot indexes a candidate rotation when all three fractional indices are
+        within this of integers (scoring only; the final test is in pixels).
+    n_pair_spots : the lowest-resolution spots (after ``max_d_a``) from which pairs are formed.
+    max_pairs : pairs tried at most.
+    max_pair_candidates : a pair whose ``n(h1) * n(h2)`` exceeds this is skipped.
+    max_d_a : spots at lower resolution (larger d) than this are not used to form pairs
+        (beam-stop shadows, diffuse scatter); they are still indexed.
+    min_spots : fewer spots than this: not attempted.
+    max_spots : index only the strongest this many spots (by ``snr``, else ``intensity``);
+        the others are reported unindexed and do not count in ``fraction_indexed``.
+        ``None``: all.
+    min_indexed : least number of spots a solution must index.
+    min_fraction_indexed : least fraction of the spots a solution must index.
+    max_rmsd_px : largest RMSD (px) of an accepted solution.
+    max_median_excitation_inv_a : largest median distance (Å⁻¹) of the indexed lattice points
+        from the Ewald sphere. A true lattice puts its observed reflections within about the
+        crystal's profile radius of the sphere (CrystFEL reports 2-5e-4 Å⁻¹ for SFX crystals);
+        a false one, fitted to spots with the freedom of orientation and cell, needs the whole
+        search window. This is the strongest test against false solutions on large cells.
+    early_exit_fraction : stop searching pairs once a candidate indexes this fraction.
+    n_polish_per_pair : best raw rotations of each pair that are polished (Kabsch fit) and
+        scored strictly.
+    strict_tolerance_px : in the strict score, how far across its ray (in pixels) a spot may
+        be from its lattice point's ray.
+    n_solutions_refined : distinct best candidates refined before giving up.
+    cell_length_tolerance : relative deviation of each refined cell length from the target
+        accepted; cell_angle_tolerance_deg the same for angles.
+    refine : :class:`~sfxflow.algorithms.refine.RefineParams`.
+    """
+
+    q_tolerance_rel: float = 0.01
+    q_tolerance_abs_inv_a: float = 0.0005
+    angle_tolerance_deg: float = 1.0
+    max_excitation_inv_a: float = 0.0008
+    hkl_tolerance: float = 0.3
+    n_pair_spots: int = 12
+    max_pairs: int = 45
+    max_pair_candidates: int = 1_000_000
+    max_d_a: float = 100.0
+    min_spots: int = 6
+    max_spots: int | None = 100
+    min_indexed: int = 8
+    min_fraction_indexed: float = 0.3
+    max_rmsd_px: float = 2.5
+    max_median_excitation_inv_a: float = 3.5e-4
+    early_exit_fraction: float = 0.75
+    n_polish_per_pair: int = 8
+    strict_tolerance_px: float = 3.0
+    n_solutions_refined: int = 4
+    cell_length_tolerance: float = 0.03
+    cell_angle_tolerance_deg: float = 2.0
+    refine: RefineParams = field(default_factory=RefineParams)
+
+    def __post_init__(self) -> None:
+        for name in ("q_tolerance_rel", "angle_tolerance_deg", "hkl_tolerance", "max_rmsd_px"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"IndexParams.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.hkl_tolerance < 0.5:
+            raise ValueError(f"hkl_tolerance must be in (0, 0.5), got {self.hkl_tolerance}")
+        if not 0 <= self.min_fraction_indexed <= 1:
+            raise ValueError(
+                f"min_fraction_indexed must be in [0, 1], got {self.min_fraction_indexed}"
+            )
+        if self.min_indexed < 3:
+            raise ValueError(f"min_indexed must be >= 3, got {self.min_indexed}")
+        if self.n_pair_spots < 2:
+            raise ValueError(f"n_pair_spots must be >= 2, got {self.n_pair_spots}")
+
+
+@dataclass(frozen=True)
+class TargetCell:
+    """The known unit cell and space group to index against.
+
+    Accepts gemmi objects, ``"a b c al be ga"`` / six numbers and a symbol or number.
+
+    >>> TargetCell("93 93 130.5 90 90 120", "P 61 2 2").space_group.hm
+    'P 61 2 2'
+    """
+
+    cell: gemmi.UnitCell
+    space_group: gemmi.SpaceGroup
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cell", as_unit_cell(self.cell))
+        object.__setattr__(self, "space_group", as_space_group(self.space_group))
+
+    @property
+    def key(self) -> tuple:
+        return (tuple(round(x, 6) for x in self.cell.parameters), self.space_group.hm)
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    """Outcome of indexing one frame (see :func:`index_spots`).
+
+    ``miller_indices`` is ``(n_spots, 3)`` with zeros for unindexed spots; ``rmsd_px`` is the
+    RMS distance between predicted and observed positions of the indexed spots;
+    ``rmsd_inv_a`` the RMS of ``|q_obs - A h|`` (includes the excitation error).
+    ``fraction_indexed`` is over the spots used (see ``IndexParams.max_spots``), ``n_spots``
+    counts all spots given.
+    ``reason`` says why indexing failed (empty on success).
+    """
+
+    success: bool
+    crystal: Crystal | None = field(default=None, repr=False)
+    miller_indices: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int32),
+                                       repr=False)
+    indexed_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
+    n_indexed: int = 0
+    fraction_indexed: float = 0.0
+    rmsd_px: float = math.nan
+    rmsd_inv_a: float = math.nan
+    reason: str = ""
+    n_spots: int = 0
+    n_candidates: int = 0
+
+
+# --------------------------------------------------------------------------- symmetry helpers
+
+
+@functools.lru_cache(maxsize=64)
+def _point_group_rotations_cached(hm: str) -> np.ndarray:
+    sg = gemmi.SpaceGroup(hm)
+    mats = []
+    seen = set()
+    for op in sg.operations().sym_ops:
+        r = np.array(op.rot, dtype=np.int64) // gemmi.Op.DEN
+        if round(np.linalg.det(r)) != 1:
+            continue
+        m = r.T.copy()  # acts on Miller indices (column vectors): h' = R^T h
+        key = m.tobytes()
+        if key not in seen:
+            seen.add(key)
+            mats.append(m)
+    out = np.array(mats, dtype=np.int64)
+    out.setflags(write=False)
+    return out
+
+
+def point_group_rotations(space_group: gemmi.SpaceGroup | str) -> np.ndarray:
+    """Proper rotations of the space group's point group acting on Miller indices, ``(m, 3, 3)``.
+
+    Two orientation matrices ``A`` and ``A @ M`` (``M`` in this set) predict identical spot
+    patterns; they are the lattice-symmetry equivalents of one solution.
+
+    >>> point_group_rotations("P 61 2 2").shape
+    (12, 3, 3)
+    >>> point_group_rotations("P 1").shape
+    (1, 3, 3)
+    """
+    return _point_group_rotations_cached(as_space_group(space_group).hm)
+
+
+def _polar_rotation(m: np.ndarray) -> np.ndarray:
+    w, _, vt = np.linalg.svd(m)
+    r = w @ vt
+    if np.linalg.det(r) < 0:
+        w[:, -1] *= -1
+        r = w @ vt
+    return r
+
+
+def _rotation_angle_deg(r: np.ndarray) -> float:
+    c = (float(np.trace(r)) - 1.0) / 2.0
+    return math.degrees(math.acos(min(1.0, max(-1.0, c))))
+
+
+def misorientation_deg(a: Crystal, b: Crystal, space_group: gemmi.SpaceGroup | None = None) -> float:
+    """Smallest rotation angle (degrees) between two crystals' orientations, modulo symmetry.
+
+    Each orientation is the rotation nearest to ``A B⁻¹`` (``B`` from the crystal's own cell,
+    so slightly different cells compare fairly); ``b`` is tried in every setting ``A_b @ M``
+    with ``M`` from :func:`point_group_rotations` of ``space_group`` (default: ``a``'s).
+
+    >>> from scipy.spatial.transform import Rotation
+    >>> cell, sg = gemmi.UnitCell(93, 93, 130.5, 90, 90, 120), gemmi.SpaceGroup("P 61 2 2")
+    >>> x = Crystal.from_u(cell, sg, Rotation.from_euler("z", 10, degrees=True).as_matrix())
+    >>> y = Crystal(cell, sg, x.a_matrix @ point_group_rotations(sg)[3])
+    >>> round(misorientation_deg(x, y), 6)
+    0.0
+    """
+    sg = space_group or a.space_group
+    ua = _polar_rotation(a.a_matrix @ np.linalg.inv(reciprocal_basis(a.cell)))
+    b_inv = np.linalg.inv(reciprocal_basis(b.cell))
+    best = math.inf
+    for m in point_group_rotations(sg):
+        ub = _polar_rotation(b.a_matrix @ m @ b_inv)
+        best = min(best, _rotation_angle_deg(ua.T @ ub))
+    return best
+
+
+def canonical_crystal(crystal: Crystal) -> Crystal:
+    """The symmetry-equivalent setting of ``crystal`` whose ``U`` is closest to the identity.
+
+    Among ``A @ M`` for ``M`` in :func:`point_group_rotations` (all predict the same spots),
+    picks the one maximising ``trace(U)``, i.e. the smallest rotation from the crystal frame to
+    the lab frame; ties (measure zero) go to the first operator in gemmi's order.
+    """
+    b_inv = np.linalg.inv(reciprocal_basis(crystal.cell))
+    best_m, best_tr = None, -math.inf
+    for m in point_group_rotations(crystal.space_group):
+        tr = float(np.trace(_polar_rotation(crystal.a_matrix @ m @ b_inv)))
+        if tr > best_tr + 1e-9:
+            best_m, best_tr = m, tr
+    return Crystal(crystal.cell, crystal.space_group, crystal.a_matrix @ best_m)
+
+
+# --------------------------------------------------------------------------- candidate table
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Symmetry-allowed Miller indices of a target to ``d_min``, sorted by ``|q|``."""
+
+    hkl: np.ndarray  # (n, 3) int
+    qc: np.ndarray  # (n, 3) crystal-frame vectors B h, Å⁻¹
+    qc_unit: np.ndarray  # (n, 3) the same, normalised
+    q_len: np.ndarray  # (n,) sorted ascending
+    rep_idx: np.ndarray  # indices into the arrays above of one member per rotation orbit
+    rep_q_len: np.ndarray  # q_len[rep_idx] (sorted)
+    d_min_a: float
+
+
+@functools.lru_cache(maxsize=32)
+def _table_cached(cell_params: tuple, hm: str, d_min_a: float) -> _Table:
+    cell = gemmi.UnitCell(*cell_params)
+    sg = gemmi.SpaceGroup(hm)
+    hkl = miller_indices(cell, sg, d_min_a).astype(np.int64)
+    b = reciprocal_basis(cell)
+    qc = hkl @ b.T
+    q_len = np.linalg.norm(qc, axis=1)
+    order = np.argsort(q_len, kind="stable")
+    hkl, qc, q_len = hkl[order], qc[order], q_len[order]
+    # one representative per orbit under the point group's rotations: the lexicographic maximum
+    ops = point_group_rotations(sg)
+    big = int(np.abs(hkl).max(initial=0)) + 1
+    base = 2 * big + 1
+
+    def code(h: np.ndarray) -> np.ndarray:
+        return ((h[..., 0] + big) * base + (h[..., 1] + big)) * base + (h[..., 2] + big)
+
+    orbit_codes = code(np.einsum("mij,nj->mni", ops, hkl))
+    rep_idx = np.flatnonzero(code(hkl) == orbit_codes.max(axis=0))
+    qc_unit = qc / q_len[:, None]
+    for arr in (hkl, qc, qc_unit, q_len, rep_idx):
+        arr.setflags(write=False)
+    return _Table(hkl, qc, qc_unit, q_len, rep_idx, q_len[rep_idx], d_min_a)
+
+
+def target_table(target: TargetCell, d_min_a: float) -> _Table:
+    """Cached candidate table of ``target`` down to (at least) resolution ``d_min_a``.
+
+    ``d_min_a`` is rounded down on a coarse logarithmic grid so that frames share tables.
+    """
+    d_q = 2.0 ** (math.floor(math.log2(max(d_min_a, 0.5)) * 4.0) / 4.0)
+    return _table_cached(tuple(target.cell.parameters), target.space_group.hm, round(d_q, 6))
+
+
+# --------------------------------------------------------------------------- candidate search
+
+
+def _triad(v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
+    """Orthonormal frames (k, 3, 3) built from vector pairs (k, 3): columns e1, e2, e3."""
+    e1 = v1 / np.linalg.norm(v1, axis=-1, keepdims=True)
+    e3 = np.cross(v1, v2)
+    e3 /= np.linalg.norm(e3, axis=-1, keepdims=True)
+    e2 = np.cross(e3, e1)
+    return np.stack([e1, e2, e3], axis=-1)
+
+
+def _bisector_pair(v1: np.ndarray, v2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric version of a pair: (bisector, difference) spreads the error over both vectors."""
+    u1 = v1 / np.linalg.norm(v1, axis=-1, keepdims=True)
+    u2 = v2 / np.linalg.norm(v2, axis=-1, keepdims=True)
+    return u1 + u2, u1 - u2
+
+
+@njit(cache=True, nogil=True)
+def _score_kernel(m, q, tol, counts, err):  # pragma: no cover - compiled
+    k_n = m.shape[0]
+    n = q.shape[0]
+    for k in range(k_n):
+        c = 0
+        e = 0.0
+        for i in range(n):
+            worst = 0.0
+            for j in range(3):
+                x = q[i, 0] * m[k, 0, j] + q[i, 1] * m[k, 1, j] + q[i, 2] * m[k, 2, j]
+                d = abs(x - np.rint(x))
+                if d > worst:
+                    worst = d
+                    if worst > tol:
+                        break
+            if worst <= tol:
+                c += 1
+                e += worst * worst
+        counts[k] = c
+        err[k] = e
+
+
+def _score(
+    rots: np.ndarray, q: np.ndarray, b_inv: np.ndarray, tol: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Count spots indexed by each rotation. Returns (counts (k,), sum of squared frac errors).
+
+    A spot counts when all three fractional indices ``B⁻¹ Uᵀ q`` are within ``tol`` of integers.
+    """
+    m = np.ascontiguousarray(rots @ b_inv.T)  # q^T (U B^-T) are the fractional indices (rows)
+    counts = np.zeros(m.shape[0], dtype=np.int64)
+    err = np.zeros(m.shape[0])
+    _score_kernel(m, np.ascontiguousarray(q, dtype=float), float(tol), counts, err)
+    return counts, err
+
+
+def _polish_batch(rots: np.ndarray, q: np.ndarray, b: np.ndarray, tol: float,
+                  n_iter: int = 3) -> np.ndarray:
+    """Kabsch re-fit of each ``U`` (k, 3, 3) to the spots it indexes, in q space, a few rounds."""
+    b_inv_t = np.linalg.inv(b).T
+    u = rots
+    for _ in range(n_iter):
+        frac = q @ (u @ b_inv_t)  # (k, n, 3)
+        h = np.rint(frac)
+        ok = (np.abs(frac - h).max(axis=2) <= tol) & np.any(h != 0, axis=2)
+        qc = h @ b.T  # (k, n, 3)
+        hm = np.einsum("kn,ni,knj->kij", ok.astype(float), q, qc)
+        w, _, vt = np.linalg.svd(hm)
+        det = np.sign(np.linalg.det(w @ vt))
+        w[:, :, 2] *= det[:, None]
+        new = w @ vt
+        enough = ok.sum(axis=1) >= 3
+        u = np.where(enough[:, None, None], new, u)
+    return u
+
+
+def _strict_score(
+    rots: np.ndarray, q: np.ndarray, rays: np.ndarray, perp_tol: np.ndarray, b: np.ndarray,
+    exc_tol: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Spots indexed by each rotation in the stills sense: the nearest lattice point must lie
+    within ``exc_tol`` of the spot along its ray and ``perp_tol`` across it.
+
+    Returns (counts (k,), sum of squared normalised distances (k,)).
+    """
+    b_inv_t = np.linalg.inv(b).T
+    frac = q @ (rots @ b_inv_t)  # (k, n, 3)
+    h = np.rint(frac)
+    delta = q - h @ np.swapaxes(rots @ b, 1, 2)  # q - U B h, (k, n, 3)
+    par = np.einsum("kni,ni->kn", delta, rays)
+    perp2 = np.maximum(np.einsum("kni,kni->kn", delta, delta) - par * par, 0.0)
+    d2 = (par / exc_tol) ** 2 + perp2 / perp_tol**2
+    ok = (d2 <= 1.0) & np.any(h != 0, axis=2)
+    return ok.sum(axis=1), np.where(ok, d2, 0.0).sum(axis=1)
+
+
+def index_q_candidates(
+    q: np.ndarray,
+    rays: np.ndarray,
+    perp_tol_inv_a: np.ndarray,
+    target: TargetCell,
+    params: IndexParams,
+    pair_order: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Candidate orientations ``U`` of a frame from pairs of its scattering vectors.
+
+    Parameters
+    ----------
+    q : ``(n, 3)`` observed scattering vectors (Å⁻¹, lab frame).
+    rays : ``(n, 3)`` unit vectors along the observed diffracted rays.
+    perp_tol_inv_a : ``(n,)`` how far (Å⁻¹) across its ray a spot may be from its lattice point.
+    target, params : target cell and options.
+    pair_order : indices of the spots eligible for pairs, most promising first.
+
+    Returns
+    -------
+    (rotations (k, 3, 3), counts (k,), n_tested)
+        Polished candidates sorted best first by the number of spots they index in the stills
+        sense (see :func:`_strict_score`), and how many raw pair rotations were scored.
+    """
+    q_len = np.linalg.norm(q, axis=1)
+    sel = pair_order[: params.n_pair_spots]
+    d_min = 1.0 / (q_len[sel].max() * (1 + params.q_tolerance_rel) + params.q_tolerance_abs_inv_a)
+    table = target_table(target, d_min)
+    b = reciprocal_basis(target.cell)
+    b_inv = np.linalg.inv(b)
+    n = q.shape[0]
+    early = max(params.min_indexed, math.ceil(params.early_exit_fraction * n))
+    exc_tol = 1.5 * params.max_excitation_inv_a
+
+    def window(sorted_len: np.ndarray, x: float) -> tuple[int, int]:
+        tol = params.q_tolerance_rel * x + params.q_tolerance_abs_inv_a
+        return (int(np.searchsorted(sorted_len, x - tol)), int(np.searchsorted(sorted_len, x + tol)))
+
+    win_rep = {int(i): window(table.rep_q_len, q_len[i]) for i in sel}
+    win_all = {int(i): window(table.q_len, q_len[i]) for i in sel}
+    pairs = []
+    for a_pos, i in enumerate(sel):
+        for j in sel[a_pos + 1 :]:
+            i, j = int(i), int(j)
+            cosang = float(q[i] @ q[j]) / (q_len[i] * q_len[j])
+            if abs(cosang) > math.cos(math.radians(8.0)):
+                continue  # nearly collinear pair: orientation undetermined
+            # the lower-resolution spot takes the representative role (fewer candidates)
+            n1 = win_rep[i][1] - win_rep[i][0]
+            n2 = win_all[j][1] - win_all[j][0]
+            if n1 * n2 > 0:
+                pairs.append((n1 * n2, i, j))
+    pairs.sort()
+    all_rots: list[np.ndarray] = []
+    all_counts: list[np.ndarray] = []
+    all_err: list[np.ndarray] = []
+    n_tested = 0
+    for cost, i, j in pairs[: params.max_pairs]:
+        if cost > params.max_pair_candidates:
+            continue
+        lo1, hi1 = win_rep[i]
+        lo2, hi2 = win_all[j]
+        rep = table.rep_idx[lo1:hi1]
+        obs_ang = math.acos(max(-1.0, min(1.0, float(q[i] @ q[j]) / (q_len[i] * q_len[j]))))
+        tol = math.radians(params.angle_tolerance_deg) + params.max_excitation_inv_a * (
+            1.0 / q_len[i] + 1.0 / q_len[j]
+        )
+        cos_hi = math.cos(max(0.0, obs_ang - tol))
+        cos_lo = math.cos(min(math.pi, obs_ang + tol))
+        cos_c = table.qc_unit[rep] @ table.qc_unit[lo2:hi2].T
+        ii, jj = np.nonzero((cos_c >= cos_lo) & (cos_c <= cos_hi))
+        if ii.size == 0:
+            continue
+        v1, v2 = table.qc[rep[ii]], table.qc[lo2 + jj]
+        b1, b2 = _bisector_pair(v1, v2)
+        o1, o2 = _bisector_pair(q[i][None, :], q[j][None, :])
+        rots = _triad(o1, o2) @ np.swapaxes(_triad(b1, b2), 1, 2)
+        counts, err = _score(rots, q, b_inv, params.hkl_tolerance)
+        n_tested += rots.shape[0]
+        top = np.lexsort((err, -counts))[: params.n_polish_per_pair]
+        top = top[counts[top] >= 3]
+        if top.size == 0:
+            continue
+        pol = _polish_batch(rots[top], q, b, params.hkl_tolerance)
+        c2, e2 = _strict_score(pol, q, rays, perp_tol_inv_a, b, exc_tol)
+        all_rots.append(pol)
+        all_counts.append(c2)
+        all_err.append(e2)
+        if c2.max() >= early:
+            break
+    if not all_rots:
+        return np.zeros((0, 3, 3)), np.zeros(0, dtype=np.int64), n_tested
+    rots = np.concatenate(all_rots)
+    counts = np.concatenate(all_counts)
+    err = np.concatenate(all_err)
+    order = np.lexsort((err, -counts))
+    return rots[order], counts[order], n_tested
+
+
+# --------------------------------------------------------------------------- main entry point
+
+
+def _fail(reason: str, n: int, n_cand: int = 0) -> IndexResult:
+    return IndexResult(
+        success=False,
+        miller_indices=np.zeros((n, 3), np.int32),
+        indexed_mask=np.zeros(n, bool),
+        reason=reason,
+        n_spots=n,
+        n_candidates=n_cand,
+    )
+
+
+def _cell_ok(cell: gemmi.UnitCell, target: gemmi.UnitCell, params: IndexParams) -> bool:
+    p, t = np.array(cell.parameters), np.array(target.parameters)
+    rel = np.abs(p[:3] - t[:3]) / t[:3]
+    return bool(
+        np.all(rel <= params.cell_length_tolerance)
+        and np.all(np.abs(p[3:] - t[3:]) <= params.cell_angle_tolerance_deg)
+    )
+
+
+def index_spots(
+    spots: SpotTable,
+    detector: Detector,
+    beam: Beam,
+    target: TargetCell,
+    params: IndexParams | None = None,
+) -> IndexResult:
+    """Index one still's spots against a known cell and refine the solution.
+
+    Parameters
+    ----------
+    spots : the frame's spots (``panel``, ``fs_px``, ``ss_px`` are used).
+    detector, beam : the frame's geometry (wavelength of this frame).
+    target : known cell and space group.
+    params : :class:`IndexParams`.
+
+    Returns
+    -------
+    IndexResult
+        ``success`` with the refined, canonical crystal, or a ``reason``: ``too few spots``,
+        ``no candidate orientation``, or why the best candidates were rejected (too few indexed,
+        fraction too low, RMSD too high, cell too far from the target).
+
+    Examples
+    --------
+    >>> from scipy.spatial.transform import Rotation
+    >>> from sfxflow.algorithms.geometry import miller_indices, predict_spots
+    >>> from sfxflow.models import Panel
+    >>> det = Detector((Panel("p0", (-100.0, -100.0, 120.0), (1, 0, 0), (0, 1, 0), 0.1,
+    ...                       (2000, 2000)),))
+    >>> beam = Beam(wavelength_a=1.3)
+    >>> target = TargetCell("79 79 38 90 90 90", "P 43 21 2")
+    >>> truth = Crystal.from_u(target.cell, target.space_group,
+    ...                        Rotation.random(random_state=3).as_matrix())
+    >>> hkl = miller_indices(target.cell, target.space_group, 2.5)
+    >>> p = predict_spots(truth, beam, det, hkl, 0.0004)
+    >>> spots = SpotTable(p.panel, p.fs_px, p.ss_px, *np.zeros((4, len(p.panel))), p.d_a)
+    >>> res = index_spots(spots, det, beam, target)
+    >>> res.success, res.rmsd_px < 0.01, misorientation_deg(res.crystal, truth) < 0.01
+    (True, True, True)
+    """
+    params = params or IndexParams()
+    n_all = len(spots)
+    if params.max_spots is not None and n_all > params.max_spots:
+        strength = np.where(np.isfinite(spots.snr) & (spots.snr > 0), spots.snr, -np.inf)
+        if not np.isfinite(strength).any():
+            strength = np.nan_to_num(spots.intensity, nan=-np.inf)
+        keep = np.sort(np.argsort(-strength, kind="stable")[: params.max_spots])
+        sub = index_spots(spots.select(keep), detector, beam, target,
+                          replace(params, max_spots=None))
+        hkl = np.zeros((n_all, 3), np.int32)
+        hkl[keep] = sub.miller_indices
+        mask = np.zeros(n_all, bool)
+        mask[keep] = sub.indexed_mask
+        return replace(sub, miller_indices=hkl, indexed_mask=mask, n_spots=n_all)
+    n = len(spots)
+    if n < max(params.min_spots, params.min_indexed):
+        return _fail(f"too few spots ({n} < {max(params.min_spots, params.min_indexed)})", n)
+    q = pixels_to_q(detector, beam, spots.panel, spots.fs_px, spots.ss_px)
+    q_len = np.linalg.norm(q, axis=1)
+    eligible = np.flatnonzero((q_len > 0) & (q_len >= 1.0 / params.max_d_a))
+    pair_order = eligible[np.argsort(q_len[eligible], kind="stable")]
+    if pair_order.size < 2:
+        return _fail("too few spots with usable resolution for pairs", n)
+    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
+    dist = np.linalg.norm(lab, axis=1)
+    rays = lab / dist[:, None]
+    pix = np.array([p.pixel_size_mm for p in detector.panels])[spots.panel]
+    perp_tol = params.strict_tolerance_px * pix / dist / beam.wavelength_a
+    rots, counts, n_tested = index_q_candidates(q, rays, perp_tol, target, params, pair_order)
+    if rots.shape[0] == 0:
+        return _fail("no candidate orientation (no spot pair matches the cell)", n, n_tested)
+
+    sg = target.space_group
+    # a candidate must index most of what a solution needs before refinement may add spots
+    min_candidate = max(3, math.ceil(0.75 * params.min_indexed))
+    early = max(params.min_indexed, math.ceil(params.early_exit_fraction * n))
+    tried: list[Crystal] = []
+    refined = []
+    for u, count in zip(rots, counts, strict=True):
+        if len(tried) >= params.n_solutions_refined or count < min_candidate:
+            break
+        cand = Crystal.from_u(target.cell, sg, u)
+        if any(misorientation_deg(cand, t) < 1.0 for t in tried):
+            continue
+        tried.append(cand)
+        ref = refine_still(cand, spots.panel, spots.fs_px, spots.ss_px, detector, beam,
+                           params.refine)
+        refined.append(ref)
+        if ref.n_indexed >= early and ref.rmsd_px <= 0.5 * params.max_rmsd_px:
+            break  # clearly right: no need to look further
+    # the solution is the candidate that explains most spots (then the smallest RMSD); if it
+    # fails a check the frame fails: a worse candidate that happens to pass is not trusted
+    accepted = []
+    best_fail = None
+    if refined:
+        ref = max(refined, key=lambda r: (r.n_indexed, -r.rmsd_px))
+        frac = ref.n_indexed / n
+        if ref.n_indexed < params.min_indexed:
+            reason = f"too few spots indexed ({ref.n_indexed} < {params.min_indexed})"
+        elif frac < params.min_fraction_indexed:
+            reason = f"fraction indexed too low ({frac:.2f} < {params.min_fraction_indexed})"
+        elif not ref.rmsd_px <= params.max_rmsd_px:
+            reason = f"rmsd too high ({ref.rmsd_px:.2f} px > {params.max_rmsd_px} px)"
+        elif not (med_exc := float(np.median(np.abs(ref.excitation_inv_a[ref.indexed_mask])))
+                  ) <= params.max_median_excitation_inv_a:
+            reason = (f"lattice points too far from the Ewald sphere (median {med_exc:.2e} > "
+                      f"{params.max_median_excitation_inv_a:.2e} 1/A)")
+        elif not _cell_ok(ref.crystal.cell, target.cell, params):
+            reason = (
+                "refined cell too far from target ("
+                + " ".join(f"{x:.2f}" for x in ref.crystal.cell.parameters)
+                + ")"
+            )
+        else:
+            reason = ""
+            accepted.append(ref)
+        if reason:
+            best_fail = (ref, reason)
+    if accepted:
+        ref = max(accepted, key=lambda r: (r.n_indexed, -r.rmsd_px))
+        crystal = canonical_crystal(ref.crystal)
+        # Miller indices in the canonical setting: A' = A M  ->  h' = M^-1 h
+        m = np.rint(np.linalg.solve(ref.crystal.a_matrix, crystal.a_matrix))
+        hkl = np.rint(ref.miller_indices @ np.linalg.inv(m).T).astype(np.int32)
+        mask = ref.indexed_mask
+        q_pred = hkl @ crystal.a_matrix.T
+        rmsd_q = float(np.sqrt(np.mean(np.sum((q[mask] - q_pred[mask]) ** 2, axis=1))))
+        return IndexResult(
+            success=True,
+            crystal=crystal,
+            miller_indices=hkl,
+            indexed_mask=mask,
+            n_indexed=ref.n_indexed,
+            fraction_indexed=ref.n_indexed / n,
+            rmsd_px=ref.rmsd_px,
+            rmsd_inv_a=rmsd_q,
+            n_spots=n,
+            n_candidates=n_tested,
+        )
+    if best_fail is None:
+        return _fail("no candidate orientation indexes enough spots", n, n_tested)
+    ref, reason = best_fail
+    return IndexResult(
+        success=False,
+        miller_indices=np.zeros((n, 3), np.int32),
+        indexed_mask=np.zeros(n, bool),
+        n_indexed=ref.n_indexed,
+        fraction_indexed=ref.n_indexed / n,
+        rmsd_px=ref.rmsd_px,
+        reason=reason,
+        n_spots=n,
+        n_candidates=n_tested,
+    )

@@ -1,0 +1,413 @@
+"""Least-squares refinement of one still's crystal against observed spot positions (pixels).
+
+The model is the stills model of :func:`sfxflow.algorithms.geometry.predict_spots`: an indexed
+reflection ``h`` lands where the ray along ``A @ h + s0`` meets the detector. Refinement adjusts
+
+* the orientation ``U`` (a small rotation vector applied on the left of the starting ``U``),
+* optionally the unit cell, within the constraints of the space group's lattice system
+  (e.g. ``a = b, gamma = 120`` stays so for a hexagonal cell; see :func:`cell_parameters`),
+* optionally the detector distance (all panels shifted together along the beam, ``+z``),
+
+to minimise the pixel residuals ``(fs_pred - fs_obs, ss_pred - ss_obs)`` of the indexed spots,
+with a weak term on the excitation errors ``|A h + s0| - 1/λ`` (lattice points should lie near the
+Ewald sphere; this pins the rotations about axes perpendicular to the beam, which spot positions
+alone determine poorly on a still). Between least-squares rounds every spot is re-assigned its
+best Miller index along its observed ray (:func:`assign_hkl`) and outliers are dropped.
+
+Pure numpy/scipy; no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import gemmi
+import numpy as np
+from scipy.optimize import least_squares
+
+from sfxflow.algorithms.geometry import panel_matrices
+from sfxflow.models import Beam, Crystal, Detector, reciprocal_basis
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RefineParams",
+    "RefineResult",
+    "assign_hkl",
+    "cell_parameters",
+    "predict_positions_px",
+    "refine_still",
+    "rotation_matrix",
+]
+
+
+@dataclass(frozen=True)
+class RefineParams:
+    """Options of :func:`refine_still`.
+
+    Parameters
+    ----------
+    refine_cell : refine the cell within the lattice-system constraints.
+    refine_distance : refine a common shift of the detector along the beam (mm). Strongly
+        correlated with the cell scale on a single still: use only with a fixed cell or when the
+        distance is known to be off.
+    n_cycles : rounds of (re-assign hkl, reject outliers, least squares).
+    outlier_px : a spot whose predicted position is further than this from its centroid is not
+        indexed.
+    outlier_nsigma : also reject residuals above this many robust standard deviations
+        (never below ``min_outlier_px``).
+    min_outlier_px : floor of the sigma-based outlier threshold.
+    max_excitation_inv_a : largest expected distance (Å⁻¹) of an observed reflection's lattice
+        point from the Ewald sphere (mosaicity, bandwidth, crystal size); used to search Miller
+        indices along each observed ray.
+    excitation_weight : weight of the excitation-error residuals relative to one pixel per
+        ``max_excitation_inv_a``; 0 switches the term off.
+    max_cell_change : largest relative change of any cell length accepted in one least-squares
+        round (guards against a runaway fit on few spots).
+    """
+
+    refine_cell: bool = True
+    refine_distance: bool = False
+    n_cycles: int = 3
+    outlier_px: float = 4.0
+    outlier_nsigma: float = 3.0
+    min_outlier_px: float = 1.0
+    max_excitation_inv_a: float = 0.0015
+    excitation_weight: float = 1.0
+    max_cell_change: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.n_cycles < 1:
+            raise ValueError(f"n_cycles must be >= 1, got {self.n_cycles}")
+        if not self.outlier_px > 0:
+            raise ValueError(f"outlier_px must be > 0, got {self.outlier_px}")
+        if not self.max_excitation_inv_a > 0:
+            raise ValueError(f"max_excitation_inv_a must be > 0, got {self.max_excitation_inv_a}")
+        if self.excitation_weight < 0:
+            raise ValueError(f"excitation_weight must be >= 0, got {self.excitation_weight}")
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Outcome of :func:`refine_still`.
+
+    ``miller_indices`` is ``(n, 3)`` with zeros where a spot is not indexed; ``residuals_px``
+    is ``(n, 2)`` (predicted minus observed fs, ss; NaN where not indexed);
+    ``excitation_inv_a`` holds ``|A h + s0| - 1/λ`` of the assigned index (NaN if none).
+    """
+
+    crystal: Crystal
+    miller_indices: np.ndarray = field(repr=False)
+    indexed_mask: np.ndarray = field(repr=False)
+    residuals_px: np.ndarray = field(repr=False)
+    excitation_inv_a: np.ndarray = field(repr=False)
+    rmsd_px: float
+    distance_shift_mm: float = 0.0
+    n_indexed: int = 0
+
+
+def rotation_matrix(rotvec: np.ndarray) -> np.ndarray:
+    """Rotation matrix of a rotation vector (axis × angle in radians), Rodrigues' formula.
+
+    >>> np.round(rotation_matrix(np.array([0.0, 0.0, np.pi / 2])) @ [1.0, 0.0, 0.0], 12)
+    array([0., 1., 0.])
+    """
+    v = np.asarray(rotvec, dtype=float)
+    theta = math.sqrt(float(v @ v))
+    if theta < 1e-12:
+        k = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+        return np.eye(3) + k
+    x, y, z = v / theta
+    k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    return np.eye(3) + math.sin(theta) * k + (1.0 - math.cos(theta)) * (k @ k)
+
+
+def cell_parameters(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup):
+    """Free cell parameters of the space group's lattice system.
+
+    Returns ``(values, build)`` where ``values`` is a 1-D array of the free parameters of
+    ``cell`` and ``build(values) -> gemmi.UnitCell`` rebuilds a cell obeying the constraints.
+
+    >>> vals, build = cell_parameters(gemmi.UnitCell(93, 93, 130.5, 90, 90, 120),
+    ...                               gemmi.SpaceGroup("P 61 2 2"))
+    >>> vals.tolist(), build([94.0, 131.0]).parameters
+    ([93.0, 130.5], (94.0, 94.0, 131.0, 90.0, 90.0, 120.0))
+    """
+    system = space_group.crystal_system_str()
+    a, b, c, al, be, ga = cell.parameters
+    if system == "triclinic":
+        return np.array([a, b, c, al, be, ga]), lambda v: gemmi.UnitCell(*map(float, v))
+    if system == "monoclinic":
+        # the free angle is the one that is not 90 in the target (b-unique by default)
+        angles = [al, be, ga]
+        k = int(np.argmax([abs(x - 90.0) for x in angles])) if any(
+            abs(x - 90.0) > 1e-6 for x in angles
+        ) else 1
+
+        def build_mono(v):
+            ang = [90.0, 90.0, 90.0]
+            ang[k] = float(v[3])
+            return gemmi.UnitCell(float(v[0]), float(v[1]), float(v[2]), *ang)
+
+        return np.array([a, b, c, angles[k]]), build_mono
+    if system == "orthorhombic":
+        return np.array([a, b, c]), lambda v: gemmi.UnitCell(
+            float(v[0]), float(v[1]), float(v[2]), 90.0, 90.0, 90.0
+        )
+    if system == "tetragonal":
+        return np.array([a, c]), lambda v: gemmi.UnitCell(
+            float(v[0]), float(v[0]), float(v[1]), 90.0, 90.0, 90.0
+        )
+    if system == "trigonal" and (
+        space_group.ext == "R" or (abs(a - c) < 1e-6 and abs(al - 90.0) > 1e-6)
+    ):
+        return np.array([a, al]), lambda v: gemmi.UnitCell(
+            float(v[0]), float(v[0]), float(v[0]), float(v[1]), float(v[1]), float(v[1])
+        )
+    if system in ("trigonal", "hexagonal"):
+        return np.array([a, c]), lambda v: gemmi.UnitCell(
+            float(v[0]), float(v[0]), float(v[1]), 90.0, 90.0, 120.0
+        )
+    if system == "cubic":
+        return np.array([a]), lambda v: gemmi.UnitCell(
+            float(v[0]), float(v[0]), float(v[0]), 90.0, 90.0, 90.0
+        )
+    raise ValueError(f"unknown crystal system {system!r} of space group {space_group.hm}")
+
+
+def _ray_dirs(d: np.ndarray, fs: np.ndarray, ss: np.ndarray) -> np.ndarray:
+    """Unit lab directions of pixel positions, given per-spot panel matrices ``d`` (n, 3, 3)."""
+    v = np.stack([fs, ss, np.ones_like(fs)], axis=-1)
+    r = np.einsum("nij,nj->ni", d, v)
+    return r / np.linalg.norm(r, axis=1, keepdims=True)
+
+
+def _project(d_inv: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates where rays ``k`` (n, 3) meet each spot's own panel plane."""
+    v = np.einsum("nij,nj->ni", d_inv, k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return v[:, 0] / v[:, 2], v[:, 1] / v[:, 2]
+
+
+def _spot_matrices(detector: Detector, panel: np.ndarray, shift_mm: float = 0.0):
+    m = panel_matrices(detector)
+    d = m.d[np.asarray(panel, dtype=np.int64)].copy()
+    if shift_mm:
+        d[:, 2, 2] += shift_mm
+        return d, np.linalg.inv(d)
+    return d, m.d_inv[np.asarray(panel, dtype=np.int64)]
+
+
+def predict_positions_px(
+    a_matrix: np.ndarray,
+    hkl: np.ndarray,
+    panel: np.ndarray,
+    detector: Detector,
+    beam: Beam,
+    distance_shift_mm: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted ``(fs_px, ss_px)`` of reflections ``hkl`` on the given panels (the spots' own).
+
+    The ray is ``A @ h + s0`` as in :func:`~sfxflow.algorithms.geometry.predict_spots`; the
+    position is on the plane of ``panel`` even when it falls just outside the panel's edge.
+    """
+    _, d_inv = _spot_matrices(detector, panel, distance_shift_mm)
+    k = np.asarray(hkl, dtype=float) @ np.asarray(a_matrix).T + np.asarray(beam.s0_inv_a)
+    return _project(d_inv, k)
+
+
+def assign_hkl(
+    a_matrix: np.ndarray,
+    ray_dirs: np.ndarray,
+    beam: Beam,
+    max_excitation_inv_a: float,
+    space_group: gemmi.SpaceGroup | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best Miller index of each observed ray, searching along the ray near the Ewald sphere.
+
+    A spot only fixes the direction ``s1`` of its ray; its lattice point may lie up to
+    ``max_excitation_inv_a`` off the Ewald sphere along that ray. The candidates are the
+    nearest integer points to ``A⁻¹ (t s1 - s0)`` for five ``t`` in
+    ``1/λ ± max_excitation_inv_a``; the one whose own ray is closest in angle wins.
+
+    Returns ``(hkl (n, 3) int, angle_rad (n,), excitation_inv_a (n,))``. Systematically absent
+    candidates (when ``space_group`` is given) and ``000`` are never chosen (angle = inf).
+    """
+    a = np.asarray(a_matrix, dtype=float)
+    a_inv = np.linalg.inv(a)
+    s0 = np.asarray(beam.s0_inv_a)
+    k0 = 1.0 / beam.wavelength_a
+    dirs = np.asarray(ray_dirs, dtype=float)
+    n = dirs.shape[0]
+    offsets = np.linspace(-max_excitation_inv_a, max_excitation_inv_a, 5)
+    # (5, n, 3) candidate Miller indices
+    q = (k0 + offsets)[:, None, None] * dirs[None] - s0
+    cand = np.rint(q @ a_inv.T).astype(np.int64)
+    cand = cand.reshape(-1, 3)
+    k = cand @ a.T + s0
+    k_len = np.linalg.norm(k, axis=1)
+    cosang = np.einsum("ij,ij->i", k, np.tile(dirs, (5, 1))) / k_len
+    ang = np.arccos(np.clip(cosang, -1.0, 1.0))
+    exc = k_len - k0
+    bad = np.all(cand == 0, axis=1) | (np.abs(exc) > 2.0 * max_excitation_inv_a)
+    if space_group is not None:
+        bad |= np.asarray(
+            space_group.operations().systematic_absences(cand.astype(np.int32)), dtype=bool
+        )
+    ang = np.where(bad, np.inf, ang).reshape(5, n)
+    best = np.argmin(ang, axis=0)
+    cols = np.arange(n)
+    hkl = cand.reshape(5, n, 3)[best, cols]
+    return hkl.astype(np.int32), ang[best, cols], exc.reshape(5, n)[best, cols]
+
+
+def _robust_sigma(x: np.ndarray) -> float:
+    if x.size == 0:
+        return math.nan
+    return float(1.4826 * np.median(np.abs(x)))
+
+
+def refine_still(
+    crystal: Crystal,
+    panel: np.ndarray,
+    fs_px: np.ndarray,
+    ss_px: np.ndarray,
+    detector: Detector,
+    beam: Beam,
+    params: RefineParams | None = None,
+) -> RefineResult:
+    """Refine a still's crystal (orientation, cell, distance) against spot centroids.
+
+    Parameters
+    ----------
+    crystal : starting crystal; its space group sets the cell constraints.
+    panel, fs_px, ss_px : all spots of the frame (pixel centres at +0.5); which ones are
+        indexed is decided here, cycle by cycle.
+    detector, beam : the frame's geometry.
+    params : :class:`RefineParams`.
+
+    Returns
+    -------
+    RefineResult
+        With ``n_indexed == 0`` and ``rmsd_px = inf`` when fewer than 4 spots fit.
+    """
+    params = params or RefineParams()
+    panel = np.asarray(panel, dtype=np.int64)
+    fs_px = np.asarray(fs_px, dtype=float)
+    ss_px = np.asarray(ss_px, dtype=float)
+    n = panel.shape[0]
+    sg = crystal.space_group
+    s0 = np.asarray(beam.s0_inv_a)
+    k0 = 1.0 / beam.wavelength_a
+    cell = crystal.cell
+    u = crystal.u_matrix
+    shift = 0.0
+    cell_vals0, build = cell_parameters(cell, sg)
+    n_cell = cell_vals0.size if params.refine_cell else 0
+    exc_scale = params.excitation_weight / params.max_excitation_inv_a
+
+    hkl = np.zeros((n, 3), dtype=np.int32)
+    mask = np.zeros(n, dtype=bool)
+    a_cur = crystal.a_matrix
+    threshold = params.outlier_px
+    for cycle in range(params.n_cycles + 1):
+        d, d_inv = _spot_matrices(detector, panel, shift)
+        dirs = _ray_dirs(d, fs_px, ss_px)
+        hkl, _, _ = assign_hkl(a_cur, dirs, beam, params.max_excitation_inv_a, sg)
+        fs_p, ss_p = _project(d_inv, hkl @ a_cur.T + s0)
+        res = np.hypot(fs_p - fs_px, ss_p - ss_px)
+        res = np.where(np.isfinite(res), res, np.inf)
+        mask = res <= threshold
+        if cycle == params.n_cycles or mask.sum() < 4:
+            break
+        sel = np.flatnonzero(mask)
+        h_sel = hkl[sel].astype(float)
+        fs_o, ss_o = fs_px[sel], ss_px[sel]
+        pan_d = d[sel]
+        u0 = u
+        cell_start, _ = cell_parameters(cell, sg)
+        n_free = 3 + n_cell + (1 if params.refine_distance else 0)
+        if 2 * sel.size < n_free + 2:
+            break
+
+        def unpack(x, u0=u0, cell0=cell, sh0=shift):
+            rot = rotation_matrix(x[:3]) @ u0
+            c = build(x[3 : 3 + n_cell]) if n_cell else cell0
+            sh = float(x[3 + n_cell]) if params.refine_distance else sh0
+            return rot, c, sh
+
+        def residuals(
+            x, h_sel=h_sel, fs_o=fs_o, ss_o=ss_o, pan_d=pan_d, di0=d_inv[sel], sh0=shift,
+            unpack=unpack, exc_scale=exc_scale,
+        ):
+            rot, c, sh = unpack(x)
+            a = rot @ reciprocal_basis(c)
+            k = h_sel @ a.T + s0
+            if sh != sh0:
+                dd = pan_d.copy()
+                dd[:, 2, 2] += sh - sh0
+                di = np.linalg.inv(dd)
+            else:
+                di = di0
+            fs_c, ss_c = _project(di, k)
+            out = [fs_c - fs_o, ss_c - ss_o]
+            if exc_scale > 0:
+                out.append((np.linalg.norm(k, axis=1) - k0) * exc_scale)
+            return np.concatenate(out)
+
+        x0 = np.zeros(n_free)
+        if n_cell:
+            x0[3 : 3 + n_cell] = cell_start
+        if params.refine_distance:
+            x0[3 + n_cell] = shift
+        try:
+            fit = least_squares(residuals, x0, method="trf", x_scale="jac", loss="soft_l1",
+                                f_scale=max(0.5, threshold / 3.0))
+        except ValueError as exc:  # e.g. more parameters than residuals
+            log.debug("refinement skipped: %s", exc)
+            break
+        x = fit.x
+        if n_cell:
+            rel = np.abs(x[3 : 3 + n_cell] - cell_start) / np.maximum(np.abs(cell_start), 1e-9)
+            if not np.all(np.isfinite(rel)) or rel.max() > params.max_cell_change:
+                x[3 : 3 + n_cell] = cell_start
+        u, cell, shift = unpack(x)
+        a_cur = u @ reciprocal_basis(cell)
+        r = fit.fun[: 2 * sel.size].reshape(2, -1)
+        sigma = _robust_sigma(np.hypot(r[0], r[1]))
+        if params.excitation_weight > 0:
+            # weight the excitation residuals by their observed scatter relative to the pixel
+            # residuals' (both robust): each kind then counts by its own precision
+            k_fit = h_sel @ a_cur.T + s0
+            exc_sigma = _robust_sigma(np.linalg.norm(k_fit, axis=1) - k0)
+            px_sigma = _robust_sigma(np.concatenate([r[0], r[1]]))
+            if exc_sigma > 0 and px_sigma > 0:
+                exc_scale = params.excitation_weight * px_sigma / exc_sigma
+        threshold = min(
+            params.outlier_px, max(params.min_outlier_px, params.outlier_nsigma * sigma)
+        )
+
+    crystal_out = Crystal(cell, sg, a_cur)
+    residuals_px = np.full((n, 2), np.nan)
+    exc_out = np.full(n, np.nan)
+    if mask.sum() >= 4:
+        residuals_px[mask, 0] = (fs_p - fs_px)[mask]
+        residuals_px[mask, 1] = (ss_p - ss_px)[mask]
+        exc_out[mask] = np.linalg.norm(hkl[mask] @ a_cur.T + s0, axis=1) - k0
+        rmsd = float(np.sqrt(np.mean(np.sum(residuals_px[mask] ** 2, axis=1))))
+    else:
+        mask = np.zeros(n, dtype=bool)
+        rmsd = math.inf
+    hkl_out = np.where(mask[:, None], hkl, 0).astype(np.int32)
+    return RefineResult(
+        crystal=crystal_out,
+        miller_indices=hkl_out,
+        indexed_mask=mask,
+        residuals_px=residuals_px,
+        excitation_inv_a=exc_out,
+        rmsd_px=rmsd,
+        distance_shift_mm=shift,
+        n_indexed=int(mask.sum()),
+    )

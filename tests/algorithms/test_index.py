@@ -1,0 +1,169 @@
+"""Indexing of simulated stills against a known cell (sfxflow.algorithms.index)."""
+
+from __future__ import annotations
+
+import math
+
+import gemmi
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from sfxflow.algorithms.index import (
+    IndexParams,
+    TargetCell,
+    canonical_crystal,
+    index_spots,
+    misorientation_deg,
+    point_group_rotations,
+    target_table,
+)
+from sfxflow.algorithms.layouts import cspad
+from sfxflow.benchmarks.index import simulated_hit
+from sfxflow.models import Beam, Crystal, SpotTable, reciprocal_basis
+
+DETECTOR = cspad(distance_mm=130.0)
+BEAM = Beam(wavelength_a=1.3)
+
+TARGETS = {
+    "P 61 2 2": "93 93 130.5 90 90 120",
+    "P 21 21 21": "51.2 98.7 53.4 90 90 90",
+    "C 2 2 21": "61.4 122.6 168.0 90 90 90",
+    "P 1": "45.2 51.7 66.3 79.5 87.2 71.4",
+}
+
+
+@pytest.mark.parametrize(("sg", "cell", "n_ops"), [
+    ("P 1", "45.2 51.7 66.3 79.5 87.2 71.4", 1),
+    ("P 21 21 21", "51.2 98.7 53.4 90 90 90", 4),
+    ("C 2 2 21", "61.4 122.6 168 90 90 90", 4),
+    ("P 61 2 2", "93 93 130.5 90 90 120", 12),
+    ("P 43 21 2", "79 79 38 90 90 90", 8),
+    ("I 2 3", "78 78 78 90 90 90", 12),
+])
+def test_point_group_rotations_are_proper_lattice_maps(sg: str, cell: str, n_ops: int) -> None:
+    ops = point_group_rotations(sg)
+    assert ops.shape == (n_ops, 3, 3)
+    assert np.allclose([np.linalg.det(m) for m in ops], 1.0)
+    assert any(np.array_equal(m, np.eye(3)) for m in ops)
+    # each maps Miller indices to Miller indices preserving the reciprocal metric B^T B
+    b = reciprocal_basis(TargetCell(cell, sg).cell)
+    for m in ops:
+        assert np.allclose((b @ m).T @ (b @ m), b.T @ b, atol=1e-12)
+
+
+def test_misorientation_known_angle_and_symmetry() -> None:
+    target = TargetCell(TARGETS["P 61 2 2"], "P 61 2 2")
+    u = Rotation.random(random_state=4).as_matrix()
+    a = Crystal.from_u(target.cell, target.space_group, u)
+    r = Rotation.from_rotvec(np.radians(0.7) * np.array([0.6, 0.0, 0.8])).as_matrix()
+    b = Crystal.from_u(target.cell, target.space_group, r @ u)
+    assert misorientation_deg(a, b) == pytest.approx(0.7, abs=1e-6)
+    for m in point_group_rotations(target.space_group):
+        b_eq = Crystal(target.cell, target.space_group, b.a_matrix @ m)
+        assert misorientation_deg(a, b_eq) == pytest.approx(0.7, abs=1e-6)
+    # a 60 degree rotation about c is a symmetry of 622 ...
+    c_axis = u @ np.array([0.0, 0.0, 1.0])
+    r60 = Rotation.from_rotvec(np.radians(60.0) * c_axis).as_matrix()
+    assert misorientation_deg(a, Crystal.from_u(target.cell, target.space_group, r60 @ u)) < 1e-6
+    # ... but not of P 1
+    p1 = gemmi.SpaceGroup("P 1")
+    assert misorientation_deg(a, Crystal.from_u(target.cell, p1, r60 @ u), p1) == pytest.approx(60)
+
+
+def test_canonical_setting_is_deterministic() -> None:
+    target = TargetCell(TARGETS["C 2 2 21"], "C 2 2 21")
+    x = Crystal.from_u(target.cell, target.space_group, Rotation.random(random_state=8).as_matrix())
+    ref = canonical_crystal(x)
+    for m in point_group_rotations(target.space_group):
+        other = canonical_crystal(Crystal(target.cell, target.space_group, x.a_matrix @ m))
+        assert np.allclose(other.a_matrix, ref.a_matrix)
+    assert np.trace(ref.u_matrix) >= max(
+        np.trace(Crystal(target.cell, target.space_group, x.a_matrix @ m).u_matrix)
+        for m in point_group_rotations(target.space_group)) - 1e-9
+
+
+def test_candidate_table_uses_orbit_representatives() -> None:
+    target = TargetCell(TARGETS["P 61 2 2"], "P 61 2 2")
+    table = target_table(target, 8.0)
+    assert np.all(np.diff(table.q_len) >= 0)
+    assert np.all(1.0 / table.q_len >= 8.0 - 1e-9)
+    # absences removed: 00l only with l = 6n
+    c_axis = (table.hkl[:, 0] == 0) & (table.hkl[:, 1] == 0)
+    assert np.all(table.hkl[c_axis, 2] % 6 == 0)
+    # 622 has 12 rotations: general reflections come 12 to an orbit
+    assert 10 < table.hkl.shape[0] / table.rep_idx.size <= 12
+    assert target_table(target, 8.01) is table  # cached
+
+
+@pytest.mark.parametrize("sg", list(TARGETS))
+def test_simulated_hits_index_with_accurate_orientation(sg: str) -> None:
+    target = TargetCell(TARGETS[sg], sg)
+    rng = np.random.default_rng(20240 + len(sg))
+    params = IndexParams()
+    mis, wrong, failed = [], 0, 0
+    spot_counts = [15, 20, 30, 45, 60] * 5
+    for n in spot_counts:
+        hit = simulated_hit(target, DETECTOR, BEAM, n, rng)
+        res = index_spots(hit.spots, DETECTOR, BEAM, target, params)
+        if not res.success:
+            failed += 1
+            continue
+        m = misorientation_deg(res.crystal, hit.truth)
+        mis.append(m)
+        wrong += m > 1.0
+        # the Miller indices are right (modulo the setting): A_res h_res == A_true h_true
+        sel = res.indexed_mask & ~hit.is_false
+        q_res = res.miller_indices[sel] @ res.crystal.a_matrix.T
+        q_true = hit.true_hkl[sel] @ hit.truth.a_matrix.T
+        assert np.median(np.linalg.norm(q_res - q_true, axis=1)) < 2e-3
+        assert res.rmsd_px < 1.0
+        assert res.n_indexed >= 0.7 * n
+    rate = 1 - failed / len(spot_counts)
+    assert rate >= 0.96, f"{sg}: indexed {rate:.0%}"
+    assert wrong == 0
+    assert np.median(mis) <= 0.05, f"{sg}: median misorientation {np.median(mis):.3f} deg"
+
+
+def test_random_spots_are_not_indexed() -> None:
+    target = TargetCell(TARGETS["P 21 21 21"], "P 21 21 21")
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        n = 30
+        panel = rng.integers(0, len(DETECTOR), n)
+        fs = rng.uniform(0, 194, n)
+        ss = rng.uniform(0, 185, n)
+        z = np.zeros(n)
+        spots = SpotTable(panel, fs, ss, z, z, z, np.ones(n, np.int32), z)
+        res = index_spots(spots, DETECTOR, BEAM, target)
+        assert not res.success
+        assert res.reason
+        assert res.crystal is None
+
+
+def test_wrong_cell_is_not_indexed() -> None:
+    truth_target = TargetCell("51.2 98.7 53.4 90 90 90", "P 21 21 21")
+    wrong_target = TargetCell("61.0 88.0 47.0 90 90 90", "P 21 21 21")
+    rng = np.random.default_rng(11)
+    n_ok = 0
+    for _ in range(5):
+        hit = simulated_hit(truth_target, DETECTOR, BEAM, 30, rng)
+        n_ok += index_spots(hit.spots, DETECTOR, BEAM, wrong_target).success
+    assert n_ok == 0
+
+
+def test_too_few_spots_reason() -> None:
+    target = TargetCell(TARGETS["P 1"], "P 1")
+    hit = simulated_hit(target, DETECTOR, BEAM, 5, np.random.default_rng(0), false_fraction=0)
+    res = index_spots(hit.spots, DETECTOR, BEAM, target)
+    assert not res.success
+    assert res.reason.startswith("too few spots")
+    assert res.miller_indices.shape == (5, 3)
+    assert math.isnan(res.rmsd_px)
+
+
+def test_params_are_validated() -> None:
+    with pytest.raises(ValueError, match="hkl_tolerance"):
+        IndexParams(hkl_tolerance=0.7)
+    with pytest.raises(ValueError, match="min_indexed"):
+        IndexParams(min_indexed=2)
