@@ -58,6 +58,22 @@ def test_plan_from_summary_json_frames_and_blocks(tmp_path: Path, capsys) -> Non
     assert more[0]["mean_s"] / rows[0]["mean_s"] == pytest.approx(4 / 3, rel=0.01)
 
 
+def test_plan_downloads_at_the_instance_network_unless_data_is_local(capsys) -> None:
+    # Fast compute makes a cloud run network-bound: 5 GB per unit at c4.8xlarge's 10 Gbit/s is
+    # 4 s per unit, so 100 units on one node take at least 400 s; local data does not.
+    base = ["plan", "--tb", "0.5", "--file-gb", "5", "--core-seconds-per-gb", "1",
+            "--instances", "c4.8xlarge", "--nodes", "1", "--json"]
+    assert main(base) == 0
+    cloud = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert main([*base, "--data-local"]) == 0
+    local = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert cloud["makespan_s"] == pytest.approx(100 * 5e9 * 8 / 10e9, rel=0.02)
+    assert local["makespan_s"] < cloud["makespan_s"] / 10
+    assert main([*base, "--bandwidth-gbit", "1.33"]) == 0
+    slow = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert slow["makespan_s"] == pytest.approx(100 * 5e9 * 8 / 1.33e9, rel=0.02)
+
+
 def test_plan_scaling_reaches_thousands_of_nodes(capsys) -> None:
     args = ["plan", "--tb", "50", "--core-seconds-per-frame", "0.8", "--bytes-per-frame", "4.6e6",
             "--file-gb", "1", "--scaling", "--instances", "c3.8xlarge", "--schedule", "dynamic",
