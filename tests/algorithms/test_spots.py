@@ -178,7 +178,8 @@ def test_components_match_scipy_labelling() -> None:
     for d in range(5):
         data[70 + d, 200 + d] += 90.0
     frame = replace(frame, data=data)
-    p = SpotParams(min_spot_pixels=1, max_spot_pixels=10_000, border_px=0, noise_model="poisson")
+    p = SpotParams(min_spot_pixels=1, max_spot_pixels=10_000, border_px=0, noise_model="poisson",
+                   min_snr=0.0)
     strong = _kernel_strong(frame, p)
     spots = find_spots(frame, p)
     expected_sizes = []
@@ -425,3 +426,95 @@ def test_real_cspad_cbf_frames(shared_data) -> None:
                 assert 0 <= r < panel.shape[0] and 0 <= c < panel.shape[1]
                 assert panel.good_mask()[r, c]
             assert np.all((spots.d_a > 1.0) & (spots.d_a < 100.0))
+
+
+def test_min_snr_drops_weak_spots_only() -> None:
+    rng = np.random.default_rng(17)
+    frame, _ = _synthetic_frame(rng, n_spots=48, photons=60.0)
+    every = find_spots(frame, SpotParams(min_snr=0.0))
+    assert len(every) > 20 and every.snr.min() < 6.0 < every.snr.max()
+    strong = find_spots(frame, SpotParams(min_snr=6.0))
+    assert len(strong) == int(np.sum(every.snr >= 6.0)) < len(every)
+    assert np.all(strong.snr >= 6.0)
+    np.testing.assert_allclose(strong.fs_px, every.fs_px[every.snr >= 6.0])
+    panel = find_spots_panel(frame.panel_data(1), frame.detector[1], SpotParams(min_snr=6.0))
+    assert np.all(panel.snr >= 6.0)
+    with pytest.raises(ConfigError, match="min_snr"):
+        SpotParams(min_snr=-1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Real CSPAD frames through the indexer
+# ------------------------------------------------------------------------------------------
+
+THERMOLYSIN = ("93 93 130.5 90 90 120", "P 61 2 2")
+
+
+def _on_lattice(crystal, spots: SpotTable, frame: Frame, tol_px: float = 3.0) -> np.ndarray:
+    """Spots within ``tol_px`` of the predicted position of their best Miller index."""
+    from sfxflow.algorithms.geometry import pixels_to_lab_mm
+    from sfxflow.algorithms.refine import assign_hkl, predict_positions_px
+
+    lab = pixels_to_lab_mm(frame.detector, spots.panel, spots.fs_px, spots.ss_px)
+    dirs = lab / np.linalg.norm(lab, axis=1)[:, None]
+    hkl, _, _ = assign_hkl(crystal.a_matrix, dirs, frame.beam, 0.0015, crystal.space_group)
+    fs, ss = predict_positions_px(crystal.a_matrix, hkl, spots.panel, frame.detector,
+                                  frame.beam)
+    r = np.hypot(fs - spots.fs_px, ss - spots.ss_px)
+    return np.isfinite(r) & (r <= tol_px)
+
+
+@pytest.mark.parametrize(("name", "min_on_lattice"), [
+    ("idx-20130301060858401.cbf", 0.85),
+    ("idx-20130301060858601.cbf", 0.4),  # two crystals: the second lattice holds ~30 spots
+])
+def test_real_cspad_settings_find_lattice_spots(shared_data, name: str,
+                                                min_on_lattice: float) -> None:
+    """With CSPAD_CBF_SETTINGS most found spots lie on the indexed lattice, many more than with
+    the defaults, and the indexer still indexes as many spots."""
+    pytest.importorskip("sfxflow.io.cbf")
+    from sfxflow.algorithms.index import IndexParams, TargetCell, index_spots
+    from sfxflow.algorithms.spots import CSPAD_CBF_SETTINGS
+    from sfxflow.io.sources import open_source
+
+    with open_source(str(shared_data / "lcls-cspad-thermolysin" / name)) as src:
+        frame = src.read_frame(0)
+    target = TargetCell(*THERMOLYSIN)
+    fractions = {}
+    for label, params in (("cspad", SpotParams(**CSPAD_CBF_SETTINGS)), ("default", SpotParams())):
+        spots = find_spots(frame, params)
+        res = index_spots(spots, frame.detector, frame.beam, target, IndexParams())
+        assert res.success, (label, res.reason)
+        a, _, c = res.crystal.cell.parameters[:3]
+        assert abs(a / 93.0 - 1) < 0.01 and abs(c / 130.5 - 1) < 0.01
+        on = _on_lattice(res.crystal, spots, frame)
+        fractions[label] = on.mean()
+        print(f"\n{name} {label}: {len(spots)} spots, {res.n_indexed} indexed, rmsd "
+              f"{res.rmsd_px:.2f} px, {on.sum()} ({on.mean():.2f}) within 3 px of the lattice")
+        if label == "cspad":
+            assert 80 <= len(spots) <= 400
+            assert res.n_indexed >= 40 and res.rmsd_px <= 1.5
+            assert on.mean() >= min_on_lattice
+            assert np.all(spots.snr >= CSPAD_CBF_SETTINGS["min_snr"])
+    assert fractions["cspad"] >= 2.0 * fractions["default"]
+
+
+@pytest.mark.parametrize("border", [1, 2])
+def test_real_cspad_no_spot_on_masked_pixels(shared_data, border: int) -> None:
+    """Spots keep off the masked ASIC edges (incl. the double-width middle columns of each
+    2x1 sensor) and off the panel masks."""
+    pytest.importorskip("sfxflow.io.cbf")
+    from sfxflow.io.sources import open_source
+
+    path = sorted((shared_data / "lcls-cspad-thermolysin").glob("*.cbf"))[1]
+    with open_source(str(path)) as src:
+        frame = src.read_frame(0)
+    for min_snr in (0.0, 6.0):
+        spots = find_spots(frame, SpotParams(border_px=border, min_snr=min_snr))
+        assert len(spots) > 50
+        for j in range(len(spots)):
+            panel = frame.detector[int(spots.panel[j])]
+            r, c = int(spots.ss_px[j]), int(spots.fs_px[j])
+            assert border <= r < panel.shape[0] - border, (j, r)
+            assert border <= c < panel.shape[1] - border, (j, c)
+            assert panel.good_mask()[r, c]

@@ -100,3 +100,33 @@ def test_find_spots_on_real_cbfs(shared_data, tmp_path, capsys):
     assert set(table.column("source_url").to_pylist()) == set(cbfs)
     assert table.num_rows > 100
     assert len(list((tmp_path / "png").glob("*.png"))) == 2
+
+
+def test_find_spots_cspad_settings_on_real_cbfs(shared_data, tmp_path, capsys):
+    cbfs = sorted(str(p) for p in (shared_data / "lcls-cspad-thermolysin").glob("*.cbf"))
+    counts = {}
+    for label, extra in (("default", []), ("cspad", ["--cspad"]),
+                         ("explicit", ["--gain", "9", "--min-snr", "6"])):
+        out = tmp_path / f"{label}.parquet"
+        assert main(["-q", "find-spots", *cbfs, "--out", str(out), *extra]) == 0
+        assert capsys.readouterr().out.count(" hit ") == 2
+        table = pq.read_table(out)
+        counts[label] = table.num_rows
+        if label != "default":
+            assert min(table.column("snr").to_pylist()) >= 6.0
+    assert counts["cspad"] == counts["explicit"]
+    assert 150 <= counts["cspad"] <= 0.4 * counts["default"]
+
+
+def test_border_option(simulated, tmp_path, capsys):
+    rows = {}
+    for border in ("0", "3"):
+        out = tmp_path / f"b{border}.parquet"
+        assert main(["-q", "find-spots", str(simulated / "run_0000.cxi"), "--geometry",
+                     str(simulated / "geometry.geom"), "--border", border, "--min-snr", "0",
+                     "--out", str(out)]) == 0
+        rows[border] = pq.read_table(out).to_pydict()
+    capsys.readouterr()
+    fs3, ss3 = np.asarray(rows["3"]["fs_px"]), np.asarray(rows["3"]["ss_px"])
+    assert len(fs3) > 20 and len(rows["0"]["fs_px"]) >= len(fs3)
+    assert fs3.min() >= 3 and ss3.min() >= 3

@@ -30,6 +30,39 @@ background-subtracted photons; the centroid is weighted by the background-subtra
 :func:`sfxflow.algorithms.geometry.pixels_to_q`; optional resolution limits and an ice-ring
 filter (hexagonal ice Ih reflections, DIALS-style) remove spots afterwards.
 
+Spots whose SNR is below ``min_snr`` are dropped (default 3: on simulated CSPAD frames this
+removes 0.1 % of the truth reflections with SNR >= 5 and half of the false spots).
+
+Real CSPAD data
+---------------
+Measured on the two LCLS CSPAD thermolysin CBFs (64 ASICs of 185 x 194, pedestal-subtracted
+integer ADU, header gain a placeholder 1.0):
+
+* background: per-ASIC medians 0-40 ADU; on the emptiest ASICs the pixel histogram shows the
+  zero-photon peak (sigma ~1.7 ADU of readout noise) and a one-photon peak ~9 ADU above it, so
+  these files hold ~9 ADU per photon. The background's variance grows as ~5-6 x its mean (the
+  index of dispersion; charge sharing between pixels keeps it below the photon gain) plus a few
+  ADU²: ``noise_model="auto"`` measures this per ASIC and frame. One detector-wide affine fit
+  ``var = G * mean + R`` was tried and found more noise spots: the index varies per ASIC.
+* the background has isolated pixels of 100-300 ADU (10-30 photons) well beyond Poisson; pairs
+  of them pass the 3-sigma pixel tests, so the defaults find ~1,200-1,400 spots per frame, most
+  of them not on the lattice. Their integrated SNR is low: ``min_snr`` removes them.
+* ASIC edges: with ``border_px=0`` the double-width middle columns of each 2x1 sensor (fs 193 of
+  the first ASIC, fs 0 of the second) carry 17-35 times the spot density of the interior and
+  the outer columns 2-4 times; rows are normal. ``border_px=1`` (default) masks them; 2 changes
+  little on these frames but loses 2 % of the simulated reflections.
+
+For such data use ``gain_adu_per_photon=9`` (intensities in photons) and ``min_snr=6``
+(:data:`CSPAD_CBF_SETTINGS`; ``sfxflow process --set spots.gain_adu_per_photon=9 --set
+spots.min_snr=6``, ``sfxflow find-spots --gain 9 --min-snr 6``): on the two frames this keeps
+203 and 118 spots, of which 93 % and 47 % lie within 3 px of the indexed lattice's predictions
+(defaults: 31 % of 1,194 and 11 % of 1,392). The second frame holds two crystals: indexing the
+left-over spots found a second lattice 35 degrees away with ~30 spots in runs with nearby
+settings (75-84 % on either lattice). The cctbx.xfel habit of gain 25 with a 100 ADU global
+threshold (``gain_adu_per_photon=25, noise_model="poisson", global_threshold_photons=4``) gives
+a similar purity with ~10 % fewer lattice spots. For other CSPAD data, read the gain off the
+one-photon peak of an empty ASIC's histogram.
+
 Hit finding: :func:`is_hit` compares the spot count (and optionally the count of spots at
 ``d <= d_a``) with :class:`HitParams`.
 
@@ -63,6 +96,7 @@ from sfxflow.models import (
 )
 
 __all__ = [
+    "CSPAD_CBF_SETTINGS",
     "ICE_IH_CELL",
     "METHODS",
     "NOISE_MODELS",
@@ -78,6 +112,10 @@ log = logging.getLogger(__name__)
 
 METHODS = ("dispersion", "radial")
 NOISE_MODELS = ("auto", "poisson", "local")
+
+#: SpotParams settings for LCLS CSPAD CBF files (pedestal-subtracted ADU; see the module
+#: docstring): ``SpotParams(**CSPAD_CBF_SETTINGS)``.
+CSPAD_CBF_SETTINGS: dict[str, Any] = {"gain_adu_per_photon": 9.0, "min_snr": 6.0}
 
 #: Hexagonal ice Ih: unit cell (Å, degrees) and space group used for the ice-ring filter.
 ICE_IH_CELL = (4.498, 4.498, 7.338, 90.0, 90.0, 120.0)
@@ -104,10 +142,15 @@ class SpotParams:
     min_local : fewest good pixels in a window for its centre to be tested.
     global_threshold_photons : a strong pixel must be above this value (photons).
     gain_adu_per_photon : overrides every panel's ``adu_per_photon`` when set; panels without a
-        gain and no override are taken as 1 ADU per photon.
-    border_px : pixels this close to a panel edge are ignored (ASIC edge pixels of CSPAD-class
-        detectors are larger and brighter than the rest; 0 keeps them).
+        gain and no override are taken as 1 ADU per photon. LCLS CSPAD CBFs declare a
+        placeholder 1.0; their one-photon peak is at ~9 ADU (use 9, see the module docstring).
+    border_px : pixels this close to a panel edge are ignored (the ASIC-edge mask: the edge
+        pixels of CSPAD-class detectors are larger and brighter than the rest; 0 keeps them).
     min_spot_pixels, max_spot_pixels : allowed number of strong pixels in one spot.
+    min_snr : drop spots whose integrated signal-to-noise ratio (the ``snr`` column) is below
+        this (0 keeps all; like CrystFEL's ``--min-snr``). The per-pixel tests find candidate
+        spots; this decides which are kept (6 for CSPAD CBFs, see *Real CSPAD data* in the
+        module docstring).
     background_margin_px : width of the ring used for a spot's background; the ring starts one
         pixel outside the spot's bounding box.
     d_min_a, d_max_a : keep spots with ``d_min_a <= d <= d_max_a`` (Å; ``None`` = no limit).
@@ -132,6 +175,7 @@ class SpotParams:
     border_px: int = 1
     min_spot_pixels: int = 2
     max_spot_pixels: int = 500
+    min_snr: float = 3.0
     background_margin_px: int = 2
     d_min_a: float | None = None
     d_max_a: float | None = None
@@ -156,7 +200,7 @@ class SpotParams:
         if self.window_px > 63:
             raise bad("window_px", "at most 63")
         for name in ("sigma_strong", "sigma_background", "radial_snr", "radial_bin_px",
-                     "ice_ring_half_width_inv_a"):
+                     "ice_ring_half_width_inv_a", "min_snr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise bad(name, "a finite number >= 0")
@@ -937,6 +981,10 @@ def _find_spots_raw(
         int(params.min_spot_pixels), int(params.max_spot_pixels),
         int(params.background_margin_px),
     )
+    if params.min_snr > 0 and stats[0].size:
+        keep = np.flatnonzero(stats[5] >= params.min_snr)
+        if keep.size < stats[0].size:
+            stats = tuple(a[keep] for a in stats)
     return stats, prep
 
 

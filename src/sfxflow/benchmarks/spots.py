@@ -18,7 +18,8 @@ DESCRIPTION = HELP + """
 
 Speed: times find_spots (default SpotParams) on simulated CSPAD (2.3 Mpixel) and Jungfrau 4M
 frames (hits and blanks), and on the two real LCLS CSPAD CBF frames when ../shared/data is
-present; one numba thread, median over frames x repeats after a warm-up call. In the same run it
+present (with the default SpotParams and with CSPAD_CBF_SETTINGS, the settings for those
+files); one numba thread, median over frames x repeats after a warm-up call. In the same run it
 times one plain streaming pass over the same frames (a compiled sum) and prints the ratio to that
 memory-bound floor.
 
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("dispersion", "radial"), default="dispersion")
     parser.add_argument("--noise-model", choices=("auto", "poisson", "local"), default="auto")
     parser.add_argument("--window", type=int, default=None, help="local window (default 9)")
+    parser.add_argument("--min-snr", type=float, default=None,
+                        help="SpotParams.min_snr (default: SpotParams' default)")
     parser.add_argument("--seed", type=int, default=1, help="simulation seed (default 1)")
     parser.add_argument("--no-real", action="store_true", help="skip the real CBF frames")
     parser.add_argument("--accuracy", action="store_true",
@@ -203,9 +206,11 @@ def run(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"method": args.method, "noise_model": args.noise_model}
     if args.window is not None:
         kw["window_px"] = args.window
+    if args.min_snr is not None:
+        kw["min_snr"] = args.min_snr
     params = SpotParams(**kw)
     print(f"sfxflow bench spots: {params.method}, noise model {params.noise_model}, window "
-          f"{params.window_px}, 1 numba thread")
+          f"{params.window_px}, min SNR {params.min_snr:g}, 1 numba thread")
     sim = SimulationParams()
     for name, layout in (("CSPAD (simulated)", cspad()), ("Jungfrau 4M (simulated)",
                                                            jungfrau4m())):
@@ -224,6 +229,10 @@ def run(args: argparse.Namespace) -> int:
                 real.append(src.read_frame(0))
         _report(f"CSPAD real CBF ({len(real)} LCLS thermolysin frames)", real, params,
                 max(args.repeats, 10))
+        from sfxflow.algorithms.spots import CSPAD_CBF_SETTINGS
+
+        _report(f"CSPAD real CBF with CSPAD_CBF_SETTINGS {CSPAD_CBF_SETTINGS}", real,
+                replace(params, **CSPAD_CBF_SETTINGS), max(args.repeats, 10))
     elif not args.no_real:
         print(f"(real CBF frames not found under {data_dir}: skipped)")
     if args.accuracy:

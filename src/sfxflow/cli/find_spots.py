@@ -20,8 +20,11 @@ finds spots (DIALS-style dispersion threshold, or peakfinder8-style radial backg
 writes the spots, one row each with source_url, frame_index and the spot columns (panel, fs_px,
 ss_px, intensity, background, snr, n_pixels, d_a), to --out.
 
+LCLS CSPAD CBF files declare a placeholder gain of 1 ADU per photon; their one-photon peak is at
+~9 ADU and their background has bright isolated pixels, so use --cspad (= --gain 9 --min-snr 6).
+
 Examples:
-  sfxflow find-spots ../shared/data/lcls-cspad-thermolysin/*.cbf --out spots.parquet
+  sfxflow find-spots ../shared/data/lcls-cspad-thermolysin/*.cbf --cspad --out spots.parquet
   sfxflow find-spots sim/run_0000.cxi --geometry sim/geometry.geom --frames 0:20 --min-spots 15
   sfxflow find-spots run.cxi --geometry g.geom --d-min 2.0 --ice-rings --png-dir overlays/
 """
@@ -67,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--global-threshold", type=float, default=0.0, metavar="PHOTONS")
     g.add_argument("--min-spot-pixels", type=int, default=2)
     g.add_argument("--max-spot-pixels", type=int, default=500)
+    g.add_argument("--min-snr", type=float, default=None,
+                   help="drop spots with a lower integrated SNR (default 3; 6 for CSPAD CBFs)")
+    g.add_argument("--border", type=int, default=1, metavar="PX",
+                   help="ignore pixels this close to a panel (ASIC) edge (default 1)")
+    g.add_argument("--cspad", action="store_true",
+                   help="LCLS CSPAD CBF settings (--gain 9 --min-snr 6 unless given)")
     g.add_argument("--d-min", type=float, metavar="A", help="drop spots at d < this (Å)")
     g.add_argument("--d-max", type=float, metavar="A", help="drop spots at d > this (Å)")
     g.add_argument("--ice-rings", action="store_true", help="drop spots on ice rings")
@@ -80,13 +89,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def params_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(SpotParams, HitParams)`` from the parsed options (ConfigError on a bad value)."""
-    from sfxflow.algorithms.spots import HitParams, SpotParams
+    from sfxflow.algorithms.spots import CSPAD_CBF_SETTINGS, HitParams, SpotParams
 
+    defaults: dict[str, Any] = dict(CSPAD_CBF_SETTINGS) if args.cspad else {}
+    gain = args.gain if args.gain is not None else defaults.get("gain_adu_per_photon")
+    min_snr = args.min_snr if args.min_snr is not None else defaults.get(
+        "min_snr", SpotParams.min_snr)
     spot = SpotParams(
         method=args.method, noise_model=args.noise_model, window_px=args.window,
         sigma_strong=args.sigma_strong, sigma_background=args.sigma_background,
-        gain_adu_per_photon=args.gain, global_threshold_photons=args.global_threshold,
+        gain_adu_per_photon=gain, global_threshold_photons=args.global_threshold,
         min_spot_pixels=args.min_spot_pixels, max_spot_pixels=args.max_spot_pixels,
+        min_snr=min_snr, border_px=args.border,
         d_min_a=args.d_min, d_max_a=args.d_max, filter_ice_rings=args.ice_rings,
         radial_snr=args.radial_snr,
     )
@@ -111,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         from sfxflow.io.geometry import read_geom
 
         geometry = read_geom(args.geometry)
-    render = None
+    render: Any = None
     if args.png_dir:
         from sfxflow.io.picture import render_frame_png as render
 
