@@ -63,7 +63,7 @@ def wavelength_a_to_photon_energy_ev(wavelength_a: float) -> float:
     return HC_EV_A / wavelength_a
 
 
-def _unit(v: Sequence[float], what: str) -> Vector3:
+def _unit(v: Sequence[float] | np.ndarray, what: str) -> Vector3:
     a = np.asarray(v, dtype=float)
     n = float(np.linalg.norm(a))
     if a.shape != (3,) or not math.isfinite(n) or n == 0.0:
@@ -278,10 +278,11 @@ def as_unit_cell(cell: gemmi.UnitCell | Sequence[float] | str) -> gemmi.UnitCell
     """
     if isinstance(cell, gemmi.UnitCell):
         return cell
+    parts: list[str] | list[float]
     if isinstance(cell, str):
         parts = cell.replace(",", " ").split()
     else:
-        parts = list(cell)
+        parts = [float(x) for x in cell]
     if len(parts) != 6:
         raise ValueError(f"a unit cell needs 6 numbers (a b c alpha beta gamma), got {cell!r}")
     vals = [float(x) for x in parts]
