@@ -58,6 +58,22 @@ def test_index_parquet_with_geometry_writes_results(tmp_path: Path, capsys) -> N
     assert all(abs(a - 79.1) < 0.8 for a in res["cell_a"][:4])
     assert all(r < 1.0 for r in res["rmsd_px"][:4])
     assert np.isnan(res["a11"][4])
+    assert all(lp < -10 for lp in res["log10_false_probability"][:4])
+    assert res["det_shift_x_mm"] == [0.0] * 5  # not refined unless --refine-shift
+
+
+def test_index_significance_and_shift_options(tmp_path: Path, capsys) -> None:
+    spots, geom = _spot_table(tmp_path, n_frames=2, n_junk_frames=0)
+    out = tmp_path / "shift.parquet"
+    rc = main(["index", str(spots), "--cell", CELL, "--space-group", SG, "--geometry", str(geom),
+               "--refine-shift", "--max-false-probability", "1e-6", "-o", str(out)])
+    assert rc == 0
+    res = pq.read_table(out).to_pydict()
+    assert res["indexed"] == [True, True]
+    assert all(abs(x) <= 0.2 for x in res["det_shift_x_mm"] + res["det_shift_y_mm"])
+    assert main(["index", str(spots), "--cell", CELL, "--space-group", SG, "--geometry",
+                 str(geom), "--max-false-probability", "0"]) == 2
+    assert "max_false_probability" in capsys.readouterr().err
 
 
 def test_index_user_errors_exit_2(tmp_path: Path, capsys) -> None:

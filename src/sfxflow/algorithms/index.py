@@ -19,12 +19,34 @@ Method (pair-vector matching with a known cell, the idea of TakeTwo / TORO):
    pixel space by :func:`sfxflow.algorithms.refine.refine_still` (orientation, cell within the
    lattice constraints, optionally the distance), with Miller indices re-assigned along each
    observed ray and outliers rejected. A solution is accepted only if enough spots index, the
-   fraction indexed is high enough, the RMSD is small and the refined cell is close to the
-   target; otherwise the next candidate is tried, and the failure reason is reported.
+   fraction indexed is high enough, the RMSD is small, the refined cell is close to the
+   target and the match is statistically significant (below); otherwise the frame fails with
+   the reason.
 6. The accepted crystal is put into a canonical setting (:func:`canonical_crystal`): among the
    orientations related by the rotations of the space group's point group (which predict the
    same spots), the one whose ``U`` is the smallest rotation from the identity (largest trace)
    is reported.
+
+False solutions (:func:`solution_significance`). With a large cell (dense reciprocal lattice),
+centroids a couple of pixels off and the freedom of orientation and cell, a wrong lattice can
+place points near a dozen spots by chance: on the CrystFEL 5-HT2B stream, cells scaled by
+0.9-1.1 "indexed" 2-5 of 70 frames in orientations 30-100 degrees from the true one, sharing
+no Miller index with it. So the count of matched spots is tested against chance:
+
+* a spot is *matched* when its refined prediction is within ``significance_tolerance_px`` and
+  its lattice point within ``significance_excitation_inv_a`` of the Ewald sphere;
+* the probability that a random spot is matched by a lattice in a fixed orientation is the
+  expected number of allowed lattice points in that acceptance region,
+  ``p = (V / n_centring) * k² * Ω * 2 e`` (``V`` real-cell volume, ``k = 1/λ``, ``Ω`` the solid
+  angle of the pixel tolerance disc seen from the sample, ``2 e`` the depth of the region
+  across the sphere), see :func:`chance_match_probability`;
+* the binomial tail ``P(X >= n_matched | n_spots, p)`` (:func:`binomial_log10_tail`) is the
+  chance for one orientation; the search and refinement effectively try every distinguishable
+  orientation, cell and detector shift, so it is multiplied by their number
+  (:func:`log10_independent_trials`: the rotation group volume ``8 π²`` over ``|G|`` times a
+  ball of the angular resolution ``δ = tolerance / |q|``, and the cell and shift ranges over
+  the same resolution);
+* a solution is accepted when the corrected probability is at most ``max_false_probability``.
 
 Pure numpy/scipy; no I/O.
 """
@@ -40,8 +62,13 @@ import gemmi
 import numpy as np
 from numba import njit
 
-from sfxflow.algorithms.geometry import miller_indices, pixels_to_lab_mm, pixels_to_q
-from sfxflow.algorithms.refine import RefineParams, refine_still
+from sfxflow.algorithms.geometry import (
+    miller_indices,
+    panel_matrices,
+    pixels_to_lab_mm,
+    pixels_to_q,
+)
+from sfxflow.algorithms.refine import RefineParams, RefineResult, cell_parameters, refine_still
 from sfxflow.models import (
     Beam,
     Crystal,
@@ -57,12 +84,17 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IndexParams",
     "IndexResult",
+    "Significance",
     "TargetCell",
+    "binomial_log10_tail",
     "canonical_crystal",
+    "chance_match_probability",
     "index_q_candidates",
     "index_spots",
+    "log10_independent_trials",
     "misorientation_deg",
     "point_group_rotations",
+    "solution_significance",
     "target_table",
 ]
 
@@ -106,6 +138,13 @@ class IndexParams:
     n_solutions_refined : distinct best candidates refined before giving up.
     cell_length_tolerance : relative deviation of each refined cell length from the target
         accepted; cell_angle_tolerance_deg the same for angles.
+    significance_tolerance_px, significance_excitation_inv_a : a spot counts as matched in the
+        false-solution test when its refined prediction is within this many pixels and its
+        lattice point within this distance (Å⁻¹) of the Ewald sphere.
+    max_false_probability : largest accepted probability (corrected for the number of
+        distinguishable orientations, cells and shifts tried) that a lattice of the target cell
+        matches as many spots by chance; 1 disables the test (see
+        :func:`solution_significance`).
     refine : :class:`~sfxflow.algorithms.refine.RefineParams`.
     """
 
@@ -130,6 +169,9 @@ class IndexParams:
     n_solutions_refined: int = 4
     cell_length_tolerance: float = 0.03
     cell_angle_tolerance_deg: float = 2.0
+    significance_tolerance_px: float = 2.5
+    significance_excitation_inv_a: float = 0.001
+    max_false_probability: float = 1e-3
     refine: RefineParams = field(default_factory=RefineParams)
 
     def __post_init__(self) -> None:
@@ -146,6 +188,13 @@ class IndexParams:
             raise ValueError(f"min_indexed must be >= 3, got {self.min_indexed}")
         if self.n_pair_spots < 2:
             raise ValueError(f"n_pair_spots must be >= 2, got {self.n_pair_spots}")
+        for name in ("significance_tolerance_px", "significance_excitation_inv_a"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"IndexParams.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.max_false_probability <= 1:
+            raise ValueError(
+                f"max_false_probability must be in (0, 1], got {self.max_false_probability}"
+            )
 
 
 @dataclass(frozen=True)
@@ -180,6 +229,9 @@ class IndexResult:
     ``fraction_indexed`` is over the spots used (see ``IndexParams.max_spots``), ``n_spots``
     counts all spots given.
     ``reason`` says why indexing failed (empty on success).
+    ``log10_false_probability`` is the log10 of the trials-corrected probability that the
+    solution's spot matches happened by chance (see :func:`solution_significance`; NaN when no
+    solution was refined); ``detector_shift_mm`` the refined lateral detector shift ``(x, y)``.
     """
 
     success: bool
@@ -194,6 +246,8 @@ class IndexResult:
     reason: str = ""
     n_spots: int = 0
     n_candidates: int = 0
+    log10_false_probability: float = math.nan
+    detector_shift_mm: tuple[float, float] = (0.0, 0.0)
 
 
 # --------------------------------------------------------------------------- symmetry helpers
@@ -532,6 +586,179 @@ def index_q_candidates(
     return rots[order], counts[order], n_tested
 
 
+# --------------------------------------------------------------------------- false solutions
+
+
+@dataclass(frozen=True)
+class Significance:
+    """Outcome of :func:`solution_significance`.
+
+    ``n_matched`` of ``n_spots`` spots are matched; ``p_chance`` is the mean probability that
+    one random spot is matched by a lattice in a fixed orientation; ``log10_tail`` the log10
+    binomial tail of that count; ``log10_trials`` the log10 number of distinguishable
+    solutions the search could have produced.
+    """
+
+    n_spots: int
+    n_matched: int
+    p_chance: float
+    log10_tail: float
+    log10_trials: float
+
+    @property
+    def log10_false_probability(self) -> float:
+        """log10 of the trials-corrected chance probability (at most 0)."""
+        return min(0.0, self.log10_tail + self.log10_trials)
+
+
+def chance_match_probability(
+    cell_volume_a3: float,
+    n_centring: int,
+    wavelength_a: float,
+    solid_angle_sr: np.ndarray | float,
+    excitation_inv_a: float,
+) -> np.ndarray:
+    """Probability that a random spot is matched by a lattice in a fixed orientation.
+
+    The acceptance region of a spot is the part of reciprocal space whose points project within
+    the tolerance of the spot: the solid angle ``Ω`` of the tolerance disc on the detector, seen
+    from the sample, scaled to the Ewald sphere (area ``k² Ω``, ``k = 1/λ``) and ``2 e`` deep
+    across it. The lattice has ``V / n_centring`` allowed points per Å⁻³ (``V`` the real-cell
+    volume; centring removes ``1 - 1/n`` of the general reflections), so the expected number of
+    lattice points in the region, a small number, is the probability (capped at 1).
+
+    >>> round(float(chance_match_probability(1e6, 2, 1.0, 1e-5, 1e-3)), 6)
+    0.01
+    """
+    k = 1.0 / wavelength_a
+    p = (cell_volume_a3 / n_centring) * k * k * np.asarray(solid_angle_sr, float) * (
+        2.0 * excitation_inv_a
+    )
+    return np.minimum(p, 1.0)
+
+
+def binomial_log10_tail(k: int, n: int, p: float) -> float:
+    """``log10 P(X >= k)`` for ``X ~ Binomial(n, p)``, accurate far into the tail.
+
+    >>> binomial_log10_tail(0, 5, 0.1)
+    0.0
+    >>> round(binomial_log10_tail(2, 2, 0.1), 12)
+    -2.0
+    >>> round(10 ** binomial_log10_tail(1, 3, 0.5), 12)
+    0.875
+    """
+    if k <= 0:
+        return 0.0
+    if k > n:
+        return -math.inf
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return 0.0
+    from scipy.special import gammaln, logsumexp
+
+    j = np.arange(k, n + 1, dtype=float)
+    terms = (gammaln(n + 1.0) - gammaln(j + 1.0) - gammaln(n - j + 1.0)
+             + j * math.log(p) + (n - j) * math.log1p(-p))
+    return float(min(0.0, logsumexp(terms) / math.log(10.0)))
+
+
+def log10_independent_trials(
+    resolution_rad: float,
+    n_rotations: int,
+    n_cell_lengths: int = 0,
+    cell_length_tolerance: float = 0.0,
+    n_cell_angles: int = 0,
+    cell_angle_tolerance_deg: float = 0.0,
+    n_shift_steps: float = 1.0,
+) -> float:
+    """log10 of the number of distinguishable solutions a search can produce.
+
+    Orientations: the rotation group has volume ``8 π²``; ``n_rotations`` of them (the point
+    group) are the same solution; two orientations give different matches when they differ by
+    more than ``resolution_rad`` (the matching tolerance over the typical ``|q|``), i.e. one
+    solution per ball of that radius: ``6 π / (|G| δ³)``. A free cell length may take
+    ``2 tol / δ`` distinguishable values (a relative change ``ε`` moves a lattice point by
+    ``ε |q|``), a free angle ``2 tol_rad / δ``; ``n_shift_steps`` counts the distinguishable
+    detector shifts. Each factor is at least 1.
+
+    >>> round(log10_independent_trials(0.01, 1), 3)  # 6 pi / 1e-6
+    7.275
+    >>> round(log10_independent_trials(0.01, 1, 1, 0.05), 3)  # x 10
+    8.275
+    """
+    d = max(float(resolution_rad), 1e-9)
+    log_n = math.log10(6.0 * math.pi / max(1, n_rotations)) - 3.0 * math.log10(d)
+    log_n += n_cell_lengths * math.log10(max(1.0, 2.0 * cell_length_tolerance / d))
+    log_n += n_cell_angles * math.log10(
+        max(1.0, 2.0 * math.radians(cell_angle_tolerance_deg) / d))
+    log_n += math.log10(max(1.0, n_shift_steps))
+    return max(0.0, log_n)
+
+
+def solution_significance(
+    refined: RefineResult,
+    spots: SpotTable,
+    detector: Detector,
+    beam: Beam,
+    target: TargetCell,
+    params: IndexParams,
+) -> Significance:
+    """How unlikely it is that a refined solution's spot matches are chance coincidences.
+
+    Counts the spots matched within ``params.significance_tolerance_px`` and
+    ``params.significance_excitation_inv_a``, computes the per-spot chance probability of
+    each (:func:`chance_match_probability`, with the solid angle of the tolerance disc at that
+    spot: ``π (t·pixel)² cos φ / L²`` for a spot at distance ``L`` and incidence ``φ``), the
+    binomial tail of the count with their mean (:func:`binomial_log10_tail`) and the number of
+    distinguishable solutions tried (:func:`log10_independent_trials`, resolution: the
+    tolerance radius in Å⁻¹ over the median ``|q|`` of the matched spots; cell freedom as
+    refined; the detector-shift range over the tolerance).
+    """
+    n = len(spots)
+    d = panel_matrices(detector).d[np.asarray(spots.panel, dtype=np.int64)]
+    lab = np.einsum("nij,nj->ni", d, np.stack([spots.fs_px, spots.ss_px, np.ones(n)], -1))
+    dist = np.linalg.norm(lab, axis=1)
+    pix = np.linalg.norm(d[:, :, 0], axis=1)
+    normals = np.cross(d[:, :, 0], d[:, :, 1]) / (pix * pix)[:, None]
+    cos_inc = np.abs(np.einsum("ij,ij->i", normals, lab)) / dist
+    tol = params.significance_tolerance_px
+    omega = math.pi * (tol * pix) ** 2 * cos_inc / dist**2
+    n_cen = len(target.space_group.operations().cen_ops)
+    p_i = chance_match_probability(target.cell.volume, n_cen, beam.wavelength_a, omega,
+                                   params.significance_excitation_inv_a)
+    p = float(np.mean(p_i)) if n else 1.0
+    res = np.hypot(refined.residuals_px[:, 0], refined.residuals_px[:, 1])
+    with np.errstate(invalid="ignore"):
+        matched = (refined.indexed_mask & (res <= tol)
+                   & (np.abs(refined.excitation_inv_a) <= params.significance_excitation_inv_a))
+    k = int(matched.sum())
+    # angular resolution: the tolerance radius in reciprocal space over a typical |q|
+    r_inv_a = np.sqrt(omega) / math.sqrt(math.pi) / beam.wavelength_a
+    q_len = np.linalg.norm(lab / (dist * beam.wavelength_a)[:, None] - np.asarray(beam.s0_inv_a),
+                           axis=1)
+    sel = matched if k else np.ones(n, bool)
+    delta = float(np.median(r_inv_a[sel]) / max(np.median(q_len[sel]), 1e-9)) if n else 1.0
+    rp = params.refine
+    n_len = n_ang = 0
+    if rp.refine_cell:
+        vals, build = cell_parameters(target.cell, target.space_group)
+        # free angles: triclinic 3, monoclinic 1, rhombohedral axes 1 (a, alpha); others none
+        system = target.space_group.crystal_system_str()
+        n_ang = {"triclinic": 3, "monoclinic": 1}.get(system, 0)
+        if vals.size == 2 and abs(build(vals).alpha - 90.0) > 1e-6:
+            n_ang = 1
+        n_len = vals.size - n_ang
+    shift_steps = 1.0
+    if rp.refine_detector_shift and refined.n_indexed >= rp.min_spots_detector_shift:
+        steps_1d = 2.0 * rp.max_detector_shift_mm / (tol * float(np.median(pix)))
+        shift_steps = max(1.0, steps_1d) ** 2
+    log_trials = log10_independent_trials(
+        delta, len(point_group_rotations(target.space_group)), n_len,
+        params.cell_length_tolerance, n_ang, params.cell_angle_tolerance_deg, shift_steps)
+    return Significance(n, k, p, binomial_log10_tail(k, n, p), log_trials)
+
+
 # --------------------------------------------------------------------------- main entry point
 
 
@@ -650,9 +877,12 @@ def index_spots(
     # fails a check the frame fails: a worse candidate that happens to pass is not trusted
     accepted = []
     best_fail = None
+    log10_false = math.nan
     if refined:
         ref = max(refined, key=lambda r: (r.n_indexed, -r.rmsd_px))
         frac = ref.n_indexed / n
+        sig = solution_significance(ref, spots, detector, beam, target, params)
+        log10_false = sig.log10_false_probability
         if ref.n_indexed < params.min_indexed:
             reason = f"too few spots indexed ({ref.n_indexed} < {params.min_indexed})"
         elif frac < params.min_fraction_indexed:
@@ -669,6 +899,10 @@ def index_spots(
                 + " ".join(f"{x:.2f}" for x in ref.crystal.cell.parameters)
                 + ")"
             )
+        elif not log10_false <= math.log10(params.max_false_probability):
+            reason = (f"not significant: {sig.n_matched} of {sig.n_spots} spots matched, "
+                      f"chance probability 10^{log10_false:.1f} > "
+                      f"{params.max_false_probability:g}")
         else:
             reason = ""
             accepted.append(ref)
@@ -694,6 +928,8 @@ def index_spots(
             rmsd_inv_a=rmsd_q,
             n_spots=n,
             n_candidates=n_tested,
+            log10_false_probability=log10_false,
+            detector_shift_mm=ref.detector_shift_mm,
         )
     if best_fail is None:
         return _fail("no candidate orientation indexes enough spots", n, n_tested)
@@ -708,4 +944,5 @@ def index_spots(
         reason=reason,
         n_spots=n,
         n_candidates=n_tested,
+        log10_false_probability=log10_false,
     )

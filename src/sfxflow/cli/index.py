@@ -72,8 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {d.min_fraction_indexed})")
     parser.add_argument("--max-rmsd-px", type=float, default=d.max_rmsd_px,
                         help=f"largest accepted RMSD in pixels (default {d.max_rmsd_px})")
+    parser.add_argument("--max-false-probability", type=float, default=d.max_false_probability,
+                        help="largest accepted chance probability of a solution, corrected for "
+                             "the orientations and cells tried; 1 switches the test off "
+                             f"(default {d.max_false_probability:g})")
     parser.add_argument("--refine-distance", action="store_true",
                         help="also refine the detector distance (per frame)")
+    parser.add_argument("--refine-shift", action="store_true",
+                        help="also refine a per-frame lateral detector shift (beam centre), "
+                             "bounded to +-0.2 mm, on frames with >= 20 indexed spots")
     parser.add_argument("--no-refine-cell", action="store_true",
                         help="keep the cell fixed at the target during refinement")
     parser.add_argument("--quiet-frames", action="store_true", help="print only the totals")
@@ -208,8 +215,10 @@ def _params(args: argparse.Namespace) -> IndexParams:
             min_indexed=args.min_indexed,
             min_fraction_indexed=args.min_fraction,
             max_rmsd_px=args.max_rmsd_px,
+            max_false_probability=args.max_false_probability,
             refine=replace(d.refine, refine_distance=args.refine_distance,
-                           refine_cell=not args.no_refine_cell),
+                           refine_cell=not args.no_refine_cell,
+                           refine_detector_shift=args.refine_shift),
         )
     except ValueError as exc:
         raise InputError(f"bad indexing option: {exc}") from exc
@@ -222,6 +231,8 @@ def _row(job: _Job, res: IndexResult, seconds: float, angle: float) -> dict:
         "n_indexed": res.n_indexed, "fraction_indexed": res.fraction_indexed,
         "rmsd_px": res.rmsd_px, "rmsd_inv_a": res.rmsd_inv_a, "wavelength_a": job.beam.wavelength_a,
         "index_s": seconds, "reference_angle_deg": angle,
+        "log10_false_probability": res.log10_false_probability,
+        "det_shift_x_mm": res.detector_shift_mm[0], "det_shift_y_mm": res.detector_shift_mm[1],
     }
     a = res.crystal.a_matrix if res.crystal is not None else np.full((3, 3), np.nan)
     for i in range(3):
