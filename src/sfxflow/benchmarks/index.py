@@ -23,7 +23,7 @@ from sfxflow.algorithms.index import (
     index_spots,
     misorientation_deg,
 )
-from sfxflow.models import Beam, Crystal, Detector, SpotTable
+from sfxflow.models import Beam, Crystal, Detector, SpotTable, as_space_group, as_unit_cell
 
 HELP = "indexing speed (ms/frame/core, median) and rate on simulated hits with 15/30/60 spots"
 DESCRIPTION = HELP + """
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     for name, cell, sg in TARGETS:
         if name not in args.targets:
             continue
-        target = TargetCell(cell, sg)
+        target = TargetCell(as_unit_cell(cell), as_space_group(sg))
         # warm the per-target cache (as a long run would be) before timing
         warm = simulated_hit(target, detector, beam, 30, rng)
         index_spots(warm.spots, detector, beam, target, params)
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 res = index_spots(hit.spots, detector, beam, target, params)
                 times.append((time.perf_counter() - t0) * 1e3)
-                if res.success:
+                if res.success and res.crystal is not None:
                     ok += 1
                     mis.append(misorientation_deg(res.crystal, hit.truth))
             all_times.extend(times)

@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
             angle = math.nan
             if job.reference is not None:
                 n_ref += 1
-                if res.success:
+                if res.success and res.crystal is not None:
                     n_both += 1
                     angle = misorientation_deg(res.crystal, job.reference, target.space_group)
                     angles.append(angle)
