@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("distributed", "botocore", "s3fs", "aiobotocore", "fsspec", "numba", "asyncio"):
+    # werkzeug logs every request of a local moto S3 server (benchmarks) unless told otherwise
+    for noisy in ("distributed", "botocore", "s3fs", "aiobotocore", "fsspec", "numba", "asyncio",
+                  "werkzeug", "moto"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
