@@ -174,14 +174,35 @@ def test_transfer_compare_awscli(tmp_path: Path, s3_server, s3_bucket, capsys) -
     for i in range(3):
         (src / f"f{i}.bin").write_bytes(os.urandom(300_000))
     dest = f"s3://{s3_bucket}/bench"
-    assert main(["transfer", "--endpoint-url", s3_server, "--compare-awscli", str(src),
-                 dest]) == 0
+    assert main(["transfer", "--endpoint-url", s3_server, "--compare-awscli", "--repeat", "2",
+                 str(src), dest]) == 0
     out = capsys.readouterr().out
     assert "sfxflow transfer" in out and "aws s3 cp" in out and "ratio sfxflow / awscli" in out
+    assert "round 1: sfxflow" in out and "round 2: sfxflow" in out and "0.001 GB" in out
     import boto3
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     assert not client.list_objects_v2(Bucket=s3_bucket).get("Contents")  # scratch removed
+
+
+@pytest.mark.s3
+def test_transfer_module_main_no_crc32(tmp_path: Path, s3_server, s3_bucket, capsys) -> None:
+    """``python -m sfxflow.cli.transfer`` (what --compare-awscli times) runs the same command;
+    --no-crc32 leaves S3's additional checksum out."""
+    import boto3
+
+    from sfxflow.cli import transfer as cli_transfer
+
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(1000))
+    assert cli_transfer.main(["--endpoint-url", s3_server, "--no-crc32", "--json", str(src),
+                              f"s3://{s3_bucket}/n"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_sent"] == 1
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    head = client.head_object(Bucket=s3_bucket, Key="n/f.bin", ChecksumMode="ENABLED")
+    assert not head.get("ChecksumCRC32") and head["Metadata"]["sha256"]
+    assert cli_transfer.main(["only-one-path"]) == 2
+    assert "expected SRC... DST" in capsys.readouterr().err
 
 
 def test_progress_bar_draws_to_a_stream() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,12 @@ def test_upload_verifies_and_second_run_skips_everything(dataset, s3_bucket, s3_
     assert head["ETag"].strip('"') == file_digest(dataset / "sub" / "big.h5", PART).etag()
     body = client.get_object(Bucket=s3_bucket, Key="raw/sub/big.h5")["Body"].read()
     assert body == local
+    # S3's additional checksum went with every body and is kept with the objects
+    small = (dataset / "run_0003.cxi").read_bytes()
+    got = client.head_object(Bucket=s3_bucket, Key="raw/run_0003.cxi", ChecksumMode="ENABLED")
+    assert got["ChecksumCRC32"] == base64.b64encode(zlib.crc32(small).to_bytes(4, "big")).decode()
+    assert client.head_object(Bucket=s3_bucket, Key="raw/sub/big.h5",
+                              ChecksumMode="ENABLED").get("ChecksumCRC32")
     manifest = json.loads(client.get_object(Bucket=s3_bucket,
                                             Key=f"raw/{MANIFEST_NAME}")["Body"].read())
     assert manifest["objects"]["sub/big.h5"]["sha256"] == head["Metadata"]["sha256"]
@@ -150,11 +158,21 @@ def test_failure_inside_multipart_upload_leaves_no_object(dataset, s3_bucket, s3
             raise ConnectionResetError("connection reset by peer (simulated)")
         return real(self, path, bucket, key, upload_id, index, digest)
 
+    budgets = []
+
+    class Budget(tr._Budget):
+        def __init__(self, n_bytes: int) -> None:
+            super().__init__(n_bytes)
+            self.total = n_bytes
+            budgets.append(self)
+
     monkeypatch.setattr(tr._Transfer, "_put_part", flaky)
+    monkeypatch.setattr(tr, "_Budget", Budget)
     dest = f"s3://{s3_bucket}/raw"
     r = transfer([str(dataset)], dest, storage_options=s3_storage_options, streams=2,
                  part_size=PART)
     assert (r.n_sent, r.n_failed) == (6, 1)
+    assert budgets and all(b.free == b.total for b in budgets)  # parts read into memory freed
     assert "big.h5" in r.failures[0] and "connection reset" in r.failures[0]
     assert "raw/sub/big.h5" not in _keys(client, s3_bucket, "raw/")
     assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # aborted
@@ -164,21 +182,34 @@ def test_failure_inside_multipart_upload_leaves_no_object(dataset, s3_bucket, s3
     assert again.bytes_sent == (dataset / "sub" / "big.h5").stat().st_size
 
 
-def test_file_changing_while_sent_is_detected(dataset, s3_bucket, s3_storage_options,
-                                              monkeypatch) -> None:
-    real = tr.file_digest
+@pytest.mark.parametrize("name,in_memory", [("run_0001.cxi", 1), ("sub/big.h5", 1),
+                                             ("sub/big.h5", 0)])
+def test_file_changing_while_sent_is_detected(dataset, s3_bucket, s3_storage_options, client,
+                                              monkeypatch, name: str, in_memory: int) -> None:
+    """Another process writes into the file while it is being sent. A file read once (one PUT,
+    or multipart read into memory) is caught by its (inode, size, mtime) changing during the
+    read; a multipart file hashed first, then read again part by part, by a part whose CRC-32
+    differs from the hashing pass; that multipart upload is aborted."""
+    monkeypatch.setattr(tr, "IN_MEMORY_PARTS_PER_STREAM", in_memory)
+    path = dataset / name
+    os.utime(path, (1_600_000_000, 1_600_000_000))  # an old mtime: any write changes it
+    real = tr._pread_into
+    done = []
 
-    def digest_then_modify(path, part_size, progress=None):
-        d = real(path, part_size, progress)
-        if Path(path).name == "run_0001.cxi":
+    def write_then_read(fd, offset, buf):
+        if not done and os.fstat(fd).st_ino == path.stat().st_ino:
+            done.append(True)
             with open(path, "r+b") as fh:
+                fh.seek(offset + 10)
                 fh.write(b"X")
-        return d
+        return real(fd, offset, buf)
 
-    monkeypatch.setattr(tr, "file_digest", digest_then_modify)
-    r = transfer([str(dataset / "run_0001.cxi")], f"s3://{s3_bucket}/raw",
-                 storage_options=s3_storage_options, part_size=PART)
-    assert r.n_failed == 1 and "changed while being sent" in r.failures[0]
+    monkeypatch.setattr(tr, "_pread_into", write_then_read)
+    r = transfer([str(path)], f"s3://{s3_bucket}/raw", storage_options=s3_storage_options,
+                 part_size=PART)
+    assert done and r.n_failed == 1 and "changed while being sent" in r.failures[0]
+    assert f"raw/{path.name}" not in _keys(client, s3_bucket, "raw/")
+    assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 
 
 def test_download_verifies_restores_and_resumes(dataset, s3_bucket, s3_storage_options, client,
@@ -289,3 +320,69 @@ def test_download_large_single_put_object_in_ranges(tmp_path, s3_bucket, s3_stor
     assert (r.n_sent, r.n_unverified, r.n_failed) == (1, 0, 0)
     assert sorted(progress) == sorted([PART, PART, 2 * MiB])  # three ranged GETs
     assert (tmp_path / "o" / "blob.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("in_memory", [0, 1])
+def test_multipart_read_once_or_hashed_then_reread_store_the_same(
+        dataset, s3_bucket, s3_storage_options, client, monkeypatch, in_memory: int) -> None:
+    """Both ways of sending a multipart file (read into memory once, or hashed first then read
+    part by part) give the same verified object; a second run skips it. (One also reads the
+    object back to verify it.)"""
+    monkeypatch.setattr(tr, "IN_MEMORY_PARTS_PER_STREAM", in_memory)
+    big = dataset / "sub" / "big.h5"
+    dest = f"s3://{s3_bucket}/m{in_memory}"
+    r = transfer([str(big)], dest, storage_options=s3_storage_options, part_size=PART,
+                 verify="reread" if in_memory else "etag")
+    assert (r.n_sent, r.n_failed) == (1, 0)
+    head = client.head_object(Bucket=s3_bucket, Key=f"m{in_memory}/big.h5")
+    assert head["ETag"].strip('"') == file_digest(big, PART).etag() == r.results[0].etag
+    assert head["Metadata"]["sha256"] == hashlib.sha256(big.read_bytes()).hexdigest()
+    body = client.get_object(Bucket=s3_bucket, Key=f"m{in_memory}/big.h5")["Body"].read()
+    assert body == big.read_bytes()
+    again = transfer([str(big)], dest, storage_options=s3_storage_options, part_size=PART)
+    assert (again.n_sent, again.n_skipped) == (0, 1)
+
+
+def test_server_refusing_crc32_checksums_is_served_without(dataset, s3_bucket,
+                                                           s3_storage_options, client,
+                                                           monkeypatch, caplog) -> None:
+    """An S3-compatible server that rejects the x-amz-checksum headers: the transfer goes on
+    without them (once warned) and still verifies everything by Content-MD5 / ETag."""
+    real = tr._Transfer.s3
+    refused = []
+
+    def picky(self, op, **kwargs):
+        if "ChecksumAlgorithm" in kwargs or "ChecksumCRC32" in kwargs:
+            refused.append(op)
+            raise tr.RequestError(f"{op} failed: InvalidArgument x-amz-checksum not supported",
+                                  "InvalidArgument")
+        return real(self, op, **kwargs)
+
+    monkeypatch.setattr(tr._Transfer, "s3", picky)
+    r = transfer([str(dataset)], f"s3://{s3_bucket}/raw", storage_options=s3_storage_options,
+                 part_size=PART, streams=1)
+    assert (r.n_sent, r.n_failed) == (7, 0)
+    assert len(refused) == 1  # turned off after the first refusal
+    assert "refused the CRC-32 checksum" in caplog.text
+    head = client.head_object(Bucket=s3_bucket, Key="raw/sub/big.h5", ChecksumMode="ENABLED")
+    assert not head.get("ChecksumCRC32")
+    assert head["ETag"].strip('"') == file_digest(dataset / "sub" / "big.h5", PART).etag()
+
+
+def test_client_settings_from_storage_options() -> None:
+    st = tr._client_settings({"key": "AKIDEXAMPLE", "secret": "s3cr3t",
+                              "client_kwargs": {"region_name": "eu-west-1"},
+                              "config_kwargs": {"read_timeout": 5},
+                              "requester_pays": True, "default_block_size": 2**20}, "s3://b")
+    assert st.client_kwargs == {"region_name": "eu-west-1", "aws_access_key_id": "AKIDEXAMPLE",
+                                "aws_secret_access_key": "s3cr3t"}
+    assert st.config_kwargs["read_timeout"] == 5 and st.config_kwargs["connect_timeout"] == 10
+    assert st.request_extra == {"RequestPayer": "requester"}
+    anon = tr._client_settings({"anon": True, "key": "k", "secret": "s"}, "s3://b")
+    assert "aws_access_key_id" not in anon.client_kwargs
+    from botocore import UNSIGNED
+
+    assert anon.config_kwargs["signature_version"] is UNSIGNED
+    with pytest.raises(InputError, match=r"s3://b: storage option\(s\) \['bogus'\]") as err:
+        tr._client_settings({"bogus": 1, "secret": "s3cr3t"}, "s3://b")
+    assert "s3cr3t" not in str(err.value)  # credentials never appear in messages

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -37,7 +38,12 @@ Examples:
   sfxflow transfer run_data/ s3://my-bucket/lcls/cxid9114/ --streams 16
   sfxflow transfer run_data/ s3://my-bucket/lcls/ --hash-prefix      # spread keys over partitions
   sfxflow transfer s3://my-bucket/lcls/cxid9114/ ./restore/ --verify etag
-  sfxflow transfer run_data/ s3://my-bucket/scratch/ --compare-awscli  # Gbit/s vs aws s3 cp
+  sfxflow transfer run_data/ s3://my-bucket/scratch/ --compare-awscli --repeat 3
+
+--compare-awscli uploads SRC with this command and with 'aws s3 cp --recursive', each run as a
+separate process timed from start to exit (so both pay their start-up), alternating which goes
+first, --repeat times; the scratch copies are deleted after each round. It prints every round
+and the medians.
 """
 
 
@@ -55,11 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="upload to PREFIX/<hash of name>/name (names kept in the manifest)")
     parser.add_argument("--verify", choices=["etag", "reread"], default="etag",
                         help="etag: check ETag + SHA-256 metadata; reread: also read uploads back")
+    parser.add_argument("--no-crc32", action="store_true",
+                        help="do not send S3's additional CRC-32 checksums (Content-MD5 and "
+                             "ETags are checked either way)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--compare-awscli", action="store_true",
                         help="upload SRC to two fresh scratch prefixes under DST, with sfxflow and "
                              "with 'aws s3 cp', print both Gbit/s and delete the copies")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of --compare-awscli (default 3; medians are printed)")
 
 
 class ProgressBar:
@@ -127,50 +138,90 @@ def _aws_binary() -> str:
     return found
 
 
+def _timed(cmd: Sequence[str], what: str) -> tuple[float, str]:
+    """Run ``cmd``; (wall seconds from start to exit, stdout). A failure is a user error."""
+    t0 = time.perf_counter()
+    done = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+    wall_s = time.perf_counter() - t0
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [""])[-1]
+        raise InputError(f"--compare-awscli: {what} failed (exit {done.returncode}): {last}")
+    return wall_s, done.stdout
+
+
 def _compare_awscli(sources: Sequence[str], dest: str, args: argparse.Namespace,
                     options: dict[str, Any]) -> int:
     if not dest.startswith("s3://") or not all(is_local(s) for s in sources):
         raise InputError("--compare-awscli: expected local SRC and an s3:// DST")
-    tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if args.repeat < 1:
+        raise InputError(f"--repeat {args.repeat}; expected >= 1")
+    aws = _aws_binary()
+    paths = [local_path(s) for s in sources]
+    n_bytes = 0
+    for path in paths:
+        if path.is_dir():
+            n_bytes += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            n_bytes += path.stat().st_size
+        else:
+            raise InputError(f"{path}: no such file or folder; expected local files or folders")
+    extra = ["--endpoint-url", args.endpoint_url] if args.endpoint_url else []
+    extra += ["--profile", args.profile] if args.profile else []
     base = dest.rstrip("/")
-    ours, theirs = f"{base}/_compare-{tag}/sfxflow", f"{base}/_compare-{tag}/awscli"
     fs = filesystem(dest, options)
-    try:
-        report = transfer(list(sources), ours, storage_options=options, streams=args.streams,
-                          part_size=int(args.part_size_mb * 2**20), verify=args.verify)
-        if report.n_failed:
-            for line in report.failures:
-                print(line, file=sys.stderr)
-            return 1
-        aws = _aws_binary()
-        extra = ["--endpoint-url", args.endpoint_url] if args.endpoint_url else []
-        extra += ["--profile", args.profile] if args.profile else []
-        t0 = time.perf_counter()
-        for src in sources:
-            path = local_path(src)
-            target = f"{theirs}/" if path.is_dir() else f"{theirs}/{path.name}"
-            cmd = [aws, "s3", "cp", str(path), target, "--only-show-errors", *extra]
-            if path.is_dir():
-                cmd.insert(3, "--recursive")
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise InputError(f"aws s3 cp {path} failed (exit {done.returncode}): "
-                                 f"{done.stderr.strip().splitlines()[-1:]}")
-        aws_s = time.perf_counter() - t0
-        aws_gbit = report.bytes_sent * 8 / aws_s / 1e9
-        print(f"data: {report.n_sent} file(s), {report.bytes_sent / 1e9:.3f} GB; "
-              f"endpoint {args.endpoint_url or os.environ.get('AWS_ENDPOINT_URL', 'AWS')}")
-        print(f"sfxflow transfer ({args.streams} streams, {args.part_size_mb:g} MiB parts, "
-              f"verified): {report.wall_s:.2f} s = {report.gbit_per_s:.3f} Gbit/s")
-        print(f"aws s3 cp --recursive (awscli settings, by default 10 requests, 8 MB parts): "
-              f"{aws_s:.2f} s = {aws_gbit:.3f} Gbit/s")
-        print(f"ratio sfxflow / awscli: {report.gbit_per_s / aws_gbit:.2f}")
-        return 0
-    finally:
+    ours_s: list[float] = []
+    ours_transfer_s: list[float] = []
+    aws_s: list[float] = []
+    for rnd in range(1, args.repeat + 1):
+        scratch = f"{base}/_compare-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        ours_cmd = [sys.executable, "-m", "sfxflow.cli.transfer", *map(str, paths),
+                    f"{scratch}/sfxflow", "--json", "--no-progress", "--streams",
+                    str(args.streams), "--part-size-mb", f"{args.part_size_mb:g}", "--verify",
+                    args.verify, *(["--no-crc32"] if args.no_crc32 else []), *extra]
+        aws_cmds = []
+        for path in paths:
+            target = f"{scratch}/awscli/" if path.is_dir() else f"{scratch}/awscli/{path.name}"
+            aws_cmds.append((path, [aws, "s3", "cp", *(["--recursive"] if path.is_dir() else []),
+                                    str(path), target, "--only-show-errors", *extra]))
         try:
-            fs.rm(f"{base}/_compare-{tag}".split("://", 1)[1], recursive=True)
-        except FileNotFoundError:
-            pass
+            for who in (("sfxflow", "awscli") if rnd % 2 else ("awscli", "sfxflow")):
+                if who == "sfxflow":
+                    wall_s, out = _timed(ours_cmd, "sfxflow transfer")
+                    report = json.loads(out.strip().splitlines()[-1])
+                    if report["n_failed"] or report["bytes_sent"] != n_bytes:
+                        raise InputError(f"--compare-awscli: sfxflow transfer sent "
+                                         f"{report['bytes_sent']} of {n_bytes} bytes, "
+                                         f"{report['n_failed']} file(s) failed")
+                    ours_s.append(wall_s)
+                    ours_transfer_s.append(float(report["wall_s"]))
+                else:
+                    aws_s.append(sum(_timed(cmd, f"aws s3 cp {path}")[0]
+                                     for path, cmd in aws_cmds))
+        finally:
+            try:
+                fs.rm(scratch.split("://", 1)[1], recursive=True)
+            except FileNotFoundError:
+                pass
+        print(f"round {rnd}: sfxflow {ours_s[-1]:.2f} s = {_gbit(n_bytes, ours_s[-1]):.3f} "
+              f"Gbit/s (transfer itself {ours_transfer_s[-1]:.2f} s), aws s3 cp {aws_s[-1]:.2f} "
+              f"s = {_gbit(n_bytes, aws_s[-1]):.3f} Gbit/s")
+    ours_med, aws_med = statistics.median(ours_s), statistics.median(aws_s)
+    n_files = sum(1 for p in paths if p.is_file()) + sum(
+        1 for p in paths if p.is_dir() for q in p.rglob("*") if q.is_file())
+    print(f"data: {n_files} file(s), {n_bytes / 1e9:.3f} GB; endpoint "
+          f"{args.endpoint_url or os.environ.get('AWS_ENDPOINT_URL', 'AWS')}; "
+          f"medians of {args.repeat} round(s), each command timed from start to exit")
+    print(f"sfxflow transfer ({args.streams} streams, {args.part_size_mb:g} MiB parts, "
+          f"verified): {ours_med:.2f} s = {_gbit(n_bytes, ours_med):.3f} Gbit/s "
+          f"(transfer itself {statistics.median(ours_transfer_s):.2f} s)")
+    print(f"aws s3 cp --recursive (awscli settings, by default 10 requests, 8 MB parts): "
+          f"{aws_med:.2f} s = {_gbit(n_bytes, aws_med):.3f} Gbit/s")
+    print(f"ratio sfxflow / awscli: {aws_med / ours_med:.2f}")
+    return 0
+
+
+def _gbit(n_bytes: int, seconds: float) -> float:
+    return n_bytes * 8 / seconds / 1e9 if seconds > 0 else 0.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
         bar = ProgressBar(sys.stderr, "upload" if dest.startswith("s3://") else "download")
     report = transfer(sources, dest, storage_options=options, streams=args.streams,
                       part_size=int(args.part_size_mb * 2**20), hash_prefix=args.hash_prefix,
-                      verify=args.verify, progress=bar.add if bar else None,
+                      verify=args.verify, crc32=not args.no_crc32,
+                      progress=bar.add if bar else None,
                       on_start=bar.start if bar else None)
     if bar:
         bar.close()
@@ -205,3 +257,23 @@ def run(args: argparse.Namespace) -> int:
     for line in report.failures:
         print(f"sfxflow transfer: failed: {line}", file=sys.stderr)
     return 1 if report.n_failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sfxflow.cli.transfer``: this subcommand alone, without importing the other
+    subcommands (what ``--compare-awscli`` times). Same options and exit codes."""
+    parser = argparse.ArgumentParser(prog="sfxflow transfer", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except InputError as exc:
+        print(f"sfxflow transfer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
