@@ -96,3 +96,22 @@ def test_process_synchronous_end_to_end(small_set, tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["blocks_skipped"] == 2 and again["frames_processed"] == 0
     assert again["frames"] == 4
+
+
+def test_run_where_every_input_fails_exits_1(small_set, tmp_path, capsys):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not an image\n")
+
+    def argv(*inputs, out):
+        return ["process", *map(str, inputs), "--geometry", str(small_set.geometry_path),
+                "--cell", "93 93 130.5 90 90 120", "--space-group", "P6122",
+                "--out", str(out), "--scheduler", "synchronous", "--json"]
+
+    assert main(argv(junk, out=tmp_path / "run")) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["frames"] == summary["failed"] == 1
+    assert "every input failed" in captured.err
+    # one good file beside the junk: a success with one failed record among the results
+    assert main(argv(small_set.files[0], junk, out=tmp_path / "run2")) == 0
+    assert json.loads(capsys.readouterr().out)["failed"] == 1

@@ -192,4 +192,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result.blocks_failed} block(s) failed; their frames are recorded as failed "
               "(run again to retry them)", file=sys.stderr)
         return 1
+    frames, failed = result.summary.get("frames", 0), result.summary.get("failed", 0)
+    if result.complete and frames and failed == frames:
+        # a run that produced nothing usable must not look like success to a batch script
+        print(f"every input failed ({failed} record(s)); see failed_reasons in the summary",
+              file=sys.stderr)
+        return 1
     return 0
