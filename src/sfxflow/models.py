@@ -305,7 +305,7 @@ def as_space_group(sg: gemmi.SpaceGroup | str | int) -> gemmi.SpaceGroup:
         raise ValueError(f"unknown space group {sg!r}") from exc
     if found is None:
         raise ValueError(f"unknown space group {sg!r}")
-    return gemmi.SpaceGroup(found.hm)
+    return gemmi.SpaceGroup(found.xhm())  # xhm keeps the setting (R 3:R)
 
 
 def reciprocal_basis(cell: gemmi.UnitCell) -> np.ndarray:

@@ -88,6 +88,7 @@ __all__ = [
     "TargetCell",
     "binomial_log10_tail",
     "canonical_crystal",
+    "cell_symmetry_problem",
     "chance_match_probability",
     "index_q_candidates",
     "index_spots",
@@ -197,6 +198,34 @@ class IndexParams:
             )
 
 
+def cell_symmetry_problem(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup,
+                          tolerance: float = 0.02) -> str:
+    """Why ``cell`` cannot have the symmetry of ``space_group`` (empty string when it can).
+
+    Every rotation of the point group must leave the cell's metric tensor unchanged, to within
+    ``tolerance`` of ``|a_i| |a_j|`` per element (about 1 % in a length, 0.6 deg in an angle): a
+    hexagonal cell with an orthorhombic space group would otherwise index nothing, silently.
+
+    >>> cell_symmetry_problem(gemmi.UnitCell(93, 93, 130.5, 90, 90, 120),
+    ...                       gemmi.SpaceGroup("P 61 2 2"))
+    ''
+    >>> cell_symmetry_problem(gemmi.UnitCell(93, 93, 130.5, 90, 90, 120),
+    ...                       gemmi.SpaceGroup("P 21 21 21"))[:31]
+    'cell 93 93 130.5 90 90 120 does'
+    """
+    a = np.asarray(cell.orth.mat, dtype=float)  # columns: the cell vectors (Å)
+    g = a.T @ a
+    scale = np.sqrt(np.outer(np.diag(g), np.diag(g)))
+    for op in space_group.operations():
+        r = np.asarray(op.rot, dtype=float) / gemmi.Op.DEN
+        if np.any(np.abs(r.T @ g @ r - g) > tolerance * scale):
+            params = " ".join(f"{x:g}" for x in cell.parameters)
+            return (f"cell {params} does not have the symmetry of space group "
+                    f"{space_group.hm} ({space_group.crystal_system_str()}); expected a cell of "
+                    "that crystal system (check the space group)")
+    return ""
+
+
 @dataclass(frozen=True)
 class TargetCell:
     """The known unit cell and space group to index against.
@@ -213,10 +242,13 @@ class TargetCell:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", as_unit_cell(self.cell))
         object.__setattr__(self, "space_group", as_space_group(self.space_group))
+        problem = cell_symmetry_problem(self.cell, self.space_group)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def key(self) -> tuple:
-        return (tuple(round(x, 6) for x in self.cell.parameters), self.space_group.hm)
+        return (tuple(round(x, 6) for x in self.cell.parameters), self.space_group.xhm())
 
 
 @dataclass(frozen=True)
@@ -283,7 +315,7 @@ def point_group_rotations(space_group: gemmi.SpaceGroup | str) -> np.ndarray:
     >>> point_group_rotations("P 1").shape
     (1, 3, 3)
     """
-    return _point_group_rotations_cached(as_space_group(space_group).hm)
+    return _point_group_rotations_cached(as_space_group(space_group).xhm())
 
 
 def _polar_rotation(m: np.ndarray) -> np.ndarray:
@@ -388,7 +420,7 @@ def target_table(target: TargetCell, d_min_a: float) -> _Table:
     ``d_min_a`` is rounded down on a coarse logarithmic grid so that frames share tables.
     """
     d_q = 2.0 ** (math.floor(math.log2(max(d_min_a, 0.5)) * 4.0) / 4.0)
-    return _table_cached(tuple(target.cell.parameters), target.space_group.hm, round(d_q, 6))
+    return _table_cached(tuple(target.cell.parameters), target.space_group.xhm(), round(d_q, 6))
 
 
 # --------------------------------------------------------------------------- candidate search

@@ -280,7 +280,7 @@ def _structure(
 
 def _structure_for(params: SimulationParams, crystal: Crystal) -> _Structure:
     cell = tuple(round(x, 6) for x in crystal.cell.parameters)
-    return _structure(cell, crystal.space_group.hm, params.d_min_a, params.structure_seed)
+    return _structure(cell, crystal.space_group.xhm(), params.d_min_a, params.structure_seed)
 
 
 def _relative_intensity(st: _Structure, hkl: np.ndarray, sg: gemmi.SpaceGroup) -> np.ndarray:

@@ -65,7 +65,7 @@ def build_params(args: argparse.Namespace):
         changes["cell"] = tuple(params)
     if args.space_group is not None:
         try:
-            changes["space_group"] = as_space_group(args.space_group).hm
+            changes["space_group"] = as_space_group(args.space_group).xhm()
         except ValueError as exc:
             raise InputError(f"--space-group {args.space_group!r}: not a known space group "
                              "(expected e.g. P6122, 'P 61 2 2' or 178)") from exc

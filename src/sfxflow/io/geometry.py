@@ -378,6 +378,32 @@ class CrystfelGeometry:
         """
         return self.detector(values), self.beam(values)
 
+    def header_values(self, detector: Detector, beam: Beam | None) -> dict[str, float]:
+        """The per-frame values a frame was resolved with, keyed by HDF5 path in the data
+        file's units: the inverse of :meth:`resolve` for ``clen`` and the photon energy or
+        wavelength (what a stream chunk must record as ``hdf5/<path> = value`` lines so that
+        the stream can be read back with this geometry). Other references are left out.
+        """
+        out: dict[str, float] = {}
+        by_name = {p.name: p for p in detector.panels}
+        for key, path in self.references.items():
+            base = key.rsplit("/", 1)[-1]
+            unit = self.reference_units.get(key, _REF_DEFAULT_UNIT.get(base, ""))
+            factor = _UNITS.get(base, {}).get(unit, 1.0)
+            value: float | None = None
+            if base == "photon_energy" and beam is not None:
+                value = beam.photon_energy_ev / self.photon_energy_scale
+            elif base == "wavelength" and beam is not None:
+                value = beam.wavelength_a
+            elif base == "clen":
+                spec = next((p for p in self.panel_specs if p.clen == key), None)
+                if spec is not None and not isinstance(spec.coffset, str) \
+                        and spec.name in by_name:
+                    value = by_name[spec.name].origin_mm[2] / 1000.0 - float(spec.coffset)
+            if value is not None:
+                out[path] = value / factor
+        return out
+
     def _panel_rigid_groups(self) -> dict[str, tuple[str, ...]]:
         """``rigid_group_*`` as given, plus ``group_*`` expanded to panel names."""
         out = dict(self.rigid_groups)

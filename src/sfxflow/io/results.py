@@ -235,15 +235,20 @@ class RunDir:
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        from sfxflow.io.storage import filesystem, is_local, local_path
+        from sfxflow.io.storage import filesystem, is_local, local_path, shown_url
 
+        if "://" in str(url) and not str(url).split("://", 1)[1].strip("/"):
+            # "s3://" would otherwise become the local folder "s3:"
+            raise InputError(f"run directory {shown_url(str(url))!r}: no bucket or path after "
+                             "'://'; expected e.g. s3://bucket/prefix or a local folder")
         self.url = str(url).rstrip("/") or str(url)
         self.storage_options = dict(storage_options or {})
         self.is_local = is_local(self.url)
         try:
             self.fs = filesystem(self.url, self.storage_options)
         except InputError as exc:
-            raise InputError(f"{self.url}: cannot use this run directory: {exc}") from None
+            raise InputError(f"{shown_url(self.url)}: cannot use this run directory: {exc}"
+                             ) from None
         if self.is_local:
             self.root = str(local_path(self.url).absolute())
         else:
@@ -266,7 +271,11 @@ class RunDir:
 
     def makedirs(self) -> None:
         if self.is_local:
-            os.makedirs(os.path.join(self.root, "shards"), exist_ok=True)
+            try:
+                os.makedirs(os.path.join(self.root, "shards"), exist_ok=True)
+            except OSError as exc:  # e.g. --out names an existing file
+                raise InputError(f"{self.url}: cannot create the run directory "
+                                 f"({exc.strerror or exc}); expected a folder path") from None
 
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(self.path(rel)))

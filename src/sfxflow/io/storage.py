@@ -50,6 +50,7 @@ __all__ = [
     "read_stats",
     "redact",
     "reset_read_stats",
+    "shown_url",
     "storage_options_from",
 ]
 
@@ -155,6 +156,13 @@ def storage_options_from(
     opts: dict[str, Any] = {}
     if endpoint_url:
         parts = urlsplit(endpoint_url)
+        if parts.username is not None or parts.password is not None:
+            # never echo (or keep, e.g. in config.toml) a password given inside a URL
+            shown = f"{parts.scheme}://***@{parts.hostname or ''}"
+            raise InputError(
+                f"S3 endpoint URL {shown!r} carries user:password; expected http(s)://host[:port] "
+                "with credentials from the AWS environment or profile"
+            )
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise InputError(
                 f"S3 endpoint URL {endpoint_url!r} is not valid: expected http(s)://host[:port]"
@@ -232,11 +240,27 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> An
         opts = _s3_options(opts)
     try:
         fs = fsspec.filesystem(proto, **opts)
-    except (ImportError, ValueError) as exc:
-        raise SourceError(url, f"no storage backend for protocol {proto!r}: {exc}") from exc
+    except (ImportError, ValueError, TypeError) as exc:  # TypeError: a backend needing a host
+        raise SourceError(shown_url(url),
+                          f"no storage backend for protocol {proto!r}: {exc}") from exc
     if proto in ("s3", "s3a"):
         fs.retries = _S3_FS_RETRIES  # s3fs's own retry loop on top of botocore's
     return fs
+
+
+def shown_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@`` (for messages and logs).
+
+    >>> shown_url("ftp://me:secret@host/data"), shown_url("s3://bucket/key")
+    ('ftp://***@host/data', 's3://bucket/key')
+    """
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    netloc, sep, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{sep}{path}"
 
 
 def _strip(url: str) -> str:
@@ -245,7 +269,7 @@ def _strip(url: str) -> str:
     return url.split("://", 1)[1]
 
 
-def _wrap_storage_error(url: str, exc: BaseException) -> SourceError:
+def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> SourceError:
     if isinstance(exc, SourceError):
         return exc
     if isinstance(exc, FileNotFoundError):
@@ -262,7 +286,7 @@ def _wrap_storage_error(url: str, exc: BaseException) -> SourceError:
         )
     if "EndpointConnectionError" in name or "Could not connect" in text or "connect" in text.lower():
         return SourceError(url, f"storage endpoint unreachable ({text})")
-    return SourceError(url, f"cannot read ({name}: {text})")
+    return SourceError(url, f"cannot {action} ({name}: {text})")
 
 
 def object_size(url: str, storage_options: Mapping[str, Any] | None = None) -> int:
@@ -379,7 +403,7 @@ def open_url(
                 return open(path, "wb")
             fh = _CountingLocalFile(path, "r")
         except OSError as exc:
-            raise _wrap_storage_error(url, exc) from exc
+            raise _wrap_storage_error(url, exc, "read" if mode == "rb" else "write") from exc
         _count(0, 0, 1)
         return io.BufferedReader(fh, buffer_size=1 << 20)  # type: ignore[return-value]
     fs = filesystem(url, storage_options)
@@ -388,7 +412,7 @@ def open_url(
         try:
             return fs.open(path_in_fs, "wb")
         except Exception as exc:
-            raise _wrap_storage_error(url, exc) from exc
+            raise _wrap_storage_error(url, exc, "write") from exc
     size = object_size(url, storage_options)
     if size <= whole_object_max_bytes:
         return io.BytesIO(read_bytes(url, storage_options))

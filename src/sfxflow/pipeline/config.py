@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -178,6 +179,10 @@ class ClusterConfig:
         for name in ("threads_per_worker", "cores", "jobs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cluster.{name} = {getattr(self, name)}: expected >= 1")
+        if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", str(self.walltime).strip()):
+            # the batch system would reject every worker job and the run would wait forever
+            raise ConfigError(f"cluster.walltime = {self.walltime!r}: expected HH:MM:SS "
+                              "(or D-HH:MM:SS, or minutes)")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ class Manifest:
     blocks: dict[str, BlockEntry]
     created_at: float = field(default_factory=time.time)
     version: int = MANIFEST_VERSION
+    #: SHA-256 of the CrystFEL geometry text the blocks were processed with ("" without one)
+    geometry_sha256: str = ""
 
     @classmethod
     def from_plan(cls, inputs: Iterable[str], entries: Iterable[BlockEntry]) -> Manifest:
@@ -84,6 +86,7 @@ class Manifest:
                 "version": self.version,
                 "created_at": self.created_at,
                 "inputs": self.inputs,
+                "geometry_sha256": self.geometry_sha256,
                 "counts": self.counts(),
                 "blocks": [asdict(b) for b in self.blocks.values()],
             },
@@ -98,6 +101,7 @@ class Manifest:
             m = cls.from_plan(data["inputs"], blocks)
             m.created_at = float(data.get("created_at", m.created_at))
             m.version = int(data.get("version", MANIFEST_VERSION))
+            m.geometry_sha256 = str(data.get("geometry_sha256", ""))
             return m
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{where}: not a valid sfxflow manifest ({exc})") from None

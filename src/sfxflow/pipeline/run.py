@@ -11,15 +11,17 @@ The run directory (local or ``s3://``) ends up holding::
 
 Running the same command again resumes: a block whose shards exist and verify is skipped; blocks
 recorded as failed are tried again. ``force=True`` recomputes everything. Changing a setting that
-changes results (spots, hit, index, target, block size, geometry) on an existing run directory
-is refused unless ``force`` is given.
+changes results (spots, hit, index, target, block size, geometry path or contents, turning the
+stream on) on an existing run directory is refused unless ``force`` is given.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,7 +74,7 @@ def resolve_config(config: ProcessConfig) -> ProcessConfig:
     sg = config.target.space_group
     if not sg:
         group = cf.space_group if cf.space_group is not None else default_space_group(*cf.lattice)
-        sg = group.hm
+        sg = group.xhm()  # keeps the setting (R 3:R vs R 3:H)
     return with_target(config, cf.cell.parameters, sg)
 
 
@@ -81,6 +83,19 @@ def _failed_file_ref(url: str) -> BlockRef:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip(".") or "file"
     digest = hashlib.sha1(url.encode()).hexdigest()[:10]
     return BlockRef(f"{stem}-{digest}-unreadable", url, -1, 0)
+
+
+def _refuse_same_file_twice(urls: Sequence[str]) -> None:
+    """One local file named twice (``a/x.cxi`` and ``a/../a/x.cxi``, a symlink) would be
+    processed twice under two names: refuse, as for a file listed twice."""
+    from sfxflow.io.storage import is_local, local_path
+
+    seen: dict[str, str] = {}
+    for url in urls:
+        key = os.path.realpath(local_path(url)) if is_local(url) else url
+        if key in seen and seen[key] != url:
+            raise InputError(f"input {url} is the same file as {seen[key]}; give each file once")
+        seen.setdefault(key, url)
 
 
 def plan_run(inputs: Sequence[str], config: ProcessConfig, geometry: Any,
@@ -95,6 +110,7 @@ def plan_run(inputs: Sequence[str], config: ProcessConfig, geometry: Any,
     from sfxflow.io.sources import discover, plan_blocks
 
     files = discover(list(inputs), geometry=geometry, storage_options=dict(storage_options or {}))
+    _refuse_same_file_twice([f.url for f in files if f.ok])
     good = [f for f in files if f.ok and f.n_frames > 0]
     for f in files:
         if f.ok and f.n_frames == 0:
@@ -121,6 +137,9 @@ def _check_compatible(run: RunDir, config: ProcessConfig) -> None:
     diffs = {k: v for k, v in _params.differences(old, config).items()
              if k.split(".")[0] in RESULT_SECTIONS
              or (k.startswith("io.") and k.split(".")[1] in RESULT_IO_KEYS)}
+    if config.io.write_stream and not old.io.write_stream:
+        # blocks done without a stream have empty stream shards: the stream would lack them
+        diffs = {"io.write_stream": (False, True), **diffs}
     if diffs:
         key, (was, now) = next(iter(diffs.items()))
         raise ConfigError(
@@ -137,7 +156,8 @@ def _stream_parts(config: ProcessConfig, geometry: Any, inputs: list[str],
         return None, None
     from sfxflow.pipeline.streams import stream_chunk, stream_header
 
-    return stream_header(config, geometry, inputs, storage_options), stream_chunk
+    chunk = stream_chunk if geometry is None else functools.partial(stream_chunk, geometry=geometry)
+    return stream_header(config, geometry, inputs, storage_options), chunk
 
 
 def _detector_info(geometry: Any, reports: Sequence[BlockReport]) -> dict[str, Any]:
@@ -216,6 +236,14 @@ def run_process(
             logger.warning("ignoring the old manifest: %s", exc)
     manifest = Manifest.from_plan(list(inputs), [BlockEntry(b.block_id, b.url, b.start, b.stop)
                                                  for b in blocks])
+    if geometry is not None:
+        manifest.geometry_sha256 = hashlib.sha256(geometry.text.encode()).hexdigest()
+    if (old_manifest is not None and old_manifest.geometry_sha256
+            and old_manifest.geometry_sha256 != manifest.geometry_sha256):
+        # the same --geometry path with edited contents: done blocks would be kept as they were
+        raise ConfigError(f"{run.url}: the geometry file {config.io.geometry} changed since this "
+                          "run directory was made (its contents differ); use --force to "
+                          "recompute or a new --out")
     todo: list[BlockRef] = []
     skipped = 0
     for b in blocks:

@@ -17,11 +17,14 @@ from sfxflow.models import Frame, ImageResult
 __all__ = ["stream_chunk", "stream_header"]
 
 
-def stream_chunk(result: ImageResult, frame: Frame) -> str:
-    """The stream chunk of one processed frame."""
+def stream_chunk(result: ImageResult, frame: Frame, geometry: Any = None) -> str:
+    """The stream chunk of one processed frame; with the run's CrystFEL ``geometry``, the
+    per-frame values it reads from the data files (e.g. ``clen``) are recorded as ``hdf5/...``
+    lines, without which the stream could not be read back with the header's geometry."""
     from sfxflow.io.stream import format_chunk
 
-    return format_chunk(result, frame.detector, beam=frame.beam)
+    values = geometry.header_values(frame.detector, frame.beam) if geometry is not None else None
+    return format_chunk(result, frame.detector, beam=frame.beam, header_values=values)
 
 
 def _first_frame(inputs: list[str], storage_options: Mapping[str, Any] | None) -> Frame | None:
