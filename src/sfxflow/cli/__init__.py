@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # distributed sets its own logger levels from dask's config when first imported (here, by
+    # the cluster layer or dask-jobqueue; and in every worker process this one starts), which
+    # would undo the setLevel below; the environment reaches all of them.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose > 0 else "warning")
     # werkzeug logs every request of a local moto S3 server (benchmarks) unless told otherwise
     for noisy in ("distributed", "botocore", "s3fs", "aiobotocore", "fsspec", "numba", "asyncio",
                   "werkzeug", "moto"):

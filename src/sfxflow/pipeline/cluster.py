@@ -104,23 +104,12 @@ def job_script(cfg: ClusterConfig) -> str:
         cluster.close()
 
 
-def _quiet_distributed() -> None:
-    """Importing distributed resets its loggers to INFO; keep them at WARNING unless this
-    process logs at DEBUG (``sfxflow -v``)."""
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-
-
 @contextlib.contextmanager
 def open_cluster(cfg: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
     """Start or join the cluster; yields ``(client, info)`` (``(None, info)`` when synchronous).
 
     The cluster started here is closed on exit (workers stop); a joined one is left running.
     """
-    if cfg.kind != "synchronous" or cfg.scheduler:
-        import distributed  # noqa: F401  (sets up its loggers on import)
-
-        _quiet_distributed()
     if cfg.scheduler:
         from distributed import Client
 
