@@ -99,6 +99,14 @@ def test_reciprocal_basis_is_inverse_transpose_of_orthogonalisation():
 def test_bad_cell_and_space_group_are_rejected():
     with pytest.raises(ValueError, match="6 numbers"):
         as_unit_cell("93 93 130.5")
+    with pytest.raises(ValueError, match="6 numbers"):
+        as_unit_cell("93 93 abc 90 90 120")
+    # gemmi would turn an impossible cell into 1 1 1 90 90 90 without a word
+    for bad in ("93 93 -130.5 90 90 120", "93 93 0 90 90 120", "93 93 130.5 90 90 0",
+                "50 50 50 120 120 120", "50 50 50 90 90 180"):
+        with pytest.raises(ValueError, match="real cell"):
+            as_unit_cell(bad)
+    assert as_unit_cell("60 60 60 80 80 80").alpha == 80
     with pytest.raises(ValueError, match="unknown space group"):
         as_space_group("P 7 7 7")
 

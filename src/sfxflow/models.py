@@ -285,7 +285,18 @@ def as_unit_cell(cell: gemmi.UnitCell | Sequence[float] | str) -> gemmi.UnitCell
         parts = [float(x) for x in cell]
     if len(parts) != 6:
         raise ValueError(f"a unit cell needs 6 numbers (a b c alpha beta gamma), got {cell!r}")
-    vals = [float(x) for x in parts]
+    try:
+        vals = [float(x) for x in parts]
+    except ValueError:
+        raise ValueError(f"a unit cell needs 6 numbers (a b c alpha beta gamma), got {cell!r}") from None
+    cos = [math.cos(math.radians(x)) for x in vals[3:]]
+    # gemmi silently replaces an impossible cell by 1 1 1 90 90 90, so check before it sees one;
+    # metric = (V / abc)^2, and no real crystal has a volume under 0.1% of abc
+    metric = 1 - sum(c * c for c in cos) + 2 * cos[0] * cos[1] * cos[2]
+    if not (all(math.isfinite(v) for v in vals) and min(vals[:3]) > 0
+            and all(0 < x < 180 for x in vals[3:]) and metric > 1e-6):
+        raise ValueError(f"unit cell {' '.join(f'{v:g}' for v in vals)}: expected positive lengths "
+                         "and angles between 0 and 180 degrees that form a real cell")
     return gemmi.UnitCell(*vals)
 
 

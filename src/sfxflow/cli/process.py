@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from sfxflow.errors import InputError
+from sfxflow.models import as_unit_cell
 
 HELP = "process a run: spots -> hits -> indexing on every frame, locally or on a cluster"
 DESCRIPTION = HELP + """
@@ -86,15 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_cell(text: str) -> list[float]:
-    parts = text.replace(",", " ").split()
     try:
-        values = [float(x) for x in parts]
-    except ValueError:
-        values = []
-    if len(values) != 6 or not all(v > 0 for v in values):
-        raise InputError(f"--cell {text!r}: expected six positive numbers \"a b c alpha beta gamma\" "
-                         "(Å, degrees)")
-    return values
+        return list(as_unit_cell(text).parameters)
+    except ValueError as exc:
+        raise InputError(f"--cell {text!r}: {exc}") from None
 
 
 def cli_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -57,12 +57,8 @@ def build_params(args: argparse.Namespace):
         try:
             cell = as_unit_cell(args.cell)
         except ValueError as exc:
-            raise InputError(f"--cell {args.cell!r}: expected six numbers 'a b c al be ga'") from exc
-        params = cell.parameters
-        if min(params[:3]) <= 0 or not all(0 < x < 180 for x in params[3:]) or cell.volume <= 0:
-            raise InputError(f"--cell {args.cell!r}: expected positive lengths and angles "
-                             "between 0 and 180 degrees forming a real cell")
-        changes["cell"] = tuple(params)
+            raise InputError(f"--cell {args.cell!r}: {exc}") from exc
+        changes["cell"] = tuple(cell.parameters)
     if args.space_group is not None:
         try:
             changes["space_group"] = as_space_group(args.space_group).xhm()
