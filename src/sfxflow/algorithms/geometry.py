@@ -17,6 +17,7 @@ __all__ = [
     "PanelMatrices",
     "PredictedSpots",
     "d_spacing_a",
+    "lab_to_q",
     "miller_indices",
     "panel_matrices",
     "pixels_to_lab_mm",
@@ -64,8 +65,12 @@ def pixels_to_q(
     detector: Detector, beam: Beam, panel: np.ndarray, fs_px: np.ndarray, ss_px: np.ndarray
 ) -> np.ndarray:
     """Scattering vectors ``q = s1 - s0`` (Å⁻¹), shape ``(n, 3)``, of pixel coordinates."""
-    r = pixels_to_lab_mm(detector, panel, fs_px, ss_px)
-    s1 = r / (np.linalg.norm(r, axis=1, keepdims=True) * beam.wavelength_a)
+    return lab_to_q(pixels_to_lab_mm(detector, panel, fs_px, ss_px), beam)
+
+
+def lab_to_q(lab_mm: np.ndarray, beam: Beam) -> np.ndarray:
+    """Scattering vectors ``q = s1 - s0`` (Å⁻¹) of rays from the sample to lab points (n, 3)."""
+    s1 = lab_mm / (np.linalg.norm(lab_mm, axis=1, keepdims=True) * beam.wavelength_a)
     return s1 - np.asarray(beam.s0_inv_a)
 
 

@@ -2,7 +2,7 @@
 
 Method (pair-vector matching with a known cell, the idea of TakeTwo / TORO):
 
-1. Spots -> scattering vectors ``q`` (:func:`~sfxflow.algorithms.geometry.pixels_to_q`).
+1. Spots -> scattering vectors ``q`` (:func:`~sfxflow.algorithms.geometry.lab_to_q`).
 2. For the target cell and space group a table of all symmetry-allowed Miller indices, sorted by
    ``|q|``, is built once and cached (:func:`target_table`). The first index of a pair is taken
    only among one representative per orbit of the point group's rotations (every other choice
@@ -63,10 +63,10 @@ import numpy as np
 from numba import njit
 
 from sfxflow.algorithms.geometry import (
+    lab_to_q,
     miller_indices,
     panel_matrices,
     pixels_to_lab_mm,
-    pixels_to_q,
 )
 from sfxflow.algorithms.refine import RefineParams, RefineResult, cell_parameters, refine_still
 from sfxflow.models import (
@@ -872,13 +872,13 @@ def index_spots(
     n = len(spots)
     if n < max(params.min_spots, params.min_indexed):
         return _fail(f"too few spots ({n} < {max(params.min_spots, params.min_indexed)})", n)
-    q = pixels_to_q(detector, beam, spots.panel, spots.fs_px, spots.ss_px)
+    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
+    q = lab_to_q(lab, beam)
     q_len = np.linalg.norm(q, axis=1)
     eligible = np.flatnonzero((q_len > 0) & (q_len >= 1.0 / params.max_d_a))
     pair_order = eligible[np.argsort(q_len[eligible], kind="stable")]
     if pair_order.size < 2:
         return _fail("too few spots with usable resolution for pairs", n)
-    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
     dist = np.linalg.norm(lab, axis=1)
     rays = lab / dist[:, None]
     pix = np.array([p.pixel_size_mm for p in detector.panels])[spots.panel]
