@@ -34,3 +34,31 @@ class SourceError(InputError):
 
 class ConfigError(InputError):
     """A configuration file or option with a bad key or value."""
+
+
+class StorageUnavailable(SourceError):
+    """Storage did not answer (refused connection, timeout, 5xx, EIO) even after retrying.
+
+    Not a problem of the data: the frames concerned are left for a rerun instead of being
+    recorded as failed for good.
+    """
+
+
+class RunDirError(SfxflowError):
+    """The run directory cannot be written (a full disk, a dead object-storage endpoint).
+
+    Nothing is wrong with the inputs or options, and what was written so far is kept: the CLI
+    prints one line and exits with :data:`EXIT_RERUN`, since rerunning the same command resumes.
+    """
+
+    def __init__(self, run_url: str, cause: str) -> None:
+        super().__init__(f"cannot write to the run directory {run_url}: {cause}; fix that and "
+                         "run the same command again to resume")
+        self.run_url = run_url
+        self.cause = cause
+
+
+#: Exit status of a run that stopped or ended with work left for a rerun (a storage outage, an
+#: unwritable run directory): sysexits.h EX_TEMPFAIL, "temporary failure; the user is invited to
+#: retry". Distinct from 2 (fix the command line first) and 1 (blocks failed for good).
+EXIT_RERUN = 75

@@ -79,6 +79,7 @@ def test_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     opts = storage_options_from(f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(storage, "_retry", storage.RetryPolicy(total_s=1.0, first_delay_s=0.2))
     t0 = time.perf_counter()
     with pytest.raises(SourceError, match=r"s3://bucket/k\.cbf: storage endpoint unreachable"):
         open_url("s3://bucket/k.cbf", storage_options=opts)

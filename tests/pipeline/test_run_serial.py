@@ -58,7 +58,7 @@ def test_serial_run_directory_and_results(sim_set, serial_run):
     assert summary["bytes_read"] > 12 * 1024 * 1024  # float32 frames, uncompressed
     assert summary["detector"]["n_pixels"] == 1024 * 1024
     manifest = Manifest.from_json((out / "manifest.json").read_text())
-    assert manifest.counts() == {"pending": 0, "done": 6, "failed": 0}
+    assert manifest.counts() == {"pending": 0, "done": 6, "failed": 0, "unread": 0}
     # the stream: one header + chunks of every frame
     stream = (out / "header.stream").read_text() + "".join(
         p.read_text() for p in sorted((out / "shards").glob("*.stream")))

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sfxflow.errors import InputError
+from sfxflow.errors import InputError, RunDirError, SfxflowError, StorageUnavailable
 from sfxflow.models import SPOT_COLUMNS, FrameStatus, ImageResult
 
 __all__ = [
@@ -288,11 +288,33 @@ class RunDir:
         return self.read_bytes(rel).decode("utf-8")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to ``rel`` atomically (temp + rename locally, one put on object stores)."""
+        """Write ``data`` to ``rel`` atomically (temp + rename locally, one put on object stores).
+
+        Raises
+        ------
+        RunDirError
+            The store refused the write (a full disk, an endpoint dead beyond the retries).
+        """
+        from sfxflow.io.storage import is_transient, redact_urls, retrying, shown_url
+
+        try:
+            if self.is_local:
+                self._write_local(rel, data)
+            else:
+                retrying(lambda: self.fs.pipe_file(self.path(rel), data), self.url_of(rel),
+                         "write")
+        except Exception as exc:
+            if isinstance(exc, SfxflowError) and not isinstance(exc, StorageUnavailable):
+                raise
+            if not (isinstance(exc, OSError) or is_transient(exc)):
+                raise
+            text = (getattr(exc, "strerror", None) or str(exc).splitlines()[0] if str(exc)
+                    else type(exc).__name__)
+            raise RunDirError(shown_url(self.url), f"writing {rel} failed "
+                              f"({type(exc).__name__}: {redact_urls(str(text))})") from None
+
+    def _write_local(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
-        if not self.is_local:
-            self.fs.pipe_file(target, data)
-            return
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")

@@ -118,6 +118,8 @@ class RunConfig:
     strict : let unexpected exceptions in per-frame processing propagate (debugging) instead
         of recording the frame as ``failed``.
     manifest_interval_s : least seconds between manifest rewrites while running.
+    storage_retry_s : how long a transient storage error (refused connection, timeout, HTTP
+        5xx, EIO) is retried, with back-off, before the frames concerned are left for a rerun.
     """
 
     task_retries: int = 1
@@ -125,11 +127,15 @@ class RunConfig:
     max_blocks: int = 0
     strict: bool = False
     manifest_interval_s: float = 5.0
+    storage_retry_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("task_retries", "allowed_failures", "max_blocks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name} = {getattr(self, name)}: expected >= 0")
+        if not 0 <= self.storage_retry_s <= 86400:
+            raise ConfigError(f"run.storage_retry_s = {self.storage_retry_s}: expected 0 to "
+                              "86400 seconds")
 
 
 @dataclass(frozen=True)
