@@ -203,3 +203,52 @@ def test_bad_inputs_fail_only_their_frames(tmp_path):
     summary = result.summary
     assert summary["failed"] == 4 and summary["misses"] == 7
     assert sum(summary["failed_reasons"].values()) == 4
+
+
+def test_frames_without_information_are_failed_at_read(tmp_path):
+    # before: all-NaN, all-inf, all-zero and saturated frames, and a 1 eV photon energy, were
+    # saved as ordinary misses with no reason
+    import h5py
+
+    from sfxflow.algorithms import layouts
+    from sfxflow.algorithms.simulate import SimulationParams
+    from sfxflow.io.simulated import write_simulated_dataset
+
+    info = write_simulated_dataset(tmp_path / "data", layouts.simple(distance_mm=100.0, n_px=256),
+                                   None, SimulationParams(hit_fraction=0.0), n_frames=6,
+                                   n_files=1, seed=3)
+    with h5py.File(info.files[0], "r+") as f:
+        data = f["/entry_1/data_1/data"]
+        data[0] = np.nan
+        data[1] = 0.0
+        data[3] = np.inf
+        data[4] = 50000.0
+        f["/LCLS/photon_energy_eV"][2] = 1.0
+    geom = tmp_path / "saturating.geom"
+    geom.write_text(info.geometry_path.read_text() + "p0/max_adu = 50000\n")
+    cfg = load_config(overrides=[*base_overrides(geom, 6), "cluster.kind=synchronous"])
+    result = run_process([str(info.files[0])], str(tmp_path / "run"), cfg)
+    assert result.complete
+    rows = {r["frame_index"]: r for r in read_frames(tmp_path / "run").to_pylist()}
+    expected = {0: "every pixel is NaN", 1: "every pixel is zero", 2: "photon energy 1 eV",
+                3: "every pixel is +inf", 4: "every pixel is saturated (>= max_adu 50000)"}
+    for i, reason in expected.items():
+        assert (rows[i]["status"], rows[i]["stage"]) == ("failed", "read"), rows[i]
+        assert reason in rows[i]["reason"]
+    assert "accepted range 620 eV to 6.2 MeV" in rows[2]["reason"]
+    assert rows[5]["status"] == "miss"
+
+
+@pytest.mark.parametrize("energy", ["1 eV", "1e9 eV"])
+def test_geometry_with_an_absurd_photon_energy_is_refused(sim_set, tmp_path, capsys, energy):
+    from sfxflow.cli import main
+
+    geom = tmp_path / "bad.geom"
+    geom.write_text(sim_set.geometry_path.read_text().replace(
+        "photon_energy = /LCLS/photon_energy_eV eV", f"photon_energy = {energy}"))
+    code = main(["process", str(sim_set.files[0]), "--out", str(tmp_path / "run"),
+                 "--geometry", str(geom), "--scheduler", "synchronous"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(geom) in err and "photon energy" in err
+    assert "accepted range 620 eV to 6.2 MeV" in err
