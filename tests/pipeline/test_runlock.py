@@ -75,7 +75,7 @@ def test_stale_locks_are_taken_over(sim_set, tmp_path, caplog):
     _write_lock(out, host="elsewhere.example", pid=1, updated_at=time.time() - 3600)
     assert run_process([str(p) for p in sim_set.files[:1]], str(out), _cfg(sim_set)).complete
     _write_lock(out, host="elsewhere.example", pid=1)
-    with pytest.raises(RunLocked, match="host elsewhere.example"):
+    with pytest.raises(RunLocked, match=r"host elsewhere\.example"):
         run_process([str(p) for p in sim_set.files[:1]], str(out), _cfg(sim_set))
 
 
@@ -88,7 +88,7 @@ def test_fewer_or_changed_inputs_are_refused_unless_forced(sim_set, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [f["url"] for f in manifest["files"]] == files
     assert all(f["size"] > 0 and f["version"].startswith("mtime_ns:") for f in manifest["files"])
-    with pytest.raises(ConfigError, match="no longer among the inputs.*--force"):
+    with pytest.raises(ConfigError, match=r"no longer among the inputs.*--force"):
         run_process(files[:1], str(out), _cfg(sim_set))
     assert read_frames(out).num_rows == 12  # untouched
     # changed content under the same name (size or mtime)
