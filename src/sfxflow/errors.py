@@ -45,14 +45,14 @@ class StorageUnavailable(SourceError):
 
 
 class RunDirError(SfxflowError):
-    """The run directory cannot be written (a full disk, a dead object-storage endpoint).
+    """The run directory cannot be written or read (a full disk, a dead object-storage endpoint).
 
     Nothing is wrong with the inputs or options, and what was written so far is kept: the CLI
     prints one line and exits with :data:`EXIT_RERUN`, since rerunning the same command resumes.
     """
 
-    def __init__(self, run_url: str, cause: str) -> None:
-        super().__init__(f"cannot write to the run directory {run_url}: {cause}; fix that and "
+    def __init__(self, run_url: str, cause: str, action: str = "write to") -> None:
+        super().__init__(f"cannot {action} the run directory {run_url}: {cause}; fix that and "
                          "run the same command again to resume")
         self.run_url = run_url
         self.cause = cause

@@ -252,3 +252,39 @@ def test_geometry_with_an_absurd_photon_energy_is_refused(sim_set, tmp_path, cap
     assert code == 2 and "Traceback" not in err
     assert str(geom) in err and "photon energy" in err
     assert "accepted range 620 eV to 6.2 MeV" in err
+
+
+def test_rerun_keeps_the_measured_figures_and_logs_one_line(sim_set, tmp_path, caplog):
+    # before: a rerun with nothing to do wrote core_seconds_per_frame null, workers {} and
+    # bytes_read 0 (and `sfxflow plan --summary` refused it); resuming logged one "will be
+    # recomputed: missing shard: [Errno 2]" line per block not yet done
+    from sfxflow.cost.model import measurement_from_summary
+
+    files = [str(p) for p in sim_set.files]
+    out = tmp_path / "run"
+    cfg = load_config(overrides=[*base_overrides(sim_set.geometry_path), "cluster.kind=synchronous"])
+    run_process(files, str(out), load_config(overrides=[
+        *base_overrides(sim_set.geometry_path), "cluster.kind=synchronous", "run.max_blocks=2"]))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sfxflow"):
+        run_process(files, str(out), cfg)
+    assert "will be recomputed" not in caplog.text and "Errno" not in caplog.text
+    assert "resuming: 2 block(s) already done, 4 to do" in caplog.text
+    measured = json.loads((out / "summary.json").read_text())
+    assert measured["frames_processed"] == 8 and measured["core_seconds_per_frame"] > 0
+
+    again = run_process(files, str(out), cfg)
+    assert again.blocks_done == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("core_seconds_per_frame", "workers", "bytes_read", "frames_per_s",
+                "frames_processed", "measured_by_run_at"):
+        assert summary[key] == measured[key], key
+    assert summary["blocks_skipped"] == 6 and summary["frames"] == 12
+    assert measurement_from_summary(summary, str(out / "summary.json"), 1.0) is not None
+
+    (out / "shards" / os.listdir(out / "shards")[0]).unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sfxflow"):
+        run_process(files, str(out), cfg)
+    lines = [r.getMessage() for r in caplog.records if "recomputed" in r.getMessage()]
+    assert len(lines) == 1 and "1 block(s) will be recomputed (1 " in lines[0]

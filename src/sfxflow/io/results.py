@@ -25,9 +25,9 @@ import math
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 
 from sfxflow.errors import InputError, RunDirError, SfxflowError, StorageUnavailable
 from sfxflow.models import SPOT_COLUMNS, FrameStatus, ImageResult
+
+T = TypeVar("T")
 
 __all__ = [
     "CELL_COLUMNS",
@@ -278,11 +280,14 @@ class RunDir:
                                  f"({exc.strerror or exc}); expected a folder path") from None
 
     def exists(self, rel: str) -> bool:
-        return bool(self.fs.exists(self.path(rel)))
+        return bool(self._storage_call(rel, "lookup", lambda: self.fs.exists(self.path(rel))))
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.path(rel), "rb") as f:
-            return f.read()
+        def read() -> bytes:
+            with self.fs.open(self.path(rel), "rb") as f:
+                return bytes(f.read())
+
+        return self._storage_call(rel, "read", read)
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -295,14 +300,20 @@ class RunDir:
         RunDirError
             The store refused the write (a full disk, an endpoint dead beyond the retries).
         """
+        if self.is_local:
+            self._storage_call(rel, "write", lambda: self._write_local(rel, data))
+        else:
+            self._storage_call(rel, "write", lambda: self.fs.pipe_file(self.path(rel), data))
+
+    def _storage_call(self, rel: str, action: str, call: Callable[[], T]) -> T:
+        """``call()``, with transient errors retried and storage failures as one clear
+        :class:`RunDirError` (a missing file stays :class:`FileNotFoundError`)."""
         from sfxflow.io.storage import is_transient, redact_urls, retrying, shown_url
 
         try:
-            if self.is_local:
-                self._write_local(rel, data)
-            else:
-                retrying(lambda: self.fs.pipe_file(self.path(rel), data), self.url_of(rel),
-                         "write")
+            return call() if self.is_local else retrying(call, self.url_of(rel), action)
+        except FileNotFoundError:
+            raise
         except Exception as exc:
             if isinstance(exc, SfxflowError) and not isinstance(exc, StorageUnavailable):
                 raise
@@ -310,8 +321,9 @@ class RunDir:
                 raise
             text = (getattr(exc, "strerror", None) or str(exc).splitlines()[0] if str(exc)
                     else type(exc).__name__)
-            raise RunDirError(shown_url(self.url), f"writing {rel} failed "
-                              f"({type(exc).__name__}: {redact_urls(str(text))})") from None
+            raise RunDirError(shown_url(self.url), f"{action} of {rel} failed "
+                              f"({type(exc).__name__}: {redact_urls(str(text))})",
+                              "write to" if action == "write" else "read") from None
 
     def _write_local(self, rel: str, data: bytes) -> None:
         target = self.path(rel)

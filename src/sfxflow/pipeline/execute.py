@@ -421,6 +421,10 @@ def _register_cleanup(client: Any, worker_plugin: str) -> str | None:
     return name
 
 
+def _quiet_distributed_logs() -> None:
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
 def _set_allowed_failures(client: Any, n: int) -> None:
     def _set(dask_scheduler: Any = None, n: int = n) -> int:
         dask_scheduler.allowed_failures = n
@@ -478,6 +482,12 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
             finally:
                 fut.release()
             on_report(report)
+    except KeyboardInterrupt:
+        # the workers are about to cancel the running blocks: each would log a warning about
+        # it, when the interruption is the one thing to say (the CLI says it)
+        with contextlib.suppress(Exception):
+            client.run(_quiet_distributed_logs)
+        raise
     finally:
         for fut in futures:
             if fut.status == "pending":
