@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sfxflow.pipeline.runlock import LOCK_NAME
 
 from .conftest import base_overrides, comparable, read_frames
 from .crashing import CRASH_FILE, CRASH_FRAME
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 
