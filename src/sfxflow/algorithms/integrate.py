@@ -110,37 +110,31 @@ def _paint(occ, ptab, panel, fs, ss, radius, add):  # pragma: no cover - numba
                     occ[lead, ss0 + y, fs0 + x] += add
 
 
-@njit(cache=True)
-def _solve3(m, b):  # pragma: no cover - numba
-    """Solve a symmetric 3x3 system (Cramer); returns (x, ok)."""
-    det = (m[0, 0] * (m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1])
-           - m[0, 1] * (m[1, 0] * m[2, 2] - m[1, 2] * m[2, 0])
-           + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0]))
-    x = np.zeros(3)
+@njit(cache=True, inline="always")
+def _inv_sym3(a, b, c, d, e, f):  # pragma: no cover - numba
+    """Inverse of the symmetric matrix [[a, b, c], [b, d, e], [c, e, f]] as its six distinct
+    elements, and whether it is invertible."""
+    c00 = d * f - e * e
+    c01 = c * e - b * f
+    c02 = b * e - c * d
+    det = a * c00 + b * c01 + c * c02
     if abs(det) < 1e-12:
-        return x, False
-    for c in range(3):
-        mm = m.copy()
-        for r in range(3):
-            mm[r, c] = b[r]
-        x[c] = (mm[0, 0] * (mm[1, 1] * mm[2, 2] - mm[1, 2] * mm[2, 1])
-                - mm[0, 1] * (mm[1, 0] * mm[2, 2] - mm[1, 2] * mm[2, 0])
-                + mm[0, 2] * (mm[1, 0] * mm[2, 1] - mm[1, 1] * mm[2, 0])) / det
-    return x, True
+        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, False
+    inv = 1.0 / det
+    return (c00 * inv, c01 * inv, c02 * inv, (a * f - c * c) * inv, (b * c - a * e) * inv,
+            (a * d - b * b) * inv, True)
 
 
 @njit(cache=True)
 def _integrate_kernel(data3, mask3, occ, ptab, pf, panel, fs, ss, r_peak, r_in, r_out,
                       nsigma, cycles, min_bg, out_i, out_sig, out_bg, out_peak, out_npk,
                       out_flags):  # pragma: no cover - numba
-    ir = math.ceil(r_out) + 1
+    ir = math.ceil(r_out)
     w = 2 * ir + 1
     bx = np.empty(w * w)
     by = np.empty(w * w)
     bv = np.empty(w * w)
     bok = np.empty(w * w, dtype=np.bool_)
-    m = np.empty((3, 3))
-    rhs = np.empty(3)
     rp2, ri2, ro2 = r_peak * r_peak, r_in * r_in, r_out * r_out
     for j in range(panel.shape[0]):
         p = panel[j]
@@ -156,24 +150,37 @@ def _integrate_kernel(data3, mask3, occ, ptab, pf, panel, fs, ss, r_peak, r_in, 
         sx_peak = 0.0
         sy_peak = 0.0
         peak_max = -np.inf
-        for y in range(cy - ir, cy + ir + 1):
+        y0 = max(cy - ir, 0)
+        y1 = min(cy + ir, nss - 1)
+        x0 = max(cx - ir, 0)
+        x1 = min(cx + ir, nfs - 1)
+        if y0 != cy - ir or y1 != cy + ir or x0 != cx - ir or x1 != cx + ir:
+            # near an edge: is any pixel of the peak disc off the panel?
+            for y in range(cy - ir, cy + ir + 1):
+                dy = y + 0.5 - ss[j]
+                for x in range(cx - ir, cx + ir + 1):
+                    dx = x + 0.5 - fs[j]
+                    if dx * dx + dy * dy <= rp2 and not (0 <= x < nfs and 0 <= y < nss):
+                        flags |= 4
+        for y in range(y0, y1 + 1):
             dy = y + 0.5 - ss[j]
-            for x in range(cx - ir, cx + ir + 1):
+            dy2 = dy * dy
+            if dy2 > ro2:
+                continue
+            row = ss0 + y
+            for x in range(x0, x1 + 1):
                 dx = x + 0.5 - fs[j]
-                r2 = dx * dx + dy * dy
+                r2 = dx * dx + dy2
                 if r2 > ro2:
                     continue
-                inside = 0 <= x < nfs and 0 <= y < nss
+                col = fs0 + x
                 if r2 <= rp2:
-                    if not inside:
-                        flags |= 4
-                        continue
-                    if mask3[lead, ss0 + y, fs0 + x] == 0:
+                    if mask3[lead, row, col] == 0:
                         flags |= 1
                         continue
-                    if occ[lead, ss0 + y, fs0 + x] > 1:
+                    if occ[lead, row, col] > 1:
                         flags |= 8
-                    v = data3[lead, ss0 + y, fs0 + x]
+                    v = data3[lead, row, col]
                     if v >= max_adu:
                         flags |= 2
                     v = v / gain
@@ -184,11 +191,9 @@ def _integrate_kernel(data3, mask3, occ, ptab, pf, panel, fs, ss, r_peak, r_in, 
                     if v > peak_max:
                         peak_max = v
                 elif r2 >= ri2:
-                    if not inside or mask3[lead, ss0 + y, fs0 + x] == 0:
+                    if mask3[lead, row, col] == 0 or occ[lead, row, col] > 0:
                         continue
-                    if occ[lead, ss0 + y, fs0 + x] > 0:
-                        continue
-                    v = data3[lead, ss0 + y, fs0 + x]
+                    v = data3[lead, row, col]
                     if v >= max_adu:
                         continue
                     bx[nb] = dx
@@ -204,48 +209,48 @@ def _integrate_kernel(data3, mask3, occ, ptab, pf, panel, fs, ss, r_peak, r_in, 
             out_bg[j] = np.nan
             out_peak[j] = np.nan
             continue
-        coef = np.zeros(3)
+        c0 = c1 = c2 = 0.0
+        i00 = i01 = i02 = i11 = i12 = i22 = 0.0
         var_b = 0.0
-        n_used = nb
         ok = True
         for cyc in range(cycles + 1):
-            m[:, :] = 0.0
-            rhs[:] = 0.0
+            s0 = sx = sy = sxx = sxy = syy = r0 = rx = ry = 0.0
             n_used = 0
             for i in range(nb):
                 if not bok[i]:
                     continue
-                m[0, 0] += 1.0
-                m[0, 1] += bx[i]
-                m[0, 2] += by[i]
-                m[1, 1] += bx[i] * bx[i]
-                m[1, 2] += bx[i] * by[i]
-                m[2, 2] += by[i] * by[i]
-                rhs[0] += bv[i]
-                rhs[1] += bv[i] * bx[i]
-                rhs[2] += bv[i] * by[i]
+                x_, y_, v_ = bx[i], by[i], bv[i]
+                s0 += 1.0
+                sx += x_
+                sy += y_
+                sxx += x_ * x_
+                sxy += x_ * y_
+                syy += y_ * y_
+                r0 += v_
+                rx += v_ * x_
+                ry += v_ * y_
                 n_used += 1
-            m[1, 0] = m[0, 1]
-            m[2, 0] = m[0, 2]
-            m[2, 1] = m[1, 2]
-            coef, ok = _solve3(m, rhs)
+            i00, i01, i02, i11, i12, i22, ok = _inv_sym3(s0, sx, sy, sxx, sxy, syy)
             if not ok or n_used < min_bg:
                 ok = False
                 break
+            c0 = i00 * r0 + i01 * rx + i02 * ry
+            c1 = i01 * r0 + i11 * rx + i12 * ry
+            c2 = i02 * r0 + i12 * rx + i22 * ry
             ss_res = 0.0
             for i in range(nb):
                 if bok[i]:
-                    r = bv[i] - coef[0] - coef[1] * bx[i] - coef[2] * by[i]
+                    r = bv[i] - c0 - c1 * bx[i] - c2 * by[i]
                     ss_res += r * r
             var_b = ss_res / max(n_used - 3, 1)
             if cyc == cycles:
                 break
             # the pixel variance is at least the Poisson variance of the fitted background
-            lim = nsigma * math.sqrt(max(var_b, coef[0], 1e-12))
+            lim = nsigma * math.sqrt(max(var_b, c0, 1e-12))
             rejected = 0
             for i in range(nb):
                 if bok[i]:
-                    r = bv[i] - coef[0] - coef[1] * bx[i] - coef[2] * by[i]
+                    r = bv[i] - c0 - c1 * bx[i] - c2 * by[i]
                     if abs(r) > lim:
                         bok[i] = False
                         rejected += 1
@@ -259,15 +264,15 @@ def _integrate_kernel(data3, mask3, occ, ptab, pf, panel, fs, ss, r_peak, r_in, 
             out_bg[j] = np.nan
             out_peak[j] = np.nan
             continue
-        bg_sum = coef[0] * n_peak + coef[1] * sx_peak + coef[2] * sy_peak
+        bg_sum = c0 * n_peak + c1 * sx_peak + c2 * sy_peak
         inten = s_peak - bg_sum
         # variance of the fitted plane summed over the peak: var_b * w^T (X^T X)^-1 w
-        wv = np.array([float(n_peak), sx_peak, sy_peak])
-        z, _ = _solve3(m, wv)
-        plane_var = var_b * (wv[0] * z[0] + wv[1] * z[1] + wv[2] * z[2])
+        w0, w1, w2 = float(n_peak), sx_peak, sy_peak
+        plane_var = var_b * (i00 * w0 * w0 + i11 * w1 * w1 + i22 * w2 * w2
+                             + 2.0 * (i01 * w0 * w1 + i02 * w0 * w2 + i12 * w1 * w2))
         out_i[j] = inten
         out_sig[j] = math.sqrt(max(inten, 0.0) + n_peak * var_b + plane_var)
-        out_bg[j] = coef[0]
+        out_bg[j] = c0
         out_peak[j] = peak_max
 
 

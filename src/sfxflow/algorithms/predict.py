@@ -31,9 +31,11 @@ Pure numpy/numba; no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import gemmi
 import numpy as np
 from numba import njit
 
@@ -165,22 +167,19 @@ def refine_profile(excitation_inv_a: np.ndarray, q_inv_a: np.ndarray, beam: Beam
     if exc.size < params.min_spots:
         return ProfileModel.for_beam(params.default_profile_radius_inv_a, beam)
     lo, hi = params.min_profile_radius_inv_a, params.max_profile_radius_inv_a
-
-    def typical(r: float) -> float:
-        return float(np.median(exc / ProfileModel.for_beam(r, beam).width_inv_a(q)))
-
-    if typical(lo) <= _HALF_NORMAL_MEDIAN:
+    # median of |ε|/σ(R) on a log grid of R at once (it falls as R grows), then interpolated
+    grid = np.geomspace(lo, hi, 97)
+    beam_terms = (ProfileModel.for_beam(0.0, beam).width_inv_a(q)) ** 2
+    typical = np.median(exc[None, :] / np.sqrt(grid[:, None] ** 2 + beam_terms[None, :]), axis=1)
+    if typical[0] <= _HALF_NORMAL_MEDIAN:
         r = lo  # the beam alone explains the spread
-    elif typical(hi) >= _HALF_NORMAL_MEDIAN:
+    elif typical[-1] >= _HALF_NORMAL_MEDIAN:
         r = hi
     else:
-        for _ in range(40):  # bisection in log(R): typical() falls as R grows
-            mid = math.sqrt(lo * hi)
-            if typical(mid) > _HALF_NORMAL_MEDIAN:
-                lo = mid
-            else:
-                hi = mid
-        r = math.sqrt(lo * hi)
+        k = int(np.flatnonzero(typical < _HALF_NORMAL_MEDIAN)[0])
+        t0, t1 = typical[k - 1], typical[k]
+        frac = (t0 - _HALF_NORMAL_MEDIAN) / (t0 - t1) if t0 != t1 else 0.0
+        r = float(np.exp(np.log(grid[k - 1]) + frac * np.log(grid[k] / grid[k - 1])))
     r = min(max(r * params.detection_bias, params.min_profile_radius_inv_a),
             params.max_profile_radius_inv_a)
     return ProfileModel.for_beam(r, beam)
@@ -203,6 +202,11 @@ class Prediction:
 
     def __len__(self) -> int:
         return int(self.hkl.shape[0])
+
+
+@functools.lru_cache(maxsize=32)
+def _group_ops(xhm: str) -> gemmi.GroupOps:
+    return gemmi.SpaceGroup(xhm).operations()
 
 
 @dataclass(frozen=True)
@@ -381,7 +385,7 @@ def predict_reflections(
     q_len = np.linalg.norm(q, axis=1)
     keep = np.abs(exc) <= params.cutoff * profile.width_inv_a(q_len)
     if keep.any():
-        absent = np.asarray(crystal.space_group.operations().systematic_absences(
+        absent = np.asarray(_group_ops(crystal.space_group.xhm()).systematic_absences(
             hkl[keep].astype(np.int32)), dtype=bool)
         keep[np.flatnonzero(keep)[absent]] = False
     hkl, exc, q, q_len = hkl[keep], exc[keep], q[keep], q_len[keep]
