@@ -71,6 +71,28 @@ def test_misorientation_known_angle_and_symmetry() -> None:
     assert misorientation_deg(a, Crystal.from_u(target.cell, p1, r60 @ u), p1) == pytest.approx(60)
 
 
+def test_misorientation_of_a_non_orthogonal_cell_in_every_setting() -> None:
+    """A refined cell's angles are off 90 deg: each setting A @ M has its own cell and B."""
+    sg = gemmi.SpaceGroup("C 2 2 21")
+    cell = gemmi.UnitCell(64.8, 112.3, 52.1, 90.6, 89.2, 90.9)
+    x = Crystal.from_u(cell, sg, Rotation.random(random_state=7).as_matrix())
+    for m in point_group_rotations(sg):
+        a_m = x.a_matrix @ m
+        real = np.linalg.inv(a_m)
+        lengths = np.linalg.norm(real, axis=1)
+        cos = [real[1] @ real[2] / (lengths[1] * lengths[2]),
+               real[0] @ real[2] / (lengths[0] * lengths[2]),
+               real[0] @ real[1] / (lengths[0] * lengths[1])]
+        y = Crystal(gemmi.UnitCell(*lengths, *np.degrees(np.arccos(cos))), sg, a_m)
+        assert misorientation_deg(x, y) < 1e-6
+        assert misorientation_deg(y, x) < 1e-6
+        canon = canonical_crystal(y)
+        real_canon = np.linalg.inv(reciprocal_basis(canon.cell))  # rows a, b, c
+        np.testing.assert_allclose(real_canon @ real_canon.T,
+                                   np.linalg.inv(canon.a_matrix) @ np.linalg.inv(canon.a_matrix).T,
+                                   atol=1e-6)
+
+
 def test_canonical_setting_is_deterministic() -> None:
     target = TargetCell(TARGETS["C 2 2 21"], "C 2 2 21")
     x = Crystal.from_u(target.cell, target.space_group, Rotation.random(random_state=8).as_matrix())

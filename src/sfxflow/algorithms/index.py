@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import gemmi
@@ -328,8 +329,36 @@ def _polar_rotation(m: np.ndarray) -> np.ndarray:
 
 
 def _rotation_angle_deg(r: np.ndarray) -> float:
+    # atan2(sin, cos) rather than acos(cos): acos loses half the digits near 0 degrees.
     c = (float(np.trace(r)) - 1.0) / 2.0
-    return math.degrees(math.acos(min(1.0, max(-1.0, c))))
+    s = 0.5 * math.hypot(r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1])
+    return math.degrees(math.atan2(s, c))
+
+
+def _setting_cell(cell: gemmi.UnitCell, m: np.ndarray) -> gemmi.UnitCell:
+    """Cell of the lattice ``A @ m`` where ``A`` belongs to ``cell``.
+
+    The real-space vectors of ``A @ m`` are the rows of ``m⁻¹ A⁻¹``; for a cell whose angles are
+    not exactly those of its lattice's symmetry (a refined cell) this setting's cell, and so its
+    ``B``, differs from ``cell``'s, and reusing ``cell``'s ``B`` would add a spurious strain.
+    """
+    real = np.linalg.inv(m.astype(float)) @ np.linalg.inv(reciprocal_basis(cell))
+    lengths = np.linalg.norm(real, axis=1)
+
+    def angle(i: int, j: int) -> float:
+        c = float(real[i] @ real[j]) / float(lengths[i] * lengths[j])
+        return math.degrees(math.acos(min(1.0, max(-1.0, c))))
+
+    return gemmi.UnitCell(*(float(x) for x in lengths), angle(1, 2), angle(0, 2), angle(0, 1))
+
+
+def _setting_rotations(
+    crystal: Crystal, space_group: gemmi.SpaceGroup
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(M, U)`` for each symmetry setting ``A @ M`` of ``crystal``, ``U`` with that setting's B."""
+    for m in point_group_rotations(space_group):
+        b_inv = np.linalg.inv(reciprocal_basis(_setting_cell(crystal.cell, m)))
+        yield m, _polar_rotation(crystal.a_matrix @ m @ b_inv)
 
 
 def misorientation_deg(a: Crystal, b: Crystal, space_group: gemmi.SpaceGroup | None = None) -> float:
@@ -337,7 +366,9 @@ def misorientation_deg(a: Crystal, b: Crystal, space_group: gemmi.SpaceGroup | N
 
     Each orientation is the rotation nearest to ``A B⁻¹`` (``B`` from the crystal's own cell,
     so slightly different cells compare fairly); ``b`` is tried in every setting ``A_b @ M``
-    with ``M`` from :func:`point_group_rotations` of ``space_group`` (default: ``a``'s).
+    with ``M`` from :func:`point_group_rotations` of ``space_group`` (default: ``a``'s), each
+    with the ``B`` of that setting's cell (which differs from ``b.cell``'s when the cell's angles
+    are not exactly those its symmetry requires).
 
     >>> from scipy.spatial.transform import Rotation
     >>> cell, sg = gemmi.UnitCell(93, 93, 130.5, 90, 90, 120), gemmi.SpaceGroup("P 61 2 2")
@@ -348,12 +379,7 @@ def misorientation_deg(a: Crystal, b: Crystal, space_group: gemmi.SpaceGroup | N
     """
     sg = space_group or a.space_group
     ua = _polar_rotation(a.a_matrix @ np.linalg.inv(reciprocal_basis(a.cell)))
-    b_inv = np.linalg.inv(reciprocal_basis(b.cell))
-    best = math.inf
-    for m in point_group_rotations(sg):
-        ub = _polar_rotation(b.a_matrix @ m @ b_inv)
-        best = min(best, _rotation_angle_deg(ua.T @ ub))
-    return best
+    return min(_rotation_angle_deg(ua.T @ ub) for _, ub in _setting_rotations(b, sg))
 
 
 def canonical_crystal(crystal: Crystal) -> Crystal:
@@ -361,15 +387,17 @@ def canonical_crystal(crystal: Crystal) -> Crystal:
 
     Among ``A @ M`` for ``M`` in :func:`point_group_rotations` (all predict the same spots),
     picks the one maximising ``trace(U)``, i.e. the smallest rotation from the crystal frame to
-    the lab frame; ties (measure zero) go to the first operator in gemmi's order.
+    the lab frame; ties (measure zero) go to the first operator in gemmi's order. The cell
+    returned is that setting's (it differs from ``crystal.cell`` when the angles are off the
+    symmetry's by refinement).
     """
-    b_inv = np.linalg.inv(reciprocal_basis(crystal.cell))
     best_m, best_tr = None, -math.inf
-    for m in point_group_rotations(crystal.space_group):
-        tr = float(np.trace(_polar_rotation(crystal.a_matrix @ m @ b_inv)))
+    for m, u in _setting_rotations(crystal, crystal.space_group):
+        tr = float(np.trace(u))
         if tr > best_tr + 1e-9:
             best_m, best_tr = m, tr
-    return Crystal(crystal.cell, crystal.space_group, crystal.a_matrix @ best_m)
+    return Crystal(_setting_cell(crystal.cell, best_m), crystal.space_group,
+                   crystal.a_matrix @ best_m)
 
 
 # --------------------------------------------------------------------------- candidate table
