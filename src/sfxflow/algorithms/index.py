@@ -349,7 +349,8 @@ def _setting_cell(cell: gemmi.UnitCell, m: np.ndarray) -> gemmi.UnitCell:
         c = float(real[i] @ real[j]) / float(lengths[i] * lengths[j])
         return math.degrees(math.acos(min(1.0, max(-1.0, c))))
 
-    return gemmi.UnitCell(*(float(x) for x in lengths), angle(1, 2), angle(0, 2), angle(0, 1))
+    a, b, c = (float(x) for x in lengths)
+    return gemmi.UnitCell(a, b, c, angle(1, 2), angle(0, 2), angle(0, 1))
 
 
 def _setting_rotations(
@@ -391,7 +392,7 @@ def canonical_crystal(crystal: Crystal) -> Crystal:
     returned is that setting's (it differs from ``crystal.cell`` when the angles are off the
     symmetry's by refinement).
     """
-    best_m, best_tr = None, -math.inf
+    best_m, best_tr = np.eye(3, dtype=np.int64), -math.inf
     for m, u in _setting_rotations(crystal, crystal.space_group):
         tr = float(np.trace(u))
         if tr > best_tr + 1e-9:
