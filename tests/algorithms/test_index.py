@@ -105,6 +105,27 @@ def test_canonical_setting_is_deterministic() -> None:
         for m in point_group_rotations(target.space_group)) - 1e-9
 
 
+def test_every_spot_on_the_lattice_is_indexed_beyond_the_strongest() -> None:
+    """Spots past ``max_spots`` get Miller indices too; ``fraction_indexed`` is over all spots."""
+    target = TargetCell(TARGETS["P 61 2 2"], "P 61 2 2")
+    hit = simulated_hit(target, DETECTOR, BEAM, 240, np.random.default_rng(5))
+    snr = np.random.default_rng(6).uniform(5.0, 50.0, len(hit.spots))
+    spots = SpotTable(hit.spots.panel, hit.spots.fs_px, hit.spots.ss_px, snr, snr, snr,
+                      hit.spots.n_pixels, hit.spots.d_a)
+    res = index_spots(spots, DETECTOR, BEAM, target, IndexParams(max_spots=100))
+    assert res.success and res.crystal is not None
+    assert res.n_spots == 240 and res.n_indexed == int(res.indexed_mask.sum())
+    assert res.fraction_indexed == pytest.approx(res.n_indexed / 240)
+    weak = np.argsort(-snr, kind="stable")[100:]
+    true_weak = weak[~hit.is_false[weak]]
+    assert res.indexed_mask[true_weak].mean() > 0.9
+    assert res.indexed_mask[hit.is_false].mean() < 0.2
+    # the indices are the truth's, in the solution's setting
+    m = np.rint(np.linalg.solve(hit.truth.a_matrix, res.crystal.a_matrix)).astype(int)
+    on = np.flatnonzero(res.indexed_mask & ~hit.is_false)
+    np.testing.assert_array_equal(res.miller_indices[on] @ m.T, hit.true_hkl[on])
+
+
 def test_candidate_table_uses_orbit_representatives() -> None:
     target = TargetCell(TARGETS["P 61 2 2"], "P 61 2 2")
     table = target_table(target, 8.0)
