@@ -23,11 +23,10 @@ Conventions converted at this boundary
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -68,7 +67,6 @@ __all__ = [
     "format_stream_header",
     "parse_stream",
     "read_stream",
-    "reflections_from_predicted",
     "reflections_from_spots",
 ]
 
@@ -647,15 +645,6 @@ def reflections_from_spots(result: ImageResult) -> Reflections:
                        s.fs_px, s.ss_px, s.panel)
 
 
-def reflections_from_predicted(predicted: Any) -> Reflections:
-    """Reflections predicted by :func:`sfxflow.algorithms.geometry.predict_spots` (positions
-    only; intensity columns NaN, as for ``indexamajig --integration=none``)."""
-    n = len(predicted.hkl)
-    nan = np.full(n, np.nan)
-    return Reflections(predicted.hkl, nan, nan, nan, nan, predicted.fs_px, predicted.ss_px,
-                       predicted.panel)
-
-
 def _crystal_block(crystal: Crystal, reflections: Reflections, detector: Detector,
                    extra: Mapping[str, str] | None) -> list[str]:
     a = np.asarray(crystal.a_matrix, dtype=float)
@@ -824,11 +813,3 @@ class StreamWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def chunks_to_text(chunks: Sequence[str]) -> str:
-    """Concatenate chunk texts (each already ends with a newline)."""
-    buf = io.StringIO()
-    for c in chunks:
-        buf.write(c)
-    return buf.getvalue()
