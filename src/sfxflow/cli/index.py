@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the orientations and cells tried; 1 switches the test off "
                              f"(default {d.max_false_probability:g})")
     parser.add_argument("--refine-distance", action="store_true",
-                        help="also refine the detector distance (per frame)")
+                        help="also refine the detector distance (per frame) against the "
+                             "target cell; needs --no-refine-cell (a still cannot separate "
+                             "distance from cell scale)")
     parser.add_argument("--refine-shift", action="store_true",
                         help="also refine a per-frame lateral detector shift (beam centre), "
                              "bounded to +-0.2 mm, on frames with >= 20 indexed spots")
@@ -211,6 +213,10 @@ def _geometry_for(url, geometry, args, cache, path) -> tuple[Detector, Beam]:
 
 
 def _params(args: argparse.Namespace) -> IndexParams:
+    if args.refine_distance and not args.no_refine_cell:
+        raise InputError("--refine-distance needs --no-refine-cell: on a single still the "
+                         "detector distance and the cell scale cannot be told apart, so the "
+                         "distance is refined only against the fixed target cell")
     d = IndexParams()
     try:
         return IndexParams(
