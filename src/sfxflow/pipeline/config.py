@@ -5,6 +5,8 @@ Sections (each a frozen dataclass; the algorithms' own ``Params`` live next to t
 * ``spots`` - :class:`~sfxflow.algorithms.spots.SpotParams`
 * ``hit`` - :class:`~sfxflow.algorithms.spots.HitParams`
 * ``index`` - :class:`~sfxflow.algorithms.index.IndexParams` (with ``index.refine``)
+* ``predict`` - :class:`~sfxflow.algorithms.predict.PredictParams`: the per-crystal profile model
+* ``integrate`` - :class:`~sfxflow.algorithms.integrate.IntegrateParams`: summation integration
 * ``target`` - :class:`TargetConfig`: the known cell and space group (or a CrystFEL cell file)
 * ``io`` - :class:`IOConfig`: blocks, prefetching, geometry, storage endpoint (no secrets)
 * ``run`` - :class:`RunConfig`: retries, failure tolerance, limits
@@ -37,6 +39,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sfxflow.algorithms.index import IndexParams, TargetCell
+from sfxflow.algorithms.integrate import IntegrateParams
+from sfxflow.algorithms.predict import PredictParams
 from sfxflow.algorithms.simulate import SimulationParams
 from sfxflow.algorithms.spots import HitParams, SpotParams
 from sfxflow.errors import ConfigError
@@ -229,6 +233,8 @@ class ProcessConfig:
     spots : spot finding (flags ``--spots-*``).
     hit : hit finding (flags ``--hit-*``).
     index : indexing (flags ``--index-*``; refinement ``--refine-*``).
+    predict : prediction of reflection positions (flags ``--predict-*``).
+    integrate : integration of the predicted reflections (flags ``--integrate-*``).
     target : the target cell (flags ``--cell``, ``--space-group``, ``--cell-file``).
     io : reading inputs and writing results.
     run : failure handling and limits.
@@ -238,6 +244,8 @@ class ProcessConfig:
     spots: SpotParams = section(SpotParams, flag_prefix="spots-")
     hit: HitParams = section(HitParams, flag_prefix="hit-")
     index: IndexParams = section(IndexParams, flag_prefix="index-")
+    predict: PredictParams = section(PredictParams, flag_prefix="predict-")
+    integrate: IntegrateParams = section(IntegrateParams, flag_prefix="integrate-")
     target: TargetConfig = section(TargetConfig, flag_prefix="")
     io: IOConfig = section(IOConfig, flag_prefix="")
     run: RunConfig = section(RunConfig, flag_prefix="")
