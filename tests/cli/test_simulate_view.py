@@ -86,8 +86,8 @@ def test_view_draws_a_frame_with_truth(simulated, tmp_path, capsys):
     assert n_truth > 10
     img = mpimg.imread(out)
     assert img.shape[0] > 1000 and img.shape[1] > 1000
-    rc = main(["view", str(simulated / "run_0001.cxi"), "--geometry",
-               str(simulated / "geometry.geom"), "--frame", "7", "--out", str(out)])
+    # without --geometry: the one .geom beside the file is used (the frame is read, then refused)
+    rc = main(["view", str(simulated / "run_0001.cxi"), "--frame", "7", "--out", str(out)])
     assert rc == 2
     assert "out of range" in capsys.readouterr().err
 

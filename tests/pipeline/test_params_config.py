@@ -182,6 +182,13 @@ def test_scheduler_addresses_accepted():
         assert load_config(overrides=[f"cluster.scheduler='{address}'"]).cluster.scheduler == address
 
 
+def test_cspad_preset_is_the_libraries_cspad_settings():
+    from sfxflow.algorithms.spots import CSPAD_CBF_SETTINGS
+    from sfxflow.pipeline.config import preset
+
+    assert preset("cspad-cbf") == {"spots": CSPAD_CBF_SETTINGS}
+
+
 def test_target_needs_space_group():
     with pytest.raises(ConfigError, match="space group"):
         load_config(overrides=["target.cell=[93,93,130.5,90,90,120]"]).target_cell()

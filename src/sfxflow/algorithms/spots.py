@@ -53,8 +53,8 @@ integer ADU, header gain a placeholder 1.0):
   little on these frames but loses 2 % of the simulated reflections.
 
 For such data use ``gain_adu_per_photon=9`` (intensities in photons) and ``min_snr=6``
-(:data:`CSPAD_CBF_SETTINGS`; ``sfxflow process --set spots.gain_adu_per_photon=9 --set
-spots.min_snr=6``, ``sfxflow find-spots --gain 9 --min-snr 6``): on the two frames this keeps
+(:data:`CSPAD_CBF_SETTINGS`; ``--preset cspad-cbf`` on the command line, the file
+``sfxflow/presets/cspad-cbf.toml``): on the two frames this keeps
 203 and 118 spots, of which 93 % and 47 % lie within 3 px of the indexed lattice's predictions
 (defaults: 31 % of 1,194 and 11 % of 1,392). The second frame holds two crystals: indexing the
 left-over spots found a second lattice 35 degrees away with ~30 spots in runs with nearby

@@ -41,18 +41,21 @@ def _converter(tp: Any, spec: Spec) -> Any:
             raise argparse.ArgumentTypeError(f"{text!r}: expected {exc.expected}") from None
 
     convert.__name__ = getattr(tp, "__name__", "value")  # argparse names it in some messages
+    # what tests and docs read back: the type, the declared range, and the words for it
+    convert.tp, convert.spec = tp, spec  # type: ignore[attr-defined]
+    convert.expected = _params._expected(tp, spec)  # type: ignore[attr-defined]
     return convert
 
 
 def number(parser: Any, *flags: str, kind: type = float, help: str = "",
-           default: Any = None, **spec: Any) -> argparse.Action:
+           default: Any = None, nargs: str | None = None, **spec: Any) -> argparse.Action:
     """A numeric option with a declared range (``ge``, ``gt``, ``le``, ``lt``): NaN, infinities
     and values out of range exit with status 2 naming the option, the value and the range."""
     s = Spec(**spec)
     noun = "an integer" if kind is int else "a number"
     text = f"{help} [{s.describe(noun)}]" if help else s.describe(noun)
-    action = parser.add_argument(*flags, type=_converter(kind, s), default=default, help=text.replace("%", "%%"),
-                                 metavar="N" if kind is int else "X")
+    action = parser.add_argument(*flags, type=_converter(kind, s), default=default, nargs=nargs,
+                                 help=text.replace("%", "%%"), metavar="N" if kind is int else "X")
     action.spec = s  # type: ignore[attr-defined]  # read by the table-driven CLI tests
     return action
 
