@@ -37,10 +37,7 @@ Traceback (most recent call last):
 sfxflow.errors.ConfigError: --set inner.sigma = -1: expected a number from 0 to 100
 """
 
-from __future__ import annotations
-
 import dataclasses
-import enum
 import functools
 import inspect
 import math
@@ -115,16 +112,7 @@ class Section:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except NameError:  # a class defined in a function: judge by the default's type
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            default = _default(f)
-            out[f.name] = (f.type if not isinstance(f.type, str)
-                           else type(default) if default not in (None, dataclasses.MISSING)
-                           else Any)
-        return out
+    return typing.get_type_hints(cls)
 
 
 def _is_section(tp: Any) -> bool:
@@ -239,10 +227,6 @@ def sections(cls: type) -> tuple[Section, ...]:
 # ---------------------------------------------------------------------------- conversion
 
 
-def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
 def _expected(tp: Any, spec: Spec) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if spec.expect:
@@ -251,14 +235,10 @@ def _expected(tp: Any, spec: Spec) -> str:
         inner = [a for a in args if a is not type(None)]
         text = " or ".join(_expected(a, spec) for a in inner)
         return f"{text} or none" if type(None) in args else text
-    if origin is typing.Literal:
-        return "one of " + ", ".join(str(a) for a in args)
     if origin is tuple:
         if args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} values, each {_expected(args[0], spec)}"
         return f"a list, each {_expected(args[0], spec)}" if args else "a list"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(str(m.value) for m in tp)
     if tp is bool:
         return "true or false"
     if tp is int:
@@ -267,7 +247,7 @@ def _expected(tp: Any, spec: Spec) -> str:
         return spec.describe("a finite number" if not spec.has_range and spec.finite else "a number")
     if tp is str:
         return spec.describe("text") if spec.choices else "text"
-    return f"a {_type_name(tp)}"
+    return f"a {getattr(tp, '__name__', tp)}"
 
 
 def _scalar(value: Any, tp: Any) -> Any:
@@ -296,8 +276,6 @@ def _scalar(value: Any, tp: Any) -> Any:
         if isinstance(value, int | float):
             return str(value)
         raise ValueError
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(value)
     return value if tp is Any or isinstance(value, tp) else tp(value)
 
 
@@ -324,10 +302,6 @@ def _convert(tp: Any, spec: Spec, value: Any) -> Any:
                     return _convert(a, spec, value)
                 except Invalid:
                     pass
-        raise Invalid(_expected(tp, spec))
-    if origin is typing.Literal:
-        if value in args:
-            return value
         raise Invalid(_expected(tp, spec))
     if origin is tuple or tp is tuple:
         items = value.replace(",", " ").split() if isinstance(value, str) else value
@@ -487,8 +461,6 @@ def apply_overrides(tree: T, overrides: Sequence[str], where: str = "--set") -> 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_mapping(value)
-    if isinstance(value, enum.Enum):
-        return value.value
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):
@@ -497,7 +469,7 @@ def _plain(value: Any) -> Any:
 
 
 def to_mapping(tree: Any) -> dict[str, Any]:
-    """Nested plain dict of a parameter tree (enums as values, tuples as lists)."""
+    """Nested plain dict of a parameter tree (tuples as lists)."""
     return {f.name: _plain(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.init}
 
 
