@@ -62,26 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st = parser.add_argument_group("storage")
     st.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, Ceph)")
     st.add_argument("--profile", metavar="NAME", help="AWS profile")
-    cl = parser.add_argument_group("where to run")
-    cl.add_argument("--scheduler", metavar="ADDRESS",
-                    help="join a running Dask scheduler (tcp://host:8786), or 'synchronous' "
-                         "to run serially in this process without Dask")
-    cl.add_argument("--workers", type=int, metavar="N",
-                    help="local worker processes (default: one per core)")
-    cl.add_argument("--cluster", choices=("local", "slurm", "sge", "pbs"),
-                    help="start workers through a batch system (dask-jobqueue)")
-    cl.add_argument("--queue", help="batch queue / partition")
-    cl.add_argument("--account", help="batch account / project")
-    cl.add_argument("--walltime", help="batch job wall time (HH:MM:SS)")
-    cl.add_argument("--cores", type=int, help="cores per batch job (one worker each)")
-    cl.add_argument("--memory", help="memory per batch job (e.g. 64GB)")
-    cl.add_argument("--jobs", type=int, help="batch jobs to submit")
-    cl.add_argument("--interface", help="network interface for workers (e.g. ib0)")
-    cl.add_argument("--container-image", metavar="IMAGE",
-                    help="run batch workers in this Apptainer/Shifter image")
-    cl.add_argument("--container-runtime", choices=("apptainer", "singularity", "shifter"))
-    cl.add_argument("--dry-run", action="store_true",
-                    help="print the batch job script that would be submitted, then exit")
+    _add_cluster_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
     parser.add_argument("--json", action="store_true", help="print summary.json to stdout")
 
@@ -118,27 +99,7 @@ def cli_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         base["io"]["profile"] = args.profile
     if args.max_blocks is not None:
         base["run"]["max_blocks"] = args.max_blocks
-    c = base["cluster"]
-    if args.scheduler:
-        if args.scheduler == "synchronous":
-            c["kind"] = "synchronous"
-        elif "://" in args.scheduler or ":" in args.scheduler:
-            c["scheduler"] = args.scheduler
-        else:
-            raise InputError(f"--scheduler {args.scheduler!r}: expected tcp://host:port or "
-                             "'synchronous'")
-    if args.cluster:
-        if args.scheduler:
-            raise InputError("give either --scheduler or --cluster, not both")
-        c["kind"] = args.cluster
-    for opt, key in (("workers", "n_workers"), ("queue", "queue"), ("account", "account"),
-                     ("walltime", "walltime"), ("cores", "cores"), ("memory", "memory"),
-                     ("jobs", "jobs"), ("interface", "interface"),
-                     ("container_image", "container_image"),
-                     ("container_runtime", "container_runtime")):
-        value = getattr(args, opt)
-        if value is not None:
-            c[key] = value
+    base["cluster"] = _cluster_settings(args)
     return {k: v for k, v in base.items() if v}
 
 
@@ -170,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         if info.scheduler_address:
             print(f"scheduler {info.scheduler_address} ({info.n_workers} workers, "
                   f"{info.n_threads} threads)"
+                  + (f", batch jobs {', '.join(info.job_ids)}" if info.job_ids else "")
                   + (f", dashboard {info.dashboard_link}" if info.dashboard_link else ""),
                   file=sys.stderr, flush=True)
 
@@ -195,3 +157,80 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+# --- cluster options (owned by the batch-queue work, issue 15: keep them in this block) -------
+
+_CLUSTER_OPTIONS = (("workers", "n_workers"), ("queue", "queue"), ("account", "account"),
+                    ("walltime", "walltime"), ("cores", "cores"), ("memory", "memory"),
+                    ("processes", "processes"), ("jobs", "jobs"), ("adapt", "adapt"),
+                    ("worker_timeout", "worker_timeout_s"), ("interface", "interface"),
+                    ("scheduler_file", "scheduler_file"), ("container_image", "container_image"),
+                    ("container_runtime", "container_runtime"))
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    cl = parser.add_argument_group(
+        "where to run",
+        "Batch settings not given here come from Dask's configuration (a site's jobqueue.yaml: "
+        "jobqueue.slurm.account, ...walltime, ...job-extra-directives), then sfxflow's defaults "
+        "(1 core, 4GB, one single-threaded worker per core). TLS: Dask's "
+        "distributed.comm.tls.* settings (docs/hpc.md).")
+    cl.add_argument("--scheduler", metavar="ADDRESS",
+                    help="join a running Dask scheduler (tcp://host:8786), or 'synchronous' "
+                         "to run serially in this process without Dask")
+    cl.add_argument("--scheduler-file", metavar="FILE",
+                    help="join the scheduler this file describes; with --cluster, the scheduler "
+                         "started writes its address there (for workers started by hand)")
+    cl.add_argument("--workers", type=int, metavar="N",
+                    help="local worker processes (default: one per core)")
+    cl.add_argument("--cluster", choices=("local", "slurm", "sge", "pbs"),
+                    help="start workers through a batch system (dask-jobqueue)")
+    cl.add_argument("--queue", help="batch queue / partition")
+    cl.add_argument("--account", help="batch account / project")
+    cl.add_argument("--walltime", help="batch job wall time (HH:MM:SS)")
+    cl.add_argument("--cores", type=int, help="cores per batch job")
+    cl.add_argument("--processes", type=int, metavar="N",
+                    help="worker processes per batch job (default: one per core)")
+    cl.add_argument("--memory", help="memory per batch job (e.g. 64GB)")
+    cl.add_argument("--jobs", type=int, help="batch jobs to submit (default 1)")
+    cl.add_argument("--adapt", metavar="MIN:MAX",
+                    help="instead of --jobs: between MIN and MAX jobs, scaled with the work left")
+    cl.add_argument("--job-extra", action="append", metavar="DIRECTIVE",
+                    help="extra batch directive, e.g. --job-extra=--qos=debug (repeatable; "
+                         "added to the site's)")
+    cl.add_argument("--worker-timeout", type=float, metavar="SECONDS",
+                    help="give up when no batch worker has joined after this long (default 1800)")
+    cl.add_argument("--interface", help="network interface for the scheduler and workers "
+                                        "(e.g. ib0); the scheduler listens only there")
+    cl.add_argument("--container-image", metavar="IMAGE",
+                    help="run batch workers in this Apptainer/Shifter image")
+    cl.add_argument("--container-runtime", choices=("apptainer", "singularity", "shifter"))
+    cl.add_argument("--dry-run", action="store_true",
+                    help="print the batch job script that would be submitted, then exit "
+                         "(nothing is submitted, no scheduler is started)")
+
+
+def _cluster_settings(args: argparse.Namespace) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    if args.scheduler:
+        if args.scheduler == "synchronous":
+            c["kind"] = "synchronous"
+        elif "://" in args.scheduler or ":" in args.scheduler:
+            c["scheduler"] = args.scheduler
+        else:
+            raise InputError(f"--scheduler {args.scheduler!r}: expected tcp://host:port or "
+                             "'synchronous'")
+    if args.cluster:
+        if args.scheduler:
+            raise InputError("give either --scheduler or --cluster, not both")
+        c["kind"] = args.cluster
+    for opt, key in _CLUSTER_OPTIONS:
+        value = getattr(args, opt)
+        if value is not None:
+            c[key] = value
+    if args.job_extra:
+        c["job_extra"] = list(args.job_extra)
+    return c
+
+# --- end of cluster options --------------------------------------------------------------------

@@ -141,27 +141,38 @@ class ClusterConfig:
     kind : ``local`` (a LocalCluster on this machine), ``synchronous`` (no Dask: serial, in
         process), or a batch system through dask-jobqueue: ``slurm``, ``sge``, ``pbs``.
     scheduler : address of a running scheduler (``tcp://host:8786``); overrides ``kind``.
+    scheduler_file : with a batch ``kind``, the scheduler writes its address there (for workers
+        started by hand); otherwise join the scheduler that file describes.
     n_workers : local worker processes (0 = one per CPU core).
     threads_per_worker : threads per worker process.
-    queue, account, walltime, cores, memory, processes, jobs : batch job settings (``cores``
-        and ``memory`` per job; ``processes`` worker processes per job; ``jobs`` to submit).
+    queue, account, walltime, cores, memory, processes : batch job settings (``cores`` and
+        ``memory`` per job; ``processes`` worker processes per job). Empty or 0 = not set here:
+        the site's Dask configuration (``jobqueue.yaml``) applies, then sfxflow's fallback
+        (1 core, 4GB, one single-threaded worker per core; dask-jobqueue's wall time).
+    jobs : batch jobs to submit (a fixed-size cluster).
+    adapt : ``"MIN:MAX"`` jobs, scaled with the queue of blocks (dask-jobqueue's adaptive
+        mode) instead of a fixed ``jobs``; empty = fixed.
+    worker_timeout_s : seconds to wait for the first batch worker before giving up.
     interface : network interface workers bind to on batch nodes (e.g. ``ib0``), optional.
     container_image : run batch workers inside this image (``apptainer exec IMAGE`` or shifter).
     container_runtime : ``apptainer``, ``singularity`` or ``shifter``.
-    job_extra : extra scheduler directives, e.g. ``["--gres=gpu:1"]``.
+    job_extra : extra scheduler directives added to the site's, e.g. ``["--qos=debug"]``.
     """
 
     kind: str = "local"
     scheduler: str = ""
     n_workers: int = 0
     threads_per_worker: int = 1
+    scheduler_file: str = ""
     queue: str = ""
     account: str = ""
-    walltime: str = "01:00:00"
-    cores: int = 1
-    memory: str = "4GB"
+    walltime: str = ""
+    cores: int = 0
+    memory: str = ""
     processes: int = 0
     jobs: int = 1
+    adapt: str = ""
+    worker_timeout_s: float = 1800.0
     interface: str = ""
     container_image: str = ""
     container_runtime: str = "apptainer"
@@ -173,16 +184,32 @@ class ClusterConfig:
         if self.container_runtime not in ("apptainer", "singularity", "shifter"):
             raise ConfigError(f"cluster.container_runtime = {self.container_runtime!r}: expected "
                               "apptainer, singularity or shifter")
-        for name in ("n_workers", "processes"):
+        for name in ("n_workers", "processes", "cores"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"cluster.{name} = {getattr(self, name)}: expected >= 0")
-        for name in ("threads_per_worker", "cores", "jobs"):
+        for name in ("threads_per_worker", "jobs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cluster.{name} = {getattr(self, name)}: expected >= 1")
-        if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", str(self.walltime).strip()):
+        if self.walltime and not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}",
+                                              str(self.walltime).strip()):
             # the batch system would reject every worker job and the run would wait forever
             raise ConfigError(f"cluster.walltime = {self.walltime!r}: expected HH:MM:SS "
                               "(or D-HH:MM:SS, or minutes)")
+        if self.adapt:
+            self.adapt_range()  # validates
+        if not self.worker_timeout_s > 0:
+            raise ConfigError(f"cluster.worker_timeout_s = {self.worker_timeout_s}: expected > 0")
+
+    def adapt_range(self) -> tuple[int, int] | None:
+        """``adapt`` as ``(minimum, maximum)`` jobs, or ``None`` for a fixed number of jobs."""
+        if not self.adapt:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.adapt))
+        if not match or not 1 <= int(match[1]) <= int(match[2]):
+            # a minimum of 0 would leave the run waiting for a first worker nobody asks for
+            raise ConfigError(f"cluster.adapt = {self.adapt!r}: expected MIN:MAX jobs with "
+                              "1 <= MIN <= MAX (e.g. 1:20)")
+        return int(match[1]), int(match[2])
 
 
 @dataclass(frozen=True)
