@@ -79,7 +79,8 @@ def undisturbed(slurm, sim_set, tmp_path_factory):
             "--cell", CELL, "--space-group", SPACE_GROUP, "--frames-per-block", "1",
             "--out", str(out), "--no-progress", "--cluster", "slurm", "--jobs", "2",
             "--interface", "lo", "--cores", "1", "--memory", "1GB", "--walltime", "00:10:00",
-            "--worker-timeout", str(WORKER_TIMEOUT_S)]
+            "--worker-timeout", str(WORKER_TIMEOUT_S),
+            "--scheduler-file", str(out.parent / "scheduler.json")]
     err = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -100,11 +101,14 @@ def test_slurm_run_equals_the_local_run(undisturbed, serial_run, slurm):
     assert comparable(read_frames(out)) == comparable(read_frames(serial_run[0]))
     keys = _frame_keys(out)
     assert len(keys) == len(set(keys)) == 12
+    # --scheduler-file with --cluster: the scheduler wrote where hand-started workers find it
+    written = json.loads((out.parent / "scheduler.json").read_text())
+    assert line.startswith(f"scheduler {written['address']} ")
     # the jobs were real, ran under the site's job name, wrote their output where the site's
     # jobqueue configuration said, and are gone once the run has finished
     name, logs = slurm
-    assert sorted(p.name for p in logs.iterdir()) == sorted(
-        f"{name}-{j}.{ext}" for j in job_ids for ext in ("err", "out"))
+    written_logs = {p.name for p in logs.iterdir()}
+    assert {f"{name}-{j}.{ext}" for j in job_ids for ext in ("err", "out")} <= written_logs
     deadline = time.monotonic() + 30
     while _squeue(job_ids) and time.monotonic() < deadline:
         time.sleep(1)
@@ -164,3 +168,53 @@ def test_scancelled_worker_job_loses_no_frame(undisturbed, serial_run, sim_set, 
             time.monotonic() < deadline:
         time.sleep(1)
     assert not _squeue(cancelled)
+
+
+def test_no_worker_in_time_names_the_queue_and_jobs(slurm, sim_set, tmp_path):
+    """A job the batch system holds never starts: the run gives up, naming queue and job."""
+    argv = ["process", str(sim_set.files[0]), "--geometry", str(sim_set.geometry_path),
+            "--out", str(tmp_path / "run"), "--no-progress", "--cluster", "slurm",
+            "--queue", "debug", "--job-extra=--hold", "--interface", "lo", "--cores", "1",
+            "--memory", "1GB", "--worker-timeout", "4"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(argv)
+    message = err.getvalue().strip().splitlines()[-1]
+    assert rc == 2, err.getvalue()
+    assert "no worker joined within 4.00 s in debug: job(s) " in message
+    job = re.search(r"job\(s\) (\d+) still waiting", message)
+    assert job, message
+    # the held job was cancelled when the cluster closed
+    deadline = time.monotonic() + 30
+    while _squeue([job[1]]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _squeue([job[1]]) == []
+
+
+def test_tls_run_through_slurm(slurm, sim_set, serial_run, tmp_path):
+    """Scheduler and workers talk TLS, configured only through Dask's security settings."""
+    pytest.importorskip("cryptography", reason="TLS certificates need the cryptography package")
+    from distributed.security import Security
+
+    temporary = Security.temporary()  # a CA and a certificate, as PEM text
+    pem = tmp_path / "tls.pem"
+    pem.write_text(temporary.tls_ca_file)  # the one self-signed certificate is CA and cert
+    key = tmp_path / "tls.key"
+    key.write_text(temporary.tls_scheduler_key)
+    key.chmod(0o600)
+    tls = {"distributed.comm.require-encryption": True,
+           "distributed.comm.tls.ca-file": str(pem)}
+    for role in ("scheduler", "worker", "client"):
+        tls[f"distributed.comm.tls.{role}.cert"] = str(pem)
+        tls[f"distributed.comm.tls.{role}.key"] = str(key)
+    addresses: list[str] = []
+    cfg = load_config(overrides=[
+        *base_overrides(sim_set.geometry_path, frames_per_block=3), "cluster.kind='slurm'",
+        "cluster.jobs=1", "cluster.interface='lo'", "cluster.cores=1", "cluster.memory='1GB'",
+        f"cluster.worker_timeout_s={WORKER_TIMEOUT_S}"])
+    with dask.config.set(tls):
+        result = run_process([str(p) for p in sim_set.files], str(tmp_path / "run"), cfg,
+                             on_cluster=lambda info: addresses.append(info.scheduler_address))
+    assert addresses[0].startswith("tls://127.0.0.1:")
+    assert result.complete and result.blocks_failed == 0
+    assert comparable(read_frames(tmp_path / "run")) == comparable(read_frames(serial_run[0]))

@@ -73,6 +73,7 @@ def local_worker_count() -> int:
 def _site(kind: str, key: str) -> Any:
     """The site's Dask configuration value ``jobqueue.<kind>.<key>`` (``None`` when unset)."""
     import dask.config
+    import dask_jobqueue  # noqa: F401 - its import adds the jobqueue defaults to Dask's config
 
     return dask.config.get(f"jobqueue.{kind}.{key}", None)
 
