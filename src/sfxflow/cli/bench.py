@@ -12,9 +12,10 @@ BENCHMARKS: dict[str, str] = {
     "spots": "sfxflow.benchmarks.spots",
     "index": "sfxflow.benchmarks.index",
     "process": "sfxflow.benchmarks.process",
+    "report": "sfxflow.benchmarks.report",
 }
 
-HELP = "benchmark a stage (simulate, decode, spots, index, process) and print figures"
+HELP = "benchmark a stage (simulate, decode, spots, index, process, report) and print figures"
 DESCRIPTION = HELP + """
 
 Examples:

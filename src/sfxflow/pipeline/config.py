@@ -118,6 +118,8 @@ class RunConfig:
     strict : let unexpected exceptions in per-frame processing propagate (debugging) instead
         of recording the frame as ``failed``.
     manifest_interval_s : least seconds between manifest rewrites while running.
+    report : write ``report.html`` into the run directory (refreshed while running).
+    report_interval_s : least seconds between report refreshes while running.
     """
 
     task_retries: int = 1
@@ -125,6 +127,8 @@ class RunConfig:
     max_blocks: int = 0
     strict: bool = False
     manifest_interval_s: float = 5.0
+    report: bool = True
+    report_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("task_retries", "allowed_failures", "max_blocks"):
