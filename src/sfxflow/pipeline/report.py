@@ -439,7 +439,8 @@ def _draw_picture(run: RunDir, url: str, index: int, block: str, refl_rel: str |
     with tempfile.TemporaryDirectory(prefix="sfxflow-report-") as tmp:
         path = os.path.join(tmp, "frame.png")
         render_frame_png(frame, path, spots=overlays or None, predicted=predicted,
-                         title=f"{name} frame {index}", max_size_px=900, dpi=100)
+                         title=f"{name} frame {index}", max_size_px=1200, dpi=130,
+                         low_percentile=90.0, high_percentile=99.98)
         with open(path, "rb") as f:
             png = f.read()
     n_pred = predicted.num_rows if predicted is not None else 0
