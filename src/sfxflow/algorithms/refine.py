@@ -43,6 +43,7 @@ __all__ = [
     "RefineResult",
     "assign_hkl",
     "cell_parameters",
+    "index_on_lattice",
     "predict_positions_px",
     "refine_still",
     "rotation_matrix",
@@ -300,6 +301,41 @@ def assign_hkl(
     cols = np.arange(n)
     hkl = cand.reshape(5, n, 3)[best, cols]
     return hkl.astype(np.int32), ang[best, cols], exc.reshape(5, n)[best, cols]
+
+
+def index_on_lattice(
+    crystal: Crystal,
+    panel: np.ndarray,
+    fs_px: np.ndarray,
+    ss_px: np.ndarray,
+    detector: Detector,
+    beam: Beam,
+    *,
+    threshold_px: float,
+    max_excitation_inv_a: float,
+    distance_shift_mm: float = 0.0,
+    detector_shift_mm: tuple[float, float] = (0.0, 0.0),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Miller indices of the spots that lie on ``crystal``'s lattice, without refining it.
+
+    A spot is indexed when the prediction of its best index (:func:`assign_hkl`) falls within
+    ``threshold_px`` of it, the test :func:`refine_still` applies in its last cycle; the detector
+    is moved as in :class:`RefineResult`. Returns ``(hkl (n, 3) int32, indexed (n,) bool,
+    residuals_px (n, 2))``, zeros and NaN where a spot is not indexed.
+    """
+    panel = np.asarray(panel, dtype=np.int64)
+    fs_px = np.asarray(fs_px, dtype=float)
+    ss_px = np.asarray(ss_px, dtype=float)
+    d, d_inv = _spot_matrices(detector, panel, distance_shift_mm, detector_shift_mm)
+    hkl, ang, _ = assign_hkl(crystal.a_matrix, _ray_dirs(d, fs_px, ss_px), beam,
+                             max_excitation_inv_a, crystal.space_group)
+    fs_p, ss_p = _project(d_inv, hkl @ crystal.a_matrix.T + np.asarray(beam.s0_inv_a))
+    dist = np.hypot(fs_p - fs_px, ss_p - ss_px)
+    indexed = np.isfinite(ang) & np.isfinite(dist) & (dist <= threshold_px)
+    residuals = np.full((panel.shape[0], 2), np.nan)
+    residuals[indexed, 0] = (fs_p - fs_px)[indexed]
+    residuals[indexed, 1] = (ss_p - ss_px)[indexed]
+    return np.where(indexed[:, None], hkl, 0).astype(np.int32), indexed, residuals
 
 
 def _robust_sigma(x: np.ndarray) -> float:

@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-indexed", type=int, default=d.min_indexed,
                         help=f"least spots a solution must index (default {d.min_indexed})")
     parser.add_argument("--min-fraction", type=float, default=d.min_fraction_indexed,
-                        help="least fraction of spots a solution must index "
+                        help="least fraction of the spots it was found on (the strongest "
+                             "100) a solution must index; the fraction reported is over all "
+                             "spots "
                              f"(default {d.min_fraction_indexed})")
     parser.add_argument("--max-rmsd-px", type=float, default=d.max_rmsd_px,
                         help=f"largest accepted RMSD in pixels (default {d.max_rmsd_px})")
