@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -133,6 +134,8 @@ def test_process_writes_the_report_and_refreshes_it_while_running(sim_set, tmp_p
     n_indexed = int(pc.sum(pc.equal(frames.column("status"), "indexed")).as_py())
     assert n_indexed > 0 and f'<div class="v">{n_indexed:,}</div><div class="k">indexed' in final
     assert "data:image/png;base64," in final  # the strongest frame, read from its CXI file
+    predicted = re.search(r"squares: predicted reflections \((\d+)\)", final)
+    assert predicted and int(predicted.group(1)) > 0  # from the block's reflections shard
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
 
 
@@ -166,9 +169,10 @@ def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
     assert seen.requests[0] == full_page.resolve().as_uri()
     page = json.loads(seen.evaluated)
     assert page["sections"] == 5
-    assert page["svg"] >= 5  # throughput, along the run, spots, cells, merged
+    # throughput, along the run, spots, cells, resolution, crystals per frame, merged
+    assert page["svg"] == 7
     assert len(page["images"]) == 1 and page["images"][0] > 100  # the frame picture decoded
-    assert not any("merged" in m for m in page["missing"])
+    assert page["missing"] == []  # every section has its data
 
 
 def test_browser_check_catches_errors_and_external_requests(tmp_path):

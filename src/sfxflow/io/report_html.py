@@ -384,7 +384,9 @@ def _resolution_svg(res: np.ndarray) -> str:
     ax = axes[0][0]
     v = res[np.isfinite(res) & (res > 0)]
     if v.size:
-        counts, edges = np.histogram(v, bins=40, range=(0.0, float(np.percentile(v, 99.5)) * 1.05))
+        lo, hi = (float(x) for x in np.percentile(v, [0.5, 99.5]))
+        pad = max(hi - lo, 0.2) * 0.1
+        counts, edges = np.histogram(v, bins=40, range=(max(lo - pad, 0.0), hi + pad))
         ax.stairs(counts, edges, fill=True, color=_GREEN)
     ax.set_xlabel("resolution limit (Å)")
     ax.set_ylabel("crystals")
