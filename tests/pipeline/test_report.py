@@ -189,3 +189,29 @@ def test_browser_check_catches_errors_and_external_requests(tmp_path):
     seen = render_page(bad)
     assert "http://127.0.0.1:9/x.png" in seen.external_requests
     assert any("boom" in m for m in seen.console_errors)
+
+
+def test_merge_reports_one_run_and_several(tmp_path):
+    from sfxflow.pipeline.report import write_merge_report
+
+    run = tmp_path / "run"
+    made = write_simulated_run(run, n_frames=200, frames_per_block=50, seed=6)
+    stats = made["stats"]
+    # what a merge writes for empty shells and a failed Wilson fit: JSON nulls
+    stats["shells"][-1].update(cc_half=None, cc_star=None, mean_i_over_sigma=None)
+    stats["wilson"]["b_a2"] = None
+    (run / "merge" / "stats.json").write_text(json.dumps(stats))
+    (run / "merge" / "report.html").unlink(missing_ok=True)
+    written = write_merge_report(str(run / "merge"), [str(run)])
+    assert written == [f"{run}/merge/report.html", f"{run}/report.html"]
+    for page in written:
+        text = Path(page).read_text()
+        assert "CC1/2 and CC*" in text and "Wilson plot" in text and ">complete<" in text
+
+    other = tmp_path / "merged-two"
+    other.mkdir()
+    (other / "stats.json").write_text(json.dumps(stats))
+    (written,) = write_merge_report(str(other), [str(run), "/data/run2"])
+    text = Path(written).read_text()
+    assert "Wilson plot" in text
+    assert "not available: this merge has 2 inputs" in text

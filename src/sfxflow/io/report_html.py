@@ -264,7 +264,8 @@ def _svg(fig: Any, label: str) -> str:
 
 def _inv_d2_ticks(ax: Any, inv_d2: np.ndarray) -> None:
     """Label an axis in 1/d² with the resolution d in Å, as the field reads it."""
-    hi = float(np.nanmax(inv_d2)) if inv_d2.size else 0.0
+    finite = inv_d2[np.isfinite(inv_d2)]
+    hi = float(finite.max()) if finite.size else 0.0
     if not hi > 0:
         return
     candidates = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.2, 2.5, 3.0, 3.5, 4.0,

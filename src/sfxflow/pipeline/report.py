@@ -53,7 +53,7 @@ from sfxflow.io.report_html import (
 from sfxflow.io.results import CELL_COLUMNS, RunDir, read_parquet_bytes
 from sfxflow.pipeline.manifest import MANIFEST_NAME, Manifest
 
-__all__ = ["REPORT_NAME", "LiveReport", "build_report", "write_report"]
+__all__ = ["REPORT_NAME", "LiveReport", "build_report", "write_merge_report", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -593,6 +593,49 @@ def write_report(run_url: str, out: str | None = None, *,
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         raise InputError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
     return target.url_of(name)
+
+
+def _merge_only(merge_url: str, inputs: list[str], options: Mapping[str, Any]) -> ReportData:
+    """The page of a merge of several inputs: merged data only (each run has its own report)."""
+    from sfxflow.io.storage import shown_url
+
+    shown = ", ".join(shown_url(u) for u in inputs[:4]) + (" ..." if len(inputs) > 4 else "")
+    why = Unavailable(f"this merge has {len(inputs)} inputs ({shown}); each run directory's "
+                      "report.html shows its own frames")
+    name = posixpath.basename(merge_url.rstrip("/")) or merge_url
+    return ReportData(
+        title=f"sfxflow merge {name}", run_url=shown_url(merge_url), state="merged",
+        running=False, generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        overview=why, along=why, crystals=why, merged=_merged(RunDir(merge_url, options)),
+        picture=why, version=__version__)
+
+
+def write_merge_report(merge_url: str, inputs: list[str], *,
+                       storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Reports after ``sfxflow merge``: ``MERGE/report.html`` and, when the merge went into a
+    run's own ``RUN/merge``, that run's ``RUN/report.html`` (now with its merged data).
+
+    With one input run directory the merge folder's page is that run's report with the merged
+    data; with several inputs (or streams) it shows the merged data and says where the rest is.
+    Returns the pages written.
+    """
+    options = dict(storage_options or {})
+    runs = [u for u in inputs if not u.endswith(".stream")]
+    written = []
+    if len(inputs) == 1 and len(runs) == 1:
+        run = runs[0].rstrip("/")
+        written.append(write_report(run, f"{merge_url.rstrip('/')}/{REPORT_NAME}",
+                                    storage_options=options, merge_url=merge_url))
+        if merge_url.rstrip("/") == f"{run}/merge" or (
+                "://" not in merge_url and "://" not in run
+                and os.path.realpath(merge_url) == os.path.realpath(os.path.join(run, "merge"))):
+            written.append(write_report(run, storage_options=options, merge_url=merge_url))
+    else:
+        page = render_report_html(_merge_only(merge_url, list(inputs), options)).encode()
+        target = RunDir(merge_url, options)
+        target.write_bytes(REPORT_NAME, page)
+        written.append(target.url_of(REPORT_NAME))
+    return written
 
 
 class LiveReport:
