@@ -107,13 +107,14 @@ def _concat(tables: list[pa.Table]) -> pa.Table | None:
 
 
 def _load(run: RunDir, whole: str, suffix: str, wanted: tuple[str, ...], prefer_whole: bool,
-          cache: ReportCache | None) -> tuple[pa.Table | None, str]:
-    """The whole-run table when the run is complete, else the shards written so far."""
+          cache: ReportCache | None) -> tuple[pa.Table | None, int | None]:
+    """The whole-run table when the run is complete, else the shards written so far (and how
+    many: ``None`` for the whole table)."""
     if prefer_whole and run.exists(whole):
-        return _read_table(run, whole, wanted), whole
+        return _read_table(run, whole, wanted), None
     names = [n for n in run.list("shards") if n.endswith(suffix) and not n.startswith(".")]
     table = _concat([_read_table(run, f"shards/{n}", wanted, cache) for n in names])
-    return table, f"{len(names)} shard(s)"
+    return table, len(names)
 
 
 def _column(table: pa.Table, name: str, dtype: Any = float) -> np.ndarray | None:
@@ -511,7 +512,7 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         running = pending > 0 and (s_time is None or (m_time is not None and m_time > s_time))
     complete = manifest is None or pending == 0
 
-    frames, frames_from = _load(run, "frames.parquet", ".frames.parquet", FRAME_FIELDS,
+    frames, n_shards = _load(run, "frames.parquet", ".frames.parquet", FRAME_FIELDS,
                                 complete and not running, cache)
     crystals, _ = _load(run, "crystals.parquet", ".crystals.parquet", CRYSTAL_FIELDS,
                         complete and not running, cache)
@@ -540,6 +541,9 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         picture = _picture(run, frames, config, options, cache)
 
     done = sum(b.state == "done" for b in manifest.blocks.values()) if manifest else None
+    if done is not None and n_shards is not None:
+        # the manifest is rewritten every few seconds only; a shard on disk is a block done
+        done = max(done, n_shards)
     total = len(manifest.blocks) if manifest else None
     if running:
         state = f"running: {done} of {total} blocks done"
@@ -547,7 +551,6 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         state = f"stopped: {done} of {total} blocks done (run process again to continue)"
     else:
         state = "complete"
-    logger.debug("report of %s: frames from %s", run.url, frames_from)
     name = posixpath.basename(run.url.rstrip("/")) or run.url
     from sfxflow.io.storage import shown_url
 
