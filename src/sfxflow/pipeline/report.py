@@ -26,6 +26,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -66,7 +67,7 @@ CRYSTAL_FIELDS = ("source_url", "frame_index", "block_id", "crystal", *CELL_COLU
 #: Node counts the cost table prices the run at (the larger one only when the run has as many
 #: blocks: with fewer, nodes would idle).
 COST_NODES = (1, 16)
-_READ_ERRORS = (OSError, ValueError, pa.ArrowException, KeyError, json.JSONDecodeError)
+SHARD_READERS = 16
 
 
 @dataclass
@@ -113,8 +114,12 @@ def _load(run: RunDir, whole: str, suffix: str, wanted: tuple[str, ...], prefer_
     if prefer_whole and run.exists(whole):
         return _read_table(run, whole, wanted), None
     names = [n for n in run.list("shards") if n.endswith(suffix) and not n.startswith(".")]
-    table = _concat([_read_table(run, f"shards/{n}", wanted, cache) for n in names])
-    return table, len(names)
+    rels = [f"shards/{n}" for n in names]
+    # shards are many small objects: on object storage each read is a round trip, so read in
+    # parallel (Parquet decoding releases the GIL too)
+    with ThreadPoolExecutor(max_workers=SHARD_READERS) as pool:
+        tables = list(pool.map(lambda rel: _read_table(run, rel, wanted, cache), rels))
+    return _concat(tables), len(names)
 
 
 def _column(table: pa.Table, name: str, dtype: Any = float) -> np.ndarray | None:
