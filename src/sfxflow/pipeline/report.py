@@ -64,8 +64,7 @@ FRAME_FIELDS = ("source_url", "frame_index", "block_id", "status", "stage", "rea
                 "n_integrated")
 CRYSTAL_FIELDS = ("source_url", "frame_index", "block_id", "crystal", *CELL_COLUMNS,
                   "resolution_limit_a", "status")
-#: Node counts the cost table prices the run at (the larger one only when the run has as many
-#: blocks: with fewer, nodes would idle).
+#: Node counts the cost table prices the run at (at most one node per block: more would idle).
 COST_NODES = (1, 16)
 SHARD_READERS = 16
 
@@ -231,9 +230,7 @@ def _cost(summary: Mapping[str, Any] | None, frames: pa.Table, manifest: Manifes
     rows: list[CostRow] = []
     for name in catalogue.names():
         inst = catalogue[name]
-        for nodes in COST_NODES:
-            if nodes > 1 and nodes > units.size:
-                continue
+        for nodes in sorted({min(n, units.size) for n in COST_NODES}):
             row, _ = plan_run(inst, nodes, units, params, catalogue)
             rows.append(CostRow(inst.name, inst.vcpus, row.price_per_hour, nodes, row.makespan_s,
                                 row.cost_usd, row.placeholder))
