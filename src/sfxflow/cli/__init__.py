@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "process": "sfxflow.cli.process",
     "plan": "sfxflow.cli.plan",
     "transfer": "sfxflow.cli.transfer",
+    "report": "sfxflow.cli.report",
     "bench": "sfxflow.cli.bench",
 }
 

@@ -16,7 +16,8 @@ DESCRIPTION = HELP + """
 Every frame of the inputs gets one record (indexed, hit, miss or failed with its stage and
 reason) in RUN/frames.parquet; spots with Miller indices in RUN/shards/*.spots.parquet; a
 CrystFEL stream as `cat RUN/header.stream RUN/shards/*.stream`; counts, rates and throughput in
-RUN/summary.json. Running the same command again resumes (finished blocks are skipped).
+RUN/summary.json; the run report (one HTML page with plots, refreshed while the run goes) in
+RUN/report.html. Running the same command again resumes (finished blocks are skipped).
 A file that cannot be opened at all (missing, truncated, not an image, wrong dataset) has an
 unknown frame count: it is recorded as ONE failed record with frame_index -1 and its reason.
 A corrupt frame inside a readable file fails only itself (stage "read").
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary, indent=1))
     else:
         print(format_summary(result.summary))
-        print(f"results in {result.run_url}")
+        print(f"results in {result.run_url}"
+              + (f", report {result.run_url}/report.html" if config.run.report else ""))
     if not result.complete:
         left = result.blocks_total - result.blocks_skipped - result.blocks_done - \
             result.blocks_failed

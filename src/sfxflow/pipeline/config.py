@@ -140,6 +140,8 @@ class RunConfig:
     strict : let unexpected exceptions in per-frame processing propagate (debugging) instead
         of recording the frame as ``failed``.
     manifest_interval_s : least seconds between manifest rewrites while running.
+    report : write ``report.html`` into the run directory (refreshed while running).
+    report_interval_s : least seconds between report refreshes while running.
     """
 
     task_retries: int = setting(1, ge=0, le=100)
@@ -147,6 +149,8 @@ class RunConfig:
     max_blocks: int = setting(0, ge=0, le=10**12)
     strict: bool = False
     manifest_interval_s: float = setting(5.0, ge=0, le=86_400)
+    report: bool = True
+    report_interval_s: float = setting(30.0, ge=0, le=86_400)
 
     def __post_init__(self) -> None:
         check_fields(self)
