@@ -72,8 +72,10 @@ from sfxflow.algorithms.geometry import (
 from sfxflow.algorithms.refine import (
     RefineParams,
     RefineResult,
+    assign_hkl,
     cell_parameters,
     index_on_lattice,
+    predict_positions_px,
     refine_still,
 )
 from sfxflow.models import (
@@ -97,6 +99,7 @@ __all__ = [
     "canonical_crystal",
     "cell_symmetry_problem",
     "chance_match_probability",
+    "index_lattices",
     "index_q_candidates",
     "index_spots",
     "log10_independent_trials",
@@ -155,6 +158,9 @@ class IndexParams:
         distinguishable orientations, cells and shifts tried) that a lattice of the target cell
         matches as many spots by chance; 1 disables the test (see
         :func:`solution_significance`).
+    max_crystals : lattices sought per frame (CrystFEL's ``--multi``): after one is found, the
+        spots it does not explain are indexed again, until this many crystals or no further
+        solution. 1 switches multi-lattice indexing off.
     refine : :class:`~sfxflow.algorithms.refine.RefineParams`.
     """
 
@@ -182,6 +188,7 @@ class IndexParams:
     significance_tolerance_px: float = 2.5
     significance_excitation_inv_a: float = 0.001
     max_false_probability: float = 1e-3
+    max_crystals: int = 4
     refine: RefineParams = field(default_factory=RefineParams)
 
     def __post_init__(self) -> None:
@@ -201,6 +208,8 @@ class IndexParams:
         for name in ("significance_tolerance_px", "significance_excitation_inv_a"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"IndexParams.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_crystals < 1:
+            raise ValueError(f"IndexParams.max_crystals must be >= 1, got {self.max_crystals}")
         if not 0 < self.max_false_probability <= 1:
             raise ValueError(
                 f"max_false_probability must be in (0, 1], got {self.max_false_probability}"
@@ -1035,3 +1044,67 @@ def index_spots(
         n_candidates=n_tested,
         log10_false_probability=log10_false,
     )
+
+
+def index_lattices(
+    spots: SpotTable,
+    detector: Detector,
+    beam: Beam,
+    target: TargetCell,
+    params: IndexParams | None = None,
+) -> list[IndexResult]:
+    """Index every lattice on a still: the first as :func:`index_spots`, then the spots no
+    lattice explains yet, again and again, up to ``params.max_crystals`` (CrystFEL's
+    ``--multi``).
+
+    Returns
+    -------
+    list of IndexResult
+        The successful lattices in the order found, each with ``miller_indices`` and
+        ``indexed_mask`` over *all* the frame's spots (rows of another lattice are zero /
+        False); when even the first lattice fails, a one-element list with that failure.
+        Each later search must pass every test the first one does (significance included),
+        on its own remaining spots.
+    """
+    params = params or IndexParams()
+    n = len(spots)
+    remaining = np.arange(n)
+    found: list[IndexResult] = []
+    for _ in range(params.max_crystals):
+        sub = spots if remaining.size == n else spots.select(remaining)
+        res = index_spots(sub, detector, beam, target, params)
+        if not res.success:
+            if not found:
+                return [res]
+            break
+        if remaining.size == n:
+            found.append(res)
+        else:
+            hkl = np.zeros((n, 3), np.int32)
+            hkl[remaining] = res.miller_indices
+            mask = np.zeros(n, bool)
+            mask[remaining] = res.indexed_mask
+            found.append(replace(res, miller_indices=hkl, indexed_mask=mask, n_spots=n))
+        explained = res.indexed_mask | _near_lattice(res, sub, detector, beam, params)
+        remaining = remaining[~explained]
+        if remaining.size < max(params.min_spots, params.min_indexed):
+            break
+    return found
+
+
+def _near_lattice(res: IndexResult, spots: SpotTable, detector: Detector, beam: Beam,
+                  params: IndexParams) -> np.ndarray:
+    """Spots that sit on a found lattice's predictions though not counted as indexed by it
+    (beyond ``max_spots``, or rejected as outliers by a whisker): they must not seed the search
+    for the next lattice."""
+    if res.crystal is None or len(spots) == 0:
+        return np.zeros(len(spots), bool)
+    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
+    rays = lab / np.linalg.norm(lab, axis=1, keepdims=True)
+    hkl, _, exc = assign_hkl(res.crystal.a_matrix, rays, beam, params.refine.max_excitation_inv_a,
+                             res.crystal.space_group)
+    fs, ss = predict_positions_px(res.crystal.a_matrix, hkl, spots.panel, detector, beam,
+                                  detector_shift_mm=res.detector_shift_mm)
+    with np.errstate(invalid="ignore"):
+        near = np.hypot(fs - spots.fs_px, ss - spots.ss_px) <= params.refine.outlier_px
+    return near & np.any(hkl != 0, axis=1) & np.isfinite(exc)

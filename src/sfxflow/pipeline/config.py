@@ -5,6 +5,8 @@ Sections (each a frozen dataclass; the algorithms' own ``Params`` live next to t
 * ``spots`` - :class:`~sfxflow.algorithms.spots.SpotParams`
 * ``hit`` - :class:`~sfxflow.algorithms.spots.HitParams`
 * ``index`` - :class:`~sfxflow.algorithms.index.IndexParams` (with ``index.refine``)
+* ``predict`` - :class:`~sfxflow.algorithms.predict.PredictParams`: the per-crystal profile model
+* ``integrate`` - :class:`~sfxflow.algorithms.integrate.IntegrateParams`: summation integration
 * ``target`` - :class:`TargetConfig`: the known cell and space group (or a CrystFEL cell file)
 * ``io`` - :class:`IOConfig`: blocks, prefetching, geometry, storage endpoint (no secrets)
 * ``run`` - :class:`RunConfig`: retries, failure tolerance, limits
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from sfxflow.algorithms.index import IndexParams, TargetCell
+from sfxflow.algorithms.integrate import IntegrateParams
+from sfxflow.algorithms.predict import PredictParams
 from sfxflow.algorithms.spots import HitParams, SpotParams
 from sfxflow.errors import ConfigError
 from sfxflow.pipeline import params as _params
@@ -192,6 +196,8 @@ class ProcessConfig:
     spots: SpotParams = field(default_factory=SpotParams)
     hit: HitParams = field(default_factory=HitParams)
     index: IndexParams = field(default_factory=IndexParams)
+    predict: PredictParams = field(default_factory=PredictParams)
+    integrate: IntegrateParams = field(default_factory=IntegrateParams)
     target: TargetConfig = field(default_factory=TargetConfig)
     io: IOConfig = field(default_factory=IOConfig)
     run: RunConfig = field(default_factory=RunConfig)
