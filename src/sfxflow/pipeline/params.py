@@ -167,7 +167,8 @@ def first_sentence(text: str) -> str:
     depth = 0
     for i, ch in enumerate(text):
         depth += (ch == "(") - (ch == ")")
-        if depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " "):
+        if depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " ") \
+                and text[max(i - 3, 0):i + 1] not in ("e.g.", "i.e."):
             return text[:i]
     return text.rstrip(".;")
 
