@@ -1088,9 +1088,3 @@ def find_spots_panel(
     if panel_index:
         table = SpotTable(**{**table.to_dict(), "panel": np.full(len(table), panel_index)})
     return table
-
-
-def describe_params(params: SpotParams) -> dict[str, Any]:
-    """The parameters that differ from the defaults (for logs and run records)."""
-    default = SpotParams()
-    return {k: v for k, v in params.__dict__.items() if getattr(default, k) != v}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -56,12 +55,6 @@ def _default_cbf_dir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _time_decode(urls: list[str], geometry: Any, opts: dict | None, fpb: int,
                  repeats: int) -> tuple[float, float, int]:
     """Median frames/s, bytes read per frame, frames; discover + plan are not timed."""
@@ -104,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.io.simulated import write_simulated_dataset
 
     logging.getLogger("sfxflow.io.simulated").setLevel(logging.WARNING)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     cases: list[tuple[str, list[Path], Any]] = []
     with tempfile.TemporaryDirectory(prefix="sfxflow-bench-decode-") as tmp:
         if cbf_dir is not None:
@@ -142,21 +134,13 @@ def run(args: argparse.Namespace) -> int:
 def _s3_rows(cases: list[tuple[str, list[Path], Any]],
              args: argparse.Namespace) -> list[tuple[str, str, int, float, float]]:
     import fsspec
-    from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
-                                                                 "region_name": "us-east-1"}}
-    rows = []
-    try:
-        import boto3
+    from sfxflow.benchmarks.local_s3 import local_s3
 
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                     aws_access_key_id="bench", aws_secret_access_key="bench",
-                     ).create_bucket(Bucket="bench-decode")
+    rows: list[tuple[str, str, int, float, float]] = []
+    with local_s3("bench-decode") as opts:
+        if opts is None:
+            return rows
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **opts)
         for k, (name, files, geom) in enumerate(cases):
             urls = []
@@ -166,6 +150,4 @@ def _s3_rows(cases: list[tuple[str, list[Path], Any]],
                 urls.append(f"s3://{key}")
             fps, bpf, n = _time_decode(urls, geom, opts, args.frames_per_block, args.repeats)
             rows.append((name, "S3", n, bpf, fps))
-    finally:
-        server.stop()
     return rows

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import statistics
 import sys
 import tempfile
@@ -46,12 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     number(parser, "--workers", kind=int, nargs="+", default=[1, 2], ge=1, le=1024,
            help="worker counts to compare (default 1 2)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 prefetch comparison")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(geometry: str, fpb: int, n_workers: int, prefetch: int) -> Any:
@@ -121,26 +114,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _s3_prefetch(inputs: list[str], geometry_path: Path, work: Path,
                  args: argparse.Namespace) -> None:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        print("  (S3 comparison skipped: moto[server] is not installed)")
-        return
     import s3fs
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        # dummy credentials for the local test server only
-        so = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
-                                                                   "region_name": "us-east-1"}}
-        import boto3
+    from sfxflow.benchmarks.local_s3 import local_s3
 
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                     aws_access_key_id="bench", aws_secret_access_key="bench",
-                     ).create_bucket(Bucket="bench")
+    with local_s3("bench") as so:
+        if so is None:
+            return
+        endpoint = so["client_kwargs"]["endpoint_url"]
         fs = s3fs.S3FileSystem(**so)
         for p in [*inputs, str(geometry_path)]:
             fs.put_file(p, f"bench/in/{Path(p).name}")
@@ -160,5 +141,3 @@ def _s3_prefetch(inputs: list[str], geometry_path: Path, work: Path,
         saved = _med(results[0], "wall_s") - _med(results[1], "wall_s")
         print(f"  wall time saved by prefetching: {saved:.2f} s "
               f"({100 * saved / _med(results[0], 'wall_s'):.0f}% of the run without it)")
-    finally:
-        server.stop()
