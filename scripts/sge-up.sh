@@ -14,7 +14,8 @@ t0=$SECONDS
 
 say() { echo "sge-up: $*"; }
 fail() { echo "sge-up: FAILED: $*" >&2; exit 1; }
-alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# a pid file names a live daemon of ours (not a reused pid after an unclean stop)
+alive() { [[ -s "$1" ]] && [[ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" == sge_* ]]; }
 execd_pid() { echo "/var/spool/gridengine/execd/$1/execd.pid"; }
 job_runs() { timeout 90 qsub -sync y -b y -j y -o /dev/null -q all.q /bin/true >/dev/null 2>&1; }
 
