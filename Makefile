@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-run
 
-.PHONY: demo test install lint typecheck bench clean container-check container slurm-up slurm-down
+.PHONY: demo test install lint typecheck bench clean container-check container slurm-up slurm-down sge-up sge-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ slurm-up:
 
 slurm-down:
 	bash scripts/slurm-up.sh --down
+
+# The same for Grid Engine (Debian's gridengine): qmaster, execd, queue all.q on this host.
+sge-up:
+	bash scripts/sge-up.sh
+
+sge-down:
+	bash scripts/sge-up.sh --down
 
 # Builds the image with podman on a debootstrap Debian base and runs `sfxflow demo` inside it
 # (root; exit 3 = this machine cannot build images, with the reason).

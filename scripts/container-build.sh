@@ -92,6 +92,7 @@ if [[ $rc != 0 ]]; then
 fi
 rm -f "$log"
 build_s=$((SECONDS - t1))
+podman image prune -f > /dev/null 2>&1 || true  # earlier builds' layers no tag refers to
 size="$(podman image inspect --format '{{.Size}}' "$TAG")"
 say "built $TAG in ${build_s} s; image size $((size / 1000000)) MB"
 

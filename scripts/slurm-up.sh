@@ -22,9 +22,12 @@ node_ready() {
     [[ "$state" =~ ^(idle|mixed|allocated|completing)$ ]]
 }
 
+# a pid file names a live daemon of ours (not a reused pid after an unclean stop)
+alive() { [[ -s "$1" ]] && [[ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" == "$2" ]]; }
+
 stop_pidfile() {
     local f="$1"
-    if [[ -s "$f" ]] && kill -0 "$(cat "$f")" 2>/dev/null; then
+    if alive "$f" "$(basename "$f" .pid)"; then
         kill "$(cat "$f")" && say "stopped $(basename "$f" .pid)"
     fi
     rm -f "$f"
@@ -86,14 +89,14 @@ if [[ "$changed" == 1 ]]; then  # a new configuration: restart what runs with th
     stop_pidfile "$RUN/slurmctld.pid"
     sleep 1
 fi
-if ! { [[ -s "$RUN/slurmctld.pid" ]] && kill -0 "$(cat "$RUN/slurmctld.pid")" 2>/dev/null; }; then
+if ! alive "$RUN/slurmctld.pid" slurmctld; then
     /usr/sbin/slurmctld -f "$CONF" || fail "slurmctld did not start (see /var/log/sfxflow-slurm/slurmctld.log)"
     say "slurmctld started"
 fi
 for _ in $(seq 60); do timeout 5 scontrol ping 2>/dev/null | grep -q UP && break; sleep 1; done
 timeout 5 scontrol ping | grep -q UP \
     || fail "slurmctld does not answer (see /var/log/sfxflow-slurm/slurmctld.log)"
-if ! { [[ -s "$RUN/slurmd.pid" ]] && kill -0 "$(cat "$RUN/slurmd.pid")" 2>/dev/null; }; then
+if ! alive "$RUN/slurmd.pid" slurmd; then
     /usr/sbin/slurmd -f "$CONF" -N localhost || fail "slurmd did not start (see /var/log/sfxflow-slurm/slurmd.log)"
     say "slurmd started"
 fi
@@ -106,5 +109,5 @@ fi
 node_ready || fail "node localhost is $(sinfo -h -n localhost -o '%T %E' 2>&1) (see /var/log/sfxflow-slurm/slurmd.log)"
 
 # a one-line job proves the whole path: submit, run as root on localhost, finish
-out="$(timeout 60 srun -N1 -n1 -t 1 hostname 2>&1)" || fail "a test job did not run: $out"
+out="$(timeout 60 srun --quiet -N1 -n1 -t 1 hostname 2>&1)" || fail "a test job did not run: $out"
 say "up in $((SECONDS - t0)) s: partition $(sinfo -h -o %P | head -n1), node localhost $(sinfo -h -n localhost -o '%c cpus, %T'), test job ran on $out"
