@@ -76,6 +76,7 @@ class ShardData:
     sigma: np.ndarray
     polarisation: np.ndarray
     rejected: dict[str, int] = field(default_factory=dict)
+    lattice_space_group: str = ""
 
     @property
     def n_crystals(self) -> int:
@@ -240,6 +241,7 @@ def _read_stream_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | Non
     fr: list[int] = []
     cr: list[int] = []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("c", "hkl", "i", "s", "p")}
+    lattices: list[tuple[str, ...]] = []
     cache: dict = {}
     for n_chunk, chunk in enumerate(stream):
         for k, xtal in enumerate(chunk.crystals):
@@ -253,6 +255,7 @@ def _read_stream_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | Non
                 rejected["no integrated reflections"] += 1
                 continue
             ci = len(a_list)
+            lattices.append(tuple(xtal.lattice))
             a_list.append(np.asarray(xtal.a_matrix, dtype=float))
             wl.append(lam)
             cells.append(list(xtal.cell.parameters))
@@ -270,7 +273,16 @@ def _read_stream_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | Non
                          f"chunks, {n_x} crystals); expected indexamajig output with "
                          "reflection lists (not --integration=none)")
     ids = (np.int64(spec.number) << _SHARD_ID_BITS) + np.arange(len(a_list), dtype=np.int64)
+    lattice_sg = ""
+    if lattices:
+        from sfxflow.io.cellfile import default_space_group
+
+        try:
+            lattice_sg = default_space_group(*Counter(lattices).most_common(1)[0][0]).xhm()
+        except ValueError:
+            lattice_sg = ""
     return ShardData(
+        lattice_space_group=lattice_sg,
         crystal_ids=ids, a_matrices=np.array(a_list), wavelengths_a=np.array(wl),
         cells=np.array(cells), source_url=src, frame_index=np.array(fr, np.int64),
         crystal=np.array(cr, np.int32), obs_crystal=np.concatenate(parts["c"]),

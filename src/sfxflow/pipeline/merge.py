@@ -97,9 +97,13 @@ class MergeResult:
 
 
 def _summarise(data: Any) -> dict:
-    cells = data.cells
+    inv_d2_max = 0.0
+    if data.hkl.shape[0]:
+        q = np.einsum("nij,nj->ni", data.a_matrices[data.obs_crystal], data.hkl.astype(float))
+        inv_d2_max = float(np.max(np.einsum("ni,ni->n", q, q)))
     return {"n_crystals": data.n_crystals, "n_obs": int(data.hkl.shape[0]),
-            "cells": cells, "wavelengths": data.wavelengths_a, "rejected": data.rejected}
+            "cells": data.cells, "wavelengths": data.wavelengths_a, "rejected": data.rejected,
+            "inv_d2_max": inv_d2_max, "lattice_space_group": data.lattice_space_group}
 
 
 def _prepare(data: Any, index: AsuIndex, operators: list[np.ndarray], params: MergeParams
@@ -194,6 +198,10 @@ def _last_cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
     return fits, sums, meta
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -238,7 +246,8 @@ class _Dask:
         return self.client.gather(items)
 
     def scatter(self, value: Any) -> Any:
-        return self.client.scatter(value, broadcast=True, hash=False)
+        # a task holding the value, not scattered data: a lost worker's copy is recomputed
+        return self.client.submit(_identity, value, pure=False)
 
     def reduce_sum(self, items: list) -> Any:
         # a tree on the cluster: only the total comes back
@@ -263,6 +272,8 @@ def _consensus(specs: Sequence[ShardSpec], summaries: list[dict], cell: Any, spa
         sg = as_space_group(space_group)
     else:
         named = {s.space_group for s in specs if s.space_group}
+        if not named:  # streams without a target cell: the crystals' lattice
+            named = {x["lattice_space_group"] for x in summaries if x["lattice_space_group"]}
         if not named:
             raise InputError("no space group known for the inputs (value: none); give "
                              "--space-group (e.g. P43212)")
@@ -304,6 +315,7 @@ def run_merge(
     truth: TrueIntensities | None = None,
     storage_options: Mapping[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
+    on_cycle: Callable[[int], None] | None = None,
 ) -> MergeResult:
     """Merge integrated observations from run directories and streams into ``out_url``.
 
@@ -317,6 +329,8 @@ def run_merge(
     cell, space_group : override what the inputs say.
     truth : true intensities (simulated inputs), for CC to the truth.
     echo : progress lines (e.g. ``print``).
+    on_cycle : called with the cycle number after each scaling cycle (tests use it to kill a
+        worker mid-merge).
     """
     specs = discover_shards(inputs, storage_options)
     out = RunDir(out_url, storage_options)
@@ -325,13 +339,14 @@ def run_merge(
     with open_cluster(cluster) as (client, info):
         ex: Any = _Serial() if client is None else _Dask(client)
         return _run(specs, out, ex, params, cell, space_group, truth, storage_options,
-                    echo or (lambda s: None), t_start, info.kind)
+                    echo or (lambda s: None), t_start, info.kind, on_cycle)
 
 
 def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell: Any,
          space_group: Any, truth: TrueIntensities | None,
          storage_options: Mapping[str, Any] | None, echo: Callable[[str], None],
-         t_start: float, cluster_kind: str) -> MergeResult:
+         t_start: float, cluster_kind: str,
+         on_cycle: Callable[[int], None] | None) -> MergeResult:
     data = [ex.submit(read_shard, s, storage_options) for s in specs]
     summaries = ex.gather([ex.submit(_summarise, d) for d in data])
     uc, sg, wavelength = _consensus(specs, summaries, cell, space_group)
@@ -341,9 +356,8 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         rejected.update(s["rejected"])
         n_input += sum(s["rejected"].values())
     d_min = params.d_min_a
-    if not d_min:
-        # the whole sphere the crystals reach: 1 / max |q| over a cheap bound (cell, wavelength)
-        d_min = max(wavelength / 2.0, 0.8) if math.isfinite(wavelength) else 1.0
+    if not d_min:  # every observation
+        d_min = 1.0 / math.sqrt(max(s["inv_d2_max"] for s in summaries)) * (1 - 1e-6)
     index = AsuIndex.build(uc, sg, d_min)
     operators = ambiguity_operators(uc, sg) if params.resolve_ambiguity else [np.eye(3, dtype=int)]
     echo(f"{len(specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
@@ -430,9 +444,20 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         echo(f"cycle {it + 1}/{params.iterations}: {int(good.sum())} crystals, CC1/2 "
              f"{cc_half:.4f}" + (f", CC to truth {entry['cc_truth']:.4f}" if truth else "")
              + f", normalised deviations rms {rms:.2f} ({dt:.1f} s)")
+        if on_cycle is not None:
+            on_cycle(it + 1)
 
     final = CrystalFits.concat(fits_all)
-    truth_asu = _truth_on(index, truth) if truth is not None else None
+    truth_asu = None
+    if truth is not None:
+        # with an ambiguity the merged setting is arbitrary: compare in the truth's best one
+        by_op = [_truth_on(index, truth, r) for r in operators]
+        ccs = [pearson(merged.imean, t) for t in by_op]
+        best = int(np.nanargmax(ccs)) if np.isfinite(ccs).any() else 0
+        truth_asu = by_op[best]
+        if len(operators) > 1:
+            ambiguity["cc_truth_by_operator"] = ccs
+            ambiguity["truth_operator"] = best
     overall, shells = shell_statistics(index, merged, params.n_shells, truth_asu)
     for code, reason in REASONS.items():
         n = int(np.sum(final.status == code))
@@ -464,9 +489,13 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
     return MergeResult(out.url, stats, table, crystals)
 
 
-def _truth_on(index: AsuIndex, truth: TrueIntensities) -> np.ndarray:
-    plus = truth.at(index.hkl)
-    minus = truth.at(-index.hkl.astype(np.int64))
+def _truth_on(index: AsuIndex, truth: TrueIntensities,
+              reindex: np.ndarray | None = None) -> np.ndarray:
+    hkl = index.hkl.astype(np.int64)
+    if reindex is not None:
+        hkl = hkl @ np.asarray(reindex, dtype=np.int64)
+    plus = truth.at(hkl)
+    minus = truth.at(-hkl)
     with np.errstate(invalid="ignore"):
         both = np.where(np.isfinite(minus), 0.5 * (plus + minus), plus)
     return both

@@ -9,6 +9,7 @@ sums are then plain ``numpy.bincount`` calls, and a shard's sums add to any othe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gemmi
@@ -71,7 +72,8 @@ class AsuIndex:
         if not d_min_a > 0:
             raise ValueError(f"d_min_a = {d_min_a!r}: expected a positive resolution")
         hkl = np.asarray(gemmi.make_miller_array(uc, sg, d_min_a, 0, True), dtype=np.int32)
-        m = int(np.abs(hkl).max()) + 2 if hkl.size else 2
+        # any index within d_min obeys |h| <= |a| / d_min (h = a . q), whatever the setting
+        m = math.ceil(max(uc.a, uc.b, uc.c) / d_min_a) + 2
         keys = _encode(hkl, m)
         order = np.argsort(keys)
         hkl, keys = hkl[order], keys[order]
@@ -129,7 +131,8 @@ def operator_products(index: AsuIndex, operators: list[np.ndarray]) -> np.ndarra
     [[0, 1], [1, 0]]
     """
     n = len(operators)
-    test = index.hkl[: min(len(index), 400)].astype(np.int64)
+    # a spread of reflections: the first ones in key order lie on a few special planes
+    test = index.hkl[np.unique(np.linspace(0, len(index) - 1, 500).astype(int))].astype(np.int64)
     own = [index.lookup(test @ r) // 2 for r in operators]
     table = np.zeros((n, n), dtype=np.int64)
     for m in range(n):
