@@ -83,7 +83,7 @@ def test_cells_with_the_symmetry_are_accepted():
 def test_bad_walltime_is_a_user_error(capsys):
     # "--walltime abc" used to go into the job script; every job would be rejected
     assert main(["process", "--cluster", "slurm", "--walltime", "abc", "--dry-run"]) == 2
-    assert "cluster.walltime = 'abc'" in capsys.readouterr().err
+    assert "--walltime 'abc': expected HH:MM:SS" in capsys.readouterr().err
     for ok in ("02:00:00", "1-00:00:00", "90", "30:00"):
         assert main(["process", "--cluster", "slurm", "--walltime", ok, "--dry-run"]) == 0
 

@@ -255,10 +255,6 @@ class CrystfelGeometry:
     def n_panels(self) -> int:
         return len(self.panel_specs)
 
-    def needs_values(self) -> bool:
-        """``True`` when some geometry or beam value must be read per frame."""
-        return bool(self.references)
-
     def values_from_headers(self, headers: Mapping[str, float]) -> dict[str, float]:
         """Map values keyed by HDF5 path (e.g. a stream's ``hdf5/...`` lines) to reference keys.
 
@@ -1059,8 +1055,13 @@ def _num(v: float) -> str:
 
 
 def _vec(v: tuple[float, float, float]) -> str:
-    """``(1, -0.5, 0)`` -> ``"+1x -0.5y +0z"``."""
-    return " ".join(("+" if c >= 0 else "") + _num(c) + ax for c, ax in zip(v, "xyz", strict=True))
+    """``(1, -0.5, -0.0)`` -> ``"+1x -0.5y +0z"``.
+
+    Adding ``0.0`` turns a negative zero (from rotating CBF axes) into ``0.0``: ``"+-0z"`` is read
+    by neither CrystFEL nor :func:`parse_geom`.
+    """
+    return " ".join(("+" if c >= 0 else "") + _num(c + 0.0) + ax
+                    for c, ax in zip(v, "xyz", strict=True))
 
 
 def _mask_rectangles(mask: np.ndarray) -> list[tuple[int, int, int, int]]:

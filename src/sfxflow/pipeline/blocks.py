@@ -28,9 +28,11 @@ from typing import Any
 from sfxflow.io.results import (
     RunDir,
     ShardBytes,
+    crystals_table,
     frame_row,
     frames_table,
     parquet_bytes,
+    reflections_table,
     shard_names,
     spots_table,
 )
@@ -213,7 +215,7 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
                        stream_chunk_fn: Callable[[ImageResult, Frame], str] | None = None,
                        frames_by_index: Mapping[int, Frame] | None = None,
                        block_failed: bool = False) -> ShardBytes:
-    """Serialise a block's results into its three shard files (stream chunks for the frames in
+    """Serialise a block's results into its shard files (stream chunks for the frames in
     ``frames_by_index``)."""
     names = shard_names(block.block_id)
     results = sorted(results, key=lambda r: r.frame_index)
@@ -224,6 +226,9 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
         meta["sfxflow.block_failed"] = "1"
     frames = frames_table([frame_row(r, block.block_id) for r in results])
     spots = spots_table(results)
+    wavelengths = {i: f.beam.wavelength_a for i, f in (frames_by_index or {}).items()}
+    crystals = crystals_table(results, block.block_id, wavelengths)
+    reflections = reflections_table(results)
     stream = ""
     if stream_chunk_fn is not None and frames_by_index:
         stream = "".join(stream_chunk_fn(r, frames_by_index[r.frame_index]) for r in results
@@ -231,6 +236,8 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
     files = {
         names["frames"]: parquet_bytes(frames, meta),
         names["spots"]: parquet_bytes(spots, meta),
+        names["crystals"]: parquet_bytes(crystals, meta),
+        names["reflections"]: parquet_bytes(reflections, meta),
         names["stream"]: stream.encode("utf-8"),
     }
     return ShardBytes(block.block_id, files, len(results))

@@ -7,6 +7,7 @@ The run directory (local or ``s3://``) ends up holding::
     header.stream          CrystFEL stream header (geometry + target cell), written once
     shards/<block>.*       one frames/spots/stream shard triple per block (atomic writes)
     frames.parquet         all frames, one row each, sorted by (source_url, frame_index)
+    crystals.parquet       all indexed crystals, one row each (see docs/run-directory.md)
     summary.json           counts, rates, throughput (see sfxflow.pipeline.summary)
 
 Running the same command again resumes: a block whose shards exist and verify is skipped; blocks
@@ -44,7 +45,7 @@ __all__ = ["RunResult", "plan_run", "resolve_config", "run_process"]
 logger = logging.getLogger(__name__)
 
 #: Settings that change per-frame results: a run directory made with other values is not resumed.
-RESULT_SECTIONS = ("spots", "hit", "index", "target")
+RESULT_SECTIONS = ("spots", "hit", "index", "predict", "integrate", "target")
 RESULT_IO_KEYS = ("frames_per_block", "geometry")
 
 
@@ -359,8 +360,13 @@ def run_process(
         from sfxflow.io.results import parquet_bytes
 
         run.write_bytes("frames.parquet", parquet_bytes(frames, {"sfxflow.blocks": str(len(blocks))}))
-    elif run.exists("frames.parquet"):
-        run.remove("frames.parquet")
+        crystals = sort_frames(run.read_crystals_shards(done_ids))
+        run.write_bytes("crystals.parquet",
+                        parquet_bytes(crystals, {"sfxflow.blocks": str(len(blocks))}))
+    else:
+        for name in ("frames.parquet", "crystals.parquet"):
+            if run.exists(name):
+                run.remove(name)
     summary = build_summary(
         frames, reports, wall_s=wall_s, n_cores=n_cores,
         detector=_detector_info(geometry, reports),
