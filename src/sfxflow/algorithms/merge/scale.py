@@ -32,6 +32,7 @@ import numba
 import numpy as np
 
 from sfxflow.algorithms.merge.reflections import AsuIndex
+from sfxflow.settings import SettingError, check_fields, setting
 
 __all__ = [
     "MODELS",
@@ -65,6 +66,11 @@ REASONS = {
 }
 
 
+def _angles(values: tuple[float, ...]) -> None:
+    if not values or not all(0 <= float(v) <= 10 for v in values):
+        raise ValueError(f"{values!r}")
+
+
 @dataclass(frozen=True)
 class MergeParams:
     """Parameters of ``sfxflow merge``.
@@ -83,7 +89,9 @@ class MergeParams:
     b_limit_a2 : the relative B is fitted within ±this; a crystal at the limit is rejected.
     b_sigma_a2 : width of the restraint of the relative B towards 0 (weak crystals cannot
         determine it).
-    radius_min_inv_a, radius_max_inv_a, n_radius : log-spaced grid of the profile radius R.
+    radius_min_inv_a : smallest profile radius R of the log-spaced grid (Å⁻¹).
+    radius_max_inv_a : largest profile radius R of the grid (Å⁻¹).
+    n_radius : points of the profile-radius grid.
     mosaicity_grid_deg : values tried for the mosaic spread η (FWHM).
     bandwidth_fwhm : the beam's relative bandwidth assumed by the partiality model.
     model_error : γ, the fractional model error in the fit weights.
@@ -98,62 +106,37 @@ class MergeParams:
     seed : seed of the half-set split and the crystal subsets.
     """
 
-    model: str = "partiality"
-    iterations: int = 4
-    d_min_a: float = 0.0
-    min_partiality: float = 0.1
-    min_observations: int = 10
-    min_cc: float = 0.0
-    max_scale_ratio: float = 1.0e3
-    b_limit_a2: float = 60.0
-    b_sigma_a2: float = 10.0
-    radius_min_inv_a: float = 2.0e-4
-    radius_max_inv_a: float = 5.0e-3
-    n_radius: int = 10
-    mosaicity_grid_deg: tuple[float, ...] = (0.0, 0.03, 0.06, 0.1)
-    bandwidth_fwhm: float = 3.0e-3
-    model_error: float = 0.1
-    outlier_z: float = 6.0
-    min_measurements: int = 2
-    n_shells: int = 10
+    model: str = setting("partiality", choices=MODELS)
+    iterations: int = setting(4, ge=1, le=50)
+    d_min_a: float = setting(0.0, ge=0.0, le=100.0)
+    min_partiality: float = setting(0.1, ge=0.0, lt=1.0)
+    min_observations: int = setting(10, ge=1, le=100_000)
+    min_cc: float = setting(0.0, ge=-1.0, lt=1.0)
+    max_scale_ratio: float = setting(1.0e3, gt=1.0, le=1.0e12)
+    b_limit_a2: float = setting(60.0, gt=0.0, le=1000.0)
+    b_sigma_a2: float = setting(10.0, gt=0.0, le=1000.0)
+    radius_min_inv_a: float = setting(2.0e-4, gt=0.0, le=0.1)
+    radius_max_inv_a: float = setting(5.0e-3, gt=0.0, le=0.1)
+    n_radius: int = setting(10, ge=1, le=100)
+    mosaicity_grid_deg: tuple[float, ...] = setting((0.0, 0.03, 0.06, 0.1), check=_angles,
+                                                    expect="one or more angles from 0 to 10")
+    bandwidth_fwhm: float = setting(3.0e-3, ge=0.0, lt=0.2)
+    model_error: float = setting(0.1, ge=0.0, lt=1.0)
+    outlier_z: float = setting(6.0, gt=0.0, le=1000.0)
+    min_measurements: int = setting(2, ge=1, le=1000)
+    n_shells: int = setting(10, ge=1, le=100)
     resolve_ambiguity: bool = True
-    ambiguity_max_crystals: int = 1000
-    ambiguity_partners: int = 200
-    seed: int = 0
+    ambiguity_max_crystals: int = setting(1000, ge=2, le=1_000_000)
+    ambiguity_partners: int = setting(200, ge=1, le=100_000)
+    seed: int = setting(0, ge=0, le=2**31 - 1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mosaicity_grid_deg",
                            tuple(float(x) for x in self.mosaicity_grid_deg))
-        if self.model not in MODELS:
-            raise ValueError(f"MergeParams.model = {self.model!r}: expected one of "
-                             f"{', '.join(MODELS)}")
-        checks = {
-            "iterations": 1 <= self.iterations <= 50,
-            "d_min_a": self.d_min_a >= 0,
-            "min_partiality": 0 <= self.min_partiality < 1,
-            "min_observations": self.min_observations >= 1,
-            "min_cc": -1 <= self.min_cc < 1,
-            "max_scale_ratio": self.max_scale_ratio > 1,
-            "b_limit_a2": self.b_limit_a2 > 0,
-            "b_sigma_a2": self.b_sigma_a2 > 0,
-            "radius_min_inv_a": self.radius_min_inv_a > 0,
-            "radius_max_inv_a": self.radius_max_inv_a >= self.radius_min_inv_a,
-            "n_radius": 1 <= self.n_radius <= 100,
-            "bandwidth_fwhm": 0 <= self.bandwidth_fwhm < 0.2,
-            "model_error": 0 <= self.model_error < 1,
-            "outlier_z": self.outlier_z > 0,
-            "n_shells": 1 <= self.n_shells <= 100,
-            "min_measurements": self.min_measurements >= 1,
-            "ambiguity_max_crystals": self.ambiguity_max_crystals >= 2,
-            "ambiguity_partners": self.ambiguity_partners >= 1,
-        }
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not ok or (isinstance(value, float) and not math.isfinite(value)):
-                raise ValueError(f"MergeParams.{name} = {value!r} is out of range")
-        if not self.mosaicity_grid_deg or min(self.mosaicity_grid_deg) < 0:
-            raise ValueError(f"MergeParams.mosaicity_grid_deg = {self.mosaicity_grid_deg!r}: "
-                             "expected one or more angles >= 0")
+        check_fields(self)
+        if self.radius_max_inv_a < self.radius_min_inv_a:
+            raise SettingError(f"MergeParams.radius_max_inv_a = {self.radius_max_inv_a}: "
+                               f"expected at least radius_min_inv_a ({self.radius_min_inv_a})")
 
     def radius_grid(self) -> np.ndarray:
         return np.geomspace(self.radius_min_inv_a, self.radius_max_inv_a, self.n_radius)
