@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from sfxflow.algorithms.index import IndexParams, TargetCell
 from sfxflow.algorithms.integrate import IntegrateParams
+from sfxflow.algorithms.merge.scale import MergeParams
 from sfxflow.algorithms.predict import PredictParams
 from sfxflow.algorithms.simulate import SimulationParams
 from sfxflow.algorithms.spots import HitParams, SpotParams
@@ -57,6 +58,7 @@ __all__ = [
     "FindSpotsConfig",
     "IOConfig",
     "IndexConfig",
+    "MergeConfig",
     "ProcessConfig",
     "RunConfig",
     "SimulateConfig",
@@ -337,12 +339,27 @@ class SimulateConfig:
     simulation: SimulationParams = section(SimulationParams, flag_prefix="")
 
 
+@dataclass(frozen=True)
+class MergeConfig:
+    """Settings of ``sfxflow merge`` (and of ``process --merge``).
+
+    Parameters
+    ----------
+    merge : scaling, partiality model, rejection and statistics.
+    cluster : where the Dask workers run (as for ``process``).
+    """
+
+    merge: MergeParams = section(MergeParams, flag_prefix="")
+    cluster: ClusterConfig = section(ClusterConfig, flag_prefix="")
+
+
 #: Every configuration tree with a command of its own: name -> (tree, what it configures).
 TREES: dict[str, tuple[type, str]] = {
     "process": (ProcessConfig, "`sfxflow process` (written in full to RUN/config.toml)"),
     "find-spots": (FindSpotsConfig, "`sfxflow find-spots`"),
     "index": (IndexConfig, "`sfxflow index`"),
     "simulate": (SimulateConfig, "`sfxflow simulate`"),
+    "merge": (MergeConfig, "`sfxflow merge`"),
 }
 
 
