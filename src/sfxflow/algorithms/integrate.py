@@ -62,6 +62,9 @@ class IntegrateParams:
 
     Parameters
     ----------
+    method : ``rings`` (summation in a disc with a background annulus) or ``none`` (no
+        prediction or integration: crystals are recorded as indexed, as CrystFEL's
+        ``--integration=none``).
     peak_radius_px : radius of the peak disc (CrystFEL ``--int-radius`` first value).
     background_inner_px, background_outer_px : the background annulus.
     outlier_nsigma : background pixels further than this many standard deviations from the
@@ -70,6 +73,7 @@ class IntegrateParams:
     min_background_pixels : fewer usable background pixels: the reflection is not integrated.
     """
 
+    method: str = "rings"
     peak_radius_px: float = 3.0
     background_inner_px: float = 4.0
     background_outer_px: float = 6.0
@@ -78,6 +82,9 @@ class IntegrateParams:
     min_background_pixels: int = 10
 
     def __post_init__(self) -> None:
+        if self.method not in ("rings", "none"):
+            raise ValueError(f"IntegrateParams.method = {self.method!r}: expected 'rings' or "
+                             "'none'")
         if not (0 < self.peak_radius_px <= self.background_inner_px < self.background_outer_px
                 <= 30):
             raise ValueError(

@@ -11,10 +11,11 @@ BENCHMARKS: dict[str, str] = {
     "decode": "sfxflow.benchmarks.decode",
     "spots": "sfxflow.benchmarks.spots",
     "index": "sfxflow.benchmarks.index",
+    "integrate": "sfxflow.benchmarks.integrate",
     "process": "sfxflow.benchmarks.process",
 }
 
-HELP = "benchmark a stage (simulate, decode, spots, index, process) and print figures"
+HELP = "benchmark a stage (simulate, decode, spots, index, integrate, process) and print figures"
 DESCRIPTION = HELP + """
 
 Examples:
