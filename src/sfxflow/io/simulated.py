@@ -13,7 +13,8 @@ Layout of ``out_dir`` after :func:`write_simulated_dataset`::
 Truth columns: ``file`` is the CXI file's base name and ``frame_index`` the frame's index in it
 (what an image source reports); ``truth_frames`` has ``is_hit``, the orientation matrix ``A`` in
 the sfxflow lab frame (Å⁻¹, row-major ``a11 .. a33``; NaN for misses), ``cell``, ``space_group``,
-``photon_energy_ev``, ``wavelength_a``, ``scale_photons``, ``n_reflections`` and ``n_strong``
+``photon_energy_ev``, ``wavelength_a``, ``scale_photons``, ``crystal_size_a`` (NaN unless
+sizes vary), ``n_reflections`` and ``n_strong``
 (reflections with ``snr_true >= 5``); ``truth_reflections`` has the columns of
 :data:`sfxflow.algorithms.simulate.TRUTH_COLUMNS` plus ``file``, ``frame_index`` and
 ``panel_name``.
@@ -156,7 +157,8 @@ def write_simulated_dataset(
     )
     frame_rows: dict[str, list] = {k: [] for k in (
         "file", "frame_index", "frame_global", "is_hit", *_A_COLUMNS, "cell", "space_group",
-        "photon_energy_ev", "wavelength_a", "scale_photons", "n_reflections", "n_strong",
+        "photon_energy_ev", "wavelength_a", "scale_photons", "crystal_size_a", "n_reflections",
+        "n_strong",
     )}
     refl_parts: list[dict[str, np.ndarray]] = []
     files: list[Path] = []
@@ -191,6 +193,7 @@ def write_simulated_dataset(
                     "photon_energy_ev": truth_frame.beam.photon_energy_ev,
                     "wavelength_a": truth_frame.beam.wavelength_a,
                     "scale_photons": truth_frame.scale,
+                    "crystal_size_a": truth_frame.size_a,
                     "n_reflections": len(truth["h"]),
                     "n_strong": n_strong,
                 }

@@ -145,6 +145,8 @@ def integrate_lattices(frame: Frame, lattices: list[IndexResult],
     affected. Predicted peaks of every lattice are kept out of each other's backgrounds.
     """
     records = [_crystal_record(lat) for lat in lattices]
+    if config.integrate.method == "none":
+        return records
     predictions: list[Prediction | None] = []
     for i, lat in enumerate(lattices):
         rec = records[i]
