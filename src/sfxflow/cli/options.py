@@ -35,6 +35,9 @@ class Parser(argparse.ArgumentParser):
 
 def _converter(tp: Any, spec: Spec) -> Any:
     def convert(text: str) -> Any:
+        if tp is str and spec.check is not None and not text.strip():
+            # empty means "not set here" in a configuration file; a flag given empty is a slip
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {spec.expect or 'a value'}")
         try:
             return _params.convert(tp, spec, text)
         except _params.Invalid as exc:
@@ -110,8 +113,8 @@ def _metavar(leaf: _params.Leaf) -> str:
 def _help(leaf: _params.Leaf) -> str:
     doc = _params.first_sentence(leaf.doc) if leaf.doc else leaf.key
     default = leaf.default
-    shown = "none" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple)
-                                            else default)
+    shown = ("none" if default is None else '""' if default == "" else
+             " ".join(map(str, default)) or "[]" if isinstance(default, tuple) else default)
     extra = "" if leaf.type is bool else f"{leaf.expected}; "
     return f"{doc} [{extra}default {shown}; key {leaf.key}]".replace("%", "%%")
 
@@ -154,6 +157,10 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
         if leaf.type is bool:
             group.add_argument(*names, dest=leaf.key, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=_help(leaf))
+        elif leaf.type == tuple[str, ...]:  # a list of texts: one per use of the flag
+            group.add_argument(*names, dest=leaf.key, action="append", default=argparse.SUPPRESS,
+                               metavar="TEXT",
+                               help=_help(leaf).replace("[a list, each text; ", "[repeatable; "))
         else:
             group.add_argument(*names, dest=leaf.key, type=_converter(leaf.type, leaf.spec),
                                default=argparse.SUPPRESS, metavar=_metavar(leaf), help=_help(leaf))

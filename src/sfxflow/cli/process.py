@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # every setting of the tree is a flag: --cell, --frames-per-block, --scheduler, --workers,
     # --cluster, --spots-sigma-strong, --hit-min-spots, --index-min-indexed, --refine-cell ...
     add_settings(parser, ProcessConfig, short={"-g": "io.geometry"},
-                 aliases={"--prefetch": "io.prefetch_depth", "--cspad": "preset:cspad-cbf"})
+                 aliases={"--prefetch": "io.prefetch_depth", "--cspad": "preset:cspad-cbf",
+                          "--worker-timeout": "cluster.worker_timeout_s"})
 
 
 def settings(args: argparse.Namespace) -> Any:
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if info.scheduler_address:
             print(f"scheduler {info.scheduler_address} ({info.n_workers} workers, "
                   f"{info.n_threads} threads)"
+                  + (f", batch jobs {', '.join(info.job_ids)}" if info.job_ids else "")
                   + (f", dashboard {info.dashboard_link}" if info.dashboard_link else ""),
                   file=sys.stderr, flush=True)
 

@@ -111,10 +111,6 @@ class Section:
 # ---------------------------------------------------------------------------- introspection
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -167,7 +163,8 @@ def first_sentence(text: str) -> str:
     depth = 0
     for i, ch in enumerate(text):
         depth += (ch == "(") - (ch == ")")
-        if depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " "):
+        if depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " ") \
+                and text[max(i - 3, 0):i + 1] not in ("e.g.", "i.e."):
             return text[:i]
     return text.rstrip(".;")
 
@@ -178,7 +175,7 @@ def _walk(cls: type) -> tuple[tuple[Section, ...], tuple[Leaf, ...]]:
     out: list[Leaf] = []
 
     def visit(c: type, key_prefix: str, flag_prefix: str) -> None:
-        hints = _hints(c)
+        hints = typing.get_type_hints(c)
         docs = field_docs(c)
         for f in dataclasses.fields(c):
             if not f.init:
@@ -206,11 +203,10 @@ def _walk(cls: type) -> tuple[tuple[Section, ...], tuple[Leaf, ...]]:
     visit(cls, "", "")
     seen: dict[str, str] = {}
     for leaf in out:
-        for flag in (leaf.flag,):
-            if flag in seen:
-                raise TypeError(f"{cls.__name__}: settings {seen[flag]} and {leaf.key} would "
-                                f"share the flag --{flag}; give one a flag or flag_prefix")
-            seen[flag] = leaf.key
+        if leaf.flag in seen:  # a programming error in the tree, found by the tests
+            raise TypeError(f"{cls.__name__}: settings {seen[leaf.flag]} and {leaf.key} would "
+                            f"share the flag --{leaf.flag}; give one a flag or flag_prefix")
+        seen[leaf.flag] = leaf.key
     return tuple(secs), tuple(out)
 
 
@@ -374,7 +370,7 @@ def _unknown(cls: type, key: str, where: str) -> typing.NoReturn:
 
 def _construct(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
     kwargs: dict[str, Any] = {}
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         key = f"{prefix}{f.name}"
         if _is_section(hints[f.name]):

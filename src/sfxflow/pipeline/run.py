@@ -334,7 +334,8 @@ def run_process(
     t_exec0 = time.perf_counter()
     t_exec1 = 0.0
     try:
-        with open_cluster(config.cluster) as (client, info):
+        with open_cluster(config.cluster,
+                          allowed_failures=config.run.allowed_failures) as (client, info):
             if on_cluster is not None:
                 on_cluster(info)
             t_exec0 = time.perf_counter()
@@ -347,7 +348,6 @@ def run_process(
                 execute_dask(client, todo, ctx, on_report, on_failure,
                              prefetch_depth=config.io.prefetch_depth,
                              task_retries=config.run.task_retries,
-                             allowed_failures=config.run.allowed_failures,
                              file_errors=file_errors)
                 n_cores = max(n_cores, cluster_threads(client))
             t_exec1 = time.perf_counter()
