@@ -125,8 +125,14 @@ def test_process_writes_the_report_and_refreshes_it_while_running(sim_set, tmp_p
     during: list[str] = []
 
     def on_block(_report) -> None:
-        if not during:
-            during.append((out / "report.html").read_text())
+        # the first refresh is drawn in a background thread: wait for its page
+        page = out / "report.html"
+        deadline = time.monotonic() + 120
+        while not during and time.monotonic() < deadline:
+            if page.exists():
+                during.append(page.read_text())
+            else:
+                time.sleep(0.1)
 
     run_process([str(sim_set.files[0])], str(out), cfg, on_block=on_block)
     assert "running: " in during[0] and '<meta http-equiv="refresh"' in during[0]

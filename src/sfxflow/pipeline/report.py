@@ -23,6 +23,7 @@ import math
 import os
 import posixpath
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Mapping, MutableMapping
@@ -644,9 +645,13 @@ def write_merge_report(merge_url: str, inputs: list[str], *,
 
 
 class LiveReport:
-    """Refreshes ``RUN/report.html`` while a run goes: after a block, when at least
-    ``interval_s`` seconds (and ten times the last build's time, so the report never takes more
-    than a tenth of the client's time) have passed; and once at the end.
+    """Refreshes ``RUN/report.html`` while a run goes, and once at the end.
+
+    After a block, when at least ``interval_s`` seconds (and ten times the last build's time,
+    so that drawing takes at most a tenth of the client's time) have passed, the page is rebuilt
+    in a background thread: the client goes on collecting results and handing out blocks
+    meanwhile (block finishing times in the manifest stay true). :meth:`finish` waits for it and
+    writes the final page.
 
     Never raises: a report that cannot be written is logged and the run goes on.
     """
@@ -659,9 +664,10 @@ class LiveReport:
         self.cache = ReportCache()
         self._last = -math.inf
         self._build_s = 0.0
+        self._thread: threading.Thread | None = None
         self.written = 0
 
-    def _write(self, running: bool | None) -> None:
+    def _write(self, running: bool) -> None:
         t0 = time.perf_counter()
         try:
             write_report(self.run_url, storage_options=self.storage_options, running=running,
@@ -674,9 +680,20 @@ class LiveReport:
 
     def block_done(self) -> None:
         """Call after each finished block."""
+        if self._thread is not None and self._thread.is_alive():
+            return
         if time.perf_counter() - self._last >= max(self.interval_s, 10 * self._build_s):
-            self._write(running=True)
+            self._last = time.perf_counter()
+            self._thread = threading.Thread(target=self._write, args=(True,), daemon=True,
+                                            name="sfxflow-report")
+            self._thread.start()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Wait for a refresh in progress."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def finish(self) -> None:
         """Call once the run has written its summary."""
+        self.wait()
         self._write(running=False)
