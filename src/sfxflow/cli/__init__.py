@@ -25,8 +25,10 @@ SUBCOMMANDS: dict[str, str] = {
     "find-spots": "sfxflow.cli.find_spots",
     "index": "sfxflow.cli.index",
     "process": "sfxflow.cli.process",
+    "merge": "sfxflow.cli.merge",
     "plan": "sfxflow.cli.plan",
     "transfer": "sfxflow.cli.transfer",
+    "report": "sfxflow.cli.report",
     "bench": "sfxflow.cli.bench",
 }
 

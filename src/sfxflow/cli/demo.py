@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     png = _picture(run_dir, info.geometry_path, root / "frame.png")
     if png is not None:
         print(f"picture of one frame with its spots: {png}")
+    print(f"report (open in a browser): {run_dir}/report.html")
     print(f"results: {run_dir}/frames.parquet, {run_dir}/summary.json; stream: "
           f"cat {run_dir}/header.stream {run_dir}/shards/*.stream")
     return 0

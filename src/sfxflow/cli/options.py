@@ -36,6 +36,9 @@ class Parser(argparse.ArgumentParser):
 
 def _converter(tp: Any, spec: Spec) -> Any:
     def convert(text: str) -> Any:
+        if tp is str and spec.check is not None and not text.strip():
+            # empty means "not set here" in a configuration file; a flag given empty is a slip
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {spec.expect or 'a value'}")
         try:
             return _params.convert(tp, spec, text)
         except _params.Invalid as exc:
