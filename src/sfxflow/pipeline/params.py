@@ -503,6 +503,12 @@ def _toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": plain})[4:].strip()
 
 
+def _grouped(cls: type) -> list[tuple[Section, list[Leaf]]]:
+    """The sections that hold settings, each with its own settings, in tree order."""
+    return [(sec, own) for sec in sections(cls)
+            if (own := [leaf for leaf in leaves(cls) if leaf.section == sec.key])]
+
+
 def commented_toml(tree: Any) -> str:
     """The whole resolved tree as TOML, each key with its one-line doc, range and default.
 
@@ -510,13 +516,7 @@ def commented_toml(tree: Any) -> str:
     """
     flat = _flat_values(tree)
     lines: list[str] = []
-    by_section: dict[str, list[Leaf]] = {}
-    for leaf in leaves(type(tree)):
-        by_section.setdefault(leaf.section, []).append(leaf)
-    for sec in sections(type(tree)):
-        own = by_section.get(sec.key, [])
-        if not own:
-            continue
+    for sec, own in _grouped(type(tree)):
         if sec.key:
             lines += ["", f"[{sec.key}]  # {sec.doc}"]
         for leaf in own:
@@ -535,13 +535,7 @@ def markdown(cls: type, title: str, intro: str = "") -> str:
     out = [f"## {title}", ""]
     if intro:
         out += [intro, ""]
-    by_section: dict[str, list[Leaf]] = {}
-    for leaf in leaves(cls):
-        by_section.setdefault(leaf.section, []).append(leaf)
-    for sec in sections(cls):
-        own = by_section.get(sec.key, [])
-        if not own:
-            continue
+    for sec, own in _grouped(cls):
         head = f"`[{sec.key}]`" if sec.key else "top level"
         out += [f"### {head}: {sec.doc}", "",
                 f"From `{sec.cls.__module__}.{sec.cls.__name__}`.", "",
