@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sfxflow.cli.options import number
+
 HELP = "decode speed: frames/s per core for CBF and compressed CXI, local and from S3 (median)"
 DESCRIPTION = HELP + """
 
@@ -31,11 +33,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=10,
-                        help="simulated frames per detector (default 10)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
-    parser.add_argument("--frames-per-block", type=int, default=10,
-                        help="frames per block (default 10)")
+    number(parser, "--frames", kind=int, default=10, ge=1, le=100_000,
+           help="simulated frames per detector (default 10)")
+    number(parser, "--repeats", kind=int, default=5, ge=1, le=1000, help="timed runs (default 5)")
+    number(parser, "--frames-per-block", kind=int, default=10, ge=1, le=100_000,
+           help="frames per block (default 10)")
     parser.add_argument("--cbf-dir", default=None,
                         help="folder of CBFs (default ../shared/data/lcls-cspad-thermolysin)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 rows")

@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sfxflow.cli.options import number
+
 HELP = "end-to-end frames/s per core (1 and 2 workers) and prefetching on/off from local S3"
 DESCRIPTION = HELP + """
 
@@ -33,13 +35,15 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=60, help="CSPAD frames (default 60)")
-    parser.add_argument("--files", type=int, default=4, help="CXI files (default 4)")
-    parser.add_argument("--frames-per-block", type=int, default=5,
-                        help="frames per block (default 5)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per setting (default 3)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                        help="worker counts to compare (default 1 2)")
+    number(parser, "--frames", kind=int, default=60, ge=1, le=100_000,
+           help="CSPAD frames (default 60)")
+    number(parser, "--files", kind=int, default=4, ge=1, le=10_000, help="CXI files (default 4)")
+    number(parser, "--frames-per-block", kind=int, default=5, ge=1, le=100_000,
+           help="frames per block (default 5)")
+    number(parser, "--repeats", kind=int, default=3, ge=1, le=1000,
+           help="runs per setting (default 3)")
+    number(parser, "--workers", kind=int, nargs="+", default=[1, 2], ge=1, le=1024,
+           help="worker counts to compare (default 1 2)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 prefetch comparison")
 
 

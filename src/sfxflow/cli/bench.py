@@ -12,9 +12,11 @@ BENCHMARKS: dict[str, str] = {
     "spots": "sfxflow.benchmarks.spots",
     "index": "sfxflow.benchmarks.index",
     "process": "sfxflow.benchmarks.process",
+    "report": "sfxflow.benchmarks.report",
 }
 
-HELP = "benchmark a stage (simulate, decode, spots, index, process, or all) and print figures"
+HELP = ("benchmark a stage (simulate, decode, spots, index, process, report, or all) and print "
+        "figures")
 DESCRIPTION = HELP + """
 
 'all' runs every benchmark in turn with its default options (what 'make bench' does).
