@@ -28,6 +28,7 @@ from sfxflow.models import (
     Crystal,
     Detector,
     SpotTable,
+    a_matrix_columns,
     wavelength_a_to_photon_energy_ev,
 )
 from sfxflow.pipeline.config import IndexConfig
@@ -205,10 +206,7 @@ def _row(job: _Job, res: IndexResult, seconds: float, angle: float) -> dict:
         "log10_false_probability": res.log10_false_probability,
         "det_shift_x_mm": res.detector_shift_mm[0], "det_shift_y_mm": res.detector_shift_mm[1],
     }
-    a = res.crystal.a_matrix if res.crystal is not None else np.full((3, 3), np.nan)
-    for i in range(3):
-        for j in range(3):
-            row[f"a{i + 1}{j + 1}"] = float(a[i, j])
+    row.update(a_matrix_columns(res.crystal.a_matrix if res.crystal is not None else None))
     cell = res.crystal.cell.parameters if res.crystal is not None else (math.nan,) * 6
     for name, v in zip(("cell_a", "cell_b", "cell_c", "cell_alpha", "cell_beta", "cell_gamma"),
                        cell, strict=True):

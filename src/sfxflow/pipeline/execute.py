@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from sfxflow.errors import failure_reason
 from sfxflow.pipeline.blocks import (
     BlockContext,
     BlockRef,
@@ -193,11 +194,6 @@ def _block_task(plugin_name: str, key: str) -> BlockReport:
     return plugin.execute(key)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _record_failure(block: BlockRef, ctx: BlockContext, reason: str) -> BlockFailure:
     logger.error("block %s failed for good: %s", block.block_id, reason)
     ctx.run.write_shards(failed_block_shards(block, reason))
@@ -239,11 +235,11 @@ def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnR
                     raise
                 except Exception as exc:
                     logger.warning("block %s attempt %d failed: %s", block.block_id,
-                                   attempt + 1, _reason(exc), exc_info=True)
+                                   attempt + 1, failure_reason(exc), exc_info=True)
                     last = exc
             del fetched
             if last is not None:
-                on_failure(_record_failure(block, ctx, _reason(last)))
+                on_failure(_record_failure(block, ctx, failure_reason(last)))
             else:
                 on_report(report)
     finally:
@@ -287,7 +283,7 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
-                on_failure(_record_failure(block, ctx, _reason(exc)))
+                on_failure(_record_failure(block, ctx, failure_reason(exc)))
                 continue
             finally:
                 fut.release()
