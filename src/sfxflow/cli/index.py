@@ -29,6 +29,7 @@ from sfxflow.models import (
     Detector,
     SpotTable,
     a_matrix_columns,
+    as_space_group,
     wavelength_a_to_photon_energy_ev,
 )
 from sfxflow.pipeline.config import IndexConfig
@@ -86,7 +87,7 @@ class _Job:
 
 
 def _target(args: argparse.Namespace, stream_cell=None) -> TargetCell:
-    from sfxflow.io.cellfile import default_space_group, read_cell_file
+    from sfxflow.io.cellfile import read_cell_file
 
     if args.cell and args.cell_file:
         raise InputError(f"give --cell ({args.cell!r}) or --cell-file ({args.cell_file}), not both")
@@ -103,8 +104,7 @@ def _target(args: argparse.Namespace, stream_cell=None) -> TargetCell:
         if source is None:
             raise InputError("no target cell: give --cell and --space-group, or --cell-file "
                              "(or a stream that records its target cell)")
-        sg = args.space_group or source.space_group or default_space_group(*source.lattice)
-        return TargetCell(source.cell, sg)
+        return TargetCell(source.cell, as_space_group(source.indexing_space_group(args.space_group)))
     except ValueError as exc:
         raise InputError(f"bad target cell or space group ({args.cell or args.cell_file}, "
                          f"{args.space_group}): {exc}") from exc
