@@ -5,6 +5,8 @@ Any other exception escaping the CLI is a bug and is shown with its traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class SfxflowError(Exception):
     """Base of all sfxflow exceptions."""
@@ -62,3 +64,28 @@ class RunDirError(SfxflowError):
 #: unwritable run directory): sysexits.h EX_TEMPFAIL, "temporary failure; the user is invited to
 #: retry". Distinct from 2 (fix the command line first) and 1 (blocks failed for good).
 EXIT_RERUN = 75
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]*@")
+
+
+def redact_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``.
+
+    >>> redact_userinfo("cannot read ftp://me:secret@host/x.cxi (timeout)")
+    'cannot read ftp://***@host/x.cxi (timeout)'
+    """
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying what went wrong: the exception's type and its message's first line.
+
+    This is the ``reason`` recorded for a failed frame or block; a password inside a URL in it
+    is replaced by ``***``.
+
+    >>> failure_reason(ValueError("bad gain\\nsecond line"))
+    'ValueError: bad gain'
+    >>> failure_reason(MemoryError())
+    'MemoryError'
+    """
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return redact_userinfo(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)

@@ -309,14 +309,32 @@ def as_space_group(sg: gemmi.SpaceGroup | str | int) -> gemmi.SpaceGroup:
     if isinstance(sg, gemmi.SpaceGroup):
         return sg
     try:
-        found = gemmi.find_spacegroup_by_name(str(sg)) if not isinstance(sg, int) else None
+        number = str(sg).strip().isdigit()
+        found = None if number else gemmi.find_spacegroup_by_name(str(sg))
         if found is None:
+            if not 1 <= int(sg) <= 230:  # gemmi takes 0 (by name too) for P 1
+                raise ValueError(f"space group number {sg!r} is not from 1 to 230")
             found = gemmi.find_spacegroup_by_number(int(sg))
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"unknown space group {sg!r}") from exc
     if found is None:
         raise ValueError(f"unknown space group {sg!r}")
     return gemmi.SpaceGroup(found.xhm())  # xhm keeps the setting (R 3:R)
+
+
+#: Table columns of an orientation matrix ``A`` (reciprocal space, Å⁻¹), row-major: ``a11`` is
+#: ``A[0, 0]``, ``a12`` is ``A[0, 1]``... (frames.parquet, crystals.parquet, simulation truth).
+A_MATRIX_COLUMNS = tuple(f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3))
+
+
+def a_matrix_columns(a_matrix: np.ndarray | None) -> dict[str, float]:
+    """``{"a11": A[0, 0], ..., "a33": A[2, 2]}``; NaN for every column when ``a_matrix`` is None.
+
+    >>> a_matrix_columns(np.eye(3))["a22"], a_matrix_columns(None)["a13"]
+    (1.0, nan)
+    """
+    values = np.full(9, np.nan) if a_matrix is None else np.asarray(a_matrix, float).ravel()
+    return dict(zip(A_MATRIX_COLUMNS, (float(v) for v in values), strict=True))
 
 
 def reciprocal_basis(cell: gemmi.UnitCell) -> np.ndarray:
@@ -418,13 +436,110 @@ class FrameStatus(StrEnum):
     FAILED = "failed"
 
 
+REFLECTION_COLUMNS: dict[str, str] = {
+    "h": "int32",
+    "k": "int32",
+    "l": "int32",
+    "panel": "int32",
+    "fs_px": "float64",
+    "ss_px": "float64",
+    "intensity": "float64",
+    "sigma": "float64",
+    "background": "float64",
+    "peak": "float64",
+    "peak_pixels": "int32",
+    "partiality": "float64",
+    "d_a": "float64",
+    "excitation_error_inv_a": "float64",
+    "lorentz": "float64",
+    "polarisation": "float64",
+    "flags": "int32",
+}
+"""Columns of :class:`ReflectionTable` (see ``docs/run-directory.md``, ``reflections.parquet``).
+
+Intensities, sigmas, background (per pixel) and ``peak`` (the highest pixel of the peak
+region) are in photons; intensities are background-subtracted and *not* corrected for
+partiality, Lorentz or polarisation. ``flags`` is a bit mask of
+:class:`sfxflow.algorithms.integrate.Flag`.
+"""
+
+
+@dataclass(frozen=True)
+class ReflectionTable:
+    """Columnar table of one crystal's predicted and integrated reflections."""
+
+    columns: dict[str, np.ndarray] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        n = None
+        cols: dict[str, np.ndarray] = {}
+        for name, dtype in REFLECTION_COLUMNS.items():
+            if name not in self.columns:
+                raise ValueError(f"reflection table lacks column {name!r}")
+            a = np.ascontiguousarray(self.columns[name], dtype=dtype)
+            if a.ndim != 1 or (n is not None and a.shape[0] != n):
+                raise ValueError(f"reflection column {name} has shape {a.shape}, expected ({n},)")
+            n = a.shape[0]
+            cols[name] = a
+        object.__setattr__(self, "columns", cols)
+
+    def __len__(self) -> int:
+        return int(self.columns["h"].shape[0])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    @property
+    def hkl(self) -> np.ndarray:
+        return np.stack([self.columns["h"], self.columns["k"], self.columns["l"]], axis=1)
+
+    @classmethod
+    def empty(cls) -> ReflectionTable:
+        return cls({k: np.zeros(0, dtype=v) for k, v in REFLECTION_COLUMNS.items()})
+
+    def select(self, rows: np.ndarray) -> ReflectionTable:
+        return ReflectionTable({k: v[rows] for k, v in self.columns.items()})
+
+
+@dataclass(frozen=True)
+class CrystalResult:
+    """One lattice found on a frame, with its prediction and integration outcome.
+
+    ``indexed_mask`` and ``miller_indices`` refer to the rows of the frame's spot table (the
+    spots this lattice explains). ``status`` is ``integrated`` or ``failed`` (``reason`` says
+    why: a prediction that leaves the detector, every peak masked, an error in the stage).
+    ``profile_radius_inv_a`` is the crystal's refined reflection-profile width (Å⁻¹),
+    ``resolution_limit_a`` where its strong reflections stop being observed.
+    """
+
+    crystal: Crystal = field(repr=False)
+    indexed_mask: np.ndarray = field(repr=False)
+    miller_indices: np.ndarray = field(repr=False)
+    n_indexed: int = 0
+    rmsd_px: float = math.nan
+    detector_shift_mm: tuple[float, float] = (0.0, 0.0)
+    profile_radius_inv_a: float = math.nan
+    resolution_limit_a: float = math.nan
+    n_predicted: int = 0
+    reflections: ReflectionTable | None = field(default=None, repr=False)
+    status: str = "indexed"
+    reason: str = ""
+
+    @property
+    def n_integrated(self) -> int:
+        return 0 if self.reflections is None else len(self.reflections)
+
+
 @dataclass(frozen=True)
 class ImageResult:
     """The one record every frame yields, whatever happened to it.
 
     ``stage`` names the stage that failed (``read``, ``spots``, ``hit``, ``index``, ...) when
     ``status`` is ``failed`` or indexing did not succeed; ``reason`` says why in words.
-    ``timings_s`` maps stage name to seconds spent.
+    ``timings_s`` maps stage name to seconds spent. ``crystals`` holds every lattice found
+    on the frame (multi-crystal frames have several); ``crystal``, ``miller_indices`` (every
+    spot, from whichever lattice explains it), ``n_indexed`` (all lattices) and ``rmsd_px``
+    (first lattice) keep describing the frame as before.
     """
 
     source_url: str
@@ -440,3 +555,4 @@ class ImageResult:
     n_indexed: int = 0
     rmsd_px: float = math.nan
     timings_s: dict[str, float] = field(default_factory=dict, compare=False)
+    crystals: tuple[CrystalResult, ...] = field(default=(), compare=False, repr=False)

@@ -33,6 +33,31 @@ TARGETS = {
 }
 
 
+def test_cells_with_the_symmetry_are_accepted():
+    from sfxflow.algorithms.index import TargetCell
+
+    for cell, sg in (("93 93 130.5 90 90 120", "P 61 2 2"), ("93 93 130.5 90 90 120", "R 3"),
+                     ("61.4 122.6 168 90 90 90", "C 2 2 21"), ("50 60 70 90 100 90", "P 1 21 1"),
+                     ("79.1 79.2 38 90 90 90", "P 43 21 2"), ("40 50 60 80 85 95", "P 1")):
+        assert TargetCell(cell, sg).space_group.hm == sg
+
+
+def test_rhombohedral_setting_is_kept_for_indexing():
+    # "R 3:R" was reduced to its H-M symbol "R 3", i.e. the hexagonal setting: wrong point-group
+    # rotations and centring absences for a cell on rhombohedral axes
+    import numpy as np
+
+    from sfxflow.algorithms.index import TargetCell, point_group_rotations, target_table
+
+    target = TargetCell("60 60 60 80 80 80", "R 3:R")
+    images = {tuple(int(v) for v in m @ np.array([1, 0, 0]))
+              for m in point_group_rotations(target.space_group)}
+    assert images == {(1, 0, 0), (0, 1, 0), (0, 0, 1)}
+    hkl = {tuple(int(v) for v in h) for h in target_table(target, 3.0).hkl}
+    assert (1, 0, 0) in hkl  # primitive on rhombohedral axes: no centring absence
+
+
+
 @pytest.mark.parametrize(("sg", "cell", "n_ops"), [
     ("P 1", "45.2 51.7 66.3 79.5 87.2 71.4", 1),
     ("P 21 21 21", "51.2 98.7 53.4 90 90 90", 4),
@@ -71,6 +96,28 @@ def test_misorientation_known_angle_and_symmetry() -> None:
     assert misorientation_deg(a, Crystal.from_u(target.cell, p1, r60 @ u), p1) == pytest.approx(60)
 
 
+def test_misorientation_of_a_non_orthogonal_cell_in_every_setting() -> None:
+    """A refined cell's angles are off 90 deg: each setting A @ M has its own cell and B."""
+    sg = gemmi.SpaceGroup("C 2 2 21")
+    cell = gemmi.UnitCell(64.8, 112.3, 52.1, 90.6, 89.2, 90.9)
+    x = Crystal.from_u(cell, sg, Rotation.random(random_state=7).as_matrix())
+    for m in point_group_rotations(sg):
+        a_m = x.a_matrix @ m
+        real = np.linalg.inv(a_m)
+        lengths = np.linalg.norm(real, axis=1)
+        cos = [real[1] @ real[2] / (lengths[1] * lengths[2]),
+               real[0] @ real[2] / (lengths[0] * lengths[2]),
+               real[0] @ real[1] / (lengths[0] * lengths[1])]
+        y = Crystal(gemmi.UnitCell(*lengths, *np.degrees(np.arccos(cos))), sg, a_m)
+        assert misorientation_deg(x, y) < 1e-6
+        assert misorientation_deg(y, x) < 1e-6
+        canon = canonical_crystal(y)
+        real_canon = np.linalg.inv(reciprocal_basis(canon.cell))  # rows a, b, c
+        np.testing.assert_allclose(real_canon @ real_canon.T,
+                                   np.linalg.inv(canon.a_matrix) @ np.linalg.inv(canon.a_matrix).T,
+                                   atol=1e-6)
+
+
 def test_canonical_setting_is_deterministic() -> None:
     target = TargetCell(TARGETS["C 2 2 21"], "C 2 2 21")
     x = Crystal.from_u(target.cell, target.space_group, Rotation.random(random_state=8).as_matrix())
@@ -81,6 +128,27 @@ def test_canonical_setting_is_deterministic() -> None:
     assert np.trace(ref.u_matrix) >= max(
         np.trace(Crystal(target.cell, target.space_group, x.a_matrix @ m).u_matrix)
         for m in point_group_rotations(target.space_group)) - 1e-9
+
+
+def test_every_spot_on_the_lattice_is_indexed_beyond_the_strongest() -> None:
+    """Spots past ``max_spots`` get Miller indices too; ``fraction_indexed`` is over all spots."""
+    target = TargetCell(TARGETS["P 61 2 2"], "P 61 2 2")
+    hit = simulated_hit(target, DETECTOR, BEAM, 240, np.random.default_rng(5))
+    snr = np.random.default_rng(6).uniform(5.0, 50.0, len(hit.spots))
+    spots = SpotTable(hit.spots.panel, hit.spots.fs_px, hit.spots.ss_px, snr, snr, snr,
+                      hit.spots.n_pixels, hit.spots.d_a)
+    res = index_spots(spots, DETECTOR, BEAM, target, IndexParams(max_spots=100))
+    assert res.success and res.crystal is not None
+    assert res.n_spots == 240 and res.n_indexed == int(res.indexed_mask.sum())
+    assert res.fraction_indexed == pytest.approx(res.n_indexed / 240)
+    weak = np.argsort(-snr, kind="stable")[100:]
+    true_weak = weak[~hit.is_false[weak]]
+    assert res.indexed_mask[true_weak].mean() > 0.9
+    assert res.indexed_mask[hit.is_false].mean() < 0.2
+    # the indices are the truth's, in the solution's setting
+    m = np.rint(np.linalg.solve(hit.truth.a_matrix, res.crystal.a_matrix)).astype(int)
+    on = np.flatnonzero(res.indexed_mask & ~hit.is_false)
+    np.testing.assert_array_equal(res.miller_indices[on] @ m.T, hit.true_hkl[on])
 
 
 def test_candidate_table_uses_orbit_representatives() -> None:

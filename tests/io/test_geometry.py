@@ -200,6 +200,27 @@ def test_write_then_read_real_files(shared_data: Path, tmp_path: Path, name: str
     assert det2.rigid_groups == det.rigid_groups
 
 
+def test_cbf_geometry_round_trips_through_our_reader(shared_data: Path) -> None:
+    """The CSPAD CBF's rotated axes carry -0.0 components; they must not be written as '+-0z'."""
+    from sfxflow.io.cbf import cbf_geometry
+
+    cbf = shared_data / "lcls-cspad-thermolysin" / "idx-20130301060858401.cbf"
+    det, beam = cbf_geometry(cbf.read_bytes(), str(cbf))
+    text = format_geom(det, beam=beam, data_path=None, frame_dim=None)
+    assert "+-" not in text
+    det2, beam2 = parse_geom(text).resolve()
+    _assert_same_detector(det, det2)
+    assert beam2 is not None and beam2.wavelength_a == pytest.approx(beam.wavelength_a)
+
+
+def test_negative_zero_axis_components_are_written_readably() -> None:
+    panel = Panel(name="p0", shape=(4, 6), pixel_size_mm=0.1, origin_mm=(-0.3, -0.2, 100.0),
+                  fast_axis=(1.0, -0.0, -0.0), slow_axis=(-0.0, 1.0, -0.0))
+    text = format_geom(Detector((panel,)), beam=Beam(wavelength_a=1.0))
+    assert "p0/fs = +1x +0y +0z" in text and "p0/ss = +0x +1y +0z" in text
+    _assert_same_detector(Detector((panel,)), parse_geom(text).resolve()[0])
+
+
 def _assert_same_detector(a: Detector, b: Detector) -> None:
     assert len(a) == len(b)
     for p, q in zip(a, b, strict=True):

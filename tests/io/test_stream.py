@@ -237,7 +237,7 @@ def test_writer_round_trip(tmp_path: Path) -> None:
         np.testing.assert_allclose(c.peaks.intensity, r.spots.intensity, atol=0.005)
         np.testing.assert_allclose(10 / c.peaks.d_a, 10 / r.spots.d_a, atol=0.005)
         if r.status == FrameStatus.INDEXED:
-            assert c.indexed_by == "sfxflow"
+            assert c.indexed_by == "file"
             (x,) = c.crystals
             np.testing.assert_allclose(x.a_matrix, r.crystal.a_matrix, atol=1e-8)
             assert x.lattice == LatticeInfo("orthorhombic", "P", "*")

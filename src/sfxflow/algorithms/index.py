@@ -34,7 +34,11 @@ place points near a dozen spots by chance: on the CrystFEL 5-HT2B stream, cells 
 no Miller index with it. So the count of matched spots is tested against chance:
 
 * a spot is *matched* when its refined prediction is within ``significance_tolerance_px`` and
-  its lattice point within ``significance_excitation_inv_a`` of the Ewald sphere;
+  its lattice point within ``e`` of the Ewald sphere, where ``e`` follows the solution's own
+  profile model: ``profile_nsigma`` widths of the profile refined from the excitation errors of
+  the spots it indexes (:func:`profile_depth_inv_a`; a fixed ``significance_excitation_inv_a``
+  when ``profile_acceptance`` is off). A small crystal's broad profile is accepted for what it
+  is, and a false lattice that needs a broad profile to reach the spots pays for the depth;
 * the probability that a random spot is matched by a lattice in a fixed orientation is the
   expected number of allowed lattice points in that acceptance region,
   ``p = (V / n_centring) * k² * Ω * 2 e`` (``V`` real-cell volume, ``k = 1/λ``, ``Ω`` the solid
@@ -56,6 +60,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import gemmi
@@ -68,7 +73,15 @@ from sfxflow.algorithms.geometry import (
     panel_matrices,
     pixels_to_lab_mm,
 )
-from sfxflow.algorithms.refine import RefineParams, RefineResult, cell_parameters, refine_still
+from sfxflow.algorithms.refine import (
+    RefineParams,
+    RefineResult,
+    assign_hkl,
+    cell_parameters,
+    index_on_lattice,
+    predict_positions_px,
+    refine_still,
+)
 from sfxflow.models import (
     Beam,
     Crystal,
@@ -78,6 +91,7 @@ from sfxflow.models import (
     as_unit_cell,
     reciprocal_basis,
 )
+from sfxflow.settings import check_fields, section, setting
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +104,7 @@ __all__ = [
     "canonical_crystal",
     "cell_symmetry_problem",
     "chance_match_probability",
+    "index_lattices",
     "index_q_candidates",
     "index_spots",
     "log10_independent_trials",
@@ -120,17 +135,22 @@ class IndexParams:
     max_d_a : spots at lower resolution (larger d) than this are not used to form pairs
         (beam-stop shadows, diffuse scatter); they are still indexed.
     min_spots : fewer spots than this: not attempted.
-    max_spots : index only the strongest this many spots (by ``snr``, else ``intensity``);
-        the others are reported unindexed and do not count in ``fraction_indexed``.
-        ``None``: all.
+    max_spots : find and refine the solution on the strongest this many spots only (by
+        ``snr``, else ``intensity``); the other spots are then indexed on the refined lattice
+        and count in ``fraction_indexed``. ``None``: all.
     min_indexed : least number of spots a solution must index.
-    min_fraction_indexed : least fraction of the spots a solution must index.
+    min_fraction_indexed : least fraction of the spots the solution was found on (the
+        ``max_spots`` strongest) that it must index. Weaker spots do not count here: they
+        include noise and other lattices, which say nothing against this one.
     max_rmsd_px : largest RMSD (px) of an accepted solution.
     max_median_excitation_inv_a : largest median distance (Å⁻¹) of the indexed lattice points
-        from the Ewald sphere. A true lattice puts its observed reflections within about the
-        crystal's profile radius of the sphere (CrystFEL reports 2-5e-4 Å⁻¹ for SFX crystals);
-        a false one, fitted to spots with the freedom of orientation and cell, needs the whole
-        search window. This is the strongest test against false solutions on large cells.
+        from the Ewald sphere: only a bound beyond any real crystal's profile (a 100 nm crystal
+        gives about 3e-4). Solutions are judged against their own profile model instead (see
+        ``profile_acceptance``): a fixed bound of 3.5e-4 rejected small crystals and frames
+        that CrystFEL indexes correctly (5-HT2B test stream: 44 frames indexed instead of 41,
+        among them one XGANDALF indexes that the fixed bound rejected (median 4.75e-4); cells
+        scaled by 0.9-1.1 still index none in a wrong orientation. The margin is thin: with 2.5
+        widths a cell 3 % short indexes one frame 53 degrees off, with 3.5 too).
     early_exit_fraction : stop searching pairs once a candidate indexes this fraction.
     n_polish_per_pair : best raw rotations of each pair that are polished (Kabsch fit) and
         scored strictly.
@@ -138,7 +158,8 @@ class IndexParams:
         be from its lattice point's ray.
     n_solutions_refined : distinct best candidates refined before giving up.
     cell_length_tolerance : relative deviation of each refined cell length from the target
-        accepted; cell_angle_tolerance_deg the same for angles.
+        accepted.
+    cell_angle_tolerance_deg : deviation of each refined cell angle from the target accepted.
     significance_tolerance_px, significance_excitation_inv_a : a spot counts as matched in the
         false-solution test when its refined prediction is within this many pixels and its
         lattice point within this distance (Å⁻¹) of the Ewald sphere.
@@ -146,56 +167,48 @@ class IndexParams:
         distinguishable orientations, cells and shifts tried) that a lattice of the target cell
         matches as many spots by chance; 1 disables the test (see
         :func:`solution_significance`).
+    profile_acceptance : judge a solution against its own profile model: a spot counts as
+        matched in the false-solution test when its lattice point is within ``profile_nsigma``
+        profile widths of the Ewald sphere (:func:`profile_depth_inv_a`), and the chance of a
+        match is computed for that depth, instead of ``significance_excitation_inv_a``.
+    profile_nsigma : see ``profile_acceptance``.
+    max_crystals : lattices sought per frame (CrystFEL's ``--multi``): after one is found, the
+        spots it does not explain are indexed again, until this many crystals or no further
+        solution. 1 switches multi-lattice indexing off.
     refine : :class:`~sfxflow.algorithms.refine.RefineParams`.
     """
 
-    q_tolerance_rel: float = 0.01
-    q_tolerance_abs_inv_a: float = 0.0005
-    angle_tolerance_deg: float = 1.0
-    max_excitation_inv_a: float = 0.0008
-    hkl_tolerance: float = 0.3
-    n_pair_spots: int = 12
-    max_pairs: int = 45
-    max_pair_candidates: int = 1_000_000
-    max_d_a: float = 100.0
-    min_spots: int = 6
-    max_spots: int | None = 100
-    min_indexed: int = 8
-    min_fraction_indexed: float = 0.3
-    max_rmsd_px: float = 2.5
-    max_median_excitation_inv_a: float = 3.5e-4
-    early_exit_fraction: float = 0.75
-    n_polish_per_pair: int = 8
-    strict_tolerance_px: float = 3.0
-    n_solutions_refined: int = 4
-    cell_length_tolerance: float = 0.03
-    cell_angle_tolerance_deg: float = 2.0
-    significance_tolerance_px: float = 2.5
-    significance_excitation_inv_a: float = 0.001
-    max_false_probability: float = 1e-3
-    refine: RefineParams = field(default_factory=RefineParams)
+    q_tolerance_rel: float = setting(0.01, gt=0, le=0.5)
+    q_tolerance_abs_inv_a: float = setting(0.0005, ge=0, le=0.1)
+    angle_tolerance_deg: float = setting(1.0, gt=0, le=45)
+    max_excitation_inv_a: float = setting(0.0008, ge=0, le=0.1)
+    hkl_tolerance: float = setting(0.3, gt=0, lt=0.5)
+    n_pair_spots: int = setting(12, ge=2, le=1000)
+    max_pairs: int = setting(45, ge=1, le=1_000_000)
+    max_pair_candidates: int = setting(1_000_000, ge=1, le=10**12)
+    max_d_a: float = setting(100.0, gt=0, le=1e4)
+    min_spots: int = setting(6, ge=0, le=100_000)
+    max_spots: int | None = setting(100, ge=1, le=10_000_000)
+    min_indexed: int = setting(8, ge=3, le=100_000)
+    min_fraction_indexed: float = setting(0.3, ge=0, le=1)
+    max_rmsd_px: float = setting(2.5, gt=0, le=1000)
+    max_median_excitation_inv_a: float = setting(1e-3, gt=0, le=1)
+    early_exit_fraction: float = setting(0.75, ge=0, le=1)
+    n_polish_per_pair: int = setting(8, ge=1, le=1000)
+    strict_tolerance_px: float = setting(3.0, gt=0, le=1000)
+    n_solutions_refined: int = setting(4, ge=1, le=1000)
+    cell_length_tolerance: float = setting(0.03, gt=0, le=1)
+    cell_angle_tolerance_deg: float = setting(2.0, gt=0, le=90)
+    significance_tolerance_px: float = setting(2.5, gt=0, le=1000)
+    significance_excitation_inv_a: float = setting(0.001, gt=0, le=1)
+    max_false_probability: float = setting(1e-3, gt=0, le=1)
+    profile_acceptance: bool = True
+    profile_nsigma: float = setting(3.0, gt=0, le=100)
+    max_crystals: int = setting(4, ge=1, le=100)
+    refine: RefineParams = section(RefineParams, flag_prefix="refine-")
 
     def __post_init__(self) -> None:
-        for name in ("q_tolerance_rel", "angle_tolerance_deg", "hkl_tolerance", "max_rmsd_px"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"IndexParams.{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.hkl_tolerance < 0.5:
-            raise ValueError(f"hkl_tolerance must be in (0, 0.5), got {self.hkl_tolerance}")
-        if not 0 <= self.min_fraction_indexed <= 1:
-            raise ValueError(
-                f"min_fraction_indexed must be in [0, 1], got {self.min_fraction_indexed}"
-            )
-        if self.min_indexed < 3:
-            raise ValueError(f"min_indexed must be >= 3, got {self.min_indexed}")
-        if self.n_pair_spots < 2:
-            raise ValueError(f"n_pair_spots must be >= 2, got {self.n_pair_spots}")
-        for name in ("significance_tolerance_px", "significance_excitation_inv_a"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"IndexParams.{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.max_false_probability <= 1:
-            raise ValueError(
-                f"max_false_probability must be in (0, 1], got {self.max_false_probability}"
-            )
+        check_fields(self)
 
 
 def cell_symmetry_problem(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup,
@@ -258,12 +271,17 @@ class IndexResult:
     ``miller_indices`` is ``(n_spots, 3)`` with zeros for unindexed spots; ``rmsd_px`` is the
     RMS distance between predicted and observed positions of the indexed spots;
     ``rmsd_inv_a`` the RMS of ``|q_obs - A h|`` (includes the excitation error).
-    ``fraction_indexed`` is over the spots used (see ``IndexParams.max_spots``), ``n_spots``
-    counts all spots given.
+    ``fraction_indexed`` is ``n_indexed / n_spots``: the spots on the lattice among all the spots
+    given (the figure frames.parquet, streams and ``sfxflow index`` report); with
+    ``IndexParams.max_spots`` the solution is found and refined on the strongest spots, then
+    every other spot within the refinement's final pixel threshold of its prediction is indexed
+    too. ``rmsd_px`` is over the indexed spots the refinement used.
     ``reason`` says why indexing failed (empty on success).
     ``log10_false_probability`` is the log10 of the trials-corrected probability that the
     solution's spot matches happened by chance (see :func:`solution_significance`; NaN when no
-    solution was refined); ``detector_shift_mm`` the refined lateral detector shift ``(x, y)``.
+    solution was refined); ``detector_shift_mm`` the refined lateral detector shift ``(x, y)``,
+    ``distance_shift_mm`` the shift along the beam; ``outlier_threshold_px`` the distance within
+    which a spot counts as indexed.
     """
 
     success: bool
@@ -280,6 +298,8 @@ class IndexResult:
     n_candidates: int = 0
     log10_false_probability: float = math.nan
     detector_shift_mm: tuple[float, float] = (0.0, 0.0)
+    distance_shift_mm: float = 0.0
+    outlier_threshold_px: float = math.nan
 
 
 # --------------------------------------------------------------------------- symmetry helpers
@@ -328,16 +348,49 @@ def _polar_rotation(m: np.ndarray) -> np.ndarray:
 
 
 def _rotation_angle_deg(r: np.ndarray) -> float:
+    # atan2(sin, cos) rather than acos(cos): acos loses half the digits near 0 degrees.
     c = (float(np.trace(r)) - 1.0) / 2.0
-    return math.degrees(math.acos(min(1.0, max(-1.0, c))))
+    s = 0.5 * math.hypot(r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1])
+    return math.degrees(math.atan2(s, c))
+
+
+def _setting_cell(cell: gemmi.UnitCell, m: np.ndarray) -> gemmi.UnitCell:
+    """Cell of the lattice ``A @ m`` where ``A`` belongs to ``cell``.
+
+    The real-space vectors of ``A @ m`` are the rows of ``m⁻¹ A⁻¹``; for a cell whose angles are
+    not exactly those of its lattice's symmetry (a refined cell) this setting's cell, and so its
+    ``B``, differs from ``cell``'s, and reusing ``cell``'s ``B`` would add a spurious strain.
+    """
+    real = np.linalg.inv(m.astype(float)) @ np.linalg.inv(reciprocal_basis(cell))
+    lengths = np.linalg.norm(real, axis=1)
+
+    def angle(i: int, j: int) -> float:
+        c = float(real[i] @ real[j]) / float(lengths[i] * lengths[j])
+        return math.degrees(math.acos(min(1.0, max(-1.0, c))))
+
+    a, b, c = (float(x) for x in lengths)
+    return gemmi.UnitCell(a, b, c, angle(1, 2), angle(0, 2), angle(0, 1))
+
+
+def _setting_rotations(
+    crystal: Crystal, space_group: gemmi.SpaceGroup
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(M, U)`` for each symmetry setting ``A @ M`` of ``crystal``, ``U`` with that setting's B."""
+    for m in point_group_rotations(space_group):
+        b_inv = np.linalg.inv(reciprocal_basis(_setting_cell(crystal.cell, m)))
+        yield m, _polar_rotation(crystal.a_matrix @ m @ b_inv)
 
 
 def misorientation_deg(a: Crystal, b: Crystal, space_group: gemmi.SpaceGroup | None = None) -> float:
-    """Smallest rotation angle (degrees) between two crystals' orientations, modulo symmetry.
+    """Smallest rotation angle (degrees) between two crystals' lattices, modulo symmetry.
 
-    Each orientation is the rotation nearest to ``A B⁻¹`` (``B`` from the crystal's own cell,
-    so slightly different cells compare fairly); ``b`` is tried in every setting ``A_b @ M``
-    with ``M`` from :func:`point_group_rotations` of ``space_group`` (default: ``a``'s).
+    ``F = A_b M A_a⁻¹`` maps ``a``'s reciprocal basis onto ``b``'s in the setting ``A_b @ M``
+    (``M`` from :func:`point_group_rotations` of ``space_group``, default ``a``'s); its rotation
+    part (polar decomposition) is the lattice rotation, and the angle is the smallest over the
+    settings. Unlike comparing ``U = A B⁻¹`` of each crystal, this needs no ``B``: a ``B`` from
+    ``b.cell`` reused in every setting strains non-orthogonal (refined) cells, and even one ``B``
+    per setting makes the angle depend on the convention that puts ``a`` along ``x`` (about a
+    degree for a cell whose angles are a degree off 90). Equal cells give ``angle(U_b U_aᵀ)``.
 
     >>> from scipy.spatial.transform import Rotation
     >>> cell, sg = gemmi.UnitCell(93, 93, 130.5, 90, 90, 120), gemmi.SpaceGroup("P 61 2 2")
@@ -347,13 +400,9 @@ def misorientation_deg(a: Crystal, b: Crystal, space_group: gemmi.SpaceGroup | N
     0.0
     """
     sg = space_group or a.space_group
-    ua = _polar_rotation(a.a_matrix @ np.linalg.inv(reciprocal_basis(a.cell)))
-    b_inv = np.linalg.inv(reciprocal_basis(b.cell))
-    best = math.inf
-    for m in point_group_rotations(sg):
-        ub = _polar_rotation(b.a_matrix @ m @ b_inv)
-        best = min(best, _rotation_angle_deg(ua.T @ ub))
-    return best
+    a_inv = np.linalg.inv(a.a_matrix)
+    return min(_rotation_angle_deg(_polar_rotation(b.a_matrix @ m @ a_inv))
+               for m in point_group_rotations(sg))
 
 
 def canonical_crystal(crystal: Crystal) -> Crystal:
@@ -361,15 +410,17 @@ def canonical_crystal(crystal: Crystal) -> Crystal:
 
     Among ``A @ M`` for ``M`` in :func:`point_group_rotations` (all predict the same spots),
     picks the one maximising ``trace(U)``, i.e. the smallest rotation from the crystal frame to
-    the lab frame; ties (measure zero) go to the first operator in gemmi's order.
+    the lab frame; ties (measure zero) go to the first operator in gemmi's order. The cell
+    returned is that setting's (it differs from ``crystal.cell`` when the angles are off the
+    symmetry's by refinement).
     """
-    b_inv = np.linalg.inv(reciprocal_basis(crystal.cell))
-    best_m, best_tr = None, -math.inf
-    for m in point_group_rotations(crystal.space_group):
-        tr = float(np.trace(_polar_rotation(crystal.a_matrix @ m @ b_inv)))
+    best_m, best_tr = np.eye(3, dtype=np.int64), -math.inf
+    for m, u in _setting_rotations(crystal, crystal.space_group):
+        tr = float(np.trace(u))
         if tr > best_tr + 1e-9:
             best_m, best_tr = m, tr
-    return Crystal(crystal.cell, crystal.space_group, crystal.a_matrix @ best_m)
+    return Crystal(_setting_cell(crystal.cell, best_m), crystal.space_group,
+                   crystal.a_matrix @ best_m)
 
 
 # --------------------------------------------------------------------------- candidate table
@@ -648,7 +699,7 @@ def chance_match_probability(
     n_centring: int,
     wavelength_a: float,
     solid_angle_sr: np.ndarray | float,
-    excitation_inv_a: float,
+    excitation_inv_a: np.ndarray | float,
 ) -> np.ndarray:
     """Probability that a random spot is matched by a lattice in a fixed orientation.
 
@@ -664,7 +715,7 @@ def chance_match_probability(
     """
     k = 1.0 / wavelength_a
     p = (cell_volume_a3 / n_centring) * k * k * np.asarray(solid_angle_sr, float) * (
-        2.0 * excitation_inv_a
+        2.0 * np.asarray(excitation_inv_a, float)
     )
     return np.minimum(p, 1.0)
 
@@ -757,18 +808,20 @@ def solution_significance(
     tol = params.significance_tolerance_px
     omega = math.pi * (tol * pix) ** 2 * cos_inc / dist**2
     n_cen = len(target.space_group.operations().cen_ops)
-    p_i = chance_match_probability(target.cell.volume, n_cen, beam.wavelength_a, omega,
-                                   params.significance_excitation_inv_a)
+    q_len = np.linalg.norm(lab / (dist * beam.wavelength_a)[:, None] - np.asarray(beam.s0_inv_a),
+                           axis=1)
+    depth = np.full(n, params.significance_excitation_inv_a)
+    if params.profile_acceptance and n:
+        depth = profile_depth_inv_a(refined, q_len, beam, params)
+    p_i = chance_match_probability(target.cell.volume, n_cen, beam.wavelength_a, omega, depth)
     p = float(np.mean(p_i)) if n else 1.0
     res = np.hypot(refined.residuals_px[:, 0], refined.residuals_px[:, 1])
     with np.errstate(invalid="ignore"):
         matched = (refined.indexed_mask & (res <= tol)
-                   & (np.abs(refined.excitation_inv_a) <= params.significance_excitation_inv_a))
+                   & (np.abs(refined.excitation_inv_a) <= depth))
     k = int(matched.sum())
     # angular resolution: the tolerance radius in reciprocal space over a typical |q|
     r_inv_a = np.sqrt(omega) / math.sqrt(math.pi) / beam.wavelength_a
-    q_len = np.linalg.norm(lab / (dist * beam.wavelength_a)[:, None] - np.asarray(beam.s0_inv_a),
-                           axis=1)
     sel = matched if k else np.ones(n, bool)
     delta = float(np.median(r_inv_a[sel]) / max(np.median(q_len[sel]), 1e-9)) if n else 1.0
     rp = params.refine
@@ -789,6 +842,25 @@ def solution_significance(
         delta, len(point_group_rotations(target.space_group)), n_len,
         params.cell_length_tolerance, n_ang, params.cell_angle_tolerance_deg, shift_steps)
     return Significance(n, k, p, binomial_log10_tail(k, n, p), log_trials)
+
+
+def profile_depth_inv_a(refined: RefineResult, q_len: np.ndarray, beam: Beam,
+                        params: IndexParams) -> np.ndarray:
+    """Half-depth (Å⁻¹) of each spot's acceptance region across the Ewald sphere under the
+    solution's own profile model: ``profile_nsigma`` profile widths ``σ(|q|)``, with the profile
+    radius refined from the excitation errors of the spots the solution indexes
+    (:func:`sfxflow.algorithms.predict.refine_profile`).
+
+    A true lattice of a small crystal has broad, but consistent, excitation errors; a false
+    lattice fitted to spots needs a broad profile too, and pays for it: the chance that a random
+    spot falls in a deeper region is larger, so its matches are less significant.
+    """
+    from sfxflow.algorithms.predict import PredictParams, refine_profile
+
+    mask = refined.indexed_mask & np.isfinite(refined.excitation_inv_a)
+    model = refine_profile(refined.excitation_inv_a[mask], q_len[mask], beam,
+                           PredictParams(detection_bias=1.0, min_spots=3))
+    return params.profile_nsigma * model.width_inv_a(q_len)
 
 
 # --------------------------------------------------------------------------- main entry point
@@ -864,11 +936,19 @@ def index_spots(
         keep = np.sort(np.argsort(-strength, kind="stable")[: params.max_spots])
         sub = index_spots(spots.select(keep), detector, beam, target,
                           replace(params, max_spots=None))
-        hkl = np.zeros((n_all, 3), np.int32)
-        hkl[keep] = sub.miller_indices
-        mask = np.zeros(n_all, bool)
+        if sub.success and sub.crystal is not None:
+            hkl, mask, _ = index_on_lattice(
+                sub.crystal, spots.panel, spots.fs_px, spots.ss_px, detector, beam,
+                threshold_px=sub.outlier_threshold_px,
+                max_excitation_inv_a=params.refine.max_excitation_inv_a,
+                distance_shift_mm=sub.distance_shift_mm, detector_shift_mm=sub.detector_shift_mm)
+        else:
+            hkl, mask = np.zeros((n_all, 3), np.int32), np.zeros(n_all, bool)
+        hkl[keep] = sub.miller_indices  # the refinement's own verdict on the spots it used
         mask[keep] = sub.indexed_mask
-        return replace(sub, miller_indices=hkl, indexed_mask=mask, n_spots=n_all)
+        n_indexed = int(mask.sum()) if sub.success else sub.n_indexed
+        return replace(sub, miller_indices=hkl, indexed_mask=mask, n_spots=n_all,
+                       n_indexed=n_indexed, fraction_indexed=n_indexed / n_all)
     n = len(spots)
     if n < max(params.min_spots, params.min_indexed):
         return _fail(f"too few spots ({n} < {max(params.min_spots, params.min_indexed)})", n)
@@ -962,6 +1042,8 @@ def index_spots(
             n_candidates=n_tested,
             log10_false_probability=log10_false,
             detector_shift_mm=ref.detector_shift_mm,
+            distance_shift_mm=ref.distance_shift_mm,
+            outlier_threshold_px=ref.outlier_threshold_px,
         )
     if best_fail is None:
         return _fail("no candidate orientation indexes enough spots", n, n_tested)
@@ -978,3 +1060,67 @@ def index_spots(
         n_candidates=n_tested,
         log10_false_probability=log10_false,
     )
+
+
+def index_lattices(
+    spots: SpotTable,
+    detector: Detector,
+    beam: Beam,
+    target: TargetCell,
+    params: IndexParams | None = None,
+) -> list[IndexResult]:
+    """Index every lattice on a still: the first as :func:`index_spots`, then the spots no
+    lattice explains yet, again and again, up to ``params.max_crystals`` (CrystFEL's
+    ``--multi``).
+
+    Returns
+    -------
+    list of IndexResult
+        The successful lattices in the order found, each with ``miller_indices`` and
+        ``indexed_mask`` over *all* the frame's spots (rows of another lattice are zero /
+        False); when even the first lattice fails, a one-element list with that failure.
+        Each later search must pass every test the first one does (significance included),
+        on its own remaining spots.
+    """
+    params = params or IndexParams()
+    n = len(spots)
+    remaining = np.arange(n)
+    found: list[IndexResult] = []
+    for _ in range(params.max_crystals):
+        sub = spots if remaining.size == n else spots.select(remaining)
+        res = index_spots(sub, detector, beam, target, params)
+        if not res.success:
+            if not found:
+                return [res]
+            break
+        if remaining.size == n:
+            found.append(res)
+        else:
+            hkl = np.zeros((n, 3), np.int32)
+            hkl[remaining] = res.miller_indices
+            mask = np.zeros(n, bool)
+            mask[remaining] = res.indexed_mask
+            found.append(replace(res, miller_indices=hkl, indexed_mask=mask, n_spots=n))
+        explained = res.indexed_mask | _near_lattice(res, sub, detector, beam, params)
+        remaining = remaining[~explained]
+        if remaining.size < max(params.min_spots, params.min_indexed):
+            break
+    return found
+
+
+def _near_lattice(res: IndexResult, spots: SpotTable, detector: Detector, beam: Beam,
+                  params: IndexParams) -> np.ndarray:
+    """Spots that sit on a found lattice's predictions though not counted as indexed by it
+    (beyond ``max_spots``, or rejected as outliers by a whisker): they must not seed the search
+    for the next lattice."""
+    if res.crystal is None or len(spots) == 0:
+        return np.zeros(len(spots), bool)
+    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
+    rays = lab / np.linalg.norm(lab, axis=1, keepdims=True)
+    hkl, _, exc = assign_hkl(res.crystal.a_matrix, rays, beam, params.refine.max_excitation_inv_a,
+                             res.crystal.space_group)
+    fs, ss = predict_positions_px(res.crystal.a_matrix, hkl, spots.panel, detector, beam,
+                                  detector_shift_mm=res.detector_shift_mm)
+    with np.errstate(invalid="ignore"):
+        near = np.hypot(fs - spots.fs_px, ss - spots.ss_px) <= params.refine.outlier_px
+    return near & np.any(hkl != 0, axis=1) & np.isfinite(exc)

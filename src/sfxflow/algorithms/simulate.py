@@ -50,6 +50,7 @@ from sfxflow.models import (
     as_unit_cell,
     photon_energy_ev_to_wavelength_a,
 )
+from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "TRUTH_COLUMNS",
@@ -61,6 +62,8 @@ __all__ = [
     "random_crystal",
     "render_spots",
     "simulate_frame",
+    "sized_crystal_params",
+    "with_defects_masked",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,71 +122,60 @@ class SimulationParams:
     adu_per_photon : detector gain.
     dead_fraction, hot_fraction, hot_photons, defect_seed : fixed pattern of dead pixels
         (always 0 ADU) and hot pixels (``hot_photons`` extra); the same for every frame.
+    crystal_size_min_a, crystal_size_max_a : when the maximum is > 0, every hit's crystal has
+        its own size ``L`` (Å), drawn log-uniformly between the two (real SFX crystals: 100 nm
+        to a few µm). Its shape transform widens the reciprocal-lattice point by ``1/L`` (the
+        domain size is ``min(domain_size_a, L)``) and each spot by ``λ/L`` in angle (added in
+        quadrature to ``spot_sigma_px``), so small crystals give broad partiality profiles
+        and wider spots. 0 (default): every crystal is ``domain_size_a``.
     hit_fraction : probability that a frame holds a crystal (the rest are blank misses).
     noise : ``False`` renders expectation values (no Poisson / readout noise), for tests.
     """
 
-    wavelength_a: float = 1.3051  # 9.5 keV
-    bandwidth_fwhm: float = 2.0e-3
-    divergence_rad: float = 5.0e-5
-    energy_jitter_rel: float = 1.0e-3
-    cell: tuple[float, float, float, float, float, float] = (93.0, 93.0, 130.5, 90.0, 90.0, 120.0)
-    space_group: str = "P 61 2 2"
-    mosaicity_deg: float = 0.05
-    domain_size_a: float = 3000.0
-    d_min_a: float = 1.8
-    crystal_scale_photons: float = 250.0
-    crystal_scale_log_sigma: float = 0.5
-    wilson_b_a2: float = 25.0
-    structure_seed: int = 0
-    partiality_min: float = 0.01
-    spot_sigma_px: float = 0.8
-    background_photons: float = 1.5
-    water_ring_photons: float = 2.5
-    water_ring_d_a: float = 3.1
-    water_ring_width_inv_a: float = 0.03
-    polarization_fraction: float = 1.0
-    readout_noise_photons: float = 0.1
-    adu_per_photon: float = 32.0
-    dead_fraction: float = 2e-4
-    hot_fraction: float = 2e-5
-    hot_photons: float = 300.0
-    defect_seed: int = 12345
-    hit_fraction: float = 0.5
+    wavelength_a: float = setting(1.3051, ge=0.1, le=10)  # 9.5 keV
+    bandwidth_fwhm: float = setting(2.0e-3, ge=0, le=0.5)
+    divergence_rad: float = setting(5.0e-5, ge=0, le=0.1)
+    energy_jitter_rel: float = setting(1.0e-3, ge=0, lt=0.1)
+    cell: tuple[float, float, float, float, float, float] = setting(
+        (93.0, 93.0, 130.5, 90.0, 90.0, 120.0), check=as_unit_cell,
+        expect="six numbers a b c alpha beta gamma (Å, degrees) that form a real cell")
+    space_group: str = setting("P 61 2 2", check=as_space_group,
+                               expect="a space group symbol (P6122, 'P 61 2 2') or number 1 to 230")
+    mosaicity_deg: float = setting(0.05, ge=0, le=10)
+    domain_size_a: float = setting(3000.0, gt=0, le=1e7)
+    d_min_a: float = setting(1.8, gt=0, le=100)
+    crystal_scale_photons: float = setting(250.0, ge=0, le=1e9)
+    crystal_scale_log_sigma: float = setting(0.5, ge=0, le=10)
+    wilson_b_a2: float = setting(25.0, ge=-100, le=1000)
+    structure_seed: int = setting(0, ge=0, le=2**63 - 1)
+    partiality_min: float = setting(0.01, gt=0, lt=1)
+    spot_sigma_px: float = setting(0.8, gt=0, le=100)
+    background_photons: float = setting(1.5, ge=0, le=1e6)
+    water_ring_photons: float = setting(2.5, ge=0, le=1e6)
+    water_ring_d_a: float = setting(3.1, gt=0, le=100)
+    water_ring_width_inv_a: float = setting(0.03, gt=0, le=1)
+    polarization_fraction: float = setting(1.0, ge=0, le=1)
+    readout_noise_photons: float = setting(0.1, ge=0, le=1e6)
+    adu_per_photon: float = setting(32.0, gt=0, le=1e6)
+    dead_fraction: float = setting(2e-4, ge=0, lt=1)
+    hot_fraction: float = setting(2e-5, ge=0, lt=1)
+    hot_photons: float = setting(300.0, ge=0, le=1e9)
+    defect_seed: int = setting(12345, ge=0, le=2**63 - 1)
+    crystal_size_min_a: float = setting(1000.0, gt=0, le=1e7)
+    crystal_size_max_a: float = setting(0.0, ge=0, le=1e7)
+    hit_fraction: float = setting(0.5, ge=0, le=1)
     noise: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", tuple(float(x) for x in self.cell))
-        checks = {
-            "wavelength_a": self.wavelength_a > 0,
-            "bandwidth_fwhm": self.bandwidth_fwhm >= 0,
-            "divergence_rad": self.divergence_rad >= 0,
-            "energy_jitter_rel": 0 <= self.energy_jitter_rel < 0.1,
-            "mosaicity_deg": self.mosaicity_deg >= 0,
-            "domain_size_a": self.domain_size_a > 0,
-            "d_min_a": self.d_min_a > 0,
-            "crystal_scale_photons": self.crystal_scale_photons >= 0,
-            "crystal_scale_log_sigma": self.crystal_scale_log_sigma >= 0,
-            "partiality_min": 0 < self.partiality_min < 1,
-            "spot_sigma_px": self.spot_sigma_px > 0,
-            "background_photons": self.background_photons >= 0,
-            "water_ring_photons": self.water_ring_photons >= 0,
-            "water_ring_d_a": self.water_ring_d_a > 0,
-            "water_ring_width_inv_a": self.water_ring_width_inv_a > 0,
-            "polarization_fraction": 0 <= self.polarization_fraction <= 1,
-            "readout_noise_photons": self.readout_noise_photons >= 0,
-            "adu_per_photon": self.adu_per_photon > 0,
-            "dead_fraction": 0 <= self.dead_fraction < 1,
-            "hot_fraction": 0 <= self.hot_fraction < 1,
-            "hot_photons": self.hot_photons >= 0,
-            "hit_fraction": 0 <= self.hit_fraction <= 1,
-        }
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not (ok and math.isfinite(value)):
-                raise ValueError(f"SimulationParams.{name} = {value!r} is out of range")
+        if not (self.crystal_size_max_a == 0 or self.crystal_size_max_a >= self.crystal_size_min_a):
+            raise ValueError(f"SimulationParams.crystal_size_max_a = {self.crystal_size_max_a!r}: "
+                             f"expected 0 (one size) or >= crystal_size_min_a "
+                             f"({self.crystal_size_min_a!r})")
         if len(self.cell) != 6:
             raise ValueError(f"SimulationParams.cell needs 6 numbers, got {self.cell!r}")
+        check_fields(self)
+        object.__setattr__(self, "space_group", as_space_group(self.space_group).xhm())
 
     def beam(self) -> Beam:
         """The nominal beam of these parameters.
@@ -747,6 +739,7 @@ class FrameTruth:
     beam: Beam
     crystal: Crystal | None
     scale: float
+    size_a: float = math.nan
 
     @property
     def is_hit(self) -> bool:
@@ -789,5 +782,35 @@ def iter_frames(
                 params.crystal_scale_log_sigma * rng.standard_normal()
             )
             frame_params = replace(params, crystal_scale_photons=scale)
+        size = math.nan
+        if is_hit and params.crystal_size_max_a > 0:  # drawn last: other draws stay the same
+            size = math.exp(rng.uniform(math.log(params.crystal_size_min_a),
+                                        math.log(params.crystal_size_max_a)))
+            frame_params = sized_crystal_params(frame_params, size, detector, frame_beam)
         image, truth = simulate_frame(detector, frame_beam, crystal, frame_params, rng)
-        yield FrameTruth(index=i, beam=frame_beam, crystal=crystal, scale=scale), image, truth
+        yield (FrameTruth(index=i, beam=frame_beam, crystal=crystal, scale=scale, size_a=size),
+               image, truth)
+
+
+def with_defects_masked(detector: Detector, beam: Beam, params: SimulationParams) -> Detector:
+    """``detector`` with the simulator's fixed pattern of dead and hot pixels masked, as a
+    bad-pixel mask from dark runs masks them in a real experiment."""
+    maps = _pixel_maps(detector, beam, params)
+    flag = maps.flag.reshape(maps.shape)
+    panels = []
+    for p in detector.panels:
+        bad = np.isin(flag[p.data_slices()], (2, 3))
+        panels.append(p.with_mask(p.good_mask() & ~bad))
+    return Detector(tuple(panels), detector.rigid_groups)
+
+
+def sized_crystal_params(params: SimulationParams, size_a: float, detector: Detector,
+                         beam: Beam) -> SimulationParams:
+    """``params`` for one crystal of size ``size_a`` (Å): the domain size capped by the crystal
+    and the spot widened by its shape transform (angular FWHM ``λ/L`` at the detector's mean
+    distance)."""
+    distance_mm = abs(detector.mean_distance_mm())
+    pixel_mm = detector.panels[0].pixel_size_mm
+    shape_px = _FWHM_TO_SIGMA * beam.wavelength_a / size_a * distance_mm / pixel_mm
+    return replace(params, domain_size_a=min(params.domain_size_a, size_a),
+                   spot_sigma_px=math.hypot(params.spot_sigma_px, shape_px))

@@ -9,18 +9,18 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sfxflow.algorithms.index import (
-    IndexParams,
     IndexResult,
     TargetCell,
     index_spots,
     misorientation_deg,
 )
+from sfxflow.cli.options import add_settings, number, print_config, settings_from
 from sfxflow.errors import InputError
 from sfxflow.models import (
     SPOT_COLUMNS,
@@ -28,8 +28,11 @@ from sfxflow.models import (
     Crystal,
     Detector,
     SpotTable,
+    a_matrix_columns,
+    as_space_group,
     wavelength_a_to_photon_energy_ev,
 )
+from sfxflow.pipeline.config import IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,10 @@ stream the target cell recorded in it.
 Examples:
   sfxflow index ../shared/data/crystfel/test.stream --space-group "C 2 2 21"
   sfxflow index spots.parquet --cell "93 93 130.5 90 90 120" --space-group P6122 -o idx.parquet
-  sfxflow index spots.parquet --cell-file lyso.cell --geometry cspad.geom
+  sfxflow index spots.parquet --cell-file lyso.cell --geometry cspad.geom --refine-distance
+
+Every indexing setting is a flag named as its key (index.min_indexed as --min-indexed,
+index.refine.* as --refine-*: --refine-detector-shift, --no-refine-cell); see --print-config.
 """
 
 
@@ -61,29 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space-group", help="space group symbol or number (e.g. P6122, 19)")
     parser.add_argument("--cell-file", help="CrystFEL unit-cell file (or PDB with CRYST1)")
     parser.add_argument("--geometry", help="CrystFEL .geom for Parquet spot tables")
-    parser.add_argument("--wavelength-a", type=float,
-                        help="wavelength (Å) when the geometry does not give one")
+    number(parser, "--wavelength-a", ge=0.05, le=20,
+           help="wavelength (Å) when the geometry does not give one")
     parser.add_argument("-o", "--out", help="write per-frame results to this Parquet file")
-    d = IndexParams()
-    parser.add_argument("--min-indexed", type=int, default=d.min_indexed,
-                        help=f"least spots a solution must index (default {d.min_indexed})")
-    parser.add_argument("--min-fraction", type=float, default=d.min_fraction_indexed,
-                        help="least fraction of spots a solution must index "
-                             f"(default {d.min_fraction_indexed})")
-    parser.add_argument("--max-rmsd-px", type=float, default=d.max_rmsd_px,
-                        help=f"largest accepted RMSD in pixels (default {d.max_rmsd_px})")
-    parser.add_argument("--max-false-probability", type=float, default=d.max_false_probability,
-                        help="largest accepted chance probability of a solution, corrected for "
-                             "the orientations and cells tried; 1 switches the test off "
-                             f"(default {d.max_false_probability:g})")
-    parser.add_argument("--refine-distance", action="store_true",
-                        help="also refine the detector distance (per frame)")
-    parser.add_argument("--refine-shift", action="store_true",
-                        help="also refine a per-frame lateral detector shift (beam centre), "
-                             "bounded to +-0.2 mm, on frames with >= 20 indexed spots")
-    parser.add_argument("--no-refine-cell", action="store_true",
-                        help="keep the cell fixed at the target during refinement")
     parser.add_argument("--quiet-frames", action="store_true", help="print only the totals")
+    add_settings(parser, IndexConfig, aliases={"--min-fraction": "index.min_fraction_indexed",
+                                               "--refine-shift": "index.refine.refine_detector_shift"})
 
 
 @dataclass(frozen=True)
@@ -98,7 +87,7 @@ class _Job:
 
 
 def _target(args: argparse.Namespace, stream_cell=None) -> TargetCell:
-    from sfxflow.io.cellfile import default_space_group, read_cell_file
+    from sfxflow.io.cellfile import read_cell_file
 
     if args.cell and args.cell_file:
         raise InputError(f"give --cell ({args.cell!r}) or --cell-file ({args.cell_file}), not both")
@@ -115,8 +104,7 @@ def _target(args: argparse.Namespace, stream_cell=None) -> TargetCell:
         if source is None:
             raise InputError("no target cell: give --cell and --space-group, or --cell-file "
                              "(or a stream that records its target cell)")
-        sg = args.space_group or source.space_group or default_space_group(*source.lattice)
-        return TargetCell(source.cell, sg)
+        return TargetCell(source.cell, as_space_group(source.indexing_space_group(args.space_group)))
     except ValueError as exc:
         raise InputError(f"bad target cell or space group ({args.cell or args.cell_file}, "
                          f"{args.space_group}): {exc}") from exc
@@ -208,22 +196,6 @@ def _geometry_for(url, geometry, args, cache, path) -> tuple[Detector, Beam]:
     return detector, beam
 
 
-def _params(args: argparse.Namespace) -> IndexParams:
-    d = IndexParams()
-    try:
-        return IndexParams(
-            min_indexed=args.min_indexed,
-            min_fraction_indexed=args.min_fraction,
-            max_rmsd_px=args.max_rmsd_px,
-            max_false_probability=args.max_false_probability,
-            refine=replace(d.refine, refine_distance=args.refine_distance,
-                           refine_cell=not args.no_refine_cell,
-                           refine_detector_shift=args.refine_shift),
-        )
-    except ValueError as exc:
-        raise InputError(f"bad indexing option: {exc}") from exc
-
-
 def _row(job: _Job, res: IndexResult, seconds: float, angle: float) -> dict:
     row = {
         "source_url": job.source, "frame_index": job.frame_index, "event": job.event,
@@ -234,10 +206,7 @@ def _row(job: _Job, res: IndexResult, seconds: float, angle: float) -> dict:
         "log10_false_probability": res.log10_false_probability,
         "det_shift_x_mm": res.detector_shift_mm[0], "det_shift_y_mm": res.detector_shift_mm[1],
     }
-    a = res.crystal.a_matrix if res.crystal is not None else np.full((3, 3), np.nan)
-    for i in range(3):
-        for j in range(3):
-            row[f"a{i + 1}{j + 1}"] = float(a[i, j])
+    row.update(a_matrix_columns(res.crystal.a_matrix if res.crystal is not None else None))
     cell = res.crystal.cell.parameters if res.crystal is not None else (math.nan,) * 6
     for name, v in zip(("cell_a", "cell_b", "cell_c", "cell_alpha", "cell_beta", "cell_gamma"),
                        cell, strict=True):
@@ -263,7 +232,10 @@ def _write(rows: list[dict], out: str, target: TargetCell) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = _params(args)
+    config = settings_from(args, IndexConfig)
+    if args.print_config:
+        return print_config(config)
+    params = config.index
     rows: list[dict] = []
     target: TargetCell | None = None
     times: list[float] = []

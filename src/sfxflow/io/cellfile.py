@@ -40,7 +40,6 @@ __all__ = [
     "lattice_from_space_group",
     "parse_cell_file",
     "read_cell_file",
-    "write_cell_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,21 @@ class CellFile(NamedTuple):
     cell: gemmi.UnitCell
     space_group: gemmi.SpaceGroup | None
     lattice: LatticeInfo
+
+    def indexing_space_group(self, given: str | None = None) -> str:
+        """The space group to index in: ``given`` (the user's), else the file's, else the
+        lowest-symmetry group of its lattice (:func:`default_space_group`); the extended
+        Hermann-Mauguin symbol keeps the setting (``R 3:R`` vs ``R 3:H``).
+
+        >>> CellFile(gemmi.UnitCell(60, 70, 80, 90, 90, 90), None,
+        ...          LatticeInfo("orthorhombic", "C", "*")).indexing_space_group()
+        'C 2 2 2'
+        """
+        if given:
+            return given
+        group = self.space_group if self.space_group is not None else \
+            default_space_group(*self.lattice)
+        return group.xhm()
 
 
 def default_space_group(lattice_type: str, centering: str, unique_axis: str = "*"
@@ -334,9 +348,3 @@ def format_cell_file(cell: gemmi.UnitCell, lattice: LatticeInfo | None = None,
             f"al = {p[3]:.4f} deg", f"be = {p[4]:.4f} deg", f"ga = {p[5]:.4f} deg"]
     out += [f"; {c}" for c in comment.splitlines()]
     return "\n".join(out) + "\n"
-
-
-def write_cell_file(path: str | Path, cell: gemmi.UnitCell,
-                    lattice: LatticeInfo | None = None) -> None:
-    """Write :func:`format_cell_file` text to ``path``."""
-    Path(path).write_text(format_cell_file(cell, lattice), encoding="utf-8")

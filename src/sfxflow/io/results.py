@@ -10,7 +10,11 @@ Per block ``<id>`` (see :func:`shard_names`)::
 
     shards/<id>.frames.parquet   one row per frame (FRAME_COLUMNS)
     shards/<id>.spots.parquet    one row per spot, with h k l where the frame was indexed
+    shards/<id>.crystals.parquet one row per indexed crystal (CRYSTAL_SCHEMA)
+    shards/<id>.reflections.parquet  one row per integrated reflection (REFLECTION_SCHEMA)
     shards/<id>.stream           CrystFEL chunks; ``cat header.stream shards/*.stream`` is a stream
+
+The columns are the contract of ``docs/run-directory.md``.
 
 Each Parquet shard carries key/value metadata ``sfxflow.block_id`` and ``sfxflow.n_frames`` so a
 shard verifies itself even without the manifest.
@@ -34,22 +38,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sfxflow.errors import InputError, RunDirError, SfxflowError, StorageUnavailable
-from sfxflow.models import SPOT_COLUMNS, FrameStatus, ImageResult
+from sfxflow.models import (
+    A_MATRIX_COLUMNS,
+    REFLECTION_COLUMNS,
+    SPOT_COLUMNS,
+    FrameStatus,
+    ImageResult,
+    a_matrix_columns,
+)
 
 T = TypeVar("T")
 
 __all__ = [
     "CELL_COLUMNS",
+    "CRYSTAL_SCHEMA",
     "FRAME_COLUMNS",
     "FRAME_SCHEMA",
     "MATRIX_COLUMNS",
+    "REFLECTION_SCHEMA",
     "SPOT_SCHEMA",
     "RunDir",
     "ShardBytes",
+    "crystals_table",
     "frame_row",
     "frames_table",
     "parquet_bytes",
     "read_parquet_bytes",
+    "reflections_table",
     "sha256",
     "shard_names",
     "spots_table",
@@ -58,8 +73,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CELL_COLUMNS = ("a", "b", "c", "alpha", "beta", "gamma")
-MATRIX_COLUMNS = tuple(f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3))
-STAGES = ("read", "spots", "hit", "index")
+MATRIX_COLUMNS = A_MATRIX_COLUMNS
+STAGES = ("read", "spots", "hit", "index", "integrate")
 
 FRAME_SCHEMA = pa.schema(
     [
@@ -78,6 +93,10 @@ FRAME_SCHEMA = pa.schema(
         *[(c, pa.float64()) for c in MATRIX_COLUMNS],
         *[(f"t_{s}_s", pa.float64()) for s in STAGES],
         ("t_total_s", pa.float64()),
+        ("n_crystals", pa.int64()),
+        ("profile_radius_inv_a", pa.float64()),
+        ("resolution_limit_a", pa.float64()),
+        ("n_integrated", pa.int64()),
     ]
 )
 FRAME_COLUMNS: tuple[str, ...] = tuple(FRAME_SCHEMA.names)
@@ -94,6 +113,38 @@ SPOT_SCHEMA = pa.schema(
         ("h", pa.int32()),
         ("k", pa.int32()),
         ("l", pa.int32()),
+    ]
+)
+
+
+CRYSTAL_SCHEMA = pa.schema(
+    [
+        ("source_url", pa.string()),
+        ("frame_index", pa.int64()),
+        ("event_id", pa.string()),
+        ("block_id", pa.string()),
+        ("crystal", pa.int32()),
+        *[(c, pa.float64()) for c in CELL_COLUMNS],
+        *[(c, pa.float64()) for c in MATRIX_COLUMNS],
+        ("wavelength_a", pa.float64()),
+        ("n_indexed", pa.int64()),
+        ("rmsd_px", pa.float64()),
+        ("profile_radius_inv_a", pa.float64()),
+        ("resolution_limit_a", pa.float64()),
+        ("n_predicted", pa.int64()),
+        ("n_integrated", pa.int64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+_ARROW = {"int32": pa.int32(), "float64": pa.float64()}
+REFLECTION_SCHEMA = pa.schema(
+    [
+        ("source_url", pa.string()),
+        ("frame_index", pa.int64()),
+        ("crystal", pa.int32()),
+        *[(k, _ARROW[v]) for k, v in REFLECTION_COLUMNS.items()],
     ]
 )
 
@@ -130,17 +181,71 @@ def frame_row(result: ImageResult, block_id: str = "") -> dict[str, Any]:
         for name, v in zip(CELL_COLUMNS, (cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma),
                            strict=True):
             row[name] = float(v)
-        a = np.asarray(crystal.a_matrix, dtype=float)
-        for name, v in zip(MATRIX_COLUMNS, a.ravel(), strict=True):
-            row[name] = float(v)
+        row.update(a_matrix_columns(crystal.a_matrix))
     else:
-        for name in (*CELL_COLUMNS, *MATRIX_COLUMNS):
-            row[name] = math.nan
+        row.update(dict.fromkeys(CELL_COLUMNS, math.nan))
+        row.update(a_matrix_columns(None))
     t = result.timings_s
     for s in STAGES:
         row[f"t_{s}_s"] = float(t.get(s, 0.0))
     row["t_total_s"] = float(sum(t.values()))
+    row["n_crystals"] = len(result.crystals) if result.crystals else int(crystal is not None)
+    first = result.crystals[0] if result.crystals else None
+    row["profile_radius_inv_a"] = first.profile_radius_inv_a if first else math.nan
+    row["resolution_limit_a"] = first.resolution_limit_a if first else math.nan
+    row["n_integrated"] = first.n_integrated if first else 0
     return row
+
+
+def _a_row(a_matrix: Any) -> dict[str, float]:
+    return a_matrix_columns(a_matrix)
+
+
+def crystals_table(results: Iterable[ImageResult], block_id: str = "",
+                   wavelengths_a: Mapping[int, float] | None = None) -> pa.Table:
+    """Arrow table with :data:`CRYSTAL_SCHEMA`: one row per crystal of every result
+    (``wavelengths_a`` maps frame index to the frame's wavelength; NaN where unknown)."""
+    rows: dict[str, list[Any]] = {name: [] for name in CRYSTAL_SCHEMA.names}
+    for r in results:
+        for i, c in enumerate(r.crystals):
+            cell = c.crystal.cell
+            values: dict[str, Any] = {
+                "source_url": r.source_url, "frame_index": int(r.frame_index),
+                "event_id": r.event_id, "block_id": block_id, "crystal": i,
+                **dict(zip(CELL_COLUMNS, cell.parameters, strict=True)),
+                **_a_row(c.crystal.a_matrix),
+                "wavelength_a": float((wavelengths_a or {}).get(r.frame_index, math.nan)),
+                "n_indexed": int(c.n_indexed), "rmsd_px": float(c.rmsd_px),
+                "profile_radius_inv_a": float(c.profile_radius_inv_a),
+                "resolution_limit_a": float(c.resolution_limit_a),
+                "n_predicted": int(c.n_predicted), "n_integrated": int(c.n_integrated),
+                "status": c.status, "reason": c.reason,
+            }
+            for name in CRYSTAL_SCHEMA.names:
+                rows[name].append(values[name])
+    return pa.Table.from_pydict(rows, schema=CRYSTAL_SCHEMA)
+
+
+def reflections_table(results: Iterable[ImageResult]) -> pa.Table:
+    """Arrow table with :data:`REFLECTION_SCHEMA`: every integrated reflection of every crystal."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in REFLECTION_SCHEMA.names}
+    for r in results:
+        for i, c in enumerate(r.crystals):
+            refl = c.reflections
+            if refl is None or len(refl) == 0:
+                continue
+            n = len(refl)
+            parts["source_url"].append(np.array([r.source_url] * n, dtype=object))
+            parts["frame_index"].append(np.full(n, r.frame_index, dtype=np.int64))
+            parts["crystal"].append(np.full(n, i, dtype=np.int32))
+            for k in REFLECTION_COLUMNS:
+                parts[k].append(refl[k])
+    arrays = []
+    for fld in REFLECTION_SCHEMA:
+        chunks = parts[fld.name]
+        arrays.append(pa.array(np.concatenate(chunks), type=fld.type) if chunks
+                      else pa.array([], type=fld.type))
+    return pa.Table.from_arrays(arrays, schema=REFLECTION_SCHEMA)
 
 
 def frames_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -207,6 +312,8 @@ def shard_names(block_id: str) -> dict[str, str]:
     return {
         "frames": f"shards/{block_id}.frames.parquet",
         "spots": f"shards/{block_id}.spots.parquet",
+        "crystals": f"shards/{block_id}.crystals.parquet",
+        "reflections": f"shards/{block_id}.reflections.parquet",
         "stream": f"shards/{block_id}.stream",
     }
 
@@ -416,7 +523,7 @@ class RunDir:
                 return f"{names['frames']}: written for block {meta.get('sfxflow.block_id')!r}"
             if table.num_rows != n_frames or int(meta.get("sfxflow.n_frames", -1)) != n_frames:
                 return f"{names['frames']}: {table.num_rows} rows, expected {n_frames}"
-            for rel in (names["spots"], names["stream"]):
+            for rel in (names["spots"], names["crystals"], names["reflections"], names["stream"]):
                 if not self.exists(rel):
                     return f"{rel}: missing"
             return ""
@@ -433,12 +540,25 @@ class RunDir:
             return FRAME_SCHEMA.empty_table()
         return pa.concat_tables(tables).cast(FRAME_SCHEMA)
 
-    def read_spots_shards(self, block_ids: Iterable[str]) -> pa.Table:
-        tables = [read_parquet_bytes(self.read_bytes(shard_names(b)["spots"])) for b in block_ids]
-        tables = [t.replace_schema_metadata(None) for t in tables]
+    def _read_tables(self, block_ids: Iterable[str], kind: str, schema: pa.Schema) -> pa.Table:
+        tables = []
+        for b in block_ids:
+            rel = shard_names(b)[kind]
+            if not self.exists(rel):  # a run directory written before this shard existed
+                continue
+            t = read_parquet_bytes(self.read_bytes(rel)).replace_schema_metadata(None)
+            tables.append(t.select(schema.names))
         if not tables:
-            return SPOT_SCHEMA.empty_table()
-        return pa.concat_tables(tables).cast(SPOT_SCHEMA)
+            return schema.empty_table()
+        return pa.concat_tables(tables).cast(schema)
+
+    def read_crystals_shards(self, block_ids: Iterable[str]) -> pa.Table:
+        """Concatenate the crystals shards of ``block_ids`` (:data:`CRYSTAL_SCHEMA`)."""
+        return self._read_tables(block_ids, "crystals", CRYSTAL_SCHEMA)
+
+    def read_reflections_shards(self, block_ids: Iterable[str]) -> pa.Table:
+        """Concatenate the reflections shards of ``block_ids`` (:data:`REFLECTION_SCHEMA`)."""
+        return self._read_tables(block_ids, "reflections", REFLECTION_SCHEMA)
 
     def mtime(self, rel: str) -> float | None:
         """Modification time (POSIX seconds) of ``rel`` where the store reports one."""

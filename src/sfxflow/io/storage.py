@@ -27,7 +27,6 @@ import errno
 import io
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
-from sfxflow.errors import InputError, SourceError, StorageUnavailable
+from sfxflow.errors import InputError, SourceError, StorageUnavailable, redact_userinfo
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -428,16 +427,13 @@ def shown_url(url: str) -> str:
     return f"{scheme}://{netloc}{sep}{path}"
 
 
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]*@")
-
-
 def redact_urls(text: str) -> str:
     """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``.
 
     >>> redact_urls("cannot read ftp://me:secret@host/x.cxi (timeout)")
     'cannot read ftp://***@host/x.cxi (timeout)'
     """
-    return _USERINFO.sub(r"\1***@", text)
+    return redact_userinfo(text)
 
 
 def _strip(url: str) -> str:

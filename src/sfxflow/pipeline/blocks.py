@@ -25,12 +25,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sfxflow.errors import failure_reason
 from sfxflow.io.results import (
     RunDir,
     ShardBytes,
+    crystals_table,
     frame_row,
     frames_table,
     parquet_bytes,
+    reflections_table,
     shard_names,
     spots_table,
 )
@@ -182,13 +185,6 @@ def fetch_block(block: BlockRef, ctx: BlockContext) -> Fetched:
         return Fetched(None, exc, time.perf_counter() - t0)
 
 
-def _reason(exc: BaseException) -> str:
-    from sfxflow.io.storage import redact_urls
-
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return redact_urls(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
-
-
 def _failed(url: str, index: int, stage: str, reason: str, event_id: str = "") -> ImageResult:
     return ImageResult(source_url=url, frame_index=index, status=FrameStatus.FAILED,
                        event_id=event_id, stage=stage, reason=reason)
@@ -196,7 +192,7 @@ def _failed(url: str, index: int, stage: str, reason: str, event_id: str = "") -
 
 def _unread(block: BlockRef, first: int, exc: BaseException) -> list[ImageResult]:
     """Frames ``first ..`` of a block that storage could not deliver (retries spent)."""
-    reason = _reason(exc)
+    reason = failure_reason(exc)
     return [_failed(block.url, i, "read", reason) for i in range(first, block.stop)]
 
 
@@ -211,10 +207,10 @@ def _salvage(block: BlockRef, ctx: BlockContext,
     from sfxflow.io.storage import is_transient
 
     if is_transient(error):
-        return list(_unread(block, block.start, error)), _reason(error)
+        return list(_unread(block, block.start, error)), failure_reason(error)
     out: list[Frame | ImageResult] = []
     if ctx.read_fn is not None:  # an injected reader has no per-frame access
-        return [_failed(block.url, i, "read", _reason(error))
+        return [_failed(block.url, i, "read", failure_reason(error))
                 for i in range(block.start, block.stop)], ""
     from sfxflow.io.sources import open_source
 
@@ -225,8 +221,8 @@ def _salvage(block: BlockRef, ctx: BlockContext,
         raise
     except Exception as exc:
         if is_transient(exc):
-            return list(_unread(block, block.start, exc)), _reason(exc)
-        reason = _reason(exc)
+            return list(_unread(block, block.start, exc)), failure_reason(exc)
+        reason = failure_reason(exc)
         return [_failed(block.url, i, "read", reason) for i in range(block.start, block.stop)], ""
     with source:
         for i in range(block.start, block.stop):
@@ -237,8 +233,8 @@ def _salvage(block: BlockRef, ctx: BlockContext,
             except Exception as exc:
                 if is_transient(exc):
                     out.extend(_unread(block, i, exc))
-                    return out, _reason(exc)
-                out.append(_failed(block.url, i, "read", _reason(exc)))
+                    return out, failure_reason(exc)
+                out.append(_failed(block.url, i, "read", failure_reason(exc)))
     return out, ""
 
 
@@ -264,7 +260,7 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
                        stream_chunk_fn: Callable[[ImageResult, Frame], str] | None = None,
                        frames_by_index: Mapping[int, Frame] | None = None,
                        block_failed: bool = False) -> ShardBytes:
-    """Serialise a block's results into its three shard files (stream chunks for the frames in
+    """Serialise a block's results into its shard files (stream chunks for the frames in
     ``frames_by_index``)."""
     from sfxflow.io.storage import redact_urls, shown_url
 
@@ -278,6 +274,9 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
         meta["sfxflow.block_failed"] = "1"
     frames = frames_table([frame_row(r, block.block_id) for r in results])
     spots = spots_table(results)
+    wavelengths = {i: f.beam.wavelength_a for i, f in (frames_by_index or {}).items()}
+    crystals = crystals_table(results, block.block_id, wavelengths)
+    reflections = reflections_table(results)
     stream = ""
     if stream_chunk_fn is not None and frames_by_index:
         stream = "".join(stream_chunk_fn(r, frames_by_index[r.frame_index]) for r in results
@@ -285,6 +284,8 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
     files = {
         names["frames"]: parquet_bytes(frames, meta),
         names["spots"]: parquet_bytes(spots, meta),
+        names["crystals"]: parquet_bytes(crystals, meta),
+        names["reflections"]: parquet_bytes(reflections, meta),
         names["stream"]: stream.encode("utf-8"),
     }
     return ShardBytes(block.block_id, files, len(results))
@@ -338,7 +339,7 @@ def run_block(block: BlockRef, ctx: BlockContext, fetched: Fetched | None = None
         items: list[Frame | ImageResult]
         if fetched.error is not None:
             logger.warning("block %s: reading failed (%s)%s", block.block_id,
-                           _reason(fetched.error),
+                           failure_reason(fetched.error),
                            "" if _is_transient(fetched.error) else "; reading frame by frame")
             items, unread = _salvage(block, ctx, fetched.error)
         else:

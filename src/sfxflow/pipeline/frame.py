@@ -1,4 +1,5 @@
-"""The per-frame pipeline: spots -> hit? -> index, one :class:`ImageResult` per frame, always.
+"""The per-frame pipeline: spots -> hit? -> index (every lattice) -> predict + integrate, one
+:class:`ImageResult` per frame, always.
 
 Like CrystFEL's indexamajig, every stage is labelled: a frame that fails says in which stage and
 why, and processing goes on with the next frame.
@@ -8,29 +9,39 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
-from sfxflow.algorithms.index import index_spots
+import numpy as np
+
+from sfxflow.algorithms.index import IndexResult, index_lattices
+from sfxflow.algorithms.integrate import (
+    integrate_reflections,
+    peak_occupancy,
+    resolution_limit_a,
+)
+from sfxflow.algorithms.predict import (
+    Prediction,
+    excitation_errors,
+    predict_reflections,
+    refine_profile,
+)
 from sfxflow.algorithms.spots import find_spots, is_hit
-from sfxflow.models import Frame, FrameStatus, ImageResult
+from sfxflow.errors import failure_reason
+from sfxflow.models import CrystalResult, Frame, FrameStatus, ImageResult
 from sfxflow.pipeline.config import ProcessConfig
 
-__all__ = ["process_frame"]
+__all__ = ["integrate_lattices", "process_frame"]
 
 logger = logging.getLogger(__name__)
 
 _reported: set[tuple[str, str]] = set()
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _failure(frame: Frame, stage: str, exc: Exception, config: ProcessConfig,
              timings: dict[str, float], n_spots: int = 0) -> ImageResult:
     if config.run.strict:
         raise exc
-    reason = _reason(exc)
+    reason = failure_reason(exc)
     key = (stage, type(exc).__name__)
     if key not in _reported:  # the traceback once per kind of failure, then one-line warnings
         _reported.add(key)
@@ -43,7 +54,7 @@ def _failure(frame: Frame, stage: str, exc: Exception, config: ProcessConfig,
 
 
 def process_frame(frame: Frame, config: ProcessConfig) -> ImageResult:
-    """Find spots, decide hit or miss, and index hits against the target cell.
+    """Find spots, decide hit or miss, index every lattice of a hit and integrate each.
 
     Parameters
     ----------
@@ -57,7 +68,7 @@ def process_frame(frame: Frame, config: ProcessConfig) -> ImageResult:
         target cell configured); ``indexed`` (crystal, Miller indices, RMSD); or ``failed`` with
         the stage (``spots``, ``index``) and the exception's type and message. Never raises for
         bad data (``config.run.strict`` re-raises, for debugging). ``timings_s`` has ``spots``,
-        ``hit`` and ``index`` seconds.
+        ``hit``, ``index`` and ``integrate`` seconds; ``crystals`` one record per lattice.
 
     Examples
     --------
@@ -91,15 +102,112 @@ def process_frame(frame: Frame, config: ProcessConfig) -> ImageResult:
         return ImageResult(status=FrameStatus.HIT, stage="index", reason="no target cell",
                            **common)  # type: ignore[arg-type]
     try:
-        result = index_spots(spots, frame.detector, frame.beam, target, config.index)
+        lattices = index_lattices(spots, frame.detector, frame.beam, target, config.index)
     except Exception as exc:
         timings["index"] = time.perf_counter() - t2
         failed = _failure(frame, "index", exc, config, timings, n_spots)
         return ImageResult(**{**failed.__dict__, "spots": spots})
-    timings["index"] = time.perf_counter() - t2
-    if not result.success:
-        return ImageResult(status=FrameStatus.HIT, stage="index", reason=result.reason,
+    t3 = time.perf_counter()
+    timings["index"] = t3 - t2
+    first = lattices[0]
+    if not first.success:
+        return ImageResult(status=FrameStatus.HIT, stage="index", reason=first.reason,
                            **common)  # type: ignore[arg-type]
-    return ImageResult(status=FrameStatus.INDEXED, crystal=result.crystal,
-                       miller_indices=result.miller_indices, n_indexed=int(result.n_indexed),
-                       rmsd_px=float(result.rmsd_px), **common)  # type: ignore[arg-type]
+    crystals = integrate_lattices(frame, lattices, config)
+    timings["integrate"] = time.perf_counter() - t3
+    hkl = np.zeros((n_spots, 3), np.int32)
+    for lat in reversed(lattices):  # the first lattice wins a spot two lattices claim
+        hkl[lat.indexed_mask] = lat.miller_indices[lat.indexed_mask]
+    return ImageResult(status=FrameStatus.INDEXED, crystal=first.crystal,
+                       miller_indices=hkl, n_indexed=int(first.n_indexed),
+                       rmsd_px=float(first.rmsd_px), crystals=tuple(crystals),
+                       **common)  # type: ignore[arg-type]
+
+
+def _crystal_record(lat: IndexResult) -> CrystalResult:
+    assert lat.crystal is not None
+    return CrystalResult(crystal=lat.crystal, indexed_mask=lat.indexed_mask,
+                         miller_indices=lat.miller_indices, n_indexed=int(lat.n_indexed),
+                         rmsd_px=float(lat.rmsd_px),
+                         detector_shift_mm=tuple(lat.detector_shift_mm))  # type: ignore[arg-type]
+
+
+def integrate_lattices(frame: Frame, lattices: list[IndexResult],
+                       config: ProcessConfig) -> list[CrystalResult]:
+    """Profile model, prediction and summation integration of every lattice on a frame.
+
+    A lattice whose stage fails (nothing predicted on the detector, every peak masked, an
+    error) is kept with ``status='failed'`` and the reason; the frame's other lattices are not
+    affected. Predicted peaks of every lattice are kept out of each other's backgrounds.
+    """
+    records = [_crystal_record(lat) for lat in lattices]
+    if config.integrate.method == "none":
+        return records
+    predictions: list[Prediction | None] = []
+    for i, lat in enumerate(lattices):
+        rec = records[i]
+        try:
+            exc, q_len = excitation_errors(rec.crystal, lat.miller_indices[lat.indexed_mask],
+                                           frame.beam)
+            profile = refine_profile(exc, q_len, frame.beam, config.predict)
+            pred = predict_reflections(rec.crystal, frame.beam, frame.detector, profile,
+                                       config.predict, rec.detector_shift_mm)
+        except Exception as exc_:
+            predictions.append(None)
+            records[i] = replace(rec, status="failed", reason=_stage_error(frame, exc_, config))
+            continue
+        predictions.append(pred)
+        records[i] = replace(rec, profile_radius_inv_a=profile.radius_inv_a,
+                             n_predicted=len(pred))
+    try:
+        occupancy = peak_occupancy(frame.data, frame.detector,
+                                   [p for p in predictions if p is not None], config.integrate)
+    except Exception as exc_:
+        reason = _stage_error(frame, exc_, config)
+        return [r if r.status == "failed" else replace(r, status="failed", reason=reason)
+                for r in records]
+    gain = config.spots.gain_adu_per_photon
+    for i, maybe in enumerate(predictions):
+        rec = records[i]
+        if maybe is None:
+            continue
+        pred = maybe
+        if len(pred) == 0:
+            records[i] = replace(rec, status="failed", reason=(
+                f"no predicted reflection lands on the detector ({pred.n_off_detector} "
+                "fall in gaps or beyond the panels)"))
+            continue
+        try:
+            refl = integrate_reflections(frame.data, frame.detector, pred, config.integrate,
+                                         gain, occupancy)
+        except Exception as exc_:
+            records[i] = replace(rec, status="failed", reason=_stage_error(frame, exc_, config))
+            continue
+        if len(refl) == 0:
+            records[i] = replace(rec, status="failed", reflections=refl, reason=(
+                f"none of {len(pred)} predicted reflections could be integrated (peaks masked, "
+                "off the panels or without background)"))
+            continue
+        limit = resolution_limit_a(refl)
+        if not np.isfinite(limit):  # too few strong reflections: how far its spots reach
+            _, q_len = excitation_errors(rec.crystal, rec.miller_indices[rec.indexed_mask],
+                                         frame.beam)
+            limit = 1.0 / float(q_len.max()) if q_len.size else float("nan")
+        records[i] = replace(rec, status="integrated", reflections=refl,
+                             resolution_limit_a=limit)
+    return records
+
+
+def _stage_error(frame: Frame, exc: Exception, config: ProcessConfig) -> str:
+    if config.run.strict:
+        raise exc
+    reason = failure_reason(exc)
+    key = ("integrate", type(exc).__name__)
+    if key not in _reported:
+        _reported.add(key)
+        logger.warning("%s: stage integrate failed for a crystal: %s", frame.frame_id, reason,
+                       exc_info=exc)
+    else:
+        logger.warning("%s: stage integrate failed for a crystal: %s", frame.frame_id, reason)
+    return reason
+

@@ -7,6 +7,7 @@ The run directory (local or ``s3://``) ends up holding::
     header.stream          CrystFEL stream header (geometry + target cell), written once
     shards/<block>.*       one frames/spots/stream shard triple per block (atomic writes)
     frames.parquet         all frames, one row each, sorted by (source_url, frame_index)
+    crystals.parquet       all indexed crystals, one row each (see docs/run-directory.md)
     summary.json           counts, rates, throughput (see sfxflow.pipeline.summary)
 
 Running the same command again resumes: a block whose shards exist and verify is skipped; blocks
@@ -46,6 +47,7 @@ from sfxflow.pipeline.config import ProcessConfig, changed_settings, config_from
 from sfxflow.pipeline.execute import BlockFailure, execute_dask, execute_serial
 from sfxflow.pipeline.manifest import MANIFEST_NAME, BlockEntry, Manifest, input_files
 from sfxflow.pipeline.progress import Progress
+from sfxflow.pipeline.report import LiveReport
 from sfxflow.pipeline.runlock import LockInfo, RunLock
 from sfxflow.pipeline.summary import build_summary, keep_measured_figures
 
@@ -55,7 +57,7 @@ __all__ = ["Execution", "RunPlan", "RunResult", "execute_plan", "plan_and_resume
 logger = logging.getLogger(__name__)
 
 #: Settings that change per-frame results: a run directory made with other values is not resumed.
-RESULT_SECTIONS = ("spots", "hit", "index", "target")
+RESULT_SECTIONS = ("spots", "hit", "index", "predict", "integrate", "target")
 RESULT_IO_KEYS = ("frames_per_block", "geometry")
 
 
@@ -82,14 +84,11 @@ def resolve_config(config: ProcessConfig) -> ProcessConfig:
     file, or the lattice's default when the file has none and none was given)."""
     if not config.target.cell_file or config.target.cell is not None:
         return config
-    from sfxflow.io.cellfile import default_space_group, read_cell_file
+    from sfxflow.io.cellfile import read_cell_file
 
     cf = read_cell_file(config.target.cell_file)
-    sg = config.target.space_group
-    if not sg:
-        group = cf.space_group if cf.space_group is not None else default_space_group(*cf.lattice)
-        sg = group.xhm()  # keeps the setting (R 3:R vs R 3:H)
-    return with_target(config, cf.cell.parameters, sg)
+    return with_target(config, cf.cell.parameters,
+                       cf.indexing_space_group(config.target.space_group))
 
 
 def _failed_file_ref(url: str) -> BlockRef:
@@ -222,6 +221,7 @@ class Execution:
     wall_s: float
     n_cores: int
     cluster: ClusterInfo | None
+    live_report: LiveReport | None = None
 
 
 def _problem_kind(problem: str) -> str:
@@ -388,6 +388,8 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
     else:
         progress.total = total_todo
     last_manifest = [time.perf_counter()]
+    live_report = (LiveReport(run.url, dict(ctx.storage_options), config.run.report_interval_s)
+                   if config.run.report else None)
 
     def save_manifest(force_write: bool = False) -> None:
         now = time.perf_counter()
@@ -404,6 +406,8 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
         progress.update(report.n_frames, hits=report.hits, indexed=report.counts.get("indexed", 0),
                         failed=report.counts.get("failed", 0))
         save_manifest()
+        if live_report is not None:
+            live_report.block_done()
         if on_block is not None:
             on_block(report)
 
@@ -419,7 +423,8 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
     t_exec0 = time.perf_counter()
     t_exec1 = 0.0
     try:
-        with open_cluster(config.cluster) as (client, info):
+        with open_cluster(config.cluster,
+                          allowed_failures=config.run.allowed_failures) as (client, info):
             if on_cluster is not None:
                 on_cluster(info)
             t_exec0 = time.perf_counter()
@@ -433,7 +438,6 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
                 execute_dask(client, plan.todo, ctx, on_report, on_failure,
                              prefetch_depth=config.io.prefetch_depth,
                              task_retries=config.run.task_retries,
-                             allowed_failures=config.run.allowed_failures,
                              file_errors=plan.file_errors)
                 n_cores = max(n_cores, cluster_threads(client))
             t_exec1 = time.perf_counter()
@@ -444,7 +448,7 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
         finally:
             run.remove_temporaries()
     wall_s = (t_exec1 or time.perf_counter()) - t_exec0
-    return Execution(reports, failures, wall_s, n_cores, info)
+    return Execution(reports, failures, wall_s, n_cores, info, live_report)
 
 
 def reduce_run(plan: RunPlan, execution: Execution, run: RunDir, config: ProcessConfig,
@@ -460,8 +464,13 @@ def reduce_run(plan: RunPlan, execution: Execution, run: RunDir, config: Process
 
         run.write_bytes("frames.parquet",
                         parquet_bytes(frames, {"sfxflow.blocks": str(len(plan.blocks))}))
-    elif run.exists("frames.parquet"):
-        run.remove("frames.parquet")
+        crystals = sort_frames(run.read_crystals_shards(done_ids))
+        run.write_bytes("crystals.parquet",
+                        parquet_bytes(crystals, {"sfxflow.blocks": str(len(plan.blocks))}))
+    else:
+        for name in ("frames.parquet", "crystals.parquet"):
+            if run.exists(name):
+                run.remove(name)
     unread = {b.block_id: b.reason for b in manifest.blocks.values() if b.state == "unread"}
     reports, failures, info = execution.reports, execution.failures, execution.cluster
     summary = build_summary(
@@ -492,6 +501,8 @@ def reduce_run(plan: RunPlan, execution: Execution, run: RunDir, config: Process
         else:
             summary = keep_measured_figures(summary, previous)
     run.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
+    if execution.live_report is not None:
+        execution.live_report.finish()
     return RunResult(run_url=run.url, summary=summary, blocks_total=len(plan.blocks),
                      blocks_skipped=plan.skipped, blocks_done=len(reports),
                      blocks_failed=len(failures), complete=complete, cluster=info,
