@@ -129,7 +129,6 @@ def keep_measured_figures(summary: Mapping[str, Any], previous: Mapping[str, Any
     for key in MEASURED_KEYS:
         if key in previous:
             out[key] = previous[key]
-    # the old summary's layout (e.g. keys renamed by a newer version) is not trusted beyond these
     return out
 
 
