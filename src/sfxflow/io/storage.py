@@ -153,13 +153,15 @@ def is_transient(exc: BaseException) -> bool:
     >>> is_transient(OSError(errno.EIO, "I/O error")), is_transient(ValueError("corrupt"))
     (True, False)
     """
-    for e in _chain(exc):
+    chain = _chain(exc)
+    for e in chain:
         if isinstance(e, StorageUnavailable):
             return True
         status = _http_status(e)
         if status is not None:  # the server answered: only its own trouble is transient
             code = str((getattr(e, "response", {}).get("Error") or {}).get("Code", ""))
             return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    for e in chain:
         if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
             return False
         if isinstance(e, ConnectionError | TimeoutError):
