@@ -537,7 +537,8 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         overview: RunOverview | Unavailable = _overview(frames, manifest, summary, n_crystals,
                                                         running, fpb)
     else:
-        overview = Unavailable("no block has finished yet")
+        overview = Unavailable("no block has finished yet" if manifest is not None
+                               else "no frames recorded in this run directory")
     merge_dir = RunDir(merge_url, options) if merge_url else RunDir(run.url_of("merge"), options)
     picture: FramePicture | Unavailable = Unavailable("not drawn (--no-picture)")
     if with_picture:
@@ -565,7 +566,8 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         overview=overview,
         along=_along(frames),
-        crystals=_crystals(frames, crystals, _target_cell(config)) if frames.num_rows
+        crystals=_crystals(frames, crystals, _target_cell(config))
+        if frames.num_rows or (crystals is not None and crystals.num_rows)
         else Unavailable("no frames processed yet"),
         merged=_merged(merge_dir),
         picture=picture,
@@ -606,8 +608,9 @@ def _merge_only(merge_url: str, inputs: list[str], options: Mapping[str, Any]) -
     from sfxflow.io.storage import shown_url
 
     shown = ", ".join(shown_url(u) for u in inputs[:4]) + (" ..." if len(inputs) > 4 else "")
-    why = Unavailable(f"this merge has {len(inputs)} inputs ({shown}); each run directory's "
-                      "report.html shows its own frames")
+    what = (f"this merge has {len(inputs)} inputs ({shown})" if len(inputs) > 1
+            else f"the merge's input ({shown}) is not a run directory of sfxflow process")
+    why = Unavailable(f"{what}; each run directory's report.html shows its own frames")
     name = posixpath.basename(merge_url.rstrip("/")) or merge_url
     return ReportData(
         title=f"sfxflow merge {name}", run_url=shown_url(merge_url), state="merged",
@@ -627,20 +630,25 @@ def write_merge_report(merge_url: str, inputs: list[str], *,
     """
     options = dict(storage_options or {})
     runs = [u for u in inputs if not u.endswith(".stream")]
-    written = []
+    written: list[str] = []
     if len(inputs) == 1 and len(runs) == 1:
         run = runs[0].rstrip("/")
-        written.append(write_report(run, f"{merge_url.rstrip('/')}/{REPORT_NAME}",
-                                    storage_options=options, merge_url=merge_url))
-        if merge_url.rstrip("/") == f"{run}/merge" or (
-                "://" not in merge_url and "://" not in run
-                and os.path.realpath(merge_url) == os.path.realpath(os.path.join(run, "merge"))):
-            written.append(write_report(run, storage_options=options, merge_url=merge_url))
-    else:
-        page = render_report_html(_merge_only(merge_url, list(inputs), options)).encode()
-        target = RunDir(merge_url, options)
-        target.write_bytes(REPORT_NAME, page)
-        written.append(target.url_of(REPORT_NAME))
+        try:
+            written.append(write_report(run, f"{merge_url.rstrip('/')}/{REPORT_NAME}",
+                                        storage_options=options, merge_url=merge_url))
+        except InputError as exc:  # e.g. reflections shards without the rest of a run
+            logger.info("%s: merged data only in the report (%s)", run, exc)
+        else:
+            if merge_url.rstrip("/") == f"{run}/merge" or (
+                    "://" not in merge_url and "://" not in run
+                    and os.path.realpath(merge_url)
+                    == os.path.realpath(os.path.join(run, "merge"))):
+                written.append(write_report(run, storage_options=options, merge_url=merge_url))
+            return written
+    page = render_report_html(_merge_only(merge_url, list(inputs), options)).encode()
+    target = RunDir(merge_url, options)
+    target.write_bytes(REPORT_NAME, page)
+    written.append(target.url_of(REPORT_NAME))
     return written
 
 
