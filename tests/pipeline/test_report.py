@@ -223,3 +223,28 @@ def test_merge_reports_one_run_and_several(tmp_path):
     text = Path(written).read_text()
     assert "Wilson plot" in text
     assert "not available: this merge has 2 inputs" in text
+
+
+def test_a_run_where_every_frame_failed(tmp_path):
+    """Nothing to plot but the failures: every section still renders (warnings are errors)."""
+    import pyarrow as pa
+
+    from sfxflow.io.results import parquet_bytes
+
+    made = write_simulated_run(tmp_path / "run", n_frames=100, frames_per_block=50,
+                               with_merge=False, seed=8)
+    frames = made["frames"]
+    n = frames.num_rows
+    failed = frames.set_column(frames.schema.get_field_index("status"), "status",
+                               pa.array(["failed"] * n))
+    failed = failed.set_column(failed.schema.get_field_index("reason"), "reason",
+                               pa.array(["truncated file"] * n))
+    (tmp_path / "run" / "frames.parquet").write_bytes(parquet_bytes(failed))
+    (tmp_path / "run" / "crystals.parquet").unlink()
+    for p in (tmp_path / "run" / "shards").glob("*.crystals.parquet"):
+        p.unlink()
+    data = build_report(str(tmp_path / "run"))
+    assert data.overview.counts["failed"] == n and data.overview.failures[0][2] == n
+    assert isinstance(data.crystals, Unavailable) and isinstance(data.picture, Unavailable)
+    page = render_report_html(data)
+    assert "truncated file" in page and page.count("<svg") == 3
