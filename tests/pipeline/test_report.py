@@ -80,6 +80,9 @@ def test_run_still_going_reads_its_shards_and_says_what_is_missing(tmp_path):
     run = tmp_path / "run"
     made = write_simulated_run(run, n_frames=600, frames_per_block=50, done_blocks=5,
                                with_crystals=False, with_merge=False, seed=4)
+    # a shard left by an earlier plan of this run directory (redone with --force)
+    (run / "shards" / "old-block.frames.parquet").write_bytes(
+        (run / "shards" / f"{made['blocks'][0]}.frames.parquet").read_bytes())
     data = build_report(str(run), with_picture=False)
     assert data.running and data.state == "running: 5 of 12 blocks done"
     assert data.overview.counts["frames"] == 250

@@ -108,12 +108,16 @@ def _concat(tables: list[pa.Table]) -> pa.Table | None:
 
 
 def _load(run: RunDir, whole: str, suffix: str, wanted: tuple[str, ...], prefer_whole: bool,
-          cache: ReportCache | None) -> tuple[pa.Table | None, int | None]:
+          cache: ReportCache | None, planned: Mapping[str, Any] | None = None
+          ) -> tuple[pa.Table | None, int | None]:
     """The whole-run table when the run is complete, else the shards written so far (and how
-    many: ``None`` for the whole table)."""
+    many: ``None`` for the whole table); with ``planned`` (the manifest's blocks) only the
+    shards of planned blocks (a run redone with ``--force`` and other block sizes leaves the
+    old ones)."""
     if prefer_whole and run.exists(whole):
         return _read_table(run, whole, wanted), None
-    names = [n for n in run.list("shards") if n.endswith(suffix) and not n.startswith(".")]
+    names = [n for n in run.list("shards") if n.endswith(suffix) and not n.startswith(".")
+             and (planned is None or n[: -len(suffix)] in planned)]
     rels = [f"shards/{n}" for n in names]
     # shards are many small objects: on object storage each read is a round trip, so read in
     # parallel (Parquet decoding releases the GIL too)
@@ -515,10 +519,12 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         running = pending > 0 and (s_time is None or (m_time is not None and m_time > s_time))
     complete = manifest is None or pending == 0
 
-    frames, n_shards = _load(run, "frames.parquet", ".frames.parquet", FRAME_FIELDS,
-                                complete and not running, cache)
-    crystals, _ = _load(run, "crystals.parquet", ".crystals.parquet", CRYSTAL_FIELDS,
-                        complete and not running, cache)
+    planned = manifest.blocks if manifest is not None else None
+    whole = complete and not running
+    frames, n_shards = _load(run, "frames.parquet", ".frames.parquet", FRAME_FIELDS, whole,
+                             cache, planned)
+    crystals, _ = _load(run, "crystals.parquet", ".crystals.parquet", CRYSTAL_FIELDS, whole,
+                        cache, planned)
     if frames is None:
         frames = pa.table({c: pa.array([], pa.string()) for c in
                            ("source_url", "block_id", "status", "stage", "reason")}
