@@ -150,8 +150,19 @@ def test_process_writes_the_report_and_refreshes_it_while_running(sim_set, tmp_p
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    from sfxflow.io.headless import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        pytest.skip("no Chromium on this machine (scripts/install-chromium.sh installs "
+                    "Debian's chromium)")
+    return path
+
+
 @pytest.fixture(scope="module")
-def full_page(serial_run, tmp_path_factory) -> Path:
+def full_page(chromium, serial_run, tmp_path_factory) -> Path:
     """The report of a real (simulated-image) run, with merged statistics beside it."""
     from sfxflow.benchmarks.report import _merge_stats
 
@@ -165,11 +176,8 @@ def full_page(serial_run, tmp_path_factory) -> Path:
 
 
 def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
-    from sfxflow.io.headless import find_chromium, render_page
+    from sfxflow.io.headless import render_page
 
-    if find_chromium() is None:
-        pytest.skip("no Chromium on this machine (scripts/install-chromium.sh installs "
-                    "Debian's chromium)")
     seen = render_page(full_page, evaluate=(
         "JSON.stringify({svg: document.querySelectorAll('figure.plot svg').length,"
         " images: Array.from(document.images).map(i => i.complete && i.naturalWidth),"
@@ -186,13 +194,10 @@ def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
     assert page["missing"] == []  # every section has its data
 
 
-def test_browser_check_catches_errors_and_external_requests(tmp_path):
+def test_browser_check_catches_errors_and_external_requests(chromium, tmp_path):
     """The check above can fail: a page with a console error and an outside image is caught."""
-    from sfxflow.io.headless import find_chromium, render_page
+    from sfxflow.io.headless import render_page
 
-    if find_chromium() is None:
-        pytest.skip("no Chromium on this machine (scripts/install-chromium.sh installs "
-                    "Debian's chromium)")
     bad = tmp_path / "bad.html"
     # port 9 (discard) on this machine: refused at once, nothing leaves it
     bad.write_text('<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/x.png">'
