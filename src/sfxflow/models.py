@@ -309,8 +309,11 @@ def as_space_group(sg: gemmi.SpaceGroup | str | int) -> gemmi.SpaceGroup:
     if isinstance(sg, gemmi.SpaceGroup):
         return sg
     try:
-        found = gemmi.find_spacegroup_by_name(str(sg)) if not isinstance(sg, int) else None
+        number = str(sg).strip().isdigit()
+        found = None if number else gemmi.find_spacegroup_by_name(str(sg))
         if found is None:
+            if not 1 <= int(sg) <= 230:  # gemmi takes 0 (by name too) for P 1
+                raise ValueError(f"space group number {sg!r} is not from 1 to 230")
             found = gemmi.find_spacegroup_by_number(int(sg))
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"unknown space group {sg!r}") from exc

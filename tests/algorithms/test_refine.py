@@ -111,6 +111,13 @@ def test_refinement_finds_a_distance_error_and_rejects_outliers() -> None:
     assert np.isnan(res.residuals_px[:3]).all()
 
 
+def test_distance_and_cell_together_are_refused() -> None:
+    """On one still the distance and the cell scale are degenerate: the joint fit traded one for
+    the other and turned good solutions into 'refined cell too far from target'."""
+    with pytest.raises(ValueError, match="refine_distance needs refine_cell = False"):
+        RefineParams(refine_distance=True)
+
+
 def _shifted(det: Detector, dx: float, dy: float) -> Detector:
     from dataclasses import replace
 

@@ -3,6 +3,7 @@ user errors (exit 2, one line)."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -59,8 +60,8 @@ def test_find_spots_on_simulated_cxi(simulated, tmp_path, capsys):
 def test_frame_range_and_options(simulated, tmp_path, capsys):
     out = tmp_path / "spots.parquet"
     rc = main(["-q", "find-spots", str(simulated / "run_0000.cxi"), "--geometry",
-               str(simulated / "geometry.geom"), "--frames", "1:3", "--out", str(out),
-               "--d-min", "2.5", "--method", "radial", "--min-spots", "5"])
+               str(simulated / "geometry.geom"), "--frame-range", "1:3", "--out", str(out),
+               "--d-min-a", "2.5", "--method", "radial", "--hit-min-spots", "5"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "frame 1:" in text and "frame 2:" in text and "frame 0:" not in text
@@ -70,10 +71,13 @@ def test_frame_range_and_options(simulated, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--frames", "x:y"], "--frames 'x:y'"),
-    (["--frames", "3:1"], "expected 0 <= a <= b"),
-    (["--window", "8"], "window_px=8"),
-    (["--sigma-strong", "-2"], "sigma_strong=-2"),
+    (["--frame-range", "x:y"], "--frame-range 'x:y'"),
+    (["--frame-range", "3:1"], "expected 0 <= A <= B"),
+    (["--frames", "3:1"], "expected 0 <= A <= B"),  # the old name still works
+    (["--window-px", "8"], "--window-px '8': expected an odd integer from 3 to 63"),
+    (["--window", "8"], "--window '8': expected an odd integer"),
+    (["--sigma-strong", "-2"], "--sigma-strong '-2': expected a number from 0"),
+    (["--set", "spots.sigma_strong=-2"], "--set spots.sigma_strong = -2: expected a number"),
 ])
 def test_user_errors_exit_2(simulated, capsys, argv, message):
     rc = main(["-q", "find-spots", str(simulated / "run_0000.cxi"), "--geometry",
@@ -105,8 +109,9 @@ def test_find_spots_on_real_cbfs(shared_data, tmp_path, capsys):
 def test_find_spots_cspad_settings_on_real_cbfs(shared_data, tmp_path, capsys):
     cbfs = sorted(str(p) for p in (shared_data / "lcls-cspad-thermolysin").glob("*.cbf"))
     counts = {}
-    for label, extra in (("default", []), ("cspad", ["--cspad"]),
-                         ("explicit", ["--gain", "9", "--min-snr", "6"])):
+    for label, extra in (("default", []), ("cspad", ["--preset", "cspad-cbf"]),
+                         ("explicit", ["--gain-adu-per-photon", "9", "--min-snr", "6"]),
+                         ("old-name", ["--cspad"])):
         out = tmp_path / f"{label}.parquet"
         assert main(["-q", "find-spots", *cbfs, "--out", str(out), *extra]) == 0
         assert capsys.readouterr().out.count(" hit ") == 2
@@ -114,7 +119,7 @@ def test_find_spots_cspad_settings_on_real_cbfs(shared_data, tmp_path, capsys):
         counts[label] = table.num_rows
         if label != "default":
             assert min(table.column("snr").to_pylist()) >= 6.0
-    assert counts["cspad"] == counts["explicit"]
+    assert counts["cspad"] == counts["explicit"] == counts["old-name"]
     assert 150 <= counts["cspad"] <= 0.4 * counts["default"]
 
 
@@ -123,10 +128,28 @@ def test_border_option(simulated, tmp_path, capsys):
     for border in ("0", "3"):
         out = tmp_path / f"b{border}.parquet"
         assert main(["-q", "find-spots", str(simulated / "run_0000.cxi"), "--geometry",
-                     str(simulated / "geometry.geom"), "--border", border, "--min-snr", "0",
+                     str(simulated / "geometry.geom"), "--border-px", border, "--min-snr", "0",
                      "--out", str(out)]) == 0
         rows[border] = pq.read_table(out).to_pydict()
     capsys.readouterr()
     fs3, ss3 = np.asarray(rows["3"]["fs_px"]), np.asarray(rows["3"]["ss_px"])
     assert len(fs3) > 20 and len(rows["0"]["fs_px"]) >= len(fs3)
     assert fs3.min() >= 3 and ss3.min() >= 3
+
+
+def test_the_one_geometry_beside_a_cxi_file_is_used_and_several_are_named(simulated, tmp_path,
+                                                                          capsys, caplog):
+    caplog.set_level(logging.INFO, logger="sfxflow.io.nearby")
+    rc = main(["-q", "find-spots", str(simulated / "run_0000.cxi"), "--frame-range", "0:1"])
+    assert rc == 0, capsys.readouterr().err
+    assert f"using {simulated / 'geometry.geom'}, the .geom beside" in caplog.text
+    both = tmp_path / "two"
+    both.mkdir()
+    (both / "run.cxi").symlink_to(simulated / "run_0000.cxi")
+    for name in ("a.geom", "b.geom"):
+        (both / name).write_text((simulated / "geometry.geom").read_text())
+    capsys.readouterr()
+    assert main(["-q", "find-spots", str(both / "run.cxi")]) == 2
+    err = capsys.readouterr().err
+    assert f"{both / 'a.geom'}, {both / 'b.geom'}; expected --geometry" in err
+    assert len(err.strip().splitlines()) == 1

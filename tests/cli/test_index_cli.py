@@ -73,7 +73,16 @@ def test_index_significance_and_shift_options(tmp_path: Path, capsys) -> None:
     assert all(abs(x) <= 0.2 for x in res["det_shift_x_mm"] + res["det_shift_y_mm"])
     assert main(["index", str(spots), "--cell", CELL, "--space-group", SG, "--geometry",
                  str(geom), "--max-false-probability", "0"]) == 2
-    assert "max_false_probability" in capsys.readouterr().err
+    assert "--max-false-probability '0': expected a number > 0 and <= 1" in \
+        capsys.readouterr().err
+    # distance refinement only against a fixed cell (a still cannot separate the two)
+    assert main(["index", str(spots), "--cell", CELL, "--space-group", SG, "--geometry",
+                 str(geom), "--refine-distance"]) == 2
+    assert "refine_distance needs refine_cell = False" in capsys.readouterr().err
+    out = tmp_path / "distance.parquet"
+    assert main(["index", str(spots), "--cell", CELL, "--space-group", SG, "--geometry",
+                 str(geom), "--refine-distance", "--no-refine-cell", "-o", str(out)]) == 0
+    assert pq.read_table(out).column("indexed").to_pylist() == [True, True]
 
 
 def test_index_user_errors_exit_2(tmp_path: Path, capsys) -> None:

@@ -13,7 +13,7 @@ from sfxflow.cli import main
 
 TABLE2_ARGS = ["plan", "--tib", "15.5", "--files", "3303", "--core-seconds-per-gb", "5691.2",
                "--measured-on", "c3.8xlarge", "--instances", "c3.8xlarge,c4.8xlarge,m4.10xlarge",
-               "--nodes", "16,32,64", "--spread", "0.2", "--bandwidth-gbit", "1.33",
+               "--nodes", "16,32,64", "--spread-cv", "0.2", "--bandwidth-gbit", "1.33",
                "--upload-gbit", "2.0", "--s3-price", "0.03"]
 
 
@@ -111,7 +111,21 @@ def test_plan_catalogue_override_and_price(tmp_path: Path, capsys) -> None:
     (["plan", "--tb", "1", "--core-seconds-per-gb", "1", "--catalogue", "/nonexistent.toml"],
      "/nonexistent.toml: cannot read the catalogue"),
     (["plan", "--tb", "1", "--summary", "/nonexistent/summary.json"], "/nonexistent/summary"),
-    (["plan", "--tb", "1", "--core-seconds-per-gb", "1", "--spread", "-1"], "spread_cv"),
+    (["plan", "--tb", "1", "--core-seconds-per-gb", "1", "--spread-cv", "-1"],
+     "--spread-cv '-1': expected a number from 0 to 10"),
+    (["plan", "--tb", "1", "--core-seconds-per-gb", "1", "--spread", "-1"],  # the old name
+     "--spread '-1': expected a number from 0 to 10"),
+    (["plan", "--tb", "1e30", "--core-seconds-per-gb", "1"], "--tb '1e30': expected a number"),
+    (["plan", "--frames", "1e20", "--bytes-per-frame", "1e6", "--core-seconds-per-gb", "1"],
+     "--frames '1e20': expected an integer from 1 to"),
+    (["plan", "--frames", "10000000000000", "--bytes-per-frame", "1e9",
+      "--core-seconds-per-gb", "1"], "units of work"),
+    (["plan", "--tb", "1", "--core-seconds-per-gb", "1", "--startup-s", "nan"],
+     "--startup-s 'nan': expected a number from 0 to 86400"),
+    (["plan", "--tb", "1", "--core-seconds-per-gb", "1", "--s3-usd-per-gib-month", "-1"],
+     "--s3-usd-per-gib-month '-1'"),
+    (["transfer", "a", "s3://b/c", "--part-size-mib", "nan"], "--part-size-mib 'nan'"),
+    (["transfer", "a", "s3://b/c", "--part-size-mb", "inf"], "--part-size-mb 'inf'"),
 ])
 def test_plan_user_errors_exit_2_with_one_line(args, message, capsys) -> None:
     assert main(args) == 2

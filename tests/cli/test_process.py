@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -20,6 +21,35 @@ def small_set(tmp_path_factory):
     return write_simulated_dataset(out, layouts.simple(distance_mm=100.0, n_px=1024), None,
                                    SimulationParams(hit_fraction=0.5), n_frames=4, n_files=1,
                                    seed=2)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # fsspec's __del__
+def test_unusable_url_scheme_is_a_user_error_without_password(capsys):
+    # fsspec raised TypeError (traceback, exit 1) and the message would carry user:password
+    code = main(["process", "x.cxi", "--out", "ftp://me:hunter2@/run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "hunter2" not in err
+    assert "Traceback" not in err
+
+
+def test_bad_walltime_is_a_user_error(capsys):
+    # "--walltime abc" used to go into the job script; every job would be rejected
+    assert main(["process", "--cluster", "slurm", "--walltime", "abc", "--dry-run"]) == 2
+    assert "--walltime 'abc': expected HH:MM:SS" in capsys.readouterr().err
+    for ok in ("02:00:00", "1-00:00:00", "90", "30:00"):
+        assert main(["process", "--cluster", "slurm", "--walltime", ok, "--dry-run"]) == 0
+
+
+def test_run_directory_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    # --out naming an existing file ended in a NotADirectoryError traceback (exit 1)
+    target = tmp_path / "notes.txt"
+    target.write_text("x\n")
+    assert main(["process", "x.cxi", "--out", str(target), "--scheduler", "synchronous"]) == 2
+    err = capsys.readouterr().err
+    assert f"{target}: cannot create the run directory" in err
+    assert "Traceback" not in err
+
 
 
 def test_slurm_dry_run_prints_job_script(capsys):
@@ -96,6 +126,17 @@ def test_process_synchronous_end_to_end(small_set, tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["blocks_skipped"] == 2 and again["frames_processed"] == 0
     assert again["frames"] == 4
+
+
+def test_the_geometry_beside_the_cxi_files_is_used(small_set, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="sfxflow.io.nearby")
+    out = tmp_path / "run"
+    assert main(["process", str(small_set.files[0]), "--out", str(out), "--frames-per-block", "4",
+                 "--scheduler", "synchronous", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == 4
+    geometry = str(small_set.geometry_path)
+    assert f"using {geometry}, the .geom beside" in caplog.text
+    assert f'geometry = "{geometry}"' in (out / "config.toml").read_text()
 
 
 def test_run_where_every_input_fails_exits_1(small_set, tmp_path, capsys):

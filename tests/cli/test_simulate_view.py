@@ -52,14 +52,18 @@ def test_simulate_on_a_geometry_file(simulated, tmp_path):
     ("args", "message"),
     [
         (["--frames", "3", "--files", "5"], "--files 5"),
-        (["--frames", "0"], "--frames 0"),
+        (["--frames", "0"], "--frames '0': expected an integer from 1 to 10000000"),
         (["--detector", "pilatus"], "unknown detector layout 'pilatus'"),
-        (["--cell", "1 2 3"], "--cell '1 2 3'"),
-        (["--cell", "10 10 10 90 90 200"], "--cell"),
-        (["--space-group", "Q99"], "--space-group 'Q99'"),
-        (["--hit-fraction", "1.5"], "--hit-fraction 1.5"),
-        (["--distance-mm", "-3"], "--distance-mm -3"),
-        (["--wavelength-a", "0"], "--wavelength-a 0"),
+        (["--cell", "1 2 3"], "--cell '1 2 3': expected six numbers a b c alpha beta gamma"),
+        (["--cell", "10 10 10 90 90 200"], "--cell '10 10 10 90 90 200': expected six numbers"),
+        (["--space-group", "Q99"], "--space-group 'Q99': expected a space group symbol"),
+        (["--space-group", "0"], "--space-group '0': expected a space group symbol"),
+        (["--hit-fraction", "1.5"], "--hit-fraction '1.5': expected a number from 0 to 1"),
+        (["--distance-mm", "-3"], "--distance-mm '-3': expected a number > 0"),
+        (["--wavelength-a", "0"], "--wavelength-a '0': expected a number from 0.1 to 10"),
+        (["--seed", "-1"], "--seed '-1': expected an integer from 0"),
+        (["--frames", "99999999999999999999"], "--frames '99999999999999999999': expected an "
+                                               "integer from 1 to 10000000"),
         (["--geometry", "/nonexistent/x.geom"], "x.geom"),
     ],
 )
@@ -82,8 +86,8 @@ def test_view_draws_a_frame_with_truth(simulated, tmp_path, capsys):
     assert n_truth > 10
     img = mpimg.imread(out)
     assert img.shape[0] > 1000 and img.shape[1] > 1000
-    rc = main(["view", str(simulated / "run_0001.cxi"), "--geometry",
-               str(simulated / "geometry.geom"), "--frame", "7", "--out", str(out)])
+    # without --geometry: the one .geom beside the file is used (the frame is read, then refused)
+    rc = main(["view", str(simulated / "run_0001.cxi"), "--frame", "7", "--out", str(out)])
     assert rc == 2
     assert "out of range" in capsys.readouterr().err
 

@@ -16,6 +16,7 @@ Findings from checking the report's columns against each other (asserted below):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -123,15 +124,6 @@ def test_transfer_figures() -> None:
     assert transfer_time_s(DATA_TB * TIB, 2 * 3.2) / 3600 < 18
 
 
-def test_edison_rate_is_about_two_days() -> None:
-    hours = DATA_TB / 0.328
-    assert 44 < hours < 52  # "processed in about two days"
-    # per physical core Edison (8 x 24) beat c3.8xlarge at 16 nodes (16 x 16) by ~49 %
-    per_core_edison = 0.328 / 192
-    per_core_c3 = TABLE2[("c3.8xlarge", 16)][2] / 256
-    assert per_core_edison / per_core_c3 == pytest.approx(1.49, abs=0.01)
-
-
 def test_catalogue_holds_table1_and_table2_speeds() -> None:
     cat = default_catalogue()
     for name, price in PRICE.items():
@@ -144,25 +136,35 @@ def test_catalogue_holds_table1_and_table2_speeds() -> None:
             c3_node_s / node_s, rel=1e-4)
 
 
-def test_model_predicts_table2_from_the_c3_16_node_run() -> None:
-    """Per-byte cost from one row + catalogue speeds + simulated LPT schedule -> all nine rows.
+@pytest.mark.parametrize("instance", sorted(PRICE))
+def test_model_fitted_on_16_nodes_predicts_the_32_and_64_node_rows(instance: str) -> None:
+    """Fit the per-byte cost on one row of Table 2, predict the two rows the fit never saw.
 
-    Files vary by 20 % (the report: indexable images vary per file), a 5 GB file takes ~30 s to
-    download and prefetch hides it. Times and rates land within 1 % of every row, costs within
-    1 % of the printed value (or of the swapped cell), and LPT keeps sigma <= 1 % as reported.
+    The per-byte cost is fitted to the 16-node row of ``instance`` only (the catalogue's speed of
+    the type cancels out: it was itself taken from that row). With files varying by 20 % (the
+    report: indexable images vary per file), 5 GB files downloaded at 1.33 Gbit/s behind
+    prefetch and an LPT schedule, the model must then give the 32- and 64-node rows' mean node
+    time, rate and cost within 1 % (the cost of the cell the report printed, see
+    :data:`SWAPPED`), and a node-time sigma at most 1.1 % of the mean, as the report's.
     """
     cat = default_catalogue()
     units = split_units(DATA_TB * TIB, n_units=N_FILES)
-    core_s_per_byte = 16 * TABLE2[("c3.8xlarge", 16)][0] * 32 / (DATA_TB * TIB)
-    params = PlanParams(core_seconds_per_byte=core_s_per_byte, bandwidth_gbit=1.33,
-                        policy="static", spread_cv=0.2, seed=1)
-    for (name, nodes), (avg_s, _sigma_s, rate, _cost) in TABLE2.items():
-        row, sched = plan_run(cat[name], nodes, units, params, cat)
-        assert row.mean_s == pytest.approx(avg_s, rel=0.01), (name, nodes)
-        assert row.rate_tb_per_h(TIB) == pytest.approx(rate, rel=0.01), (name, nodes)
-        printed_cost = TABLE2[(SWAPPED.get(name, name), nodes)][3]
-        assert row.cost_usd == pytest.approx(printed_cost, rel=0.01), (name, nodes)
-        assert row.sigma_s / row.mean_s <= 0.01
+    fit_s = TABLE2[(instance, 16)][0]
+    params = PlanParams(core_seconds_per_byte=16 * fit_s * cat[instance].node_speed
+                        / (DATA_TB * TIB), bandwidth_gbit=1.33, policy="static",
+                        spread_cv=0.2, seed=1)
+    for _ in range(3):  # transfer and schedule make time not quite proportional to the cost
+        row, _ = plan_run(cat[instance], 16, units, params, cat)
+        params = replace(params, core_seconds_per_byte=params.core_seconds_per_byte
+                         * fit_s / row.mean_s)
+    for nodes in (32, 64):
+        avg_s, sigma_s, rate, _ = TABLE2[(instance, nodes)]
+        row, sched = plan_run(cat[instance], nodes, units, params, cat)
+        assert row.mean_s == pytest.approx(avg_s, rel=0.01), nodes
+        assert row.rate_tb_per_h(TIB) == pytest.approx(rate, rel=0.01), nodes
+        printed_cost = TABLE2[(SWAPPED.get(instance, instance), nodes)][3]
+        assert row.cost_usd == pytest.approx(printed_cost, rel=0.01), nodes
+        assert row.sigma_s / row.mean_s <= 0.011 and sigma_s / avg_s <= 0.011
         assert sched.node_units.sum() == N_FILES
 
 
@@ -179,21 +181,3 @@ def test_dynamic_pull_in_file_order_spreads_more_than_lpt() -> None:
     assert 100 < lpt.sigma_s < 700
     assert pull.makespan_s > lpt.makespan_s
     assert math.isclose(pull.node_compute_s.sum(), lpt.node_compute_s.sum())
-
-
-def test_edison_catalogue_entry_in_hpc_docs_predicts_0328_tb_per_h() -> None:
-    """docs/hpc.md's Edison entry + the c3 per-byte cost: 8 nodes give the report's 0.328 TB/h."""
-    import re
-    from pathlib import Path
-
-    from sfxflow.cost.catalogue import load_catalogue
-
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "hpc.md").read_text()
-    block = re.search(r"```toml\n(\[instance\.\"edison\"\].*?)```", doc, re.S)
-    assert block
-    cat = load_catalogue(block[1], "docs/hpc.md")
-    units = split_units(DATA_TB * TIB, n_units=N_FILES)
-    params = PlanParams(core_seconds_per_byte=16 * TABLE2[("c3.8xlarge", 16)][0] * 32
-                        / (DATA_TB * TIB), spread_cv=0.2)
-    row, _ = plan_run(cat["edison"], 8, units, params, cat)
-    assert row.rate_tb_per_h(TIB) == pytest.approx(0.328, rel=0.01)

@@ -91,6 +91,7 @@ from sfxflow.models import (
     as_unit_cell,
     reciprocal_basis,
 )
+from sfxflow.settings import check_fields, section, setting
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ class IndexParams:
         be from its lattice point's ray.
     n_solutions_refined : distinct best candidates refined before giving up.
     cell_length_tolerance : relative deviation of each refined cell length from the target
-        accepted; cell_angle_tolerance_deg the same for angles.
+        accepted.
+    cell_angle_tolerance_deg : deviation of each refined cell angle from the target accepted.
     significance_tolerance_px, significance_excitation_inv_a : a spot counts as matched in the
         false-solution test when its refined prediction is within this many pixels and its
         lattice point within this distance (Å⁻¹) of the Ewald sphere.
@@ -176,60 +178,37 @@ class IndexParams:
     refine : :class:`~sfxflow.algorithms.refine.RefineParams`.
     """
 
-    q_tolerance_rel: float = 0.01
-    q_tolerance_abs_inv_a: float = 0.0005
-    angle_tolerance_deg: float = 1.0
-    max_excitation_inv_a: float = 0.0008
-    hkl_tolerance: float = 0.3
-    n_pair_spots: int = 12
-    max_pairs: int = 45
-    max_pair_candidates: int = 1_000_000
-    max_d_a: float = 100.0
-    min_spots: int = 6
-    max_spots: int | None = 100
-    min_indexed: int = 8
-    min_fraction_indexed: float = 0.3
-    max_rmsd_px: float = 2.5
-    max_median_excitation_inv_a: float = 1e-3
-    early_exit_fraction: float = 0.75
-    n_polish_per_pair: int = 8
-    strict_tolerance_px: float = 3.0
-    n_solutions_refined: int = 4
-    cell_length_tolerance: float = 0.03
-    cell_angle_tolerance_deg: float = 2.0
-    significance_tolerance_px: float = 2.5
-    significance_excitation_inv_a: float = 0.001
-    max_false_probability: float = 1e-3
-    profile_acceptance: bool = True
-    profile_nsigma: float = 3.0
-    max_crystals: int = 4
-    refine: RefineParams = field(default_factory=RefineParams)
+    q_tolerance_rel: float = setting(0.01, gt=0, le=0.5)
+    q_tolerance_abs_inv_a: float = setting(0.0005, ge=0, le=0.1)
+    angle_tolerance_deg: float = setting(1.0, gt=0, le=45)
+    max_excitation_inv_a: float = setting(0.0008, ge=0, le=0.1)
+    hkl_tolerance: float = setting(0.3, gt=0, lt=0.5)
+    n_pair_spots: int = setting(12, ge=2, le=1000)
+    max_pairs: int = setting(45, ge=1, le=1_000_000)
+    max_pair_candidates: int = setting(1_000_000, ge=1, le=10**12)
+    max_d_a: float = setting(100.0, gt=0, le=1e4)
+    min_spots: int = setting(6, ge=0, le=100_000)
+    max_spots: int | None = setting(100, ge=1, le=10_000_000)
+    min_indexed: int = setting(8, ge=3, le=100_000)
+    min_fraction_indexed: float = setting(0.3, ge=0, le=1)
+    max_rmsd_px: float = setting(2.5, gt=0, le=1000)
+    max_median_excitation_inv_a: float = setting(1e-3, gt=0, le=1)
+    early_exit_fraction: float = setting(0.75, ge=0, le=1)
+    n_polish_per_pair: int = setting(8, ge=1, le=1000)
+    strict_tolerance_px: float = setting(3.0, gt=0, le=1000)
+    n_solutions_refined: int = setting(4, ge=1, le=1000)
+    cell_length_tolerance: float = setting(0.03, gt=0, le=1)
+    cell_angle_tolerance_deg: float = setting(2.0, gt=0, le=90)
+    significance_tolerance_px: float = setting(2.5, gt=0, le=1000)
+    significance_excitation_inv_a: float = setting(0.001, gt=0, le=1)
+    max_false_probability: float = setting(1e-3, gt=0, le=1)
+    profile_acceptance: bool = setting(True)
+    profile_nsigma: float = setting(3.0, gt=0, le=100)
+    max_crystals: int = setting(4, ge=1, le=100)
+    refine: RefineParams = section(RefineParams, flag_prefix="refine-")
 
     def __post_init__(self) -> None:
-        for name in ("q_tolerance_rel", "angle_tolerance_deg", "hkl_tolerance", "max_rmsd_px"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"IndexParams.{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.hkl_tolerance < 0.5:
-            raise ValueError(f"hkl_tolerance must be in (0, 0.5), got {self.hkl_tolerance}")
-        if not 0 <= self.min_fraction_indexed <= 1:
-            raise ValueError(
-                f"min_fraction_indexed must be in [0, 1], got {self.min_fraction_indexed}"
-            )
-        if self.min_indexed < 3:
-            raise ValueError(f"min_indexed must be >= 3, got {self.min_indexed}")
-        if self.n_pair_spots < 2:
-            raise ValueError(f"n_pair_spots must be >= 2, got {self.n_pair_spots}")
-        for name in ("significance_tolerance_px", "significance_excitation_inv_a"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"IndexParams.{name} must be > 0, got {getattr(self, name)}")
-        if not self.profile_nsigma > 0:
-            raise ValueError(f"IndexParams.profile_nsigma must be > 0, got {self.profile_nsigma}")
-        if self.max_crystals < 1:
-            raise ValueError(f"IndexParams.max_crystals must be >= 1, got {self.max_crystals}")
-        if not 0 < self.max_false_probability <= 1:
-            raise ValueError(
-                f"max_false_probability must be in (0, 1], got {self.max_false_probability}"
-            )
+        check_fields(self)
 
 
 def cell_symmetry_problem(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup,

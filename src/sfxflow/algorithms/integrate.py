@@ -38,6 +38,7 @@ from numba import njit
 from sfxflow.algorithms.predict import Prediction
 from sfxflow.algorithms.spots import _as_data3, _prepared
 from sfxflow.models import Detector, ReflectionTable
+from sfxflow.settings import check_fields, setting
 
 __all__ = ["Flag", "IntegrateParams", "integrate_reflections", "peak_occupancy"]
 
@@ -73,18 +74,16 @@ class IntegrateParams:
     min_background_pixels : fewer usable background pixels: the reflection is not integrated.
     """
 
-    method: str = "rings"
-    peak_radius_px: float = 3.0
-    background_inner_px: float = 4.0
-    background_outer_px: float = 6.0
-    outlier_nsigma: float = 4.0
-    outlier_cycles: int = 2
-    min_background_pixels: int = 10
+    method: str = setting("rings", choices=("rings", "none"))
+    peak_radius_px: float = setting(3.0, gt=0, le=30)
+    background_inner_px: float = setting(4.0, gt=0, le=30)
+    background_outer_px: float = setting(6.0, gt=0, le=30)
+    outlier_nsigma: float = setting(4.0, gt=0, le=1000)
+    outlier_cycles: int = setting(2, ge=0, le=100)
+    min_background_pixels: int = setting(10, ge=4, le=100_000)
 
     def __post_init__(self) -> None:
-        if self.method not in ("rings", "none"):
-            raise ValueError(f"IntegrateParams.method = {self.method!r}: expected 'rings' or "
-                             "'none'")
+        check_fields(self)
         if not (0 < self.peak_radius_px <= self.background_inner_px < self.background_outer_px
                 <= 30):
             raise ValueError(

@@ -41,6 +41,7 @@ from numba import njit
 
 from sfxflow.algorithms.geometry import panel_matrices
 from sfxflow.models import Beam, Crystal, Detector
+from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "PredictParams",
@@ -76,16 +77,17 @@ class PredictParams:
         1.0, as CrystFEL's default); the rest along ``y``.
     """
 
-    cutoff: float = 2.5
-    d_min_a: float = 0.0
-    min_profile_radius_inv_a: float = 5e-5
-    max_profile_radius_inv_a: float = 5e-3
-    detection_bias: float = 1.3
-    min_spots: int = 5
-    default_profile_radius_inv_a: float = 3e-4
-    polarisation_fraction: float = 1.0
+    cutoff: float = setting(2.5, gt=0, le=100)
+    d_min_a: float = setting(0.0, ge=0, le=100)
+    min_profile_radius_inv_a: float = setting(5e-5, gt=0, le=1)
+    max_profile_radius_inv_a: float = setting(5e-3, gt=0, le=1)
+    detection_bias: float = setting(1.3, gt=0, le=100)
+    min_spots: int = setting(5, ge=1, le=100_000)
+    default_profile_radius_inv_a: float = setting(3e-4, gt=0, le=1)
+    polarisation_fraction: float = setting(1.0, ge=0, le=1)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         checks = {
             "cutoff": self.cutoff > 0,
             "d_min_a": self.d_min_a >= 0,

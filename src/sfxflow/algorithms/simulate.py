@@ -50,6 +50,7 @@ from sfxflow.models import (
     as_unit_cell,
     photon_energy_ev_to_wavelength_a,
 )
+from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "TRUTH_COLUMNS",
@@ -131,72 +132,49 @@ class SimulationParams:
     noise : ``False`` renders expectation values (no Poisson / readout noise), for tests.
     """
 
-    wavelength_a: float = 1.3051  # 9.5 keV
-    bandwidth_fwhm: float = 2.0e-3
-    divergence_rad: float = 5.0e-5
-    energy_jitter_rel: float = 1.0e-3
-    cell: tuple[float, float, float, float, float, float] = (93.0, 93.0, 130.5, 90.0, 90.0, 120.0)
-    space_group: str = "P 61 2 2"
-    mosaicity_deg: float = 0.05
-    domain_size_a: float = 3000.0
-    d_min_a: float = 1.8
-    crystal_scale_photons: float = 250.0
-    crystal_scale_log_sigma: float = 0.5
-    wilson_b_a2: float = 25.0
-    structure_seed: int = 0
-    partiality_min: float = 0.01
-    spot_sigma_px: float = 0.8
-    background_photons: float = 1.5
-    water_ring_photons: float = 2.5
-    water_ring_d_a: float = 3.1
-    water_ring_width_inv_a: float = 0.03
-    polarization_fraction: float = 1.0
-    readout_noise_photons: float = 0.1
-    adu_per_photon: float = 32.0
-    dead_fraction: float = 2e-4
-    hot_fraction: float = 2e-5
-    hot_photons: float = 300.0
-    defect_seed: int = 12345
-    crystal_size_min_a: float = 1000.0
-    crystal_size_max_a: float = 0.0
-    hit_fraction: float = 0.5
+    wavelength_a: float = setting(1.3051, ge=0.1, le=10)  # 9.5 keV
+    bandwidth_fwhm: float = setting(2.0e-3, ge=0, le=0.5)
+    divergence_rad: float = setting(5.0e-5, ge=0, le=0.1)
+    energy_jitter_rel: float = setting(1.0e-3, ge=0, lt=0.1)
+    cell: tuple[float, float, float, float, float, float] = setting(
+        (93.0, 93.0, 130.5, 90.0, 90.0, 120.0), check=as_unit_cell,
+        expect="six numbers a b c alpha beta gamma (Å, degrees) that form a real cell")
+    space_group: str = setting("P 61 2 2", check=as_space_group,
+                               expect="a space group symbol (P6122, 'P 61 2 2') or number 1 to 230")
+    mosaicity_deg: float = setting(0.05, ge=0, le=10)
+    domain_size_a: float = setting(3000.0, gt=0, le=1e7)
+    d_min_a: float = setting(1.8, gt=0, le=100)
+    crystal_scale_photons: float = setting(250.0, ge=0, le=1e9)
+    crystal_scale_log_sigma: float = setting(0.5, ge=0, le=10)
+    wilson_b_a2: float = setting(25.0, ge=-100, le=1000)
+    structure_seed: int = setting(0, ge=0, le=2**63 - 1)
+    partiality_min: float = setting(0.01, gt=0, lt=1)
+    spot_sigma_px: float = setting(0.8, gt=0, le=100)
+    background_photons: float = setting(1.5, ge=0, le=1e6)
+    water_ring_photons: float = setting(2.5, ge=0, le=1e6)
+    water_ring_d_a: float = setting(3.1, gt=0, le=100)
+    water_ring_width_inv_a: float = setting(0.03, gt=0, le=1)
+    polarization_fraction: float = setting(1.0, ge=0, le=1)
+    readout_noise_photons: float = setting(0.1, ge=0, le=1e6)
+    adu_per_photon: float = setting(32.0, gt=0, le=1e6)
+    dead_fraction: float = setting(2e-4, ge=0, lt=1)
+    hot_fraction: float = setting(2e-5, ge=0, lt=1)
+    hot_photons: float = setting(300.0, ge=0, le=1e9)
+    defect_seed: int = setting(12345, ge=0, le=2**63 - 1)
+    crystal_size_min_a: float = setting(1000.0, gt=0, le=1e7)
+    crystal_size_max_a: float = setting(0.0, ge=0, le=1e7)
+    hit_fraction: float = setting(0.5, ge=0, le=1)
     noise: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", tuple(float(x) for x in self.cell))
-        checks = {
-            "wavelength_a": self.wavelength_a > 0,
-            "bandwidth_fwhm": self.bandwidth_fwhm >= 0,
-            "divergence_rad": self.divergence_rad >= 0,
-            "energy_jitter_rel": 0 <= self.energy_jitter_rel < 0.1,
-            "mosaicity_deg": self.mosaicity_deg >= 0,
-            "domain_size_a": self.domain_size_a > 0,
-            "d_min_a": self.d_min_a > 0,
-            "crystal_scale_photons": self.crystal_scale_photons >= 0,
-            "crystal_scale_log_sigma": self.crystal_scale_log_sigma >= 0,
-            "partiality_min": 0 < self.partiality_min < 1,
-            "spot_sigma_px": self.spot_sigma_px > 0,
-            "background_photons": self.background_photons >= 0,
-            "water_ring_photons": self.water_ring_photons >= 0,
-            "water_ring_d_a": self.water_ring_d_a > 0,
-            "water_ring_width_inv_a": self.water_ring_width_inv_a > 0,
-            "polarization_fraction": 0 <= self.polarization_fraction <= 1,
-            "readout_noise_photons": self.readout_noise_photons >= 0,
-            "adu_per_photon": self.adu_per_photon > 0,
-            "dead_fraction": 0 <= self.dead_fraction < 1,
-            "hot_fraction": 0 <= self.hot_fraction < 1,
-            "hot_photons": self.hot_photons >= 0,
-            "hit_fraction": 0 <= self.hit_fraction <= 1,
-            "crystal_size_min_a": self.crystal_size_min_a > 0,
-            "crystal_size_max_a": self.crystal_size_max_a == 0
-            or self.crystal_size_max_a >= self.crystal_size_min_a,
-        }
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not (ok and math.isfinite(value)):
-                raise ValueError(f"SimulationParams.{name} = {value!r} is out of range")
         if len(self.cell) != 6:
             raise ValueError(f"SimulationParams.cell needs 6 numbers, got {self.cell!r}")
+        check_fields(self)
+        if 0 < self.crystal_size_max_a < self.crystal_size_min_a:
+            raise ValueError(f"SimulationParams.crystal_size_max_a = {self.crystal_size_max_a} "
+                             f"is below crystal_size_min_a = {self.crystal_size_min_a}")
+        object.__setattr__(self, "space_group", as_space_group(self.space_group).xhm())
 
     def beam(self) -> Beam:
         """The nominal beam of these parameters.

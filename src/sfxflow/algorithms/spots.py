@@ -53,8 +53,8 @@ integer ADU, header gain a placeholder 1.0):
   little on these frames but loses 2 % of the simulated reflections.
 
 For such data use ``gain_adu_per_photon=9`` (intensities in photons) and ``min_snr=6``
-(:data:`CSPAD_CBF_SETTINGS`; ``sfxflow process --set spots.gain_adu_per_photon=9 --set
-spots.min_snr=6``, ``sfxflow find-spots --gain 9 --min-snr 6``): on the two frames this keeps
+(:data:`CSPAD_CBF_SETTINGS`; ``--preset cspad-cbf`` on the command line, the file
+``sfxflow/presets/cspad-cbf.toml``): on the two frames this keeps
 203 and 118 spots, of which 93 % and 47 % lie within 3 px of the indexed lattice's predictions
 (defaults: 31 % of 1,194 and 11 % of 1,392). The second frame holds two crystals: indexing the
 left-over spots found a second lattice 35 degrees away with ~30 spots in runs with nearby
@@ -94,6 +94,7 @@ from sfxflow.models import (
     as_space_group,
     as_unit_cell,
 )
+from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "CSPAD_CBF_SETTINGS",
@@ -164,72 +165,35 @@ class SpotParams:
     3
     """
 
-    method: str = "dispersion"
-    noise_model: str = "auto"
-    window_px: int = 9
-    sigma_strong: float = 3.0
-    sigma_background: float = 4.5
-    min_local: int = 2
-    global_threshold_photons: float = 0.0
-    gain_adu_per_photon: float | None = None
-    border_px: int = 1
-    min_spot_pixels: int = 2
-    max_spot_pixels: int = 500
-    min_snr: float = 3.0
-    background_margin_px: int = 2
-    d_min_a: float | None = None
-    d_max_a: float | None = None
+    method: str = setting("dispersion", choices=METHODS)
+    noise_model: str = setting("auto", choices=NOISE_MODELS)
+    window_px: int = setting(9, ge=3, le=63, odd=True)
+    sigma_strong: float = setting(3.0, ge=0, le=1000)
+    sigma_background: float = setting(4.5, ge=0, le=1000)
+    min_local: int = setting(2, ge=2, le=4096)
+    global_threshold_photons: float = setting(0.0, ge=-1e9, le=1e9)
+    gain_adu_per_photon: float | None = setting(None, gt=0, le=1e6)
+    border_px: int = setting(1, ge=0, le=256)
+    min_spot_pixels: int = setting(2, ge=1, le=1_000_000)
+    max_spot_pixels: int = setting(500, ge=1, le=10_000_000)
+    min_snr: float = setting(3.0, ge=0, le=1000)
+    background_margin_px: int = setting(2, ge=1, le=100)
+    d_min_a: float | None = setting(None, gt=0, le=1e4)
+    d_max_a: float | None = setting(None, gt=0, le=1e4)
     filter_ice_rings: bool = False
-    ice_ring_half_width_inv_a: float = 0.004
-    radial_snr: float = 5.0
-    radial_iterations: int = 5
-    radial_bin_px: float = 1.0
+    ice_ring_half_width_inv_a: float = setting(0.004, ge=0, le=0.1)
+    radial_snr: float = setting(5.0, ge=0, le=1000)
+    radial_iterations: int = setting(5, ge=0, le=100)
+    radial_bin_px: float = setting(1.0, gt=0, le=1000)
 
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> ConfigError:
-            return ConfigError(
-                f"spot finding parameter {name}={getattr(self, name)!r}: expected {expected}"
-            )
-
-        if self.method not in METHODS:
-            raise bad("method", f"one of {', '.join(METHODS)}")
-        if self.noise_model not in NOISE_MODELS:
-            raise bad("noise_model", f"one of {', '.join(NOISE_MODELS)}")
-        if int(self.window_px) != self.window_px or self.window_px < 3 or self.window_px % 2 == 0:
-            raise bad("window_px", "an odd integer >= 3")
-        if self.window_px > 63:
-            raise bad("window_px", "at most 63")
-        for name in ("sigma_strong", "sigma_background", "radial_snr", "radial_bin_px",
-                     "ice_ring_half_width_inv_a", "min_snr"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise bad(name, "a finite number >= 0")
-        if not self.radial_bin_px > 0:
-            raise bad("radial_bin_px", "a number > 0")
-        if not math.isfinite(self.global_threshold_photons):
-            raise bad("global_threshold_photons", "a finite number")
-        if self.gain_adu_per_photon is not None and not (
-            math.isfinite(self.gain_adu_per_photon) and self.gain_adu_per_photon > 0
-        ):
-            raise bad("gain_adu_per_photon", "a positive number or None")
-        if self.min_local < 2:
-            raise bad("min_local", "an integer >= 2")
-        if self.border_px < 0:
-            raise bad("border_px", "an integer >= 0")
-        if self.min_spot_pixels < 1:
-            raise bad("min_spot_pixels", "an integer >= 1")
+        check_fields(self)
         if self.max_spot_pixels < self.min_spot_pixels:
-            raise bad("max_spot_pixels", f"an integer >= min_spot_pixels={self.min_spot_pixels}")
-        if self.background_margin_px < 1:
-            raise bad("background_margin_px", "an integer >= 1")
-        if self.radial_iterations < 0:
-            raise bad("radial_iterations", "an integer >= 0")
-        for name in ("d_min_a", "d_max_a"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise bad(name, "a positive resolution in Å or None")
+            raise ConfigError(f"SpotParams.max_spot_pixels = {self.max_spot_pixels}: expected "
+                              f">= min_spot_pixels ({self.min_spot_pixels})")
         if self.d_min_a is not None and self.d_max_a is not None and self.d_min_a > self.d_max_a:
-            raise bad("d_min_a", f"a value <= d_max_a={self.d_max_a}")
+            raise ConfigError(f"SpotParams.d_min_a = {self.d_min_a}: expected <= d_max_a "
+                              f"({self.d_max_a})")
 
     @property
     def half_window(self) -> int:
@@ -251,20 +215,12 @@ class HitParams:
     10
     """
 
-    min_spots: int = 10
-    min_spots_beyond_d_a: int = 0
-    d_a: float = 4.0
+    min_spots: int = setting(10, ge=0, le=100_000)
+    min_spots_beyond_d_a: int = setting(0, ge=0, le=100_000)
+    d_a: float = setting(4.0, gt=0, le=1000)
 
     def __post_init__(self) -> None:
-        if self.min_spots < 0:
-            raise ConfigError(f"hit parameter min_spots={self.min_spots}: expected an integer >= 0")
-        if self.min_spots_beyond_d_a < 0:
-            raise ConfigError(
-                f"hit parameter min_spots_beyond_d_a={self.min_spots_beyond_d_a}: "
-                "expected an integer >= 0"
-            )
-        if not (math.isfinite(self.d_a) and self.d_a > 0):
-            raise ConfigError(f"hit parameter d_a={self.d_a}: expected a positive resolution in Å")
+        check_fields(self)
 
 
 def is_hit(spots: SpotTable, params: HitParams) -> bool:
@@ -1132,9 +1088,3 @@ def find_spots_panel(
     if panel_index:
         table = SpotTable(**{**table.to_dict(), "panel": np.full(len(table), panel_index)})
     return table
-
-
-def describe_params(params: SpotParams) -> dict[str, Any]:
-    """The parameters that differ from the defaults (for logs and run records)."""
-    default = SpotParams()
-    return {k: v for k, v in params.__dict__.items() if getattr(default, k) != v}

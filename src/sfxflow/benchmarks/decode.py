@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from sfxflow.cli.options import number
 
 HELP = "decode speed: frames/s per core for CBF and compressed CXI, local and from S3 (median)"
 DESCRIPTION = HELP + """
@@ -32,11 +33,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=10,
-                        help="simulated frames per detector (default 10)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
-    parser.add_argument("--frames-per-block", type=int, default=10,
-                        help="frames per block (default 10)")
+    number(parser, "--frames", kind=int, default=10, ge=1, le=100_000,
+           help="simulated frames per detector (default 10)")
+    number(parser, "--repeats", kind=int, default=5, ge=1, le=1000, help="timed runs (default 5)")
+    number(parser, "--frames-per-block", kind=int, default=10, ge=1, le=100_000,
+           help="frames per block (default 10)")
     parser.add_argument("--cbf-dir", default=None,
                         help="folder of CBFs (default ../shared/data/lcls-cspad-thermolysin)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 rows")
@@ -52,12 +53,6 @@ def _default_cbf_dir() -> Path | None:
         if d.is_dir():
             return d
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _time_decode(urls: list[str], geometry: Any, opts: dict | None, fpb: int,
@@ -102,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.io.simulated import write_simulated_dataset
 
     logging.getLogger("sfxflow.io.simulated").setLevel(logging.WARNING)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     cases: list[tuple[str, list[Path], Any]] = []
     with tempfile.TemporaryDirectory(prefix="sfxflow-bench-decode-") as tmp:
         if cbf_dir is not None:
@@ -140,21 +134,13 @@ def run(args: argparse.Namespace) -> int:
 def _s3_rows(cases: list[tuple[str, list[Path], Any]],
              args: argparse.Namespace) -> list[tuple[str, str, int, float, float]]:
     import fsspec
-    from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
-                                                                 "region_name": "us-east-1"}}
-    rows = []
-    try:
-        import boto3
+    from sfxflow.benchmarks.local_s3 import local_s3
 
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                     aws_access_key_id="bench", aws_secret_access_key="bench",
-                     ).create_bucket(Bucket="bench-decode")
+    rows: list[tuple[str, str, int, float, float]] = []
+    with local_s3("bench-decode") as opts:
+        if opts is None:
+            return rows
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **opts)
         for k, (name, files, geom) in enumerate(cases):
             urls = []
@@ -164,6 +150,4 @@ def _s3_rows(cases: list[tuple[str, list[Path], Any]],
                 urls.append(f"s3://{key}")
             fps, bpf, n = _time_decode(urls, geom, opts, args.frames_per_block, args.repeats)
             rows.append((name, "S3", n, bpf, fps))
-    finally:
-        server.stop()
     return rows

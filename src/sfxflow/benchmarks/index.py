@@ -23,6 +23,7 @@ from sfxflow.algorithms.index import (
     index_spots,
     misorientation_deg,
 )
+from sfxflow.cli.options import number
 from sfxflow.models import Beam, Crystal, Detector, SpotTable, as_space_group, as_unit_cell
 
 HELP = "indexing speed (ms/frame/core, median) and rate on simulated hits with 15/30/60 spots"
@@ -113,12 +114,13 @@ def simulated_hit(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=40, help="frames per case (default 40)")
-    parser.add_argument("--spots", type=int, nargs="+", default=[15, 30, 60],
-                        help="spot counts per frame (default 15 30 60)")
+    number(parser, "--frames", kind=int, default=40, ge=1, le=100_000,
+           help="frames per case (default 40)")
+    number(parser, "--spots", kind=int, nargs="+", default=[15, 30, 60], ge=3, le=10_000,
+           help="spot counts per frame (default 15 30 60)")
     parser.add_argument("--targets", nargs="+", default=[t[0] for t in TARGETS],
                         choices=[t[0] for t in TARGETS], help="which targets (default all)")
-    parser.add_argument("--seed", type=int, default=1, help="random seed")
+    number(parser, "--seed", kind=int, default=1, ge=0, le=2**63 - 1, help="random seed")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from sfxflow.cli.options import number
 
 HELP = "end-to-end frames/s per core (1 and 2 workers) and prefetching on/off from local S3"
 DESCRIPTION = HELP + """
@@ -34,20 +35,16 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=60, help="CSPAD frames (default 60)")
-    parser.add_argument("--files", type=int, default=4, help="CXI files (default 4)")
-    parser.add_argument("--frames-per-block", type=int, default=5,
-                        help="frames per block (default 5)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per setting (default 3)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                        help="worker counts to compare (default 1 2)")
+    number(parser, "--frames", kind=int, default=60, ge=1, le=100_000,
+           help="CSPAD frames (default 60)")
+    number(parser, "--files", kind=int, default=4, ge=1, le=10_000, help="CXI files (default 4)")
+    number(parser, "--frames-per-block", kind=int, default=5, ge=1, le=100_000,
+           help="frames per block (default 5)")
+    number(parser, "--repeats", kind=int, default=3, ge=1, le=1000,
+           help="runs per setting (default 3)")
+    number(parser, "--workers", kind=int, nargs="+", default=[1, 2], ge=1, le=1024,
+           help="worker counts to compare (default 1 2)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 prefetch comparison")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(geometry: str, fpb: int, n_workers: int, prefetch: int) -> Any:
@@ -117,26 +114,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _s3_prefetch(inputs: list[str], geometry_path: Path, work: Path,
                  args: argparse.Namespace) -> None:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        print("  (S3 comparison skipped: moto[server] is not installed)")
-        return
     import s3fs
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        # dummy credentials for the local test server only
-        so = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
-                                                                   "region_name": "us-east-1"}}
-        import boto3
+    from sfxflow.benchmarks.local_s3 import local_s3
 
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                     aws_access_key_id="bench", aws_secret_access_key="bench",
-                     ).create_bucket(Bucket="bench")
+    with local_s3("bench") as so:
+        if so is None:
+            return
+        endpoint = so["client_kwargs"]["endpoint_url"]
         fs = s3fs.S3FileSystem(**so)
         for p in [*inputs, str(geometry_path)]:
             fs.put_file(p, f"bench/in/{Path(p).name}")
@@ -156,5 +141,3 @@ def _s3_prefetch(inputs: list[str], geometry_path: Path, work: Path,
         saved = _med(results[0], "wall_s") - _med(results[1], "wall_s")
         print(f"  wall time saved by prefetching: {saved:.2f} s "
               f"({100 * saved / _med(results[0], 'wall_s'):.0f}% of the run without it)")
-    finally:
-        server.stop()

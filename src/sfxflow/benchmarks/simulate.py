@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from sfxflow.cli.options import number
+
 HELP = "simulator speed: frames/s on one core for a detector layout (median of runs)"
 DESCRIPTION = HELP + """
 
@@ -24,9 +26,11 @@ Examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", default="cspad", help="cspad, jungfrau4m or simple")
-    parser.add_argument("--frames", type=int, default=10, help="frames per run (default 10)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    number(parser, "--frames", kind=int, default=10, ge=1, le=100_000,
+           help="frames per run (default 10)")
+    number(parser, "--repeats", kind=int, default=5, ge=1, le=1000, help="timed runs (default 5)")
+    number(parser, "--seed", kind=int, default=0, ge=0, le=2**63 - 1,
+           help="random seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

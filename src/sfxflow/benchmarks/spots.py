@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from sfxflow.cli.options import number
+
 HELP = "spot finding: ms/frame on one core vs a memory-bound floor; --accuracy vs simulated truth"
 DESCRIPTION = HELP + """
 
@@ -36,19 +38,23 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=6, help="simulated frames per detector")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the frames")
+    number(parser, "--frames", kind=int, default=6, ge=1, le=100_000,
+           help="simulated frames per detector")
+    number(parser, "--repeats", kind=int, default=5, ge=1, le=1000,
+           help="timed passes over the frames")
     parser.add_argument("--method", choices=("dispersion", "radial"), default="dispersion")
     parser.add_argument("--noise-model", choices=("auto", "poisson", "local"), default="auto")
-    parser.add_argument("--window", type=int, default=None, help="local window (default 9)")
-    parser.add_argument("--min-snr", type=float, default=None,
-                        help="SpotParams.min_snr (default: SpotParams' default)")
-    parser.add_argument("--seed", type=int, default=1, help="simulation seed (default 1)")
+    number(parser, "--window-px", "--window", kind=int, ge=3, le=63,
+           help="local window (default 9)")
+    number(parser, "--min-snr", ge=0, le=1000,
+           help="SpotParams.min_snr (default: SpotParams' default)")
+    number(parser, "--seed", kind=int, default=1, ge=0, le=2**63 - 1,
+           help="simulation seed (default 1)")
     parser.add_argument("--no-real", action="store_true", help="skip the real CBF frames")
     parser.add_argument("--accuracy", action="store_true",
                         help="also measure accuracy against simulated truth")
-    parser.add_argument("--accuracy-frames", type=int, default=300, metavar="N",
-                        help="frames simulated for --accuracy (default 300)")
+    number(parser, "--accuracy-frames", kind=int, default=300, ge=1, le=100_000,
+           help="frames simulated for --accuracy (default 300)")
 
 
 @dataclass(frozen=True)
@@ -204,8 +210,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.accuracy_frames}: expected >= 1")
     numba.set_num_threads(1)
     kw: dict[str, Any] = {"method": args.method, "noise_model": args.noise_model}
-    if args.window is not None:
-        kw["window_px"] = args.window
+    if args.window_px is not None:
+        kw["window_px"] = args.window_px
     if args.min_snr is not None:
         kw["min_snr"] = args.min_snr
     params = SpotParams(**kw)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from sfxflow import __version__
+from sfxflow.cli.options import Parser
 from sfxflow.errors import InputError
 
 SUBCOMMANDS: dict[str, str] = {
@@ -24,21 +25,31 @@ SUBCOMMANDS: dict[str, str] = {
     "find-spots": "sfxflow.cli.find_spots",
     "index": "sfxflow.cli.index",
     "process": "sfxflow.cli.process",
+    "merge": "sfxflow.cli.merge",
     "plan": "sfxflow.cli.plan",
     "transfer": "sfxflow.cli.transfer",
+    "report": "sfxflow.cli.report",
     "bench": "sfxflow.cli.bench",
 }
 
 
+def _add_verbosity(parser: argparse.ArgumentParser, default: bool) -> None:
+    # a subcommand's own -v/-q must not reset what was given before the subcommand
+    parser.add_argument("-v", "--verbose", action="count",
+                        default=0 if default else argparse.SUPPRESS, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        default=False if default else argparse.SUPPRESS,
+                        help="only warnings and errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sfxflow",
         description="Serial crystallography processing from a laptop to a cluster to the cloud.",
         epilog="Run 'sfxflow COMMAND --help' for a command's options and examples.",
     )
     parser.add_argument("--version", action="version", version=f"sfxflow {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_verbosity(parser, default=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS.items():
         if importlib.util.find_spec(module_name) is None:
@@ -51,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
+        _add_verbosity(p, default=False)
         p.set_defaults(_run=module.run)
     return parser
 
@@ -71,8 +83,13 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Returns the exit status: 0 success, 2 user error, 130 interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad option (one line, status 2)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     _configure_logging(args.verbose, args.quiet)
+    for note in getattr(args, "_deprecated", []):
+        logging.getLogger("sfxflow.cli").warning(note)
     try:
         return int(args._run(args) or 0)
     except InputError as exc:

@@ -13,19 +13,25 @@ BENCHMARKS: dict[str, str] = {
     "index": "sfxflow.benchmarks.index",
     "integrate": "sfxflow.benchmarks.integrate",
     "process": "sfxflow.benchmarks.process",
+    "report": "sfxflow.benchmarks.report",
 }
 
-HELP = "benchmark a stage (simulate, decode, spots, index, integrate, process) and print figures"
+HELP = ("benchmark a stage (simulate, decode, spots, index, integrate, process, report, or all) "
+        "and print figures")
 DESCRIPTION = HELP + """
+
+'all' runs every benchmark in turn with its default options (what 'make bench' does).
 
 Examples:
   sfxflow bench spots --frames 50
   sfxflow bench index
+  sfxflow bench all
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
+    parsers: dict[str, argparse.ArgumentParser] = {}
     for name, module_name in BENCHMARKS.items():
         if importlib.util.find_spec(module_name) is None:
             continue
@@ -34,6 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_bench_run=module.run)
+        parsers[name] = p
+    p_all = sub.add_parser("all", help="every benchmark above with its defaults, in turn")
+    p_all.set_defaults(_bench_run=lambda _args: _run_all(parsers))
+
+
+def _run_all(parsers: dict[str, argparse.ArgumentParser]) -> int:
+    worst = 0
+    for name, p in parsers.items():
+        print(f"===== sfxflow bench {name}", flush=True)
+        args = p.parse_args([])
+        worst = max(worst, int(args._bench_run(args) or 0))
+    return worst
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from sfxflow.cli.options import number
 from sfxflow.errors import InputError
 
 HELP = "simulate a small CSPAD data set, process it locally, print the summary, draw a frame"
@@ -34,12 +35,15 @@ SPACE_GROUP = "P6122"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", nargs="?", default="sfxflow-demo", metavar="DIR",
                         help="folder for the data, results and picture (default ./sfxflow-demo)")
-    parser.add_argument("--frames", type=int, default=120, help="frames to simulate (default 120)")
-    parser.add_argument("--files", type=int, default=4, help="CXI files (default 4)")
-    parser.add_argument("--hit-fraction", type=float, default=0.3,
-                        help="fraction of frames with a crystal (default 0.3)")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    parser.add_argument("--workers", type=int, help="local worker processes (default: cores)")
+    number(parser, "--frames", kind=int, default=120, ge=1, le=100_000,
+           help="frames to simulate (default 120)")
+    number(parser, "--files", kind=int, default=4, ge=1, le=10_000, help="CXI files (default 4)")
+    number(parser, "--hit-fraction", default=0.3, ge=0, le=1,
+           help="fraction of frames with a crystal (default 0.3)")
+    number(parser, "--seed", kind=int, default=1, ge=0, le=2**63 - 1,
+           help="random seed (default 1)")
+    number(parser, "--workers", kind=int, ge=0, le=1024,
+           help="local worker processes (default: cores)")
     parser.add_argument("--scheduler", help="'synchronous' (no Dask) or tcp://host:port")
 
 
@@ -109,11 +113,8 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.pipeline.run import run_process
     from sfxflow.pipeline.summary import format_summary
 
-    if args.frames < 1 or args.files < 1 or args.files > args.frames:
-        raise InputError(f"--frames {args.frames} / --files {args.files}: expected frames >= 1 "
-                         "and 1 <= files <= frames")
-    if not 0 <= args.hit_fraction <= 1:
-        raise InputError(f"--hit-fraction {args.hit_fraction}: expected a number from 0 to 1")
+    if args.files > args.frames:
+        raise InputError(f"--files {args.files}: expected 1 to --frames ({args.frames})")
     root = Path(args.dir)
     data_dir, run_dir = root / "data", root / "run"
     print(f"simulating {args.frames} CSPAD frames in {args.files} files "
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     png = _picture(run_dir, info.geometry_path, root / "frame.png")
     if png is not None:
         print(f"picture of one frame with its spots: {png}")
+    print(f"report (open in a browser): {run_dir}/report.html")
     print(f"results: {run_dir}/frames.parquet, {run_dir}/summary.json; stream: "
           f"cat {run_dir}/header.stream {run_dir}/shards/*.stream")
     return 0

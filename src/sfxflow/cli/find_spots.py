@@ -21,17 +21,19 @@ writes the spots, one row each with source_url, frame_index and the spot columns
 ss_px, intensity, background, snr, n_pixels, d_a), to --out.
 
 LCLS CSPAD CBF files declare a placeholder gain of 1 ADU per photon; their one-photon peak is at
-~9 ADU and their background has bright isolated pixels, so use --cspad (= --gain 9 --min-snr 6).
+~9 ADU and their background has bright isolated pixels, so use --preset cspad-cbf (=
+--gain-adu-per-photon 9 --min-snr 6). Every setting is a flag named as its key (spots.* by
+the key itself, hit.* as --hit-*); see --print-config.
 
 Examples:
-  sfxflow find-spots ../shared/data/lcls-cspad-thermolysin/*.cbf --cspad --out spots.parquet
-  sfxflow find-spots sim/run_0000.cxi --geometry sim/geometry.geom --frames 0:20 --min-spots 15
-  sfxflow find-spots run.cxi --geometry g.geom --d-min 2.0 --ice-rings --png-dir overlays/
+  sfxflow find-spots ../shared/data/lcls-cspad-thermolysin/*.cbf --preset cspad-cbf --out spots.parquet
+  sfxflow find-spots sim/run_0000.cxi --geometry sim/geometry.geom --frame-range 0:20 --hit-min-spots 15
+  sfxflow find-spots run.cxi --d-min-a 2.0 --filter-ice-rings --png-dir overlays/
 """
 
 
 def _frame_range(text: str | None, n_frames: int, url: str) -> range:
-    """Parse ``a:b`` (either side optional, Python slice semantics without negatives)."""
+    """Parse ``A:B`` (either side optional, Python slice semantics without negatives)."""
     if text is None:
         return range(n_frames)
     parts = text.split(":")
@@ -45,68 +47,35 @@ def _frame_range(text: str | None, n_frames: int, url: str) -> range:
         else:
             raise ValueError(text)
     except ValueError:
-        raise InputError(f"--frames {text!r}: expected a:b, a: or :b with frame indices") from None
+        raise InputError(f"--frame-range {text!r}: expected A:B, A:, :B or A with frame "
+                         "indices") from None
     if start < 0 or stop < start:
-        raise InputError(f"--frames {text!r}: expected 0 <= a <= b")
+        raise InputError(f"--frame-range {text!r}: expected 0 <= A <= B")
     if start >= n_frames and n_frames > 0:
-        log.warning("%s: --frames %s starts past its %d frames", url, text, n_frames)
+        log.warning("%s: --frame-range %s starts past its %d frames", url, text, n_frames)
     return range(start, min(stop, n_frames))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sfxflow.cli.options import add_settings, deprecated
+    from sfxflow.pipeline.config import FindSpotsConfig
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or URLs")
-    parser.add_argument("--geometry", metavar="G", help="CrystFEL .geom (needed for CXI files)")
+    parser.add_argument("--geometry", metavar="G",
+                        help="CrystFEL .geom (default for a CXI file: the one .geom beside it)")
     parser.add_argument("--out", metavar="SPOTS.parquet", help="write the spots here (Parquet)")
-    parser.add_argument("--frames", metavar="A:B", help="frame range in every input (default all)")
+    parser.add_argument("--frame-range", metavar="A:B",
+                        help="frames A to B-1 of every input (A:, :B or A; default all)")
+    deprecated(parser, "--frames", "frame_range", "--frame-range")
     parser.add_argument("--png-dir", metavar="DIR",
                         help="also write an overlay PNG of every frame with its spots here")
-    g = parser.add_argument_group("spot finding (see sfxflow.algorithms.spots.SpotParams)")
-    g.add_argument("--method", choices=("dispersion", "radial"), default="dispersion")
-    g.add_argument("--noise-model", choices=("auto", "poisson", "local"), default="auto")
-    g.add_argument("--window", type=int, default=9, metavar="PX", help="local window (odd, 9)")
-    g.add_argument("--sigma-strong", type=float, default=3.0)
-    g.add_argument("--sigma-background", type=float, default=4.5)
-    g.add_argument("--gain", type=float, metavar="ADU", help="ADU per photon for every panel")
-    g.add_argument("--global-threshold", type=float, default=0.0, metavar="PHOTONS")
-    g.add_argument("--min-spot-pixels", type=int, default=2)
-    g.add_argument("--max-spot-pixels", type=int, default=500)
-    g.add_argument("--min-snr", type=float, default=None,
-                   help="drop spots with a lower integrated SNR (default 3; 6 for CSPAD CBFs)")
-    g.add_argument("--border", type=int, default=1, metavar="PX",
-                   help="ignore pixels this close to a panel (ASIC) edge (default 1)")
-    g.add_argument("--cspad", action="store_true",
-                   help="LCLS CSPAD CBF settings (--gain 9 --min-snr 6 unless given)")
-    g.add_argument("--d-min", type=float, metavar="A", help="drop spots at d < this (Å)")
-    g.add_argument("--d-max", type=float, metavar="A", help="drop spots at d > this (Å)")
-    g.add_argument("--ice-rings", action="store_true", help="drop spots on ice rings")
-    g.add_argument("--radial-snr", type=float, default=5.0, help="--method radial threshold")
-    h = parser.add_argument_group("hit finding (HitParams)")
-    h.add_argument("--min-spots", type=int, default=10, help="spots on a hit (default 10)")
-    h.add_argument("--min-spots-beyond-d", type=int, default=0, metavar="N",
-                   help="also need N spots at d <= --hit-d (default 0: off)")
-    h.add_argument("--hit-d", type=float, default=4.0, metavar="A", help="default 4.0 Å")
-
-
-def params_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
-    """``(SpotParams, HitParams)`` from the parsed options (ConfigError on a bad value)."""
-    from sfxflow.algorithms.spots import CSPAD_CBF_SETTINGS, HitParams, SpotParams
-
-    defaults: dict[str, Any] = dict(CSPAD_CBF_SETTINGS) if args.cspad else {}
-    gain = args.gain if args.gain is not None else defaults.get("gain_adu_per_photon")
-    min_snr = args.min_snr if args.min_snr is not None else defaults.get(
-        "min_snr", SpotParams.min_snr)
-    spot = SpotParams(
-        method=args.method, noise_model=args.noise_model, window_px=args.window,
-        sigma_strong=args.sigma_strong, sigma_background=args.sigma_background,
-        gain_adu_per_photon=gain, global_threshold_photons=args.global_threshold,
-        min_spot_pixels=args.min_spot_pixels, max_spot_pixels=args.max_spot_pixels,
-        min_snr=min_snr, border_px=args.border,
-        d_min_a=args.d_min, d_max_a=args.d_max, filter_ice_rings=args.ice_rings,
-        radial_snr=args.radial_snr,
-    )
-    hit = HitParams(min_spots=args.min_spots, min_spots_beyond_d_a=args.min_spots_beyond_d,
-                    d_a=args.hit_d)
-    return spot, hit
+    add_settings(parser, FindSpotsConfig, aliases={
+        "--window": "spots.window_px", "--border": "spots.border_px",
+        "--gain": "spots.gain_adu_per_photon", "--global-threshold": "spots.global_threshold_photons",
+        "--d-min": "spots.d_min_a", "--d-max": "spots.d_max_a",
+        "--ice-rings": "spots.filter_ice_rings", "--min-spots": "hit.min_spots",
+        "--min-spots-beyond-d": "hit.min_spots_beyond_d_a", "--hit-d": "hit.d_a",
+        "--cspad": "preset:cspad-cbf"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,16 +84,20 @@ def run(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from sfxflow.algorithms.spots import find_spots, is_hit
+    from sfxflow.cli.options import print_config, settings_from
+    from sfxflow.io.geometry import read_geom
+    from sfxflow.io.nearby import geometry_beside
     from sfxflow.io.results import spots_table
     from sfxflow.io.sources import open_source
     from sfxflow.models import FrameStatus, ImageResult
+    from sfxflow.pipeline.config import FindSpotsConfig
 
-    spot_params, hit_params = params_from_args(args)
-    geometry = None
-    if args.geometry:
-        from sfxflow.io.geometry import read_geom
-
-        geometry = read_geom(args.geometry)
+    config = settings_from(args, FindSpotsConfig)
+    if args.print_config:
+        return print_config(config)
+    spot_params, hit_params = config.spots, config.hit
+    geometry_path = args.geometry or geometry_beside(args.inputs)
+    geometry = read_geom(geometry_path) if geometry_path else None
     render: Any = None
     if args.png_dir:
         from sfxflow.io.picture import render_frame_png as render
@@ -134,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     times_ms: list[float] = []
     for url in args.inputs:
         with open_source(url, geometry) as source:
-            for i in _frame_range(args.frames, source.n_frames, url):
+            for i in _frame_range(args.frame_range, source.n_frames, url):
                 frame = source.read_frame(i)
                 t0 = time.perf_counter()
                 spots = find_spots(frame, spot_params)

@@ -9,18 +9,18 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sfxflow.algorithms.index import (
-    IndexParams,
     IndexResult,
     TargetCell,
     index_spots,
     misorientation_deg,
 )
+from sfxflow.cli.options import add_settings, number, print_config, settings_from
 from sfxflow.errors import InputError
 from sfxflow.models import (
     SPOT_COLUMNS,
@@ -30,6 +30,7 @@ from sfxflow.models import (
     SpotTable,
     wavelength_a_to_photon_energy_ev,
 )
+from sfxflow.pipeline.config import IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,10 @@ stream the target cell recorded in it.
 Examples:
   sfxflow index ../shared/data/crystfel/test.stream --space-group "C 2 2 21"
   sfxflow index spots.parquet --cell "93 93 130.5 90 90 120" --space-group P6122 -o idx.parquet
-  sfxflow index spots.parquet --cell-file lyso.cell --geometry cspad.geom
+  sfxflow index spots.parquet --cell-file lyso.cell --geometry cspad.geom --refine-distance
+
+Every indexing setting is a flag named as its key (index.min_indexed as --min-indexed,
+index.refine.* as --refine-*: --refine-detector-shift, --no-refine-cell); see --print-config.
 """
 
 
@@ -61,31 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space-group", help="space group symbol or number (e.g. P6122, 19)")
     parser.add_argument("--cell-file", help="CrystFEL unit-cell file (or PDB with CRYST1)")
     parser.add_argument("--geometry", help="CrystFEL .geom for Parquet spot tables")
-    parser.add_argument("--wavelength-a", type=float,
-                        help="wavelength (Å) when the geometry does not give one")
+    number(parser, "--wavelength-a", ge=0.05, le=20,
+           help="wavelength (Å) when the geometry does not give one")
     parser.add_argument("-o", "--out", help="write per-frame results to this Parquet file")
-    d = IndexParams()
-    parser.add_argument("--min-indexed", type=int, default=d.min_indexed,
-                        help=f"least spots a solution must index (default {d.min_indexed})")
-    parser.add_argument("--min-fraction", type=float, default=d.min_fraction_indexed,
-                        help="least fraction of the spots it was found on (the strongest "
-                             "100) a solution must index; the fraction reported is over all "
-                             "spots "
-                             f"(default {d.min_fraction_indexed})")
-    parser.add_argument("--max-rmsd-px", type=float, default=d.max_rmsd_px,
-                        help=f"largest accepted RMSD in pixels (default {d.max_rmsd_px})")
-    parser.add_argument("--max-false-probability", type=float, default=d.max_false_probability,
-                        help="largest accepted chance probability of a solution, corrected for "
-                             "the orientations and cells tried; 1 switches the test off "
-                             f"(default {d.max_false_probability:g})")
-    parser.add_argument("--refine-distance", action="store_true",
-                        help="also refine the detector distance (per frame)")
-    parser.add_argument("--refine-shift", action="store_true",
-                        help="also refine a per-frame lateral detector shift (beam centre), "
-                             "bounded to +-0.2 mm, on frames with >= 20 indexed spots")
-    parser.add_argument("--no-refine-cell", action="store_true",
-                        help="keep the cell fixed at the target during refinement")
     parser.add_argument("--quiet-frames", action="store_true", help="print only the totals")
+    add_settings(parser, IndexConfig, aliases={"--min-fraction": "index.min_fraction_indexed",
+                                               "--refine-shift": "index.refine.refine_detector_shift"})
 
 
 @dataclass(frozen=True)
@@ -210,22 +195,6 @@ def _geometry_for(url, geometry, args, cache, path) -> tuple[Detector, Beam]:
     return detector, beam
 
 
-def _params(args: argparse.Namespace) -> IndexParams:
-    d = IndexParams()
-    try:
-        return IndexParams(
-            min_indexed=args.min_indexed,
-            min_fraction_indexed=args.min_fraction,
-            max_rmsd_px=args.max_rmsd_px,
-            max_false_probability=args.max_false_probability,
-            refine=replace(d.refine, refine_distance=args.refine_distance,
-                           refine_cell=not args.no_refine_cell,
-                           refine_detector_shift=args.refine_shift),
-        )
-    except ValueError as exc:
-        raise InputError(f"bad indexing option: {exc}") from exc
-
-
 def _row(job: _Job, res: IndexResult, seconds: float, angle: float) -> dict:
     row = {
         "source_url": job.source, "frame_index": job.frame_index, "event": job.event,
@@ -265,7 +234,10 @@ def _write(rows: list[dict], out: str, target: TargetCell) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = _params(args)
+    config = settings_from(args, IndexConfig)
+    if args.print_config:
+        return print_config(config)
+    params = config.index
     rows: list[dict] = []
     target: TargetCell | None = None
     times: list[float] = []

@@ -12,6 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from sfxflow.cli.options import deprecated, number
 from sfxflow.cost.catalogue import Catalogue, Instance, load_catalogue
 from sfxflow.cost.model import (
     GB,
@@ -35,20 +36,20 @@ DESCRIPTION = HELP + """
 
 Per-frame cost comes from a run's summary.json (measured on the machine that ran it) or is
 given; data size in TB (10^12 bytes), TiB, or frames. Units of work (files of --file-gb, --files
-equal files, or blocks of --block-frames) are scheduled onto the nodes by a simulator: static
+equal files, or blocks of --frames-per-block) are scheduled onto the nodes by a simulator: static
 (largest first from per-unit estimates, as Poon et al. 2017 did) or dynamic (pull). Costs are
 node-hours x price (+ EBS root volume); S3 storage is shown per month separately.
 Instance prices of current types in the shipped catalogue are PLACEHOLDERS (marked *): check them
-and pass --price NAME=USD or --catalogue my.toml.
+and pass --price-usd-per-hour NAME=USD or --catalogue my.toml.
 
 Examples:
   # Poon et al. 2017, Table 2: 15.5 TiB in 3,303 files, per-byte cost from the c3 16-node row
   sfxflow plan --tib 15.5 --files 3303 --core-seconds-per-gb 5691 --measured-on c3.8xlarge \\
-      --instances c3.8xlarge,c4.8xlarge,m4.10xlarge --nodes 16,32,64 --spread 0.2 \\
-      --bandwidth-gbit 1.33 --upload-gbit 2.0 --s3-price 0.03
+      --instances c3.8xlarge,c4.8xlarge,m4.10xlarge --nodes 16,32,64 --spread-cv 0.2 \\
+      --bandwidth-gbit 1.33 --upload-gbit 2.0 --s3-usd-per-gib-month 0.03
   # from a measured run on this machine, 2 million frames, 1000-frame blocks, pull schedule
-  sfxflow plan --summary run1/summary.json --frames 2000000 --block-frames 1000 \\
-      --schedule dynamic --instances c7i.8xlarge --price c7i.8xlarge=0.55
+  sfxflow plan --summary run1/summary.json --frames 2000000 --frames-per-block 1000 \\
+      --schedule dynamic --instances c7i.8xlarge --price-usd-per-hour c7i.8xlarge=0.55
   # scaling: TB/h vs node count up to 2048 nodes
   sfxflow plan --tb 100 --core-seconds-per-frame 0.8 --bytes-per-frame 4.6e6 --scaling
   sfxflow plan --list
@@ -83,33 +84,35 @@ def _price(text: str) -> tuple[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     size = data.add_mutually_exclusive_group()
-    size.add_argument("--tb", type=float, help="data size in TB (10^12 bytes)")
-    size.add_argument("--tib", type=float, help="data size in TiB (2^40 bytes); rates in TiB/h")
-    size.add_argument("--frames", type=int, help="number of frames (needs bytes per frame)")
-    data.add_argument("--bytes-per-frame", type=float,
-                      help="stored bytes per frame (default: from --summary)")
+    number(size, "--tb", gt=0, le=1e9, help="data size in TB (10^12 bytes)")
+    number(size, "--tib", gt=0, le=1e9, help="data size in TiB (2^40 bytes); rates in TiB/h")
+    number(size, "--frames", kind=int, ge=1, le=10**13,
+           help="number of frames (needs bytes per frame)")
+    number(data, "--bytes-per-frame", gt=0, le=1e12,
+           help="stored bytes per frame (default: from --summary)")
     units = data.add_mutually_exclusive_group()
-    units.add_argument("--file-gb", type=float, default=None,
-                       help="work unit = a file of this many GB (default 5)")
-    units.add_argument("--files", type=int, help="work units = this many equal files")
-    units.add_argument("--block-frames", type=int,
-                       help="work unit = a block of this many frames")
+    number(units, "--file-gb", gt=0, le=1e6, help="work unit = a file of this many GB (default 5)")
+    number(units, "--files", kind=int, ge=1, le=10_000_000,
+           help="work units = this many equal files")
+    block = number(units, "--frames-per-block", kind=int, ge=1, le=10**9,
+                   help="work unit = a block of this many frames (as process --frames-per-block)")
+    deprecated(parser, "--block-frames", block.dest, "--frames-per-block", kind=block.type)
 
     cost = parser.add_argument_group("per-frame cost")
     how = cost.add_mutually_exclusive_group()
     how.add_argument("--summary", help="a run's summary.json (local path or URL)")
-    how.add_argument("--core-seconds-per-frame", type=float,
-                     help="CPU-seconds per frame on the measuring machine")
-    how.add_argument("--core-seconds-per-gb", type=float,
-                     help="CPU-seconds per GB (10^9 bytes) on the measuring machine")
-    cost.add_argument("--hit-fraction", type=float,
-                      help="expected hit fraction (scales hit-only stages; default: measured)")
+    number(how, "--core-seconds-per-frame", gt=0, le=1e6,
+           help="CPU-seconds per frame on the measuring machine")
+    number(how, "--core-seconds-per-gb", gt=0, le=1e9,
+           help="CPU-seconds per GB (10^9 bytes) on the measuring machine")
+    number(cost, "--hit-fraction", ge=0, le=1,
+           help="expected hit fraction (scales hit-only stages; default: measured)")
     speed = cost.add_mutually_exclusive_group()
     speed.add_argument("--measured-on", metavar="INSTANCE",
                        help="catalogue instance type the cost was measured on")
-    speed.add_argument("--measured-speed", type=float, default=1.0,
-                       help="vCPU speed of the measuring machine relative to the catalogue "
-                            "reference (default 1.0)")
+    number(speed, "--measured-speed", default=1.0, gt=0, le=100,
+           help="vCPU speed of the measuring machine relative to the catalogue reference "
+                "(default 1.0)")
 
     run = parser.add_argument_group("cluster and schedule")
     run.add_argument("--instances", help="comma-separated instance types (default: all)")
@@ -119,30 +122,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"print TB/h vs node count ({SCALING_NODES[0]}..{SCALING_NODES[-1]} "
                           "unless --nodes)")
     run.add_argument("--schedule", choices=["static", "dynamic"], default="static")
-    run.add_argument("--spread", type=float, default=0.0,
-                     help="coefficient of variation of per-unit time (e.g. 0.2)")
-    run.add_argument("--estimate-error", type=float, default=0.0,
-                     help="error (CV) of the static schedule's per-unit estimates")
+    spread = number(run, "--spread-cv", default=0.0, ge=0, le=10,
+                    help="coefficient of variation of per-unit time (e.g. 0.2)")
+    deprecated(parser, "--spread", spread.dest, "--spread-cv", kind=spread.type)
+    error = number(run, "--estimate-error-cv", default=0.0, ge=0, le=10,
+                   help="error (CV) of the static schedule's per-unit estimates")
+    deprecated(parser, "--estimate-error", error.dest, "--estimate-error-cv", kind=error.type)
     where = run.add_mutually_exclusive_group()
-    where.add_argument("--bandwidth-gbit", type=float, default=None,
-                       help="per-node download bandwidth from object storage, Gbit/s "
-                            "(default: each instance's network_gbit from the catalogue; "
-                            "Poon et al. 2017 measured 1.33 per node: 5 GB in 30 s)")
+    number(where, "--bandwidth-gbit", gt=0, le=1e5,
+           help="per-node download bandwidth from object storage, Gbit/s (default: each "
+                "instance's network_gbit from the catalogue; Poon et al. 2017 measured 1.33 per "
+                "node: 5 GB in 30 s)")
     where.add_argument("--data-local", action="store_true",
                        help="the data is already on the nodes (e.g. an HPC parallel file "
                             "system): no download time")
     run.add_argument("--no-prefetch", action="store_true",
                      help="do not overlap downloading the next unit with computing")
-    run.add_argument("--startup-s", type=float, default=0.0, help="node boot time, billed")
-    run.add_argument("--seed", type=int, default=0, help="seed of the per-unit variation")
+    number(run, "--startup-s", default=0.0, ge=0, le=86_400, help="node boot time, billed")
+    number(run, "--seed", kind=int, default=0, ge=0, le=2**32 - 1,
+           help="seed of the per-unit variation")
 
     money = parser.add_argument_group("prices")
     money.add_argument("--catalogue", help="TOML file overriding/extending the instance catalogue")
-    money.add_argument("--price", type=_price, action="append", default=[],
-                       metavar="NAME=USD", help="node price per hour (e.g. today's spot price)")
-    money.add_argument("--s3-price", type=float, help="S3 US$ per GB-month (GB = 2^30 bytes)")
-    money.add_argument("--upload-gbit", type=float, default=10.0,
-                       help="bandwidth for moving the data into object storage (default 10)")
+    money.add_argument("--price-usd-per-hour", dest="price", type=_price, action="append",
+                       default=[], metavar="NAME=USD",
+                       help="node price per hour (e.g. today's spot price)")
+    deprecated(parser, "--price", "price", "--price-usd-per-hour NAME=USD", kind=_price,
+               append=True)
+    s3 = number(money, "--s3-usd-per-gib-month", ge=0, le=1000,
+                help="S3 storage price, US$ per GiB-month (default: the catalogue's)")
+    deprecated(parser, "--s3-price", s3.dest, "--s3-usd-per-gib-month", kind=s3.type)
+    number(money, "--upload-gbit", default=10.0, gt=0, le=1e5,
+           help="bandwidth for moving the data into object storage (default 10)")
     parser.add_argument("--list", action="store_true", help="list the catalogue and exit")
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines")
 
@@ -212,18 +223,25 @@ def _data(args: argparse.Namespace, m: Measurement) -> tuple[float, float, str]:
     return total, tb_bytes, unit
 
 
+#: more units of work than this would take the simulator minutes and gigabytes of memory
+MAX_UNITS = 10_000_000
+
+
 def _units(args: argparse.Namespace, total: float, m: Measurement) -> Any:
     if args.files is not None:
         return split_units(total, n_units=args.files)
-    if args.block_frames is not None:
-        if m.bytes_per_frame is None or args.block_frames < 1:
-            raise InputError("--block-frames needs a positive count and bytes per frame "
-                             "(--bytes-per-frame or --summary)")
-        return split_units(total, unit_bytes=args.block_frames * m.bytes_per_frame)
-    file_gb = 5.0 if args.file_gb is None else args.file_gb
-    if not file_gb > 0:
-        raise InputError(f"--file-gb {file_gb}; expected > 0")
-    return split_units(total, unit_bytes=file_gb * GB)
+    if args.frames_per_block is not None:
+        if m.bytes_per_frame is None:
+            raise InputError("--frames-per-block needs bytes per frame (--bytes-per-frame or "
+                             "--summary)")
+        unit, option = args.frames_per_block * m.bytes_per_frame, "--frames-per-block"
+    else:
+        unit, option = (5.0 if args.file_gb is None else args.file_gb) * GB, "--file-gb"
+    if total / unit > MAX_UNITS:
+        raise InputError(f"{total / unit:.3g} units of work ({total:.3g} bytes in units of "
+                         f"{unit:.3g} bytes); expected at most {MAX_UNITS:,}: give a larger "
+                         f"{option} or a smaller data size")
+    return split_units(total, unit_bytes=unit)
 
 
 def _fmt_s(seconds: float) -> str:
@@ -297,8 +315,8 @@ def run(args: argparse.Namespace) -> int:
         bandwidth_gbit=args.bandwidth_gbit,
         prefetch=not args.no_prefetch,
         policy=args.schedule,
-        spread_cv=args.spread,
-        estimate_cv=args.estimate_error,
+        spread_cv=args.spread_cv,
+        estimate_cv=args.estimate_error_cv,
         startup_s=args.startup_s,
         seed=args.seed,
         prices=prices,
@@ -308,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [plan_run(inst, n, units, _with_bandwidth(params, inst, args), cat)[0]
             for inst in instances for n in nodes]
     sim_s = time.perf_counter() - t0
-    s3_price = cat.s3_price_per_gb_month if args.s3_price is None else args.s3_price
+    s3_price = cat.s3_price_per_gb_month if args.s3_usd_per_gib_month is None else args.s3_usd_per_gib_month
     if args.json:
         for r in rows:
             d = asdict(r)
@@ -325,7 +343,8 @@ def run(args: argparse.Namespace) -> int:
           f"download {_bandwidth_text(args)}")
     _print_table(rows, tb_bytes, unit, args.scaling)
     if any(r.placeholder for r in rows):
-        print("* placeholder price/speed from the catalogue: check it, then --price NAME=USD")
+        print("* placeholder price/speed from the catalogue: check it, then "
+              "--price-usd-per-hour NAME=USD")
     print(f"moving the data into object storage at {args.upload_gbit:g} Gbit/s: "
           f"{transfer_time_s(total, args.upload_gbit) / 3600:,.1f} h; "
           f"S3 storage at ${s3_price:g}/GB-month: "

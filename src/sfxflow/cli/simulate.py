@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from pathlib import Path
 
 from sfxflow.errors import InputError
@@ -20,72 +19,38 @@ Examples:
   sfxflow simulate sim/ --frames 100 --files 4 --detector cspad --seed 1
   sfxflow simulate sim/ --frames 20 --detector jungfrau4m --compression bitshuffle-lz4
   sfxflow simulate sim/ --frames 10 --cell "79 79 38 90 90 90" --space-group P43212
+  sfxflow simulate sim/ --frames 10 --background-photons 3 --mosaicity-deg 0.1
+
+Every SimulationParams setting is a flag named as its key; see --print-config.
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sfxflow.cli.options import add_settings, number
+    from sfxflow.pipeline.config import SimulateConfig
+
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the data set into")
-    parser.add_argument("--frames", type=int, default=100, help="number of frames (default 100)")
-    parser.add_argument("--files", type=int, default=1, help="number of CXI files (default 1)")
+    number(parser, "--frames", kind=int, default=100, ge=1, le=10_000_000,
+           help="number of frames (default 100)")
+    number(parser, "--files", kind=int, default=1, ge=1, le=100_000,
+           help="number of CXI files (default 1)")
     parser.add_argument("--detector", default="cspad",
                         help="built-in layout: cspad, jungfrau4m or simple (default cspad)")
     parser.add_argument("--geometry", metavar="FILE.geom",
                         help="CrystFEL geometry to simulate on instead of a built-in layout")
-    parser.add_argument("--cell", help='unit cell "a b c alpha beta gamma" (A, degrees)')
-    parser.add_argument("--space-group", help="space group symbol or number (e.g. P6122)")
-    parser.add_argument("--hit-fraction", type=float, help="fraction of frames with a crystal")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    number(parser, "--seed", kind=int, default=0, ge=0, le=2**63 - 1,
+           help="random seed (default 0)")
     parser.add_argument("--compression", default="none", choices=("none", "bitshuffle-lz4"),
                         help="HDF5 compression (default none)")
-    parser.add_argument("--distance-mm", type=float, help="detector distance in mm")
-    parser.add_argument("--wavelength-a", type=float, help="X-ray wavelength in A")
-    parser.add_argument("--d-min-a", type=float, help="highest resolution simulated, A")
-
-
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise InputError(f"{name} {value!r}: expected a positive number")
-
-
-def build_params(args: argparse.Namespace):
-    """SimulationParams from the command-line options (user errors raise InputError)."""
-    from sfxflow.algorithms.simulate import SimulationParams
-    from sfxflow.models import as_space_group, as_unit_cell
-
-    changes: dict = {}
-    if args.cell is not None:
-        try:
-            cell = as_unit_cell(args.cell)
-        except ValueError as exc:
-            raise InputError(f"--cell {args.cell!r}: {exc}") from exc
-        changes["cell"] = tuple(cell.parameters)
-    if args.space_group is not None:
-        try:
-            changes["space_group"] = as_space_group(args.space_group).xhm()
-        except ValueError as exc:
-            raise InputError(f"--space-group {args.space_group!r}: not a known space group "
-                             "(expected e.g. P6122, 'P 61 2 2' or 178)") from exc
-    if args.hit_fraction is not None:
-        if not (math.isfinite(args.hit_fraction) and 0 <= args.hit_fraction <= 1):
-            raise InputError(f"--hit-fraction {args.hit_fraction!r}: expected a number from 0 to 1")
-        changes["hit_fraction"] = args.hit_fraction
-    _positive("--wavelength-a", args.wavelength_a)
-    if args.wavelength_a is not None:
-        if not 0.1 <= args.wavelength_a <= 10:
-            raise InputError(f"--wavelength-a {args.wavelength_a!r}: expected 0.1 to 10 A")
-        changes["wavelength_a"] = args.wavelength_a
-    _positive("--d-min-a", args.d_min_a)
-    if args.d_min_a is not None:
-        changes["d_min_a"] = args.d_min_a
-    base = SimulationParams()
-    return dataclasses.replace(base, **changes)
+    number(parser, "--distance-mm", gt=0, le=100_000, help="detector distance in mm")
+    # every SimulationParams field: --wavelength-a, --cell, --space-group, --hit-fraction ...
+    add_settings(parser, SimulateConfig)
 
 
 def build_detector(args: argparse.Namespace, params):
     """The detector from --geometry or --detector (+ --distance-mm)."""
     from sfxflow.algorithms.layouts import by_name
 
-    _positive("--distance-mm", args.distance_mm)
     if args.geometry:
         from sfxflow.io.geometry import read_geom
 
@@ -115,13 +80,16 @@ def build_detector(args: argparse.Namespace, params):
 
 
 def run(args: argparse.Namespace) -> int:
+    from sfxflow.cli.options import print_config, settings_from
     from sfxflow.io.simulated import write_simulated_dataset
+    from sfxflow.pipeline.config import SimulateConfig
 
-    if args.frames < 1:
-        raise InputError(f"--frames {args.frames}: expected at least 1")
+    config = settings_from(args, SimulateConfig)
+    if args.print_config:
+        return print_config(config)
     if not 1 <= args.files <= args.frames:
         raise InputError(f"--files {args.files}: expected 1 to --frames ({args.frames})")
-    params = build_params(args)
+    params = config.simulation
     detector, name = build_detector(args, params)
     info = write_simulated_dataset(
         args.out_dir, detector, None, params, args.frames, args.files, args.seed,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from sfxflow.cli.options import Parser, deprecated, number
 from sfxflow.errors import InputError
 from sfxflow.io.storage import filesystem, is_local, local_path, storage_options_from
 from sfxflow.io.transfer import DEFAULT_PART_SIZE, TransferReport, transfer
@@ -52,11 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one or more sources (SRC...), then the destination (DST)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS settings)")
     parser.add_argument("--profile", help="AWS profile name")
-    parser.add_argument("--streams", type=int, default=10,
-                        help="concurrent requests (default 10, as aws s3 cp)")
-    parser.add_argument("--part-size-mb", type=float, default=DEFAULT_PART_SIZE / 2**20,
-                        help=f"multipart part size in MiB (default {DEFAULT_PART_SIZE // 2**20}, "
-                             "minimum 5)")
+    number(parser, "--streams", kind=int, default=10, ge=1, le=1024,
+           help="concurrent requests (default 10, as aws s3 cp)")
+    part = number(parser, "--part-size-mib", default=DEFAULT_PART_SIZE / 2**20, ge=5, le=5120,
+                  help=f"multipart part size in MiB (default {DEFAULT_PART_SIZE // 2**20}; S3 "
+                       "takes 5 MiB to 5 GiB)")
+    deprecated(parser, "--part-size-mb", part.dest, "--part-size-mib", kind=part.type)
     parser.add_argument("--hash-prefix", action="store_true",
                         help="upload to PREFIX/<hash of name>/name (names kept in the manifest)")
     parser.add_argument("--verify", choices=["etag", "reread"], default="etag",
@@ -69,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-awscli", action="store_true",
                         help="upload SRC to two fresh scratch prefixes under DST, with sfxflow and "
                              "with 'aws s3 cp', print both Gbit/s and delete the copies")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds of --compare-awscli (default 3; medians are printed)")
+    number(parser, "--repeat", kind=int, default=3, ge=1, le=1000,
+           help="rounds of --compare-awscli (default 3; medians are printed)")
 
 
 class ProgressBar:
@@ -153,8 +155,6 @@ def _compare_awscli(sources: Sequence[str], dest: str, args: argparse.Namespace,
                     options: dict[str, Any]) -> int:
     if not dest.startswith("s3://") or not all(is_local(s) for s in sources):
         raise InputError("--compare-awscli: expected local SRC and an s3:// DST")
-    if args.repeat < 1:
-        raise InputError(f"--repeat {args.repeat}; expected >= 1")
     aws = _aws_binary()
     paths = [local_path(s) for s in sources]
     n_bytes = 0
@@ -176,7 +176,7 @@ def _compare_awscli(sources: Sequence[str], dest: str, args: argparse.Namespace,
         scratch = f"{base}/_compare-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         ours_cmd = [sys.executable, "-m", "sfxflow.cli.transfer", *map(str, paths),
                     f"{scratch}/sfxflow", "--json", "--no-progress", "--streams",
-                    str(args.streams), "--part-size-mb", f"{args.part_size_mb:g}", "--verify",
+                    str(args.streams), "--part-size-mib", f"{args.part_size_mib:g}", "--verify",
                     args.verify, *(["--no-crc32"] if args.no_crc32 else []), *extra]
         aws_cmds = []
         for path in paths:
@@ -202,6 +202,9 @@ def _compare_awscli(sources: Sequence[str], dest: str, args: argparse.Namespace,
                 fs.rm(scratch.split("://", 1)[1], recursive=True)
             except FileNotFoundError:
                 pass
+            except Exception as exc:  # a dead endpoint or no credentials: the cause is reported above
+                log.warning("could not delete the scratch copies under %s (%s)", scratch,
+                            type(exc).__name__)
         print(f"round {rnd}: sfxflow {ours_s[-1]:.2f} s = {_gbit(n_bytes, ours_s[-1]):.3f} "
               f"Gbit/s (transfer itself {ours_transfer_s[-1]:.2f} s), aws s3 cp {aws_s[-1]:.2f} "
               f"s = {_gbit(n_bytes, aws_s[-1]):.3f} Gbit/s")
@@ -211,7 +214,7 @@ def _compare_awscli(sources: Sequence[str], dest: str, args: argparse.Namespace,
     print(f"data: {n_files} file(s), {n_bytes / 1e9:.3f} GB; endpoint "
           f"{args.endpoint_url or os.environ.get('AWS_ENDPOINT_URL', 'AWS')}; "
           f"medians of {args.repeat} round(s), each command timed from start to exit")
-    print(f"sfxflow transfer ({args.streams} streams, {args.part_size_mb:g} MiB parts, "
+    print(f"sfxflow transfer ({args.streams} streams, {args.part_size_mib:g} MiB parts, "
           f"verified): {ours_med:.2f} s = {_gbit(n_bytes, ours_med):.3f} Gbit/s "
           f"(transfer itself {statistics.median(ours_transfer_s):.2f} s)")
     print(f"aws s3 cp --recursive (awscli settings, by default 10 requests, 8 MB parts): "
@@ -228,8 +231,6 @@ def run(args: argparse.Namespace) -> int:
     if len(args.paths) < 2:
         raise InputError(f"got {len(args.paths)} path(s); expected SRC... DST")
     *sources, dest = args.paths
-    if args.part_size_mb <= 0:
-        raise InputError(f"--part-size-mb {args.part_size_mb}; expected >= 5")
     options = storage_options_from(args.endpoint_url, args.profile)
     if args.compare_awscli:
         return _compare_awscli(sources, dest, args, options)
@@ -237,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress and sys.stderr.isatty():
         bar = ProgressBar(sys.stderr, "upload" if dest.startswith("s3://") else "download")
     report = transfer(sources, dest, storage_options=options, streams=args.streams,
-                      part_size=int(args.part_size_mb * 2**20), hash_prefix=args.hash_prefix,
+                      part_size=int(args.part_size_mib * 2**20), hash_prefix=args.hash_prefix,
                       verify=args.verify, crc32=not args.no_crc32,
                       progress=bar.add if bar else None,
                       on_start=bar.start if bar else None)
@@ -262,8 +263,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sfxflow.cli.transfer``: this subcommand alone, without importing the other
     subcommands (what ``--compare-awscli`` times). Same options and exit codes."""
-    parser = argparse.ArgumentParser(prog="sfxflow transfer", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="sfxflow transfer", description=DESCRIPTION,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING,

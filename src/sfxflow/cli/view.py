@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sfxflow.cli.options import number
 from sfxflow.errors import InputError
 
 if TYPE_CHECKING:
@@ -40,14 +41,16 @@ Examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="image file (CBF, or CXI/HDF5 with --geometry)")
-    parser.add_argument("--geometry", metavar="G", help="CrystFEL .geom (needed for CXI files)")
-    parser.add_argument("--frame", type=int, default=0, help="frame index in the file (default 0)")
+    parser.add_argument("--geometry", metavar="G",
+                        help="CrystFEL .geom (default for a CXI file: the one .geom beside it)")
+    number(parser, "--frame", kind=int, default=0, ge=0, le=2**62,
+           help="frame index in the file (default 0)")
     parser.add_argument("--out", required=True, metavar="PNG", help="output PNG path")
     parser.add_argument("--spots", metavar="SPOTS.parquet", help="found spots to overlay")
     parser.add_argument("--truth", metavar="TRUTH.parquet",
                         help="simulated truth reflections to overlay (truth_reflections.parquet)")
-    parser.add_argument("--min-snr", type=float, default=0.0,
-                        help="with --truth: only reflections with snr_true >= this (default 0)")
+    number(parser, "--min-snr", default=0.0, ge=0, le=1e6,
+           help="with --truth: only reflections with snr_true >= this (default 0)")
     parser.add_argument("--scale", choices=("log", "linear"), default="log",
                         help="intensity scaling (default log)")
     parser.add_argument("--cell", metavar='"a b c al be ga"',
@@ -64,16 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sfxflow.io.geometry import read_geom
+    from sfxflow.io.nearby import geometry_beside
     from sfxflow.io.picture import read_spot_overlay, render_frame_png
     from sfxflow.io.sources import open_source
 
-    geometry = None
-    if args.geometry:
-        from sfxflow.io.geometry import read_geom
-
-        geometry = read_geom(args.geometry)
-    if args.frame < 0:
-        raise InputError(f"--frame {args.frame}: expected a frame index >= 0")
+    geometry_path = args.geometry or geometry_beside([args.file])
+    geometry = read_geom(geometry_path) if geometry_path else None
     with open_source(args.file, geometry) as source:
         if args.frame >= source.n_frames:
             raise InputError(

@@ -4,7 +4,8 @@ The model, stated once
 ----------------------
 * **Compute.** A measured run gives ``core_seconds_per_frame`` on its machine (summary.json:
   wall time x cores / frames), at that run's hit rate. Costs split into stages every frame pays
-  (decode, spot finding) and stages only hits pay (index, refine, integrate, predict); the split
+  (read, spots, hit) and stages only hits pay (index, which includes refinement, and integrate,
+  which includes prediction: the per-frame pipeline's stage names); the split
   comes from the run's ``stage_seconds``, so a different hit fraction scales only the hit part.
   Times move between machines by ``vcpu_speed`` (per-vCPU throughput relative to the catalogue's
   reference vCPU): a unit of ``b`` bytes takes
@@ -64,8 +65,9 @@ TB = 1e12
 GIB = float(2**30)
 TIB = float(2**40)
 
-#: summary.json ``stage_seconds`` keys whose work is done only for hits.
-HIT_ONLY_STAGES = ("index", "refine", "integrate", "predict")
+#: summary.json ``stage_seconds`` keys whose work is done only for hits (the stages of
+#: :func:`sfxflow.pipeline.frame.process_frame`; refinement is part of ``index``).
+HIT_ONLY_STAGES = ("index", "integrate")
 
 
 # ----------------------------------------------------------------------------------------------

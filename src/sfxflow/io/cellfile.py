@@ -40,7 +40,6 @@ __all__ = [
     "lattice_from_space_group",
     "parse_cell_file",
     "read_cell_file",
-    "write_cell_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -334,9 +333,3 @@ def format_cell_file(cell: gemmi.UnitCell, lattice: LatticeInfo | None = None,
             f"al = {p[3]:.4f} deg", f"be = {p[4]:.4f} deg", f"ga = {p[5]:.4f} deg"]
     out += [f"; {c}" for c in comment.splitlines()]
     return "\n".join(out) + "\n"
-
-
-def write_cell_file(path: str | Path, cell: gemmi.UnitCell,
-                    lattice: LatticeInfo | None = None) -> None:
-    """Write :func:`format_cell_file` text to ``path``."""
-    Path(path).write_text(format_cell_file(cell, lattice), encoding="utf-8")

@@ -255,10 +255,6 @@ class CrystfelGeometry:
     def n_panels(self) -> int:
         return len(self.panel_specs)
 
-    def needs_values(self) -> bool:
-        """``True`` when some geometry or beam value must be read per frame."""
-        return bool(self.references)
-
     def values_from_headers(self, headers: Mapping[str, float]) -> dict[str, float]:
         """Map values keyed by HDF5 path (e.g. a stream's ``hdf5/...`` lines) to reference keys.
 

@@ -501,13 +501,6 @@ class RunDir:
             return FRAME_SCHEMA.empty_table()
         return pa.concat_tables(tables).cast(FRAME_SCHEMA)
 
-    def read_spots_shards(self, block_ids: Iterable[str]) -> pa.Table:
-        tables = [read_parquet_bytes(self.read_bytes(shard_names(b)["spots"])) for b in block_ids]
-        tables = [t.replace_schema_metadata(None) for t in tables]
-        if not tables:
-            return SPOT_SCHEMA.empty_table()
-        return pa.concat_tables(tables).cast(SPOT_SCHEMA)
-
     def _read_tables(self, block_ids: Iterable[str], kind: str, schema: pa.Schema) -> pa.Table:
         tables = []
         for b in block_ids:

@@ -23,11 +23,10 @@ Conventions converted at this boundary
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -70,7 +69,6 @@ __all__ = [
     "format_stream_header",
     "parse_stream",
     "read_stream",
-    "reflections_from_predicted",
     "reflections_from_spots",
 ]
 
@@ -649,15 +647,6 @@ def reflections_from_spots(result: ImageResult) -> Reflections:
                        s.fs_px, s.ss_px, s.panel)
 
 
-def reflections_from_predicted(predicted: Any) -> Reflections:
-    """Reflections predicted by :func:`sfxflow.algorithms.geometry.predict_spots` (positions
-    only; intensity columns NaN, as for ``indexamajig --integration=none``)."""
-    n = len(predicted.hkl)
-    nan = np.full(n, np.nan)
-    return Reflections(predicted.hkl, nan, nan, nan, nan, predicted.fs_px, predicted.ss_px,
-                       predicted.panel)
-
-
 def reflections_from_integrated(table: ReflectionTable) -> Reflections:
     """An integrated :class:`~sfxflow.models.ReflectionTable` as a stream reflection list:
     only the reflections without a bad flag (masked pixel in the peak, peak past the panel
@@ -889,11 +878,3 @@ class StreamWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def chunks_to_text(chunks: Sequence[str]) -> str:
-    """Concatenate chunk texts (each already ends with a newline)."""
-    buf = io.StringIO()
-    for c in chunks:
-        buf.write(c)
-    return buf.getvalue()

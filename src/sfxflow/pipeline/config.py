@@ -12,7 +12,9 @@ Sections (each a frozen dataclass; the algorithms' own ``Params`` live next to t
 * ``run`` - :class:`RunConfig`: retries, failure tolerance, limits
 * ``cluster`` - :class:`ClusterConfig`: where the workers run
 
-Precedence: defaults < ``--config FILE`` < command-line options < ``--set section.key=value``.
+Precedence: defaults < ``--preset NAME`` < ``--config FILE`` < command-line flags <
+``--set section.key=value``. Flags, keys, ranges and docs are generated from the dataclasses
+(:mod:`sfxflow.pipeline.params`); a section added to a tree needs no code here or in the CLI.
 The resolved tree is written in full to ``config.toml`` in the run directory and the values that
 differ from the defaults are logged.
 
@@ -28,35 +30,58 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sfxflow.algorithms.index import IndexParams, TargetCell
 from sfxflow.algorithms.integrate import IntegrateParams
+from sfxflow.algorithms.merge.scale import MergeParams
 from sfxflow.algorithms.predict import PredictParams
+from sfxflow.algorithms.simulate import SimulationParams
 from sfxflow.algorithms.spots import HitParams, SpotParams
 from sfxflow.errors import ConfigError
+from sfxflow.models import as_space_group, as_unit_cell
 from sfxflow.pipeline import params as _params
+from sfxflow.settings import check_fields, section, setting
+
+T = TypeVar("T")
 
 __all__ = [
     "CLUSTER_KINDS",
+    "TREES",
     "ClusterConfig",
+    "FindSpotsConfig",
     "IOConfig",
+    "IndexConfig",
+    "MergeConfig",
     "ProcessConfig",
     "RunConfig",
+    "SimulateConfig",
     "TargetConfig",
     "changed_settings",
     "config_from_toml",
+    "config_reference",
     "load_config",
+    "preset",
+    "preset_names",
+    "resolve_tree",
 ]
 
 logger = logging.getLogger(__name__)
 
 CLUSTER_KINDS = ("local", "synchronous", "slurm", "sge", "pbs")
+CELL_EXPECTED = "six numbers a b c alpha beta gamma (Å, degrees) that form a real cell"
+SPACE_GROUP_EXPECTED = "a space group symbol (P6122, 'P 61 2 2') or number from 1 to 230"
+
+
+def _space_group_or_empty(text: str) -> None:
+    if text:
+        as_space_group(text)
 
 
 @dataclass(frozen=True)
@@ -66,19 +91,17 @@ class TargetConfig:
     Parameters
     ----------
     cell : ``(a, b, c, alpha, beta, gamma)`` in Å and degrees; ``None`` = no indexing.
-    space_group : Hermann-Mauguin symbol or number.
+    space_group : Hermann-Mauguin symbol or number (1 to 230).
     cell_file : a CrystFEL ``.cell`` file (resolved into ``cell``/``space_group`` at start).
     """
 
-    cell: tuple[float, float, float, float, float, float] | None = None
-    space_group: str = ""
+    cell: tuple[float, float, float, float, float, float] | None = setting(
+        None, check=as_unit_cell, expect=CELL_EXPECTED)
+    space_group: str = setting("", check=_space_group_or_empty, expect=SPACE_GROUP_EXPECTED)
     cell_file: str = ""
 
     def __post_init__(self) -> None:
-        if self.cell is not None:
-            if len(self.cell) != 6 or not all(math.isfinite(x) and x > 0 for x in self.cell):
-                raise ConfigError(f"target.cell = {list(self.cell)}: expected 6 positive numbers "
-                                  "a b c alpha beta gamma (Å, degrees)")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -95,18 +118,15 @@ class IOConfig:
     write_stream : write CrystFEL stream shards.
     """
 
-    frames_per_block: int = 10
-    prefetch_depth: int = 1
+    frames_per_block: int = setting(10, ge=1, le=1_000_000)
+    prefetch_depth: int = setting(1, ge=0, le=4)
     geometry: str = ""
     endpoint_url: str = ""
     profile: str = ""
     write_stream: bool = True
 
     def __post_init__(self) -> None:
-        if self.frames_per_block < 1:
-            raise ConfigError(f"io.frames_per_block = {self.frames_per_block}: expected >= 1")
-        if not 0 <= self.prefetch_depth <= 4:
-            raise ConfigError(f"io.prefetch_depth = {self.prefetch_depth}: expected 0 to 4")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -122,18 +142,58 @@ class RunConfig:
     strict : let unexpected exceptions in per-frame processing propagate (debugging) instead
         of recording the frame as ``failed``.
     manifest_interval_s : least seconds between manifest rewrites while running.
+    report : write ``report.html`` into the run directory (refreshed while running).
+    report_interval_s : least seconds between report refreshes while running.
     """
 
-    task_retries: int = 1
-    allowed_failures: int = 3
-    max_blocks: int = 0
+    task_retries: int = setting(1, ge=0, le=100)
+    allowed_failures: int = setting(3, ge=0, le=100)
+    max_blocks: int = setting(0, ge=0, le=10**12)
     strict: bool = False
-    manifest_interval_s: float = 5.0
+    manifest_interval_s: float = setting(5.0, ge=0, le=86_400)
+    report: bool = True
+    report_interval_s: float = setting(30.0, ge=0, le=86_400)
 
     def __post_init__(self) -> None:
-        for name in ("task_retries", "allowed_failures", "max_blocks"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"run.{name} = {getattr(self, name)}: expected >= 0")
+        check_fields(self)
+
+
+def _pattern(regex: str, flags: int = 0) -> Callable[[str], None]:
+    compiled = re.compile(regex, flags)
+
+    def check(text: str) -> None:
+        if text and not compiled.fullmatch(text.strip()):
+            raise ValueError(text)
+
+    return check
+
+
+_scheduler = _pattern(r"synchronous|(?:(?:tcp|tls|ucx|ws|wss|inproc)://)?[\w.\-\[\]:]*[\w\]]:\d{1,5}/?")
+# the batch system would reject every worker job and the run would wait forever
+_walltime = _pattern(r"(\d+-)?\d+(:\d{1,2}){0,2}")
+_memory_text = _pattern(r"\d*\.?\d+\s*([KMGTP]i?B?|B)?", re.IGNORECASE)
+
+
+def _memory(text: str) -> None:
+    _memory_text(text)
+    if not text.strip() or not float(re.match(r"[\d.]*", text.strip()).group() or 0) > 0:  # type: ignore[union-attr]
+        raise ValueError(text)
+
+
+def _optional(check: Any) -> Any:
+    """``check``, except that an empty value (not set here: the site's setting) passes."""
+    def optional(text: str) -> None:
+        if str(text).strip():
+            check(text)
+    return optional
+
+
+def _adapt(text: str) -> tuple[int, int]:
+    # a minimum of 0 would leave the run waiting for a first worker nobody asks for
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ValueError(text)
+    return int(match[1]), int(match[2])
 
 
 @dataclass(frozen=True)
@@ -145,63 +205,87 @@ class ClusterConfig:
     kind : ``local`` (a LocalCluster on this machine), ``synchronous`` (no Dask: serial, in
         process), or a batch system through dask-jobqueue: ``slurm``, ``sge``, ``pbs``.
     scheduler : address of a running scheduler (``tcp://host:8786``); overrides ``kind``.
+    scheduler_file : with a batch ``kind``, the scheduler writes its address there (for workers
+        started by hand); otherwise join the scheduler that file describes.
     n_workers : local worker processes (0 = one per CPU core).
     threads_per_worker : threads per worker process.
-    queue, account, walltime, cores, memory, processes, jobs : batch job settings (``cores``
-        and ``memory`` per job; ``processes`` worker processes per job; ``jobs`` to submit).
+    queue, account, walltime, cores, memory, processes : batch job settings (``cores`` and
+        ``memory`` per job; ``processes`` worker processes per job). Empty or 0 = not set here:
+        the site's Dask configuration (``jobqueue.yaml``) applies, then sfxflow's fallback
+        (1 core, 4GB, one single-threaded worker per core; dask-jobqueue's wall time).
+    jobs : batch jobs to submit (a fixed-size cluster).
+    adapt : ``"MIN:MAX"`` jobs, scaled with the queue of blocks (dask-jobqueue's adaptive
+        mode) instead of a fixed ``jobs``; empty = fixed.
+    worker_timeout_s : seconds to wait for the first batch worker before giving up.
     interface : network interface workers bind to on batch nodes (e.g. ``ib0``), optional.
     container_image : run batch workers inside this image (``apptainer exec IMAGE`` or shifter).
     container_runtime : ``apptainer``, ``singularity`` or ``shifter``.
-    job_extra : extra scheduler directives, e.g. ``["--gres=gpu:1"]``.
+    job_extra : extra scheduler directives added to the site's, e.g. ``["--qos=debug"]``.
     """
 
-    kind: str = "local"
-    scheduler: str = ""
-    n_workers: int = 0
-    threads_per_worker: int = 1
+    kind: str = setting("local", choices=CLUSTER_KINDS, flag="cluster")
+    scheduler: str = setting("", check=_scheduler, expect="a scheduler address such as "
+                             "tcp://host:8786, or synchronous (no Dask: serial, in process)")
+    n_workers: int = setting(0, ge=0, le=1024, flag="workers")
+    threads_per_worker: int = setting(1, ge=1, le=1024)
+    scheduler_file: str = ""
     queue: str = ""
     account: str = ""
-    walltime: str = "01:00:00"
-    cores: int = 1
-    memory: str = "4GB"
-    processes: int = 0
-    jobs: int = 1
+    walltime: str = setting("", check=_optional(_walltime),
+                            expect="HH:MM:SS, D-HH:MM:SS or minutes (empty: the site's setting)")
+    cores: int = setting(0, ge=0, le=4096)
+    memory: str = setting("", check=_optional(_memory),
+                          expect="a positive amount such as 4GB or 512MiB (empty: the site's)")
+    processes: int = setting(0, ge=0, le=4096)
+    jobs: int = setting(1, ge=1, le=100_000)
+    adapt: str = setting("", check=_optional(_adapt),
+                         expect="MIN:MAX jobs with 1 <= MIN <= MAX (e.g. 1:20)")
+    worker_timeout_s: float = setting(1800.0, gt=0, le=1e7)
     interface: str = ""
     container_image: str = ""
-    container_runtime: str = "apptainer"
+    container_runtime: str = setting("apptainer", choices=("apptainer", "singularity", "shifter"))
     job_extra: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in CLUSTER_KINDS:
-            raise ConfigError(f"cluster.kind = {self.kind!r}: expected one of {', '.join(CLUSTER_KINDS)}")
-        if self.container_runtime not in ("apptainer", "singularity", "shifter"):
-            raise ConfigError(f"cluster.container_runtime = {self.container_runtime!r}: expected "
-                              "apptainer, singularity or shifter")
-        for name in ("n_workers", "processes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"cluster.{name} = {getattr(self, name)}: expected >= 0")
-        for name in ("threads_per_worker", "cores", "jobs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"cluster.{name} = {getattr(self, name)}: expected >= 1")
-        if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", str(self.walltime).strip()):
-            # the batch system would reject every worker job and the run would wait forever
-            raise ConfigError(f"cluster.walltime = {self.walltime!r}: expected HH:MM:SS "
-                              "(or D-HH:MM:SS, or minutes)")
+        check_fields(self)
+        if self.scheduler.strip() == "synchronous":
+            object.__setattr__(self, "kind", "synchronous")
+            object.__setattr__(self, "scheduler", "")
+
+    def adapt_range(self) -> tuple[int, int] | None:
+        """``adapt`` as ``(minimum, maximum)`` jobs, or ``None`` for a fixed number of jobs."""
+        if not self.adapt:
+            return None
+        low, high = _adapt(self.adapt)
+        return low, high
 
 
 @dataclass(frozen=True)
 class ProcessConfig:
-    """Everything ``sfxflow process`` needs besides its inputs and run directory."""
+    """Everything ``sfxflow process`` needs besides its inputs and run directory.
 
-    spots: SpotParams = field(default_factory=SpotParams)
-    hit: HitParams = field(default_factory=HitParams)
-    index: IndexParams = field(default_factory=IndexParams)
-    predict: PredictParams = field(default_factory=PredictParams)
-    integrate: IntegrateParams = field(default_factory=IntegrateParams)
-    target: TargetConfig = field(default_factory=TargetConfig)
-    io: IOConfig = field(default_factory=IOConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    Parameters
+    ----------
+    spots : spot finding (flags ``--spots-*``).
+    hit : hit finding (flags ``--hit-*``).
+    index : indexing (flags ``--index-*``; refinement ``--refine-*``).
+    predict : prediction of reflection positions (flags ``--predict-*``).
+    integrate : integration of the predicted reflections (flags ``--integrate-*``).
+    target : the target cell (flags ``--cell``, ``--space-group``, ``--cell-file``).
+    io : reading inputs and writing results.
+    run : failure handling and limits.
+    cluster : where the Dask workers run.
+    """
+
+    spots: SpotParams = section(SpotParams, flag_prefix="spots-")
+    hit: HitParams = section(HitParams, flag_prefix="hit-")
+    index: IndexParams = section(IndexParams, flag_prefix="index-")
+    predict: PredictParams = section(PredictParams, flag_prefix="predict-")
+    integrate: IntegrateParams = section(IntegrateParams, flag_prefix="integrate-")
+    target: TargetConfig = section(TargetConfig, flag_prefix="")
+    io: IOConfig = section(IOConfig, flag_prefix="")
+    run: RunConfig = section(RunConfig, flag_prefix="")
+    cluster: ClusterConfig = section(ClusterConfig, flag_prefix="")
 
     def target_cell(self) -> TargetCell | None:
         """The indexing target, or ``None`` when no cell is configured (hits are not indexed)."""
@@ -217,6 +301,68 @@ class ProcessConfig:
         return _params.to_toml(self)
 
 
+@dataclass(frozen=True)
+class FindSpotsConfig:
+    """Settings of ``sfxflow find-spots``.
+
+    Parameters
+    ----------
+    spots : spot finding (flags named as the keys: ``--sigma-strong``).
+    hit : hit finding (flags ``--hit-*``).
+    """
+
+    spots: SpotParams = section(SpotParams, flag_prefix="")
+    hit: HitParams = section(HitParams, flag_prefix="hit-")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Settings of ``sfxflow index``.
+
+    Parameters
+    ----------
+    index : indexing (flags named as the keys: ``--min-indexed``; refinement ``--refine-*``).
+    """
+
+    index: IndexParams = section(IndexParams, flag_prefix="")
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Settings of ``sfxflow simulate``.
+
+    Parameters
+    ----------
+    simulation : the simulated beam, crystals and detector response.
+    """
+
+    simulation: SimulationParams = section(SimulationParams, flag_prefix="")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Settings of ``sfxflow merge`` (and of ``process --merge``).
+
+    Parameters
+    ----------
+    merge : scaling, partiality model, rejection and statistics.
+    cluster : where the Dask workers run (as for ``process``).
+    """
+
+    merge: MergeParams = section(MergeParams, flag_prefix="")
+    cluster: ClusterConfig = section(ClusterConfig, flag_prefix="")
+
+
+#: Every configuration tree with a command of its own: name -> (tree, what it configures).
+TREES: dict[str, tuple[type, str]] = {
+    "process": (ProcessConfig, "`sfxflow process` (written in full to RUN/config.toml)"),
+    "find-spots": (FindSpotsConfig, "`sfxflow find-spots`"),
+    "index": (IndexConfig, "`sfxflow index`"),
+    "simulate": (SimulateConfig, "`sfxflow simulate`"),
+    "merge": (MergeConfig, "`sfxflow merge`"),
+}
+
+
 @functools.lru_cache(maxsize=16)
 def _target(cell: tuple[float, ...], space_group: str) -> TargetCell:
     try:
@@ -225,45 +371,73 @@ def _target(cell: tuple[float, ...], space_group: str) -> TargetCell:
         raise ConfigError(f"target: {exc}") from None
 
 
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``sfxflow/presets`` (``cspad-cbf``, ...)."""
+    folder = resources.files("sfxflow") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The settings of a shipped preset, as a nested mapping."""
+    if name not in preset_names():
+        raise ConfigError(f"--preset {name!r}: no such preset; expected one of "
+                          f"{', '.join(preset_names())}")
+    text = (resources.files("sfxflow") / "presets" / f"{name}.toml").read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def resolve_tree(cls: type[T], *, presets: Sequence[str] = (), path: str | Path | None = None,
+                 flags: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> T:
+    """A configuration tree from, in rising precedence: defaults, presets, a file, flags, ``--set``.
+
+    Parameters
+    ----------
+    cls : the tree (:class:`ProcessConfig`, :class:`FindSpotsConfig`, ...).
+    presets : names of shipped presets (their sections the tree lacks are ignored).
+    path : a ``.toml`` / ``.yaml`` configuration file.
+    flags : ``{dotted key: value}`` from command-line flags.
+    overrides : ``section.key=value`` strings.
+
+    Raises
+    ------
+    ConfigError
+        Unknown key (naming it and the accepted keys) or a bad value, naming where it came from.
+    """
+    tree: T = _params.resolve(cls, [])
+    for name in presets:
+        tree = _params.resolve(cls, [(f"preset {name}", preset(name))], base=tree, strict=False)
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path is not None:
+        layers.append((str(path), _params.load_mapping(path)))
+    if flags:
+        layers.append(("command line", flags))
+    if overrides:
+        layers.append(("--set", dict(_params.parse_override(o) for o in overrides)))
+    return _params.resolve(cls, layers, base=tree)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: Mapping[str, Any] | None = None) -> ProcessConfig:
-    """Build a :class:`ProcessConfig` from a file, a mapping of CLI values and ``--set`` strings.
+                base: Mapping[str, Any] | None = None,
+                presets: Sequence[str] = ()) -> ProcessConfig:
+    """Build a :class:`ProcessConfig` from presets, a file, a mapping of values and ``--set`` strings.
 
     Parameters
     ----------
     path : ``.toml`` / ``.yaml`` file, or ``None``.
     overrides : ``section.key=value`` strings applied last.
-    base : nested mapping applied after the file (the CLI's own options), before ``overrides``.
-
-    Raises
-    ------
-    ConfigError
-        Unknown key (naming it and the accepted keys) or a bad value.
+    base : nested or dotted mapping applied after the file, before ``overrides``.
+    presets : shipped presets applied first (see :func:`preset_names`).
     """
-    data: dict[str, Any] = {}
-    where = "configuration"
-    if path is not None:
-        data = _params.load_mapping(path)
-        where = str(path)
-    cfg = _params.from_toml_mapping(ProcessConfig, data, where=where)
-    if base:
-        merged = _params.to_mapping(cfg)
-        for section, values in base.items():
-            for key, value in values.items():
-                _params.set_path(merged, f"{section}.{key}", value)
-        cfg = _params.from_mapping(ProcessConfig, merged, where="command line")
-    return _params.apply_overrides(cfg, list(overrides))
+    return resolve_tree(ProcessConfig, presets=presets, path=path, flags=base, overrides=overrides)
 
 
 def config_from_toml(text: str, where: str = "config.toml") -> ProcessConfig:
     """Read back a ``config.toml`` written by :meth:`ProcessConfig.to_toml`."""
-    import tomllib
-
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    return _params.from_toml_mapping(ProcessConfig, data, where=where)
+    return _params.from_mapping(ProcessConfig, data, where=where)
 
 
 def changed_settings(cfg: ProcessConfig) -> dict[str, tuple[Any, Any]]:
@@ -276,3 +450,49 @@ def with_target(cfg: ProcessConfig, cell: Sequence[float], space_group: str) -> 
     target = TargetConfig(cell=tuple(float(x) for x in cell), space_group=space_group,  # type: ignore[arg-type]
                           cell_file=cfg.target.cell_file)
     return replace(cfg, target=target)
+
+
+def config_reference() -> str:
+    """The text of ``docs/config.md``: every setting of every command, generated from the code.
+
+    Regenerate with ``python -m sfxflow.pipeline.config > docs/config.md`` (a test fails when
+    the file is stale).
+    """
+    parts = [
+        "# Configuration reference",
+        "",
+        "Generated from the code by `python -m sfxflow.pipeline.config > docs/config.md`; do not "
+        "edit by hand (`tests/pipeline/test_params_config.py` fails when this file is stale).",
+        "",
+        "Every setting is a key of a TOML/YAML file (`--config FILE`, sections as tables), a "
+        "`--set SECTION.KEY=VALUE` override and a command-line flag; precedence: defaults < "
+        "`--preset NAME` < `--config FILE` < flags < `--set`. `--print-config` prints the resolved "
+        "configuration of a command with these docs. A value outside its range is refused with a "
+        "message naming the option or key, the value and the accepted range (exit status 2). "
+        "Optional settings take `none`. Each `Params` class lives next to its algorithm and "
+        "declares its ranges with `sfxflow.settings.setting`; a section added to a tree gets its "
+        "flags, keys, checks and this documentation with no other code.",
+        "",
+        "Presets (`--preset NAME`, files in `src/sfxflow/presets/`):",
+        "",
+    ]
+    for name in preset_names():
+        text = (resources.files("sfxflow") / "presets" / f"{name}.toml").read_text("utf-8")
+        comment = " ".join(line.lstrip("# ").strip() for line in text.splitlines()
+                           if line.startswith("#"))
+        changed = _params.differences(ProcessConfig(), _params.resolve(
+            ProcessConfig, [(name, tomllib.loads(text))], strict=False))
+        settings = ", ".join(f"`{k} = {new}`" for k, (_, new) in changed.items())
+        parts.append(f"* `{name}`: {comment} Sets {settings}.")
+    parts.append("")
+    for command, (tree, what) in TREES.items():
+        parts.append(_params.markdown(tree, f"`sfxflow {command}`", f"Settings of {what}."))
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    from sfxflow.pipeline import config  # the module itself, not this __main__ copy
+
+    sys.stdout.write(config.config_reference())

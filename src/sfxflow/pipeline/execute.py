@@ -15,7 +15,8 @@ The per-worker :class:`Prefetcher` is keyed by the tasks the scheduler queues on
 ahead with :func:`sfxflow.io.prefetch.prefetch`.
 
 A worker that dies loses only its running and queued blocks; the scheduler reruns them elsewhere
-(``allowed_failures`` deaths per block). A task that raises is retried ``task_retries`` times;
+(``allowed_failures`` deaths per block, a setting of the scheduler: set on one the run starts,
+left as it is on a shared one). A task that raises is retried ``task_retries`` times;
 after that the block is recorded as failed (its frames get ``failed`` records with the reason)
 and the run goes on.
 """
@@ -249,21 +250,9 @@ def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnR
         stream.close()  # type: ignore[attr-defined]  # a generator
 
 
-def _set_allowed_failures(client: Any, n: int) -> None:
-    def _set(dask_scheduler: Any = None, n: int = n) -> int:
-        dask_scheduler.allowed_failures = n
-        return n
-
-    try:
-        client.run_on_scheduler(_set)
-    except Exception as exc:  # an old or locked-down scheduler: keep its own setting
-        logger.info("could not set allowed-failures on the scheduler (%s); using its default",
-                    _reason(exc))
-
-
 def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
                  on_report: OnReport, on_failure: Callable[[BlockFailure], None], *,
-                 prefetch_depth: int = 1, task_retries: int = 1, allowed_failures: int = 3,
+                 prefetch_depth: int = 1, task_retries: int = 1,
                  file_errors: dict[str, str] | None = None) -> None:
     """Run blocks as tasks on the cluster behind ``client``; call back as each finishes.
 
@@ -276,7 +265,6 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
     on_failure : called with each block that failed for good.
     prefetch_depth : blocks read ahead per worker thread.
     task_retries : reruns of a task that raised.
-    allowed_failures : worker deaths a block may cause before it is failed (KilledWorker).
     """
     from distributed import as_completed
 
@@ -286,7 +274,6 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
     name = f"sfxflow-run-{token}"
     keys = {f"sfxflow-{token}-{b.block_id}": b for b in blocks}
     plugin = BlockRunner(name, ctx, keys, prefetch_depth=prefetch_depth, file_errors=file_errors)
-    _set_allowed_failures(client, allowed_failures)
     client.register_plugin(plugin, name=name)
     futures = []
     try:

@@ -1,49 +1,71 @@
-"""Typed, frozen parameter trees: build from mappings (TOML/YAML), override, diff, write back.
+"""Parameter trees: every setting's key, flag, type, range and doc, from the dataclasses themselves.
 
-A parameter tree is a frozen dataclass whose fields are scalars (bool, int, float, str), optional
-scalars, tuples of scalars, enums/literals, or nested frozen dataclasses (one section per
-algorithm, each defined next to its code). This module knows nothing about crystallography; it
-only checks keys and types so that a misspelt key or a wrong value is a one-line
-:class:`~sfxflow.errors.ConfigError` naming the key, the value and what was expected.
+A parameter tree is a frozen dataclass whose fields are settings (bool, int, float, str, optional
+values, tuples) or nested sections (one frozen ``Params`` per algorithm, next to its code). Each
+setting is a :class:`Leaf`: its dotted config-file key, its command-line flag, its type, default,
+valid range (:class:`~sfxflow.settings.Spec` from the field's metadata) and its one-line doc (the
+class docstring's numpydoc entry). From the leaves come, with no code per setting: loading and
+layering configuration files, presets and ``--set`` overrides (:func:`resolve`), the flags of
+every command (:mod:`sfxflow.cli.options`), ``--print-config`` (:func:`commented_toml`) and
+``docs/config.md`` (:func:`markdown`). A misspelt key or a bad value is a one-line
+:class:`~sfxflow.errors.ConfigError` naming where it came from, the value and what is accepted.
 
 >>> from dataclasses import dataclass, field
+>>> from sfxflow.settings import setting
 >>> @dataclass(frozen=True)
 ... class Inner:
-...     sigma: float = 3.0
+...     '''Parameters
+...     ----------
+...     sigma : threshold in standard deviations.
+...     '''
+...     sigma: float = setting(3.0, ge=0, le=100)
 ...     mode: str = "fast"
 >>> @dataclass(frozen=True)
 ... class Outer:
 ...     inner: Inner = field(default_factory=Inner)
-...     n: int = 1
->>> tree = from_mapping(Outer, {"inner": {"sigma": 4}, "n": 2})
+...     n: int = setting(1, ge=1, le=9)
+>>> [(leaf.key, leaf.flag) for leaf in leaves(Outer)]
+[('inner.sigma', 'inner-sigma'), ('inner.mode', 'inner-mode'), ('n', 'n')]
+>>> tree = resolve(Outer, [("file.toml", {"inner": {"sigma": 4}}), ("--set", {"n": "2"})])
 >>> tree.inner.sigma, tree.n
 (4.0, 2)
->>> apply_overrides(tree, ["inner.mode=slow"]).inner.mode
-'slow'
 >>> differences(Outer(), tree)
 {'inner.sigma': (3.0, 4.0), 'n': (1, 2)}
+>>> resolve(Outer, [("--set", {"inner.sigma": -1})])
+Traceback (most recent call last):
+...
+sfxflow.errors.ConfigError: --set inner.sigma = -1: expected a number from 0 to 100
 """
 
-from __future__ import annotations
-
 import dataclasses
-import enum
+import functools
+import inspect
 import math
+import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sfxflow.errors import ConfigError
+from sfxflow.settings import Spec, passes_check, spec_of
 
 __all__ = [
-    "apply_overrides",
+    "Leaf",
+    "commented_toml",
+    "convert",
     "differences",
+    "first_sentence",
     "from_mapping",
+    "leaves",
     "load_mapping",
-    "set_path",
+    "markdown",
+    "parse_override",
+    "resolve",
+    "sections",
     "to_mapping",
     "to_toml",
 ]
@@ -51,174 +73,390 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # unresolvable forward references: use the default value's type
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            default = _default_of(f)
-            if not isinstance(f.type, str):
-                out[f.name] = f.type
-            elif default is not dataclasses.MISSING and default is not None:
-                out[f.name] = type(default)
-            else:
-                out[f.name] = Any
-        return out
+class Invalid(ValueError):
+    """A value that does not convert; ``expected`` says what would."""
+
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
 
 
-def _default_of(f: dataclasses.Field) -> Any:
+@dataclass(frozen=True)
+class Leaf:
+    """One setting of a tree: ``key`` (dotted), ``flag`` (no dashes), type, default, range, doc."""
+
+    key: str
+    flag: str
+    type: Any
+    default: Any
+    spec: Spec
+    doc: str
+    section: str  # dotted key of the owning section ("" at the top level)
+
+    @property
+    def expected(self) -> str:
+        """What the setting accepts, in words: ``"a number from 0 to 1"``."""
+        return _expected(self.type, self.spec)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section of a tree: dotted key ("" for the root), its dataclass and one-line doc."""
+
+    key: str
+    cls: type
+    doc: str
+
+
+# ---------------------------------------------------------------------------- introspection
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return dataclasses.MISSING
 
 
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``name -> text`` from the numpydoc ``Parameters`` section of ``cls``'s docstring."""
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    out: dict[str, str] = {}
+    try:
+        start = next(i for i, line in enumerate(lines[:-1])
+                     if line.strip() == "Parameters" and set(lines[i + 1].strip()) == {"-"})
+    except StopIteration:
+        return out
+    names: list[str] = []
+    for i in range(start + 2, len(lines)):
+        line = lines[i]
+        if i + 1 < len(lines) and lines[i + 1].strip() and set(lines[i + 1].strip()) == {"-"}:
+            break  # the next numpydoc section
+        if line.startswith(">>>"):
+            break
+        m = re.match(r"^(\w+(?:\s*,\s*\w+)*)\s*:\s*(.*)$", line)
+        if m and not line.startswith(" "):
+            names = [n.strip() for n in m.group(1).split(",")]
+            for n in names:
+                out[n] = m.group(2).strip()
+        elif line.strip() and names:
+            for n in names:
+                out[n] = f"{out[n]} {line.strip()}"
+    return out
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Convert ``value`` to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+def _plain_text(text: str) -> str:
+    """Docstring text without reST markup: ``:class:`~a.B``` -> ``B``, double backquotes -> none."""
+    text = re.sub(r":\w+:`~?([\w.]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return text.replace("``", "")
 
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: {key} = {value!r} is not valid; expected {expected}")
 
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is object:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for a in args:
-            if a is type(None):
+def first_sentence(text: str) -> str:
+    """The first sentence of a doc entry (up to a '.' or ';' outside parentheses), plain text."""
+    text = " ".join(_plain_text(text).strip().split("\n\n")[0].split())
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " ") \
+                and text[max(i - 3, 0):i + 1] not in ("e.g.", "i.e."):
+            return text[:i]
+    return text.rstrip(".;")
+
+
+@functools.cache
+def _walk(cls: type) -> tuple[tuple[Section, ...], tuple[Leaf, ...]]:
+    secs: list[Section] = [Section("", cls, first_sentence(inspect.cleandoc(cls.__doc__ or "")))]
+    out: list[Leaf] = []
+
+    def visit(c: type, key_prefix: str, flag_prefix: str) -> None:
+        hints = typing.get_type_hints(c)
+        docs = field_docs(c)
+        for f in dataclasses.fields(c):
+            if not f.init:
                 continue
-            try:
-                return _coerce(value, a, key, where)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise bad(" or ".join(_type_name(a) for a in args))
-    if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if value in allowed:
-            return value
-        raise bad(f"one of {list(allowed)}")
-    if origin in (tuple, list, Sequence) or tp in (tuple, list):
-        if isinstance(value, str):
-            value = value.replace(",", " ").split()
-        if not isinstance(value, list | tuple):
-            raise bad("a list")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise bad(f"a list of {len(args)} values")
-            items = [_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args, strict=True))]
-        else:
-            elem = args[0] if args else Any
-            items = [_coerce(v, elem, f"{key}[{i}]", where) for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else list(items)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise bad(f"a table of {tp.__name__} settings")
-        return from_mapping(tp, value, prefix=f"{key}.", where=where)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            raise bad(f"one of {[m.value for m in tp]}") from None
+            tp, spec = hints[f.name], spec_of(f)
+            key = f"{key_prefix}{f.name}"
+            if _is_section(tp):
+                prefix = spec.flag_prefix if spec.flag_prefix is not None else f"{f.name}-"
+                doc = first_sentence(spec.doc or docs.get(f.name, ""))
+                if len(doc.split()) < 2:  # only a reference to the class: use its own summary
+                    doc = first_sentence(inspect.cleandoc(tp.__doc__ or ""))
+                secs.append(Section(key, tp, doc))
+                visit(tp, f"{key}.", prefix)
+                continue
+            name = f.name.replace("_", "-")
+            if spec.flag:
+                flag = spec.flag
+            elif flag_prefix and name.startswith(flag_prefix):
+                flag = name  # refine_distance in "refine-": --refine-distance
+            else:
+                flag = f"{flag_prefix}{name}"
+            out.append(Leaf(key, flag, tp, _default(f), spec, spec.doc or docs.get(f.name, ""),
+                            key_prefix.rstrip(".")))
+
+    visit(cls, "", "")
+    seen: dict[str, str] = {}
+    for leaf in out:
+        if leaf.flag in seen:  # a programming error in the tree, found by the tests
+            raise TypeError(f"{cls.__name__}: settings {seen[leaf.flag]} and {leaf.key} would "
+                            f"share the flag --{leaf.flag}; give one a flag or flag_prefix")
+        seen[leaf.flag] = leaf.key
+    return tuple(secs), tuple(out)
+
+
+def leaves(cls: type) -> tuple[Leaf, ...]:
+    """Every setting of the tree ``cls``, depth first in field order."""
+    return _walk(cls)[1]
+
+
+def sections(cls: type) -> tuple[Section, ...]:
+    """Every section of the tree ``cls`` (the root first, key ``""``)."""
+    return _walk(cls)[0]
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+def _expected(tp: Any, spec: Spec) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if spec.expect:
+        return f"{spec.expect} or none" if type(None) in args else spec.expect
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        text = " or ".join(_expected(a, spec) for a in inner)
+        return f"{text} or none" if type(None) in args else text
+    if origin is tuple:
+        if args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values, each {_expected(args[0], spec)}"
+        return f"a list, each {_expected(args[0], spec)}" if args else "a list"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return spec.describe("an integer")
+    if tp is float:
+        return spec.describe("a finite number" if not spec.has_range and spec.finite else "a number")
+    if tp is str:
+        return spec.describe("text") if spec.choices else "text"
+    return f"a {getattr(tp, '__name__', tp)}"
+
+
+def _scalar(value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise bad("true or false")
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return text in ("true", "yes", "on", "1")
+        raise ValueError
     if tp is int:
         if isinstance(value, bool):
-            raise bad("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
+            raise ValueError
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise bad("an integer")
+        return int(str(value).strip()) if isinstance(value, str) else int(value)
     if tp is float:
         if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad("a number")
+            raise ValueError
+        return float(value)
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int | float):
             return str(value)
-        raise bad("a string")
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
+        raise ValueError
+    return value if tp is Any or isinstance(value, tp) else tp(value)
+
+
+def convert(tp: Any, spec: Spec, value: Any) -> Any:
+    """``value`` (text from a flag, or a TOML/YAML value) as type ``tp`` within ``spec``.
+
+    Raises :class:`Invalid` with what would have been accepted.
+    """
+    out = _convert(tp, spec, value)
+    if not passes_check(spec, out):
+        raise Invalid(_expected(tp, spec))
+    return out
+
+
+def _convert(tp: Any, spec: Spec, value: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _convert(a, spec, value)
+                except Invalid:
+                    pass
+        raise Invalid(_expected(tp, spec))
+    if origin is tuple or tp is tuple:
+        items = value.replace(",", " ").split() if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise Invalid(_expected(tp, spec))
         try:
-            return tp(value)
-        except (TypeError, ValueError):
-            raise bad(f"a {tp.__name__}") from None
-    return value
+            if args and args[-1] is not Ellipsis:
+                if len(items) != len(args):
+                    raise Invalid(_expected(tp, spec))
+                return tuple(_convert(a, spec, v) for a, v in zip(args, items, strict=True))
+            return tuple(_convert(args[0] if args else Any, spec, v) for v in items)
+        except Invalid:
+            raise Invalid(_expected(tp, spec)) from None
+    try:
+        out = _scalar(value, tp)
+    except (TypeError, ValueError, OverflowError):
+        raise Invalid(_expected(tp, spec)) from None
+    if spec.problem(out):
+        raise Invalid(_expected(tp, spec))
+    return out
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, prefix: str = "",
-                 where: str = "configuration") -> T:
-    """Build the frozen dataclass ``cls`` from a nested mapping; missing keys keep defaults.
+def _convert_leaf(leaf: Leaf, value: Any, name: str) -> Any:
+    try:
+        return convert(leaf.type, leaf.spec, value)
+    except Invalid as exc:
+        raise ConfigError(f"{name} = {value!r}: expected {exc.expected}") from None
+
+
+# ---------------------------------------------------------------------------- building trees
+
+
+def _flatten(cls: type, data: Mapping[str, Any], where: str, strict: bool) -> dict[str, Any]:
+    """Nested or dotted mapping -> ``{dotted key: value}``; unknown keys raise unless not strict."""
+    known = {leaf.key for leaf in leaves(cls)}
+    secs = {s.key: s.cls for s in sections(cls)}
+    out: dict[str, Any] = {}
+
+    def visit(node: Mapping[str, Any], prefix: str) -> None:
+        for raw_key, value in node.items():
+            key = f"{prefix}{raw_key}"
+            if key in secs:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{where}: {key} = {value!r}: expected a table of "
+                                      f"{secs[key].__name__} settings")
+                visit(value, f"{key}.")
+            elif key in known:
+                out[key] = value
+            elif strict:
+                _unknown(cls, key, where)
+
+    visit(data, "")
+    return out
+
+
+def _unknown(cls: type, key: str, where: str) -> typing.NoReturn:
+    parts = key.split(".")
+    secs = {s.key: s.cls for s in sections(cls)}
+    for i in range(1, len(parts)):
+        above = ".".join(parts[:i])
+        if above not in secs and any(leaf.key == above for leaf in leaves(cls)):
+            raise ConfigError(f"{where} {key}: {above} is a value, not a section")
+    scope = ".".join(parts[:-1])
+    while scope and scope not in secs:
+        scope = scope.rpartition(".")[0]
+    names = sorted(f.name for f in dataclasses.fields(secs.get(scope, cls)) if f.init)
+    raise ConfigError(f"{where}: unknown key {key}; accepted keys in {scope or 'the top level'}: "
+                      f"{', '.join(names)}")
+
+
+def _construct(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = f"{prefix}{f.name}"
+        if _is_section(hints[f.name]):
+            if any(k.startswith(f"{key}.") for k in values):
+                kwargs[f.name] = _construct(hints[f.name], values, f"{key}.")
+        elif key in values:
+            kwargs[f.name] = values[key]
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"invalid {prefix.rstrip('.') or cls.__name__} settings: {exc}") from None
+
+
+def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
+            base: T | None = None, strict: bool = True) -> T:
+    """Build the tree ``cls`` from layers applied in order over ``base`` (default: defaults).
 
     Parameters
     ----------
-    cls : a (frozen) dataclass type.
-    data : nested mapping (e.g. parsed TOML); ``None`` means all defaults.
-    prefix : dotted path of ``cls`` inside the whole tree, for messages.
-    where : the file or option the values came from, for messages.
+    cls : the tree's root dataclass.
+    layers : ``(where, mapping)`` pairs, later ones winning; ``mapping`` is nested (a parsed
+        file) or has dotted keys (``--set``); ``where`` names the source in messages.
+    base : the tree the layers apply to.
+    strict : refuse keys the tree lacks (presets are applied with ``strict=False``).
 
     Raises
     ------
     ConfigError
-        For an unknown key (listing the accepted ones) or a value of the wrong type.
+        For an unknown key (listing the accepted ones) or a value of the wrong type or range.
     """
-    data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {prefix}{unknown[0]}; accepted keys in "
-            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
-        )
-    hints = _hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(value, hints.get(name, Any), f"{prefix}{name}", where)
+    values: dict[str, Any] = {}
+    if base is not None:
+        values.update(_flat_values(base))
+    by_key = {leaf.key: leaf for leaf in leaves(cls)}
+    for where, data in layers:
+        for key, value in _flatten(cls, data, where, strict).items():
+            name = f"{where} {key}" if where.startswith("--") else f"{where}: {key}"
+            values[key] = _convert_leaf(by_key[key], value, name)
+    return _construct(cls, values)
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "configuration") -> T:
+    """Build ``cls`` from one nested mapping (e.g. parsed TOML); missing keys keep defaults."""
+    return resolve(cls, [(where, data or {})])
+
+
+def _flat_values(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(tree):
+        if not f.init:
+            continue
+        value = getattr(tree, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_flat_values(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def parse_override(item: str, where: str = "--set") -> tuple[str, Any]:
+    """``"section.key=value"`` -> ``(key, value)``, the value parsed as TOML, else kept as text."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{where} {item!r}: expected section.key=value")
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: invalid {prefix.rstrip('.') or cls.__name__} settings: {exc}") from None
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def apply_overrides(tree: T, overrides: Sequence[str], where: str = "--set") -> T:
+    """Apply ``section.key=value`` strings to ``tree`` (see :func:`parse_override`)."""
+    data = dict(parse_override(item, where) for item in overrides)
+    return resolve(type(tree), [(where, data)], base=tree)
+
+
+# ---------------------------------------------------------------------------- writing trees
 
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_mapping(value)
-    if isinstance(value, enum.Enum):
-        return value.value
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):
@@ -227,12 +465,12 @@ def _plain(value: Any) -> Any:
 
 
 def to_mapping(tree: Any) -> dict[str, Any]:
-    """Nested plain dict of a parameter tree (enums as values, tuples as lists)."""
+    """Nested plain dict of a parameter tree (tuples as lists)."""
     return {f.name: _plain(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.init}
 
 
 def _toml_safe(value: Any) -> Any:
-    """TOML has no null and no NaN-free guarantee: write None as "none" and inf/nan as strings."""
+    """TOML has no null: write None as "none" (read back for optional settings)."""
     if value is None:
         return "none"
     if isinstance(value, float) and not math.isfinite(value):
@@ -245,13 +483,74 @@ def _toml_safe(value: Any) -> Any:
 
 
 def to_toml(tree: Any) -> str:
-    """The whole tree as TOML text (every key, defaults included), readable by :func:`load_mapping`."""
+    """The whole tree as TOML text (every key, defaults included), readable by :func:`resolve`."""
     import tomli_w
 
     plain = _toml_safe(to_mapping(tree))
     scalars = {k: v for k, v in plain.items() if not isinstance(v, dict)}
     tables = {k: v for k, v in plain.items() if isinstance(v, dict)}
     return tomli_w.dumps({**scalars, **tables})
+
+
+def _toml_value(value: Any) -> str:
+    import tomli_w
+
+    plain = _toml_safe(_plain(value))
+    if isinstance(plain, list):  # one line, whatever its length
+        return "[" + ", ".join(_toml_value(v) for v in plain) + "]"
+    return tomli_w.dumps({"v": plain})[4:].strip()
+
+
+def commented_toml(tree: Any) -> str:
+    """The whole resolved tree as TOML, each key with its one-line doc, range and default.
+
+    The text is itself a valid configuration file (``--config``).
+    """
+    flat = _flat_values(tree)
+    lines: list[str] = []
+    by_section: dict[str, list[Leaf]] = {}
+    for leaf in leaves(type(tree)):
+        by_section.setdefault(leaf.section, []).append(leaf)
+    for sec in sections(type(tree)):
+        own = by_section.get(sec.key, [])
+        if not own:
+            continue
+        if sec.key:
+            lines += ["", f"[{sec.key}]  # {sec.doc}"]
+        for leaf in own:
+            value = flat[leaf.key]
+            note = f"{first_sentence(leaf.doc)}" if leaf.doc else ""
+            extra = [f"--{leaf.flag}", leaf.expected]
+            if _plain(value) != _plain(leaf.default):
+                extra.append(f"default {_toml_value(leaf.default)}")
+            lines.append(f"{leaf.key.rpartition('.')[2]} = {_toml_value(value)}  # {note}"
+                         f"{' ' if note else ''}[{'; '.join(extra)}]")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def markdown(cls: type, title: str, intro: str = "") -> str:
+    """A Markdown reference of the tree ``cls``: one table per section."""
+    out = [f"## {title}", ""]
+    if intro:
+        out += [intro, ""]
+    by_section: dict[str, list[Leaf]] = {}
+    for leaf in leaves(cls):
+        by_section.setdefault(leaf.section, []).append(leaf)
+    for sec in sections(cls):
+        own = by_section.get(sec.key, [])
+        if not own:
+            continue
+        head = f"`[{sec.key}]`" if sec.key else "top level"
+        out += [f"### {head}: {sec.doc}", "",
+                f"From `{sec.cls.__module__}.{sec.cls.__name__}`.", "",
+                "| key | flag | default | accepted | meaning |", "|---|---|---|---|---|"]
+        for leaf in own:
+            doc = _plain_text(leaf.doc).replace("|", "\\|")
+            default = "none" if leaf.default is None else _toml_value(leaf.default)
+            out.append(f"| `{leaf.key.rpartition('.')[2]}` | `--{leaf.flag}` | "
+                       f"`{default}` | {leaf.expected} | {doc} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
@@ -281,92 +580,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    """Set ``a.b.c = value`` in a nested dict (creating tables), returning ``data``."""
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {dotted}: {part} is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
-    return data
-
-
-def apply_overrides(tree: T, overrides: Sequence[str], where: str = "--set") -> T:
-    """Apply ``section.key=value`` strings (values parsed as TOML, else kept as text).
-
-    Raises ConfigError for a malformed override, an unknown key or a bad value.
-    """
-    if not overrides:
-        return tree
-    data = to_mapping(tree)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"{where} {item!r}: expected section.key=value")
-        _check_path(type(tree), key, where)
-        set_path(data, key, _parse_value(raw.strip()))
-    return from_mapping(type(tree), _none_strings(type(tree), data), where=where)  # type: ignore[return-value]
-
-
-def _check_path(cls: type, dotted: str, where: str) -> None:
-    node: Any = cls
-    done: list[str] = []
-    for part in dotted.split("."):
-        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
-            raise ConfigError(f"{where} {dotted}: {'.'.join(done)} is a value, not a section")
-        names = [f.name for f in dataclasses.fields(node) if f.init]
-        if part not in names:
-            scope = ".".join(done) or "the top level"
-            raise ConfigError(
-                f"{where}: unknown key {'.'.join([*done, part])}; accepted keys in {scope}: "
-                f"{', '.join(sorted(names))}"
-            )
-        node = _hints(node).get(part)
-        done.append(part)
-
-
-def _none_strings(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of the TOML ``None -> "none"`` mapping, for fields whose type admits None."""
-    hints = _hints(cls)
-    out = dict(data)
-    for name, value in data.items():
-        tp = hints.get(name)
-        if isinstance(value, dict) and isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            out[name] = _none_strings(tp, value)
-        elif isinstance(value, str) and value.lower() == "none":
-            args = typing.get_args(tp) if tp is not None else ()
-            if type(None) in args:
-                out[name] = None
-    return out
-
-
-def from_toml_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
-    """Like :func:`from_mapping` but reads back the ``"none"`` strings :func:`to_toml` writes."""
-    return from_mapping(cls, _none_strings(cls, dict(data)), where=where)
-
-
 def differences(default: Any, tree: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose value in ``tree`` differs from ``default``: key -> (default, value)."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for f in dataclasses.fields(tree):
-        if not f.init:
-            continue
-        a = getattr(default, f.name)
-        b = getattr(tree, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(b) and not isinstance(b, type) and type(a) is type(b):
-            out.update(differences(a, b, prefix=f"{key}."))
-        elif _plain(a) != _plain(b):
-            out[key] = (_plain(a), _plain(b))
-    return out
+    a, b = _flat_values(default, prefix), _flat_values(tree, prefix)
+    return {k: (_plain(a.get(k)), _plain(v)) for k, v in b.items() if _plain(a.get(k)) != _plain(v)}

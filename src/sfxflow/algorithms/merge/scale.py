@@ -1,0 +1,620 @@
+"""Scaling and post-refinement of stills against a reference, and the per-reflection sums.
+
+Model of an observation ``I`` of reflection ``h`` on crystal ``c`` (after dividing out the
+polarisation factor)::
+
+    I = G_c · exp(-B_c / (2 d²)) · P_c(ε, |q|) · I_ref(h)
+
+* ``--model unity``: ``P = 1``; ``G`` and ``B`` are fitted per crystal.
+* ``--model partiality``: ``P = (R / σ) · exp(-ε² / 2σ²)`` with
+  ``σ² = R² + (η |q|)² + (β λ |q|² / 2)²``: a Gaussian reciprocal-lattice point of radius ``R``
+  (refined per crystal), a mosaic spread ``η`` (refined per crystal) and the beam's bandwidth
+  ``β`` (a parameter). ``ε`` is recomputed from the crystal's orientation matrix and wavelength;
+  the prefactor ``R/σ`` keeps the integral over ε proportional to ``R`` (what a still records of
+  a broadened reflection falls as its profile widens), so ``G`` stays one number per crystal.
+
+Per crystal the fit is a grid over (``R``, ``η``), and for each grid point a few Gauss-Newton
+steps on (``G``, ``B``) minimising ``Σ w (I - model)²`` with ``w = 1 / (σ² + (γ·model)²)``; the
+best point wins. This is post-refinement (as CrystFEL's xsphere and cctbx.xfel's
+postrefinement) of scale, relative B and profile width.
+
+A shard's contribution to the merge is a handful of arrays indexed by ``2 * asu + minus``
+(:class:`ShardSums`) that add across shards: the distributed reduce.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numba
+import numpy as np
+
+from sfxflow.algorithms.merge.reflections import AsuIndex
+from sfxflow.settings import SettingError, check_fields, setting
+
+__all__ = [
+    "MODELS",
+    "CrystalFits",
+    "ErrorModel",
+    "MergeParams",
+    "PreparedShard",
+    "ShardSums",
+    "accumulate",
+    "choose_operators",
+    "fit_crystals",
+    "prepare_shard",
+]
+
+MODELS = ("unity", "partiality")
+_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+# crystal status codes (kept small: they travel from workers as int8)
+ACCEPTED = 0
+REJECT_FEW = 1
+REJECT_SCALE = 2
+REJECT_B = 3
+REJECT_CC = 4
+REJECT_NO_REFERENCE = 5
+REASONS = {
+    REJECT_FEW: "too few observations",
+    REJECT_SCALE: "absurd scale",
+    REJECT_B: "relative B at its limit",
+    REJECT_CC: "poor correlation with the reference",
+    REJECT_NO_REFERENCE: "no reflection in common with the reference",
+}
+
+
+def _angles(values: tuple[float, ...]) -> None:
+    if not values or not all(0 <= float(v) <= 10 for v in values):
+        raise ValueError(f"{values!r}")
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Parameters of ``sfxflow merge``.
+
+    Parameters
+    ----------
+    model : ``unity`` (scale and B only) or ``partiality`` (post-refined profile, see module).
+    iterations : scaling cycles (each a map over the shards and a reduce).
+    d_min_a : high-resolution limit; 0 takes every observation.
+    min_partiality : observations whose modelled partiality (the Gaussian factor) is below this
+        are left out of the merged intensities (they still shape the fit).
+    min_observations : crystals with fewer usable observations are rejected.
+    min_cc : crystals whose correlation with the reference is below this are rejected.
+    max_scale_ratio : crystals whose scale is further than this factor from the median are
+        rejected as absurd.
+    b_limit_a2 : the relative B is fitted within ±this; a crystal at the limit is rejected.
+    b_sigma_a2 : width of the restraint of the relative B towards 0 (weak crystals cannot
+        determine it).
+    radius_min_inv_a : smallest profile radius R of the log-spaced grid (Å⁻¹).
+    radius_max_inv_a : largest profile radius R of the grid (Å⁻¹).
+    n_radius : points of the profile-radius grid.
+    mosaicity_grid_deg : values tried for the mosaic spread η (FWHM).
+    bandwidth_fwhm : the beam's relative bandwidth assumed by the partiality model.
+    model_error : γ, the fractional model error in the fit weights.
+    outlier_z : observations further than this many standard deviations from the reference are
+        rejected.
+    min_measurements : merged values (and half-set values) of fewer observations are left out.
+    n_shells : resolution shells of the statistics.
+    resolve_ambiguity : resolve an indexing ambiguity where the lattice allows one.
+    ambiguity_max_crystals : crystals (at most) used for the Brehm-Diederichs step; the rest
+        are assigned against the reference it yields.
+    ambiguity_partners : partners per crystal in the Brehm-Diederichs correlation matrix.
+    seed : seed of the half-set split and the crystal subsets.
+    """
+
+    model: str = setting("partiality", choices=MODELS)
+    iterations: int = setting(4, ge=1, le=50)
+    d_min_a: float = setting(0.0, ge=0.0, le=100.0)
+    min_partiality: float = setting(0.1, ge=0.0, lt=1.0)
+    min_observations: int = setting(10, ge=1, le=100_000)
+    min_cc: float = setting(0.0, ge=-1.0, lt=1.0)
+    max_scale_ratio: float = setting(1.0e3, gt=1.0, le=1.0e12)
+    b_limit_a2: float = setting(60.0, gt=0.0, le=1000.0)
+    b_sigma_a2: float = setting(10.0, gt=0.0, le=1000.0)
+    radius_min_inv_a: float = setting(2.0e-4, gt=0.0, le=0.1)
+    radius_max_inv_a: float = setting(5.0e-3, gt=0.0, le=0.1)
+    n_radius: int = setting(10, ge=1, le=100)
+    mosaicity_grid_deg: tuple[float, ...] = setting((0.0, 0.03, 0.06, 0.1), check=_angles,
+                                                    expect="one or more angles from 0 to 10")
+    bandwidth_fwhm: float = setting(3.0e-3, ge=0.0, lt=0.2)
+    model_error: float = setting(0.1, ge=0.0, lt=1.0)
+    outlier_z: float = setting(6.0, gt=0.0, le=1000.0)
+    min_measurements: int = setting(2, ge=1, le=1000)
+    n_shells: int = setting(10, ge=1, le=100)
+    resolve_ambiguity: bool = True
+    ambiguity_max_crystals: int = setting(1000, ge=2, le=1_000_000)
+    ambiguity_partners: int = setting(200, ge=1, le=100_000)
+    seed: int = setting(0, ge=0, le=2**31 - 1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mosaicity_grid_deg",
+                           tuple(float(x) for x in self.mosaicity_grid_deg))
+        check_fields(self)
+        if self.radius_max_inv_a < self.radius_min_inv_a:
+            raise SettingError(f"MergeParams.radius_max_inv_a = {self.radius_max_inv_a}: "
+                               f"expected at least radius_min_inv_a ({self.radius_min_inv_a})")
+
+    def radius_grid(self) -> np.ndarray:
+        return np.geomspace(self.radius_min_inv_a, self.radius_max_inv_a, self.n_radius)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class PreparedShard:
+    """A shard's observations ready for scaling, sorted by crystal.
+
+    ``codes[o]`` holds each observation's ``2 * asu + minus`` when its crystal is re-indexed by
+    ambiguity operator ``o`` (-1: outside the merge); ``intensity``/``sigma`` have the
+    polarisation divided out; ``inv_d2`` is ``|q|²`` and ``eps`` the excitation error, both from
+    the crystal's orientation matrix and wavelength; ``bw`` is ``β λ / 2`` per observation.
+    """
+
+    crystal_ids: np.ndarray
+    offsets: np.ndarray
+    half: np.ndarray
+    hkl: np.ndarray
+    codes: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    inv_d2: np.ndarray
+    eps: np.ndarray
+    bw: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_crystals(self) -> int:
+        return int(self.crystal_ids.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.intensity.shape[0])
+
+    def crystal_of_obs(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n_crystals), np.diff(self.offsets))
+
+
+def half_of(crystal_ids: np.ndarray, seed: int) -> np.ndarray:
+    """Random half-set (0 or 1) of each crystal, a fixed function of its id and the seed."""
+    z = (np.asarray(crystal_ids, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z & np.uint64(1)).astype(np.int8)
+
+
+def prepare_shard(
+    crystal_ids: np.ndarray,
+    a_matrices: np.ndarray,
+    wavelengths_a: np.ndarray,
+    obs_crystal: np.ndarray,
+    hkl: np.ndarray,
+    intensity: np.ndarray,
+    sigma: np.ndarray,
+    polarisation: np.ndarray,
+    index: AsuIndex,
+    operators: list[np.ndarray],
+    params: MergeParams,
+    extra: dict[str, np.ndarray] | None = None,
+) -> PreparedShard:
+    """Map a shard's observations to the merge: asymmetric-unit codes under every ambiguity
+    operator, excitation errors, resolution; drops unusable rows (non-finite or ``σ <= 0``).
+
+    Parameters
+    ----------
+    crystal_ids : (nc,) global crystal ids; ``obs_crystal`` indexes into them.
+    a_matrices : (nc, 3, 3) reciprocal bases (columns a*, b*, c*; Å⁻¹, beam along +z).
+    wavelengths_a : (nc,) wavelengths.
+    obs_crystal, hkl, intensity, sigma, polarisation : per observation.
+    extra : more per-observation columns to carry to the scaled output.
+    """
+    hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
+    obs_crystal = np.asarray(obs_crystal, dtype=np.int64)
+    pol = np.asarray(polarisation, dtype=float)
+    intensity = np.asarray(intensity, dtype=float)
+    sigma = np.asarray(sigma, dtype=float)
+    ok = np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0) & np.isfinite(pol) & (pol > 0)
+    ok &= np.any(hkl != 0, axis=1)
+    order = np.argsort(obs_crystal[ok], kind="stable")
+    sel = np.flatnonzero(ok)[order]
+    hkl, oc = hkl[sel], obs_crystal[sel]
+    a = np.asarray(a_matrices, dtype=float)[oc]
+    q = np.einsum("nij,nj->ni", a, hkl.astype(float))
+    lam = np.asarray(wavelengths_a, dtype=float)[oc]
+    s = q.copy()
+    s[:, 2] += 1.0 / lam
+    eps = np.linalg.norm(s, axis=1) - 1.0 / lam
+    inv_d2 = np.einsum("ni,ni->n", q, q)
+    codes = np.stack([index.lookup(hkl @ r) for r in operators]) if len(hkl) else \
+        np.zeros((len(operators), 0), dtype=np.int64)
+    if params.d_min_a > 0:
+        codes[:, inv_d2 > 1.0 / params.d_min_a**2] = -1
+    counts = np.bincount(oc, minlength=len(crystal_ids))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    ids = np.asarray(crystal_ids, dtype=np.int64)
+    return PreparedShard(
+        crystal_ids=ids,
+        offsets=offsets,
+        half=half_of(ids, params.seed),
+        hkl=hkl.astype(np.int32),
+        codes=codes,
+        intensity=intensity[sel] / pol[sel],
+        sigma=sigma[sel] / pol[sel],
+        inv_d2=inv_d2,
+        eps=eps,
+        bw=lam * params.bandwidth_fwhm * _FWHM_TO_SIGMA / 2.0,
+        extra={k: np.asarray(v)[sel] for k, v in (extra or {}).items()},
+    )
+
+
+@dataclass
+class CrystalFits:
+    """Per-crystal results of one scaling pass over a shard."""
+
+    crystal_ids: np.ndarray
+    operator: np.ndarray
+    scale: np.ndarray
+    b_a2: np.ndarray
+    radius_inv_a: np.ndarray
+    mosaicity_deg: np.ndarray
+    n_used: np.ndarray
+    cc: np.ndarray
+    status: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list[CrystalFits]) -> CrystalFits:
+        return cls(*[np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)])
+
+    def as_columns(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@numba.njit(cache=True)
+def _fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_grid, gamma,
+                b_limit, b_restraint, g_out, b_out, r_out, eta_out, n_out, cc_out):  # pragma: no cover
+    nc = offsets.shape[0] - 1
+    for c in range(nc):
+        lo, hi = offsets[c], offsets[c + 1]
+        n = 0
+        for i in range(lo, hi):
+            if ref[i] == ref[i]:
+                n += 1
+        n_out[c] = n
+        g_out[c] = np.nan
+        b_out[c] = 0.0
+        r_out[c] = np.nan
+        eta_out[c] = np.nan
+        cc_out[c] = np.nan
+        if n < 3:
+            continue
+        n_r = r_grid.shape[0] if use_p else 1
+        n_e = eta_grid.shape[0] if use_p else 1
+        best = np.inf
+        p = np.empty(hi - lo)
+        for ir in range(n_r):
+            for ie in range(n_e):
+                for i in range(lo, hi):
+                    if use_p:
+                        q2 = inv_d2[i]
+                        w_b = bw[i] * q2
+                        s2 = r_grid[ir] ** 2 + eta_grid[ie] ** 2 * q2 + w_b * w_b
+                        p[i - lo] = math.sqrt(r_grid[ir] ** 2 / s2) * math.exp(
+                            -0.5 * eps[i] * eps[i] / s2)
+                    else:
+                        p[i - lo] = 1.0
+                bb = 0.0
+                g = 0.0
+                for _ in range(6):
+                    # G in closed form at this B (weights from the current model)
+                    num = 0.0
+                    den = 0.0
+                    for i in range(lo, hi):
+                        if ref[i] != ref[i]:
+                            continue
+                        t = math.exp(-0.5 * bb * inv_d2[i]) * p[i - lo] * ref[i]
+                        m = g * t
+                        w = 1.0 / (sig[i] * sig[i] + gamma * gamma * m * m)
+                        num += w * inten[i] * t
+                        den += w * t * t
+                    if den <= 0.0:
+                        g = 0.0
+                        break
+                    g = num / den
+                    # one Gauss-Newton step in B
+                    num = 0.0
+                    den = 0.0
+                    for i in range(lo, hi):
+                        if ref[i] != ref[i]:
+                            continue
+                        m = g * math.exp(-0.5 * bb * inv_d2[i]) * p[i - lo] * ref[i]
+                        w = 1.0 / (sig[i] * sig[i] + gamma * gamma * m * m)
+                        dm = -0.5 * inv_d2[i] * m
+                        num += w * (inten[i] - m) * dm
+                        den += w * dm * dm
+                    # a restraint towards B = 0 keeps weak crystals from running off
+                    num -= bb * b_restraint
+                    den += b_restraint
+                    if den > 0.0:
+                        bb = min(max(bb + num / den, -b_limit), b_limit)
+                res = 0.0
+                for i in range(lo, hi):
+                    if ref[i] != ref[i]:
+                        continue
+                    m = g * math.exp(-0.5 * bb * inv_d2[i]) * p[i - lo] * ref[i]
+                    w = 1.0 / (sig[i] * sig[i] + gamma * gamma * m * m)
+                    res += w * (inten[i] - m) ** 2
+                if res < best and g > 0.0:
+                    best = res
+                    g_out[c] = g
+                    b_out[c] = bb
+                    r_out[c] = r_grid[ir] if use_p else np.nan
+                    eta_out[c] = eta_grid[ie] if use_p else np.nan
+        # correlation of observations with the fitted model (for rejection and reporting)
+        sx = 0.0
+        sy = 0.0
+        sxx = 0.0
+        syy = 0.0
+        sxy = 0.0
+        k = 0
+        for i in range(lo, hi):
+            if ref[i] != ref[i] or not (g_out[c] == g_out[c]):
+                continue
+            if use_p:
+                q2 = inv_d2[i]
+                w_b = bw[i] * q2
+                s2 = r_out[c] ** 2 + eta_out[c] ** 2 * q2 + w_b * w_b
+                pp = math.sqrt(r_out[c] ** 2 / s2) * math.exp(-0.5 * eps[i] * eps[i] / s2)
+            else:
+                pp = 1.0
+            m = math.exp(-0.5 * b_out[c] * inv_d2[i]) * pp * ref[i]
+            sx += m
+            sy += inten[i]
+            sxx += m * m
+            syy += inten[i] * inten[i]
+            sxy += m * inten[i]
+            k += 1
+        if k > 2:
+            vx = sxx - sx * sx / k
+            vy = syy - sy * sy / k
+            if vx > 0 and vy > 0:
+                cc_out[c] = (sxy - sx * sy / k) / math.sqrt(vx * vy)
+
+
+def _crystal_cc(shard: PreparedShard, ref_obs: np.ndarray, inten: np.ndarray) -> np.ndarray:
+    c = shard.crystal_of_obs()
+    ok = np.isfinite(ref_obs)
+    x, y = np.where(ok, ref_obs, 0.0), np.where(ok, inten, 0.0)
+    nc = shard.n_crystals
+
+    def s(v: np.ndarray) -> np.ndarray:
+        return np.bincount(c, weights=v, minlength=nc)
+
+    n = s(ok.astype(float))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = s(x * y) - s(x) * s(y) / n
+        vx = s(x * x) - s(x) ** 2 / n
+        vy = s(y * y) - s(y) ** 2 / n
+        cc = cov / np.sqrt(vx * vy)
+    return np.where(n > 2, cc, np.nan)
+
+
+def _ref_per_obs(codes: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    out = np.full(codes.shape[0], np.nan)
+    ok = codes >= 0
+    out[ok] = reference[codes[ok] // 2]
+    return out
+
+
+def choose_operators(shard: PreparedShard, reference: np.ndarray,
+                     fixed: np.ndarray | None = None) -> np.ndarray:
+    """Per crystal, the ambiguity operator whose re-indexing correlates best with the reference
+    (``fixed`` >= 0 keeps a crystal's operator)."""
+    n_ops = shard.codes.shape[0]
+    if n_ops == 1:
+        return np.zeros(shard.n_crystals, dtype=np.int16)
+    ccs = np.stack([_crystal_cc(shard, _ref_per_obs(shard.codes[o], reference), shard.intensity)
+                    for o in range(n_ops)])
+    best = np.argmax(np.nan_to_num(ccs, nan=-2.0), axis=0).astype(np.int16)
+    if fixed is not None:
+        best = np.where(fixed >= 0, fixed, best).astype(np.int16)
+    return best
+
+
+def chosen_codes(shard: PreparedShard, operator: np.ndarray) -> np.ndarray:
+    """Each observation's code under its crystal's operator."""
+    op_obs = np.repeat(operator.astype(np.int64), np.diff(shard.offsets))
+    return shard.codes[op_obs, np.arange(len(shard))] if len(shard) else \
+        np.zeros(0, dtype=np.int64)
+
+
+def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParams,
+                 operator: np.ndarray, unity_first: bool = False) -> CrystalFits:
+    """Fit every crystal of a shard against the reference (``NaN`` where unknown).
+
+    ``unity_first`` forces the unity model (the first cycle, against a Wilson curve, cannot
+    constrain a profile). Status is :data:`ACCEPTED` or the local rejection reason (few
+    observations, B at its limit, poor correlation); rejections needing every crystal (absurd
+    scale) are the caller's.
+    """
+    codes = chosen_codes(shard, operator)
+    ref = _ref_per_obs(codes, reference)
+    nc = shard.n_crystals
+    g, b, r, eta = (np.empty(nc) for _ in range(4))
+    n = np.zeros(nc, dtype=np.int64)
+    cc = np.empty(nc)
+    use_p = params.model == "partiality" and not unity_first
+    _fit_kernel(shard.offsets, ref, shard.intensity, shard.sigma, shard.inv_d2, shard.eps,
+                shard.bw, use_p, params.radius_grid(),
+                np.radians(np.asarray(params.mosaicity_grid_deg)) * _FWHM_TO_SIGMA,
+                params.model_error, params.b_limit_a2, 1.0 / params.b_sigma_a2**2, g, b, r,
+                eta, n, cc)
+    status = np.zeros(nc, dtype=np.int8)
+    status[~np.isfinite(g)] = REJECT_NO_REFERENCE
+    status[(n < params.min_observations)] = REJECT_FEW
+    status[(status == ACCEPTED) & (np.abs(b) >= params.b_limit_a2 * 0.999)] = REJECT_B
+    status[(status == ACCEPTED) & ~(np.nan_to_num(cc, nan=-2.0) >= params.min_cc)] = REJECT_CC
+    return CrystalFits(shard.crystal_ids, operator.astype(np.int16), g, b, r,
+                       np.degrees(eta) / _FWHM_TO_SIGMA, n, cc, status)
+
+
+def partiality_of(shard: PreparedShard, fits: CrystalFits, model: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(full model correction without G and B, the Gaussian factor alone) per observation."""
+    if model == "unity":
+        one = np.ones(len(shard))
+        return one, one
+    counts = np.diff(shard.offsets)
+    r = np.repeat(fits.radius_inv_a, counts)
+    eta = np.radians(np.repeat(fits.mosaicity_deg, counts)) * _FWHM_TO_SIGMA
+    w_b = shard.bw * shard.inv_d2
+    s2 = r * r + eta * eta * shard.inv_d2 + w_b * w_b
+    with np.errstate(invalid="ignore"):
+        gauss = np.exp(-0.5 * shard.eps**2 / s2)
+        full = np.sqrt(r * r / s2) * gauss
+    # crystals fitted without a profile (the first, unity cycle) count as fully recorded
+    unity = ~np.isfinite(r)
+    return np.where(unity, 1.0, full), np.where(unity, 1.0, gauss)
+
+
+@dataclass(frozen=True)
+class ErrorModel:
+    """``σ'² = sdfac² (σ² + (sdadd · I)²)`` (as Aimless/xia2 do), fitted so normalised
+    deviations from the reference have unit variance."""
+
+    sdfac: float = 1.0
+    sdadd: float = 0.0
+
+    @classmethod
+    def fit(cls, sums: np.ndarray) -> ErrorModel:
+        """From the five weighted normal-equation sums of :class:`ShardSums` ``error_sums``."""
+        s_ss, s_si, s_ii, s_vs, s_vi = sums[:5]
+        det = s_ss * s_ii - s_si * s_si
+        if not (det > 0):
+            return cls()
+        c1 = (s_vs * s_ii - s_vi * s_si) / det
+        c2 = (s_ss * s_vi - s_si * s_vs) / det
+        if c1 <= 0:
+            c1 = s_vs / s_ss if s_ss > 0 else 1.0
+            c2 = 0.0
+        c2 = max(c2, 0.0)
+        sdfac = float(np.clip(math.sqrt(max(c1, 1e-6)), 0.3, 10.0))
+        sdadd = float(np.clip(math.sqrt(c2) / sdfac, 0.0, 1.0))
+        return cls(sdfac, sdadd)
+
+
+_SUM_FIELDS = ("n", "sw", "swi", "sw_a", "swi_a", "n_a", "sw_b", "swi_b", "n_b")
+
+
+@dataclass
+class ShardSums:
+    """Per-reflection sums (index ``2 * asu + minus``) and scalar sums of a shard; ``+``
+    combines shards. ``w`` are inverse variances, ``a``/``b`` the two random half-sets of
+    crystals."""
+
+    n: np.ndarray
+    sw: np.ndarray
+    swi: np.ndarray
+    sw_a: np.ndarray
+    swi_a: np.ndarray
+    n_a: np.ndarray
+    sw_b: np.ndarray
+    swi_b: np.ndarray
+    n_b: np.ndarray
+    error_sums: np.ndarray  # 5 normal-equation sums of the error model
+    deviation_sums: np.ndarray  # n, Σδ², Σ|δ|>3 of normalised deviations
+    n_outliers: int = 0
+    n_low_partiality: int = 0
+
+    @classmethod
+    def zeros(cls, n_codes: int) -> ShardSums:
+        arrays: dict[str, Any] = {f: np.zeros(n_codes) for f in _SUM_FIELDS}
+        return cls(**arrays, error_sums=np.zeros(5), deviation_sums=np.zeros(3))
+
+    def __add__(self, other: ShardSums) -> ShardSums:
+        return ShardSums(**{f: getattr(self, f) + getattr(other, f) for f in _SUM_FIELDS},
+                         error_sums=self.error_sums + other.error_sums,
+                         deviation_sums=self.deviation_sums + other.deviation_sums,
+                         n_outliers=self.n_outliers + other.n_outliers,
+                         n_low_partiality=self.n_low_partiality + other.n_low_partiality)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the workers scale against: Friedel-averaged intensity per asymmetric-unit
+    reflection (NaN unknown), its σ and multiplicity, and the error model."""
+
+    intensity: np.ndarray
+    sigma: np.ndarray
+    n: np.ndarray
+    error_model: ErrorModel = ErrorModel()
+
+
+def scaled_observations(shard: PreparedShard, fits: CrystalFits, reference: Reference,
+                        params: MergeParams, accepted: np.ndarray
+                        ) -> dict[str, np.ndarray]:
+    """Per observation: code, corrected intensity and σ (error model applied), partiality,
+    and whether it enters the merge (accepted crystal, partiality, not an outlier)."""
+    codes = chosen_codes(shard, fits.operator)
+    counts = np.diff(shard.offsets)
+    g = np.repeat(fits.scale, counts)
+    b = np.repeat(fits.b_a2, counts)
+    p_full, gauss = partiality_of(shard, fits, params.model)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        corr = g * np.exp(-0.5 * b * shard.inv_d2) * p_full
+        i_est = shard.intensity / corr
+        s_est = shard.sigma / corr
+    em = reference.error_model
+    ref = _ref_per_obs(codes, reference.intensity)
+    ref_sig = _ref_per_obs(codes, reference.sigma)
+    ref_n = _ref_per_obs(codes, reference.n.astype(float))
+    base = np.where(np.isfinite(ref), np.maximum(ref, 0.0), np.abs(i_est))
+    s_model = em.sdfac * np.sqrt(s_est**2 + (em.sdadd * base) ** 2)
+    use = (codes >= 0) & np.repeat(accepted, counts) & np.isfinite(i_est) & (s_model > 0)
+    low_p = use & ~(gauss >= params.min_partiality)
+    use &= ~low_p
+    with np.errstate(invalid="ignore"):
+        z = (i_est - ref) / np.sqrt(s_model**2 + np.nan_to_num(ref_sig) ** 2)
+    has_ref = np.isfinite(z) & (ref_n >= 3)
+    outlier = use & has_ref & (np.abs(z) > params.outlier_z)
+    use &= ~outlier
+    return {"code": codes, "intensity": i_est, "sigma": s_model, "sigma_raw": s_est,
+            "partiality": p_full, "use": use, "outlier": outlier, "low_partiality": low_p,
+            "z": np.where(has_ref, z, np.nan), "reference": ref, "ref_n": ref_n}
+
+
+def accumulate(shard: PreparedShard, fits: CrystalFits, reference: Reference,
+               params: MergeParams, accepted: np.ndarray, n_codes: int) -> ShardSums:
+    """The shard's per-reflection sums with the given fits (the map step's output)."""
+    obs = scaled_observations(shard, fits, reference, params, accepted)
+    use = obs["use"]
+    code = obs["code"][use]
+    w = 1.0 / obs["sigma"][use] ** 2
+    wi = w * obs["intensity"][use]
+    half = np.repeat(shard.half, np.diff(shard.offsets))[use]
+
+    def bc(weights: np.ndarray | None, sel: np.ndarray | None = None) -> np.ndarray:
+        c = code if sel is None else code[sel]
+        wt = weights if sel is None or weights is None else weights[sel]
+        return np.bincount(c, weights=wt, minlength=n_codes).astype(float)
+
+    a, b = half == 0, half == 1
+    sums = ShardSums(bc(None), bc(w), bc(wi), bc(w, a), bc(wi, a), bc(None, a), bc(w, b),
+                     bc(wi, b), bc(None, b), error_sums=np.zeros(5), deviation_sums=np.zeros(3),
+                     n_outliers=int(obs["outlier"].sum()),
+                     n_low_partiality=int(obs["low_partiality"].sum()))
+    # error model: E[(I - Iref)²] = c1 σ² + c2 Iref², over well-measured references
+    fit = use & (obs["ref_n"] >= 3) & np.isfinite(obs["reference"])
+    v = (obs["intensity"][fit] - obs["reference"][fit]) ** 2
+    s2 = obs["sigma_raw"][fit] ** 2
+    i2 = np.maximum(obs["reference"][fit], 0.0) ** 2
+    wt = 1.0 / (s2 + 0.01 * i2) ** 2
+    sums.error_sums = np.array([np.sum(wt * s2 * s2), np.sum(wt * s2 * i2), np.sum(wt * i2 * i2),
+                                np.sum(wt * v * s2), np.sum(wt * v * i2)])
+    z = obs["z"][use]
+    z = z[np.isfinite(z)]
+    sums.deviation_sums = np.array([z.size, float(np.sum(z * z)), float(np.sum(np.abs(z) > 3))])
+    return sums

@@ -1,0 +1,203 @@
+"""Command-line flags generated from the configuration trees, and range-checked numeric options.
+
+:func:`add_settings` gives a command one flag per setting of its tree (``--sigma-strong``,
+``--hit-min-spots``, ``--refine-cell/--no-refine-cell``), each converted and range-checked by
+the same code that reads configuration files, plus ``--preset``, ``--config``, ``--set`` and
+``--print-config``. :func:`settings_from` turns the parsed flags into the frozen tree (defaults <
+presets < file < flags < ``--set``). :func:`number` adds an option of a command's own (not a
+setting) with a declared range. A bad value exits with status 2 and one line naming the option,
+the value and the accepted range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
+
+from sfxflow.pipeline import params as _params
+from sfxflow.settings import Spec
+
+T = TypeVar("T")
+
+__all__ = ["Parser", "add_settings", "deprecated", "given", "number", "print_config", "settings_from"]
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # "argument --x/--no-x: 'v': expected ..." -> "--x 'v': expected ...", as in our messages
+        message = re.sub(r"^argument ([^:/ ]+)(?:/[^: ]+)?: ", r"\1 ", message)
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _converter(tp: Any, spec: Spec) -> Any:
+    def convert(text: str) -> Any:
+        if tp is str and spec.check is not None and not text.strip():
+            # empty means "not set here" in a configuration file; a flag given empty is a slip
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {spec.expect or 'a value'}")
+        try:
+            return _params.convert(tp, spec, text)
+        except _params.Invalid as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {exc.expected}") from None
+
+    convert.__name__ = getattr(tp, "__name__", "value")  # argparse names it in some messages
+    # what tests and docs read back: the type, the declared range, and the words for it
+    convert.tp, convert.spec = tp, spec  # type: ignore[attr-defined]
+    convert.expected = _params._expected(tp, spec)  # type: ignore[attr-defined]
+    return convert
+
+
+def number(parser: Any, *flags: str, kind: type = float, help: str = "",
+           default: Any = None, nargs: str | None = None, **spec: Any) -> argparse.Action:
+    """A numeric option with a declared range (``ge``, ``gt``, ``le``, ``lt``): NaN, infinities
+    and values out of range exit with status 2 naming the option, the value and the range."""
+    s = Spec(**spec)
+    noun = "an integer" if kind is int else "a number"
+    text = f"{help} [{s.describe(noun)}]" if help else s.describe(noun)
+    action = parser.add_argument(*flags, type=_converter(kind, s), default=default, nargs=nargs,
+                                 help=text.replace("%", "%%"), metavar="N" if kind is int else "X")
+    action.spec = s  # type: ignore[attr-defined]  # read by the table-driven CLI tests
+    return action
+
+
+class _Deprecated(argparse.Action):
+    """A renamed option: stores under the new name and leaves a note for the log."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "",
+                 store: Any = None, append: bool = False, **kwargs: Any) -> None:
+        self.new = new
+        self.store = store
+        self.append = append
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if self.dest == "presets" or self.append:
+            value = self.store if self.dest == "presets" else values
+            setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), value])
+        else:
+            setattr(namespace, self.dest, self.store if self.nargs == 0 else values)
+        notes = list(getattr(namespace, "_deprecated", []))
+        notes.append(f"{option_string} is deprecated; use {self.new}")
+        namespace._deprecated = notes
+
+
+def deprecated(parser: Any, option: str, dest: str, new: str, *, kind: Any = None,
+               flag: bool = False, append: bool = False) -> None:
+    """A renamed option kept as a hidden alias: stores into ``dest`` and logs a note."""
+    if flag:
+        parser.add_argument(option, dest=dest, action=_Deprecated, nargs=0, store=True, new=new,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    else:
+        parser.add_argument(option, dest=dest, action=_Deprecated, new=new, type=kind,
+                            append=append, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _metavar(leaf: _params.Leaf) -> str:
+    if leaf.spec.choices:
+        return "{" + ",".join(str(c) for c in leaf.spec.choices) + "}"
+    tp = leaf.type
+    text = str(tp)
+    if "tuple" in text:
+        return '"A B ..."'
+    if "int" in text:
+        return "N"
+    if "float" in text:
+        return "X"
+    return "TEXT"
+
+
+def _help(leaf: _params.Leaf) -> str:
+    doc = _params.first_sentence(leaf.doc) if leaf.doc else leaf.key
+    default = leaf.default
+    shown = ("none" if default is None else '""' if default == "" else
+             " ".join(map(str, default)) or "[]" if isinstance(default, tuple) else default)
+    extra = "" if leaf.type is bool else f"{leaf.expected}; "
+    return f"{doc} [{extra}default {shown}; key {leaf.key}]".replace("%", "%%")
+
+
+def add_settings(parser: argparse.ArgumentParser, tree: type, *,
+                 aliases: Mapping[str, str] | None = None,
+                 short: Mapping[str, str] | None = None) -> None:
+    """Flags for every setting of ``tree`` plus ``--preset/--config/--set/--print-config``.
+
+    Parameters
+    ----------
+    parser : the command's parser.
+    tree : the configuration tree (e.g. :class:`~sfxflow.pipeline.config.ProcessConfig`).
+    aliases : deprecated option strings -> dotted key (or ``"preset:NAME"``), hidden from help.
+    short : extra option strings -> dotted key, e.g. ``{"-g": "io.geometry"}``.
+    """
+    from sfxflow.pipeline.config import preset_names
+
+    cfg = parser.add_argument_group("configuration (see --print-config and docs/config.md)")
+    cfg.add_argument("--preset", dest="presets", action="append", default=[],
+                     choices=preset_names(), metavar="NAME",
+                     help=f"shipped settings for a detector: {', '.join(preset_names())}")
+    cfg.add_argument("--config", metavar="FILE", help="TOML or YAML configuration file")
+    cfg.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override one setting (repeatable)")
+    cfg.add_argument("--print-config", action="store_true",
+                     help="print the resolved configuration (TOML, with docs and ranges) and exit")
+    by_key = {leaf.key: leaf for leaf in _params.leaves(tree)}
+    extra: dict[str, list[str]] = {}
+    for option, key in (short or {}).items():
+        extra.setdefault(key, []).append(option)
+    groups: dict[str, Any] = {}
+    for sec in _params.sections(tree):
+        if any(leaf.section == sec.key for leaf in by_key.values()):
+            title = f"[{sec.key}] {sec.doc}" if sec.key else sec.doc
+            groups[sec.key] = parser.add_argument_group(title)
+    for leaf in by_key.values():
+        group = groups[leaf.section]
+        names = [f"--{leaf.flag}", *extra.get(leaf.key, [])]
+        if leaf.type is bool:
+            group.add_argument(*names, dest=leaf.key, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=_help(leaf))
+        elif leaf.type == tuple[str, ...]:  # a list of texts: one per use of the flag
+            group.add_argument(*names, dest=leaf.key, action="append", default=argparse.SUPPRESS,
+                               metavar="TEXT",
+                               help=_help(leaf).replace("[a list, each text; ", "[repeatable; "))
+        else:
+            group.add_argument(*names, dest=leaf.key, type=_converter(leaf.type, leaf.spec),
+                               default=argparse.SUPPRESS, metavar=_metavar(leaf), help=_help(leaf))
+    for option, key in (aliases or {}).items():
+        if key.startswith("preset:"):
+            parser.add_argument(option, dest="presets", action=_Deprecated, nargs=0,
+                                store=key.split(":", 1)[1], default=argparse.SUPPRESS,
+                                new=f"--preset {key.split(':', 1)[1]}", help=argparse.SUPPRESS)
+            continue
+        leaf = by_key[key]
+        if leaf.type is bool:
+            parser.add_argument(option, dest=key, action=_Deprecated, nargs=0, store=True,
+                                new=f"--{leaf.flag}", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(option, dest=key, action=_Deprecated,
+                                type=_converter(leaf.type, leaf.spec), new=f"--{leaf.flag}",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def given(args: argparse.Namespace, tree: type) -> dict[str, Any]:
+    """The settings given as flags: ``{dotted key: value}``."""
+    return {leaf.key: getattr(args, leaf.key) for leaf in _params.leaves(tree)
+            if hasattr(args, leaf.key)}
+
+
+def settings_from(args: argparse.Namespace, tree: type[T]) -> T:
+    """The tree from defaults < ``--preset`` < ``--config`` < flags < ``--set``."""
+    from sfxflow.pipeline.config import resolve_tree
+
+    return resolve_tree(tree, presets=getattr(args, "presets", None) or (),
+                        path=getattr(args, "config", None), flags=given(args, tree),
+                        overrides=getattr(args, "overrides", None) or ())
+
+
+def print_config(tree: Any) -> int:
+    """``--print-config``: the resolved tree as commented TOML on stdout."""
+    sys.stdout.write(_params.commented_toml(tree))
+    return 0
+

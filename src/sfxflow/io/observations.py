@@ -1,0 +1,436 @@
+"""Integrated observations for merging: read from sfxflow run directories and CrystFEL streams;
+write simulated ones as a run directory (docs/run-directory.md) and as a stream.
+
+A merge input is cut into shards (:class:`ShardSpec`): one per ``shards/<id>.reflections.parquet``
+of a run directory, one per stream file. :func:`read_shard` turns one into plain arrays
+(:class:`ShardData`), on whichever worker the shard is merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tomllib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gemmi
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sfxflow.errors import InputError
+from sfxflow.io.results import RunDir, parquet_bytes, read_parquet_bytes
+from sfxflow.io.storage import shown_url
+
+__all__ = [
+    "ShardData",
+    "ShardSpec",
+    "discover_shards",
+    "read_shard",
+    "write_observation_run",
+]
+
+log = logging.getLogger(__name__)
+
+_A_COLUMNS = [f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3)]
+_SHARD_ID_BITS = 32
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of merge work: a run directory's reflection shard, or a whole stream."""
+
+    kind: str  # "run" or "stream"
+    root: str  # the run directory, or the stream's URL
+    name: str  # shard id within the run directory ("" for a stream)
+    number: int  # position among all shards: the high bits of its crystals' ids
+    space_group: str = ""
+    cell: tuple[float, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return shown_url(self.root) + (f"/shards/{self.name}" if self.name else "")
+
+
+@dataclass
+class ShardData:
+    """A shard's crystals and observations as arrays.
+
+    ``crystal_ids`` are global (shard number in the high 32 bits); ``obs_crystal`` indexes
+    ``crystal_ids``; ``rejected`` counts crystals left out on reading, by reason.
+    """
+
+    crystal_ids: np.ndarray
+    a_matrices: np.ndarray
+    wavelengths_a: np.ndarray
+    cells: np.ndarray
+    source_url: list[str]
+    frame_index: np.ndarray
+    crystal: np.ndarray
+    obs_crystal: np.ndarray
+    hkl: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    polarisation: np.ndarray
+    rejected: dict[str, int] = field(default_factory=dict)
+    lattice_space_group: str = ""
+
+    @property
+    def n_crystals(self) -> int:
+        return int(self.crystal_ids.shape[0])
+
+
+def _is_stream(url: str) -> bool:
+    return url.rstrip("/").lower().endswith(".stream")
+
+
+def _run_target(run: RunDir) -> tuple[str, tuple[float, ...]]:
+    if not run.exists("config.toml"):
+        return "", ()
+    try:
+        cfg = tomllib.loads(run.read_text("config.toml"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{shown_url(run.url)}/config.toml: not readable TOML ({exc})") from None
+    target = cfg.get("target", {})
+    cell = target.get("cell") or ()
+    return str(target.get("space_group", "") or ""), tuple(float(x) for x in cell)
+
+
+def discover_shards(inputs: Sequence[str], storage_options: Mapping[str, Any] | None = None
+                    ) -> list[ShardSpec]:
+    """The shards of every input (run directories local or remote, stream files).
+
+    Raises
+    ------
+    InputError
+        An input that is neither a stream nor a run directory with reflection shards.
+    """
+    specs: list[ShardSpec] = []
+    for url in inputs:
+        if _is_stream(url):
+            specs.append(ShardSpec("stream", url, "", len(specs)))
+            continue
+        run = RunDir(url, storage_options)
+        try:
+            found = sorted(run.fs.glob(run.path("shards/*.reflections.parquet")))
+        except Exception as exc:  # fsspec backends raise many kinds
+            raise InputError(f"{shown_url(url)}: cannot list the run directory ({exc})") from None
+        if not found:
+            raise InputError(f"{shown_url(url)}: no shards/*.reflections.parquet (value: none "
+                             "found); expected an sfxflow run directory with integrated "
+                             "reflections, or a CrystFEL .stream")
+        sg, cell = _run_target(run)
+        for path in found:
+            name = str(path).rsplit("/", 1)[-1].removesuffix(".reflections.parquet")
+            specs.append(ShardSpec("run", run.url, name, len(specs), sg, cell))
+    return specs
+
+
+def _empty(number: int, rejected: dict[str, int]) -> ShardData:
+    z = np.zeros(0)
+    return ShardData(np.zeros(0, np.int64), np.zeros((0, 3, 3)), z, np.zeros((0, 6)), [],
+                     np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64),
+                     np.zeros((0, 3), np.int32), z, z, z, rejected)
+
+
+def _read_run_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None) -> ShardData:
+    run = RunDir(spec.root, storage_options)
+    rel = f"shards/{spec.name}.reflections.parquet"
+    try:
+        refl = read_parquet_bytes(run.read_bytes(rel))
+        crys = read_parquet_bytes(run.read_bytes(f"shards/{spec.name}.crystals.parquet"))
+    except FileNotFoundError as exc:
+        raise InputError(f"{spec.label}: missing shard file ({exc})") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{spec.label}: unreadable Parquet shard ({exc})") from None
+    need = {"source_url", "frame_index", "crystal", "h", "k", "l", "intensity", "sigma"}
+    missing = need - set(refl.column_names)
+    if missing:
+        raise InputError(f"{spec.label}: reflections shard lacks column(s) "
+                         f"{', '.join(sorted(missing))} (see docs/run-directory.md)")
+    rejected: Counter[str] = Counter()
+    c = crys.to_pydict()
+    keys: dict[tuple[str, int, int], int] = {}
+    a_list: list[np.ndarray] = []
+    wl: list[float] = []
+    cells: list[list[float]] = []
+    src: list[str] = []
+    fr: list[int] = []
+    cr: list[int] = []
+    for i in range(crys.num_rows):
+        if c.get("status", ["integrated"] * crys.num_rows)[i] not in ("integrated", None):
+            rejected["integration failed"] += 1
+            continue
+        a = np.array([c[k][i] for k in _A_COLUMNS], dtype=float).reshape(3, 3)
+        lam = float(c["wavelength_a"][i])
+        if not (np.all(np.isfinite(a)) and math.isfinite(lam) and lam > 0):
+            rejected["no orientation or wavelength"] += 1
+            continue
+        keys[(c["source_url"][i], int(c["frame_index"][i]), int(c["crystal"][i]))] = len(a_list)
+        a_list.append(a)
+        wl.append(lam)
+        cells.append([c[k][i] for k in ("a", "b", "c", "alpha", "beta", "gamma")])
+        src.append(c["source_url"][i])
+        fr.append(int(c["frame_index"][i]))
+        cr.append(int(c["crystal"][i]))
+    s_url = refl.column("source_url").to_pylist()
+    f_idx = refl.column("frame_index").to_numpy()
+    c_idx = refl.column("crystal").to_numpy()
+    obs_c = np.array([keys.get((u, int(f), int(k)), -1) for u, f, k in zip(s_url, f_idx, c_idx,
+                                                                        strict=True)],
+                     dtype=np.int64)
+    if refl.num_rows and (obs_c < 0).all() and keys:
+        raise InputError(f"{spec.label}: no reflection belongs to a crystal of "
+                         f"shards/{spec.name}.crystals.parquet")
+    keep = obs_c >= 0
+    if "flags" in refl.column_names:  # saturated (2) reflections are not usable intensities
+        keep &= (refl.column("flags").to_numpy() & 2) == 0
+    pol = refl.column("polarisation").to_numpy() if "polarisation" in refl.column_names else \
+        np.ones(refl.num_rows)
+    counts = np.bincount(obs_c[keep], minlength=len(a_list))
+    rejected["no integrated reflections"] += int(np.sum(counts == 0))
+    ids = (np.int64(spec.number) << _SHARD_ID_BITS) + np.arange(len(a_list), dtype=np.int64)
+    hkl = np.column_stack([refl.column(x).to_numpy() for x in "hkl"]).astype(np.int32)
+    return ShardData(
+        crystal_ids=ids,
+        a_matrices=np.array(a_list).reshape(-1, 3, 3), wavelengths_a=np.array(wl),
+        cells=np.array(cells, dtype=float).reshape(-1, 6), source_url=src,
+        frame_index=np.array(fr, np.int64), crystal=np.array(cr, np.int32),
+        obs_crystal=obs_c[keep], hkl=hkl[keep],
+        intensity=refl.column("intensity").to_numpy()[keep].astype(float),
+        sigma=refl.column("sigma").to_numpy()[keep].astype(float),
+        polarisation=np.asarray(pol, dtype=float)[keep],
+        rejected=dict(rejected),
+    )
+
+
+def _polarisation(stream: Any, chunk: Any, refl: Any, cache: dict) -> np.ndarray:
+    """Horizontal-polarisation factor of each reflection from the stream's geometry (1 where
+    the geometry is unknown)."""
+    if stream.geometry is None or len(refl) == 0:
+        return np.ones(len(refl))
+    key = tuple(sorted(chunk.header_values.items()))
+    det = cache.get(key)
+    if det is None:
+        try:
+            det, _ = stream.resolve(chunk)
+        except InputError:
+            return np.ones(len(refl))
+        cache[key] = det
+    pos = np.zeros((len(refl), 3))
+    for p in np.unique(refl.panel):
+        sel = refl.panel == p
+        pos[sel] = det.panels[int(p)].lab_mm(refl.fs_px[sel], refl.ss_px[sel])
+    u = pos / np.linalg.norm(pos, axis=1, keepdims=True)
+    return 1.0 - u[:, 0] ** 2
+
+
+def _read_stream_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None
+                       ) -> ShardData:
+    from sfxflow.io.stream import read_stream
+
+    stream = read_stream(spec.root, storage_options)
+    rejected: Counter[str] = Counter()
+    a_list: list[np.ndarray] = []
+    wl: list[float] = []
+    cells: list[list[float]] = []
+    src: list[str] = []
+    fr: list[int] = []
+    cr: list[int] = []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("c", "hkl", "i", "s", "p")}
+    lattices: list[tuple[str, ...]] = []
+    cache: dict = {}
+    for n_chunk, chunk in enumerate(stream):
+        for k, xtal in enumerate(chunk.crystals):
+            refl = xtal.reflections
+            lam = chunk.wavelength_a
+            good = np.isfinite(refl.intensity) & np.isfinite(refl.sigma) & (refl.sigma > 0)
+            if lam is None or not math.isfinite(lam):
+                rejected["no wavelength"] += 1
+                continue
+            if not good.any():
+                rejected["no integrated reflections"] += 1
+                continue
+            ci = len(a_list)
+            lattices.append(tuple(xtal.lattice))
+            a_list.append(np.asarray(xtal.a_matrix, dtype=float))
+            wl.append(lam)
+            cells.append(list(xtal.cell.parameters))
+            src.append(chunk.filename)
+            fr.append(chunk.frame_index if chunk.frame_index is not None else n_chunk)
+            cr.append(k)
+            parts["c"].append(np.full(int(good.sum()), ci, dtype=np.int64))
+            parts["hkl"].append(refl.hkl[good])
+            parts["i"].append(refl.intensity[good])
+            parts["s"].append(refl.sigma[good])
+            parts["p"].append(_polarisation(stream, chunk, refl, cache)[good])
+    if not a_list:
+        n_x = sum(len(c.crystals) for c in stream)
+        raise InputError(f"{spec.label}: no crystal with integrated reflections ({len(stream)} "
+                         f"chunks, {n_x} crystals); expected indexamajig output with "
+                         "reflection lists (not --integration=none)")
+    ids = (np.int64(spec.number) << _SHARD_ID_BITS) + np.arange(len(a_list), dtype=np.int64)
+    lattice_sg = ""
+    if lattices:
+        from sfxflow.io.cellfile import default_space_group
+
+        try:
+            lattice_sg = default_space_group(*Counter(lattices).most_common(1)[0][0]).xhm()
+        except ValueError:
+            lattice_sg = ""
+    return ShardData(
+        lattice_space_group=lattice_sg,
+        crystal_ids=ids, a_matrices=np.array(a_list), wavelengths_a=np.array(wl),
+        cells=np.array(cells), source_url=src, frame_index=np.array(fr, np.int64),
+        crystal=np.array(cr, np.int32), obs_crystal=np.concatenate(parts["c"]),
+        hkl=np.concatenate(parts["hkl"]).astype(np.int32),
+        intensity=np.concatenate(parts["i"]), sigma=np.concatenate(parts["s"]),
+        polarisation=np.concatenate(parts["p"]), rejected=dict(rejected))
+
+
+def read_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None = None) -> ShardData:
+    """Read one shard (on a worker)."""
+    if spec.kind == "stream":
+        return _read_stream_shard(spec, storage_options)
+    return _read_run_shard(spec, storage_options)
+
+
+def stream_target(url: str, storage_options: Mapping[str, Any] | None = None
+                  ) -> tuple[str, tuple[float, ...]]:
+    """Space group and cell from a stream's target cell block ("" and () when absent)."""
+    from sfxflow.io.stream import read_stream
+
+    target = read_stream(url, storage_options).target_cell
+    if target is None:
+        return "", ()
+    sg = target.space_group.xhm() if target.space_group is not None else ""
+    if not sg:
+        from sfxflow.io.cellfile import default_space_group
+
+        try:
+            sg = default_space_group(*target.lattice).xhm()
+        except ValueError:
+            sg = ""
+    return sg, tuple(target.cell.parameters)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_observation_run(run_url: str, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup,
+                          shards: Sequence[tuple[list[dict], list[dict[str, np.ndarray]]]],
+                          storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write integrated observations as a run directory (the contract's reflections and crystals
+    shards, and the target cell in config.toml).
+
+    Parameters
+    ----------
+    shards : per shard, (crystal rows as dicts with the crystals.parquet columns, per crystal
+        a dict of reflection columns without ``source_url frame_index crystal``).
+    """
+    run = RunDir(run_url, storage_options)
+    run.makedirs()
+    p = cell.parameters
+    run.write_text("config.toml", "[target]\n" f"cell = [{', '.join(f'{x:.6f}' for x in p)}]\n"
+                   f"space_group = \"{space_group.xhm()}\"\n")
+    for n, (rows, refls) in enumerate(shards):
+        name = f"sim-{n:05d}"
+        parts = []
+        for row, refl in zip(rows, refls, strict=True):
+            m = len(refl["h"])
+            cols = {"source_url": pa.array([row["source_url"]] * m, pa.string()),
+                    "frame_index": pa.array(np.full(m, row["frame_index"], np.int64)),
+                    "crystal": pa.array(np.full(m, row["crystal"], np.int32))}
+            cols.update({k: pa.array(np.asarray(v)) for k, v in refl.items()})
+            parts.append(pa.table(cols))
+        run.write_bytes(f"shards/{name}.reflections.parquet",
+                        parquet_bytes(pa.concat_tables(parts)) if parts else b"")
+        run.write_bytes(f"shards/{name}.crystals.parquet", parquet_bytes(pa.Table.from_pylist(rows)))
+
+
+def write_table(url: str, table: pa.Table, storage_options: Mapping[str, Any] | None = None
+                ) -> None:
+    """Write a Parquet table to a path or URL."""
+    from sfxflow.io.storage import open_url
+
+    with open_url(url, "wb", storage_options) as fh:
+        pq.write_table(table, fh)
+
+
+def write_simulated_observations(
+    run_url: str,
+    truth: Any,
+    detector: Any,
+    params: Any,
+    n_crystals: int,
+    seed: int,
+    *,
+    n_shards: int = 1,
+    reindex_ops: list[np.ndarray] | None = None,
+    stream_path: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[dict]:
+    """Simulate ``n_crystals`` crystals (:func:`sfxflow.algorithms.simulate_physical
+    .simulate_crystal`, crystal ``i`` from ``default_rng([seed, i])``) and write them as a run
+    directory, and as a CrystFEL stream when ``stream_path`` is given. Returns the crystal rows.
+    """
+    from sfxflow.algorithms.simulate_physical import crystal_row, simulate_crystal
+
+    per_shard = max(1, math.ceil(n_crystals / n_shards))
+    shards: list[tuple[list[dict], list[dict[str, np.ndarray]]]] = []
+    stream = _SimStream(stream_path, detector, truth) if stream_path else None
+    all_rows = []
+    for i in range(n_crystals):
+        sim = simulate_crystal(truth, detector, params, np.random.default_rng([seed, i]),
+                               reindex_ops)
+        row = crystal_row(sim, f"sim-{seed}.cxi", i)
+        if i % per_shard == 0:
+            shards.append(([], []))
+        shards[-1][0].append(row)
+        shards[-1][1].append(sim.reflections)
+        all_rows.append(row)
+        if stream is not None:
+            stream.add(sim, i)
+    write_observation_run(run_url, truth.index.cell, truth.index.space_group, shards,
+                          storage_options)
+    if stream is not None:
+        stream.close()
+    return all_rows
+
+
+class _SimStream:
+    """Writes simulated crystals as stream chunks (reflection lists with positions)."""
+
+    def __init__(self, path: str, detector: Any, truth: Any) -> None:
+        from sfxflow.io.geometry import format_geom
+        from sfxflow.io.stream import format_stream_header
+
+        self.detector = detector
+        self.fh = open(path, "w", encoding="utf-8")
+        cell, sg = truth.index.cell, truth.index.space_group
+        from sfxflow.io.cellfile import lattice_from_space_group
+
+        self.fh.write(format_stream_header(format_geom(detector), target_cell=(
+            cell, lattice_from_space_group(sg)), command_line="sfxflow bench merge"))
+
+    def add(self, sim: Any, frame: int) -> None:
+        from sfxflow.io.stream import Reflections, format_chunk
+        from sfxflow.models import Beam, FrameStatus, ImageResult
+
+        r = sim.reflections
+        refl = Reflections(np.column_stack([r["h"], r["k"], r["l"]]), r["intensity"], r["sigma"],
+                           r["intensity"] + r["background"] * r["peak_pixels"], r["background"],
+                           r["fs_px"], r["ss_px"], r["panel"])
+        result = ImageResult("sim.cxi", frame, FrameStatus.INDEXED, crystal=sim.reported)
+        self.fh.write(format_chunk(result, self.detector, beam=Beam(sim.wavelength_a),
+                                   serial=frame + 1, reflections=refl, crystal_info={
+                                       "profile_radius": "0.00300 nm^-1",
+                                       "diffraction_resolution_limit":
+                                           f"{10.0 / float(r['d_a'].min()):.2f} nm^-1 or "
+                                           f"{float(r['d_a'].min()):.2f} A"}))
+
+    def close(self) -> None:
+        self.fh.close()

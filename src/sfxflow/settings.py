@@ -1,0 +1,167 @@
+"""Declaring settings: the valid range of a parameter, next to the field it belongs to.
+
+Every ``Params`` dataclass (next to its algorithm) declares its numeric fields with
+:func:`setting`, which records the range in the field's metadata, and its nested sections with
+:func:`section`. ``__post_init__`` calls :func:`check_fields`, so a value out of range is refused
+wherever the object is built. The configuration layer (:mod:`sfxflow.pipeline.params`) reads the
+same metadata to generate command-line flags, config-file keys, ``--print-config`` and
+``docs/config.md``: one declaration, every surface. The one-line documentation of a setting is
+the entry for its name in the class's numpydoc ``Parameters`` section.
+
+This module sits below ``models`` (standard library only) so that every layer can use it.
+
+>>> from dataclasses import dataclass
+>>> @dataclass(frozen=True)
+... class Blur:
+...     sigma_px: float = setting(1.0, gt=0, le=50)
+...     passes: int = setting(1, ge=1, le=10)
+...     def __post_init__(self) -> None:
+...         check_fields(self)
+>>> Blur(sigma_px=2.0).sigma_px
+2.0
+>>> Blur(passes=0)
+Traceback (most recent call last):
+...
+sfxflow.settings.SettingError: Blur.passes = 0: expected an integer from 1 to 10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sfxflow.errors import ConfigError
+
+__all__ = ["SettingError", "Spec", "check_fields", "check_value", "section", "setting", "spec_of"]
+
+_KEY = "sfxflow"
+
+
+class SettingError(ConfigError, ValueError):
+    """A setting outside its declared range (a user error, and a ValueError for library callers)."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What values a setting accepts, and how it is named on the command line.
+
+    Parameters
+    ----------
+    ge, gt, le, lt : inclusive / exclusive bounds of a number (``None``: no bound).
+    choices : the accepted values of a text setting.
+    odd : an integer that must be odd.
+    finite : a float must be finite (the default; NaN and infinities are never a setting).
+    flag : command-line flag name without the leading dashes, instead of the field's name.
+    flag_prefix : for a section: prefix of its fields' flags (``None``: ``"<name>-"``).
+    doc : one-line documentation when the class docstring has no entry for the field.
+    check : a callable that raises ValueError for a value it refuses (a space group, a cell, an
+        address), applied to the whole value; ``expect`` says in words what it accepts.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[Any, ...] = ()
+    odd: bool = False
+    finite: bool = True
+    flag: str | None = None
+    flag_prefix: str | None = None
+    doc: str = ""
+    check: Callable[[Any], Any] | None = None
+    expect: str = ""
+
+    @property
+    def has_range(self) -> bool:
+        """Whether a lower and an upper limit (or a list of choices, or a check) are declared."""
+        return bool(self.choices) or self.check is not None or (
+            (self.ge is not None or self.gt is not None) and (self.le is not None or self.lt is not None)
+        )
+
+    def describe(self, kind: str = "a number") -> str:
+        """``"an odd integer from 3 to 63"``: the accepted values, for messages and docs."""
+        if self.expect:
+            return self.expect
+        if self.choices:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        noun = f"an odd {kind.split()[-1]}" if self.odd else kind
+        lo = (self.ge, ">=") if self.ge is not None else (self.gt, ">")
+        hi = (self.le, "<=") if self.le is not None else (self.lt, "<")
+        if lo[1] == ">=" and hi[1] == "<=" and lo[0] is not None and hi[0] is not None:
+            return f"{noun} from {_num(lo[0])} to {_num(hi[0])}"
+        parts = [f"{op} {_num(v)}" for v, op in (lo, hi) if v is not None]
+        return f"{noun} {' and '.join(parts)}" if parts else noun
+
+    def problem(self, value: Any) -> bool:
+        """Whether ``value`` (already of the field's type) is outside the accepted values."""
+        if self.choices:
+            return value not in self.choices
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if isinstance(value, float) and self.finite and not math.isfinite(value):
+            return True
+        if math.isnan(value):
+            return True
+        return ((self.ge is not None and not value >= self.ge)
+                or (self.gt is not None and not value > self.gt)
+                or (self.le is not None and not value <= self.le)
+                or (self.lt is not None and not value < self.lt)
+                or (self.odd and int(value) % 2 == 0))
+
+
+def _num(v: float) -> str:
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return f"{v:g}"
+
+
+def setting(default: Any, **spec: Any) -> Any:
+    """A dataclass field with a default and a :class:`Spec` (``ge=0, le=10``, ``choices=...``)."""
+    return dataclasses.field(default=default, metadata={_KEY: Spec(**spec)})
+
+
+def section(cls: type, **spec: Any) -> Any:
+    """A nested ``Params`` section (default: ``cls()``); ``flag_prefix`` names its flags."""
+    return dataclasses.field(default_factory=cls, metadata={_KEY: Spec(**spec)})
+
+
+def spec_of(f: dataclasses.Field) -> Spec:
+    """The :class:`Spec` of a field (an empty one when none was declared)."""
+    spec = f.metadata.get(_KEY)
+    return spec if isinstance(spec, Spec) else Spec()
+
+
+def kind_of(value: Any) -> str:
+    """``"an integer"`` or ``"a number"``: the noun of a value's type, for messages."""
+    return "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a number"
+
+
+def passes_check(spec: Spec, value: Any) -> bool:
+    """Whether ``value`` passes the spec's ``check`` (``None`` always does)."""
+    if spec.check is None or value is None:
+        return True
+    try:
+        spec.check(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def check_value(spec: Spec, value: Any, name: str) -> None:
+    """Raise :class:`SettingError` ``"NAME = VALUE: expected RANGE"`` when out of range."""
+    values: Sequence[Any] = value if isinstance(value, tuple | list) and not spec.choices else (value,)
+    for v in values:
+        if v is not None and spec.problem(v):
+            raise SettingError(f"{name} = {value!r}: expected {spec.describe(kind_of(v))}")
+    if not passes_check(spec, value):
+        raise SettingError(f"{name} = {value!r}: expected {spec.expect or 'a valid value'}")
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of a dataclass instance against its declared :class:`Spec`."""
+    for f in dataclasses.fields(obj):
+        spec = spec_of(f)
+        check_value(spec, getattr(obj, f.name), f"{type(obj).__name__}.{f.name}")
