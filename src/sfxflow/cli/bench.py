@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "spots": "sfxflow.benchmarks.spots",
     "index": "sfxflow.benchmarks.index",
     "process": "sfxflow.benchmarks.process",
+    "merge": "sfxflow.benchmarks.merge",
 }
 
 HELP = "benchmark a stage (simulate, decode, spots, index, process, or all) and print figures"
