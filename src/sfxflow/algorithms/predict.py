@@ -404,7 +404,7 @@ def predict_reflections(
     ss = np.empty(n)
     _project(k_vecs, np.ascontiguousarray(d_inv), m.shape, panel, fs, ss)
     on = panel >= 0
-    order = np.lexsort((ss[on], panel[on]))
+    order = np.argsort(panel[on] * 1e5 + ss[on], kind="stable")  # by panel, then ss
     sel = np.flatnonzero(on)[order]
     u = k_vecs[sel] / np.linalg.norm(k_vecs[sel], axis=1, keepdims=True)
     f = params.polarisation_fraction
