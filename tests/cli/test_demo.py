@@ -21,6 +21,9 @@ def test_demo_small_serial(tmp_path, capsys):
     png = tmp_path / "demo" / "frame.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"frames 10: hits {summary['hits']}" in out
+    # it ends with the merged data and its statistics table
+    assert (tmp_path / "demo" / "run" / "merge" / "merged.mtz").exists()
+    assert "CC1/2" in out and "merged.mtz" in out
 
 
 def test_demo_rejects_bad_counts(tmp_path, capsys):

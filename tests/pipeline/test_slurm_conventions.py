@@ -97,7 +97,7 @@ def test_tls_from_dask_security_settings_reaches_the_workers():
 @pytest.mark.parametrize("bad", ["0:4", "5:2", "3", "a:b"])
 def test_adapt_needs_min_max(bad, capsys):
     assert main(["process", "--cluster", "slurm", "--adapt", bad, "--dry-run"]) == 2
-    assert f"cluster.adapt = {bad!r}" in capsys.readouterr().err
+    assert f"--adapt {bad!r}: expected MIN:MAX jobs" in capsys.readouterr().err
     assert ClusterConfig(kind="slurm", adapt="1:20").adapt_range() == (1, 20)
 
 

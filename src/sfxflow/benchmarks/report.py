@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from sfxflow.cli.options import number
+
 HELP = "time to build the run report for a large run of simulated records (goal < 10 s)"
 DESCRIPTION = HELP + """
 
@@ -37,10 +39,12 @@ FAILURES = (("read", "frame 7 of the file is truncated (HDF5 chunk read failed)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=100_000, help="frames (default 10^5)")
-    parser.add_argument("--frames-per-block", type=int, default=100,
-                        help="frames per block (default 100)")
-    parser.add_argument("--repeats", type=int, default=3, help="builds timed (default 3)")
+    number(parser, "--frames", kind=int, default=100_000, ge=1, le=100_000_000,
+           help="frames (default 10^5)")
+    number(parser, "--frames-per-block", kind=int, default=100, ge=1, le=1_000_000,
+           help="frames per block (default 100)")
+    number(parser, "--repeats", kind=int, default=3, ge=1, le=1000,
+           help="builds timed (default 3)")
     parser.add_argument("--keep", metavar="DIR",
                         help="write the run and its report here and keep them")
 

@@ -13,10 +13,11 @@ BENCHMARKS: dict[str, str] = {
     "index": "sfxflow.benchmarks.index",
     "integrate": "sfxflow.benchmarks.integrate",
     "process": "sfxflow.benchmarks.process",
+    "merge": "sfxflow.benchmarks.merge",
     "report": "sfxflow.benchmarks.report",
 }
 
-HELP = ("benchmark a stage (simulate, decode, spots, index, integrate, process, report, or all) "
+HELP = ("benchmark a stage (simulate, decode, spots, index, integrate, process, merge, report, or all) "
         "and print figures")
 DESCRIPTION = HELP + """
 

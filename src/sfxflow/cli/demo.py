@@ -11,14 +11,17 @@ from pathlib import Path
 from sfxflow.cli.options import number
 from sfxflow.errors import InputError
 
-HELP = "simulate a small CSPAD data set, process it locally, print the summary, draw a frame"
+HELP = ("simulate a small CSPAD data set, process it locally, print the summary, draw a frame, "
+        "merge it")
 DESCRIPTION = HELP + """
 
 Writes into DIR (default ./sfxflow-demo):
   data/     simulated CXI files (thermolysin-like crystals, P 61 2 2), geometry.geom, truth
   run/      the run directory of `sfxflow process` (frames.parquet, summary.json, stream shards)
+  run/merge/ the merged data: merged.mtz, merged.hkl, stats.json (its table is printed)
   frame.png one indexed frame with its found spots circled
-then checks the indexed frames against the simulation's truth. Takes a minute or two on 2 cores.
+then checks the indexed frames against the simulation's truth and merges the integrated
+reflections. Takes a few minutes on 2 cores.
 
 Examples:
   sfxflow demo
@@ -53,12 +56,12 @@ def _truth_check(run_dir: Path, data_dir: Path) -> str:
     import pyarrow.parquet as pq
 
     from sfxflow.algorithms.index import misorientation_deg
-    from sfxflow.models import Crystal, as_space_group, as_unit_cell
+    from sfxflow.models import A_MATRIX_COLUMNS, Crystal, as_space_group, as_unit_cell
 
     frames = pq.read_table(run_dir / "frames.parquet").to_pylist()
     truth = {(r["file"], r["frame_index"]): r
              for r in pq.read_table(data_dir / "truth_frames.parquet").to_pylist()}
-    cols = [f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3)]
+    cols = A_MATRIX_COLUMNS
     sg = as_space_group(SPACE_GROUP)
     found = missed = false_hits = 0
     errors = []
@@ -151,4 +154,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"report (open in a browser): {run_dir}/report.html")
     print(f"results: {run_dir}/frames.parquet, {run_dir}/summary.json; stream: "
           f"cat {run_dir}/header.stream {run_dir}/shards/*.stream")
+    from sfxflow.cli.process import merge_run
+
+    try:
+        merge_run(str(run_dir), config.cluster)
+    except InputError as exc:  # e.g. too few frames for any integrated crystal
+        print(f"not merged: {exc}")
     return 0

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the batch job script that would be submitted, then exit")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
     parser.add_argument("--json", action="store_true", help="print summary.json to stdout")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge the integrated reflections at the end into RUN/merge "
+                             "(default merge settings; see `sfxflow merge` for more)")
     # every setting of the tree is a flag: --cell, --frames-per-block, --scheduler, --workers,
     # --cluster, --spots-sigma-strong, --hit-min-spots, --index-min-indexed, --refine-cell ...
     add_settings(parser, ProcessConfig, short={"-g": "io.geometry"},
@@ -129,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_summary(result.summary))
         print(f"results in {result.run_url}"
               + (f", report {result.run_url}/report.html" if config.run.report else ""))
+    if args.merge and result.complete:
+        merge_run(result.run_url, config.cluster, storage_options)
     if not result.complete:
         left = result.blocks_total - result.blocks_skipped - result.blocks_done - \
             result.blocks_failed
@@ -144,3 +149,24 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def merge_run(run_url: str, cluster: Any, storage_options: Any = None) -> Any:
+    """``--merge``: merge a finished run into ``RUN/merge`` and print its statistics."""
+    from sfxflow.algorithms.merge.scale import MergeParams
+    from sfxflow.pipeline.merge import run_merge
+
+    print(f"merging into {run_url}/merge ...", file=sys.stderr, flush=True)
+    merged = run_merge([run_url], f"{run_url}/merge", MergeParams(), cluster,
+                       storage_options=storage_options,
+                       echo=lambda s: print(s, file=sys.stderr, flush=True))
+    s = merged.stats
+    print(f"merged {s['n_crystals_merged']} of {s['n_crystals_input']} crystals "
+          f"({s['space_group']}): {merged.out_url}/merged.mtz")
+    print(merged.table)
+    from sfxflow.pipeline.report import write_merge_report
+
+    # the run's own page is written before the merge: rewrite it with the merged data
+    for page in write_merge_report(merged.out_url, [run_url], storage_options=storage_options):
+        print(f"report: {page}", file=sys.stderr)
+    return merged

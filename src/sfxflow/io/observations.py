@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from sfxflow.errors import InputError
 from sfxflow.io.results import RunDir, parquet_bytes, read_parquet_bytes
 from sfxflow.io.storage import shown_url
+from sfxflow.models import A_MATRIX_COLUMNS
 
 __all__ = [
     "ShardData",
@@ -35,7 +36,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_A_COLUMNS = [f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3)]
 _SHARD_ID_BITS = 32
 
 
@@ -164,7 +164,7 @@ def _read_run_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None) 
         if c.get("status", ["integrated"] * crys.num_rows)[i] not in ("integrated", None):
             rejected["integration failed"] += 1
             continue
-        a = np.array([c[k][i] for k in _A_COLUMNS], dtype=float).reshape(3, 3)
+        a = np.array([c[k][i] for k in A_MATRIX_COLUMNS], dtype=float).reshape(3, 3)
         lam = float(c["wavelength_a"][i])
         if not (np.all(np.isfinite(a)) and math.isfinite(lam) and lam > 0):
             rejected["no orientation or wavelength"] += 1
@@ -381,7 +381,8 @@ def write_simulated_observations(
 
     per_shard = max(1, math.ceil(n_crystals / n_shards))
     shards: list[tuple[list[dict], list[dict[str, np.ndarray]]]] = []
-    stream = _SimStream(stream_path, detector, truth) if stream_path else None
+    stream = _SimStream(stream_path, detector, truth, params.wavelength_a,
+                        params.bandwidth_fwhm) if stream_path else None
     all_rows = []
     for i in range(n_crystals):
         sim = simulate_crystal(truth, detector, params, np.random.default_rng([seed, i]),
@@ -404,17 +405,26 @@ def write_simulated_observations(
 class _SimStream:
     """Writes simulated crystals as stream chunks (reflection lists with positions)."""
 
-    def __init__(self, path: str, detector: Any, truth: Any) -> None:
+    def __init__(self, path: str, detector: Any, truth: Any, wavelength_a: float,
+                 bandwidth_fwhm: float) -> None:
+        import dataclasses
+
+        from sfxflow.io.cellfile import lattice_from_space_group
         from sfxflow.io.geometry import format_geom
         from sfxflow.io.stream import format_stream_header
+        from sfxflow.models import Beam
 
+        # CrystFEL needs a wavelength and a gain in the geometry (intensities are photons)
+        detector = type(detector)(tuple(dataclasses.replace(p, adu_per_photon=1.0)
+                                        for p in detector.panels))
         self.detector = detector
+        # as format_geom writes it: CrystFEL's bandwidth is the Gaussian σ, a fraction
+        self.bandwidth = bandwidth_fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
         self.fh = open(path, "w", encoding="utf-8")
         cell, sg = truth.index.cell, truth.index.space_group
-        from sfxflow.io.cellfile import lattice_from_space_group
-
-        self.fh.write(format_stream_header(format_geom(detector), target_cell=(
-            cell, lattice_from_space_group(sg)), command_line="sfxflow bench merge"))
+        geom = format_geom(detector, beam=Beam(wavelength_a, bandwidth_fwhm=bandwidth_fwhm))
+        self.fh.write(format_stream_header(geom, target_cell=(
+            cell, lattice_from_space_group(sg)), command_line="sfxflow simulate (observations)"))
 
     def add(self, sim: Any, frame: int) -> None:
         from sfxflow.io.stream import Reflections, format_chunk
@@ -425,12 +435,16 @@ class _SimStream:
                            r["intensity"] + r["background"] * r["peak_pixels"], r["background"],
                            r["fs_px"], r["ss_px"], r["panel"])
         result = ImageResult("sim.cxi", frame, FrameStatus.INDEXED, crystal=sim.reported)
-        self.fh.write(format_chunk(result, self.detector, beam=Beam(sim.wavelength_a),
+        text = format_chunk(result, self.detector, beam=Beam(sim.wavelength_a),
                                    serial=frame + 1, reflections=refl, crystal_info={
                                        "profile_radius": "0.00300 nm^-1",
                                        "diffraction_resolution_limit":
                                            f"{10.0 / float(r['d_a'].min()):.2f} nm^-1 or "
-                                           f"{float(r['d_a'].min()):.2f} A"}))
+                                           f"{float(r['d_a'].min()):.2f} A"})
+        # CrystFEL reads each shot's bandwidth from its chunk (xsphere integrates over it)
+        head, sep, rest = text.partition("\nnum_peaks")
+        self.fh.write(head + f"\nbeam_divergence = 0.00e+00 rad\nbeam_bandwidth = "
+                      f"{self.bandwidth:.2e} (fraction)" + sep + rest)
 
     def close(self) -> None:
         self.fh.close()

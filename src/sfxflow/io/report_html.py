@@ -354,7 +354,8 @@ def _spots_hist_svg(a: AlongRun) -> str:
     ax.set_yscale("log")
     ax.set_xlabel(f"spots per frame (the last bin holds everything ≥ {edges[-2]:.0f})")
     ax.set_ylabel("frames")
-    ax.legend(fontsize=8, frameon=False)
+    if labels:
+        ax.legend(fontsize=8, frameon=False)
     return _svg(fig, "histogram of spots per frame")
 
 
@@ -579,7 +580,7 @@ def _merged_html(m: Merged) -> str:
     cell = st.get("cell")
     cell_text = " ".join(f"{v:.2f}" for v in cell) if cell else "–"
     rejected = st.get("rejected") or {}
-    rej_text = ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "none"
+    rej_text = ", ".join(f"{k}: {v}" for k, v in rejected.items() if v) or "none"
     head = (f'<p class="small">{_e(m.source)}: space group {_e(st.get("space_group", "–"))}, '
             f"cell {_e(cell_text)}, model {_e(st.get('model', '–'))}, "
             f"{int(st.get('n_crystals_merged') or 0):,} of "

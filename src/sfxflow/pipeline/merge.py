@@ -160,24 +160,26 @@ def _ambiguity_vectors(shard: PreparedShard, curve: np.ndarray, edges: np.ndarra
 
 def _cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
            accepted: np.ndarray | None, n_codes: int, unity_first: bool,
-           fixed_ops: np.ndarray | None) -> tuple[CrystalFits, ShardSums]:
+           fixed_ops: np.ndarray | None, reject_outliers: bool = False
+           ) -> tuple[CrystalFits, ShardSums]:
     ops = choose_operators(shard, reference.intensity, fixed_ops)
     fits = fit_crystals(shard, reference.intensity, params, ops, unity_first=unity_first)
     ok = fits.status == ACCEPTED
     if accepted is not None:
         ok &= accepted
-    return fits, accumulate(shard, fits, reference, params, ok, n_codes)
+    return fits, accumulate(shard, fits, reference, params, ok, n_codes, reject_outliers)
 
 
 def _last_cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
                 accepted: np.ndarray | None, n_codes: int, index: AsuIndex, out_url: str,
                 storage_options: Mapping[str, Any] | None, number: int
                 ) -> tuple[CrystalFits, ShardSums, pa.Table]:
-    fits, sums = _cycle(shard, reference, params, accepted, n_codes, False, None)
+    fits, sums = _cycle(shard, reference, params, accepted, n_codes, params.iterations == 1,
+                        None, reject_outliers=params.iterations > 1)
     ok = fits.status == ACCEPTED
     if accepted is not None:
         ok &= accepted
-    obs = scaled_observations(shard, fits, reference, params, ok)
+    obs = scaled_observations(shard, fits, reference, params, ok, params.iterations > 1)
     code = obs["code"]
     asu = np.where(code[:, None] >= 0, index.hkl[np.maximum(code, 0) // 2], 0)
     counts = np.diff(shard.offsets)
@@ -393,7 +395,8 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         with np.errstate(invalid="ignore", divide="ignore"):
             ref_i = np.where(s_n > 0, s_val / s_n * ref_i, np.nan)
         ambiguity["n_crystals_resolved"] = len(picked)
-    reference = Reference(ref_i, np.full(len(index), np.nan), np.zeros(len(index), np.int64))
+    reference = Reference(ref_i, np.full(len(index), np.nan), np.zeros(len(index), np.int64),
+                          level=_wilson_at(curve, edges, inv_d2_asu))
 
     accepted: list[np.ndarray | None] = [None] * len(prepared)
     history = []
@@ -429,7 +432,7 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
             accepted[i] = f.status == ACCEPTED
         merged = merge_sums(sums, params.min_measurements)
         em = ErrorModel.fit(sums.error_sums)
-        reference = merged.reference(em)
+        reference = merged.reference(em, index.d_a)
         dev = sums.deviation_sums
         rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
         cc_half = pearson(merged.i_half_a, merged.i_half_b)

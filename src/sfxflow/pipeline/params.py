@@ -58,6 +58,7 @@ __all__ = [
     "commented_toml",
     "convert",
     "differences",
+    "expected_words",
     "first_sentence",
     "from_mapping",
     "leaves",
@@ -96,7 +97,7 @@ class Leaf:
     @property
     def expected(self) -> str:
         """What the setting accepts, in words: ``"a number from 0 to 1"``."""
-        return _expected(self.type, self.spec)
+        return expected_words(self.type, self.spec)
 
 
 @dataclass(frozen=True)
@@ -223,18 +224,19 @@ def sections(cls: type) -> tuple[Section, ...]:
 # ---------------------------------------------------------------------------- conversion
 
 
-def _expected(tp: Any, spec: Spec) -> str:
+def expected_words(tp: Any, spec: Spec) -> str:
+    """What a setting of type ``tp`` within ``spec`` accepts, in words (for messages and docs)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if spec.expect:
         return f"{spec.expect} or none" if type(None) in args else spec.expect
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        text = " or ".join(_expected(a, spec) for a in inner)
+        text = " or ".join(expected_words(a, spec) for a in inner)
         return f"{text} or none" if type(None) in args else text
     if origin is tuple:
         if args and args[-1] is not Ellipsis:
-            return f"a list of {len(args)} values, each {_expected(args[0], spec)}"
-        return f"a list, each {_expected(args[0], spec)}" if args else "a list"
+            return f"a list of {len(args)} values, each {expected_words(args[0], spec)}"
+        return f"a list, each {expected_words(args[0], spec)}" if args else "a list"
     if tp is bool:
         return "true or false"
     if tp is int:
@@ -282,7 +284,7 @@ def convert(tp: Any, spec: Spec, value: Any) -> Any:
     """
     out = _convert(tp, spec, value)
     if not passes_check(spec, out):
-        raise Invalid(_expected(tp, spec))
+        raise Invalid(expected_words(tp, spec))
     return out
 
 
@@ -298,25 +300,25 @@ def _convert(tp: Any, spec: Spec, value: Any) -> Any:
                     return _convert(a, spec, value)
                 except Invalid:
                     pass
-        raise Invalid(_expected(tp, spec))
+        raise Invalid(expected_words(tp, spec))
     if origin is tuple or tp is tuple:
         items = value.replace(",", " ").split() if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
-            raise Invalid(_expected(tp, spec))
+            raise Invalid(expected_words(tp, spec))
         try:
             if args and args[-1] is not Ellipsis:
                 if len(items) != len(args):
-                    raise Invalid(_expected(tp, spec))
+                    raise Invalid(expected_words(tp, spec))
                 return tuple(_convert(a, spec, v) for a, v in zip(args, items, strict=True))
             return tuple(_convert(args[0] if args else Any, spec, v) for v in items)
         except Invalid:
-            raise Invalid(_expected(tp, spec)) from None
+            raise Invalid(expected_words(tp, spec)) from None
     try:
         out = _scalar(value, tp)
     except (TypeError, ValueError, OverflowError):
-        raise Invalid(_expected(tp, spec)) from None
+        raise Invalid(expected_words(tp, spec)) from None
     if spec.problem(out):
-        raise Invalid(_expected(tp, spec))
+        raise Invalid(expected_words(tp, spec))
     return out
 
 
@@ -501,6 +503,12 @@ def _toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": plain})[4:].strip()
 
 
+def _grouped(cls: type) -> list[tuple[Section, list[Leaf]]]:
+    """The sections that hold settings, each with its own settings, in tree order."""
+    return [(sec, own) for sec in sections(cls)
+            if (own := [leaf for leaf in leaves(cls) if leaf.section == sec.key])]
+
+
 def commented_toml(tree: Any) -> str:
     """The whole resolved tree as TOML, each key with its one-line doc, range and default.
 
@@ -508,13 +516,7 @@ def commented_toml(tree: Any) -> str:
     """
     flat = _flat_values(tree)
     lines: list[str] = []
-    by_section: dict[str, list[Leaf]] = {}
-    for leaf in leaves(type(tree)):
-        by_section.setdefault(leaf.section, []).append(leaf)
-    for sec in sections(type(tree)):
-        own = by_section.get(sec.key, [])
-        if not own:
-            continue
+    for sec, own in _grouped(type(tree)):
         if sec.key:
             lines += ["", f"[{sec.key}]  # {sec.doc}"]
         for leaf in own:
@@ -533,13 +535,7 @@ def markdown(cls: type, title: str, intro: str = "") -> str:
     out = [f"## {title}", ""]
     if intro:
         out += [intro, ""]
-    by_section: dict[str, list[Leaf]] = {}
-    for leaf in leaves(cls):
-        by_section.setdefault(leaf.section, []).append(leaf)
-    for sec in sections(cls):
-        own = by_section.get(sec.key, [])
-        if not own:
-            continue
+    for sec, own in _grouped(cls):
         head = f"`[{sec.key}]`" if sec.key else "top level"
         out += [f"### {head}: {sec.doc}", "",
                 f"From `{sec.cls.__module__}.{sec.cls.__name__}`.", "",

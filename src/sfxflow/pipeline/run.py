@@ -70,14 +70,11 @@ def resolve_config(config: ProcessConfig) -> ProcessConfig:
     file, or the lattice's default when the file has none and none was given)."""
     if not config.target.cell_file or config.target.cell is not None:
         return config
-    from sfxflow.io.cellfile import default_space_group, read_cell_file
+    from sfxflow.io.cellfile import read_cell_file
 
     cf = read_cell_file(config.target.cell_file)
-    sg = config.target.space_group
-    if not sg:
-        group = cf.space_group if cf.space_group is not None else default_space_group(*cf.lattice)
-        sg = group.xhm()  # keeps the setting (R 3:R vs R 3:H)
-    return with_target(config, cf.cell.parameters, sg)
+    return with_target(config, cf.cell.parameters,
+                       cf.indexing_space_group(config.target.space_group))
 
 
 def _failed_file_ref(url: str) -> BlockRef:

@@ -98,6 +98,8 @@ class MergeParams:
     outlier_z : observations further than this many standard deviations from the reference are
         rejected.
     min_measurements : merged values (and half-set values) of fewer observations are left out.
+    max_sigma_ratio : observations whose corrected σ exceeds this many times the mean intensity
+        at their resolution are left out of the merge (weak crystals' noise at high resolution).
     n_shells : resolution shells of the statistics.
     resolve_ambiguity : resolve an indexing ambiguity where the lattice allows one.
     ambiguity_max_crystals : crystals (at most) used for the Brehm-Diederichs step; the rest
@@ -124,6 +126,7 @@ class MergeParams:
     model_error: float = setting(0.1, ge=0.0, lt=1.0)
     outlier_z: float = setting(6.0, gt=0.0, le=1000.0)
     min_measurements: int = setting(2, ge=1, le=1000)
+    max_sigma_ratio: float = setting(10.0, gt=0.0, le=1e6)
     n_shells: int = setting(10, ge=1, le=100)
     resolve_ambiguity: bool = True
     ambiguity_max_crystals: int = setting(1000, ge=2, le=1_000_000)
@@ -545,19 +548,25 @@ class ShardSums:
 @dataclass(frozen=True)
 class Reference:
     """What the workers scale against: Friedel-averaged intensity per asymmetric-unit
-    reflection (NaN unknown), its σ and multiplicity, and the error model."""
+    reflection (NaN unknown), its σ and multiplicity, the error model, and ``level``, the mean
+    intensity at each reflection's resolution (NaN: no weak-observation filter)."""
 
     intensity: np.ndarray
     sigma: np.ndarray
     n: np.ndarray
     error_model: ErrorModel = ErrorModel()
+    level: np.ndarray | None = None
 
 
 def scaled_observations(shard: PreparedShard, fits: CrystalFits, reference: Reference,
-                        params: MergeParams, accepted: np.ndarray
+                        params: MergeParams, accepted: np.ndarray, reject_outliers: bool = True
                         ) -> dict[str, np.ndarray]:
     """Per observation: code, corrected intensity and σ (error model applied), partiality,
-    and whether it enters the merge (accepted crystal, partiality, not an outlier)."""
+    and whether it enters the merge (accepted crystal, partiality, not an outlier).
+
+    Outliers are judged against the reference; while the reference is still converging that
+    would reject the truly strong reflections and keep them low, so callers reject only once
+    it has settled (``reject_outliers``)."""
     codes = chosen_codes(shard, fits.operator)
     counts = np.diff(shard.offsets)
     g = np.repeat(fits.scale, counts)
@@ -575,11 +584,16 @@ def scaled_observations(shard: PreparedShard, fits: CrystalFits, reference: Refe
     s_model = em.sdfac * np.sqrt(s_est**2 + (em.sdadd * base) ** 2)
     use = (codes >= 0) & np.repeat(accepted, counts) & np.isfinite(i_est) & (s_model > 0)
     low_p = use & ~(gauss >= params.min_partiality)
+    if reference.level is not None:
+        # an observation whose σ dwarfs the mean intensity at its resolution carries no
+        # information, and where it is one of the only two it makes a wild merged value
+        level = _ref_per_obs(codes, reference.level)
+        low_p |= use & (s_est > params.max_sigma_ratio * level)
     use &= ~low_p
     with np.errstate(invalid="ignore"):
         z = (i_est - ref) / np.sqrt(s_model**2 + np.nan_to_num(ref_sig) ** 2)
     has_ref = np.isfinite(z) & (ref_n >= 3)
-    outlier = use & has_ref & (np.abs(z) > params.outlier_z)
+    outlier = use & has_ref & (np.abs(z) > params.outlier_z) & reject_outliers
     use &= ~outlier
     return {"code": codes, "intensity": i_est, "sigma": s_model, "sigma_raw": s_est,
             "partiality": p_full, "use": use, "outlier": outlier, "low_partiality": low_p,
@@ -587,9 +601,10 @@ def scaled_observations(shard: PreparedShard, fits: CrystalFits, reference: Refe
 
 
 def accumulate(shard: PreparedShard, fits: CrystalFits, reference: Reference,
-               params: MergeParams, accepted: np.ndarray, n_codes: int) -> ShardSums:
+               params: MergeParams, accepted: np.ndarray, n_codes: int,
+               reject_outliers: bool = True) -> ShardSums:
     """The shard's per-reflection sums with the given fits (the map step's output)."""
-    obs = scaled_observations(shard, fits, reference, params, accepted)
+    obs = scaled_observations(shard, fits, reference, params, accepted, reject_outliers)
     use = obs["use"]
     code = obs["code"][use]
     w = 1.0 / obs["sigma"][use] ** 2

@@ -38,8 +38,30 @@ class Merged:
     i_half_a: np.ndarray
     i_half_b: np.ndarray
 
-    def reference(self, error_model: ErrorModel) -> Reference:
-        return Reference(self.imean, self.sigimean, self.n, error_model)
+    def reference(self, error_model: ErrorModel, d_a: np.ndarray | None = None) -> Reference:
+        """The next cycle's reference; with ``d_a`` (per reflection) also the mean intensity
+        at each reflection's resolution (20 shells)."""
+        level = None
+        if d_a is not None:
+            level = resolution_level(d_a, self.imean)
+        return Reference(self.imean, self.sigimean, self.n, error_model, level)
+
+
+def resolution_level(d_a: np.ndarray, intensity: np.ndarray, n_bins: int = 20) -> np.ndarray:
+    """Mean intensity in equal-count resolution shells, spread back to every reflection.
+
+    >>> resolution_level(np.array([4.0, 3.0, 2.0, 1.0]), np.array([8.0, 6.0, 2.0, np.nan]), 2)
+    array([7., 7., 2., 2.])
+    """
+    inv = 1.0 / np.asarray(d_a, float) ** 2
+    edges = np.quantile(inv, np.linspace(0, 1, n_bins + 1))
+    b = np.clip(np.searchsorted(edges, inv, side="right") - 1, 0, n_bins - 1)
+    ok = np.isfinite(intensity)
+    total = np.bincount(b[ok], weights=intensity[ok], minlength=n_bins)
+    count = np.bincount(b[ok], minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+    return np.abs(mean[b])
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

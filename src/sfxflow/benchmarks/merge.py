@@ -1,0 +1,380 @@
+"""``sfxflow bench merge``: merged data quality against a known truth, and merging at scale.
+
+1. **CC to the truth against the number of crystals.** Crystals are simulated from the real
+   merged intensities of ``x4wide-P41212-merged.mtz`` with the physical model of
+   :mod:`sfxflow.algorithms.simulate_physical` (SASE spikes, mosaic blocks, crystal sizes over two
+   orders of magnitude, per-crystal B, non-isomorphism, beam jitter, indexing errors) and written
+   both as sfxflow run directories and as CrystFEL streams. For each size: ``sfxflow merge``
+   with ``--model unity`` and ``--model partiality``, and CrystFEL 0.12 partialator
+   (``--model=unity`` and ``--model=xsphere``) on the same crystals; CC to the truth, CC1/2 and
+   CC* of each. Then the check the issue asks for: partiality at N against unity at 2N.
+2. **Indexing ambiguity.** A P6_3 set (synthetic Wilson intensities: no real P6_3 reference is in
+   the data) with every crystal in a random setting: merged without resolution, with it, and the
+   same crystals unambiguously indexed; the fraction of crystals re-indexed correctly.
+3. **Scale.** At least ``--scale-observations`` observations (copies of simulated crystals with
+   fresh scales and noise: cheap) merged on a LocalCluster: observations per second per core per
+   scaling cycle (median of the cycles), client and worker peak memory, wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfxflow.cli.options import number
+from sfxflow.errors import InputError
+
+HELP = "merged CC to the truth vs crystals (ours and partialator), ambiguity, scale"
+DESCRIPTION = HELP + """
+
+Examples:
+  sfxflow bench merge
+  sfxflow bench merge --sizes 250 500 --no-scale --no-ambiguity
+  sfxflow bench merge --sizes 100 --scale-observations 2000000 --keep /tmp/bench-merge
+"""
+
+logger = logging.getLogger(__name__)
+
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    number(parser, "--sizes", kind=int, nargs="+", default=[250, 500, 1000, 2000], ge=10,
+           le=1_000_000, help="numbers of crystals to merge (default 250 500 1000 2000)")
+    number(parser, "--d-min-a", kind=float, default=1.6, gt=0.5, le=10.0,
+           help="resolution of the simulation and the merge (default 1.6 A)")
+    number(parser, "--iterations", kind=int, default=4, ge=1, le=50,
+           help="scaling cycles of sfxflow merge (default 4)")
+    number(parser, "--seed", kind=int, default=1, ge=0, le=2**31 - 1, help="simulation seed")
+    number(parser, "--scale-observations", kind=float, default=1.0e7, ge=1e4, le=1e10,
+           help="observations in the scale test (default 1e7)")
+    number(parser, "--workers", kind=int, default=2, ge=1, le=1024,
+           help="local Dask workers of the scale test (default 2)")
+    number(parser, "--ambiguity-crystals", kind=int, default=500, ge=20, le=100_000,
+           help="crystals of the P6_3 set (default 500)")
+    number(parser, "--xsphere-max-crystals", kind=int, default=500, ge=0, le=1_000_000,
+           help="run partialator --model=xsphere only up to this many crystals (it takes about "
+                "a second per crystal per cycle on one shared core; default 500)")
+    number(parser, "--xsphere-iterations", kind=int, default=1, ge=1, le=20,
+           help="partialator --iterations for xsphere (default 1)")
+    parser.add_argument("--no-partialator", action="store_true", help="skip CrystFEL partialator")
+    parser.add_argument("--no-ambiguity", action="store_true", help="skip the P6_3 test")
+    parser.add_argument("--no-scale", action="store_true", help="skip the scale test")
+    parser.add_argument("--keep", metavar="DIR", help="keep the simulated data and results here")
+
+
+def _shared_data() -> Path:
+    import os
+
+    here = Path(__file__).resolve()
+    for root in [os.environ.get("SFXFLOW_SHARED_DATA", ""), *(str(p / "shared" / "data")
+                                                               for p in here.parents)]:
+        if root and (Path(root) / "reference" / "x4wide-P41212-merged.mtz").exists():
+            return Path(root)
+    raise InputError("x4wide-P41212-merged.mtz not found (value: ../shared/data/reference); "
+                     "set SFXFLOW_SHARED_DATA to the shared data folder")
+
+
+def _partialator() -> Path | None:
+    try:
+        peers = _shared_data().parent / "peers" / "crystfel-0.12" / "bin" / "partialator"
+    except InputError:
+        return None
+    return peers if peers.exists() else None
+
+
+def _cc(x: np.ndarray, y: np.ndarray) -> float:
+    from sfxflow.algorithms.merge.statistics import pearson
+
+    return pearson(np.asarray(x, float), np.asarray(y, float))
+
+
+def _cc_star(cc: float) -> float:
+    from sfxflow.algorithms.merge.statistics import cc_star
+
+    return cc_star(cc)
+
+
+def _truth_of(truth: Any, hkl: np.ndarray) -> np.ndarray:
+    plus, minus = truth.at(hkl), truth.at(-np.asarray(hkl, np.int64))
+    return np.where(np.isfinite(minus), 0.5 * (plus + minus), plus)
+
+
+def _hkl_figures(prefix: Path, truth: Any, d_min: float) -> dict[str, float]:
+    """CC to the truth, CC1/2 and CC* of a partialator result (``.hkl``, ``.hkl1``, ``.hkl2``)."""
+    from sfxflow.io.hkl import read_hkl
+
+    _, hkl, i, _, n = read_hkl(prefix)
+    d = 1.0 / np.linalg.norm(hkl @ np.asarray(truth.index.cell.frac.mat), axis=1)
+    keep = (n >= 2) & (d >= d_min)
+    cc_truth = _cc(i[keep], _truth_of(truth, hkl[keep]))
+    halves = []
+    for suffix in ("1", "2"):
+        _, h, v, _, m = read_hkl(f"{prefix}{suffix}")
+        halves.append({tuple(x): y for x, y, k in zip(h.tolist(), v, m, strict=True) if k >= 2})
+    common = [k for k in halves[0] if k in halves[1]]
+    cc_half = _cc(np.array([halves[0][k] for k in common]), np.array([halves[1][k] for k in common]))
+    return {"cc_truth": cc_truth, "cc_half": cc_half, "cc_star": _cc_star(cc_half)}
+
+
+def _run_partialator(exe: Path, stream: Path, out: Path, model: str, workdir: Path,
+                     xsphere_iterations: int) -> float:
+    iterations = "1" if model == "unity" else str(xsphere_iterations)
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(exe), "-i", str(stream), "-o", str(out), "-y", "4/mmm",
+                           f"--model={model}", f"--iterations={iterations}", "-j", "2"],
+                          cwd=workdir, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"partialator failed: {proc.stderr[-500:]}")
+    return time.perf_counter() - t0
+
+
+def _subset_stream(blocks: list[Path], target: Path) -> Path:
+    with open(target, "w", encoding="utf-8") as out:
+        for k, block in enumerate(blocks):
+            text = block.read_text(encoding="utf-8")
+            if k:
+                text = text[text.index("----- Begin chunk -----"):]
+            out.write(text)
+    return target
+
+
+def _simulate_blocks(work: Path, truth: Any, n_max: int, d_min: float, seed: int,
+                     reindex_ops: list | None = None, tag: str = "x4", block: int = 250
+                     ) -> tuple[list[Path], list[Path]]:
+    from sfxflow.algorithms.layouts import simple
+    from sfxflow.algorithms.simulate_physical import PhysicalParams
+    from sfxflow.io.observations import write_simulated_observations
+
+    params = PhysicalParams(d_min_a=d_min)
+    runs, streams = [], []
+    for b in range(math.ceil(n_max / block)):
+        run, stream = work / f"{tag}-run-{b:03d}", work / f"{tag}-{b:03d}.stream"
+        n = min(block, n_max - b * block)
+        write_simulated_observations(str(run), truth, simple(80.0, 0.1, 3000), params, n,
+                                     seed * 1000 + b, stream_path=str(stream),
+                                     reindex_ops=reindex_ops)
+        runs.append(run)
+        streams.append(stream)
+    return runs, streams
+
+
+def _ours(runs: list[Path], out: Path, truth: Any, model: str, iterations: int, d_min: float,
+          **extra: Any) -> dict[str, Any]:
+    from sfxflow.algorithms.merge.scale import MergeParams
+    from sfxflow.pipeline.config import ClusterConfig
+    from sfxflow.pipeline.merge import run_merge
+
+    params = MergeParams(model=model, iterations=iterations, d_min_a=d_min, **extra)
+    t0 = time.perf_counter()
+    r = run_merge([str(p) for p in runs], str(out), params, ClusterConfig(kind="synchronous"),
+                  truth=truth)
+    o = r.stats["overall"]
+    return {"cc_truth": o["cc_truth"], "cc_half": o["cc_half"], "cc_star": o["cc_star"],
+            "seconds": time.perf_counter() - t0, "stats": r.stats}
+
+
+def _quality(work: Path, args: argparse.Namespace, truth: Any) -> list[dict]:
+    sizes = sorted(set(args.sizes))
+    block = math.gcd(*sizes)  # every size is a whole number of blocks
+    t0 = time.perf_counter()
+    runs, streams = _simulate_blocks(work, truth, max(sizes), args.d_min_a, args.seed,
+                                     block=block)
+    print(f"simulated {max(sizes)} crystals from x4wide-P41212 to {args.d_min_a} A in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    exe = None if args.no_partialator else _partialator()
+    if exe is None and not args.no_partialator:
+        print("partialator not found (../shared/peers/crystfel-0.12): skipping it")
+    rows = []
+    for n in sizes:
+        k = n // block
+        row: dict[str, Any] = {"n": n}
+        for model in ("unity", "partiality"):
+            row[f"sfxflow-{model}"] = _ours(runs[:k], work / f"merge-{model}-{n}", truth, model,
+                                            args.iterations, args.d_min_a)
+            row[f"sfxflow-{model}"].pop("stats")
+        if exe is not None:
+            stream = _subset_stream(streams[:k], work / f"subset-{n}.stream")
+            for model in ("unity", "xsphere"):
+                if model == "xsphere" and n > args.xsphere_max_crystals:
+                    continue  # about a second per crystal and cycle here: see the option
+                out = work / f"partialator-{model}-{n}.hkl"
+                seconds = _run_partialator(exe, stream, out, model, work,
+                                           args.xsphere_iterations)
+                row[f"partialator-{model}"] = {**_hkl_figures(out, truth, args.d_min_a),
+                                               "seconds": seconds}
+        rows.append(row)
+        _print_quality_row(row)
+    return rows
+
+
+def _print_quality_row(row: dict) -> None:
+    cols = [k for k in row if k != "n"]
+    print(f"N = {row['n']}:")
+    for c in cols:
+        v = row[c]
+        print(f"  {c:22s} CC truth {v['cc_truth']:.4f}   CC1/2 {v['cc_half']:.4f}   "
+              f"CC* {v['cc_star']:.4f}   ({v['seconds']:.1f} s)", flush=True)
+
+
+def _summary(rows: list[dict]) -> None:
+    print("\nCC to the truth (overall, to the resolution limit):")
+    cols = list(dict.fromkeys(k for r in rows for k in r if k != "n"))
+    print(f"{'N':>6} " + " ".join(f"{c:>22s}" for c in cols))
+    for r in rows:
+        print(f"{r['n']:>6d} " + " ".join(f"{r[c]['cc_truth']:>22.4f}" if c in r else
+                                          f"{'-':>22s}" for c in cols))
+    by_n = {r["n"]: r for r in rows}
+    print("\npartiality vs unity:")
+    for n, r in by_n.items():
+        p, u = r["sfxflow-partiality"]["cc_truth"], r["sfxflow-unity"]["cc_truth"]
+        line = f"  N={n}: partiality {p:.4f} vs unity {u:.4f}: {'beats' if p > u else 'LOSES'}"
+        for factor in (2, 4):
+            if n * factor in by_n:
+                u2 = by_n[n * factor]["sfxflow-unity"]["cc_truth"]
+                line += f"; unity at {factor}N {u2:.4f} ({'reached' if p >= u2 else 'not reached'})"
+        if "partialator-unity" in r:
+            best = max(r[k]["cc_truth"] for k in ("partialator-unity", "partialator-xsphere")
+                       if k in r)
+            line += f"; best partialator {best:.4f} ({'beaten' if p > best else 'NOT beaten'})"
+        print(line)
+
+
+def _ambiguity(work: Path, args: argparse.Namespace) -> dict:
+    import gemmi
+    import pyarrow.parquet as pq
+
+    from sfxflow.algorithms.merge.reflections import ambiguity_operators
+    from sfxflow.algorithms.simulate_physical import TrueIntensities
+
+    uc, sg = gemmi.UnitCell(60.0, 60.0, 90.0, 90, 90, 120), gemmi.SpaceGroup("P 63")
+    d_min = max(args.d_min_a, 3.0)  # a multiplicity worth merging with a few hundred crystals
+    hkl = np.asarray(gemmi.make_miller_array(uc, sg, d_min, 0, True))
+    rng = np.random.default_rng(args.seed)
+    d = 1.0 / np.linalg.norm(hkl @ np.asarray(uc.frac.mat), axis=1)
+    i = rng.exponential(400.0, len(hkl)) * np.exp(-20.0 / (2 * d * d))
+    truth = TrueIntensities.from_arrays(uc, sg, hkl, i)
+    ops = ambiguity_operators(uc, sg)
+    n = args.ambiguity_crystals
+    amb, _ = _simulate_blocks(work, truth, n, d_min, args.seed + 7, ops, tag="p63")
+    plain, _ = _simulate_blocks(work, truth, n, d_min, args.seed + 7, None, tag="p63u")
+    out: dict[str, dict[str, Any]] = {}
+    fraction_correct = math.nan
+    for name, runs, resolve in (("ambiguous, not resolved", amb, False),
+                                ("ambiguous, resolved", amb, True),
+                                ("unambiguous", plain, False)):
+        r = _ours(runs, work / f"amb-{name.replace(' ', '').replace(',', '-')}", truth,
+                  "partiality", args.iterations, d_min, resolve_ambiguity=resolve)
+        out[name] = r
+        if resolve:
+            found = pq.read_table(work / f"amb-{name.replace(' ', '').replace(',', '-')}"
+                                  / "crystals.parquet").column("operator").to_numpy()
+            true_ops = np.concatenate([pq.read_table(p / "shards" / "sim-00000.crystals.parquet")
+                                       .column("true_reindex_op").to_numpy() for p in runs])
+            agree = float(np.mean(found == true_ops))
+            fraction_correct = max(agree, 1.0 - agree)
+    print(f"\nP6_3 (60 60 90 A, to {d_min} A), {n} crystals, each in a random one of {len(ops)} "
+          "settings:")
+    for name in ("ambiguous, not resolved", "ambiguous, resolved", "unambiguous"):
+        v = out[name]
+        print(f"  {name:26s} CC truth {v['cc_truth']:.4f}   CC1/2 {v['cc_half']:.4f}")
+    print(f"  crystals re-indexed correctly (up to the overall setting): "
+          f"{100 * fraction_correct:.1f}%", flush=True)
+    summary: dict[str, Any] = {k: {x: y for x, y in v.items() if x != "stats"}
+                               for k, v in out.items()}
+    summary["fraction_correct"] = fraction_correct
+    return summary
+
+
+def _scale(work: Path, args: argparse.Namespace, truth: Any) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sfxflow.algorithms.merge.scale import MergeParams
+    from sfxflow.pipeline.config import ClusterConfig
+    from sfxflow.pipeline.merge import run_merge
+
+    pool_runs, _ = _simulate_blocks(work, truth, 250, args.d_min_a, args.seed + 99,
+                                    tag="pool")
+    refl = pq.read_table(pool_runs[0] / "shards" / "sim-00000.reflections.parquet")
+    crys = pq.read_table(pool_runs[0] / "shards" / "sim-00000.crystals.parquet")
+    per_copy = refl.num_rows
+    copies = math.ceil(args.scale_observations / per_copy)
+    big = work / "scale-run"
+    (big / "shards").mkdir(parents=True, exist_ok=True)
+    (big / "config.toml").write_text((pool_runs[0] / "config.toml").read_text())
+    rng = np.random.default_rng(args.seed)
+    frame = refl.column("frame_index").to_numpy()
+    inten, sigma = refl.column("intensity").to_numpy(), refl.column("sigma").to_numpy()
+    copies_per_shard = max(1, math.ceil(200_000 / per_copy))
+    t0 = time.perf_counter()
+    for s in range(math.ceil(copies / copies_per_shard)):
+        tables, ctables = [], []
+        for c in range(s * copies_per_shard, min(copies, (s + 1) * copies_per_shard)):
+            # a copy of the pool: new crystal identities, scales and noise
+            k = np.exp(rng.uniform(-1.0, 1.0, crys.num_rows))[frame]
+            cols = {n: refl.column(n) for n in refl.column_names}
+            cols["frame_index"] = pa.array(frame + c * 1000)
+            cols["intensity"] = pa.array(k * inten + rng.normal(0, 0.3, len(k)) * k * sigma)
+            cols["sigma"] = pa.array(k * sigma)
+            tables.append(pa.table(cols))
+            ccols = {n: crys.column(n) for n in crys.column_names}
+            ccols["frame_index"] = pa.array(crys.column("frame_index").to_numpy() + c * 1000)
+            ctables.append(pa.table(ccols))
+        pq.write_table(pa.concat_tables(tables), big / "shards" / f"s{s:05d}.reflections.parquet")
+        pq.write_table(pa.concat_tables(ctables), big / "shards" / f"s{s:05d}.crystals.parquet")
+    n_obs = copies * per_copy
+    print(f"\nscale: wrote {n_obs:,} observations ({copies * crys.num_rows:,} crystals, "
+          f"{s + 1} shards) in {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    r = run_merge([str(big)], str(work / "scale-merge"),
+                  MergeParams(model="partiality", iterations=args.iterations, d_min_a=args.d_min_a),
+                  ClusterConfig(kind="local", n_workers=args.workers), truth=truth)
+    wall = time.perf_counter() - t0
+    perf = r.stats["performance"]
+    cycles = [c["seconds"] for c in r.stats["cycles"]]
+    print(f"  merged {r.stats['n_observations']:,} observations on {perf['cores']} worker cores "
+          f"in {wall:.0f} s; cycle times {', '.join(f'{c:.1f}' for c in cycles)} s (median "
+          f"{statistics.median(cycles):.1f} s)")
+    print(f"  {perf['observations_per_second_per_core_per_cycle']:,.0f} observations per second "
+          f"per core per scaling cycle")
+    print(f"  peak memory: client {perf['client_peak_mb']:.0f} MB, workers "
+          f"{', '.join(f'{m:.0f}' for m in perf['worker_peak_mb'])} MB; CC to truth "
+          f"{r.stats['overall']['cc_truth']:.4f}", flush=True)
+    return {"n_observations": r.stats["n_observations"], "wall_s": wall, "cycle_s": cycles,
+            **perf}
+
+
+def run(args: argparse.Namespace) -> int:
+    from sfxflow.algorithms.simulate_physical import TrueIntensities
+    from sfxflow.io.mtz import read_intensity_columns
+
+    truth = TrueIntensities.from_arrays(*read_intensity_columns(
+        _shared_data() / "reference" / "x4wide-P41212-merged.mtz"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sfxflow-bench-merge-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    try:
+        results["quality"] = _quality(work, args, truth)
+        _summary(results["quality"])
+        if not args.no_ambiguity:
+            results["ambiguity"] = _ambiguity(work, args)
+        if not args.no_scale:
+            results["scale"] = _scale(work, args, truth)
+        (work / "bench-merge.json").write_text(json.dumps(results, indent=1, default=str))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    sys.stdout.flush()
+    return 0
