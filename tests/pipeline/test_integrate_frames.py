@@ -107,23 +107,51 @@ def test_real_cspad_frames_strong_reflections_sit_on_found_spots(shared_data, na
         assert 5e-5 <= c.profile_radius_inv_a <= 2e-3
 
 
-def test_partialator_merges_every_crystal_of_a_process_stream(tmp_path, shared_data: Path):
+@pytest.fixture(scope="module")
+def process_run(tmp_path_factory):
+    from sfxflow.cli import main
+    from sfxflow.io.simulated import write_simulated_dataset
+
+    tmp = tmp_path_factory.mktemp("integrate_run")
+    data = write_simulated_dataset(tmp / "sim", layouts.simple(distance_mm=100.0, n_px=1024),
+                                   None, SimulationParams(hit_fraction=1.0), n_frames=4, seed=3)
+    run = tmp / "run"
+    assert main(["-q", "process", str(data.files[0]), "--geometry", str(data.geometry_path),
+                 "--cell", "93 93 130.5 90 90 120", "--space-group", "P6122", "--out", str(run),
+                 "--scheduler", "synchronous"]) == 0
+    shutil.rmtree(tmp / "sim")
+    return run
+
+
+def test_process_writes_crystals_and_reflections(process_run):
+    import pyarrow.parquet as pq
+
+    frames = pq.read_table(process_run / "frames.parquet").to_pylist()
+    crystals = pq.read_table(process_run / "crystals.parquet").to_pylist()
+    assert sum(f["n_crystals"] for f in frames) == len(crystals) >= 3
+    for f in frames:
+        if f["status"] == "indexed":
+            assert f["n_integrated"] > 50 and f["t_integrate_s"] > 0
+            assert f["profile_radius_inv_a"] > 0 and 1.0 < f["resolution_limit_a"] < 5.0
+    for c in crystals:
+        assert c["status"] == "integrated" and c["reason"] == ""
+        assert c["n_integrated"] <= c["n_predicted"] and c["wavelength_a"] > 0
+    refl = pq.read_table(sorted((process_run / "shards").glob("*.reflections.parquet"))[0])
+    assert refl.num_rows > 0
+    assert set(refl.column_names) >= {"h", "k", "l", "intensity", "sigma", "partiality", "flags",
+                                      "lorentz", "polarisation", "peak_pixels", "d_a"}
+
+
+def test_partialator_merges_every_crystal_of_a_process_stream(tmp_path, shared_data: Path, process_run):
     partialator = shared_data.parent / "peers" / "crystfel-0.12" / "bin" / "partialator"
     if not partialator.exists():
         pytest.skip(f"CrystFEL 0.12 partialator not found at {partialator}")
     probe = subprocess.run([str(partialator), "--version"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"partialator does not run here (missing libraries?): {probe.stderr[:200]}")
-    from sfxflow.cli import main
-    from sfxflow.io.simulated import write_simulated_dataset
     from sfxflow.io.stream import read_stream
 
-    data = write_simulated_dataset(tmp_path / "sim", layouts.simple(distance_mm=100.0, n_px=1024),
-                                   None, SimulationParams(hit_fraction=1.0), n_frames=4, seed=3)
-    run = tmp_path / "run"
-    assert main(["process", str(data.files[0]), "--geometry", str(data.geometry_path),
-                 "--cell", "93 93 130.5 90 90 120", "--space-group", "P6122", "--out", str(run),
-                 "--scheduler", "synchronous"]) == 0
+    run = process_run
     stream = tmp_path / "all.stream"
     with stream.open("w") as out:
         out.write((run / "header.stream").read_text())
@@ -168,4 +196,3 @@ def test_partialator_merges_every_crystal_of_a_process_stream(tmp_path, shared_d
                  if len(line.split()) == 7 and line.split()[0].lstrip("-").isdigit())
     n_ours = sum(len(x.reflections) for c in ours for x in c.crystals)
     assert n_meas > 0.5 * n_ours
-    shutil.rmtree(tmp_path / "sim")
