@@ -2,14 +2,34 @@
 # `sfxflow process`) and HPC centres (Shifter, podman-hpc, Apptainer via `docker://` or
 # apptainer.def). Build:   docker build -t sfxflow:0.1.0 .
 #
-# Pinned: the base image by full Python version (pin its digest too when you publish:
-# `docker buildx imagetools inspect python:3.11.7-slim-bookworm`), every runtime dependency by
-# constraints.txt (the versions the test suite ran with; scripts/lock_constraints.py).
-# The install steps below (RUN lines with "pip install") are also run, verbatim, in a clean
-# virtual environment by scripts/container_check.sh; tests/test_container_install.py checks
-# they agree with pyproject.toml.
-FROM python:3.11.7-slim-bookworm
+# The base is a build argument: by default the pinned Python image (pin its digest too when you
+# publish: `docker buildx imagetools inspect python:3.11.7-slim-bookworm`); any Debian bookworm
+# image without Python works too, Python then coming from Debian's packages (3.11, as tested):
+#     podman build --isolation=chroot --build-arg BASE=localhost/debian-bookworm:minbase .
+# is what scripts/container-build.sh does in CI, with a base made by debootstrap. Package
+# indexes and a site's CA come from the build's environment (--build-arg PIP_INDEX_URL=...,
+# PIP_CERT with the file mounted by `podman build -v`), never from this file.
+#
+# Every runtime dependency is pinned by constraints.txt (the versions the test suite ran with;
+# scripts/lock_constraints.py). The install steps below (RUN lines with "pip install") are also
+# run, verbatim, in a clean virtual environment by scripts/container_check.sh;
+# tests/test_container_install.py checks they agree with pyproject.toml.
+ARG BASE=python:3.11.7-slim-bookworm
+FROM ${BASE}
 
+# a base without Python: Debian's python3 (and venv); the pinned Python image skips this
+RUN if ! command -v python3 > /dev/null; then \
+        apt-get update && \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 python3-venv ca-certificates && \
+        rm -rf /var/lib/apt/lists/*; \
+    fi
+
+# where pip finds packages and which CA it trusts, from the builder's environment (none is set
+# by default; build arguments do not persist in the image)
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -21,7 +41,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     MPLBACKEND=Agg \
     NUMBA_CACHE_DIR=/tmp/numba-cache
 
-RUN python -m venv "$VIRTUAL_ENV"
+RUN python3 -m venv "$VIRTUAL_ENV"
 
 # 1. dependencies (a layer of its own: rebuilt only when constraints.txt changes)
 COPY constraints.txt "$CONSTRAINTS"

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-run
 
-.PHONY: demo test install lint typecheck bench clean container-check
+.PHONY: demo test install lint typecheck bench clean container-check container slurm-up slurm-down sge-up sge-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -n 2 --dist loadgroup -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
@@ -38,3 +38,23 @@ clean:
 # Runs the container's install steps in a clean virtual environment (no container engine needed).
 container-check:
 	bash scripts/container_check.sh
+
+# A one-node Slurm cluster on localhost for the Slurm tests (root; installs slurm-wlm and munge
+# when absent; a second start does nothing). tests/pipeline/test_slurm.py skips without it.
+slurm-up:
+	bash scripts/slurm-up.sh
+
+slurm-down:
+	bash scripts/slurm-up.sh --down
+
+# The same for Grid Engine (Debian's gridengine): qmaster, execd, queue all.q on this host.
+sge-up:
+	bash scripts/sge-up.sh
+
+sge-down:
+	bash scripts/sge-up.sh --down
+
+# Builds the image with podman on a debootstrap Debian base and runs `sfxflow demo` inside it
+# (root; exit 3 = this machine cannot build images, with the reason).
+container:
+	bash scripts/container-build.sh

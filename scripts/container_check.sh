@@ -9,7 +9,8 @@ PYTHON="${1:-python3.11}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-want="$(sed -n 's/^FROM python:\([0-9]*\.[0-9]*\).*/\1/p' "$ROOT/Dockerfile")"
+# the Python of the default base image (ARG BASE=python:X.Y.Z-...)
+want="$(sed -n 's/^ARG BASE=python:\([0-9]*\.[0-9]*\).*/\1/p' "$ROOT/Dockerfile")"
 have="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 if [[ "$want" != "$have" ]]; then
     echo "container_check: Dockerfile uses Python $want but $PYTHON is $have" >&2

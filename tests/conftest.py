@@ -70,3 +70,16 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
 def s3_storage_options(s3_server: str) -> dict:
     """fsspec/s3fs storage options pointing at the local S3 server."""
     return {"client_kwargs": {"endpoint_url": s3_server}, "anon": False}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the figures tests recorded (``record_property("figures", ...)``) at the end of the
+    run, so that a CI log shows them even for tests that passed (and under pytest-xdist)."""
+    lines = [f"{report.nodeid}: {value}"
+             for report in terminalreporter.stats.get("passed", [])
+             if report.when == "call"
+             for key, value in report.user_properties if key == "figures"]
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)

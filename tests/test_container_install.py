@@ -68,8 +68,12 @@ def _constraints() -> dict[str, str]:
 
 
 def test_base_image_python_matches_pyproject() -> None:
-    froms = [ln.split()[1] for ln in _dockerfile_lines() if ln.startswith("FROM ")]
+    lines = _dockerfile_lines()
+    froms = [ln.split()[1] for ln in lines if ln.startswith("FROM ")]
     assert len(froms) == 1
+    # the base is a build argument whose default is the pinned Python image
+    defaults = dict(ln[4:].split("=", 1) for ln in lines if ln.startswith("ARG ") and "=" in ln)
+    froms = [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m[1], m[0]), f) for f in froms]
     m = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim-(\w+)", froms[0])
     assert m, f"base image {froms[0]!r} is not a pinned python:X.Y.Z-slim-DIST"
     version = ".".join(m.groups()[:3])

@@ -34,3 +34,17 @@ class SourceError(InputError):
 
 class ConfigError(InputError):
     """A configuration file or option with a bad key or value."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying what went wrong: the exception's type and its message's first line.
+
+    This is the ``reason`` recorded for a failed frame or block.
+
+    >>> failure_reason(ValueError("bad gain\\nsecond line"))
+    'ValueError: bad gain'
+    >>> failure_reason(MemoryError())
+    'MemoryError'
+    """
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

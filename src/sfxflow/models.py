@@ -322,6 +322,21 @@ def as_space_group(sg: gemmi.SpaceGroup | str | int) -> gemmi.SpaceGroup:
     return gemmi.SpaceGroup(found.xhm())  # xhm keeps the setting (R 3:R)
 
 
+#: Table columns of an orientation matrix ``A`` (reciprocal space, Å⁻¹), row-major: ``a11`` is
+#: ``A[0, 0]``, ``a12`` is ``A[0, 1]``... (frames.parquet, crystals.parquet, simulation truth).
+A_MATRIX_COLUMNS = tuple(f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3))
+
+
+def a_matrix_columns(a_matrix: np.ndarray | None) -> dict[str, float]:
+    """``{"a11": A[0, 0], ..., "a33": A[2, 2]}``; NaN for every column when ``a_matrix`` is None.
+
+    >>> a_matrix_columns(np.eye(3))["a22"], a_matrix_columns(None)["a13"]
+    (1.0, nan)
+    """
+    values = np.full(9, np.nan) if a_matrix is None else np.asarray(a_matrix, float).ravel()
+    return dict(zip(A_MATRIX_COLUMNS, (float(v) for v in values), strict=True))
+
+
 def reciprocal_basis(cell: gemmi.UnitCell) -> np.ndarray:
     """``B``: columns are a*, b*, c* (Å⁻¹) in gemmi's crystal Cartesian frame."""
     return np.array(cell.frac.mat.tolist(), dtype=float).T

@@ -33,6 +33,31 @@ TARGETS = {
 }
 
 
+def test_cells_with_the_symmetry_are_accepted():
+    from sfxflow.algorithms.index import TargetCell
+
+    for cell, sg in (("93 93 130.5 90 90 120", "P 61 2 2"), ("93 93 130.5 90 90 120", "R 3"),
+                     ("61.4 122.6 168 90 90 90", "C 2 2 21"), ("50 60 70 90 100 90", "P 1 21 1"),
+                     ("79.1 79.2 38 90 90 90", "P 43 21 2"), ("40 50 60 80 85 95", "P 1")):
+        assert TargetCell(cell, sg).space_group.hm == sg
+
+
+def test_rhombohedral_setting_is_kept_for_indexing():
+    # "R 3:R" was reduced to its H-M symbol "R 3", i.e. the hexagonal setting: wrong point-group
+    # rotations and centring absences for a cell on rhombohedral axes
+    import numpy as np
+
+    from sfxflow.algorithms.index import TargetCell, point_group_rotations, target_table
+
+    target = TargetCell("60 60 60 80 80 80", "R 3:R")
+    images = {tuple(int(v) for v in m @ np.array([1, 0, 0]))
+              for m in point_group_rotations(target.space_group)}
+    assert images == {(1, 0, 0), (0, 1, 0), (0, 0, 1)}
+    hkl = {tuple(int(v) for v in h) for h in target_table(target, 3.0).hkl}
+    assert (1, 0, 0) in hkl  # primitive on rhombohedral axes: no centring absence
+
+
+
 @pytest.mark.parametrize(("sg", "cell", "n_ops"), [
     ("P 1", "45.2 51.7 66.3 79.5 87.2 71.4", 1),
     ("P 21 21 21", "51.2 98.7 53.4 90 90 90", 4),

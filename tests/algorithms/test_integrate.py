@@ -161,3 +161,31 @@ def test_prediction_off_the_detector_is_empty():
     crystal = random_crystal(params.cell, params.space_group, np.random.default_rng(0))
     pred = predict_reflections(crystal, beam, far, ProfileModel.for_beam(3e-4, beam))
     assert len(pred) == 0
+
+
+def test_small_crystals_index_and_their_profile_follows_their_size():
+    """100 nm crystals (broad shape transforms) index and integrate, and the refined profile
+    radius is wider than for 2 µm crystals of the same frames' beam."""
+    from sfxflow.algorithms.index import misorientation_deg
+    from sfxflow.algorithms.simulate import iter_frames
+    from sfxflow.models import Frame
+    from sfxflow.pipeline.config import load_config
+    from sfxflow.pipeline.frame import process_frame
+
+    cfg = load_config(overrides=["target.cell=[93, 93, 130.5, 90, 90, 120]",
+                                 "target.space_group='P6122'"])
+    det = layouts.simple(distance_mm=100.0, n_px=1024)
+    radii = {}
+    for label, size in (("small", 1000.0), ("large", 20000.0)):
+        sim = SimulationParams(hit_fraction=1.0, crystal_size_min_a=size,
+                               crystal_size_max_a=size * 1.1)
+        radii[label] = []
+        for ft, image, _ in iter_frames(det, sim, 3, seed=21):
+            assert size <= ft.size_a <= 1.1 * size
+            res = process_frame(Frame(image, det, ft.beam, "x", ft.index), cfg)
+            assert res.crystal is not None, res.reason
+            assert misorientation_deg(res.crystal, ft.crystal) < 0.1
+            (c,) = res.crystals
+            assert c.status == "integrated" and c.n_integrated > 100
+            radii[label].append(c.profile_radius_inv_a)
+    assert min(radii["small"]) > 1.5 * max(radii["large"])

@@ -23,6 +23,35 @@ def small_set(tmp_path_factory):
                                    seed=2)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # fsspec's __del__
+def test_unusable_url_scheme_is_a_user_error_without_password(capsys):
+    # fsspec raised TypeError (traceback, exit 1) and the message would carry user:password
+    code = main(["process", "x.cxi", "--out", "ftp://me:hunter2@/run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "hunter2" not in err
+    assert "Traceback" not in err
+
+
+def test_bad_walltime_is_a_user_error(capsys):
+    # "--walltime abc" used to go into the job script; every job would be rejected
+    assert main(["process", "--cluster", "slurm", "--walltime", "abc", "--dry-run"]) == 2
+    assert "--walltime 'abc': expected HH:MM:SS" in capsys.readouterr().err
+    for ok in ("02:00:00", "1-00:00:00", "90", "30:00"):
+        assert main(["process", "--cluster", "slurm", "--walltime", ok, "--dry-run"]) == 0
+
+
+def test_run_directory_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    # --out naming an existing file ended in a NotADirectoryError traceback (exit 1)
+    target = tmp_path / "notes.txt"
+    target.write_text("x\n")
+    assert main(["process", "x.cxi", "--out", str(target), "--scheduler", "synchronous"]) == 2
+    err = capsys.readouterr().err
+    assert f"{target}: cannot create the run directory" in err
+    assert "Traceback" not in err
+
+
+
 def test_slurm_dry_run_prints_job_script(capsys):
     rc = main(["process", "--cluster", "slurm", "--queue", "debug", "--walltime", "00:30:00",
                "--cores", "4", "--memory", "16GB", "--jobs", "2",

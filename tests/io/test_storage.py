@@ -18,8 +18,32 @@ from sfxflow.io.storage import (
     read_stats,
     redact,
     reset_read_stats,
+    shown_url,
     storage_options_from,
 )
+
+
+def test_endpoint_url_with_credentials_is_refused_without_echo():
+    with pytest.raises(InputError) as info:
+        storage_options_from("http://me:hunter2@127.0.0.1:9000")
+    assert "hunter2" not in str(info.value)
+    assert "user:password" in str(info.value)
+
+
+def test_shown_url_hides_userinfo():
+    assert shown_url("ftp://me:pw@host/a/b") == "ftp://***@host/a/b"
+    assert shown_url("s3://bucket/k@x") == "s3://bucket/k@x"
+    assert shown_url("/local/path") == "/local/path"
+
+
+def test_failed_write_does_not_say_read(tmp_path):
+    from sfxflow.io.storage import open_url
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot write"):
+        open_url(str(blocker / "out.parquet"), "wb")
+
 
 
 def test_local_and_file_urls_count_bytes(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ def base_overrides(geometry: Path | str, frames_per_block: int = 2) -> list[str]
         f"io.frames_per_block={frames_per_block}",
         "target.cell=[93, 93, 130.5, 90, 90, 120]",
         f"target.space_group='{SPACE_GROUP}'",
+        # the report (tests/pipeline/test_report.py) costs ~2 s per run: not drawn here
+        "run.report=false",
     ]
 
 

@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 
+from sfxflow.io.prefetch import Prefetcher
 from sfxflow.io.results import RunDir, read_parquet_bytes, shard_names
 from sfxflow.models import Beam, Detector, Frame, FrameStatus, ImageResult, Panel
-from sfxflow.pipeline.blocks import BlockContext, BlockRef, run_block
-from sfxflow.pipeline.execute import Prefetcher, execute_dask, execute_serial
+from sfxflow.pipeline.blocks import BlockContext, BlockRef, fetch_block, run_block
+from sfxflow.pipeline.execute import execute_dask, execute_serial
 from sfxflow.pipeline.manifest import BlockEntry, Manifest
 from sfxflow.pipeline.progress import Progress
 from sfxflow.pipeline.summary import build_summary
@@ -92,18 +93,18 @@ def test_atomic_write_leaves_no_temporary_on_failure(tmp_path, monkeypatch):
 
 def test_prefetcher_holds_at_most_depth_blocks(tmp_path):
     ctx = _ctx(tmp_path)
-    pf = Prefetcher(ctx, depth=1)
+    pf = Prefetcher(lambda block: fetch_block(block, ctx), depth=1)
     blocks = _blocks(4)
     for b in blocks:
         pf.want(b.block_id, b)
     assert pf.held() == 1  # only one read ahead, the others wait
-    got = pf.take(blocks[0].block_id, blocks[0])
-    assert got.prefetched and len(got.frames) == 3
+    got, _, ahead = pf.take(blocks[0].block_id, blocks[0])
+    assert ahead and len(got.frames) == 3
     assert pf.held() == 1  # the next one started as soon as the first was taken
     pf.drop(blocks[1].block_id)
     time.sleep(READ_S * 2)
-    got = pf.take(blocks[2].block_id, blocks[2])
-    assert got.prefetched and got.wait_s < READ_S
+    got, waited_s, ahead = pf.take(blocks[2].block_id, blocks[2])
+    assert ahead and waited_s < READ_S
     pf.close()
 
 

@@ -161,7 +161,6 @@ def test_files_presets_and_precedence(tmp_path):
     ("cluster.scheduler='foo:bar'", r"cluster\.scheduler = 'foo:bar': expected a scheduler address"),
     ("cluster.memory='0GB'", r"cluster\.memory = '0GB': expected a positive amount"),
     ("cluster.memory='-1'", r"cluster\.memory = '-1'"),
-    ("cluster.memory=''", r"cluster\.memory = ''"),
     ("cluster.n_workers=99999999999999999999", r"cluster\.n_workers = .*: expected an integer "
                                                 r"from 0 to 1024"),
     ("target.cell=''", r"target\.cell = '': expected six numbers a b c alpha beta gamma"),

@@ -34,7 +34,11 @@ place points near a dozen spots by chance: on the CrystFEL 5-HT2B stream, cells 
 no Miller index with it. So the count of matched spots is tested against chance:
 
 * a spot is *matched* when its refined prediction is within ``significance_tolerance_px`` and
-  its lattice point within ``significance_excitation_inv_a`` of the Ewald sphere;
+  its lattice point within ``e`` of the Ewald sphere, where ``e`` follows the solution's own
+  profile model: ``profile_nsigma`` widths of the profile refined from the excitation errors of
+  the spots it indexes (:func:`profile_depth_inv_a`; a fixed ``significance_excitation_inv_a``
+  when ``profile_acceptance`` is off). A small crystal's broad profile is accepted for what it
+  is, and a false lattice that needs a broad profile to reach the spots pays for the depth;
 * the probability that a random spot is matched by a lattice in a fixed orientation is the
   expected number of allowed lattice points in that acceptance region,
   ``p = (V / n_centring) * k² * Ω * 2 e`` (``V`` real-cell volume, ``k = 1/λ``, ``Ω`` the solid
@@ -140,10 +144,13 @@ class IndexParams:
         include noise and other lattices, which say nothing against this one.
     max_rmsd_px : largest RMSD (px) of an accepted solution.
     max_median_excitation_inv_a : largest median distance (Å⁻¹) of the indexed lattice points
-        from the Ewald sphere. A true lattice puts its observed reflections within about the
-        crystal's profile radius of the sphere (CrystFEL reports 2-5e-4 Å⁻¹ for SFX crystals);
-        a false one, fitted to spots with the freedom of orientation and cell, needs the whole
-        search window. This is the strongest test against false solutions on large cells.
+        from the Ewald sphere: only a bound beyond any real crystal's profile (a 100 nm crystal
+        gives about 3e-4). Solutions are judged against their own profile model instead (see
+        ``profile_acceptance``): a fixed bound of 3.5e-4 rejected small crystals and frames
+        that CrystFEL indexes correctly (5-HT2B test stream: 44 frames indexed instead of 41,
+        among them one XGANDALF indexes that the fixed bound rejected (median 4.75e-4); cells
+        scaled by 0.9-1.1 still index none in a wrong orientation. The margin is thin: with 2.5
+        widths a cell 3 % short indexes one frame 53 degrees off, with 3.5 too).
     early_exit_fraction : stop searching pairs once a candidate indexes this fraction.
     n_polish_per_pair : best raw rotations of each pair that are polished (Kabsch fit) and
         scored strictly.
@@ -160,6 +167,11 @@ class IndexParams:
         distinguishable orientations, cells and shifts tried) that a lattice of the target cell
         matches as many spots by chance; 1 disables the test (see
         :func:`solution_significance`).
+    profile_acceptance : judge a solution against its own profile model: a spot counts as
+        matched in the false-solution test when its lattice point is within ``profile_nsigma``
+        profile widths of the Ewald sphere (:func:`profile_depth_inv_a`), and the chance of a
+        match is computed for that depth, instead of ``significance_excitation_inv_a``.
+    profile_nsigma : see ``profile_acceptance``.
     max_crystals : lattices sought per frame (CrystFEL's ``--multi``): after one is found, the
         spots it does not explain are indexed again, until this many crystals or no further
         solution. 1 switches multi-lattice indexing off.
@@ -180,7 +192,7 @@ class IndexParams:
     min_indexed: int = setting(8, ge=3, le=100_000)
     min_fraction_indexed: float = setting(0.3, ge=0, le=1)
     max_rmsd_px: float = setting(2.5, gt=0, le=1000)
-    max_median_excitation_inv_a: float = setting(3.5e-4, gt=0, le=1)
+    max_median_excitation_inv_a: float = setting(1e-3, gt=0, le=1)
     early_exit_fraction: float = setting(0.75, ge=0, le=1)
     n_polish_per_pair: int = setting(8, ge=1, le=1000)
     strict_tolerance_px: float = setting(3.0, gt=0, le=1000)
@@ -190,6 +202,8 @@ class IndexParams:
     significance_tolerance_px: float = setting(2.5, gt=0, le=1000)
     significance_excitation_inv_a: float = setting(0.001, gt=0, le=1)
     max_false_probability: float = setting(1e-3, gt=0, le=1)
+    profile_acceptance: bool = True
+    profile_nsigma: float = setting(3.0, gt=0, le=100)
     max_crystals: int = setting(4, ge=1, le=100)
     refine: RefineParams = section(RefineParams, flag_prefix="refine-")
 
@@ -685,7 +699,7 @@ def chance_match_probability(
     n_centring: int,
     wavelength_a: float,
     solid_angle_sr: np.ndarray | float,
-    excitation_inv_a: float,
+    excitation_inv_a: np.ndarray | float,
 ) -> np.ndarray:
     """Probability that a random spot is matched by a lattice in a fixed orientation.
 
@@ -701,7 +715,7 @@ def chance_match_probability(
     """
     k = 1.0 / wavelength_a
     p = (cell_volume_a3 / n_centring) * k * k * np.asarray(solid_angle_sr, float) * (
-        2.0 * excitation_inv_a
+        2.0 * np.asarray(excitation_inv_a, float)
     )
     return np.minimum(p, 1.0)
 
@@ -794,18 +808,20 @@ def solution_significance(
     tol = params.significance_tolerance_px
     omega = math.pi * (tol * pix) ** 2 * cos_inc / dist**2
     n_cen = len(target.space_group.operations().cen_ops)
-    p_i = chance_match_probability(target.cell.volume, n_cen, beam.wavelength_a, omega,
-                                   params.significance_excitation_inv_a)
+    q_len = np.linalg.norm(lab / (dist * beam.wavelength_a)[:, None] - np.asarray(beam.s0_inv_a),
+                           axis=1)
+    depth = np.full(n, params.significance_excitation_inv_a)
+    if params.profile_acceptance and n:
+        depth = profile_depth_inv_a(refined, q_len, beam, params)
+    p_i = chance_match_probability(target.cell.volume, n_cen, beam.wavelength_a, omega, depth)
     p = float(np.mean(p_i)) if n else 1.0
     res = np.hypot(refined.residuals_px[:, 0], refined.residuals_px[:, 1])
     with np.errstate(invalid="ignore"):
         matched = (refined.indexed_mask & (res <= tol)
-                   & (np.abs(refined.excitation_inv_a) <= params.significance_excitation_inv_a))
+                   & (np.abs(refined.excitation_inv_a) <= depth))
     k = int(matched.sum())
     # angular resolution: the tolerance radius in reciprocal space over a typical |q|
     r_inv_a = np.sqrt(omega) / math.sqrt(math.pi) / beam.wavelength_a
-    q_len = np.linalg.norm(lab / (dist * beam.wavelength_a)[:, None] - np.asarray(beam.s0_inv_a),
-                           axis=1)
     sel = matched if k else np.ones(n, bool)
     delta = float(np.median(r_inv_a[sel]) / max(np.median(q_len[sel]), 1e-9)) if n else 1.0
     rp = params.refine
@@ -826,6 +842,25 @@ def solution_significance(
         delta, len(point_group_rotations(target.space_group)), n_len,
         params.cell_length_tolerance, n_ang, params.cell_angle_tolerance_deg, shift_steps)
     return Significance(n, k, p, binomial_log10_tail(k, n, p), log_trials)
+
+
+def profile_depth_inv_a(refined: RefineResult, q_len: np.ndarray, beam: Beam,
+                        params: IndexParams) -> np.ndarray:
+    """Half-depth (Å⁻¹) of each spot's acceptance region across the Ewald sphere under the
+    solution's own profile model: ``profile_nsigma`` profile widths ``σ(|q|)``, with the profile
+    radius refined from the excitation errors of the spots the solution indexes
+    (:func:`sfxflow.algorithms.predict.refine_profile`).
+
+    A true lattice of a small crystal has broad, but consistent, excitation errors; a false
+    lattice fitted to spots needs a broad profile too, and pays for it: the chance that a random
+    spot falls in a deeper region is larger, so its matches are less significant.
+    """
+    from sfxflow.algorithms.predict import PredictParams, refine_profile
+
+    mask = refined.indexed_mask & np.isfinite(refined.excitation_inv_a)
+    model = refine_profile(refined.excitation_inv_a[mask], q_len[mask], beam,
+                           PredictParams(detection_bias=1.0, min_spots=3))
+    return params.profile_nsigma * model.width_inv_a(q_len)
 
 
 # --------------------------------------------------------------------------- main entry point

@@ -63,6 +63,9 @@ class IntegrateParams:
 
     Parameters
     ----------
+    method : ``rings`` (summation in a disc with a background annulus) or ``none`` (no
+        prediction or integration: crystals are recorded as indexed, as CrystFEL's
+        ``--integration=none``).
     peak_radius_px : radius of the peak disc (CrystFEL ``--int-radius`` first value).
     background_inner_px, background_outer_px : the background annulus.
     outlier_nsigma : background pixels further than this many standard deviations from the
@@ -71,6 +74,7 @@ class IntegrateParams:
     min_background_pixels : fewer usable background pixels: the reflection is not integrated.
     """
 
+    method: str = setting("rings", choices=("rings", "none"))
     peak_radius_px: float = setting(3.0, gt=0, le=30)
     background_inner_px: float = setting(4.0, gt=0, le=30)
     background_outer_px: float = setting(6.0, gt=0, le=30)

@@ -62,6 +62,8 @@ __all__ = [
     "random_crystal",
     "render_spots",
     "simulate_frame",
+    "sized_crystal_params",
+    "with_defects_masked",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,12 @@ class SimulationParams:
     adu_per_photon : detector gain.
     dead_fraction, hot_fraction, hot_photons, defect_seed : fixed pattern of dead pixels
         (always 0 ADU) and hot pixels (``hot_photons`` extra); the same for every frame.
+    crystal_size_min_a, crystal_size_max_a : when the maximum is > 0, every hit's crystal has
+        its own size ``L`` (Å), drawn log-uniformly between the two (real SFX crystals: 100 nm
+        to a few µm). Its shape transform widens the reciprocal-lattice point by ``1/L`` (the
+        domain size is ``min(domain_size_a, L)``) and each spot by ``λ/L`` in angle (added in
+        quadrature to ``spot_sigma_px``), so small crystals give broad partiality profiles
+        and wider spots. 0 (default): every crystal is ``domain_size_a``.
     hit_fraction : probability that a frame holds a crystal (the rest are blank misses).
     noise : ``False`` renders expectation values (no Poisson / readout noise), for tests.
     """
@@ -153,11 +161,17 @@ class SimulationParams:
     hot_fraction: float = setting(2e-5, ge=0, lt=1)
     hot_photons: float = setting(300.0, ge=0, le=1e9)
     defect_seed: int = setting(12345, ge=0, le=2**63 - 1)
+    crystal_size_min_a: float = setting(1000.0, gt=0, le=1e7)
+    crystal_size_max_a: float = setting(0.0, ge=0, le=1e7)
     hit_fraction: float = setting(0.5, ge=0, le=1)
     noise: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", tuple(float(x) for x in self.cell))
+        if not (self.crystal_size_max_a == 0 or self.crystal_size_max_a >= self.crystal_size_min_a):
+            raise ValueError(f"SimulationParams.crystal_size_max_a = {self.crystal_size_max_a!r}: "
+                             f"expected 0 (one size) or >= crystal_size_min_a "
+                             f"({self.crystal_size_min_a!r})")
         if len(self.cell) != 6:
             raise ValueError(f"SimulationParams.cell needs 6 numbers, got {self.cell!r}")
         check_fields(self)
@@ -725,6 +739,7 @@ class FrameTruth:
     beam: Beam
     crystal: Crystal | None
     scale: float
+    size_a: float = math.nan
 
     @property
     def is_hit(self) -> bool:
@@ -767,5 +782,35 @@ def iter_frames(
                 params.crystal_scale_log_sigma * rng.standard_normal()
             )
             frame_params = replace(params, crystal_scale_photons=scale)
+        size = math.nan
+        if is_hit and params.crystal_size_max_a > 0:  # drawn last: other draws stay the same
+            size = math.exp(rng.uniform(math.log(params.crystal_size_min_a),
+                                        math.log(params.crystal_size_max_a)))
+            frame_params = sized_crystal_params(frame_params, size, detector, frame_beam)
         image, truth = simulate_frame(detector, frame_beam, crystal, frame_params, rng)
-        yield FrameTruth(index=i, beam=frame_beam, crystal=crystal, scale=scale), image, truth
+        yield (FrameTruth(index=i, beam=frame_beam, crystal=crystal, scale=scale, size_a=size),
+               image, truth)
+
+
+def with_defects_masked(detector: Detector, beam: Beam, params: SimulationParams) -> Detector:
+    """``detector`` with the simulator's fixed pattern of dead and hot pixels masked, as a
+    bad-pixel mask from dark runs masks them in a real experiment."""
+    maps = _pixel_maps(detector, beam, params)
+    flag = maps.flag.reshape(maps.shape)
+    panels = []
+    for p in detector.panels:
+        bad = np.isin(flag[p.data_slices()], (2, 3))
+        panels.append(p.with_mask(p.good_mask() & ~bad))
+    return Detector(tuple(panels), detector.rigid_groups)
+
+
+def sized_crystal_params(params: SimulationParams, size_a: float, detector: Detector,
+                         beam: Beam) -> SimulationParams:
+    """``params`` for one crystal of size ``size_a`` (Å): the domain size capped by the crystal
+    and the spot widened by its shape transform (angular FWHM ``λ/L`` at the detector's mean
+    distance)."""
+    distance_mm = abs(detector.mean_distance_mm())
+    pixel_mm = detector.panels[0].pixel_size_mm
+    shape_px = _FWHM_TO_SIGMA * beam.wavelength_a / size_a * distance_mm / pixel_mm
+    return replace(params, domain_size_a=min(params.domain_size_a, size_a),
+                   spot_sigma_px=math.hypot(params.spot_sigma_px, shape_px))

@@ -38,7 +38,14 @@ from scipy.spatial.transform import Rotation
 
 from sfxflow.algorithms.geometry import miller_indices, predict_spots
 from sfxflow.algorithms.merge.reflections import AsuIndex
-from sfxflow.models import Beam, Crystal, Detector, as_space_group, as_unit_cell
+from sfxflow.models import (
+    Beam,
+    Crystal,
+    Detector,
+    a_matrix_columns,
+    as_space_group,
+    as_unit_cell,
+)
 
 __all__ = [
     "OBSERVATION_COLUMNS",
@@ -426,7 +433,7 @@ def crystal_row(sim: SimulatedCrystal, source_url: str, frame_index: int) -> dic
     row: dict = {"source_url": source_url, "frame_index": frame_index, "event_id": "",
                  "block_id": "", "crystal": 0}
     row.update(dict(zip(("a", "b", "c", "alpha", "beta", "gamma"), map(float, p), strict=True)))
-    row.update({f"a{i + 1}{j + 1}": float(a[i, j]) for i in range(3) for j in range(3)})
+    row.update(a_matrix_columns(a))
     n = len(sim.reflections["h"])
     row.update({"wavelength_a": sim.wavelength_a, "n_indexed": n, "rmsd_px": 0.0,
                 "profile_radius_inv_a": float("nan"),

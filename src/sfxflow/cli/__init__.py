@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "merge": "sfxflow.cli.merge",
     "plan": "sfxflow.cli.plan",
     "transfer": "sfxflow.cli.transfer",
+    "report": "sfxflow.cli.report",
     "bench": "sfxflow.cli.bench",
 }
 

@@ -11,11 +11,14 @@ BENCHMARKS: dict[str, str] = {
     "decode": "sfxflow.benchmarks.decode",
     "spots": "sfxflow.benchmarks.spots",
     "index": "sfxflow.benchmarks.index",
+    "integrate": "sfxflow.benchmarks.integrate",
     "process": "sfxflow.benchmarks.process",
     "merge": "sfxflow.benchmarks.merge",
+    "report": "sfxflow.benchmarks.report",
 }
 
-HELP = "benchmark a stage (simulate, decode, spots, index, process, or all) and print figures"
+HELP = ("benchmark a stage (simulate, decode, spots, index, integrate, process, merge, report, or "
+        "all) and print figures")
 DESCRIPTION = HELP + """
 
 'all' runs every benchmark in turn with its default options (what 'make bench' does).

@@ -56,12 +56,12 @@ def _truth_check(run_dir: Path, data_dir: Path) -> str:
     import pyarrow.parquet as pq
 
     from sfxflow.algorithms.index import misorientation_deg
-    from sfxflow.models import Crystal, as_space_group, as_unit_cell
+    from sfxflow.models import A_MATRIX_COLUMNS, Crystal, as_space_group, as_unit_cell
 
     frames = pq.read_table(run_dir / "frames.parquet").to_pylist()
     truth = {(r["file"], r["frame_index"]): r
              for r in pq.read_table(data_dir / "truth_frames.parquet").to_pylist()}
-    cols = [f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3)]
+    cols = A_MATRIX_COLUMNS
     sg = as_space_group(SPACE_GROUP)
     found = missed = false_hits = 0
     errors = []
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     png = _picture(run_dir, info.geometry_path, root / "frame.png")
     if png is not None:
         print(f"picture of one frame with its spots: {png}")
+    print(f"report (open in a browser): {run_dir}/report.html")
     print(f"results: {run_dir}/frames.parquet, {run_dir}/summary.json; stream: "
           f"cat {run_dir}/header.stream {run_dir}/shards/*.stream")
     from sfxflow.cli.process import merge_run

@@ -28,6 +28,8 @@ from sfxflow.models import (
     Crystal,
     Detector,
     SpotTable,
+    a_matrix_columns,
+    as_space_group,
     wavelength_a_to_photon_energy_ev,
 )
 from sfxflow.pipeline.config import IndexConfig
@@ -85,7 +87,7 @@ class _Job:
 
 
 def _target(args: argparse.Namespace, stream_cell=None) -> TargetCell:
-    from sfxflow.io.cellfile import default_space_group, read_cell_file
+    from sfxflow.io.cellfile import read_cell_file
 
     if args.cell and args.cell_file:
         raise InputError(f"give --cell ({args.cell!r}) or --cell-file ({args.cell_file}), not both")
@@ -102,8 +104,7 @@ def _target(args: argparse.Namespace, stream_cell=None) -> TargetCell:
         if source is None:
             raise InputError("no target cell: give --cell and --space-group, or --cell-file "
                              "(or a stream that records its target cell)")
-        sg = args.space_group or source.space_group or default_space_group(*source.lattice)
-        return TargetCell(source.cell, sg)
+        return TargetCell(source.cell, as_space_group(source.indexing_space_group(args.space_group)))
     except ValueError as exc:
         raise InputError(f"bad target cell or space group ({args.cell or args.cell_file}, "
                          f"{args.space_group}): {exc}") from exc
@@ -205,10 +206,7 @@ def _row(job: _Job, res: IndexResult, seconds: float, angle: float) -> dict:
         "log10_false_probability": res.log10_false_probability,
         "det_shift_x_mm": res.detector_shift_mm[0], "det_shift_y_mm": res.detector_shift_mm[1],
     }
-    a = res.crystal.a_matrix if res.crystal is not None else np.full((3, 3), np.nan)
-    for i in range(3):
-        for j in range(3):
-            row[f"a{i + 1}{j + 1}"] = float(a[i, j])
+    row.update(a_matrix_columns(res.crystal.a_matrix if res.crystal is not None else None))
     cell = res.crystal.cell.parameters if res.crystal is not None else (math.nan,) * 6
     for name, v in zip(("cell_a", "cell_b", "cell_c", "cell_alpha", "cell_beta", "cell_gamma"),
                        cell, strict=True):

@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 __all__ = ["Parser", "add_settings", "deprecated", "given", "number", "print_config", "settings_from"]
 
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block) and exit with status 2."""
 
@@ -35,6 +36,9 @@ class Parser(argparse.ArgumentParser):
 
 def _converter(tp: Any, spec: Spec) -> Any:
     def convert(text: str) -> Any:
+        if tp is str and spec.check is not None and not text.strip():
+            # empty means "not set here" in a configuration file; a flag given empty is a slip
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {spec.expect or 'a value'}")
         try:
             return _params.convert(tp, spec, text)
         except _params.Invalid as exc:
@@ -43,7 +47,7 @@ def _converter(tp: Any, spec: Spec) -> Any:
     convert.__name__ = getattr(tp, "__name__", "value")  # argparse names it in some messages
     # what tests and docs read back: the type, the declared range, and the words for it
     convert.tp, convert.spec = tp, spec  # type: ignore[attr-defined]
-    convert.expected = _params._expected(tp, spec)  # type: ignore[attr-defined]
+    convert.expected = _params.expected_words(tp, spec)  # type: ignore[attr-defined]
     return convert
 
 
@@ -54,10 +58,8 @@ def number(parser: Any, *flags: str, kind: type = float, help: str = "",
     s = Spec(**spec)
     noun = "an integer" if kind is int else "a number"
     text = f"{help} [{s.describe(noun)}]" if help else s.describe(noun)
-    action = parser.add_argument(*flags, type=_converter(kind, s), default=default, nargs=nargs,
-                                 help=text.replace("%", "%%"), metavar="N" if kind is int else "X")
-    action.spec = s  # type: ignore[attr-defined]  # read by the table-driven CLI tests
-    return action
+    return parser.add_argument(*flags, type=_converter(kind, s), default=default, nargs=nargs,
+                               help=text.replace("%", "%%"), metavar="N" if kind is int else "X")
 
 
 class _Deprecated(argparse.Action):
@@ -110,8 +112,8 @@ def _metavar(leaf: _params.Leaf) -> str:
 def _help(leaf: _params.Leaf) -> str:
     doc = _params.first_sentence(leaf.doc) if leaf.doc else leaf.key
     default = leaf.default
-    shown = "none" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple)
-                                            else default)
+    shown = ("none" if default is None else '""' if default == "" else
+             " ".join(map(str, default)) or "[]" if isinstance(default, tuple) else default)
     extra = "" if leaf.type is bool else f"{leaf.expected}; "
     return f"{doc} [{extra}default {shown}; key {leaf.key}]".replace("%", "%%")
 
@@ -154,6 +156,10 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
         if leaf.type is bool:
             group.add_argument(*names, dest=leaf.key, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=_help(leaf))
+        elif leaf.type == tuple[str, ...]:  # a list of texts: one per use of the flag
+            group.add_argument(*names, dest=leaf.key, action="append", default=argparse.SUPPRESS,
+                               metavar="TEXT",
+                               help=_help(leaf).replace("[a list, each text; ", "[repeatable; "))
         else:
             group.add_argument(*names, dest=leaf.key, type=_converter(leaf.type, leaf.spec),
                                default=argparse.SUPPRESS, metavar=_metavar(leaf), help=_help(leaf))
@@ -164,14 +170,8 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
                                 new=f"--preset {key.split(':', 1)[1]}", help=argparse.SUPPRESS)
             continue
         leaf = by_key[key]
-        if leaf.type is bool:
-            parser.add_argument(option, dest=key, action=_Deprecated, nargs=0, store=True,
-                                new=f"--{leaf.flag}", default=argparse.SUPPRESS,
-                                help=argparse.SUPPRESS)
-        else:
-            parser.add_argument(option, dest=key, action=_Deprecated,
-                                type=_converter(leaf.type, leaf.spec), new=f"--{leaf.flag}",
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        deprecated(parser, option, key, f"--{leaf.flag}", flag=leaf.type is bool,
+                   kind=_converter(leaf.type, leaf.spec))
 
 
 def given(args: argparse.Namespace, tree: type) -> dict[str, Any]:

@@ -16,7 +16,8 @@ DESCRIPTION = HELP + """
 Every frame of the inputs gets one record (indexed, hit, miss or failed with its stage and
 reason) in RUN/frames.parquet; spots with Miller indices in RUN/shards/*.spots.parquet; a
 CrystFEL stream as `cat RUN/header.stream RUN/shards/*.stream`; counts, rates and throughput in
-RUN/summary.json. Running the same command again resumes (finished blocks are skipped).
+RUN/summary.json; the run report (one HTML page with plots, refreshed while the run goes) in
+RUN/report.html. Running the same command again resumes (finished blocks are skipped).
 A file that cannot be opened at all (missing, truncated, not an image, wrong dataset) has an
 unknown frame count: it is recorded as ONE failed record with frame_index -1 and its reason.
 A corrupt frame inside a readable file fails only itself (stage "read").
@@ -63,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # every setting of the tree is a flag: --cell, --frames-per-block, --scheduler, --workers,
     # --cluster, --spots-sigma-strong, --hit-min-spots, --index-min-indexed, --refine-cell ...
     add_settings(parser, ProcessConfig, short={"-g": "io.geometry"},
-                 aliases={"--prefetch": "io.prefetch_depth", "--cspad": "preset:cspad-cbf"})
+                 aliases={"--prefetch": "io.prefetch_depth", "--cspad": "preset:cspad-cbf",
+                          "--worker-timeout": "cluster.worker_timeout_s"})
 
 
 def settings(args: argparse.Namespace) -> Any:
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         if info.scheduler_address:
             print(f"scheduler {info.scheduler_address} ({info.n_workers} workers, "
                   f"{info.n_threads} threads)"
+                  + (f", batch jobs {', '.join(info.job_ids)}" if info.job_ids else "")
                   + (f", dashboard {info.dashboard_link}" if info.dashboard_link else ""),
                   file=sys.stderr, flush=True)
 
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary, indent=1))
     else:
         print(format_summary(result.summary))
-        print(f"results in {result.run_url}")
+        print(f"results in {result.run_url}"
+              + (f", report {result.run_url}/report.html" if config.run.report else ""))
     if args.merge and result.complete:
         merge_run(result.run_url, config.cluster, storage_options)
     if not result.complete:

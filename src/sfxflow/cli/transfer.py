@@ -21,6 +21,7 @@ from sfxflow.cli.options import Parser, deprecated, number
 from sfxflow.errors import InputError
 from sfxflow.io.storage import filesystem, is_local, local_path, storage_options_from
 from sfxflow.io.transfer import DEFAULT_PART_SIZE, TransferReport, transfer
+from sfxflow.pipeline.progress import LiveLine
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            help="rounds of --compare-awscli (default 3; medians are printed)")
 
 
-class ProgressBar:
+class ProgressBar(LiveLine):
     """A one-line progress bar on a terminal (stderr), redrawn at most every 0.2 s."""
 
     def __init__(self, stream: TextIO, label: str) -> None:
-        self.stream = stream
+        super().__init__(stream, tty=True, min_redraw_s=0.2)
         self.label = label
         self.total = 0
         self.files = 0
         self.done = 0
         self.t0 = time.perf_counter()
-        self._last = 0.0
         self._lock = threading.Lock()
 
     def start(self, n_files: int, total_bytes: int) -> None:
@@ -99,22 +99,16 @@ class ProgressBar:
         self.draw()
 
     def draw(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
         frac = min(self.done / self.total, 1.0) if self.total else 1.0
         width = 30
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        rate = self.done * 8 / max(now - self.t0, 1e-9) / 1e9
-        self.stream.write(f"\r{self.label} [{bar}] {frac:6.1%} {self.done / 1e9:8.3f}/"
-                          f"{self.total / 1e9:.3f} GB {rate:6.2f} Gbit/s {self.files} files")
-        self.stream.flush()
+        rate = self.done * 8 / max(time.perf_counter() - self.t0, 1e-9) / 1e9
+        self.show(f"{self.label} [{bar}] {frac:6.1%} {self.done / 1e9:8.3f}/"
+                  f"{self.total / 1e9:.3f} GB {rate:6.2f} Gbit/s {self.files} files", force)
 
     def close(self) -> None:
         self.draw(force=True)
-        self.stream.write("\n")
-        self.stream.flush()
+        super().close()
 
 
 def _report_lines(report: TransferReport) -> list[str]:

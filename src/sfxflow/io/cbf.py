@@ -43,17 +43,16 @@ from typing import Any
 import numpy as np
 
 from sfxflow.errors import GeometryError, SourceError
-from sfxflow.io.sources import ImageSource
+from sfxflow.io.axes import Axis, PixelAxis, pixel_geometry
+from sfxflow.io.source_base import ImageSource
 from sfxflow.models import Beam, Detector, Frame, Panel
 
 __all__ = [
-    "CbfAxis",
     "CbfSource",
     "cbf_geometry",
     "cbf_to_lab",
     "is_cbf",
     "read_cbf",
-    "transform_chain",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,146 +77,6 @@ def cbf_to_lab(v: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
     (-1.0, 2.0, 130.0)
     """
     return (-float(v[0]), float(v[1]), -float(v[2]))
-
-
-# --------------------------------------------------------------------------------------------
-# axis hierarchy math (shared with the NXmx reader: NeXus transformations are the same idea)
-
-
-@dataclass(frozen=True)
-class CbfAxis:
-    """One axis of an imgCIF ``_axis`` table / NeXus transformation (lengths in mm, angles deg).
-
-    ``kind`` is ``"rotation"``, ``"translation"`` or ``"general"`` (no motion).
-    """
-
-    id: str
-    kind: str
-    vector: tuple[float, float, float]
-    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    depends_on: str | None = None
-
-
-def _rotation(axis: np.ndarray, angle_deg: float) -> np.ndarray:
-    n = float(np.linalg.norm(axis))
-    if n == 0.0:
-        raise GeometryError(f"rotation axis has zero length: {axis.tolist()}")
-    x, y, z = axis / n
-    t = math.radians(angle_deg)
-    c, s = math.cos(t), math.sin(t)
-    C = 1.0 - c
-    return np.array(
-        [
-            [c + x * x * C, x * y * C - z * s, x * z * C + y * s],
-            [y * x * C + z * s, c + y * y * C, y * z * C - x * s],
-            [z * x * C - y * s, z * y * C + x * s, c + z * z * C],
-        ]
-    )
-
-
-def _local_matrix(axis: CbfAxis, setting: float) -> np.ndarray:
-    m = np.eye(4)
-    v = np.asarray(axis.vector, dtype=float)
-    if axis.kind == "rotation":
-        m[:3, :3] = _rotation(v, setting)
-        m[:3, 3] = axis.offset
-    elif axis.kind == "translation":
-        n = float(np.linalg.norm(v))
-        if n == 0.0:
-            raise GeometryError(f"translation axis {axis.id} has a zero vector")
-        m[:3, 3] = np.asarray(axis.offset) + v / n * setting
-    else:
-        m[:3, 3] = axis.offset
-    return m
-
-
-def transform_chain(
-    axes: Mapping[str, CbfAxis],
-    settings: Mapping[str, float],
-    axis_id: str,
-    overrides: Mapping[str, float] | None = None,
-) -> np.ndarray:
-    """4x4 homogeneous transform from the frame of ``axis_id`` to the lab, following ``depends_on``.
-
-    Each axis maps a point ``p`` of its own frame into its parent's: a rotation by its setting
-    (degrees, right-handed about ``vector``) then ``+ offset``; a translation adds
-    ``offset + unit(vector) * setting``. ``overrides`` replaces settings (pixel indices along
-    pixel axes).
-
-    >>> axes = {"z": CbfAxis("z", "translation", (0, 0, 1)),
-    ...         "r": CbfAxis("r", "rotation", (0, 0, 1), (1, 0, 0), "z")}
-    >>> (transform_chain(axes, {"z": -100.0, "r": 90.0}, "r") @ [1, 0, 0, 1]).round(6).tolist()
-    [1.0, 1.0, -100.0, 1.0]
-    """
-    overrides = overrides or {}
-    mats: list[np.ndarray] = []
-    seen: set[str] = set()
-    cur: str | None = axis_id
-    while cur not in (None, "", "."):
-        assert cur is not None
-        if cur in seen:
-            raise GeometryError(f"axis dependency loop through {cur!r}")
-        seen.add(cur)
-        ax = axes.get(cur)
-        if ax is None:
-            raise GeometryError(f"axis {cur!r} is referenced but not defined")
-        setting = overrides.get(cur, settings.get(cur, 0.0))
-        mats.append(_local_matrix(ax, setting))
-        cur = ax.depends_on
-    m = np.eye(4)
-    for local in reversed(mats):
-        m = m @ local
-    return m
-
-
-def _ancestors(axes: Mapping[str, CbfAxis], axis_id: str) -> list[str]:
-    out: list[str] = []
-    cur: str | None = axes[axis_id].depends_on if axis_id in axes else None
-    while cur not in (None, "", ".") and cur not in out:
-        assert cur is not None
-        out.append(cur)
-        cur = axes[cur].depends_on if cur in axes else None
-    return out
-
-
-@dataclass(frozen=True)
-class _PixelAxis:
-    axis_id: str
-    displacement: float
-    increment: float
-
-
-def pixel_geometry(
-    axes: Mapping[str, CbfAxis],
-    settings: Mapping[str, float],
-    fast: _PixelAxis,
-    slow: _PixelAxis,
-    what: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
-    """Origin of pixel (0, 0), unit fast/slow vectors and pixel sizes, in the source frame."""
-    if slow.axis_id in _ancestors(axes, fast.axis_id) or slow.axis_id == fast.axis_id:
-        leaf = fast.axis_id
-    elif fast.axis_id in _ancestors(axes, slow.axis_id):
-        leaf = slow.axis_id
-    else:
-        raise GeometryError(
-            f"{what}: pixel axes {fast.axis_id} and {slow.axis_id} do not depend on each other"
-        )
-
-    def at(i_f: float, i_s: float) -> np.ndarray:
-        over = {
-            fast.axis_id: fast.displacement + i_f * fast.increment,
-            slow.axis_id: slow.displacement + i_s * slow.increment,
-        }
-        return (transform_chain(axes, settings, leaf, over) @ [0.0, 0.0, 0.0, 1.0])[:3]
-
-    origin = at(0, 0)
-    df = at(1, 0) - origin
-    ds = at(0, 1) - origin
-    pf, ps = float(np.linalg.norm(df)), float(np.linalg.norm(ds))
-    if pf == 0.0 or ps == 0.0:
-        raise GeometryError(f"{what}: zero pixel size along a pixel axis")
-    return origin, df / pf, ds / ps, pf, ps
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +205,7 @@ def _wavelength(h: _Header) -> float:
     raise GeometryError("no _diffrn_radiation_wavelength.wavelength in the CBF header")
 
 
-def _settings(h: _Header, axes: Mapping[str, CbfAxis]) -> dict[str, float]:
+def _settings(h: _Header, axes: Mapping[str, Axis]) -> dict[str, float]:
     out: dict[str, float] = {}
     for r in _dicts(h.scan_axis):
         aid = r.get("axis_id")
@@ -364,14 +223,14 @@ def _settings(h: _Header, axes: Mapping[str, CbfAxis]) -> dict[str, float]:
     return out
 
 
-def _parse_axes(h: _Header) -> dict[str, CbfAxis]:
-    axes: dict[str, CbfAxis] = {}
+def _parse_axes(h: _Header) -> dict[str, Axis]:
+    axes: dict[str, Axis] = {}
     for r in _dicts(h.axis):
         aid = r.get("id")
         if not aid:
             continue
         kind = (r.get("type") or "general").lower()
-        axes[aid] = CbfAxis(
+        axes[aid] = Axis(
             id=aid,
             kind=kind,
             vector=(_num(r.get("vector[1]")), _num(r.get("vector[2]")), _num(r.get("vector[3]"))),
@@ -381,7 +240,7 @@ def _parse_axes(h: _Header) -> dict[str, CbfAxis]:
     return axes
 
 
-def _beam_direction(axes: Mapping[str, CbfAxis], h: _Header) -> tuple[float, float, float]:
+def _beam_direction(axes: Mapping[str, Axis], h: _Header) -> tuple[float, float, float]:
     # The imgCIF source axis points from the sample towards the source.
     equipment = {dict(r).get("id"): (dict(r).get("equipment") or "") for r in h.axis}
     for aid, ax in axes.items():
@@ -401,12 +260,12 @@ def _geometry_from_header(h: _Header) -> CbfGeometry:
     beam = Beam(wavelength_a=wavelength, direction=_beam_direction(axes, h))
 
     list_rows = _dicts(h.structure_list)
-    axis_sets: dict[str, list[_PixelAxis]] = {}
+    axis_sets: dict[str, list[PixelAxis]] = {}
     for r in _dicts(h.list_axis):
         sid = r.get("axis_set_id")
         if sid:
             axis_sets.setdefault(sid, []).append(
-                _PixelAxis(str(r.get("axis_id")), _num(r.get("displacement")),
+                PixelAxis(str(r.get("axis_id")), _num(r.get("displacement")),
                            _num(r.get("displacement_increment"), math.nan))
             )
     intens = {r.get("array_id"): r for r in _dicts(h.intensities)}
@@ -807,7 +666,7 @@ def read_cbf(data: bytes, url: str = "", index: int = 0) -> Frame:
 
 
 class CbfSource(ImageSource):
-    """One CBF file (one frame) as an :class:`~sfxflow.io.sources.ImageSource`.
+    """One CBF file (one frame) as an :class:`~sfxflow.io.source_base.ImageSource`.
 
     The file is fetched (one request) only when a frame is read.
     """

@@ -80,6 +80,21 @@ class CellFile(NamedTuple):
     space_group: gemmi.SpaceGroup | None
     lattice: LatticeInfo
 
+    def indexing_space_group(self, given: str | None = None) -> str:
+        """The space group to index in: ``given`` (the user's), else the file's, else the
+        lowest-symmetry group of its lattice (:func:`default_space_group`); the extended
+        Hermann-Mauguin symbol keeps the setting (``R 3:R`` vs ``R 3:H``).
+
+        >>> CellFile(gemmi.UnitCell(60, 70, 80, 90, 90, 90), None,
+        ...          LatticeInfo("orthorhombic", "C", "*")).indexing_space_group()
+        'C 2 2 2'
+        """
+        if given:
+            return given
+        group = self.space_group if self.space_group is not None else \
+            default_space_group(*self.lattice)
+        return group.xhm()
+
 
 def default_space_group(lattice_type: str, centering: str, unique_axis: str = "*"
                         ) -> gemmi.SpaceGroup:

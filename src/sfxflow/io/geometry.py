@@ -571,29 +571,111 @@ def read_text(url: str, storage_options: Mapping[str, Any] | None, what: str,
         raise error(f"{url}: cannot read {what} ({msg})") from exc
 
 
-def parse_geom(text: str, source: str = "<geometry>") -> CrystfelGeometry:
-    """Parse the text of a CrystFEL geometry file.
+# --------------------------------------------------------------------------------------------
+# Parsing: lines are collected by key (a table of top-level handlers), then each panel is built
+# by a table of per-key-group handlers, then the file-wide values.
+# --------------------------------------------------------------------------------------------
 
-    Examples
-    --------
-    >>> g = parse_geom(_EXAMPLE, "ex.geom")
-    >>> det, beam = g.resolve({"clen": 130.0})   # clen read from a data file is in mm
-    >>> det[0].origin_mm, det[0].pixel_size_mm, round(beam.wavelength_a, 4)
-    ((-0.5, -0.25, 130.0), 0.1, 1.3051)
-    """
-    ctx = _Ctx(source)
-    defaults: dict[str, tuple[str, int]] = {}
-    panels: dict[str, dict[str, tuple[str, int]]] = {}
-    first_line: dict[str, int] = {}
+_Item = tuple[str, int]  # (value text, line number)
+
+
+@dataclass
+class _Lines:
+    """The file's lines sorted by what they set (the first pass of :func:`parse_geom`)."""
+
+    defaults: dict[str, _Item] = field(default_factory=dict)
+    panels: dict[str, dict[str, _Item]] = field(default_factory=dict)
+    first_line: dict[str, int] = field(default_factory=dict)
+    explicit: dict[str, dict[str, int]] = field(default_factory=dict)
     last_panel: str | None = None
-    bad: dict[str, dict[str, tuple[str, int]]] = {}
-    glob: dict[str, tuple[str, int]] = {}
-    rigid: dict[str, tuple[str, ...]] = {}
-    rigid_coll: dict[str, tuple[str, ...]] = {}
-    groups: dict[str, tuple[str, ...]] = {}
-    unused_defaults: list[tuple[str, int]] = []
+    bad: dict[str, dict[str, _Item]] = field(default_factory=dict)
+    glob: dict[str, _Item] = field(default_factory=dict)
+    rigid: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    rigid_coll: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    unused_defaults: list[tuple[str, int]] = field(default_factory=list)
 
-    explicit: dict[str, dict[str, int]] = {}
+
+def _is_panel_key(key: str) -> bool:
+    return key in _PANEL_KEYS or bool(_MASK_N.match(key) or _DIM_N.match(key))
+
+
+def _set_rigid_collection(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
+    ls.rigid_coll[key[len("rigid_group_collection_"):]] = _members(val)
+
+
+def _set_rigid_group(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
+    ls.rigid[key[len("rigid_group_"):]] = _members(val)
+
+
+def _set_group(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
+    ls.groups[key[len("group_"):]] = _members(val)
+
+
+def _set_global(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
+    ls.glob[key] = (val, lineno)
+
+
+def _ignore(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
+    log.info("%s:%d: '%s' is ignored (as in CrystFEL)", ctx.source, lineno, key)
+
+
+def _set_default(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
+    if key.startswith("dim"):
+        _check_dim(ctx, lineno, key, val)
+    ls.defaults[key] = (val, lineno)
+    ls.unused_defaults.append((key, lineno))
+
+
+#: Keys without a panel name: the first row whose test accepts the key handles it.
+_TOP_LEVEL_HANDLERS = (
+    (lambda k: k.startswith("rigid_group_collection_"), _set_rigid_collection),
+    (lambda k: k.startswith("rigid_group_"), _set_rigid_group),
+    (lambda k: k.startswith("group_"), _set_group),
+    (lambda k: k in _GLOBAL_KEYS or k == "clen", _set_global),
+    (lambda k: k in _IGNORED_KEYS, _ignore),
+    (_is_panel_key, _set_default),
+)
+
+
+def _set_bad_key(ls: _Lines, ctx: _Ctx, name: str, sub: str, val: str, lineno: int) -> None:
+    if sub not in _BAD_KEYS:
+        raise ctx.error(lineno, f"unknown bad-region key '{sub}'", val,
+                        "min_fs/max_fs/min_ss/max_ss/panel or min_x/max_x/min_y/max_y")
+    ls.bad.setdefault(name, {})[sub] = (val, lineno)
+
+
+def _set_panel_key(ls: _Lines, ctx: _Ctx, name: str, sub: str, val: str, lineno: int) -> None:
+    key = f"{name}/{sub}"
+    if name.startswith(("group", "rigid_group")):
+        raise ctx.error(lineno, f"panel name '{name}' is reserved", key,
+                        "a panel name not starting with bad, group or rigid_group")
+    if not (_is_panel_key(sub) or sub in _IGNORED_KEYS):
+        raise ctx.error(lineno, f"unknown panel key '{sub}'", f"{key} = {val}",
+                        "a CrystFEL panel key such as min_fs, corner_x, fs, res")
+    if sub in _IGNORED_KEYS:
+        _ignore(ls, ctx, sub, val, lineno)
+        return
+    if sub.startswith("dim"):
+        _check_dim(ctx, lineno, sub, val)
+    if name not in ls.panels:
+        ls.panels[name] = dict(ls.defaults)
+        ls.explicit[name] = {}
+        ls.first_line[name] = lineno
+        ls.unused_defaults.clear()
+    elif ls.last_panel != name and sub in ls.explicit[name] and sub in _RANGE_KEYS:
+        # The panel's block was left and its data range comes again: a second definition
+        # of the same panel (a later corner_x, coffset... for it simply overrides).
+        raise ctx.error(lineno, f"duplicate panel '{name}': {sub} was already set on line "
+                        f"{ls.explicit[name][sub]}", f"{key} = {val}",
+                        "each panel defined in one block")
+    ls.panels[name][sub] = (val, lineno)
+    ls.explicit[name][sub] = lineno
+    ls.last_panel = name
+
+
+def _read_lines(text: str, ctx: _Ctx) -> _Lines:
+    ls = _Lines()
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for lineno, raw in enumerate(lines, start=1):
         line = raw.split(";", 1)[0].strip()
@@ -605,83 +687,44 @@ def parse_geom(text: str, source: str = "<geometry>") -> CrystfelGeometry:
         if not key:
             raise ctx.error(lineno, "empty key", line, "'key = value'")
         if "/" not in key:
-            if key.startswith("rigid_group_collection_"):
-                rigid_coll[key[len("rigid_group_collection_"):]] = _members(val)
-            elif key.startswith("rigid_group_"):
-                rigid[key[len("rigid_group_"):]] = _members(val)
-            elif key.startswith("group_"):
-                groups[key[len("group_"):]] = _members(val)
-            elif key in _GLOBAL_KEYS or key == "clen":
-                glob[key] = (val, lineno)
-            elif key in _IGNORED_KEYS:
-                log.info("%s:%d: '%s' is ignored (as in CrystFEL)", source, lineno, key)
-            elif key in _PANEL_KEYS or _MASK_N.match(key) or _DIM_N.match(key):
-                if key.startswith("dim"):
-                    _check_dim(ctx, lineno, key, val)
-                defaults[key] = (val, lineno)
-                unused_defaults.append((key, lineno))
-            else:
+            handler = next((h for test, h in _TOP_LEVEL_HANDLERS if test(key)), None)
+            if handler is None:
                 raise ctx.error(lineno, f"unknown key '{key}'", val,
                                 "a CrystFEL geometry key such as res, clen, corner_x")
+            handler(ls, ctx, key, val, lineno)
             continue
-        name, sub = key.split("/", 1)
-        name = name.strip()
-        sub = sub.strip()
+        name, sub = (s.strip() for s in key.split("/", 1))
         if not name or not sub or "/" in sub:
             raise ctx.error(lineno, "malformed key", key, "'panel/key' or 'bad_name/key'")
-        if name.startswith("bad"):
-            if sub not in _BAD_KEYS:
-                raise ctx.error(lineno, f"unknown bad-region key '{sub}'", val,
-                                "min_fs/max_fs/min_ss/max_ss/panel or min_x/max_x/min_y/max_y")
-            bad.setdefault(name, {})[sub] = (val, lineno)
-            continue
-        if name.startswith(("group", "rigid_group")):
-            raise ctx.error(lineno, f"panel name '{name}' is reserved", key,
-                            "a panel name not starting with bad, group or rigid_group")
-        if not (sub in _PANEL_KEYS or _MASK_N.match(sub) or _DIM_N.match(sub)
-                or sub in _IGNORED_KEYS):
-            raise ctx.error(lineno, f"unknown panel key '{sub}'", f"{key} = {val}",
-                            "a CrystFEL panel key such as min_fs, corner_x, fs, res")
-        if sub in _IGNORED_KEYS:
-            log.info("%s:%d: '%s' is ignored (as in CrystFEL)", source, lineno, sub)
-            continue
-        if sub.startswith("dim"):
-            _check_dim(ctx, lineno, sub, val)
-        if name not in panels:
-            panels[name] = dict(defaults)
-            explicit[name] = {}
-            first_line[name] = lineno
-            unused_defaults.clear()
-        elif last_panel != name and sub in explicit[name] and sub in _RANGE_KEYS:
-            # The panel's block was left and its data range comes again: a second definition
-            # of the same panel (a later corner_x, coffset... for it simply overrides).
-            raise ctx.error(lineno, f"duplicate panel '{name}': {sub} was already set on line "
-                            f"{explicit[name][sub]}", f"{key} = {val}",
-                            "each panel defined in one block")
-        panels[name][sub] = (val, lineno)
-        explicit[name][sub] = lineno
-        last_panel = name
+        (_set_bad_key if name.startswith("bad") else _set_panel_key)(ls, ctx, name, sub, val,
+                                                                      lineno)
+    return ls
 
-    if not panels:
-        raise GeometryError(f"{source}:1: no panels in geometry file (value {len(text)} "
-                            f"characters, expected lines like 'p0/min_fs = 0')")
-    for key, lineno in unused_defaults:
-        log.warning("%s:%d: '%s' comes after every panel and has no effect", source,
-                    lineno, key)
 
-    references: dict[str, str] = {}
-    ref_units: dict[str, str] = {}
+@dataclass
+class _Refs:
+    """Values read per frame from the data file, and what the panels share."""
 
-    def quantity(base: str, val: str, lineno: int, ref_key: str) -> float | str:
+    ctx: _Ctx
+    references: dict[str, str] = field(default_factory=dict)
+    ref_units: dict[str, str] = field(default_factory=dict)
+    clen_refs: dict[str, str] = field(default_factory=dict)
+    coff_refs: dict[str, str] = field(default_factory=dict)
+    mask_groups: dict[tuple[str, str | None, int, int], list[str]] = field(default_factory=dict)
+    frame_dims: set[int | None] = field(default_factory=set)
+    data_paths: dict[str, str] = field(default_factory=dict)
+
+    def quantity(self, base: str, val: str, lineno: int, ref_key: str) -> float | str:
         """Parse a number with optional unit, or a reference; literals -> internal units."""
+        ctx = self.ctx
         v, unit = _split_unit(val)
         units = _UNITS[base]
         if unit is not None and unit not in units:
             raise ctx.error(lineno, f"unknown unit for {base}", val,
                             f"one of {', '.join(units)}")
         if v.startswith("/"):
-            references[ref_key] = v
-            ref_units[ref_key] = unit or _REF_DEFAULT_UNIT.get(base, "")
+            self.references[ref_key] = v
+            self.ref_units[ref_key] = unit or _REF_DEFAULT_UNIT.get(base, "")
             if unit is None and base in ("wavelength", "electron_voltage"):
                 raise ctx.error(lineno, f"{base} from a data file needs a unit", val,
                                 f"'{v} {next(iter(units))}'")
@@ -693,15 +736,199 @@ def parse_geom(text: str, source: str = "<geometry>") -> CrystfelGeometry:
             unit = _LITERAL_DEFAULT_UNIT[base]
         return ctx.number(lineno, base, v) * units[unit]
 
-    # ---- beam / global values
+
+@dataclass
+class _Panel:
+    """One panel's lines while its :class:`_PanelSpec` is built."""
+
+    name: str
+    kv: dict[str, _Item]
+    line: int
+    glob: dict[str, _Item]
+
+    def item(self, key: str) -> _Item:
+        """The line of a key the panel must have (checked by :func:`_panel_extent` first)."""
+        return self.kv[key]
+
+
+def _panel_extent(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
+    """min_fs/max_fs/min_ss/max_ss (and the required corner, fs and ss are present)."""
+    for req in ("min_fs", "max_fs", "min_ss", "max_ss"):
+        if req not in p.kv:
+            raise ctx.error(p.line, f"panel '{p.name}' has no {req}", None,
+                            f"a line '{p.name}/{req} = <pixel>'")
+    for req in ("corner_x", "corner_y", "fs", "ss"):
+        if req not in p.kv:
+            raise ctx.error(p.line, f"panel '{p.name}' has no {req}", None,
+                            f"a line '{p.name}/{req} = ...'")
+    lim = {k: ctx.integer(p.item(k)[1], f"{p.name}/{k}", p.item(k)[0])
+           for k in ("min_fs", "max_fs", "min_ss", "max_ss")}
+    for lo, hi in (("min_fs", "max_fs"), ("min_ss", "max_ss")):
+        if lim[lo] < 0:
+            v, ln = p.item(lo)
+            raise ctx.error(ln, f"{p.name}/{lo} is negative", v, "a pixel index >= 0")
+        if lim[lo] > lim[hi]:
+            v, ln = p.item(hi)
+            raise ctx.error(ln, f"{p.name}/{lo} > {p.name}/{hi}", f"{lo}={lim[lo]} {hi}={v}",
+                            f"{hi} >= {lo}")
+    out["shape"] = (lim["max_ss"] - lim["min_ss"] + 1, lim["max_fs"] - lim["min_fs"] + 1)
+    out["data_origin"] = (lim["min_ss"], lim["min_fs"])
+
+
+def _panel_axes(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
+    """corner_x/corner_y (pixels) and the fs/ss direction vectors."""
+    cx = ctx.number(p.item("corner_x")[1], f"{p.name}/corner_x", p.item("corner_x")[0])
+    cy = ctx.number(p.item("corner_y")[1], f"{p.name}/corner_y", p.item("corner_y")[0])
+    fsv = ctx.vector(p.item("fs")[1], f"{p.name}/fs", p.item("fs")[0])
+    ssv = ctx.vector(p.item("ss")[1], f"{p.name}/ss", p.item("ss")[0])
+    if abs(float(np.linalg.norm(np.cross(fsv, ssv)))) < 1e-6:
+        v, ln = p.item("ss")
+        raise ctx.error(ln, f"panel '{p.name}' fs and ss are parallel", v,
+                        "ss not parallel to fs")
+    out.update(corner_px=(cx, cy), fast_axis=fsv, slow_axis=ssv)
+
+
+def _panel_pixel_size(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
+    """res (pixels per metre)."""
+    if "res" not in p.kv:
+        raise ctx.error(p.line, f"panel '{p.name}' has no res (pixel size)", None,
+                        "'res = <pixels per metre>' before the panel or for it")
+    res_v, res_ln = p.item("res")
+    res = ctx.number(res_ln, f"{p.name}/res", res_v)
+    if not res > 0:
+        raise ctx.error(res_ln, f"{p.name}/res is not positive", res_v, "pixels per metre > 0")
+    out["pixel_size_mm"] = 1000.0 / res
+
+
+def _panel_distance(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
+    """clen (global in CrystFEL >= 0.10 wherever it appears; older files set it per panel)
+    and coffset, each a number or a per-frame reference."""
+    clen_item = p.kv.get("clen", p.glob.get("clen"))
+    clen: float | str | None = None
+    if clen_item is not None:
+        clen = refs.quantity("clen", clen_item[0], clen_item[1], f"{p.name}/clen")
+        if isinstance(clen, str):
+            refs.clen_refs[p.name] = refs.references[clen]
+    coffset: float | str = 0.0
+    if "coffset" in p.kv:
+        val, ln = p.item("coffset")
+        coffset = refs.quantity("coffset", val, ln, f"{p.name}/coffset")
+        if isinstance(coffset, str):
+            refs.coff_refs[p.name] = refs.references[coffset]
+    out.update(clen=clen, coffset=coffset)
+
+
+def _panel_gain(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
+    """adu_per_eV / adu_per_photon (the later line wins) and max_adu."""
+    adu_ev = adu_ph = None
+    a_ev, a_ph = p.kv.get("adu_per_eV"), p.kv.get("adu_per_photon")
+    if a_ev is not None and (a_ph is None or a_ev[1] > a_ph[1]):
+        adu_ev = ctx.number(a_ev[1], f"{p.name}/adu_per_eV", a_ev[0])
+    elif a_ph is not None:
+        adu_ph = ctx.number(a_ph[1], f"{p.name}/adu_per_photon", a_ph[0])
+    max_adu = math.inf
+    if "max_adu" in p.kv:
+        max_adu = ctx.number(p.item("max_adu")[1], f"{p.name}/max_adu", p.item("max_adu")[0])
+    out.update(adu_per_ev=adu_ev, adu_per_photon=adu_ph, max_adu=max_adu)
+
+
+def _panel_layout(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
+    """dimN (where the panel's pixels and the frame index sit in the data array) and data."""
+    dims: dict[int, str] = {0: "ss", 1: "fs"}
+    dim_items = {int(m.group(1)): item for k, item in p.kv.items() if (m := _DIM_N.match(k))}
+    if dim_items:
+        dims = {k: v for k, (v, _ln) in dim_items.items()}
+    order = [dims.get(i) for i in range(max(dims) + 1)]
+    last_line = max((ln for _v, ln in dim_items.values()), default=p.line)
+    if None in order:
+        raise ctx.error(last_line, f"panel '{p.name}' has no dim{order.index(None)}", None,
+                        f"dim0..dim{len(order) - 1} all given")
+    shown = " ".join(str(d) for d in order)
+    if order.count("ss") != 1 or order.count("fs") != 1 or order.count("%") > 1:
+        raise ctx.error(last_line, f"panel '{p.name}' data layout is invalid", shown,
+                        "exactly one ss and one fs, at most one %")
+    rest = [str(d) for d in order if d != "%"]
+    if rest[-2:] != ["ss", "fs"]:
+        raise ctx.error(last_line, f"panel '{p.name}': ss and fs must be the last two "
+                        "dimensions", shown, "... ss fs")
+    refs.frame_dims.add(order.index("%") if "%" in order else None)
+    data_path = p.kv["data"][0] if "data" in p.kv else None
+    if data_path is not None:
+        refs.data_paths[p.name] = data_path
+    out.update(data_index=tuple(int(d) for d in rest[:-2]), data_path=data_path)
+
+
+#: mask/mask_file/mask_good/mask_bad are mask0_data/_file/_goodbits/_badbits.
+_MASK_0 = {"mask": "data", "mask_file": "file", "mask_good": "goodbits", "mask_bad": "badbits"}
+
+
+def _panel_mask_refs(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
+    """Per-frame mask datasets (maskN_* and the unnumbered mask keys)."""
+    slots: dict[int, dict[str, _Item]] = {}
+    for k, item in p.kv.items():
+        m = _MASK_N.match(k)
+        if m:
+            slots.setdefault(int(m.group(1)), {})[m.group(2)] = item
+        elif k in _MASK_0:
+            slots.setdefault(0, {})[_MASK_0[k]] = item
+    for n, slot in sorted(slots.items()):
+        if "data" not in slot:
+            ln = min(ln for _v, ln in slot.values())
+            raise ctx.error(ln, f"panel '{p.name}' mask {n} has no dataset",
+                            {k: v for k, (v, _l) in slot.items()},
+                            "'mask = /hdf5/path' (or maskN_data)")
+        path, ln = slot["data"]
+        if not path.startswith("/"):
+            raise ctx.error(ln, "mask dataset is not an HDF5 path", path, "'/path/to/mask'")
+        good = ctx.bits(slot["goodbits"][1], "mask_good", slot["goodbits"][0]) \
+            if "goodbits" in slot else 0
+        badb = ctx.bits(slot["badbits"][1], "mask_bad", slot["badbits"][0]) \
+            if "badbits" in slot else 0
+        mfile = slot["file"][0] if "file" in slot else None
+        refs.mask_groups.setdefault((path, mfile, good, badb), []).append(p.name)
+
+
+def _panel_static_mask(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
+    """no_index / ignore / mask_edge_pixels (bad regions are applied after every panel)."""
+    shape = out["shape"]
+    mask = None
+    for k in ("no_index", "ignore"):
+        if k in p.kv and ctx.boolean(p.kv[k][1], f"{p.name}/{k}", p.kv[k][0]):
+            mask = np.zeros(shape, dtype=bool)
+    if "mask_edge_pixels" in p.kv:
+        val, ln = p.item("mask_edge_pixels")
+        n_edge = ctx.integer(ln, f"{p.name}/mask_edge_pixels", val)
+        if n_edge > 0:
+            mask = np.ones(shape, dtype=bool) if mask is None else mask
+            mask[:n_edge, :] = False
+            mask[-n_edge:, :] = False
+            mask[:, :n_edge] = False
+            mask[:, -n_edge:] = False
+    for k in ("flag_lessthan", "flag_morethan", "flag_equal", "saturation_map"):
+        if k in p.kv:
+            log.warning("%s:%d: %s/%s is not applied by sfxflow", ctx.source, p.kv[k][1],
+                        p.name, k)
+    out["mask"] = mask
+
+
+#: A panel's spec is built by these handlers in turn, each reading its group of keys.
+_PANEL_HANDLERS = (
+    _panel_extent, _panel_axes, _panel_pixel_size, _panel_distance, _panel_gain,
+    _panel_layout, _panel_mask_refs, _panel_static_mask,
+)
+
+
+def _beam_values(glob: Mapping[str, _Item], ctx: _Ctx, refs: _Refs) -> dict[str, Any]:
+    """photon_energy/wavelength/electron_voltage (the later line wins), scale, bandwidth,
+    detector shifts and peak lists: the file-wide keys."""
     energy: tuple[str, float | str, str] | None = None
     for kind in ("photon_energy", "wavelength", "electron_voltage"):
         if kind in glob:
             val, ln = glob[kind]
-            spec = quantity(kind, val, ln, kind)
-            unit = ref_units.get(kind, "")
+            spec = refs.quantity(kind, val, ln, kind)
+            unit = refs.ref_units.get(kind, "")
             if energy is not None:
-                log.warning("%s:%d: %s overrides %s", source, ln, kind, energy[0])
+                log.warning("%s:%d: %s overrides %s", ctx.source, ln, kind, energy[0])
             energy = (kind, spec, unit)
     scale = 1.0
     if "photon_energy_scale" in glob:
@@ -718,206 +945,81 @@ def parse_geom(text: str, source: str = "<geometry>") -> CrystfelGeometry:
     for i, k in enumerate(("detector_shift_x", "detector_shift_y")):
         if k in glob:
             val, ln = glob[k]
-            shift[i] = quantity(k, val, ln, k)
-    peak_list = glob.get("peak_list", (None, 0))[0]
-    peak_list_type = glob.get("peak_list_type", (None, 0))[0]
+            shift[i] = refs.quantity(k, val, ln, k)
+    peak_list = glob["peak_list"][0] if "peak_list" in glob else None
+    peak_list_type = glob["peak_list_type"][0] if "peak_list_type" in glob else None
     if peak_list_type is not None and peak_list_type not in ("auto", "cxi", "list3"):
         raise ctx.error(glob["peak_list_type"][1], "unknown peak_list_type", peak_list_type,
                         "auto, cxi or list3")
-    global_clen = glob.get("clen")
+    return {"energy": energy, "photon_energy_scale": scale, "bandwidth_sigma": bandwidth,
+            "detector_shift_m": (shift[0], shift[1]), "peak_list": peak_list,
+            "peak_list_type": peak_list_type}
 
-    # ---- panels
-    specs: list[_PanelSpec] = []
-    mask_groups: dict[tuple[str, str | None, int, int], list[str]] = {}
-    frame_dims: set[int | None] = set()
-    data_paths: dict[str, str] = {}
-    clen_refs: dict[str, str] = {}
-    coff_refs: dict[str, str] = {}
-    for name, kv in panels.items():
-        fl = first_line[name]
 
-        def get(k: str, _kv: dict[str, tuple[str, int]] = kv) -> tuple[str, int] | None:
-            return _kv.get(k)
-
-        for req in ("min_fs", "max_fs", "min_ss", "max_ss"):
-            if get(req) is None:
-                raise ctx.error(fl, f"panel '{name}' has no {req}", None,
-                                f"a line '{name}/{req} = <pixel>'")
-        for req in ("corner_x", "corner_y", "fs", "ss"):
-            if get(req) is None:
-                raise ctx.error(fl, f"panel '{name}' has no {req}", None,
-                                f"a line '{name}/{req} = ...'")
-        lim = {k: ctx.integer(get(k)[1], f"{name}/{k}", get(k)[0])  # type: ignore[index]
-               for k in ("min_fs", "max_fs", "min_ss", "max_ss")}
-        for lo, hi in (("min_fs", "max_fs"), ("min_ss", "max_ss")):
-            if lim[lo] < 0:
-                v, ln = get(lo)  # type: ignore[misc]
-                raise ctx.error(ln, f"{name}/{lo} is negative", v, "a pixel index >= 0")
-            if lim[lo] > lim[hi]:
-                v, ln = get(hi)  # type: ignore[misc]
-                raise ctx.error(ln, f"{name}/{lo} > {name}/{hi}", f"{lo}={lim[lo]} {hi}={v}",
-                                f"{hi} >= {lo}")
-        shape = (lim["max_ss"] - lim["min_ss"] + 1, lim["max_fs"] - lim["min_fs"] + 1)
-        cx = ctx.number(get("corner_x")[1], f"{name}/corner_x", get("corner_x")[0])  # type: ignore[index]
-        cy = ctx.number(get("corner_y")[1], f"{name}/corner_y", get("corner_y")[0])  # type: ignore[index]
-        fsv = ctx.vector(get("fs")[1], f"{name}/fs", get("fs")[0])  # type: ignore[index]
-        ssv = ctx.vector(get("ss")[1], f"{name}/ss", get("ss")[0])  # type: ignore[index]
-        if abs(float(np.linalg.norm(np.cross(fsv, ssv)))) < 1e-6:
-            v, ln = get("ss")  # type: ignore[misc]
-            raise ctx.error(ln, f"panel '{name}' fs and ss are parallel", v,
-                            "ss not parallel to fs")
-        if get("res") is None:
-            raise ctx.error(fl, f"panel '{name}' has no res (pixel size)", None,
-                            "'res = <pixels per metre>' before the panel or for it")
-        res_v, res_ln = get("res")  # type: ignore[misc]
-        res = ctx.number(res_ln, f"{name}/res", res_v)
-        if not res > 0:
-            raise ctx.error(res_ln, f"{name}/res is not positive", res_v,
-                            "pixels per metre > 0")
-        pix_mm = 1000.0 / res
-
-        # clen is global in CrystFEL >= 0.10 wherever it appears; older files set it per panel
-        clen_item = kv.get("clen", global_clen)
-        clen: float | str | None = None
-        if clen_item is not None:
-            clen = quantity("clen", clen_item[0], clen_item[1], f"{name}/clen")
-            if isinstance(clen, str):
-                clen_refs[name] = references[clen]
-        coff_item = get("coffset")
-        coffset: float | str = 0.0
-        if coff_item is not None:
-            coffset = quantity("coffset", coff_item[0], coff_item[1], f"{name}/coffset")
-            if isinstance(coffset, str):
-                coff_refs[name] = references[coffset]
-
-        adu_ev = adu_ph = None
-        # the later of adu_per_eV / adu_per_photon wins
-        a_ev, a_ph = get("adu_per_eV"), get("adu_per_photon")
-        if a_ev is not None and (a_ph is None or a_ev[1] > a_ph[1]):
-            adu_ev = ctx.number(a_ev[1], f"{name}/adu_per_eV", a_ev[0])
-        elif a_ph is not None:
-            adu_ph = ctx.number(a_ph[1], f"{name}/adu_per_photon", a_ph[0])
-        max_adu = math.inf
-        if get("max_adu") is not None:
-            max_adu = ctx.number(get("max_adu")[1], f"{name}/max_adu", get("max_adu")[0])  # type: ignore[index]
-
-        # data layout
-        dims: dict[int, str] = {0: "ss", 1: "fs"}
-        dim_items = {int(_DIM_N.match(k).group(1)): (v, ln)  # type: ignore[union-attr]
-                     for k, (v, ln) in kv.items() if _DIM_N.match(k)}
-        if dim_items:
-            dims = {k: v for k, (v, _ln) in dim_items.items()}
-        order = [dims.get(i) for i in range(max(dims) + 1)]
-        if None in order:
-            missing = order.index(None)
-            raise ctx.error(max(ln for _v, ln in dim_items.values()),
-                            f"panel '{name}' has no dim{missing}", None,
-                            f"dim0..dim{len(order) - 1} all given")
-        if order.count("ss") != 1 or order.count("fs") != 1 or order.count("%") > 1:
-            raise ctx.error(max(ln for _v, ln in dim_items.values()),
-                            f"panel '{name}' data layout is invalid", " ".join(order),  # type: ignore[arg-type]
-                            "exactly one ss and one fs, at most one %")
-        rest = [d for d in order if d != "%"]
-        if rest[-2:] != ["ss", "fs"]:
-            raise ctx.error(max(ln for _v, ln in dim_items.values()),
-                            f"panel '{name}': ss and fs must be the last two dimensions",
-                            " ".join(order), "... ss fs")  # type: ignore[arg-type]
-        frame_dims.add(order.index("%") if "%" in order else None)
-        data_index = tuple(int(d) for d in rest[:-2])  # type: ignore[arg-type]
-        data_path = kv["data"][0] if "data" in kv else None
-        if data_path is not None:
-            data_paths[name] = data_path
-
-        # masks (mask/mask_file/mask_good/mask_bad == mask0_*)
-        slots: dict[int, dict[str, tuple[str, int]]] = {}
-        for k, item in kv.items():
-            m = _MASK_N.match(k)
-            if m:
-                slots.setdefault(int(m.group(1)), {})[m.group(2)] = item
-            elif k in ("mask", "mask_file", "mask_good", "mask_bad"):
-                sub = {"mask": "data", "mask_file": "file", "mask_good": "goodbits",
-                       "mask_bad": "badbits"}[k]
-                slots.setdefault(0, {})[sub] = item
-        for n, slot in sorted(slots.items()):
-            if "data" not in slot:
-                ln = min(ln for _v, ln in slot.values())
-                raise ctx.error(ln, f"panel '{name}' mask {n} has no dataset",
-                                {k: v for k, (v, _l) in slot.items()},
-                                "'mask = /hdf5/path' (or maskN_data)")
-            path, ln = slot["data"]
-            if not path.startswith("/"):
-                raise ctx.error(ln, "mask dataset is not an HDF5 path", path, "'/path/to/mask'")
-            good = ctx.bits(slot["goodbits"][1], "mask_good", slot["goodbits"][0]) \
-                if "goodbits" in slot else 0
-            badb = ctx.bits(slot["badbits"][1], "mask_bad", slot["badbits"][0]) \
-                if "badbits" in slot else 0
-            mfile = slot["file"][0] if "file" in slot else None
-            mask_groups.setdefault((path, mfile, good, badb), []).append(name)
-
-        # static mask: no_index / ignore / mask_edge_pixels (bad regions applied below)
-        mask = None
-        for k in ("no_index", "ignore"):
-            if k in kv and ctx.boolean(kv[k][1], f"{name}/{k}", kv[k][0]):
-                mask = np.zeros(shape, dtype=bool)
-        if "mask_edge_pixels" in kv:
-            n_edge = ctx.integer(kv["mask_edge_pixels"][1], f"{name}/mask_edge_pixels",
-                                 kv["mask_edge_pixels"][0])
-            if n_edge > 0:
-                mask = np.ones(shape, dtype=bool) if mask is None else mask
-                mask[:n_edge, :] = False
-                mask[-n_edge:, :] = False
-                mask[:, :n_edge] = False
-                mask[:, -n_edge:] = False
-        for k in ("flag_lessthan", "flag_morethan", "flag_equal", "saturation_map"):
-            if k in kv:
-                log.warning("%s:%d: %s/%s is not applied by sfxflow", source, kv[k][1], name, k)
-
-        specs.append(
-            _PanelSpec(
-                name=name, line=fl, shape=shape, data_origin=(lim["min_ss"], lim["min_fs"]),
-                data_index=data_index, data_path=data_path, corner_px=(cx, cy),
-                fast_axis=fsv, slow_axis=ssv, pixel_size_mm=pix_mm, clen=clen,
-                coffset=coffset, adu_per_ev=adu_ev, adu_per_photon=adu_ph, max_adu=max_adu,
-                mask=mask,
-            )
-        )
-
-    _check_overlaps(ctx, specs)
-
-    # ---- per-frame references: collapse per-panel keys when all panels agree
-    for base, per in (("clen", clen_refs), ("coffset", coff_refs)):
+def _shared_references(specs: list[_PanelSpec], refs: _Refs) -> list[_PanelSpec]:
+    """Collapse per-panel clen/coffset references into one when every panel reads the same."""
+    for base, per in (("clen", refs.clen_refs), ("coffset", refs.coff_refs)):
         if not per:
             continue
         paths = set(per.values())
-        units = {ref_units[f"{pn}/{base}"] for pn in per}
+        units = {refs.ref_units[f"{pn}/{base}"] for pn in per}
         if len(paths) == 1 and len(units) == 1 and len(per) == len(specs):
             path = paths.pop()
             for pn in per:
-                references.pop(f"{pn}/{base}")
-                ref_units.pop(f"{pn}/{base}")
-            references[base] = path
-            ref_units[base] = units.pop()
-            specs = [
-                _replace_spec(s, **{base: base}) for s in specs
-            ]
+                refs.references.pop(f"{pn}/{base}")
+                refs.ref_units.pop(f"{pn}/{base}")
+            refs.references[base] = path
+            refs.ref_units[base] = units.pop()
+            specs = [_replace_spec(s, **{base: base}) for s in specs]
+    return specs
 
-    # ---- bad regions
-    bad_regions = [_bad_region(ctx, n, kv, {s.name for s in specs}) for n, kv in bad.items()]
+
+def parse_geom(text: str, source: str = "<geometry>") -> CrystfelGeometry:
+    """Parse the text of a CrystFEL geometry file.
+
+    Examples
+    --------
+    >>> g = parse_geom(_EXAMPLE, "ex.geom")
+    >>> det, beam = g.resolve({"clen": 130.0})   # clen read from a data file is in mm
+    >>> det[0].origin_mm, det[0].pixel_size_mm, round(beam.wavelength_a, 4)
+    ((-0.5, -0.25, 130.0), 0.1, 1.3051)
+    """
+    ctx = _Ctx(source)
+    ls = _read_lines(text, ctx)
+    if not ls.panels:
+        raise GeometryError(f"{source}:1: no panels in geometry file (value {len(text)} "
+                            f"characters, expected lines like 'p0/min_fs = 0')")
+    for key, lineno in ls.unused_defaults:
+        log.warning("%s:%d: '%s' comes after every panel and has no effect", source,
+                    lineno, key)
+    refs = _Refs(ctx)
+    beam = _beam_values(ls.glob, ctx, refs)
+    specs: list[_PanelSpec] = []
+    for name, kv in ls.panels.items():
+        panel = _Panel(name, kv, ls.first_line[name], ls.glob)
+        fields: dict[str, Any] = {}
+        for handler in _PANEL_HANDLERS:
+            handler(panel, ctx, refs, fields)
+        specs.append(_PanelSpec(name=name, line=panel.line, **fields))
+    _check_overlaps(ctx, specs)
+    specs = _shared_references(specs, refs)
+    bad_regions = [_bad_region(ctx, n, kv, {s.name for s in specs}) for n, kv in ls.bad.items()]
     specs = [_apply_bad_regions(s, bad_regions) for s in specs]
 
-    if len(frame_dims) > 1:
+    if len(refs.frame_dims) > 1:
         raise GeometryError(f"{source}:{specs[0].line}: panels disagree on the frame dimension "
-                            f"(value {sorted(frame_dims, key=str)}, expected one '%' position)")
-    frame_dim = frame_dims.pop()
-    uniq_paths = list(dict.fromkeys(data_paths.values()))
+                            f"(value {sorted(refs.frame_dims, key=str)}, expected one '%' "
+                            "position)")
+    frame_dim = refs.frame_dims.pop()
+    uniq_paths = list(dict.fromkeys(refs.data_paths.values()))
     data_path = uniq_paths[0] if uniq_paths else None
-    panel_data_paths = dict(data_paths) if len(uniq_paths) > 1 else {}
+    panel_data_paths = dict(refs.data_paths) if len(uniq_paths) > 1 else {}
     if panel_data_paths:
         log.warning("%s: panels read from %d different datasets", source, len(uniq_paths))
 
     # rigid-group members must be panels (or, for collections, rigid groups)
     names = {s.name for s in specs}
-    for g, members in rigid.items():
+    for g, members in ls.rigid.items():
         unknown = [m for m in members if m not in names]
         if unknown:
             raise GeometryError(f"{source}: rigid_group_{g} names unknown panels (value "
@@ -925,14 +1027,12 @@ def parse_geom(text: str, source: str = "<geometry>") -> CrystfelGeometry:
 
     return CrystfelGeometry(
         source=source, text=text, panel_specs=tuple(specs), data_path=data_path,
-        frame_dim=frame_dim, references=references, reference_units=ref_units,
+        frame_dim=frame_dim, references=refs.references, reference_units=refs.ref_units,
         mask_refs=tuple(MaskRef(p, f, g, b, tuple(ps)) for (p, f, g, b), ps in
-                        mask_groups.items()),
-        bad_regions=tuple(bad_regions), rigid_groups=rigid,
-        rigid_group_collections=rigid_coll, groups=groups, peak_list=peak_list,
-        peak_list_type=peak_list_type, panel_data_paths=panel_data_paths, energy=energy,
-        photon_energy_scale=scale, bandwidth_sigma=bandwidth,
-        detector_shift_m=(shift[0], shift[1]),
+                        refs.mask_groups.items()),
+        bad_regions=tuple(bad_regions), rigid_groups=ls.rigid,
+        rigid_group_collections=ls.rigid_coll, groups=ls.groups,
+        panel_data_paths=panel_data_paths, **beam,
     )
 
 

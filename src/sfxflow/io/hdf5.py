@@ -41,8 +41,8 @@ import numpy as np
 
 from sfxflow.errors import GeometryError, SourceError
 from sfxflow.io import storage
-from sfxflow.io.cbf import CbfAxis, transform_chain
-from sfxflow.io.sources import ImageSource
+from sfxflow.io.axes import Axis, transform_chain
+from sfxflow.io.source_base import ImageSource
 from sfxflow.models import Beam, Detector, Frame, Panel
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ _ANGLE_DEG = {"deg": 1.0, "degree": 1.0, "degrees": 1.0, "rad": 180.0 / math.pi,
 _WAVELENGTH_A = {"angstrom": 1.0, "a": 1.0, "å": 1.0, "nm": 10.0, "m": 1e10, "pm": 1e-2}
 
 
-def _chain_ids(axes: Mapping[str, CbfAxis], axis_id: str) -> list[str]:
+def _chain_ids(axes: Mapping[str, Axis], axis_id: str) -> list[str]:
     out: list[str] = []
     cur: str | None = axis_id
     while cur is not None and cur in axes and cur not in out:
@@ -382,7 +382,7 @@ def _chain_ids(axes: Mapping[str, CbfAxis], axis_id: str) -> list[str]:
     return out
 
 
-def _module_origin(axes: Mapping[str, CbfAxis], settings: Mapping[str, float], fp: str, sp: str,
+def _module_origin(axes: Mapping[str, Axis], settings: Mapping[str, float], fp: str, sp: str,
                    f0: np.ndarray, s0: np.ndarray) -> np.ndarray:
     """Lab position of pixel (0, 0) given both pixel axes at displacement 0."""
     if sp in _chain_ids(axes, fp):
@@ -477,7 +477,7 @@ class NxmxSource(ImageSource):
         raise SourceError(self.url, "NXmx entry has no NXdata group with a data field")
 
     # -- geometry
-    def _nx_axis(self, ds: h5py.Dataset, axes: dict[str, CbfAxis],
+    def _nx_axis(self, ds: h5py.Dataset, axes: dict[str, Axis],
                  settings: dict[str, float]) -> None:
         path = ds.name
         while path not in (None, ".", "") and path not in axes:
@@ -502,7 +502,7 @@ class NxmxSource(ImageSource):
             dep = _attr_str(obj, "depends_on", ".")
             if dep not in (".", "") and not dep.startswith("/"):
                 dep = posixpath.normpath(posixpath.join(posixpath.dirname(path), dep))
-            axes[path] = CbfAxis(path, kind if kind in ("rotation", "translation") else "general",
+            axes[path] = Axis(path, kind if kind in ("rotation", "translation") else "general",
                                  (vec[0], vec[1], vec[2]), (float(off[0]), float(off[1]),
                                                             float(off[2])),
                                  None if dep in (".", "") else dep)
@@ -547,7 +547,7 @@ class NxmxSource(ImageSource):
         lead = tuple(origin_idx[:-2])
         if len(size) == 3 and size[0] != 1:
             raise GeometryError(f"{self.url}: {where} data_size {size} spans several modules")
-        axes: dict[str, CbfAxis] = {}
+        axes: dict[str, Axis] = {}
         settings: dict[str, float] = {}
         fast_ds, slow_ds = mod["fast_pixel_direction"], mod["slow_pixel_direction"]
         self._nx_axis(fast_ds, axes, settings)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from sfxflow.errors import InputError
 from sfxflow.io.results import RunDir, parquet_bytes, read_parquet_bytes
 from sfxflow.io.storage import shown_url
+from sfxflow.models import A_MATRIX_COLUMNS
 
 __all__ = [
     "ShardData",
@@ -35,7 +36,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_A_COLUMNS = [f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3)]
 _SHARD_ID_BITS = 32
 
 
@@ -164,7 +164,7 @@ def _read_run_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None) 
         if c.get("status", ["integrated"] * crys.num_rows)[i] not in ("integrated", None):
             rejected["integration failed"] += 1
             continue
-        a = np.array([c[k][i] for k in _A_COLUMNS], dtype=float).reshape(3, 3)
+        a = np.array([c[k][i] for k in A_MATRIX_COLUMNS], dtype=float).reshape(3, 3)
         lam = float(c["wavelength_a"][i])
         if not (np.all(np.isfinite(a)) and math.isfinite(lam) and lam > 0):
             rejected["no orientation or wavelength"] += 1

@@ -38,7 +38,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sfxflow.errors import InputError
-from sfxflow.models import REFLECTION_COLUMNS, SPOT_COLUMNS, FrameStatus, ImageResult
+from sfxflow.models import (
+    A_MATRIX_COLUMNS,
+    REFLECTION_COLUMNS,
+    SPOT_COLUMNS,
+    FrameStatus,
+    ImageResult,
+    a_matrix_columns,
+)
 
 __all__ = [
     "CELL_COLUMNS",
@@ -64,7 +71,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CELL_COLUMNS = ("a", "b", "c", "alpha", "beta", "gamma")
-MATRIX_COLUMNS = tuple(f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3))
+MATRIX_COLUMNS = A_MATRIX_COLUMNS
 STAGES = ("read", "spots", "hit", "index", "integrate")
 
 FRAME_SCHEMA = pa.schema(
@@ -172,12 +179,10 @@ def frame_row(result: ImageResult, block_id: str = "") -> dict[str, Any]:
         for name, v in zip(CELL_COLUMNS, (cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma),
                            strict=True):
             row[name] = float(v)
-        a = np.asarray(crystal.a_matrix, dtype=float)
-        for name, v in zip(MATRIX_COLUMNS, a.ravel(), strict=True):
-            row[name] = float(v)
+        row.update(a_matrix_columns(crystal.a_matrix))
     else:
-        for name in (*CELL_COLUMNS, *MATRIX_COLUMNS):
-            row[name] = math.nan
+        row.update(dict.fromkeys(CELL_COLUMNS, math.nan))
+        row.update(a_matrix_columns(None))
     t = result.timings_s
     for s in STAGES:
         row[f"t_{s}_s"] = float(t.get(s, 0.0))
@@ -191,7 +196,7 @@ def frame_row(result: ImageResult, block_id: str = "") -> dict[str, Any]:
 
 
 def _a_row(a_matrix: Any) -> dict[str, float]:
-    return dict(zip(MATRIX_COLUMNS, (float(x) for x in np.asarray(a_matrix).ravel()), strict=True))
+    return a_matrix_columns(a_matrix)
 
 
 def crystals_table(results: Iterable[ImageResult], block_id: str = "",

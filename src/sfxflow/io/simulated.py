@@ -13,7 +13,8 @@ Layout of ``out_dir`` after :func:`write_simulated_dataset`::
 Truth columns: ``file`` is the CXI file's base name and ``frame_index`` the frame's index in it
 (what an image source reports); ``truth_frames`` has ``is_hit``, the orientation matrix ``A`` in
 the sfxflow lab frame (Å⁻¹, row-major ``a11 .. a33``; NaN for misses), ``cell``, ``space_group``,
-``photon_energy_ev``, ``wavelength_a``, ``scale_photons``, ``n_reflections`` and ``n_strong``
+``photon_energy_ev``, ``wavelength_a``, ``scale_photons``, ``crystal_size_a`` (NaN unless
+sizes vary), ``n_reflections`` and ``n_strong``
 (reflections with ``snr_true >= 5``); ``truth_reflections`` has the columns of
 :data:`sfxflow.algorithms.simulate.TRUTH_COLUMNS` plus ``file``, ``frame_index`` and
 ``panel_name``.
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 from sfxflow import __version__
 from sfxflow.algorithms.simulate import TRUTH_COLUMNS, SimulationParams, iter_frames
 from sfxflow.errors import InputError
-from sfxflow.models import Beam, Detector
+from sfxflow.models import A_MATRIX_COLUMNS, Beam, Detector, a_matrix_columns
 
 __all__ = [
     "COMPRESSIONS",
@@ -53,7 +54,6 @@ DATA_PATH = "/entry_1/data_1/data"
 PHOTON_ENERGY_PATH = "/LCLS/photon_energy_eV"
 DISTANCE_PATH = "/entry_1/instrument_1/detector_1/distance"
 COMPRESSIONS = ("none", "bitshuffle-lz4")
-_A_COLUMNS = [f"a{i}{j}" for i in (1, 2, 3) for j in (1, 2, 3)]
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,9 @@ def write_simulated_dataset(
         "photon energy is read per frame from the data files",
     )
     frame_rows: dict[str, list] = {k: [] for k in (
-        "file", "frame_index", "frame_global", "is_hit", *_A_COLUMNS, "cell", "space_group",
-        "photon_energy_ev", "wavelength_a", "scale_photons", "n_reflections", "n_strong",
+        "file", "frame_index", "frame_global", "is_hit", *A_MATRIX_COLUMNS, "cell", "space_group",
+        "photon_energy_ev", "wavelength_a", "scale_photons", "crystal_size_a", "n_reflections",
+        "n_strong",
     )}
     refl_parts: list[dict[str, np.ndarray]] = []
     files: list[Path] = []
@@ -179,7 +180,7 @@ def write_simulated_dataset(
                 dset[i] = image
                 energies[i] = truth_frame.beam.photon_energy_ev
                 crystal = truth_frame.crystal
-                a = crystal.a_matrix.ravel() if crystal is not None else np.full(9, np.nan)
+                a = crystal.a_matrix if crystal is not None else None
                 n_strong = int(np.count_nonzero(truth["snr_true"] >= 5.0))
                 row = {
                     "file": path.name,
@@ -191,10 +192,11 @@ def write_simulated_dataset(
                     "photon_energy_ev": truth_frame.beam.photon_energy_ev,
                     "wavelength_a": truth_frame.beam.wavelength_a,
                     "scale_photons": truth_frame.scale,
+                    "crystal_size_a": truth_frame.size_a,
                     "n_reflections": len(truth["h"]),
                     "n_strong": n_strong,
                 }
-                row.update({k: float(v) for k, v in zip(_A_COLUMNS, a, strict=True)})
+                row.update(a_matrix_columns(a))
                 for k, v in row.items():
                     frame_rows[k].append(v)
                 if len(truth["h"]):

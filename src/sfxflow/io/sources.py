@@ -14,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sfxflow.errors import ConfigError, InputError, SourceError
 from sfxflow.io import storage
+from sfxflow.io.cbf import CbfSource
+from sfxflow.io.hdf5 import open_hdf5_source
+from sfxflow.io.source_base import ImageSource
 
 if TYPE_CHECKING:
     from sfxflow.io.geometry import CrystfelGeometry
@@ -43,50 +45,6 @@ CBF_EXTENSIONS = (".cbf",)
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".cxi", ".nxs", ".nx5", ".hdf")
 IMAGE_EXTENSIONS = CBF_EXTENSIONS + HDF5_EXTENSIONS
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-class ImageSource(ABC):
-    """One file or object of frames. Use as a context manager; frames are read on demand.
-
-    Attributes
-    ----------
-    url : where the frames live.
-    n_frames : number of frames.
-    kind : ``"cbf"``, ``"cxi"`` or ``"nxmx"``.
-    """
-
-    url: str
-    n_frames: int
-    kind: str = "unknown"
-
-    @abstractmethod
-    def read_frame(self, i: int) -> Frame:
-        """Frame ``i`` (0-based)."""
-
-    def read_frames(self, start: int, stop: int) -> list[Frame]:
-        """Frames ``start .. stop-1``."""
-        self._check_range(start, stop)
-        return [self.read_frame(i) for i in range(start, stop)]
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release open files."""
-
-    def __enter__(self) -> ImageSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _check_index(self, i: int) -> None:
-        if not 0 <= i < self.n_frames:
-            raise SourceError(self.url, f"frame {i} out of range (file has {self.n_frames})", i)
-
-    def _check_range(self, start: int, stop: int) -> None:
-        if not 0 <= start <= stop <= self.n_frames:
-            raise SourceError(
-                self.url,
-                f"frame range {start}..{stop} out of range (file has {self.n_frames} frames)",
-            )
 
 
 def _extension(url: str) -> str:
@@ -140,11 +98,7 @@ def open_source(
     """
     kind = source_kind(url, storage_options)
     if kind == "cbf":
-        from sfxflow.io.cbf import CbfSource
-
         return CbfSource(url, storage_options)
-    from sfxflow.io.hdf5 import open_hdf5_source
-
     return open_hdf5_source(url, geometry, storage_options, metadata_only=metadata_only)
 
 

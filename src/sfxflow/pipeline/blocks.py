@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sfxflow.errors import failure_reason
 from sfxflow.io.results import (
     RunDir,
     ShardBytes,
@@ -171,11 +172,6 @@ def fetch_block(block: BlockRef, ctx: BlockContext) -> Fetched:
         return Fetched(None, exc, time.perf_counter() - t0)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _failed(url: str, index: int, stage: str, reason: str, event_id: str = "") -> ImageResult:
     return ImageResult(source_url=url, frame_index=index, status=FrameStatus.FAILED,
                        event_id=event_id, stage=stage, reason=reason)
@@ -185,7 +181,7 @@ def _salvage(block: BlockRef, ctx: BlockContext, error: BaseException) -> list[F
     """The block could not be read in one go: read frame by frame, failing only bad frames."""
     out: list[Frame | ImageResult] = []
     if ctx.read_fn is not None:  # an injected reader has no per-frame access
-        return [_failed(block.url, i, "read", _reason(error)) for i in range(block.start, block.stop)]
+        return [_failed(block.url, i, "read", failure_reason(error)) for i in range(block.start, block.stop)]
     from sfxflow.io.sources import open_source
 
     try:
@@ -194,7 +190,7 @@ def _salvage(block: BlockRef, ctx: BlockContext, error: BaseException) -> list[F
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as exc:
-        reason = _reason(exc)
+        reason = failure_reason(exc)
         return [_failed(block.url, i, "read", reason) for i in range(block.start, block.stop)]
     with source:
         for i in range(block.start, block.stop):
@@ -203,7 +199,7 @@ def _salvage(block: BlockRef, ctx: BlockContext, error: BaseException) -> list[F
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:
-                out.append(_failed(block.url, i, "read", _reason(exc)))
+                out.append(_failed(block.url, i, "read", failure_reason(exc)))
     return out
 
 
@@ -283,7 +279,7 @@ def run_block(block: BlockRef, ctx: BlockContext, fetched: Fetched | None = None
         items: list[Frame | ImageResult]
         if fetched.error is not None:
             logger.warning("block %s: reading failed (%s); reading frame by frame",
-                           block.block_id, _reason(fetched.error))
+                           block.block_id, failure_reason(fetched.error))
             items = _salvage(block, ctx, fetched.error)
         else:
             items = list(fetched.frames or [])

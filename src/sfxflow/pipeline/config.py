@@ -142,6 +142,8 @@ class RunConfig:
     strict : let unexpected exceptions in per-frame processing propagate (debugging) instead
         of recording the frame as ``failed``.
     manifest_interval_s : least seconds between manifest rewrites while running.
+    report : write ``report.html`` into the run directory (refreshed while running).
+    report_interval_s : least seconds between report refreshes while running.
     """
 
     task_retries: int = setting(1, ge=0, le=100)
@@ -149,6 +151,8 @@ class RunConfig:
     max_blocks: int = setting(0, ge=0, le=10**12)
     strict: bool = False
     manifest_interval_s: float = setting(5.0, ge=0, le=86_400)
+    report: bool = True
+    report_interval_s: float = setting(30.0, ge=0, le=86_400)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -176,6 +180,22 @@ def _memory(text: str) -> None:
         raise ValueError(text)
 
 
+def _optional(check: Any) -> Any:
+    """``check``, except that an empty value (not set here: the site's setting) passes."""
+    def optional(text: str) -> None:
+        if str(text).strip():
+            check(text)
+    return optional
+
+
+def _adapt(text: str) -> tuple[int, int]:
+    # a minimum of 0 would leave the run waiting for a first worker nobody asks for
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ValueError(text)
+    return int(match[1]), int(match[2])
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Where the Dask workers run.
@@ -184,21 +204,23 @@ class ClusterConfig:
     ----------
     kind : ``local`` (a LocalCluster on this machine), ``synchronous`` (no Dask: serial, in
         process), or a batch system through dask-jobqueue: ``slurm``, ``sge``, ``pbs``.
-    scheduler : address of a running scheduler (``tcp://host:8786``); overrides ``kind``
-        (``synchronous`` means ``kind = "synchronous"``).
+    scheduler : address of a running scheduler (``tcp://host:8786``); overrides ``kind``.
+    scheduler_file : with a batch ``kind``, the scheduler writes its address there (for workers
+        started by hand); otherwise join the scheduler that file describes.
     n_workers : local worker processes (0 = one per CPU core).
     threads_per_worker : threads per worker process.
-    queue : batch queue or partition.
-    account : batch account or project.
-    walltime : batch job wall time (``HH:MM:SS``, ``D-HH:MM:SS`` or minutes).
-    cores : cores per batch job.
-    memory : memory per batch job (e.g. ``64GB``).
-    processes : worker processes per batch job (0 = one per core).
-    jobs : batch jobs to submit.
+    queue, account, walltime, cores, memory, processes : batch job settings (``cores`` and
+        ``memory`` per job; ``processes`` worker processes per job). Empty or 0 = not set here:
+        the site's Dask configuration (``jobqueue.yaml``) applies, then sfxflow's fallback
+        (1 core, 4GB, one single-threaded worker per core; dask-jobqueue's wall time).
+    jobs : batch jobs to submit (a fixed-size cluster).
+    adapt : ``"MIN:MAX"`` jobs, scaled with the queue of blocks (dask-jobqueue's adaptive
+        mode) instead of a fixed ``jobs``; empty = fixed.
+    worker_timeout_s : seconds to wait for the first batch worker before giving up.
     interface : network interface workers bind to on batch nodes (e.g. ``ib0``), optional.
     container_image : run batch workers inside this image (``apptainer exec IMAGE`` or shifter).
     container_runtime : ``apptainer``, ``singularity`` or ``shifter``.
-    job_extra : extra scheduler directives, e.g. ``["--gres=gpu:1"]``.
+    job_extra : extra scheduler directives added to the site's, e.g. ``["--qos=debug"]``.
     """
 
     kind: str = setting("local", choices=CLUSTER_KINDS, flag="cluster")
@@ -206,14 +228,19 @@ class ClusterConfig:
                              "tcp://host:8786, or synchronous (no Dask: serial, in process)")
     n_workers: int = setting(0, ge=0, le=1024, flag="workers")
     threads_per_worker: int = setting(1, ge=1, le=1024)
+    scheduler_file: str = ""
     queue: str = ""
     account: str = ""
-    walltime: str = setting("01:00:00", check=_walltime,
-                            expect="HH:MM:SS, D-HH:MM:SS or minutes")
-    cores: int = setting(1, ge=1, le=4096)
-    memory: str = setting("4GB", check=_memory, expect="a positive amount such as 4GB or 512MiB")
+    walltime: str = setting("", check=_optional(_walltime),
+                            expect="HH:MM:SS, D-HH:MM:SS or minutes (empty: the site's setting)")
+    cores: int = setting(0, ge=0, le=4096)
+    memory: str = setting("", check=_optional(_memory),
+                          expect="a positive amount such as 4GB or 512MiB (empty: the site's)")
     processes: int = setting(0, ge=0, le=4096)
     jobs: int = setting(1, ge=1, le=100_000)
+    adapt: str = setting("", check=_optional(_adapt),
+                         expect="MIN:MAX jobs with 1 <= MIN <= MAX (e.g. 1:20)")
+    worker_timeout_s: float = setting(1800.0, gt=0, le=1e7)
     interface: str = ""
     container_image: str = ""
     container_runtime: str = setting("apptainer", choices=("apptainer", "singularity", "shifter"))
@@ -224,6 +251,13 @@ class ClusterConfig:
         if self.scheduler.strip() == "synchronous":
             object.__setattr__(self, "kind", "synchronous")
             object.__setattr__(self, "scheduler", "")
+
+    def adapt_range(self) -> tuple[int, int] | None:
+        """``adapt`` as ``(minimum, maximum)`` jobs, or ``None`` for a fixed number of jobs."""
+        if not self.adapt:
+            return None
+        low, high = _adapt(self.adapt)
+        return low, high
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,17 @@ Every block is one task (key ``sfxflow-<run token>-<block id>``); the scheduler 
 dynamically and, with its default ``worker-saturation`` (1.1), keeps one task *queued* on each
 single-threaded worker besides the one running. A :class:`BlockRunner` worker plugin, registered
 once per run (so workers that join or are restarted get it too), holds the run context and a
-per-worker :class:`Prefetcher`: when a block task becomes ``ready`` on a worker, the plugin starts
+per-worker :class:`~sfxflow.io.prefetch.Prefetcher`: when a block task becomes ``ready`` on a worker, the plugin starts
 reading it in a background thread while the current block computes. At most ``depth`` blocks per
 worker thread are fetched ahead, so a worker holds at most ``1 + depth`` blocks per thread.
 
-The per-worker :class:`Prefetcher` is keyed by the tasks the scheduler queues on that worker
+The per-worker prefetcher is keyed by the tasks the scheduler queues on that worker
 (their order is only known as they arrive); the serial executor, whose order is fixed, reads
 ahead with :func:`sfxflow.io.prefetch.prefetch`.
 
 A worker that dies loses only its running and queued blocks; the scheduler reruns them elsewhere
-(``allowed_failures`` deaths per block). A task that raises is retried ``task_retries`` times;
+(``allowed_failures`` deaths per block, a setting of the scheduler: set on one the run starts,
+left as it is on a shared one). A task that raises is retried ``task_retries`` times;
 after that the block is recorded as failed (its frames get ``failed`` records with the reason)
 and the run goes on.
 """
@@ -24,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from sfxflow.errors import failure_reason
+from sfxflow.io.prefetch import Prefetcher, prefetch
 from sfxflow.pipeline.blocks import (
     BlockContext,
     BlockRef,
@@ -42,7 +42,7 @@ from sfxflow.pipeline.blocks import (
     run_block,
 )
 
-__all__ = ["BlockFailure", "BlockRunner", "Prefetcher", "execute_dask", "execute_serial"]
+__all__ = ["BlockFailure", "BlockRunner", "execute_dask", "execute_serial"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,74 +58,6 @@ class BlockFailure:
 
     def __repr__(self) -> str:
         return f"BlockFailure({self.block.block_id!r}, {self.reason!r})"
-
-
-class Prefetcher:
-    """Reads blocks ahead in one background thread, holding at most ``depth`` of them.
-
-    ``want(key, block)`` queues a block (e.g. when its task is queued on this worker);
-    ``take(key, block)`` returns its :class:`Fetched` (waiting for an in-flight read, or reading
-    now when it was never queued) and starts the next queued read; ``drop(key)`` forgets a block
-    that was moved to another worker.
-    """
-
-    def __init__(self, ctx: BlockContext, depth: int = 1) -> None:
-        self.ctx = ctx
-        self.depth = max(int(depth), 0)
-        self._lock = threading.Lock()
-        self._pending: OrderedDict[str, BlockRef] = OrderedDict()
-        self._inflight: dict[str, Future[Fetched]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfxflow-prefetch")
-
-    def want(self, key: str, block: BlockRef) -> None:
-        if self.depth == 0:
-            return
-        with self._lock:
-            if key in self._inflight or key in self._pending:
-                return
-            self._pending[key] = block
-            self._pump()
-
-    def drop(self, key: str) -> None:
-        with self._lock:
-            self._pending.pop(key, None)
-            fut = self._inflight.pop(key, None)
-            if fut is not None:
-                fut.cancel()
-            self._pump()
-
-    def _pump(self) -> None:  # caller holds the lock
-        while self._pending and len(self._inflight) < self.depth:
-            key, block = self._pending.popitem(last=False)
-            self._inflight[key] = self._pool.submit(fetch_block, block, self.ctx)
-
-    def take(self, key: str, block: BlockRef) -> Fetched:
-        with self._lock:
-            self._pending.pop(key, None)
-            fut = self._inflight.pop(key, None)
-        t0 = time.perf_counter()
-        if fut is None or fut.cancelled():
-            fetched = fetch_block(block, self.ctx)
-            fetched.wait_s = time.perf_counter() - t0
-        else:
-            fetched = fut.result()
-            fetched.wait_s = time.perf_counter() - t0
-            fetched.prefetched = True
-        with self._lock:
-            self._pump()
-        return fetched
-
-    def held(self) -> int:
-        with self._lock:
-            return len(self._inflight)
-
-    def close(self) -> None:
-        with self._lock:
-            for fut in self._inflight.values():
-                fut.cancel()
-            self._inflight.clear()
-            self._pending.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 try:
@@ -153,12 +85,14 @@ class BlockRunner(_WorkerPluginBase):  # type: ignore[misc,valid-type]
         self.prefetch_depth = prefetch_depth
         self.file_errors = file_errors or {}
         self.worker: Any = None
-        self.prefetcher: Prefetcher | None = None
+        self.prefetcher: Prefetcher[BlockRef, Fetched] | None = None
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
         nthreads = max(int(getattr(worker.state, "nthreads", 1) or 1), 1)
-        self.prefetcher = Prefetcher(self.ctx, depth=self.prefetch_depth * nthreads)
+        ctx = self.ctx
+        self.prefetcher = Prefetcher(lambda block: fetch_block(block, ctx),
+                                     depth=self.prefetch_depth * nthreads)
 
     def teardown(self, worker: Any) -> None:
         if self.prefetcher is not None:
@@ -176,7 +110,8 @@ class BlockRunner(_WorkerPluginBase):  # type: ignore[misc,valid-type]
     def execute(self, key: str) -> BlockReport:
         block = self.blocks[key]
         assert self.prefetcher is not None
-        fetched = self.prefetcher.take(key, block)
+        fetched, waited_s, read_ahead = self.prefetcher.take(key, block)
+        fetched.wait_s, fetched.prefetched = waited_s, read_ahead
         return run_block(block, self.ctx, fetched, worker=str(self.worker.address),
                          file_error=self.file_errors.get(block.block_id, ""))
 
@@ -190,11 +125,6 @@ def _block_task(plugin_name: str, key: str) -> BlockReport:
     if plugin is None:
         raise RuntimeError(f"worker {worker.address} has no {plugin_name} plugin")
     return plugin.execute(key)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _record_failure(block: BlockRef, ctx: BlockContext, reason: str) -> BlockFailure:
@@ -211,8 +141,6 @@ def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnR
 
     ``attempts`` bounds how often a block whose processing raised is tried.
     """
-    from sfxflow.io.prefetch import prefetch
-
     file_errors = file_errors or {}
     depth = max(int(prefetch_depth), 0)
     stream = prefetch(list(blocks), lambda b: fetch_block(b, ctx), max_in_memory=1 + depth)
@@ -238,32 +166,20 @@ def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnR
                     raise
                 except Exception as exc:
                     logger.warning("block %s attempt %d failed: %s", block.block_id,
-                                   attempt + 1, _reason(exc), exc_info=True)
+                                   attempt + 1, failure_reason(exc), exc_info=True)
                     last = exc
             del fetched
             if last is not None:
-                on_failure(_record_failure(block, ctx, _reason(last)))
+                on_failure(_record_failure(block, ctx, failure_reason(last)))
             else:
                 on_report(report)
     finally:
         stream.close()  # type: ignore[attr-defined]  # a generator
 
 
-def _set_allowed_failures(client: Any, n: int) -> None:
-    def _set(dask_scheduler: Any = None, n: int = n) -> int:
-        dask_scheduler.allowed_failures = n
-        return n
-
-    try:
-        client.run_on_scheduler(_set)
-    except Exception as exc:  # an old or locked-down scheduler: keep its own setting
-        logger.info("could not set allowed-failures on the scheduler (%s); using its default",
-                    _reason(exc))
-
-
 def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
                  on_report: OnReport, on_failure: Callable[[BlockFailure], None], *,
-                 prefetch_depth: int = 1, task_retries: int = 1, allowed_failures: int = 3,
+                 prefetch_depth: int = 1, task_retries: int = 1,
                  file_errors: dict[str, str] | None = None) -> None:
     """Run blocks as tasks on the cluster behind ``client``; call back as each finishes.
 
@@ -276,7 +192,6 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
     on_failure : called with each block that failed for good.
     prefetch_depth : blocks read ahead per worker thread.
     task_retries : reruns of a task that raised.
-    allowed_failures : worker deaths a block may cause before it is failed (KilledWorker).
     """
     from distributed import as_completed
 
@@ -286,7 +201,6 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
     name = f"sfxflow-run-{token}"
     keys = {f"sfxflow-{token}-{b.block_id}": b for b in blocks}
     plugin = BlockRunner(name, ctx, keys, prefetch_depth=prefetch_depth, file_errors=file_errors)
-    _set_allowed_failures(client, allowed_failures)
     client.register_plugin(plugin, name=name)
     futures = []
     try:
@@ -300,7 +214,7 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
-                on_failure(_record_failure(block, ctx, _reason(exc)))
+                on_failure(_record_failure(block, ctx, failure_reason(exc)))
                 continue
             finally:
                 fut.release()

@@ -26,6 +26,7 @@ from sfxflow.algorithms.predict import (
     refine_profile,
 )
 from sfxflow.algorithms.spots import find_spots, is_hit
+from sfxflow.errors import failure_reason
 from sfxflow.models import CrystalResult, Frame, FrameStatus, ImageResult
 from sfxflow.pipeline.config import ProcessConfig
 
@@ -36,16 +37,11 @@ logger = logging.getLogger(__name__)
 _reported: set[tuple[str, str]] = set()
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _failure(frame: Frame, stage: str, exc: Exception, config: ProcessConfig,
              timings: dict[str, float], n_spots: int = 0) -> ImageResult:
     if config.run.strict:
         raise exc
-    reason = _reason(exc)
+    reason = failure_reason(exc)
     key = (stage, type(exc).__name__)
     if key not in _reported:  # the traceback once per kind of failure, then one-line warnings
         _reported.add(key)
@@ -145,6 +141,8 @@ def integrate_lattices(frame: Frame, lattices: list[IndexResult],
     affected. Predicted peaks of every lattice are kept out of each other's backgrounds.
     """
     records = [_crystal_record(lat) for lat in lattices]
+    if config.integrate.method == "none":
+        return records
     predictions: list[Prediction | None] = []
     for i, lat in enumerate(lattices):
         rec = records[i]
@@ -203,7 +201,7 @@ def integrate_lattices(frame: Frame, lattices: list[IndexResult],
 def _stage_error(frame: Frame, exc: Exception, config: ProcessConfig) -> str:
     if config.run.strict:
         raise exc
-    reason = _reason(exc)
+    reason = failure_reason(exc)
     key = ("integrate", type(exc).__name__)
     if key not in _reported:
         _reported.add(key)

@@ -58,6 +58,7 @@ __all__ = [
     "commented_toml",
     "convert",
     "differences",
+    "expected_words",
     "first_sentence",
     "from_mapping",
     "leaves",
@@ -96,7 +97,7 @@ class Leaf:
     @property
     def expected(self) -> str:
         """What the setting accepts, in words: ``"a number from 0 to 1"``."""
-        return _expected(self.type, self.spec)
+        return expected_words(self.type, self.spec)
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,6 @@ class Section:
 
 
 # ---------------------------------------------------------------------------- introspection
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _is_section(tp: Any) -> bool:
@@ -167,7 +164,8 @@ def first_sentence(text: str) -> str:
     depth = 0
     for i, ch in enumerate(text):
         depth += (ch == "(") - (ch == ")")
-        if depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " "):
+        if depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " ") \
+                and text[max(i - 3, 0):i + 1] not in ("e.g.", "i.e."):
             return text[:i]
     return text.rstrip(".;")
 
@@ -178,7 +176,7 @@ def _walk(cls: type) -> tuple[tuple[Section, ...], tuple[Leaf, ...]]:
     out: list[Leaf] = []
 
     def visit(c: type, key_prefix: str, flag_prefix: str) -> None:
-        hints = _hints(c)
+        hints = typing.get_type_hints(c)
         docs = field_docs(c)
         for f in dataclasses.fields(c):
             if not f.init:
@@ -206,11 +204,10 @@ def _walk(cls: type) -> tuple[tuple[Section, ...], tuple[Leaf, ...]]:
     visit(cls, "", "")
     seen: dict[str, str] = {}
     for leaf in out:
-        for flag in (leaf.flag,):
-            if flag in seen:
-                raise TypeError(f"{cls.__name__}: settings {seen[flag]} and {leaf.key} would "
-                                f"share the flag --{flag}; give one a flag or flag_prefix")
-            seen[flag] = leaf.key
+        if leaf.flag in seen:  # a programming error in the tree, found by the tests
+            raise TypeError(f"{cls.__name__}: settings {seen[leaf.flag]} and {leaf.key} would "
+                            f"share the flag --{leaf.flag}; give one a flag or flag_prefix")
+        seen[leaf.flag] = leaf.key
     return tuple(secs), tuple(out)
 
 
@@ -227,18 +224,19 @@ def sections(cls: type) -> tuple[Section, ...]:
 # ---------------------------------------------------------------------------- conversion
 
 
-def _expected(tp: Any, spec: Spec) -> str:
+def expected_words(tp: Any, spec: Spec) -> str:
+    """What a setting of type ``tp`` within ``spec`` accepts, in words (for messages and docs)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if spec.expect:
         return f"{spec.expect} or none" if type(None) in args else spec.expect
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        text = " or ".join(_expected(a, spec) for a in inner)
+        text = " or ".join(expected_words(a, spec) for a in inner)
         return f"{text} or none" if type(None) in args else text
     if origin is tuple:
         if args and args[-1] is not Ellipsis:
-            return f"a list of {len(args)} values, each {_expected(args[0], spec)}"
-        return f"a list, each {_expected(args[0], spec)}" if args else "a list"
+            return f"a list of {len(args)} values, each {expected_words(args[0], spec)}"
+        return f"a list, each {expected_words(args[0], spec)}" if args else "a list"
     if tp is bool:
         return "true or false"
     if tp is int:
@@ -286,7 +284,7 @@ def convert(tp: Any, spec: Spec, value: Any) -> Any:
     """
     out = _convert(tp, spec, value)
     if not passes_check(spec, out):
-        raise Invalid(_expected(tp, spec))
+        raise Invalid(expected_words(tp, spec))
     return out
 
 
@@ -302,25 +300,25 @@ def _convert(tp: Any, spec: Spec, value: Any) -> Any:
                     return _convert(a, spec, value)
                 except Invalid:
                     pass
-        raise Invalid(_expected(tp, spec))
+        raise Invalid(expected_words(tp, spec))
     if origin is tuple or tp is tuple:
         items = value.replace(",", " ").split() if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
-            raise Invalid(_expected(tp, spec))
+            raise Invalid(expected_words(tp, spec))
         try:
             if args and args[-1] is not Ellipsis:
                 if len(items) != len(args):
-                    raise Invalid(_expected(tp, spec))
+                    raise Invalid(expected_words(tp, spec))
                 return tuple(_convert(a, spec, v) for a, v in zip(args, items, strict=True))
             return tuple(_convert(args[0] if args else Any, spec, v) for v in items)
         except Invalid:
-            raise Invalid(_expected(tp, spec)) from None
+            raise Invalid(expected_words(tp, spec)) from None
     try:
         out = _scalar(value, tp)
     except (TypeError, ValueError, OverflowError):
-        raise Invalid(_expected(tp, spec)) from None
+        raise Invalid(expected_words(tp, spec)) from None
     if spec.problem(out):
-        raise Invalid(_expected(tp, spec))
+        raise Invalid(expected_words(tp, spec))
     return out
 
 
@@ -374,7 +372,7 @@ def _unknown(cls: type, key: str, where: str) -> typing.NoReturn:
 
 def _construct(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
     kwargs: dict[str, Any] = {}
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         key = f"{prefix}{f.name}"
         if _is_section(hints[f.name]):
@@ -505,6 +503,12 @@ def _toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": plain})[4:].strip()
 
 
+def _grouped(cls: type) -> list[tuple[Section, list[Leaf]]]:
+    """The sections that hold settings, each with its own settings, in tree order."""
+    return [(sec, own) for sec in sections(cls)
+            if (own := [leaf for leaf in leaves(cls) if leaf.section == sec.key])]
+
+
 def commented_toml(tree: Any) -> str:
     """The whole resolved tree as TOML, each key with its one-line doc, range and default.
 
@@ -512,13 +516,7 @@ def commented_toml(tree: Any) -> str:
     """
     flat = _flat_values(tree)
     lines: list[str] = []
-    by_section: dict[str, list[Leaf]] = {}
-    for leaf in leaves(type(tree)):
-        by_section.setdefault(leaf.section, []).append(leaf)
-    for sec in sections(type(tree)):
-        own = by_section.get(sec.key, [])
-        if not own:
-            continue
+    for sec, own in _grouped(type(tree)):
         if sec.key:
             lines += ["", f"[{sec.key}]  # {sec.doc}"]
         for leaf in own:
@@ -537,13 +535,7 @@ def markdown(cls: type, title: str, intro: str = "") -> str:
     out = [f"## {title}", ""]
     if intro:
         out += [intro, ""]
-    by_section: dict[str, list[Leaf]] = {}
-    for leaf in leaves(cls):
-        by_section.setdefault(leaf.section, []).append(leaf)
-    for sec in sections(cls):
-        own = by_section.get(sec.key, [])
-        if not own:
-            continue
+    for sec, own in _grouped(cls):
         head = f"`[{sec.key}]`" if sec.key else "top level"
         out += [f"### {head}: {sec.doc}", "",
                 f"From `{sec.cls.__module__}.{sec.cls.__name__}`.", "",

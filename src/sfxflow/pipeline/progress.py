@@ -16,7 +16,7 @@ import sys
 import time
 from typing import TextIO
 
-__all__ = ["Progress", "format_duration"]
+__all__ = ["LiveLine", "Progress", "format_duration"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,28 +41,62 @@ def format_duration(seconds: float) -> str:
     return f"{sec}s"
 
 
-class Progress:
+class LiveLine:
+    """One status line: redrawn in place on a terminal, logged now and then otherwise.
+
+    Parameters
+    ----------
+    stream : where a terminal line goes (``sys.stderr`` by default).
+    tty : force terminal mode on/off; default: ``stream.isatty()``.
+    log_every_s : minimum seconds between log lines when not on a terminal.
+    min_redraw_s : minimum seconds between redraws on a terminal.
+    """
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None,
+                 log_every_s: float = 10.0, min_redraw_s: float = 0.25) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(self.stream.isatty()) if tty is None else tty
+        self.log_every_s = log_every_s
+        self.min_redraw_s = min_redraw_s
+        self._last_draw = -1e9
+        self._drawn = False
+
+    def show(self, text: str, force: bool = False) -> None:
+        """Draw (or log) ``text`` unless the last one is too recent and ``force`` is off."""
+        now = time.perf_counter()
+        if self.tty:
+            if force or now - self._last_draw >= self.min_redraw_s:
+                self.stream.write("\r\x1b[2K" + text)
+                self.stream.flush()
+                self._drawn = True
+                self._last_draw = now
+        elif force or now - self._last_draw >= self.log_every_s:
+            logger.info("%s", text)
+            self._last_draw = now
+
+    def close(self) -> None:
+        """End the terminal line (the next output starts on a fresh line)."""
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+class Progress(LiveLine):
     """Counts frames as blocks complete and shows rates and the time left.
 
     Parameters
     ----------
     total_frames : frames to process in this invocation (skipped blocks excluded).
-    stream : where a terminal line goes (``sys.stderr`` by default).
-    tty : force terminal mode on/off; default: ``stream.isatty()``.
-    log_every_s : minimum seconds between log lines when not on a terminal.
+    stream, tty, log_every_s, min_redraw_s : as for :class:`LiveLine`.
     """
 
     def __init__(self, total_frames: int, stream: TextIO | None = None, tty: bool | None = None,
                  log_every_s: float = 10.0, min_redraw_s: float = 0.25) -> None:
+        super().__init__(stream, tty, log_every_s, min_redraw_s)
         self.total = int(total_frames)
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(self.stream.isatty()) if tty is None else tty
-        self.log_every_s = log_every_s
-        self.min_redraw_s = min_redraw_s
         self.t0 = time.perf_counter()
         self.frames = self.hits = self.indexed = self.failed = 0
-        self._last_draw = -1e9
-        self._drawn = False
 
     def update(self, frames: int, hits: int = 0, indexed: int = 0, failed: int = 0) -> None:
         """Add one completed block's counts (``hits`` includes indexed frames)."""
@@ -70,16 +104,7 @@ class Progress:
         self.hits += hits
         self.indexed += indexed
         self.failed += failed
-        now = time.perf_counter()
-        if self.tty:
-            if now - self._last_draw >= self.min_redraw_s or self.frames >= self.total:
-                self.stream.write("\r\x1b[2K" + self.line())
-                self.stream.flush()
-                self._drawn = True
-                self._last_draw = now
-        elif now - self._last_draw >= self.log_every_s or self.frames >= self.total:
-            logger.info("%s", self.line())
-            self._last_draw = now
+        self.show(self.line(), force=self.frames >= self.total)
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self.t0
@@ -93,10 +118,3 @@ class Progress:
         if self.failed:
             text += f"  failed {self.failed}"
         return text + f"  elapsed {format_duration(elapsed)}  ETA {format_duration(eta)}"
-
-    def close(self) -> None:
-        """End the terminal line (the next output starts on a fresh line)."""
-        if self.tty and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False

@@ -38,6 +38,7 @@ from sfxflow.pipeline.config import ProcessConfig, changed_settings, config_from
 from sfxflow.pipeline.execute import BlockFailure, execute_dask, execute_serial
 from sfxflow.pipeline.manifest import MANIFEST_NAME, BlockEntry, Manifest
 from sfxflow.pipeline.progress import Progress
+from sfxflow.pipeline.report import LiveReport
 from sfxflow.pipeline.summary import build_summary
 
 __all__ = ["RunResult", "plan_run", "resolve_config", "run_process"]
@@ -69,14 +70,11 @@ def resolve_config(config: ProcessConfig) -> ProcessConfig:
     file, or the lattice's default when the file has none and none was given)."""
     if not config.target.cell_file or config.target.cell is not None:
         return config
-    from sfxflow.io.cellfile import default_space_group, read_cell_file
+    from sfxflow.io.cellfile import read_cell_file
 
     cf = read_cell_file(config.target.cell_file)
-    sg = config.target.space_group
-    if not sg:
-        group = cf.space_group if cf.space_group is not None else default_space_group(*cf.lattice)
-        sg = group.xhm()  # keeps the setting (R 3:R vs R 3:H)
-    return with_target(config, cf.cell.parameters, sg)
+    return with_target(config, cf.cell.parameters,
+                       cf.indexing_space_group(config.target.space_group))
 
 
 def _failed_file_ref(url: str) -> BlockRef:
@@ -289,6 +287,8 @@ def run_process(
     else:
         progress.total = total_todo
     last_manifest = [time.perf_counter()]
+    live_report = (LiveReport(run.url, storage_options, config.run.report_interval_s)
+                   if config.run.report else None)
 
     def save_manifest(force_write: bool = False) -> None:
         now = time.perf_counter()
@@ -310,6 +310,8 @@ def run_process(
         progress.update(report.n_frames, hits=report.hits, indexed=report.counts.get("indexed", 0),
                         failed=report.counts.get("failed", 0))
         save_manifest()
+        if live_report is not None:
+            live_report.block_done()
         if on_block is not None:
             on_block(report)
 
@@ -329,7 +331,8 @@ def run_process(
     t_exec0 = time.perf_counter()
     t_exec1 = 0.0
     try:
-        with open_cluster(config.cluster) as (client, info):
+        with open_cluster(config.cluster,
+                          allowed_failures=config.run.allowed_failures) as (client, info):
             if on_cluster is not None:
                 on_cluster(info)
             t_exec0 = time.perf_counter()
@@ -342,7 +345,6 @@ def run_process(
                 execute_dask(client, todo, ctx, on_report, on_failure,
                              prefetch_depth=config.io.prefetch_depth,
                              task_retries=config.run.task_retries,
-                             allowed_failures=config.run.allowed_failures,
                              file_errors=file_errors)
                 n_cores = max(n_cores, cluster_threads(client))
             t_exec1 = time.perf_counter()
@@ -385,6 +387,8 @@ def run_process(
         },
     )
     run.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
+    if live_report is not None:
+        live_report.finish()
     return RunResult(run_url=run.url, summary=summary, blocks_total=len(blocks),
                      blocks_skipped=skipped, blocks_done=len(reports),
                      blocks_failed=len(failures), complete=complete, cluster=info,

@@ -1,0 +1,41 @@
+"""The report page's HTML: inline SVG without addresses, escaping, sections that degrade."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sfxflow.io.report_html import AlongRun, ReportData, Unavailable, render_report_html
+
+
+def _data(**changes) -> ReportData:
+    base = dict(title="sfxflow run r1", run_url="/data/r1", state="complete", running=False,
+                generated_at="2026-11-28 10:00:00 UTC", overview=Unavailable("no frames yet"),
+                along=Unavailable("no frames yet"), crystals=Unavailable("no indexed frame"),
+                merged=Unavailable("no merged data in this run"),
+                picture=Unavailable("no indexed frame yet"))
+    base.update(changes)
+    return ReportData(**base)
+
+
+def test_plots_are_inline_svg_without_any_address():
+    along = AlongRun(frame_end=np.array([10, 20, 30]), hit_rate=np.array([0.2, 0.3, 0.1]),
+                     indexing_rate=np.array([1.0, 0.5, np.nan]),
+                     mean_spots=np.array([12.0, 30.0, 5.0]),
+                     n_spots={"miss": np.array([1, 2, 0, 3]), "indexed": np.array([40, 55])})
+    page = render_report_html(_data(along=along))
+    assert page.count("<svg") == 2 and "viewBox=" in page
+    for forbidden in ("<?xml", "<!DOCTYPE svg", "xmlns", "<metadata", "http://", "https://",
+                      "<script", "<link"):
+        assert forbidden not in page, forbidden
+
+
+def test_text_from_the_run_is_escaped_and_every_missing_part_says_why():
+    page = render_report_html(_data(run_url='/data/<script>alert("x")</script>',
+                                    title="run & co"))
+    assert "<script>" not in page and "&lt;script&gt;" in page and "run &amp; co" in page
+    for reason in ("no frames yet", "no indexed frame", "no merged data in this run",
+                   "no indexed frame yet"):
+        assert f"not available: {reason}" in page
+    assert 'http-equiv="refresh"' not in page  # a finished run's page does not reload
+    running = render_report_html(_data(running=True, state="running: 1 of 4 blocks done"))
+    assert '<meta http-equiv="refresh" content="60">' in running
