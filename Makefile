@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-run
 
-.PHONY: demo test install lint typecheck bench clean container-check container slurm-up slurm-down sge-up sge-down
+.PHONY: demo test install lint typecheck bench clean container-check browser container slurm-up slurm-down sge-up sge-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+
+# Headless Chromium for the report's browser test (Debian's package; .ci/run calls this too).
+browser:
+	bash scripts/install-chromium.sh
 
 # Runs the container's install steps in a clean virtual environment (no container engine needed).
 container-check:

@@ -57,3 +57,28 @@ def test_bench_report_prints_its_timings(capsys):
     assert "300 frames in 6 blocks" in out
     assert re.search(r"finished run .*\n\s+gather\s+[\d.]+ s \+ render\s+[\d.]+ s", out)
     assert "run going (3 of 6 blocks' shards)" in out
+
+
+def test_merge_writes_the_report_with_the_merged_data(tmp_path, capsys):
+    import gemmi
+    import numpy as np
+
+    from sfxflow.algorithms.layouts import simple
+    from sfxflow.algorithms.simulate_physical import PhysicalParams, TrueIntensities
+    from sfxflow.io.observations import write_simulated_observations
+
+    uc, sg = gemmi.UnitCell(40, 40, 60, 90, 90, 90), gemmi.SpaceGroup("P 41 21 2")
+    hkl = np.asarray(gemmi.make_miller_array(uc, sg, 3.0, 0, True))
+    truth = TrueIntensities.from_arrays(uc, sg, hkl,
+                                        np.random.default_rng(0).exponential(1000.0, len(hkl)))
+    run = tmp_path / "run"
+    write_simulated_observations(str(run), truth, simple(80.0, 0.1, 3000),
+                                 PhysicalParams(d_min_a=3.0, scale_photons=0.2), 20, 1)
+    assert main(["merge", str(run), "--out", str(run / "merge"), "--scheduler", "synchronous",
+                 "--iterations", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"report: {run}/merge/report.html" in err and f"report: {run}/report.html" in err
+    for page in (run / "merge" / "report.html", run / "report.html"):
+        text = page.read_text()
+        assert "Wilson plot" in text and "CC1/2 and CC*" in text
+        assert "20 crystals" in text  # the crystals section, from the run's crystals shards

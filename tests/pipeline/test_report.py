@@ -80,6 +80,9 @@ def test_run_still_going_reads_its_shards_and_says_what_is_missing(tmp_path):
     run = tmp_path / "run"
     made = write_simulated_run(run, n_frames=600, frames_per_block=50, done_blocks=5,
                                with_crystals=False, with_merge=False, seed=4)
+    # a shard left by an earlier plan of this run directory (redone with --force)
+    (run / "shards" / "old-block.frames.parquet").write_bytes(
+        (run / "shards" / f"{made['blocks'][0]}.frames.parquet").read_bytes())
     data = build_report(str(run), with_picture=False)
     assert data.running and data.state == "running: 5 of 12 blocks done"
     assert data.overview.counts["frames"] == 250
@@ -147,8 +150,19 @@ def test_process_writes_the_report_and_refreshes_it_while_running(sim_set, tmp_p
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    from sfxflow.io.headless import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        pytest.skip("no Chromium on this machine (scripts/install-chromium.sh installs "
+                    "Debian's chromium)")
+    return path
+
+
 @pytest.fixture(scope="module")
-def full_page(serial_run, tmp_path_factory) -> Path:
+def full_page(chromium, serial_run, tmp_path_factory) -> Path:
     """The report of a real (simulated-image) run, with merged statistics beside it."""
     from sfxflow.benchmarks.report import _merge_stats
 
@@ -162,11 +176,8 @@ def full_page(serial_run, tmp_path_factory) -> Path:
 
 
 def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
-    from sfxflow.io.headless import find_chromium, render_page
+    from sfxflow.io.headless import render_page
 
-    if find_chromium() is None:
-        pytest.skip("no Chromium on this machine (scripts/install-chromium.sh installs "
-                    "Debian's chromium)")
     seen = render_page(full_page, evaluate=(
         "JSON.stringify({svg: document.querySelectorAll('figure.plot svg').length,"
         " images: Array.from(document.images).map(i => i.complete && i.naturalWidth),"
@@ -183,13 +194,10 @@ def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
     assert page["missing"] == []  # every section has its data
 
 
-def test_browser_check_catches_errors_and_external_requests(tmp_path):
+def test_browser_check_catches_errors_and_external_requests(chromium, tmp_path):
     """The check above can fail: a page with a console error and an outside image is caught."""
-    from sfxflow.io.headless import find_chromium, render_page
+    from sfxflow.io.headless import render_page
 
-    if find_chromium() is None:
-        pytest.skip("no Chromium on this machine (scripts/install-chromium.sh installs "
-                    "Debian's chromium)")
     bad = tmp_path / "bad.html"
     # port 9 (discard) on this machine: refused at once, nothing leaves it
     bad.write_text('<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/x.png">'
@@ -223,3 +231,28 @@ def test_merge_reports_one_run_and_several(tmp_path):
     text = Path(written).read_text()
     assert "Wilson plot" in text
     assert "not available: this merge has 2 inputs" in text
+
+
+def test_a_run_where_every_frame_failed(tmp_path):
+    """Nothing to plot but the failures: every section still renders (warnings are errors)."""
+    import pyarrow as pa
+
+    from sfxflow.io.results import parquet_bytes
+
+    made = write_simulated_run(tmp_path / "run", n_frames=100, frames_per_block=50,
+                               with_merge=False, seed=8)
+    frames = made["frames"]
+    n = frames.num_rows
+    failed = frames.set_column(frames.schema.get_field_index("status"), "status",
+                               pa.array(["failed"] * n))
+    failed = failed.set_column(failed.schema.get_field_index("reason"), "reason",
+                               pa.array(["truncated file"] * n))
+    (tmp_path / "run" / "frames.parquet").write_bytes(parquet_bytes(failed))
+    (tmp_path / "run" / "crystals.parquet").unlink()
+    for p in (tmp_path / "run" / "shards").glob("*.crystals.parquet"):
+        p.unlink()
+    data = build_report(str(tmp_path / "run"))
+    assert data.overview.counts["failed"] == n and data.overview.failures[0][2] == n
+    assert isinstance(data.crystals, Unavailable) and isinstance(data.picture, Unavailable)
+    page = render_report_html(data)
+    assert "truncated file" in page and page.count("<svg") == 3

@@ -202,7 +202,7 @@ class IndexParams:
     significance_tolerance_px: float = setting(2.5, gt=0, le=1000)
     significance_excitation_inv_a: float = setting(0.001, gt=0, le=1)
     max_false_probability: float = setting(1e-3, gt=0, le=1)
-    profile_acceptance: bool = True
+    profile_acceptance: bool = setting(True)
     profile_nsigma: float = setting(3.0, gt=0, le=100)
     max_crystals: int = setting(4, ge=1, le=100)
     refine: RefineParams = section(RefineParams, flag_prefix="refine-")

@@ -169,13 +169,12 @@ class SimulationParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", tuple(float(x) for x in self.cell))
-        if not (self.crystal_size_max_a == 0 or self.crystal_size_max_a >= self.crystal_size_min_a):
-            raise ValueError(f"SimulationParams.crystal_size_max_a = {self.crystal_size_max_a!r}: "
-                             f"expected 0 (one size) or >= crystal_size_min_a "
-                             f"({self.crystal_size_min_a!r})")
         if len(self.cell) != 6:
             raise ValueError(f"SimulationParams.cell needs 6 numbers, got {self.cell!r}")
         check_fields(self)
+        if 0 < self.crystal_size_max_a < self.crystal_size_min_a:
+            raise ValueError(f"SimulationParams.crystal_size_max_a = {self.crystal_size_max_a} "
+                             f"is below crystal_size_min_a = {self.crystal_size_min_a}")
         object.__setattr__(self, "space_group", as_space_group(self.space_group).xhm())
 
     def beam(self) -> Beam:

@@ -294,6 +294,44 @@ def _link_strong(rowlab, rowtag, parent, p, r, c, nfs, n):  # pragma: no cover -
                 _union(parent, n, rowlab[prev, cc])
 
 
+@njit(cache=True, nogil=True)
+def _max_panel_width(ptab):  # pragma: no cover - compiled
+    max_fs = 1
+    for p in range(ptab.shape[0]):
+        max_fs = max(max_fs, ptab[p, 4])
+    return max_fs
+
+
+@njit(cache=True, nogil=True)
+def _new_labels(ptab, cap):  # pragma: no cover - compiled
+    """The strong-pixel list and its labelling buffers, as one tuple for both kernels:
+    ``(sp_panel, sp_r, sp_c, parent, rowlab, rowtag)`` (see :func:`_link_strong`)."""
+    max_fs = _max_panel_width(ptab)
+    return (np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.int32),
+            np.empty(cap, np.int32), np.zeros((2, max_fs), np.int32),
+            np.full((2, max_fs), -1, np.int64))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _room_for_row(labels, n, nfs):  # pragma: no cover - compiled
+    """``labels`` with room for a whole row of ``nfs`` more strong pixels after the ``n``."""
+    sp_panel, sp_r, sp_c, parent, rowlab, rowtag = labels
+    if n + nfs <= sp_panel.shape[0]:
+        return labels
+    return (_grow(sp_panel), _grow(sp_r), _grow(sp_c), _grow(parent), rowlab, rowtag)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_strong(labels, p, r, c, nfs, n):  # pragma: no cover - compiled
+    """Record strong pixel ``n`` at panel ``p`` (r, c), labelled; returns ``n + 1``."""
+    sp_panel, sp_r, sp_c, parent, rowlab, rowtag = labels
+    sp_panel[n] = p
+    sp_r[n] = r
+    sp_c[n] = c
+    _link_strong(rowlab, rowtag, parent, p, r, c, nfs, n)
+    return n + 1
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _strong_test(v, good, cnt, s, q, gain, floor, thr_adu, min_local, s2, b2, local_sigma):
     """The dispersion test of one pixel from its window sums (no branches: vectorisable).
@@ -406,9 +444,7 @@ def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local
     k = 2 * half + 1
     s2 = sigma_s * sigma_s
     b2 = 2.0 * sigma_b * sigma_b
-    max_fs = 1
-    for p in range(ptab.shape[0]):
-        max_fs = max(max_fs, ptab[p, 4])
+    max_fs = _max_panel_width(ptab)
     n_ring = 2 * half + 2
     ringv = np.zeros((n_ring, max_fs))
     ringg = np.zeros((n_ring, max_fs))
@@ -421,12 +457,7 @@ def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local
     win_q = np.zeros(max_fs)
     win_n = np.zeros(max_fs)
     flag = np.zeros(max_fs, np.bool_)
-    rowlab = np.zeros((2, max_fs), np.int32)
-    rowtag = np.full((2, max_fs), -1, np.int64)
-    sp_panel = np.empty(cap, np.int32)
-    sp_r = np.empty(cap, np.int32)
-    sp_c = np.empty(cap, np.int32)
-    parent = np.empty(cap, np.int32)
+    labels = _new_labels(ptab, cap)
     n = 0
     for p in range(ptab.shape[0]):
         lead = ptab[p, 0]
@@ -529,19 +560,11 @@ def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local
                     any_strong |= f
             if not any_strong:
                 continue
-            if n + nfs > sp_panel.shape[0]:  # room for a whole row of strong pixels
-                sp_panel = _grow(sp_panel)
-                sp_r = _grow(sp_r)
-                sp_c = _grow(sp_c)
-                parent = _grow(parent)
+            labels = _room_for_row(labels, n, nfs)
             for c in range(nfs):
                 if flag[c]:
-                    sp_panel[n] = p
-                    sp_r[n] = r
-                    sp_c[n] = c
-                    _link_strong(rowlab, rowtag, parent, p, r, c, nfs, n)
-                    n += 1
-    return sp_panel, sp_r, sp_c, parent, n
+                    n = _add_strong(labels, p, r, c, nfs, n)
+    return labels[0], labels[1], labels[2], labels[3], n
 
 
 @njit(cache=True, nogil=True)
@@ -586,15 +609,7 @@ def _radial_strong(data3, mask3, bins3, n_bins, ptab, pf, snr, iterations, globa
             else:
                 mean[b] = 0.0
                 thr[b] = np.inf
-    max_fs = 1
-    for p in range(ptab.shape[0]):
-        max_fs = max(max_fs, ptab[p, 4])
-    rowlab = np.zeros((2, max_fs), np.int32)
-    rowtag = np.full((2, max_fs), -1, np.int64)
-    sp_panel = np.empty(cap, np.int32)
-    sp_r = np.empty(cap, np.int32)
-    sp_c = np.empty(cap, np.int32)
-    parent = np.empty(cap, np.int32)
+    labels = _new_labels(ptab, cap)
     n = 0
     for p in range(ptab.shape[0]):
         lead = ptab[p, 0]
@@ -605,11 +620,7 @@ def _radial_strong(data3, mask3, bins3, n_bins, ptab, pf, snr, iterations, globa
         max_adu = pf[p, 1]
         for r in range(ptab[p, 3]):
             row = ss0 + r
-            if n + nfs > sp_panel.shape[0]:  # room for a whole row of strong pixels
-                sp_panel = _grow(sp_panel)
-                sp_r = _grow(sp_r)
-                sp_c = _grow(sp_c)
-                parent = _grow(parent)
+            labels = _room_for_row(labels, n, nfs)
             if r < border or r >= ptab[p, 3] - border:
                 continue
             for c in range(border, nfs - border):
@@ -623,12 +634,8 @@ def _radial_strong(data3, mask3, bins3, n_bins, ptab, pf, snr, iterations, globa
                 v = v / gain
                 if v <= thr[b] or v <= global_thr:
                     continue
-                sp_panel[n] = p
-                sp_r[n] = r
-                sp_c[n] = c
-                _link_strong(rowlab, rowtag, parent, p, r, c, nfs, n)
-                n += 1
-    return sp_panel, sp_r, sp_c, parent, n
+                n = _add_strong(labels, p, r, c, nfs, n)
+    return labels[0], labels[1], labels[2], labels[3], n
 
 
 _BG_GAP_PX = 1

@@ -17,8 +17,8 @@ BENCHMARKS: dict[str, str] = {
     "report": "sfxflow.benchmarks.report",
 }
 
-HELP = ("benchmark a stage (simulate, decode, spots, index, integrate, process, merge, report, or "
-        "all) and print figures")
+HELP = ("benchmark a stage (simulate, decode, spots, index, integrate, process, merge, report, or all) "
+        "and print figures")
 DESCRIPTION = HELP + """
 
 'all' runs every benchmark in turn with its default options (what 'make bench' does).

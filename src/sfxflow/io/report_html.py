@@ -354,7 +354,8 @@ def _spots_hist_svg(a: AlongRun) -> str:
     ax.set_yscale("log")
     ax.set_xlabel(f"spots per frame (the last bin holds everything ≥ {edges[-2]:.0f})")
     ax.set_ylabel("frames")
-    ax.legend(fontsize=8, frameon=False)
+    if labels:
+        ax.legend(fontsize=8, frameon=False)
     return _svg(fig, "histogram of spots per frame")
 
 

@@ -2,57 +2,32 @@
 
 How it works (and why)
 ----------------------
-* **Client.** Requests go through one thread-safe *synchronous* botocore client, shared by
-  the worker threads with a connection pool as large as they need: the design of
-  ``aws s3 cp`` (s3transfer). It is built from the same s3fs storage options as every other
-  ``s3://`` URL in sfxflow (endpoint, profile, credentials or botocore's chain, client and
-  config kwargs, extra request arguments) but without s3fs itself: each request is hashed,
-  signed and sent by the thread that issues it, so they run truly in parallel instead of
-  queueing on s3fs's single event-loop thread (and importing s3fs/aiohttp is not needed).
-  Low-level calls (not a file-like writer) let us choose the part boundaries, which the
-  verification below needs.
-* **Multipart.** Files up to ``part_size`` bytes are sent with one PUT; larger ones as a
-  multipart upload of ``part_size`` parts (raised for very large files to stay within S3's
-  10,000 parts). Parts of all files share one pool of ``streams`` threads, so one big file and
-  many small ones both keep ``streams`` requests in flight; at most ``streams`` parts are held
-  in memory.
-* **Checksums, end to end, with as few passes over the bytes as possible.** The object carries
-  ``x-amz-meta-sha256`` (SHA-256 of the file) and ``x-amz-meta-sfxflow-part-size``; every PUT
-  carries the ``Content-MD5`` of its bytes (the server rejects bytes that arrive different,
-  which triggers a re-send of that part) and the ETag returned (the MD5 of what the server
-  stored) is compared with ours; so is the final ETag (MD5 for one PUT, ``MD5(part MD5s)-N``
-  for multipart, taken from the PUT / CompleteMultipartUpload answer: no extra HEAD). Unless
-  turned off, every body also carries S3's additional checksum ``x-amz-checksum-crc32``
-  (what ``aws s3 cp`` sends by default; the server checks it and keeps it with the object):
-  it costs little (7 GB/s) and spares servers that otherwise compute a whole-object
-  CRC64NVME at completion (S3 since 2025, moto) that work. Servers that refuse the header
-  are detected and the transfer goes on without it.
-
-  - A file sent in one PUT is read **once**: its SHA-256 and MD5 are computed on the very bytes
-    that are sent, in the worker thread that sends them.
-  - A multipart upload must declare its metadata (the SHA-256) when it is created, before any
-    part is sent. A file of up to one part per stream (160 MiB with the defaults; at most two
-    such files held at once) is read into memory once, its SHA-256 and part MD5s computed
-    while it is read, and its parts are sent from memory. A larger file is first hashed in one
-    sequential pass (SHA-256 plus a CRC-32 per part, about 1.5 GB/s with SHA extensions); each
-    part is then read again (from the page cache), checked against its CRC-32, and its MD5
-    computed in the worker thread that sends it, in parallel with the other parts. Whole-file
-    passes run one per core at a time, so the first file's parts go out early.
-  - A file modified while it is sent is detected: its (device, inode, size, mtime) changed
-    during the read or before the last part was sent, or a part read again differs from the
-    hashing pass; a multipart upload is then aborted, so no object with a stale SHA-256
-    appears.
-  - ``verify="reread"`` also reads each object back (metadata and SHA-256 of the bytes).
+* **Bytes.** s3transfer, the transfer engine of the AWS command line (``aws s3 cp``), moves
+  them: single PUTs up to ``part_size``, multipart uploads of ``part_size`` parts above (the
+  part size doubled past S3's 10,000 parts), ranged GETs pinned to the object's ETag, ``streams``
+  requests in flight over one thread-safe botocore client, its own retries. The client is built
+  from the same s3fs storage options as every other ``s3://`` URL in sfxflow (endpoint, profile,
+  credentials or botocore's chain, client and config kwargs, extra request arguments). Unless
+  turned off, every body carries S3's additional checksum ``x-amz-checksum-crc32`` (what
+  ``aws s3 cp`` sends by default; the server checks it); servers that refuse it are detected and
+  the transfer goes on without it. This module is the layer around it:
+* **Checksums, end to end.** Each file is hashed once before it is sent (SHA-256 of all of it
+  and the MD5 of each part, one sequential pass, one file per core at a time). The object
+  carries ``x-amz-meta-sha256`` and ``x-amz-meta-sfxflow-part-size``; after the upload its ETag
+  (the MD5 of a single PUT, or ``MD5(part MD5s)-N``: what the server stored) must equal the one
+  the local part MD5s give, with the same size and metadata, else it is sent once more and then
+  reported. ``verify="reread"`` also reads each object back and compares its SHA-256.
+  A file modified while it is sent ((device, inode, size, mtime) differ after the upload from
+  before the hashing pass) is reported and its object deleted, so no object with a stale SHA-256
+  stays.
 * **Resume.** One HEAD per file: an object that already exists with the same size, the same
   ``sha256`` and part-size metadata and the ETag expected for the local bytes is skipped. An
   object overwritten by anything else (other bytes, lost metadata) fails this test and is sent
   again.
 * **Downloads** verify too, against the SHA-256 from the manifest or the object's metadata, or
   when there is none (objects written by other tools) against the object's ETag with its part
-  layout (from our metadata or a ``HEAD ?partNumber=1``). Ranged GETs carry ``If-Match`` with
-  the object's ETag, so an object replaced during the download cannot be mixed with the old one.
-  Bytes are checked after they are on disk, before the file is renamed into place. An
-  existing local file that verifies is skipped.
+  layout (from our metadata or a ``HEAD ?partNumber=1``). Bytes are checked after they are on
+  disk, before the file is renamed into place. An existing local file that verifies is skipped.
 * **Manifest.** ``_sfxflow_transfer.json`` under the destination prefix maps every original
   relative name to its key, size, SHA-256 and ETag. With ``hash_prefix`` the keys start with a
   4-hex-digit hash of the name (``prefix/3fa2/run_0001.cxi``), the S3 advice of Poon et al.
@@ -100,21 +75,14 @@ log = logging.getLogger(__name__)
 MiB = 2**20
 DEFAULT_PART_SIZE = 16 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for all parts but the last
-MAX_PARTS = 10_000
 MANIFEST_NAME = "_sfxflow_transfer.json"
 META_SHA256 = "sha256"
 META_PART_SIZE = "sfxflow-part-size"
 _READ_CHUNK = 8 * MiB  # sequential hashing passes read this much at a time
-_PART_ATTEMPTS = 3  # sends of one part / one small object whose bytes arrive damaged
-_DIGEST_ERRORS = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch",
-                            "XAmzContentChecksumMismatch"})
 #: answers of servers that do not know S3's additional checksums (x-amz-checksum-crc32)
 _CHECKSUM_REFUSED = frozenset({"InvalidArgument", "InvalidRequest", "NotImplemented",
                                "BadRequest"})
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
-#: multipart files up to this many parts per stream are read into memory once (SHA-256 while
-#: reading, parts sent from memory); larger ones are hashed first and their parts read again
-IN_MEMORY_PARTS_PER_STREAM = 1
 #: options of aiobotocore's AioConfig that botocore's Config does not know
 _AIO_ONLY_CONFIG = frozenset({"connector_args", "http_session_cls"})
 
@@ -172,10 +140,15 @@ def expected_etag(part_md5: Sequence[bytes], multipart: bool) -> str:
 
 
 def _part_size_for(size: int, part_size: int) -> int:
-    """``part_size``, raised (to whole MiB) when the file would need more than 10,000 parts."""
-    if size <= part_size * MAX_PARTS:
-        return part_size
-    return -(-size // (MAX_PARTS * MiB)) * MiB
+    """The part size s3transfer uses for a file of ``size`` bytes: ``part_size``, doubled until
+    the file needs at most 10,000 parts (S3's limit).
+
+    >>> _part_size_for(10 * 2**20, 8 * 2**20) == 8 * 2**20, _part_size_for(10**12, 8 * 2**20)
+    (True, 134217728)
+    """
+    from s3transfer.utils import ChunksizeAdjuster
+
+    return int(ChunksizeAdjuster().adjust_chunksize(part_size, size))
 
 
 @dataclass
@@ -259,15 +232,6 @@ def _is_md5_etag(etag: str) -> bool:
 
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
-
-
-def _crc32_b64(crc: int) -> str:
-    """S3's ``x-amz-checksum-crc32`` form of a CRC-32: 4 bytes big-endian, base64.
-
-    >>> _crc32_b64(zlib.crc32(b"abc"))
-    'NSRBwg=='
-    """
-    return _b64(crc.to_bytes(4, "big"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,122 +477,66 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _pread_into(fd: int, offset: int, buf: bytearray) -> int:
-    """Fill ``buf`` from ``offset``; returns the bytes read (fewer only at the end of the
-    file)."""
-    view = memoryview(buf)
-    got = 0
-    while got < len(buf):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if not n:
-            break
-        got += n
-    return got
+def _changed(path: Path, detail: str) -> SourceError:
+    return SourceError(str(path), f"file changed while being sent ({detail})")
 
 
-class _Buffers:
-    """Recycled read buffers, by exact size (full parts, files of equal sizes): a buffer is
-    reused instead of fresh memory being mapped and zeroed for every part, which costs about
-    6 ms of CPU per 16 MiB. At most ``max_bytes`` are kept idle."""
+class _Progress:
+    """s3transfer subscriber passing byte counts on to ``transfer``'s ``progress``."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._free: dict[int, list[bytearray]] = {}
-        self._held = 0
-        self._lock = threading.Lock()
+    def __init__(self, report: Callable[[int], None]) -> None:
+        self.report = report
 
-    def get(self, size: int) -> bytearray:
-        with self._lock:
-            free = self._free.get(size)
-            if free:
-                self._held -= size
-                return free.pop()
-        return bytearray(size)
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        pass
 
-    def put(self, buf: bytearray) -> None:
-        with self._lock:
-            if self._held + len(buf) <= self.max_bytes:
-                self._free.setdefault(len(buf), []).append(buf)
-                self._held += len(buf)
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self.report(bytes_transferred)
 
-
-@dataclass
-class _Source:
-    """One local file being uploaded: its layout and what is known about its bytes."""
-
-    path: Path
-    size: int
-    part_size: int
-    stat: tuple[int, int, int, int]  # _stat_key when its upload started
-    sha256: str = ""
-    part_crc32: list[int] = field(default_factory=list)  # from the hashing pass
-    part_md5: list[bytes | None] = field(default_factory=list)
-    blobs: list[bytearray | None] | None = None  # the parts, when read into memory
-    crc32: bool = False  # its multipart upload was created with ChecksumAlgorithm CRC32
-
-    @property
-    def n_parts(self) -> int:
-        return max(1, -(-self.size // self.part_size))
-
-    def changed(self, detail: str) -> SourceError:
-        return SourceError(str(self.path), f"file changed while being sent ({detail})")
-
-    def check_unchanged(self, st: os.stat_result, when: str) -> None:
-        if _stat_key(st) != self.stat:
-            raise self.changed(f"size/mtime/inode differ {when}")
-
-    def digest(self) -> Digest:
-        md5s = tuple(m for m in self.part_md5 if m is not None)
-        if len(md5s) != self.n_parts:
-            raise RuntimeError(f"{self.path}: {len(md5s)} part MD5s for {self.n_parts} parts")
-        return Digest(self.size, self.sha256, self.part_size, md5s)
-
-
-class _Budget:
-    """Bytes of file data that may be held in memory at once (blocking acquire)."""
-
-    def __init__(self, n_bytes: int) -> None:
-        self.free = n_bytes
-        self._cond = threading.Condition()
-
-    def acquire(self, n_bytes: int) -> None:
-        with self._cond:
-            while self.free < n_bytes:
-                self._cond.wait()
-            self.free -= n_bytes
-
-    def release(self, n_bytes: int) -> None:
-        with self._cond:
-            self.free += n_bytes
-            self._cond.notify_all()
+    def on_done(self, future: Any, **kwargs: Any) -> None:
+        pass
 
 
 class _Transfer:
+    """Our checks around s3transfer's :class:`~s3transfer.manager.TransferManager`, which moves
+    the bytes (part layout, parallel part requests, retries, ranged downloads)."""
+
     def __init__(self, client: Any, streams: int, part_size: int, verify: str,
                  progress: Callable[[int], None] | None,
                  extra_args: Mapping[str, Any] | None = None, crc32: bool = True) -> None:
+        from s3transfer.manager import TransferConfig, TransferManager
+
         self.client = client
-        self.crc32 = crc32  # send S3 additional checksums (CRC-32 per part, server-checked)
-        self.parts = cf.ThreadPoolExecutor(streams, thread_name_prefix="sfxflow-part")
+        self.crc32 = crc32  # ask for S3 additional checksums (CRC-32, server-checked)
         self.part_size = part_size
         self.verify = verify
         self._progress = progress
         self._lock = threading.Lock()
         self._extra = dict(extra_args or {})
         self._extra_by_op: dict[str, dict[str, Any]] = {}
-        # multipart files read into memory: each up to one part per stream, two such at once
-        self.in_memory_bytes = int(IN_MEMORY_PARTS_PER_STREAM * streams * part_size)
-        self.budget = _Budget(2 * self.in_memory_bytes)
-        # whole-file passes (read + SHA-256) one per core: the first file's parts go out while
-        # the next is hashed, instead of every file thread hashing at once while the
-        # network waits
+        # files up to part_size go in one PUT, larger ones in part_size parts: the layout our
+        # ETag check expects (s3transfer raises the part size itself past 10,000 parts)
+        config = TransferConfig(multipart_threshold=part_size + 1, multipart_chunksize=part_size,
+                                max_request_concurrency=streams,
+                                max_submission_concurrency=streams)
+        self.manager = TransferManager(client, config)
+        self._upload_extra = {k: v for k, v in self._extra.items()
+                              if k in TransferManager.ALLOWED_UPLOAD_ARGS}
+        self._download_extra = {k: v for k, v in self._extra.items()
+                                if k in TransferManager.ALLOWED_DOWNLOAD_ARGS}
+        # whole-file hashing passes one per core at a time, so the first file goes out early
         self.hashing = threading.Semaphore(max(1, min(streams, os.cpu_count() or 1)))
-        self.buffers = _Buffers(streams * part_size)
+
+    def close(self) -> None:
+        self.manager.shutdown()
 
     def progress(self, n: int) -> None:
         if self._progress is not None:
             with self._lock:
                 self._progress(n)
+
+    def _subscribers(self) -> list[Any]:
+        return [_Progress(self.progress)] if self._progress is not None else []
 
     def _extra_for(self, op: str) -> dict[str, Any]:
         """The extra request arguments of the storage options (``s3_additional_kwargs``,
@@ -644,22 +552,29 @@ class _Transfer:
                 self._extra_by_op[op] = {}
         return self._extra_by_op[op]
 
+    @staticmethod
+    def _request_error(exc: BaseException, op: str, bucket: str, key: str) -> RequestError:
+        """botocore's errors as :class:`RequestError` (an ``OSError``) naming the object."""
+        from botocore.exceptions import ClientError
+
+        where = f"s3://{bucket}/{key}"
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", "") or
+                       exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            return RequestError(f"{where}: {op} failed: {code} {err.get('Message', '')}".strip(),
+                                code)
+        return RequestError(f"{where}: {op} failed: {exc}", type(exc).__name__)
+
     def s3(self, op: str, **kwargs: Any) -> Any:
         """One request; botocore's errors become :class:`RequestError` (an ``OSError``)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return getattr(self.client, op)(**self._extra_for(op), **kwargs)
-        except ClientError as exc:
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", "") or
-                       exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            where = f"s3://{kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}"
-            raise RequestError(f"{where}: {op} failed: {code} {err.get('Message', '')}".strip(),
-                               code) from None
-        except BotoCoreError as exc:
-            where = f"s3://{kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}"
-            raise RequestError(f"{where}: {op} failed: {exc}", type(exc).__name__) from exc
+        except (ClientError, BotoCoreError) as exc:
+            raise self._request_error(exc, op, kwargs.get("Bucket", ""),
+                                      kwargs.get("Key", "")) from None
 
     def head(self, bucket: str, key: str, **extra: Any) -> dict[str, Any] | None:
         try:
@@ -680,211 +595,84 @@ class _Transfer:
                 and meta.get(META_PART_SIZE) == str(digest.part_size)
                 and _strip_etag(head.get("ETag")) == digest.etag())
 
-    def _checksum_refused(self, exc: RequestError, what: str) -> bool:
-        """True (once, and CRC-32 checksums are off from then on) when ``exc`` looks like a
-        server that does not accept S3's additional checksums."""
-        if not self.crc32 or exc.code not in _CHECKSUM_REFUSED:
-            return False
-        with self._lock:
-            self.crc32 = False
-        log.warning("%s: the server refused the CRC-32 checksum header (%s): sending without "
-                    "it (Content-MD5 and ETags are still checked)", what, exc.code)
-        return True
+    def _send_file(self, path: Path, bucket: str, key: str, digest: Digest) -> None:
+        """s3transfer uploads the file, declaring its SHA-256 and part size as metadata (and
+        asking for server-checked CRC-32s unless the server refused them before)."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
-    def _send(self, op: str, data: bytes | bytearray, md5: bytes, crc: int | None,
-              **kwargs: Any) -> str:
-        """PUT ``data`` (a whole object or one part) with its Content-MD5 (and CRC-32, which the
-        server checks too); re-sends when the server says the bytes arrived different, or
-        stored bytes with another MD5. Returns the stored ETag."""
-        what = f"s3://{kwargs['Bucket']}/{kwargs['Key']}" + (
-            f" part {kwargs['PartNumber']}" if "PartNumber" in kwargs else "")
-        for attempt in range(1, _PART_ATTEMPTS + 1):
-            if crc is not None:
-                kwargs["ChecksumCRC32"] = _crc32_b64(crc)
-                kwargs["ChecksumAlgorithm"] = "CRC32"
+        meta = {META_SHA256: digest.sha256, META_PART_SIZE: str(digest.part_size)}
+        while True:
+            crc32 = self.crc32
+            extra = {**self._upload_extra, "Metadata": meta}
+            if crc32:
+                extra["ChecksumAlgorithm"] = "CRC32"
+            future = self.manager.upload(str(path), bucket, key, extra_args=extra,
+                                         subscribers=self._subscribers())
             try:
-                resp = self.s3(op, Body=data, ContentMD5=_b64(md5), **kwargs)
-            except RequestError as exc:
-                if op == "put_object" and crc is not None and \
-                        self._checksum_refused(exc, what):
-                    crc = None
-                    kwargs.pop("ChecksumCRC32", None)
-                    kwargs.pop("ChecksumAlgorithm", None)
-                    continue
-                if exc.code not in _DIGEST_ERRORS or attempt == _PART_ATTEMPTS:
-                    raise
-                log.warning("%s: bytes arrived damaged (%s), sending again (attempt %d)", what,
-                            exc.code, attempt)
-                continue
-            got = _strip_etag(resp.get("ETag"))
-            if got == md5.hex() or (op == "put_object" and not _is_md5_etag(got)):
-                return str(resp.get("ETag", ""))
-            if attempt == _PART_ATTEMPTS:
-                raise IntegrityError(f"{what}: stored with MD5 {got}, sent {md5.hex()}")
-            log.warning("%s: stored with MD5 %s, sent %s: sending again (attempt %d)", what, got,
-                        md5.hex(), attempt)
-        raise AssertionError("unreachable")
-
-    def _put_single(self, path: Path, bucket: str, key: str, src: _Source) -> Digest:
-        """Read the whole file once, hash what was read, send it in one PUT (worker thread)."""
-        data = self.buffers.get(src.size)
-        try:
-            with open(path, "rb", buffering=0) as fh:
-                fd = fh.fileno()
-                src.check_unchanged(os.fstat(fd), "before reading")
-                got = _pread_into(fd, 0, data)
-                if got != src.size or os.pread(fd, 1, src.size):  # shorter, or grew
-                    raise src.changed(f"read {got} bytes or more, expected {src.size}")
-                src.check_unchanged(os.fstat(fd), "while reading")
-            md5 = hashlib.md5(data).digest()
-            sha = hashlib.sha256(data).hexdigest()
-            if src.sha256 and sha != src.sha256:  # hashed before (resume check): must match
-                raise src.changed("SHA-256 differs from the first read")
-            meta = {META_SHA256: sha, META_PART_SIZE: str(src.part_size)}
-            crc = zlib.crc32(data) if self.crc32 else None
-            self._send("put_object", data, md5, crc, Bucket=bucket, Key=key, Metadata=meta)
-        finally:
-            self.buffers.put(data)
-        self.progress(src.size)
-        src.sha256 = sha
-        src.part_md5 = [md5]
-        return src.digest()
-
-    def _read_parts(self, path: Path, src: _Source) -> None:
-        """Read the whole file into ``src.blobs`` (one buffer per part), with its SHA-256 and
-        the parts' MD5s: the only pass over a file that fits in memory. (Hashing the parts
-        here, as they are read, lets them go out as soon as the upload exists; measured
-        faster than leaving the MD5s to the sending threads.)"""
-        sha = hashlib.sha256()
-        md5s: list[bytes | None] = []
-        blobs: list[bytearray] = []
-        try:
-            with open(path, "rb", buffering=0) as fh:
-                fd = fh.fileno()
-                src.check_unchanged(os.fstat(fd), "before reading")
-                for index in range(src.n_parts):
-                    start = index * src.part_size
-                    data = self.buffers.get(min(src.part_size, src.size - start))
-                    blobs.append(data)
-                    got = _pread_into(fd, start, data)
-                    if got != len(data):
-                        raise src.changed(f"part {index + 1}: read {got} bytes of {len(data)}")
-                    sha.update(data)
-                    md5s.append(hashlib.md5(data).digest())
-                if os.pread(fd, 1, src.size):
-                    raise src.changed(f"longer than {src.size} bytes")
-                src.check_unchanged(os.fstat(fd), "while reading")
-        except BaseException:
-            for data in blobs:
-                self.buffers.put(data)
-            raise
-        src.sha256 = sha.hexdigest()
-        src.part_md5 = md5s
-        src.blobs = list(blobs)
-
-    def _put_part(self, path: Path, bucket: str, key: str, upload_id: str, index: int,
-                  src: _Source) -> dict[str, Any]:
-        """Send part ``index``: from memory (hashed while read), or read again, checked
-        against the hashing pass and its MD5 computed here, in parallel with the other
-        parts."""
-        start = index * src.part_size
-        length = min(src.part_size, src.size - start)
-        in_memory = src.blobs is not None
-        if src.blobs is not None:
+                future.result()
+                return
+            except (ClientError, BotoCoreError) as exc:
+                error = self._request_error(exc, "upload", bucket, key)
+            if not (crc32 and error.code in _CHECKSUM_REFUSED):
+                raise error
             with self._lock:
-                data = src.blobs[index]
-                src.blobs[index] = None
-            if data is None:
-                raise RuntimeError(f"{path}: part {index + 1} taken twice")
-        else:
-            data = self.buffers.get(length)
-            with open(path, "rb", buffering=0) as fh:
-                got = _pread_into(fh.fileno(), start, data)
-            if got != length or zlib.crc32(data) != src.part_crc32[index]:
-                self.buffers.put(data)
-                raise src.changed(f"part {index + 1} differs from the hashing pass")
-        try:
-            md5 = src.part_md5[index] or hashlib.md5(data).digest()
-            crc = None
-            if src.crc32:
-                crc = src.part_crc32[index] if src.part_crc32 else zlib.crc32(data)
-            etag = self._send("upload_part", data, md5, crc, Bucket=bucket, Key=key,
-                              UploadId=upload_id, PartNumber=index + 1)
-        finally:
-            self.buffers.put(data)
-            if in_memory:
-                self.budget.release(length)
-        src.part_md5[index] = md5
-        self.progress(length)
-        part = {"PartNumber": index + 1, "ETag": etag}
-        if crc is not None:
-            part["ChecksumCRC32"] = _crc32_b64(crc)
-        return part
+                if self.crc32:
+                    self.crc32 = False
+                    log.warning("s3://%s/%s: the server refused the CRC-32 checksum header (%s): "
+                                "sending without it (ETags and SHA-256 are still checked)",
+                                bucket, key, error.code)
 
-    def _create_upload(self, bucket: str, key: str, src: _Source) -> str:
-        meta = {META_SHA256: src.sha256, META_PART_SIZE: str(src.part_size)}
-        src.crc32 = self.crc32
-        extra = {"ChecksumAlgorithm": "CRC32"} if src.crc32 else {}
-        try:
-            return str(self.s3("create_multipart_upload", Bucket=bucket, Key=key, Metadata=meta,
-                               **extra)["UploadId"])
-        except RequestError as exc:
-            if not src.crc32 or not self._checksum_refused(exc, f"s3://{bucket}/{key}"):
-                raise
-        src.crc32 = False
-        return str(self.s3("create_multipart_upload", Bucket=bucket, Key=key,
-                           Metadata=meta)["UploadId"])
+    def upload(self, job: _Job) -> ObjectResult:
+        path = Path(job.src)
+        bucket, key = job.dst.split("/", 1)
+        st = os.stat(path)
+        part_size = _part_size_for(st.st_size, self.part_size)
+        head = self.head(bucket, key)
+        with self.hashing:
+            h = _hash_pass(path, part_size, md5=True, crc32=False)
+        digest = Digest(h.size, h.sha256, part_size, tuple(h.part_md5))
+        if _stat_key(os.stat(path)) != _stat_key(st) or h.size != st.st_size:
+            raise _changed(path, "size/mtime/inode differ after hashing")
+        if self._remote_matches(head, digest):
+            log.debug("s3://%s/%s: present and verified, skipped", bucket, key)
+            self.progress(digest.size)
+            return ObjectResult(job.name, str(path), f"s3://{job.dst}", digest.size, "skipped",
+                                digest.sha256, digest.etag())
+        action = "sent"
+        if head is not None:
+            action = "resent"
+            log.warning("s3://%s/%s exists but does not match %s (size %s vs %d, checksums "
+                        "differ or missing): sending again", bucket, key, path,
+                        head.get("ContentLength"), st.st_size)
+        problem = ""
+        for attempt in (1, 2):
+            self._send_file(path, bucket, key, digest)
+            if _stat_key(os.stat(path)) != _stat_key(st):
+                # the object holds bytes other than those hashed: no object with a stale
+                # SHA-256 may stay
+                self._delete(bucket, key)
+                raise _changed(path, "size/mtime/inode differ after the upload")
+            head = self.head(bucket, key)
+            if self._remote_matches(head, digest):
+                problem = self._reread_problem(bucket, key, digest) \
+                    if self.verify == "reread" else ""
+            else:
+                got = None if head is None else (_strip_etag(head.get("ETag")),
+                                                 head.get("ContentLength"))
+                problem = f"object after upload is (ETag, size) {got}, expected " \
+                          f"({digest.etag()}, {digest.size})"
+            if not problem:
+                return ObjectResult(job.name, str(path), f"s3://{job.dst}", digest.size, action,
+                                    digest.sha256, digest.etag())
+            log.warning("s3://%s/%s: %s (attempt %d)", bucket, key, problem, attempt)
+        self._delete(bucket, key)
+        raise IntegrityError(f"s3://{bucket}/{key}: {problem}")
 
-    def _put_multipart(self, path: Path, bucket: str, key: str, src: _Source) -> str:
-        """Read or hash the file (unless hashed already), then send the parts in parallel;
-        returns the final ETag."""
-        in_memory = not src.part_crc32 and src.size <= self.in_memory_bytes
-        if in_memory:
-            self.budget.acquire(src.size)
-            try:
-                with self.hashing:
-                    self._read_parts(path, src)
-            except BaseException:
-                self.budget.release(src.size)
-                raise
-        elif not src.part_crc32:
-            with self.hashing:
-                h = _hash_pass(path, src.part_size, md5=False, crc32=True)
-            if h.size != src.size:
-                raise src.changed(f"hashed {h.size} bytes, expected {src.size}")
-            src.sha256, src.part_crc32 = h.sha256, h.part_crc32
-            src.part_md5 = [None] * src.n_parts
-        futures: list[cf.Future[dict[str, Any]]] = []
-        upload_id = ""
+    def _delete(self, bucket: str, key: str) -> None:
         try:
-            upload_id = self._create_upload(bucket, key, src)
-            for i in range(src.n_parts):
-                futures.append(self.parts.submit(self._put_part, path, bucket, key, upload_id,
-                                                 i, src))
-            parts = [f.result() for f in futures]
-            src.check_unchanged(os.stat(path), "between the first read and the last part")
-            resp = self.s3("complete_multipart_upload", Bucket=bucket, Key=key,
-                           UploadId=upload_id, MultipartUpload={"Parts": parts})
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            cf.wait(futures)
-            if upload_id:
-                try:
-                    self.s3("abort_multipart_upload", Bucket=bucket, Key=key,
-                            UploadId=upload_id)
-                except OSError as exc:  # the original error matters more
-                    log.warning("s3://%s/%s: could not abort multipart upload: %s", bucket,
-                                key, exc)
-            raise
-        finally:
-            if src.blobs is not None:  # parts never sent (cancelled, or failed before)
-                left = [b for b in src.blobs if b is not None]
-                src.blobs = None
-                for data in left:
-                    self.buffers.put(data)
-                self.budget.release(sum(len(b) for b in left))
-        return _strip_etag(resp.get("ETag"))
+            self.s3("delete_object", Bucket=bucket, Key=key)
+        except OSError as exc:  # the reason for deleting matters more
+            log.warning("s3://%s/%s: could not delete the bad object: %s", bucket, key, exc)
 
     def _reread_sha256(self, bucket: str, key: str) -> str:
         sha = hashlib.sha256()
@@ -896,58 +684,7 @@ class _Transfer:
             body.close()
         return sha.hexdigest()
 
-    def upload(self, job: _Job) -> ObjectResult:
-        path = Path(job.src)
-        bucket, key = job.dst.split("/", 1)
-        st = os.stat(path)
-        part_size = _part_size_for(st.st_size, self.part_size)
-        head = self.head(bucket, key)
-        action = "sent"
-        known: _Hashes | None = None
-        if head is not None:
-            if int(head.get("ContentLength", -1)) == st.st_size:
-                with self.hashing:
-                    known = _hash_pass(path, part_size, md5=True, crc32=True)
-                digest = Digest(known.size, known.sha256, part_size, tuple(known.part_md5))
-                if self._remote_matches(head, digest) and _stat_key(os.stat(path)) == \
-                        _stat_key(st):
-                    log.debug("s3://%s/%s: present and verified, skipped", bucket, key)
-                    self.progress(digest.size)
-                    return ObjectResult(job.name, str(path), f"s3://{job.dst}", digest.size,
-                                        "skipped", digest.sha256, digest.etag())
-            action = "resent"
-            log.warning("s3://%s/%s exists but does not match %s (size %s vs %d, checksums "
-                        "differ or missing): sending again", bucket, key, path,
-                        head.get("ContentLength"), st.st_size)
-        problem = ""
-        for attempt in (1, 2):
-            src = _Source(path, st.st_size, part_size, _stat_key(st))
-            if known is not None and known.size == src.size:
-                src.sha256 = known.sha256
-                src.part_crc32 = list(known.part_crc32)
-                src.part_md5 = list(known.part_md5)
-            if src.size <= part_size:
-                digest = self.parts.submit(self._put_single, path, bucket, key, src).result()
-                problem = ""
-            else:
-                got = self._put_multipart(path, bucket, key, src)
-                digest = src.digest()
-                problem = "" if got == digest.etag() else \
-                    f"object after upload has ETag {got}, expected {digest.etag()}"
-            if not problem and self.verify == "reread":
-                problem = self._reread_problem(bucket, key, digest)
-            if not problem:
-                return ObjectResult(job.name, str(path), f"s3://{job.dst}", digest.size, action,
-                                    digest.sha256, digest.etag())
-            log.warning("s3://%s/%s: %s (attempt %d)", bucket, key, problem, attempt)
-        raise IntegrityError(f"s3://{bucket}/{key}: {problem}")
-
     def _reread_problem(self, bucket: str, key: str, digest: Digest) -> str:
-        head = self.head(bucket, key)
-        if not self._remote_matches(head, digest):
-            got = None if head is None else (_strip_etag(head.get("ETag")),
-                                             head.get("ContentLength"))
-            return f"object after upload is (ETag, size) {got}, expected {digest.etag()}"
         sha = self._reread_sha256(bucket, key)
         if sha != digest.sha256:
             return f"object read back has SHA-256 {sha}, file has {digest.sha256}"
@@ -989,22 +726,16 @@ class _Transfer:
                 return f"ETag {digest.etag()} != object's {etag}"
         return None
 
-    def _get_range(self, bucket: str, key: str, fd: int, start: int, end: int,
-                   if_match: str | None = None) -> None:
-        extra = {"IfMatch": if_match} if if_match else {}
-        body = self.s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
-                       **extra)["Body"]
+    def _fetch(self, bucket: str, key: str, path: Path) -> None:
+        """s3transfer downloads the object into ``path`` (ranged GETs pinned to its ETag)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        future = self.manager.download(bucket, key, str(path), extra_args=self._download_extra,
+                                       subscribers=self._subscribers())
         try:
-            data = body.read()
-        finally:
-            body.close()
-        if len(data) != end - start:
-            raise SourceError(f"s3://{bucket}/{key}", f"short read at {start}: {len(data)} bytes")
-        view = memoryview(data)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, view[done:], start + done)
-        self.progress(len(data))
+            future.result()
+        except (ClientError, BotoCoreError) as exc:
+            raise self._request_error(exc, "download", bucket, key) from None
 
     def download(self, job: _Job, manifest_sha: str | None) -> ObjectResult:
         bucket, key = job.src.split("/", 1)
@@ -1040,22 +771,7 @@ class _Transfer:
         tmp = dest.with_name(f".{dest.name}.sfxflow-partial")
         problem = None
         for attempt in (1, 2):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                step = self.part_size  # ranges need not follow the ETag's part layout
-                futures = [self.parts.submit(self._get_range, bucket, key, fd, s,
-                                             min(s + step, size), head.get("ETag"))
-                           for s in range(0, size, step)]
-                try:
-                    for f in futures:
-                        f.result()
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    cf.wait(futures)
-                    raise
-            finally:
-                os.close(fd)
+            self._fetch(bucket, key, tmp)
             problem = self._local_problem(tmp, size, etag, part_size, sha) if verified else None
             if problem is None:
                 os.replace(tmp, dest)
@@ -1254,7 +970,7 @@ def transfer(
         completed = True
     finally:
         files.shutdown(wait=True, cancel_futures=True)
-        engine.parts.shutdown(wait=True, cancel_futures=True)
+        engine.close()
         # record what finished, also when interrupted: later downloads find names/checksums
         for fut in futures:
             if fut.done() and not fut.cancelled() and fut.exception() is None \

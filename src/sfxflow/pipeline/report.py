@@ -108,12 +108,16 @@ def _concat(tables: list[pa.Table]) -> pa.Table | None:
 
 
 def _load(run: RunDir, whole: str, suffix: str, wanted: tuple[str, ...], prefer_whole: bool,
-          cache: ReportCache | None) -> tuple[pa.Table | None, int | None]:
+          cache: ReportCache | None, planned: Mapping[str, Any] | None = None
+          ) -> tuple[pa.Table | None, int | None]:
     """The whole-run table when the run is complete, else the shards written so far (and how
-    many: ``None`` for the whole table)."""
+    many: ``None`` for the whole table); with ``planned`` (the manifest's blocks) only the
+    shards of planned blocks (a run redone with ``--force`` and other block sizes leaves the
+    old ones)."""
     if prefer_whole and run.exists(whole):
         return _read_table(run, whole, wanted), None
-    names = [n for n in run.list("shards") if n.endswith(suffix) and not n.startswith(".")]
+    names = [n for n in run.list("shards") if n.endswith(suffix) and not n.startswith(".")
+             and (planned is None or n[: -len(suffix)] in planned)]
     rels = [f"shards/{n}" for n in names]
     # shards are many small objects: on object storage each read is a round trip, so read in
     # parallel (Parquet decoding releases the GIL too)
@@ -515,10 +519,12 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         running = pending > 0 and (s_time is None or (m_time is not None and m_time > s_time))
     complete = manifest is None or pending == 0
 
-    frames, n_shards = _load(run, "frames.parquet", ".frames.parquet", FRAME_FIELDS,
-                                complete and not running, cache)
-    crystals, _ = _load(run, "crystals.parquet", ".crystals.parquet", CRYSTAL_FIELDS,
-                        complete and not running, cache)
+    planned = manifest.blocks if manifest is not None else None
+    whole = complete and not running
+    frames, n_shards = _load(run, "frames.parquet", ".frames.parquet", FRAME_FIELDS, whole,
+                             cache, planned)
+    crystals, _ = _load(run, "crystals.parquet", ".crystals.parquet", CRYSTAL_FIELDS, whole,
+                        cache, planned)
     if frames is None:
         frames = pa.table({c: pa.array([], pa.string()) for c in
                            ("source_url", "block_id", "status", "stage", "reason")}
@@ -537,7 +543,8 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         overview: RunOverview | Unavailable = _overview(frames, manifest, summary, n_crystals,
                                                         running, fpb)
     else:
-        overview = Unavailable("no block has finished yet")
+        overview = Unavailable("no block has finished yet" if manifest is not None
+                               else "no frames recorded in this run directory")
     merge_dir = RunDir(merge_url, options) if merge_url else RunDir(run.url_of("merge"), options)
     picture: FramePicture | Unavailable = Unavailable("not drawn (--no-picture)")
     if with_picture:
@@ -565,7 +572,8 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
         generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         overview=overview,
         along=_along(frames),
-        crystals=_crystals(frames, crystals, _target_cell(config)) if frames.num_rows
+        crystals=_crystals(frames, crystals, _target_cell(config))
+        if frames.num_rows or (crystals is not None and crystals.num_rows)
         else Unavailable("no frames processed yet"),
         merged=_merged(merge_dir),
         picture=picture,
@@ -606,8 +614,9 @@ def _merge_only(merge_url: str, inputs: list[str], options: Mapping[str, Any]) -
     from sfxflow.io.storage import shown_url
 
     shown = ", ".join(shown_url(u) for u in inputs[:4]) + (" ..." if len(inputs) > 4 else "")
-    why = Unavailable(f"this merge has {len(inputs)} inputs ({shown}); each run directory's "
-                      "report.html shows its own frames")
+    what = (f"this merge has {len(inputs)} inputs ({shown})" if len(inputs) > 1
+            else f"the merge's input ({shown}) is not a run directory of sfxflow process")
+    why = Unavailable(f"{what}; each run directory's report.html shows its own frames")
     name = posixpath.basename(merge_url.rstrip("/")) or merge_url
     return ReportData(
         title=f"sfxflow merge {name}", run_url=shown_url(merge_url), state="merged",
@@ -627,20 +636,25 @@ def write_merge_report(merge_url: str, inputs: list[str], *,
     """
     options = dict(storage_options or {})
     runs = [u for u in inputs if not u.endswith(".stream")]
-    written = []
+    written: list[str] = []
     if len(inputs) == 1 and len(runs) == 1:
         run = runs[0].rstrip("/")
-        written.append(write_report(run, f"{merge_url.rstrip('/')}/{REPORT_NAME}",
-                                    storage_options=options, merge_url=merge_url))
-        if merge_url.rstrip("/") == f"{run}/merge" or (
-                "://" not in merge_url and "://" not in run
-                and os.path.realpath(merge_url) == os.path.realpath(os.path.join(run, "merge"))):
-            written.append(write_report(run, storage_options=options, merge_url=merge_url))
-    else:
-        page = render_report_html(_merge_only(merge_url, list(inputs), options)).encode()
-        target = RunDir(merge_url, options)
-        target.write_bytes(REPORT_NAME, page)
-        written.append(target.url_of(REPORT_NAME))
+        try:
+            written.append(write_report(run, f"{merge_url.rstrip('/')}/{REPORT_NAME}",
+                                        storage_options=options, merge_url=merge_url))
+        except InputError as exc:  # e.g. reflections shards without the rest of a run
+            logger.info("%s: merged data only in the report (%s)", run, exc)
+        else:
+            if merge_url.rstrip("/") == f"{run}/merge" or (
+                    "://" not in merge_url and "://" not in run
+                    and os.path.realpath(merge_url)
+                    == os.path.realpath(os.path.join(run, "merge"))):
+                written.append(write_report(run, storage_options=options, merge_url=merge_url))
+            return written
+    page = render_report_html(_merge_only(merge_url, list(inputs), options)).encode()
+    target = RunDir(merge_url, options)
+    target.write_bytes(REPORT_NAME, page)
+    written.append(target.url_of(REPORT_NAME))
     return written
 
 
