@@ -272,3 +272,22 @@ def test_distributed_merge_equals_serial_and_survives_a_killed_worker(
     a = gemmi.read_mtz_file(str(tmp_path / "d" / "merged.mtz"))
     b = gemmi.read_mtz_file(str(Path(serial_results["partiality"].out_url) / "merged.mtz"))
     assert np.allclose(np.asarray(a.array), np.asarray(b.array), rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.s3
+def test_run_directory_on_s3_merges_into_s3_like_local(sim_run, truth, serial_results, s3_bucket,
+                                                       s3_storage_options):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    run = sim_run / "run"
+    for path in run.rglob("*"):
+        if path.is_file():
+            fs.put_file(str(path), f"{s3_bucket}/run/{path.relative_to(run).as_posix()}")
+    out = f"s3://{s3_bucket}/run/merge"
+    r = run_merge([f"s3://{s3_bucket}/run"], out, MergeParams(model="partiality", iterations=3),
+                  SERIAL, truth=truth, storage_options=s3_storage_options)
+    local = serial_results["partiality"].stats["overall"]
+    assert r.stats["overall"]["cc_truth"] == pytest.approx(local["cc_truth"], rel=1e-9)
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/run/merge")}
+    assert {"merged.mtz", "merged.hkl", "stats.json", "crystals.parquet", "scaled"} <= names
