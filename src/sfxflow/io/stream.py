@@ -713,7 +713,7 @@ def _crystal_block(crystal: Crystal, reflections: Reflections, detector: Detecto
         out.append(f"{key} = {val}")
     out += [REFL_START, REFL_HEADER]
     if len(reflections):
-        # one %-format over plain Python values: integrated crystals have hundreds of lines
+        # one bound format over plain Python values: integrated crystals have hundreds of lines
         panels = detector.panels
         origin = np.array([p.data_origin for p in panels], dtype=float)
         names = [p.name for p in panels]
@@ -723,8 +723,8 @@ def _crystal_block(crystal: Crystal, reflections: Reflections, detector: Detecto
                    reflections.background.tolist(),
                    (reflections.fs_px + origin[pan, 1]).tolist(),
                    (reflections.ss_px + origin[pan, 0]).tolist(), pan.tolist(), strict=True)
-        out.extend("%4d %4d %4d %10.2f %10.2f %10.2f %10.2f %6.1f %6.1f %s"
-                   % (h, k, l, i, sg, pk, bg, fs, ss, names[p])
+        line = "{:4d} {:4d} {:4d} {:10.2f} {:10.2f} {:10.2f} {:10.2f} {:6.1f} {:6.1f} {}".format
+        out.extend(line(h, k, l, i, sg, pk, bg, fs, ss, names[p])
                    for (h, k, l), i, sg, pk, bg, fs, ss, p in rows)
     out += [REFL_END, END_CRYSTAL]
     return out
