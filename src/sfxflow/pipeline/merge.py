@@ -340,8 +340,12 @@ def run_merge(
     t_start = time.perf_counter()
     with open_cluster(cluster) as (client, info):
         ex: Any = _Serial() if client is None else _Dask(client)
-        return _run(specs, out, ex, params, cell, space_group, truth, storage_options,
-                    echo or (lambda s: None), t_start, info.kind, on_cycle)
+        result = _run(specs, out, ex, params, cell, space_group, truth, storage_options,
+                      echo or (lambda s: None), t_start, info.kind, on_cycle)
+    from sfxflow.pipeline.report import write_merge_report
+
+    write_merge_report(out.url, list(inputs), storage_options=storage_options)
+    return result
 
 
 def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell: Any,
