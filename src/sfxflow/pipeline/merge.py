@@ -211,6 +211,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _rss_mb() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss) / 2**20
+
+
 # ----------------------------------------------------------------------------- executors
 
 
@@ -234,6 +240,9 @@ class _Serial:
             total = total + x
         return total
 
+    def sample_memory(self) -> None:
+        pass
+
     def worker_peak_mb(self) -> list[float]:
         return []
 
@@ -243,6 +252,7 @@ class _Dask:
         self.client = client
         workers = client.scheduler_info().get("workers", {})
         self.n_cores = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        self.peaks: dict[str, float] = {}
 
     def submit(self, fn: Callable, *args: Any) -> Any:
         return self.client.submit(fn, *args, pure=False)
@@ -264,8 +274,15 @@ class _Dask:
             items = nxt
         return self.client.gather(items[0])
 
+    def sample_memory(self) -> None:
+        # resident memory sampled between steps: a worker's ru_maxrss would include what a
+        # forked worker inherited from its parent
+        for worker, mb in self.client.run(_rss_mb).items():
+            self.peaks[worker] = max(self.peaks.get(worker, 0.0), mb)
+
     def worker_peak_mb(self) -> list[float]:
-        return list(self.client.run(_peak_rss_mb).values())
+        self.sample_memory()
+        return list(self.peaks.values())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -412,6 +429,7 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
     metas: list[pa.Table] = []
     n_obs_total = sum(s["n_obs"] for s in summaries)
     cycle_seconds = []
+    client_peak = _rss_mb()
     for it in range(params.iterations):
         t0 = time.perf_counter()
         ref_f = ex.scatter(reference)
@@ -420,6 +438,8 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
                  for i, p in enumerate(prepared)]
         fits_all = ex.gather([ex.submit(operator.itemgetter(0), t) for t in tasks])
         sums = ex.reduce_sum([ex.submit(operator.itemgetter(1), t) for t in tasks])
+        ex.sample_memory()
+        client_peak = max(client_peak, _rss_mb())
         del tasks
         # crystals with absurd scales: far from the median of the accepted ones
         all_fits = CrystalFits.concat(fits_all)
@@ -458,6 +478,8 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
              for i, p in enumerate(prepared)]
     sums = ex.reduce_sum([ex.submit(operator.itemgetter(0), t) for t in tasks])
     metas = ex.gather([ex.submit(operator.itemgetter(1), t) for t in tasks])
+    ex.sample_memory()
+    client_peak = max(client_peak, _rss_mb())
     del tasks
     merged = merge_sums(sums, params.min_measurements)
     dev = sums.deviation_sums
@@ -499,7 +521,8 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
             "cluster": cluster_kind, "cores": ex.n_cores, "seconds": time.perf_counter() - t_start,
             "observations_per_second_per_core_per_cycle":
                 n_obs_total / (float(np.median(cycle_seconds)) * ex.n_cores),
-            "client_peak_mb": _peak_rss_mb(), "worker_peak_mb": ex.worker_peak_mb(),
+            "client_peak_mb": client_peak, "client_max_rss_mb": _peak_rss_mb(),
+            "worker_peak_mb": ex.worker_peak_mb(),
         },
     }
     crystals = _crystals_table(final, metas)
