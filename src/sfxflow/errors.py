@@ -5,6 +5,8 @@ Any other exception escaping the CLI is a bug and is shown with its traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class SfxflowError(Exception):
     """Base of all sfxflow exceptions."""
@@ -36,10 +38,49 @@ class ConfigError(InputError):
     """A configuration file or option with a bad key or value."""
 
 
+class StorageUnavailable(SourceError):
+    """Storage did not answer (refused connection, timeout, 5xx, EIO) even after retrying.
+
+    Not a problem of the data: the frames concerned are left for a rerun instead of being
+    recorded as failed for good.
+    """
+
+
+class RunDirError(SfxflowError):
+    """The run directory cannot be written or read (a full disk, a dead object-storage endpoint).
+
+    Nothing is wrong with the inputs or options, and what was written so far is kept: the CLI
+    prints one line and exits with :data:`EXIT_RERUN`, since rerunning the same command resumes.
+    """
+
+    def __init__(self, run_url: str, cause: str, action: str = "write to") -> None:
+        super().__init__(f"cannot {action} the run directory {run_url}: {cause}; fix that and "
+                         "run the same command again to resume")
+        self.run_url = run_url
+        self.cause = cause
+
+
+#: Exit status of a run that stopped or ended with work left for a rerun (a storage outage, an
+#: unwritable run directory): sysexits.h EX_TEMPFAIL, "temporary failure; the user is invited to
+#: retry". Distinct from 2 (fix the command line first) and 1 (blocks failed for good).
+EXIT_RERUN = 75
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]*@")
+
+
+def redact_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``.
+
+    >>> redact_userinfo("cannot read ftp://me:secret@host/x.cxi (timeout)")
+    'cannot read ftp://***@host/x.cxi (timeout)'
+    """
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def failure_reason(exc: BaseException) -> str:
     """One line saying what went wrong: the exception's type and its message's first line.
 
-    This is the ``reason`` recorded for a failed frame or block.
+    This is the ``reason`` recorded for a failed frame or block; a password inside a URL in it
+    is replaced by ``***``.
 
     >>> failure_reason(ValueError("bad gain\\nsecond line"))
     'ValueError: bad gain'
@@ -47,4 +88,4 @@ def failure_reason(exc: BaseException) -> str:
     'MemoryError'
     """
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return redact_userinfo(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)

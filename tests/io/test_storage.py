@@ -103,6 +103,7 @@ def test_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     opts = storage_options_from(f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(storage, "_retry", storage.RetryPolicy(total_s=1.0, first_delay_s=0.2))
     t0 = time.perf_counter()
     with pytest.raises(SourceError, match=r"s3://bucket/k\.cbf: storage endpoint unreachable"):
         open_url("s3://bucket/k.cbf", storage_options=opts)
@@ -169,3 +170,70 @@ def test_no_credentials(s3_server: str, s3_bucket: str, monkeypatch: pytest.Monk
     with pytest.raises(SourceError, match=rf"s3://{s3_bucket}/a\.cbf: no S3 credentials"):
         open_url(f"s3://{s3_bucket}/a.cbf", storage_options=opts)
     assert time.perf_counter() - t0 < 20
+
+
+def _client_error(status: int, code: str) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def test_transient_storage_errors_are_told_from_bad_requests() -> None:
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError
+
+    assert storage.is_transient(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    assert storage.is_transient(TimeoutError("timed out"))
+    assert storage.is_transient(OSError(errno.EIO, "I/O error"))
+    assert storage.is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert storage.is_transient(_client_error(503, "ServiceUnavailable"))
+    assert not storage.is_transient(_client_error(404, "NoSuchKey"))
+    assert not storage.is_transient(_client_error(403, "AccessDenied"))
+    # s3fs turns unknown answers into OSError(EIO) with the ClientError as cause
+    wrapped = OSError(errno.EIO, "server said no")
+    wrapped.__cause__ = _client_error(400, "InvalidRequest")
+    assert not storage.is_transient(wrapped)
+    wrapped.__cause__ = _client_error(500, "InternalError")
+    assert storage.is_transient(wrapped)
+    assert not storage.is_transient(FileNotFoundError("gone"))
+    assert not storage.is_transient(ValueError("corrupt chunk"))
+
+
+def test_retrying_waits_out_a_short_outage_and_gives_up_on_a_long_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfxflow.errors import StorageUnavailable
+
+    monkeypatch.setattr(storage, "_retry", storage.RetryPolicy(total_s=0.5, first_delay_s=0.05))
+    monkeypatch.setattr(storage, "_gave_up_at", 0.0)
+    calls = []
+
+    def flaky() -> bytes:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return b"data"
+
+    assert storage.retrying(flaky, "s3://b/k") == b"data" and len(calls) == 3
+
+    def bad() -> bytes:
+        calls.append(1)
+        raise ValueError("corrupt")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        storage.retrying(bad, "s3://b/k")
+    assert len(calls) == 1  # bad data is not retried
+
+    def dead() -> bytes:
+        raise ConnectionRefusedError("refused")
+
+    t0 = time.monotonic()
+    with pytest.raises(StorageUnavailable, match=r"s3://b/k: storage endpoint unreachable"):
+        storage.retrying(dead, "s3://b/k")
+    assert 0.3 < time.monotonic() - t0 < 2
+    t0 = time.monotonic()  # right after giving up, the next call does not wait it out again
+    with pytest.raises(StorageUnavailable):
+        storage.retrying(dead, "s3://b/k2")
+    assert time.monotonic() - t0 < 0.2

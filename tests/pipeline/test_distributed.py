@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -114,3 +115,52 @@ def test_blocks_run_on_both_workers_with_prefetch(sim_set, serial_run, dask_clus
     assert sum(r.prefetched for r in result.reports) >= 6
     assert s["fetch_hidden_s"] > 0
     assert comparable(read_frames(tmp_path / "run")) == comparable(read_frames(serial_run[0]))
+
+
+def _run_plugins(address: str) -> tuple[dict, list]:
+    """sfxflow plugins left on each worker, and on the scheduler."""
+    from distributed import Client
+
+    def on_worker(dask_worker=None):
+        return sorted(n for n in dask_worker.plugins if str(n).startswith("sfxflow-run"))
+
+    def on_scheduler(dask_scheduler=None):
+        return sorted(n for n in dask_scheduler.plugins if str(n).startswith("sfxflow-run"))
+
+    with Client(address, timeout="20s") as client:
+        return client.run(on_worker), client.run_on_scheduler(on_scheduler)
+
+
+KILLED_CLIENT = """
+import json, os, signal, sys
+from sfxflow.pipeline.config import load_config
+from sfxflow.pipeline.run import run_process
+files, out, overrides = json.loads(sys.argv[1])
+run_process(files, out, load_config(overrides=overrides),
+            on_block=lambda report: os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
+def test_worker_plugin_goes_when_the_run_ends_or_its_client_dies(sim_set, dask_cluster, tmp_path):
+    # before: a killed client left its worker plugin (the run's context and prefetcher) on a
+    # long-lived scheduler and its workers
+    address, _ = dask_cluster
+    overrides = [*base_overrides(sim_set.geometry_path, frames_per_block=1),
+                 f"cluster.scheduler='{address}'"]
+    files = [str(p) for p in sim_set.files]
+    assert run_process(files[:1], str(tmp_path / "run"), load_config(overrides=overrides)).complete
+    workers, scheduler = _run_plugins(address)
+    assert all(not names for names in workers.values()) and not scheduler
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_CLIENT,
+                           json.dumps([files, str(tmp_path / "killed"), overrides])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        workers, scheduler = _run_plugins(address)
+        if all(not names for names in workers.values()) and not scheduler:
+            break
+        time.sleep(0.5)
+    assert all(not names for names in workers.values()), workers
+    assert not scheduler

@@ -29,8 +29,13 @@ def slow_reader(block, ctx):
     time.sleep(READ_S)
     if "bad" in block.url:
         raise OSError(f"{block.url}: cannot read")
-    return [Frame(np.full((4, 4), i, np.float32), DET, Beam(1.0), block.url, i)
-            for i in range(block.start, block.stop)]
+    return [Frame(_pixels(i), DET, Beam(1.0), block.url, i) for i in range(block.start, block.stop)]
+
+
+def _pixels(i):
+    data = np.full((4, 4), i, np.float32)
+    data[3, 3] = i + 1  # never all zero: that frame would be recorded as failed
+    return data
 
 
 def counting_frame_fn(frame, config):
@@ -144,7 +149,7 @@ def test_manifest_and_summary_and_progress(tmp_path):
     m = Manifest.from_plan(["in"], [BlockEntry("a", "u", 0, 2), BlockEntry("b", "u", -1, 0)])
     m.blocks["a"].state = "done"
     back = Manifest.from_json(m.to_json())
-    assert back.counts() == {"pending": 1, "done": 1, "failed": 0}
+    assert back.counts() == {"pending": 1, "done": 1, "failed": 0, "unread": 0}
     assert back.blocks["b"].expected_rows == 1
     ctx = _ctx(tmp_path)
     reports = [run_block(b, ctx) for b in _blocks(2)]

@@ -58,7 +58,7 @@ def test_serial_run_directory_and_results(sim_set, serial_run):
     assert summary["bytes_read"] > 12 * 1024 * 1024  # float32 frames, uncompressed
     assert summary["detector"]["n_pixels"] == 1024 * 1024
     manifest = Manifest.from_json((out / "manifest.json").read_text())
-    assert manifest.counts() == {"pending": 0, "done": 6, "failed": 0}
+    assert manifest.counts() == {"pending": 0, "done": 6, "failed": 0, "unread": 0}
     # the stream: one header + chunks of every frame
     stream = (out / "header.stream").read_text() + "".join(
         p.read_text() for p in sorted((out / "shards").glob("*.stream")))
@@ -205,3 +205,88 @@ def test_bad_inputs_fail_only_their_frames(tmp_path):
     summary = result.summary
     assert summary["failed"] == 4 and summary["misses"] == 7
     assert sum(summary["failed_reasons"].values()) == 4
+
+
+def test_frames_without_information_are_failed_at_read(tmp_path):
+    # before: all-NaN, all-inf, all-zero and saturated frames, and a 1 eV photon energy, were
+    # saved as ordinary misses with no reason
+    import h5py
+
+    from sfxflow.algorithms import layouts
+    from sfxflow.algorithms.simulate import SimulationParams
+    from sfxflow.io.simulated import write_simulated_dataset
+
+    info = write_simulated_dataset(tmp_path / "data", layouts.simple(distance_mm=100.0, n_px=256),
+                                   None, SimulationParams(hit_fraction=0.0), n_frames=6,
+                                   n_files=1, seed=3)
+    with h5py.File(info.files[0], "r+") as f:
+        data = f["/entry_1/data_1/data"]
+        data[0] = np.nan
+        data[1] = 0.0
+        data[3] = np.inf
+        data[4] = 50000.0
+        f["/LCLS/photon_energy_eV"][2] = 1.0
+    geom = tmp_path / "saturating.geom"
+    geom.write_text(info.geometry_path.read_text() + "p0/max_adu = 50000\n")
+    cfg = load_config(overrides=[*base_overrides(geom, 6), "cluster.kind=synchronous"])
+    result = run_process([str(info.files[0])], str(tmp_path / "run"), cfg)
+    assert result.complete
+    rows = {r["frame_index"]: r for r in read_frames(tmp_path / "run").to_pylist()}
+    expected = {0: "every pixel is NaN", 1: "every pixel is zero", 2: "photon energy 1 eV",
+                3: "every pixel is +inf", 4: "every pixel is saturated (>= max_adu 50000)"}
+    for i, reason in expected.items():
+        assert (rows[i]["status"], rows[i]["stage"]) == ("failed", "read"), rows[i]
+        assert reason in rows[i]["reason"]
+    assert "accepted range 620 eV to 6.2 MeV" in rows[2]["reason"]
+    assert rows[5]["status"] == "miss"
+
+
+@pytest.mark.parametrize("energy", ["1 eV", "1e9 eV"])
+def test_geometry_with_an_absurd_photon_energy_is_refused(sim_set, tmp_path, capsys, energy):
+    from sfxflow.cli import main
+
+    geom = tmp_path / "bad.geom"
+    geom.write_text(sim_set.geometry_path.read_text().replace(
+        "photon_energy = /LCLS/photon_energy_eV eV", f"photon_energy = {energy}"))
+    code = main(["process", str(sim_set.files[0]), "--out", str(tmp_path / "run"),
+                 "--geometry", str(geom), "--scheduler", "synchronous"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(geom) in err and "photon energy" in err
+    assert "accepted range 620 eV to 6.2 MeV" in err
+
+
+def test_rerun_keeps_the_measured_figures_and_logs_one_line(sim_set, tmp_path, caplog):
+    # before: a rerun with nothing to do wrote core_seconds_per_frame null, workers {} and
+    # bytes_read 0 (and `sfxflow plan --summary` refused it); resuming logged one "will be
+    # recomputed: missing shard: [Errno 2]" line per block not yet done
+    from sfxflow.cost.model import measurement_from_summary
+
+    files = [str(p) for p in sim_set.files]
+    out = tmp_path / "run"
+    cfg = load_config(overrides=[*base_overrides(sim_set.geometry_path), "cluster.kind=synchronous"])
+    run_process(files, str(out), load_config(overrides=[
+        *base_overrides(sim_set.geometry_path), "cluster.kind=synchronous", "run.max_blocks=2"]))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sfxflow"):
+        run_process(files, str(out), cfg)
+    assert "will be recomputed" not in caplog.text and "Errno" not in caplog.text
+    assert "resuming: 2 block(s) already done, 4 to do" in caplog.text
+    measured = json.loads((out / "summary.json").read_text())
+    assert measured["frames_processed"] == 8 and measured["core_seconds_per_frame"] > 0
+
+    again = run_process(files, str(out), cfg)
+    assert again.blocks_done == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("core_seconds_per_frame", "workers", "bytes_read", "frames_per_s",
+                "frames_processed", "measured_by_run_at"):
+        assert summary[key] == measured[key], key
+    assert summary["blocks_skipped"] == 6 and summary["frames"] == 12
+    assert measurement_from_summary(summary, str(out / "summary.json"), 1.0) is not None
+
+    (out / "shards" / os.listdir(out / "shards")[0]).unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sfxflow"):
+        run_process(files, str(out), cfg)
+    lines = [r.getMessage() for r in caplog.records if "recomputed" in r.getMessage()]
+    assert len(lines) == 1 and "1 block(s) will be recomputed (1 " in lines[0]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from sfxflow import __version__
 from sfxflow.cli.options import Parser
-from sfxflow.errors import InputError
+from sfxflow.errors import EXIT_RERUN, InputError, RunDirError, StorageUnavailable
 
 SUBCOMMANDS: dict[str, str] = {
     "demo": "sfxflow.cli.demo",
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RedactUrls) for f in handler.filters):
+            handler.addFilter(_RedactUrls())
     # distributed sets its own logger levels from dask's config when first imported (here, by
     # the cluster layer or dask-jobqueue; and in every worker process this one starts), which
     # would undo the setLevel below; the environment reaches all of them.
@@ -80,8 +83,25 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+class _RedactUrls(logging.Filter):
+    """Replace ``user:password@`` in every URL of a log line (ours or a library's) by ``***@``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from sfxflow.io.storage import redact_urls
+
+        message = record.getMessage()
+        clean = redact_urls(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. Returns the exit status: 0 success, 2 user error, 130 interrupted."""
+    """Entry point. Returns the exit status: 0 success, 1 blocks failed, 2 user error,
+    75 (:data:`~sfxflow.errors.EXIT_RERUN`) work left for a rerun (storage unreachable, run
+    directory unwritable), 130 interrupted."""
+    from sfxflow.io.storage import redact_urls
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -92,11 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("sfxflow.cli").warning(note)
     try:
         return int(args._run(args) or 0)
+    except (RunDirError, StorageUnavailable) as exc:
+        hint = "" if isinstance(exc, RunDirError) else "; run the same command again to resume"
+        print(f"sfxflow {args.command}: error: {redact_urls(str(exc))}{hint}", file=sys.stderr)
+        return EXIT_RERUN
     except InputError as exc:
-        print(f"sfxflow {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sfxflow {args.command}: error: {redact_urls(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sfxflow {args.command}: interrupted", file=sys.stderr)
+        print(f"sfxflow {args.command}: interrupted; run the same command again to resume",
+              file=sys.stderr)
         return 130
 
 

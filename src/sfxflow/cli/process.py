@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from sfxflow.errors import InputError
+from sfxflow.errors import EXIT_RERUN, InputError
 
 HELP = "process a run: spots -> hits -> indexing on every frame, locally or on a cluster"
 DESCRIPTION = HELP + """
@@ -138,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
         left = result.blocks_total - result.blocks_skipped - result.blocks_done - \
             result.blocks_failed
         print(f"{left} block(s) left: run the same command again to continue", file=sys.stderr)
+    if result.blocks_unread:
+        reason = next(iter(result.unread_reasons), "storage unreachable")
+        print(f"{result.blocks_unread} block(s) could not be read from storage ({reason}); "
+              "run the same command again to read them", file=sys.stderr)
+        return EXIT_RERUN
     if result.blocks_failed:
         print(f"{result.blocks_failed} block(s) failed; their frames are recorded as failed "
               "(run again to retry them)", file=sys.stderr)
@@ -164,9 +169,6 @@ def merge_run(run_url: str, cluster: Any, storage_options: Any = None) -> Any:
     print(f"merged {s['n_crystals_merged']} of {s['n_crystals_input']} crystals "
           f"({s['space_group']}): {merged.out_url}/merged.mtz")
     print(merged.table)
-    from sfxflow.pipeline.report import write_merge_report
-
-    # the run's own page is written before the merge: rewrite it with the merged data
-    for page in write_merge_report(merged.out_url, [run_url], storage_options=storage_options):
+    for page in merged.reports:  # the run's own page now shows the merged data too
         print(f"report: {page}", file=sys.stderr)
     return merged

@@ -29,15 +29,15 @@ import math
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sfxflow.errors import InputError
+from sfxflow.errors import InputError, RunDirError, SfxflowError, StorageUnavailable
 from sfxflow.models import (
     A_MATRIX_COLUMNS,
     REFLECTION_COLUMNS,
@@ -46,6 +46,8 @@ from sfxflow.models import (
     ImageResult,
     a_matrix_columns,
 )
+
+T = TypeVar("T")
 
 __all__ = [
     "CELL_COLUMNS",
@@ -385,21 +387,53 @@ class RunDir:
                                  f"({exc.strerror or exc}); expected a folder path") from None
 
     def exists(self, rel: str) -> bool:
-        return bool(self.fs.exists(self.path(rel)))
+        return bool(self._storage_call(rel, "lookup", lambda: self.fs.exists(self.path(rel))))
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.path(rel), "rb") as f:
-            return f.read()
+        def read() -> bytes:
+            with self.fs.open(self.path(rel), "rb") as f:
+                return bytes(f.read())
+
+        return self._storage_call(rel, "read", read)
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to ``rel`` atomically (temp + rename locally, one put on object stores)."""
+        """Write ``data`` to ``rel`` atomically (temp + rename locally, one put on object stores).
+
+        Raises
+        ------
+        RunDirError
+            The store refused the write (a full disk, an endpoint dead beyond the retries).
+        """
+        if self.is_local:
+            self._storage_call(rel, "write", lambda: self._write_local(rel, data))
+        else:
+            self._storage_call(rel, "write", lambda: self.fs.pipe_file(self.path(rel), data))
+
+    def _storage_call(self, rel: str, action: str, call: Callable[[], T]) -> T:
+        """``call()``, with transient errors retried and storage failures as one clear
+        :class:`RunDirError` (a missing file stays :class:`FileNotFoundError`)."""
+        from sfxflow.io.storage import is_transient, redact_urls, retrying, shown_url
+
+        try:
+            return call() if self.is_local else retrying(call, self.url_of(rel), action)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, SfxflowError) and not isinstance(exc, StorageUnavailable):
+                raise
+            if not (isinstance(exc, OSError) or is_transient(exc)):
+                raise
+            text = (getattr(exc, "strerror", None) or str(exc).splitlines()[0] if str(exc)
+                    else type(exc).__name__)
+            raise RunDirError(shown_url(self.url), f"{action} of {rel} failed "
+                              f"({type(exc).__name__}: {redact_urls(str(text))})",
+                              "write to" if action == "write" else "read") from None
+
+    def _write_local(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
-        if not self.is_local:
-            self.fs.pipe_file(target, data)
-            return
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")

@@ -111,6 +111,10 @@ class FileInfo:
     size_bytes: int
     kind: str
     error: str | None = None
+    #: what tells that the content changed: ``mtime_ns:...`` (local) or ``etag:...`` (object)
+    version: str = ""
+    #: the error is a storage outage (retries spent), not a problem of the file
+    transient: bool = False
 
     @property
     def ok(self) -> bool:
@@ -139,17 +143,17 @@ def _expand(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
     key = url.split("://", 1)[1]
     try:
         if _GLOB_CHARS.search(key):
-            found = fs.glob(key)
+            found = storage.retrying(lambda: fs.glob(key), url, "list")
             return sorted(f"{proto}://{p}" for p in found)
-        info = fs.info(key)
+        info = storage.retrying(lambda: fs.info(key), url, "list")
         if info.get("type") == "directory":
             return sorted(
                 f"{proto}://{e['name']}"
-                for e in fs.ls(key, detail=True)
+                for e in storage.retrying(lambda: fs.ls(key, detail=True), url, "list")
                 if e.get("type") != "directory" and _extension(e["name"])
             )
     except FileNotFoundError as exc:
-        raise SourceError(url, "no such file, folder or object") from exc
+        raise SourceError(storage.shown_url(url), "no such file, folder or object") from exc
     except SourceError:
         raise
     except Exception as exc:  # botocore/aiohttp errors come in many types
@@ -182,11 +186,12 @@ def discover(
         try:
             files = _expand(str(pattern), storage_options)
         except InputError as exc:
-            out.append(FileInfo(str(pattern), 0, 0, "unknown", str(exc)))
+            out.append(FileInfo(str(pattern), 0, 0, "unknown", storage.redact_urls(str(exc)),
+                                transient=storage.is_transient(exc)))
             continue
         if not files:
             out.append(FileInfo(str(pattern), 0, 0, "unknown",
-                                f"{pattern}: matched no image files"))
+                                f"{storage.shown_url(str(pattern))}: matched no image files"))
             continue
         for url in files:
             out.append(_describe(url, geometry, storage_options))
@@ -197,20 +202,23 @@ def _describe(
     url: str, geometry: CrystfelGeometry | None, storage_options: Mapping[str, Any] | None
 ) -> FileInfo:
     size = 0
+    version = ""
     kind = "unknown"
+    shown = storage.shown_url(url)
     try:
-        size = storage.object_size(url, storage_options)
+        size, version = storage.object_stamp(url, storage_options)
         kind = source_kind(url, storage_options)
         if kind == "cbf":
             if size == 0:
-                raise SourceError(url, "empty file")
-            return FileInfo(url, 1, size, "cbf")
+                raise SourceError(shown, "empty file")
+            return FileInfo(url, 1, size, "cbf", version=version)
         with open_source(url, geometry, storage_options, metadata_only=True) as src:
-            return FileInfo(url, src.n_frames, size, src.kind)
+            return FileInfo(url, src.n_frames, size, src.kind, version=version)
     except (InputError, OSError) as exc:
-        msg = str(exc) if url in str(exc) else f"{url}: {exc}"
-        log.warning("cannot list %s: %s", url, msg)
-        return FileInfo(url, 0, size, kind, msg)
+        text = storage.redact_urls(str(exc))
+        msg = text if shown in text else f"{shown}: {text}"
+        log.warning("cannot list %s: %s", shown, msg)
+        return FileInfo(url, 0, size, kind, msg, version, storage.is_transient(exc))
 
 
 @dataclass(frozen=True)
@@ -239,9 +247,11 @@ class Block:
     @property
     def block_id(self) -> str:
         """Deterministic, filesystem-safe name: file stem, URL hash, frame range."""
-        name = self.url.rstrip("/").rsplit("/", 1)[-1]
+        # from the URL as shown: a password inside it must not leak through the hash
+        url = storage.shown_url(self.url)
+        name = url.rstrip("/").rsplit("/", 1)[-1]
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip(".") or "file"
-        digest = hashlib.sha1(self.url.encode()).hexdigest()[:10]
+        digest = hashlib.sha1(url.encode()).hexdigest()[:10]
         return f"{stem}-{digest}-{self.start:06d}-{self.stop:06d}"
 
 

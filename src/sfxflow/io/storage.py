@@ -23,33 +23,42 @@ are never logged: :func:`redact` is applied to anything that is.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
-from sfxflow.errors import InputError, SourceError
+from sfxflow.errors import InputError, SourceError, StorageUnavailable, redact_userinfo
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "WHOLE_OBJECT_MAX_BYTES",
     "ReadStats",
+    "RetryPolicy",
     "add_bytes_read",
     "filesystem",
     "is_local",
+    "is_transient",
     "join_url",
     "local_path",
     "object_size",
+    "object_stamp",
     "open_url",
     "read_bytes",
     "read_stats",
     "redact",
+    "redact_urls",
     "reset_read_stats",
+    "retry_policy",
+    "retrying",
+    "set_retry_policy",
     "shown_url",
     "storage_options_from",
 ]
@@ -89,6 +98,163 @@ def _count(n_bytes: int, requests: int = 1, files: int = 0) -> None:
         _stats.bytes_read += int(n_bytes)
         _stats.requests += requests
         _stats.files_opened += files
+
+
+# --------------------------------------------------------------------------------------------
+# transient errors and retrying them
+
+#: errno values of a storage hiccup (the endpoint or a disk that may come back), as opposed to
+#: a missing object or a refused permission
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EIO", "ECONNREFUSED", "ECONNRESET", "ECONNABORTED",
+                                      "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN",
+                                      "EPIPE", "EAGAIN")
+    if hasattr(errno, name))
+#: exception class names of botocore / aiohttp / urllib3 connection trouble (matched by name so
+#: that this module imports none of them)
+_TRANSIENT_NAMES = frozenset((
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ResponseStreamingError", "IncompleteReadError", "ClientConnectorError",
+    "ServerDisconnectedError", "ClientOSError", "ClientPayloadError", "ServerTimeoutError",
+    "ProtocolError", "NewConnectionError",
+))
+_TRANSIENT_CODES = frozenset(("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                              "Throttling", "RequestTimeTooSkewed"))
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, Mapping):
+        return None
+    meta = response.get("ResponseMetadata") or {}
+    status = meta.get("HTTPStatusCode")
+    return int(status) if isinstance(status, int) else None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen and len(out) < 16:
+        seen.add(id(cur))
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a storage outage worth retrying: a refused or
+    reset connection, a timeout, an HTTP 5xx or throttling answer, EIO.
+
+    A missing object, a refused permission or bad data are not transient.
+
+    >>> is_transient(ConnectionRefusedError(111, "refused")), is_transient(FileNotFoundError("x"))
+    (True, False)
+    >>> is_transient(OSError(errno.EIO, "I/O error")), is_transient(ValueError("corrupt"))
+    (True, False)
+    """
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, StorageUnavailable):
+            return True
+        status = _http_status(e)
+        if status is not None:  # the server answered: only its own trouble is transient
+            code = str((getattr(e, "response", {}).get("Error") or {}).get("Code", ""))
+            return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    for e in chain:
+        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+            return False
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(e).__mro__):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep retrying transient storage errors (exponential back-off).
+
+    Parameters
+    ----------
+    total_s : give up once this many seconds have passed since the first failure (0: no retry).
+    first_delay_s : the first wait; each later wait doubles, up to ``max_delay_s``.
+    max_delay_s : the longest single wait.
+    """
+
+    total_s: float = 60.0
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.total_s < float("inf") and 0 < self.first_delay_s <= self.max_delay_s):
+            raise ValueError(f"retry policy {self}: expected 0 <= total_s < inf and "
+                             "0 < first_delay_s <= max_delay_s")
+
+
+_retry = RetryPolicy()
+_gave_up_at = 0.0  # time.monotonic() when a call last gave up on unreachable storage
+
+
+def set_retry_policy(policy: RetryPolicy) -> None:
+    """Set the process-wide policy for retrying transient storage errors (every reader and
+    writer of this module uses it; a run sets it on each worker from its configuration)."""
+    global _retry, _gave_up_at
+    _retry = policy
+    _gave_up_at = 0.0
+
+
+def retry_policy() -> RetryPolicy:
+    """The process-wide retry policy."""
+    return _retry
+
+
+T = TypeVar("T")
+
+
+def retrying(call: Callable[[], T], url: str, action: str = "read") -> T:
+    """``call()``, retried with back-off while it fails with a transient storage error.
+
+    Raises
+    ------
+    StorageUnavailable
+        Still failing when the policy's time is spent; names the URL, the last error and how
+        long it was retried.
+    """
+    global _gave_up_at
+    policy = _retry
+    t0 = time.monotonic()
+    delay = policy.first_delay_s
+    attempt = 0
+    while True:
+        try:
+            result = call()
+            _gave_up_at = 0.0
+            return result
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            attempt += 1
+            now = time.monotonic()
+            waited = now - t0
+            # storage that just outlasted a whole retry period is not waited for again by every
+            # following call (hundreds of files or blocks): they fail at once until it answers
+            recently_dead = attempt == 1 and now - _gave_up_at < policy.total_s
+            if recently_dead or waited + delay > policy.total_s:
+                _gave_up_at = now
+                if isinstance(exc, StorageUnavailable):
+                    raise
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise StorageUnavailable(
+                    shown_url(url), f"storage endpoint unreachable: cannot {action} "
+                    f"({type(exc).__name__}: {redact_urls(text)}) after {attempt} attempt(s) "
+                    f"over {waited:.0f} s") from exc
+            log.info("%s: %s failed (%s); retrying in %.1f s", shown_url(url), action,
+                     type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, policy.max_delay_s)
 
 
 def add_bytes_read(n_bytes: int, requests: int = 0) -> None:
@@ -263,6 +429,15 @@ def shown_url(url: str) -> str:
     return f"{scheme}://{netloc}{sep}{path}"
 
 
+def redact_urls(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``.
+
+    >>> redact_urls("cannot read ftp://me:secret@host/x.cxi (timeout)")
+    'cannot read ftp://***@host/x.cxi (timeout)'
+    """
+    return redact_userinfo(text)
+
+
 def _strip(url: str) -> str:
     if "://" not in url:
         return url
@@ -272,6 +447,7 @@ def _strip(url: str) -> str:
 def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> SourceError:
     if isinstance(exc, SourceError):
         return exc
+    url = shown_url(url)
     if isinstance(exc, FileNotFoundError):
         return SourceError(url, "no such file or object")
     if isinstance(exc, PermissionError):
@@ -284,8 +460,9 @@ def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> S
             "no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
             "or use anonymous access)",
         )
-    if "EndpointConnectionError" in name or "Could not connect" in text or "connect" in text.lower():
-        return SourceError(url, f"storage endpoint unreachable ({text})")
+    text = redact_urls(text)
+    if is_transient(exc) or "Could not connect" in text:
+        return StorageUnavailable(url, f"storage endpoint unreachable ({name}: {text})")
     return SourceError(url, f"cannot {action} ({name}: {text})")
 
 
@@ -296,14 +473,42 @@ def object_size(url: str, storage_options: Mapping[str, Any] | None = None) -> i
             return local_path(url).stat().st_size
         except OSError as exc:
             raise _wrap_storage_error(url, exc) from exc
+    return int(_remote_info(url, storage_options).get("size") or 0)
+
+
+def _remote_info(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     fs = filesystem(url, storage_options)
     try:
-        info = fs.info(_strip(url))
+        info: dict[str, Any] = retrying(lambda: fs.info(_strip(url)), url, "list")
     except Exception as exc:  # storage backends raise many unrelated types
         raise _wrap_storage_error(url, exc) from exc
     if info.get("type") == "directory":
-        raise SourceError(url, "is a directory, expected a file or object")
-    return int(info.get("size") or 0)
+        raise SourceError(shown_url(url), "is a directory, expected a file or object")
+    return info
+
+
+def object_stamp(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[int, str]:
+    """``(size, version)`` of a file or object: what tells that its content changed.
+
+    The version is the modification time in nanoseconds for a local file, the ETag (or a
+    modification time where a store has none) for an object.
+    """
+    if is_local(url):
+        try:
+            st = local_path(url).stat()
+        except OSError as exc:
+            raise _wrap_storage_error(url, exc) from exc
+        return int(st.st_size), f"mtime_ns:{st.st_mtime_ns}"
+    info = _remote_info(url, storage_options)
+    for key in ("ETag", "etag", "md5", "checksum"):
+        if info.get(key):
+            return int(info.get("size") or 0), f"etag:{str(info[key]).strip(chr(34))}"
+    for key in ("LastModified", "mtime", "last_modified", "created"):
+        v = info.get(key)
+        if v is not None:
+            stamp = v.timestamp() if hasattr(v, "timestamp") else float(v)
+            return int(info.get("size") or 0), f"mtime:{stamp}"
+    return int(info.get("size") or 0), ""
 
 
 def read_bytes(
@@ -321,7 +526,7 @@ def read_bytes(
                 data = fh.read() if end is None else fh.read(end - (start or 0))
         else:
             fs = filesystem(url, storage_options)
-            data = fs.cat_file(_strip(url), start=start, end=end)
+            data = retrying(lambda: fs.cat_file(_strip(url), start=start, end=end), url)
     except SourceError:
         raise
     except Exception as exc:
@@ -330,9 +535,11 @@ def read_bytes(
     return data
 
 
-def _counting(fetcher: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
+def _counting(fetcher: Callable[[int, int], bytes], url: str) -> Callable[[int, int], bytes]:
     def fetch(start: int, end: int) -> bytes:
-        data = fetcher(start, end)
+        # a ranged read inside h5py: an outage is retried here, below the decoder, so that the
+        # HDF5 library never sees a half-failed read it cannot resume
+        data = retrying(lambda: fetcher(start, end), url)
         _count(len(data))
         return data
 
@@ -417,18 +624,14 @@ def open_url(
     if size <= whole_object_max_bytes:
         return io.BytesIO(read_bytes(url, storage_options))
     try:
-        fh = fs.open(
-            path_in_fs,
-            "rb",
-            block_size=block_size,
-            cache_type="blockcache",
-            cache_options={"maxblocks": _MAX_CACHED_BLOCKS},
-        )
+        fh = retrying(lambda: fs.open(path_in_fs, "rb", block_size=block_size,
+                                      cache_type="blockcache",
+                                      cache_options={"maxblocks": _MAX_CACHED_BLOCKS}), url)
     except Exception as exc:
         raise _wrap_storage_error(url, exc) from exc
     cache = getattr(fh, "cache", None)
     if cache is not None and getattr(cache, "fetcher", None) is not None:
-        cache.fetcher = _counting(cache.fetcher)
+        cache.fetcher = _counting(cache.fetcher, url)
     _count(0, 0, 1)
     log.debug("opened %s (%d bytes) with %d-byte ranged reads", url, size, block_size)
     return fh

@@ -16,8 +16,8 @@ task and the run records the block as ``failed`` with that reason once the retri
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -127,6 +127,9 @@ class BlockReport:
     failed_reasons: dict[str, int] = field(default_factory=dict)
     n_pixels: int = 0  # detector pixels of the block's frames (0 when none could be read)
     received_at: float = 0.0  # set by the client (its clock), seconds since the run started
+    #: why some frames could not be read for storage reasons (an outage that outlasted the
+    #: retries): the block is then not done, and a rerun reads it again; "" when all were read
+    unread_reason: str = ""
 
     @property
     def hits(self) -> int:
@@ -157,8 +160,18 @@ def read_frames_of(block: BlockRef, ctx: BlockContext) -> list[Frame]:
                       storage_options=dict(ctx.storage_options))
 
 
+def apply_storage_retry(config: Any) -> None:
+    """Use the run's retry period for transient storage errors in this process."""
+    from sfxflow.io.storage import RetryPolicy, retry_policy, set_retry_policy
+
+    total_s = float(getattr(getattr(config, "run", None), "storage_retry_s", 60.0))
+    if retry_policy().total_s != total_s:
+        set_retry_policy(RetryPolicy(total_s=total_s))
+
+
 def fetch_block(block: BlockRef, ctx: BlockContext) -> Fetched:
     """Read a block's frames, capturing (not raising) a read failure; timed."""
+    apply_storage_retry(ctx.config)
     t0 = time.perf_counter()
     if block.start < 0:
         return Fetched(None, None, 0.0)
@@ -177,11 +190,28 @@ def _failed(url: str, index: int, stage: str, reason: str, event_id: str = "") -
                        event_id=event_id, stage=stage, reason=reason)
 
 
-def _salvage(block: BlockRef, ctx: BlockContext, error: BaseException) -> list[Frame | ImageResult]:
-    """The block could not be read in one go: read frame by frame, failing only bad frames."""
+def _unread(block: BlockRef, first: int, exc: BaseException) -> list[ImageResult]:
+    """Frames ``first ..`` of a block that storage could not deliver (retries spent)."""
+    reason = failure_reason(exc)
+    return [_failed(block.url, i, "read", reason) for i in range(first, block.stop)]
+
+
+def _salvage(block: BlockRef, ctx: BlockContext,
+             error: BaseException) -> tuple[list[Frame | ImageResult], str]:
+    """The block could not be read in one go: read frame by frame, failing only bad frames.
+
+    Returns the frames or failure records, and why frames were left unread for storage reasons
+    (``''`` when none were): an unreachable store is not bad data, so frames after it are not
+    tried one by one (each would wait out the retries again).
+    """
+    from sfxflow.io.storage import is_transient
+
+    if is_transient(error):
+        return list(_unread(block, block.start, error)), failure_reason(error)
     out: list[Frame | ImageResult] = []
     if ctx.read_fn is not None:  # an injected reader has no per-frame access
-        return [_failed(block.url, i, "read", failure_reason(error)) for i in range(block.start, block.stop)]
+        return [_failed(block.url, i, "read", failure_reason(error))
+                for i in range(block.start, block.stop)], ""
     from sfxflow.io.sources import open_source
 
     try:
@@ -190,8 +220,10 @@ def _salvage(block: BlockRef, ctx: BlockContext, error: BaseException) -> list[F
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as exc:
+        if is_transient(exc):
+            return list(_unread(block, block.start, exc)), failure_reason(exc)
         reason = failure_reason(exc)
-        return [_failed(block.url, i, "read", reason) for i in range(block.start, block.stop)]
+        return [_failed(block.url, i, "read", reason) for i in range(block.start, block.stop)], ""
     with source:
         for i in range(block.start, block.stop):
             try:
@@ -199,7 +231,24 @@ def _salvage(block: BlockRef, ctx: BlockContext, error: BaseException) -> list[F
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:
+                if is_transient(exc):
+                    out.extend(_unread(block, i, exc))
+                    return out, failure_reason(exc)
                 out.append(_failed(block.url, i, "read", failure_reason(exc)))
+    return out, ""
+
+
+def _checked(items: list[Frame | ImageResult]) -> list[Frame | ImageResult]:
+    """Frames that cannot be diffraction images become ``failed`` records (stage ``read``)."""
+    from sfxflow.io.checks import frame_problem
+
+    out: list[Frame | ImageResult] = []
+    for item in items:
+        problem = frame_problem(item) if isinstance(item, Frame) else ""
+        if problem and isinstance(item, Frame):
+            out.append(_failed(item.source_url, item.index, "read", problem, item.event_id))
+        else:
+            out.append(item)
     return out
 
 
@@ -213,10 +262,13 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
                        block_failed: bool = False) -> ShardBytes:
     """Serialise a block's results into its shard files (stream chunks for the frames in
     ``frames_by_index``)."""
+    from sfxflow.io.storage import redact_urls, shown_url
+
     names = shard_names(block.block_id)
-    results = sorted(results, key=lambda r: r.frame_index)
+    # a password inside an input URL is needed to read it, never to describe it
+    results = sorted((_redacted(r, redact_urls) for r in results), key=lambda r: r.frame_index)
     meta = {"sfxflow.block_id": block.block_id, "sfxflow.n_frames": str(len(results)),
-            "sfxflow.url": block.url, "sfxflow.start": str(block.start),
+            "sfxflow.url": shown_url(block.url), "sfxflow.start": str(block.start),
             "sfxflow.stop": str(block.stop)}
     if block_failed:
         meta["sfxflow.block_failed"] = "1"
@@ -237,6 +289,13 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
         names["stream"]: stream.encode("utf-8"),
     }
     return ShardBytes(block.block_id, files, len(results))
+
+
+def _redacted(result: ImageResult, redact_urls: Callable[[str], str]) -> ImageResult:
+    url, reason = redact_urls(result.source_url), redact_urls(result.reason)
+    if url == result.source_url and reason == result.reason:
+        return result
+    return dataclasses.replace(result, source_url=url, reason=reason)
 
 
 def failed_block_shards(block: BlockRef, reason: str, stage: str = "block") -> ShardBytes:
@@ -272,17 +331,20 @@ def run_block(block: BlockRef, ctx: BlockContext, fetched: Fetched | None = None
     results: list[ImageResult] = []
     frames_by_index: dict[int, Frame] = {}
     n_pixels = 0
+    unread = ""
     t_compute0 = time.perf_counter()
     if block.start < 0:
         results = _file_failure_results(block, file_error or "file could not be opened")
     else:
         items: list[Frame | ImageResult]
         if fetched.error is not None:
-            logger.warning("block %s: reading failed (%s); reading frame by frame",
-                           block.block_id, failure_reason(fetched.error))
-            items = _salvage(block, ctx, fetched.error)
+            logger.warning("block %s: reading failed (%s)%s", block.block_id,
+                           failure_reason(fetched.error),
+                           "" if _is_transient(fetched.error) else "; reading frame by frame")
+            items, unread = _salvage(block, ctx, fetched.error)
         else:
             items = list(fetched.frames or [])
+        items = _checked(items)
         n_good = sum(isinstance(x, Frame) for x in items)
         n_pixels = next((x.detector.n_pixels for x in items if isinstance(x, Frame)), 0)
         read_per_frame = fetched.fetch_s / n_good if n_good else 0.0
@@ -300,7 +362,8 @@ def run_block(block: BlockRef, ctx: BlockContext, fetched: Fetched | None = None
             results.append(_failed(block.url, i, "read", "frame not returned by the reader"))
         results = [r for r in results if block.start <= r.frame_index < block.stop]
     compute_s = time.perf_counter() - t_compute0
-    shards = shards_for_results(block, results, ctx.stream_chunk_fn, frames_by_index)
+    shards = shards_for_results(block, results, ctx.stream_chunk_fn, frames_by_index,
+                                block_failed=bool(unread))
     t_write0 = time.perf_counter()
     checksums = ctx.run.write_shards(shards)
     write_s = time.perf_counter() - t_write0
@@ -326,8 +389,11 @@ def run_block(block: BlockRef, ctx: BlockContext, fetched: Fetched | None = None
         worker=worker,
         failed_reasons=dict(reasons),
         n_pixels=n_pixels,
+        unread_reason=unread,
     )
 
 
-def process_id() -> str:
-    return f"pid{os.getpid()}"
+def _is_transient(exc: BaseException) -> bool:
+    from sfxflow.io.storage import is_transient
+
+    return is_transient(exc)

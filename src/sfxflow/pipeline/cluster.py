@@ -217,6 +217,25 @@ def _wait_for_first_worker(cluster: Any, client: Any, cfg: ClusterConfig) -> Non
 
 
 @contextlib.contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Start local worker processes with SIGINT ignored (an ignored signal survives exec, and
+    Python then installs no KeyboardInterrupt handler): Ctrl-C at the terminal reaches the
+    whole process group, and workers dying of it print dozens of lines of tracebacks, when the
+    client alone should stop and close them."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def open_cluster(cfg: ClusterConfig, *, allowed_failures: int | None = None
                  ) -> Iterator[tuple[Any, ClusterInfo]]:
     """Start or join the cluster; yields ``(client, info)`` (``(None, info)`` when synchronous).
@@ -242,7 +261,7 @@ def open_cluster(cfg: ClusterConfig, *, allowed_failures: int | None = None
         if cfg.adapt:
             raise ConfigError("cluster.adapt needs a batch cluster (--cluster slurm, sge or pbs)")
         n = cfg.n_workers or local_worker_count()
-        with dask.config.set(settings):
+        with dask.config.set(settings), _children_ignore_ctrl_c():
             cluster = LocalCluster(n_workers=n, threads_per_worker=cfg.threads_per_worker,
                                    processes=True, host="127.0.0.1",
                                    dashboard_address="127.0.0.1:0",

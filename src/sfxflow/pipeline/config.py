@@ -144,6 +144,8 @@ class RunConfig:
     manifest_interval_s : least seconds between manifest rewrites while running.
     report : write ``report.html`` into the run directory (refreshed while running).
     report_interval_s : least seconds between report refreshes while running.
+    storage_retry_s : how long a transient storage error (refused connection, timeout, HTTP
+        5xx, EIO) is retried, with back-off, before the frames concerned are left for a rerun.
     """
 
     task_retries: int = setting(1, ge=0, le=100)
@@ -153,6 +155,7 @@ class RunConfig:
     manifest_interval_s: float = setting(5.0, ge=0, le=86_400)
     report: bool = True
     report_interval_s: float = setting(30.0, ge=0, le=86_400)
+    storage_retry_s: float = setting(60.0, ge=0, le=86_400)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -18,31 +18,48 @@ A worker that dies loses only its running and queued blocks; the scheduler rerun
 (``allowed_failures`` deaths per block, a setting of the scheduler: set on one the run starts,
 left as it is on a shared one). A task that raises is retried ``task_retries`` times;
 after that the block is recorded as failed (its frames get ``failed`` records with the reason)
-and the run goes on.
+and the run goes on. The plugin is unregistered when the run ends, and, through a small
+scheduler plugin (:class:`RunCleanup`), when the client dies without ending it.
+
+Serial execution and crashes
+----------------------------
+In serial mode a native decoder that crashes (a segmentation fault) kills the run itself, and
+would do so again at the same block on every rerun. So the blocks being read or processed are
+recorded in the run lock before they start (:meth:`~sfxflow.pipeline.runlock.RunLock.set_in_flight`);
+the next run learns from the dead run's lock which blocks they were and runs them in a child
+process (:func:`run_block_in_child`): if that crashes too, the block is recorded as failed
+("decoder crashed") and the run goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
-from sfxflow.errors import failure_reason
+from sfxflow.errors import RunDirError, failure_reason
 from sfxflow.io.prefetch import Prefetcher, prefetch
 from sfxflow.pipeline.blocks import (
     BlockContext,
     BlockRef,
     BlockReport,
     Fetched,
+    apply_storage_retry,
     failed_block_shards,
     fetch_block,
     run_block,
 )
 
-__all__ = ["BlockFailure", "BlockRunner", "execute_dask", "execute_serial"]
+if TYPE_CHECKING:
+    from sfxflow.pipeline.runlock import RunLock
+
+__all__ = ["BlockCrashed", "BlockFailure", "BlockRunner", "RunCleanup", "execute_dask",
+           "execute_serial", "run_block_in_child"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +67,12 @@ OnReport = Callable[[BlockReport], None]
 
 
 class BlockFailure:
-    """A block whose task failed for good (retries spent): id and reason."""
+    """A block whose task failed for good (retries spent, or it crashed its process)."""
 
-    def __init__(self, block: BlockRef, reason: str) -> None:
+    def __init__(self, block: BlockRef, reason: str, crashed: bool = False) -> None:
         self.block = block
         self.reason = reason
+        self.crashed = crashed
 
     def __repr__(self) -> str:
         return f"BlockFailure({self.block.block_id!r}, {self.reason!r})"
@@ -89,6 +107,7 @@ class BlockRunner(_WorkerPluginBase):  # type: ignore[misc,valid-type]
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
+        apply_storage_retry(self.ctx.config)
         nthreads = max(int(getattr(worker.state, "nthreads", 1) or 1), 1)
         ctx = self.ctx
         self.prefetcher = Prefetcher(lambda block: fetch_block(block, ctx),
@@ -127,23 +146,111 @@ def _block_task(plugin_name: str, key: str) -> BlockReport:
     return plugin.execute(key)
 
 
-def _record_failure(block: BlockRef, ctx: BlockContext, reason: str) -> BlockFailure:
+def _record_failure(block: BlockRef, ctx: BlockContext, reason: str,
+                    crashed: bool = False) -> BlockFailure:
     logger.error("block %s failed for good: %s", block.block_id, reason)
     ctx.run.write_shards(failed_block_shards(block, reason))
-    return BlockFailure(block, reason)
+    return BlockFailure(block, reason, crashed)
+
+
+class BlockCrashed(Exception):
+    """The child process running a block died (a signal or an abnormal exit)."""
+
+    def __init__(self, block: BlockRef, exitcode: int | None) -> None:
+        how = f"exit status {exitcode}"
+        if exitcode is not None and exitcode < 0:
+            try:
+                how = signal.Signals(-exitcode).name
+            except ValueError:
+                how = f"signal {-exitcode}"
+        super().__init__(f"decoder crashed: the process running this block died ({how}) "
+                         "twice; its frames were not processed")
+        self.exitcode = exitcode
+
+
+def _child_run_block(conn: Any, block: BlockRef, ctx: BlockContext, file_error: str) -> None:
+    """Body of the child process of :func:`run_block_in_child`: the report or the error back."""
+    apply_storage_retry(ctx.config)
+    try:
+        report = run_block(block, ctx, None, worker="child", file_error=file_error)
+    except BaseException as exc:  # sent back to the parent, which records it
+        conn.send(("error", failure_reason(exc)))
+    else:
+        conn.send(("report", report))
+    finally:
+        conn.close()
+
+
+def run_block_in_child(block: BlockRef, ctx: BlockContext, file_error: str = "") -> BlockReport:
+    """Run one block in a fresh child process, so that a crash kills only the child.
+
+    Raises
+    ------
+    BlockCrashed
+        The child died before answering (a segmentation fault in a native decoder).
+    RuntimeError
+        The block raised in the child (its reason as message).
+    """
+    import multiprocessing
+
+    # spawn, not fork: the parent has threads (prefetching, the lock's heartbeat)
+    mp = multiprocessing.get_context("spawn")
+    receive, send = mp.Pipe(duplex=False)
+    proc = mp.Process(target=_child_run_block, args=(send, block, ctx, file_error),
+                      name=f"sfxflow-block-{block.block_id}", daemon=True)
+    proc.start()
+    send.close()
+    try:
+        kind, payload = receive.recv()
+    except EOFError:
+        proc.join()
+        raise BlockCrashed(block, proc.exitcode) from None
+    finally:
+        receive.close()
+    proc.join()
+    if kind == "error":
+        raise RuntimeError(payload)
+    assert isinstance(payload, BlockReport)
+    return payload
+
+
+def _not_fetched(block: BlockRef) -> Fetched:
+    return Fetched(None, None, 0.0)
 
 
 def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnReport,
                    on_failure: Callable[[BlockFailure], None], *, prefetch_depth: int = 1,
-                   attempts: int = 1, file_errors: dict[str, str] | None = None) -> None:
+                   attempts: int = 1, file_errors: dict[str, str] | None = None,
+                   isolated: Collection[str] = (), lock: RunLock | None = None) -> None:
     """Run blocks one after another in this process (no Dask), reading ahead with
     :func:`sfxflow.io.prefetch.prefetch` (``prefetch_depth`` blocks besides the current one).
 
-    ``attempts`` bounds how often a block whose processing raised is tried.
+    ``attempts`` bounds how often a block whose processing raised is tried. Blocks in
+    ``isolated`` (they crashed a process before) run in a child process, once. With a ``lock``,
+    the blocks being read or processed are recorded in it before they start.
     """
     file_errors = file_errors or {}
     depth = max(int(prefetch_depth), 0)
-    stream = prefetch(list(blocks), lambda b: fetch_block(b, ctx), max_in_memory=1 + depth)
+    in_flight: list[str] = []
+    in_flight_lock = threading.Lock()
+
+    def mark(block_id: str, busy: bool) -> None:
+        if lock is None:
+            return
+        with in_flight_lock:
+            if busy:
+                in_flight.append(block_id)
+            elif block_id in in_flight:
+                in_flight.remove(block_id)
+            lock.set_in_flight(",".join(in_flight))
+
+    def fetch(block: BlockRef) -> Fetched:
+        if block.block_id in isolated:
+            return _not_fetched(block)
+        mark(block.block_id, True)  # decoding happens here, in the read-ahead thread
+        return fetch_block(block, ctx)
+
+    stream = prefetch(list(blocks), fetch, max_in_memory=1 + depth)
     try:
         while True:
             t0 = time.perf_counter()
@@ -153,16 +260,21 @@ def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnR
                 break
             if isinstance(fetched, Exception):  # fetch_block captures read errors itself
                 raise fetched
+            file_error = file_errors.get(block.block_id, "")
+            if block.block_id in isolated:
+                del fetched
+                _run_isolated(block, ctx, file_error, on_report, on_failure)
+                continue
             fetched.wait_s = time.perf_counter() - t0
             fetched.prefetched = depth > 0
             last: BaseException | None = None
             for attempt in range(max(attempts, 1)):
                 try:
                     report = run_block(block, ctx, fetched if attempt == 0 else None,
-                                       file_error=file_errors.get(block.block_id, ""))
+                                       file_error=file_error)
                     last = None
                     break
-                except (KeyboardInterrupt, SystemExit, MemoryError):
+                except (KeyboardInterrupt, SystemExit, MemoryError, RunDirError):
                     raise
                 except Exception as exc:
                     logger.warning("block %s attempt %d failed: %s", block.block_id,
@@ -173,8 +285,72 @@ def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnR
                 on_failure(_record_failure(block, ctx, failure_reason(last)))
             else:
                 on_report(report)
+            mark(block.block_id, False)
     finally:
         stream.close()  # type: ignore[attr-defined]  # a generator
+
+
+def _run_isolated(block: BlockRef, ctx: BlockContext, file_error: str, on_report: OnReport,
+                  on_failure: Callable[[BlockFailure], None]) -> None:
+    logger.info("block %s: running in a separate process (it crashed a process before)",
+                block.block_id)
+    try:
+        report = run_block_in_child(block, ctx, file_error)
+    except BlockCrashed as exc:
+        on_failure(_record_failure(block, ctx, str(exc), crashed=True))
+    except RuntimeError as exc:
+        on_failure(_record_failure(block, ctx, str(exc)))
+    else:
+        on_report(report)
+
+
+try:
+    from distributed.diagnostics.plugin import SchedulerPlugin as _SchedulerPluginBase
+except ImportError:  # pragma: no cover - distributed is a dependency
+    _SchedulerPluginBase = object  # type: ignore[assignment,misc]
+
+
+class RunCleanup(_SchedulerPluginBase):  # type: ignore[misc,valid-type]
+    """Scheduler plugin: when the run's client goes away without unregistering its worker
+    plugin (killed, lost its network), unregister it, so that long-lived workers do not keep
+    the run's context (and its prefetcher) for ever; then remove itself.
+
+    Needs sfxflow importable on the scheduler; where it is not, registering fails and the run
+    goes on without it (the client still unregisters its plugin when it ends normally).
+    """
+
+    def __init__(self, name: str, client_id: str, worker_plugin: str) -> None:
+        self.name = name
+        self.client_id = client_id
+        self.worker_plugin = worker_plugin
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        if client != self.client_id:
+            return
+        import asyncio
+
+        async def cleanup() -> None:
+            with contextlib.suppress(Exception):  # already unregistered
+                await scheduler.unregister_worker_plugin(comm=None, name=self.worker_plugin)
+            with contextlib.suppress(Exception):
+                scheduler.remove_plugin(name=self.name)
+
+        self._task = asyncio.ensure_future(cleanup())  # referenced until it is done
+
+
+def _register_cleanup(client: Any, worker_plugin: str) -> str | None:
+    name = f"{worker_plugin}-cleanup"
+    try:
+        client.register_plugin(RunCleanup(name, client.id, worker_plugin), name=name)
+    except Exception as exc:  # e.g. a scheduler without sfxflow installed
+        logger.info("the scheduler cannot clean up after this client (%s); the worker plugin is "
+                    "removed when the run ends", failure_reason(exc))
+        return None
+    return name
+
+
+def _quiet_distributed_logs() -> None:
+    logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
 def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
@@ -201,6 +377,7 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
     name = f"sfxflow-run-{token}"
     keys = {f"sfxflow-{token}-{b.block_id}": b for b in blocks}
     plugin = BlockRunner(name, ctx, keys, prefetch_depth=prefetch_depth, file_errors=file_errors)
+    cleanup = _register_cleanup(client, name)
     client.register_plugin(plugin, name=name)
     futures = []
     try:
@@ -211,18 +388,27 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
             block = keys[fut.key]
             try:
                 report = fut.result()
-            except (KeyboardInterrupt, SystemExit):
-                raise
+            except (KeyboardInterrupt, SystemExit, RunDirError):
+                raise  # an unwritable run directory fails every block alike: stop now
             except Exception as exc:
                 on_failure(_record_failure(block, ctx, failure_reason(exc)))
                 continue
             finally:
                 fut.release()
             on_report(report)
+    except KeyboardInterrupt:
+        # the workers are about to cancel the running blocks: each would log a warning about
+        # it, when the interruption is the one thing to say (the CLI says it)
+        with contextlib.suppress(Exception):
+            client.run(_quiet_distributed_logs)
+        raise
     finally:
         for fut in futures:
             if fut.status == "pending":
                 fut.cancel()
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(name)
+        if cleanup is not None:
+            with contextlib.suppress(Exception):
+                client.unregister_scheduler_plugin(cleanup)
 

@@ -91,6 +91,7 @@ class MergeResult:
     stats: dict
     table: str
     crystals: pa.Table = field(repr=False)
+    reports: list[str] = field(default_factory=list)  #: the report pages written
 
 
 # ----------------------------------------------------------------------------- worker tasks
@@ -170,16 +171,18 @@ def _cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
     return fits, accumulate(shard, fits, reference, params, ok, n_codes, reject_outliers)
 
 
-def _last_cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
-                accepted: np.ndarray | None, n_codes: int, index: AsuIndex, out_url: str,
-                storage_options: Mapping[str, Any] | None, number: int
-                ) -> tuple[CrystalFits, ShardSums, pa.Table]:
-    fits, sums = _cycle(shard, reference, params, accepted, n_codes, params.iterations == 1,
-                        None, reject_outliers=params.iterations > 1)
+def _final_pass(shard: PreparedShard, fits: CrystalFits, reference: Reference,
+                params: MergeParams, accepted: np.ndarray | None, n_codes: int,
+                index: AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None,
+                number: int) -> tuple[ShardSums, pa.Table]:
+    """The merge with the last cycle's fits and the error model fitted on that cycle: the
+    per-reflection sums, and the shard's scaled observations written to ``scaled/``."""
     ok = fits.status == ACCEPTED
     if accepted is not None:
         ok &= accepted
-    obs = scaled_observations(shard, fits, reference, params, ok, params.iterations > 1)
+    reject = params.iterations > 1
+    sums = accumulate(shard, fits, reference, params, ok, n_codes, reject)
+    obs = scaled_observations(shard, fits, reference, params, ok, reject)
     code = obs["code"]
     asu = np.where(code[:, None] >= 0, index.hkl[np.maximum(code, 0) // 2], 0)
     counts = np.diff(shard.offsets)
@@ -197,7 +200,7 @@ def _last_cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
     meta = pa.table({"source_url": pa.array(list(shard.extra["crystal_source"]), pa.string()),
                      "frame_index": shard.extra["crystal_frame"],
                      "crystal": shard.extra["crystal_number"]})
-    return fits, sums, meta
+    return sums, meta
 
 
 def _identity(value: Any) -> Any:
@@ -340,8 +343,12 @@ def run_merge(
     t_start = time.perf_counter()
     with open_cluster(cluster) as (client, info):
         ex: Any = _Serial() if client is None else _Dask(client)
-        return _run(specs, out, ex, params, cell, space_group, truth, storage_options,
-                    echo or (lambda s: None), t_start, info.kind, on_cycle)
+        result = _run(specs, out, ex, params, cell, space_group, truth, storage_options,
+                      echo or (lambda s: None), t_start, info.kind, on_cycle)
+    from sfxflow.pipeline.report import write_merge_report
+
+    result.reports = write_merge_report(out.url, list(inputs), storage_options=storage_options)
+    return result
 
 
 def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell: Any,
@@ -408,18 +415,11 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
     for it in range(params.iterations):
         t0 = time.perf_counter()
         ref_f = ex.scatter(reference)
-        last = it == params.iterations - 1
-        if last:
-            tasks = [ex.submit(_last_cycle, p, ref_f, params, accepted[i], n_codes, index,
-                               out.url, storage_options, specs[i].number)
-                     for i, p in enumerate(prepared)]
-        else:
-            tasks = [ex.submit(_cycle, p, ref_f, params, accepted[i], n_codes, it == 0, None)
-                     for i, p in enumerate(prepared)]
+        # outliers are rejected only in the final merge, against the settled reference
+        tasks = [ex.submit(_cycle, p, ref_f, params, accepted[i], n_codes, it == 0, None)
+                 for i, p in enumerate(prepared)]
         fits_all = ex.gather([ex.submit(operator.itemgetter(0), t) for t in tasks])
         sums = ex.reduce_sum([ex.submit(operator.itemgetter(1), t) for t in tasks])
-        if last:
-            metas = ex.gather([ex.submit(operator.itemgetter(2), t) for t in tasks])
         del tasks
         # crystals with absurd scales: far from the median of the accepted ones
         all_fits = CrystalFits.concat(fits_all)
@@ -450,6 +450,21 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         if on_cycle is not None:
             on_cycle(it + 1)
 
+    # the merge itself: the last fits with the error model fitted on them
+    t0 = time.perf_counter()
+    ref_f = ex.scatter(reference)
+    tasks = [ex.submit(_final_pass, p, fits_all[i], ref_f, params, accepted[i], n_codes, index,
+                       out.url, storage_options, specs[i].number)
+             for i, p in enumerate(prepared)]
+    sums = ex.reduce_sum([ex.submit(operator.itemgetter(0), t) for t in tasks])
+    metas = ex.gather([ex.submit(operator.itemgetter(1), t) for t in tasks])
+    del tasks
+    merged = merge_sums(sums, params.min_measurements)
+    dev = sums.deviation_sums
+    final_rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
+    echo(f"merged with the error model sdfac {reference.error_model.sdfac:.2f}, sdadd "
+         f"{reference.error_model.sdadd:.3f}: normalised deviations rms {final_rms:.2f} "
+         f"({time.perf_counter() - t0:.1f} s)")
     final = CrystalFits.concat(fits_all)
     truth_asu = None
     if truth is not None:
@@ -476,6 +491,7 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         "wilson": wilson_b(index, merged.imean),
         "n_observations": n_obs_total, "n_outliers": sums.n_outliers,
         "n_low_partiality": sums.n_low_partiality,
+        "normalised_deviation_rms": final_rms,
         "error_model": {"sdfac": reference.error_model.sdfac,
                         "sdadd": reference.error_model.sdadd},
         "ambiguity": ambiguity, "cycles": history, "params": _jsonable(params.as_dict()),

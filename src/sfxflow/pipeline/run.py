@@ -11,9 +11,17 @@ The run directory (local or ``s3://``) ends up holding::
     summary.json           counts, rates, throughput (see sfxflow.pipeline.summary)
 
 Running the same command again resumes: a block whose shards exist and verify is skipped; blocks
-recorded as failed are tried again. ``force=True`` recomputes everything. Changing a setting that
-changes results (spots, hit, index, target, block size, geometry path or contents, turning the
-stream on) on an existing run directory is refused unless ``force`` is given.
+recorded as failed or unread are tried again. ``force=True`` recomputes everything. Changing a
+setting that changes results (spots, hit, index, target, block size, geometry path or contents,
+turning the stream on) or the input files (added, removed, or with another size, modification
+time or ETag) on an existing run directory is refused unless ``force`` is given.
+
+One run at a time: ``run.lock`` (:mod:`sfxflow.pipeline.runlock`) refuses a second live
+``process`` on the same directory.
+
+The work is three steps: :func:`plan_and_resume` (discover, cut into blocks, decide what is
+left), :func:`execute_plan` (run the blocks serially or on Dask, updating the manifest) and
+:func:`reduce_run` (frames.parquet and summary.json).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,16 +41,18 @@ from typing import Any
 from sfxflow.errors import ConfigError, InputError
 from sfxflow.io.results import RunDir, shard_names, sort_frames
 from sfxflow.pipeline import params as _params
-from sfxflow.pipeline.blocks import BlockContext, BlockRef, BlockReport
+from sfxflow.pipeline.blocks import BlockContext, BlockRef, BlockReport, apply_storage_retry
 from sfxflow.pipeline.cluster import ClusterInfo, cluster_threads, open_cluster
 from sfxflow.pipeline.config import ProcessConfig, changed_settings, config_from_toml, with_target
 from sfxflow.pipeline.execute import BlockFailure, execute_dask, execute_serial
-from sfxflow.pipeline.manifest import MANIFEST_NAME, BlockEntry, Manifest
+from sfxflow.pipeline.manifest import MANIFEST_NAME, BlockEntry, Manifest, input_files
 from sfxflow.pipeline.progress import Progress
 from sfxflow.pipeline.report import LiveReport
-from sfxflow.pipeline.summary import build_summary
+from sfxflow.pipeline.runlock import LockInfo, RunLock
+from sfxflow.pipeline.summary import build_summary, keep_measured_figures
 
-__all__ = ["RunResult", "plan_run", "resolve_config", "run_process"]
+__all__ = ["Execution", "RunPlan", "RunResult", "execute_plan", "plan_and_resume", "plan_run",
+           "reduce_run", "resolve_config", "run_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +74,9 @@ class RunResult:
     complete: bool
     cluster: ClusterInfo | None = None
     reports: list[BlockReport] = field(default_factory=list)
+    #: blocks storage could not deliver (an outage longer than the retries): rerun to read them
+    blocks_unread: int = 0
+    unread_reasons: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_config(config: ProcessConfig) -> ProcessConfig:
@@ -78,9 +92,12 @@ def resolve_config(config: ProcessConfig) -> ProcessConfig:
 
 
 def _failed_file_ref(url: str) -> BlockRef:
-    name = url.rstrip("/").rsplit("/", 1)[-1]
+    from sfxflow.io.storage import shown_url
+
+    shown = shown_url(url)
+    name = shown.rstrip("/").rsplit("/", 1)[-1]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip(".") or "file"
-    digest = hashlib.sha1(url.encode()).hexdigest()[:10]
+    digest = hashlib.sha1(shown.encode()).hexdigest()[:10]
     return BlockRef(f"{stem}-{digest}-unreadable", url, -1, 0)
 
 
@@ -106,9 +123,18 @@ def plan_run(inputs: Sequence[str], config: ProcessConfig, geometry: Any,
     with ``start = -1`` (one ``failed`` record, ``frame_index = -1``: their frame count is
     unknown); ``file_errors`` maps such a block's id to the reason.
     """
-    from sfxflow.io.sources import discover, plan_blocks
+    from sfxflow.io.sources import discover
 
     files = discover(list(inputs), geometry=geometry, storage_options=dict(storage_options or {}))
+    blocks, file_errors, total_bytes, _ = _blocks_of(files, config)
+    return blocks, file_errors, total_bytes
+
+
+def _blocks_of(files: Sequence[Any], config: ProcessConfig
+               ) -> tuple[list[BlockRef], dict[str, str], int, set[str]]:
+    """Blocks, file errors, input bytes and the ids of files unread for storage reasons."""
+    from sfxflow.io.sources import plan_blocks
+
     _refuse_same_file_twice([f.url for f in files if f.ok])
     good = [f for f in files if f.ok and f.n_frames > 0]
     for f in files:
@@ -117,16 +143,19 @@ def plan_run(inputs: Sequence[str], config: ProcessConfig, geometry: Any,
     blocks = [BlockRef(b.block_id, b.url, b.start, b.stop)
               for b in plan_blocks(good, config.io.frames_per_block)]
     file_errors: dict[str, str] = {}
+    unreachable: set[str] = set()
     for f in files:
         if not f.ok:
             ref = _failed_file_ref(f.url)
             blocks.append(ref)
             file_errors[ref.block_id] = str(f.error)
+            if getattr(f, "transient", False):
+                unreachable.add(ref.block_id)
     ids = [b.block_id for b in blocks]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise InputError(f"input {dup[0]} is listed more than once; give each file once")
-    return blocks, file_errors, sum(f.size_bytes for f in good)
+    return blocks, file_errors, sum(f.size_bytes for f in good), unreachable
 
 
 def _check_compatible(run: RunDir, config: ProcessConfig) -> None:
@@ -167,6 +196,320 @@ def _detector_info(geometry: Any, reports: Sequence[BlockReport]) -> dict[str, A
     return {"name": name, "n_pixels": n_pixels}
 
 
+@dataclass
+class RunPlan:
+    """What a run will do: every block, those left to do, and the manifest that tracks them."""
+
+    blocks: list[BlockRef]
+    todo: list[BlockRef]
+    skipped: int
+    manifest: Manifest
+    file_errors: dict[str, str]
+    input_bytes: int
+    #: blocks that crashed a process before: they run only in a child process
+    isolated: set[str] = field(default_factory=set)
+    #: file blocks whose file could not be listed for storage reasons (unread, not failed)
+    unreachable: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Execution:
+    """What :func:`execute_plan` did."""
+
+    reports: list[BlockReport]
+    failures: list[BlockFailure]
+    wall_s: float
+    n_cores: int
+    cluster: ClusterInfo | None
+    live_report: LiveReport | None = None
+
+
+def _problem_kind(problem: str) -> str:
+    """A short class of a shard verification problem, for one summary log line."""
+    for needle, kind in (("missing", "missing shard"), ("checksum", "checksum differs"),
+                         ("failed as a whole", "failed before"), ("rows, expected", "row count"),
+                         ("written for block", "other block's shard"),
+                         ("unreadable", "unreadable shard")):
+        if needle in problem:
+            return kind
+    return "other"
+
+
+def _geometry(config: ProcessConfig, storage_options: Mapping[str, Any]) -> Any:
+    """The CrystFEL geometry of the run (``None`` without one); an absurd beam is refused."""
+    if not config.io.geometry:
+        return None
+    from sfxflow.errors import GeometryError
+    from sfxflow.io.checks import beam_problem
+    from sfxflow.io.geometry import read_geom
+    from sfxflow.io.storage import shown_url
+
+    geometry = read_geom(config.io.geometry, dict(storage_options))
+    try:
+        beam = geometry.beam()
+    except GeometryError:  # read per frame: each frame's beam is checked when it is read
+        beam = None
+    problem = beam_problem(beam) if beam is not None else ""
+    if problem:
+        raise GeometryError(f"{shown_url(config.io.geometry)}: {problem}")
+    return geometry
+
+
+def _old_manifest(run: RunDir) -> Manifest | None:
+    if not run.exists(MANIFEST_NAME):
+        return None
+    try:
+        return Manifest.from_json(run.read_text(MANIFEST_NAME), where=run.url_of(MANIFEST_NAME))
+    except InputError as exc:
+        logger.warning("ignoring the old manifest: %s", exc)
+        return None
+
+
+def _remove_foreign_shards(run: RunDir, blocks: Sequence[BlockRef]) -> None:
+    """Shards of blocks no longer planned (a forced run over another input set) would be read
+    by merge and report as if they belonged to this run."""
+    keep = {name.rsplit("/", 1)[-1] for b in blocks
+            for name in shard_names(b.block_id).values()}
+    stale = [n for n in run.list("shards") if n not in keep and not n.startswith(".tmp-")]
+    for name in stale:
+        run.remove(f"shards/{name}")
+    if stale:
+        logger.info("removed %d shard file(s) of blocks that are no longer part of this run",
+                    len(stale))
+
+
+def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, geometry: Any,
+                    storage_options: Mapping[str, Any], *, force: bool = False,
+                    crashed_lock: LockInfo | None = None) -> RunPlan:
+    """Discover and plan the inputs, compare with what the run directory holds, decide what to do.
+
+    Parameters
+    ----------
+    inputs, run, config, geometry, storage_options : as for :func:`run_process`.
+    force : recompute everything, and accept another input set (removing the shards of blocks
+        that are no longer planned).
+    crashed_lock : the stale lock of a run that died: the blocks it had in flight are run only
+        in a child process from now on.
+
+    Raises
+    ------
+    ConfigError
+        The input files or the geometry differ from the ones the run directory was made with.
+    """
+    from sfxflow.io.sources import discover
+
+    files = discover(list(inputs), geometry=geometry, storage_options=dict(storage_options))
+    blocks, file_errors, input_bytes, unreachable = _blocks_of(files, config)
+    if not blocks:
+        raise InputError(f"no frames found in {', '.join(inputs)}")
+    logger.info("%d block(s) of up to %d frames from %d input(s), %.1f MB",
+                len(blocks), config.io.frames_per_block, len(inputs), input_bytes / 1e6)
+
+    old_manifest = None if force else _old_manifest(run)
+    manifest = Manifest.from_plan(list(inputs), [BlockEntry(b.block_id, b.url, b.start, b.stop)
+                                                 for b in blocks],
+                                  input_files(files))
+    if geometry is not None:
+        manifest.geometry_sha256 = hashlib.sha256(geometry.text.encode()).hexdigest()
+    if old_manifest is not None:
+        if old_manifest.geometry_sha256 and old_manifest.geometry_sha256 != manifest.geometry_sha256:
+            # the same --geometry path with edited contents: done blocks would be kept as they were
+            raise ConfigError(f"{run.url}: the geometry file {config.io.geometry} changed since "
+                              "this run directory was made (its contents differ); use --force to "
+                              "recompute or a new --out")
+    # storage that did not answer while listing leaves the input set unknown: nothing is
+    # compared or removed on its account (its blocks are "unread" and the run asks for a rerun)
+    listed = not any(getattr(f, "transient", False) for f in files)
+    if old_manifest is not None and listed:
+        changes, added = old_manifest.input_changes(manifest.files)
+        if changes:
+            more = f" (and {len(changes) - 1} more change(s))" if len(changes) > 1 else ""
+            raise ConfigError(f"{run.url}: the input files differ from the ones this run directory "
+                              f"was made with: {changes[0]}{more}; use --force to recompute with "
+                              "the new inputs, or a new --out")
+        if added:
+            logger.info("%d input file(s) new since the last run (%s%s): processing them too",
+                        len(added), added[0], ", ..." if len(added) > 1 else "")
+    if listed:
+        _remove_foreign_shards(run, blocks)
+
+    todo: list[BlockRef] = []
+    skipped = 0
+    recomputed: Counter[str] = Counter()
+    for b in blocks:
+        old = old_manifest.blocks.get(b.block_id) if old_manifest else None
+        if not force and (old is None or old.state not in ("failed", "unread")):
+            problem = run.verify_shards(b.block_id, b.expected_rows,
+                                        old.checksums if old and old.state == "done" else None)
+            if not problem:
+                manifest.keep_done(b.block_id, b.expected_rows, old)
+                skipped += 1
+                continue
+            never_written = _problem_kind(problem) == "missing shard" and (
+                old is None or old.state == "pending")
+            if not never_written:
+                recomputed[_problem_kind(problem)] += 1
+        elif old is not None:
+            recomputed[f"{old.state} before"] += 1
+        manifest.carry_history(b.block_id, old)
+        todo.append(b)
+    if crashed_lock is not None:
+        for block_id in crashed_lock.in_flight.split(","):
+            if block_id in manifest.blocks:
+                logger.warning("block %s was being processed when the previous run (%s) died; "
+                               "it will run in a separate process", block_id,
+                               crashed_lock.describe())
+                manifest.record_crash(block_id)
+    if skipped:
+        logger.info("resuming: %d block(s) already done, %d to do", skipped, len(todo))
+    if recomputed:
+        logger.info("%d block(s) will be recomputed (%s)", sum(recomputed.values()),
+                    ", ".join(f"{n} {kind}" for kind, n in recomputed.most_common()))
+    if config.run.max_blocks and len(todo) > config.run.max_blocks:
+        logger.info("run.max_blocks = %d: doing %d of %d remaining block(s) now",
+                    config.run.max_blocks, config.run.max_blocks, len(todo))
+        todo = todo[: config.run.max_blocks]
+    isolated = {b.block_id for b in todo if manifest.blocks[b.block_id].crashes > 0}
+    return RunPlan(blocks, todo, skipped, manifest, file_errors, input_bytes, isolated,
+                   unreachable & {b.block_id for b in todo})
+
+
+def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
+                 lock: RunLock | None = None, progress: Progress | None = None,
+                 on_block: Callable[[BlockReport], None] | None = None,
+                 on_cluster: Callable[[ClusterInfo], None] | None = None) -> Execution:
+    """Run the plan's blocks (serially or on Dask), keeping the manifest current."""
+    run, manifest = ctx.run, plan.manifest
+    reports: list[BlockReport] = []
+    failures: list[BlockFailure] = []
+    total_todo = sum(b.expected_rows for b in plan.todo)
+    if progress is None:
+        progress = Progress(total_todo, tty=False)
+    else:
+        progress.total = total_todo
+    last_manifest = [time.perf_counter()]
+    live_report = (LiveReport(run.url, dict(ctx.storage_options), config.run.report_interval_s)
+                   if config.run.report else None)
+
+    def save_manifest(force_write: bool = False) -> None:
+        now = time.perf_counter()
+        if force_write or now - last_manifest[0] >= config.run.manifest_interval_s:
+            run.write_text(MANIFEST_NAME, manifest.to_json())
+            last_manifest[0] = now
+
+    def on_report(report: BlockReport) -> None:
+        report.received_at = time.perf_counter() - t_exec0
+        if report.block_id in plan.unreachable and not report.unread_reason:
+            report.unread_reason = plan.file_errors.get(report.block_id, "storage unreachable")
+        reports.append(report)
+        manifest.record_report(report)
+        progress.update(report.n_frames, hits=report.hits, indexed=report.counts.get("indexed", 0),
+                        failed=report.counts.get("failed", 0))
+        save_manifest()
+        if live_report is not None:
+            live_report.block_done()
+        if on_block is not None:
+            on_block(report)
+
+    def on_failure(failure: BlockFailure) -> None:
+        manifest.record_failure(failure.block.block_id, failure.reason, crashed=failure.crashed)
+        failures.append(failure)
+        progress.update(failure.block.expected_rows, failed=failure.block.expected_rows)
+        save_manifest()
+
+    save_manifest(force_write=True)
+    n_cores = 1
+    info: ClusterInfo | None = None
+    t_exec0 = time.perf_counter()
+    t_exec1 = 0.0
+    try:
+        with open_cluster(config.cluster,
+                          allowed_failures=config.run.allowed_failures) as (client, info):
+            if on_cluster is not None:
+                on_cluster(info)
+            t_exec0 = time.perf_counter()
+            if client is None:
+                execute_serial(plan.todo, ctx, on_report, on_failure,
+                               prefetch_depth=config.io.prefetch_depth,
+                               attempts=1 + config.run.task_retries, file_errors=plan.file_errors,
+                               isolated=plan.isolated, lock=lock)
+            else:
+                n_cores = max(info.n_threads, 1)
+                execute_dask(client, plan.todo, ctx, on_report, on_failure,
+                             prefetch_depth=config.io.prefetch_depth,
+                             task_retries=config.run.task_retries,
+                             file_errors=plan.file_errors)
+                n_cores = max(n_cores, cluster_threads(client))
+            t_exec1 = time.perf_counter()
+    finally:
+        progress.close()
+        try:
+            save_manifest(force_write=True)
+        finally:
+            run.remove_temporaries()
+    wall_s = (t_exec1 or time.perf_counter()) - t_exec0
+    return Execution(reports, failures, wall_s, n_cores, info, live_report)
+
+
+def reduce_run(plan: RunPlan, execution: Execution, run: RunDir, config: ProcessConfig,
+               geometry: Any, t_start: float) -> RunResult:
+    """Concatenate the frames shards into frames.parquet and write summary.json."""
+    manifest = plan.manifest
+    counts = manifest.counts()
+    complete = counts["pending"] == 0 and counts["unread"] == 0
+    done_ids = [b.block_id for b in plan.blocks if manifest.blocks[b.block_id].state != "pending"]
+    frames = sort_frames(run.read_frames_shards(done_ids))
+    if counts["pending"] == 0:  # every frame has its record (unread ones as failed, for now)
+        from sfxflow.io.results import parquet_bytes
+
+        run.write_bytes("frames.parquet",
+                        parquet_bytes(frames, {"sfxflow.blocks": str(len(plan.blocks))}))
+        crystals = sort_frames(run.read_crystals_shards(done_ids))
+        run.write_bytes("crystals.parquet",
+                        parquet_bytes(crystals, {"sfxflow.blocks": str(len(plan.blocks))}))
+    else:
+        for name in ("frames.parquet", "crystals.parquet"):
+            if run.exists(name):
+                run.remove(name)
+    unread = {b.block_id: b.reason for b in manifest.blocks.values() if b.state == "unread"}
+    reports, failures, info = execution.reports, execution.failures, execution.cluster
+    summary = build_summary(
+        frames, reports, wall_s=execution.wall_s, n_cores=execution.n_cores,
+        detector=_detector_info(geometry, reports),
+        extra={
+            "complete": complete,
+            "blocks": len(plan.blocks),
+            "blocks_skipped": plan.skipped,
+            "blocks_processed": len(reports),
+            "blocks_failed": len(failures),
+            "blocks_unread": len(unread),
+            "failed_blocks": {f.block.block_id: f.reason for f in failures},
+            "unread_blocks": unread,
+            "frames_per_block": config.io.frames_per_block,
+            "prefetch_depth": config.io.prefetch_depth,
+            "input_bytes": plan.input_bytes,
+            "cluster": info.kind if info else config.cluster.kind,
+            "total_wall_s": time.perf_counter() - t_start,
+        },
+    )
+    if run.exists("summary.json"):
+        try:
+            previous = json.loads(run.read_text("summary.json"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            logger.warning("%s: unreadable (%s); its throughput figures are not kept",
+                           run.url_of("summary.json"), exc)
+        else:
+            summary = keep_measured_figures(summary, previous)
+    run.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
+    if execution.live_report is not None:
+        execution.live_report.finish()
+    return RunResult(run_url=run.url, summary=summary, blocks_total=len(plan.blocks),
+                     blocks_skipped=plan.skipped, blocks_done=len(reports),
+                     blocks_failed=len(failures), complete=complete, cluster=info,
+                     reports=reports, blocks_unread=len(unread),
+                     unread_reasons=dict(Counter(unread.values())))
+
+
 def run_process(
     inputs: Sequence[str],
     out: str,
@@ -187,7 +530,7 @@ def run_process(
     out : run directory, local path or URL.
     config : the configuration (``cluster`` says where to run).
     storage_options : fsspec options for inputs and the run directory (never written or logged).
-    force : recompute every block even if its shards verify.
+    force : recompute every block even if its shards verify, and accept changed inputs.
     progress : a :class:`Progress` to update (the CLI makes one); ``None`` logs only.
     on_block : called after each finished block (tests use it to stop a run part way).
     on_cluster : called once the cluster is up (the CLI prints its address).
@@ -196,6 +539,14 @@ def run_process(
     Returns
     -------
     RunResult
+
+    Raises
+    ------
+    InputError
+        Bad inputs or options, changed inputs or settings (unless ``force``), or another live
+        run in ``out`` (:class:`~sfxflow.pipeline.runlock.RunLocked`).
+    RunDirError
+        The run directory cannot be written; rerunning resumes.
     """
     t_start = time.perf_counter()
     storage_options = dict(storage_options or {})
@@ -206,191 +557,27 @@ def run_process(
         config.target_cell()  # validate the space group now, not on every worker
     for key, (default, value) in changed_settings(config).items():
         logger.info("setting %s = %r (default %r)", key, value, default)
-
-    geometry = None
-    if config.io.geometry:
-        from sfxflow.io.geometry import read_geom
-
-        geometry = read_geom(config.io.geometry, storage_options)
+    apply_storage_retry(config)
+    geometry = _geometry(config, storage_options)
 
     run = RunDir(out, storage_options)
     run.makedirs()
-    run.remove_temporaries()
-    if not force:
-        _check_compatible(run, config)
-    run.write_text("config.toml", config.to_toml())
-
-    blocks, file_errors, input_bytes = plan_run(inputs, config, geometry, storage_options)
-    if not blocks:
-        raise InputError(f"no frames found in {', '.join(inputs)}")
-    logger.info("%d block(s) of up to %d frames from %d input(s), %.1f MB",
-                len(blocks), config.io.frames_per_block, len(inputs), input_bytes / 1e6)
-
-    old_manifest = None
-    if run.exists(MANIFEST_NAME) and not force:
-        try:
-            old_manifest = Manifest.from_json(run.read_text(MANIFEST_NAME),
-                                              where=run.url_of(MANIFEST_NAME))
-        except InputError as exc:
-            logger.warning("ignoring the old manifest: %s", exc)
-    manifest = Manifest.from_plan(list(inputs), [BlockEntry(b.block_id, b.url, b.start, b.stop)
-                                                 for b in blocks])
-    if geometry is not None:
-        manifest.geometry_sha256 = hashlib.sha256(geometry.text.encode()).hexdigest()
-    if (old_manifest is not None and old_manifest.geometry_sha256
-            and old_manifest.geometry_sha256 != manifest.geometry_sha256):
-        # the same --geometry path with edited contents: done blocks would be kept as they were
-        raise ConfigError(f"{run.url}: the geometry file {config.io.geometry} changed since this "
-                          "run directory was made (its contents differ); use --force to "
-                          "recompute or a new --out")
-    todo: list[BlockRef] = []
-    skipped = 0
-    for b in blocks:
-        entry = manifest.blocks[b.block_id]
-        old = old_manifest.blocks.get(b.block_id) if old_manifest else None
-        if not force and (old is None or old.state != "failed"):
-            problem = run.verify_shards(b.block_id, b.expected_rows,
-                                        old.checksums if old and old.state == "done" else None)
-            if not problem:
-                entry.state = "done"
-                entry.n_frames = b.expected_rows
-                if old is not None:
-                    entry.checksums, entry.worker = old.checksums, old.worker
-                    entry.finished_at = old.finished_at
-                skipped += 1
-                continue
-            if old is not None or run.exists(shard_names(b.block_id)["frames"]):
-                logger.info("block %s will be recomputed: %s", b.block_id, problem)
-        todo.append(b)
-    if skipped:
-        logger.info("resuming: %d block(s) already done, %d to do", skipped, len(todo))
-    if config.run.max_blocks and len(todo) > config.run.max_blocks:
-        logger.info("run.max_blocks = %d: doing %d of %d remaining block(s) now",
-                    config.run.max_blocks, config.run.max_blocks, len(todo))
-        todo = todo[: config.run.max_blocks]
-
-    header, chunker = None, None
-    if config.io.write_stream:
-        first_urls = [b.url for b in blocks if b.start >= 0][:1]
-        header, chunker = _stream_parts(config, geometry, first_urls, storage_options)
-        if header is not None and (force or not run.exists("header.stream")):
-            run.write_text("header.stream", header)
-    ctx = BlockContext(config=config, run=run, geometry=geometry,
-                       storage_options=storage_options, frame_fn=frame_fn,
-                       stream_chunk_fn=chunker)
-
-    reports: list[BlockReport] = []
-    failures: list[BlockFailure] = []
-    total_todo = sum(b.expected_rows for b in todo)
-    if progress is None:
-        progress = Progress(total_todo, tty=False)
-    else:
-        progress.total = total_todo
-    last_manifest = [time.perf_counter()]
-    live_report = (LiveReport(run.url, storage_options, config.run.report_interval_s)
-                   if config.run.report else None)
-
-    def save_manifest(force_write: bool = False) -> None:
-        now = time.perf_counter()
-        if force_write or now - last_manifest[0] >= config.run.manifest_interval_s:
-            run.write_text(MANIFEST_NAME, manifest.to_json())
-            last_manifest[0] = now
-
-    def on_report(report: BlockReport) -> None:
-        report.received_at = time.perf_counter() - t_exec0
-        reports.append(report)
-        entry = manifest.blocks[report.block_id]
-        entry.state = "done"
-        entry.n_frames = report.n_frames
-        entry.checksums = report.checksums
-        entry.worker = report.worker
-        entry.attempts += 1
-        entry.reason = ""
-        entry.finished_at = time.time()
-        progress.update(report.n_frames, hits=report.hits, indexed=report.counts.get("indexed", 0),
-                        failed=report.counts.get("failed", 0))
-        save_manifest()
-        if live_report is not None:
-            live_report.block_done()
-        if on_block is not None:
-            on_block(report)
-
-    def on_failure(failure: BlockFailure) -> None:
-        entry = manifest.blocks[failure.block.block_id]
-        entry.state = "failed"
-        entry.reason = failure.reason
-        entry.attempts += 1
-        entry.n_frames = failure.block.expected_rows
-        failures.append(failure)
-        progress.update(failure.block.expected_rows, failed=failure.block.expected_rows)
-        save_manifest()
-
-    save_manifest(force_write=True)
-    n_cores = 1
-    info: ClusterInfo | None = None
-    t_exec0 = time.perf_counter()
-    t_exec1 = 0.0
-    try:
-        with open_cluster(config.cluster,
-                          allowed_failures=config.run.allowed_failures) as (client, info):
-            if on_cluster is not None:
-                on_cluster(info)
-            t_exec0 = time.perf_counter()
-            if client is None:
-                execute_serial(todo, ctx, on_report, on_failure,
-                               prefetch_depth=config.io.prefetch_depth,
-                               attempts=1 + config.run.task_retries, file_errors=file_errors)
-            else:
-                n_cores = max(info.n_threads, 1)
-                execute_dask(client, todo, ctx, on_report, on_failure,
-                             prefetch_depth=config.io.prefetch_depth,
-                             task_retries=config.run.task_retries,
-                             file_errors=file_errors)
-                n_cores = max(n_cores, cluster_threads(client))
-            t_exec1 = time.perf_counter()
-    finally:
-        progress.close()
-        save_manifest(force_write=True)
+    with RunLock(run) as lock:
         run.remove_temporaries()
-    wall_s = (t_exec1 or time.perf_counter()) - t_exec0
-
-    counts = manifest.counts()
-    complete = counts["pending"] == 0
-    done_ids = [b.block_id for b in blocks if manifest.blocks[b.block_id].state != "pending"]
-    frames = sort_frames(run.read_frames_shards(done_ids))
-    if complete:
-        from sfxflow.io.results import parquet_bytes
-
-        run.write_bytes("frames.parquet", parquet_bytes(frames, {"sfxflow.blocks": str(len(blocks))}))
-        crystals = sort_frames(run.read_crystals_shards(done_ids))
-        run.write_bytes("crystals.parquet",
-                        parquet_bytes(crystals, {"sfxflow.blocks": str(len(blocks))}))
-    else:
-        for name in ("frames.parquet", "crystals.parquet"):
-            if run.exists(name):
-                run.remove(name)
-    summary = build_summary(
-        frames, reports, wall_s=wall_s, n_cores=n_cores,
-        detector=_detector_info(geometry, reports),
-        extra={
-            "complete": complete,
-            "blocks": len(blocks),
-            "blocks_skipped": skipped,
-            "blocks_processed": len(reports),
-            "blocks_failed": len(failures),
-            "failed_blocks": {f.block.block_id: f.reason for f in failures},
-            "frames_per_block": config.io.frames_per_block,
-            "prefetch_depth": config.io.prefetch_depth,
-            "input_bytes": input_bytes,
-            "cluster": info.kind if info else config.cluster.kind,
-            "total_wall_s": time.perf_counter() - t_start,
-        },
-    )
-    run.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
-    if live_report is not None:
-        live_report.finish()
-    return RunResult(run_url=run.url, summary=summary, blocks_total=len(blocks),
-                     blocks_skipped=skipped, blocks_done=len(reports),
-                     blocks_failed=len(failures), complete=complete, cluster=info,
-                     reports=reports)
-
+        if not force:
+            _check_compatible(run, config)
+        plan = plan_and_resume(inputs, run, config, geometry, storage_options, force=force,
+                               crashed_lock=lock.previous)
+        run.write_text("config.toml", config.to_toml())
+        header, chunker = None, None
+        if config.io.write_stream:
+            first_urls = [b.url for b in plan.blocks if b.start >= 0][:1]
+            header, chunker = _stream_parts(config, geometry, first_urls, storage_options)
+            if header is not None and (force or not run.exists("header.stream")):
+                run.write_text("header.stream", header)
+        ctx = BlockContext(config=config, run=run, geometry=geometry,
+                           storage_options=storage_options, frame_fn=frame_fn,
+                           stream_chunk_fn=chunker)
+        execution = execute_plan(plan, ctx, config, lock=lock, progress=progress,
+                                 on_block=on_block, on_cluster=on_cluster)
+        return reduce_run(plan, execution, run, config, geometry, t_start)

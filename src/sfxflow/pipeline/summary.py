@@ -9,10 +9,15 @@ this invocation (``frames_processed``), over its wall time.
 ``indexing_rate = indexed / hits``. ``core_seconds_per_frame = n_cores * wall_s /
 frames_processed`` (what a core-hour bill pays, overheads included) and
 ``busy_core_seconds_per_frame`` the same from the workers' busy time only.
+
+A rerun that finds nothing left to do measures nothing: it keeps the throughput figures of the
+run that did the work (:func:`keep_measured_figures`), with ``measured_by_run_at`` saying when
+that was.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,8 +28,15 @@ import pyarrow.compute as pc
 from sfxflow import __version__
 from sfxflow.pipeline.blocks import BlockReport
 
-__all__ = ["build_summary", "format_summary"]
+__all__ = ["MEASURED_KEYS", "build_summary", "format_summary", "keep_measured_figures"]
 
+#: Figures measured while processing: meaningless for an invocation that processed nothing.
+MEASURED_KEYS = (
+    "frames_processed", "wall_s", "n_cores", "frames_per_s", "frames_per_s_per_core",
+    "core_seconds_per_frame", "busy_core_seconds_per_frame", "stage_seconds", "bytes_read",
+    "bytes_per_frame", "read_mb_per_s", "fetch_s", "fetch_wait_s", "fetch_hidden_s", "workers",
+    "finish_spread_s", "prefetch_depth", "cluster", "measured_by_run_at",
+)
 
 
 def build_summary(frames: pa.Table, reports: Sequence[BlockReport], *, wall_s: float,
@@ -94,10 +106,30 @@ def build_summary(frames: pa.Table, reports: Sequence[BlockReport], *, wall_s: f
         "failed_reasons": dict(reasons.most_common()),
         "detector": dict(detector or {}),
         "sfxflow_version": __version__,
+        "measured_by_run_at": time.time() if processed else None,
     }
     if extra:
         summary.update(extra)
     return summary
+
+
+def keep_measured_figures(summary: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:
+    """``summary`` of an invocation that processed nothing, with the throughput figures of the
+    ``previous`` summary (the run that did the work); ``summary`` itself otherwise.
+
+    >>> new = {"frames": 10, "frames_processed": 0, "core_seconds_per_frame": None, "workers": {}}
+    >>> old = {"frames": 10, "frames_processed": 10, "core_seconds_per_frame": 0.5, "workers": {"w": {}}}
+    >>> kept = keep_measured_figures(new, old)
+    >>> kept["core_seconds_per_frame"], kept["workers"], kept["frames_processed"]
+    (0.5, {'w': {}}, 10)
+    """
+    out = dict(summary)
+    if out.get("frames_processed") or not previous.get("frames_processed"):
+        return out
+    for key in MEASURED_KEYS:
+        if key in previous:
+            out[key] = previous[key]
+    return out
 
 
 def format_summary(s: Mapping[str, Any]) -> str:
