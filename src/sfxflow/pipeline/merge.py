@@ -91,6 +91,7 @@ class MergeResult:
     stats: dict
     table: str
     crystals: pa.Table = field(repr=False)
+    reports: list[str] = field(default_factory=list)  #: the report pages written
 
 
 # ----------------------------------------------------------------------------- worker tasks
@@ -363,7 +364,7 @@ def run_merge(
                       echo or (lambda s: None), t_start, info.kind, on_cycle)
     from sfxflow.pipeline.report import write_merge_report
 
-    write_merge_report(out.url, list(inputs), storage_options=storage_options)
+    result.reports = write_merge_report(out.url, list(inputs), storage_options=storage_options)
     return result
 
 
