@@ -307,3 +307,16 @@ def test_error_line_numbers_refer_to_the_stream(shared_data: Path) -> None:
     line = next(i for i, s in enumerate(text.splitlines(), 1) if "x193" in s)
     with pytest.raises(StreamError, match=rf"^bad\.stream:{line}: "):
         parse_stream(text, "bad.stream")
+
+
+@pytest.mark.parametrize(("bandwidth_fwhm", "written"), [(2.3548e-3, "1.00e-03"),
+                                                         (0.0, "1.00e-08")])
+def test_chunks_carry_the_beam_bandwidth_partialator_reads(bandwidth_fwhm, written) -> None:
+    # partialator reads the bandwidth (a σ) from each chunk and aborts on a zero one
+    det = _tiny_detector()
+    r = ImageResult("a.h5", 0, FrameStatus.HIT)
+    text = format_stream_header(format_geom(det)) + format_chunk(
+        r, det, beam=Beam(wavelength_a=1.0, bandwidth_fwhm=bandwidth_fwhm))
+    c = parse_stream(text).chunks[0]
+    assert c.info["beam_bandwidth"] == f"{written} (fraction)"
+    assert c.info["beam_divergence"] == "0.00e+00 rad"

@@ -10,7 +10,8 @@
    CC* of each. Then the check the issue asks for: partiality at N against unity at 2N.
    With ``--images N`` (default 300) also N whole stills simulated with the same physics
    (``sfxflow simulate --intensities``), processed by sfxflow (spots, indexing, integration) and
-   merged with both models.
+   merged the same way (both models, partialator on the run's stream): all the crystals, and
+   nested random subsets of them for each size of ``--sizes`` there are crystals for.
 2. **Indexing ambiguity.** A P6_3 set (synthetic Wilson intensities: no real P6_3 reference is in
    the data) with every crystal in a random setting: merged without resolution, with it, and the
    same crystals unambiguously indexed; the fraction of crystals re-indexed correctly.
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ import numpy as np
 
 from sfxflow.cli.options import number
 from sfxflow.errors import InputError
+from sfxflow.io.stream import BEGIN_CHUNK, BEGIN_CRYSTAL, END_CHUNK, END_CRYSTAL
 
 HELP = "merged CC to the truth vs crystals (ours and partialator), ambiguity, scale"
 DESCRIPTION = HELP + """
@@ -73,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            help="partialator --iterations for xsphere (default 1)")
     number(parser, "--images", kind=int, default=300, ge=0, le=1_000_000,
            help="also simulate this many whole stills from x4wide (--intensities physics), "
-                "process them with sfxflow (spots, indexing, integration) and merge them "
-                "(default 300; 0 skips)")
+                "process them with sfxflow (spots, indexing, integration) and merge them, "
+                "all and random subsets of each size of --sizes (default 300; 0 skips)")
     parser.add_argument("--no-partialator", action="store_true", help="skip CrystFEL partialator")
     parser.add_argument("--no-ambiguity", action="store_true", help="skip the P6_3 test")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale test")
@@ -206,24 +209,31 @@ def _quality(work: Path, args: argparse.Namespace, truth: Any) -> list[dict]:
     rows = []
     for n in sizes:
         k = n // block
-        row: dict[str, Any] = {"n": n}
-        for model in ("unity", "partiality"):
-            row[f"sfxflow-{model}"] = _ours(runs[:k], work / f"merge-{model}-{n}", truth, model,
-                                            args.iterations, args.d_min_a)
-            row[f"sfxflow-{model}"].pop("stats")
-        if exe is not None:
-            stream = _subset_stream(streams[:k], work / f"subset-{n}.stream")
-            for model in ("unity", "xsphere"):
-                if model == "xsphere" and n > args.xsphere_max_crystals:
-                    continue  # about a second per crystal and cycle here: see the option
-                out = work / f"partialator-{model}-{n}.hkl"
-                seconds = _run_partialator(exe, stream, out, model, work,
-                                           args.xsphere_iterations)
-                row[f"partialator-{model}"] = {**_hkl_figures(out, truth, args.d_min_a),
-                                               "seconds": seconds}
-        rows.append(row)
-        _print_quality_row(row)
+        stream = None if exe is None else _subset_stream(streams[:k],
+                                                         work / f"subset-{n}.stream")
+        rows.append(_merge_size(n, runs[:k], stream, work, "", args, truth, exe))
     return rows
+
+
+def _merge_size(n: int, runs: list[Path], stream: Path | None, work: Path, tag: str,
+                args: argparse.Namespace, truth: Any, exe: Path | None) -> dict[str, Any]:
+    """One row of the table: our two models on ``runs`` and partialator (where ``exe``) on
+    ``stream``, the same ``n`` crystals; printed as it comes."""
+    row: dict[str, Any] = {"n": n}
+    for model in ("unity", "partiality"):
+        row[f"sfxflow-{model}"] = _ours(runs, work / f"{tag}merge-{model}-{n}", truth, model,
+                                        args.iterations, args.d_min_a)
+        row[f"sfxflow-{model}"].pop("stats")
+    if exe is not None and stream is not None:
+        for model in ("unity", "xsphere"):
+            if model == "xsphere" and n > args.xsphere_max_crystals:
+                continue  # about a second per crystal and cycle here: see the option
+            out = work / f"{tag}partialator-{model}-{n}.hkl"
+            seconds = _run_partialator(exe, stream, out, model, work, args.xsphere_iterations)
+            row[f"partialator-{model}"] = {**_hkl_figures(out, truth, args.d_min_a),
+                                           "seconds": seconds}
+    _print_quality_row(row)
+    return row
 
 
 def _print_quality_row(row: dict) -> None:
@@ -235,8 +245,8 @@ def _print_quality_row(row: dict) -> None:
               f"CC* {v['cc_star']:.4f}   ({v['seconds']:.1f} s)", flush=True)
 
 
-def _summary(rows: list[dict]) -> None:
-    print("\nCC to the truth (overall, to the resolution limit):")
+def _summary(rows: list[dict], title: str = "") -> None:
+    print(f"\nCC to the truth (overall, to the resolution limit){': ' + title if title else ''}:")
     cols = list(dict.fromkeys(k for r in rows for k in r if k != "n"))
     print(f"{'N':>6} " + " ".join(f"{c:>22s}" for c in cols))
     for r in rows:
@@ -259,7 +269,11 @@ def _summary(rows: list[dict]) -> None:
 
 
 def _images(work: Path, args: argparse.Namespace, truth: Any) -> dict:
-    """Whole stills with physical partiality, processed by sfxflow, then merged."""
+    """Whole stills with physical partiality, processed by sfxflow, then merged: all of them and
+    nested random subsets of the crystals (each size of ``--sizes`` there are crystals for)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     from sfxflow.algorithms.layouts import simple
     from sfxflow.algorithms.simulate import SimulationParams
     from sfxflow.cli.simulate import physical_model
@@ -279,22 +293,103 @@ def _images(work: Path, args: argparse.Namespace, truth: Any) -> dict:
     config = load_config(overrides=[f"io.geometry='{info.geometry_path}'", f"target.cell={cell}",
                                     f"target.space_group='{params.space_group}'",
                                     f"cluster.n_workers={args.workers}", "run.report=false"])
+    run = work / "images-run"
     t0 = time.perf_counter()
-    result = run_process([str(p) for p in info.files], str(work / "images-run"), config,
-                         force=True)
+    result = run_process([str(p) for p in info.files], str(run), config, force=True)
     t_proc = time.perf_counter() - t0
-    s = result.summary
+    crystals = pq.read_table(run / "crystals.parquet")
+    crystals = crystals.filter(pc.equal(crystals.column("status"), "integrated"))
+    n_all = crystals.num_rows
     print(f"\nimages: {args.images} stills simulated from x4wide ({t_sim:.0f} s), processed by "
-          f"sfxflow ({t_proc:.0f} s): {s.get('indexed', 0)} indexed")
-    out: dict[str, Any] = {"frames": args.images, "indexed": s.get("indexed", 0)}
-    for model in ("unity", "partiality"):
-        r = _ours([work / "images-run"], work / f"images-merge-{model}", truth, model,
-                  args.iterations, args.d_min_a)
-        out[model] = {k: v for k, v in r.items() if k != "stats"}
-        print(f"  sfxflow-{model:12s} CC truth {r['cc_truth']:.4f}   CC1/2 {r['cc_half']:.4f}   "
-              f"CC* {r['cc_star']:.4f}   ({r['stats']['n_crystals_merged']} crystals, "
-              f"{r['stats']['overall']['n_obs']} observations)", flush=True)
-    return out
+          f"sfxflow ({t_proc:.0f} s): {result.summary.get('indexed', 0)} indexed, {n_all} "
+          "crystals integrated", flush=True)
+    exe = None if args.no_partialator else _partialator()
+    subsets = nested_subsets(n_all, [*args.sizes, n_all], args.seed)
+    rows = []
+    for n, rows_taken in subsets.items():
+        subset = work / f"images-subset-{n}"
+        stream = _subset_processed(run, crystals.take(rows_taken), subset, exe is not None)
+        rows.append(_merge_size(n, [subset], stream, work, "images-", args, truth, exe))
+    _summary(rows, f"{n_all} crystals from {args.images} stills processed by sfxflow, merged in "
+                   "nested random subsets")
+    return {"frames": args.images, "indexed": result.summary.get("indexed", 0),
+            "crystals": n_all, "rows": rows}
+
+
+def nested_subsets(n_items: int, sizes: Sequence[int], seed: int) -> dict[int, np.ndarray]:
+    """Nested random subsets of ``n_items`` things: for each size (those above ``n_items`` left
+    out), in increasing order, the sorted indices of the first ``size`` of one seeded
+    permutation, so that a larger subset holds every smaller one."""
+    order = np.random.default_rng(seed).permutation(n_items)
+    return {n: np.sort(order[:n]) for n in sorted(set(sizes)) if n <= n_items}
+
+
+def _subset_processed(run: Path, crystals: Any, target: Path, with_stream: bool
+                      ) -> Path | None:
+    """A run directory (one shard) holding only ``crystals`` (rows of the run's
+    crystals.parquet) and their reflections, and, ``with_stream``, the CrystFEL stream of the
+    same crystals (returned)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def keys(table: Any, frame_column: str) -> list[tuple[str, Any, int]]:
+        return list(zip(table.column("source_url").to_pylist(),
+                        table.column(frame_column).to_pylist(),
+                        table.column("crystal").to_pylist(), strict=True))
+
+    (target / "shards").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "config.toml", target / "config.toml")
+    wanted = set(keys(crystals, "frame_index"))
+    shards = sorted((run / "shards").glob("*.reflections.parquet"))
+    refl = pa.concat_tables(pq.read_table(p) for p in shards)
+    mask = pa.array([k in wanted for k in keys(refl, "frame_index")])
+    pq.write_table(refl.filter(mask), target / "shards" / "subset.reflections.parquet")
+    pq.write_table(crystals, target / "shards" / "subset.crystals.parquet")
+    if not with_stream:
+        return None
+    stream = target.with_suffix(".stream")
+    by_event = set(keys(crystals, "event_id"))
+    with open(stream, "w", encoding="utf-8") as out:
+        for path in [run / "header.stream", *sorted((run / "shards").glob("*.stream"))]:
+            out.writelines(filter_stream(path.read_text(encoding="utf-8"), by_event))
+    found = stream.read_text(encoding="utf-8").count(BEGIN_CRYSTAL)
+    if found != crystals.num_rows:  # the stream and the Parquet shards disagree: a bug
+        raise RuntimeError(f"{stream}: {found} crystals, expected {crystals.num_rows}")
+    return stream
+
+
+def filter_stream(text: str, keep: set[tuple[str, str, int]]) -> Iterator[str]:
+    """The lines of a CrystFEL stream (or a part of one) without the crystal blocks whose
+    (image filename, event, number of the crystal in its chunk) is not in ``keep``, and
+    without the chunks left with no crystal."""
+    chunk: list[str] = []
+    crystal: list[str] | None = None
+    filename = event = ""
+    n_crystals = n_kept = 0
+    for line in text.splitlines(keepends=True):
+        if line.startswith(BEGIN_CHUNK):
+            chunk, filename, event, n_crystals, n_kept = [line], "", "", 0, 0
+        elif not chunk:
+            yield line  # the header
+        elif crystal is not None:
+            crystal.append(line)
+            if line.startswith(END_CRYSTAL):
+                if (filename, event, n_crystals) in keep:
+                    chunk += crystal
+                    n_kept += 1
+                crystal, n_crystals = None, n_crystals + 1
+        elif line.startswith(BEGIN_CRYSTAL):
+            crystal = [line]
+        else:
+            chunk.append(line)
+            if line.startswith("Image filename:"):
+                filename = line.split(":", 1)[1].strip()
+            elif line.startswith("Event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith(END_CHUNK):
+                if n_kept:
+                    yield from chunk
+                chunk = []
 
 
 def _ambiguity(work: Path, args: argparse.Namespace) -> dict:

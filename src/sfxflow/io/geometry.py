@@ -99,7 +99,7 @@ _BAD_KEYS = frozenset(
 _VECTOR_TERM = re.compile(r"([+-]?)\s*(\d*\.?\d*(?:[eE][+-]?\d+)?)\s*([xyz])")
 
 #: FWHM of a Gaussian in units of its standard deviation (CrystFEL ``bandwidth`` is a sigma).
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 #: Units and their factors to the internal unit of each referencable quantity.
 _UNITS: dict[str, dict[str, float]] = {
@@ -314,7 +314,7 @@ class CrystfelGeometry:
             wl = _electron_wavelength_a(v)
         if not (wl > 0 and math.isfinite(wl)):
             raise GeometryError(f"{self.source}: wavelength {wl} Å (expected > 0)")
-        bw = 0.0 if self.bandwidth_sigma is None else self.bandwidth_sigma * _FWHM_PER_SIGMA
+        bw = 0.0 if self.bandwidth_sigma is None else self.bandwidth_sigma * FWHM_PER_SIGMA
         return Beam(wavelength_a=wl, bandwidth_fwhm=bw)
 
     def detector(self, values: Mapping[str, float] | None = None) -> Detector:
@@ -1224,7 +1224,7 @@ def format_geom(
     elif beam is not None:
         out.append(f"photon_energy = {_num(beam.photon_energy_ev)} eV")
     if beam is not None and beam.bandwidth_fwhm > 0:
-        out.append(f"bandwidth = {_num(beam.bandwidth_fwhm / _FWHM_PER_SIGMA)}")
+        out.append(f"bandwidth = {_num(beam.bandwidth_fwhm / FWHM_PER_SIGMA)}")
     zs = np.array([p.origin_mm[2] for p in detector.panels]) / 1000.0
     clen_m = float(zs[0]) if np.all(zs == zs[0]) else float(np.mean(zs))
     if "clen" in references:

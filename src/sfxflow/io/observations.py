@@ -418,8 +418,7 @@ class _SimStream:
         detector = type(detector)(tuple(dataclasses.replace(p, adu_per_photon=1.0)
                                         for p in detector.panels))
         self.detector = detector
-        # as format_geom writes it: CrystFEL's bandwidth is the Gaussian σ, a fraction
-        self.bandwidth = bandwidth_fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+        self.bandwidth_fwhm = bandwidth_fwhm
         self.fh = open(path, "w", encoding="utf-8")
         cell, sg = truth.index.cell, truth.index.space_group
         geom = format_geom(detector, beam=Beam(wavelength_a, bandwidth_fwhm=bandwidth_fwhm))
@@ -435,16 +434,13 @@ class _SimStream:
                            r["intensity"] + r["background"] * r["peak_pixels"], r["background"],
                            r["fs_px"], r["ss_px"], r["panel"])
         result = ImageResult("sim.cxi", frame, FrameStatus.INDEXED, crystal=sim.reported)
-        text = format_chunk(result, self.detector, beam=Beam(sim.wavelength_a),
+        beam = Beam(sim.wavelength_a, bandwidth_fwhm=self.bandwidth_fwhm)
+        self.fh.write(format_chunk(result, self.detector, beam=beam,
                                    serial=frame + 1, reflections=refl, crystal_info={
                                        "profile_radius": "0.00300 nm^-1",
                                        "diffraction_resolution_limit":
                                            f"{10.0 / float(r['d_a'].min()):.2f} nm^-1 or "
-                                           f"{float(r['d_a'].min()):.2f} A"})
-        # CrystFEL reads each shot's bandwidth from its chunk (xsphere integrates over it)
-        head, sep, rest = text.partition("\nnum_peaks")
-        self.fh.write(head + f"\nbeam_divergence = 0.00e+00 rad\nbeam_bandwidth = "
-                      f"{self.bandwidth:.2e} (fraction)" + sep + rest)
+                                           f"{float(r['d_a'].min()):.2f} A"}))
 
     def close(self) -> None:
         self.fh.close()

@@ -44,7 +44,7 @@ from sfxflow.io.cellfile import (
     lattice_from_space_group,
     parse_cell_file,
 )
-from sfxflow.io.geometry import CrystfelGeometry, parse_geom, read_text
+from sfxflow.io.geometry import FWHM_PER_SIGMA, CrystfelGeometry, parse_geom, read_text
 from sfxflow.models import (
     Beam,
     Crystal,
@@ -89,6 +89,8 @@ PEAKS_END = "End of peak list"
 REFL_START = "Reflections measured after indexing"
 REFL_HEADER = "   h    k    l          I   sigma(I)       peak background  fs/px  ss/px panel"
 REFL_END = "End of reflections"
+#: CrystFEL's default beam bandwidth (σ, a fraction) when the geometry gives none
+_CRYSTFEL_MIN_BANDWIDTH = 1e-8
 
 _EVENT_INDEX = re.compile(r"^(?:.*//)?(\d+)$")
 
@@ -790,7 +792,12 @@ def format_chunk(
         out.append(f"Image serial number: {serial}")
     out += [f"hit = {int(hit)}", f"indexed_by = {indexed_by if crystal is not None else 'none'}"]
     if beam is not None:
-        out.append(f"photon_energy_eV = {beam.photon_energy_ev:.6f}")
+        # partialator takes each shot's bandwidth from its chunk, not from the geometry, and
+        # aborts on a zero one (CrystFEL's own default is 1e-8); its bandwidth is the σ
+        sigma = max(beam.bandwidth_fwhm / FWHM_PER_SIGMA, _CRYSTFEL_MIN_BANDWIDTH)
+        out += [f"photon_energy_eV = {beam.photon_energy_ev:.6f}",
+                f"beam_divergence = {beam.divergence_rad:.2e} rad",
+                f"beam_bandwidth = {sigma:.2e} (fraction)"]
     for path, v in (header_values or {}).items():
         out.append(f"hdf5{'' if path.startswith('/') else '/'}{path} = {float(v):.6f}")
     if result.status == FrameStatus.FAILED or result.reason:
