@@ -537,9 +537,9 @@ class ImageResult:
     ``stage`` names the stage that failed (``read``, ``spots``, ``hit``, ``index``, ...) when
     ``status`` is ``failed`` or indexing did not succeed; ``reason`` says why in words.
     ``timings_s`` maps stage name to seconds spent. ``crystals`` holds every lattice found
-    on the frame (multi-crystal frames have several); ``crystal``, ``miller_indices`` (every
-    spot, from whichever lattice explains it), ``n_indexed`` (all lattices) and ``rmsd_px``
-    (first lattice) keep describing the frame as before.
+    on the frame (multi-crystal frames have several); ``crystal``, ``n_indexed`` and ``rmsd_px``
+    describe the first lattice as before, and ``miller_indices`` gives every spot the indices of
+    whichever lattice explains it (the first where two do).
     """
 
     source_url: str

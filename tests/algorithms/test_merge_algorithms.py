@@ -200,3 +200,22 @@ def test_brehm_diederichs_resolves_p63_crystals():
     true_ops = np.array([s.reindex_op for s in sims])
     agree = float(np.mean(found == true_ops))
     assert max(agree, 1 - agree) >= 0.9
+
+
+def test_images_with_true_intensities_and_physical_partiality():
+    from sfxflow.algorithms.simulate import SimulationParams, random_crystal, simulate_frame
+    from sfxflow.algorithms.simulate_physical import PhysicalFrames
+
+    truth = synthetic_truth("42.37 42.37 39.69 90 90 90", "P 41 21 2", 3.0)
+    params = SimulationParams(cell=(42.37, 42.37, 39.69, 90, 90, 90), space_group="P 41 21 2",
+                              d_min_a=3.0, wilson_b_a2=0.0, noise=False)
+    physics = PhysicalFrames(truth, PhysicalParams(d_min_a=3.0, b_sigma_a2=0.0))
+    crystal = random_crystal(params.cell, params.space_group, np.random.default_rng(4))
+    image, t = simulate_frame(simple(), params.beam(), crystal, params,
+                              np.random.default_rng(5), physics)
+    hkl = np.column_stack([t["h"], t["k"], t["l"]])
+    assert len(hkl) > 5 and image.max() > 0
+    # photons / partiality follow the true intensities (polarisation and edges aside)
+    ratio = t["intensity_photons"] / (t["partiality"] * truth.at(hkl))
+    full = t["on_panel_fraction"] > 0.99
+    assert np.std(np.log(ratio[full])) < 0.2

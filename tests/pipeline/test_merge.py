@@ -83,6 +83,8 @@ def test_stats_json_keeps_to_the_contract(serial_results):
     assert stats["space_group"] == "P 41 21 2" and stats["model"] == "partiality"
     assert 0 < stats["wilson"]["b_a2"] < 40  # truth B 15 plus the per-crystal spread
     assert 0.5 < stats["error_model"]["sdfac"] < 3
+    # with the error model, deviations from the reference are about one standard deviation
+    assert 0.7 < stats["normalised_deviation_rms"] < 1.3
     assert "cc1/2" not in r.table and "CC1/2" in r.table
 
 
@@ -272,3 +274,22 @@ def test_distributed_merge_equals_serial_and_survives_a_killed_worker(
     a = gemmi.read_mtz_file(str(tmp_path / "d" / "merged.mtz"))
     b = gemmi.read_mtz_file(str(Path(serial_results["partiality"].out_url) / "merged.mtz"))
     assert np.allclose(np.asarray(a.array), np.asarray(b.array), rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.s3
+def test_run_directory_on_s3_merges_into_s3_like_local(sim_run, truth, serial_results, s3_bucket,
+                                                       s3_storage_options):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    run = sim_run / "run"
+    for path in run.rglob("*"):
+        if path.is_file():
+            fs.put_file(str(path), f"{s3_bucket}/run/{path.relative_to(run).as_posix()}")
+    out = f"s3://{s3_bucket}/run/merge"
+    r = run_merge([f"s3://{s3_bucket}/run"], out, MergeParams(model="partiality", iterations=3),
+                  SERIAL, truth=truth, storage_options=s3_storage_options)
+    local = serial_results["partiality"].stats["overall"]
+    assert r.stats["overall"]["cc_truth"] == pytest.approx(local["cc_truth"], rel=1e-9)
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/run/merge")}
+    assert {"merged.mtz", "merged.hkl", "stats.json", "crystals.parquet", "scaled"} <= names

@@ -174,7 +174,9 @@ def _integrate_kernel(data3, mask3, occ, ptab, pf, panel, fs, ss, r_peak, r_in, 
             if dy2 > ro2:
                 continue
             row = ss0 + y
-            for x in range(x0, x1 + 1):
+            half = math.sqrt(ro2 - dy2)  # the disc's extent on this row
+            for x in range(max(x0, math.ceil(fs[j] - half - 0.5)),
+                           min(x1, math.floor(fs[j] + half - 0.5)) + 1):
                 dx = x + 0.5 - fs[j]
                 r2 = dx * dx + dy2
                 if r2 > ro2:

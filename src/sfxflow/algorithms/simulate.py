@@ -34,6 +34,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import gemmi
 import numba
@@ -602,20 +603,30 @@ def _predict_truth(
     crystal: Crystal,
     params: SimulationParams,
     maps: _PixelMaps,
+    physics: Any = None,
+    rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     st = _structure_for(params, crystal)
     q_max = 1.0 / params.d_min_a
     cut = math.sqrt(-2.0 * math.log(params.partiality_min))
     max_exc = float(partiality_width_inv_a(np.array([q_max]), beam, params)[0]) * cut
+    if physics is not None:
+        max_exc = physics.reach_inv_a(q_max, beam)
     near = _near_ewald(
         st.hkl, crystal.a_matrix, np.asarray(beam.s0_inv_a), 1.0 / beam.wavelength_a, max_exc
     )
     pred = predict_spots(crystal, beam, detector, st.hkl[near], max_exc)
     if len(pred.hkl) == 0:
         return _empty_truth()
-    q_len = 1.0 / pred.d_a
-    sigma = partiality_width_inv_a(q_len, beam, params)
-    partiality = np.exp(-0.5 * (pred.excitation_error_inv_a / sigma) ** 2)
+    if physics is not None:
+        # the physical model (sfxflow.algorithms.simulate_physical): true intensities from a
+        # real data set and partiality from SASE spikes and mosaic blocks
+        f2_phys, partiality = physics.intensity_and_partiality(crystal, beam, pred.hkl, rng)
+        partiality = np.where(np.isfinite(f2_phys), partiality, 0.0)
+    else:
+        q_len = 1.0 / pred.d_a
+        sigma = partiality_width_inv_a(q_len, beam, params)
+        partiality = np.exp(-0.5 * (pred.excitation_error_inv_a / sigma) ** 2)
     keep = partiality >= params.partiality_min
     hkl = pred.hkl[keep]
     panel, fs, ss = pred.panel[keep], pred.fs_px[keep], pred.ss_px[keep]
@@ -626,11 +637,13 @@ def _predict_truth(
     u = k_vec / np.linalg.norm(k_vec, axis=1, keepdims=True)
     f = params.polarization_fraction
     pol = f * (1.0 - u[:, 0] ** 2) + (1.0 - f) * (1.0 - u[:, 1] ** 2)
-    f2 = _relative_intensity(st, hkl, crystal.space_group)
-    photons = (
-        params.crystal_scale_photons * f2 * np.exp(-params.wilson_b_a2 / (2.0 * d * d))
-        * partiality * pol
-    )
+    if physics is not None:
+        f2 = f2_phys[keep]  # the data set's own falloff, and the crystal's B, are in it
+        wilson = np.ones(len(d))
+    else:
+        f2 = _relative_intensity(st, hkl, crystal.space_group)
+        wilson = np.exp(-params.wilson_b_a2 / (2.0 * d * d))
+    photons = params.crystal_scale_photons * f2 * wilson * partiality * pol
     # background under each spot, for the true SNR
     col = np.clip(np.floor(fs).astype(np.int64), 0, maps.n_fs[panel] - 1)
     row = np.clip(np.floor(ss).astype(np.int64), 0, maps.n_ss[panel] - 1)
@@ -658,6 +671,7 @@ def simulate_frame(
     crystal: Crystal | None,
     params: SimulationParams,
     rng: np.random.Generator,
+    physics: Any = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Simulate one still: Bragg spots of ``crystal`` (none when ``None``) over background.
 
@@ -668,6 +682,9 @@ def simulate_frame(
     crystal : the crystal (cell, space group, orientation), or ``None`` for a blank frame.
     params : everything else (see :class:`SimulationParams`).
     rng : source of this frame's noise; the same state gives a byte-identical frame.
+    physics : ``None`` (the fast closed-form model) or a physical model such as
+        :class:`sfxflow.algorithms.simulate_physical.PhysicalFrames`: true intensities from a
+        real data set and partiality from the shot's spectrum and the crystal's mosaic blocks.
 
     Returns
     -------
@@ -687,7 +704,7 @@ def simulate_frame(
     spot = np.zeros(maps.shape, dtype=np.float32)
     truth = _empty_truth()
     if crystal is not None:
-        truth = _predict_truth(detector, beam, crystal, params, maps)
+        truth = _predict_truth(detector, beam, crystal, params, maps, physics, rng)
         if len(truth["h"]):
             _, frac = render_spots(
                 detector,
@@ -752,6 +769,7 @@ def iter_frames(
     seed: int,
     beam: Beam | None = None,
     start: int = 0,
+    physics: Any = None,
 ) -> Iterator[tuple[FrameTruth, np.ndarray, dict[str, np.ndarray]]]:
     """Simulate a series of frames: hit or miss, photon-energy jitter, crystal, image.
 
@@ -765,6 +783,7 @@ def iter_frames(
     seed : series seed.
     beam : nominal beam (``params.beam()`` when ``None``); each frame's photon energy is jittered
         by ``params.energy_jitter_rel``.
+    physics : passed to :func:`simulate_frame`.
     """
     nominal = params.beam() if beam is None else beam
     cell, sg = params.unit_cell(), params.spacegroup()
@@ -786,7 +805,7 @@ def iter_frames(
             size = math.exp(rng.uniform(math.log(params.crystal_size_min_a),
                                         math.log(params.crystal_size_max_a)))
             frame_params = sized_crystal_params(frame_params, size, detector, frame_beam)
-        image, truth = simulate_frame(detector, frame_beam, crystal, frame_params, rng)
+        image, truth = simulate_frame(detector, frame_beam, crystal, frame_params, rng, physics)
         yield (FrameTruth(index=i, beam=frame_beam, crystal=crystal, scale=scale, size_a=size),
                image, truth)
 

@@ -442,3 +442,59 @@ def crystal_row(sim: SimulatedCrystal, source_url: str, frame_index: int) -> dic
                 "true_scale": sim.scale, "true_b_a2": sim.b_factor_a2,
                 "true_reindex_op": sim.reindex_op})
     return row
+
+
+class PhysicalFrames:
+    """The physical model for whole images (``sfxflow simulate --intensities REF.mtz``).
+
+    :func:`sfxflow.algorithms.simulate.simulate_frame` calls it per crystal: the true intensity
+    of each predicted reflection (from ``truth``, relative to its mean, times the crystal's B
+    factor and a size factor log-uniform over ``params.scale_range``) and its partiality from
+    the shot's SASE spikes and the crystal's mosaic blocks, drawn from the frame's generator.
+
+    Examples
+    --------
+    >>> t = TrueIntensities.from_arrays("40 40 40 90 90 90", "P 4", np.array([[1, 2, 3]]),
+    ...                                 np.array([5.0]))
+    >>> phys = PhysicalFrames(t, PhysicalParams())
+    >>> c = Crystal.from_u(t.index.cell, t.index.space_group, np.eye(3))
+    >>> f2, p = phys.intensity_and_partiality(c, Beam(1.3), np.array([[1, 2, 3], [0, 0, 1]]),
+    ...                                       np.random.default_rng(0))
+    >>> bool(np.isfinite(f2[0]) and np.isnan(f2[1]) and 0 <= p[0] <= 1)
+    True
+    """
+
+    def __init__(self, truth: TrueIntensities, params: PhysicalParams) -> None:
+        self.truth = truth
+        self.params = params
+        v = truth.values[np.isfinite(truth.values)]
+        self.mean = float(np.mean(np.maximum(v, 0.0))) if v.size else 1.0
+
+    def reach_inv_a(self, q_max_inv_a: float, beam: Beam) -> float:
+        """The largest excitation error that still records anything (prediction's reach)."""
+        p = self.params
+        bw = 3.0 * p.bandwidth_fwhm * _FWHM_TO_SIGMA * beam.wavelength_a * q_max_inv_a**2 / 2
+        mosaic = 3.0 * math.radians(p.mosaicity_deg) * _FWHM_TO_SIGMA * q_max_inv_a
+        return bw + mosaic + 4.0 / p.block_size_a
+
+    def intensity_and_partiality(self, crystal: Crystal, beam: Beam, hkl: np.ndarray,
+                                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(relative true intensity with the crystal's B and size, physical partiality)."""
+        p = self.params
+        hkl = np.asarray(hkl, dtype=np.int64)
+        i_true = self.truth.at(hkl) / self.mean
+        n_spikes = max(1, int(rng.poisson(p.n_spikes_mean)))
+        lam = beam.wavelength_a * (1.0 + p.bandwidth_fwhm * _FWHM_TO_SIGMA
+                                   * rng.standard_normal(n_spikes))
+        weights = rng.exponential(1.0, n_spikes)
+        weights /= weights.sum()
+        s0 = np.asarray(beam.direction, dtype=float)[None, :] / lam[:, None]
+        blocks = _small_rotations(rng, p.n_blocks, math.radians(p.mosaicity_deg) * _FWHM_TO_SIGMA)
+        q = hkl.astype(float) @ crystal.a_matrix.T
+        q_blocks = np.ascontiguousarray(np.einsum("bij,rj->bri", blocks, q))
+        t_tab, f_tab = _profile_table(float(p.block_size_a))
+        partiality = _recorded(q_blocks, s0, 1.0 / lam, weights, t_tab, f_tab)
+        size = math.exp(rng.uniform(-0.5, 0.5) * math.log(p.scale_range))
+        b = float(rng.normal(0.0, p.b_sigma_a2))
+        inv_d2 = np.einsum("ri,ri->r", q, q)
+        return np.maximum(i_true, 0.0) * size * np.exp(-b * inv_d2 / 2.0), partiality

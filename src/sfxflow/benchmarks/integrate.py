@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from sfxflow.cli.options import number
+
 HELP = "integration accuracy against simulated truth (CC, normalised deviations, prediction) and ms/crystal"
 DESCRIPTION = HELP + """
 
@@ -45,16 +47,16 @@ SPACE_GROUP = "P 61 2 2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=30, help="simulated hits (default 30)")
-    parser.add_argument("--throughput-frames", type=int, default=30,
+    number(parser, "--frames", kind=int, default=30, ge=1, le=100_000, help="simulated hits (default 30)")
+    number(parser, "--throughput-frames", kind=int, default=30, ge=0, le=100_000,
                         help="frames for the throughput comparison at hit fraction 0.3 "
                              "(default 30; 0 skips it)")
-    parser.add_argument("--min-size-nm", type=float, default=100.0,
+    number(parser, "--min-size-nm", default=100.0, gt=0, le=1e5,
                         help="smallest crystal (default 100 nm)")
-    parser.add_argument("--max-size-nm", type=float, default=2000.0,
+    number(parser, "--max-size-nm", default=2000.0, ge=0, le=1e5,
                         help="largest crystal (default 2000 nm; 0: every crystal 300 nm "
                              "domains, no size spread)")
-    parser.add_argument("--seed", type=int, default=5, help="random seed (default 5)")
+    number(parser, "--seed", kind=int, default=5, ge=0, le=2**32 - 1, help="random seed (default 5)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE",
                         help="processing setting, as for process (e.g. integrate.peak_radius_px=4)")

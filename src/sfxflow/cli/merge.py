@@ -89,10 +89,7 @@ def run(args: argparse.Namespace) -> int:
                        space_group=args.space_group, truth=truth,
                        storage_options=storage_options,
                        echo=lambda s: print(s, file=sys.stderr, flush=True))
-    from sfxflow.pipeline.report import write_merge_report
-
-    for page in write_merge_report(result.out_url, list(args.inputs),
-                                   storage_options=storage_options):
+    for page in result.reports:
         print(f"report: {page}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.stats, indent=1, default=str))

@@ -169,9 +169,6 @@ def merge_run(run_url: str, cluster: Any, storage_options: Any = None) -> Any:
     print(f"merged {s['n_crystals_merged']} of {s['n_crystals_input']} crystals "
           f"({s['space_group']}): {merged.out_url}/merged.mtz")
     print(merged.table)
-    from sfxflow.pipeline.report import write_merge_report
-
-    # the run's own page is written before the merge: rewrite it with the merged data
-    for page in write_merge_report(merged.out_url, [run_url], storage_options=storage_options):
+    for page in merged.reports:  # the run's own page now shows the merged data too
         print(f"report: {page}", file=sys.stderr)
     return merged

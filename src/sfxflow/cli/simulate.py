@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from sfxflow.errors import InputError
 
@@ -20,6 +21,7 @@ Examples:
   sfxflow simulate sim/ --frames 20 --detector jungfrau4m --compression bitshuffle-lz4
   sfxflow simulate sim/ --frames 10 --cell "79 79 38 90 90 90" --space-group P43212
   sfxflow simulate sim/ --frames 10 --background-photons 3 --mosaicity-deg 0.1
+  sfxflow simulate sim/ --frames 200 --intensities x4wide-P41212-merged.mtz --detector simple
 
 Every SimulationParams setting is a flag named as its key; see --print-config.
 """
@@ -43,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression", default="none", choices=("none", "bitshuffle-lz4"),
                         help="HDF5 compression (default none)")
     number(parser, "--distance-mm", gt=0, le=100_000, help="detector distance in mm")
+    parser.add_argument("--intensities", metavar="REF.mtz",
+                        help="true intensities from a merged data set (its cell and space group "
+                             "replace --cell/--space-group), with physically modelled partiality: "
+                             "per-shot SASE spectra, mosaic blocks, crystal sizes over two orders "
+                             "of magnitude, per-crystal B (default: the fast closed-form model "
+                             "with random Wilson intensities)")
     # every SimulationParams field: --wavelength-a, --cell, --space-group, --hit-fraction ...
     add_settings(parser, SimulateConfig)
 
@@ -79,6 +87,25 @@ def build_detector(args: argparse.Namespace, params):
     return by_name(args.detector, distance_mm=args.distance_mm), args.detector.lower()
 
 
+def physical_model(mtz_path: str, params: Any) -> tuple[Any, Any]:
+    """``--intensities``: the crystal of the MTZ and the physical model of its stills."""
+    from sfxflow.algorithms.simulate_physical import (
+        PhysicalFrames,
+        PhysicalParams,
+        TrueIntensities,
+    )
+    from sfxflow.io.mtz import read_intensity_columns
+
+    truth = TrueIntensities.from_arrays(*read_intensity_columns(mtz_path))
+    cell, sg = truth.index.cell, truth.index.space_group
+    d_min = max(params.d_min_a, truth.index.d_min_a)
+    params = dataclasses.replace(params, cell=tuple(cell.parameters), space_group=sg.xhm(),
+                                 d_min_a=d_min, wilson_b_a2=0.0, crystal_scale_log_sigma=0.0)
+    physical = PhysicalParams(wavelength_a=params.wavelength_a, d_min_a=d_min,
+                              bandwidth_fwhm=max(params.bandwidth_fwhm, 1e-4))
+    return params, PhysicalFrames(truth, physical)
+
+
 def run(args: argparse.Namespace) -> int:
     from sfxflow.cli.options import print_config, settings_from
     from sfxflow.io.simulated import write_simulated_dataset
@@ -90,10 +117,13 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.files <= args.frames:
         raise InputError(f"--files {args.files}: expected 1 to --frames ({args.frames})")
     params = config.simulation
+    physics = None
+    if args.intensities:
+        params, physics = physical_model(args.intensities, params)
     detector, name = build_detector(args, params)
     info = write_simulated_dataset(
         args.out_dir, detector, None, params, args.frames, args.files, args.seed,
-        args.compression, detector_name=name,
+        args.compression, detector_name=name, physics=physics,
     )
     print(
         f"wrote {info.n_frames} frames ({info.n_hits} hits, {info.n_strong} reflections with "

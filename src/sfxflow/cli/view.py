@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space-group", metavar="SG", help="space group, with --cell")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="processing setting, as for process")
-    parser.add_argument("--min-i-over-sigma", type=float, default=3.0,
-                        help="with --cell or --reflections: draw predictions of reflections "
+    number(parser, "--min-i-over-sigma", default=3.0, ge=-1e6, le=1e6,
+           help="with --cell or --reflections: draw predictions of reflections "
                              "with I/sigma >= this (default 3)")
     parser.add_argument("--reflections", metavar="REFLECTIONS.parquet",
                         help="a run's reflections shard: its predicted positions as squares")

@@ -28,6 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -103,6 +104,7 @@ def write_simulated_dataset(
     compression: str = "none",
     *,
     detector_name: str = "",
+    physics: Any = None,
 ) -> DatasetInfo:
     """Simulate ``n_frames`` stills and write them as ``n_files`` CXI files plus geometry + truth.
 
@@ -118,6 +120,8 @@ def write_simulated_dataset(
     seed : series seed; frame ``i`` of the series is the same whatever ``n_files`` is.
     compression : ``"none"`` or ``"bitshuffle-lz4"`` (HDF5 filter from hdf5plugin).
     detector_name : recorded in ``simulation.json``.
+    physics : the physical model of :func:`sfxflow.algorithms.simulate.simulate_frame`
+        (``None``: the fast closed form).
 
     Returns
     -------
@@ -164,7 +168,7 @@ def write_simulated_dataset(
     names = np.array([p.name for p in detector.panels])
     shape = detector.data_shape()
     distance_m = detector.mean_distance_mm() / 1000.0
-    series = iter_frames(detector, params, n_frames, seed, beam=nominal)
+    series = iter_frames(detector, params, n_frames, seed, beam=nominal, physics=physics)
     for f, count in enumerate(_frames_per_file(n_frames, n_files)):
         path = out / f"run_{f:04d}.cxi"
         part = path.with_name(path.name + ".part")

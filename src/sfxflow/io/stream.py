@@ -627,10 +627,6 @@ def format_stream_header(
     return "\n".join(out) + "\n"
 
 
-def _fmt(v: float, spec: str) -> str:
-    return format(float(v), spec)
-
-
 def reflections_from_spots(result: ImageResult) -> Reflections:
     """Indexed spots of a result as a reflection list: ``I`` = spot intensity, ``sigma(I)`` =
     ``I / snr`` (NaN when the SNR is unknown), ``background`` = spot background, ``peak`` NaN
@@ -716,16 +712,20 @@ def _crystal_block(crystal: Crystal, reflections: Reflections, detector: Detecto
     for key, val in tail.items():  # indexamajig's order: after num_reflections
         out.append(f"{key} = {val}")
     out += [REFL_START, REFL_HEADER]
-    for i in range(len(reflections)):
-        pn = detector.panels[int(reflections.panel[i])]
-        h, k, l = (int(x) for x in reflections.hkl[i])
-        out.append(
-            f"{h:4d} {k:4d} {l:4d} {_fmt(reflections.intensity[i], '10.2f')} "
-            f"{_fmt(reflections.sigma[i], '10.2f')} {_fmt(reflections.peak[i], '10.2f')} "
-            f"{_fmt(reflections.background[i], '10.2f')} "
-            f"{reflections.fs_px[i] + pn.data_origin[1]:6.1f} "
-            f"{reflections.ss_px[i] + pn.data_origin[0]:6.1f} {pn.name}"
-        )
+    if len(reflections):
+        # one bound format over plain Python values: integrated crystals have hundreds of lines
+        panels = detector.panels
+        origin = np.array([p.data_origin for p in panels], dtype=float)
+        names = [p.name for p in panels]
+        pan = reflections.panel.astype(np.int64)
+        rows = zip(reflections.hkl.tolist(), reflections.intensity.tolist(),
+                   reflections.sigma.tolist(), reflections.peak.tolist(),
+                   reflections.background.tolist(),
+                   (reflections.fs_px + origin[pan, 1]).tolist(),
+                   (reflections.ss_px + origin[pan, 0]).tolist(), pan.tolist(), strict=True)
+        line = "{:4d} {:4d} {:4d} {:10.2f} {:10.2f} {:10.2f} {:10.2f} {:6.1f} {:6.1f} {}".format
+        out.extend(line(h, k, l, i, sg, pk, bg, fs, ss, names[p])
+                   for (h, k, l), i, sg, pk, bg, fs, ss, p in rows)
     out += [REFL_END, END_CRYSTAL]
     return out
 

@@ -401,6 +401,9 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
         # it, when the interruption is the one thing to say (the CLI says it)
         with contextlib.suppress(Exception):
             client.run(_quiet_distributed_logs)
+        # and here: a local cluster's nannies live in this process and warn while they stop
+        # the workers
+        _quiet_distributed_logs()
         raise
     finally:
         for fut in futures:

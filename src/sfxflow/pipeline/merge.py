@@ -91,6 +91,7 @@ class MergeResult:
     stats: dict
     table: str
     crystals: pa.Table = field(repr=False)
+    reports: list[str] = field(default_factory=list)  #: the report pages written
 
 
 # ----------------------------------------------------------------------------- worker tasks
@@ -170,16 +171,18 @@ def _cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
     return fits, accumulate(shard, fits, reference, params, ok, n_codes, reject_outliers)
 
 
-def _last_cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
-                accepted: np.ndarray | None, n_codes: int, index: AsuIndex, out_url: str,
-                storage_options: Mapping[str, Any] | None, number: int
-                ) -> tuple[CrystalFits, ShardSums, pa.Table]:
-    fits, sums = _cycle(shard, reference, params, accepted, n_codes, params.iterations == 1,
-                        None, reject_outliers=params.iterations > 1)
+def _final_pass(shard: PreparedShard, fits: CrystalFits, reference: Reference,
+                params: MergeParams, accepted: np.ndarray | None, n_codes: int,
+                index: AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None,
+                number: int) -> tuple[ShardSums, pa.Table]:
+    """The merge with the last cycle's fits and the error model fitted on that cycle: the
+    per-reflection sums, and the shard's scaled observations written to ``scaled/``."""
     ok = fits.status == ACCEPTED
     if accepted is not None:
         ok &= accepted
-    obs = scaled_observations(shard, fits, reference, params, ok, params.iterations > 1)
+    reject = params.iterations > 1
+    sums = accumulate(shard, fits, reference, params, ok, n_codes, reject)
+    obs = scaled_observations(shard, fits, reference, params, ok, reject)
     code = obs["code"]
     asu = np.where(code[:, None] >= 0, index.hkl[np.maximum(code, 0) // 2], 0)
     counts = np.diff(shard.offsets)
@@ -197,7 +200,7 @@ def _last_cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
     meta = pa.table({"source_url": pa.array(list(shard.extra["crystal_source"]), pa.string()),
                      "frame_index": shard.extra["crystal_frame"],
                      "crystal": shard.extra["crystal_number"]})
-    return fits, sums, meta
+    return sums, meta
 
 
 def _identity(value: Any) -> Any:
@@ -206,6 +209,12 @@ def _identity(value: Any) -> Any:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss) / 2**20
 
 
 # ----------------------------------------------------------------------------- executors
@@ -231,6 +240,9 @@ class _Serial:
             total = total + x
         return total
 
+    def sample_memory(self) -> None:
+        pass
+
     def worker_peak_mb(self) -> list[float]:
         return []
 
@@ -240,6 +252,7 @@ class _Dask:
         self.client = client
         workers = client.scheduler_info().get("workers", {})
         self.n_cores = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        self.peaks: dict[str, float] = {}
 
     def submit(self, fn: Callable, *args: Any) -> Any:
         return self.client.submit(fn, *args, pure=False)
@@ -261,8 +274,15 @@ class _Dask:
             items = nxt
         return self.client.gather(items[0])
 
+    def sample_memory(self) -> None:
+        # resident memory sampled between steps: a worker's ru_maxrss would include what a
+        # forked worker inherited from its parent
+        for worker, mb in self.client.run(_rss_mb).items():
+            self.peaks[worker] = max(self.peaks.get(worker, 0.0), mb)
+
     def worker_peak_mb(self) -> list[float]:
-        return list(self.client.run(_peak_rss_mb).values())
+        self.sample_memory()
+        return list(self.peaks.values())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -340,8 +360,12 @@ def run_merge(
     t_start = time.perf_counter()
     with open_cluster(cluster) as (client, info):
         ex: Any = _Serial() if client is None else _Dask(client)
-        return _run(specs, out, ex, params, cell, space_group, truth, storage_options,
-                    echo or (lambda s: None), t_start, info.kind, on_cycle)
+        result = _run(specs, out, ex, params, cell, space_group, truth, storage_options,
+                      echo or (lambda s: None), t_start, info.kind, on_cycle)
+    from sfxflow.pipeline.report import write_merge_report
+
+    result.reports = write_merge_report(out.url, list(inputs), storage_options=storage_options)
+    return result
 
 
 def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell: Any,
@@ -405,21 +429,17 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
     metas: list[pa.Table] = []
     n_obs_total = sum(s["n_obs"] for s in summaries)
     cycle_seconds = []
+    client_peak = _rss_mb()
     for it in range(params.iterations):
         t0 = time.perf_counter()
         ref_f = ex.scatter(reference)
-        last = it == params.iterations - 1
-        if last:
-            tasks = [ex.submit(_last_cycle, p, ref_f, params, accepted[i], n_codes, index,
-                               out.url, storage_options, specs[i].number)
-                     for i, p in enumerate(prepared)]
-        else:
-            tasks = [ex.submit(_cycle, p, ref_f, params, accepted[i], n_codes, it == 0, None)
-                     for i, p in enumerate(prepared)]
+        # outliers are rejected only in the final merge, against the settled reference
+        tasks = [ex.submit(_cycle, p, ref_f, params, accepted[i], n_codes, it == 0, None)
+                 for i, p in enumerate(prepared)]
         fits_all = ex.gather([ex.submit(operator.itemgetter(0), t) for t in tasks])
         sums = ex.reduce_sum([ex.submit(operator.itemgetter(1), t) for t in tasks])
-        if last:
-            metas = ex.gather([ex.submit(operator.itemgetter(2), t) for t in tasks])
+        ex.sample_memory()
+        client_peak = max(client_peak, _rss_mb())
         del tasks
         # crystals with absurd scales: far from the median of the accepted ones
         all_fits = CrystalFits.concat(fits_all)
@@ -450,6 +470,23 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         if on_cycle is not None:
             on_cycle(it + 1)
 
+    # the merge itself: the last fits with the error model fitted on them
+    t0 = time.perf_counter()
+    ref_f = ex.scatter(reference)
+    tasks = [ex.submit(_final_pass, p, fits_all[i], ref_f, params, accepted[i], n_codes, index,
+                       out.url, storage_options, specs[i].number)
+             for i, p in enumerate(prepared)]
+    sums = ex.reduce_sum([ex.submit(operator.itemgetter(0), t) for t in tasks])
+    metas = ex.gather([ex.submit(operator.itemgetter(1), t) for t in tasks])
+    ex.sample_memory()
+    client_peak = max(client_peak, _rss_mb())
+    del tasks
+    merged = merge_sums(sums, params.min_measurements)
+    dev = sums.deviation_sums
+    final_rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
+    echo(f"merged with the error model sdfac {reference.error_model.sdfac:.2f}, sdadd "
+         f"{reference.error_model.sdadd:.3f}: normalised deviations rms {final_rms:.2f} "
+         f"({time.perf_counter() - t0:.1f} s)")
     final = CrystalFits.concat(fits_all)
     truth_asu = None
     if truth is not None:
@@ -476,6 +513,7 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         "wilson": wilson_b(index, merged.imean),
         "n_observations": n_obs_total, "n_outliers": sums.n_outliers,
         "n_low_partiality": sums.n_low_partiality,
+        "normalised_deviation_rms": final_rms,
         "error_model": {"sdfac": reference.error_model.sdfac,
                         "sdadd": reference.error_model.sdadd},
         "ambiguity": ambiguity, "cycles": history, "params": _jsonable(params.as_dict()),
@@ -483,7 +521,8 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
             "cluster": cluster_kind, "cores": ex.n_cores, "seconds": time.perf_counter() - t_start,
             "observations_per_second_per_core_per_cycle":
                 n_obs_total / (float(np.median(cycle_seconds)) * ex.n_cores),
-            "client_peak_mb": _peak_rss_mb(), "worker_peak_mb": ex.worker_peak_mb(),
+            "client_peak_mb": client_peak, "client_max_rss_mb": _peak_rss_mb(),
+            "worker_peak_mb": ex.worker_peak_mb(),
         },
     }
     crystals = _crystals_table(final, metas)

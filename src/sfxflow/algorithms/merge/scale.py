@@ -578,7 +578,6 @@ def scaled_observations(shard: PreparedShard, fits: CrystalFits, reference: Refe
         s_est = shard.sigma / corr
     em = reference.error_model
     ref = _ref_per_obs(codes, reference.intensity)
-    ref_sig = _ref_per_obs(codes, reference.sigma)
     ref_n = _ref_per_obs(codes, reference.n.astype(float))
     base = np.where(np.isfinite(ref), np.maximum(ref, 0.0), np.abs(i_est))
     s_model = em.sdfac * np.sqrt(s_est**2 + (em.sdadd * base) ** 2)
@@ -590,12 +589,15 @@ def scaled_observations(shard: PreparedShard, fits: CrystalFits, reference: Refe
         level = _ref_per_obs(codes, reference.level)
         low_p |= use & (s_est > params.max_sigma_ratio * level)
     use &= ~low_p
+    # the reference includes (nearly) this observation: I - <I> varies as σ² (1 - 1/n)
+    self_in = np.clip(1.0 - 1.0 / np.maximum(ref_n, 1.0), 0.05, 1.0)
     with np.errstate(invalid="ignore"):
-        z = (i_est - ref) / np.sqrt(s_model**2 + np.nan_to_num(ref_sig) ** 2)
+        z = (i_est - ref) / (s_model * np.sqrt(self_in))
     has_ref = np.isfinite(z) & (ref_n >= 3)
     outlier = use & has_ref & (np.abs(z) > params.outlier_z) & reject_outliers
     use &= ~outlier
     return {"code": codes, "intensity": i_est, "sigma": s_model, "sigma_raw": s_est,
+            "self_in": self_in,
             "partiality": p_full, "use": use, "outlier": outlier, "low_partiality": low_p,
             "z": np.where(has_ref, z, np.nan), "reference": ref, "ref_n": ref_n}
 
@@ -624,8 +626,9 @@ def accumulate(shard: PreparedShard, fits: CrystalFits, reference: Reference,
     # error model: E[(I - Iref)²] = c1 σ² + c2 Iref², over well-measured references
     fit = use & (obs["ref_n"] >= 3) & np.isfinite(obs["reference"])
     v = (obs["intensity"][fit] - obs["reference"][fit]) ** 2
-    s2 = obs["sigma_raw"][fit] ** 2
-    i2 = np.maximum(obs["reference"][fit], 0.0) ** 2
+    f = obs["self_in"][fit]
+    s2 = f * obs["sigma_raw"][fit] ** 2
+    i2 = f * np.maximum(obs["reference"][fit], 0.0) ** 2
     wt = 1.0 / (s2 + 0.01 * i2) ** 2
     sums.error_sums = np.array([np.sum(wt * s2 * s2), np.sum(wt * s2 * i2), np.sum(wt * i2 * i2),
                                 np.sum(wt * v * s2), np.sum(wt * v * i2)])
