@@ -53,7 +53,7 @@ def _cut_after(proxy: TcpProxy, run: Path, n_shards: int, outage_s: float | None
 def _argv(prefix: str, run: Path, proxy: TcpProxy, retry_s: float) -> list[str]:
     return ["process", prefix, "--out", str(run), "--endpoint-url", proxy.url,
             "--geometry", f"{prefix}geometry.geom", "--cell", CELL, "--space-group", SPACE_GROUP,
-            "--scheduler", "synchronous", "--frames-per-block", "2", "--no-progress",
+            "--scheduler", "synchronous", "--frames-per-block", "2", "--no-progress", "--prefetch", "0",
             "--set", f"run.storage_retry_s={retry_s}"]
 
 
@@ -62,7 +62,7 @@ def test_short_outage_is_retried_and_loses_nothing(proxied_inputs, serial_run, t
     # unreachable") for ever, exit 0
     proxy, prefix = proxied_inputs
     run = tmp_path / "run"
-    watcher = _cut_after(proxy, run, 2, outage_s=3.0)
+    watcher = _cut_after(proxy, run, 1, outage_s=8.0)
     code = main(_argv(prefix, run, proxy, retry_s=30))
     watcher.join()
     assert proxy.cuts == 1

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sfxflow import __version__
-from sfxflow.errors import InputError
+from sfxflow.errors import InputError, SfxflowError
 from sfxflow.io.report_html import (
     MAX_POINTS,
     AlongRun,
@@ -688,7 +688,9 @@ class LiveReport:
                          cache=self.cache)
             self.written += 1
         except Exception as exc:  # the report must never stop a run
-            logger.warning("%s: report not updated: %s", self.run_url, exc, exc_info=True)
+            # a full disk or a dead endpoint says all in one line; anything else is a bug
+            logger.warning("%s: report not updated: %s", self.run_url, exc,
+                           exc_info=not isinstance(exc, SfxflowError))
         self._build_s = time.perf_counter() - t0
         self._last = time.perf_counter()
 
