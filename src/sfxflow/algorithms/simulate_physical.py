@@ -46,6 +46,7 @@ from sfxflow.models import (
     as_space_group,
     as_unit_cell,
 )
+from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "OBSERVATION_COLUMNS",
@@ -153,52 +154,28 @@ class PhysicalParams:
     d_min_a : highest resolution.
     """
 
-    wavelength_a: float = 1.3051
-    wavelength_jitter_rel: float = 1.0e-3
-    bandwidth_fwhm: float = 3.0e-3
-    n_spikes_mean: float = 12.0
-    n_blocks: int = 24
-    block_size_a: float = 1000.0
-    mosaicity_deg: float = 0.05
-    scale_photons: float = 0.05
-    scale_range: float = 100.0
-    beam_jitter_rel: float = 0.3
-    b_sigma_a2: float = 4.0
-    cell_sigma_rel: float = 2.0e-3
-    indexing_error_deg: float = 0.01
-    cell_error_rel: float = 5.0e-4
-    prediction_radius_inv_a: float = 1.5e-3
-    background_photons: float = 30.0
-    background_ratio: float = 5.0
-    polarization_fraction: float = 1.0
-    d_min_a: float = 1.6
+    wavelength_a: float = setting(1.3051, gt=0)
+    wavelength_jitter_rel: float = setting(1.0e-3, ge=0, lt=0.1)
+    bandwidth_fwhm: float = setting(3.0e-3, ge=0, lt=0.2)
+    n_spikes_mean: float = setting(12.0, ge=1)
+    n_blocks: int = setting(24, ge=1)
+    block_size_a: float = setting(1000.0, gt=0)
+    mosaicity_deg: float = setting(0.05, ge=0, lt=10)
+    scale_photons: float = setting(0.05, gt=0)
+    scale_range: float = setting(100.0, ge=1)
+    beam_jitter_rel: float = setting(0.3, ge=0)
+    b_sigma_a2: float = setting(4.0, ge=0)
+    cell_sigma_rel: float = setting(2.0e-3, ge=0, lt=0.1)
+    indexing_error_deg: float = setting(0.01, ge=0, lt=5)
+    cell_error_rel: float = setting(5.0e-4, ge=0, lt=0.1)
+    prediction_radius_inv_a: float = setting(1.5e-3, gt=0)
+    background_photons: float = setting(30.0, ge=0)
+    background_ratio: float = setting(5.0, gt=0)
+    polarization_fraction: float = setting(1.0, ge=0, le=1)
+    d_min_a: float = setting(1.6, gt=0)
 
     def __post_init__(self) -> None:
-        checks = {
-            "wavelength_a": self.wavelength_a > 0,
-            "wavelength_jitter_rel": 0 <= self.wavelength_jitter_rel < 0.1,
-            "bandwidth_fwhm": 0 <= self.bandwidth_fwhm < 0.2,
-            "n_spikes_mean": self.n_spikes_mean >= 1,
-            "n_blocks": self.n_blocks >= 1,
-            "block_size_a": self.block_size_a > 0,
-            "mosaicity_deg": 0 <= self.mosaicity_deg < 10,
-            "scale_photons": self.scale_photons > 0,
-            "scale_range": self.scale_range >= 1,
-            "beam_jitter_rel": self.beam_jitter_rel >= 0,
-            "b_sigma_a2": self.b_sigma_a2 >= 0,
-            "cell_sigma_rel": 0 <= self.cell_sigma_rel < 0.1,
-            "indexing_error_deg": 0 <= self.indexing_error_deg < 5,
-            "cell_error_rel": 0 <= self.cell_error_rel < 0.1,
-            "prediction_radius_inv_a": self.prediction_radius_inv_a > 0,
-            "background_photons": self.background_photons >= 0,
-            "background_ratio": self.background_ratio > 0,
-            "polarization_fraction": 0 <= self.polarization_fraction <= 1,
-            "d_min_a": self.d_min_a > 0,
-        }
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not (ok and math.isfinite(value)):
-                raise ValueError(f"PhysicalParams.{name} = {value!r} is out of range")
+        check_fields(self)  # NaN and infinities are refused too
 
 
 @dataclass(frozen=True)
