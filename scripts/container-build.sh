@@ -28,15 +28,9 @@ fail() { echo "container: FAILED: $*" >&2; exit 1; }
 if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
     command -v apt-get >/dev/null || cannot "no podman/debootstrap and no apt-get to install them"
     say "installing podman and debootstrap with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    # one package index refresh per CI run is enough (the stamp lives in /run: one boot)
-    if ! find /run/sfxflow-apt-updated -mmin -120 2>/dev/null | grep -q .; then
-        timeout 300 apt-get -q -o DPkg::Lock::Timeout=120 update >/dev/null \
-            || cannot "apt-get update failed"
-        touch /run/sfxflow-apt-updated
-    fi
-    timeout 900 apt-get -q -y -o DPkg::Lock::Timeout=120 install --no-install-recommends \
-        podman debootstrap >/dev/null || cannot "apt-get install podman debootstrap failed"
+    # shellcheck source=scripts/apt-install.sh
+    source "$ROOT/scripts/apt-install.sh"
+    apt_install 900 podman debootstrap || cannot "the packages could not be installed (above)"
 fi
 
 # the Debian mirror apt already uses (one-line or deb822 sources), not the security archive

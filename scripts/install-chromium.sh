@@ -17,8 +17,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 0
 fi
 echo "install-chromium: apt-get install chromium ..."
-if apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; then
+# shellcheck source=scripts/apt-install.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh"
+if apt_install 900 chromium fonts-dejavu-core; then
     echo "install-chromium: installed $(chromium --version 2>/dev/null)"
 else
     echo "install-chromium: apt-get failed; the browser test will be skipped"

@@ -42,15 +42,10 @@ gridengine-common shared/gridenginecell string default
 gridengine-common shared/gridengineconfig boolean true
 gridengine-client shared/gridenginemaster string $HOST
 EOF
-    # one package index refresh per CI run is enough (the stamp lives in /run: one boot)
-    if ! find /run/sfxflow-apt-updated -mmin -120 2>/dev/null | grep -q .; then
-        timeout 300 apt-get -q -o DPkg::Lock::Timeout=120 update >/dev/null \
-            || fail "apt-get update failed"
-        touch /run/sfxflow-apt-updated
-    fi
-    timeout 600 apt-get -q -y -o DPkg::Lock::Timeout=120 install --no-install-recommends \
-        gridengine-master gridengine-exec gridengine-client >/dev/null \
-        || fail "apt-get install gridengine failed"
+    # shellcheck source=scripts/apt-install.sh
+    source "$HERE/apt-install.sh"
+    apt_install 600 gridengine-master gridengine-exec gridengine-client \
+        || fail "the packages could not be installed (above)"
 fi
 [[ -d "$SGE_ROOT/$SGE_CELL/common" ]] || fail "no cell $SGE_ROOT/$SGE_CELL (gridengine's set-up did not run)"
 

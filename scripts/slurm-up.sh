@@ -44,15 +44,9 @@ fi
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     say "installing slurm-wlm and munge with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    # one package index refresh per CI run is enough (the stamp lives in /run: one boot)
-    if ! find /run/sfxflow-apt-updated -mmin -120 2>/dev/null | grep -q .; then
-        timeout 300 apt-get -q -o DPkg::Lock::Timeout=120 update >/dev/null \
-            || fail "apt-get update failed"
-        touch /run/sfxflow-apt-updated
-    fi
-    timeout 600 apt-get -q -y -o DPkg::Lock::Timeout=120 install --no-install-recommends \
-        slurm-wlm munge >/dev/null || fail "apt-get install slurm-wlm munge failed"
+    # shellcheck source=scripts/apt-install.sh
+    source "$HERE/apt-install.sh"
+    apt_install 600 slurm-wlm munge || fail "the packages could not be installed (above)"
 fi
 
 if [[ -e "$CONF" ]] && ! head -n1 "$CONF" | grep -q "$MARKER"; then
