@@ -44,6 +44,11 @@ Vector3 = tuple[float, float, float]
 
 HC_EV_A = 12398.419843320026  # h*c in eV·Å: E[eV] = HC_EV_A / λ[Å]
 
+#: FWHM of a Gaussian in units of its standard deviation (CrystFEL's ``bandwidth`` is a sigma).
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+#: standard deviation of a Gaussian per unit of its FWHM (beam bandwidths are FWHM here).
+FWHM_TO_SIGMA = 1.0 / FWHM_PER_SIGMA
+
 
 def photon_energy_ev_to_wavelength_a(energy_ev: float) -> float:
     """Convert a photon energy in eV to a wavelength in Å.

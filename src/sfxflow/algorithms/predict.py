@@ -43,7 +43,7 @@ import numpy as np
 from numba import njit
 
 from sfxflow.algorithms.geometry import panel_matrices
-from sfxflow.models import Beam, Crystal, Detector
+from sfxflow.models import FWHM_TO_SIGMA, Beam, Crystal, Detector
 from sfxflow.settings import check_fields, setting
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
     "refine_profile",
 ]
 
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _HALF_NORMAL_MEDIAN = 0.6744897501960817
 
 
@@ -125,8 +124,8 @@ class ProfileModel:
     @classmethod
     def for_beam(cls, radius_inv_a: float, beam: Beam) -> ProfileModel:
         return cls(float(radius_inv_a),
-                   beam.bandwidth_fwhm * _FWHM_TO_SIGMA * beam.wavelength_a / 2.0,
-                   beam.divergence_rad * _FWHM_TO_SIGMA)
+                   beam.bandwidth_fwhm * FWHM_TO_SIGMA * beam.wavelength_a / 2.0,
+                   beam.divergence_rad * FWHM_TO_SIGMA)
 
     def width_inv_a(self, q_inv_a: np.ndarray) -> np.ndarray:
         q = np.asarray(q_inv_a, dtype=float)

@@ -44,6 +44,7 @@ from scipy.spatial.transform import Rotation
 
 from sfxflow.algorithms.geometry import miller_indices, predict_spots
 from sfxflow.models import (
+    FWHM_TO_SIGMA,
     Beam,
     Crystal,
     Detector,
@@ -69,7 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 TRUTH_COLUMNS: dict[str, str] = {
     "h": "int32",
@@ -226,7 +226,7 @@ def partiality_width_inv_a(q_inv_a: np.ndarray, beam: Beam, params: SimulationPa
         + (beam.divergence_rad * q) ** 2
         + (beam.bandwidth_fwhm * lam * q * q / 2.0) ** 2
     )
-    return np.sqrt(fwhm2) * _FWHM_TO_SIGMA
+    return np.sqrt(fwhm2) * FWHM_TO_SIGMA
 
 
 # ----------------------------------------------------------------------------- structure
@@ -829,6 +829,6 @@ def sized_crystal_params(params: SimulationParams, size_a: float, detector: Dete
     distance)."""
     distance_mm = abs(detector.mean_distance_mm())
     pixel_mm = detector.panels[0].pixel_size_mm
-    shape_px = _FWHM_TO_SIGMA * beam.wavelength_a / size_a * distance_mm / pixel_mm
+    shape_px = FWHM_TO_SIGMA * beam.wavelength_a / size_a * distance_mm / pixel_mm
     return replace(params, domain_size_a=min(params.domain_size_a, size_a),
                    spot_sigma_px=math.hypot(params.spot_sigma_px, shape_px))

@@ -39,6 +39,7 @@ from scipy.spatial.transform import Rotation
 from sfxflow.algorithms.geometry import miller_indices, predict_spots
 from sfxflow.algorithms.merge.reflections import AsuIndex
 from sfxflow.models import (
+    FWHM_TO_SIGMA,
     Beam,
     Crystal,
     Detector,
@@ -57,7 +58,6 @@ __all__ = [
     "simulate_crystal",
 ]
 
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 OBSERVATION_COLUMNS = (
     "h", "k", "l", "panel", "fs_px", "ss_px", "intensity", "sigma", "background", "peak_pixels",
@@ -301,7 +301,7 @@ def simulate_crystal(
 
     lam_shot = params.wavelength_a * (1.0 + params.wavelength_jitter_rel * rng.standard_normal())
     n_spikes = max(1, int(rng.poisson(params.n_spikes_mean)))
-    lam_spikes = lam_shot * (1.0 + params.bandwidth_fwhm * _FWHM_TO_SIGMA
+    lam_spikes = lam_shot * (1.0 + params.bandwidth_fwhm * FWHM_TO_SIGMA
                              * rng.standard_normal(n_spikes))
     weights = rng.exponential(1.0, n_spikes)
     weights /= weights.sum()
@@ -327,7 +327,7 @@ def simulate_crystal(
 
     # the true recording: every block, every spike
     blocks = _small_rotations(rng, params.n_blocks,
-                              math.radians(params.mosaicity_deg) * _FWHM_TO_SIGMA)
+                              math.radians(params.mosaicity_deg) * FWHM_TO_SIGMA)
     q_true = hkl @ crystal.a_matrix.T
     q_blocks = np.einsum("bij,rj->bri", blocks, q_true)
     t_tab, f_tab = _profile_table(float(params.block_size_a))
@@ -450,8 +450,8 @@ class PhysicalFrames:
     def reach_inv_a(self, q_max_inv_a: float, beam: Beam) -> float:
         """The largest excitation error that still records anything (prediction's reach)."""
         p = self.params
-        bw = 3.0 * p.bandwidth_fwhm * _FWHM_TO_SIGMA * beam.wavelength_a * q_max_inv_a**2 / 2
-        mosaic = 3.0 * math.radians(p.mosaicity_deg) * _FWHM_TO_SIGMA * q_max_inv_a
+        bw = 3.0 * p.bandwidth_fwhm * FWHM_TO_SIGMA * beam.wavelength_a * q_max_inv_a**2 / 2
+        mosaic = 3.0 * math.radians(p.mosaicity_deg) * FWHM_TO_SIGMA * q_max_inv_a
         return bw + mosaic + 4.0 / p.block_size_a
 
     def intensity_and_partiality(self, crystal: Crystal, beam: Beam, hkl: np.ndarray,
@@ -461,12 +461,12 @@ class PhysicalFrames:
         hkl = np.asarray(hkl, dtype=np.int64)
         i_true = self.truth.at(hkl) / self.mean
         n_spikes = max(1, int(rng.poisson(p.n_spikes_mean)))
-        lam = beam.wavelength_a * (1.0 + p.bandwidth_fwhm * _FWHM_TO_SIGMA
+        lam = beam.wavelength_a * (1.0 + p.bandwidth_fwhm * FWHM_TO_SIGMA
                                    * rng.standard_normal(n_spikes))
         weights = rng.exponential(1.0, n_spikes)
         weights /= weights.sum()
         s0 = np.asarray(beam.direction, dtype=float)[None, :] / lam[:, None]
-        blocks = _small_rotations(rng, p.n_blocks, math.radians(p.mosaicity_deg) * _FWHM_TO_SIGMA)
+        blocks = _small_rotations(rng, p.n_blocks, math.radians(p.mosaicity_deg) * FWHM_TO_SIGMA)
         q = hkl.astype(float) @ crystal.a_matrix.T
         q_blocks = np.ascontiguousarray(np.einsum("bij,rj->bri", blocks, q))
         t_tab, f_tab = _profile_table(float(p.block_size_a))

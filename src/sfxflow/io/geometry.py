@@ -50,6 +50,7 @@ import numpy as np
 
 from sfxflow.errors import GeometryError, InputError
 from sfxflow.models import (
+    FWHM_PER_SIGMA,
     Beam,
     Detector,
     Panel,
@@ -98,8 +99,6 @@ _BAD_KEYS = frozenset(
 )
 _VECTOR_TERM = re.compile(r"([+-]?)\s*(\d*\.?\d*(?:[eE][+-]?\d+)?)\s*([xyz])")
 
-#: FWHM of a Gaussian in units of its standard deviation (CrystFEL ``bandwidth`` is a sigma).
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 #: Units and their factors to the internal unit of each referencable quantity.
 _UNITS: dict[str, dict[str, float]] = {

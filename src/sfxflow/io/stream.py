@@ -44,8 +44,9 @@ from sfxflow.io.cellfile import (
     lattice_from_space_group,
     parse_cell_file,
 )
-from sfxflow.io.geometry import FWHM_PER_SIGMA, CrystfelGeometry, parse_geom, read_text
+from sfxflow.io.geometry import CrystfelGeometry, parse_geom, read_text
 from sfxflow.models import (
+    FWHM_PER_SIGMA,
     Beam,
     Crystal,
     CrystalResult,

@@ -32,6 +32,7 @@ import numba
 import numpy as np
 
 from sfxflow.algorithms.merge.reflections import AsuIndex
+from sfxflow.models import FWHM_TO_SIGMA
 from sfxflow.settings import SettingError, check_fields, setting
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 MODELS = ("unity", "partiality")
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 # crystal status codes (kept small: they travel from workers as int8)
 ACCEPTED = 0
@@ -249,7 +249,7 @@ def prepare_shard(
         sigma=sigma[sel] / pol[sel],
         inv_d2=inv_d2,
         eps=eps,
-        bw=lam * params.bandwidth_fwhm * _FWHM_TO_SIGMA / 2.0,
+        bw=lam * params.bandwidth_fwhm * FWHM_TO_SIGMA / 2.0,
         extra={k: np.asarray(v)[sel] for k, v in (extra or {}).items()},
     )
 
@@ -452,7 +452,7 @@ def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParam
     use_p = params.model == "partiality" and not unity_first
     _fit_kernel(shard.offsets, ref, shard.intensity, shard.sigma, shard.inv_d2, shard.eps,
                 shard.bw, use_p, params.radius_grid(),
-                np.radians(np.asarray(params.mosaicity_grid_deg)) * _FWHM_TO_SIGMA,
+                np.radians(np.asarray(params.mosaicity_grid_deg)) * FWHM_TO_SIGMA,
                 params.model_error, params.b_limit_a2, 1.0 / params.b_sigma_a2**2, g, b, r,
                 eta, n, cc)
     status = np.zeros(nc, dtype=np.int8)
@@ -461,7 +461,7 @@ def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParam
     status[(status == ACCEPTED) & (np.abs(b) >= params.b_limit_a2 * 0.999)] = REJECT_B
     status[(status == ACCEPTED) & ~(np.nan_to_num(cc, nan=-2.0) >= params.min_cc)] = REJECT_CC
     return CrystalFits(shard.crystal_ids, operator.astype(np.int16), g, b, r,
-                       np.degrees(eta) / _FWHM_TO_SIGMA, n, cc, status)
+                       np.degrees(eta) / FWHM_TO_SIGMA, n, cc, status)
 
 
 def partiality_of(shard: PreparedShard, fits: CrystalFits, model: str
@@ -472,7 +472,7 @@ def partiality_of(shard: PreparedShard, fits: CrystalFits, model: str
         return one, one
     counts = np.diff(shard.offsets)
     r = np.repeat(fits.radius_inv_a, counts)
-    eta = np.radians(np.repeat(fits.mosaicity_deg, counts)) * _FWHM_TO_SIGMA
+    eta = np.radians(np.repeat(fits.mosaicity_deg, counts)) * FWHM_TO_SIGMA
     w_b = shard.bw * shard.inv_d2
     s2 = r * r + eta * eta * shard.inv_d2 + w_b * w_b
     with np.errstate(invalid="ignore"):
