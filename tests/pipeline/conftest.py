@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -68,3 +73,54 @@ def serial_run(sim_set, tmp_path_factory: pytest.TempPathFactory):
     cfg = load_config(overrides=[*base_overrides(sim_set.geometry_path), "cluster.kind=synchronous"])
     result = run_process([str(p) for p in sim_set.files], str(out), cfg)
     return out, result
+
+
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """Terminate ``procs`` (last started first), killing those that do not stop in 15 s."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@pytest.fixture()
+def dask_cluster(tmp_path):
+    """A real scheduler and two single-threaded workers on 127.0.0.1 (no nanny: a killed worker
+    stays dead): ``(address, worker processes, {worker address: pid})``."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", "127.0.0.1:0"], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(1.0)
+    workers = [subprocess.Popen([DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                 "--no-nanny", "--host", "127.0.0.1", "--name", name,
+                                 "--no-dashboard"], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for name in ("w1", "w2")]
+    procs += workers
+    try:
+        with Client(address, timeout="20s") as client:
+            client.wait_for_workers(2, timeout=60)
+            pids = client.run(os.getpid)
+        yield address, workers, pids
+    finally:
+        stop_processes(procs)

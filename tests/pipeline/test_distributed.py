@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,15 +18,6 @@ from .conftest import base_overrides, comparable, read_frames
 
 pytestmark = [pytest.mark.dask, pytest.mark.slow]
 
-DASK = str(Path(sys.executable).with_name("dask"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_for_workers(address: str, n: int, timeout_s: float = 60.0) -> dict[str, int]:
     """Wait for ``n`` workers; their addresses -> process ids."""
     from distributed import Client
@@ -38,40 +27,8 @@ def _wait_for_workers(address: str, n: int, timeout_s: float = 60.0) -> dict[str
         return client.run(os.getpid)
 
 
-@pytest.fixture()
-def dask_cluster(tmp_path):
-    """A scheduler and two single-threaded workers (no nanny: a killed worker stays dead)."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", "127.0.0.1:0"], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    time.sleep(1.0)
-    workers = []
-    for name in ("w1", "w2"):
-        p = subprocess.Popen([DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
-                              "--no-nanny", "--host", "127.0.0.1", "--name", name,
-                              "--no-dashboard"], env=env, cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        workers.append(p)
-        procs.append(p)
-    try:
-        _wait_for_workers(address, 2)
-        yield address, workers
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
 def test_worker_killed_mid_run_loses_nothing(sim_set, serial_run, dask_cluster, tmp_path):
-    address, workers = dask_cluster
+    address, workers, _ = dask_cluster
     by_pid = {p.pid: p for p in workers}
     pid_of = _wait_for_workers(address, 2)
     killed: list[str] = []
@@ -103,7 +60,7 @@ def test_worker_killed_mid_run_loses_nothing(sim_set, serial_run, dask_cluster, 
 
 
 def test_blocks_run_on_both_workers_with_prefetch(sim_set, serial_run, dask_cluster, tmp_path):
-    address, _ = dask_cluster
+    address, _, _ = dask_cluster
     cfg = load_config(overrides=[*base_overrides(sim_set.geometry_path, frames_per_block=1),
                                  f"cluster.scheduler='{address}'"])
     result = run_process([str(p) for p in sim_set.files], str(tmp_path / "run"), cfg)
@@ -144,7 +101,7 @@ run_process(files, out, load_config(overrides=overrides),
 def test_worker_plugin_goes_when_the_run_ends_or_its_client_dies(sim_set, dask_cluster, tmp_path):
     # before: a killed client left its worker plugin (the run's context and prefetcher) on a
     # long-lived scheduler and its workers
-    address, _ = dask_cluster
+    address, _, _ = dask_cluster
     overrides = [*base_overrides(sim_set.geometry_path, frames_per_block=1),
                  f"cluster.scheduler='{address}'"]
     files = [str(p) for p in sim_set.files]

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import gemmi
@@ -203,50 +199,6 @@ def test_p63_ambiguity_resolution_restores_the_cc_to_truth(tmp_path):
 
 
 # ----------------------------------------------------------------------------- on Dask
-
-DASK = str(Path(sys.executable).with_name("dask"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture()
-def dask_cluster(tmp_path):
-    """A scheduler and two single-threaded workers (no nanny: a killed worker stays dead)."""
-    from distributed import Client
-
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
-           "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", "127.0.0.1:0"], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    time.sleep(1.0)
-    workers = [subprocess.Popen([DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                 "--no-nanny", "--host", "127.0.0.1", "--name", name,
-                                 "--no-dashboard"], env=env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for name in ("w1", "w2")]
-    procs += workers
-    try:
-        with Client(address, timeout="20s") as client:
-            client.wait_for_workers(2, timeout=60)
-            pids = client.run(os.getpid)
-        yield address, workers, pids
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
 
 @pytest.mark.dask
 @pytest.mark.slow

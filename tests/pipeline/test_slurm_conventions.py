@@ -5,7 +5,6 @@ scheduler, and that a shared scheduler is left as it was found."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from sfxflow.pipeline.cluster import job_script
 from sfxflow.pipeline.config import ClusterConfig, load_config
 from sfxflow.pipeline.run import run_process
 
-from .conftest import base_overrides, comparable, read_frames
+from .conftest import base_overrides, comparable, free_port, read_frames, stop_processes
 
 SITE_JOBQUEUE_YAML = """\
 jobqueue:
@@ -113,12 +112,6 @@ def test_missing_scheduler_file_is_a_user_error(tmp_path, capsys):
     assert rc == 2 and "none.json: no such file" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.dask
 @pytest.mark.slow
 def test_shared_scheduler_is_left_as_found(sim_set, serial_run, tmp_path):
@@ -129,7 +122,7 @@ def test_shared_scheduler_is_left_as_found(sim_set, serial_run, tmp_path):
     dask_cli = str(Path(sys.executable).with_name("dask"))
     sched_file = tmp_path / "scheduler.json"
     procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port",
-                               str(_free_port()), "--dashboard-address", "127.0.0.1:0",
+                               str(free_port()), "--dashboard-address", "127.0.0.1:0",
                                "--scheduler-file", str(sched_file)],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
@@ -159,10 +152,4 @@ def test_shared_scheduler_is_left_as_found(sim_set, serial_run, tmp_path):
             assert plugins and not any(name.startswith("sfxflow-run-")
                                        for names in plugins.values() for name in names)
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
