@@ -25,7 +25,10 @@ SERIAL = ClusterConfig(kind="synchronous")
 CELL = "42.37 42.37 39.69 90 90 90"
 SG = "P 41 21 2"
 SHELL_KEYS = {"d_max_a", "d_min_a", "n_obs", "n_unique", "n_possible", "completeness",
-              "multiplicity", "mean_i_over_sigma", "cc_half", "cc_star", "r_split", "cc_truth"}
+              "multiplicity", "mean_i_over_sigma", "n_pairs", "cc_half", "cc_star", "r_split",
+              "n_pairs_aimless", "cc_half_aimless", "cc_star_aimless", "n_pairs_ano", "cc_ano",
+              "n_possible_acentric", "anomalous_completeness", "anomalous_multiplicity",
+              "cc_truth"}
 
 
 def make_truth(cell: str = CELL, sg: str = SG, d_min: float = 2.5, seed: int = 0

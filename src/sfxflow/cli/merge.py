@@ -13,9 +13,13 @@ DESCRIPTION = HELP + """
 
 INPUT is an sfxflow run directory (local or s3://, its shards/*.reflections.parquet) or a
 CrystFEL stream with integrated reflections. Writes OUT/merged.mtz (IMEAN SIGIMEAN I(+) SIGI(+)
-I(-) SIGI(-) N), OUT/merged.hkl (CrystFEL reflection list), OUT/scaled/*.parquet (scaled
+I(-) SIGI(-) N), OUT/merged.hkl (CrystFEL reflection list) with its two half-data sets
+OUT/merged.hkl1 and OUT/merged.hkl2 (for compare_hkl), OUT/scaled/*.parquet (scaled
 observations), OUT/crystals.parquet (per-crystal scale, B, profile, rejections) and
-OUT/stats.json, and prints the statistics per resolution shell.
+OUT/stats.json, and prints the statistics per resolution shell (with the number of half-set
+pairs behind each CC1/2; '-' where fewer than 20) and a resolution estimate: where CC1/2 falls
+to 0.3 (tanh fit, as dials.estimate_resolution) and <I/sigma> to 1. --d-min-a cuts the merged
+data and the statistics at a resolution.
 
 Runs on Dask like `process`: a local cluster by default, --scheduler to join one (or
 'synchronous' to run in this process), --cluster slurm|sge|pbs for a batch system.
@@ -25,6 +29,7 @@ Examples:
   sfxflow merge run.stream --space-group C222 --out merged --model unity
   sfxflow merge s3://bucket/run7 --endpoint-url http://127.0.0.1:9000 --out s3://bucket/merge7
   sfxflow merge sim-run --truth reference.mtz --out m --iterations 6 --set merge.min_cc=0.1
+  sfxflow merge results/run1 --out results/run1/merge-2.7A --d-min-a 2.7
   sfxflow merge run1 --out m --scheduler tcp://node1:8786 --print-config
 """
 

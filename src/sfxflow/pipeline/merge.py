@@ -20,6 +20,7 @@ The client holds per-reflection arrays and per-crystal results, never the observ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -60,6 +61,9 @@ from sfxflow.algorithms.merge.scale import (
     scaled_observations,
 )
 from sfxflow.algorithms.merge.statistics import (
+    balanced_halves,
+    estimate_resolution,
+    format_estimate,
     format_table,
     merge_sums,
     pearson,
@@ -68,7 +72,7 @@ from sfxflow.algorithms.merge.statistics import (
 )
 from sfxflow.algorithms.simulate_physical import TrueIntensities
 from sfxflow.errors import InputError
-from sfxflow.io.hkl import write_hkl
+from sfxflow.io.hkl import write_half_hkls, write_hkl
 from sfxflow.io.mtz import MergedColumns, write_merged_mtz
 from sfxflow.io.observations import ShardSpec, discover_shards, read_shard
 from sfxflow.io.results import RunDir, parquet_bytes
@@ -174,9 +178,12 @@ def _cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
 def _final_pass(shard: PreparedShard, fits: CrystalFits, reference: Reference,
                 params: MergeParams, accepted: np.ndarray | None, n_codes: int,
                 index: AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None,
-                number: int) -> tuple[ShardSums, pa.Table]:
+                number: int, half: np.ndarray | None = None) -> tuple[ShardSums, pa.Table]:
     """The merge with the last cycle's fits and the error model fitted on that cycle: the
-    per-reflection sums, and the shard's scaled observations written to ``scaled/``."""
+    per-reflection sums, and the shard's scaled observations written to ``scaled/``.
+    ``half``: the crystals' half-sets for the statistics (default: the shard's own)."""
+    if half is not None:
+        shard = dataclasses.replace(shard, half=half)
     ok = fits.status == ACCEPTED
     if accepted is not None:
         ok &= accepted
@@ -470,11 +477,13 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         if on_cycle is not None:
             on_cycle(it + 1)
 
-    # the merge itself: the last fits with the error model fitted on them
+    # the merge itself: the last fits with the error model fitted on them, and half-sets that
+    # split the merged crystals evenly (seeded)
     t0 = time.perf_counter()
     ref_f = ex.scatter(reference)
+    halves = _balanced_halves(accepted, params.seed)
     tasks = [ex.submit(_final_pass, p, fits_all[i], ref_f, params, accepted[i], n_codes, index,
-                       out.url, storage_options, specs[i].number)
+                       out.url, storage_options, specs[i].number, halves[i])
              for i, p in enumerate(prepared)]
     sums = ex.reduce_sum([ex.submit(operator.itemgetter(0), t) for t in tasks])
     metas = ex.gather([ex.submit(operator.itemgetter(1), t) for t in tasks])
@@ -499,6 +508,7 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
             ambiguity["cc_truth_by_operator"] = ccs
             ambiguity["truth_operator"] = best
     overall, shells = shell_statistics(index, merged, params.n_shells, truth_asu)
+    estimate = estimate_resolution(shells)
     for code, reason in REASONS.items():
         n = int(np.sum(final.status == code))
         if n:
@@ -511,6 +521,8 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         "n_crystals_merged": int(np.sum(final.status == ACCEPTED)),
         "rejected": dict(rejected), "overall": overall, "shells": shells,
         "wilson": wilson_b(index, merged.imean),
+        "resolution_estimate": estimate,
+        "half_sets": _half_set_counts(halves, accepted, params.seed),
         "n_observations": n_obs_total, "n_outliers": sums.n_outliers,
         "n_low_partiality": sums.n_low_partiality,
         "normalised_deviation_rms": final_rms,
@@ -527,8 +539,31 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
     }
     crystals = _crystals_table(final, metas)
     _write_outputs(out, index, merged, uc, sg, wavelength, stats, crystals)
-    table = format_table(overall, shells)
+    table = format_table(overall, shells) + "\n" + format_estimate(estimate)
     return MergeResult(out.url, stats, table, crystals)
+
+
+def _balanced_halves(accepted: list[np.ndarray | None], seed: int) -> list[np.ndarray]:
+    """Half-sets splitting the accepted crystals of all shards evenly; rejected crystals
+    (merged into neither) in half 0."""
+    ok = [np.asarray(a, dtype=bool) for a in accepted]
+    split = balanced_halves([int(a.sum()) for a in ok], seed)
+    out = []
+    for a, h in zip(ok, split, strict=True):
+        half = np.zeros(a.shape[0], dtype=np.int8)
+        half[a] = h
+        out.append(half)
+    return out
+
+
+def _half_set_counts(halves: list[np.ndarray], accepted: list[np.ndarray | None], seed: int
+                     ) -> dict:
+    n = [0, 0]
+    for h, a in zip(halves, accepted, strict=True):
+        ok = np.asarray(a, dtype=bool)
+        n[0] += int(np.sum(ok & (h == 0)))
+        n[1] += int(np.sum(ok & (h == 1)))
+    return {"n_crystals": n, "seed": seed}
 
 
 def _truth_on(index: AsuIndex, truth: TrueIntensities,
@@ -569,6 +604,9 @@ def _write_outputs(out: RunDir, index: AsuIndex, merged: Any, uc: gemmi.UnitCell
         hkl = Path(tmp) / "merged.hkl"
         write_hkl(hkl, sg, cols)
         out.write_bytes("merged.hkl", hkl.read_bytes())
+        # the two half-data sets behind CC1/2, named as partialator names them
+        for half in write_half_hkls(Path(tmp) / "merged", sg, index.hkl, merged):
+            out.write_bytes(half.name, half.read_bytes())
     out.write_bytes("crystals.parquet", parquet_bytes(crystals))
     out.write_text("stats.json", json.dumps(_finite(stats), indent=1) + "\n")
 

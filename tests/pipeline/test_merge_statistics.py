@@ -1,0 +1,146 @@
+"""The merge's statistics end to end: stats.json keys, balanced half-sets, the half-data sets
+``merged.hkl1``/``merged.hkl2`` checked by CrystFEL 0.12's compare_hkl, and ``--d-min-a``."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import pytest
+
+from sfxflow.algorithms.layouts import simple
+from sfxflow.algorithms.merge.reflections import d_spacing_a
+from sfxflow.algorithms.merge.scale import MergeParams
+from sfxflow.algorithms.merge.statistics import MIN_PAIRS
+from sfxflow.algorithms.simulate_physical import PhysicalParams, TrueIntensities
+from sfxflow.io.cellfile import format_cell_file, lattice_from_space_group
+from sfxflow.io.hkl import read_hkl
+from sfxflow.io.observations import write_simulated_observations
+from sfxflow.pipeline.config import ClusterConfig
+from sfxflow.pipeline.merge import run_merge
+
+SERIAL = ClusterConfig(kind="synchronous")
+CELL = "42.37 42.37 39.69 90 90 90"
+SG = "P 41 21 2"
+N_SHELLS = 8
+#: compare_hkl reads the half-set files we write (7 significant digits) in single precision
+TOLERANCE = 2e-3
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory) -> Path:
+    uc, group = gemmi.UnitCell(*map(float, CELL.split())), gemmi.SpaceGroup(SG)
+    hkl = np.asarray(gemmi.make_miller_array(uc, group, 2.5, 0, True))
+    rng = np.random.default_rng(0)
+    d = d_spacing_a(uc, hkl)
+    i = rng.exponential(1000.0, len(hkl)) * np.exp(-15.0 / (2 * d * d))
+    truth = TrueIntensities.from_arrays(uc, group, hkl, i, i)
+    root = tmp_path_factory.mktemp("merge-stats")
+    # 35 crystals in 3 shards: an independent coin per crystal would split them unevenly
+    write_simulated_observations(str(root / "run"), truth, simple(80.0, 0.1, 3000),
+                                 PhysicalParams(d_min_a=2.5, scale_photons=0.2), 35, 5,
+                                 n_shards=3)
+    out = root / "merge"
+    run_merge([str(root / "run")], str(out),
+              MergeParams(model="unity", iterations=2, n_shells=N_SHELLS), SERIAL)
+    return out
+
+
+def test_stats_json_has_pairs_both_cc_halves_anomalous_and_an_estimate(merged):
+    stats = json.loads((merged / "stats.json").read_text())
+    for s in [stats["overall"], *stats["shells"]]:
+        for key in ("n_pairs", "cc_half", "cc_star", "r_split", "n_pairs_aimless",
+                    "cc_half_aimless", "cc_star_aimless", "n_pairs_ano", "cc_ano",
+                    "anomalous_completeness", "anomalous_multiplicity", "mean_i_over_sigma"):
+            assert key in s
+        # the aimless convention (>= 1 per half) counts at least the CrystFEL pairs
+        assert s["n_pairs_aimless"] >= s["n_pairs"]
+        if s["n_pairs"] < MIN_PAIRS:
+            assert s["cc_half"] is None
+    assert len(stats["shells"]) == N_SHELLS
+    a, b = stats["half_sets"]["n_crystals"]
+    assert abs(a - b) <= 1 and a + b == stats["n_crystals_merged"]
+    est = stats["resolution_estimate"]
+    for key in ("cc_half", "i_over_sigma"):
+        assert set(est[key]) >= {"d_min_a", "limit", "reached", "fitted"}
+        d = est[key]["d_min_a"]
+        assert d is None or stats["overall"]["d_min_a"] - 1e-6 <= d
+    # the first shell starts at the lowest-resolution reflection measured, not at c = 39.7 A
+    hkl = read_hkl(merged / "merged.hkl")[1]
+    d_obs = d_spacing_a(gemmi.UnitCell(*stats["cell"]), hkl)
+    assert stats["shells"][0]["d_max_a"] >= d_obs.max() - 1e-6
+    assert stats["shells"][0]["d_max_a"] < 39.0
+
+
+def _compare_hkl(tool: Path, merged: Path, stats: dict, fom: str, tmp_path: Path
+                 ) -> list[tuple[float, float, int]]:
+    """(d of the shell centre in A, value, pairs) per shell from compare_hkl's --shell-file
+    (columns: 1/d centre, value, nref, d, min and max 1/d)."""
+    sg = gemmi.SpaceGroup(stats["space_group"])
+    cell = gemmi.UnitCell(*stats["cell"])
+    (tmp_path / "cell.cell").write_text(format_cell_file(cell, lattice_from_space_group(sg)))
+    shells = tmp_path / f"{fom}.dat"
+    overall = stats["overall"]
+    # our outermost edges are reflections; widen them a hair so that rounding (the cell file
+    # has 4 decimals) keeps them inside
+    cmd = [str(tool), str(merged / "merged.hkl1"), str(merged / "merged.hkl2"),
+           "-y", _symmetry_of(merged), "-p", str(tmp_path / "cell.cell"), f"--fom={fom}",
+           f"--nshells={len(stats['shells'])}", "-u",
+           f"--lowres={overall['d_max_a'] * (1 + 1e-5):.9f}",
+           f"--highres={overall['d_min_a'] * (1 - 1e-5):.9f}", f"--shell-file={shells}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = []
+    for line in shells.read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 6:
+            rows.append((float(f[3]), float(f[1]), int(f[2])))
+    return rows
+
+
+def _symmetry_of(merged: Path) -> str:
+    return read_hkl(merged / "merged.hkl1")[0]
+
+
+def test_compare_hkl_reproduces_our_cc_half_cc_star_and_rsplit_per_shell(merged, tmp_path,
+                                                                         shared_data):
+    tool = shared_data.parent / "peers" / "crystfel-0.12" / "bin" / "compare_hkl"
+    if not tool.exists():
+        pytest.skip(f"CrystFEL 0.12 compare_hkl not found at {tool}")
+    probe = subprocess.run([str(tool), "--version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("compare_hkl does not run here (missing Debian libraries? see "
+                    f"../shared/peers/README.md): {probe.stderr.strip()[:200]}")
+    stats = json.loads((merged / "stats.json").read_text())
+    ours = stats["shells"]
+    for fom, key, scale in (("cc", "cc_half", 1.0), ("ccstar", "cc_star", 1.0),
+                            ("rsplit", "r_split", 100.0)):
+        theirs = _compare_hkl(tool, merged, stats, fom, tmp_path)
+        assert len(theirs) == len(ours), (fom, theirs)
+        for mine, (d_centre, value, n_pairs) in zip(ours, theirs, strict=True):
+            assert mine["d_min_a"] <= d_centre <= mine["d_max_a"]  # the same shell
+            assert n_pairs == mine["n_pairs"], (fom, d_centre)  # the same reflections
+            if mine[key] is None:  # a thin shell we blank: compare_hkl still has a number
+                assert mine["n_pairs"] < MIN_PAIRS
+                continue
+            assert value / scale == pytest.approx(mine[key], abs=TOLERANCE), (fom, d_centre)
+
+
+def test_d_min_a_cuts_the_merged_data_and_the_statistics(merged, tmp_path):
+    run = merged.parent / "run"
+    out = tmp_path / "cut"
+    result = run_merge([str(run)], str(out),
+                       MergeParams(model="unity", iterations=2, n_shells=4, d_min_a=3.2), SERIAL)
+    stats = result.stats
+    assert stats["overall"]["d_min_a"] >= 3.2 and stats["shells"][-1]["d_min_a"] >= 3.2
+    for name in ("merged.hkl", "merged.hkl1", "merged.hkl2"):
+        hkl = read_hkl(out / name)[1]
+        assert (d_spacing_a(gemmi.UnitCell(*stats["cell"]), hkl) >= 3.2 - 1e-9).all()
+    mtz = gemmi.read_mtz_file(str(out / "merged.mtz"))
+    assert mtz.resolution_high() >= 3.2 - 1e-6
+    assert not math.isnan(stats["overall"]["n_unique"])
+    assert "resolution estimate" in result.table
