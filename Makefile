@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-run
 
-.PHONY: demo test install lint typecheck bench clean container-check browser container slurm-up slurm-down sge-up sge-down
+.PHONY: demo test install lint typecheck bench clean container-check browser peers container slurm-up slurm-down sge-up sge-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+
+# Debian libraries of the CrystFEL 0.12 peers in ../shared/peers (compare_hkl, partialator tests).
+peers:
+	bash scripts/install-peer-libs.sh
 
 # Headless Chromium for the report's browser test (Debian's package; .ci/run calls this too).
 browser:

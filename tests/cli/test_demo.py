@@ -24,6 +24,8 @@ def test_demo_small_serial(tmp_path, capsys):
     # it ends with the merged data and its statistics table
     assert (tmp_path / "demo" / "run" / "merge" / "merged.mtz").exists()
     assert "CC1/2" in out and "merged.mtz" in out
+    # with the half-set pairs behind each CC1/2, and a resolution estimate
+    assert "pairs" in out and "resolution estimate:" in out
 
 
 def test_demo_rejects_bad_counts(tmp_path, capsys):
