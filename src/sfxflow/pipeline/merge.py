@@ -111,8 +111,8 @@ def _summarise(data: Any) -> dict:
             "inv_d2_max": inv_d2_max, "lattice_space_group": data.lattice_space_group}
 
 
-def _prepare(data: Any, index: AsuIndex, operators: list[np.ndarray], params: MergeParams
-             ) -> PreparedShard:
+def _prepare(data: Any, index: AsuIndex, operators: list[np.ndarray], params: MergeParams,
+             half: np.ndarray | None = None) -> PreparedShard:
     extra = {"crystal_source": np.asarray(data.source_url, dtype=object),
              "crystal_frame": data.frame_index, "crystal_number": data.crystal}
     shard = prepare_shard(data.crystal_ids, data.a_matrices, data.wavelengths_a,
@@ -120,6 +120,8 @@ def _prepare(data: Any, index: AsuIndex, operators: list[np.ndarray], params: Me
                           data.polarisation, index, operators, params)
     # per-crystal metadata rides along (not per observation)
     shard.extra.update(extra)
+    if half is not None:  # a balanced split over every shard's crystals
+        shard = dataclasses.replace(shard, half=half)
     return shard
 
 
@@ -396,7 +398,9 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
     echo(f"{len(specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
          f"{' '.join(f'{x:.2f}' for x in uc.parameters)}, {len(index)} unique reflections to "
          f"{d_min:.2f} A; {len(operators) - 1} ambiguity operator(s)")
-    prepared = [ex.submit(_prepare, d, index, operators, params) for d in data]
+    halves = balanced_halves([s["n_crystals"] for s in summaries], params.seed)
+    prepared = [ex.submit(_prepare, d, index, operators, params, h)
+                for d, h in zip(data, halves, strict=True)]
     del data
     n_codes = 2 * len(index)
 
