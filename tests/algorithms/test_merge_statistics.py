@@ -17,6 +17,7 @@ from sfxflow.algorithms.merge.statistics import (
     estimate_resolution,
     format_estimate,
     format_table,
+    halves_of_accepted,
     merge_sums,
     shell_edges,
     shell_statistics,
@@ -49,6 +50,16 @@ def test_balanced_halves_split_evenly_and_repeat_with_the_seed():
     other = balanced_halves([10, 13, 11], seed=4)
     assert not all(np.array_equal(a, b) for a, b in zip(halves, other, strict=True))
     assert int(sum(h.sum() for h in balanced_halves([7], 0))) == 4  # odd: 3/4
+
+
+def test_half_sets_balance_the_accepted_crystals_only():
+    rng = np.random.default_rng(5)
+    accepted = [rng.random(n) < 0.7 for n in (12, 9, 20)]
+    halves, (n_a, n_b) = halves_of_accepted(accepted, seed=1)
+    n_ok = int(sum(a.sum() for a in accepted))
+    assert n_a + n_b == n_ok and n_b - n_a in (0, 1)
+    in_b = sum(int(h[a].sum()) for h, a in zip(halves, accepted, strict=True))
+    assert in_b == n_b and all(h[~a].sum() == 0 for h, a in zip(halves, accepted, strict=True))
 
 
 def test_shells_start_at_the_lowest_resolution_reflection_observed(index):

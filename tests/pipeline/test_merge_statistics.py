@@ -27,8 +27,9 @@ SERIAL = ClusterConfig(kind="synchronous")
 CELL = "42.37 42.37 39.69 90 90 90"
 SG = "P 41 21 2"
 N_SHELLS = 8
-#: compare_hkl reads the half-set files we write (7 significant digits) in single precision
-TOLERANCE = 2e-3
+#: CC1/2, CC* and Rsplit (a fraction): compare_hkl reads our 7-digit half-set files in single
+#: precision; the two agree to about 1e-6 in practice
+TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")

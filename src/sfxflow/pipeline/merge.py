@@ -65,6 +65,7 @@ from sfxflow.algorithms.merge.statistics import (
     estimate_resolution,
     format_estimate,
     format_table,
+    halves_of_accepted,
     merge_sums,
     pearson,
     shell_statistics,
@@ -485,7 +486,7 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
     # split the merged crystals evenly (seeded)
     t0 = time.perf_counter()
     ref_f = ex.scatter(reference)
-    halves = _balanced_halves(accepted, params.seed)
+    halves, n_half = halves_of_accepted(accepted, params.seed)
     tasks = [ex.submit(_final_pass, p, fits_all[i], ref_f, params, accepted[i], n_codes, index,
                        out.url, storage_options, specs[i].number, halves[i])
              for i, p in enumerate(prepared)]
@@ -526,7 +527,7 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
         "rejected": dict(rejected), "overall": overall, "shells": shells,
         "wilson": wilson_b(index, merged.imean),
         "resolution_estimate": estimate,
-        "half_sets": _half_set_counts(halves, accepted, params.seed),
+        "half_sets": {"n_crystals": n_half, "seed": params.seed},
         "n_observations": n_obs_total, "n_outliers": sums.n_outliers,
         "n_low_partiality": sums.n_low_partiality,
         "normalised_deviation_rms": final_rms,
@@ -545,29 +546,6 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
     _write_outputs(out, index, merged, uc, sg, wavelength, stats, crystals)
     table = format_table(overall, shells) + "\n" + format_estimate(estimate)
     return MergeResult(out.url, stats, table, crystals)
-
-
-def _balanced_halves(accepted: list[np.ndarray | None], seed: int) -> list[np.ndarray]:
-    """Half-sets splitting the accepted crystals of all shards evenly; rejected crystals
-    (merged into neither) in half 0."""
-    ok = [np.asarray(a, dtype=bool) for a in accepted]
-    split = balanced_halves([int(a.sum()) for a in ok], seed)
-    out = []
-    for a, h in zip(ok, split, strict=True):
-        half = np.zeros(a.shape[0], dtype=np.int8)
-        half[a] = h
-        out.append(half)
-    return out
-
-
-def _half_set_counts(halves: list[np.ndarray], accepted: list[np.ndarray | None], seed: int
-                     ) -> dict:
-    n = [0, 0]
-    for h, a in zip(halves, accepted, strict=True):
-        ok = np.asarray(a, dtype=bool)
-        n[0] += int(np.sum(ok & (h == 0)))
-        n[1] += int(np.sum(ok & (h == 1)))
-    return {"n_crystals": n, "seed": seed}
 
 
 def _truth_on(index: AsuIndex, truth: TrueIntensities,

@@ -49,8 +49,8 @@ from sfxflow.algorithms.merge.reflections import AsuIndex
 from sfxflow.algorithms.merge.scale import ErrorModel, Reference, ShardSums
 
 __all__ = ["MIN_PAIRS", "Merged", "balanced_halves", "cc_star", "estimate_resolution",
-           "format_estimate", "format_table", "merge_sums", "pearson", "shell_edges",
-           "shell_statistics", "wilson_b"]
+           "format_estimate", "format_table", "halves_of_accepted", "merge_sums", "pearson",
+           "shell_edges", "shell_of", "shell_statistics", "wilson_b"]
 
 #: fewer pairs than this (or merged reflections, for <I/σ(I)>) and a shell shows ``-``
 MIN_PAIRS = 20
@@ -203,6 +203,26 @@ def balanced_halves(counts: list[int] | np.ndarray, seed: int) -> list[np.ndarra
     half = np.zeros(total, dtype=np.int8)
     half[order[total // 2:]] = 1
     return list(np.split(half, np.cumsum(counts)[:-1])) if counts else []
+
+
+def halves_of_accepted(accepted: list[np.ndarray | None], seed: int
+                       ) -> tuple[list[np.ndarray], list[int]]:
+    """Half-sets (one array per shard) that split the accepted crystals of every shard evenly
+    (:func:`balanced_halves`), and the two halves' sizes; rejected crystals, merged into
+    neither, are put in half 0.
+
+    >>> halves, n = halves_of_accepted([np.array([True, False, True]), np.array([True, True])], 0)
+    >>> n, [h.size for h in halves]
+    ([2, 2], [3, 2])
+    """
+    ok = [np.asarray(a, dtype=bool) for a in accepted]
+    halves = []
+    for a, h in zip(ok, balanced_halves([int(a.sum()) for a in ok], seed), strict=True):
+        half = np.zeros(a.shape[0], dtype=np.int8)
+        half[a] = h
+        halves.append(half)
+    n_b = int(sum(int(h[a].sum()) for h, a in zip(halves, ok, strict=True)))
+    return halves, [int(sum(a.sum() for a in ok)) - n_b, n_b]
 
 
 def _r_split(a: np.ndarray, b: np.ndarray) -> float:
