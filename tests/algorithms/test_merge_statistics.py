@@ -65,17 +65,18 @@ def test_half_sets_balance_the_accepted_crystals_only():
 def test_shells_start_at_the_lowest_resolution_reflection_observed(index):
     rng = np.random.default_rng(0)
     seen = np.flatnonzero((index.d_a < 12.0) & (index.d_a > 2.2))
-    code = np.repeat(2 * seen, 4)
-    half = np.tile([0, 0, 1, 1], seen.size)
+    once = np.flatnonzero(index.d_a < 2.1)[:5]  # seen once each: nothing to merge
+    code = np.concatenate([np.repeat(2 * seen, 4), 2 * once])
+    half = np.concatenate([np.tile([0, 0, 1, 1], seen.size), np.zeros(once.size, int)])
     truth = rng.exponential(100.0, len(index))
     merged = merge_sums(sums_of(len(index), code, truth[code // 2], half))
     overall, shells = shell_statistics(index, merged, 6)
     assert overall["d_max_a"] == pytest.approx(index.d_a[seen].max())  # not the cell's 60 A
-    assert overall["d_min_a"] == pytest.approx(index.d_a[seen].min())
+    assert overall["d_min_a"] == pytest.approx(index.d_a[seen].min())  # not 2.1 A
     assert shells[0]["d_max_a"] == overall["d_max_a"] and shells[-1]["d_min_a"] == \
         overall["d_min_a"]
     # equal reciprocal-space volumes, as compare_hkl's shells
-    edges = shell_edges(index, 6, measured=merged.n_any > 0)
+    edges = shell_edges(index, 6, measured=merged.n > 0)
     assert np.allclose(np.diff(edges**1.5), np.diff(edges**1.5)[0])
     assert overall["completeness"] == pytest.approx(1.0)
     assert sum(s["n_unique"] for s in shells) == seen.size == overall["n_unique"]

@@ -3,7 +3,8 @@ resolution estimate.
 
 Shells: ``n_shells`` shells of equal reciprocal-space volume (equal steps of 1/d³, as CrystFEL's
 compare_hkl makes them) between the lowest- and the highest-resolution reflection actually
-observed, so the first shell starts where the data start, not at the cell's longest axis. Per
+merged, so the first shell starts where the data start, not at the cell's longest axis, and no
+shell holds only reflections seen too few times to merge. Per
 shell and overall:
 
 - observations, unique reflections measured, possible, completeness, multiplicity, and the mean
@@ -65,8 +66,8 @@ class Merged:
 
     ``imean``/``i_plus``/``i_minus`` and the half-set means ``i_half_a``/``i_half_b`` (with
     their σ and counts) are left out below ``min_measurements`` observations, as partialator
-    does; ``n_any`` counts every observation. The ``*_any`` half-set means and the half-set
-    Friedel means (``i_plus_a`` ...) take one observation (the aimless/DIALS convention).
+    does. The ``*_any`` half-set means and the half-set Friedel means (``i_plus_a`` ...)
+    take one observation (the aimless/DIALS convention).
     """
 
     imean: np.ndarray
@@ -84,7 +85,6 @@ class Merged:
     sigi_half_b: np.ndarray
     n_half_a: np.ndarray
     n_half_b: np.ndarray
-    n_any: np.ndarray
     i_half_a_any: np.ndarray
     i_half_b_any: np.ndarray
     i_plus_a: np.ndarray
@@ -150,7 +150,7 @@ def merge_sums(sums: ShardSums, min_measurements: int = 2) -> Merged:
         imean=imean, sigimean=sigimean, n=n, i_plus=i_plus, sigi_plus=sigi_plus, n_plus=n_plus,
         i_minus=i_minus, sigi_minus=sigi_minus, n_minus=n_minus,
         i_half_a=i_a, i_half_b=i_b, sigi_half_a=s_a, sigi_half_b=s_b, n_half_a=n_a,
-        n_half_b=n_b, n_any=pair(sums.n).astype(np.int64),
+        n_half_b=n_b,
         i_half_a_any=mean(pair(sums.swi_a), pair(sums.sw_a), pair(sums.n_a), 1)[0],
         i_half_b_any=mean(pair(sums.swi_b), pair(sums.sw_b), pair(sums.n_b), 1)[0],
         i_plus_a=mean(sums.swi_a[0::2], sums.sw_a[0::2], sums.n_a[0::2], 1)[0],
@@ -319,13 +319,17 @@ def shell_statistics(index: AsuIndex, merged: Merged, n_shells: int,
                      min_pairs: int = MIN_PAIRS) -> tuple[dict, list[dict]]:
     """(overall, per shell) statistics, as in ``stats.json`` (docs/run-directory.md).
 
-    Shells span the reflections observed at all (``merged.n_any``), from the lowest- to the
+    Shells span the merged reflections and half-set pairs, from the lowest- to the
     highest-resolution one (to ``d_min_a`` where given). ``truth`` is the true
     Friedel-averaged intensity per asymmetric-unit reflection (NaN where unknown), or
     ``None``. Figures from fewer than ``min_pairs`` pairs (or reflections) are NaN.
     """
     inv = 1.0 / index.d_a**2
-    edges = shell_edges(index, n_shells, d_min_a, measured=merged.n_any > 0)
+    # and every half-set pair (one observation in each half makes a merged value only where
+    # min_measurements is 2 or less)
+    measured = (merged.n > 0) | (np.isfinite(merged.i_half_a_any)
+                                 & np.isfinite(merged.i_half_b_any))
+    edges = shell_edges(index, n_shells, d_min_a, measured=measured)
     shell = shell_of(inv, edges)
     with np.errstate(divide="ignore"):
         d_edges = [float(x) for x in 1.0 / np.sqrt(edges)]
