@@ -145,3 +145,20 @@ def test_d_min_a_cuts_the_merged_data_and_the_statistics(merged, tmp_path):
     assert mtz.resolution_high() >= 3.2 - 1e-6
     assert not math.isnan(stats["overall"]["n_unique"])
     assert "resolution estimate" in result.table
+
+
+def test_merge_json_prints_valid_json_with_null_for_blank_shells(merged, tmp_path, capsys):
+    from sfxflow.cli import main
+
+    rc = main(["merge", str(merged.parent / "run"), "--out", str(tmp_path / "j"), "--scheduler",
+               "synchronous", "--model", "unity", "--iterations", "1", "--n-shells", "12",
+               "--json"])
+    assert rc == 0
+
+    def no_nan(name: str) -> None:
+        raise AssertionError(f"{name} in --json output")
+
+    stats = json.loads(capsys.readouterr().out, parse_constant=no_nan)
+    thin = [s for s in stats["shells"] if s["n_pairs"] < MIN_PAIRS]
+    assert thin and all(s["cc_half"] is None and s["r_split"] is None for s in thin)
+    assert "resolution_estimate" in stats

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from sfxflow.errors import InputError
@@ -97,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
     for page in result.reports:
         print(f"report: {page}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.stats, indent=1, default=str))
+        # the file as written: valid JSON (null, not NaN, for what cannot be computed)
+        from sfxflow.io.results import RunDir
+
+        print(RunDir(result.out_url, storage_options).read_text("stats.json"), end="")
         return 0
     s = result.stats
     print(f"{s['n_crystals_merged']} of {s['n_crystals_input']} crystals merged ({s['model']}); "
