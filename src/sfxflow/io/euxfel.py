@@ -16,6 +16,7 @@ hold them. Frames whose modules are missing from a train read as NaN and fail at
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,31 @@ def is_euxfel_run(path: str | Path) -> bool:
         return False
 
 
+#: runs opened recently (each block of a run opens it again; opening lists and indexes every
+#: sequence file), keyed by folder and the newest modification time of its files
+_RUNS: OrderedDict[tuple[str, int], Any] = OrderedDict()
+_MAX_RUNS = 4
+
+
+def _open_run(ed: Any, url: str) -> Any:
+    folder = Path(url)
+    try:
+        stamp = max((c.stat().st_mtime_ns for c in folder.iterdir()), default=0)
+    except OSError as exc:
+        raise SourceError(url, f"cannot list the run folder ({exc})") from exc
+    key = (str(folder.resolve()), stamp)
+    run = _RUNS.get(key)
+    if run is None:
+        try:
+            run = ed.RunDirectory(url)
+        except Exception as exc:  # extra-data raises plain Exceptions for unreadable runs
+            raise SourceError(url, f"not a readable European XFEL run ({exc})") from exc
+        _RUNS[key] = run
+        while len(_RUNS) > _MAX_RUNS:
+            _RUNS.popitem(last=False)
+    return run
+
+
 class EuXfelRunSource(ImageSource):
     """The frames of one European XFEL run folder, train by train and cell by cell."""
 
@@ -57,10 +83,7 @@ class EuXfelRunSource(ImageSource):
         if geometry is None:
             raise GeometryError(f"{url}: a European XFEL run needs a CrystFEL geometry "
                                 "(expected --geometry FILE.geom; extra-geom can write one)")
-        try:
-            self._run = ed.RunDirectory(url)
-        except Exception as exc:  # extra-data raises plain Exceptions for unreadable runs
-            raise SourceError(url, f"not a readable European XFEL run ({exc})") from exc
+        self._run = _open_run(ed, url)
         found = sorted(identify_multimod_detectors(self._run), key=lambda d: d[0])
         if not found:
             raise SourceError(url, "no multi-module detector (AGIPD, LPD, JUNGFRAU, DSSC) in "

@@ -20,6 +20,7 @@ geometry's ``photon_energy`` reference when it names one.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,26 @@ def index_datagrams(fh: Any, url: str) -> tuple[list[tuple[int, int, int]], int]
         offset += size
 
 
+#: datagram indexes of recently opened files, keyed by URL and content stamp: every block of a
+#: file opens it again, and indexing reads one header per event
+_INDEXES: OrderedDict[tuple[str, str], tuple[list[tuple[int, int, int]], int]] = OrderedDict()
+_MAX_INDEXES = 16
+
+
+def _datagrams_of(url: str, storage_options: Mapping[str, Any] | None
+                  ) -> tuple[list[tuple[int, int, int]], int]:
+    size, version = storage.object_stamp(url, storage_options)
+    key = (url, f"{size}:{version}")
+    hit = _INDEXES.get(key)
+    if hit is None:
+        with storage.open_url(url, "rb", storage_options) as fh:
+            hit = index_datagrams(fh, url)
+        _INDEXES[key] = hit
+        while len(_INDEXES) > _MAX_INDEXES:
+            _INDEXES.popitem(last=False)
+    return hit
+
+
 class Xtc2Source(ImageSource):
     """The events of one XTC2 file (``L1Accept`` datagrams) as frames."""
 
@@ -82,8 +103,7 @@ class Xtc2Source(ImageSource):
         if geometry is None:
             raise GeometryError(f"{url}: an XTC2 file needs a CrystFEL geometry "
                                 "(expected --geometry FILE.geom)")
-        with storage.open_url(url, "rb", storage_options) as fh:
-            datagrams, self.size_bytes = index_datagrams(fh, url)
+        datagrams, self.size_bytes = _datagrams_of(url, storage_options)
         if not datagrams or datagrams[0][2] != CONFIGURE:
             raise SourceError(url, "not an XTC2 file (expected a Configure datagram first)")
         c_off, c_size, _ = datagrams[0]
