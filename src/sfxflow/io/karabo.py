@@ -115,12 +115,16 @@ class BridgeReceiver:
         self.reconnect_s = reconnect_s
         self.reconnects = 0
         self._client: Any = None
+        self._context: Any = None
         self._quiet_since: float | None = None
 
     def _connect(self) -> Any:
         if self._client is None:
+            import zmq
+
+            self._context = zmq.Context()
             self._client = self._kb.Client(self.endpoint, sock=self.socket_type,
-                                           timeout=self.poll_ms / 1000)
+                                           timeout=self.poll_ms / 1000, context=self._context)
         return self._client
 
     def next_train(self) -> TrainFrames | None:
@@ -143,6 +147,7 @@ class BridgeReceiver:
         if self._client is not None:
             # linger 0: a request the server never answered must not block the close
             self._client._socket.close(linger=0)
+            self._context.term()
             self._client = None
 
 

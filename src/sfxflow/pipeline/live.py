@@ -31,6 +31,8 @@ __all__ = ["LiveResult", "run_live"]
 
 logger = logging.getLogger(__name__)
 
+FIRST_TRAIN_WAIT_S = 60.0
+
 
 @dataclass
 class LiveResult:
@@ -71,7 +73,8 @@ def run_live(endpoint: str, out: str, config: ProcessConfig, *,
     config : as for :func:`~sfxflow.pipeline.run.run_process`; ``io.geometry`` is required.
     socket_type : ``REQ`` (the bridge's default REP server), ``PULL`` (a PUSH server) or ``SUB``
         (a PUB server, which drops trains a slow receiver misses).
-    idle_s : end the stream after this long without a train.
+    idle_s : end the stream after this long without a train (before the first train, wait at
+        least ``FIRST_TRAIN_WAIT_S``: a beamline server may take that long to start sending).
     update_s : least seconds between processing cycles (rates and report refresh).
     max_frames : stop after this many frames received (0 = no limit).
     """
@@ -136,8 +139,9 @@ def run_live(endpoint: str, out: str, config: ProcessConfig, *,
                     result.frames_spooled += written.n_frames
                     result.spool_files += 1
                     pending, pending_frames = [], 0
+                patience = idle_s if result.trains_received else max(idle_s, FIRST_TRAIN_WAIT_S)
                 done = (max_frames and result.frames_received >= max_frames) or \
-                    now - last_train >= idle_s
+                    now - last_train >= patience
                 if done or now - last_cycle >= update_s:
                     if pending and done:
                         written = write_spool(spool, pending, data_path, flatten)
@@ -153,5 +157,6 @@ def run_live(endpoint: str, out: str, config: ProcessConfig, *,
             result.reconnects = receiver.reconnects
     result.wall_s = time.monotonic() - t0
     if result.spool_files == 0 and result.cycles == 0:
-        raise InputError(f"--stream {endpoint}: no trains arrived within {idle_s:g} s")
+        raise InputError(f"--stream {endpoint}: no trains arrived within "
+                         f"{max(idle_s, FIRST_TRAIN_WAIT_S):g} s")
     return result
