@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-run
 
-.PHONY: demo test install lint typecheck bench clean container-check browser peers container slurm-up slurm-down sge-up sge-down
+.PHONY: extras demo test install lint typecheck bench clean container-check browser peers container slurm-up slurm-down sge-up sge-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/sfxflow demo $(DEMO_DIR)
+
+# The facility readers' optional extras (psana, extra-data, karabo-bridge); their tests skip,
+# saying so, without them. psana's lcls-krtc needs Debian's libkrb5-dev to build.
+extras: $(STAMP)
+	command -v krb5-config >/dev/null 2>&1 || bash -c '. scripts/apt-install.sh && apt_install 600 libkrb5-dev'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,lcls,euxfel]'
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -21,6 +21,9 @@ Decodes, in this one process and thread, through the same path the pipeline uses
   * the real LCLS CSPAD CBFs in ../shared/data/lcls-cspad-thermolysin (multi-panel imgCIF),
   * simulated CSPAD (1480 x 1552) and Jungfrau 4M (4096 x 1024) stills written as
     bitshuffle-LZ4 CXI files (sfxflow.io.simulated) in a temporary folder,
+  * the same Jungfrau frames as an LCLS-II XTC2 file (psana), a European XFEL run (extra-data)
+    and a live karabo-bridge replay of that run (frames/s received and spooled; lost counted),
+    where those packages are installed,
 each from the local disk and from a local S3-protocol server (moto) that the benchmark starts on
 127.0.0.1. Prints the median over --repeats runs of frames/s, and MB read per frame.
 
@@ -41,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cbf-dir", default=None,
                         help="folder of CBFs (default ../shared/data/lcls-cspad-thermolysin)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 rows")
+    parser.add_argument("--no-facility", action="store_true",
+                        help="skip the XTC2, European XFEL and live karabo-bridge rows")
 
 
 def _default_cbf_dir() -> Path | None:
@@ -118,6 +123,13 @@ def run(args: argparse.Namespace) -> int:
             fps, bpf, n = _time_decode([str(f) for f in files], geom, None,
                                        args.frames_per_block, args.repeats)
             rows.append((name, "local", n, bpf, fps))
+        if not args.no_facility:
+            from sfxflow.benchmarks.facility import facility_rows
+
+            jf_files, jf_geom_path = cases[-1][1], Path(tmp) / "Jungfrau4M" / "geometry.geom"
+            rows += facility_rows(jf_files[0], jf_geom_path, SimulationParams().beam()
+                                  .photon_energy_ev, Path(tmp), args.repeats,
+                                  args.frames_per_block, _time_decode)
         if not args.no_s3:
             rows += _s3_rows(cases, args)
 
@@ -127,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'input':44s} {'from':6s} {'frames':>6s} {'MB/frame':>9s} {'frames/s':>9s} "
           f"{'MB/s':>8s}")
     for name, where, n, bpf, fps in rows:
-        print(f"{name:44s} {where:6s} {n:6d} {bpf / 1e6:9.3f} {fps:9.1f} {bpf * fps / 1e6:8.1f}")
+        print(f"{name:44s} {where:6s} {n:6d} {bpf / 1e6:9.3f} {fps:9.1f} {bpf * fps / 1e6:8.1f}"
+              .replace(" nan", "   -"))
     return 0
 
 

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sfxflow.cli.options import add_settings
+    from sfxflow.cli.options import add_settings, number
     from sfxflow.pipeline.config import ProcessConfig
 
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
@@ -61,6 +61,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true",
                         help="merge the integrated reflections at the end into RUN/merge "
                              "(default merge settings; see `sfxflow merge` for more)")
+    live = parser.add_argument_group("live stream (karabo bridge; needs sfxflow[euxfel])")
+    live.add_argument("--stream", metavar="ENDPOINT",
+                      help="process trains from a live karabo-bridge stream "
+                           "(e.g. tcp://beamline-host:4545) instead of INPUT files")
+    live.add_argument("--stream-socket", choices=("REQ", "PULL", "SUB"), default="REQ",
+                      help="ZeroMQ socket: REQ for a REP server (the bridge's default), PULL "
+                           "for PUSH, SUB for PUB (which drops what a slow reader misses)")
+    number(live, "--stream-idle-s", default=30.0, gt=0, le=86_400,
+           help="end the stream after this many seconds without a train (default 30)")
+    number(live, "--stream-update-s", default=5.0, gt=0, le=3600,
+           help="least seconds between processing rounds over the received frames (default 5)")
+    number(live, "--stream-max-frames", kind=int, default=0, ge=0, le=10**12,
+           help="stop after this many frames (default 0: until the stream is idle)")
     # every setting of the tree is a flag: --cell, --frames-per-block, --scheduler, --workers,
     # --cluster, --spots-sigma-strong, --hit-min-spots, --index-min-indexed, --refine-cell ...
     add_settings(parser, ProcessConfig, short={"-g": "io.geometry"},
@@ -98,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--dry-run needs --cluster slurm, sge or pbs")
         print(job_script(config.cluster))
         return 0
+    if args.stream:
+        return _run_stream(args, config)
     if not args.inputs:
         raise InputError("no INPUT given: name image files, globs, folders or s3:// prefixes")
     if not config.io.geometry:
@@ -154,6 +169,31 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _run_stream(args: argparse.Namespace, config: Any) -> int:
+    from sfxflow.pipeline.live import run_live
+    from sfxflow.pipeline.summary import format_summary
+
+    if args.inputs:
+        raise InputError("give either INPUT files or --stream, not both")
+    if not args.out:
+        raise InputError("--out RUN is required (a local folder for the spool and results)")
+
+    def show(result: Any) -> None:
+        summary = result.last.summary if result.last is not None else {}
+        print(f"live: {result.frames_received} frames received, {summary.get('frames', 0)} "
+              f"processed, {summary.get('hits', 0)} hits, {summary.get('indexed', 0)} indexed",
+              file=sys.stderr, flush=True)
+
+    result = run_live(args.stream, args.out, config, socket_type=args.stream_socket,
+                      idle_s=args.stream_idle_s, update_s=args.stream_update_s,
+                      max_frames=args.stream_max_frames, on_cycle=show)
+    print(format_summary(result.last.summary))
+    print(f"stream {args.stream}: {result.trains_received} trains, {result.frames_received} "
+          f"frames received ({result.trains_skipped} trains already spooled), "
+          f"{result.frames_spooled} spooled in {result.spool_files} files; results in {args.out}")
+    return 0 if result.last.complete else EXIT_RERUN
 
 
 def merge_run(run_url: str, cluster: Any, storage_options: Any = None) -> Any:

@@ -198,7 +198,7 @@ class CxiSource(ImageSource):
         self._cache: dict[tuple[float, ...], tuple[Detector, Beam]] = {}
         if self.n_frames > 0:
             det, _ = self._detector_beam(0)
-            _check_fit(det, self.frame_shape, self.url, self.data_path, geometry.source)
+            check_fit(det, self.frame_shape, self.url, self.data_path, geometry.source)
         self._bytes_per_frame = (
             ds.id.get_storage_size() / max(self.n_frames, 1) if handle.local else 0.0
         )
@@ -327,7 +327,7 @@ class CxiSource(ImageSource):
         self._h.close()
 
 
-def _check_fit(det: Detector, frame_shape: tuple[int, ...], url: str, data_path: str,
+def check_fit(det: Detector, frame_shape: tuple[int, ...], url: str, data_path: str,
                geom_source: str) -> None:
     for p in det.panels:
         lead = len(p.data_index)
@@ -433,7 +433,7 @@ class NxmxSource(ImageSource):
             raise SourceError(self.url, f"NXmx data files have different frame shapes {shapes}")
         self.frame_shape = shapes.pop() if shapes else ()
         self.detector = self._build_detector(entry)
-        _check_fit(self.detector, self.frame_shape, self.url, "NXdata", "NXmx")
+        check_fit(self.detector, self.frame_shape, self.url, "NXdata", "NXmx")
         self._wavelengths = self._read_wavelengths(entry)
 
     # -- data links

@@ -1,7 +1,7 @@
 """Image sources, discovery and blocks of frames: the unit of work of the whole system.
 
-* :func:`open_source` opens one file or object (CBF, HDF5 CXI with a CrystFEL geometry, or NeXus
-  NXmx) as an :class:`ImageSource`.
+* :func:`open_source` opens one file or object (CBF, HDF5 CXI with a CrystFEL geometry, NeXus
+  NXmx, an LCLS-II XTC2 file, or a European XFEL run folder) as an :class:`ImageSource`.
 * :func:`discover` lists inputs (paths, globs, folders, ``s3://`` prefixes) and counts frames per
   file from metadata only; a file that cannot be listed gets a :class:`FileInfo` with ``error``
   set instead of stopping the others.
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sfxflow.errors import ConfigError, InputError, SourceError
 from sfxflow.io import storage
 from sfxflow.io.cbf import CbfSource
+from sfxflow.io.euxfel import is_euxfel_run
 from sfxflow.io.hdf5 import open_hdf5_source
 from sfxflow.io.source_base import ImageSource
 
@@ -43,8 +44,11 @@ log = logging.getLogger(__name__)
 
 CBF_EXTENSIONS = (".cbf",)
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".cxi", ".nxs", ".nx5", ".hdf")
-IMAGE_EXTENSIONS = CBF_EXTENSIONS + HDF5_EXTENSIONS
+XTC2_EXTENSIONS = (".xtc2",)
+IMAGE_EXTENSIONS = CBF_EXTENSIONS + HDF5_EXTENSIONS + XTC2_EXTENSIONS
 _GLOB_CHARS = re.compile(r"[*?\[]")
+#: an LCLS-II run as psana names it: ``exp=EXPERIMENT:run=N[:dir=FOLDER]``
+_LCLS_RUN = re.compile(r"^exp=(?P<exp>[A-Za-z0-9_]+):run=(?P<run>\d+)(?::dir=(?P<dir>.+))?$")
 
 
 def _extension(url: str) -> str:
@@ -56,22 +60,30 @@ def _extension(url: str) -> str:
 
 
 def source_kind(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """``"cbf"`` or ``"hdf5"``: from the extension, else from the first bytes.
+    """``"cbf"``, ``"hdf5"``, ``"xtc2"`` or ``"euxfel"``: from the extension or the folder's
+    sequence files, else from the first bytes.
 
     >>> source_kind("/data/idx-0001.cbf"), source_kind("s3://b/run_0001.cxi")
     ('cbf', 'hdf5')
+    >>> source_kind("/data/xpptut15-r0014-s000-c000.xtc2")
+    'xtc2'
     """
     ext = _extension(url)
     if ext in CBF_EXTENSIONS:
         return "cbf"
     if ext in HDF5_EXTENSIONS:
         return "hdf5"
+    if ext in XTC2_EXTENSIONS:
+        return "xtc2"
+    if storage.is_local(url) and is_euxfel_run(storage.local_path(url)):
+        return "euxfel"
     head = storage.read_bytes(url, storage_options, start=0, end=64)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "hdf5"
     if head.lstrip()[:6] == b"###CBF":
         return "cbf"
-    raise SourceError(url, "unknown image format (expected CBF or HDF5 by extension or content)")
+    raise SourceError(url, "unknown image format (expected CBF, HDF5 or XTC2 by extension or "
+                           "content, or a European XFEL run folder)")
 
 
 def open_source(
@@ -99,6 +111,14 @@ def open_source(
     kind = source_kind(url, storage_options)
     if kind == "cbf":
         return CbfSource(url, storage_options)
+    if kind == "xtc2":
+        from sfxflow.io.xtc2 import Xtc2Source
+
+        return Xtc2Source(url, geometry, storage_options)
+    if kind == "euxfel":
+        from sfxflow.io.euxfel import EuXfelRunSource
+
+        return EuXfelRunSource(url, geometry)
     return open_hdf5_source(url, geometry, storage_options, metadata_only=metadata_only)
 
 
@@ -122,11 +142,23 @@ class FileInfo:
 
 
 def _expand(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
-    """A URL, glob or folder -> image file URLs (sorted)."""
+    """A URL, glob, folder or LCLS-II run -> image file URLs (sorted); a European XFEL run
+    folder stays one input."""
+    lcls_run = _LCLS_RUN.match(url)
+    if lcls_run:
+        folder = lcls_run["dir"] or "."
+        url = f"{folder.rstrip('/')}/{lcls_run['exp']}-r{int(lcls_run['run']):04d}-s*-c*.xtc2"
+        found = _expand(url, storage_options)
+        if not found:
+            raise SourceError(url, "no XTC2 files of this LCLS-II run (expected "
+                                   "EXP-rNNNN-sNNN-cNNN.xtc2 in the run's dir)")
+        return found
     if storage.is_local(url):
         from pathlib import Path
 
         path = storage.local_path(url)
+        if is_euxfel_run(path):
+            return [str(path)]
         if _GLOB_CHARS.search(str(path)):
             import glob
 
