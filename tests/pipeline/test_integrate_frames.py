@@ -173,7 +173,7 @@ def test_partialator_merges_every_crystal_of_a_process_stream(tmp_path, shared_d
         for k, x in enumerate(chunk.crystals):
             rows = [i for i, (f, c, fl) in enumerate(zip(table["frame_index"], table["crystal"],
                                                          table["flags"], strict=True))
-                    if f == chunk.frame_index and c == k and (fl & 5) == 0]
+                    if f == chunk.frame_index and c == k and (fl & 7) == 0]
             assert len(rows) == len(x.reflections)
             np.testing.assert_array_equal(x.reflections.hkl[:, 0], [table["h"][i] for i in rows])
             np.testing.assert_allclose(x.reflections.intensity,

@@ -247,13 +247,15 @@ def refuse_merge_output(out_url: str, inputs: Sequence[str],
                              "the merge would replace the run's crystals.parquet")
     out = RunDir(out_url, storage_options)
     try:
-        is_run = out.exists("manifest.json") or out.exists("frames.parquet")
+        is_run = out.exists("manifest.json") or out.exists("frames.parquet") or any(
+            n.endswith(_SHARD_KINDS) for n in out.list("shards"))
     except Exception:  # an unreachable output is reported when it is written
         is_run = False
     if is_run:
         raise InputError(f"--out {shown_url(out_url)}: is an sfxflow run directory (it has a "
-                         "manifest.json or frames.parquet); expected a merge folder of its own "
-                         "(e.g. RUN/merge), the merge would replace the run's crystals.parquet")
+                         "manifest.json, frames.parquet or result shards); expected a merge "
+                         "folder of its own (e.g. RUN/merge), the merge would replace the "
+                         "run's crystals.parquet")
 
 
 _SCALED_NAME = re.compile(r"^\d{5}\.parquet$")
@@ -515,7 +517,7 @@ def write_simulated_observations(
         shards[-1][1].append(sim.reflections)
         all_rows.append(row)
         if stream is not None:
-            stream.add(sim, i)
+            stream.add(sim, i, row["source_url"])
     write_observation_run(run_url, truth.index.cell, truth.index.space_group, shards,
                           storage_options)
     if stream is not None:
@@ -547,7 +549,7 @@ class _SimStream:
             cell, sg, lattice_from_space_group(sg)),
             command_line="sfxflow simulate (observations)"))
 
-    def add(self, sim: Any, frame: int) -> None:
+    def add(self, sim: Any, frame: int, source_url: str) -> None:
         from sfxflow.io.stream import Reflections, format_chunk
         from sfxflow.models import Beam, FrameStatus, ImageResult
 
@@ -555,7 +557,8 @@ class _SimStream:
         refl = Reflections(np.column_stack([r["h"], r["k"], r["l"]]), r["intensity"], r["sigma"],
                            r["intensity"] + r["background"] * r["peak_pixels"], r["background"],
                            r["fs_px"], r["ss_px"], r["panel"])
-        result = ImageResult("sim.cxi", frame, FrameStatus.INDEXED, crystal=sim.reported)
+        # the run directory's file name: the same crystal has the same id in both
+        result = ImageResult(source_url, frame, FrameStatus.INDEXED, crystal=sim.reported)
         beam = Beam(sim.wavelength_a, bandwidth_fwhm=self.bandwidth_fwhm)
         self.fh.write(format_chunk(result, self.detector, beam=beam,
                                    serial=frame + 1, reflections=refl, crystal_info={

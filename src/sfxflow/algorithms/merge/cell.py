@@ -50,11 +50,11 @@ MAX_CELL_OUTLIER_FRACTION = 0.1
 # Laue class -> the chiral (Sohncke) point group merged in: macromolecular crystals have no
 # mirrors or inversion centres, and keeping I(+) and I(-) apart needs the chiral group.
 _LAUE_TO_CHIRAL = {"-1": "1", "2/m": "2", "mmm": "222", "4/m": "4", "4/mmm": "422", "-3": "3",
-                   "-3m1": "321", "-31m": "312", "6/m": "6", "6/mmm": "622", "m-3": "23",
+                   "-3m": "32", "-3m1": "321", "-31m": "312", "6/m": "6", "6/mmm": "622", "m-3": "23",
                    "m-3m": "432"}
 _CHIRAL = {"1", "2", "222", "4", "422", "3", "32", "321", "312", "6", "622", "23", "432"}
 POINT_GROUP_EXPECTED = ("a chiral point group (1 2 222 4 422 3 321 312 32 6 622 23 432) or a "
-                        "Laue class (-1 2/m mmm 4/m 4/mmm -3 -3m1 -31m 6/m 6/mmm m-3 m-3m)")
+                        "Laue class (-1 2/m mmm 4/m 4/mmm -3 -3m -3m1 -31m 6/m 6/mmm m-3 m-3m)")
 
 
 def format_cell(cell: Sequence[float] | gemmi.UnitCell) -> str:
