@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="merge in a point group instead (622, 6/mmm: no systematic absences; "
                         "the MTZ records its symmorphic group on the inputs' lattice, P 6 2 2)")
     m.add_argument("--cell", metavar='"a b c al be ga"',
-                   help="unit cell of the merged data (default: median of the crystals)")
+                   help="unit cell of the merged data (default: mean of the crystals' cells, "
+                        "made to fit the space group)")
     m.add_argument("--truth", metavar="MTZ",
                    help="true intensities (simulated data): adds CC to the truth")
     st = parser.add_argument_group("storage")
