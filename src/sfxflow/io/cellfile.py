@@ -288,8 +288,8 @@ def _parse_cryst1(line: str, where: str) -> CellFile:
         except ValueError:
             raise CellFileError(f"{where}: unknown space group in CRYST1 (value {sg_text!r}, "
                                 f"expected a Hermann-Mauguin symbol)") from None
-    if sg is None:
-        sg = gemmi.SpaceGroup("P 1")
+    if sg is None:  # a blank space group is not P 1: the user must say (never guessed)
+        return CellFile(gemmi.UnitCell(*vals), None, LatticeInfo("triclinic", "P", "*"))
     return CellFile(gemmi.UnitCell(*vals), sg, lattice_from_space_group(sg))
 
 
