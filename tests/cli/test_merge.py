@@ -18,17 +18,41 @@ from sfxflow.io.observations import write_simulated_observations
 def test_merges_the_32_xgandalf_crystals_of_the_crystfel_test_stream(shared_data, tmp_path,
                                                                     capsys):
     out = tmp_path / "m"
-    rc = main(["merge", str(shared_data / "crystfel" / "test.stream"), "--out", str(out),
+    stream = str(shared_data / "crystfel" / "test.stream")
+    # CrystFEL's stream records no space group: never guessed (was C 2 2 2 from the lattice)
+    assert main(["merge", stream, "--out", str(out), "--scheduler", "synchronous"]) == 2
+    err = capsys.readouterr().err
+    assert "test.stream: records no space group (value: none); give --space-group" in err
+    assert "--point-group" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    rc = main(["merge", stream, "--out", str(out), "--space-group", "C2221",
                "--scheduler", "synchronous", "--model", "unity"])
     text = capsys.readouterr().out
     assert rc == 0
     assert "of 32 crystals merged" in text and "CC1/2" in text
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["space_group"] == "C 2 2 2"  # the crystals' lattice: orthorhombic C
+    assert stats["space_group"] == "C 2 2 21"
     assert stats["n_crystals_input"] == 32 and stats["n_crystals_merged"] >= 28
     assert stats["overall"]["n_obs"] > 1000
     mtz = gemmi.read_mtz_file(str(out / "merged.mtz"))
-    assert mtz.spacegroup.hm == "C 2 2 2" and mtz.cell.a == pytest.approx(61.5, abs=1.0)
+    assert mtz.spacegroup.hm == "C 2 2 21" and mtz.cell.a == pytest.approx(61.5, abs=1.0)
+    # was 61.52 122.60 168.81 90.07 90.07 90.34, which gemmi called incompatible
+    assert mtz.cell.is_compatible_with_spacegroup(mtz.spacegroup)
+    assert mtz.cell.parameters[3:] == (90.0, 90.0, 90.0)
+
+
+@pytest.mark.needs_shared
+def test_a_point_group_is_enough_to_merge_the_crystfel_test_stream(shared_data, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "m"
+    assert main(["merge", str(shared_data / "crystfel" / "test.stream"), "--out", str(out),
+                 "--point-group", "mmm", "--scheduler", "synchronous", "--model", "unity",
+                 "--iterations", "1"]) == 0
+    mtz = gemmi.read_mtz_file(str(out / "merged.mtz"))
+    assert mtz.spacegroup.hm == "C 2 2 2"  # mmm on the crystals' orthorhombic C lattice
+    assert mtz.cell.is_compatible_with_spacegroup(mtz.spacegroup)
+    assert main(["merge", "x.stream", "--out", str(out), "--point-group", "6mm"]) == 2
+    assert "expected a chiral point group" in capsys.readouterr().err
 
 
 def test_simulated_run_with_truth_prints_the_table(tmp_path, capsys):

@@ -90,6 +90,16 @@ def test_pdb_cryst1() -> None:
     assert lat == LatticeInfo("hexagonal", "P", "c")
 
 
+def test_pdb_cryst1_without_a_space_group_is_not_taken_as_p1() -> None:
+    from sfxflow.errors import InputError
+
+    cf = parse_cell_file("CRYST1   93.000   93.000  130.500  90.00  90.00 120.00\n", "x.pdb")
+    assert cf.space_group is None
+    with pytest.raises(InputError, match=r"^x\.pdb: no space group \(value: none"):
+        cf.indexing_space_group(None, "x.pdb")
+    assert cf.indexing_space_group("P6122") == "P6122"
+
+
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [

@@ -169,7 +169,7 @@ def test_absurd_scale_crystal_is_rejected_and_counted(tmp_path, sim_run, truth):
 
 def test_stream_of_the_same_crystals_merges_like_the_run_directory(sim_run, truth, tmp_path,
                                                                    serial_results):
-    # a stream's cell block names only the lattice (P 4 here): the space group is given
+    # the stream records its space group too; giving it is allowed
     r = run_merge([str(sim_run / "run.stream")], str(tmp_path / "s"),
                   MergeParams(model="partiality", iterations=3), SERIAL, truth=truth,
                   space_group=SG)

@@ -28,8 +28,14 @@ def test_rhombohedral_cell_file_keeps_its_setting(tmp_path):
     cell.write_text("CrystFEL unit cell file version 1.0\n\nlattice_type = rhombohedral\n"
                     "centering = R\na = 60 A\nb = 60 A\nc = 60 A\nal = 80 deg\nbe = 80 deg\n"
                     "ga = 80 deg\n")
-    cfg = resolve_config(load_config(overrides=[f"target.cell_file='{cell}'"]))
-    assert cfg.target_cell().space_group.xhm() == "R 3:R"
+    # a cell file names only the lattice: the space group is given, never guessed (was R 3:R)
+    with pytest.raises(InputError, match=r"--cell-file .*r\.cell: no space group \(value: "
+                                         r"none; the file gives only the lattice, rhombohedral "
+                                         r"R\); expected --space-group"):
+        resolve_config(load_config(overrides=[f"target.cell_file='{cell}'"]))
+    cfg = resolve_config(load_config(overrides=[f"target.cell_file='{cell}'",
+                                                "target.space_group='R 3 2:R'"]))
+    assert cfg.target_cell().space_group.xhm() == "R 3 2:R"
 
 
 def test_turning_the_stream_on_when_resuming_is_refused(sim_set, tmp_path):

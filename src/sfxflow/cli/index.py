@@ -104,7 +104,9 @@ def _target(args: argparse.Namespace, stream_cell=None) -> TargetCell:
         if source is None:
             raise InputError("no target cell: give --cell and --space-group, or --cell-file "
                              "(or a stream that records its target cell)")
-        return TargetCell(source.cell, as_space_group(source.indexing_space_group(args.space_group)))
+        where = f"--cell-file {args.cell_file}" if args.cell_file else "the stream's target cell"
+        return TargetCell(source.cell, as_space_group(source.indexing_space_group(
+            args.space_group, where)))
     except ValueError as exc:
         raise InputError(f"bad target cell or space group ({args.cell or args.cell_file}, "
                          f"{args.space_group}): {exc}") from exc

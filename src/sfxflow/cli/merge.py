@@ -20,12 +20,21 @@ pairs behind each CC1/2; '-' where fewer than 20) and a resolution estimate: whe
 to 0.3 (tanh fit, as dials.estimate_resolution) and <I/sigma> to 1. --d-min-a cuts the merged
 data and the statistics at a resolution.
 
+The space group is never guessed: --space-group, else the one every input records (a run
+directory's config.toml, the unit cell block of a stream sfxflow wrote); CrystFEL's own
+streams record none. --point-group is enough to merge: the merge then runs, and the MTZ is
+written, in the symmorphic space group of that point group on the inputs' lattice (e.g.
+622 on a primitive hexagonal lattice: P 6 2 2), so no reflection is taken as absent. The
+merged cell is the mean of the crystals' cells made to fit the space group.
+
 Runs on Dask like `process`: a local cluster by default, --scheduler to join one (or
 'synchronous' to run in this process), --cluster slurm|sge|pbs for a batch system.
 
 Examples:
   sfxflow merge results/run1 --out results/run1/merge
-  sfxflow merge run.stream --space-group C222 --out merged --model unity
+  sfxflow merge run.stream --out merged        # a stream sfxflow wrote records its group
+  sfxflow merge test.stream --space-group C2221 --out merged --model unity
+  sfxflow merge test.stream --point-group mmm --out merged   # merged in C 2 2 2
   sfxflow merge s3://bucket/run7 --endpoint-url http://127.0.0.1:9000 --out s3://bucket/merge7
   sfxflow merge sim-run --truth reference.mtz --out m --iterations 6 --set merge.min_cc=0.1
   sfxflow merge results/run1 --out results/run1/merge-2.7A --d-min-a 2.7
@@ -42,9 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "-o", metavar="DIR",
                         help="folder (or s3:// URL) for the merged data and statistics")
     m = parser.add_argument_group("the merged data")
-    m.add_argument("--space-group", metavar="SG", help="space group (default: from the inputs)")
+    m.add_argument("--space-group", metavar="SG",
+                   help="space group (default: the one the inputs record; never guessed)")
+    m.add_argument("--point-group", metavar="PG",
+                   help="merge in a point group instead (622, 6/mmm: no systematic absences; "
+                        "the MTZ records its symmorphic group on the inputs' lattice, P 6 2 2)")
     m.add_argument("--cell", metavar='"a b c al be ga"',
-                   help="unit cell of the merged data (default: median of the crystals)")
+                   help="unit cell of the merged data (default: mean of the crystals' cells, "
+                        "made to fit the space group)")
     m.add_argument("--truth", metavar="MTZ",
                    help="true intensities (simulated data): adds CC to the truth")
     st = parser.add_argument_group("storage")
@@ -80,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
             as_unit_cell(args.cell)
         except ValueError as exc:
             raise InputError(f"--cell {args.cell!r}: {exc}") from None
+    if args.space_group and args.point_group:
+        raise InputError(f"give --space-group ({args.space_group}) or --point-group "
+                         f"({args.point_group}), not both")
     if args.space_group:
         from sfxflow.models import as_space_group
 
@@ -87,10 +104,19 @@ def run(args: argparse.Namespace) -> int:
             as_space_group(args.space_group)
         except ValueError:
             raise InputError(f"--space-group {args.space_group!r}: not a known space group "
-                             "(expected e.g. P43212, 'P 41 21 2' or 96)") from None
+                             "(expected e.g. P43212, 'P 41 21 2' or 96; a point group such "
+                             "as 422 goes to --point-group)") from None
+    if args.point_group:
+        from sfxflow.algorithms.merge.cell import merge_space_group
+
+        try:  # the lattice comes from the inputs; this checks the symbol only
+            merge_space_group(args.point_group, "P", "triclinic")
+        except ValueError as exc:
+            if "expected a chiral" in str(exc):
+                raise InputError(f"--point-group {args.point_group!r}: {exc}") from None
     storage_options = storage_options_from(args.endpoint_url, args.profile)
     result = run_merge(args.inputs, args.out, config.merge, config.cluster, cell=args.cell,
-                       space_group=args.space_group, truth=truth,
+                       space_group=args.space_group, point_group=args.point_group, truth=truth,
                        storage_options=storage_options,
                        echo=lambda s: print(s, file=sys.stderr, flush=True))
     for page in result.reports:

@@ -12,11 +12,11 @@ A CrystFEL cell file looks like::
     ga = 120.0 deg
 
 Lengths may be in ``A`` or ``nm``, angles in ``deg`` or ``rad``. Cell files carry no space
-group, only the Bravais lattice (``lattice_type`` + ``centering`` + ``unique_axis``), so
-:func:`default_space_group` picks the lowest-symmetry space group of that lattice (only the
-centring absences apply, no screw axes or glide planes); the user overrides it with
-``--space-group``. A PDB file with a ``CRYST1`` record is also accepted (CrystFEL takes both);
-it does carry a space group.
+group, only the Bravais lattice (``lattice_type`` + ``centering`` + ``unique_axis``), so the
+user gives the space group with ``--space-group``: it is never guessed from the lattice
+(:meth:`CellFile.indexing_space_group` refuses). A PDB file with a ``CRYST1`` record is also
+accepted (CrystFEL takes both); it does carry a space group. :func:`default_space_group` (the
+lowest-symmetry group of a lattice) remains for describing a crystal's lattice only.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import gemmi
 
+from sfxflow.algorithms.lattice import LatticeInfo, lattice_from_space_group
 from sfxflow.errors import InputError
 from sfxflow.models import as_space_group
 
@@ -64,15 +65,6 @@ class CellFileError(InputError):
     """A unit-cell file that cannot be read."""
 
 
-class LatticeInfo(NamedTuple):
-    """Bravais lattice as CrystFEL names it: ``lattice_type``, ``centering``, ``unique_axis``
-    (``a``/``b``/``c``, or ``*`` when the lattice has none / it is not given)."""
-
-    lattice_type: str
-    centering: str
-    unique_axis: str
-
-
 class CellFile(NamedTuple):
     """What a cell file says. Unpacks as ``cell, space_group, lattice``."""
 
@@ -80,20 +72,33 @@ class CellFile(NamedTuple):
     space_group: gemmi.SpaceGroup | None
     lattice: LatticeInfo
 
-    def indexing_space_group(self, given: str | None = None) -> str:
-        """The space group to index in: ``given`` (the user's), else the file's, else the
-        lowest-symmetry group of its lattice (:func:`default_space_group`); the extended
-        Hermann-Mauguin symbol keeps the setting (``R 3:R`` vs ``R 3:H``).
+    def indexing_space_group(self, given: str | None = None, source: str = "the cell file"
+                             ) -> str:
+        """The space group to index in: ``given`` (the user's), else the file's (a PDB
+        ``CRYST1`` record, a stream written by sfxflow); the extended Hermann-Mauguin symbol
+        keeps the setting (``R 3:R`` vs ``R 3:H``).
+
+        Raises
+        ------
+        InputError
+            Neither says one: the space group is never guessed from the lattice (a hexagonal
+            cell could be any of P 3 .. P 65 2 2, and the wrong one merges wrongly).
 
         >>> CellFile(gemmi.UnitCell(60, 70, 80, 90, 90, 90), None,
+        ...          LatticeInfo("orthorhombic", "C", "*")).indexing_space_group("C2221")
+        'C2221'
+        >>> CellFile(gemmi.UnitCell(60, 70, 80, 90, 90, 90), gemmi.SpaceGroup("C 2 2 21"),
         ...          LatticeInfo("orthorhombic", "C", "*")).indexing_space_group()
-        'C 2 2 2'
+        'C 2 2 21'
         """
         if given:
             return given
-        group = self.space_group if self.space_group is not None else \
-            default_space_group(*self.lattice)
-        return group.xhm()
+        if self.space_group is None:
+            lt, cen = self.lattice.lattice_type, self.lattice.centering
+            raise InputError(f"{source}: no space group (value: none; the file gives only the "
+                             f"lattice, {lt} {cen}); expected --space-group with the crystals' "
+                             "space group (e.g. --space-group P6122)")
+        return self.space_group.xhm()
 
 
 def default_space_group(lattice_type: str, centering: str, unique_axis: str = "*"
@@ -142,35 +147,6 @@ def default_space_group(lattice_type: str, centering: str, unique_axis: str = "*
     except ValueError as exc:
         raise ValueError(f"centering {cen} with unique axis {ua} does not give a standard "
                          f"{lt} space group ({name})") from exc
-
-
-def lattice_from_space_group(sg: gemmi.SpaceGroup) -> LatticeInfo:
-    """CrystFEL lattice description of a space group (for writing cell files and streams).
-
-    >>> lattice_from_space_group(gemmi.SpaceGroup("P 61 2 2"))
-    LatticeInfo(lattice_type='hexagonal', centering='P', unique_axis='c')
-    >>> lattice_from_space_group(gemmi.SpaceGroup("C 1 2 1"))
-    LatticeInfo(lattice_type='monoclinic', centering='C', unique_axis='b')
-    """
-    system = sg.crystal_system_str()
-    cen = sg.centring_type()
-    if system == "trigonal":
-        if sg.hm.startswith("R") and sg.ext == "R":
-            return LatticeInfo("rhombohedral", "R", "*")
-        if cen == "R":
-            return LatticeInfo("hexagonal", "H", "c")
-        return LatticeInfo("hexagonal", "P", "c")
-    if system == "hexagonal":
-        return LatticeInfo("hexagonal", "P", "c")
-    if system == "tetragonal":
-        return LatticeInfo("tetragonal", cen, "c")
-    if system == "monoclinic":
-        parts = sg.hm.split()
-        ua = "b"
-        if len(parts) == 4:
-            ua = "abc"[next(i for i in (1, 2, 3) if parts[i] != "1") - 1]
-        return LatticeInfo("monoclinic", cen, ua)
-    return LatticeInfo(system, cen, "*")
 
 
 def _parse_length_a(value: str, where: str) -> float:
@@ -312,8 +288,8 @@ def _parse_cryst1(line: str, where: str) -> CellFile:
         except ValueError:
             raise CellFileError(f"{where}: unknown space group in CRYST1 (value {sg_text!r}, "
                                 f"expected a Hermann-Mauguin symbol)") from None
-    if sg is None:
-        sg = gemmi.SpaceGroup("P 1")
+    if sg is None:  # a blank space group is not P 1: the user must say (never guessed)
+        return CellFile(gemmi.UnitCell(*vals), None, LatticeInfo("triclinic", "P", "*"))
     return CellFile(gemmi.UnitCell(*vals), sg, lattice_from_space_group(sg))
 
 

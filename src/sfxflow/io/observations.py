@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tomllib
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from sfxflow.errors import InputError
 from sfxflow.io.results import RunDir, parquet_bytes, read_parquet_bytes
 from sfxflow.io.storage import shown_url
+from sfxflow.io.stream import UNUSABLE_FLAGS
 from sfxflow.models import A_MATRIX_COLUMNS
 
 __all__ = [
@@ -31,12 +33,33 @@ __all__ = [
     "ShardSpec",
     "discover_shards",
     "read_shard",
+    "read_stream_header",
+    "refuse_merge_output",
+    "remove_stale_scaled",
     "write_observation_run",
 ]
 
 log = logging.getLogger(__name__)
 
-_SHARD_ID_BITS = 32
+def crystal_ids_of(source_url: Sequence[str], frame_index: Sequence[int],
+                   crystal: Sequence[int]) -> np.ndarray:
+    """Global crystal ids: a 63-bit hash of ``(source_url, frame_index, crystal)``.
+
+    The id names the crystal, not its place in an input, so a run directory and its own stream
+    give every crystal the same id, hence the same random half-set (CC1/2) and the same
+    subsets: one answer per run however it is read.
+
+    >>> a = crystal_ids_of(["r.cxi", "r.cxi"], [3, 3], [0, 1])
+    >>> bool(a[0] != a[1]), bool((a == crystal_ids_of(["r.cxi", "r.cxi"], [3, 3], [0, 1])).all())
+    (True, True)
+    """
+    import hashlib
+
+    out = np.empty(len(source_url), dtype=np.int64)
+    for i, (u, f, c) in enumerate(zip(source_url, frame_index, crystal, strict=True)):
+        digest = hashlib.blake2b(f"{u}\0{int(f)}\0{int(c)}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") & (2**63 - 1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -46,20 +69,26 @@ class ShardSpec:
     kind: str  # "run" or "stream"
     root: str  # the run directory, or the stream's URL
     name: str  # shard id within the run directory ("" for a stream)
-    number: int  # position among all shards: the high bits of its crystals' ids
-    space_group: str = ""
+    number: int  # position among all shards (names its scaled/ file)
+    space_group: str = ""  #: what the input records ("": none); never guessed
     cell: tuple[float, ...] = ()
+    lattice: tuple[str, ...] = ()  #: a stream's target lattice (type, centering, unique axis)
 
     @property
     def label(self) -> str:
         return shown_url(self.root) + (f"/shards/{self.name}" if self.name else "")
+
+    @property
+    def input_label(self) -> str:
+        """The input (run directory or stream) this shard belongs to, for messages."""
+        return shown_url(self.root)
 
 
 @dataclass
 class ShardData:
     """A shard's crystals and observations as arrays.
 
-    ``crystal_ids`` are global (shard number in the high 32 bits); ``obs_crystal`` indexes
+    ``crystal_ids`` are global (:func:`crystal_ids_of`); ``obs_crystal`` indexes
     ``crystal_ids``; ``rejected`` counts crystals left out on reading, by reason.
     """
 
@@ -76,7 +105,8 @@ class ShardData:
     sigma: np.ndarray
     polarisation: np.ndarray
     rejected: dict[str, int] = field(default_factory=dict)
-    lattice_space_group: str = ""
+    #: crystals per lattice as the input records them ("orthorhombic C": 12; streams only)
+    lattices: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_crystals(self) -> int:
@@ -99,34 +129,151 @@ def _run_target(run: RunDir) -> tuple[str, tuple[float, ...]]:
     return str(target.get("space_group", "") or ""), tuple(float(x) for x in cell)
 
 
+def _identity(url: str) -> str:
+    """One name per input however it is spelt (``run``, ``./run/``, its absolute path)."""
+    from sfxflow.io.storage import is_local, local_path
+
+    if is_local(url):
+        return str(local_path(url).resolve())
+    return url.rstrip("/")
+
+
+def _refuse_twice(inputs: Sequence[str]) -> None:
+    seen: dict[str, str] = {}
+    for url in inputs:
+        key = _identity(url)
+        if key in seen:
+            same = "" if seen[key] == url else f" (as {shown_url(seen[key])} and {shown_url(url)})"
+            raise InputError(f"{shown_url(url)}: given twice{same}; expected each run directory "
+                             "or stream once (merging one twice counts its crystals twice)")
+        seen[key] = url
+
+
+_SHARD_KINDS = (".reflections.parquet", ".crystals.parquet", ".frames.parquet")
+
+
+def _run_shard_names(run: RunDir, url: str) -> list[str]:
+    """Block ids with a reflections shard; an error naming any block whose other shards are
+    there but whose reflections shard is missing (its crystals would be dropped silently)."""
+    try:
+        names = run.list("shards")
+    except Exception as exc:  # fsspec backends raise many kinds
+        raise InputError(f"{shown_url(url)}: cannot list the run directory ({exc})") from None
+    blocks: dict[str, set[str]] = {}
+    for n in names:
+        if n.startswith("."):  # .tmp-* left by an interrupted write: not a shard
+            continue
+        for suffix in _SHARD_KINDS:
+            if n.endswith(suffix):
+                blocks.setdefault(n[: -len(suffix)], set()).add(suffix)
+    missing = sorted(b for b, kinds in blocks.items() if ".reflections.parquet" not in kinds)
+    if missing:
+        raise InputError(f"{shown_url(url)}/shards/{missing[0]}.reflections.parquet: missing "
+                         f"({len(missing)} block(s) without a reflections shard, value: "
+                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); "
+                         "expected one per block (rerun `sfxflow process` to write it)")
+    no_crystals = sorted(b for b, kinds in blocks.items() if ".crystals.parquet" not in kinds)
+    if no_crystals:
+        raise InputError(f"{shown_url(url)}/shards/{no_crystals[0]}.crystals.parquet: missing "
+                         f"({len(no_crystals)} block(s)); expected one per reflections shard "
+                         "(rerun `sfxflow process` to write it)")
+    return sorted(blocks)
+
+
+def read_stream_header(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """A stream's header only (no chunks): :class:`~sfxflow.io.stream.Stream` with its target
+    cell, read without loading the whole stream onto the client."""
+    from sfxflow.io.storage import open_url
+    from sfxflow.io.stream import BEGIN_CHUNK, StreamError, parse_stream
+
+    lines: list[str] = []
+    try:
+        with open_url(url, "rb", storage_options) as fh:
+            for raw in fh:
+                line = raw.decode("utf-8", errors="replace")
+                if line.strip() == BEGIN_CHUNK:
+                    break
+                lines.append(line)
+    except InputError:
+        raise
+    except OSError as exc:
+        raise StreamError(f"{shown_url(url)}: cannot read the stream ({exc})") from None
+    return parse_stream("".join(lines), url)
+
+
 def discover_shards(inputs: Sequence[str], storage_options: Mapping[str, Any] | None = None
                     ) -> list[ShardSpec]:
-    """The shards of every input (run directories local or remote, stream files).
+    """The shards of every input (run directories local or remote, stream files), each with
+    the space group the input records (a run's ``config.toml``, a stream written by sfxflow).
 
     Raises
     ------
     InputError
-        An input that is neither a stream nor a run directory with reflection shards.
+        An input that is neither a stream nor a run directory with reflection shards; an input
+        given twice; a block of a run directory whose reflections or crystals shard is missing.
     """
+    _refuse_twice(inputs)
     specs: list[ShardSpec] = []
     for url in inputs:
         if _is_stream(url):
-            specs.append(ShardSpec("stream", url, "", len(specs)))
+            target = read_stream_header(url, storage_options).target_cell
+            sg = lat = None
+            if target is not None:
+                sg = target.space_group.xhm() if target.space_group is not None else ""
+                lat = tuple(target.lattice)
+            specs.append(ShardSpec("stream", url, "", len(specs), sg or "", (), lat or ()))
             continue
         run = RunDir(url, storage_options)
-        try:
-            found = sorted(run.fs.glob(run.path("shards/*.reflections.parquet")))
-        except Exception as exc:  # fsspec backends raise many kinds
-            raise InputError(f"{shown_url(url)}: cannot list the run directory ({exc})") from None
+        found = _run_shard_names(run, url)
         if not found:
             raise InputError(f"{shown_url(url)}: no shards/*.reflections.parquet (value: none "
                              "found); expected an sfxflow run directory with integrated "
                              "reflections, or a CrystFEL .stream")
         sg, cell = _run_target(run)
-        for path in found:
-            name = str(path).rsplit("/", 1)[-1].removesuffix(".reflections.parquet")
+        for name in found:
             specs.append(ShardSpec("run", run.url, name, len(specs), sg, cell))
     return specs
+
+
+def refuse_merge_output(out_url: str, inputs: Sequence[str],
+                        storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse a merge folder that is one of the inputs or any run directory: the merge writes
+    ``crystals.parquet`` there, which would replace the run's own."""
+    key = _identity(out_url)
+    for url in inputs:
+        if not _is_stream(url) and _identity(url) == key:
+            raise InputError(f"--out {shown_url(out_url)}: is the input run directory; expected "
+                             f"a folder of its own (e.g. {shown_url(url.rstrip('/'))}/merge), "
+                             "the merge would replace the run's crystals.parquet")
+    out = RunDir(out_url, storage_options)
+    try:
+        is_run = out.exists("manifest.json") or out.exists("frames.parquet") or any(
+            n.endswith(_SHARD_KINDS) for n in out.list("shards"))
+    except Exception:  # an unreachable output is reported when it is written
+        is_run = False
+    if is_run:
+        raise InputError(f"--out {shown_url(out_url)}: is an sfxflow run directory (it has a "
+                         "manifest.json, frames.parquet or result shards); expected a merge "
+                         "folder of its own (e.g. RUN/merge), the merge would replace the "
+                         "run's crystals.parquet")
+
+
+_SCALED_NAME = re.compile(r"^\d{5}\.parquet$")
+
+
+def remove_stale_scaled(out_url: str, written: Sequence[int],
+                        storage_options: Mapping[str, Any] | None = None) -> int:
+    """Remove ``scaled/NNNNN.parquet`` files a previous merge into the same folder left and
+    this one did not write (other names are not ours and stay); returns how many."""
+    out = RunDir(out_url, storage_options)
+    keep = {f"{n:05d}.parquet" for n in written}
+    stale = [n for n in out.list("scaled") if _SCALED_NAME.match(n) and n not in keep]
+    for name in stale:
+        out.remove(f"scaled/{name}")
+    if stale:
+        log.info("removed %d scaled/ file(s) of an earlier merge into %s", len(stale),
+                 shown_url(out_url))
+    return len(stale)
 
 
 def _empty(number: int, rejected: dict[str, int]) -> ShardData:
@@ -186,13 +333,17 @@ def _read_run_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None) 
         raise InputError(f"{spec.label}: no reflection belongs to a crystal of "
                          f"shards/{spec.name}.crystals.parquet")
     keep = obs_c >= 0
-    if "flags" in refl.column_names:  # saturated (2) reflections are not usable intensities
-        keep &= (refl.column("flags").to_numpy() & 2) == 0
+    if "flags" in refl.column_names:
+        # what the run's stream leaves out, left out here too: one answer per run
+        keep &= (refl.column("flags").to_numpy() & int(UNUSABLE_FLAGS)) == 0
+    inten = refl.column("intensity").to_numpy().astype(float)
+    sig = refl.column("sigma").to_numpy().astype(float)
+    keep &= np.isfinite(inten) & np.isfinite(sig) & (sig > 0)  # as the stream reader
     pol = refl.column("polarisation").to_numpy() if "polarisation" in refl.column_names else \
         np.ones(refl.num_rows)
     counts = np.bincount(obs_c[keep], minlength=len(a_list))
     rejected["no integrated reflections"] += int(np.sum(counts == 0))
-    ids = (np.int64(spec.number) << _SHARD_ID_BITS) + np.arange(len(a_list), dtype=np.int64)
+    ids = crystal_ids_of(src, fr, cr)
     hkl = np.column_stack([refl.column(x).to_numpy() for x in "hkl"]).astype(np.int32)
     return ShardData(
         crystal_ids=ids,
@@ -200,8 +351,7 @@ def _read_run_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None) 
         cells=np.array(cells, dtype=float).reshape(-1, 6), source_url=src,
         frame_index=np.array(fr, np.int64), crystal=np.array(cr, np.int32),
         obs_crystal=obs_c[keep], hkl=hkl[keep],
-        intensity=refl.column("intensity").to_numpy()[keep].astype(float),
-        sigma=refl.column("sigma").to_numpy()[keep].astype(float),
+        intensity=inten[keep], sigma=sig[keep],
         polarisation=np.asarray(pol, dtype=float)[keep],
         rejected=dict(rejected),
     )
@@ -272,17 +422,9 @@ def _read_stream_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | Non
         raise InputError(f"{spec.label}: no crystal with integrated reflections ({len(stream)} "
                          f"chunks, {n_x} crystals); expected indexamajig output with "
                          "reflection lists (not --integration=none)")
-    ids = (np.int64(spec.number) << _SHARD_ID_BITS) + np.arange(len(a_list), dtype=np.int64)
-    lattice_sg = ""
-    if lattices:
-        from sfxflow.io.cellfile import default_space_group
-
-        try:
-            lattice_sg = default_space_group(*Counter(lattices).most_common(1)[0][0]).xhm()
-        except ValueError:
-            lattice_sg = ""
+    ids = crystal_ids_of(src, fr, cr)
     return ShardData(
-        lattice_space_group=lattice_sg,
+        lattices=dict(Counter(f"{lt} {cen}" for lt, cen, *_ in lattices)),
         crystal_ids=ids, a_matrices=np.array(a_list), wavelengths_a=np.array(wl),
         cells=np.array(cells), source_url=src, frame_index=np.array(fr, np.int64),
         crystal=np.array(cr, np.int32), obs_crystal=np.concatenate(parts["c"]),
@@ -296,25 +438,6 @@ def read_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None = None
     if spec.kind == "stream":
         return _read_stream_shard(spec, storage_options)
     return _read_run_shard(spec, storage_options)
-
-
-def stream_target(url: str, storage_options: Mapping[str, Any] | None = None
-                  ) -> tuple[str, tuple[float, ...]]:
-    """Space group and cell from a stream's target cell block ("" and () when absent)."""
-    from sfxflow.io.stream import read_stream
-
-    target = read_stream(url, storage_options).target_cell
-    if target is None:
-        return "", ()
-    sg = target.space_group.xhm() if target.space_group is not None else ""
-    if not sg:
-        from sfxflow.io.cellfile import default_space_group
-
-        try:
-            sg = default_space_group(*target.lattice).xhm()
-        except ValueError:
-            sg = ""
-    return sg, tuple(target.cell.parameters)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -394,7 +517,7 @@ def write_simulated_observations(
         shards[-1][1].append(sim.reflections)
         all_rows.append(row)
         if stream is not None:
-            stream.add(sim, i)
+            stream.add(sim, i, row["source_url"])
     write_observation_run(run_url, truth.index.cell, truth.index.space_group, shards,
                           storage_options)
     if stream is not None:
@@ -409,7 +532,7 @@ class _SimStream:
                  bandwidth_fwhm: float) -> None:
         import dataclasses
 
-        from sfxflow.io.cellfile import lattice_from_space_group
+        from sfxflow.io.cellfile import CellFile, lattice_from_space_group
         from sfxflow.io.geometry import format_geom
         from sfxflow.io.stream import format_stream_header
         from sfxflow.models import Beam
@@ -422,10 +545,11 @@ class _SimStream:
         self.fh = open(path, "w", encoding="utf-8")
         cell, sg = truth.index.cell, truth.index.space_group
         geom = format_geom(detector, beam=Beam(wavelength_a, bandwidth_fwhm=bandwidth_fwhm))
-        self.fh.write(format_stream_header(geom, target_cell=(
-            cell, lattice_from_space_group(sg)), command_line="sfxflow simulate (observations)"))
+        self.fh.write(format_stream_header(geom, target_cell=CellFile(
+            cell, sg, lattice_from_space_group(sg)),
+            command_line="sfxflow simulate (observations)"))
 
-    def add(self, sim: Any, frame: int) -> None:
+    def add(self, sim: Any, frame: int, source_url: str) -> None:
         from sfxflow.io.stream import Reflections, format_chunk
         from sfxflow.models import Beam, FrameStatus, ImageResult
 
@@ -433,7 +557,8 @@ class _SimStream:
         refl = Reflections(np.column_stack([r["h"], r["k"], r["l"]]), r["intensity"], r["sigma"],
                            r["intensity"] + r["background"] * r["peak_pixels"], r["background"],
                            r["fs_px"], r["ss_px"], r["panel"])
-        result = ImageResult("sim.cxi", frame, FrameStatus.INDEXED, crystal=sim.reported)
+        # the run directory's file name: the same crystal has the same id in both
+        result = ImageResult(source_url, frame, FrameStatus.INDEXED, crystal=sim.reported)
         beam = Beam(sim.wavelength_a, bandwidth_fwhm=self.bandwidth_fwhm)
         self.fh.write(format_chunk(result, self.detector, beam=beam,
                                    serial=frame + 1, reflections=refl, crystal_info={

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from sfxflow.algorithms.merge.ambiguity import resolve_ambiguity
+from sfxflow.algorithms.merge.cell import InputSymmetry, merge_target
 from sfxflow.algorithms.merge.reflections import (
     AsuIndex,
     ambiguity_operators,
@@ -72,12 +73,16 @@ from sfxflow.algorithms.merge.statistics import (
     wilson_b,
 )
 from sfxflow.algorithms.simulate_physical import TrueIntensities
-from sfxflow.errors import InputError
 from sfxflow.io.hkl import write_half_hkls, write_hkl
 from sfxflow.io.mtz import MergedColumns, write_merged_mtz
-from sfxflow.io.observations import ShardSpec, discover_shards, read_shard
+from sfxflow.io.observations import (
+    ShardSpec,
+    discover_shards,
+    read_shard,
+    refuse_merge_output,
+    remove_stale_scaled,
+)
 from sfxflow.io.results import RunDir, parquet_bytes
-from sfxflow.models import as_space_group, as_unit_cell
 from sfxflow.pipeline.cluster import open_cluster
 from sfxflow.pipeline.config import ClusterConfig
 
@@ -109,7 +114,7 @@ def _summarise(data: Any) -> dict:
         inv_d2_max = float(np.max(np.einsum("ni,ni->n", q, q)))
     return {"n_crystals": data.n_crystals, "n_obs": int(data.hkl.shape[0]),
             "cells": data.cells, "wavelengths": data.wavelengths_a, "rejected": data.rejected,
-            "inv_d2_max": inv_d2_max, "lattice_space_group": data.lattice_space_group}
+            "inv_d2_max": inv_d2_max, "lattices": data.lattices}
 
 
 def _prepare(data: Any, index: AsuIndex, operators: list[np.ndarray], params: MergeParams,
@@ -298,40 +303,21 @@ class _Dask:
 # ----------------------------------------------------------------------------- the run
 
 
-def _consensus(specs: Sequence[ShardSpec], summaries: list[dict], cell: Any, space_group: Any
-               ) -> tuple[gemmi.UnitCell, gemmi.SpaceGroup, float]:
-    if space_group:
-        sg = as_space_group(space_group)
-    else:
-        named = {s.space_group for s in specs if s.space_group}
-        if not named:  # streams without a target cell: the crystals' lattice
-            named = {x["lattice_space_group"] for x in summaries if x["lattice_space_group"]}
-        if not named:
-            raise InputError("no space group known for the inputs (value: none); give "
-                             "--space-group (e.g. P43212)")
-        groups = {as_space_group(n).xhm(): n for n in named}
-        if len(groups) > 1:
-            where = {as_space_group(s.space_group).xhm(): s.label for s in specs if s.space_group}
-            raise InputError("inputs have different space groups: " + ", ".join(
-                f"{g} ({where[g]})" for g in sorted(groups)) + "; expected one (merge them "
-                "separately or give --space-group)")
-        sg = as_space_group(next(iter(named)))
-    medians = [np.median(s["cells"], axis=0) for s in summaries if s["n_crystals"]]
-    if not medians:
-        raise InputError("no crystal with integrated reflections in any input")
-    if cell:
-        uc = as_unit_cell(cell)
-    else:
-        uc = as_unit_cell(tuple(float(x) for x in np.median(np.array(medians), axis=0)))
-    ref = np.array(uc.parameters)
-    for spec, m in zip([s for s, x in zip(specs, summaries, strict=True) if x["n_crystals"]],
-                       medians, strict=True):
-        dev = np.abs(m[:3] / ref[:3] - 1.0).max()
-        ang = np.abs(m[3:] - ref[3:]).max()
-        if dev > 0.05 or ang > 3.0:
-            raise InputError(f"{spec.label}: median cell {' '.join(f'{x:.2f}' for x in m)} "
-                             f"differs from {' '.join(f'{x:.2f}' for x in ref)} "
-                             "(more than 5% or 3 degrees); expected crystals of one form")
+def _consensus(specs: Sequence[ShardSpec], summaries: list[dict], cell: Any, space_group: Any,
+               point_group: Any = None) -> tuple[gemmi.UnitCell, gemmi.SpaceGroup, float]:
+    """The merge's cell and space group (:func:`~sfxflow.algorithms.merge.cell.merge_target`,
+    per input, not per shard), and the median wavelength."""
+    per_input: dict[str, dict[str, Any]] = {}
+    for spec, s in zip(specs, summaries, strict=True):
+        x = per_input.setdefault(spec.input_label, {"sg": spec.space_group, "cells": [],
+                                                    "lattice": " ".join(spec.lattice[:2]),
+                                                    "lattices": Counter()})
+        x["cells"].append(np.asarray(s["cells"], dtype=float).reshape(-1, 6))
+        x["lattices"].update(s["lattices"])
+    uc, sg = merge_target([InputSymmetry(label, x["sg"], x["lattice"], x["lattices"],
+                                         np.concatenate(x["cells"]))
+                           for label, x in per_input.items()],
+                          space_group=space_group, point_group=point_group, cell=cell)
     wl = np.concatenate([s["wavelengths"] for s in summaries])
     return uc, sg, float(np.median(wl)) if wl.size else math.nan
 
@@ -348,6 +334,7 @@ def run_merge(
     storage_options: Mapping[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
     on_cycle: Callable[[int], None] | None = None,
+    point_group: str | None = None,
 ) -> MergeResult:
     """Merge integrated observations from run directories and streams into ``out_url``.
 
@@ -359,19 +346,23 @@ def run_merge(
     params : the merge's parameters.
     cluster : where it runs (``synchronous``: in this process).
     cell, space_group : override what the inputs say.
+    point_group : merge in this point group's symmorphic space group on the inputs' lattice
+        (``622``, ``6/mmm``) when no space group is given or recorded.
     truth : true intensities (simulated inputs), for CC to the truth.
     echo : progress lines (e.g. ``print``).
     on_cycle : called with the cycle number after each scaling cycle (tests use it to kill a
         worker mid-merge).
     """
+    refuse_merge_output(out_url, inputs, storage_options)
     specs = discover_shards(inputs, storage_options)
     out = RunDir(out_url, storage_options)
-    out.makedirs()
     t_start = time.perf_counter()
     with open_cluster(cluster) as (client, info):
         ex: Any = _Serial() if client is None else _Dask(client)
-        result = _run(specs, out, ex, params, cell, space_group, truth, storage_options,
-                      echo or (lambda s: None), t_start, info.kind, on_cycle)
+        result = _run(specs, out, ex, params, cell, (space_group, point_group), truth,
+                      storage_options, echo or (lambda s: None), t_start, info.kind, on_cycle)
+    # a merge into an earlier merge's folder: its scaled/ shards beyond ours would mix in
+    remove_stale_scaled(out.url, [s.number for s in specs], storage_options)
     from sfxflow.pipeline.report import write_merge_report
 
     result.reports = write_merge_report(out.url, list(inputs), storage_options=storage_options)
@@ -379,13 +370,14 @@ def run_merge(
 
 
 def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell: Any,
-         space_group: Any, truth: TrueIntensities | None,
+         symmetry: tuple[Any, str | None], truth: TrueIntensities | None,
          storage_options: Mapping[str, Any] | None, echo: Callable[[str], None],
          t_start: float, cluster_kind: str,
          on_cycle: Callable[[int], None] | None) -> MergeResult:
     data = [ex.submit(read_shard, s, storage_options) for s in specs]
     summaries = ex.gather([ex.submit(_summarise, d) for d in data])
-    uc, sg, wavelength = _consensus(specs, summaries, cell, space_group)
+    uc, sg, wavelength = _consensus(specs, summaries, cell, *symmetry)  # (space, point group)
+    out.makedirs()  # only now: a refused input leaves no half-written merge folder
     n_input = sum(s["n_crystals"] for s in summaries)
     rejected: Counter[str] = Counter()
     for s in summaries:

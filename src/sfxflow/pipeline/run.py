@@ -80,15 +80,16 @@ class RunResult:
 
 
 def resolve_config(config: ProcessConfig) -> ProcessConfig:
-    """Resolve ``target.cell_file`` into ``target.cell``/``space_group`` (space group from the
-    file, or the lattice's default when the file has none and none was given)."""
+    """Resolve ``target.cell_file`` into ``target.cell``/``space_group`` (space group given,
+    or from the file; an :class:`~sfxflow.errors.InputError` when neither says one)."""
     if not config.target.cell_file or config.target.cell is not None:
         return config
     from sfxflow.io.cellfile import read_cell_file
 
     cf = read_cell_file(config.target.cell_file)
     return with_target(config, cf.cell.parameters,
-                       cf.indexing_space_group(config.target.space_group))
+                       cf.indexing_space_group(config.target.space_group,
+                                               f"--cell-file {config.target.cell_file}"))
 
 
 def _failed_file_ref(url: str) -> BlockRef:

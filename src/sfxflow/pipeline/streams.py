@@ -43,7 +43,7 @@ def stream_header(config: Any, geometry: Any, inputs: list[str] | None = None,
                   storage_options: Mapping[str, Any] | None = None,
                   command_line: str = "sfxflow process") -> str | None:
     """Header text for the run's stream; ``None`` when no geometry can be had at all."""
-    from sfxflow.io.cellfile import lattice_from_space_group
+    from sfxflow.io.cellfile import CellFile, lattice_from_space_group
     from sfxflow.io.stream import format_stream_header
 
     if geometry is not None:
@@ -60,5 +60,7 @@ def stream_header(config: Any, geometry: Any, inputs: list[str] | None = None,
     target = config.target_cell()
     cell = None
     if target is not None:
-        cell = (target.cell, lattice_from_space_group(target.space_group))
+        # the space group too, so `merge RUN/run.stream` needs no --space-group
+        cell = CellFile(target.cell, target.space_group,
+                        lattice_from_space_group(target.space_group))
     return format_stream_header(geometry_text, target_cell=cell, command_line=command_line)
