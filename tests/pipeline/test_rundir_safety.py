@@ -175,3 +175,27 @@ def test_a_dead_runs_lock_on_s3_is_stale_at_once(sim_set, s3_bucket, s3_storage_
     assert result.complete and time.monotonic() - t0 < 120
     fs.invalidate_cache()
     assert not fs.exists(f"{s3_bucket}/out/run/{LOCK_NAME}")
+
+
+@pytest.mark.s3
+def test_a_prefix_unlisted_then_listed_resumes_and_drops_its_placeholder(
+        sim_set, s3_server, s3_bucket, s3_storage_options, tmp_path):
+    import s3fs
+
+    from sfxflow.benchmarks.tcp_proxy import FaultProxy
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    for path in sim_set.files:
+        fs.put_file(str(path), f"{s3_bucket}/in/{path.name}")
+    proxy = FaultProxy(int(s3_server.rsplit(":", 1)[1]))  # not started: connections refused
+    options = {**s3_storage_options, "client_kwargs": {"endpoint_url": proxy.url}}
+    out = tmp_path / "run"
+    cfg = _cfg(sim_set, "run.storage_retry_s=0")
+    first = run_process([f"s3://{s3_bucket}/in/"], str(out), cfg, storage_options=options)
+    assert first.blocks_unread == 1 and not first.complete
+    with proxy:
+        again = run_process([f"s3://{s3_bucket}/in/"], str(out), cfg, storage_options=options)
+    # the one-record shards of the unlisted prefix were this run directory's own: not refused
+    # as another run's, and gone once every block of the run is done
+    assert again.complete and again.summary["frames"] == 12
+    assert not any(n.endswith("-unreadable.frames.parquet") for n in os.listdir(out / "shards"))

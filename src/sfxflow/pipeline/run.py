@@ -373,14 +373,14 @@ def _settle_foreign_shards(run: RunDir, blocks: Sequence[BlockRef],
 
 
 def _superseded_placeholders(blocks: Sequence[BlockRef], old: Manifest | None) -> dict[str, str]:
-    """Old one-record blocks of files that could not be opened then and can now: ``{block id:
-    shown URL}``. Their shards stay until every block of the file is done again."""
+    """Old one-record blocks of files (or patterns, prefixes) that could not be opened or listed
+    then and can now: ``{block id: shown URL}``. Their shards stay until every block of the
+    file - of the whole run, for a pattern - is done again."""
     if old is None:
         return {}
-    from sfxflow.io.storage import shown_url
-
-    planned = {shown_url(b.url) for b in blocks if b.start >= 0}
-    return {e.block_id: e.url for e in old.blocks.values() if e.start < 0 and e.url in planned}
+    planned = {b.block_id for b in blocks}
+    return {e.block_id: e.url for e in old.blocks.values()
+            if e.start < 0 and e.block_id not in planned}
 
 
 def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, geometry: Any,
@@ -567,8 +567,9 @@ def _drop_replaced_placeholders(run: RunDir, plan: RunPlan) -> None:
 
     for block_id, url in plan.superseded.items():
         states = [plan.manifest.blocks[b.block_id].state for b in plan.blocks
-                  if b.start >= 0 and shown_url(b.url) == url]
-        if states and all(s == "done" for s in states):
+                  if b.start >= 0 and shown_url(b.url) == url] or [
+            b.state for b in plan.manifest.blocks.values()]  # a pattern: the whole run
+        if all(s == "done" for s in states):
             for rel in shard_names(block_id).values():
                 run.remove(rel)
 
