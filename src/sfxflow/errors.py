@@ -46,6 +46,11 @@ class StorageUnavailable(SourceError):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's ``scancel``, ``kill``): handled as Ctrl-C is - what was done is
+    kept and the same command resumes - and the CLI exits 143 (128 + SIGTERM)."""
+
+
 class RunDirError(SfxflowError):
     """The run directory cannot be written or read (a full disk, a dead object-storage endpoint).
 

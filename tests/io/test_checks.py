@@ -50,3 +50,12 @@ def test_absurd_photon_energy_is_named_with_the_range(energy_ev):
 @pytest.mark.parametrize("energy_ev", [700.0, 9500.0, 25000.0])
 def test_real_photon_energies_pass(energy_ev):
     assert beam_problem(Beam(photon_energy_ev_to_wavelength_a(energy_ev))) == ""
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_frame_of_float32_maxima_is_saturated_without_a_max_adu(dtype):
+    # before: '' (no max_adu in the geometry) - the frame went on as a plain miss
+    panel = Panel("p0", (-5.0, -5.0, 100.0), (1, 0, 0), (0, 1, 0), 0.1, (8, 8))
+    data = np.full((8, 8), np.finfo(np.float32).max, dtype)
+    frame = Frame(data, Detector((panel,)), Beam(photon_energy_ev_to_wavelength_a(9500.0)))
+    assert frame_problem(frame) == "every pixel is saturated (at the float32 maximum 3.40282e+38)"

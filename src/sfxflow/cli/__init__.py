@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from sfxflow import __version__
 from sfxflow.cli.options import Parser
-from sfxflow.errors import EXIT_RERUN, InputError, RunDirError, StorageUnavailable
+from sfxflow.errors import EXIT_RERUN, InputError, RunDirError, StorageUnavailable, Terminated
 
 SUBCOMMANDS: dict[str, str] = {
     "demo": "sfxflow.cli.demo",
@@ -96,10 +96,27 @@ class _RedactUrls(logging.Filter):
         return True
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Returns the exit status: 0 success, 1 blocks failed, 2 user error,
     75 (:data:`~sfxflow.errors.EXIT_RERUN`) work left for a rerun (storage unreachable, run
-    directory unwritable), 130 interrupted."""
+    directory unwritable), 130 interrupted, 143 terminated (SIGTERM)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from sfxflow.io.storage import redact_urls
 
     parser = build_parser()
@@ -119,10 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"sfxflow {args.command}: error: {redact_urls(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sfxflow {args.command}: interrupted; run the same command again to resume",
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"sfxflow {args.command}: {how}; run the same command again to resume",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -15,18 +15,23 @@ BENCHMARKS: dict[str, str] = {
     "process": "sfxflow.benchmarks.process",
     "merge": "sfxflow.benchmarks.merge",
     "report": "sfxflow.benchmarks.report",
+    "faults": "sfxflow.benchmarks.faults",
 }
+#: minutes of real faults, not a speed figure: run on its own, not by 'all'
+NOT_IN_ALL = ("faults",)
 
 HELP = ("benchmark a stage (simulate, decode, spots, index, integrate, process, merge, report, or all) "
-        "and print figures")
+        "and print figures; 'faults' prints the fault matrix")
 DESCRIPTION = HELP + """
 
-'all' runs every benchmark in turn with its default options (what 'make bench' does).
+'all' runs every benchmark in turn with its default options (what 'make bench' does), except
+'faults' (the reliability figures: real kills and storage faults, a few minutes).
 
 Examples:
   sfxflow bench spots --frames 50
   sfxflow bench index
   sfxflow bench all
+  sfxflow bench faults
 """
 
 
@@ -49,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_all(parsers: dict[str, argparse.ArgumentParser]) -> int:
     worst = 0
     for name, p in parsers.items():
+        if name in NOT_IN_ALL:
+            continue
         print(f"===== sfxflow bench {name}", flush=True)
         args = p.parse_args([])
         worst = max(worst, int(args._bench_run(args) or 0))

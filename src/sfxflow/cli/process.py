@@ -149,9 +149,8 @@ def run(args: argparse.Namespace) -> int:
               + (f", report {result.run_url}/report.html" if config.run.report else ""))
     if args.merge and result.complete:
         merge_run(result.run_url, config.cluster, storage_options)
-    if not result.complete:
-        left = result.blocks_total - result.blocks_skipped - result.blocks_done - \
-            result.blocks_failed
+    left = result.blocks_total - result.blocks_skipped - result.blocks_done - result.blocks_failed
+    if not result.complete and left > 0:  # unread blocks are done, for now: said below
         print(f"{left} block(s) left: run the same command again to continue", file=sys.stderr)
     if result.blocks_unread:
         reason = next(iter(result.unread_reasons), "storage unreachable")

@@ -15,6 +15,9 @@ a geometry file with such a beam is refused at the start (:func:`beam_problem`).
 'every pixel is NaN'
 >>> frame_problem(Frame(np.full((4, 4), 1000, np.int32), Detector((panel,)), Beam(1.3)))
 'every pixel is saturated (>= max_adu 1000)'
+>>> no_limit = Detector((Panel("p0", (-5.0, -5.0, 100.0), (1, 0, 0), (0, 1, 0), 0.1, (4, 4)),))
+>>> frame_problem(Frame(np.full((4, 4), np.finfo(np.float32).max), no_limit, Beam(1.3)))
+'every pixel is saturated (at the float32 maximum 3.40282e+38)'
 >>> beam_problem(Beam(12398.42 / 1.0))
 'photon energy 1 eV (wavelength 12398.4 Å) is outside the accepted range 620 eV to 6.2 MeV (wavelength 0.002 to 20 Å)'
 """
@@ -32,6 +35,8 @@ __all__ = ["WAVELENGTH_RANGE_A", "beam_problem", "frame_problem"]
 #: Accepted beam wavelengths in Å: soft X-rays (620 eV) to MeV electrons (0.002 Å); outside
 #: this no diffraction geometry of this program is meaningful.
 WAVELENGTH_RANGE_A = (0.002, 20.0)
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _energy_text(energy_ev: float) -> str:
@@ -82,4 +87,7 @@ def frame_problem(frame: Frame) -> str:
         return f"every pixel is saturated (>= max_adu {max(levels):g})"
     if np.issubdtype(data.dtype, np.integer) and lo == np.iinfo(data.dtype).max:
         return f"every pixel is saturated (at the {data.dtype} maximum {lo})"
+    if np.issubdtype(data.dtype, np.floating) and lo >= _FLOAT32_MAX:
+        # a detector's "overflow" fill value (or float64 pixels converted from it): like +inf
+        return f"every pixel is saturated (at the float32 maximum {_FLOAT32_MAX:g})"
     return beam_problem(frame.beam)

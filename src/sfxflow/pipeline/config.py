@@ -118,7 +118,7 @@ class IOConfig:
     write_stream : write CrystFEL stream shards.
     """
 
-    frames_per_block: int = setting(10, ge=1, le=1_000_000)
+    frames_per_block: int = setting(10, ge=1, le=1000)
     prefetch_depth: int = setting(1, ge=0, le=4)
     geometry: str = ""
     endpoint_url: str = ""

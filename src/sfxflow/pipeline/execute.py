@@ -84,6 +84,24 @@ except ImportError:  # pragma: no cover - distributed is a dependency
     _WorkerPluginBase = object  # type: ignore[assignment,misc]
 
 
+class _NoComputeFailedDumps(logging.Filter):
+    """On a worker: drop distributed's "Compute Failed" dump (key, task, exception and
+    traceback text) for this run's tasks. The client says what failed, once: one line per
+    block failed for good, or the run's own error (an unwritable run directory); the dump
+    stays with ``-v -v`` (debug logging)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Compute Failed") or logging.getLogger().isEnabledFor(
+                logging.DEBUG):
+            return True
+        key = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+        return not str(key).startswith(self.prefix)
+
+
 class BlockRunner(_WorkerPluginBase):  # type: ignore[misc,valid-type]
     """Worker plugin holding one run's context, block table and prefetcher.
 
@@ -104,9 +122,12 @@ class BlockRunner(_WorkerPluginBase):  # type: ignore[misc,valid-type]
         self.file_errors = file_errors or {}
         self.worker: Any = None
         self.prefetcher: Prefetcher[BlockRef, Fetched] | None = None
+        self._quiet: logging.Filter | None = None
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
+        self._quiet = _NoComputeFailedDumps(self.name.replace("sfxflow-run-", "sfxflow-"))
+        logging.getLogger("distributed.worker").addFilter(self._quiet)
         apply_storage_retry(self.ctx.config)
         nthreads = max(int(getattr(worker.state, "nthreads", 1) or 1), 1)
         ctx = self.ctx
@@ -114,6 +135,8 @@ class BlockRunner(_WorkerPluginBase):  # type: ignore[misc,valid-type]
                                      depth=self.prefetch_depth * nthreads)
 
     def teardown(self, worker: Any) -> None:
+        if self._quiet is not None:
+            logging.getLogger("distributed.worker").removeFilter(self._quiet)
         if self.prefetcher is not None:
             self.prefetcher.close()
 
@@ -388,8 +411,15 @@ def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
             block = keys[fut.key]
             try:
                 report = fut.result()
-            except (KeyboardInterrupt, SystemExit, RunDirError):
-                raise  # an unwritable run directory fails every block alike: stop now
+            except RunDirError:
+                # an unwritable run directory fails every block alike: stop now, and let the
+                # blocks still running fail without a warning each (the CLI says it, once)
+                with contextlib.suppress(Exception):
+                    client.run(_quiet_distributed_logs)
+                _quiet_distributed_logs()
+                raise
+            except (KeyboardInterrupt, SystemExit):
+                raise
             except Exception as exc:
                 on_failure(_record_failure(block, ctx, failure_reason(exc)))
                 continue

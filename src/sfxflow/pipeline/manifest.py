@@ -174,15 +174,17 @@ class Manifest:
         ``changes`` are files gone from the inputs or whose size or version differ (results
         made from them would be wrong or lost); ``added`` are new files (a data set that grew
         while being processed: their blocks are simply processed too). Only files both listings
-        could read are compared by size and version; a manifest that predates input recording
-        (version 1) compares nothing.
+        could read are compared by size and version; an input that could not be listed then (a
+        prefix or glob on storage that was down) is not "gone" when it names files now; a
+        manifest that predates input recording (version 1) compares nothing.
         """
         if self.version < 2:
             return [], []
         old = {f.url: f for f in self.files}
         new = {_shown(f.url): f for f in files}
         added = [u for u in new if u not in old]
-        changes = [f"{u} no longer among the inputs" for u in old if u not in new]
+        changes = [f"{u} no longer among the inputs" for u, f in old.items()
+                   if u not in new and not (not f.version and _expands_to(u, new))]
         for url, f in new.items():
             was = old.get(url)
             if was is None or not (f.version and was.version):
@@ -220,6 +222,21 @@ class Manifest:
             return m
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{where}: not a valid sfxflow manifest ({exc})") from None
+
+
+def _expands_to(pattern: str, urls: Iterable[str]) -> bool:
+    """Whether an input that could not be listed then (a folder, prefix or glob) names one of
+    ``urls`` now: it was not a file that went away.
+
+    >>> _expands_to("s3://b/in/", ["s3://b/in/run_1.cxi"]), _expands_to("d/*.cxi", ["d/a.cxi"])
+    (True, True)
+    >>> _expands_to("s3://b/in/run_1.cxi", ["s3://b/in/run_2.cxi"])
+    False
+    """
+    import fnmatch
+
+    prefix = pattern.rstrip("/") + "/"
+    return any(u.startswith(prefix) or fnmatch.fnmatchcase(u, pattern) for u in urls)
 
 
 def input_files(infos: Iterable[Any]) -> list[InputFile]:

@@ -197,6 +197,30 @@ def _detector_info(geometry: Any, reports: Sequence[BlockReport]) -> dict[str, A
     return {"name": name, "n_pixels": n_pixels}
 
 
+#: decoded pixels (float32) of one block at most: a worker holds a whole block (and the next,
+#: prefetched) in memory, and its peak is a few times the pixels (measured: 0.59 GB at 10
+#: frames of 1 Mpx, 2.09 GB with a whole 1 Mpx file as one block)
+MAX_BLOCK_BYTES = 1 << 30
+
+
+def _check_block_memory(config: ProcessConfig, geometry: Any) -> None:
+    """Refuse a block size whose pixels alone would not fit a worker's memory."""
+    from sfxflow.errors import GeometryError
+
+    n = config.io.frames_per_block
+    try:
+        n_px = geometry.detector().n_pixels if geometry is not None else 0
+    except (GeometryError, KeyError, ValueError):  # per-frame header values: known per frame
+        n_px = 0
+    if not n_px or n * 4 * n_px <= MAX_BLOCK_BYTES:
+        return
+    most = max(1, MAX_BLOCK_BYTES // (4 * n_px))
+    raise ConfigError(f"--frames-per-block {n}: a block of {n} frames of this detector "
+                      f"({n_px / 1e6:.2f} Mpx) holds {n * 4 * n_px / 1e9:.1f} GB of pixels in a "
+                      f"worker's memory; expected at most {most} (blocks of "
+                      f"{MAX_BLOCK_BYTES >> 20} MiB)")
+
+
 @dataclass
 class RunPlan:
     """What a run will do: every block, those left to do, and the manifest that tracks them."""
@@ -211,6 +235,8 @@ class RunPlan:
     isolated: set[str] = field(default_factory=set)
     #: file blocks whose file could not be listed for storage reasons (unread, not failed)
     unreachable: set[str] = field(default_factory=set)
+    #: one-record blocks of files unopenable before and planned in full now: ``{id: URL}``
+    superseded: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -266,17 +292,96 @@ def _old_manifest(run: RunDir) -> Manifest | None:
         return None
 
 
-def _remove_foreign_shards(run: RunDir, blocks: Sequence[BlockRef]) -> None:
-    """Shards of blocks no longer planned (a forced run over another input set) would be read
-    by merge and report as if they belonged to this run."""
-    keep = {name.rsplit("/", 1)[-1] for b in blocks
-            for name in shard_names(b.block_id).values()}
-    stale = [n for n in run.list("shards") if n not in keep and not n.startswith(".tmp-")]
+#: what a shard file's name ends with (``shards/<block id><suffix>``)
+SHARD_SUFFIXES = tuple(rel.split("shards/x", 1)[1] for rel in shard_names("x").values())
+
+
+def _same_spelling(files: Sequence[Any], old: Manifest | None) -> list[Any]:
+    """Local input files under the spelling the run directory recorded them with
+    (``segv.cxi`` and ``/data/segv.cxi`` are one file): block ids hash the URL, so a rerun that
+    names a file another way would otherwise recompute it under new ids."""
+    if old is None:
+        return list(files)
+    from dataclasses import replace
+
+    from sfxflow.io.storage import is_local, local_path
+
+    def key(url: str) -> str:
+        return os.path.realpath(local_path(url))
+
+    recorded = {key(f.url): f.url for f in old.files if is_local(f.url)}
+    recorded.update({key(b.url): b.url for b in old.blocks.values() if is_local(b.url)})
+    out = []
+    for f in files:
+        was = recorded.get(key(f.url)) if is_local(f.url) else None
+        out.append(replace(f, url=was) if was is not None and was != f.url else f)
+    return out
+
+
+def _keep_blocks_of_unopenable(blocks: list[BlockRef], file_errors: dict[str, str],
+                               unreachable: set[str], old: Manifest | None) -> list[BlockRef]:
+    """A file that cannot be opened now (permission denied, a broken link, storage down) but
+    was processed before keeps its blocks: those that verify stay done, the others are tried
+    (and fail at read) instead of the whole file becoming one failed record."""
+    if old is None:
+        return blocks
+    from sfxflow.io.storage import shown_url
+
+    by_url: dict[str, list[BlockEntry]] = {}
+    for e in old.blocks.values():
+        if e.start >= 0:
+            by_url.setdefault(e.url, []).append(e)
+    out: list[BlockRef] = []
+    for b in blocks:
+        before = by_url.get(shown_url(b.url)) if b.start < 0 else None
+        if not before:
+            out.append(b)
+            continue
+        reason = file_errors.pop(b.block_id, "cannot be opened")
+        unreachable.discard(b.block_id)
+        logger.warning("%s; keeping its %d block(s) from the previous run (those not done are "
+                       "tried again)", reason, len(before))
+        out += [BlockRef(e.block_id, b.url, e.start, e.stop) for e in before]
+    return out
+
+
+def _foreign_shards(run: RunDir, blocks: Sequence[BlockRef], superseded: Mapping[str, str]
+                    ) -> list[str]:
+    """Shard files under ``shards/`` of blocks this run does not plan (other files - notes, a
+    user's own data - are not shards and are never touched)."""
+    keep = {name.rsplit("/", 1)[-1] for b_id in [*(b.block_id for b in blocks), *superseded]
+            for name in shard_names(b_id).values()}
+    return [n for n in run.list("shards") if n not in keep and not n.startswith(".")
+            and n.endswith(SHARD_SUFFIXES)]
+
+
+def _settle_foreign_shards(run: RunDir, blocks: Sequence[BlockRef],
+                           superseded: Mapping[str, str], force: bool) -> None:
+    """Shards of blocks not planned would be read by merge and report as if they belonged to
+    this run: refused, or removed with ``force`` (nothing else in the folder is touched)."""
+    stale = _foreign_shards(run, blocks, superseded)
+    if not stale:
+        return
+    if not force:
+        raise ConfigError(
+            f"{run.url_of('shards')} holds {len(stale)} shard file(s) of blocks that are not "
+            f"part of this run ({stale[0]}{', ...' if len(stale) > 1 else ''}); use --force to "
+            "remove them, or a new --out")
     for name in stale:
         run.remove(f"shards/{name}")
-    if stale:
-        logger.info("removed %d shard file(s) of blocks that are no longer part of this run",
-                    len(stale))
+    logger.info("--force: removed %d shard file(s) of blocks that are not part of this run",
+                len(stale))
+
+
+def _superseded_placeholders(blocks: Sequence[BlockRef], old: Manifest | None) -> dict[str, str]:
+    """Old one-record blocks of files (or patterns, prefixes) that could not be opened or listed
+    then and can now: ``{block id: shown URL}``. Their shards stay until every block of the
+    file - of the whole run, for a pattern - is done again."""
+    if old is None:
+        return {}
+    planned = {b.block_id for b in blocks}
+    return {e.block_id: e.url for e in old.blocks.values()
+            if e.start < 0 and e.block_id not in planned}
 
 
 def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, geometry: Any,
@@ -287,8 +392,8 @@ def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, g
     Parameters
     ----------
     inputs, run, config, geometry, storage_options : as for :func:`run_process`.
-    force : recompute everything, and accept another input set (removing the shards of blocks
-        that are no longer planned).
+    force : recompute everything, and accept another input set (removing the shard files of
+        blocks that are not planned; without it such shards are refused, never deleted).
     crashed_lock : the stale lock of a run that died: the blocks it had in flight are run only
         in a child process from now on.
 
@@ -299,14 +404,16 @@ def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, g
     """
     from sfxflow.io.sources import discover
 
-    files = discover(list(inputs), geometry=geometry, storage_options=dict(storage_options))
+    old_manifest = None if force else _old_manifest(run)
+    files = _same_spelling(discover(list(inputs), geometry=geometry,
+                                    storage_options=dict(storage_options)), old_manifest)
     blocks, file_errors, input_bytes, unreachable = _blocks_of(files, config)
+    blocks = _keep_blocks_of_unopenable(blocks, file_errors, unreachable, old_manifest)
     if not blocks:
         raise InputError(f"no frames found in {', '.join(inputs)}")
     logger.info("%d block(s) of up to %d frames from %d input(s), %.1f MB",
                 len(blocks), config.io.frames_per_block, len(inputs), input_bytes / 1e6)
 
-    old_manifest = None if force else _old_manifest(run)
     manifest = Manifest.from_plan(list(inputs), [BlockEntry(b.block_id, b.url, b.start, b.stop)
                                                  for b in blocks],
                                   input_files(files))
@@ -331,8 +438,9 @@ def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, g
         if added:
             logger.info("%d input file(s) new since the last run (%s%s): processing them too",
                         len(added), added[0], ", ..." if len(added) > 1 else "")
+    superseded = _superseded_placeholders(blocks, old_manifest)
     if listed:
-        _remove_foreign_shards(run, blocks)
+        _settle_foreign_shards(run, blocks, superseded, force)
 
     todo: list[BlockRef] = []
     skipped = 0
@@ -372,7 +480,7 @@ def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, g
         todo = todo[: config.run.max_blocks]
     isolated = {b.block_id for b in todo if manifest.blocks[b.block_id].crashes > 0}
     return RunPlan(blocks, todo, skipped, manifest, file_errors, input_bytes, isolated,
-                   unreachable & {b.block_id for b in todo})
+                   unreachable & {b.block_id for b in todo}, superseded)
 
 
 def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
@@ -419,6 +527,8 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
         save_manifest()
 
     save_manifest(force_write=True)
+    if lock is not None:  # the dead run's blocks in flight are in the manifest now
+        lock.previous_recorded()
     n_cores = 1
     info: ClusterInfo | None = None
     t_exec0 = time.perf_counter()
@@ -452,6 +562,19 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
     return Execution(reports, failures, wall_s, n_cores, info, live_report)
 
 
+def _drop_replaced_placeholders(run: RunDir, plan: RunPlan) -> None:
+    """A file's old one-record shards go once every block of the file is done (verified)."""
+    from sfxflow.io.storage import shown_url
+
+    for block_id, url in plan.superseded.items():
+        states = [plan.manifest.blocks[b.block_id].state for b in plan.blocks
+                  if b.start >= 0 and shown_url(b.url) == url] or [
+            b.state for b in plan.manifest.blocks.values()]  # a pattern: the whole run
+        if all(s == "done" for s in states):
+            for rel in shard_names(block_id).values():
+                run.remove(rel)
+
+
 def reduce_run(plan: RunPlan, execution: Execution, run: RunDir, config: ProcessConfig,
                geometry: Any, t_start: float) -> RunResult:
     """Concatenate the frames shards into frames.parquet and write summary.json."""
@@ -472,6 +595,7 @@ def reduce_run(plan: RunPlan, execution: Execution, run: RunDir, config: Process
         for name in ("frames.parquet", "crystals.parquet"):
             if run.exists(name):
                 run.remove(name)
+    _drop_replaced_placeholders(run, plan)
     unread = {b.block_id: b.reason for b in manifest.blocks.values() if b.state == "unread"}
     reports, failures, info = execution.reports, execution.failures, execution.cluster
     summary = build_summary(
@@ -501,6 +625,10 @@ def reduce_run(plan: RunPlan, execution: Execution, run: RunDir, config: Process
                            run.url_of("summary.json"), exc)
         else:
             summary = keep_measured_figures(summary, previous)
+            was = previous.get("detector")
+            if not summary["detector"]["n_pixels"] and isinstance(was, dict) and \
+                    was.get("n_pixels"):  # nothing read now (a no-op rerun): what was read then
+                summary["detector"] = {**summary["detector"], "n_pixels": was["n_pixels"]}
     run.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=False))
     if execution.live_report is not None:
         execution.live_report.finish()
@@ -560,6 +688,7 @@ def run_process(
         logger.info("setting %s = %r (default %r)", key, value, default)
     apply_storage_retry(config)
     geometry = _geometry(config, storage_options)
+    _check_block_memory(config, geometry)
 
     run = RunDir(out, storage_options)
     run.makedirs()

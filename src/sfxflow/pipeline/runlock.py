@@ -4,8 +4,10 @@ Two runs writing one directory would delete each other's temporary files and ove
 other's manifest and summary, so a second run is refused while the first is alive. A lock is
 *stale* (taken over with a warning) when
 
-* it was written on this host and its process id is no longer alive (a crash, ``kill -9``);
-* it was written on another host, or the directory is on object storage, and its heartbeat
+* it was written on this host and its process id is no longer alive (a crash, ``kill -9``),
+  whether the run directory is local or on object storage (a lock left on an endpoint that
+  was down when the run died is stale as soon as its process is gone);
+* it was written on another host and its heartbeat
   (rewritten every ``heartbeat_s`` seconds by a background thread) is older than
   ``stale_after_s``: another machine's processes cannot be asked, so silence is the only
   evidence of death.
@@ -15,7 +17,9 @@ lock is written, read back and kept only if it is still ours; two runs started w
 second may both pass (documented, not prevented).
 
 The lock also says which block a serial run is processing (``in_flight``): when a native
-decoder kills the process, the next run learns from the stale lock which block did it.
+decoder kills the process, the next run learns from the stale lock which block did it. A run
+that takes a stale lock over and then stops before it has recorded that (refused: other inputs,
+other settings) puts the dead run's lock back, so the crash record is not lost.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
+        self._previous_recorded = False
 
     # ------------------------------------------------------------------------------ reading
     def _read(self) -> LockInfo | None:
@@ -113,7 +118,7 @@ class RunLock:
             return LockInfo("?", -1, "", 0.0, 0.0)
 
     def _is_stale(self, other: LockInfo) -> bool:
-        if self.run.is_local and other.host == self.info.host:
+        if other.host == self.info.host:  # this host's processes can be asked, wherever it is
             return not _pid_alive(other.pid)
         return time.time() - other.updated_at > self.stale_after_s
 
@@ -184,8 +189,13 @@ class RunLock:
         self.info.in_flight = block_id
         self._write()
 
+    def previous_recorded(self) -> None:
+        """What the taken-over lock said is now in the manifest: releasing deletes the lock."""
+        self._previous_recorded = True
+
     def release(self) -> None:
-        """Stop the heartbeat and delete the lock (when it is still ours)."""
+        """Stop the heartbeat and delete the lock (when it is still ours); a taken-over lock
+        whose record was not yet kept (:meth:`previous_recorded`) is put back instead."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -194,7 +204,12 @@ class RunLock:
         self._held = False
         with contextlib.suppress(Exception):  # a dead endpoint: the lock goes stale by itself
             current = self._read()
-            if current is not None and current.token == self.info.token:
+            if current is None or current.token != self.info.token:
+                return
+            if self.previous is not None and not self._previous_recorded:
+                with self._write_lock:
+                    self.run.write_text(LOCK_NAME, json.dumps(asdict(self.previous)))
+            else:
                 self.run.remove(LOCK_NAME)
 
     def __enter__(self) -> RunLock:
