@@ -17,8 +17,8 @@ import pytest
 
 from sfxflow.benchmarks.report import write_simulated_run
 from sfxflow.errors import InputError
-from sfxflow.io.report_html import Unavailable, render_report_html
 from sfxflow.pipeline.report import build_report, write_report
+from sfxflow.report.html import Unavailable, render_report_html
 
 from .conftest import base_overrides
 
@@ -152,7 +152,7 @@ def test_process_writes_the_report_and_refreshes_it_while_running(sim_set, tmp_p
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    from sfxflow.io.headless import find_chromium
+    from sfxflow.report.headless import find_chromium
 
     path = find_chromium()
     if path is None:
@@ -176,7 +176,7 @@ def full_page(chromium, serial_run, tmp_path_factory) -> Path:
 
 
 def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
-    from sfxflow.io.headless import render_page
+    from sfxflow.report.headless import render_page
 
     seen = render_page(full_page, evaluate=(
         "JSON.stringify({svg: document.querySelectorAll('figure.plot svg').length,"
@@ -196,7 +196,7 @@ def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
 
 def test_browser_check_catches_errors_and_external_requests(chromium, tmp_path):
     """The check above can fail: a page with a console error and an outside image is caught."""
-    from sfxflow.io.headless import render_page
+    from sfxflow.report.headless import render_page
 
     bad = tmp_path / "bad.html"
     # port 9 (discard) on this machine: refused at once, nothing leaves it

@@ -232,8 +232,8 @@ def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block
 
 
 def _time_builds(run_dir: Path, repeats: int) -> tuple[float, float, int]:
-    from sfxflow.io.report_html import render_report_html
     from sfxflow.pipeline.report import build_report
+    from sfxflow.report.html import render_report_html
 
     build, render = [], []
     size = 0

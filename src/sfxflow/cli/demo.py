@@ -89,8 +89,8 @@ def _picture(run_dir: Path, geometry_path: Path, out_png: Path) -> Path | None:
     import pyarrow.parquet as pq
 
     from sfxflow.io.geometry import read_geom
-    from sfxflow.io.picture import render_frame_png
     from sfxflow.io.sources import open_source
+    from sfxflow.report.picture import render_frame_png
 
     frames = pq.read_table(run_dir / "frames.parquet")
     indexed = frames.filter(pc.equal(frames.column("status"), "indexed"))

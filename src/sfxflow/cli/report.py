@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                            with_picture=not args.no_picture)
     print(f"wrote {written}")
     if args.screenshot:
-        from sfxflow.io.headless import BrowserError, render_page
+        from sfxflow.report.headless import BrowserError, render_page
 
         if not is_local(written):
             raise InputError("--screenshot needs a local --out file (chromium opens it from disk)")

@@ -1,7 +1,7 @@
 """The run report's data: what a run directory says about itself, gathered for one HTML page.
 
 :func:`build_report` reads a run directory (local or any fsspec URL, while the run goes or after
-it) following docs/run-directory.md and returns a :class:`~sfxflow.io.report_html.ReportData`;
+it) following docs/run-directory.md and returns a :class:`~sfxflow.report.html.ReportData`;
 :func:`write_report` renders it and writes the page atomically (``RUN/report.html`` unless told
 otherwise); :class:`LiveReport` is what ``run_process`` calls after each block to refresh the page
 now and then, and once at the end.
@@ -11,7 +11,7 @@ Where the frames come from: ``frames.parquet`` once every block is done, else ev
 is still going is read safely). Crystals: ``crystals.parquet`` or the crystals shards when the
 run has them, else the first crystal of each indexed frame from the frames table. Merged data:
 ``merge/stats.json`` (or the folder given). Each part that a run lacks becomes an
-:class:`~sfxflow.io.report_html.Unavailable` with the reason instead of an error.
+:class:`~sfxflow.report.html.Unavailable` with the reason instead of an error.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ import pyarrow.parquet as pq
 
 from sfxflow import __version__
 from sfxflow.errors import InputError, SfxflowError
-from sfxflow.io.report_html import (
+from sfxflow.io.results import CELL_COLUMNS, RunDir, read_parquet_bytes
+from sfxflow.pipeline.manifest import MANIFEST_NAME, Manifest
+from sfxflow.report.html import (
     MAX_POINTS,
     AlongRun,
     CostRow,
@@ -52,8 +54,6 @@ from sfxflow.io.report_html import (
     Unavailable,
     render_report_html,
 )
-from sfxflow.io.results import CELL_COLUMNS, RunDir, read_parquet_bytes
-from sfxflow.pipeline.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["REPORT_NAME", "LiveReport", "build_report", "write_merge_report", "write_report"]
 
@@ -419,9 +419,9 @@ def _picture(run: RunDir, frames: pa.Table, config: Mapping[str, Any],
 def _draw_picture(run: RunDir, url: str, index: int, block: str, refl_rel: str | None,
                   best: Mapping[str, Any], config: Mapping[str, Any],
                   storage_options: Mapping[str, Any]) -> FramePicture | Unavailable:
-    from sfxflow.io.picture import render_frame_png
     from sfxflow.io.sources import open_source
     from sfxflow.io.storage import shown_url
+    from sfxflow.report.picture import render_frame_png
 
     geometry_url = str((config.get("io") or {}).get("geometry") or "")
     name = posixpath.basename(url)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sfxflow.io.report_html import AlongRun, ReportData, Unavailable, render_report_html
+from sfxflow.report.html import AlongRun, ReportData, Unavailable, render_report_html
 
 
 def _data(**changes) -> ReportData:
