@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sfxflow.report.html import AlongRun, ReportData, Unavailable, render_report_html
+from sfxflow.pipeline.report import AlongRun, ReportData, Unavailable
+from sfxflow.report.html import render_report_html
 
 
 def _data(**changes) -> ReportData:

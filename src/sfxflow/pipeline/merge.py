@@ -362,9 +362,6 @@ def run_merge(
         ex: Any = _Serial() if client is None else _Dask(client)
         result = _run(specs, out, ex, params, cell, space_group, truth, storage_options,
                       echo or (lambda s: None), t_start, info.kind, on_cycle)
-    from sfxflow.pipeline.report import write_merge_report
-
-    result.reports = write_merge_report(out.url, list(inputs), storage_options=storage_options)
     return result
 
 
