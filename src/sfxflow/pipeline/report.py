@@ -1109,7 +1109,10 @@ def build_merge_report(merge_url: str, inputs: Sequence[str], *,
     options = dict(storage_options or {})
     merge_dir = RunDir(merge_url, options)
     shown = ", ".join(shown_url(u) for u in inputs[:4]) + (" ..." if len(inputs) > 4 else "")
-    name = posixpath.basename(merge_url.rstrip("/")) or merge_url
+    parent, name = posixpath.split(merge_url.rstrip("/"))
+    if name == "merge" and parent:  # RUN/merge: say whose
+        name = f"{posixpath.basename(parent)}/merge"
+    name = name or merge_url
     link = None
     runs = [u for u in inputs if not u.endswith(".stream")]
     if len(inputs) == 1 and len(runs) == 1 and merge_url.rstrip("/") == f"{runs[0].rstrip('/')}/merge":

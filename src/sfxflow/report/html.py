@@ -373,7 +373,8 @@ def _hist2d(ax: Any, x: np.ndarray, y: np.ndarray, bins: int, x_range: tuple[flo
     image = ax.imshow(np.where(counts > 0, counts, np.nan).T, origin="lower", aspect="auto",
                       extent=(xe[0], xe[-1], ye[0], ye[-1]), interpolation="nearest",
                       cmap="viridis", norm=LogNorm(vmin=1, vmax=max(counts.max(), 2)))
-    bar = ax.figure.colorbar(image, ax=ax, pad=0.01, fraction=0.05)
+    # the colour bar beside the axes, not carved out of them: x axes stay aligned
+    bar = ax.figure.colorbar(image, cax=ax.inset_axes((1.02, 0.0, 0.025, 1.0)))
     bar.set_label(label, fontsize=8)
     bar.ax.tick_params(labelsize=7)
 
@@ -387,7 +388,8 @@ def _span(v: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5,
 
 def _spots_svg(d: Diagnostics) -> str:
     """Radial histogram of the spots (ice rings marked) over the peakogram, sharing 1/d²."""
-    fig, axes = _figure(9.0, 5.6, nrows=2, right_in=1.0, hspace=0.45)
+    fig, axes = _figure(9.0, 5.9, nrows=2, right_in=1.0, hspace=0.5)
+    fig.subplots_adjust(top=1.0 - 0.62 / 5.9)  # room for the ring labels and the title
     ax_hist, ax_peak = axes[0][0], axes[1][0]
     ok = np.isfinite(d.d_a) & (d.d_a > 0)
     inv_d2 = 1.0 / d.d_a[ok] ** 2
@@ -403,19 +405,29 @@ def _spots_svg(d: Diagnostics) -> str:
     for i, ring in enumerate(shown):
         ax_hist.axvline(1.0 / ring**2, color=_BLUE, linewidth=0.8, linestyle=":",
                         label="hexagonal ice rings" if i == 0 else None)
-    for ring in shown:
-        ax_hist.text(1.0 / ring**2, top * 1.03, f"{ring:g}", fontsize=6.5, color=_BLUE,
-                     ha="center", va="bottom", rotation=90)
-    ax_hist.set_ylim(0, top * 1.3)
+    for ring in shown:  # above the axes, clear of the bars and the legend
+        ax_hist.text(1.0 / ring**2, 1.01, f"{ring:g}", fontsize=6.5, color=_BLUE,
+                     ha="center", va="bottom", rotation=90,
+                     transform=ax_hist.get_xaxis_transform())
+    ax_hist.set_ylim(0, top * 1.05)
     ax_hist.set_ylabel("spots")
-    ax_hist.set_title("radial histogram of found spots (a peak on a dotted line: ice)",
-                      fontsize=10)
-    ax_hist.legend(fontsize=7.5, frameon=False, loc="upper right")
+    ax_hist.set_title("radial histogram of found spots (a peak on a dotted line: ice; "
+                      "ring d in Å above)", fontsize=10, pad=24)
+    ax_hist.legend(fontsize=7.5, loc="upper right", framealpha=0.9, edgecolor="none")
     inten = d.intensity[ok]
     pos = np.isfinite(inten) & (inten > 0)
     if pos.any():
         y = np.log10(inten[pos])
-        _hist2d(ax_peak, inv_d2[pos], y, 120, (0.0, hi), _span(y, 0.1, 99.9), "spots")
+        if pos.sum() <= 4 * MAX_MARKS:  # few spots: each one, indexed ones in colour
+            is_idx = indexed[pos]
+            for mask, colour, label in ((~is_idx, _GREY, "not indexed"),
+                                        (is_idx, _ORANGE, "indexed")):
+                ax_peak.plot(inv_d2[pos][mask], y[mask], ".", color=colour, markersize=3,
+                             alpha=0.6, rasterized=True, label=f"{label} ({int(mask.sum()):,})")
+            ax_peak.legend(fontsize=7.5, loc="upper right", framealpha=0.9, edgecolor="none")
+            ax_peak.set_ylim(*_span(y, 0.0, 100.0))
+        else:
+            _hist2d(ax_peak, inv_d2[pos], y, 120, (0.0, hi), _span(y, 0.1, 99.9), "spots")
     ax_peak.set_ylabel("log₁₀ spot intensity (ADU)")
     ax_peak.set_title("peakogram: spot intensity against resolution (a ceiling: saturation)",
                       fontsize=10)
@@ -425,12 +437,31 @@ def _spots_svg(d: Diagnostics) -> str:
     return _svg(fig, "radial histogram of found spots with ice rings, and peakogram")
 
 
+#: Panels with fewer matched spots than this have their mean offsets drawn faint.
+FEW_SPOTS = 5
+
+
+def _signed(value: float) -> str:
+    """Two decimals with a sign, and no "-0.00".
+
+    >>> _signed(-0.001), _signed(0.804), _signed(-0.4)
+    ('0.00', '+0.80', '-0.40')
+    """
+    text = f"{value:+.2f}"
+    return "0.00" if text in ("+0.00", "-0.00") else text
+
+
 def _offsets_svg(o: PanelOffsets) -> str:
     fig, axes = _figure(9.0, 2.9, right_in=0.3)
     ax = axes[0][0]
+    from matplotlib.colors import to_rgba
+
     x = np.arange(o.panels.size)
-    ax.bar(x - 0.2, o.dfs_px, width=0.4, color=_BLUE, label="fast scan (fs)")
-    ax.bar(x + 0.2, o.dss_px, width=0.4, color=_ORANGE, label="slow scan (ss)")
+    few = o.n < FEW_SPOTS  # a mean over a handful of spots is noise: drawn faint
+    for shift, values, colour, label in ((-0.2, o.dfs_px, _BLUE, "fast scan (fs)"),
+                                         (0.2, o.dss_px, _ORANGE, "slow scan (ss)")):
+        ax.bar(x + shift, values, width=0.4, label=label,
+               color=[to_rgba(colour, 0.3 if f else 1.0) for f in few])
     ax.axhline(0.0, color="#333333", linewidth=0.6)
     step = max(1, o.panels.size // 16)
     ax.set_xticks(x[::step])
@@ -440,8 +471,8 @@ def _offsets_svg(o: PanelOffsets) -> str:
     n = o.n.astype(float)
     mean_fs = float(np.sum(o.dfs_px * n) / n.sum())
     mean_ss = float(np.sum(o.dss_px * n) / n.sum())
-    ax.set_title(f"mean spot-to-prediction offset per panel; all panels: fs {mean_fs:+.2f} px, "
-                 f"ss {mean_ss:+.2f} px ({int(n.sum()):,} spots)", fontsize=9.5)
+    ax.set_title(f"mean spot-to-prediction offset per panel; all panels: fs {_signed(mean_fs)} "
+                 f"px, ss {_signed(mean_ss)} px ({int(n.sum()):,} spots)", fontsize=9.5)
     lo = min(float(np.min(o.dfs_px)), float(np.min(o.dss_px)), 0.0)
     hi = max(float(np.max(o.dfs_px)), float(np.max(o.dss_px)), 0.0)
     pad = max(hi - lo, 0.2)
@@ -473,8 +504,12 @@ def _cell_scatter_svg(c: Crystals) -> str:
             tx = c.target_cell[CELL_NAMES.index(xn)]
             ty = c.target_cell[CELL_NAMES.index(yn)]
             ax.plot([tx], [ty], "+", color=_RED, markersize=14, markeredgewidth=1.5)
+        if x.size and np.ptp(x) < 1e-6 and np.ptp(y) < 1e-6:
+            ax.text(0.5, 0.88, f"all crystals at ({x[0]:.2f}, {y[0]:.2f}): fixed by the lattice",
+                    transform=ax.transAxes, ha="center", fontsize=7.5, color="#333333")
         ax.set_xlabel(f"{xn} ({_CELL_UNITS[xn]})")
         ax.set_ylabel(f"{yn} ({_CELL_UNITS[yn]})")
+        ax.ticklabel_format(useOffset=False)
         ax.tick_params(labelsize=8)
     how = "one dot per crystal" if n <= MAX_MARKS else "crystals per bin, log colour"
     fig.suptitle(f"unit cells against each other ({how}; red +: the target cell): "
@@ -649,9 +684,9 @@ def _diagnostics_html(d: Diagnostics) -> str:
         parts.append(_offsets_svg(d.offsets))
         refined = d.offsets.refined
         parts.append('<p class="small">Indexed spots matched to the predicted position of their '
-                     "h k l on the same frame. Offsets of the same sign on every panel: the "
-                     "beam centre (detector shift) is off; offsets growing outwards: the "
-                     "distance. "
+                     f"h k l on the same frame (faint bars: fewer than {FEW_SPOTS} spots). "
+                     "Offsets of the same sign on every panel: the beam centre (detector "
+                     "shift) is off; offsets growing outwards: the distance. "
                      + ("Refined by the run: " + ", ".join(f"{k} {v:.3f}"
                                                            for k, v in refined.items())
                         if refined else "This run refines neither the distance nor the "
