@@ -485,7 +485,10 @@ _CELL_PAIRS = (("a", "c"), ("a", "b"), ("alpha", "gamma"), ("alpha", "beta"))
 
 
 def _cell_scatter_svg(c: Crystals) -> str:
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = _figure(9.0, 6.4, ncols=2, nrows=2, right_in=0.9, wspace=0.42, hspace=0.4)
+    fig.subplots_adjust(top=1.0 - 0.5 / 6.4)  # room for the title above the top row
     n = len(c.cells["a"])
     for ax, (xn, yn) in zip(axes.ravel(), _CELL_PAIRS, strict=True):
         x, y = c.cells[xn], c.cells[yn]
@@ -510,6 +513,7 @@ def _cell_scatter_svg(c: Crystals) -> str:
         ax.set_xlabel(f"{xn} ({_CELL_UNITS[xn]})")
         ax.set_ylabel(f"{yn} ({_CELL_UNITS[yn]})")
         ax.ticklabel_format(useOffset=False)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.tick_params(labelsize=8)
     how = "one dot per crystal" if n <= MAX_MARKS else "crystals per bin, log colour"
     fig.suptitle(f"unit cells against each other ({how}; red +: the target cell): "
