@@ -216,3 +216,17 @@ def test_resolution_estimate_read_whatever_its_keys(tmp_path):
     assert list(data.merged.resolution_estimate) == [("CC1/2 0.3", 2.1), ("I/σ 1", 2.45)]
     page = render_report_html(data)
     assert "2.10 Å" in page and "2.45 Å" in page
+
+
+def test_a_geometry_other_than_the_runs_is_not_used(serial_run, tmp_path):
+    """config.toml may name any file: the picture uses it only when its checksum is the one
+    manifest.json recorded."""
+    src, _ = serial_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("report.html", "run.lock"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["geometry_sha256"] = "0" * 64
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    data = build_report(str(run))
+    assert isinstance(data.picture, Unavailable)
+    assert "is not the one the run used" in data.picture.reason

@@ -861,7 +861,8 @@ def _picture(run: RunDir, frames: pa.Table, manifest: Manifest | None,
     if cache is not None and cache.picture_key == key and cache.picture is not None:
         return cache.picture
     picture = _read_picture(run, url, index, block, refl_rel if has_refl else None, best,
-                            config, storage_options)
+                            config, storage_options,
+                            manifest.geometry_sha256 if manifest is not None else "")
     if cache is not None:
         cache.picture_key, cache.picture = key, picture
     return picture
@@ -869,7 +870,10 @@ def _picture(run: RunDir, frames: pa.Table, manifest: Manifest | None,
 
 def _read_picture(run: RunDir, url: str, index: int, block: str, refl_rel: str | None,
                   best: Mapping[str, Any], config: Mapping[str, Any],
-                  storage_options: Mapping[str, Any]) -> FramePicture | Unavailable:
+                  storage_options: Mapping[str, Any],
+                  geometry_sha256: str = "") -> FramePicture | Unavailable:
+    import hashlib
+
     from sfxflow.io.sources import open_source
     from sfxflow.io.storage import shown_url
 
@@ -881,6 +885,11 @@ def _read_picture(run: RunDir, url: str, index: int, block: str, refl_rel: str |
             from sfxflow.io.geometry import read_geom
 
             geometry = read_geom(geometry_url, dict(storage_options))
+            if geometry_sha256 and hashlib.sha256(
+                    geometry.text.encode()).hexdigest() != geometry_sha256:
+                return Unavailable(f"the geometry file {shown_url(geometry_url)} is not the one "
+                                   "the run used (its checksum in manifest.json differs): "
+                                   "the frame is not drawn with it")
         with open_source(url, geometry, dict(storage_options)) as source:
             frame = source.read_frame(index)
     except (InputError, OSError) as exc:
