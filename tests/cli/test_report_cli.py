@@ -50,6 +50,7 @@ def test_report_of_a_run_on_s3(tmp_path, s3_server, s3_bucket, s3_storage_option
                  str(tmp_path / "r1.html")]) == 0
     page = (tmp_path / "r1.html").read_text()
     assert "running: 3 of 4 blocks done" in page and "150</div>" in page
+    assert "The same run at cloud prices" in page  # a run on object storage is priced
     assert main(["report", url, "--endpoint-url", s3_server, "--no-picture"]) == 0
     assert fs.cat_file(f"{s3_bucket}/runs/r1/report.html").decode().startswith("<!DOCTYPE")
     assert f"wrote {url}/report.html" in capsys.readouterr().out

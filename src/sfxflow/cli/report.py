@@ -27,6 +27,7 @@ Examples:
   sfxflow report results/run1 --out /tmp/run1.html
   sfxflow report s3://bucket/out7 --endpoint-url http://127.0.0.1:9000 --out run7.html
   sfxflow report results/run1 --screenshot run1.png # a PNG of the whole page (needs chromium)
+  sfxflow report results/run1 --cost                # also price the run on cloud instances
 """
 
 
