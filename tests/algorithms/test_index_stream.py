@@ -96,8 +96,8 @@ def test_stream_decoy_cells_do_not_index(shared_data: Path, name: str) -> None:
 def test_thermolysin_cbf_indexes_from_own_spots(shared_data: Path, name: str,
                                                 tmp_path_factory) -> None:
     from sfxflow.algorithms.spots import SpotParams, find_spots
-    from sfxflow.io.picture import render_frame_png
     from sfxflow.io.sources import open_source
+    from sfxflow.report.picture import render_frame_png
 
     path = shared_data / "lcls-cspad-thermolysin" / name
     with open_source(str(path)) as src:

@@ -22,7 +22,12 @@ def test_report_of_a_local_run(tmp_path, capsys):
     assert not re.search(r"(https?:|file:|src=\"//|href=\"//|@import|url\((?!#))", page)
     out = tmp_path / "elsewhere" / "r.html"
     assert main(["report", str(run), "--out", str(out), "--no-picture"]) == 0
-    assert out.read_text().count("<section") == 5
+    other = out.read_text()
+    assert other.count("<section") == 6 and "Spots and detector" in other
+    # a local run is not priced at cloud prices unless asked for
+    assert "cloud prices" not in other
+    assert main(["report", str(run), "--out", str(out), "--no-picture", "--cost"]) == 0
+    assert "The same run at cloud prices" in out.read_text()
 
 
 def test_not_a_run_directory_is_a_one_line_user_error(tmp_path, capsys):
@@ -45,6 +50,7 @@ def test_report_of_a_run_on_s3(tmp_path, s3_server, s3_bucket, s3_storage_option
                  str(tmp_path / "r1.html")]) == 0
     page = (tmp_path / "r1.html").read_text()
     assert "running: 3 of 4 blocks done" in page and "150</div>" in page
+    assert "The same run at cloud prices" in page  # a run on object storage is priced
     assert main(["report", url, "--endpoint-url", s3_server, "--no-picture"]) == 0
     assert fs.cat_file(f"{s3_bucket}/runs/r1/report.html").decode().startswith("<!DOCTYPE")
     assert f"wrote {url}/report.html" in capsys.readouterr().out
@@ -82,3 +88,38 @@ def test_merge_writes_the_report_with_the_merged_data(tmp_path, capsys):
         text = page.read_text()
         assert "Wilson plot" in text and "CC1/2 and CC*" in text
         assert "20 crystals" in text  # the crystals section, from the run's crystals shards
+
+
+def test_report_of_a_file_is_a_one_line_user_error(tmp_path, capsys):
+    f = tmp_path / "frames.parquet"
+    f.write_bytes(b"x")
+    assert main(["report", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not a directory" in err and "Traceback" not in err
+
+
+def test_report_out_where_no_file_can_be_is_a_user_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_simulated_run(run, n_frames=100, frames_per_block=50, seed=2)
+    assert main(["report", str(run), "--no-picture", "--out", "/dev/null/x.html"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "/dev/null" in err and "Traceback" not in err
+
+
+@pytest.mark.s3
+def test_report_on_s3_without_credentials_is_one_line(tmp_path, s3_server, s3_bucket,
+                                                      s3_storage_options, monkeypatch, capsys):
+    import s3fs
+
+    write_simulated_run(tmp_path / "run", n_frames=100, frames_per_block=50, seed=2)
+    s3fs.S3FileSystem(**s3_storage_options).put(str(tmp_path / "run") + "/",
+                                                f"{s3_bucket}/runs/nocreds/", recursive=True)
+    s3fs.S3FileSystem.clear_instance_cache()  # a fresh client: no credentials cached
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert main(["report", f"s3://{s3_bucket}/runs/nocreds", "--endpoint-url", s3_server]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "credentials" in err and "Traceback" not in err

@@ -17,8 +17,9 @@ import pytest
 
 from sfxflow.benchmarks.report import write_simulated_run
 from sfxflow.errors import InputError
-from sfxflow.io.report_html import Unavailable, render_report_html
-from sfxflow.pipeline.report import build_report, write_report
+from sfxflow.pipeline.report import Unavailable, build_report
+from sfxflow.report.html import render_report_html
+from sfxflow.report.page import LiveReport, write_report
 
 from .conftest import base_overrides
 
@@ -29,7 +30,7 @@ def _status(table) -> np.ndarray:
 
 def test_finished_run_figures_match_the_records(tmp_path):
     made = write_simulated_run(tmp_path / "run", n_frames=600, frames_per_block=50, seed=3)
-    data = build_report(str(tmp_path / "run"), with_picture=False)
+    data = build_report(str(tmp_path / "run"), with_picture=False, cost=True)
     assert data.state == "complete" and not data.running
     frames, crystals = made["frames"], made["crystals"]
     status = _status(frames)
@@ -137,7 +138,7 @@ def test_process_writes_the_report_and_refreshes_it_while_running(sim_set, tmp_p
             else:
                 time.sleep(0.1)
 
-    run_process([str(sim_set.files[0])], str(out), cfg, on_block=on_block)
+    run_process([str(sim_set.files[0])], str(out), cfg, on_block=on_block, reporter=LiveReport)
     assert "running: " in during[0] and '<meta http-equiv="refresh"' in during[0]
     final = (out / "report.html").read_text()
     assert ">complete<" in final and 'http-equiv="refresh"' not in final
@@ -152,7 +153,7 @@ def test_process_writes_the_report_and_refreshes_it_while_running(sim_set, tmp_p
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    from sfxflow.io.headless import find_chromium
+    from sfxflow.report.headless import find_chromium
 
     path = find_chromium()
     if path is None:
@@ -176,7 +177,7 @@ def full_page(chromium, serial_run, tmp_path_factory) -> Path:
 
 
 def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
-    from sfxflow.io.headless import render_page
+    from sfxflow.report.headless import render_page
 
     seen = render_page(full_page, evaluate=(
         "JSON.stringify({svg: document.querySelectorAll('figure.plot svg').length,"
@@ -187,16 +188,41 @@ def test_page_in_headless_chromium_has_no_errors_and_fetches_nothing(full_page):
     assert seen.external_requests == []
     assert seen.requests[0] == full_page.resolve().as_uri()
     page = json.loads(seen.evaluated)
-    assert page["sections"] == 5
-    # throughput, along the run, spots, cells, resolution, crystals per frame, merged
-    assert page["svg"] == 7
+    assert page["sections"] == 6
+    # throughput, along the run, spots per frame; radial histogram + peakogram, offsets per
+    # panel; cells, cell scatter, resolution, crystals per frame; merged
+    assert page["svg"] == 10
     assert len(page["images"]) == 1 and page["images"][0] > 100  # the frame picture decoded
     assert page["missing"] == []  # every section has its data
 
 
+def test_merge_page_and_a_large_run_in_headless_chromium(chromium, tmp_path):
+    """The merge's own page, and the run page of 20,000 frames: small, clean, every plot drawn."""
+    from sfxflow.report.headless import render_page
+    from sfxflow.report.page import write_merge_report
+
+    run = tmp_path / "run"
+    write_simulated_run(run, n_frames=20_000, frames_per_block=100, seed=9)
+    merge_page, run_page = (Path(p) for p in write_merge_report(str(run / "merge"), [str(run)]))
+    probe = ("JSON.stringify({svg: document.querySelectorAll('figure.plot svg').length,"
+             " sections: Array.from(document.querySelectorAll('section')).map(s => s.id),"
+             " missing: Array.from(document.querySelectorAll('.na')).map(e => e.textContent)})")
+    for page, sections, n_svg in ((merge_page, ["merged", "scaling"], 2),
+                                  (run_page, ["overview", "along", "spots", "crystals",
+                                              "merged", "frame"], 10)):
+        seen = render_page(page, evaluate=probe)
+        assert seen.console_errors == [] and seen.external_requests == []
+        got = json.loads(seen.evaluated)
+        assert got["sections"] == sections and got["svg"] == n_svg
+        if page == merge_page:
+            assert got["missing"] == []
+    # 4,000-odd crystals: the cell scatter is a 2-D histogram, the page stays small
+    assert run_page.stat().st_size < 900_000
+
+
 def test_browser_check_catches_errors_and_external_requests(chromium, tmp_path):
     """The check above can fail: a page with a console error and an outside image is caught."""
-    from sfxflow.io.headless import render_page
+    from sfxflow.report.headless import render_page
 
     bad = tmp_path / "bad.html"
     # port 9 (discard) on this machine: refused at once, nothing leaves it
@@ -208,7 +234,7 @@ def test_browser_check_catches_errors_and_external_requests(chromium, tmp_path):
 
 
 def test_merge_reports_one_run_and_several(tmp_path):
-    from sfxflow.pipeline.report import write_merge_report
+    from sfxflow.report.page import write_merge_report
 
     run = tmp_path / "run"
     made = write_simulated_run(run, n_frames=200, frames_per_block=50, seed=6)
@@ -220,17 +246,23 @@ def test_merge_reports_one_run_and_several(tmp_path):
     (run / "merge" / "report.html").unlink(missing_ok=True)
     written = write_merge_report(str(run / "merge"), [str(run)])
     assert written == [f"{run}/merge/report.html", f"{run}/report.html"]
-    for page in written:
-        text = Path(page).read_text()
-        assert "CC1/2 and CC*" in text and "Wilson plot" in text and ">complete<" in text
+    merge_page, run_page = (Path(p).read_text() for p in written)
+    # the merge's own page: merged data, the shell table and the per-crystal scaling, no frames
+    assert "CC1/2 and CC*" in merge_page and "Wilson plot" in merge_page
+    assert ">merged<" in merge_page and "Per-crystal scaling" in merge_page
+    assert "shell d (Å)" in merge_page and 'href="../report.html"' in merge_page
+    assert "Run overview" not in merge_page and "Strongest frame" not in merge_page
+    # the run's page: its frames and the merged curves, linking to the merge page
+    assert ">complete<" in run_page and "Run overview" in run_page and "CC1/2 and CC*" in run_page
+    assert "Per-crystal scaling" not in run_page and 'href="merge/report.html"' in run_page
 
     other = tmp_path / "merged-two"
     other.mkdir()
     (other / "stats.json").write_text(json.dumps(stats))
     (written,) = write_merge_report(str(other), [str(run), "/data/run2"])
     text = Path(written).read_text()
-    assert "Wilson plot" in text
-    assert "not available: this merge has 2 inputs" in text
+    assert "Wilson plot" in text and "merged from 2 input(s)" in text
+    assert "Run overview" not in text
 
 
 def test_a_run_where_every_frame_failed(tmp_path):
@@ -240,7 +272,7 @@ def test_a_run_where_every_frame_failed(tmp_path):
     from sfxflow.io.results import parquet_bytes
 
     made = write_simulated_run(tmp_path / "run", n_frames=100, frames_per_block=50,
-                               with_merge=False, seed=8)
+                               with_merge=False, with_spots=False, seed=8)
     frames = made["frames"]
     n = frames.num_rows
     failed = frames.set_column(frames.schema.get_field_index("status"), "status",

@@ -60,12 +60,13 @@ def _config(geometry: str, fpb: int, n_workers: int, prefetch: int) -> Any:
 def _runs(inputs: list[str], geometry: str, work: Path, tag: str, args: argparse.Namespace,
           n_workers: int, prefetch: int, storage_options: dict | None = None) -> list[dict]:
     from sfxflow.pipeline.run import run_process
+    from sfxflow.report.page import LiveReport
 
     out = []
     for i in range(args.repeats):
         res = run_process(inputs, str(work / f"{tag}-{i}"),
                           _config(geometry, args.frames_per_block, n_workers, prefetch),
-                          storage_options=storage_options, force=True)
+                          storage_options=storage_options, force=True, reporter=LiveReport)
         out.append(res.summary)
     return out
 

@@ -113,6 +113,65 @@ def _frames_table(rng: np.random.Generator, n: int, fpb: int, n_files: int,
     return pa.table(frames), crystals
 
 
+#: The systematic spot-to-prediction offset (fs, ss px) the simulated spots carry: a detector
+#: shift the report's per-panel plot must show.
+SIM_SHIFT_PX = (0.8, -0.4)
+SIM_ICE_A = (3.897, 3.669, 3.441)
+
+
+def _spot_shards(rng: np.random.Generator, part: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Found spots of a block's frames (a few on ice rings) and the predictions of the indexed
+    ones, offset by :data:`SIM_SHIFT_PX`."""
+    n_spots = part.column("n_spots").to_numpy()
+    n_indexed = part.column("n_indexed").to_numpy()
+    rows = np.repeat(np.arange(part.num_rows), n_spots)
+    m = rows.size
+    inv_d2 = rng.uniform(1.0 / 30.0**2, 1.0 / 1.9**2, m) ** 1.4 * (1.0 / 1.9**2) ** -0.4
+    ice = rng.random(m) < 0.05
+    inv_d2[ice] = 1.0 / np.asarray(SIM_ICE_A)[rng.integers(0, len(SIM_ICE_A), ice.sum())] ** 2
+    intensity = rng.lognormal(8.0 - 12.0 * inv_d2, 0.8)
+    intensity[ice] *= 3.0
+    rank = np.arange(m) - np.repeat(np.cumsum(n_spots) - n_spots, n_spots)
+    indexed = (rank < n_indexed[rows]) & ~ice
+    panel = rng.integers(0, 64, m).astype(np.int32)
+    fs, ss = rng.uniform(5, 190, m), rng.uniform(5, 180, m)
+    hkl = np.where(indexed, np.arange(m), 0).astype(np.int32)
+    urls = part.column("source_url").to_numpy(zero_copy_only=False)[rows]
+    index = part.column("frame_index").to_numpy()[rows]
+    spots = pa.table({
+        "source_url": pa.array(urls, pa.string()), "frame_index": pa.array(index, pa.int64()),
+        "panel": pa.array(panel), "fs_px": pa.array(fs), "ss_px": pa.array(ss),
+        "intensity": pa.array(intensity), "background": pa.array(np.full(m, 10.0)),
+        "snr": pa.array(np.full(m, 8.0)), "n_pixels": pa.array(np.full(m, 6, np.int32)),
+        "d_a": pa.array(1.0 / np.sqrt(inv_d2)), "indexed": pa.array(indexed),
+        "h": pa.array(hkl), "k": pa.array(hkl), "l": pa.array(hkl)})
+    k = np.flatnonzero(indexed)
+    predicted = pa.table({
+        "source_url": pa.array(urls[k], pa.string()),
+        "frame_index": pa.array(index[k], pa.int64()),
+        "crystal": pa.array(np.zeros(k.size, np.int32)),
+        "h": pa.array(hkl[k]), "k": pa.array(hkl[k]), "l": pa.array(hkl[k]),
+        "panel": pa.array(panel[k]),
+        "fs_px": pa.array(fs[k] - SIM_SHIFT_PX[0] + 0.3 * rng.standard_normal(k.size)),
+        "ss_px": pa.array(ss[k] - SIM_SHIFT_PX[1] + 0.3 * rng.standard_normal(k.size))})
+    return spots, predicted
+
+
+def _merge_crystals(rng: np.random.Generator, crystals: pa.Table) -> pa.Table:
+    """The merge's per-crystal table (docs/run-directory.md): scale, B, CC, accepted, reason."""
+    n = crystals.num_rows
+    cc = np.clip(rng.beta(9.0, 2.0, n), -1.0, 1.0)
+    scale = rng.lognormal(0.0, 0.35, n)
+    reason = np.where(cc < 0.35, "CC to reference < 0.35",
+                      np.where(scale > 2.5, "scale out of range", ""))
+    return pa.table({
+        "source_url": crystals.column("source_url"),
+        "frame_index": crystals.column("frame_index"), "crystal": crystals.column("crystal"),
+        "scale": pa.array(scale), "b_a2": pa.array(rng.normal(0.0, 6.0, n)),
+        "cc": pa.array(cc), "accepted": pa.array(reason == ""),
+        "reason": pa.array(reason.astype(object), pa.string())})
+
+
 def _merge_stats(rng: np.random.Generator, n_crystals: int) -> dict[str, Any]:
     edges = 1.0 / np.sqrt(np.linspace(1.0 / 30.0**2, 1.0 / 1.8**2, 11))
     shells = []
@@ -144,7 +203,7 @@ def _merge_stats(rng: np.random.Generator, n_crystals: int) -> dict[str, Any]:
 def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block: int = 50, *,
                         n_files: int = 4, n_workers: int = 4, seed: int = 0, done_blocks:
                         int | None = None, with_crystals: bool = True, with_merge: bool = True,
-                        cell_sigma: float = 0.004) -> dict[str, Any]:
+                        cell_sigma: float = 0.004, with_spots: bool = True) -> dict[str, Any]:
     """Write a run directory of simulated records (no images) and return what went in.
 
     Parameters
@@ -155,7 +214,9 @@ def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block
     done_blocks : write only this many blocks (a run still going: shards, no
         ``frames.parquet``, no summary); ``None`` writes a finished run.
     with_crystals : write crystals shards/table and the ``n_crystals`` column.
-    with_merge : write ``merge/stats.json``.
+    with_merge : write ``merge/stats.json`` and the merge's ``crystals.parquet``.
+    with_spots : write spots and reflections shards (found spots, a few on ice rings, and the
+        indexed ones' predictions offset by :data:`SIM_SHIFT_PX`).
     cell_sigma : relative scatter of cell lengths.
 
     Returns
@@ -196,6 +257,11 @@ def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block
             part = frames.slice(int(lo), int(hi - lo))
             (root / names["frames"]).write_bytes(parquet_bytes(
                 part, {"sfxflow.block_id": block_id, "sfxflow.n_frames": str(hi - lo)}))
+            if with_spots:
+                spots, predicted = _spot_shards(rng, part)
+                (root / names["spots"]).write_bytes(parquet_bytes(spots))
+                (root / f"shards/{block_id}.reflections.parquet").write_bytes(
+                    parquet_bytes(predicted))
             if with_crystals:
                 mine = crystals.filter(pa.array(crystal_blocks == block_id))
                 (root / f"shards/{block_id}.crystals.parquet").write_bytes(parquet_bytes(mine))
@@ -227,13 +293,15 @@ def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block
             (root / "merge").mkdir(exist_ok=True)
             stats = _merge_stats(rng, crystals.num_rows)
             (root / "merge" / "stats.json").write_text(json.dumps(stats))
+            (root / "merge" / "crystals.parquet").write_bytes(
+                parquet_bytes(_merge_crystals(rng, crystals)))
     return {"frames": frames, "crystals": crystals, "stats": stats,
             "blocks": [e.block_id for e in entries]}
 
 
 def _time_builds(run_dir: Path, repeats: int) -> tuple[float, float, int]:
-    from sfxflow.io.report_html import render_report_html
     from sfxflow.pipeline.report import build_report
+    from sfxflow.report.html import render_report_html
 
     build, render = [], []
     size = 0
@@ -251,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib  # noqa: F401  (imported once before timing, as in a running process)
 
     from sfxflow.errors import InputError
-    from sfxflow.pipeline.report import write_report
+    from sfxflow.report.page import write_report
 
     if args.frames < 1 or args.frames_per_block < 1 or args.repeats < 1:
         raise InputError("--frames, --frames-per-block and --repeats must be >= 1")

@@ -89,8 +89,8 @@ def _picture(run_dir: Path, geometry_path: Path, out_png: Path) -> Path | None:
     import pyarrow.parquet as pq
 
     from sfxflow.io.geometry import read_geom
-    from sfxflow.io.picture import render_frame_png
     from sfxflow.io.sources import open_source
+    from sfxflow.report.picture import render_frame_png
 
     frames = pq.read_table(run_dir / "frames.parquet")
     indexed = frames.filter(pc.equal(frames.column("status"), "indexed"))
@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.pipeline.config import load_config
     from sfxflow.pipeline.run import run_process
     from sfxflow.pipeline.summary import format_summary
+    from sfxflow.report.page import LiveReport
 
     if args.files > args.frames:
         raise InputError(f"--files {args.files}: expected 1 to --frames ({args.frames})")
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
 
     result = run_process([str(p) for p in info.files], str(run_dir), config, force=True,
-                         on_cluster=show_cluster)
+                         on_cluster=show_cluster, reporter=LiveReport)
     print(format_summary(result.summary))
     print(_truth_check(run_dir, data_dir))
     png = _picture(run_dir, info.geometry_path, root / "frame.png")

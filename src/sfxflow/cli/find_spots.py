@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     geometry = read_geom(geometry_path) if geometry_path else None
     render: Any = None
     if args.png_dir:
-        from sfxflow.io.picture import render_frame_png as render
+        from sfxflow.report.picture import render_frame_png as render
 
     results: list[ImageResult] = []
     n_hits = 0

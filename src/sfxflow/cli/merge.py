@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
                        space_group=args.space_group, point_group=args.point_group, truth=truth,
                        storage_options=storage_options,
                        echo=lambda s: print(s, file=sys.stderr, flush=True))
+    from sfxflow.report.page import write_merge_report
+
+    result.reports = write_merge_report(result.out_url, args.inputs,
+                                        storage_options=storage_options)
     for page in result.reports:
         print(f"report: {page}", file=sys.stderr)
     if args.json:

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.pipeline.progress import Progress
     from sfxflow.pipeline.run import run_process
     from sfxflow.pipeline.summary import format_summary
+    from sfxflow.report.page import LiveReport
 
     config = settings(args)
     if args.print_config:
@@ -140,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
 
     result = run_process(args.inputs, args.out, config, storage_options=storage_options,
-                         force=args.force, progress=progress, on_cluster=show_cluster)
+                         force=args.force, progress=progress, on_cluster=show_cluster,
+                         reporter=LiveReport)
     if args.json:
         print(json.dumps(result.summary, indent=1))
     else:
@@ -185,9 +187,12 @@ def _run_stream(args: argparse.Namespace, config: Any) -> int:
               f"processed, {summary.get('hits', 0)} hits, {summary.get('indexed', 0)} indexed",
               file=sys.stderr, flush=True)
 
+    from sfxflow.report.page import LiveReport
+
     result = run_live(args.stream, args.out, config, socket_type=args.stream_socket,
                       idle_s=args.stream_idle_s, update_s=args.stream_update_s,
-                      max_frames=args.stream_max_frames, on_cycle=show)
+                      max_frames=args.stream_max_frames, on_cycle=show,
+                      reporter=LiveReport)
     print(format_summary(result.last.summary))
     print(f"stream {args.stream}: {result.trains_received} trains, {result.frames_received} "
           f"frames received ({result.trains_skipped} trains already spooled), "
@@ -199,11 +204,14 @@ def merge_run(run_url: str, cluster: Any, storage_options: Any = None) -> Any:
     """``--merge``: merge a finished run into ``RUN/merge`` and print its statistics."""
     from sfxflow.algorithms.merge.scale import MergeParams
     from sfxflow.pipeline.merge import run_merge
+    from sfxflow.report.page import write_merge_report
 
     print(f"merging into {run_url}/merge ...", file=sys.stderr, flush=True)
     merged = run_merge([run_url], f"{run_url}/merge", MergeParams(), cluster,
                        storage_options=storage_options,
                        echo=lambda s: print(s, file=sys.stderr, flush=True))
+    merged.reports = write_merge_report(merged.out_url, [run_url],
+                                        storage_options=storage_options)
     s = merged.stats
     print(f"merged {s['n_crystals_merged']} of {s['n_crystals_input']} crystals "
           f"({s['space_group']}): {merged.out_url}/merged.mtz")

@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sfxflow.io.geometry import read_geom
     from sfxflow.io.nearby import geometry_beside
-    from sfxflow.io.picture import read_spot_overlay, render_frame_png
     from sfxflow.io.sources import open_source
+    from sfxflow.report.picture import read_spot_overlay, render_frame_png
 
     geometry_path = args.geometry or geometry_beside([args.file])
     geometry = read_geom(geometry_path) if geometry_path else None
@@ -145,7 +145,7 @@ def _process_overlay(frame: Frame, args: argparse.Namespace) -> tuple[dict, dict
 def _reflections_overlay(path: str, frame: Frame, args: argparse.Namespace) -> dict:
     import pyarrow.parquet as pq
 
-    from sfxflow.io.picture import read_spot_overlay
+    from sfxflow.report.picture import read_spot_overlay
 
     rows = read_spot_overlay(path, frame.detector, frame.source_url, frame.index)
     try:

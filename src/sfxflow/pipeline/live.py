@@ -63,6 +63,7 @@ def run_live(endpoint: str, out: str, config: ProcessConfig, *,
              socket_type: str = "REQ", idle_s: float = 30.0, update_s: float = 5.0,
              max_frames: int = 0, poll_s: float = 0.5,
              storage_options: Mapping[str, Any] | None = None,
+             reporter: Any = None,
              on_cycle: Callable[[LiveResult], None] | None = None) -> LiveResult:
     """Receive, spool and process a live stream into the run directory ``out`` (local).
 
@@ -77,6 +78,7 @@ def run_live(endpoint: str, out: str, config: ProcessConfig, *,
         least ``FIRST_TRAIN_WAIT_S``: a beamline server may take that long to start sending).
     update_s : least seconds between processing cycles (rates and report refresh).
     max_frames : stop after this many frames received (0 = no limit).
+    reporter : passed on to :func:`~sfxflow.pipeline.run.run_process` (the report's writer).
     """
     from sfxflow.io.facility import modules_stacked
     from sfxflow.io.geometry import read_geom
@@ -110,7 +112,7 @@ def run_live(endpoint: str, out: str, config: ProcessConfig, *,
             if result.spool_files == 0:
                 return
             result.last = run_process([str(spool)], out, cycle_config,
-                                      storage_options=storage_options)
+                                      storage_options=storage_options, reporter=reporter)
             result.cycles += 1
             if on_cycle is not None:
                 on_cycle(result)

@@ -363,9 +363,6 @@ def run_merge(
                       storage_options, echo or (lambda s: None), t_start, info.kind, on_cycle)
     # a merge into an earlier merge's folder: its scaled/ shards beyond ours would mix in
     remove_stale_scaled(out.url, [s.number for s in specs], storage_options)
-    from sfxflow.pipeline.report import write_merge_report
-
-    result.reports = write_merge_report(out.url, list(inputs), storage_options=storage_options)
     return result
 
 

@@ -47,7 +47,7 @@ from sfxflow.pipeline.config import ProcessConfig, changed_settings, config_from
 from sfxflow.pipeline.execute import BlockFailure, execute_dask, execute_serial
 from sfxflow.pipeline.manifest import MANIFEST_NAME, BlockEntry, Manifest, input_files
 from sfxflow.pipeline.progress import Progress
-from sfxflow.pipeline.report import LiveReport
+from sfxflow.pipeline.report import Reporter, ReporterFactory
 from sfxflow.pipeline.runlock import LockInfo, RunLock
 from sfxflow.pipeline.summary import build_summary, keep_measured_figures
 
@@ -248,7 +248,7 @@ class Execution:
     wall_s: float
     n_cores: int
     cluster: ClusterInfo | None
-    live_report: LiveReport | None = None
+    live_report: Reporter | None = None
 
 
 def _problem_kind(problem: str) -> str:
@@ -486,8 +486,10 @@ def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, g
 def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
                  lock: RunLock | None = None, progress: Progress | None = None,
                  on_block: Callable[[BlockReport], None] | None = None,
-                 on_cluster: Callable[[ClusterInfo], None] | None = None) -> Execution:
-    """Run the plan's blocks (serially or on Dask), keeping the manifest current."""
+                 on_cluster: Callable[[ClusterInfo], None] | None = None,
+                 reporter: ReporterFactory | None = None) -> Execution:
+    """Run the plan's blocks (serially or on Dask), keeping the manifest current (and the
+    report, made by ``reporter`` when ``run.report`` is on)."""
     run, manifest = ctx.run, plan.manifest
     reports: list[BlockReport] = []
     failures: list[BlockFailure] = []
@@ -497,8 +499,8 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
     else:
         progress.total = total_todo
     last_manifest = [time.perf_counter()]
-    live_report = (LiveReport(run.url, dict(ctx.storage_options), config.run.report_interval_s)
-                   if config.run.report else None)
+    live_report = (reporter(run.url, dict(ctx.storage_options), config.run.report_interval_s)
+                   if config.run.report and reporter is not None else None)
 
     def save_manifest(force_write: bool = False) -> None:
         now = time.perf_counter()
@@ -650,6 +652,7 @@ def run_process(
     on_block: Callable[[BlockReport], None] | None = None,
     on_cluster: Callable[[ClusterInfo], None] | None = None,
     frame_fn: Callable[..., Any] | None = None,
+    reporter: ReporterFactory | None = None,
 ) -> RunResult:
     """Process ``inputs`` into the run directory ``out``.
 
@@ -664,6 +667,8 @@ def run_process(
     on_block : called after each finished block (tests use it to stop a run part way).
     on_cluster : called once the cluster is up (the CLI prints its address).
     frame_fn : replace :func:`~sfxflow.pipeline.frame.process_frame` (tests).
+    reporter : makes what keeps ``RUN/report.html`` current while the run goes (the CLI passes
+        :class:`sfxflow.report.page.LiveReport`); ``None``: no report.
 
     Returns
     -------
@@ -709,5 +714,6 @@ def run_process(
                            storage_options=storage_options, frame_fn=frame_fn,
                            stream_chunk_fn=chunker)
         execution = execute_plan(plan, ctx, config, lock=lock, progress=progress,
-                                 on_block=on_block, on_cluster=on_cluster)
+                                 on_block=on_block, on_cluster=on_cluster,
+                                 reporter=reporter)
         return reduce_run(plan, execution, run, config, geometry, t_start)

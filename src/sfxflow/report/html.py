@@ -1,7 +1,7 @@
 """The run report as one self-contained HTML page: plain HTML + CSS, plots as inline SVG.
 
-The page is built from a :class:`ReportData` (gathered from a run directory by
-:mod:`sfxflow.pipeline.report`) and needs nothing else to be read: no scripts, no style sheets,
+The page is built from a :class:`~sfxflow.pipeline.report.ReportData` (gathered from a run
+directory by :mod:`sfxflow.pipeline.report`) and needs nothing else to be read: no scripts, no style sheets,
 no fonts or images from anywhere (beamline and cluster machines are often offline). Plots are
 drawn with matplotlib (already a dependency) as SVG: vector, so they stay sharp when zoomed or
 printed into a logbook, and a whole report is a few hundred kB whatever the run size, because
@@ -21,149 +21,34 @@ import base64
 import html
 import io
 import math
+import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "AlongRun",
-    "CostRow",
-    "Crystals",
-    "FramePicture",
-    "Merged",
-    "ReportData",
-    "RunOverview",
-    "Throughput",
-    "Unavailable",
-    "render_report_html",
-]
+from sfxflow.pipeline.report import (
+    ICE_RINGS_A,
+    AlongRun,
+    Crystals,
+    Diagnostics,
+    FramePicture,
+    Merged,
+    PanelOffsets,
+    ReportData,
+    RunOverview,
+    Scaling,
+    Throughput,
+    Unavailable,
+)
+
+__all__ = ["render_report_html"]
 
 CELL_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
 _CELL_UNITS = {"a": "Å", "b": "Å", "c": "Å", "alpha": "°", "beta": "°", "gamma": "°"}
 _BLUE, _ORANGE, _GREEN, _RED, _GREY = "#1f77b4", "#e07b00", "#2a9d3f", "#c0392b", "#777777"
-#: Most points drawn along the run; more blocks than this are pooled into consecutive groups.
-MAX_POINTS = 400
-
-
-@dataclass(frozen=True)
-class Unavailable:
-    """A section (or a part of one) that this run cannot show, and why."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class CostRow:
-    """What the run would cost on ``n_nodes`` cloud nodes of one type (from the cost planner)."""
-
-    instance: str
-    vcpus: int
-    price_per_hour: float
-    n_nodes: int
-    wall_s: float
-    cost_usd: float
-    placeholder: bool
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Frames finished per worker over time (from the manifest's block records).
-
-    ``times_s[i]`` (seconds since ``t0``) is when a block of ``frames[i]`` frames finished on
-    worker ``workers[i]``.
-    """
-
-    workers: Sequence[str]
-    times_s: np.ndarray
-    frames: np.ndarray
-    t0_text: str
-
-
-@dataclass(frozen=True)
-class RunOverview:
-    """Counts, failures, wall time, throughput and cost of a run."""
-
-    counts: Mapping[str, int]
-    hit_rate: float
-    indexing_rate: float
-    n_crystals: int | None
-    blocks_total: int
-    blocks_done: int
-    blocks_failed: int
-    wall_s: float | None
-    wall_note: str
-    frames_per_s: float | None
-    n_cores: int | None
-    failures: Sequence[tuple[str, str, int]]
-    failed_blocks: Sequence[tuple[str, str]]
-    throughput: Throughput | Unavailable
-    cost: Sequence[CostRow] | Unavailable
-    cost_note: str = ""
-
-
-@dataclass(frozen=True)
-class AlongRun:
-    """Per-block figures in plan order, and every frame's spot count by status.
-
-    ``frame_end[i]`` is the number of frames up to and including block ``i`` (the x axis).
-    """
-
-    frame_end: np.ndarray
-    hit_rate: np.ndarray
-    indexing_rate: np.ndarray
-    mean_spots: np.ndarray
-    n_spots: Mapping[str, np.ndarray]
-    pooled: int = 1
-
-
-@dataclass(frozen=True)
-class Crystals:
-    """Per-crystal cells and resolution limits; crystals per indexed frame."""
-
-    cells: Mapping[str, np.ndarray]
-    source: str
-    target_cell: tuple[float, ...] | None
-    resolution_limit_a: np.ndarray | Unavailable
-    crystals_per_frame: np.ndarray | Unavailable
-
-
-@dataclass(frozen=True)
-class Merged:
-    """Merging statistics as in ``merge/stats.json`` (docs/run-directory.md)."""
-
-    stats: Mapping[str, Any]
-    source: str
-
-
-@dataclass(frozen=True)
-class FramePicture:
-    """A PNG of the strongest indexed frame with its spots and predictions."""
-
-    png: bytes
-    caption: str
-
-
-@dataclass(frozen=True)
-class ReportData:
-    """Everything the page shows."""
-
-    title: str
-    run_url: str
-    state: str
-    running: bool
-    generated_at: str
-    overview: RunOverview | Unavailable
-    along: AlongRun | Unavailable
-    crystals: Crystals | Unavailable
-    merged: Merged | Unavailable
-    picture: FramePicture | Unavailable
-    notes: Sequence[str] = field(default_factory=tuple)
-    version: str = ""
-    refresh_s: int = 60
-
 
 # ----------------------------------------------------------------------------------------------
 # formatting
@@ -473,6 +358,194 @@ def _merged_svg(m: Merged) -> str:
     return _svg(fig, "merging statistics against resolution and the Wilson plot")
 
 
+#: Most marks a scatter plot draws; more points become a 2-D histogram (an embedded raster).
+MAX_MARKS = 2000
+
+
+def _hist2d(ax: Any, x: np.ndarray, y: np.ndarray, bins: int, x_range: tuple[float, float],
+            y_range: tuple[float, float], label: str = "count") -> None:
+    """A 2-D histogram as one raster image (log colour scale): the same few kB at any count."""
+    from matplotlib.colors import LogNorm
+
+    counts, xe, ye = np.histogram2d(x, y, bins=bins, range=(x_range, y_range))
+    if counts.max() <= 0:
+        return
+    image = ax.imshow(np.where(counts > 0, counts, np.nan).T, origin="lower", aspect="auto",
+                      extent=(xe[0], xe[-1], ye[0], ye[-1]), interpolation="nearest",
+                      cmap="viridis", norm=LogNorm(vmin=1, vmax=max(counts.max(), 2)))
+    # the colour bar beside the axes, not carved out of them: x axes stay aligned
+    bar = ax.figure.colorbar(image, cax=ax.inset_axes((1.02, 0.0, 0.025, 1.0)))
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
+def _span(v: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5,
+          floor: float = 0.2) -> tuple[float, float]:
+    lo, hi = (float(x) for x in np.percentile(v, [lo_pct, hi_pct]))
+    pad = max(hi - lo, floor) * 0.08
+    return lo - pad, hi + pad
+
+
+def _spots_svg(d: Diagnostics) -> str:
+    """Radial histogram of the spots (ice rings marked) over the peakogram, sharing 1/d²."""
+    fig, axes = _figure(9.0, 5.9, nrows=2, right_in=1.0, hspace=0.5)
+    fig.subplots_adjust(top=1.0 - 0.62 / 5.9)  # room for the ring labels and the title
+    ax_hist, ax_peak = axes[0][0], axes[1][0]
+    ok = np.isfinite(d.d_a) & (d.d_a > 0)
+    inv_d2 = 1.0 / d.d_a[ok] ** 2
+    indexed = d.indexed[ok]
+    hi = float(np.percentile(inv_d2, 99.9)) * 1.05 if inv_d2.size else 0.1
+    edges = np.linspace(0.0, hi, 161)
+    all_counts, _ = np.histogram(inv_d2, bins=edges)
+    idx_counts, _ = np.histogram(inv_d2[indexed], bins=edges)
+    ax_hist.stairs(all_counts, edges, fill=True, color=_GREY, alpha=0.55, label="all found spots")
+    ax_hist.stairs(idx_counts, edges, fill=True, color=_ORANGE, alpha=0.8, label="indexed spots")
+    top = max(float(all_counts.max()) if all_counts.size else 1.0, 1.0)
+    shown = [r for r in ICE_RINGS_A if 1.0 / r**2 <= hi]
+    for i, ring in enumerate(shown):
+        ax_hist.axvline(1.0 / ring**2, color=_BLUE, linewidth=0.8, linestyle=":",
+                        label="hexagonal ice rings" if i == 0 else None)
+    for ring in shown:  # above the axes, clear of the bars and the legend
+        ax_hist.text(1.0 / ring**2, 1.01, f"{ring:g}", fontsize=6.5, color=_BLUE,
+                     ha="center", va="bottom", rotation=90,
+                     transform=ax_hist.get_xaxis_transform())
+    ax_hist.set_ylim(0, top * 1.05)
+    ax_hist.set_ylabel("spots")
+    ax_hist.set_title("radial histogram of found spots (a peak on a dotted line: ice; "
+                      "ring d in Å above)", fontsize=10, pad=24)
+    ax_hist.legend(fontsize=7.5, loc="upper right", framealpha=0.9, edgecolor="none")
+    inten = d.intensity[ok]
+    pos = np.isfinite(inten) & (inten > 0)
+    if pos.any():
+        y = np.log10(inten[pos])
+        if pos.sum() <= 4 * MAX_MARKS:  # few spots: each one, indexed ones in colour
+            is_idx = indexed[pos]
+            for mask, colour, label in ((~is_idx, _GREY, "not indexed"),
+                                        (is_idx, _ORANGE, "indexed")):
+                ax_peak.plot(inv_d2[pos][mask], y[mask], ".", color=colour, markersize=3,
+                             alpha=0.6, rasterized=True, label=f"{label} ({int(mask.sum()):,})")
+            ax_peak.legend(fontsize=7.5, loc="upper right", framealpha=0.9, edgecolor="none")
+            ax_peak.set_ylim(*_span(y, 0.0, 100.0))
+        else:
+            _hist2d(ax_peak, inv_d2[pos], y, 120, (0.0, hi), _span(y, 0.1, 99.9), "spots")
+    ax_peak.set_ylabel("log₁₀ spot intensity (ADU)")
+    ax_peak.set_title("peakogram: spot intensity against resolution (a ceiling: saturation)",
+                      fontsize=10)
+    for ax in (ax_hist, ax_peak):
+        ax.set_xlim(0.0, hi)
+        _inv_d2_ticks(ax, edges)
+    return _svg(fig, "radial histogram of found spots with ice rings, and peakogram")
+
+
+#: Panels with fewer matched spots than this have their mean offsets drawn faint.
+FEW_SPOTS = 5
+
+
+def _signed(value: float) -> str:
+    """Two decimals with a sign, and no "-0.00".
+
+    >>> _signed(-0.001), _signed(0.804), _signed(-0.4)
+    ('0.00', '+0.80', '-0.40')
+    """
+    text = f"{value:+.2f}"
+    return "0.00" if text in ("+0.00", "-0.00") else text
+
+
+def _offsets_svg(o: PanelOffsets) -> str:
+    fig, axes = _figure(9.0, 2.9, right_in=0.3)
+    ax = axes[0][0]
+    from matplotlib.colors import to_rgba
+
+    x = np.arange(o.panels.size)
+    few = o.n < FEW_SPOTS  # a mean over a handful of spots is noise: drawn faint
+    for shift, values, colour, label in ((-0.2, o.dfs_px, _BLUE, "fast scan (fs)"),
+                                         (0.2, o.dss_px, _ORANGE, "slow scan (ss)")):
+        ax.bar(x + shift, values, width=0.4, label=label,
+               color=[to_rgba(colour, 0.3 if f else 1.0) for f in few])
+    ax.axhline(0.0, color="#333333", linewidth=0.6)
+    step = max(1, o.panels.size // 16)
+    ax.set_xticks(x[::step])
+    ax.set_xticklabels([str(p) for p in o.panels[::step]], fontsize=7)
+    ax.set_xlabel("panel")
+    ax.set_ylabel("found − predicted (px)")
+    n = o.n.astype(float)
+    mean_fs = float(np.sum(o.dfs_px * n) / n.sum())
+    mean_ss = float(np.sum(o.dss_px * n) / n.sum())
+    ax.set_title(f"mean spot-to-prediction offset per panel; all panels: fs {_signed(mean_fs)} "
+                 f"px, ss {_signed(mean_ss)} px ({int(n.sum()):,} spots)", fontsize=9.5)
+    lo = min(float(np.min(o.dfs_px)), float(np.min(o.dss_px)), 0.0)
+    hi = max(float(np.max(o.dfs_px)), float(np.max(o.dss_px)), 0.0)
+    pad = max(hi - lo, 0.2)
+    ax.set_ylim(lo - 0.1 * pad, hi + 0.45 * pad)  # room for the legend above the bars
+    ax.legend(fontsize=7.5, frameon=False, ncol=2, loc="upper right")
+    return _svg(fig, "mean spot-to-prediction offset per panel")
+
+
+_CELL_PAIRS = (("a", "c"), ("a", "b"), ("alpha", "gamma"), ("alpha", "beta"))
+
+
+def _cell_scatter_svg(c: Crystals) -> str:
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(9.0, 6.4, ncols=2, nrows=2, right_in=0.9, wspace=0.42, hspace=0.4)
+    fig.subplots_adjust(top=1.0 - 0.5 / 6.4)  # room for the title above the top row
+    n = len(c.cells["a"])
+    for ax, (xn, yn) in zip(axes.ravel(), _CELL_PAIRS, strict=True):
+        x, y = c.cells[xn], c.cells[yn]
+        ok = np.isfinite(x) & np.isfinite(y)
+        x, y = x[ok], y[ok]
+        if x.size:
+            xr, yr = _span(x, floor=0.5), _span(y, floor=0.5)
+            if x.size <= MAX_MARKS:
+                # one raster image of the dots: a few kB whatever their number
+                ax.plot(x, y, ".", color=_BLUE, markersize=3, alpha=0.5, rasterized=True)
+                ax.set_xlim(*xr)
+                ax.set_ylim(*yr)
+            else:
+                _hist2d(ax, x, y, 80, xr, yr, "crystals")
+        if c.target_cell is not None:
+            tx = c.target_cell[CELL_NAMES.index(xn)]
+            ty = c.target_cell[CELL_NAMES.index(yn)]
+            ax.plot([tx], [ty], "+", color=_RED, markersize=14, markeredgewidth=1.5)
+        if x.size and np.ptp(x) < 1e-6 and np.ptp(y) < 1e-6:
+            ax.text(0.5, 0.88, f"all crystals at ({x[0]:.2f}, {y[0]:.2f}): fixed by the lattice",
+                    transform=ax.transAxes, ha="center", fontsize=7.5, color="#333333")
+        ax.set_xlabel(f"{xn} ({_CELL_UNITS[xn]})")
+        ax.set_ylabel(f"{yn} ({_CELL_UNITS[yn]})")
+        ax.ticklabel_format(useOffset=False)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.tick_params(labelsize=8)
+    how = "one dot per crystal" if n <= MAX_MARKS else "crystals per bin, log colour"
+    fig.suptitle(f"unit cells against each other ({how}; red +: the target cell): "
+                 "separate clusters are different lattices or a wrong cell", fontsize=9.5)
+    return _svg(fig, "unit cell scatter plots")
+
+
+def _scaling_svg(sc: Scaling) -> str:
+    present = [(k, v) for k, v in (("scale", sc.scale), ("B (Å²)", sc.b_a2),
+                                   ("CC to the reference", sc.cc)) if v is not None]
+    fig, axes = _figure(9.0, 3.0, ncols=len(present), wspace=0.35)
+    for ax, (label, v) in zip(axes.ravel(), present, strict=True):
+        ok = np.isfinite(v)
+        if not ok.any():
+            ax.set_title(f"{label}: no finite value", fontsize=9)
+            continue
+        edges = np.histogram_bin_edges(v[ok], bins=40, range=_span(v[ok], 0.5, 99.5, 1e-3))
+        clipped = np.clip(v, edges[0], edges[-1])
+        acc, _ = np.histogram(clipped[ok & sc.accepted], bins=edges)
+        rej, _ = np.histogram(clipped[ok & ~sc.accepted], bins=edges)
+        ax.stairs(acc, edges, fill=True, color=_BLUE, label=f"merged ({int(acc.sum()):,})")
+        ax.stairs(acc + rej, edges, baseline=acc, fill=True, color=_RED, alpha=0.7,
+                  label=f"rejected ({int(rej.sum()):,})")
+        ax.set_xlabel(label)
+        ax.set_title(f"{label}: median {np.median(v[ok & sc.accepted]) if (ok & sc.accepted).any() else math.nan:.3g}",
+                     fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0][0].set_ylabel("crystals")
+    axes[0][0].legend(fontsize=7.5, frameon=False)
+    return _svg(fig, "per-crystal scale, B factor and CC to the reference")
+
+
 # ----------------------------------------------------------------------------------------------
 # sections
 
@@ -527,6 +600,8 @@ def _overview_html(o: RunOverview) -> str:
     parts.append("<h3>Throughput per worker over time</h3>")
     parts.append(_unavailable(o.throughput) if isinstance(o.throughput, Unavailable)
                  else _throughput_svg(o.throughput))
+    if o.cost is None:
+        return "".join(parts)
     parts.append("<h3>The same run at cloud prices</h3>")
     if isinstance(o.cost, Unavailable):
         parts.append(_unavailable(o.cost))
@@ -548,7 +623,8 @@ def _crystals_html(c: Crystals) -> str:
     n = len(c.cells["a"])
     parts = [f'<p class="small">{n:,} crystals, {_e(c.source)}'
              + ("; dashed red: the target cell" if c.target_cell is not None else "") + ".</p>",
-             _cells_svg(c), '<div class="row">']
+             _cells_svg(c), "<h3>Cells against each other</h3>", _cell_scatter_svg(c),
+             '<div class="row">']
     for title, item, draw in (("Resolution limit", c.resolution_limit_a, _resolution_svg),
                               ("Crystals per frame", c.crystals_per_frame, _per_frame_svg)):
         inner = _unavailable(item) if isinstance(item, Unavailable) else draw(item)
@@ -575,7 +651,15 @@ def _shell_rows(stats: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _merged_html(m: Merged) -> str:
+def _estimate_html(m: Merged) -> str:
+    if not m.resolution_estimate:
+        return ('<p class="small">resolution estimate: none in stats.json (read from the '
+                "curves below).</p>")
+    return _cards([(label, f"{v:.2f} Å", "resolution estimate")
+                   for label, v in m.resolution_estimate])
+
+
+def _merged_html(m: Merged, full: bool = True) -> str:
     st = m.stats
     cell = st.get("cell")
     cell_text = " ".join(f"{v:.2f}" for v in cell) if cell else "–"
@@ -586,15 +670,70 @@ def _merged_html(m: Merged) -> str:
             f"{int(st.get('n_crystals_merged') or 0):,} of "
             f"{int(st.get('n_crystals_input') or 0):,} crystals merged (rejected: "
             f"{_e(rej_text)}).</p>")
-    table = _table(("shell d (Å)", "obs", "unique", "completeness", "multiplicity", "I/σ",
-                    "CC1/2", "CC*", "Rsplit"), _shell_rows(st), limit=60)
     plots = _merged_svg(m) if st.get("shells") else _unavailable(
         Unavailable("stats.json has no resolution shells"))
-    return head + plots + table
+    if not full:
+        return head + _estimate_html(m) + plots
+    table = _table(("shell d (Å)", "obs", "unique", "completeness", "multiplicity", "I/σ",
+                    "CC1/2", "CC*", "Rsplit"), _shell_rows(st), limit=60)
+    return head + _estimate_html(m) + plots + table
+
+
+def _diagnostics_html(d: Diagnostics) -> str:
+    parts = [f'<p class="small">{_e(d.source)}; resolution from each spot\'s position and the '
+             "geometry.</p>", _spots_svg(d), "<h3>Detector: spots against predictions</h3>"]
+    if isinstance(d.offsets, Unavailable):
+        parts.append(_unavailable(d.offsets))
+    else:
+        parts.append(_offsets_svg(d.offsets))
+        refined = d.offsets.refined
+        parts.append('<p class="small">Indexed spots matched to the predicted position of their '
+                     f"h k l on the same frame (faint bars: fewer than {FEW_SPOTS} spots). "
+                     "Offsets of the same sign on every panel: the beam centre (detector "
+                     "shift) is off; offsets growing outwards: the distance. "
+                     + ("Refined by the run: " + ", ".join(f"{k} {v:.3f}"
+                                                           for k, v in refined.items())
+                        if refined else "This run refines neither the distance nor the "
+                        "detector position: the geometry file's values were used.") + "</p>")
+    return "".join(parts)
+
+
+def _scaling_html(sc: Scaling) -> str:
+    n = len(sc.accepted)
+    missing = [k for k, v in (("scale", sc.scale), ("B factor", sc.b_a2),
+                              ("CC to the reference", sc.cc)) if v is None]
+    parts = [f'<p class="small">{n:,} crystals in {_e(sc.source)}: '
+             f"{int(sc.accepted.sum()):,} merged, {n - int(sc.accepted.sum()):,} rejected.</p>"]
+    if len(missing) < 3:
+        parts.append(_scaling_svg(sc))
+    if missing:
+        parts.append(f'<p class="na">not available: the merge wrote no {", ".join(missing)} '
+                     "column.</p>")
+    parts.append("<h3>Rejections by reason</h3>")
+    if sc.reasons:
+        parts.append(_table(("reason", "crystals"), [(r, f"{c:,}") for r, c in sc.reasons]))
+    else:
+        parts.append('<p class="ok">no crystal rejected.</p>')
+    return "".join(parts)
+
+
+def _picture_png(p: FramePicture) -> bytes:
+    """The frame drawn once (a live refresh reuses the same FramePicture and so its PNG)."""
+    if p.png is None:
+        from sfxflow.report.picture import render_frame_png
+
+        with tempfile.TemporaryDirectory(prefix="sfxflow-report-") as tmp:
+            path = os.path.join(tmp, "frame.png")
+            render_frame_png(p.frame, path, spots=p.spots, predicted=p.predicted, title=p.title,
+                             max_size_px=1200, dpi=130, low_percentile=90.0,
+                             high_percentile=99.98)
+            with open(path, "rb") as f:
+                p.png = f.read()
+    return p.png
 
 
 def _picture_html(p: FramePicture) -> str:
-    data = base64.b64encode(p.png).decode("ascii")
+    data = base64.b64encode(_picture_png(p)).decode("ascii")
     return (f'<figure class="picture"><img alt="{_e(p.caption)}" '
             f'src="data:image/png;base64,{data}"><figcaption>{_e(p.caption)}</figcaption>'
             "</figure>")
@@ -613,6 +752,7 @@ header .meta { font-size: 13px; color: #c8d3df; word-break: break-all; }
 .state.done { background: #6fcf97; color: #0b3b20; }
 nav { padding: 8px 28px; background: #e8edf2; font-size: 14px; }
 nav a { margin-right: 16px; color: #1d4e89; text-decoration: none; }
+nav a.other { float: right; margin-right: 0; font-weight: 600; }
 main { max-width: 1000px; margin: 0 auto; padding: 8px 20px 40px; }
 section { background: #fff; border: 1px solid #dde3ea; border-radius: 6px; padding: 6px 22px 16px;
   margin: 18px 0; }
@@ -643,8 +783,10 @@ footer { text-align: center; padding: 10px; }
 _SECTIONS = (
     ("overview", "Run overview"),
     ("along", "Along the run"),
+    ("spots", "Spots and detector"),
     ("crystals", "Crystals"),
     ("merged", "Merged data"),
+    ("scaling", "Per-crystal scaling"),
     ("frame", "Strongest frame"),
 )
 
@@ -663,20 +805,26 @@ def render_report_html(data: ReportData) -> str:
     >>> "not available: no merged data in this run" in page, "://" in page
     (True, False)
     """
-    bodies = {
-        "overview": data.overview, "along": data.along, "crystals": data.crystals,
-        "merged": data.merged, "frame": data.picture,
+    bodies: dict[str, Any] = {
+        "overview": data.overview, "along": data.along, "spots": data.diagnostics,
+        "crystals": data.crystals, "merged": data.merged, "scaling": data.scaling,
+        "frame": data.picture,
     }
+    full = data.kind == "merge"
     renderers: dict[str, Any] = {
-        "overview": _overview_html, "along": _along_html, "crystals": _crystals_html,
-        "merged": _merged_html, "frame": _picture_html,
+        "overview": _overview_html, "along": _along_html, "spots": _diagnostics_html,
+        "crystals": _crystals_html, "merged": lambda m: _merged_html(m, full),
+        "scaling": _scaling_html, "frame": _picture_html,
     }
     sections = []
-    for key, title in _SECTIONS:
+    present = [(k, t) for k, t in _SECTIONS if bodies[k] is not None]
+    for key, title in present:
         item = bodies[key]
         inner = _unavailable(item) if isinstance(item, Unavailable) else renderers[key](item)
         sections.append(f'<section id="{key}"><h2>{_e(title)}</h2>{inner}</section>')
-    nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t in _SECTIONS)
+    nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t in present)
+    if data.link is not None:
+        nav += f'<a class="other" href="{_e(data.link[0])}">{_e(data.link[1])} →</a>'
     refresh = (f'<meta http-equiv="refresh" content="{int(data.refresh_s)}">'
                if data.running and data.refresh_s > 0 else "")
     state_class = "running" if data.running else "done"

@@ -8,13 +8,13 @@ import pytest
 
 from sfxflow.algorithms.layouts import cspad, simple
 from sfxflow.errors import InputError
-from sfxflow.io.picture import (
+from sfxflow.models import Beam, Detector, Frame
+from sfxflow.report.picture import (
     assemble_lab_image,
     lab_xy_mm,
     read_spot_overlay,
     render_frame_png,
 )
-from sfxflow.models import Beam, Detector, Frame
 
 
 def _labelled_cspad_frame() -> Frame:

@@ -1,0 +1,169 @@
+"""Write the report pages: a run's ``RUN/report.html`` (refreshed while the run goes) and a merge
+folder's own ``MERGE/report.html``.
+
+The data comes from :mod:`sfxflow.pipeline.report`; the page from :mod:`sfxflow.report.html`.
+Each page replaces the old one in one step (rename locally, a single put on object stores): a
+browser never reads half of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import posixpath
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sfxflow.errors import InputError, RunDirError, SfxflowError
+from sfxflow.io.results import RunDir
+from sfxflow.pipeline.report import (
+    REPORT_NAME,
+    ReportCache,
+    build_merge_report,
+    build_report,
+)
+from sfxflow.report.html import render_report_html
+
+__all__ = ["LiveReport", "write_merge_report", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+
+def _write_to(out: str, page: bytes, storage_options: Mapping[str, Any] | None) -> str:
+    """Write ``page`` to the file ``out`` (a path or URL); a place that cannot hold a file is a
+    user error (one line, exit 2)."""
+    folder, name = posixpath.split(out.rstrip("/")) if "://" in out else os.path.split(out)
+    if not name:
+        raise InputError(f"--out {out!r}: expected a file name such as report.html")
+    if "://" not in out:
+        folder = folder or "."
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise InputError(f"--out {out}: {folder} is not a folder")
+        if os.path.isdir(out):
+            raise InputError(f"--out {out}: is a folder; expected a file name such as "
+                             "report.html")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--out {out}: cannot create {folder} ({exc.strerror or exc})"
+                             ) from None
+    target = RunDir(folder or ".", storage_options)
+    try:
+        target.write_bytes(name, page)
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        raise InputError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
+    except RunDirError as exc:
+        if "://" in out:
+            raise
+        raise InputError(f"--out {out}: cannot write the report ({exc})") from None
+    return target.url_of(name)
+
+
+def write_report(run_url: str, out: str | None = None, *,
+                 storage_options: Mapping[str, Any] | None = None, merge_url: str | None = None,
+                 running: bool | None = None, with_picture: bool = True,
+                 cache: ReportCache | None = None, cost: bool | None = None) -> str:
+    """Build the report of ``run_url`` and write it atomically; returns where it went.
+
+    ``out`` defaults to ``RUN/report.html``; a local path or URL. ``cost``: show the run priced
+    at cloud prices (``None``: only for a run on object storage).
+    """
+    data = build_report(run_url, storage_options=storage_options, merge_url=merge_url,
+                        running=running, with_picture=with_picture, cache=cache, cost=cost)
+    page = render_report_html(data).encode("utf-8")
+    if out is None:
+        run = RunDir(run_url, storage_options)
+        run.write_bytes(REPORT_NAME, page)
+        return run.url_of(REPORT_NAME)
+    return _write_to(out, page, storage_options)
+
+
+def _same_place(a: str, b: str) -> bool:
+    a, b = a.rstrip("/"), b.rstrip("/")
+    if a == b:
+        return True
+    return "://" not in a and "://" not in b and os.path.realpath(a) == os.path.realpath(b)
+
+
+def write_merge_report(merge_url: str, inputs: Sequence[str], *,
+                       storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Reports after ``sfxflow merge``: the merge's own ``MERGE/report.html`` and, when the merge
+    went into a run's own ``RUN/merge``, that run's ``RUN/report.html`` (now with its merged
+    data). Returns the pages written."""
+    options = dict(storage_options or {})
+    runs = [u.rstrip("/") for u in inputs if not u.endswith(".stream")]
+    merge_url = merge_url.rstrip("/")
+    if len(inputs) == 1 and len(runs) == 1 and _same_place(merge_url, f"{runs[0]}/merge"):
+        merge_url = f"{runs[0]}/merge"  # the run's page links to it by this relative name
+    page = render_report_html(build_merge_report(merge_url, list(inputs),
+                                                 storage_options=options)).encode("utf-8")
+    target = RunDir(merge_url, options)
+    target.write_bytes(REPORT_NAME, page)
+    written = [target.url_of(REPORT_NAME)]
+    if len(inputs) == 1 and len(runs) == 1 and merge_url == f"{runs[0]}/merge":
+        try:
+            written.append(write_report(runs[0], storage_options=options))
+        except InputError as exc:  # e.g. reflections shards without the rest of a run
+            logger.info("%s: its report is not updated (%s)", runs[0], exc)
+    return written
+
+
+class LiveReport:
+    """Refreshes ``RUN/report.html`` while a run goes, and once at the end (a
+    :class:`~sfxflow.pipeline.report.Reporter` for ``run_process``).
+
+    After a block, when at least ``interval_s`` seconds (and ten times the last build's time,
+    so that drawing takes at most a tenth of the client's time) have passed, the page is rebuilt
+    in a background thread: the client goes on collecting results and handing out blocks
+    meanwhile (block finishing times in the manifest stay true). :meth:`finish` waits for it and
+    writes the final page.
+
+    Never raises: a report that cannot be written is logged and the run goes on.
+    """
+
+    def __init__(self, run_url: str, storage_options: Mapping[str, Any] | None = None,
+                 interval_s: float = 30.0) -> None:
+        self.run_url = run_url
+        self.storage_options = dict(storage_options or {})
+        self.interval_s = interval_s
+        self.cache = ReportCache()
+        self._last = -math.inf
+        self._build_s = 0.0
+        self._thread: threading.Thread | None = None
+        self.written = 0
+
+    def _write(self, running: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            write_report(self.run_url, storage_options=self.storage_options, running=running,
+                         cache=self.cache)
+            self.written += 1
+        except Exception as exc:  # the report must never stop a run
+            # a full disk or a dead endpoint says all in one line; anything else is a bug
+            logger.warning("%s: report not updated: %s", self.run_url, exc,
+                           exc_info=not isinstance(exc, SfxflowError))
+        self._build_s = time.perf_counter() - t0
+        self._last = time.perf_counter()
+
+    def block_done(self) -> None:
+        """Call after each finished block."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        if time.perf_counter() - self._last >= max(self.interval_s, 10 * self._build_s):
+            self._last = time.perf_counter()
+            self._thread = threading.Thread(target=self._write, args=(True,), daemon=True,
+                                            name="sfxflow-report")
+            self._thread.start()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Wait for a refresh in progress."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def finish(self) -> None:
+        """Call once the run has written its summary."""
+        self.wait()
+        self._write(running=False)
