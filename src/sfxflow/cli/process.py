@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sfxflow.pipeline.config import ProcessConfig
 
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="image files, globs, folders or s3:// prefixes (CXI/HDF5, CBF)")
+                        help="image files, globs, folders, s3:// prefixes (CXI/HDF5, CBF) or "
+                             "lists (files.lst, @FILE: one file per line, optional //N event; "
+                             "relative paths from the current folder, as in CrystFEL)")
     parser.add_argument("--out", "-o", metavar="RUN", help="run directory (path or s3:// URL)")
     parser.add_argument("--force", action="store_true", help="recompute blocks already done")
     parser.add_argument("--dry-run", action="store_true",
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.cli.options import print_config
     from sfxflow.io.storage import storage_options_from
     from sfxflow.pipeline.cluster import job_script
+    from sfxflow.pipeline.preflight import preflight
     from sfxflow.pipeline.progress import Progress
     from sfxflow.pipeline.run import run_process
     from sfxflow.pipeline.summary import format_summary
@@ -112,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--out RUN is required (a folder or s3:// URL for the results)")
     storage_options = storage_options_from(config.io.endpoint_url or None,
                                            config.io.profile or None)
+    # every user error here, in one line with status 2, before any cluster or run directory
+    config = preflight(args.inputs, args.out, config, storage_options).config
     progress = None
     if not args.no_progress and sys.stderr.isatty():
         progress = Progress(0, stream=sys.stderr, tty=True)
