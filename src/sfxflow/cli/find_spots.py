@@ -56,11 +56,26 @@ def _frame_range(text: str | None, n_frames: int, url: str) -> range:
     return range(start, min(stop, n_frames))
 
 
+def _inputs(inputs: list[str]) -> list[tuple[str, list[int]]]:
+    """Each file once, with the frames a list's ``//N`` events name (empty: all, or
+    --frame-range); lists (``.lst``, ``@FILE``) are read."""
+    from sfxflow.io.lists import expand_lists
+
+    out: dict[str, list[int]] = {}
+    for entry in expand_lists(inputs):
+        events = out.setdefault(entry.url, [])
+        if entry.event is not None and entry.event not in events:
+            events.append(entry.event)
+    return list(out.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sfxflow.cli.options import add_settings, deprecated
     from sfxflow.pipeline.config import FindSpotsConfig
 
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or URLs")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files or URLs, or lists (files.lst, @FILE: one file per line, "
+                             "optional //N event)")
     parser.add_argument("--geometry", metavar="G",
                         help="CrystFEL .geom (default for a CXI file: the one .geom beside it)")
     parser.add_argument("--out", metavar="SPOTS.parquet", help="write the spots here (Parquet)")
@@ -83,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     import pyarrow.parquet as pq
 
+    from sfxflow.algorithms.gain import gain_warning
     from sfxflow.algorithms.spots import find_spots, is_hit
     from sfxflow.cli.options import print_config, settings_from
     from sfxflow.io.geometry import read_geom
@@ -91,12 +107,13 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.io.sources import open_source
     from sfxflow.models import FrameStatus, ImageResult
     from sfxflow.pipeline.config import FindSpotsConfig
+    from sfxflow.pipeline.summary import format_times_ms
 
     config = settings_from(args, FindSpotsConfig)
     if args.print_config:
         return print_config(config)
     spot_params, hit_params = config.spots, config.hit
-    geometry_path = args.geometry or geometry_beside(args.inputs)
+    geometry_path = args.geometry or geometry_beside([u for u, _ in _inputs(args.inputs)])
     geometry = read_geom(geometry_path) if geometry_path else None
     render: Any = None
     if args.png_dir:
@@ -105,10 +122,17 @@ def run(args: argparse.Namespace) -> int:
     results: list[ImageResult] = []
     n_hits = 0
     times_ms: list[float] = []
-    for url in args.inputs:
+    gain_checked = False
+    for url, events in _inputs(args.inputs):
         with open_source(url, geometry) as source:
-            for i in _frame_range(args.frame_range, source.n_frames, url):
+            for i in events or _frame_range(args.frame_range, source.n_frames, url):
                 frame = source.read_frame(i)
+                if not gain_checked:  # once: the first frame tells the detector's gain
+                    gain_checked = True
+                    note = gain_warning(frame, spot_params.gain_adu_per_photon,
+                                        option="--gain-adu-per-photon")
+                    if note:
+                        log.warning("%s", note)
                 t0 = time.perf_counter()
                 spots = find_spots(frame, spot_params)
                 hit = is_hit(spots, hit_params)
@@ -131,9 +155,8 @@ def run(args: argparse.Namespace) -> int:
     n = len(results)
     total = sum(r.n_spots for r in results)
     if n:
-        times_ms.sort()
         print(f"{n} frames, {n_hits} hits ({100.0 * n_hits / n:.1f}%), {total} spots; "
-              f"spot finding median {times_ms[n // 2]:.1f} ms/frame")
+              f"spot finding {format_times_ms([t / 1e3 for t in times_ms])}")
     else:
         print("no frames selected")
     if args.out:

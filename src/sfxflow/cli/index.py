@@ -19,6 +19,7 @@ from sfxflow.algorithms.index import (
     TargetCell,
     index_spots,
     misorientation_deg,
+    reason_kind,
 )
 from sfxflow.cli.options import add_settings, number, print_config, settings_from
 from sfxflow.errors import InputError
@@ -33,6 +34,7 @@ from sfxflow.models import (
     wavelength_a_to_photon_energy_ev,
 )
 from sfxflow.pipeline.config import IndexConfig
+from sfxflow.pipeline.summary import format_times_ms
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
                     angles.append(angle)
             n_ok += res.success
             if not res.success:
-                reasons[res.reason.split(" (")[0]] += 1
+                reasons[reason_kind(res.reason)] += 1
             rows.append(_row(job, res, dt, angle))
             if not args.quiet_frames:
                 name = f"{job.source} {job.event}".strip()
@@ -286,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{angle:>10.3f}  {res.reason}")
     n = len(rows)
     print(f"frames {n}, indexed {n_ok} ({100.0 * n_ok / max(n, 1):.1f}%), "
-          f"median {1e3 * statistics.median(times) if times else math.nan:.1f} ms/frame")
+          f"{format_times_ms(times)}")
     if reasons:
         print("not indexed: " + ", ".join(f"{k}: {v}" for k, v in reasons.most_common()))
     if n_ref:
