@@ -22,13 +22,14 @@ ss_px, intensity, background, snr, n_pixels, d_a), to --out.
 
 LCLS CSPAD CBF files declare a placeholder gain of 1 ADU per photon; their one-photon peak is at
 ~9 ADU and their background has bright isolated pixels, so use --preset cspad-cbf (=
---gain-adu-per-photon 9 --min-snr 6). Every setting is a flag named as its key (spots.* by
-the key itself, hit.* as --hit-*); see --print-config.
+--spots-gain-adu-per-photon 9 --spots-min-snr 6); a warning names the gain the first frame shows.
+Every setting is a flag named as in `process` (spots.* as --spots-*, hit.* as --hit-*); see
+--print-config. Lists (files.lst, @FILE) select frames with //N events, as in CrystFEL.
 
 Examples:
   sfxflow find-spots ../shared/data/lcls-cspad-thermolysin/*.cbf --preset cspad-cbf --out spots.parquet
   sfxflow find-spots sim/run_0000.cxi --geometry sim/geometry.geom --frame-range 0:20 --hit-min-spots 15
-  sfxflow find-spots run.cxi --d-min-a 2.0 --filter-ice-rings --png-dir overlays/
+  sfxflow find-spots run.cxi --spots-d-min-a 2.0 --spots-filter-ice-rings --png-dir overlays/
 """
 
 
@@ -90,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--d-min": "spots.d_min_a", "--d-max": "spots.d_max_a",
         "--ice-rings": "spots.filter_ice_rings", "--min-spots": "hit.min_spots",
         "--min-spots-beyond-d": "hit.min_spots_beyond_d_a", "--hit-d": "hit.d_a",
-        "--cspad": "preset:cspad-cbf"})
+        "--cspad": "preset:cspad-cbf"}, renamed={"spots": ("spots-", "")})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 if not gain_checked:  # once: the first frame tells the detector's gain
                     gain_checked = True
                     note = gain_warning(frame, spot_params.gain_adu_per_photon,
-                                        option="--gain-adu-per-photon")
+                                        option="--spots-gain-adu-per-photon")
                     if note:
                         log.warning("%s", note)
                 t0 = time.perf_counter()

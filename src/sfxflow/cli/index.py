@@ -57,8 +57,9 @@ Examples:
   sfxflow index spots.parquet --cell "93 93 130.5 90 90 120" --space-group P6122 -o idx.parquet
   sfxflow index spots.parquet --cell-file lyso.cell --geometry cspad.geom --refine-distance
 
-Every indexing setting is a flag named as its key (index.min_indexed as --min-indexed,
-index.refine.* as --refine-*: --refine-detector-shift, --no-refine-cell); see --print-config.
+Every indexing setting is a flag named as in `process` (index.min_indexed as
+--index-min-indexed, index.refine.* as --refine-*: --refine-detector-shift, --no-refine-cell);
+see --print-config. The names without "index-" (--min-indexed) still work, with a note.
 """
 
 
@@ -73,8 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            help="wavelength (Å) when the geometry does not give one")
     parser.add_argument("-o", "--out", help="write per-frame results to this Parquet file")
     parser.add_argument("--quiet-frames", action="store_true", help="print only the totals")
+    # flags as in process (--index-max-crystals); the old --max-crystals etc. stay as aliases
     add_settings(parser, IndexConfig, aliases={"--min-fraction": "index.min_fraction_indexed",
-                                               "--refine-shift": "index.refine.refine_detector_shift"})
+                                               "--refine-shift": "index.refine.refine_detector_shift"},
+                 renamed={"index": ("index-", "")})
 
 
 @dataclass(frozen=True)

@@ -13,34 +13,27 @@ from sfxflow.errors import EXIT_RERUN, InputError
 HELP = "process a run: spots -> hits -> indexing on every frame, locally or on a cluster"
 DESCRIPTION = HELP + """
 
-Every frame of the inputs gets one record (indexed, hit, miss or failed with its stage and
-reason) in RUN/frames.parquet; spots with Miller indices in RUN/shards/*.spots.parquet; a
-CrystFEL stream as `cat RUN/header.stream RUN/shards/*.stream`; counts, rates and throughput in
-RUN/summary.json; the run report (one HTML page with plots, refreshed while the run goes) in
-RUN/report.html. Running the same command again resumes (finished blocks are skipped).
-A file that cannot be opened at all (missing, truncated, not an image, wrong dataset) has an
-unknown frame count: it is recorded as ONE failed record with frame_index -1 and its reason.
-A corrupt frame inside a readable file fails only itself (stage "read").
+Every frame gets one record (indexed, hit, miss or failed with its stage and reason) in
+RUN/frames.parquet; spots in RUN/shards/*.spots.parquet; a CrystFEL stream as `cat
+RUN/header.stream RUN/shards/*.stream`; counts and rates in RUN/summary.json; the report in
+RUN/report.html. Running the same command again resumes. Inputs, geometry, credentials and the
+cell are checked before anything starts (a mistake: one line, exit status 2); a file that
+exists but does not open, among others that do, is recorded as one failed record.
 
 Examples:
   sfxflow process data/run_*.cxi --geometry data/geometry.geom \\
       --cell "93 93 130.5 90 90 120" --space-group P6122 --out results/run1
+  sfxflow process files.lst --geometry g.geom --cell-file t.cell --out r1 --workers 8
   sfxflow process s3://bucket/run7/ --endpoint-url http://127.0.0.1:9000 \\
-      --geometry s3://bucket/run7/geometry.geom --cell-file thermolysin.cell --out s3://bucket/out7
-  sfxflow process data/ --cell-file t.cell --geometry g.geom --out r1 --scheduler tcp://node1:8786
+      --geometry s3://bucket/run7/geometry.geom --cell-file t.cell --out s3://bucket/out7
   sfxflow process data/ --cell-file t.cell --geometry g.geom --out r1 \\
-      --cluster slurm --queue normal --cores 32 --memory 64GB --jobs 4 --walltime 02:00:00 \\
-      --container-image sfxflow.sif --dry-run
-  sfxflow process data/ --cell-file t.cell --geometry g.geom --out r1 \\
-      --config process.toml --spots-sigma-strong 4 --frames-per-block 20
+      --cluster slurm --queue normal --cores 32 --jobs 4 --walltime 02:00:00 --dry-run
   sfxflow process ../shared/data/lcls-cspad-thermolysin/*.cbf --preset cspad-cbf \\
       --cell "93 93 130.5 90 90 120" --space-group P6122 --out run1
-  sfxflow process --preset cspad-cbf --print-config     # every setting, its range and doc
 
-Settings: every key of the configuration (sfxflow process --print-config, docs/config.md) is a
-flag: spots.* as --spots-*, hit.* as --hit-*, index.* as --index-*, index.refine.* as
---refine-*, and target, io, run and cluster keys by their own names. Precedence: defaults <
---preset < --config FILE < flags < --set SECTION.KEY=VALUE.
+Every setting (--help-all, --print-config, docs/config.md) is a flag: spots.* as --spots-*,
+hit.* as --hit-*, index.* as --index-*, ... Precedence: defaults < --preset < --config FILE <
+flags < --set SECTION.KEY=VALUE.
 """
 
 logger = logging.getLogger(__name__)
@@ -50,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sfxflow.cli.options import add_settings
     from sfxflow.pipeline.config import ProcessConfig
 
+    parser.usage = ("%(prog)s INPUT... --out RUN [--geometry G] [--cell C --space-group SG | "
+                    "--cell-file F]\n       [--preset NAME] [--config FILE] [--set KEY=VALUE] "
+                    "[--workers N | --cluster KIND] [options]")
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="image files, globs, folders, s3:// prefixes (CXI/HDF5, CBF) or "
                              "lists (files.lst, @FILE: one file per line, optional //N event; "
@@ -65,9 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default merge settings; see `sfxflow merge` for more)")
     # every setting of the tree is a flag: --cell, --frames-per-block, --scheduler, --workers,
     # --cluster, --spots-sigma-strong, --hit-min-spots, --index-min-indexed, --refine-cell ...
+    # --help shows these; --help-all every setting (issue 21: a dozen options a user needs)
     add_settings(parser, ProcessConfig, short={"-g": "io.geometry"},
                  aliases={"--prefetch": "io.prefetch_depth", "--cspad": "preset:cspad-cbf",
-                          "--worker-timeout": "cluster.worker_timeout_s"})
+                          "--worker-timeout": "cluster.worker_timeout_s"},
+                 essential=("io.geometry", "target.cell", "target.space_group",
+                            "target.cell_file", "cluster.kind", "cluster.n_workers",
+                            "cluster.scheduler", "io.endpoint_url"))
 
 
 def settings(args: argparse.Namespace) -> Any:
