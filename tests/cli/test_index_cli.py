@@ -123,3 +123,13 @@ def test_index_stream_excerpt_compares_with_reference(shared_data: Path, tmp_pat
     assert sum(res["indexed"]) == 3
     assert max(res["reference_angle_deg"]) < 1.0
     assert all(abs(b - 122.6) / 122.6 < 0.02 for b in res["cell_b"])
+
+
+def test_index_takes_a_list_of_spot_tables(tmp_path: Path, capsys) -> None:
+    spots, geom = _spot_table(tmp_path)
+    listing = tmp_path / "tables.lst"
+    listing.write_text(f"# spot tables\n{spots}\n")
+    rc = main(["index", f"@{listing}", "--cell", CELL, "--space-group", SG, "--geometry",
+               str(geom), "--quiet-frames"])
+    assert rc == 0
+    assert "frames 5, indexed 4 (80.0%)" in capsys.readouterr().out

@@ -87,3 +87,12 @@ def test_view_help_example_with_a_glob_of_two_files(two_crystals, tmp_path, caps
     assert f"frame 1: {files[1]} frame 0" in capsys.readouterr().out
     assert main(["-q", "view", *files, "--frame", "2", "--out", str(png)]) == 2
     assert "--frame 2 is out of range" in capsys.readouterr().err
+
+
+def test_view_takes_a_list(two_crystals, tmp_path, capsys):
+    listing = tmp_path / "frames.lst"
+    listing.write_text(f"# the second CBF only\n{two_crystals} //0\n")
+    png = tmp_path / "l.png"
+    assert main(["-q", "view", str(listing), "--out", str(png)]) == 0
+    assert f"frame 0: {two_crystals} frame 0" in capsys.readouterr().out
+    assert png.stat().st_size > 10_000

@@ -65,7 +65,8 @@ see --print-config. The names without "index-" (--min-indexed) still work, with 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="SPOTS",
-                        help="spot tables (.parquet) or CrystFEL streams (.stream)")
+                        help="spot tables (.parquet) or CrystFEL streams (.stream), or lists of "
+                             "them (.lst, @FILE)")
     parser.add_argument("--cell", help='target cell "a b c alpha beta gamma" (Å, degrees)')
     parser.add_argument("--space-group", help="space group symbol or number (e.g. P6122, 19)")
     parser.add_argument("--cell-file", help="CrystFEL unit-cell file (or PDB with CRYST1)")
@@ -250,7 +251,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet_frames:
         print(f"{'frame':<48} {'spots':>5} {'idx':>4} {'frac':>5} {'rmsd px':>7} "
               f"{'cell':<34} {'vs ref deg':>10}  reason")
-    for path in args.inputs:
+    from sfxflow.io.lists import expand_lists
+
+    for path in [entry.url for entry in expand_lists(args.inputs)]:  # lists: .lst, @FILE
         if not Path(path).exists() and "://" not in path:
             raise InputError(f"{path}: no such file (expected a .parquet spot table or .stream)")
         if path.endswith(".stream"):
