@@ -34,7 +34,7 @@ from sfxflow.models import (
     wavelength_a_to_photon_energy_ev,
 )
 from sfxflow.pipeline.config import IndexConfig
-from sfxflow.pipeline.summary import format_times_ms
+from sfxflow.pipeline.summary import FEW_VALUES, format_times_ms
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +298,14 @@ def run(args: argparse.Namespace) -> int:
     if reasons:
         print("not indexed: " + ", ".join(f"{k}: {v}" for k, v in reasons.most_common()))
     if n_ref:
-        med = statistics.median(angles) if angles else math.nan
+        if len(angles) >= FEW_VALUES:
+            shown = (f"angle to reference median {statistics.median(angles):.3f} deg, max "
+                     f"{max(angles):.3f} deg")
+        else:  # no median of two values
+            shown = ("angles to reference " + ", ".join(f"{a:.3f}" for a in angles) + " deg"
+                     if angles else "no angle to compare")
         print(f"reference solutions in the input: {n_ref}; indexed by both: {n_both}; "
-              f"angle to reference median {med:.3f} deg, max "
-              f"{max(angles) if angles else math.nan:.3f} deg (modulo point-group rotations)")
+              f"{shown} (modulo point-group rotations)")
     if args.out and target is not None:
         _write(rows, args.out, target)
         print(f"results: {args.out}")

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from sfxflow import __version__
 from sfxflow.pipeline.blocks import BlockReport
 
-__all__ = ["MEASURED_KEYS", "build_summary", "format_summary", "format_times_ms",
+__all__ = ["FEW_VALUES", "MEASURED_KEYS", "build_summary", "format_summary", "format_times_ms",
            "keep_measured_figures"]
 
 #: Figures measured while processing: meaningless for an invocation that processed nothing.
