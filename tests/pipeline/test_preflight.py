@@ -173,3 +173,21 @@ def test_preflight_gain_note_on_the_real_cspad_cbfs(shared_data, tmp_path):
     assert "--spots-gain-adu-per-photon 9" in note and "--preset cspad-cbf" in note
     with_preset = load_config(overrides=target, presets=["cspad-cbf"])
     assert preflight(cbfs, str(tmp_path / "r"), with_preset).gain_note == ""
+
+
+def test_relative_names_in_a_list_are_taken_from_the_current_folder(sim_set, tmp_path,
+                                                                     monkeypatch):
+    # as indexamajig -i does (not from the list's folder)
+    from sfxflow.io.geometry import read_geom
+    from sfxflow.io.sources import discover
+
+    geometry = read_geom(str(sim_set.geometry_path))
+    elsewhere = tmp_path / "lists"
+    elsewhere.mkdir()
+    listing = elsewhere / "files.lst"
+    listing.write_text(f"{sim_set.files[0].name} //2\n")
+    monkeypatch.chdir(sim_set.files[0].parent)
+    files = discover([str(listing)], geometry=geometry)
+    assert files[0].url == sim_set.files[0].name and files[0].frames == (2,)
+    monkeypatch.chdir(elsewhere)
+    assert discover([str(listing)], geometry=geometry)[0].problem == "missing"
