@@ -74,9 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sfxflow.cli.options import add_settings, deprecated
     from sfxflow.pipeline.config import FindSpotsConfig
 
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="image files or URLs, or lists (files.lst, @FILE: one file per line, "
-                             "optional //N event)")
+                             "optional //N event; -i LIST as for indexamajig)")
+    parser.add_argument("-i", "--input", dest="more_inputs", action="append", default=[],
+                        metavar="LIST", help=argparse.SUPPRESS)  # indexamajig's habit
     parser.add_argument("--geometry", metavar="G",
                         help="CrystFEL .geom (default for a CXI file: the one .geom beside it)")
     parser.add_argument("--out", metavar="SPOTS.parquet", help="write the spots here (Parquet)")
@@ -113,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     config = settings_from(args, FindSpotsConfig)
     if args.print_config:
         return print_config(config)
+    args.inputs = [*args.inputs, *args.more_inputs]
+    if not args.inputs:
+        raise InputError("no INPUT given: name image files, URLs or a list (.lst, -i LIST)")
     spot_params, hit_params = config.spots, config.hit
     geometry_path = args.geometry or geometry_beside([u for u, _ in _inputs(args.inputs)])
     geometry = read_geom(geometry_path) if geometry_path else None

@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="image files, globs, folders, s3:// prefixes (CXI/HDF5, CBF) or "
                              "lists (files.lst, @FILE: one file per line, optional //N event; "
-                             "relative paths from the current folder, as in CrystFEL)")
+                             "relative paths from the current folder, as in CrystFEL; "
+                             "-i LIST as for indexamajig)")
+    parser.add_argument("-i", "--input", dest="more_inputs", action="append", default=[],
+                        metavar="LIST", help=argparse.SUPPRESS)  # indexamajig's habit
     parser.add_argument("--out", "-o", metavar="RUN", help="run directory (path or s3:// URL)")
     parser.add_argument("--force", action="store_true", help="recompute blocks already done")
     parser.add_argument("--dry-run", action="store_true",
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--dry-run needs --cluster slurm, sge or pbs")
         print(job_script(config.cluster))
         return 0
+    args.inputs = [*args.inputs, *args.more_inputs]
     if not args.inputs:
         raise InputError("no INPUT given: name image files, globs, folders or s3:// prefixes")
     if not config.io.geometry:
