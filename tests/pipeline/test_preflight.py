@@ -116,7 +116,8 @@ def test_a_list_with_events_processes_only_those_frames(sim_set, tmp_path, capsy
     listing = tmp_path / "files.lst"
     listing.write_text(f"# two events of the first file\n{first} //1\n\n{first} //3\n")
     out = tmp_path / "run"
-    code = main(["-q", "process", "-i", str(listing), "--geometry",  # -i: indexamajig's habit str(sim_set.geometry_path),
+    # -i LIST: indexamajig's habit
+    code = main(["-q", "process", "-i", str(listing), "--geometry", str(sim_set.geometry_path),
                  *_target(), "--out", str(out), "--scheduler", "synchronous", "--no-progress",
                  "--no-write-stream"])
     assert code == 0, capsys.readouterr().err
