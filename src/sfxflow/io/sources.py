@@ -243,9 +243,10 @@ def _select(info: FileInfo, events: list[int] | None) -> FileInfo:
     outside = [e for e in wanted if e >= info.n_frames]
     if outside:
         shown = storage.shown_url(info.url)
-        return replace(info, problem="missing", error=f"{shown}: event //{outside[0]} out of range; expected an "
-                                   f"integer from 0 to {info.n_frames - 1} (the file has "
-                                   f"{info.n_frames} frame(s))")
+        return replace(info, problem="missing",
+                       error=f"{shown}: event //{outside[0]} out of range; expected an integer "
+                             f"from 0 to {info.n_frames - 1} (the file has {info.n_frames} "
+                             "frame(s))")
     return replace(info, frames=wanted)
 
 
