@@ -118,3 +118,11 @@ def test_spot_table_checks_columns():
     cols["fs_px"] = np.zeros(2)
     with pytest.raises(ValueError, match="rows"):
         SpotTable(**cols)
+
+
+def test_ranges_up_to_a_machine_limit_read_in_words():
+    from sfxflow.settings import Spec
+
+    assert Spec(ge=0, le=2**63 - 1).describe("an integer") == "an integer >= 0"
+    assert Spec(ge=0, le=10**12).describe("an integer") == "an integer from 0 to 1000000000000"
+    assert Spec(ge=1, le=3).describe("an integer") == "an integer from 1 to 3"

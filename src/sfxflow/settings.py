@@ -90,6 +90,8 @@ class Spec:
         noun = f"an odd {kind.split()[-1]}" if self.odd else kind
         lo = (self.ge, ">=") if self.ge is not None else (self.gt, ">")
         hi = (self.le, "<=") if self.le is not None else (self.lt, "<")
+        if hi[0] is not None and abs(hi[0]) >= _NO_LIMIT:  # a machine limit (2**63 - 1), not a range
+            hi = (None, "")
         if lo[1] == ">=" and hi[1] == "<=" and lo[0] is not None and hi[0] is not None:
             return f"{noun} from {_num(lo[0])} to {_num(hi[0])}"
         parts = [f"{op} {_num(v)}" for v, op in (lo, hi) if v is not None]
@@ -110,6 +112,10 @@ class Spec:
                 or (self.le is not None and not value <= self.le)
                 or (self.lt is not None and not value < self.lt)
                 or (self.odd and int(value) % 2 == 0))
+
+
+#: upper bounds from here on are a machine limit: "an integer >= 0", not "0 to 9.22337e+18"
+_NO_LIMIT = 1e15
 
 
 def _num(v: float) -> str:

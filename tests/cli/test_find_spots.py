@@ -153,3 +153,16 @@ def test_the_one_geometry_beside_a_cxi_file_is_used_and_several_are_named(simula
     err = capsys.readouterr().err
     assert f"{both / 'a.geom'}, {both / 'b.geom'}; expected --geometry" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_two_frames_print_each_timing_not_a_median_and_a_list_selects_events(simulated,
+                                                                              tmp_path, capsys):
+    listing = tmp_path / "two.lst"
+    listing.write_text(f"# CrystFEL style\n{simulated / 'run_0000.cxi'} //1\n"
+                       f"{simulated / 'run_0000.cxi'} //3\n")
+    rc = main(["-q", "find-spots", f"@{listing}", "--geometry", str(simulated / "geometry.geom")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert [int(m) for m in re.findall(r" frame (\d+):", text)] == [1, 3]
+    assert "median" not in text
+    assert re.search(r"spot finding [\d.]+ and [\d.]+ ms per frame", text), text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,11 @@ def test_index_parquet_with_geometry_writes_results(tmp_path: Path, capsys) -> N
     text = capsys.readouterr().out
     assert rc == 0
     assert "frames 5, indexed 4 (80.0%)" in text
+    # five timings: a median with digits enough for a fast step (was "median 0.0 ms")
+    assert re.search(r"median [1-9][\d.]* ms per frame \([\d.]+ to [\d.]+ ms, 5 frames\)",
+                     text), text
+    # reasons grouped by kind, not one per distinct probability value
+    assert re.search(r"not indexed: [a-z ]+: 1$", text, re.M), text
     res = pq.read_table(out).to_pydict()
     assert res["frame_index"] == [0, 1, 2, 3, 4]
     assert res["indexed"] == [True, True, True, True, False]
@@ -117,3 +123,13 @@ def test_index_stream_excerpt_compares_with_reference(shared_data: Path, tmp_pat
     assert sum(res["indexed"]) == 3
     assert max(res["reference_angle_deg"]) < 1.0
     assert all(abs(b - 122.6) / 122.6 < 0.02 for b in res["cell_b"])
+
+
+def test_index_takes_a_list_of_spot_tables(tmp_path: Path, capsys) -> None:
+    spots, geom = _spot_table(tmp_path)
+    listing = tmp_path / "tables.lst"
+    listing.write_text(f"# spot tables\n{spots}\n")
+    rc = main(["index", f"@{listing}", "--cell", CELL, "--space-group", SG, "--geometry",
+               str(geom), "--quiet-frames"])
+    assert rc == 0
+    assert "frames 5, indexed 4 (80.0%)" in capsys.readouterr().out

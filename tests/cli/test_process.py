@@ -142,7 +142,7 @@ def test_the_geometry_beside_the_cxi_files_is_used(small_set, tmp_path, capsys, 
     assert f'geometry = "{geometry}"' in (out / "config.toml").read_text()
 
 
-def test_run_where_every_input_fails_exits_1(small_set, tmp_path, capsys):
+def test_run_where_every_input_fails_is_refused(small_set, tmp_path, capsys):
     junk = tmp_path / "notes.txt"
     junk.write_text("not an image\n")
 
@@ -151,11 +151,10 @@ def test_run_where_every_input_fails_exits_1(small_set, tmp_path, capsys):
                 "--cell", "93 93 130.5 90 90 120", "--space-group", "P6122",
                 "--out", str(out), "--scheduler", "synchronous", "--json"]
 
-    assert main(argv(junk, out=tmp_path / "run")) == 1
-    captured = capsys.readouterr()
-    summary = json.loads(captured.out)
-    assert summary["frames"] == summary["failed"] == 1
-    assert "every input failed" in captured.err
+    # nothing opens: refused before a cluster or run directory exists (issue 22)
+    assert main(argv(junk, out=tmp_path / "run")) == 2
+    assert f"no input opens: {junk}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
     # one good file beside the junk: a success with one failed record among the results
     assert main(argv(small_set.files[0], junk, out=tmp_path / "run2")) == 0
     assert json.loads(capsys.readouterr().out)["failed"] == 1

@@ -3,6 +3,7 @@ inside URLs (issue 10, items 2, 7 and 15)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -79,7 +80,8 @@ def test_dead_object_storage_run_directory_is_one_line(sim_set, capsys, monkeypa
     assert "s3://bucket/run" in err and "run the same command again" in err
 
 
-def test_passwords_in_urls_never_leave_the_process(sim_set, tmp_path):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # fsspec's __del__
+def test_passwords_in_urls_never_leave_the_process(sim_set, tmp_path, caplog, capsys):
     # before: user:password@ of an input URL ended up in frames.parquet, the shards,
     # manifest.json, summary.json, the log and error messages
     secret = "hunter2-secret"
@@ -90,8 +92,23 @@ def test_passwords_in_urls_never_leave_the_process(sim_set, tmp_path):
     argv.insert(1, bad)
     proc = subprocess.run([sys.executable, "-m", "sfxflow", "-v", *argv],
                           env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr  # the other inputs were processed
+    # an input that names nothing usable is refused before the run starts (issue 22)
+    assert proc.returncode == 2, proc.stderr
     assert secret not in proc.stdout + proc.stderr
+    assert "sfxflow process: error: ftp://***@127.0.0.1" in proc.stderr
+    assert not out.exists()
+    # the library (no checks before) records it as failed, the other inputs processed
+    from sfxflow.pipeline.config import load_config
+    from sfxflow.pipeline.run import run_process
+
+    caplog.set_level(logging.DEBUG)
+    cfg = load_config(overrides=[f"io.geometry={sim_set.geometry_path}",
+                                 "target.cell=[93, 93, 130.5, 90, 90, 120]",
+                                 f"target.space_group={SPACE_GROUP}",
+                                 "cluster.kind=synchronous", "run.storage_retry_s=0"])
+    run_process([bad, *(str(p) for p in sim_set.files)], str(out), cfg)
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err + caplog.text
     written = [p for p in out.rglob("*") if p.is_file()]
     assert {"frames.parquet", "manifest.json", "summary.json"} <= {p.name for p in written}
     for path in written:

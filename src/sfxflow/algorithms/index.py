@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -110,6 +111,7 @@ __all__ = [
     "log10_independent_trials",
     "misorientation_deg",
     "point_group_rotations",
+    "reason_kind",
     "solution_significance",
     "target_table",
 ]
@@ -864,6 +866,17 @@ def profile_depth_inv_a(refined: RefineResult, q_len: np.ndarray, beam: Beam,
 
 
 # --------------------------------------------------------------------------- main entry point
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a failure reason, without its numbers: what tables count.
+
+    >>> reason_kind("not significant: 9 of 40 spots matched, chance probability 10^-1.2 > 0.001")
+    'not significant'
+    >>> reason_kind("rmsd too high (2.31 px > 2.0 px)")
+    'rmsd too high'
+    """
+    return re.split(r"\s*[(:]", reason, maxsplit=1)[0].strip() or reason
 
 
 def _fail(reason: str, n: int, n_cand: int = 0) -> IndexResult:

@@ -22,13 +22,14 @@ ss_px, intensity, background, snr, n_pixels, d_a), to --out.
 
 LCLS CSPAD CBF files declare a placeholder gain of 1 ADU per photon; their one-photon peak is at
 ~9 ADU and their background has bright isolated pixels, so use --preset cspad-cbf (=
---gain-adu-per-photon 9 --min-snr 6). Every setting is a flag named as its key (spots.* by
-the key itself, hit.* as --hit-*); see --print-config.
+--spots-gain-adu-per-photon 9 --spots-min-snr 6); a warning names the gain the first frame shows.
+Every setting is a flag named as in `process` (spots.* as --spots-*, hit.* as --hit-*); see
+--print-config. Lists (files.lst, @FILE) select frames with //N events, as in CrystFEL.
 
 Examples:
   sfxflow find-spots ../shared/data/lcls-cspad-thermolysin/*.cbf --preset cspad-cbf --out spots.parquet
   sfxflow find-spots sim/run_0000.cxi --geometry sim/geometry.geom --frame-range 0:20 --hit-min-spots 15
-  sfxflow find-spots run.cxi --d-min-a 2.0 --filter-ice-rings --png-dir overlays/
+  sfxflow find-spots run.cxi --spots-d-min-a 2.0 --spots-filter-ice-rings --png-dir overlays/
 """
 
 
@@ -56,11 +57,28 @@ def _frame_range(text: str | None, n_frames: int, url: str) -> range:
     return range(start, min(stop, n_frames))
 
 
+def _inputs(inputs: list[str]) -> list[tuple[str, list[int]]]:
+    """Each file once, with the frames a list's ``//N`` events name (empty: all, or
+    --frame-range); lists (``.lst``, ``@FILE``) are read."""
+    from sfxflow.io.lists import expand_lists
+
+    out: dict[str, list[int]] = {}
+    for entry in expand_lists(inputs):
+        events = out.setdefault(entry.url, [])
+        if entry.event is not None and entry.event not in events:
+            events.append(entry.event)
+    return list(out.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sfxflow.cli.options import add_settings, deprecated
     from sfxflow.pipeline.config import FindSpotsConfig
 
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or URLs")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="image files or URLs, or lists (files.lst, @FILE: one file per line, "
+                             "optional //N event; -i LIST as for indexamajig)")
+    parser.add_argument("-i", "--input", dest="more_inputs", action="append", default=[],
+                        metavar="LIST", help=argparse.SUPPRESS)  # indexamajig's habit
     parser.add_argument("--geometry", metavar="G",
                         help="CrystFEL .geom (default for a CXI file: the one .geom beside it)")
     parser.add_argument("--out", metavar="SPOTS.parquet", help="write the spots here (Parquet)")
@@ -75,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--d-min": "spots.d_min_a", "--d-max": "spots.d_max_a",
         "--ice-rings": "spots.filter_ice_rings", "--min-spots": "hit.min_spots",
         "--min-spots-beyond-d": "hit.min_spots_beyond_d_a", "--hit-d": "hit.d_a",
-        "--cspad": "preset:cspad-cbf"})
+        "--cspad": "preset:cspad-cbf"}, renamed={"spots": ("spots-", "")})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     import pyarrow.parquet as pq
 
+    from sfxflow.algorithms.gain import gain_warning
     from sfxflow.algorithms.spots import find_spots, is_hit
     from sfxflow.cli.options import print_config, settings_from
     from sfxflow.io.geometry import read_geom
@@ -91,12 +110,16 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.io.sources import open_source
     from sfxflow.models import FrameStatus, ImageResult
     from sfxflow.pipeline.config import FindSpotsConfig
+    from sfxflow.pipeline.summary import format_times_ms
 
     config = settings_from(args, FindSpotsConfig)
     if args.print_config:
         return print_config(config)
+    args.inputs = [*args.inputs, *args.more_inputs]
+    if not args.inputs:
+        raise InputError("no INPUT given: name image files, URLs or a list (.lst, -i LIST)")
     spot_params, hit_params = config.spots, config.hit
-    geometry_path = args.geometry or geometry_beside(args.inputs)
+    geometry_path = args.geometry or geometry_beside([u for u, _ in _inputs(args.inputs)])
     geometry = read_geom(geometry_path) if geometry_path else None
     render: Any = None
     if args.png_dir:
@@ -105,10 +128,17 @@ def run(args: argparse.Namespace) -> int:
     results: list[ImageResult] = []
     n_hits = 0
     times_ms: list[float] = []
-    for url in args.inputs:
+    gain_checked = False
+    for url, events in _inputs(args.inputs):
         with open_source(url, geometry) as source:
-            for i in _frame_range(args.frame_range, source.n_frames, url):
+            for i in events or _frame_range(args.frame_range, source.n_frames, url):
                 frame = source.read_frame(i)
+                if not gain_checked:  # once: the first frame tells the detector's gain
+                    gain_checked = True
+                    note = gain_warning(frame, spot_params.gain_adu_per_photon,
+                                        option="--spots-gain-adu-per-photon")
+                    if note:
+                        log.warning("%s", note)
                 t0 = time.perf_counter()
                 spots = find_spots(frame, spot_params)
                 hit = is_hit(spots, hit_params)
@@ -131,9 +161,8 @@ def run(args: argparse.Namespace) -> int:
     n = len(results)
     total = sum(r.n_spots for r in results)
     if n:
-        times_ms.sort()
         print(f"{n} frames, {n_hits} hits ({100.0 * n_hits / n:.1f}%), {total} spots; "
-              f"spot finding median {times_ms[n // 2]:.1f} ms/frame")
+              f"spot finding {format_times_ms([t / 1e3 for t in times_ms])}")
     else:
         print("no frames selected")
     if args.out:

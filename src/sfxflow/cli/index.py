@@ -19,6 +19,7 @@ from sfxflow.algorithms.index import (
     TargetCell,
     index_spots,
     misorientation_deg,
+    reason_kind,
 )
 from sfxflow.cli.options import add_settings, number, print_config, settings_from
 from sfxflow.errors import InputError
@@ -33,6 +34,7 @@ from sfxflow.models import (
     wavelength_a_to_photon_energy_ev,
 )
 from sfxflow.pipeline.config import IndexConfig
+from sfxflow.pipeline.summary import FEW_VALUES, format_times_ms
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +57,16 @@ Examples:
   sfxflow index spots.parquet --cell "93 93 130.5 90 90 120" --space-group P6122 -o idx.parquet
   sfxflow index spots.parquet --cell-file lyso.cell --geometry cspad.geom --refine-distance
 
-Every indexing setting is a flag named as its key (index.min_indexed as --min-indexed,
-index.refine.* as --refine-*: --refine-detector-shift, --no-refine-cell); see --print-config.
+Every indexing setting is a flag named as in `process` (index.min_indexed as
+--index-min-indexed, index.refine.* as --refine-*: --refine-detector-shift, --no-refine-cell);
+see --print-config. The names without "index-" (--min-indexed) still work, with a note.
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="SPOTS",
-                        help="spot tables (.parquet) or CrystFEL streams (.stream)")
+                        help="spot tables (.parquet) or CrystFEL streams (.stream), or lists of "
+                             "them (.lst, @FILE)")
     parser.add_argument("--cell", help='target cell "a b c alpha beta gamma" (Å, degrees)')
     parser.add_argument("--space-group", help="space group symbol or number (e.g. P6122, 19)")
     parser.add_argument("--cell-file", help="CrystFEL unit-cell file (or PDB with CRYST1)")
@@ -71,8 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            help="wavelength (Å) when the geometry does not give one")
     parser.add_argument("-o", "--out", help="write per-frame results to this Parquet file")
     parser.add_argument("--quiet-frames", action="store_true", help="print only the totals")
+    # flags as in process (--index-max-crystals); the old --max-crystals etc. stay as aliases
     add_settings(parser, IndexConfig, aliases={"--min-fraction": "index.min_fraction_indexed",
-                                               "--refine-shift": "index.refine.refine_detector_shift"})
+                                               "--refine-shift": "index.refine.refine_detector_shift"},
+                 renamed={"index": ("index-", "")})
 
 
 @dataclass(frozen=True)
@@ -247,7 +253,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet_frames:
         print(f"{'frame':<48} {'spots':>5} {'idx':>4} {'frac':>5} {'rmsd px':>7} "
               f"{'cell':<34} {'vs ref deg':>10}  reason")
-    for path in args.inputs:
+    from sfxflow.io.lists import expand_lists
+
+    for path in [entry.url for entry in expand_lists(args.inputs)]:  # lists: .lst, @FILE
         if not Path(path).exists() and "://" not in path:
             raise InputError(f"{path}: no such file (expected a .parquet spot table or .stream)")
         if path.endswith(".stream"):
@@ -276,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
                     angles.append(angle)
             n_ok += res.success
             if not res.success:
-                reasons[res.reason.split(" (")[0]] += 1
+                reasons[reason_kind(res.reason)] += 1
             rows.append(_row(job, res, dt, angle))
             if not args.quiet_frames:
                 name = f"{job.source} {job.event}".strip()
@@ -288,14 +296,18 @@ def run(args: argparse.Namespace) -> int:
                       f"{angle:>10.3f}  {res.reason}")
     n = len(rows)
     print(f"frames {n}, indexed {n_ok} ({100.0 * n_ok / max(n, 1):.1f}%), "
-          f"median {1e3 * statistics.median(times) if times else math.nan:.1f} ms/frame")
+          f"{format_times_ms(times)}")
     if reasons:
         print("not indexed: " + ", ".join(f"{k}: {v}" for k, v in reasons.most_common()))
     if n_ref:
-        med = statistics.median(angles) if angles else math.nan
+        if len(angles) >= FEW_VALUES:
+            shown = (f"angle to reference median {statistics.median(angles):.3f} deg, max "
+                     f"{max(angles):.3f} deg")
+        else:  # no median of two values
+            shown = ("angles to reference " + ", ".join(f"{a:.3f}" for a in angles) + " deg"
+                     if angles else "no angle to compare")
         print(f"reference solutions in the input: {n_ref}; indexed by both: {n_both}; "
-              f"angle to reference median {med:.3f} deg, max "
-              f"{max(angles) if angles else math.nan:.3f} deg (modulo point-group rotations)")
+              f"{shown} (modulo point-group rotations)")
     if args.out and target is not None:
         _write(rows, args.out, target)
         print(f"results: {args.out}")

@@ -118,9 +118,28 @@ def _help(leaf: _params.Leaf) -> str:
     return f"{doc} [{extra}default {shown}; key {leaf.key}]".replace("%", "%%")
 
 
+class _HelpAll(argparse.Action):
+    """``--help-all``: the help with every setting's flag (``--help`` shows the essential ones)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                         nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        for action in parser._actions:
+            full = getattr(action, "full_help", None)
+            if full is not None:
+                action.help = full
+        parser.print_help()
+        parser.exit()
+
+
 def add_settings(parser: argparse.ArgumentParser, tree: type, *,
                  aliases: Mapping[str, str] | None = None,
-                 short: Mapping[str, str] | None = None) -> None:
+                 short: Mapping[str, str] | None = None,
+                 essential: Sequence[str] | None = None,
+                 renamed: Mapping[str, tuple[str, str]] | None = None) -> None:
     """Flags for every setting of ``tree`` plus ``--preset/--config/--set/--print-config``.
 
     Parameters
@@ -129,6 +148,11 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
     tree : the configuration tree (e.g. :class:`~sfxflow.pipeline.config.ProcessConfig`).
     aliases : deprecated option strings -> dotted key (or ``"preset:NAME"``), hidden from help.
     short : extra option strings -> dotted key, e.g. ``{"-g": "io.geometry"}``.
+    essential : when given, ``--help`` shows only these settings' flags (dotted keys) and
+        ``--help-all`` every one (each flag works either way).
+    renamed : section key -> ``(new flag prefix, old flag prefix)``: the old flags of that
+        section's settings stay as hidden deprecated aliases (one flag name per setting across
+        commands: ``--index-max-crystals`` everywhere, ``--max-crystals`` still accepted).
     """
     from sfxflow.pipeline.config import preset_names
 
@@ -163,6 +187,32 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
         else:
             group.add_argument(*names, dest=leaf.key, type=_converter(leaf.type, leaf.spec),
                                default=argparse.SUPPRESS, metavar=_metavar(leaf), help=_help(leaf))
+    if essential is not None:
+        parser.add_argument("--help-all", action=_HelpAll,
+                            help="show every option (each setting of --print-config) and exit")
+        shown = set(essential)
+        for action in parser._actions:
+            if action.dest in by_key:
+                action.full_help = action.help  # type: ignore[attr-defined]
+                leaf = by_key[action.dest]
+                # shown: its first sentence (range, default and key: --help-all)
+                brief = _params.first_sentence(leaf.doc) if leaf.doc else leaf.key
+                action.help = brief.replace("%", "%%") if action.dest in shown \
+                    else argparse.SUPPRESS
+    for section_key, (new_prefix, old_prefix) in (renamed or {}).items():
+        for leaf in by_key.values():
+            if leaf.section != section_key or not leaf.flag.startswith(new_prefix):
+                continue
+            old = f"--{old_prefix}{leaf.flag[len(new_prefix):]}"
+            if leaf.type is bool:
+                for option, value in ((old, True), (f"--no-{old[2:]}", False)):
+                    parser.add_argument(option, dest=leaf.key, action=_Deprecated, nargs=0,
+                                        store=value, new=f"--{'' if value else 'no-'}{leaf.flag}",
+                                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            else:
+                deprecated(parser, old, leaf.key, f"--{leaf.flag}",
+                           kind=_converter(leaf.type, leaf.spec),
+                           append=leaf.type == tuple[str, ...])
     for option, key in (aliases or {}).items():
         if key.startswith("preset:"):
             parser.add_argument(option, dest="presets", action=_Deprecated, nargs=0,

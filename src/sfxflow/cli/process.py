@@ -13,34 +13,27 @@ from sfxflow.errors import EXIT_RERUN, InputError
 HELP = "process a run: spots -> hits -> indexing on every frame, locally or on a cluster"
 DESCRIPTION = HELP + """
 
-Every frame of the inputs gets one record (indexed, hit, miss or failed with its stage and
-reason) in RUN/frames.parquet; spots with Miller indices in RUN/shards/*.spots.parquet; a
-CrystFEL stream as `cat RUN/header.stream RUN/shards/*.stream`; counts, rates and throughput in
-RUN/summary.json; the run report (one HTML page with plots, refreshed while the run goes) in
-RUN/report.html. Running the same command again resumes (finished blocks are skipped).
-A file that cannot be opened at all (missing, truncated, not an image, wrong dataset) has an
-unknown frame count: it is recorded as ONE failed record with frame_index -1 and its reason.
-A corrupt frame inside a readable file fails only itself (stage "read").
+Every frame gets one record (indexed, hit, miss or failed with its stage and reason) in
+RUN/frames.parquet; spots in RUN/shards/*.spots.parquet; a CrystFEL stream as `cat
+RUN/header.stream RUN/shards/*.stream`; counts and rates in RUN/summary.json; the report in
+RUN/report.html. Running the same command again resumes. Inputs, geometry, credentials and the
+cell are checked before anything starts (a mistake: one line, exit status 2); a file that
+exists but does not open, among others that do, is recorded as one failed record.
 
 Examples:
   sfxflow process data/run_*.cxi --geometry data/geometry.geom \\
       --cell "93 93 130.5 90 90 120" --space-group P6122 --out results/run1
+  sfxflow process files.lst --geometry g.geom --cell-file t.cell --out r1 --workers 8
   sfxflow process s3://bucket/run7/ --endpoint-url http://127.0.0.1:9000 \\
-      --geometry s3://bucket/run7/geometry.geom --cell-file thermolysin.cell --out s3://bucket/out7
-  sfxflow process data/ --cell-file t.cell --geometry g.geom --out r1 --scheduler tcp://node1:8786
+      --geometry s3://bucket/run7/geometry.geom --cell-file t.cell --out s3://bucket/out7
   sfxflow process data/ --cell-file t.cell --geometry g.geom --out r1 \\
-      --cluster slurm --queue normal --cores 32 --memory 64GB --jobs 4 --walltime 02:00:00 \\
-      --container-image sfxflow.sif --dry-run
-  sfxflow process data/ --cell-file t.cell --geometry g.geom --out r1 \\
-      --config process.toml --spots-sigma-strong 4 --frames-per-block 20
+      --cluster slurm --queue normal --cores 32 --jobs 4 --walltime 02:00:00 --dry-run
   sfxflow process ../shared/data/lcls-cspad-thermolysin/*.cbf --preset cspad-cbf \\
       --cell "93 93 130.5 90 90 120" --space-group P6122 --out run1
-  sfxflow process --preset cspad-cbf --print-config     # every setting, its range and doc
 
-Settings: every key of the configuration (sfxflow process --print-config, docs/config.md) is a
-flag: spots.* as --spots-*, hit.* as --hit-*, index.* as --index-*, index.refine.* as
---refine-*, and target, io, run and cluster keys by their own names. Precedence: defaults <
---preset < --config FILE < flags < --set SECTION.KEY=VALUE.
+Every setting (--help-all, --print-config, docs/config.md) is a flag: spots.* as --spots-*,
+hit.* as --hit-*, index.* as --index-*, ... Precedence: defaults < --preset < --config FILE <
+flags < --set SECTION.KEY=VALUE.
 """
 
 logger = logging.getLogger(__name__)
@@ -50,8 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sfxflow.cli.options import add_settings, number
     from sfxflow.pipeline.config import ProcessConfig
 
+    parser.usage = ("%(prog)s INPUT... --out RUN [--geometry G] [--cell C --space-group SG | "
+                    "--cell-file F]\n       [--preset NAME] [--config FILE] [--set KEY=VALUE] "
+                    "[--workers N | --cluster KIND] [options]")
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="image files, globs, folders or s3:// prefixes (CXI/HDF5, CBF)")
+                        help="image files, globs, folders, s3:// prefixes (CXI/HDF5, CBF) or "
+                             "lists (files.lst, @FILE: one file per line, optional //N event; "
+                             "relative paths from the current folder, as in CrystFEL; "
+                             "-i LIST as for indexamajig)")
+    parser.add_argument("-i", "--input", dest="more_inputs", action="append", default=[],
+                        metavar="LIST", help=argparse.SUPPRESS)  # indexamajig's habit
     parser.add_argument("--out", "-o", metavar="RUN", help="run directory (path or s3:// URL)")
     parser.add_argument("--force", action="store_true", help="recompute blocks already done")
     parser.add_argument("--dry-run", action="store_true",
@@ -61,24 +62,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true",
                         help="merge the integrated reflections at the end into RUN/merge "
                              "(default merge settings; see `sfxflow merge` for more)")
-    live = parser.add_argument_group("live stream (karabo bridge; needs sfxflow[euxfel])")
-    live.add_argument("--stream", metavar="ENDPOINT",
-                      help="process trains from a live karabo-bridge stream "
-                           "(e.g. tcp://beamline-host:4545) instead of INPUT files")
-    live.add_argument("--stream-socket", choices=("REQ", "PULL", "SUB"), default="REQ",
-                      help="ZeroMQ socket: REQ for a REP server (the bridge's default), PULL "
-                           "for PUSH, SUB for PUB (which drops what a slow reader misses)")
-    number(live, "--stream-idle-s", default=30.0, gt=0, le=86_400,
-           help="end the stream after this many seconds without a train (default 30)")
-    number(live, "--stream-update-s", default=5.0, gt=0, le=3600,
-           help="least seconds between processing rounds over the received frames (default 5)")
-    number(live, "--stream-max-frames", kind=int, default=0, ge=0, le=10**12,
-           help="stop after this many frames (default 0: until the stream is idle)")
+    parser.add_argument("--stream", metavar="ENDPOINT",
+                        help="process a live karabo-bridge stream (tcp://host:port) instead")
+    live = [
+        parser.add_argument("--stream-socket", choices=("REQ", "PULL", "SUB"), default="REQ",
+                            help="ZeroMQ socket of --stream: REQ for a REP server (the bridge's "
+                                 "default), PULL for PUSH, SUB for PUB (which drops what a slow "
+                                 "reader misses)"),
+        number(parser, "--stream-idle-s", default=30.0, gt=0, le=86_400,
+               help="end the stream after this many seconds without a train (default 30)"),
+        number(parser, "--stream-update-s", default=5.0, gt=0, le=3600,
+               help="least seconds between processing rounds over the received frames "
+                    "(default 5)"),
+        number(parser, "--stream-max-frames", kind=int, default=0, ge=0, le=10**12,
+               help="stop after this many frames (default 0: until the stream is idle)"),
+    ]
+    for action in live:  # shown by --help-all
+        action.full_help = action.help  # type: ignore[attr-defined]
+        action.help = argparse.SUPPRESS
     # every setting of the tree is a flag: --cell, --frames-per-block, --scheduler, --workers,
     # --cluster, --spots-sigma-strong, --hit-min-spots, --index-min-indexed, --refine-cell ...
+    # --help shows these; --help-all every setting (issue 21: a dozen options a user needs)
     add_settings(parser, ProcessConfig, short={"-g": "io.geometry"},
                  aliases={"--prefetch": "io.prefetch_depth", "--cspad": "preset:cspad-cbf",
-                          "--worker-timeout": "cluster.worker_timeout_s"})
+                          "--worker-timeout": "cluster.worker_timeout_s"},
+                 essential=("io.geometry", "target.cell", "target.space_group",
+                            "target.cell_file", "cluster.kind", "cluster.n_workers",
+                            "cluster.scheduler", "io.endpoint_url"))
 
 
 def settings(args: argparse.Namespace) -> Any:
@@ -99,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.cli.options import print_config
     from sfxflow.io.storage import storage_options_from
     from sfxflow.pipeline.cluster import job_script
+    from sfxflow.pipeline.preflight import preflight
     from sfxflow.pipeline.progress import Progress
     from sfxflow.pipeline.run import run_process
     from sfxflow.pipeline.summary import format_summary
@@ -112,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--dry-run needs --cluster slurm, sge or pbs")
         print(job_script(config.cluster))
         return 0
+    args.inputs = [*args.inputs, *args.more_inputs]
     if args.stream:
         return _run_stream(args, config)
     if not args.inputs:
@@ -128,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--out RUN is required (a folder or s3:// URL for the results)")
     storage_options = storage_options_from(config.io.endpoint_url or None,
                                            config.io.profile or None)
+    # every user error here, in one line with status 2, before any cluster or run directory
+    config = preflight(args.inputs, args.out, config, storage_options).config
     progress = None
     if not args.no_progress and sys.stderr.isatty():
         progress = Progress(0, stream=sys.stderr, tty=True)

@@ -15,10 +15,10 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sfxflow.errors import ConfigError, InputError, SourceError
+from sfxflow.errors import ConfigError, GeometryError, InputError, SourceError
 from sfxflow.io import storage
 from sfxflow.io.cbf import CbfSource
 from sfxflow.io.euxfel import is_euxfel_run
@@ -135,6 +135,11 @@ class FileInfo:
     version: str = ""
     #: the error is a storage outage (retries spent), not a problem of the file
     transient: bool = False
+    #: only these frames (events ``//N`` of an input list); ``None`` = every frame
+    frames: tuple[int, ...] | None = None
+    #: what kind of error: ``"missing"`` (the input names nothing), ``"geometry"`` (the
+    #: geometry does not fit the file) or ``"unreadable"``; ``""`` without an error
+    problem: str = ""
 
     @property
     def ok(self) -> bool:
@@ -197,37 +202,84 @@ def discover(
     urls: str | Iterable[str],
     geometry: CrystfelGeometry | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    threads: int = 8,
 ) -> list[FileInfo]:
     """List input files and count their frames (metadata only, no pixel reads).
 
     Parameters
     ----------
-    urls : one or more paths/URLs; globs (``run_*.cxi``) and folders/prefixes are expanded.
+    urls : one or more paths/URLs; globs (``run_*.cxi``) and folders/prefixes are expanded;
+        lists (``files.lst``, ``@files.txt``: see :mod:`sfxflow.io.lists`) are read, and their
+        ``//N`` events select frames.
     geometry : CrystFEL geometry for CXI files.
     storage_options : fsspec options.
+    threads : files described at once (many files or URLs are opened in parallel, bounded).
 
     Returns
     -------
     One :class:`FileInfo` per file, in input order (each expansion sorted). A file or pattern
     that cannot be listed or opened yields ``FileInfo(error=...)`` and the others still go.
+    A file named with events carries them in ``frames``.
+
+    Raises
+    ------
+    InputError
+        A list file that cannot be read or holds a bad event.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sfxflow.io.lists import expand_lists
+
     if isinstance(urls, str):
         urls = [urls]
-    out: list[FileInfo] = []
-    for pattern in urls:
+    slots: list[FileInfo | str] = []
+    events: dict[str, list[int] | None] = {}
+    for entry in expand_lists([str(u) for u in urls], storage_options):
         try:
-            files = _expand(str(pattern), storage_options)
+            files = _expand(entry.url, storage_options)
         except InputError as exc:
-            out.append(FileInfo(str(pattern), 0, 0, "unknown", storage.redact_urls(str(exc)),
-                                transient=storage.is_transient(exc)))
+            slots.append(FileInfo(entry.url, 0, 0, "unknown", storage.redact_urls(str(exc)),
+                                  transient=storage.is_transient(exc), problem="missing"))
             continue
         if not files:
-            out.append(FileInfo(str(pattern), 0, 0, "unknown",
-                                f"{storage.shown_url(str(pattern))}: matched no image files"))
+            slots.append(FileInfo(entry.url, 0, 0, "unknown",
+                                  f"{storage.shown_url(entry.url)}: matched no image files",
+                                  problem="missing"))
             continue
         for url in files:
-            out.append(_describe(url, geometry, storage_options))
+            chosen = events.get(url)
+            if entry.event is not None and chosen:  # one more event of a file already listed
+                chosen.append(entry.event)
+                continue
+            slots.append(url)  # a file named twice is refused later, as ever
+            events[url] = None if entry.event is None else [entry.event]
+    todo = [s for s in slots if isinstance(s, str)]
+    with ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
+        described = dict(zip(todo, pool.map(
+            lambda u: _describe(u, geometry, storage_options), todo), strict=True))
+    out: list[FileInfo] = []
+    for slot in slots:
+        if isinstance(slot, FileInfo):
+            out.append(slot)
+            continue
+        out.append(_select(described[slot], events[slot]))
     return out
+
+
+def _select(info: FileInfo, events: list[int] | None) -> FileInfo:
+    """``info`` restricted to the frames named by a list's ``//N`` events."""
+    if events is None or not info.ok:
+        return info
+    wanted = tuple(sorted(set(events)))
+    outside = [e for e in wanted if e >= info.n_frames]
+    if outside:
+        shown = storage.shown_url(info.url)
+        return replace(info, problem="missing",
+                       error=f"{shown}: event //{outside[0]} out of range; expected an integer "
+                             f"from 0 to {info.n_frames - 1} (the file has {info.n_frames} "
+                             "frame(s))")
+    return replace(info, frames=wanted)
 
 
 def _describe(
@@ -249,8 +301,9 @@ def _describe(
     except (InputError, OSError) as exc:
         text = storage.redact_urls(str(exc))
         msg = text if shown in text else f"{shown}: {text}"
-        log.warning("cannot list %s: %s", shown, msg)
-        return FileInfo(url, 0, size, kind, msg, version, storage.is_transient(exc))
+        log.debug("cannot list %s: %s", shown, msg)  # the caller says it once for all files
+        return FileInfo(url, 0, size, kind, msg, version, storage.is_transient(exc),
+                        problem="geometry" if isinstance(exc, GeometryError) else "unreadable")
 
 
 @dataclass(frozen=True)
@@ -303,9 +356,27 @@ Block(url='a.cxi', start=4, stop=5), Block(url='b.cbf', start=0, stop=1)]
     for f in files:
         if f.error is not None or f.n_frames <= 0:
             continue
-        for start in range(0, f.n_frames, n):
-            blocks.append(Block(f.url, start, min(start + n, f.n_frames)))
+        for first, stop in _runs(f.frames, f.n_frames):
+            for start in range(first, stop, n):
+                blocks.append(Block(f.url, start, min(start + n, stop)))
     return blocks
+
+
+def _runs(frames: Sequence[int] | None, n_frames: int) -> list[tuple[int, int]]:
+    """Selected frames as ``(start, stop)`` runs of consecutive frames.
+
+    >>> _runs(None, 5), _runs((0, 1, 2, 7, 9, 10), 12)
+    ([(0, 5)], [(0, 3), (7, 8), (9, 11)])
+    """
+    if frames is None:
+        return [(0, n_frames)]
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(frames)):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def read_block(

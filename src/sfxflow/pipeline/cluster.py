@@ -285,14 +285,21 @@ def open_cluster(cfg: ClusterConfig, *, allowed_failures: int | None = None
             yield client, info
 
 
+def check_scheduler_file(cfg: ClusterConfig) -> None:
+    """A ``--scheduler-file`` to join must exist (checked before a run starts, too)."""
+    if cfg.scheduler_file and not cfg.scheduler and cfg.kind not in _JOBQUEUE \
+            and not os.path.exists(cfg.scheduler_file):
+        raise InputError(f"--scheduler-file {cfg.scheduler_file}: no such file (start the "
+                         "scheduler with `dask scheduler --scheduler-file FILE`, or add --cluster "
+                         "to start one)")
+
+
 def _joined(cfg: ClusterConfig) -> Iterator[tuple[Any, ClusterInfo]]:
     from distributed import Client
 
     what = f"--scheduler {cfg.scheduler}" if cfg.scheduler else \
         f"--scheduler-file {cfg.scheduler_file}"
-    if cfg.scheduler_file and not cfg.scheduler and not os.path.exists(cfg.scheduler_file):
-        raise InputError(f"{what}: no such file (start the scheduler with "
-                         "`dask scheduler --scheduler-file FILE`, or add --cluster to start one)")
+    check_scheduler_file(cfg)
     try:
         if cfg.scheduler:
             client = Client(cfg.scheduler, timeout="20s")

@@ -310,11 +310,11 @@ class FindSpotsConfig:
 
     Parameters
     ----------
-    spots : spot finding (flags named as the keys: ``--sigma-strong``).
+    spots : spot finding (flags ``--spots-*``, as for ``process``).
     hit : hit finding (flags ``--hit-*``).
     """
 
-    spots: SpotParams = section(SpotParams, flag_prefix="")
+    spots: SpotParams = section(SpotParams, flag_prefix="spots-")
     hit: HitParams = section(HitParams, flag_prefix="hit-")
 
 
@@ -324,10 +324,10 @@ class IndexConfig:
 
     Parameters
     ----------
-    index : indexing (flags named as the keys: ``--min-indexed``; refinement ``--refine-*``).
+    index : indexing (flags ``--index-*``, as for ``process``; refinement ``--refine-*``).
     """
 
-    index: IndexParams = section(IndexParams, flag_prefix="")
+    index: IndexParams = section(IndexParams, flag_prefix="index-")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 from sfxflow import __version__
 from sfxflow.pipeline.blocks import BlockReport
 
-__all__ = ["MEASURED_KEYS", "build_summary", "format_summary", "keep_measured_figures"]
+__all__ = ["FEW_VALUES", "MEASURED_KEYS", "build_summary", "format_summary", "format_times_ms",
+           "keep_measured_figures"]
 
 #: Figures measured while processing: meaningless for an invocation that processed nothing.
 MEASURED_KEYS = (
@@ -150,3 +151,35 @@ def format_summary(s: Mapping[str, Any]) -> str:
     for reason, count in list(s.get("failed_reasons", {}).items())[:5]:
         lines.append(f"  failed x{count}: {reason}")
     return "\n".join(lines)
+
+
+#: fewer values than this are printed each, not as a median
+FEW_VALUES = 5
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def format_times_ms(times_s: Sequence[float], what: str = "per frame") -> str:
+    """Timings for a summary line: each value when there are few, else the median and range.
+
+    Three significant digits (never "0.0 ms" for a fast step).
+
+    >>> format_times_ms([0.2753, 0.3112])
+    '275 and 311 ms per frame'
+    >>> format_times_ms([0.00004, 0.00003, 0.00005, 0.00004, 0.00006])
+    'median 0.04 ms per frame (0.03 to 0.06 ms, 5 frames)'
+    >>> format_times_ms([])
+    'no timings'
+    """
+    if not times_s:
+        return "no timings"
+    ms = sorted(1e3 * t for t in times_s)
+    if len(ms) < FEW_VALUES:
+        shown = [_ms(1e3 * t) for t in times_s]
+        listed = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} and {shown[-1]}"
+        return f"{listed} ms {what}"
+    n = len(ms)
+    median = ms[n // 2] if n % 2 else 0.5 * (ms[n // 2 - 1] + ms[n // 2])
+    return f"median {_ms(median)} ms {what} ({_ms(ms[0])} to {_ms(ms[-1])} ms, {n} frames)"

@@ -177,7 +177,9 @@ def render_frame_png(
     spots : ``{label: table}``; each table has ``panel`` (index or panel name), ``fs_px`` and
         ``ss_px`` (a :class:`~sfxflow.models.SpotTable`, a dict of arrays or a pyarrow table),
         drawn as open circles, one colour per label.
-    predicted : one more such table, drawn as open squares and labelled "predicted".
+    predicted : one more such table, drawn as open white squares labelled "predicted"; or
+        ``{label: table}`` (one per crystal), squares in the colour of the ``spots`` entry of
+        the same rank.
     title : figure title (default: the frame id and photon energy).
     scaling : ``"log"`` (default) or ``"linear"`` mapping of values between the percentiles.
     low_percentile, high_percentile : percentiles of the good pixels shown as black and as the
@@ -228,11 +230,16 @@ def render_frame_png(
         ax.scatter(x, y, s=(radius_mm / lab.pixel_mm) ** 2 * 2.0, facecolors="none",
                    edgecolors=colour, linewidths=0.8)
         handles.append(Patch(facecolor="none", edgecolor=colour, label=f"{label} ({len(x)})"))
-    if predicted is not None:
-        panel, fs, ss = _overlay_arrays(predicted, frame.detector)
+    # {label: table} (one per crystal): squares coloured as the spot overlay of the same rank
+    several = isinstance(predicted, Mapping) and "panel" not in predicted
+    for n, (label, table) in enumerate((predicted if several else
+                                        {"predicted": predicted} if predicted is not None
+                                        else {}).items()):
+        panel, fs, ss = _overlay_arrays(table, frame.detector)
         x, y = lab_xy_mm(frame.detector, panel, fs, ss, lab.z_mm)
-        ax.scatter(x, y, s=60, marker="s", facecolors="none", edgecolors="#ffffff", linewidths=0.7)
-        handles.append(Patch(facecolor="none", edgecolor="#ffffff", label=f"predicted ({len(x)})"))
+        colour = _OVERLAY_COLOURS[n % len(_OVERLAY_COLOURS)] if several else "#ffffff"
+        ax.scatter(x, y, s=60, marker="s", facecolors="none", edgecolors=colour, linewidths=0.7)
+        handles.append(Patch(facecolor="none", edgecolor=colour, label=f"{label} ({len(x)})"))
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.7)
     ax.set_xlabel("x (mm)")
