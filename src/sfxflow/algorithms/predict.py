@@ -42,8 +42,14 @@ import gemmi
 import numpy as np
 from numba import njit
 
+from sfxflow.algorithms.diffraction import (
+    ProfileModel,
+    excitation_error_inv_a,
+    lorentz_factor,
+    polarisation_factor,
+)
 from sfxflow.algorithms.geometry import panel_matrices
-from sfxflow.models import FWHM_TO_SIGMA, Beam, Crystal, Detector
+from sfxflow.models import Beam, Crystal, Detector
 from sfxflow.settings import check_fields, setting
 
 __all__ = [
@@ -108,41 +114,12 @@ class PredictParams:
                 raise ValueError(f"PredictParams.{name} = {value!r} is out of range")
 
 
-@dataclass(frozen=True)
-class ProfileModel:
-    """A crystal's reflection-profile width ``σ(q)² = R² + (w_bw q²)² + (w_div q)²`` (Å⁻¹).
-
-    >>> m = ProfileModel(3e-4, 0.0, 0.0)
-    >>> float(m.width_inv_a(np.array([0.3]))[0])
-    0.0003
-    """
-
-    radius_inv_a: float
-    bandwidth_term_a: float
-    divergence_term: float
-
-    @classmethod
-    def for_beam(cls, radius_inv_a: float, beam: Beam) -> ProfileModel:
-        return cls(float(radius_inv_a),
-                   beam.bandwidth_fwhm * FWHM_TO_SIGMA * beam.wavelength_a / 2.0,
-                   beam.divergence_rad * FWHM_TO_SIGMA)
-
-    def width_inv_a(self, q_inv_a: np.ndarray) -> np.ndarray:
-        q = np.asarray(q_inv_a, dtype=float)
-        return np.sqrt(self.radius_inv_a**2 + (self.bandwidth_term_a * q * q) ** 2
-                       + (self.divergence_term * q) ** 2)
-
-    def partiality(self, excitation_inv_a: np.ndarray, q_inv_a: np.ndarray) -> np.ndarray:
-        s = self.width_inv_a(q_inv_a)
-        return np.exp(-0.5 * (np.asarray(excitation_inv_a) / s) ** 2)
-
-
 def excitation_errors(crystal: Crystal, hkl: np.ndarray, beam: Beam
                       ) -> tuple[np.ndarray, np.ndarray]:
     """``(ε, |q|)`` of Miller indices ``hkl`` (n, 3): ``ε = |A h + s0| - 1/λ`` (Å⁻¹)."""
     q = np.asarray(hkl, dtype=float).reshape(-1, 3) @ np.asarray(crystal.a_matrix).T
-    k = q + np.asarray(beam.s0_inv_a)
-    return np.linalg.norm(k, axis=1) - 1.0 / beam.wavelength_a, np.linalg.norm(q, axis=1)
+    return (excitation_error_inv_a(q, beam.s0_inv_a, beam.wavelength_a),
+            np.linalg.norm(q, axis=1))
 
 
 def refine_profile(excitation_inv_a: np.ndarray, q_inv_a: np.ndarray, beam: Beam,
@@ -409,9 +386,6 @@ def predict_reflections(
     on = panel >= 0
     order = np.argsort(panel[on] * 1e5 + ss[on], kind="stable")  # by panel, then ss
     sel = np.flatnonzero(on)[order]
-    u = k_vecs[sel] / np.linalg.norm(k_vecs[sel], axis=1, keepdims=True)
-    f = params.polarisation_fraction
-    pol = f * (1.0 - u[:, 0] ** 2) + (1.0 - f) * (1.0 - u[:, 1] ** 2)
     return Prediction(
         hkl=hkl[sel].astype(np.int32),
         panel=panel[sel].astype(np.int32),
@@ -420,7 +394,7 @@ def predict_reflections(
         d_a=1.0 / q_len[sel],
         excitation_error_inv_a=exc[sel],
         partiality=profile.partiality(exc[sel], q_len[sel]),
-        lorentz=np.ones(sel.size),
-        polarisation=pol,
+        lorentz=lorentz_factor(sel.size),
+        polarisation=polarisation_factor(k_vecs[sel], params.polarisation_fraction),
         n_off_detector=int(n - sel.size),
     )
