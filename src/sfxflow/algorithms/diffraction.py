@@ -22,9 +22,9 @@ Gaussian σ here (:func:`angular_term`, :func:`bandwidth_term_a`).
 * **Polarisation**: ``f (1 - u_x²) + (1 - f)(1 - u_y²)`` of the unit diffracted ray ``u`` for
   a beam of which a fraction ``f`` is polarised along lab ``x`` (:func:`polarisation_factor`).
 
-Every formula is written once as a plain function of numbers that works on numpy arrays (the
-``*_inv_a`` / array functions below) and is compiled by numba for use inside kernels (the
-``*_nb`` names): one source, two compilations, so the kernels and the array code agree.
+Every formula is written once as a plain function of numbers that runs on numpy arrays (the
+public array functions) and is compiled by numba for use inside kernels (the ``*_nb`` names,
+``@njit`` functions of scalars): one source, so the kernels and the array code agree.
 
 Pure numpy/numba; no I/O.
 
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 from sfxflow.models import FWHM_TO_SIGMA, Beam
 
@@ -78,15 +79,18 @@ def angular_term(angle_fwhm_rad: Num) -> Num:
     return angle_fwhm_rad * FWHM_TO_SIGMA
 
 
+@register_jitable
 def _profile_sigma2(q2: Num, radius: Num, angular: Num, bandwidth_term: Num) -> Num:
     w_b = bandwidth_term * q2
     return radius * radius + angular * angular * q2 + w_b * w_b
 
 
+@register_jitable
 def _partiality(eps: Num, sigma2: Num) -> Num:
     return np.exp(-0.5 * eps * eps / sigma2)
 
 
+@register_jitable
 def _scaled_partiality(eps: Num, radius: Num, sigma2: Num) -> Num:
     return np.sqrt(radius * radius / sigma2) * _partiality(eps, sigma2)
 
