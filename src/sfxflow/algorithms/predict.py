@@ -42,13 +42,13 @@ import gemmi
 import numpy as np
 from numba import njit
 
+from sfxflow.algorithms.detector_tables import detector_tables
 from sfxflow.algorithms.diffraction import (
     ProfileModel,
     excitation_error_inv_a,
     lorentz_factor,
     polarisation_factor,
 )
-from sfxflow.algorithms.geometry import panel_matrices
 from sfxflow.models import Beam, Crystal, Detector
 from sfxflow.settings import check_fields, setting
 
@@ -191,40 +191,9 @@ def _group_ops(xhm: str) -> gemmi.GroupOps:
     return gemmi.SpaceGroup(xhm).operations()
 
 
-@dataclass(frozen=True)
-class _DetectorTables:
-    detector: Detector
-    d: np.ndarray  # (n_panels, 3, 3) as geometry.PanelMatrices.d
-    shape: np.ndarray  # (n_panels, 2)
-    corner_dirs: np.ndarray  # (4 n_panels, 3) unit vectors to the panel corners
-
-
-_TABLES: dict[int, _DetectorTables] = {}
-
-
-def _tables(detector: Detector) -> _DetectorTables:
-    # frames of a run share one Detector object; rebuilding 64 panel matrices per crystal would
-    # cost more than the prediction itself
-    hit = _TABLES.get(id(detector))
-    if hit is not None and hit.detector is detector:
-        return hit
-    m = panel_matrices(detector)
-    corners = []
-    for p in detector.panels:
-        n_ss, n_fs = p.shape
-        corners.append(p.lab_mm(np.array([0.0, n_fs, 0.0, n_fs]), np.array([0.0, 0.0, n_ss, n_ss])))
-    lab = np.concatenate(corners)
-    tables = _DetectorTables(detector, m.d, m.shape,
-                             lab / np.linalg.norm(lab, axis=1, keepdims=True))
-    if len(_TABLES) >= 8:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[id(detector)] = tables
-    return tables
-
-
 def detector_max_q_inv_a(detector: Detector, beam: Beam) -> float:
     """Largest ``|q|`` (Å⁻¹) any pixel corner of the detector records."""
-    s1 = _tables(detector).corner_dirs / beam.wavelength_a
+    s1 = detector_tables(detector).corner_dirs / beam.wavelength_a
     return float(np.max(np.linalg.norm(s1 - np.asarray(beam.s0_inv_a), axis=1)))
 
 
@@ -371,7 +340,7 @@ def predict_reflections(
             hkl[keep].astype(np.int32)), dtype=bool)
         keep[np.flatnonzero(keep)[absent]] = False
     hkl, exc, q, q_len = hkl[keep], exc[keep], q[keep], q_len[keep]
-    m = _tables(detector)
+    m = detector_tables(detector)
     d = m.d.copy()
     if detector_shift_mm != (0.0, 0.0):
         d[:, 0, 2] += detector_shift_mm[0]
