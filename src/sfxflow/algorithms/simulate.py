@@ -46,6 +46,7 @@ from scipy import special
 from scipy.spatial.transform import Rotation
 
 from sfxflow.algorithms import diffraction
+from sfxflow.algorithms.detector_tables import detector_tables
 from sfxflow.algorithms.geometry import miller_indices, predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
@@ -448,22 +449,19 @@ class _PixelMaps:
     flag: np.ndarray  # uint8 flat: 0 none/masked, 1 good, 2 dead, 3 hot
 
 
-_MAPS_CACHE: dict[tuple, _PixelMaps] = {}
-
-
 def _pixel_maps(detector: Detector, beam: Beam, params: SimulationParams) -> _PixelMaps:
     key = (
-        detector,
-        tuple(id(p.mask) for p in detector.panels),
+        "simulate.pixel_maps",
         beam.direction,
         params.polarization_fraction,
         params.dead_fraction,
         params.hot_fraction,
         params.defect_seed,
     )
-    hit = _MAPS_CACHE.get(key)
-    if hit is not None:
-        return hit
+    return detector_tables(detector).memo(key, lambda: _build_pixel_maps(detector, beam, params))
+
+
+def _build_pixel_maps(detector: Detector, beam: Beam, params: SimulationParams) -> _PixelMaps:
     shape = detector.data_shape()
     n_total = int(np.prod(shape))
     stride = shape[-1]
@@ -503,9 +501,6 @@ def _pixel_maps(detector: Detector, beam: Beam, params: SimulationParams) -> _Pi
         geom=geom,
         flag=flag,
     )
-    if len(_MAPS_CACHE) >= 4:
-        _MAPS_CACHE.pop(next(iter(_MAPS_CACHE)))
-    _MAPS_CACHE[key] = maps
     return maps
 
 
