@@ -26,7 +26,7 @@ The search over Miller indices never enumerates the whole sphere of radius ``1/d
 analytically (a quadratic), so the cost grows with the number of reflections near the sphere.
 
 Positions: the diffracted ray is ``A h + s0`` (the point of the sphere nearest the lattice point,
-as :func:`sfxflow.algorithms.geometry.predict_spots` and the refinement use), intersected with
+as :func:`predict_spots` and the refinement use), intersected with
 every panel; rays that hit no panel (gaps, beyond the edges) give no reflection.
 
 Pure numpy/numba; no I/O.
@@ -54,11 +54,13 @@ from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "PredictParams",
+    "PredictedSpots",
     "Prediction",
     "ProfileModel",
     "detector_max_q_inv_a",
     "excitation_errors",
     "predict_reflections",
+    "predict_spots",
     "refine_profile",
 ]
 
@@ -276,6 +278,70 @@ def _project(k_vecs, d_inv, shapes, panel, fs, ss):  # pragma: no cover - numba
                 ss[i] = s
 
 
+def _rays_on_panels(detector: Detector, k_vecs: np.ndarray,
+                    detector_shift_mm: tuple[float, float] = (0.0, 0.0)
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(panel, fs, ss)`` where diffracted rays along ``k_vecs`` (n, 3) meet the (shifted)
+    detector; ``panel`` -1 where a ray hits no panel."""
+    m = detector_tables(detector)
+    d = m.d.copy()
+    if detector_shift_mm != (0.0, 0.0):
+        d[:, 0, 2] += detector_shift_mm[0]
+        d[:, 1, 2] += detector_shift_mm[1]
+    d_inv = np.linalg.inv(d) if len(d) else d
+    n = k_vecs.shape[0]
+    panel = np.empty(n, dtype=np.int64)
+    fs = np.empty(n)
+    ss = np.empty(n)
+    _project(np.ascontiguousarray(k_vecs), np.ascontiguousarray(d_inv), m.shape, panel, fs, ss)
+    return panel, fs, ss
+
+
+@dataclass(frozen=True)
+class PredictedSpots:
+    """Reflections predicted to diffract on a still, one row per reflection on a panel."""
+
+    hkl: np.ndarray  # (n, 3) int
+    panel: np.ndarray  # (n,) int
+    fs_px: np.ndarray
+    ss_px: np.ndarray
+    excitation_error_inv_a: np.ndarray  # signed distance of q from the Ewald sphere
+    q_inv_a: np.ndarray  # (n, 3)
+    d_a: np.ndarray
+
+
+def predict_spots(
+    crystal: Crystal,
+    beam: Beam,
+    detector: Detector,
+    hkl: np.ndarray,
+    max_excitation_inv_a: float,
+) -> PredictedSpots:
+    """Where the given reflections near the Ewald sphere land on a still (input order kept).
+
+    A reflection is kept when ``| |q + s0| - 1/λ | <= max_excitation_inv_a``; its ray is
+    ``s1 ∝ q + s0`` (the point of the sphere nearest q, as for stills in DIALS). The same
+    excitation error and ray-to-panel intersection as :func:`predict_reflections`, for callers
+    that choose the Miller indices and the reach themselves (simulators, tests).
+    """
+    hkl = np.asarray(hkl)
+    q = hkl @ crystal.a_matrix.T
+    exc = excitation_error_inv_a(q, beam.s0_inv_a, beam.wavelength_a)
+    keep = np.abs(exc) <= max_excitation_inv_a
+    hkl, q, exc = hkl[keep], q[keep], exc[keep]
+    panel, fs, ss = _rays_on_panels(detector, q + np.asarray(beam.s0_inv_a))
+    on = panel >= 0
+    return PredictedSpots(
+        hkl=hkl[on].astype(np.int32),
+        panel=panel[on],
+        fs_px=fs[on],
+        ss_px=ss[on],
+        excitation_error_inv_a=exc[on],
+        q_inv_a=q[on],
+        d_a=1.0 / np.linalg.norm(q[on], axis=1),
+    )
+
+
 def predict_reflections(
     crystal: Crystal,
     beam: Beam,
@@ -340,18 +406,9 @@ def predict_reflections(
             hkl[keep].astype(np.int32)), dtype=bool)
         keep[np.flatnonzero(keep)[absent]] = False
     hkl, exc, q, q_len = hkl[keep], exc[keep], q[keep], q_len[keep]
-    m = detector_tables(detector)
-    d = m.d.copy()
-    if detector_shift_mm != (0.0, 0.0):
-        d[:, 0, 2] += detector_shift_mm[0]
-        d[:, 1, 2] += detector_shift_mm[1]
-    d_inv = np.linalg.inv(d) if len(d) else d
     k_vecs = np.ascontiguousarray(q + s0)
     n = k_vecs.shape[0]
-    panel = np.empty(n, dtype=np.int64)
-    fs = np.empty(n)
-    ss = np.empty(n)
-    _project(k_vecs, np.ascontiguousarray(d_inv), m.shape, panel, fs, ss)
+    panel, fs, ss = _rays_on_panels(detector, k_vecs, detector_shift_mm)
     on = panel >= 0
     order = np.argsort(panel[on] * 1e5 + ss[on], kind="stable")  # by panel, then ss
     sel = np.flatnonzero(on)[order]
