@@ -4,7 +4,7 @@ Physics, per frame (all lengths in Å, Å⁻¹, mm, px as the names say):
 
 * **Prediction.** Every Miller index to ``d_min_a`` (systematic absences removed) is tested against
   the Ewald sphere of the frame's beam; positions come from
-  :func:`sfxflow.algorithms.geometry.predict_spots` (ray along ``q + s0``), so the truth uses the
+  :func:`sfxflow.algorithms.predict.predict_spots` (ray along ``q + s0``), so the truth uses the
   same geometry as every other part of sfxflow.
 * **Partiality.** A reflection's excitation error ``ε`` is compared with an effective Gaussian
   width ``σ_ε(|q|)`` built (in quadrature, FWHM to σ) from the crystal domain size (``1/L``),
@@ -47,7 +47,8 @@ from scipy.spatial.transform import Rotation
 
 from sfxflow.algorithms import diffraction
 from sfxflow.algorithms.detector_tables import detector_tables
-from sfxflow.algorithms.geometry import miller_indices, predict_spots
+from sfxflow.algorithms.geometry import miller_indices
+from sfxflow.algorithms.predict import predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
     Beam,
