@@ -43,8 +43,9 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from sfxflow.algorithms import diffraction
-from sfxflow.algorithms.geometry import miller_indices, predict_spots
+from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.merge.reflections import AsuIndex
+from sfxflow.algorithms.predict import predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
     Beam,
