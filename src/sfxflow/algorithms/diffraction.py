@@ -38,14 +38,17 @@ Examples
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from numba import njit
 from numba.extending import register_jitable
+from numpy.typing import ArrayLike
 
 from sfxflow.models import FWHM_TO_SIGMA, Beam
 
 Num = float | np.ndarray  # a scalar, or an array of one value per row
+N = TypeVar("N", float, np.ndarray)
 
 __all__ = [
     "ProfileModel",
@@ -64,7 +67,7 @@ __all__ = [
 ]
 
 
-def bandwidth_term_a(bandwidth_fwhm: Num, wavelength_a: Num) -> Num:
+def bandwidth_term_a(bandwidth_fwhm: float, wavelength_a: N) -> N:
     """``w_bw = β λ / 2`` (Å) of a beam of relative bandwidth ``bandwidth_fwhm`` (FWHM); the
     profile width grows as ``w_bw |q|²``.
 
@@ -74,7 +77,7 @@ def bandwidth_term_a(bandwidth_fwhm: Num, wavelength_a: Num) -> Num:
     return wavelength_a * bandwidth_fwhm * FWHM_TO_SIGMA / 2.0
 
 
-def angular_term(angle_fwhm_rad: Num) -> Num:
+def angular_term(angle_fwhm_rad: N) -> N:
     """Gaussian σ (radians) of an angular spread given as FWHM (mosaicity, divergence)."""
     return angle_fwhm_rad * FWHM_TO_SIGMA
 
@@ -144,7 +147,7 @@ partiality_nb = njit(cache=True)(_partiality)
 scaled_partiality_nb = njit(cache=True)(_scaled_partiality)
 
 
-def excitation_error_inv_a(q_inv_a: np.ndarray, s0_inv_a: np.ndarray, wavelength_a: Num
+def excitation_error_inv_a(q_inv_a: ArrayLike, s0_inv_a: ArrayLike, wavelength_a: ArrayLike
                            ) -> np.ndarray:
     """``ε = |q + s0| - 1/λ`` (Å⁻¹) of scattering vectors ``q`` (n, 3); ``s0`` (3,) or (n, 3),
     ``wavelength_a`` scalar or (n,). Positive outside the Ewald sphere.
