@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage
 
 from sfxflow.algorithms import spots as S
+from sfxflow.algorithms.detector_tables import as_data3, frame_layout
 from sfxflow.algorithms.geometry import d_spacing_a, pixels_to_q
 from sfxflow.algorithms.spots import (
     HitParams,
@@ -129,8 +130,8 @@ def _reference_strong(img: np.ndarray, good: np.ndarray, half: int, p: SpotParam
 
 
 def _kernel_strong(frame: Frame, p: SpotParams, floor: float = 0.0) -> np.ndarray:
-    data3 = S._as_data3(frame.data)
-    prep = S._prepared(frame.detector, tuple(frame.data.shape[:-2]), frame.data.shape[-2:])
+    data3 = as_data3(frame.data)
+    prep = frame_layout(frame.detector, tuple(frame.data.shape[:-2]), frame.data.shape[-2:])
     pf = prep.pf(frame.detector, p.gain_adu_per_photon)
     pf[:, 2] = floor
     sp_panel, sp_r, sp_c, _, n = S._dispersion_strong(

@@ -7,22 +7,21 @@ See :mod:`sfxflow.models` for the frame and pixel conventions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import gemmi
 import numpy as np
 
-from sfxflow.models import Beam, Crystal, Detector
+from sfxflow.models import Beam, Detector
 
 __all__ = [
     "PanelMatrices",
-    "PredictedSpots",
     "d_spacing_a",
     "lab_to_q",
     "miller_indices",
     "panel_matrices",
     "pixels_to_lab_mm",
     "pixels_to_q",
-    "predict_spots",
     "rays_to_pixels",
 ]
 
@@ -149,47 +148,11 @@ def miller_indices(
     return hkl[~absent]
 
 
-@dataclass(frozen=True)
-class PredictedSpots:
-    """Reflections predicted to diffract on a still, one row per reflection on a panel."""
+def __getattr__(name: str) -> Any:
+    # prediction lives in sfxflow.algorithms.predict (one implementation); the old names stay
+    # importable from here
+    if name in ("predict_spots", "PredictedSpots"):
+        from sfxflow.algorithms import predict
 
-    hkl: np.ndarray  # (n, 3) int
-    panel: np.ndarray  # (n,) int
-    fs_px: np.ndarray
-    ss_px: np.ndarray
-    excitation_error_inv_a: np.ndarray  # signed distance of q from the Ewald sphere
-    q_inv_a: np.ndarray  # (n, 3)
-    d_a: np.ndarray
-
-
-def predict_spots(
-    crystal: Crystal,
-    beam: Beam,
-    detector: Detector,
-    hkl: np.ndarray,
-    max_excitation_inv_a: float,
-) -> PredictedSpots:
-    """Predict where reflections near the Ewald sphere land on a still.
-
-    A reflection is kept when ``| |q + s0| - 1/λ | <= max_excitation_inv_a``; its ray is
-    ``s1 ∝ q + s0`` (the point of the sphere nearest q, as for stills in DIALS).
-    """
-    hkl = np.asarray(hkl)
-    q = hkl @ crystal.a_matrix.T
-    s0 = np.asarray(beam.s0_inv_a)
-    k = q + s0
-    k_len = np.linalg.norm(k, axis=1)
-    exc = k_len - 1.0 / beam.wavelength_a
-    keep = np.abs(exc) <= max_excitation_inv_a
-    hkl, q, k, exc = hkl[keep], q[keep], k[keep], exc[keep]
-    panel, fs, ss = rays_to_pixels(detector, k)
-    on = panel >= 0
-    return PredictedSpots(
-        hkl=hkl[on].astype(np.int32),
-        panel=panel[on],
-        fs_px=fs[on],
-        ss_px=ss[on],
-        excitation_error_inv_a=exc[on],
-        q_inv_a=q[on],
-        d_a=1.0 / np.linalg.norm(q[on], axis=1),
-    )
+        return getattr(predict, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

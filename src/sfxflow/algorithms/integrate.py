@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from sfxflow.algorithms.detector_tables import as_data3, frame_layout
 from sfxflow.algorithms.predict import Prediction
-from sfxflow.algorithms.spots import _as_data3, _prepared
 from sfxflow.models import Detector, ReflectionTable
 from sfxflow.settings import check_fields, setting
 
@@ -289,7 +289,7 @@ def peak_occupancy(data: np.ndarray, detector: Detector, predictions: list[Predi
     """How many predicted peak discs (of every lattice on the frame) cover each pixel, in the
     (lead, ss, fs) layout of the frame data."""
     a = np.asarray(data)
-    prep = _prepared(detector, tuple(a.shape[:-2]), (a.shape[-2], a.shape[-1]))
+    prep = frame_layout(detector, tuple(a.shape[:-2]), (a.shape[-2], a.shape[-1]))
     occ = np.zeros(prep.mask3.shape, dtype=np.uint8)
     for pred in predictions:
         if len(pred):
@@ -342,8 +342,8 @@ def integrate_reflections(
     """
     params = params or IntegrateParams()
     a = np.asarray(data)
-    data3 = _as_data3(a)
-    prep = _prepared(detector, tuple(a.shape[:-2]), (a.shape[-2], a.shape[-1]))
+    data3 = as_data3(a)
+    prep = frame_layout(detector, tuple(a.shape[:-2]), (a.shape[-2], a.shape[-1]))
     pf = prep.pf(detector, gain_adu_per_photon)
     n = len(prediction)
     panel = np.ascontiguousarray(prediction.panel, dtype=np.int64)

@@ -26,7 +26,7 @@ The search over Miller indices never enumerates the whole sphere of radius ``1/d
 analytically (a quadratic), so the cost grows with the number of reflections near the sphere.
 
 Positions: the diffracted ray is ``A h + s0`` (the point of the sphere nearest the lattice point,
-as :func:`sfxflow.algorithms.geometry.predict_spots` and the refinement use), intersected with
+as :func:`predict_spots` and the refinement use), intersected with
 every panel; rays that hit no panel (gaps, beyond the edges) give no reflection.
 
 Pure numpy/numba; no I/O.
@@ -42,17 +42,25 @@ import gemmi
 import numpy as np
 from numba import njit
 
-from sfxflow.algorithms.geometry import panel_matrices
-from sfxflow.models import FWHM_TO_SIGMA, Beam, Crystal, Detector
+from sfxflow.algorithms.detector_tables import detector_tables
+from sfxflow.algorithms.diffraction import (
+    ProfileModel,
+    excitation_error_inv_a,
+    lorentz_factor,
+    polarisation_factor,
+)
+from sfxflow.models import Beam, Crystal, Detector
 from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "PredictParams",
+    "PredictedSpots",
     "Prediction",
     "ProfileModel",
     "detector_max_q_inv_a",
     "excitation_errors",
     "predict_reflections",
+    "predict_spots",
     "refine_profile",
 ]
 
@@ -108,41 +116,12 @@ class PredictParams:
                 raise ValueError(f"PredictParams.{name} = {value!r} is out of range")
 
 
-@dataclass(frozen=True)
-class ProfileModel:
-    """A crystal's reflection-profile width ``σ(q)² = R² + (w_bw q²)² + (w_div q)²`` (Å⁻¹).
-
-    >>> m = ProfileModel(3e-4, 0.0, 0.0)
-    >>> float(m.width_inv_a(np.array([0.3]))[0])
-    0.0003
-    """
-
-    radius_inv_a: float
-    bandwidth_term_a: float
-    divergence_term: float
-
-    @classmethod
-    def for_beam(cls, radius_inv_a: float, beam: Beam) -> ProfileModel:
-        return cls(float(radius_inv_a),
-                   beam.bandwidth_fwhm * FWHM_TO_SIGMA * beam.wavelength_a / 2.0,
-                   beam.divergence_rad * FWHM_TO_SIGMA)
-
-    def width_inv_a(self, q_inv_a: np.ndarray) -> np.ndarray:
-        q = np.asarray(q_inv_a, dtype=float)
-        return np.sqrt(self.radius_inv_a**2 + (self.bandwidth_term_a * q * q) ** 2
-                       + (self.divergence_term * q) ** 2)
-
-    def partiality(self, excitation_inv_a: np.ndarray, q_inv_a: np.ndarray) -> np.ndarray:
-        s = self.width_inv_a(q_inv_a)
-        return np.exp(-0.5 * (np.asarray(excitation_inv_a) / s) ** 2)
-
-
 def excitation_errors(crystal: Crystal, hkl: np.ndarray, beam: Beam
                       ) -> tuple[np.ndarray, np.ndarray]:
     """``(ε, |q|)`` of Miller indices ``hkl`` (n, 3): ``ε = |A h + s0| - 1/λ`` (Å⁻¹)."""
     q = np.asarray(hkl, dtype=float).reshape(-1, 3) @ np.asarray(crystal.a_matrix).T
-    k = q + np.asarray(beam.s0_inv_a)
-    return np.linalg.norm(k, axis=1) - 1.0 / beam.wavelength_a, np.linalg.norm(q, axis=1)
+    return (excitation_error_inv_a(q, beam.s0_inv_a, beam.wavelength_a),
+            np.linalg.norm(q, axis=1))
 
 
 def refine_profile(excitation_inv_a: np.ndarray, q_inv_a: np.ndarray, beam: Beam,
@@ -214,40 +193,9 @@ def _group_ops(xhm: str) -> gemmi.GroupOps:
     return gemmi.SpaceGroup(xhm).operations()
 
 
-@dataclass(frozen=True)
-class _DetectorTables:
-    detector: Detector
-    d: np.ndarray  # (n_panels, 3, 3) as geometry.PanelMatrices.d
-    shape: np.ndarray  # (n_panels, 2)
-    corner_dirs: np.ndarray  # (4 n_panels, 3) unit vectors to the panel corners
-
-
-_TABLES: dict[int, _DetectorTables] = {}
-
-
-def _tables(detector: Detector) -> _DetectorTables:
-    # frames of a run share one Detector object; rebuilding 64 panel matrices per crystal would
-    # cost more than the prediction itself
-    hit = _TABLES.get(id(detector))
-    if hit is not None and hit.detector is detector:
-        return hit
-    m = panel_matrices(detector)
-    corners = []
-    for p in detector.panels:
-        n_ss, n_fs = p.shape
-        corners.append(p.lab_mm(np.array([0.0, n_fs, 0.0, n_fs]), np.array([0.0, 0.0, n_ss, n_ss])))
-    lab = np.concatenate(corners)
-    tables = _DetectorTables(detector, m.d, m.shape,
-                             lab / np.linalg.norm(lab, axis=1, keepdims=True))
-    if len(_TABLES) >= 8:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[id(detector)] = tables
-    return tables
-
-
 def detector_max_q_inv_a(detector: Detector, beam: Beam) -> float:
     """Largest ``|q|`` (Å⁻¹) any pixel corner of the detector records."""
-    s1 = _tables(detector).corner_dirs / beam.wavelength_a
+    s1 = detector_tables(detector).corner_dirs / beam.wavelength_a
     return float(np.max(np.linalg.norm(s1 - np.asarray(beam.s0_inv_a), axis=1)))
 
 
@@ -330,6 +278,70 @@ def _project(k_vecs, d_inv, shapes, panel, fs, ss):  # pragma: no cover - numba
                 ss[i] = s
 
 
+def _rays_on_panels(detector: Detector, k_vecs: np.ndarray,
+                    detector_shift_mm: tuple[float, float] = (0.0, 0.0)
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(panel, fs, ss)`` where diffracted rays along ``k_vecs`` (n, 3) meet the (shifted)
+    detector; ``panel`` -1 where a ray hits no panel."""
+    m = detector_tables(detector)
+    d = m.d.copy()
+    if detector_shift_mm != (0.0, 0.0):
+        d[:, 0, 2] += detector_shift_mm[0]
+        d[:, 1, 2] += detector_shift_mm[1]
+    d_inv = np.linalg.inv(d) if len(d) else d
+    n = k_vecs.shape[0]
+    panel = np.empty(n, dtype=np.int64)
+    fs = np.empty(n)
+    ss = np.empty(n)
+    _project(np.ascontiguousarray(k_vecs), np.ascontiguousarray(d_inv), m.shape, panel, fs, ss)
+    return panel, fs, ss
+
+
+@dataclass(frozen=True)
+class PredictedSpots:
+    """Reflections predicted to diffract on a still, one row per reflection on a panel."""
+
+    hkl: np.ndarray  # (n, 3) int
+    panel: np.ndarray  # (n,) int
+    fs_px: np.ndarray
+    ss_px: np.ndarray
+    excitation_error_inv_a: np.ndarray  # signed distance of q from the Ewald sphere
+    q_inv_a: np.ndarray  # (n, 3)
+    d_a: np.ndarray
+
+
+def predict_spots(
+    crystal: Crystal,
+    beam: Beam,
+    detector: Detector,
+    hkl: np.ndarray,
+    max_excitation_inv_a: float,
+) -> PredictedSpots:
+    """Where the given reflections near the Ewald sphere land on a still (input order kept).
+
+    A reflection is kept when ``| |q + s0| - 1/λ | <= max_excitation_inv_a``; its ray is
+    ``s1 ∝ q + s0`` (the point of the sphere nearest q, as for stills in DIALS). The same
+    excitation error and ray-to-panel intersection as :func:`predict_reflections`, for callers
+    that choose the Miller indices and the reach themselves (simulators, tests).
+    """
+    hkl = np.asarray(hkl)
+    q = hkl @ crystal.a_matrix.T
+    exc = excitation_error_inv_a(q, beam.s0_inv_a, beam.wavelength_a)
+    keep = np.abs(exc) <= max_excitation_inv_a
+    hkl, q, exc = hkl[keep], q[keep], exc[keep]
+    panel, fs, ss = _rays_on_panels(detector, q + np.asarray(beam.s0_inv_a))
+    on = panel >= 0
+    return PredictedSpots(
+        hkl=hkl[on].astype(np.int32),
+        panel=panel[on],
+        fs_px=fs[on],
+        ss_px=ss[on],
+        excitation_error_inv_a=exc[on],
+        q_inv_a=q[on],
+        d_a=1.0 / np.linalg.norm(q[on], axis=1),
+    )
+
+
 def predict_reflections(
     crystal: Crystal,
     beam: Beam,
@@ -394,24 +406,12 @@ def predict_reflections(
             hkl[keep].astype(np.int32)), dtype=bool)
         keep[np.flatnonzero(keep)[absent]] = False
     hkl, exc, q, q_len = hkl[keep], exc[keep], q[keep], q_len[keep]
-    m = _tables(detector)
-    d = m.d.copy()
-    if detector_shift_mm != (0.0, 0.0):
-        d[:, 0, 2] += detector_shift_mm[0]
-        d[:, 1, 2] += detector_shift_mm[1]
-    d_inv = np.linalg.inv(d) if len(d) else d
     k_vecs = np.ascontiguousarray(q + s0)
     n = k_vecs.shape[0]
-    panel = np.empty(n, dtype=np.int64)
-    fs = np.empty(n)
-    ss = np.empty(n)
-    _project(k_vecs, np.ascontiguousarray(d_inv), m.shape, panel, fs, ss)
+    panel, fs, ss = _rays_on_panels(detector, k_vecs, detector_shift_mm)
     on = panel >= 0
     order = np.argsort(panel[on] * 1e5 + ss[on], kind="stable")  # by panel, then ss
     sel = np.flatnonzero(on)[order]
-    u = k_vecs[sel] / np.linalg.norm(k_vecs[sel], axis=1, keepdims=True)
-    f = params.polarisation_fraction
-    pol = f * (1.0 - u[:, 0] ** 2) + (1.0 - f) * (1.0 - u[:, 1] ** 2)
     return Prediction(
         hkl=hkl[sel].astype(np.int32),
         panel=panel[sel].astype(np.int32),
@@ -420,7 +420,7 @@ def predict_reflections(
         d_a=1.0 / q_len[sel],
         excitation_error_inv_a=exc[sel],
         partiality=profile.partiality(exc[sel], q_len[sel]),
-        lorentz=np.ones(sel.size),
-        polarisation=pol,
+        lorentz=lorentz_factor(sel.size),
+        polarisation=polarisation_factor(k_vecs[sel], params.polarisation_fraction),
         n_off_detector=int(n - sel.size),
     )

@@ -4,12 +4,15 @@ Physics, per frame (all lengths in Å, Å⁻¹, mm, px as the names say):
 
 * **Prediction.** Every Miller index to ``d_min_a`` (systematic absences removed) is tested against
   the Ewald sphere of the frame's beam; positions come from
-  :func:`sfxflow.algorithms.geometry.predict_spots` (ray along ``q + s0``), so the truth uses the
+  :func:`sfxflow.algorithms.predict.predict_spots` (ray along ``q + s0``), so the truth uses the
   same geometry as every other part of sfxflow.
 * **Partiality.** A reflection's excitation error ``ε`` is compared with an effective Gaussian
   width ``σ_ε(|q|)`` built (in quadrature, FWHM to σ) from the crystal domain size (``1/L``),
   mosaicity and beam divergence (``angle × |q|``) and bandwidth (``Δλ/λ · λ|q|²/2``);
-  partiality is ``exp(-ε² / 2σ_ε²)`` and reflections below ``partiality_min`` are dropped.
+  partiality is ``exp(-ε² / 2σ_ε²)`` and reflections below ``partiality_min`` are dropped. This
+  closed form *is* the model of :mod:`sfxflow.algorithms.diffraction` (on purpose: the fast
+  simulator checks the pipeline on its own terms); the truth that must not share the model is
+  ``physics=`` (:mod:`sfxflow.algorithms.simulate_physical`: SASE spikes, mosaic blocks).
 * **Intensities.** One "structure" per cell and ``structure_seed``: every unique reflection
   (symmetry and Friedel mates share it) gets an acentric Wilson intensity (exponential, mean 1),
   times ``exp(-B / (2 d²))``, times the crystal scale, partiality and the polarisation factor of
@@ -42,7 +45,10 @@ import numpy as np
 from scipy import special
 from scipy.spatial.transform import Rotation
 
-from sfxflow.algorithms.geometry import miller_indices, predict_spots
+from sfxflow.algorithms import diffraction
+from sfxflow.algorithms.detector_tables import detector_tables
+from sfxflow.algorithms.geometry import miller_indices
+from sfxflow.algorithms.predict import predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
     Beam,
@@ -218,15 +224,12 @@ def partiality_width_inv_a(q_inv_a: np.ndarray, beam: Beam, params: SimulationPa
     >>> bool(w[1] > w[0] > 0)
     True
     """
-    q = np.asarray(q_inv_a, dtype=float)
-    lam = beam.wavelength_a
-    fwhm2 = (
-        (1.0 / params.domain_size_a) ** 2
-        + (math.radians(params.mosaicity_deg) * q) ** 2
-        + (beam.divergence_rad * q) ** 2
-        + (beam.bandwidth_fwhm * lam * q * q / 2.0) ** 2
-    )
-    return np.sqrt(fwhm2) * FWHM_TO_SIGMA
+    # the domain size is the radius; mosaicity and divergence add in quadrature as one angle
+    return diffraction.profile_width_inv_a(
+        q_inv_a, FWHM_TO_SIGMA / params.domain_size_a,
+        diffraction.angular_term(math.hypot(math.radians(params.mosaicity_deg),
+                                            beam.divergence_rad)),
+        diffraction.bandwidth_term_a(beam.bandwidth_fwhm, beam.wavelength_a))
 
 
 # ----------------------------------------------------------------------------- structure
@@ -447,22 +450,19 @@ class _PixelMaps:
     flag: np.ndarray  # uint8 flat: 0 none/masked, 1 good, 2 dead, 3 hot
 
 
-_MAPS_CACHE: dict[tuple, _PixelMaps] = {}
-
-
 def _pixel_maps(detector: Detector, beam: Beam, params: SimulationParams) -> _PixelMaps:
     key = (
-        detector,
-        tuple(id(p.mask) for p in detector.panels),
+        "simulate.pixel_maps",
         beam.direction,
         params.polarization_fraction,
         params.dead_fraction,
         params.hot_fraction,
         params.defect_seed,
     )
-    hit = _MAPS_CACHE.get(key)
-    if hit is not None:
-        return hit
+    return detector_tables(detector).memo(key, lambda: _build_pixel_maps(detector, beam, params))
+
+
+def _build_pixel_maps(detector: Detector, beam: Beam, params: SimulationParams) -> _PixelMaps:
     shape = detector.data_shape()
     n_total = int(np.prod(shape))
     stride = shape[-1]
@@ -482,7 +482,7 @@ def _pixel_maps(detector: Detector, beam: Beam, params: SimulationParams) -> _Pi
         cos2t = np.clip(u @ direction, -1.0, 1.0)
         sin_t = np.sqrt((1.0 - cos2t) / 2.0)
         cos_n = np.abs(u @ np.asarray(p.normal))
-        pol = f * (1.0 - u[..., 0] ** 2) + (1.0 - f) * (1.0 - u[..., 1] ** 2)
+        pol = diffraction.polarisation_factor(r, f)
         rows = base[i] + np.arange(n_ss)[:, None] * stride + np.arange(n_fs)[None, :]
         sin_theta[rows] = sin_t
         geom[rows] = cos_n**3 * pol
@@ -502,9 +502,6 @@ def _pixel_maps(detector: Detector, beam: Beam, params: SimulationParams) -> _Pi
         geom=geom,
         flag=flag,
     )
-    if len(_MAPS_CACHE) >= 4:
-        _MAPS_CACHE.pop(next(iter(_MAPS_CACHE)))
-    _MAPS_CACHE[key] = maps
     return maps
 
 
@@ -626,7 +623,7 @@ def _predict_truth(
     else:
         q_len = 1.0 / pred.d_a
         sigma = partiality_width_inv_a(q_len, beam, params)
-        partiality = np.exp(-0.5 * (pred.excitation_error_inv_a / sigma) ** 2)
+        partiality = diffraction.partiality(pred.excitation_error_inv_a, sigma * sigma)
     keep = partiality >= params.partiality_min
     hkl = pred.hkl[keep]
     panel, fs, ss = pred.panel[keep], pred.fs_px[keep], pred.ss_px[keep]
@@ -634,9 +631,7 @@ def _predict_truth(
     partiality = partiality[keep]
     exc = pred.excitation_error_inv_a[keep]
     k_vec = pred.q_inv_a[keep] + np.asarray(beam.s0_inv_a)
-    u = k_vec / np.linalg.norm(k_vec, axis=1, keepdims=True)
-    f = params.polarization_fraction
-    pol = f * (1.0 - u[:, 0] ** 2) + (1.0 - f) * (1.0 - u[:, 1] ** 2)
+    pol = diffraction.polarisation_factor(k_vec, params.polarization_fraction)
     if physics is not None:
         f2 = f2_phys[keep]  # the data set's own falloff, and the crystal's B, are in it
         wilson = np.ones(len(d))

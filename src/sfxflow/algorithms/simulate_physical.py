@@ -21,6 +21,12 @@ physical model, so that agreement with the truth is earned:
   diffracts; intensities with Poisson photon noise on a background, the polarisation factor of a
   horizontally polarised beam, and where asked, re-indexed by an ambiguity operator.
 
+The truth here must not share the merger's model, so the SASE spectrum, the mosaic blocks and
+the blocks' shape transform (:func:`block_profile`, :func:`_recorded`) are this module's own
+physics on purpose. What the integrator *reports* (the nominal partiality column, Lorentz and
+polarisation factors) is the model, and comes from :mod:`sfxflow.algorithms.diffraction`; the
+polarisation of the true recording is that same exact geometric factor.
+
 Pure computation: the true intensities come in as arrays (:class:`TrueIntensities`; the MTZ
 reader is :func:`sfxflow.io.mtz.read_true_intensities`).
 """
@@ -36,8 +42,10 @@ import numba
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from sfxflow.algorithms.geometry import miller_indices, predict_spots
+from sfxflow.algorithms import diffraction
+from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.merge.reflections import AsuIndex
+from sfxflow.algorithms.predict import predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
     Beam,
@@ -230,6 +238,8 @@ def block_profile(eps_inv_a: np.ndarray, block_size_a: float) -> np.ndarray:
 
 @numba.njit(cache=True)
 def _recorded(q_blocks, s0_spikes, inv_lambda, weights, t_tab, f_tab):  # pragma: no cover
+    # the true recording, deliberately not algorithms.diffraction's Gaussian model: every
+    # spike's own Ewald sphere through every block's shape transform
     # q_blocks: (n_blocks, n_refl, 3); s0_spikes: (n_spikes, 3)
     n_b, n_r = q_blocks.shape[0], q_blocks.shape[1]
     n_s = s0_spikes.shape[0]
@@ -340,9 +350,7 @@ def simulate_crystal(
     b_factor = float(rng.normal(0.0, params.b_sigma_a2))
     d = pred.d_a[known]
     k = pred.q_inv_a[known] + np.asarray(beam.s0_inv_a)
-    k /= np.linalg.norm(k, axis=1, keepdims=True)
-    f = params.polarization_fraction
-    pol = f * (1.0 - k[:, 0] ** 2) + (1.0 - f) * (1.0 - k[:, 1] ** 2)
+    pol = diffraction.polarisation_factor(k, params.polarization_fraction)
     mu = scale * i_true * np.exp(-b_factor / (2 * d * d)) * partiality_true * pol
 
     # photon counting: peak area holds signal + background; background estimated from a ring
@@ -376,10 +384,10 @@ def simulate_crystal(
         "sigma": sigma,
         "background": np.full(n, bg / 40.0),
         "peak_pixels": np.full(n, 40, dtype=np.int32),
-        "partiality": np.exp(-0.5 * (exc / nominal_width) ** 2),
+        "partiality": diffraction.partiality(exc, nominal_width * nominal_width),
         "d_a": d,
         "excitation_error_inv_a": exc,
-        "lorentz": np.ones(n),
+        "lorentz": diffraction.lorentz_factor(n),
         "polarisation": pol,
         "flags": np.zeros(n, dtype=np.int32),
     }

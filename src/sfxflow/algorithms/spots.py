@@ -74,16 +74,15 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numba import njit
 
-from sfxflow.algorithms.geometry import d_spacing_a, miller_indices, pixels_to_lab_mm, pixels_to_q
+from sfxflow.algorithms.detector_tables import FrameLayout, as_data3, frame_layout
+from sfxflow.algorithms.geometry import d_spacing_a, miller_indices, pixels_to_q
 from sfxflow.errors import ConfigError, GeometryError
 from sfxflow.models import (
     Beam,
@@ -804,109 +803,6 @@ def _spot_stats(data3, mask3, ptab, pf, sp_panel, sp_r, sp_c, parent, n,
 
 
 # --------------------------------------------------------------------------------------------
-# Per-detector preparation (cached: tables, combined mask, radial bins)
-# --------------------------------------------------------------------------------------------
-
-
-class _Prepared:
-    """Detector tables shared by every frame with the same Detector object."""
-
-    def __init__(self, detector: Detector, lead_shape: tuple[int, ...], plane: tuple[int, int]):
-        n_lead = int(np.prod(lead_shape)) if lead_shape else 1
-        self.lead_shape = lead_shape
-        self.plane = plane
-        self.ptab = np.zeros((len(detector), 5), dtype=np.int64)
-        self.mask3 = np.zeros((n_lead, *plane), dtype=np.uint8)
-        for i, p in enumerate(detector.panels):
-            if len(p.data_index) != len(lead_shape):
-                raise GeometryError(
-                    f"panel {p.name}: data_index {p.data_index} has {len(p.data_index)} "
-                    f"leading indices but the frame data has {len(lead_shape)}"
-                )
-            if any(ix >= n for ix, n in zip(p.data_index, lead_shape, strict=True)):
-                raise GeometryError(
-                    f"panel {p.name}: data_index {p.data_index} is outside frame data with "
-                    f"leading shape {lead_shape}"
-                )
-            ss0, fs0 = p.data_origin
-            n_ss, n_fs = p.shape
-            if ss0 < 0 or fs0 < 0 or ss0 + n_ss > plane[0] or fs0 + n_fs > plane[1]:
-                raise GeometryError(
-                    f"panel {p.name}: pixels ss {ss0}..{ss0 + n_ss}, fs {fs0}..{fs0 + n_fs} do "
-                    f"not fit in frame data of shape {(*lead_shape, *plane)}"
-                )
-            lead = int(np.ravel_multi_index(p.data_index, lead_shape)) if lead_shape else 0
-            self.ptab[i] = (lead, ss0, fs0, n_ss, n_fs)
-            self.mask3[lead, ss0 : ss0 + n_ss, fs0 : fs0 + n_fs] = p.good_mask()
-        self._radial: dict[float, tuple[np.ndarray, int]] = {}
-        self._lock = threading.Lock()
-        self.detector_ref = weakref.ref(detector)
-
-    def pf(self, detector: Detector, gain_override: float | None) -> np.ndarray:
-        out = np.zeros((len(detector), 3))
-        for i, p in enumerate(detector.panels):
-            gain = gain_override if gain_override is not None else p.adu_per_photon
-            out[i, 0] = gain if gain is not None and gain > 0 else 1.0
-            out[i, 1] = p.max_adu
-        return out
-
-    def radial_bins(self, detector: Detector, bin_px: float) -> tuple[np.ndarray, int]:
-        """Per-pixel ring index (int32, -1 off-panel) by distance from the beam axis."""
-        with self._lock:
-            if bin_px in self._radial:
-                return self._radial[bin_px]
-            bins3 = np.full(self.mask3.shape, -1, dtype=np.int32)
-            for i, p in enumerate(detector.panels):
-                lead, ss0, fs0, n_ss, n_fs = (int(x) for x in self.ptab[i])
-                ss, fs = np.mgrid[0:n_ss, 0:n_fs]
-                xyz = pixels_to_lab_mm(
-                    Detector((p,)), np.zeros(ss.size, np.int64), fs.ravel() + 0.5,
-                    ss.ravel() + 0.5,
-                )
-                r_px = np.hypot(xyz[:, 0], xyz[:, 1]) / p.pixel_size_mm
-                bins3[lead, ss0 : ss0 + n_ss, fs0 : fs0 + n_fs] = (
-                    (r_px / bin_px).astype(np.int32).reshape(n_ss, n_fs)
-                )
-            result = (bins3, int(bins3.max()) + 1)
-            self._radial[bin_px] = result
-            return result
-
-
-_CACHE: dict[int, _Prepared] = {}
-_CACHE_LOCK = threading.Lock()
-_CACHE_MAX = 16
-
-
-def _prepared(detector: Detector, lead_shape: tuple[int, ...], plane: tuple[int, int]) -> _Prepared:
-    key = id(detector)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if (hit is not None and hit.detector_ref() is detector and hit.lead_shape == lead_shape
-                and hit.plane == plane):
-            return hit
-    prep = _Prepared(detector, lead_shape, plane)
-    with _CACHE_LOCK:
-        if len(_CACHE) >= _CACHE_MAX:
-            for k in [k for k, v in _CACHE.items() if v.detector_ref() is None] or list(_CACHE)[:1]:
-                del _CACHE[k]
-        _CACHE[key] = prep
-    return prep
-
-
-def _as_data3(data: np.ndarray) -> np.ndarray:
-    """View the frame data as (n_lead, n_ss, n_fs) in native byte order (copy only if needed)."""
-    a = np.asarray(data)
-    if a.ndim < 2:
-        raise GeometryError(f"frame data must have at least 2 dimensions, got shape {a.shape}")
-    if a.dtype == np.bool_ or a.dtype.kind not in "iuf":
-        raise GeometryError(f"frame data must be integer or float pixels, got dtype {a.dtype}")
-    if not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
-    # C order keeps the compiled kernels to one layout per dtype (a copy only for views)
-    return np.ascontiguousarray(a).reshape(-1, a.shape[-2], a.shape[-1])
-
-
-# --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
 
@@ -916,12 +812,12 @@ _FLOOR_ROW_STEP = 16  # every 16th row: ~12 rows per CSPAD ASIC, ~150k pixel pai
 
 def _find_spots_raw(
     data: np.ndarray, detector: Detector, params: SpotParams
-) -> tuple[tuple[np.ndarray, ...], _Prepared]:
+) -> tuple[tuple[np.ndarray, ...], FrameLayout]:
     a = np.asarray(data)
     if a.ndim < 2:
         raise GeometryError(f"frame data must have at least 2 dimensions, got shape {a.shape}")
-    data3 = _as_data3(a)
-    prep = _prepared(detector, tuple(a.shape[:-2]), (a.shape[-2], a.shape[-1]))
+    data3 = as_data3(a)
+    prep = frame_layout(detector, tuple(a.shape[:-2]), (a.shape[-2], a.shape[-1]))
     pf = prep.pf(detector, params.gain_adu_per_photon)
     if params.method == "dispersion" and params.noise_model == "auto":
         _noise_floor(data3, prep.mask3, prep.ptab, pf, _FLOOR_ROW_STEP, pf[:, ::2])

@@ -1,7 +1,7 @@
 """``sfxflow bench index``: ms per frame (one core, median) and indexing rate on simulated hits.
 
 The hits are spot lists, not images: reflections of a random crystal predicted on the CSPAD
-layout with :func:`~sfxflow.algorithms.geometry.predict_spots`, a random subset kept, centroids
+layout with :func:`~sfxflow.algorithms.predict.predict_spots`, a random subset kept, centroids
 jittered, and false spots added at random pixels (:func:`simulated_hit`). This isolates the
 indexer from the spot finder.
 """
@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from sfxflow.algorithms.geometry import miller_indices, predict_spots
+from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.index import (
     IndexParams,
     TargetCell,
     index_spots,
     misorientation_deg,
 )
+from sfxflow.algorithms.predict import predict_spots
 from sfxflow.cli.options import number
 from sfxflow.models import Beam, Crystal, Detector, SpotTable, as_space_group, as_unit_cell
 

@@ -31,23 +31,31 @@ def crystfel_point_group(space_group: gemmi.SpaceGroup, friedel_merged: bool = T
     >>> crystfel_point_group(gemmi.SpaceGroup("P 41 21 2")), crystfel_point_group(
     ...     gemmi.SpaceGroup("P 3 2 1")), crystfel_point_group(gemmi.SpaceGroup("P 63"), False)
     ('4/mmm', '-3m1', '6')
+    >>> crystfel_point_group(gemmi.SpaceGroup("P 3 1 2")), crystfel_point_group(
+    ...     gemmi.SpaceGroup("P 3 m 1")), crystfel_point_group(gemmi.SpaceGroup("R 3 2:R"))
+    ('-31m', '-3m1', '-3m_R')
     """
     name = space_group.laue_str() if friedel_merged else space_group.point_group_hm()
     name = name.replace(" ", "")
     if name in ("-3m", "32", "3m"):
-        # trigonal: CrystFEL tells 321 from 312 settings apart
+        if space_group.xhm().endswith(":R"):  # rhombohedral axes: CrystFEL's _R groups
+            return name + "_R"
+        # trigonal: CrystFEL tells 321 from 312 settings apart by where the 2-folds (in 3m, the
+        # mirror normals: -1 times a 2-fold) lie: along a, b and a+b (321, 3m1, -3m1) or not
+        along_a = ([[1, -1, 0], [0, -1, 0], [0, 0, -1]], [[-1, 0, 0], [-1, 1, 0], [0, 0, -1]],
+                   [[0, 1, 0], [1, 0, 0], [0, 0, -1]])
         ops = space_group.operations()
-        twofold_on_a = any(np.array_equal(np.array(op.rot) // gemmi.Op.DEN,
-                                          [[1, -1, 0], [0, -1, 0], [0, 0, -1]]) or
-                           np.array_equal(np.array(op.rot) // gemmi.Op.DEN,
-                                          [[1, 0, 0], [1, -1, 0], [0, 0, -1]])
-                           for op in ops.sym_ops)
+        rots = [np.array(op.rot) // gemmi.Op.DEN for op in ops.sym_ops]
+        twofold_on_a = any(np.array_equal(r if round(np.linalg.det(r)) > 0 else -r, m)
+                           for r in rots for m in along_a)
         suffix = "1" if twofold_on_a else ""
         name = {"-3m": "-3m", "32": "32", "3m": "3m"}[name] + (suffix or "")
         if not suffix:
             name = {"-3m": "-31m", "32": "312", "3m": "31m"}[name]
     if space_group.centring_type() in "RH" and space_group.xhm().endswith(":H"):
         name += "_H"
+    elif space_group.xhm().endswith(":R"):
+        name += "_R"
     return name
 
 

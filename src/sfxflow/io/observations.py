@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sfxflow.algorithms.diffraction import polarisation_factor
 from sfxflow.errors import InputError
 from sfxflow.io.results import RunDir, parquet_bytes, read_parquet_bytes
 from sfxflow.io.storage import shown_url
@@ -357,9 +358,11 @@ def _read_run_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None) 
     )
 
 
-def _polarisation(stream: Any, chunk: Any, refl: Any, cache: dict) -> np.ndarray:
-    """Horizontal-polarisation factor of each reflection from the stream's geometry (1 where
-    the geometry is unknown)."""
+def _polarisation(stream: Any, chunk: Any, refl: Any, cache: dict,
+                  polarisation_fraction: float = 1.0) -> np.ndarray:
+    """Polarisation factor (:func:`sfxflow.algorithms.diffraction.polarisation_factor`) of each
+    reflection from the stream's geometry (1 where the geometry is unknown); CrystFEL streams
+    do not record the beam's polarisation: horizontal (1.0), partialator's default."""
     if stream.geometry is None or len(refl) == 0:
         return np.ones(len(refl))
     key = tuple(sorted(chunk.header_values.items()))
@@ -374,8 +377,7 @@ def _polarisation(stream: Any, chunk: Any, refl: Any, cache: dict) -> np.ndarray
     for p in np.unique(refl.panel):
         sel = refl.panel == p
         pos[sel] = det.panels[int(p)].lab_mm(refl.fs_px[sel], refl.ss_px[sel])
-    u = pos / np.linalg.norm(pos, axis=1, keepdims=True)
-    return 1.0 - u[:, 0] ** 2
+    return polarisation_factor(pos, polarisation_fraction)
 
 
 def _read_stream_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None

@@ -31,6 +31,16 @@ from typing import Any
 import numba
 import numpy as np
 
+from sfxflow.algorithms.diffraction import (
+    angular_term,
+    bandwidth_term_a,
+    excitation_error_inv_a,
+    partiality,
+    profile_sigma2_inv_a2,
+    profile_sigma2_nb,
+    scaled_partiality,
+    scaled_partiality_nb,
+)
 from sfxflow.algorithms.merge.reflections import AsuIndex
 from sfxflow.models import FWHM_TO_SIGMA
 from sfxflow.settings import SettingError, check_fields, setting
@@ -228,9 +238,9 @@ def prepare_shard(
     a = np.asarray(a_matrices, dtype=float)[oc]
     q = np.einsum("nij,nj->ni", a, hkl.astype(float))
     lam = np.asarray(wavelengths_a, dtype=float)[oc]
-    s = q.copy()
-    s[:, 2] += 1.0 / lam
-    eps = np.linalg.norm(s, axis=1) - 1.0 / lam
+    s0 = np.zeros_like(q)
+    s0[:, 2] = 1.0 / lam
+    eps = excitation_error_inv_a(q, s0, lam)
     inv_d2 = np.einsum("ni,ni->n", q, q)
     codes = np.stack([index.lookup(hkl @ r) for r in operators]) if len(hkl) else \
         np.zeros((len(operators), 0), dtype=np.int64)
@@ -249,7 +259,7 @@ def prepare_shard(
         sigma=sigma[sel] / pol[sel],
         inv_d2=inv_d2,
         eps=eps,
-        bw=lam * params.bandwidth_fwhm * FWHM_TO_SIGMA / 2.0,
+        bw=bandwidth_term_a(params.bandwidth_fwhm, lam),
         extra={k: np.asarray(v)[sel] for k, v in (extra or {}).items()},
     )
 
@@ -302,11 +312,8 @@ def _fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_gr
             for ie in range(n_e):
                 for i in range(lo, hi):
                     if use_p:
-                        q2 = inv_d2[i]
-                        w_b = bw[i] * q2
-                        s2 = r_grid[ir] ** 2 + eta_grid[ie] ** 2 * q2 + w_b * w_b
-                        p[i - lo] = math.sqrt(r_grid[ir] ** 2 / s2) * math.exp(
-                            -0.5 * eps[i] * eps[i] / s2)
+                        s2 = profile_sigma2_nb(inv_d2[i], r_grid[ir], eta_grid[ie], bw[i])
+                        p[i - lo] = scaled_partiality_nb(eps[i], r_grid[ir], s2)
                     else:
                         p[i - lo] = 1.0
                 bb = 0.0
@@ -367,10 +374,8 @@ def _fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_gr
             if ref[i] != ref[i] or not (g_out[c] == g_out[c]):
                 continue
             if use_p:
-                q2 = inv_d2[i]
-                w_b = bw[i] * q2
-                s2 = r_out[c] ** 2 + eta_out[c] ** 2 * q2 + w_b * w_b
-                pp = math.sqrt(r_out[c] ** 2 / s2) * math.exp(-0.5 * eps[i] * eps[i] / s2)
+                s2 = profile_sigma2_nb(inv_d2[i], r_out[c], eta_out[c], bw[i])
+                pp = scaled_partiality_nb(eps[i], r_out[c], s2)
             else:
                 pp = 1.0
             m = math.exp(-0.5 * b_out[c] * inv_d2[i]) * pp * ref[i]
@@ -452,7 +457,7 @@ def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParam
     use_p = params.model == "partiality" and not unity_first
     _fit_kernel(shard.offsets, ref, shard.intensity, shard.sigma, shard.inv_d2, shard.eps,
                 shard.bw, use_p, params.radius_grid(),
-                np.radians(np.asarray(params.mosaicity_grid_deg)) * FWHM_TO_SIGMA,
+                angular_term(np.radians(np.asarray(params.mosaicity_grid_deg))),
                 params.model_error, params.b_limit_a2, 1.0 / params.b_sigma_a2**2, g, b, r,
                 eta, n, cc)
     status = np.zeros(nc, dtype=np.int8)
@@ -472,12 +477,11 @@ def partiality_of(shard: PreparedShard, fits: CrystalFits, model: str
         return one, one
     counts = np.diff(shard.offsets)
     r = np.repeat(fits.radius_inv_a, counts)
-    eta = np.radians(np.repeat(fits.mosaicity_deg, counts)) * FWHM_TO_SIGMA
-    w_b = shard.bw * shard.inv_d2
-    s2 = r * r + eta * eta * shard.inv_d2 + w_b * w_b
+    eta = angular_term(np.radians(np.repeat(fits.mosaicity_deg, counts)))
+    s2 = profile_sigma2_inv_a2(shard.inv_d2, r, eta, shard.bw)
     with np.errstate(invalid="ignore"):
-        gauss = np.exp(-0.5 * shard.eps**2 / s2)
-        full = np.sqrt(r * r / s2) * gauss
+        gauss = partiality(shard.eps, s2)
+        full = scaled_partiality(shard.eps, r, s2)
     # crystals fitted without a profile (the first, unity cycle) count as fully recorded
     unity = ~np.isfinite(r)
     return np.where(unity, 1.0, full), np.where(unity, 1.0, gauss)
