@@ -44,7 +44,7 @@ from sfxflow.algorithms.merge.scale import MergeParams
 from sfxflow.algorithms.predict import PredictParams
 from sfxflow.algorithms.simulate import SimulationParams
 from sfxflow.algorithms.spots import HitParams, SpotParams
-from sfxflow.errors import ConfigError
+from sfxflow.errors import ConfigError, redact_userinfo
 from sfxflow.models import as_space_group, as_unit_cell
 from sfxflow.pipeline import params as _params
 from sfxflow.settings import check_fields, section, setting
@@ -300,8 +300,9 @@ class ProcessConfig:
         return _target(tuple(self.target.cell), self.target.space_group)
 
     def to_toml(self) -> str:
-        """The whole resolved tree as TOML (see :func:`config_from_toml`)."""
-        return _params.to_toml(self)
+        """The whole resolved tree as TOML (see :func:`config_from_toml`); a password inside a
+        URL (``--geometry http://user:password@host/...``) is written as ``***``."""
+        return redact_userinfo(_params.to_toml(self))
 
 
 @dataclass(frozen=True)
