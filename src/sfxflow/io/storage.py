@@ -82,9 +82,12 @@ CONNECT_TIMEOUT_S = 3.0
 #: (:func:`retrying` is the only retry loop: retry loops stacked on each other multiply)
 _S3_FAST_FAIL_CONFIG: dict[str, Any] = {
     "connect_timeout": CONNECT_TIMEOUT_S,
-    "read_timeout": 30,
     "retries": {"total_max_attempts": 1, "mode": "standard"},
 }
+#: the longest a request waits for its next bytes (botocore's read_timeout): a quarter of the
+#: retry period within these bounds, so that a connection whose packets are dropped silently
+#: (a blackhole) is given up in time for retries on a new one
+_READ_IDLE_S = (CONNECT_TIMEOUT_S, 30.0)
 _S3_FS_RETRIES = 1  # s3fs's own retry loop: one attempt
 _MAX_CACHED_BLOCKS = 8  # per open remote file: at most 8 x block_size bytes held
 
@@ -474,6 +477,8 @@ def join_url(base_url: str, relative: str) -> str:
 def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
     opts = dict(options)
     config = dict(_S3_FAST_FAIL_CONFIG)
+    low, high = _READ_IDLE_S
+    config["read_timeout"] = min(max(low, _retry.total_s / 4), high)
     config.update(opts.get("config_kwargs") or {})
     opts["config_kwargs"] = config
     return opts
