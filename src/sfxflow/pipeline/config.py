@@ -145,7 +145,8 @@ class RunConfig:
     report : write ``report.html`` into the run directory (refreshed while running).
     report_interval_s : least seconds between report refreshes while running.
     storage_retry_s : how long a transient storage error (refused connection, timeout, HTTP
-        5xx, EIO) is retried, with back-off, before the frames concerned are left for a rerun.
+        5xx, EIO) is retried, with back-off, before the frames concerned are left for a rerun;
+        one storage operation ends within this plus one connect timeout (3 s) in any case.
     """
 
     task_retries: int = setting(1, ge=0, le=100)
