@@ -63,4 +63,10 @@ def test_http_input_and_geometry_with_password(sim_set, serial_run, tmp_path, ca
         out2 = capsys.readouterr()
         assert code == 2
         assert f"http://***@127.0.0.1:{port}/nope/geometry.geom" in out2.err
-    assert not _leaks(tmp_path / "run", out.out, out.err, out2.out, out2.err, caplog.text)
+        # a wrong password: refused by the server, one line, the password not shown either
+        wrong = f"http://{USER}:{PASSWORD[::-1]}@127.0.0.1:{port}"
+        code = main(_argv(wrong, tmp_path / "wrong", f"{wrong}/{sim_set.files[0].name}"))
+        out3 = capsys.readouterr()
+        assert code == 2 and "access denied (HTTP 401)" in out3.err
+        assert PASSWORD[::-1] not in out3.err + caplog.text
+    assert not _leaks(tmp_path, out.out, out.err, out2.out, out2.err, out3.err, caplog.text)

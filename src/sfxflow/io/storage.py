@@ -551,6 +551,8 @@ def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> S
         return SourceError(url, "no such file or object")
     if isinstance(exc, PermissionError):
         return SourceError(url, f"access denied ({exc})")
+    if getattr(exc, "status", None) in (401, 403):  # aiohttp (http inputs): wrong credentials
+        return SourceError(url, f"access denied (HTTP {exc.status})")  # type: ignore[attr-defined]
     name = type(exc).__name__
     text = str(exc).splitlines()[0] if str(exc) else name
     if "NoCredentials" in name or "Unable to locate credentials" in text:
