@@ -12,6 +12,17 @@ Reading strategy
 The HDF5 reader always asks for ranged reads (a block of frames rarely needs the whole file; see
 :mod:`sfxflow.io.hdf5`); CBF files, one frame each, are fetched whole with :func:`read_bytes`.
 
+Deadlines
+---------
+Every read, ranged read, lookup, listing and write of a remote object is one operation that
+succeeds or raises within ``storage_retry_s`` plus one connect timeout (:func:`deadline_s`):
+:func:`retrying` is the only retry loop (botocore and s3fs make one attempt each), and each
+attempt's coroutine runs on fsspec's event loop with the time left as its timeout
+(:func:`call_fs`), so that neither fsspec's ``sync`` nor botocore, aiohttp or h5py underneath
+wait longer; a request cut there closes its connection instead of returning it to the pool.
+botocore's read timeout (a quarter of the retry period) ends a silent connection in time for a
+retry on a new one.
+
 Every byte fetched from storage is counted (:func:`read_stats`), so a run can report
 ``bytes_read`` and MB/s.
 
