@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +72,26 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
 def s3_storage_options(s3_server: str) -> dict:
     """fsspec/s3fs storage options pointing at the local S3 server."""
     return {"client_kwargs": {"endpoint_url": s3_server}, "anon": False}
+
+
+#: the longest a busy loop runs (it stops by itself even if the test process is killed)
+BUSY_LOOP_MAX_S = 300
+
+
+@pytest.fixture()
+def busy_cores() -> Iterator[int]:
+    """A busy loop on every core (separate processes) while the test runs, as on a shared
+    machine under load; yields how many."""
+    n = os.cpu_count() or 1
+    code = f"import time\nend = time.monotonic() + {BUSY_LOOP_MAX_S}\nwhile time.monotonic() < end: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
+    try:
+        yield n
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=30)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -69,7 +69,9 @@ class RunDirError(SfxflowError):
 #: unwritable run directory): sysexits.h EX_TEMPFAIL, "temporary failure; the user is invited to
 #: retry". Distinct from 2 (fix the command line first) and 1 (blocks failed for good).
 EXIT_RERUN = 75
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]*@")
+#: a URL's userinfo runs to the *last* ``@`` before the host (as URL parsers split it), so a
+#: password may hold ``@`` itself
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s'\"]*@")
 
 
 def redact_userinfo(text: str) -> str:
@@ -77,6 +79,8 @@ def redact_userinfo(text: str) -> str:
 
     >>> redact_userinfo("cannot read ftp://me:secret@host/x.cxi (timeout)")
     'cannot read ftp://***@host/x.cxi (timeout)'
+    >>> redact_userinfo("http://me:p@ss@host:80/g.geom and s3://bucket/k@x")
+    'http://***@host:80/g.geom and s3://bucket/k@x'
     """
     return _USERINFO.sub(r"\1***@", text)
 

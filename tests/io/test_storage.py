@@ -237,3 +237,13 @@ def test_retrying_waits_out_a_short_outage_and_gives_up_on_a_long_one(
     with pytest.raises(StorageUnavailable):
         storage.retrying(dead, "s3://b/k2")
     assert time.monotonic() - t0 < 0.2
+
+
+def test_a_password_holding_at_signs_is_redacted_whole() -> None:
+    # before: redaction stopped at the first '@' while URL parsers split at the last one, so
+    # 'pw@x' of the password 's3cr:pw@x' was left in messages, frames.parquet and the log
+    text = storage.redact_urls("cannot read http://u:s3cr:pw@x@host:8080/g.geom (404)")
+    assert text == "cannot read http://***@host:8080/g.geom (404)"
+    assert shown_url("http://u:p@w@host/x?y@z") == "http://***@host/x?y@z"
+    assert storage.redact_urls("s3://bucket/key@v2 and ftp://a@b@h/x") == \
+        "s3://bucket/key@v2 and ftp://***@h/x"

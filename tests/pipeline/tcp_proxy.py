@@ -2,6 +2,11 @@
 
 While cut, the listening socket is closed (new connections are refused) and every open
 connection is closed (requests in flight break), as when an endpoint goes away.
+
+While a blackhole (:meth:`TcpProxy.blackhole`), connections are still accepted but nothing is
+forwarded either way and nothing is closed, as when packets are dropped silently (a firewall, a
+dead route): only a timeout ends a request. The connections open during a blackhole stay dead
+after :meth:`TcpProxy.restore`; new ones work again.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self.cuts = 0
+        #: connections of an older generation than this forward nothing any more
+        self._generation = 0
+        self._holed = False
 
     @property
     def url(self) -> str:
@@ -45,6 +53,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:  # closed by cut()/stop()
                 return
+            if self._holed:  # accepted, then never answered (closed by cut()/stop() only)
+                with self._lock:
+                    self._conns.append(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:
@@ -57,14 +69,15 @@ class TcpProxy:
                     upstream.close()
                     continue
                 self._conns += [client, upstream]
+                generation = self._generation
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, generation), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, generation: int) -> None:
         try:
             while data := src.recv(1 << 16):
-                dst.sendall(data)
+                if generation == self._generation:  # else: dropped silently
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -89,8 +102,19 @@ class TcpProxy:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    def blackhole(self) -> None:
+        """Drop everything silently: open connections stop forwarding without being closed, new
+        ones are accepted and never answered."""
+        with self._lock:
+            self._holed = True
+            self._generation += 1
+
     def restore(self) -> None:
-        self.start()
+        """Forward again (new connections): after :meth:`cut` or :meth:`blackhole`."""
+        with self._lock:
+            self._holed = False
+        if self._listener is None:
+            self.start()
 
     def stop(self) -> None:
         self.cut()

@@ -44,3 +44,28 @@ def test_s3_in_and_out_equals_local(sim_set, serial_run, s3_bucket, s3_storage_o
                                                "cluster.kind=synchronous"]),
                         storage_options=s3_storage_options)
     assert again.blocks_skipped == 6 and again.blocks_done == 0
+
+
+def test_s3_run_resumed_on_dask_with_the_live_report(sim_set, serial_run, s3_bucket,
+                                                     s3_storage_options):
+    # issue 19, item 1; before: the client's listing of RUN/shards (the live report) was cached,
+    # so reading a shard that a worker wrote afterwards raised FileNotFoundError at the end of
+    # every resumed run and of every run with --geometry s3://... (exit 1, no frames.parquet)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    for path in (*sim_set.files, sim_set.geometry_path):
+        fs.put_file(str(path), f"{s3_bucket}/in/{path.name}")
+    out = f"s3://{s3_bucket}/out/resumed"
+    overrides = [*base_overrides(f"s3://{s3_bucket}/in/geometry.geom"), "cluster.kind=local",
+                 "cluster.n_workers=2", "run.report=true", "run.report_interval_s=0"]
+    first = run_process([f"s3://{s3_bucket}/in/"], out,
+                        load_config(overrides=[*overrides, "run.max_blocks=2"]),
+                        storage_options=s3_storage_options)
+    assert not first.complete and first.blocks_done == 2
+    again = run_process([f"s3://{s3_bucket}/in/"], out, load_config(overrides=overrides),
+                        storage_options=s3_storage_options)
+    assert again.complete and again.blocks_skipped == 2 and again.blocks_done == 4
+    frames = pq.read_table(io.BytesIO(fs.cat_file(f"{s3_bucket}/out/resumed/frames.parquet")))
+    assert comparable(frames, file_names_only=True) == comparable(read_frames(serial_run[0]),
+                                                                   file_names_only=True)

@@ -1,9 +1,12 @@
 """A storage outage in the middle of a run, played for real: a TCP proxy between sfxflow and the
-local S3 server (moto) is cut while blocks are being read (issue 10, item 1)."""
+local S3 server (moto) is cut (connections refused) or turned into a blackhole (packets dropped
+silently) while blocks are being read (issue 10, item 1), with a busy loop on every core
+(issue 19, item 4: the failing read ends within storage_retry_s plus one connect timeout)."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -12,11 +15,20 @@ import pytest
 
 from sfxflow.cli import main
 from sfxflow.errors import EXIT_RERUN
+from sfxflow.io.storage import CONNECT_TIMEOUT_S
 
 from .conftest import CELL, SPACE_GROUP, comparable, read_frames
 from .tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+SHORT_OUTAGE_S, SHORT_RETRY_S = 8.0, 30.0
+LONG_RETRY_S = 2.0
+#: a run of the 12 simulated frames on a loaded 2-core machine, at most
+RUN_S = 120
+#: the waiting thread may be woken a little after the deadline on a loaded machine
+SLACK_S = 1.5
+FAULTS = ["refused", "blackhole"]
 
 
 @pytest.fixture()
@@ -31,14 +43,18 @@ def proxied_inputs(sim_set, s3_server, s3_bucket):
         yield proxy, f"s3://{s3_bucket}/in/"
 
 
-def _cut_after(proxy: TcpProxy, run: Path, n_shards: int, outage_s: float | None) -> threading.Thread:
-    """Cut the proxy once ``n_shards`` blocks are written; restore it ``outage_s`` later."""
+def _cut_after(proxy: TcpProxy, run: Path, n_shards: int, outage_s: float | None,
+               fault: str = "refused", cut_at: list[float] | None = None) -> threading.Thread:
+    """Cut the proxy (or make it a blackhole) once ``n_shards`` blocks are written; restore it
+    ``outage_s`` later; the time of the cut is appended to ``cut_at``."""
 
     def watch() -> None:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + RUN_S
         while time.monotonic() < deadline:
             if len(list((run / "shards").glob("*.frames.parquet"))) >= n_shards:
-                proxy.cut()
+                proxy.cut() if fault == "refused" else proxy.blackhole()
+                if cut_at is not None:
+                    cut_at.append(time.monotonic())
                 if outage_s is not None:
                     time.sleep(outage_s)
                     proxy.restore()
@@ -57,15 +73,19 @@ def _argv(prefix: str, run: Path, proxy: TcpProxy, retry_s: float) -> list[str]:
             "--set", f"run.storage_retry_s={retry_s}"]
 
 
-def test_short_outage_is_retried_and_loses_nothing(proxied_inputs, serial_run, tmp_path):
+@pytest.mark.timeout(RUN_S + SHORT_OUTAGE_S + SHORT_RETRY_S + CONNECT_TIMEOUT_S + 60)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_short_outage_is_retried_and_loses_nothing(fault, proxied_inputs, serial_run, tmp_path,
+                                                    busy_cores):
     # before: frames read during the outage were saved as failed ("storage endpoint
     # unreachable") for ever, exit 0
     proxy, prefix = proxied_inputs
     run = tmp_path / "run"
-    watcher = _cut_after(proxy, run, 1, outage_s=8.0)
-    code = main(_argv(prefix, run, proxy, retry_s=30))
+    cut_at: list[float] = []
+    watcher = _cut_after(proxy, run, 1, SHORT_OUTAGE_S, fault, cut_at)
+    code = main(_argv(prefix, run, proxy, retry_s=SHORT_RETRY_S))
     watcher.join()
-    assert proxy.cuts == 1
+    assert len(cut_at) == 1
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["failed"] == 0 and summary["complete"]
@@ -73,12 +93,19 @@ def test_short_outage_is_retried_and_loses_nothing(proxied_inputs, serial_run, t
         read_frames(serial_run[0]), file_names_only=True)
 
 
-def test_long_outage_leaves_blocks_for_a_rerun(proxied_inputs, serial_run, tmp_path, capsys):
-    # before: 'exit 0', and the rerun said "N block(s) already done, 0 to do"
+@pytest.mark.timeout(2 * RUN_S + LONG_RETRY_S + CONNECT_TIMEOUT_S + 60)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_long_outage_leaves_blocks_for_a_rerun(fault, proxied_inputs, serial_run, tmp_path, capsys,
+                                               busy_cores, record_property):
+    # before: 'exit 0', and the rerun said "N block(s) already done, 0 to do"; under load a
+    # read gave up "after 1 attempt(s) over 366 s" with storage_retry_s=30, and a blackholed
+    # ranged read waited in fsspec's sync without a limit
     proxy, prefix = proxied_inputs
     run = tmp_path / "run"
-    watcher = _cut_after(proxy, run, 2, outage_s=None)
-    code = main(_argv(prefix, run, proxy, retry_s=2))
+    cut_at: list[float] = []
+    watcher = _cut_after(proxy, run, 2, None, fault, cut_at)
+    code = main(_argv(prefix, run, proxy, retry_s=LONG_RETRY_S))
+    ended = time.monotonic()
     watcher.join()
     err = capsys.readouterr().err
     assert code == EXIT_RERUN
@@ -86,6 +113,13 @@ def test_long_outage_leaves_blocks_for_a_rerun(proxied_inputs, serial_run, tmp_p
     manifest = json.loads((run / "manifest.json").read_text())
     unread = [b for b in manifest["blocks"] if b["state"] == "unread"]
     assert unread and all("unreachable" in b["reason"] for b in unread)
+    # the wall time of each failing read, as its error says, within the budget
+    budget = LONG_RETRY_S + CONNECT_TIMEOUT_S
+    reads = [float(m) for b in unread for m in re.findall(r"over ([0-9.]+) s", b["reason"])]
+    record_property("figures", f"{fault}, {busy_cores} busy loop(s): failing read(s) "
+                    f"{max(reads, default=0):.1f} s at most (budget {budget:.0f} s), run ended "
+                    f"{ended - cut_at[0]:.1f} s after the fault")
+    assert reads and max(reads) <= budget + SLACK_S, reads
     assert manifest["counts"]["done"] >= 2
     summary = json.loads((run / "summary.json").read_text())
     assert not summary["complete"] and summary["blocks_unread"] == len(unread)

@@ -566,8 +566,10 @@ def read_text(url: str, storage_options: Mapping[str, Any] | None, what: str,
             data = Path(url.removeprefix("file://")).read_bytes()
         return data.decode("utf-8")
     except (OSError, UnicodeDecodeError, InputError) as exc:
+        from sfxflow.errors import redact_userinfo
+
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise error(f"{url}: cannot read {what} ({msg})") from exc
+        raise error(redact_userinfo(f"{url}: cannot read {what} ({msg})")) from exc
 
 
 # --------------------------------------------------------------------------------------------

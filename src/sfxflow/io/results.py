@@ -354,7 +354,8 @@ class RunDir:
         self.storage_options = dict(storage_options or {})
         self.is_local = is_local(self.url)
         try:
-            self.fs = filesystem(self.url, self.storage_options)
+            # other processes (workers) write here: listings are never served from a cache
+            self.fs = filesystem(self.url, self.storage_options, cache_listings=False)
         except InputError as exc:
             raise InputError(f"{shown_url(self.url)}: cannot use this run directory: {exc}"
                              ) from None
@@ -387,14 +388,22 @@ class RunDir:
                                  f"({exc.strerror or exc}); expected a folder path") from None
 
     def exists(self, rel: str) -> bool:
-        return bool(self._storage_call(rel, "lookup", lambda: self.fs.exists(self.path(rel))))
+        from sfxflow.io.storage import call_fs
+
+        def lookup() -> bool:
+            try:
+                call_fs(self.fs, "info", self.path(rel))
+            except FileNotFoundError:
+                return False
+            return True
+
+        return bool(self._storage_call(rel, "lookup", lookup))
 
     def read_bytes(self, rel: str) -> bytes:
-        def read() -> bytes:
-            with self.fs.open(self.path(rel), "rb") as f:
-                return bytes(f.read())
+        from sfxflow.io.storage import call_fs
 
-        return self._storage_call(rel, "read", read)
+        return bytes(self._storage_call(rel, "read",
+                                        lambda: call_fs(self.fs, "cat_file", self.path(rel))))
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -407,10 +416,13 @@ class RunDir:
         RunDirError
             The store refused the write (a full disk, an endpoint dead beyond the retries).
         """
+        from sfxflow.io.storage import call_fs
+
         if self.is_local:
             self._storage_call(rel, "write", lambda: self._write_local(rel, data))
         else:
-            self._storage_call(rel, "write", lambda: self.fs.pipe_file(self.path(rel), data))
+            self._storage_call(rel, "write",
+                               lambda: call_fs(self.fs, "pipe_file", self.path(rel), data))
 
     def _storage_call(self, rel: str, action: str, call: Callable[[], T]) -> T:
         """``call()``, with transient errors retried and storage failures as one clear
@@ -464,16 +476,20 @@ class RunDir:
         return shards.checksums()
 
     def remove(self, rel: str) -> None:
+        from sfxflow.io.storage import call_fs
+
         try:
-            self.fs.rm(self.path(rel))
+            call_fs(self.fs, "rm", self.path(rel))
         except FileNotFoundError:
             pass
 
     def list(self, rel: str = "shards") -> list[str]:
         """Names (not paths) of the files directly under ``rel``; empty if it does not exist."""
-        self.fs.invalidate_cache()
+        from sfxflow.io.storage import call_fs
+
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            entries = self._storage_call(rel, "list",
+                                         lambda: call_fs(self.fs, "ls", self.path(rel), detail=False))
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
@@ -532,9 +548,19 @@ class RunDir:
         except (OSError, pa.ArrowException, ValueError) as exc:
             return f"unreadable shard: {exc}"
 
+    def _read_shard(self, rel: str) -> bytes:
+        """A shard of a block recorded as done: missing is an error (never skipped)."""
+        try:
+            return self.read_bytes(rel)
+        except FileNotFoundError:
+            from sfxflow.io.storage import shown_url
+
+            raise RunDirError(shown_url(self.url), f"{rel} is missing although its block is recorded as "
+                              "done (deleted since?)", "read") from None
+
     def read_frames_shards(self, block_ids: Iterable[str]) -> pa.Table:
         """Concatenate the frames shards of ``block_ids`` (schema :data:`FRAME_SCHEMA`)."""
-        tables = [read_parquet_bytes(self.read_bytes(shard_names(b)["frames"])) for b in block_ids]
+        tables = [read_parquet_bytes(self._read_shard(shard_names(b)["frames"])) for b in block_ids]
         tables = [t.replace_schema_metadata(None).select(FRAME_COLUMNS) for t in tables]
         if not tables:
             return FRAME_SCHEMA.empty_table()
@@ -543,10 +569,9 @@ class RunDir:
     def _read_tables(self, block_ids: Iterable[str], kind: str, schema: pa.Schema) -> pa.Table:
         tables = []
         for b in block_ids:
+            # every block writes all its shards (verify_shards checks them): missing is an error
             rel = shard_names(b)[kind]
-            if not self.exists(rel):  # a run directory written before this shard existed
-                continue
-            t = read_parquet_bytes(self.read_bytes(rel)).replace_schema_metadata(None)
+            t = read_parquet_bytes(self._read_shard(rel)).replace_schema_metadata(None)
             tables.append(t.select(schema.names))
         if not tables:
             return schema.empty_table()
@@ -562,8 +587,10 @@ class RunDir:
 
     def mtime(self, rel: str) -> float | None:
         """Modification time (POSIX seconds) of ``rel`` where the store reports one."""
+        from sfxflow.io.storage import call_fs
+
         try:
-            info = self.fs.info(self.path(rel))
+            info = call_fs(self.fs, "info", self.path(rel))
         except FileNotFoundError:
             return None
         for key in ("mtime", "LastModified", "last_modified", "created"):

@@ -177,16 +177,22 @@ def _expand(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
         return [str(Path(path))]
     fs = storage.filesystem(url, storage_options)
     proto = url.split("://", 1)[0]
-    key = url.split("://", 1)[1]
+    # s3://b/k -> b/k, but an http(s) request needs its whole URL
+    key = url.split("://", 1)[1] if proto in ("s3", "s3a") else storage._strip(url, fs)
+
+    def full(name: str) -> str:
+        return name if "://" in name else f"{proto}://{name}"
+
     try:
         if _GLOB_CHARS.search(key):
-            found = storage.retrying(lambda: fs.glob(key), url, "list")
-            return sorted(f"{proto}://{p}" for p in found)
-        info = storage.retrying(lambda: fs.info(key), url, "list")
+            found = storage.retrying(lambda: storage.call_fs(fs, "glob", key), url, "list")
+            return sorted(full(p) for p in found)
+        info = storage.retrying(lambda: storage.call_fs(fs, "info", key), url, "list")
         if info.get("type") == "directory":
             return sorted(
-                f"{proto}://{e['name']}"
-                for e in storage.retrying(lambda: fs.ls(key, detail=True), url, "list")
+                full(e["name"])
+                for e in storage.retrying(lambda: storage.call_fs(fs, "ls", key, detail=True),
+                                          url, "list")
                 if e.get("type") != "directory" and _extension(e["name"])
             )
     except FileNotFoundError as exc:

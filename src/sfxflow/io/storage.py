@@ -12,6 +12,17 @@ Reading strategy
 The HDF5 reader always asks for ranged reads (a block of frames rarely needs the whole file; see
 :mod:`sfxflow.io.hdf5`); CBF files, one frame each, are fetched whole with :func:`read_bytes`.
 
+Deadlines
+---------
+Every read, ranged read, lookup, listing and write of a remote object is one operation that
+succeeds or raises within ``storage_retry_s`` plus one connect timeout (:func:`deadline_s`):
+:func:`retrying` is the only retry loop (botocore and s3fs make one attempt each), and each
+attempt's coroutine runs on fsspec's event loop with the time left as its timeout
+(:func:`call_fs`), so that neither fsspec's ``sync`` nor botocore, aiohttp or h5py underneath
+wait longer; a request cut there closes its connection instead of returning it to the pool.
+botocore's read timeout (a quarter of the retry period) ends a silent connection in time for a
+retry on a new one.
+
 Every byte fetched from storage is counted (:func:`read_stats`), so a run can report
 ``bytes_read`` and MB/s.
 
@@ -23,7 +34,11 @@ are never logged: :func:`redact` is applied to anything that is.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
 import errno
+import inspect
 import io
 import logging
 import os
@@ -38,11 +53,14 @@ from urllib.parse import urlsplit
 from sfxflow.errors import InputError, SourceError, StorageUnavailable, redact_userinfo
 
 __all__ = [
+    "CONNECT_TIMEOUT_S",
     "DEFAULT_BLOCK_SIZE",
     "WHOLE_OBJECT_MAX_BYTES",
     "ReadStats",
     "RetryPolicy",
     "add_bytes_read",
+    "call_fs",
+    "deadline_s",
     "filesystem",
     "is_local",
     "is_transient",
@@ -68,13 +86,20 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 8 * 2**20
 WHOLE_OBJECT_MAX_BYTES = 64 * 2**20
 
-#: s3fs / botocore settings so that a dead endpoint fails in seconds, not minutes.
+#: seconds allowed to open a connection to an endpoint; one of them is part of every storage
+#: operation's deadline (:func:`deadline_s`)
+CONNECT_TIMEOUT_S = 3.0
+#: botocore settings: a dead endpoint fails in seconds, and botocore makes one attempt per call
+#: (:func:`retrying` is the only retry loop: retry loops stacked on each other multiply)
 _S3_FAST_FAIL_CONFIG: dict[str, Any] = {
-    "connect_timeout": 3,
-    "read_timeout": 30,
-    "retries": {"max_attempts": 2, "mode": "standard"},
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "retries": {"total_max_attempts": 1, "mode": "standard"},
 }
-_S3_FS_RETRIES = 2
+#: the longest a request waits for its next bytes (botocore's read_timeout): a quarter of the
+#: retry period within these bounds, so that a connection whose packets are dropped silently
+#: (a blackhole) is given up in time for retries on a new one
+_READ_IDLE_S = (CONNECT_TIMEOUT_S, 30.0)
+_S3_FS_RETRIES = 1  # s3fs's own retry loop: one attempt
 _MAX_CACHED_BLOCKS = 8  # per open remote file: at most 8 x block_size bytes held
 
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
@@ -214,8 +239,71 @@ def retry_policy() -> RetryPolicy:
 T = TypeVar("T")
 
 
+#: time.monotonic() by which the storage operation running in this thread (or task) must end
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("sfxflow_storage_deadline",
+                                                                         default=None)
+
+
+def deadline_s(policy: RetryPolicy | None = None) -> float:
+    """The longest one storage operation (a read, a listing, a write) takes before it succeeds
+    or raises: the retry period plus one connect timeout, whatever the layers below do.
+
+    >>> deadline_s(RetryPolicy(total_s=10))
+    13.0
+    """
+    return (policy or _retry).total_s + CONNECT_TIMEOUT_S
+
+
+def _remaining() -> float:
+    """Seconds left to the current operation's deadline (a fresh deadline outside one)."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return deadline_s()
+    return deadline - time.monotonic()
+
+
+class _StorageTimeout(TimeoutError):
+    """A storage call that did not end by its operation's deadline (transient)."""
+
+
+def _run_coroutine(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float) -> Any:
+    """Run ``coro`` on fsspec's event loop ``loop`` (another thread) for at most ``timeout`` s;
+    cancelled when over (aiohttp then closes its connection: it does not go back to the pool).
+
+    fsspec's own ``sync`` waits without a limit unless told one, and checks it once a second.
+    """
+    if timeout <= 0:
+        coro.close()
+        raise _StorageTimeout("no time left before the storage deadline")
+    future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), loop)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:  # also asyncio's: the same class since Python 3.11
+        future.cancel()
+        raise _StorageTimeout(f"no answer within {timeout:.1f} s") from None
+    except concurrent.futures.CancelledError:
+        raise _StorageTimeout(f"cancelled after {timeout:.1f} s") from None
+
+
+def call_fs(fs: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """``fs.<method>(*args, **kwargs)``, ended by the current operation's deadline.
+
+    On an asynchronous filesystem (s3fs, http) the coroutine behind ``method`` runs with a
+    timeout of the time left to the deadline of the :func:`retrying` call around it (or a whole
+    :func:`deadline_s` outside one), so that no layer below (botocore, aiohttp, s3fs) waits longer.
+    """
+    coro_fn = getattr(fs, "_" + method, None)
+    loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
+    if loop is not None and not getattr(fs, "asynchronous", False) \
+            and inspect.iscoroutinefunction(coro_fn):
+        return _run_coroutine(loop, coro_fn(*args, **kwargs), _remaining())
+    return getattr(fs, method)(*args, **kwargs)
+
+
 def retrying(call: Callable[[], T], url: str, action: str = "read") -> T:
-    """``call()``, retried with back-off while it fails with a transient storage error.
+    """``call()``, retried with back-off while it fails with a transient storage error, and
+    ended by one deadline: :func:`deadline_s` seconds after it starts (storage calls made
+    through :func:`call_fs` inside ``call`` are cut at that deadline).
 
     Raises
     ------
@@ -226,35 +314,44 @@ def retrying(call: Callable[[], T], url: str, action: str = "read") -> T:
     global _gave_up_at
     policy = _retry
     t0 = time.monotonic()
+    outer = _deadline.get()
+    deadline = t0 + deadline_s(policy)
+    if outer is not None:
+        deadline = min(deadline, outer)
+    token = _deadline.set(deadline)
     delay = policy.first_delay_s
     attempt = 0
-    while True:
-        try:
-            result = call()
-            _gave_up_at = 0.0
-            return result
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            attempt += 1
-            now = time.monotonic()
-            waited = now - t0
-            # storage that just outlasted a whole retry period is not waited for again by every
-            # following call (hundreds of files or blocks): they fail at once until it answers
-            recently_dead = attempt == 1 and now - _gave_up_at < policy.total_s
-            if recently_dead or waited + delay > policy.total_s:
-                _gave_up_at = now
-                if isinstance(exc, StorageUnavailable):
+    try:
+        while True:
+            try:
+                result = call()
+                _gave_up_at = 0.0
+                return result
+            except Exception as exc:
+                if not is_transient(exc):
                     raise
-                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise StorageUnavailable(
-                    shown_url(url), f"storage endpoint unreachable: cannot {action} "
-                    f"({type(exc).__name__}: {redact_urls(text)}) after {attempt} attempt(s) "
-                    f"over {waited:.0f} s") from exc
-            log.info("%s: %s failed (%s); retrying in %.1f s", shown_url(url), action,
-                     type(exc).__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, policy.max_delay_s)
+                attempt += 1
+                now = time.monotonic()
+                waited = now - t0
+                # storage that just outlasted a whole retry period is not waited for again by
+                # every following call (hundreds of files or blocks): they fail at once until it
+                # answers
+                recently_dead = attempt == 1 and now - _gave_up_at < policy.total_s
+                if recently_dead or waited + delay > policy.total_s or now + delay >= deadline:
+                    _gave_up_at = now
+                    if isinstance(exc, StorageUnavailable):
+                        raise
+                    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise StorageUnavailable(
+                        shown_url(url), f"storage endpoint unreachable: cannot {action} "
+                        f"({type(exc).__name__}: {redact_urls(text)}) after {attempt} "
+                        f"attempt(s) over {waited:.1f} s") from exc
+                log.info("%s: %s failed (%s); retrying in %.1f s", shown_url(url), action,
+                         type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, policy.max_delay_s)
+    finally:
+        _deadline.reset(token)
 
 
 def add_bytes_read(n_bytes: int, requests: int = 0) -> None:
@@ -391,19 +488,28 @@ def join_url(base_url: str, relative: str) -> str:
 def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
     opts = dict(options)
     config = dict(_S3_FAST_FAIL_CONFIG)
+    low, high = _READ_IDLE_S
+    config["read_timeout"] = min(max(low, _retry.total_s / 4), high)
     config.update(opts.get("config_kwargs") or {})
     opts["config_kwargs"] = config
     return opts
 
 
-def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
-    """The fsspec filesystem for ``url`` (cached instances are reused across calls)."""
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None, *,
+               cache_listings: bool = True) -> Any:
+    """The fsspec filesystem for ``url`` (cached instances are reused across calls).
+
+    ``cache_listings=False`` for a folder that other processes write (a run directory): its
+    listings, and the lookups answered from them, always ask the store.
+    """
     import fsspec
 
     proto = _protocol(url)
     opts = dict(storage_options or {})
     if proto in ("s3", "s3a"):
         opts = _s3_options(opts)
+    if not cache_listings and proto not in ("file", "local"):
+        opts["use_listings_cache"] = False
     try:
         fs = fsspec.filesystem(proto, **opts)
     except (ImportError, ValueError, TypeError) as exc:  # TypeError: a backend needing a host
@@ -438,7 +544,11 @@ def redact_urls(text: str) -> str:
     return redact_userinfo(text)
 
 
-def _strip(url: str) -> str:
+def _strip(url: str, fs: Any = None) -> str:
+    """The path of ``url`` as ``fs`` names it: without the scheme for s3 or memory, the whole URL
+    for http(s) (whose requests need it, userinfo included)."""
+    if fs is not None:
+        return str(fs._strip_protocol(url))
     if "://" not in url:
         return url
     return url.split("://", 1)[1]
@@ -452,6 +562,8 @@ def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> S
         return SourceError(url, "no such file or object")
     if isinstance(exc, PermissionError):
         return SourceError(url, f"access denied ({exc})")
+    if getattr(exc, "status", None) in (401, 403):  # aiohttp (http inputs): wrong credentials
+        return SourceError(url, f"access denied (HTTP {exc.status})")  # type: ignore[attr-defined]
     name = type(exc).__name__
     text = str(exc).splitlines()[0] if str(exc) else name
     if "NoCredentials" in name or "Unable to locate credentials" in text:
@@ -479,7 +591,7 @@ def object_size(url: str, storage_options: Mapping[str, Any] | None = None) -> i
 def _remote_info(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     fs = filesystem(url, storage_options)
     try:
-        info: dict[str, Any] = retrying(lambda: fs.info(_strip(url)), url, "list")
+        info: dict[str, Any] = retrying(lambda: call_fs(fs, "info", _strip(url, fs)), url, "list")
     except Exception as exc:  # storage backends raise many unrelated types
         raise _wrap_storage_error(url, exc) from exc
     if info.get("type") == "directory":
@@ -526,7 +638,8 @@ def read_bytes(
                 data = fh.read() if end is None else fh.read(end - (start or 0))
         else:
             fs = filesystem(url, storage_options)
-            data = retrying(lambda: fs.cat_file(_strip(url), start=start, end=end), url)
+            data = retrying(lambda: call_fs(fs, "cat_file", _strip(url, fs), start=start, end=end),
+                            url)
     except SourceError:
         raise
     except Exception as exc:
@@ -614,24 +727,54 @@ def open_url(
         _count(0, 0, 1)
         return io.BufferedReader(fh, buffer_size=1 << 20)  # type: ignore[return-value]
     fs = filesystem(url, storage_options)
-    path_in_fs = _strip(url)
+    path_in_fs = _strip(url, fs)
     if mode == "wb":
-        try:
-            return fs.open(path_in_fs, "wb")
-        except Exception as exc:
-            raise _wrap_storage_error(url, exc, "write") from exc
+        return _UploadOnClose(fs, path_in_fs, url)  # type: ignore[return-value]
     size = object_size(url, storage_options)
     if size <= whole_object_max_bytes:
         return io.BytesIO(read_bytes(url, storage_options))
     try:
-        fh = retrying(lambda: fs.open(path_in_fs, "rb", block_size=block_size,
-                                      cache_type="blockcache",
-                                      cache_options={"maxblocks": _MAX_CACHED_BLOCKS}), url)
+        # the size is given: no lookup without a deadline inside fs.open
+        fh = fs.open(path_in_fs, "rb", block_size=block_size, cache_type="blockcache",
+                     cache_options={"maxblocks": _MAX_CACHED_BLOCKS}, size=size)
     except Exception as exc:
         raise _wrap_storage_error(url, exc) from exc
-    cache = getattr(fh, "cache", None)
-    if cache is not None and getattr(cache, "fetcher", None) is not None:
-        cache.fetcher = _counting(cache.fetcher, url)
     _count(0, 0, 1)
-    log.debug("opened %s (%d bytes) with %d-byte ranged reads", url, size, block_size)
+    cache = getattr(fh, "cache", None)
+    if cache is None or getattr(cache, "fetcher", None) is None:  # e.g. memory://: no requests
+        return fh  # type: ignore[no-any-return]
+
+    def fetch(start: int, end: int) -> bytes:
+        # every ranged read (h5py asks for them) is one operation with its own deadline
+        return bytes(call_fs(fs, "cat_file", path_in_fs, start=start, end=min(end, size)))
+
+    cache.fetcher = _counting(fetch, url)
+    log.debug("opened %s (%d bytes) with %d-byte ranged reads", shown_url(url), size, block_size)
     return fh
+
+
+class _UploadOnClose(io.BytesIO):
+    """A remote file being written: held in memory, uploaded in one request (retried, within
+    one deadline) when closed without an error."""
+
+    def __init__(self, fs: Any, path: str, url: str) -> None:
+        super().__init__()
+        self._fs, self._path, self._url = fs, path, url
+
+    def close(self) -> None:
+        if not self.closed:
+            data = self.getvalue()
+            super().close()
+            try:
+                retrying(lambda: call_fs(self._fs, "pipe_file", self._path, data), self._url,
+                         "write")
+            except SourceError:
+                raise
+            except Exception as exc:
+                raise _wrap_storage_error(self._url, exc, "write") from exc
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:  # a failed write uploads nothing
+            super().close()
+            return
+        self.close()

@@ -44,7 +44,7 @@ from sfxflow.algorithms.merge.scale import MergeParams
 from sfxflow.algorithms.predict import PredictParams
 from sfxflow.algorithms.simulate import SimulationParams
 from sfxflow.algorithms.spots import HitParams, SpotParams
-from sfxflow.errors import ConfigError
+from sfxflow.errors import ConfigError, redact_userinfo
 from sfxflow.models import as_space_group, as_unit_cell
 from sfxflow.pipeline import params as _params
 from sfxflow.settings import check_fields, section, setting
@@ -145,7 +145,8 @@ class RunConfig:
     report : write ``report.html`` into the run directory (refreshed while running).
     report_interval_s : least seconds between report refreshes while running.
     storage_retry_s : how long a transient storage error (refused connection, timeout, HTTP
-        5xx, EIO) is retried, with back-off, before the frames concerned are left for a rerun.
+        5xx, EIO) is retried, with back-off, before the frames concerned are left for a rerun;
+        one storage operation ends within this plus one connect timeout (3 s) in any case.
     """
 
     task_retries: int = setting(1, ge=0, le=100)
@@ -300,8 +301,9 @@ class ProcessConfig:
         return _target(tuple(self.target.cell), self.target.space_group)
 
     def to_toml(self) -> str:
-        """The whole resolved tree as TOML (see :func:`config_from_toml`)."""
-        return _params.to_toml(self)
+        """The whole resolved tree as TOML (see :func:`config_from_toml`); a password inside a
+        URL (``--geometry http://user:password@host/...``) is written as ``***``."""
+        return redact_userinfo(_params.to_toml(self))
 
 
 @dataclass(frozen=True)

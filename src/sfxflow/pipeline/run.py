@@ -163,7 +163,8 @@ def _check_compatible(run: RunDir, config: ProcessConfig) -> None:
     if not run.exists("config.toml"):
         return
     old = config_from_toml(run.read_text("config.toml"), where=run.url_of("config.toml"))
-    diffs = {k: v for k, v in _params.differences(old, config).items()
+    written = config_from_toml(config.to_toml())  # as written: without passwords in URLs
+    diffs = {k: v for k, v in _params.differences(old, written).items()
              if k.split(".")[0] in RESULT_SECTIONS
              or (k.startswith("io.") and k.split(".")[1] in RESULT_IO_KEYS)}
     if config.io.write_stream and not old.io.write_stream:
