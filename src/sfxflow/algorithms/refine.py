@@ -334,6 +334,50 @@ def index_on_lattice(
     return np.where(indexed[:, None], hkl, 0).astype(np.int32), indexed, residuals
 
 
+def _rotation_matrices(rotvecs: np.ndarray) -> np.ndarray:
+    """:func:`rotation_matrix` of each row of ``rotvecs`` (m, 3): (m, 3, 3)."""
+    v = np.asarray(rotvecs, dtype=float)
+    out = np.empty((v.shape[0], 3, 3))
+    for i in range(v.shape[0]):
+        out[i] = rotation_matrix(v[i])
+    return out
+
+
+_FD_STEP = math.sqrt(np.finfo(float).eps)  # scipy's relative step for '2-point' differences
+
+
+def _fun_and_jac(residuals_batch, lower: np.ndarray, upper: np.ndarray):
+    """``fun(x)`` and a forward-difference ``jac(x)`` for :func:`scipy.optimize.least_squares`
+    from a residual function of a batch of parameter vectors.
+
+    The steps are scipy's own for ``jac='2-point'`` (relative ``sqrt(eps)``, signed like ``x``,
+    reversed where a bound is in the way); all of them are evaluated in one batched call, and
+    ``f(x)``, which ``least_squares`` has always just evaluated, is reused.
+    """
+    last: dict[str, np.ndarray] = {}
+
+    def fun(x):
+        f = residuals_batch(np.asarray(x, dtype=float)[None])[0]
+        last["x"], last["f"] = np.array(x, dtype=float), f
+        return f
+
+    def jac(x):
+        x = np.asarray(x, dtype=float)
+        if "x" in last and np.array_equal(last["x"], x):
+            f0 = last["f"]
+        else:
+            f0 = fun(x)
+        sign = np.where(x >= 0.0, 1.0, -1.0)
+        h = _FD_STEP * sign * np.maximum(1.0, np.abs(x))
+        h = np.where((x + h > upper) | (x + h < lower), -h, h)
+        dx = (x + h) - x
+        xs = x[None, :] + np.diag(dx)
+        f = residuals_batch(xs)
+        return ((f - f0[None, :]) / dx[:, None]).T
+
+    return fun, jac
+
+
 def _robust_sigma(x: np.ndarray) -> float:
     if x.size == 0:
         return math.nan
@@ -416,25 +460,41 @@ def refine_still(
             xy = np.array(x[i_xy : i_xy + 2], dtype=float) if use_xy else xy0
             return rot, c, sh, xy
 
-        def residuals(
-            x, h_sel=h_sel, fs_o=fs_o, ss_o=ss_o, di0=d_inv[sel], sh0=shift,
-            xy0=shift_xy, unpack=unpack, exc_scale=exc_scale,
+        def residuals_batch(
+            xs, h_sel=h_sel, fs_o=fs_o, ss_o=ss_o, di0=d_inv[sel], sh0=shift,
+            xy0=shift_xy, u0=u, cell0=cell, n_cell=n_cell, use_dist=use_dist, use_xy=use_xy,
+            i_dist=i_dist, i_xy=i_xy, exc_scale=exc_scale,
         ):
-            rot, c, sh, xy = unpack(x)
-            a = rot @ reciprocal_basis(c)
-            k = h_sel @ a.T + s0
-            v = np.einsum("nij,nj->ni", di0, k)
-            if sh != sh0 or xy[0] != xy0[0] or xy[1] != xy0[1]:
+            # the residuals of several parameter vectors (rows of xs) in one pass: the
+            # finite-difference Jacobian costs one call instead of one per parameter
+            m = xs.shape[0]
+            rot = _rotation_matrices(xs[:, :3]) @ u0
+            if n_cell:
+                bs = np.stack([reciprocal_basis(build(row[3 : 3 + n_cell])) for row in xs])
+            else:
+                bs = reciprocal_basis(cell0)[None]
+            a = rot @ bs
+            k = np.einsum("nj,mij->mni", h_sel, a) + s0
+            v = np.einsum("nij,mnj->mni", di0, k)
+            t = np.zeros((m, 3))
+            if use_xy:
+                t[:, 0] = xs[:, i_xy] - xy0[0]
+                t[:, 1] = xs[:, i_xy + 1] - xy0[1]
+            if use_dist:
+                t[:, 2] = xs[:, i_dist] - sh0
+            moved = np.flatnonzero(np.any(t != 0.0, axis=1))
+            if moved.size:
                 # the panels' origins move by t: d' = d + t e3^T, and by Sherman-Morrison
                 # d'^-1 k = v - w v_3 / (1 + w_3) with v = d^-1 k, w = d^-1 t
-                w = di0 @ np.array([xy[0] - xy0[0], xy[1] - xy0[1], sh - sh0])
-                v = v - w * (v[:, 2] / (1.0 + w[:, 2]))[:, None]
+                vm = v[moved]
+                w = np.einsum("nij,mj->mni", di0, t[moved])
+                v[moved] = vm - w * (vm[:, :, 2] / (1.0 + w[:, :, 2]))[:, :, None]
             with np.errstate(divide="ignore", invalid="ignore"):
-                fs_c, ss_c = v[:, 0] / v[:, 2], v[:, 1] / v[:, 2]
+                fs_c, ss_c = v[:, :, 0] / v[:, :, 2], v[:, :, 1] / v[:, :, 2]
             out = [fs_c - fs_o, ss_c - ss_o]
             if exc_scale > 0:
-                out.append((np.linalg.norm(k, axis=1) - k0) * exc_scale)
-            return np.concatenate(out)
+                out.append((np.sqrt(np.einsum("mni,mni->mn", k, k)) - k0) * exc_scale)
+            return np.concatenate(out, axis=1)
 
         x0 = np.zeros(n_free)
         lower = np.full(n_free, -np.inf)
@@ -448,8 +508,10 @@ def refine_still(
             lower[i_xy : i_xy + 2] = -lim
             upper[i_xy : i_xy + 2] = lim
         try:
-            fit = least_squares(residuals, x0, method="trf", x_scale="jac", loss="soft_l1",
-                                f_scale=max(0.5, threshold / 3.0), bounds=(lower, upper))
+            fun, jac = _fun_and_jac(residuals_batch, lower, upper)
+            fit = least_squares(fun, x0, jac=jac, method="trf", x_scale="jac",
+                                loss="soft_l1", f_scale=max(0.5, threshold / 3.0),
+                                bounds=(lower, upper))
         except ValueError as exc:  # e.g. more parameters than residuals
             log.debug("refinement skipped: %s", exc)
             break
