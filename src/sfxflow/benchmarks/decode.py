@@ -133,14 +133,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cpu_ms(fn: Any, items: list[Any], repeats: int) -> float:
+    from sfxflow.benchmarks.spots import _time_per_frame
+
     fn(items[0])  # warm-up
-    out = []
-    for _ in range(repeats):
-        for it in items:
-            t0 = time.thread_time()
-            fn(it)
-            out.append(time.thread_time() - t0)
-    return 1e3 * statistics.median(out)
+    return 1e3 * statistics.median(_time_per_frame(fn, items, repeats))
 
 
 def _against_libraries(cbf_dir: Path | None, repeats: int) -> None:
