@@ -425,11 +425,6 @@ def _sum9(a, c):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sum3x3(t, c):
-    return (t[c] + t[c + 3]) + t[c + 6]
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _sum5(a, c):
     return ((a[c] + a[c + 1]) + (a[c + 2] + a[c + 3])) + a[c + 4]
 
@@ -462,9 +457,6 @@ def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local
     win_q = np.zeros(max_fs)
     win_n = np.zeros(max_fs)
     flag = np.zeros(max_fs, np.bool_)
-    tri_n = np.zeros(width)
-    tri_s = np.zeros(width)
-    tri_q = np.zeros(width)
     labels = _new_labels(ptab, cap)
     n = 0
     for p in range(ptab.shape[0]):
@@ -537,17 +529,9 @@ def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local
                     flag[c] = f
                     any_strong |= f
             elif k == 9:
-                # sums of 3 adjacent columns first, then 3 of those: 4 adds per window sum
-                # instead of 8 (exact for integer-valued data, e.g. photon counts)
-                for c in range(nfs + 6):
-                    tri_n[c] = (col_n[c] + col_n[c + 1]) + col_n[c + 2]
-                for c in range(nfs + 6):
-                    tri_s[c] = (col_s[c] + col_s[c + 1]) + col_s[c + 2]
-                for c in range(nfs + 6):
-                    tri_q[c] = (col_q[c] + col_q[c + 1]) + col_q[c + 2]
                 for c in range(nfs):
-                    f = _strong_test(rv[c], rg[c] > 0.0, _sum3x3(tri_n, c), _sum3x3(tri_s, c),
-                                     _sum3x3(tri_q, c), gain, floor, thr_adu, min_local, s2,
+                    f = _strong_test(rv[c], rg[c] > 0.0, _sum9(col_n, c), _sum9(col_s, c),
+                                     _sum9(col_q, c), gain, floor, thr_adu, min_local, s2,
                                      b2, local_sigma)
                     flag[c] = f
                     any_strong |= f
