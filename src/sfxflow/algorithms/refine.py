@@ -334,28 +334,39 @@ def index_on_lattice(
     return np.where(indexed[:, None], hkl, 0).astype(np.int32), indexed, residuals
 
 
-def _rotation_matrices(rotvecs: np.ndarray) -> np.ndarray:
-    """:func:`rotation_matrix` of each row of ``rotvecs`` (m, 3), vectorised: (m, 3, 3)."""
-    v = np.asarray(rotvecs, dtype=float)
-    theta = np.sqrt(np.einsum("ij,ij->i", v, v))
-    small = theta < 1e-12
-    # first order where theta ~ 0: I + [v]x, as in rotation_matrix
-    safe = np.where(small, 1.0, theta)
-    sin_t = np.where(small, 1.0, np.sin(theta))
-    cos_t = np.where(small, 1.0, np.cos(theta))
-    u = np.where(small[:, None], v, v / safe[:, None])
-    r = ((1.0 - cos_t)[:, None, None] * u[:, :, None]) * u[:, None, :]
-    r[:, 0, 0] += cos_t
-    r[:, 1, 1] += cos_t
-    r[:, 2, 2] += cos_t
-    su = sin_t[:, None] * u
-    r[:, 0, 1] -= su[:, 2]
-    r[:, 0, 2] += su[:, 1]
-    r[:, 1, 0] += su[:, 2]
-    r[:, 1, 2] -= su[:, 0]
-    r[:, 2, 0] -= su[:, 1]
-    r[:, 2, 1] += su[:, 0]
-    return r
+@njit(cache=True, nogil=True, error_model="numpy")
+def _orientations(rotvecs, u0, bs, a):  # pragma: no cover - compiled
+    """``a[j] = R(rotvecs[j]) @ u0 @ bs[j or 0]`` with ``R`` as in :func:`rotation_matrix`."""
+    r = np.empty((3, 3))
+    for j in range(rotvecs.shape[0]):
+        vx, vy, vz = rotvecs[j, 0], rotvecs[j, 1], rotvecs[j, 2]
+        theta = math.sqrt(vx * vx + vy * vy + vz * vz)
+        if theta < 1e-12:  # first order: I + [v]x
+            s, c1, x, y, z = 1.0, 0.0, vx, vy, vz
+            c = 1.0
+        else:
+            s, c = math.sin(theta), math.cos(theta)
+            c1 = 1.0 - c
+            x, y, z = vx / theta, vy / theta, vz / theta
+        r[0, 0] = c + c1 * x * x
+        r[0, 1] = c1 * x * y - s * z
+        r[0, 2] = c1 * x * z + s * y
+        r[1, 0] = c1 * y * x + s * z
+        r[1, 1] = c + c1 * y * y
+        r[1, 2] = c1 * y * z - s * x
+        r[2, 0] = c1 * z * x - s * y
+        r[2, 1] = c1 * z * y + s * x
+        r[2, 2] = c + c1 * z * z
+        b = bs[j if bs.shape[0] > 1 else 0]
+        for i in range(3):
+            for k in range(3):
+                acc = 0.0
+                for m in range(3):
+                    um = 0.0
+                    for q in range(3):
+                        um += u0[m, q] * b[q, k]
+                    acc += r[i, m] * um
+                a[j, i, k] = acc
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -575,7 +586,6 @@ def refine_still(
             # the residuals of several parameter vectors (rows of xs) in one pass: the
             # finite-difference Jacobian costs one call instead of one per parameter
             m = xs.shape[0]
-            rot = _rotation_matrices(xs[:, :3]) @ u0
             if n_cell:
                 bs = _reciprocal_bases(xs[:, 3 : 3 + n_cell], build)
             else:
@@ -587,7 +597,9 @@ def refine_still(
             if use_dist:
                 t[:, 2] = xs[:, i_dist] - sh0
             out = np.empty((m, (3 if exc_scale > 0 else 2) * fs_o.size))
-            _still_residuals(rot @ bs, h_sel, s0, di0, t, fs_o, ss_o, k0, exc_scale, out)
+            a = np.empty((m, 3, 3))
+            _orientations(np.ascontiguousarray(xs[:, :3]), u0, bs, a)
+            _still_residuals(a, h_sel, s0, di0, t, fs_o, ss_o, k0, exc_scale, out)
             return out
 
         x0 = np.zeros(n_free)
