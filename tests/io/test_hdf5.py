@@ -97,6 +97,49 @@ def test_cxi_frames_geometry_and_masks(tmp_path: Path, geom) -> None:
     np.testing.assert_array_equal(single.data, frames[2].data)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_cxi_gzip_frames_decoded_without_the_filter_pipeline(tmp_path: Path, geom, dtype,
+                                                             shuffle) -> None:
+    """gzip frames (one chunk each) are inflated by sfxflow itself: same values as h5py."""
+    import sfxflow.io.hdf5 as hdf5_mod
+
+    path = tmp_path / "gzip.cxi"
+    write_cxi(path, compress=False)
+    rng = np.random.default_rng(3)
+    data = rng.integers(-300 if dtype == np.int16 else 0, 40000 if dtype == np.uint16 else 300,
+                        size=(N_FRAMES, 40, 30)).astype(dtype)
+    with h5py.File(path, "a") as f:
+        del f["/entry_1/data_1/data"]
+        f.create_dataset("/entry_1/data_1/data", data=data, chunks=(1, 40, 30),
+                         compression="gzip", compression_opts=6, shuffle=shuffle)
+    calls = []
+    real = hdf5_mod._read_deflate_frame
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hdf5_mod, "_read_deflate_frame", lambda *a: calls.append(a) or real(*a))
+        with open_hdf5_source(str(path), geom) as src:
+            frames = src.read_frames(1, 5)
+    assert len(calls) == 4
+    for f in frames:
+        assert f.data.dtype == np.float32
+        np.testing.assert_array_equal(f.data, data[f.index].astype(np.float32))
+
+
+def test_cxi_other_chunking_read_by_h5py(tmp_path: Path, geom) -> None:
+    from sfxflow.io.hdf5 import _deflate_frames
+
+    path = tmp_path / "chunks.cxi"
+    data = np.arange(N_FRAMES * 40 * 30, dtype=np.uint16).reshape(N_FRAMES, 40, 30)
+    with h5py.File(path, "w") as f:
+        a = f.create_dataset("a", data=data, chunks=(2, 40, 30), compression="gzip")
+        b = f.create_dataset("b", data=data, chunks=(1, 40, 30), compression="lzf")
+        c = f.create_dataset("c", data=data.astype(np.float32), chunks=(1, 40, 30),
+                             compression="gzip")
+        d = f.create_dataset("d", data=data, chunks=(1, 40, 30), compression="gzip",
+                             shuffle=True, fletcher32=True)
+        assert [_deflate_frames(x, 0) for x in (a, b, c, d)] == [None] * 4
+
+
 def test_cxi_scalar_reference_shares_one_detector(tmp_path: Path, geom) -> None:
     path = tmp_path / "run_0002.cxi"
     write_cxi(path, clen_per_frame=False, compress=False)

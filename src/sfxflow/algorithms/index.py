@@ -1114,9 +1114,12 @@ def index_lattices(
             mask = np.zeros(n, bool)
             mask[remaining] = res.indexed_mask
             found.append(replace(res, miller_indices=hkl, indexed_mask=mask, n_spots=n))
+        too_few = max(params.min_spots, params.min_indexed)
+        if remaining.size - int(res.indexed_mask.sum()) < too_few:
+            break  # the unexplained spots cannot make another lattice: no search, no cost
         explained = res.indexed_mask | _near_lattice(res, sub, detector, beam, params)
         remaining = remaining[~explained]
-        if remaining.size < max(params.min_spots, params.min_indexed):
+        if remaining.size < too_few:
             break
     return found
 

@@ -20,7 +20,7 @@ Ewald sphere; this pins the rotations about axes perpendicular to the beam, whic
 alone determine poorly on a still). Between least-squares rounds every spot is re-assigned its
 best Miller index along its observed ray (:func:`assign_hkl`) and outliers are dropped.
 
-Pure numpy/scipy; no I/O.
+Pure numpy/numba; no I/O.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import gemmi
 import numpy as np
-from scipy.optimize import least_squares
+from numba import njit
 
 from sfxflow.algorithms.geometry import panel_matrices
 from sfxflow.models import Beam, Crystal, Detector, reciprocal_basis
@@ -334,6 +334,168 @@ def index_on_lattice(
     return np.where(indexed[:, None], hkl, 0).astype(np.int32), indexed, residuals
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _orientations(rotvecs, u0, bs, a):  # pragma: no cover - compiled
+    """``a[j] = R(rotvecs[j]) @ u0 @ bs[j or 0]`` with ``R`` as in :func:`rotation_matrix`."""
+    r = np.empty((3, 3))
+    for j in range(rotvecs.shape[0]):
+        vx, vy, vz = rotvecs[j, 0], rotvecs[j, 1], rotvecs[j, 2]
+        theta = math.sqrt(vx * vx + vy * vy + vz * vz)
+        if theta < 1e-12:  # first order: I + [v]x
+            s, c1, x, y, z = 1.0, 0.0, vx, vy, vz
+            c = 1.0
+        else:
+            s, c = math.sin(theta), math.cos(theta)
+            c1 = 1.0 - c
+            x, y, z = vx / theta, vy / theta, vz / theta
+        r[0, 0] = c + c1 * x * x
+        r[0, 1] = c1 * x * y - s * z
+        r[0, 2] = c1 * x * z + s * y
+        r[1, 0] = c1 * y * x + s * z
+        r[1, 1] = c + c1 * y * y
+        r[1, 2] = c1 * y * z - s * x
+        r[2, 0] = c1 * z * x - s * y
+        r[2, 1] = c1 * z * y + s * x
+        r[2, 2] = c + c1 * z * z
+        b = bs[j if bs.shape[0] > 1 else 0]
+        for i in range(3):
+            for k in range(3):
+                acc = 0.0
+                for m in range(3):
+                    um = 0.0
+                    for q in range(3):
+                        um += u0[m, q] * b[q, k]
+                    acc += r[i, m] * um
+                a[j, i, k] = acc
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _still_residuals(a, h, s0, d_inv, t, fs_o, ss_o, k0, exc_scale, out):  # pragma: no cover
+    """Residuals of :func:`refine_still` for each of ``m`` models: ``a`` (m, 3, 3) orientation
+    matrices, ``t`` (m, 3) detector shifts from the one ``d_inv`` (n, 3, 3) describes. Row ``j``
+    of ``out``: fs residuals, ss residuals, then (``exc_scale > 0``) the scaled excitation
+    errors ``(|A h + s0| - 1/λ) exc_scale``.
+
+    The ray ``k = A h + s0`` meets the spot's panel at ``v = d⁻¹ k`` (pixels ``v0/v2, v1/v2``);
+    when the panels' origins move by ``t`` (``d' = d + t e3ᵀ``), Sherman-Morrison gives
+    ``d'⁻¹ k = v - w v2 / (1 + w2)`` with ``w = d⁻¹ t``.
+    """
+    n = h.shape[0]
+    for j in range(a.shape[0]):
+        moved = t[j, 0] != 0.0 or t[j, 1] != 0.0 or t[j, 2] != 0.0
+        for i in range(n):
+            kx = a[j, 0, 0] * h[i, 0] + a[j, 0, 1] * h[i, 1] + a[j, 0, 2] * h[i, 2] + s0[0]
+            ky = a[j, 1, 0] * h[i, 0] + a[j, 1, 1] * h[i, 1] + a[j, 1, 2] * h[i, 2] + s0[1]
+            kz = a[j, 2, 0] * h[i, 0] + a[j, 2, 1] * h[i, 1] + a[j, 2, 2] * h[i, 2] + s0[2]
+            v0 = d_inv[i, 0, 0] * kx + d_inv[i, 0, 1] * ky + d_inv[i, 0, 2] * kz
+            v1 = d_inv[i, 1, 0] * kx + d_inv[i, 1, 1] * ky + d_inv[i, 1, 2] * kz
+            v2 = d_inv[i, 2, 0] * kx + d_inv[i, 2, 1] * ky + d_inv[i, 2, 2] * kz
+            if moved:
+                w0 = d_inv[i, 0, 0] * t[j, 0] + d_inv[i, 0, 1] * t[j, 1] + d_inv[i, 0, 2] * t[j, 2]
+                w1 = d_inv[i, 1, 0] * t[j, 0] + d_inv[i, 1, 1] * t[j, 1] + d_inv[i, 1, 2] * t[j, 2]
+                w2 = d_inv[i, 2, 0] * t[j, 0] + d_inv[i, 2, 1] * t[j, 1] + d_inv[i, 2, 2] * t[j, 2]
+                f = v2 / (1.0 + w2)
+                v0 -= w0 * f
+                v1 -= w1 * f
+                v2 -= w2 * f
+            out[j, i] = v0 / v2 - fs_o[i]
+            out[j, n + i] = v1 / v2 - ss_o[i]
+            if exc_scale > 0.0:
+                out[j, 2 * n + i] = (math.sqrt(kx * kx + ky * ky + kz * kz) - k0) * exc_scale
+
+
+def _reciprocal_bases(values: np.ndarray, build) -> np.ndarray:
+    """``reciprocal_basis(build(row))`` of each row of ``values`` (m, n_cell), each distinct
+    row built once (a finite-difference batch steps one parameter per row)."""
+    out = np.empty((values.shape[0], 3, 3))
+    seen: dict[bytes, np.ndarray] = {}
+    for i, row in enumerate(values):
+        key = row.tobytes()
+        b = seen.get(key)
+        if b is None:
+            b = seen[key] = reciprocal_basis(build(row))
+        out[i] = b
+    return out
+
+
+_FD_STEP = math.sqrt(np.finfo(float).eps)  # scipy's relative step for '2-point' differences
+
+
+def _fd_jacobian(residuals_batch, x: np.ndarray, f0: np.ndarray, lower: np.ndarray,
+                 upper: np.ndarray) -> np.ndarray:
+    """Forward-difference Jacobian with scipy's ``'2-point'`` steps (relative ``sqrt(eps)``,
+    signed like ``x``, reversed where a bound is in the way), every step in one batched call."""
+    sign = np.where(x >= 0.0, 1.0, -1.0)
+    h = _FD_STEP * sign * np.maximum(1.0, np.abs(x))
+    h = np.where((x + h > upper) | (x + h < lower), -h, h)
+    dx = (x + h) - x
+    f = residuals_batch(x[None, :] + np.diag(dx))
+    return ((f - f0[None, :]) / dx[:, None]).T
+
+
+def _soft_l1_cost(f: np.ndarray, f_scale: float) -> float:
+    """scipy's ``loss='soft_l1'`` cost: ``f_scale² Σ (sqrt(1 + (f/f_scale)²) - 1)``."""
+    z = (f / f_scale) ** 2
+    c = float(f_scale * f_scale * np.sum(np.sqrt(1.0 + z) - 1.0))
+    return c if math.isfinite(c) else math.inf
+
+
+def robust_least_squares(residuals_batch, x0: np.ndarray, lower: np.ndarray,
+                         upper: np.ndarray, f_scale: float, max_iterations: int = 100,
+                         ftol: float = 1e-8, xtol: float = 1e-8,
+                         gtol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise the soft-L1 cost of ``residuals_batch`` (as ``scipy.optimize.least_squares``
+    with ``loss='soft_l1'``, ``x_scale='jac'``, box bounds), by Levenberg-Marquardt on the
+    iteratively reweighted normal equations.
+
+    ``residuals_batch(xs)`` gives the residuals of each row of ``xs`` (m, n_params): the
+    forward-difference Jacobian is one call. With weights ``w = (1 + (f/f_scale)²)^-1/2`` the
+    cost's gradient is ``Jᵀ W f`` and ``Jᵀ W J`` is its Gauss-Newton matrix; the damping is
+    proportional to its diagonal (scale invariance, like ``x_scale='jac'``) and steps are clipped
+    into the bounds. The stationary points are scipy's; the cost is a few small numpy calls per
+    iteration instead of scipy's general trust-region machinery (most of a still's indexing
+    time before). Stops on scipy's ``ftol``/``xtol``/``gtol`` tests. Returns ``(x, f(x))``.
+    """
+    x = np.clip(np.asarray(x0, dtype=float), lower, upper)
+    f = residuals_batch(x[None])[0]
+    cost = _soft_l1_cost(f, f_scale)
+    if not math.isfinite(cost):
+        return x, f
+    lam = 1e-3
+    for _ in range(max_iterations):
+        jac = _fd_jacobian(residuals_batch, x, f, lower, upper)
+        w = 1.0 / np.sqrt(1.0 + (f / f_scale) ** 2)
+        jw = jac * w[:, None]
+        a = jac.T @ jw
+        g = jw.T @ f
+        if not np.all(np.isfinite(a)) or float(np.max(np.abs(g))) < gtol:
+            break
+        diag = np.maximum(np.diag(a).copy(), 1e-12 * max(float(np.max(np.diag(a))), 1e-300))
+        accepted = False
+        while lam <= 1e12:
+            try:
+                dx = np.linalg.solve(a + lam * np.diag(diag), -g)
+            except np.linalg.LinAlgError:
+                lam *= 10.0
+                continue
+            x_new = np.clip(x + dx, lower, upper)
+            f_new = residuals_batch(x_new[None])[0]
+            cost_new = _soft_l1_cost(f_new, f_scale)
+            if cost_new < cost:
+                accepted = True
+                lam = max(lam * 0.1, 1e-12)
+                break
+            lam *= 10.0
+        if not accepted:
+            break
+        step = float(np.linalg.norm(x_new - x))
+        decrease = cost - cost_new
+        x, f, cost = x_new, f_new, cost_new
+        if decrease < ftol * cost or step < xtol * (xtol + float(np.linalg.norm(x))):
+            break
+    return x, f
+
+
 def _robust_sigma(x: np.ndarray) -> float:
     if x.size == 0:
         return math.nan
@@ -416,25 +578,29 @@ def refine_still(
             xy = np.array(x[i_xy : i_xy + 2], dtype=float) if use_xy else xy0
             return rot, c, sh, xy
 
-        def residuals(
-            x, h_sel=h_sel, fs_o=fs_o, ss_o=ss_o, di0=d_inv[sel], sh0=shift,
-            xy0=shift_xy, unpack=unpack, exc_scale=exc_scale,
+        def residuals_batch(
+            xs, h_sel=h_sel, fs_o=fs_o, ss_o=ss_o, di0=d_inv[sel], sh0=shift,
+            xy0=shift_xy, u0=u, cell0=cell, n_cell=n_cell, use_dist=use_dist, use_xy=use_xy,
+            i_dist=i_dist, i_xy=i_xy, exc_scale=exc_scale,
         ):
-            rot, c, sh, xy = unpack(x)
-            a = rot @ reciprocal_basis(c)
-            k = h_sel @ a.T + s0
-            v = np.einsum("nij,nj->ni", di0, k)
-            if sh != sh0 or xy[0] != xy0[0] or xy[1] != xy0[1]:
-                # the panels' origins move by t: d' = d + t e3^T, and by Sherman-Morrison
-                # d'^-1 k = v - w v_3 / (1 + w_3) with v = d^-1 k, w = d^-1 t
-                w = di0 @ np.array([xy[0] - xy0[0], xy[1] - xy0[1], sh - sh0])
-                v = v - w * (v[:, 2] / (1.0 + w[:, 2]))[:, None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                fs_c, ss_c = v[:, 0] / v[:, 2], v[:, 1] / v[:, 2]
-            out = [fs_c - fs_o, ss_c - ss_o]
-            if exc_scale > 0:
-                out.append((np.linalg.norm(k, axis=1) - k0) * exc_scale)
-            return np.concatenate(out)
+            # the residuals of several parameter vectors (rows of xs) in one pass: the
+            # finite-difference Jacobian costs one call instead of one per parameter
+            m = xs.shape[0]
+            if n_cell:
+                bs = _reciprocal_bases(xs[:, 3 : 3 + n_cell], build)
+            else:
+                bs = reciprocal_basis(cell0)[None]
+            t = np.zeros((m, 3))
+            if use_xy:
+                t[:, 0] = xs[:, i_xy] - xy0[0]
+                t[:, 1] = xs[:, i_xy + 1] - xy0[1]
+            if use_dist:
+                t[:, 2] = xs[:, i_dist] - sh0
+            out = np.empty((m, (3 if exc_scale > 0 else 2) * fs_o.size))
+            a = np.empty((m, 3, 3))
+            _orientations(np.ascontiguousarray(xs[:, :3]), u0, bs, a)
+            _still_residuals(a, h_sel, s0, di0, t, fs_o, ss_o, k0, exc_scale, out)
+            return out
 
         x0 = np.zeros(n_free)
         lower = np.full(n_free, -np.inf)
@@ -448,19 +614,18 @@ def refine_still(
             lower[i_xy : i_xy + 2] = -lim
             upper[i_xy : i_xy + 2] = lim
         try:
-            fit = least_squares(residuals, x0, method="trf", x_scale="jac", loss="soft_l1",
-                                f_scale=max(0.5, threshold / 3.0), bounds=(lower, upper))
+            x, f_fit = robust_least_squares(residuals_batch, x0, lower, upper,
+                                            f_scale=max(0.5, threshold / 3.0))
         except ValueError as exc:  # e.g. more parameters than residuals
             log.debug("refinement skipped: %s", exc)
             break
-        x = fit.x
         if n_cell:
             rel = np.abs(x[3 : 3 + n_cell] - cell_start) / np.maximum(np.abs(cell_start), 1e-9)
             if not np.all(np.isfinite(rel)) or rel.max() > params.max_cell_change:
                 x[3 : 3 + n_cell] = cell_start
         u, cell, shift, shift_xy = unpack(x)
         a_cur = u @ reciprocal_basis(cell)
-        r = fit.fun[: 2 * sel.size].reshape(2, -1)
+        r = f_fit[: 2 * sel.size].reshape(2, -1)
         sigma = _robust_sigma(np.hypot(r[0], r[1]))
         if params.excitation_weight > 0:
             # weight the excitation residuals by their observed scatter relative to the pixel

@@ -141,7 +141,59 @@ def run(args: argparse.Namespace) -> int:
     for name, where, n, bpf, fps in rows:
         print(f"{name:44s} {where:6s} {n:6d} {bpf / 1e6:9.3f} {fps:9.1f} {bpf * fps / 1e6:8.1f}"
               .replace(" nan", "   -"))
+    _against_libraries(cbf_dir, args.repeats)
     return 0
+
+
+def _cpu_ms(fn: Any, items: list[Any], repeats: int) -> float:
+    from sfxflow.benchmarks.spots import _time_per_frame
+
+    fn(items[0])  # warm-up
+    return 1e3 * statistics.median(_time_per_frame(fn, items, repeats))
+
+
+def _against_libraries(cbf_dir: Path | None, repeats: int) -> None:
+    """sfxflow's reads against the libraries' own: h5py reading the same gzip chunks of the
+    independent stills, and CBFlib (pycbf: parse + decode every array) on the real CBFs."""
+    import h5py
+
+    from sfxflow.benchmarks.stills import load_stills, read_still, stills_dir
+
+    print()
+    print(f"against the libraries' own readers, CPU ms per frame, median of frames x {repeats}:")
+    d = stills_dir()
+    if d is not None:
+        files, geometry, _ = load_stills(d)
+
+        def h5py_read(path: Path) -> Any:
+            with h5py.File(path, "r") as f:
+                return f["/entry_1/data_1/data"][()]
+
+        ours = _cpu_ms(lambda p: read_still(p, geometry), files, repeats)
+        theirs = _cpu_ms(h5py_read, files, repeats)
+        print(f"  independent stills (gzip uint16, 1.1 Mpixel): sfxflow {ours:.2f} (open, "
+              f"geometry, float32 frame) vs h5py's own read {theirs:.2f} -> "
+              f"{theirs / ours:.2f}x h5py's speed")
+    cbfs = sorted(cbf_dir.glob("*.cbf")) if cbf_dir is not None else []
+    if cbfs:
+        from sfxflow.io.cbf import _decode_arrays, _open_handle
+        from sfxflow.io.sources import open_source
+
+        blobs = [p.read_bytes() for p in cbfs]
+
+        def ours_cbf(k: int) -> Any:
+            with open_source(str(cbfs[k])) as src:
+                return src.read_frame(0)
+
+        def cbflib(k: int) -> Any:
+            return _decode_arrays(_open_handle(blobs[k], str(cbfs[k])), str(cbfs[k]))
+
+        idx = list(range(len(cbfs)))
+        ours = _cpu_ms(ours_cbf, idx, max(repeats, 5))
+        theirs = _cpu_ms(cbflib, idx, max(repeats, 5))
+        print(f"  real CSPAD CBF (x-CBF_PACKED, 4 arrays): sfxflow {ours:.1f} ({1e3 / ours:.1f} "
+              f"frames/s; file read, header geometry, frame assembly) vs CBFlib (pycbf) parse + "
+              f"decode alone {theirs:.1f} -> {ours / theirs:.2f}x CBFlib's time")
 
 
 def _s3_rows(cases: list[tuple[str, list[Path], Any]],

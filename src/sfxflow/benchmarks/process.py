@@ -9,6 +9,11 @@
 
 Wall times count execution only (cluster start-up excluded); each figure is the median of
 ``--repeats`` runs into fresh run directories.
+
+0. First, frames we did not simulate: the 16 independent lysozyme stills in
+   ``../shared/data/independent-stills-lysozyme`` (when present), read + spots + index +
+   integrate in CPU ms per frame per stage (medians), indexing rate and misorientation to the
+   truth, and CrystFEL 0.12 ``indexamajig`` on the same frames (when present) for the ratio.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     number(parser, "--workers", kind=int, nargs="+", default=[1, 2], ge=1, le=1024,
            help="worker counts to compare (default 1 2)")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 prefetch comparison")
+    parser.add_argument("--stills-only", action="store_true",
+                        help="only the independent stills (no simulated run on Dask)")
+    parser.add_argument("--no-crystfel", action="store_true",
+                        help="do not run CrystFEL's indexamajig for the ratio")
 
 
 def _config(geometry: str, fpb: int, n_workers: int, prefetch: int) -> Any:
@@ -83,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.frames < 2 or args.repeats < 1 or args.files < 1 or args.files > args.frames:
         raise InputError("--frames >= 2, 1 <= --files <= --frames and --repeats >= 1 expected")
+    from sfxflow.benchmarks.stills import print_stills
+
+    print_stills(max(args.repeats, 5), crystfel=not args.no_crystfel)
+    if args.stills_only:
+        return 0
     with tempfile.TemporaryDirectory(prefix="sfxflow-bench-process-") as tmp:
         work = Path(tmp)
         print(f"simulating {args.frames} CSPAD frames (hit fraction 0.3) ...", file=sys.stderr,

@@ -38,6 +38,12 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters with HDF5)
 import numpy as np
+from numba import njit
+
+try:  # ISA-L's inflate: the same zlib streams, decoded 2-3x faster than zlib's
+    from isal import isal_zlib as _zlib
+except ImportError:  # pragma: no cover - optional
+    import zlib as _zlib  # type: ignore[no-redef]
 
 from sfxflow.errors import GeometryError, SourceError
 from sfxflow.io import storage
@@ -156,6 +162,68 @@ def open_hdf5_source(
         raise
 
 
+_H5Z_DEFLATE = 1
+_H5Z_SHUFFLE = 2
+_FAST_DTYPES = (np.dtype("<u2"), np.dtype("<i2"))
+
+
+@njit(cache=True, nogil=True)
+def _unshuffle16_f32(b, signed, out):  # pragma: no cover - compiled
+    """HDF5's byte shuffle undone for 2-byte little-endian values, written as float32."""
+    o = out.reshape(-1)
+    n = o.size
+    for i in range(n):
+        u = np.int32(b[i]) | (np.int32(b[n + i]) << 8)
+        if signed and u >= 32768:
+            u -= 65536
+        o[i] = np.float32(u)
+
+
+def _deflate_frames(ds: h5py.Dataset, frame_dim: int | None) -> tuple[int, ...] | None:
+    """The frame shape when ``ds``'s frames can be decoded chunk by chunk without HDF5's filter
+    pipeline: 2-byte integers, one chunk per frame (or one chunk holding the only frame), filters
+    exactly (shuffle,) deflate; None otherwise (h5py reads those)."""
+    if ds.chunks is None or ds.dtype not in _FAST_DTYPES or ds.ndim < 2:
+        return None
+    shape = tuple(ds.shape)
+    frame_shape = tuple(n for k, n in enumerate(shape) if k != frame_dim)
+    want = tuple(1 if k == frame_dim else n for k, n in enumerate(shape))
+    if tuple(ds.chunks) != want or ds.fillvalue not in (0, None):
+        return None
+    plist = ds.id.get_create_plist()
+    codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    if codes not in ([_H5Z_SHUFFLE, _H5Z_DEFLATE], [_H5Z_DEFLATE]):
+        return None
+    return frame_shape
+
+
+def _read_deflate_frame(ds: h5py.Dataset, frame_dim: int | None, i: int,
+                        frame_shape: tuple[int, ...]) -> np.ndarray | None:
+    """One frame of a dataset accepted by :func:`_deflate_frames`, as float32: its chunk read
+    as stored and inflated here (one pass to undo the shuffle and convert). None when the chunk
+    is not what the dataset's filters say (then h5py reads it)."""
+    offset = tuple(i if k == frame_dim else 0 for k in range(ds.ndim))
+    try:
+        filter_mask, raw = ds.id.read_direct_chunk(offset)
+    except (OSError, KeyError, ValueError):  # e.g. an unwritten chunk
+        return None
+    if filter_mask != 0:
+        return None
+    try:
+        buf = _zlib.decompress(raw)
+    except Exception:  # any decoding problem: h5py decides
+        return None
+    out = np.empty(frame_shape, np.float32)
+    if len(buf) != 2 * out.size:
+        return None
+    plist = ds.id.get_create_plist()
+    if plist.get_nfilters() == 2:
+        _unshuffle16_f32(np.frombuffer(buf, np.uint8), ds.dtype.kind == "i", out)
+    else:
+        out[...] = np.frombuffer(buf, ds.dtype).reshape(frame_shape)
+    return out
+
+
 def _frames_from(block: np.ndarray) -> list[np.ndarray]:
     if block.dtype == np.float32:
         return [np.ascontiguousarray(block[k]) for k in range(block.shape[0])]
@@ -202,6 +270,8 @@ class CxiSource(ImageSource):
         self._bytes_per_frame = (
             ds.id.get_storage_size() / max(self.n_frames, 1) if handle.local else 0.0
         )
+        # gzip frames with one chunk each: inflated here, faster than HDF5's filter pipeline
+        self._deflate_shape = _deflate_frames(ds, self.frame_dim)
 
     # -- setup
     def _data_path(self, f: h5py.File) -> str:
@@ -302,7 +372,9 @@ class CxiSource(ImageSource):
         if start == stop:
             return []
         try:
-            block = self._slab(self._ds, start, stop)
+            datas = self._fast_frames(start, stop)
+            if datas is None:
+                datas = _frames_from(self._slab(self._ds, start, stop))
             masks = [(ref, self._slab(ds, start, stop)) for ref, ds in self._frame_masks]
         except OSError as exc:
             raise SourceError(self.url, f"cannot read frames {start}..{stop} of "
@@ -310,7 +382,7 @@ class CxiSource(ImageSource):
         if self._bytes_per_frame:
             storage.add_bytes_read(int(self._bytes_per_frame * (stop - start)))
         frames = []
-        for k, data in enumerate(_frames_from(block)):
+        for k, data in enumerate(datas):
             i = start + k
             det, beam = self._detector_beam(i)
             if masks:
@@ -318,6 +390,17 @@ class CxiSource(ImageSource):
             frames.append(Frame(data=data, detector=det, beam=beam, source_url=self.url,
                                 index=i, event_id=f"//{i}"))
         return frames
+
+    def _fast_frames(self, start: int, stop: int) -> list[np.ndarray] | None:
+        if self._deflate_shape is None:
+            return None
+        out = []
+        for i in range(start, stop):
+            data = _read_deflate_frame(self._ds, self.frame_dim, i, self._deflate_shape)
+            if data is None:
+                return None
+            out.append(data)
+        return out
 
     def close(self) -> None:
         for mf in self._extra_files:
