@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import operator
 import resource
 import tempfile
 import time
@@ -38,15 +37,22 @@ import numpy as np
 import pyarrow as pa
 
 from sfxflow.algorithms.merge.ambiguity import resolve_ambiguity
+from sfxflow.algorithms.merge.cell import consensus_cell
+from sfxflow.algorithms.merge.reference import (
+    WilsonCurve,
+    ambiguity_vectors,
+    first_reference,
+    truth_on,
+)
 from sfxflow.algorithms.merge.reflections import (
     AsuIndex,
     ambiguity_operators,
     operator_products,
 )
+from sfxflow.algorithms.merge.rejection import reject_absurd_scales
 from sfxflow.algorithms.merge.scale import (
     ACCEPTED,
     REASONS,
-    REJECT_SCALE,
     CrystalFits,
     ErrorModel,
     MergeParams,
@@ -72,15 +78,14 @@ from sfxflow.io.hkl import write_hkl
 from sfxflow.io.mtz import MergedColumns, write_merged_mtz
 from sfxflow.io.observations import ShardSpec, discover_shards, read_shard
 from sfxflow.io.results import RunDir, parquet_bytes
-from sfxflow.models import as_space_group, as_unit_cell
+from sfxflow.models import as_space_group
 from sfxflow.pipeline.cluster import open_cluster
 from sfxflow.pipeline.config import ClusterConfig
+from sfxflow.pipeline.mapreduce import MapReduce
 
 __all__ = ["MergeResult", "run_merge"]
 
 log = logging.getLogger(__name__)
-
-_N_WILSON_BINS = 40
 
 
 @dataclass
@@ -109,85 +114,43 @@ def _summarise(data: Any) -> dict:
 
 def _prepare(data: Any, index: AsuIndex, operators: list[np.ndarray], params: MergeParams
              ) -> PreparedShard:
-    extra = {"crystal_source": np.asarray(data.source_url, dtype=object),
-             "crystal_frame": data.frame_index, "crystal_number": data.crystal}
     shard = prepare_shard(data.crystal_ids, data.a_matrices, data.wavelengths_a,
                           data.obs_crystal, data.hkl, data.intensity, data.sigma,
                           data.polarisation, index, operators, params)
     # per-crystal metadata rides along (not per observation)
-    shard.extra.update(extra)
+    shard.extra.update({"crystal_source": np.asarray(data.source_url, dtype=object),
+                        "crystal_frame": data.frame_index, "crystal_number": data.crystal})
     return shard
 
 
-def _load_and_prepare(spec: ShardSpec, storage_options: Mapping[str, Any] | None,
-                      index: AsuIndex, operators: list[np.ndarray], params: MergeParams
-                      ) -> PreparedShard:
-    return _prepare(read_shard(spec, storage_options), index, operators, params)
-
-
-def _wilson_sums(shard: PreparedShard, edges: np.ndarray) -> np.ndarray:
-    ok = shard.codes[0] >= 0
-    b = np.clip(np.searchsorted(edges, shard.inv_d2[ok]) - 1, 0, len(edges) - 2)
-    return np.stack([np.bincount(b, weights=shard.intensity[ok], minlength=len(edges) - 1),
-                     np.bincount(b, minlength=len(edges) - 1).astype(float)])
-
-
-def _wilson_at(curve: np.ndarray, edges: np.ndarray, inv_d2: np.ndarray) -> np.ndarray:
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    good = np.isfinite(curve) & (curve > 0)
-    if not good.any():
-        return np.ones_like(inv_d2)
-    return np.exp(np.interp(inv_d2, centres[good], np.log(curve[good])))
-
-
-def _ambiguity_vectors(shard: PreparedShard, curve: np.ndarray, edges: np.ndarray,
-                       fraction: float, seed: int) -> list[tuple[int, list]]:
-    first = int(shard.crystal_ids[0]) if shard.n_crystals else 0
-    pick = np.random.default_rng([seed, first]).random(shard.n_crystals) < fraction
-    norm = shard.intensity / _wilson_at(curve, edges, shard.inv_d2)
-    out = []
-    for c in np.flatnonzero(pick):
-        lo, hi = shard.offsets[c], shard.offsets[c + 1]
-        per_op = []
-        for o in range(shard.codes.shape[0]):
-            code = shard.codes[o, lo:hi]
-            ok = code >= 0
-            idx, inv = np.unique(code[ok] // 2, return_inverse=True)
-            val = np.bincount(inv, weights=norm[lo:hi][ok]) / np.bincount(inv)
-            per_op.append((idx, val))
-        out.append((int(shard.crystal_ids[c]), per_op))
-    return out
-
-
-def _cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
-           accepted: np.ndarray | None, n_codes: int, unity_first: bool,
-           fixed_ops: np.ndarray | None, reject_outliers: bool = False
-           ) -> tuple[CrystalFits, ShardSums]:
-    ops = choose_operators(shard, reference.intensity, fixed_ops)
-    fits = fit_crystals(shard, reference.intensity, params, ops, unity_first=unity_first)
+def _accepted(fits: CrystalFits, accepted: np.ndarray | None) -> np.ndarray:
     ok = fits.status == ACCEPTED
-    if accepted is not None:
-        ok &= accepted
-    return fits, accumulate(shard, fits, reference, params, ok, n_codes, reject_outliers)
+    return ok if accepted is None else ok & accepted
 
 
-def _final_pass(shard: PreparedShard, fits: CrystalFits, reference: Reference,
-                params: MergeParams, accepted: np.ndarray | None, n_codes: int,
-                index: AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None,
-                number: int) -> tuple[ShardSums, pa.Table]:
+def _cycle(shard: PreparedShard, accepted: np.ndarray | None, reference: Reference,
+           params: MergeParams, n_codes: int, unity_first: bool) -> tuple[ShardSums, CrystalFits]:
+    ops = choose_operators(shard, reference.intensity)
+    fits = fit_crystals(shard, reference.intensity, params, ops, unity_first=unity_first)
+    # outliers are rejected only in the final merge, against the settled reference
+    return accumulate(shard, fits, reference, params, _accepted(fits, accepted), n_codes,
+                      False), fits
+
+
+def _final_pass(shard: PreparedShard, fits: CrystalFits, accepted: np.ndarray | None,
+                number: int, reference: Reference, params: MergeParams, n_codes: int,
+                index: AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None
+                ) -> tuple[ShardSums, pa.Table]:
     """The merge with the last cycle's fits and the error model fitted on that cycle: the
     per-reflection sums, and the shard's scaled observations written to ``scaled/``."""
-    ok = fits.status == ACCEPTED
-    if accepted is not None:
-        ok &= accepted
+    ok = _accepted(fits, accepted)
     reject = params.iterations > 1
     sums = accumulate(shard, fits, reference, params, ok, n_codes, reject)
     obs = scaled_observations(shard, fits, reference, params, ok, reject)
     code = obs["code"]
     asu = np.where(code[:, None] >= 0, index.hkl[np.maximum(code, 0) // 2], 0)
-    counts = np.diff(shard.offsets)
     table = pa.table({
-        "crystal_id": np.repeat(shard.crystal_ids, counts),
+        "crystal_id": np.repeat(shard.crystal_ids, np.diff(shard.offsets)),
         "h": shard.hkl[:, 0], "k": shard.hkl[:, 1], "l": shard.hkl[:, 2],
         "h_asu": asu[:, 0].astype(np.int32), "k_asu": asu[:, 1].astype(np.int32),
         "l_asu": asu[:, 2].astype(np.int32), "minus": (code % 2 == 1) & (code >= 0),
@@ -203,127 +166,135 @@ def _final_pass(shard: PreparedShard, fits: CrystalFits, reference: Reference,
     return sums, meta
 
 
-def _identity(value: Any) -> Any:
-    return value
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return float(psutil.Process().memory_info().rss) / 2**20
-
-
-# ----------------------------------------------------------------------------- executors
-
-
-class _Serial:
-    """Runs the tasks in this process (``--scheduler synchronous``)."""
-
-    n_cores = 1
-
-    def submit(self, fn: Callable, *args: Any) -> Any:
-        return fn(*args)
-
-    def gather(self, items: Any) -> Any:
-        return items
-
-    def scatter(self, value: Any) -> Any:
-        return value
-
-    def reduce_sum(self, items: list) -> Any:
-        total = items[0]
-        for x in items[1:]:
-            total = total + x
-        return total
-
-    def sample_memory(self) -> None:
-        pass
-
-    def worker_peak_mb(self) -> list[float]:
-        return []
-
-
-class _Dask:
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        workers = client.scheduler_info().get("workers", {})
-        self.n_cores = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
-        self.peaks: dict[str, float] = {}
-
-    def submit(self, fn: Callable, *args: Any) -> Any:
-        return self.client.submit(fn, *args, pure=False)
-
-    def gather(self, items: Any) -> Any:
-        return self.client.gather(items)
-
-    def scatter(self, value: Any) -> Any:
-        # a task holding the value, not scattered data: a lost worker's copy is recomputed
-        return self.client.submit(_identity, value, pure=False)
-
-    def reduce_sum(self, items: list) -> Any:
-        # a tree on the cluster: only the total comes back
-        while len(items) > 1:
-            nxt = [self.client.submit(operator.add, items[i], items[i + 1], pure=False)
-                   for i in range(0, len(items) - 1, 2)]
-            if len(items) % 2:
-                nxt.append(items[-1])
-            items = nxt
-        return self.client.gather(items[0])
-
-    def sample_memory(self) -> None:
-        # resident memory sampled between steps: a worker's ru_maxrss would include what a
-        # forked worker inherited from its parent
-        for worker, mb in self.client.run(_rss_mb).items():
-            self.peaks[worker] = max(self.peaks.get(worker, 0.0), mb)
-
-    def worker_peak_mb(self) -> list[float]:
-        self.sample_memory()
-        return list(self.peaks.values())
-
-
 # ----------------------------------------------------------------------------- the run
 
 
-def _consensus(specs: Sequence[ShardSpec], summaries: list[dict], cell: Any, space_group: Any
-               ) -> tuple[gemmi.UnitCell, gemmi.SpaceGroup, float]:
+def _space_group(specs: Sequence[ShardSpec], summaries: list[dict], space_group: Any
+                 ) -> gemmi.SpaceGroup:
     if space_group:
-        sg = as_space_group(space_group)
-    else:
-        named = {s.space_group for s in specs if s.space_group}
-        if not named:  # streams without a target cell: the crystals' lattice
-            named = {x["lattice_space_group"] for x in summaries if x["lattice_space_group"]}
-        if not named:
-            raise InputError("no space group known for the inputs (value: none); give "
-                             "--space-group (e.g. P43212)")
-        groups = {as_space_group(n).xhm(): n for n in named}
-        if len(groups) > 1:
-            where = {as_space_group(s.space_group).xhm(): s.label for s in specs if s.space_group}
-            raise InputError("inputs have different space groups: " + ", ".join(
-                f"{g} ({where[g]})" for g in sorted(groups)) + "; expected one (merge them "
-                "separately or give --space-group)")
-        sg = as_space_group(next(iter(named)))
-    medians = [np.median(s["cells"], axis=0) for s in summaries if s["n_crystals"]]
-    if not medians:
-        raise InputError("no crystal with integrated reflections in any input")
-    if cell:
-        uc = as_unit_cell(cell)
-    else:
-        uc = as_unit_cell(tuple(float(x) for x in np.median(np.array(medians), axis=0)))
-    ref = np.array(uc.parameters)
-    for spec, m in zip([s for s, x in zip(specs, summaries, strict=True) if x["n_crystals"]],
-                       medians, strict=True):
-        dev = np.abs(m[:3] / ref[:3] - 1.0).max()
-        ang = np.abs(m[3:] - ref[3:]).max()
-        if dev > 0.05 or ang > 3.0:
-            raise InputError(f"{spec.label}: median cell {' '.join(f'{x:.2f}' for x in m)} "
-                             f"differs from {' '.join(f'{x:.2f}' for x in ref)} "
-                             "(more than 5% or 3 degrees); expected crystals of one form")
+        return as_space_group(space_group)
+    named = {s.space_group for s in specs if s.space_group}
+    if not named:  # streams without a target cell: the crystals' lattice
+        named = {x["lattice_space_group"] for x in summaries if x["lattice_space_group"]}
+    if not named:
+        raise InputError("no space group known for the inputs (value: none); give "
+                         "--space-group (e.g. P43212)")
+    groups = {as_space_group(n).xhm(): n for n in named}
+    if len(groups) > 1:
+        where = {as_space_group(s.space_group).xhm(): s.label for s in specs if s.space_group}
+        raise InputError("inputs have different space groups: " + ", ".join(
+            f"{g} ({where[g]})" for g in sorted(groups)) + "; expected one (merge them "
+            "separately or give --space-group)")
+    return as_space_group(next(iter(named)))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one merge was asked to do (the arguments of :func:`run_merge`)."""
+
+    specs: list[ShardSpec]
+    out: RunDir
+    params: MergeParams
+    cell: Any
+    space_group: Any
+    truth: TrueIntensities | None
+    storage_options: Mapping[str, Any] | None
+    echo: Callable[[str], None]
+    on_cycle: Callable[[int], None] | None
+    t_start: float
+    cluster_kind: str
+
+
+@dataclass
+class _Setup:
+    """What the inputs' summaries decide before any scaling."""
+
+    uc: gemmi.UnitCell
+    sg: gemmi.SpaceGroup
+    wavelength: float
+    d_min: float
+    index: AsuIndex
+    operators: list[np.ndarray]
+    n_input: int
+    n_obs: int
+    rejected: Counter[str]
+
+
+def _setup(job: _Job, summaries: list[dict]) -> _Setup:
+    sg = _space_group(job.specs, summaries, job.space_group)
+    with_crystals = [(s, x) for s, x in zip(job.specs, summaries, strict=True) if x["n_crystals"]]
+    uc = consensus_cell([np.median(x["cells"], axis=0) for _, x in with_crystals],
+                        [s.label for s, _ in with_crystals], job.cell,
+                        job.params.cell_tolerance_fraction, job.params.cell_tolerance_deg)
     wl = np.concatenate([s["wavelengths"] for s in summaries])
-    return uc, sg, float(np.median(wl)) if wl.size else math.nan
+    rejected: Counter[str] = Counter()
+    for s in summaries:
+        rejected.update(s["rejected"])
+    n_input = sum(s["n_crystals"] for s in summaries) + sum(rejected.values())
+    d_min = job.params.d_min_a or (  # 0: every observation
+        1.0 / math.sqrt(max(s["inv_d2_max"] for s in summaries)) * (1 - 1e-6))
+    index = AsuIndex.build(uc, sg, d_min)
+    operators = (ambiguity_operators(uc, sg) if job.params.resolve_ambiguity
+                 else [np.eye(3, dtype=int)])
+    job.echo(f"{len(job.specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
+             f"{' '.join(f'{x:.2f}' for x in uc.parameters)}, {len(index)} unique reflections "
+             f"to {d_min:.2f} A; {len(operators) - 1} ambiguity operator(s)")
+    return _Setup(uc, sg, float(np.median(wl)) if wl.size else math.nan, d_min, index,
+                  operators, n_input, sum(s["n_obs"] for s in summaries), rejected)
+
+
+def _first_reference(ex: MapReduce, prepared: list, setup: _Setup, params: MergeParams,
+                     n_crystals: int) -> tuple[Reference, dict[str, Any]]:
+    edges = WilsonCurve.edges_to(setup.d_min)
+    wilson = WilsonCurve.from_sums(edges, ex.reduce_sum(ex.map(WilsonCurve.sums,
+                                                               [(p,) for p in prepared], edges)))
+    ambiguity: dict[str, Any] = {"n_operators": len(setup.operators)}
+    if len(setup.operators) == 1:
+        return first_reference(setup.index, wilson), ambiguity
+    frac = min(1.0, params.ambiguity_max_crystals / max(n_crystals, 1))
+    picked = [v for part in ex.gather(ex.map(ambiguity_vectors, [(p,) for p in prepared],
+                                             wilson, frac, params.seed)) for v in part]
+    settings = resolve_ambiguity([v for _, v in picked],
+                                 operator_products(setup.index, setup.operators),
+                                 np.random.default_rng(params.seed), params.ambiguity_partners)
+    ambiguity["n_crystals_resolved"] = len(picked)
+    return first_reference(setup.index, wilson, picked, settings), ambiguity
+
+
+def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: Reference
+           ) -> tuple[Reference, list[CrystalFits], list[np.ndarray | None], list[dict]]:
+    """The scaling cycles: fits against the broadcast reference, sums reduced, the next
+    reference and error model, crystals rejected on every crystal's fit."""
+    params, n_codes = job.params, 2 * len(setup.index)
+    accepted: list[np.ndarray | None] = [None] * len(prepared)
+    fits: list[CrystalFits] = []
+    history = []
+    for it in range(params.iterations):
+        t0 = time.perf_counter()
+        sums, fits = ex.map_reduce(_cycle, list(zip(prepared, accepted, strict=True)),
+                                   ex.put(reference), params, n_codes, it == 0)
+        n_good = int(sum(np.sum(f.status == ACCEPTED) for f in fits))
+        reject_absurd_scales(fits, params.max_scale_ratio)
+        accepted = [f.status == ACCEPTED for f in fits]
+        merged = merge_sums(sums, params.min_measurements)
+        em = ErrorModel.fit(sums.error_sums)
+        reference = merged.reference(em, setup.index.d_a)
+        dev = sums.deviation_sums
+        rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
+        cc_half = pearson(merged.i_half_a, merged.i_half_b)
+        dt = time.perf_counter() - t0
+        entry = {"cycle": it + 1, "cc_half": cc_half, "n_accepted": n_good,
+                 "normalised_deviation_rms": rms, "sdfac": em.sdfac, "sdadd": em.sdadd,
+                 "seconds": dt}
+        if job.truth is not None:
+            entry["cc_truth"] = pearson(merged.imean, truth_on(setup.index, job.truth))
+        history.append(entry)
+        job.echo(f"cycle {it + 1}/{params.iterations}: {n_good} crystals, CC1/2 {cc_half:.4f}"
+                 + (f", CC to truth {entry['cc_truth']:.4f}" if job.truth else "")
+                 + f", normalised deviations rms {rms:.2f} ({dt:.1f} s)")
+        if job.on_cycle is not None:
+            job.on_cycle(it + 1)
+    return reference, fits, accepted, history
 
 
 def run_merge(
@@ -359,143 +330,49 @@ def run_merge(
     out.makedirs()
     t_start = time.perf_counter()
     with open_cluster(cluster) as (client, info):
-        ex: Any = _Serial() if client is None else _Dask(client)
-        result = _run(specs, out, ex, params, cell, space_group, truth, storage_options,
-                      echo or (lambda s: None), t_start, info.kind, on_cycle)
+        job = _Job(specs, out, params, cell, space_group, truth, storage_options,
+                   echo or (lambda s: None), on_cycle, t_start, info.kind)
+        result = _run(job, MapReduce(client))
     from sfxflow.pipeline.report import write_merge_report
 
     result.reports = write_merge_report(out.url, list(inputs), storage_options=storage_options)
     return result
 
 
-def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell: Any,
-         space_group: Any, truth: TrueIntensities | None,
-         storage_options: Mapping[str, Any] | None, echo: Callable[[str], None],
-         t_start: float, cluster_kind: str,
-         on_cycle: Callable[[int], None] | None) -> MergeResult:
-    data = [ex.submit(read_shard, s, storage_options) for s in specs]
-    summaries = ex.gather([ex.submit(_summarise, d) for d in data])
-    uc, sg, wavelength = _consensus(specs, summaries, cell, space_group)
-    n_input = sum(s["n_crystals"] for s in summaries)
-    rejected: Counter[str] = Counter()
-    for s in summaries:
-        rejected.update(s["rejected"])
-        n_input += sum(s["rejected"].values())
-    d_min = params.d_min_a
-    if not d_min:  # every observation
-        d_min = 1.0 / math.sqrt(max(s["inv_d2_max"] for s in summaries)) * (1 - 1e-6)
-    index = AsuIndex.build(uc, sg, d_min)
-    operators = ambiguity_operators(uc, sg) if params.resolve_ambiguity else [np.eye(3, dtype=int)]
-    echo(f"{len(specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
-         f"{' '.join(f'{x:.2f}' for x in uc.parameters)}, {len(index)} unique reflections to "
-         f"{d_min:.2f} A; {len(operators) - 1} ambiguity operator(s)")
-    prepared = [ex.submit(_prepare, d, index, operators, params) for d in data]
+def _run(job: _Job, ex: MapReduce) -> MergeResult:
+    params = job.params
+    data = ex.map(read_shard, [(s, job.storage_options) for s in job.specs])
+    summaries = ex.gather(ex.map(_summarise, [(d,) for d in data]))
+    setup = _setup(job, summaries)
+    prepared = ex.map(_prepare, [(d,) for d in data], setup.index, setup.operators, params)
     del data
-    n_codes = 2 * len(index)
-
-    # the first reference: a Wilson curve (and, with an ambiguity, a resolved subset)
-    edges = np.linspace(0.0, 1.0 / d_min**2 * 1.0001, _N_WILSON_BINS + 1)
-    w = ex.reduce_sum([ex.submit(_wilson_sums, p, edges) for p in prepared])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        curve = w[0] / w[1]
-    inv_d2_asu = 1.0 / index.d_a**2
-    ref_i = _wilson_at(curve, edges, inv_d2_asu)
-    ambiguity: dict[str, Any] = {"n_operators": len(operators)}
-    if len(operators) > 1:
-        n_total = sum(s["n_crystals"] for s in summaries)
-        frac = min(1.0, params.ambiguity_max_crystals / max(n_total, 1))
-        picked = [v for part in ex.gather([ex.submit(_ambiguity_vectors, p, curve, edges, frac,
-                                                     params.seed) for p in prepared])
-                  for v in part]
-        products = operator_products(index, operators)
-        ops = resolve_ambiguity([v for _, v in picked], products,
-                                np.random.default_rng(params.seed), params.ambiguity_partners)
-        s_val = np.zeros(len(index))
-        s_n = np.zeros(len(index))
-        for (_, vecs), o in zip(picked, ops, strict=True):
-            idx, val = vecs[int(o)]
-            s_val[idx] += val
-            s_n[idx] += 1
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ref_i = np.where(s_n > 0, s_val / s_n * ref_i, np.nan)
-        ambiguity["n_crystals_resolved"] = len(picked)
-    reference = Reference(ref_i, np.full(len(index), np.nan), np.zeros(len(index), np.int64),
-                          level=_wilson_at(curve, edges, inv_d2_asu))
-
-    accepted: list[np.ndarray | None] = [None] * len(prepared)
-    history = []
-    fits_all: list[CrystalFits] = []
-    sums = ShardSums.zeros(n_codes)
-    metas: list[pa.Table] = []
-    n_obs_total = sum(s["n_obs"] for s in summaries)
-    cycle_seconds = []
-    client_peak = _rss_mb()
-    for it in range(params.iterations):
-        t0 = time.perf_counter()
-        ref_f = ex.scatter(reference)
-        # outliers are rejected only in the final merge, against the settled reference
-        tasks = [ex.submit(_cycle, p, ref_f, params, accepted[i], n_codes, it == 0, None)
-                 for i, p in enumerate(prepared)]
-        fits_all = ex.gather([ex.submit(operator.itemgetter(0), t) for t in tasks])
-        sums = ex.reduce_sum([ex.submit(operator.itemgetter(1), t) for t in tasks])
-        ex.sample_memory()
-        client_peak = max(client_peak, _rss_mb())
-        del tasks
-        # crystals with absurd scales: far from the median of the accepted ones
-        all_fits = CrystalFits.concat(fits_all)
-        good = all_fits.status == ACCEPTED
-        med = float(np.median(all_fits.scale[good])) if good.any() else math.nan
-        for i, f in enumerate(fits_all):
-            absurd = (f.status == ACCEPTED) & ~(np.abs(np.log(f.scale / med))
-                                                <= math.log(params.max_scale_ratio))
-            f.status[absurd] = REJECT_SCALE
-            accepted[i] = f.status == ACCEPTED
-        merged = merge_sums(sums, params.min_measurements)
-        em = ErrorModel.fit(sums.error_sums)
-        reference = merged.reference(em, index.d_a)
-        dev = sums.deviation_sums
-        rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
-        cc_half = pearson(merged.i_half_a, merged.i_half_b)
-        dt = time.perf_counter() - t0
-        cycle_seconds.append(dt)
-        entry = {"cycle": it + 1, "cc_half": cc_half, "n_accepted": int(good.sum()),
-                 "normalised_deviation_rms": rms, "sdfac": em.sdfac, "sdadd": em.sdadd,
-                 "seconds": dt}
-        if truth is not None:
-            entry["cc_truth"] = pearson(merged.imean, _truth_on(index, truth))
-        history.append(entry)
-        echo(f"cycle {it + 1}/{params.iterations}: {int(good.sum())} crystals, CC1/2 "
-             f"{cc_half:.4f}" + (f", CC to truth {entry['cc_truth']:.4f}" if truth else "")
-             + f", normalised deviations rms {rms:.2f} ({dt:.1f} s)")
-        if on_cycle is not None:
-            on_cycle(it + 1)
+    n_crystals = sum(s["n_crystals"] for s in summaries)
+    reference, ambiguity = _first_reference(ex, prepared, setup, params, n_crystals)
+    reference, fits_all, accepted, history = _scale(ex, job, setup, prepared, reference)
 
     # the merge itself: the last fits with the error model fitted on them
     t0 = time.perf_counter()
-    ref_f = ex.scatter(reference)
-    tasks = [ex.submit(_final_pass, p, fits_all[i], ref_f, params, accepted[i], n_codes, index,
-                       out.url, storage_options, specs[i].number)
-             for i, p in enumerate(prepared)]
-    sums = ex.reduce_sum([ex.submit(operator.itemgetter(0), t) for t in tasks])
-    metas = ex.gather([ex.submit(operator.itemgetter(1), t) for t in tasks])
-    ex.sample_memory()
-    client_peak = max(client_peak, _rss_mb())
-    del tasks
+    sums, metas = ex.map_reduce(
+        _final_pass, [(p, f, a, s.number) for p, f, a, s in
+                      zip(prepared, fits_all, accepted, job.specs, strict=True)],
+        ex.put(reference), params, 2 * len(setup.index), setup.index, job.out.url,
+        job.storage_options)
     merged = merge_sums(sums, params.min_measurements)
     dev = sums.deviation_sums
     final_rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
-    echo(f"merged with the error model sdfac {reference.error_model.sdfac:.2f}, sdadd "
-         f"{reference.error_model.sdadd:.3f}: normalised deviations rms {final_rms:.2f} "
-         f"({time.perf_counter() - t0:.1f} s)")
+    job.echo(f"merged with the error model sdfac {reference.error_model.sdfac:.2f}, sdadd "
+             f"{reference.error_model.sdadd:.3f}: normalised deviations rms {final_rms:.2f} "
+             f"({time.perf_counter() - t0:.1f} s)")
     final = CrystalFits.concat(fits_all)
+    index, rejected = setup.index, setup.rejected
     truth_asu = None
-    if truth is not None:
+    if job.truth is not None:
         # with an ambiguity the merged setting is arbitrary: compare in the truth's best one
-        by_op = [_truth_on(index, truth, r) for r in operators]
+        by_op = [truth_on(index, job.truth, r) for r in setup.operators]
         ccs = [pearson(merged.imean, t) for t in by_op]
         best = int(np.nanargmax(ccs)) if np.isfinite(ccs).any() else 0
         truth_asu = by_op[best]
-        if len(operators) > 1:
+        if len(setup.operators) > 1:
             ambiguity["cc_truth_by_operator"] = ccs
             ambiguity["truth_operator"] = best
     overall, shells = shell_statistics(index, merged, params.n_shells, truth_asu)
@@ -505,42 +382,37 @@ def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell
             rejected[reason] += n
     if ambiguity["n_operators"] > 1:
         ambiguity["fraction_reindexed"] = float(np.mean(final.operator != 0))
+    cycle_s = float(np.median([h["seconds"] for h in history]))
     stats = {
-        "space_group": sg.hm, "cell": list(uc.parameters), "wavelength_a": wavelength,
-        "model": params.model, "n_crystals_input": n_input,
+        "space_group": setup.sg.hm, "cell": list(setup.uc.parameters),
+        "wavelength_a": setup.wavelength, "model": params.model,
+        "n_crystals_input": setup.n_input,
         "n_crystals_merged": int(np.sum(final.status == ACCEPTED)),
         "rejected": dict(rejected), "overall": overall, "shells": shells,
         "wilson": wilson_b(index, merged.imean),
-        "n_observations": n_obs_total, "n_outliers": sums.n_outliers,
+        "n_observations": setup.n_obs, "n_outliers": sums.n_outliers,
         "n_low_partiality": sums.n_low_partiality,
         "normalised_deviation_rms": final_rms,
         "error_model": {"sdfac": reference.error_model.sdfac,
                         "sdadd": reference.error_model.sdadd},
         "ambiguity": ambiguity, "cycles": history, "params": _jsonable(params.as_dict()),
         "performance": {
-            "cluster": cluster_kind, "cores": ex.n_cores, "seconds": time.perf_counter() - t_start,
-            "observations_per_second_per_core_per_cycle":
-                n_obs_total / (float(np.median(cycle_seconds)) * ex.n_cores),
-            "client_peak_mb": client_peak, "client_max_rss_mb": _peak_rss_mb(),
-            "worker_peak_mb": ex.worker_peak_mb(),
+            "cluster": job.cluster_kind, "cores": ex.n_cores,
+            "seconds": time.perf_counter() - job.t_start,
+            "observations_per_second_per_core_per_cycle": setup.n_obs / (cycle_s * ex.n_cores),
+            "client_peak_mb": ex.client_peak_mb, "client_max_rss_mb": _peak_rss_mb(),
+            "worker_peak_mb": list(ex.worker_peaks_mb.values()),
         },
     }
     crystals = _crystals_table(final, metas)
-    _write_outputs(out, index, merged, uc, sg, wavelength, stats, crystals)
+    _write_outputs(job.out, index, merged, setup.uc, setup.sg, setup.wavelength, stats,
+                   crystals)
     table = format_table(overall, shells)
-    return MergeResult(out.url, stats, table, crystals)
+    return MergeResult(job.out.url, stats, table, crystals)
 
 
-def _truth_on(index: AsuIndex, truth: TrueIntensities,
-              reindex: np.ndarray | None = None) -> np.ndarray:
-    hkl = index.hkl.astype(np.int64)
-    if reindex is not None:
-        hkl = hkl @ np.asarray(reindex, dtype=np.int64)
-    plus = truth.at(hkl)
-    minus = truth.at(-hkl)
-    with np.errstate(invalid="ignore"):
-        both = np.where(np.isfinite(minus), 0.5 * (plus + minus), plus)
-    return both
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _jsonable(d: dict) -> dict:

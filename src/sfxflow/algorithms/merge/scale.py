@@ -106,6 +106,9 @@ class MergeParams:
         are assigned against the reference it yields.
     ambiguity_partners : partners per crystal in the Brehm-Diederichs correlation matrix.
     seed : seed of the half-set split and the crystal subsets.
+    cell_tolerance_fraction : an input whose median cell length differs from the merged cell
+        by more than this fraction holds another crystal form and is refused.
+    cell_tolerance_deg : the same for the cell angles (degrees).
     """
 
     model: str = setting("partiality", choices=MODELS)
@@ -132,6 +135,8 @@ class MergeParams:
     ambiguity_max_crystals: int = setting(1000, ge=2, le=1_000_000)
     ambiguity_partners: int = setting(200, ge=1, le=100_000)
     seed: int = setting(0, ge=0, le=2**31 - 1)
+    cell_tolerance_fraction: float = setting(0.05, gt=0.0, le=1.0)
+    cell_tolerance_deg: float = setting(3.0, gt=0.0, le=90.0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mosaicity_grid_deg",
