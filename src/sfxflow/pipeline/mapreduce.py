@@ -12,15 +12,24 @@ per-shard values.
 from __future__ import annotations
 
 import operator
+import resource
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-__all__ = ["MapReduce", "rss_mb"]
+import numpy as np
+
+__all__ = ["MapReduce", "peak_rss_mb", "rss_mb"]
 
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def rss_mb() -> float:
@@ -34,8 +43,10 @@ class MapReduce:
     synchronous``) or on a Dask cluster, where each task's result stays on its worker as a
     future until a reduce or a gather asks for it (a lost worker's results are recomputed)."""
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    def __init__(self, client: Any, kind: str = "synchronous",
+                 t_start: float | None = None) -> None:
+        self.client, self.kind = client, kind
+        self.t_start = time.perf_counter() if t_start is None else t_start
         workers = {} if client is None else client.scheduler_info().get("workers", {})
         self.n_cores = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
         self.worker_peaks_mb: dict[str, float] = {}
@@ -86,3 +97,13 @@ class MapReduce:
         if self.client is not None:
             for worker, mb in self.client.run(rss_mb).items():
                 self.worker_peaks_mb[worker] = max(self.worker_peaks_mb.get(worker, 0.0), mb)
+
+    def performance(self, n_items: int, cycle_seconds: list[float]) -> dict[str, Any]:
+        """Wall time since ``t_start``, throughput (``n_items`` per second per core per cycle,
+        median of the cycles) and memory of the maps so far."""
+        self._sample_memory()
+        per_s = n_items / (float(np.median(cycle_seconds)) * self.n_cores)
+        return {"cluster": self.kind, "seconds": time.perf_counter() - self.t_start,
+                "cores": self.n_cores, "observations_per_second_per_core_per_cycle": per_s,
+                "client_peak_mb": self.client_peak_mb, "client_max_rss_mb": peak_rss_mb(),
+                "worker_peak_mb": list(self.worker_peaks_mb.values())}

@@ -1,29 +1,20 @@
 """The distributed merge: map over reflection shards, reduce per-reflection sums, iterate.
 
-Plan of a run (every step a map over shards on the workers and a small reduce on the client):
-
-1. read and prepare each shard on a worker (asymmetric-unit codes under every ambiguity operator,
-   excitation errors); the prepared shard stays in the worker's memory as a Dask future, so a
-   lost worker's shards are simply recomputed from their files;
-2. a Wilson curve (mean intensity per resolution bin) for the first reference;
-3. where the lattice allows an indexing ambiguity: normalised intensity vectors of a bounded
-   random subset of crystals go to the client, which resolves their settings (Brehm-Diederichs)
-   and builds the first reference from them;
-4. ``iterations`` cycles: per crystal operator choice and scale / B / partiality fit against the
-   broadcast reference, then per-reflection sums reduced in a tree on the cluster; the client
-   turns them into the next reference and error model, and rejects crystals with absurd scales;
-   the last cycle also writes the scaled observations of each shard;
-5. merged intensities, statistics, MTZ, CrystFEL .hkl, crystals.parquet and stats.json.
-
-The client holds per-reflection arrays and per-crystal results, never the observations.
+``_run`` is the list of steps, each a map over the shards on the workers
+(:class:`~sfxflow.pipeline.mapreduce.MapReduce`) and a small reduce on the client; the numbers
+are decided in :mod:`sfxflow.algorithms.merge`: read and prepare each shard (it stays on its
+worker as a future: a lost worker's shards are recomputed from their files); the space group,
+cell and asymmetric unit; the first reference (a Wilson curve, and with an indexing ambiguity a
+Brehm-Diederichs-resolved subset of crystals); ``iterations`` scaling cycles against the
+broadcast reference; the final merge, which writes each shard's scaled observations; then the
+statistics, MTZ, CrystFEL .hkl, crystals.parquet and stats.json. The client holds
+per-reflection arrays and per-crystal results, never the observations.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import resource
 import tempfile
 import time
 from collections import Counter
@@ -36,56 +27,17 @@ import gemmi
 import numpy as np
 import pyarrow as pa
 
-from sfxflow.algorithms.merge.ambiguity import resolve_ambiguity
-from sfxflow.algorithms.merge.cell import consensus_cell
-from sfxflow.algorithms.merge.reference import (
-    WilsonCurve,
-    ambiguity_vectors,
-    first_reference,
-    truth_on,
-)
-from sfxflow.algorithms.merge.reflections import (
-    AsuIndex,
-    ambiguity_operators,
-    operator_products,
-)
-from sfxflow.algorithms.merge.rejection import reject_absurd_scales
-from sfxflow.algorithms.merge.scale import (
-    ACCEPTED,
-    REASONS,
-    CrystalFits,
-    ErrorModel,
-    MergeParams,
-    PreparedShard,
-    Reference,
-    ShardSums,
-    accumulate,
-    choose_operators,
-    fit_crystals,
-    prepare_shard,
-    scaled_observations,
-)
-from sfxflow.algorithms.merge.statistics import (
-    format_table,
-    merge_sums,
-    pearson,
-    shell_statistics,
-    wilson_b,
-)
+from sfxflow.algorithms import merge as alg
 from sfxflow.algorithms.simulate_physical import TrueIntensities
-from sfxflow.errors import InputError
 from sfxflow.io.hkl import write_hkl
 from sfxflow.io.mtz import MergedColumns, write_merged_mtz
 from sfxflow.io.observations import ShardSpec, discover_shards, read_shard
 from sfxflow.io.results import RunDir, parquet_bytes
-from sfxflow.models import as_space_group
 from sfxflow.pipeline.cluster import open_cluster
 from sfxflow.pipeline.config import ClusterConfig
 from sfxflow.pipeline.mapreduce import MapReduce
 
 __all__ = ["MergeResult", "run_merge"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,93 +51,33 @@ class MergeResult:
     reports: list[str] = field(default_factory=list)  #: the report pages written
 
 
-# ----------------------------------------------------------------------------- worker tasks
-
-
 def _summarise(data: Any) -> dict:
-    inv_d2_max = 0.0
-    if data.hkl.shape[0]:
-        q = np.einsum("nij,nj->ni", data.a_matrices[data.obs_crystal], data.hkl.astype(float))
-        inv_d2_max = float(np.max(np.einsum("ni,ni->n", q, q)))
     return {"n_crystals": data.n_crystals, "n_obs": int(data.hkl.shape[0]),
             "cells": data.cells, "wavelengths": data.wavelengths_a, "rejected": data.rejected,
-            "inv_d2_max": inv_d2_max, "lattice_space_group": data.lattice_space_group}
+            "inv_d2_max": alg.max_inv_d2(data.a_matrices, data.obs_crystal, data.hkl),
+            "lattice_space_group": data.lattice_space_group,
+            "meta": pa.table({"source_url": pa.array(list(data.source_url), pa.string()),
+                              "frame_index": data.frame_index, "crystal": data.crystal})}
 
 
-def _prepare(data: Any, index: AsuIndex, operators: list[np.ndarray], params: MergeParams
-             ) -> PreparedShard:
-    shard = prepare_shard(data.crystal_ids, data.a_matrices, data.wavelengths_a,
-                          data.obs_crystal, data.hkl, data.intensity, data.sigma,
-                          data.polarisation, index, operators, params)
-    # per-crystal metadata rides along (not per observation)
-    shard.extra.update({"crystal_source": np.asarray(data.source_url, dtype=object),
-                        "crystal_frame": data.frame_index, "crystal_number": data.crystal})
-    return shard
+def _prepare(data: Any, index: alg.AsuIndex, operators: list[np.ndarray],
+             params: alg.MergeParams) -> alg.PreparedShard:
+    return alg.prepare_shard(data.crystal_ids, data.a_matrices, data.wavelengths_a,
+                             data.obs_crystal, data.hkl, data.intensity, data.sigma,
+                             data.polarisation, index, operators, params)
 
 
-def _accepted(fits: CrystalFits, accepted: np.ndarray | None) -> np.ndarray:
-    ok = fits.status == ACCEPTED
-    return ok if accepted is None else ok & accepted
-
-
-def _cycle(shard: PreparedShard, accepted: np.ndarray | None, reference: Reference,
-           params: MergeParams, n_codes: int, unity_first: bool) -> tuple[ShardSums, CrystalFits]:
-    ops = choose_operators(shard, reference.intensity)
-    fits = fit_crystals(shard, reference.intensity, params, ops, unity_first=unity_first)
-    # outliers are rejected only in the final merge, against the settled reference
-    return accumulate(shard, fits, reference, params, _accepted(fits, accepted), n_codes,
-                      False), fits
-
-
-def _final_pass(shard: PreparedShard, fits: CrystalFits, accepted: np.ndarray | None,
-                number: int, reference: Reference, params: MergeParams, n_codes: int,
-                index: AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None
-                ) -> tuple[ShardSums, pa.Table]:
+def _final_pass(shard: alg.PreparedShard, fits: alg.CrystalFits, accepted: np.ndarray | None,
+                number: int, reference: alg.Reference, params: alg.MergeParams, n_codes: int,
+                index: alg.AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None
+                ) -> alg.ShardSums:
     """The merge with the last cycle's fits and the error model fitted on that cycle: the
     per-reflection sums, and the shard's scaled observations written to ``scaled/``."""
-    ok = _accepted(fits, accepted)
-    reject = params.iterations > 1
-    sums = accumulate(shard, fits, reference, params, ok, n_codes, reject)
-    obs = scaled_observations(shard, fits, reference, params, ok, reject)
-    code = obs["code"]
-    asu = np.where(code[:, None] >= 0, index.hkl[np.maximum(code, 0) // 2], 0)
-    table = pa.table({
-        "crystal_id": np.repeat(shard.crystal_ids, np.diff(shard.offsets)),
-        "h": shard.hkl[:, 0], "k": shard.hkl[:, 1], "l": shard.hkl[:, 2],
-        "h_asu": asu[:, 0].astype(np.int32), "k_asu": asu[:, 1].astype(np.int32),
-        "l_asu": asu[:, 2].astype(np.int32), "minus": (code % 2 == 1) & (code >= 0),
-        "d_a": 1.0 / np.sqrt(shard.inv_d2), "excitation_error_inv_a": shard.eps,
-        "intensity": obs["intensity"], "sigma": obs["sigma"], "partiality": obs["partiality"],
-        "used": obs["use"], "outlier": obs["outlier"],
-    })
+    sums, obs = alg.final_merge(shard, fits, accepted, reference, params, n_codes)
+    table = pa.table(alg.scaled_columns(shard, obs, index))
     RunDir(out_url, storage_options).write_bytes(f"scaled/{number:05d}.parquet",
                                                  parquet_bytes(table))
-    meta = pa.table({"source_url": pa.array(list(shard.extra["crystal_source"]), pa.string()),
-                     "frame_index": shard.extra["crystal_frame"],
-                     "crystal": shard.extra["crystal_number"]})
-    return sums, meta
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def _space_group(specs: Sequence[ShardSpec], summaries: list[dict], space_group: Any
-                 ) -> gemmi.SpaceGroup:
-    if space_group:
-        return as_space_group(space_group)
-    named = {s.space_group for s in specs if s.space_group}
-    if not named:  # streams without a target cell: the crystals' lattice
-        named = {x["lattice_space_group"] for x in summaries if x["lattice_space_group"]}
-    if not named:
-        raise InputError("no space group known for the inputs (value: none); give "
-                         "--space-group (e.g. P43212)")
-    groups = {as_space_group(n).xhm(): n for n in named}
-    if len(groups) > 1:
-        where = {as_space_group(s.space_group).xhm(): s.label for s in specs if s.space_group}
-        raise InputError("inputs have different space groups: " + ", ".join(
-            f"{g} ({where[g]})" for g in sorted(groups)) + "; expected one (merge them "
-            "separately or give --space-group)")
-    return as_space_group(next(iter(named)))
+    return sums
 
 
 @dataclass(frozen=True)
@@ -194,18 +86,16 @@ class _Job:
 
     specs: list[ShardSpec]
     out: RunDir
-    params: MergeParams
-    cell: Any
+    params: alg.MergeParams
+    cell: Any  # given: override what the inputs say
     space_group: Any
     truth: TrueIntensities | None
     storage_options: Mapping[str, Any] | None
     echo: Callable[[str], None]
-    on_cycle: Callable[[int], None] | None
-    t_start: float
-    cluster_kind: str
+    on_cycle: Callable[[int], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Setup:
     """What the inputs' summaries decide before any scaling."""
 
@@ -213,103 +103,89 @@ class _Setup:
     sg: gemmi.SpaceGroup
     wavelength: float
     d_min: float
-    index: AsuIndex
+    index: alg.AsuIndex
     operators: list[np.ndarray]
-    n_input: int
-    n_obs: int
-    rejected: Counter[str]
 
 
-def _setup(job: _Job, summaries: list[dict]) -> _Setup:
-    sg = _space_group(job.specs, summaries, job.space_group)
-    with_crystals = [(s, x) for s, x in zip(job.specs, summaries, strict=True) if x["n_crystals"]]
-    uc = consensus_cell([np.median(x["cells"], axis=0) for _, x in with_crystals],
-                        [s.label for s, _ in with_crystals], job.cell,
-                        job.params.cell_tolerance_fraction, job.params.cell_tolerance_deg)
+def _setup(job: _Job, summaries: list[dict], n_input: int) -> _Setup:
+    sg = alg.merge_space_group(job.space_group,
+                               [(s.label, s.space_group) for s in job.specs if s.space_group],
+                               [x["lattice_space_group"] for x in summaries
+                                if x["lattice_space_group"]])
+    inputs = [(s.label, x) for s, x in zip(job.specs, summaries, strict=True) if x["n_crystals"]]
+    uc = alg.consensus_cell([np.median(x["cells"], axis=0) for _, x in inputs],
+                            [label for label, _ in inputs], job.cell,
+                            job.params.cell_tolerance_fraction, job.params.cell_tolerance_deg)
     wl = np.concatenate([s["wavelengths"] for s in summaries])
-    rejected: Counter[str] = Counter()
-    for s in summaries:
-        rejected.update(s["rejected"])
-    n_input = sum(s["n_crystals"] for s in summaries) + sum(rejected.values())
     d_min = job.params.d_min_a or (  # 0: every observation
         1.0 / math.sqrt(max(s["inv_d2_max"] for s in summaries)) * (1 - 1e-6))
-    index = AsuIndex.build(uc, sg, d_min)
-    operators = (ambiguity_operators(uc, sg) if job.params.resolve_ambiguity
+    index = alg.AsuIndex.build(uc, sg, d_min)
+    operators = (alg.ambiguity_operators(uc, sg) if job.params.resolve_ambiguity
                  else [np.eye(3, dtype=int)])
     job.echo(f"{len(job.specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
              f"{' '.join(f'{x:.2f}' for x in uc.parameters)}, {len(index)} unique reflections "
              f"to {d_min:.2f} A; {len(operators) - 1} ambiguity operator(s)")
     return _Setup(uc, sg, float(np.median(wl)) if wl.size else math.nan, d_min, index,
-                  operators, n_input, sum(s["n_obs"] for s in summaries), rejected)
+                  operators)
 
 
-def _first_reference(ex: MapReduce, prepared: list, setup: _Setup, params: MergeParams,
-                     n_crystals: int) -> tuple[Reference, dict[str, Any]]:
-    edges = WilsonCurve.edges_to(setup.d_min)
-    wilson = WilsonCurve.from_sums(edges, ex.reduce_sum(ex.map(WilsonCurve.sums,
-                                                               [(p,) for p in prepared], edges)))
+def _first_reference(ex: MapReduce, prepared: list, setup: _Setup, params: alg.MergeParams,
+                     n_crystals: int) -> tuple[alg.Reference, dict[str, Any]]:
+    edges = alg.WilsonCurve.edges_to(setup.d_min)
+    wilson = alg.WilsonCurve.from_sums(
+        edges, ex.reduce_sum(ex.map(alg.WilsonCurve.sums, [(p,) for p in prepared], edges)))
     ambiguity: dict[str, Any] = {"n_operators": len(setup.operators)}
     if len(setup.operators) == 1:
-        return first_reference(setup.index, wilson), ambiguity
+        return alg.first_reference(setup.index, wilson), ambiguity
     frac = min(1.0, params.ambiguity_max_crystals / max(n_crystals, 1))
-    picked = [v for part in ex.gather(ex.map(ambiguity_vectors, [(p,) for p in prepared],
+    picked = [v for part in ex.gather(ex.map(alg.ambiguity_vectors, [(p,) for p in prepared],
                                              wilson, frac, params.seed)) for v in part]
-    settings = resolve_ambiguity([v for _, v in picked],
-                                 operator_products(setup.index, setup.operators),
-                                 np.random.default_rng(params.seed), params.ambiguity_partners)
+    settings = alg.resolve_ambiguity([v for _, v in picked],
+                                     alg.operator_products(setup.index, setup.operators),
+                                     np.random.default_rng(params.seed),
+                                     params.ambiguity_partners)
     ambiguity["n_crystals_resolved"] = len(picked)
-    return first_reference(setup.index, wilson, picked, settings), ambiguity
+    return alg.first_reference(setup.index, wilson, picked, settings), ambiguity
 
 
-def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: Reference
-           ) -> tuple[Reference, list[CrystalFits], list[np.ndarray | None], list[dict]]:
+def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: alg.Reference
+           ) -> tuple[alg.Reference, list[alg.CrystalFits], list[np.ndarray | None], list[dict]]:
     """The scaling cycles: fits against the broadcast reference, sums reduced, the next
     reference and error model, crystals rejected on every crystal's fit."""
-    params, n_codes = job.params, 2 * len(setup.index)
+    params = job.params
     accepted: list[np.ndarray | None] = [None] * len(prepared)
-    fits: list[CrystalFits] = []
+    fits: list[alg.CrystalFits] = []
     history = []
     for it in range(params.iterations):
         t0 = time.perf_counter()
-        sums, fits = ex.map_reduce(_cycle, list(zip(prepared, accepted, strict=True)),
-                                   ex.put(reference), params, n_codes, it == 0)
-        n_good = int(sum(np.sum(f.status == ACCEPTED) for f in fits))
-        reject_absurd_scales(fits, params.max_scale_ratio)
-        accepted = [f.status == ACCEPTED for f in fits]
-        merged = merge_sums(sums, params.min_measurements)
-        em = ErrorModel.fit(sums.error_sums)
-        reference = merged.reference(em, setup.index.d_a)
-        dev = sums.deviation_sums
-        rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
-        cc_half = pearson(merged.i_half_a, merged.i_half_b)
-        dt = time.perf_counter() - t0
-        entry = {"cycle": it + 1, "cc_half": cc_half, "n_accepted": n_good,
-                 "normalised_deviation_rms": rms, "sdfac": em.sdfac, "sdadd": em.sdadd,
-                 "seconds": dt}
+        sums, fits = ex.map_reduce(alg.scale_cycle, list(zip(prepared, accepted, strict=True)),
+                                   ex.put(reference), params, 2 * len(setup.index), it == 0)
+        n_good = int(sum(np.sum(f.status == alg.ACCEPTED) for f in fits))
+        alg.reject_absurd_scales(fits, params.max_scale_ratio)
+        accepted = [f.status == alg.ACCEPTED for f in fits]
+        merged, reference, rms = alg.next_reference(sums, params.min_measurements,
+                                                    setup.index.d_a)
+        em, dt = reference.error_model, time.perf_counter() - t0
+        entry = {"cycle": it + 1, "cc_half": alg.pearson(merged.i_half_a, merged.i_half_b),
+                 "n_accepted": n_good, "normalised_deviation_rms": rms, "sdfac": em.sdfac,
+                 "sdadd": em.sdadd, "seconds": dt}
         if job.truth is not None:
-            entry["cc_truth"] = pearson(merged.imean, truth_on(setup.index, job.truth))
+            entry["cc_truth"] = alg.pearson(merged.imean, alg.truth_on(setup.index, job.truth))
         history.append(entry)
-        job.echo(f"cycle {it + 1}/{params.iterations}: {n_good} crystals, CC1/2 {cc_half:.4f}"
+        job.echo(f"cycle {it + 1}/{params.iterations}: {n_good} crystals, CC1/2 "
+                 f"{entry['cc_half']:.4f}"
                  + (f", CC to truth {entry['cc_truth']:.4f}" if job.truth else "")
                  + f", normalised deviations rms {rms:.2f} ({dt:.1f} s)")
-        if job.on_cycle is not None:
-            job.on_cycle(it + 1)
+        job.on_cycle(it + 1)
     return reference, fits, accepted, history
 
 
-def run_merge(
-    inputs: Sequence[str],
-    out_url: str,
-    params: MergeParams,
-    cluster: ClusterConfig,
-    *,
-    cell: Any = None,
-    space_group: Any = None,
-    truth: TrueIntensities | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    echo: Callable[[str], None] | None = None,
-    on_cycle: Callable[[int], None] | None = None,
-) -> MergeResult:
+def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
+              cluster: ClusterConfig, *, cell: Any = None, space_group: Any = None,
+              truth: TrueIntensities | None = None,
+              storage_options: Mapping[str, Any] | None = None,
+              echo: Callable[[str], None] | None = None,
+              on_cycle: Callable[[int], None] | None = None) -> MergeResult:
     """Merge integrated observations from run directories and streams into ``out_url``.
 
     Parameters
@@ -322,17 +198,16 @@ def run_merge(
     cell, space_group : override what the inputs say.
     truth : true intensities (simulated inputs), for CC to the truth.
     echo : progress lines (e.g. ``print``).
-    on_cycle : called with the cycle number after each scaling cycle (tests use it to kill a
-        worker mid-merge).
+    on_cycle : called with the number of each scaling cycle done (tests kill a worker there).
     """
     specs = discover_shards(inputs, storage_options)
     out = RunDir(out_url, storage_options)
     out.makedirs()
-    t_start = time.perf_counter()
+    t_start = time.perf_counter()  # the performance figures count the cluster's start
     with open_cluster(cluster) as (client, info):
         job = _Job(specs, out, params, cell, space_group, truth, storage_options,
-                   echo or (lambda s: None), on_cycle, t_start, info.kind)
-        result = _run(job, MapReduce(client))
+                   echo or (lambda s: None), on_cycle or (lambda i: None))
+        result = _run(job, MapReduce(client, info.kind, t_start))
     from sfxflow.pipeline.report import write_merge_report
 
     result.reports = write_merge_report(out.url, list(inputs), storage_options=storage_options)
@@ -343,93 +218,67 @@ def _run(job: _Job, ex: MapReduce) -> MergeResult:
     params = job.params
     data = ex.map(read_shard, [(s, job.storage_options) for s in job.specs])
     summaries = ex.gather(ex.map(_summarise, [(d,) for d in data]))
-    setup = _setup(job, summaries)
-    prepared = ex.map(_prepare, [(d,) for d in data], setup.index, setup.operators, params)
-    del data
+    rejected: Counter[str] = sum((Counter(s["rejected"]) for s in summaries), Counter())
     n_crystals = sum(s["n_crystals"] for s in summaries)
+    n_input, n_obs = n_crystals + sum(rejected.values()), sum(s["n_obs"] for s in summaries)
+    setup = _setup(job, summaries, n_input)
+    index = setup.index  # the asymmetric unit every per-reflection array is indexed by
+    prepared = ex.map(_prepare, [(d,) for d in data], index, setup.operators, params)
+    del data
     reference, ambiguity = _first_reference(ex, prepared, setup, params, n_crystals)
     reference, fits_all, accepted, history = _scale(ex, job, setup, prepared, reference)
 
     # the merge itself: the last fits with the error model fitted on them
     t0 = time.perf_counter()
-    sums, metas = ex.map_reduce(
+    sums = ex.reduce_sum(ex.map(
         _final_pass, [(p, f, a, s.number) for p, f, a, s in
                       zip(prepared, fits_all, accepted, job.specs, strict=True)],
-        ex.put(reference), params, 2 * len(setup.index), setup.index, job.out.url,
-        job.storage_options)
-    merged = merge_sums(sums, params.min_measurements)
-    dev = sums.deviation_sums
-    final_rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
+        ex.put(reference), params, 2 * len(index), index, job.out.url, job.storage_options))
+    merged, _, final_rms = alg.next_reference(sums, params.min_measurements, index.d_a)
     job.echo(f"merged with the error model sdfac {reference.error_model.sdfac:.2f}, sdadd "
              f"{reference.error_model.sdadd:.3f}: normalised deviations rms {final_rms:.2f} "
              f"({time.perf_counter() - t0:.1f} s)")
-    final = CrystalFits.concat(fits_all)
-    index, rejected = setup.index, setup.rejected
+    final = alg.CrystalFits.concat(fits_all)
     truth_asu = None
     if job.truth is not None:
-        # with an ambiguity the merged setting is arbitrary: compare in the truth's best one
-        by_op = [truth_on(index, job.truth, r) for r in setup.operators]
-        ccs = [pearson(merged.imean, t) for t in by_op]
-        best = int(np.nanargmax(ccs)) if np.isfinite(ccs).any() else 0
-        truth_asu = by_op[best]
+        truth_asu, ccs, best = alg.truth_in_best_setting(index, job.truth, setup.operators,
+                                                         merged.imean)
         if len(setup.operators) > 1:
             ambiguity["cc_truth_by_operator"] = ccs
             ambiguity["truth_operator"] = best
-    overall, shells = shell_statistics(index, merged, params.n_shells, truth_asu)
-    for code, reason in REASONS.items():
-        n = int(np.sum(final.status == code))
-        if n:
-            rejected[reason] += n
+    overall, shells = alg.shell_statistics(index, merged, params.n_shells, truth_asu)
+    rejected.update(alg.reasons_counted(final.status))
     if ambiguity["n_operators"] > 1:
         ambiguity["fraction_reindexed"] = float(np.mean(final.operator != 0))
-    cycle_s = float(np.median([h["seconds"] for h in history]))
     stats = {
         "space_group": setup.sg.hm, "cell": list(setup.uc.parameters),
         "wavelength_a": setup.wavelength, "model": params.model,
-        "n_crystals_input": setup.n_input,
-        "n_crystals_merged": int(np.sum(final.status == ACCEPTED)),
+        "n_crystals_input": n_input,
+        "n_crystals_merged": int(np.sum(final.status == alg.ACCEPTED)),
         "rejected": dict(rejected), "overall": overall, "shells": shells,
-        "wilson": wilson_b(index, merged.imean),
-        "n_observations": setup.n_obs, "n_outliers": sums.n_outliers,
+        "wilson": alg.wilson_b(index, merged.imean),
+        "n_observations": n_obs, "n_outliers": sums.n_outliers,
         "n_low_partiality": sums.n_low_partiality,
         "normalised_deviation_rms": final_rms,
         "error_model": {"sdfac": reference.error_model.sdfac,
                         "sdadd": reference.error_model.sdadd},
-        "ambiguity": ambiguity, "cycles": history, "params": _jsonable(params.as_dict()),
-        "performance": {
-            "cluster": job.cluster_kind, "cores": ex.n_cores,
-            "seconds": time.perf_counter() - job.t_start,
-            "observations_per_second_per_core_per_cycle": setup.n_obs / (cycle_s * ex.n_cores),
-            "client_peak_mb": ex.client_peak_mb, "client_max_rss_mb": _peak_rss_mb(),
-            "worker_peak_mb": list(ex.worker_peaks_mb.values()),
-        },
+        "ambiguity": ambiguity, "cycles": history, "params": params.as_dict(),
+        "performance": ex.performance(n_obs, [h["seconds"] for h in history]),
     }
-    crystals = _crystals_table(final, metas)
+    crystals = _crystals_table(final, [x["meta"] for x in summaries])
     _write_outputs(job.out, index, merged, setup.uc, setup.sg, setup.wavelength, stats,
                    crystals)
-    table = format_table(overall, shells)
-    return MergeResult(job.out.url, stats, table, crystals)
+    return MergeResult(job.out.url, stats, alg.format_table(overall, shells), crystals)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def _crystals_table(fits: CrystalFits, metas: list[pa.Table]) -> pa.Table:
+def _crystals_table(fits: alg.CrystalFits, metas: list[pa.Table]) -> pa.Table:
     meta = pa.concat_tables(metas) if metas else pa.table({})
-    cols = {k: v for k, v in fits.as_columns().items() if k != "status"}
-    reason = np.array([REASONS.get(int(s), "") for s in fits.status], dtype=object)
-    table = pa.table({**{k: meta.column(k) for k in meta.column_names}, **cols,
-                      "accepted": fits.status == ACCEPTED,
-                      "reason": pa.array(list(reason), pa.string())})
-    return table
+    cols = fits.table_columns()
+    cols["reason"] = pa.array(cols["reason"], pa.string())  # typed even when empty
+    return pa.table({**{k: meta.column(k) for k in meta.column_names}, **cols})
 
 
-def _write_outputs(out: RunDir, index: AsuIndex, merged: Any, uc: gemmi.UnitCell,
+def _write_outputs(out: RunDir, index: alg.AsuIndex, merged: Any, uc: gemmi.UnitCell,
                    sg: gemmi.SpaceGroup, wavelength: float, stats: dict,
                    crystals: pa.Table) -> None:
     cols = MergedColumns(index.hkl, merged.imean, merged.sigimean, merged.i_plus,
@@ -446,13 +295,5 @@ def _write_outputs(out: RunDir, index: AsuIndex, merged: Any, uc: gemmi.UnitCell
 
 
 def _finite(x: Any) -> Any:
-    """JSON has no NaN: write null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, np.generic):
-        return _finite(x.item())
-    return x
+    """JSON has no NaN: null instead (a round trip through Python's NaN extension of JSON)."""
+    return json.loads(json.dumps(x, default=lambda v: v.item()), parse_constant=lambda c: None)

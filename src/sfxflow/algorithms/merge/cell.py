@@ -15,9 +15,9 @@ import gemmi
 import numpy as np
 
 from sfxflow.errors import InputError
-from sfxflow.models import as_unit_cell
+from sfxflow.models import as_space_group, as_unit_cell
 
-__all__ = ["consensus_cell"]
+__all__ = ["consensus_cell", "merge_space_group"]
 
 
 def _fmt(cell: np.ndarray) -> str:
@@ -54,3 +54,28 @@ def consensus_cell(medians: Sequence[np.ndarray], labels: Sequence[str],
                              f"than {tolerance_fraction:.0%} or {tolerance_deg:g} degrees); "
                              "expected crystals of one form")
     return uc
+
+
+def merge_space_group(given: gemmi.SpaceGroup | str | None, named: Sequence[tuple[str, str]],
+                      lattices: Sequence[str]) -> gemmi.SpaceGroup:
+    """The space group of a merge: ``given``, or the one the inputs name (``named``: (input
+    label, space group) pairs), or where none does, the crystals' lattice (``lattices``).
+
+    Raises
+    ------
+    InputError
+        None is known, or the inputs name different ones.
+    """
+    if given:
+        return as_space_group(given)
+    names = {sg for _, sg in named} or set(lattices)
+    if not names:
+        raise InputError("no space group known for the inputs (value: none); give "
+                         "--space-group (e.g. P43212)")
+    groups = {as_space_group(n).xhm() for n in names}
+    if len(groups) > 1:
+        where = {as_space_group(sg).xhm(): label for label, sg in named}
+        raise InputError("inputs have different space groups: " + ", ".join(
+            f"{g} ({where[g]})" for g in sorted(groups)) + "; expected one (merge them "
+            "separately or give --space-group)")
+    return as_space_group(next(iter(names)))

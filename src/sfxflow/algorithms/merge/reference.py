@@ -16,14 +16,19 @@ Each function here is one side of a map/reduce: :meth:`WilsonCurve.sums` and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sfxflow.algorithms.merge.reflections import AsuIndex
-from sfxflow.algorithms.merge.scale import PreparedShard, Reference
-from sfxflow.algorithms.simulate_physical import TrueIntensities
+from sfxflow.algorithms.merge.scale import ErrorModel, PreparedShard, Reference, ShardSums
+from sfxflow.algorithms.merge.statistics import Merged, merge_sums, pearson
 
-__all__ = ["WilsonCurve", "ambiguity_vectors", "first_reference", "truth_on"]
+if TYPE_CHECKING:  # simulate_physical imports this package: no import cycle at run time
+    from sfxflow.algorithms.simulate_physical import TrueIntensities
+
+__all__ = ["WilsonCurve", "ambiguity_vectors", "first_reference", "next_reference",
+           "truth_in_best_setting", "truth_on"]
 
 N_WILSON_BINS = 40
 
@@ -126,3 +131,23 @@ def truth_on(index: AsuIndex, truth: TrueIntensities,
     minus = truth.at(-hkl)
     with np.errstate(invalid="ignore"):
         return np.where(np.isfinite(minus), 0.5 * (plus + minus), plus)
+
+
+def next_reference(sums: ShardSums, min_measurements: int, d_a: np.ndarray
+                   ) -> tuple[Merged, Reference, float]:
+    """After a cycle's reduce: the merged values, the next reference (with the error model
+    fitted on this cycle's deviations) and the rms of the normalised deviations."""
+    merged = merge_sums(sums, min_measurements)
+    reference = merged.reference(ErrorModel.fit(sums.error_sums), d_a)
+    dev = sums.deviation_sums
+    return merged, reference, float(np.sqrt(dev[1] / dev[0])) if dev[0] else float("nan")
+
+
+def truth_in_best_setting(index: AsuIndex, truth: TrueIntensities, operators: list[np.ndarray],
+                          imean: np.ndarray) -> tuple[np.ndarray, list[float], int]:
+    """With an ambiguity the merged setting is arbitrary: the truth in the setting (operator)
+    that correlates best with ``imean``, the correlation in every setting, and that operator."""
+    by_op = [truth_on(index, truth, r) for r in operators]
+    ccs = [pearson(imean, t) for t in by_op]
+    best = int(np.nanargmax(ccs)) if np.isfinite(ccs).any() else 0
+    return by_op[best], ccs, best

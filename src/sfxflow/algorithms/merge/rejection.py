@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 
-from sfxflow.algorithms.merge.scale import ACCEPTED, REJECT_SCALE, CrystalFits
+from sfxflow.algorithms.merge.scale import ACCEPTED, REASONS, REJECT_SCALE, CrystalFits
 
-__all__ = ["reject_absurd_scales"]
+__all__ = ["reasons_counted", "reject_absurd_scales"]
 
 
 def reject_absurd_scales(fits: list[CrystalFits], max_scale_ratio: float) -> None:
@@ -32,3 +32,9 @@ def reject_absurd_scales(fits: list[CrystalFits], max_scale_ratio: float) -> Non
             absurd = (f.status == ACCEPTED) & ~(np.abs(np.log(f.scale / med))
                                                 <= math.log(max_scale_ratio))
         f.status[absurd] = REJECT_SCALE
+
+
+def reasons_counted(status: np.ndarray) -> dict[str, int]:
+    """How many crystals each rejection reason took (reasons that took none left out)."""
+    counts = {reason: int(np.sum(status == code)) for code, reason in REASONS.items()}
+    return {reason: n for reason, n in counts.items() if n}

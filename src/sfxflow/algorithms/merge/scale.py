@@ -44,8 +44,10 @@ __all__ = [
     "ShardSums",
     "accumulate",
     "choose_operators",
+    "final_merge",
     "fit_crystals",
     "prepare_shard",
+    "scale_cycle",
 ]
 
 MODELS = ("unity", "partiality")
@@ -279,6 +281,14 @@ class CrystalFits:
 
     def as_columns(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def table_columns(self) -> dict[str, Any]:
+        """The columns of ``crystals.parquet``: the fits, ``accepted`` and the rejection
+        ``reason`` ("" when accepted) in place of the status code."""
+        cols: dict[str, Any] = {k: v for k, v in self.as_columns().items() if k != "status"}
+        cols["accepted"] = self.status == ACCEPTED
+        cols["reason"] = [REASONS.get(int(s), "") for s in self.status]
+        return cols
 
 
 @numba.njit(cache=True)
@@ -607,11 +617,30 @@ def scaled_observations(shard: PreparedShard, fits: CrystalFits, reference: Refe
             "z": np.where(has_ref, z, np.nan), "reference": ref, "ref_n": ref_n}
 
 
+def scaled_columns(shard: PreparedShard, obs: dict[str, np.ndarray], index: AsuIndex
+                   ) -> dict[str, np.ndarray]:
+    """The columns of a shard's ``scaled/`` table from :func:`scaled_observations`' output."""
+    code = obs["code"]
+    asu = np.where(code[:, None] >= 0, index.hkl[np.maximum(code, 0) // 2], 0).astype(np.int32)
+    return {
+        "crystal_id": np.repeat(shard.crystal_ids, np.diff(shard.offsets)),
+        "h": shard.hkl[:, 0], "k": shard.hkl[:, 1], "l": shard.hkl[:, 2],
+        "h_asu": asu[:, 0], "k_asu": asu[:, 1], "l_asu": asu[:, 2],
+        "minus": (code % 2 == 1) & (code >= 0),
+        "d_a": 1.0 / np.sqrt(shard.inv_d2), "excitation_error_inv_a": shard.eps,
+        "intensity": obs["intensity"], "sigma": obs["sigma"], "partiality": obs["partiality"],
+        "used": obs["use"], "outlier": obs["outlier"],
+    }
+
+
 def accumulate(shard: PreparedShard, fits: CrystalFits, reference: Reference,
                params: MergeParams, accepted: np.ndarray, n_codes: int,
-               reject_outliers: bool = True) -> ShardSums:
-    """The shard's per-reflection sums with the given fits (the map step's output)."""
-    obs = scaled_observations(shard, fits, reference, params, accepted, reject_outliers)
+               reject_outliers: bool = True, obs: dict[str, np.ndarray] | None = None
+               ) -> ShardSums:
+    """The shard's per-reflection sums with the given fits (the map step's output); ``obs``:
+    :func:`scaled_observations` of the same arguments, where the caller has them already."""
+    if obs is None:
+        obs = scaled_observations(shard, fits, reference, params, accepted, reject_outliers)
     use = obs["use"]
     code = obs["code"][use]
     w = 1.0 / obs["sigma"][use] ** 2
@@ -641,3 +670,31 @@ def accumulate(shard: PreparedShard, fits: CrystalFits, reference: Reference,
     z = z[np.isfinite(z)]
     sums.deviation_sums = np.array([z.size, float(np.sum(z * z)), float(np.sum(np.abs(z) > 3))])
     return sums
+
+
+def _accepted(fits: CrystalFits, accepted: np.ndarray | None) -> np.ndarray:
+    ok = fits.status == ACCEPTED
+    return ok if accepted is None else ok & accepted
+
+
+def scale_cycle(shard: PreparedShard, accepted: np.ndarray | None, reference: Reference,
+                params: MergeParams, n_codes: int, unity_first: bool
+                ) -> tuple[ShardSums, CrystalFits]:
+    """One scaling cycle's map step over a shard: each crystal's operator and fit against the
+    reference, and the shard's sums (crystals not ``accepted`` by the last cycle left out)."""
+    ops = choose_operators(shard, reference.intensity)
+    fits = fit_crystals(shard, reference.intensity, params, ops, unity_first=unity_first)
+    # outliers are rejected only in the final merge, against the settled reference
+    return accumulate(shard, fits, reference, params, _accepted(fits, accepted), n_codes,
+                      False), fits
+
+
+def final_merge(shard: PreparedShard, fits: CrystalFits, accepted: np.ndarray | None,
+                reference: Reference, params: MergeParams, n_codes: int
+                ) -> tuple[ShardSums, dict[str, np.ndarray]]:
+    """The merge's map step over a shard with the last cycle's fits and the error model
+    fitted on them: the sums, and the scaled observations (:func:`scaled_observations`).
+    Outliers are rejected when there was a cycle to settle the reference."""
+    ok, reject = _accepted(fits, accepted), params.iterations > 1
+    obs = scaled_observations(shard, fits, reference, params, ok, reject)
+    return accumulate(shard, fits, reference, params, ok, n_codes, reject, obs), obs
