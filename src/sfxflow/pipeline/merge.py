@@ -102,7 +102,6 @@ class _Setup:
     uc: gemmi.UnitCell
     sg: gemmi.SpaceGroup
     wavelength: float
-    d_min: float
     index: alg.AsuIndex
     operators: list[np.ndarray]
 
@@ -125,13 +124,12 @@ def _setup(job: _Job, summaries: list[dict], n_input: int) -> _Setup:
     job.echo(f"{len(job.specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
              f"{' '.join(f'{x:.2f}' for x in uc.parameters)}, {len(index)} unique reflections "
              f"to {d_min:.2f} A; {len(operators) - 1} ambiguity operator(s)")
-    return _Setup(uc, sg, float(np.median(wl)) if wl.size else math.nan, d_min, index,
-                  operators)
+    return _Setup(uc, sg, float(np.median(wl)) if wl.size else math.nan, index, operators)
 
 
 def _first_reference(ex: MapReduce, prepared: list, setup: _Setup, params: alg.MergeParams,
                      n_crystals: int) -> tuple[alg.Reference, dict[str, Any]]:
-    edges = alg.WilsonCurve.edges_to(setup.d_min)
+    edges = alg.WilsonCurve.edges_to(setup.index.d_min_a)
     wilson = alg.WilsonCurve.from_sums(
         edges, ex.reduce_sum(ex.map(alg.WilsonCurve.sums, [(p,) for p in prepared], edges)))
     ambiguity: dict[str, Any] = {"n_operators": len(setup.operators)}
@@ -152,30 +150,32 @@ def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: a
            ) -> tuple[alg.Reference, list[alg.CrystalFits], list[np.ndarray | None], list[dict]]:
     """The scaling cycles: fits against the broadcast reference, sums reduced, the next
     reference and error model, crystals rejected on every crystal's fit."""
-    params = job.params
-    accepted: list[np.ndarray | None] = [None] * len(prepared)
-    fits: list[alg.CrystalFits] = []
-    history = []
+    params, history = job.params, []
+    accepted: list[Any] = [None] * len(prepared)  # None: all that their own fit accepts
+    dropped: Any = None  # crystals rejected for good (delta CC1/2)
     for it in range(params.iterations):
         t0 = time.perf_counter()
+        ref_f = ex.put(reference)
         sums, fits = ex.map_reduce(alg.scale_cycle, list(zip(prepared, accepted, strict=True)),
-                                   ex.put(reference), params, 2 * len(setup.index), it == 0)
+                                   ref_f, params, 2 * len(setup.index), it == 0)
+        if params.rejects_on_delta_cc_half() or it == params.iterations - 1:  # and reported
+            fits = ex.gather(ex.map(alg.with_delta_cc_half,
+                                    list(zip(prepared, fits, accepted, strict=True)),
+                                    ref_f, params, ex.put(alg.HalfSums.of(sums))))
         n_good = int(sum(np.sum(f.status == alg.ACCEPTED) for f in fits))
-        alg.reject_absurd_scales(fits, params.max_scale_ratio)
-        accepted = [f.status == alg.ACCEPTED for f in fits]
-        merged, reference, rms = alg.next_reference(sums, params.min_measurements,
-                                                    setup.index.d_a)
+        accepted, dropped = alg.reject_globally(fits, dropped, params, against_merge=it > 0)
+        merged, reference, rms = alg.next_reference(sums, params.min_measurements, setup.index.d_a)
         em, dt = reference.error_model, time.perf_counter() - t0
         entry = {"cycle": it + 1, "cc_half": alg.pearson(merged.i_half_a, merged.i_half_b),
                  "n_accepted": n_good, "normalised_deviation_rms": rms, "sdfac": em.sdfac,
                  "sdadd": em.sdadd, "seconds": dt}
+        truth = ""
         if job.truth is not None:
             entry["cc_truth"] = alg.pearson(merged.imean, alg.truth_on(setup.index, job.truth))
+            truth = f", CC to truth {entry['cc_truth']:.4f}"
         history.append(entry)
         job.echo(f"cycle {it + 1}/{params.iterations}: {n_good} crystals, CC1/2 "
-                 f"{entry['cc_half']:.4f}"
-                 + (f", CC to truth {entry['cc_truth']:.4f}" if job.truth else "")
-                 + f", normalised deviations rms {rms:.2f} ({dt:.1f} s)")
+                 f"{entry['cc_half']:.4f}{truth}, normalised deviations rms {rms:.2f} ({dt:.1f} s)")
         job.on_cycle(it + 1)
     return reference, fits, accepted, history
 
