@@ -85,7 +85,11 @@ class MergeParams:
     iterations : scaling cycles (each a map over the shards and a reduce).
     d_min_a : high-resolution limit; 0 takes every observation.
     min_partiality : observations whose modelled partiality (the Gaussian factor) is below this
-        are left out of the merged intensities (they still shape the fit).
+        are left out of the merged intensities (they still shape the fit): divided by a tiny
+        modelled partiality, an observation carries the model's error in the profile's tails
+        (real profiles have a shape transform's power-law tails) magnified (measured on
+        processed stills: 0.9453 CC to the truth at 0, 0.977 at 0.01, 0.987 at 0.03-0.05,
+        0.985 at 0.1-0.2).
     min_observations : crystals with fewer usable observations are rejected.
     min_cc : crystals whose correlation with the reference is below this are rejected.
     max_scale_ratio : crystals whose scale is further than this factor from the median are
@@ -128,7 +132,7 @@ class MergeParams:
     model: str = setting("partiality", choices=MODELS)
     iterations: int = setting(4, ge=1, le=50)
     d_min_a: float = setting(0.0, ge=0.0, le=100.0)
-    min_partiality: float = setting(0.1, ge=0.0, lt=1.0)
+    min_partiality: float = setting(0.05, ge=0.0, lt=1.0)
     min_observations: int = setting(10, ge=1, le=100_000)
     min_cc: float = setting(0.0, ge=-1.0, lt=1.0)
     max_scale_ratio: float = setting(1.0e3, gt=1.0, le=1.0e12)
