@@ -121,14 +121,20 @@ def test_fit_recovers_relative_scale_of_physically_simulated_crystals():
     assert np.all(np.abs(fits.b_a2) < 10)
 
 
-def test_sums_add_across_shards_and_merge():
+def _orthorhombic_set(n: int, photons: float, model: str) -> tuple:
+    """``n`` physically simulated P212121 crystals to 3 A, the merge parameters, the
+    asymmetric unit and the truth as the reference."""
     truth = synthetic_truth("50 60 70 90 90 90", "P 21 21 21", 3.0)
-    phys = PhysicalParams(d_min_a=3.0, scale_photons=1.0)
+    phys = PhysicalParams(d_min_a=3.0, scale_photons=photons)
     sims = [simulate_crystal(truth, simple(80.0, 0.1, 3000), phys, np.random.default_rng(i))
-            for i in range(10)]
-    params = MergeParams(model="unity")
+            for i in range(n)]
     index = AsuIndex.build(truth.index.cell, truth.index.space_group, 3.0)
     ref = Reference(truth.at(index.hkl), np.full(len(index), np.nan), np.zeros(len(index)))
+    return sims, MergeParams(model=model), index, ref
+
+
+def test_sums_add_across_shards_and_merge():
+    sims, params, index, ref = _orthorhombic_set(10, 1.0, "unity")
     whole = _shard_from_sims(sims, index, params)
     a, b = _shard_from_sims(sims[:4], index, params), _shard_from_sims(sims[4:], index, params)
 
@@ -219,3 +225,48 @@ def test_images_with_true_intensities_and_physical_partiality():
     ratio = t["intensity_photons"] / (t["partiality"] * truth.at(hkl))
     full = t["on_panel_fraction"] > 0.99
     assert np.std(np.log(ratio[full])) < 0.2
+
+
+def test_delta_cc_half_equals_merging_without_the_crystal():
+    """The per-crystal shortcut (six moment sums corrected by the crystal's own reflections)
+    against merging the shard again without each crystal in turn."""
+    from sfxflow.algorithms.merge.rejection import HalfSums, delta_cc_half
+    from sfxflow.algorithms.merge.statistics import pearson
+
+    sims, params, index, ref = _orthorhombic_set(14, 0.3, "partiality")
+    shard = _shard_from_sims(sims, index, params)
+    fits = fit_crystals(shard, ref.intensity, params, np.zeros(shard.n_crystals, np.int16))
+    ok = fits.status == ACCEPTED
+    assert ok.sum() >= 12 and set(shard.half) == {0, 1}
+
+    def cc_half(accepted):
+        h = HalfSums.of(accumulate(shard, fits, ref, params, accepted, 2 * len(index), False))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return pearson(h.swi_a / h.sw_a, h.swi_b / h.sw_b)
+
+    full = accumulate(shard, fits, ref, params, ok, 2 * len(index), False)
+    fast = delta_cc_half(shard, fits, None, ref, params, HalfSums.of(full))
+    slow = [cc_half(ok) - cc_half(ok & (np.arange(len(ok)) != c)) if ok[c] else np.nan
+            for c in range(len(ok))]
+    np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-9)
+    assert np.nanstd(fast) > 0  # crystals differ: the comparison is not trivially zero
+
+
+def test_low_cc_crystals_are_rejected_only_against_a_merge():
+    from sfxflow.algorithms.merge.rejection import reject_globally
+    from sfxflow.algorithms.merge.scale import REJECT_CC, CrystalFits
+
+    def fits():
+        f = CrystalFits(*(np.ones(20) for _ in range(9)))
+        f.status[:] = ACCEPTED
+        f.cc[:] = np.linspace(0.55, 0.65, 20)
+        f.cc[3] = 0.02  # its observations do not follow the reference
+        return f
+
+    params = MergeParams(model="unity")
+    first = [fits()]
+    kept, dropped = reject_globally(first, None, params, against_merge=False)
+    assert kept[0].all() and not dropped[0].any()  # a Wilson curve says nothing of a crystal
+    later = [fits()]
+    kept, _ = reject_globally(later, None, params)
+    assert later[0].status[3] == REJECT_CC and kept[0].sum() == 19

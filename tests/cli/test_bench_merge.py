@@ -1,4 +1,4 @@
-"""The crystal subsets of ``sfxflow bench merge --images``."""
+"""The crystal subsets of ``sfxflow bench merge --images`` and its comparison on common reflections."""
 
 from sfxflow.benchmarks.merge import filter_stream, nested_subsets
 
@@ -29,3 +29,36 @@ def test_filter_stream_keeps_the_header_and_the_chosen_crystals_only():
     assert out.count("--- Begin crystal") == 2 and out.count("----- End chunk -----") == 2
     assert "Event: //2" not in out  # a chunk left without a crystal goes
     assert "".join(filter_stream(text, set())) == "CrystFEL stream format 2.3\n"
+
+
+def test_common_cc_compares_merges_on_the_reflections_all_of_them_hold(tmp_path):
+    """The truth itself scores 1 whatever the file's convention (here Friedel mates), a noisy
+    copy less, and only reflections both files hold (with >= 2 observations) count."""
+    import gemmi
+    import numpy as np
+
+    from sfxflow.algorithms.simulate_physical import TrueIntensities
+    from sfxflow.benchmarks.merge import _common_cc
+    from sfxflow.io.hkl import write_hkl
+    from sfxflow.io.mtz import MergedColumns
+
+    uc, sg = gemmi.UnitCell(40, 40, 60, 90, 90, 90), gemmi.SpaceGroup("P 41 21 2")
+    hkl = np.asarray(gemmi.make_miller_array(uc, sg, 3.0, 0, True))
+    rng = np.random.default_rng(0)
+    i_true = rng.exponential(100.0, len(hkl))
+    truth = TrueIntensities.from_arrays(uc, sg, hkl, i_true, i_true)
+
+    def write(name, rows, values, n):
+        nan = np.full(len(rows), np.nan)
+        write_hkl(tmp_path / name, sg, MergedColumns(rows, values, np.ones(len(rows)), nan, nan,
+                                                     nan, nan, n))
+        return tmp_path / name
+
+    half = len(hkl) // 2
+    exact = write("exact.hkl", -hkl[:half + 20], i_true[:half + 20], np.full(half + 20, 3))
+    n_noisy = np.full(len(hkl), 5)
+    n_noisy[:10] = 1  # too few observations: not compared
+    noisy = write("noisy.hkl", hkl, i_true * rng.normal(1.0, 0.3, len(hkl)), n_noisy)
+    cc, n_common = _common_cc({"exact": exact, "noisy": noisy}, truth, 3.0)
+    assert n_common == half + 10
+    assert cc["exact"] > 0.9999 and 0.5 < cc["noisy"] < 0.99

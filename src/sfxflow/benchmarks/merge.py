@@ -180,6 +180,28 @@ def _simulate_blocks(work: Path, truth: Any, n_max: int, d_min: float, seed: int
     return runs, streams
 
 
+def _common_cc(files: dict[str, Path], truth: Any, d_min: float) -> tuple[dict[str, float], int]:
+    """CC to the truth of each merged ``.hkl`` on the reflections all of them hold (at least
+    two observations, ``d >= d_min``): what one merge did better than another, not which one
+    kept more reflections. Reflections are compared through the truth's asymmetric unit
+    (Friedel mates together), so the programs' own conventions do not matter."""
+    from sfxflow.io.hkl import read_hkl
+
+    index = truth.index
+    values: dict[str, dict[int, float]] = {}
+    for name, path in files.items():
+        _, hkl, i, _, n = read_hkl(path)
+        code = index.lookup(np.asarray(hkl, np.int64))
+        d = 1.0 / np.linalg.norm(hkl @ np.asarray(index.cell.frac.mat), axis=1)
+        keep = (n >= 2) & (d >= d_min) & np.isfinite(i) & (code >= 0)
+        values[name] = dict(zip((code[keep] // 2).tolist(), i[keep].tolist(), strict=True))
+    common = sorted(set.intersection(*(set(v) for v in values.values()))) if values else []
+    t = _truth_of(truth, index.hkl[np.asarray(common, np.int64)])
+    ok = np.isfinite(t)
+    return ({name: _cc(np.array([v[k] for k in common])[ok], t[ok])
+             for name, v in values.items()}, int(ok.sum()))
+
+
 def _ours(runs: list[Path], out: Path, truth: Any, model: str, iterations: int, d_min: float,
           **extra: Any) -> dict[str, Any]:
     from sfxflow.algorithms.merge.scale import MergeParams
@@ -220,10 +242,12 @@ def _merge_size(n: int, runs: list[Path], stream: Path | None, work: Path, tag: 
     """One row of the table: our two models on ``runs`` and partialator (where ``exe``) on
     ``stream``, the same ``n`` crystals; printed as it comes."""
     row: dict[str, Any] = {"n": n}
+    files = {}
     for model in ("unity", "partiality"):
         row[f"sfxflow-{model}"] = _ours(runs, work / f"{tag}merge-{model}-{n}", truth, model,
                                         args.iterations, args.d_min_a)
         row[f"sfxflow-{model}"].pop("stats")
+        files[f"sfxflow-{model}"] = work / f"{tag}merge-{model}-{n}" / "merged.hkl"
     if exe is not None and stream is not None:
         for model in ("unity", "xsphere"):
             if model == "xsphere" and n > args.xsphere_max_crystals:
@@ -232,39 +256,46 @@ def _merge_size(n: int, runs: list[Path], stream: Path | None, work: Path, tag: 
             seconds = _run_partialator(exe, stream, out, model, work, args.xsphere_iterations)
             row[f"partialator-{model}"] = {**_hkl_figures(out, truth, args.d_min_a),
                                            "seconds": seconds}
+            files[f"partialator-{model}"] = out
+    common, row["n_common"] = _common_cc(files, truth, args.d_min_a)
+    for name, cc in common.items():
+        row[name]["cc_truth_common"] = cc
     _print_quality_row(row)
     return row
 
 
 def _print_quality_row(row: dict) -> None:
-    cols = [k for k in row if k != "n"]
-    print(f"N = {row['n']}:")
+    cols = [k for k in row if k not in ("n", "n_common")]
+    print(f"N = {row['n']} (CC truth common: on the {row['n_common']} reflections all share):")
     for c in cols:
         v = row[c]
-        print(f"  {c:22s} CC truth {v['cc_truth']:.4f}   CC1/2 {v['cc_half']:.4f}   "
-              f"CC* {v['cc_star']:.4f}   ({v['seconds']:.1f} s)", flush=True)
+        print(f"  {c:22s} CC truth {v['cc_truth']:.4f}   common {v['cc_truth_common']:.4f}   "
+              f"CC1/2 {v['cc_half']:.4f}   CC* {v['cc_star']:.4f}   ({v['seconds']:.1f} s)",
+              flush=True)
 
 
 def _summary(rows: list[dict], title: str = "") -> None:
-    print(f"\nCC to the truth (overall, to the resolution limit){': ' + title if title else ''}:")
-    cols = list(dict.fromkeys(k for r in rows for k in r if k != "n"))
-    print(f"{'N':>6} " + " ".join(f"{c:>22s}" for c in cols))
-    for r in rows:
-        print(f"{r['n']:>6d} " + " ".join(f"{r[c]['cc_truth']:>22.4f}" if c in r else
-                                          f"{'-':>22s}" for c in cols))
+    cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("n", "n_common")))
+    for key, what in (("cc_truth", "overall, to the resolution limit"),
+                      ("cc_truth_common", "on the reflections every method produced")):
+        print(f"\nCC to the truth ({what}){': ' + title if title else ''}:")
+        print(f"{'N':>6} " + " ".join(f"{c:>22s}" for c in cols))
+        for r in rows:
+            print(f"{r['n']:>6d} " + " ".join(f"{r[c][key]:>22.4f}" if c in r else
+                                              f"{'-':>22s}" for c in cols))
     by_n = {r["n"]: r for r in rows}
     print("\npartiality vs unity:")
     for n, r in by_n.items():
-        p, u = r["sfxflow-partiality"]["cc_truth"], r["sfxflow-unity"]["cc_truth"]
+        p, u = r["sfxflow-partiality"]["cc_truth_common"], r["sfxflow-unity"]["cc_truth_common"]
         line = f"  N={n}: partiality {p:.4f} vs unity {u:.4f}: {'beats' if p > u else 'LOSES'}"
         for factor in (2, 4):
             if n * factor in by_n:
-                u2 = by_n[n * factor]["sfxflow-unity"]["cc_truth"]
+                u2 = by_n[n * factor]["sfxflow-unity"]["cc_truth_common"]
                 line += f"; unity at {factor}N {u2:.4f} ({'reached' if p >= u2 else 'not reached'})"
         if "partialator-unity" in r:
             best = max((k for k in ("partialator-unity", "partialator-xsphere") if k in r),
-                       key=lambda k: r[k]["cc_truth"])
-            cc = r[best]["cc_truth"]
+                       key=lambda k: r[k]["cc_truth_common"])
+            cc = r[best]["cc_truth_common"]
             line += f"; best {best} {cc:.4f} ({'beaten' if p > cc else 'NOT beaten'})"
         print(line)
 

@@ -1,31 +1,21 @@
 """The distributed merge: map over reflection shards, reduce per-reflection sums, iterate.
 
-Plan of a run (every step a map over shards on the workers and a small reduce on the client):
-
-1. read and prepare each shard on a worker (asymmetric-unit codes under every ambiguity operator,
-   excitation errors); the prepared shard stays in the worker's memory as a Dask future, so a
-   lost worker's shards are simply recomputed from their files;
-2. a Wilson curve (mean intensity per resolution bin) for the first reference;
-3. where the lattice allows an indexing ambiguity: normalised intensity vectors of a bounded
-   random subset of crystals go to the client, which resolves their settings (Brehm-Diederichs)
-   and builds the first reference from them;
-4. ``iterations`` cycles: per crystal operator choice and scale / B / partiality fit against the
-   broadcast reference, then per-reflection sums reduced in a tree on the cluster; the client
-   turns them into the next reference and error model, and rejects crystals with absurd scales;
-   the last cycle also writes the scaled observations of each shard;
-5. merged intensities, statistics, MTZ, CrystFEL .hkl, crystals.parquet and stats.json.
-
-The client holds per-reflection arrays and per-crystal results, never the observations.
+``_run`` is the list of steps, each a map over the shards on the workers
+(:class:`~sfxflow.pipeline.mapreduce.MapReduce`) and a small reduce on the client; the numbers
+are decided in :mod:`sfxflow.algorithms.merge`: read and prepare each shard (it stays on its
+worker as a future: a lost worker's shards are recomputed from their files); the space group,
+cell and asymmetric unit; the first reference (a Wilson curve, and with an indexing ambiguity a
+Brehm-Diederichs-resolved subset of crystals); ``iterations`` scaling cycles against the
+broadcast reference; the final merge, which writes each shard's scaled observations; then the
+statistics, MTZ, CrystFEL .hkl, crystals.parquet and stats.json. The client holds
+per-reflection arrays and per-crystal results, never the observations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
-import operator
-import resource
 import tempfile
 import time
 from collections import Counter
@@ -38,40 +28,7 @@ import gemmi
 import numpy as np
 import pyarrow as pa
 
-from sfxflow.algorithms.merge.ambiguity import resolve_ambiguity
-from sfxflow.algorithms.merge.cell import InputSymmetry, merge_target
-from sfxflow.algorithms.merge.reflections import (
-    AsuIndex,
-    ambiguity_operators,
-    operator_products,
-)
-from sfxflow.algorithms.merge.scale import (
-    ACCEPTED,
-    REASONS,
-    REJECT_SCALE,
-    CrystalFits,
-    ErrorModel,
-    MergeParams,
-    PreparedShard,
-    Reference,
-    ShardSums,
-    accumulate,
-    choose_operators,
-    fit_crystals,
-    prepare_shard,
-    scaled_observations,
-)
-from sfxflow.algorithms.merge.statistics import (
-    balanced_halves,
-    estimate_resolution,
-    format_estimate,
-    format_table,
-    halves_of_accepted,
-    merge_sums,
-    pearson,
-    shell_statistics,
-    wilson_b,
-)
+from sfxflow.algorithms import merge as alg
 from sfxflow.algorithms.simulate_physical import TrueIntensities
 from sfxflow.io.hkl import write_half_hkls, write_hkl
 from sfxflow.io.mtz import MergedColumns, write_merged_mtz
@@ -85,12 +42,9 @@ from sfxflow.io.observations import (
 from sfxflow.io.results import RunDir, parquet_bytes
 from sfxflow.pipeline.cluster import open_cluster
 from sfxflow.pipeline.config import ClusterConfig
+from sfxflow.pipeline.mapreduce import MapReduce
 
 __all__ = ["MergeResult", "run_merge"]
-
-log = logging.getLogger(__name__)
-
-_N_WILSON_BINS = 40
 
 
 @dataclass
@@ -104,238 +58,152 @@ class MergeResult:
     reports: list[str] = field(default_factory=list)  #: the report pages written
 
 
-# ----------------------------------------------------------------------------- worker tasks
-
-
 def _summarise(data: Any) -> dict:
-    inv_d2_max = 0.0
-    if data.hkl.shape[0]:
-        q = np.einsum("nij,nj->ni", data.a_matrices[data.obs_crystal], data.hkl.astype(float))
-        inv_d2_max = float(np.max(np.einsum("ni,ni->n", q, q)))
     return {"n_crystals": data.n_crystals, "n_obs": int(data.hkl.shape[0]),
             "cells": data.cells, "wavelengths": data.wavelengths_a, "rejected": data.rejected,
-            "inv_d2_max": inv_d2_max, "lattices": data.lattices}
+            "inv_d2_max": alg.max_inv_d2(data.a_matrices, data.obs_crystal, data.hkl),
+            "lattices": data.lattices,
+            "meta": pa.table({"source_url": pa.array(list(data.source_url), pa.string()),
+                              "frame_index": data.frame_index, "crystal": data.crystal})}
 
 
-def _prepare(data: Any, index: AsuIndex, operators: list[np.ndarray], params: MergeParams,
-             half: np.ndarray | None = None) -> PreparedShard:
-    extra = {"crystal_source": np.asarray(data.source_url, dtype=object),
-             "crystal_frame": data.frame_index, "crystal_number": data.crystal}
-    shard = prepare_shard(data.crystal_ids, data.a_matrices, data.wavelengths_a,
-                          data.obs_crystal, data.hkl, data.intensity, data.sigma,
-                          data.polarisation, index, operators, params)
-    # per-crystal metadata rides along (not per observation)
-    shard.extra.update(extra)
-    if half is not None:  # a balanced split over every shard's crystals
-        shard = dataclasses.replace(shard, half=half)
-    return shard
+def _prepare(data: Any, half: np.ndarray, index: alg.AsuIndex, operators: list[np.ndarray],
+             params: alg.MergeParams) -> alg.PreparedShard:
+    shard = alg.prepare_shard(data.crystal_ids, data.a_matrices, data.wavelengths_a,
+                              data.obs_crystal, data.hkl, data.intensity, data.sigma,
+                              data.polarisation, index, operators, params)
+    return dataclasses.replace(shard, half=half)  # a balanced split over every shard's crystals
 
 
-def _load_and_prepare(spec: ShardSpec, storage_options: Mapping[str, Any] | None,
-                      index: AsuIndex, operators: list[np.ndarray], params: MergeParams
-                      ) -> PreparedShard:
-    return _prepare(read_shard(spec, storage_options), index, operators, params)
-
-
-def _wilson_sums(shard: PreparedShard, edges: np.ndarray) -> np.ndarray:
-    ok = shard.codes[0] >= 0
-    b = np.clip(np.searchsorted(edges, shard.inv_d2[ok]) - 1, 0, len(edges) - 2)
-    return np.stack([np.bincount(b, weights=shard.intensity[ok], minlength=len(edges) - 1),
-                     np.bincount(b, minlength=len(edges) - 1).astype(float)])
-
-
-def _wilson_at(curve: np.ndarray, edges: np.ndarray, inv_d2: np.ndarray) -> np.ndarray:
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    good = np.isfinite(curve) & (curve > 0)
-    if not good.any():
-        return np.ones_like(inv_d2)
-    return np.exp(np.interp(inv_d2, centres[good], np.log(curve[good])))
-
-
-def _ambiguity_vectors(shard: PreparedShard, curve: np.ndarray, edges: np.ndarray,
-                       fraction: float, seed: int) -> list[tuple[int, list]]:
-    first = int(shard.crystal_ids[0]) if shard.n_crystals else 0
-    pick = np.random.default_rng([seed, first]).random(shard.n_crystals) < fraction
-    norm = shard.intensity / _wilson_at(curve, edges, shard.inv_d2)
-    out = []
-    for c in np.flatnonzero(pick):
-        lo, hi = shard.offsets[c], shard.offsets[c + 1]
-        per_op = []
-        for o in range(shard.codes.shape[0]):
-            code = shard.codes[o, lo:hi]
-            ok = code >= 0
-            idx, inv = np.unique(code[ok] // 2, return_inverse=True)
-            val = np.bincount(inv, weights=norm[lo:hi][ok]) / np.bincount(inv)
-            per_op.append((idx, val))
-        out.append((int(shard.crystal_ids[c]), per_op))
-    return out
-
-
-def _cycle(shard: PreparedShard, reference: Reference, params: MergeParams,
-           accepted: np.ndarray | None, n_codes: int, unity_first: bool,
-           fixed_ops: np.ndarray | None, reject_outliers: bool = False
-           ) -> tuple[CrystalFits, ShardSums]:
-    ops = choose_operators(shard, reference.intensity, fixed_ops)
-    fits = fit_crystals(shard, reference.intensity, params, ops, unity_first=unity_first)
-    ok = fits.status == ACCEPTED
-    if accepted is not None:
-        ok &= accepted
-    return fits, accumulate(shard, fits, reference, params, ok, n_codes, reject_outliers)
-
-
-def _final_pass(shard: PreparedShard, fits: CrystalFits, reference: Reference,
-                params: MergeParams, accepted: np.ndarray | None, n_codes: int,
-                index: AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None,
-                number: int, half: np.ndarray | None = None) -> tuple[ShardSums, pa.Table]:
+def _final_pass(shard: alg.PreparedShard, fits: alg.CrystalFits, accepted: np.ndarray | None,
+                number: int, half: np.ndarray, reference: alg.Reference,
+                params: alg.MergeParams, n_codes: int, index: alg.AsuIndex, out_url: str,
+                storage_options: Mapping[str, Any] | None) -> alg.ShardSums:
     """The merge with the last cycle's fits and the error model fitted on that cycle: the
-    per-reflection sums, and the shard's scaled observations written to ``scaled/``.
-    ``half``: the crystals' half-sets for the statistics (default: the shard's own)."""
-    if half is not None:
-        shard = dataclasses.replace(shard, half=half)
-    ok = fits.status == ACCEPTED
-    if accepted is not None:
-        ok &= accepted
-    reject = params.iterations > 1
-    sums = accumulate(shard, fits, reference, params, ok, n_codes, reject)
-    obs = scaled_observations(shard, fits, reference, params, ok, reject)
-    code = obs["code"]
-    asu = np.where(code[:, None] >= 0, index.hkl[np.maximum(code, 0) // 2], 0)
-    counts = np.diff(shard.offsets)
-    table = pa.table({
-        "crystal_id": np.repeat(shard.crystal_ids, counts),
-        "h": shard.hkl[:, 0], "k": shard.hkl[:, 1], "l": shard.hkl[:, 2],
-        "h_asu": asu[:, 0].astype(np.int32), "k_asu": asu[:, 1].astype(np.int32),
-        "l_asu": asu[:, 2].astype(np.int32), "minus": (code % 2 == 1) & (code >= 0),
-        "d_a": 1.0 / np.sqrt(shard.inv_d2), "excitation_error_inv_a": shard.eps,
-        "intensity": obs["intensity"], "sigma": obs["sigma"], "partiality": obs["partiality"],
-        "used": obs["use"], "outlier": obs["outlier"],
-    })
+    per-reflection sums (half-sets ``half``: the merged crystals split evenly), and the shard's
+    scaled observations written to ``scaled/``."""
+    shard = dataclasses.replace(shard, half=half)
+    sums, obs = alg.final_merge(shard, fits, accepted, reference, params, n_codes)
+    table = pa.table(alg.scaled_columns(shard, obs, index))
     RunDir(out_url, storage_options).write_bytes(f"scaled/{number:05d}.parquet",
                                                  parquet_bytes(table))
-    meta = pa.table({"source_url": pa.array(list(shard.extra["crystal_source"]), pa.string()),
-                     "frame_index": shard.extra["crystal_frame"],
-                     "crystal": shard.extra["crystal_number"]})
-    return sums, meta
+    return sums
 
 
-def _identity(value: Any) -> Any:
-    return value
+@dataclass(frozen=True)
+class _Job:
+    """What one merge was asked to do (the arguments of :func:`run_merge`)."""
+
+    specs: list[ShardSpec]
+    out: RunDir
+    params: alg.MergeParams
+    cell: Any  # given: override what the inputs say
+    space_group: Any
+    point_group: str | None
+    truth: TrueIntensities | None
+    storage_options: Mapping[str, Any] | None
+    echo: Callable[[str], None]
+    on_cycle: Callable[[int], None]
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+@dataclass(frozen=True)
+class _Setup:
+    """What the inputs' summaries decide before any scaling."""
+
+    uc: gemmi.UnitCell
+    sg: gemmi.SpaceGroup
+    wavelength: float
+    index: alg.AsuIndex
+    operators: list[np.ndarray]
 
 
-def _rss_mb() -> float:
-    import psutil
-
-    return float(psutil.Process().memory_info().rss) / 2**20
-
-
-# ----------------------------------------------------------------------------- executors
-
-
-class _Serial:
-    """Runs the tasks in this process (``--scheduler synchronous``)."""
-
-    n_cores = 1
-
-    def submit(self, fn: Callable, *args: Any) -> Any:
-        return fn(*args)
-
-    def gather(self, items: Any) -> Any:
-        return items
-
-    def scatter(self, value: Any) -> Any:
-        return value
-
-    def reduce_sum(self, items: list) -> Any:
-        total = items[0]
-        for x in items[1:]:
-            total = total + x
-        return total
-
-    def sample_memory(self) -> None:
-        pass
-
-    def worker_peak_mb(self) -> list[float]:
-        return []
-
-
-class _Dask:
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        workers = client.scheduler_info().get("workers", {})
-        self.n_cores = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
-        self.peaks: dict[str, float] = {}
-
-    def submit(self, fn: Callable, *args: Any) -> Any:
-        return self.client.submit(fn, *args, pure=False)
-
-    def gather(self, items: Any) -> Any:
-        return self.client.gather(items)
-
-    def scatter(self, value: Any) -> Any:
-        # a task holding the value, not scattered data: a lost worker's copy is recomputed
-        return self.client.submit(_identity, value, pure=False)
-
-    def reduce_sum(self, items: list) -> Any:
-        # a tree on the cluster: only the total comes back
-        while len(items) > 1:
-            nxt = [self.client.submit(operator.add, items[i], items[i + 1], pure=False)
-                   for i in range(0, len(items) - 1, 2)]
-            if len(items) % 2:
-                nxt.append(items[-1])
-            items = nxt
-        return self.client.gather(items[0])
-
-    def sample_memory(self) -> None:
-        # resident memory sampled between steps: a worker's ru_maxrss would include what a
-        # forked worker inherited from its parent
-        for worker, mb in self.client.run(_rss_mb).items():
-            self.peaks[worker] = max(self.peaks.get(worker, 0.0), mb)
-
-    def worker_peak_mb(self) -> list[float]:
-        self.sample_memory()
-        return list(self.peaks.values())
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def _consensus(specs: Sequence[ShardSpec], summaries: list[dict], cell: Any, space_group: Any,
-               point_group: Any = None) -> tuple[gemmi.UnitCell, gemmi.SpaceGroup, float]:
-    """The merge's cell and space group (:func:`~sfxflow.algorithms.merge.cell.merge_target`,
-    per input, not per shard), and the median wavelength."""
+def _setup(job: _Job, summaries: list[dict], n_input: int) -> _Setup:
+    # the cell and space group are decided per input (run directory or stream), not per shard
     per_input: dict[str, dict[str, Any]] = {}
-    for spec, s in zip(specs, summaries, strict=True):
-        x = per_input.setdefault(spec.input_label, {"sg": spec.space_group, "cells": [],
-                                                    "lattice": " ".join(spec.lattice[:2]),
-                                                    "lattices": Counter()})
-        x["cells"].append(np.asarray(s["cells"], dtype=float).reshape(-1, 6))
-        x["lattices"].update(s["lattices"])
-    uc, sg = merge_target([InputSymmetry(label, x["sg"], x["lattice"], x["lattices"],
-                                         np.concatenate(x["cells"]))
-                           for label, x in per_input.items()],
-                          space_group=space_group, point_group=point_group, cell=cell)
+    for spec, x in zip(job.specs, summaries, strict=True):
+        got = per_input.setdefault(spec.input_label, {"sg": spec.space_group, "cells": [],
+                                                      "lattice": " ".join(spec.lattice[:2]),
+                                                      "lattices": Counter()})
+        got["cells"].append(np.asarray(x["cells"], dtype=float).reshape(-1, 6))
+        got["lattices"].update(x["lattices"])
+    uc, sg = alg.merge_target(
+        [alg.InputSymmetry(label, x["sg"], x["lattice"], x["lattices"], np.concatenate(x["cells"]))
+         for label, x in per_input.items()],
+        space_group=job.space_group, point_group=job.point_group, cell=job.cell,
+        length_tolerance=job.params.cell_tolerance_fraction,
+        angle_tolerance_deg=job.params.cell_tolerance_deg)
     wl = np.concatenate([s["wavelengths"] for s in summaries])
-    return uc, sg, float(np.median(wl)) if wl.size else math.nan
+    d_min = job.params.d_min_a or (  # 0: every observation
+        1.0 / math.sqrt(max(s["inv_d2_max"] for s in summaries)) * (1 - 1e-6))
+    index = alg.AsuIndex.build(uc, sg, d_min)
+    operators = (alg.ambiguity_operators(uc, sg) if job.params.resolve_ambiguity
+                 else [np.eye(3, dtype=int)])
+    job.echo(f"{len(job.specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
+             f"{' '.join(f'{x:.2f}' for x in uc.parameters)}, {len(index)} unique reflections "
+             f"to {d_min:.2f} A; {len(operators) - 1} ambiguity operator(s)")
+    return _Setup(uc, sg, float(np.median(wl)) if wl.size else math.nan, index, operators)
 
 
-def run_merge(
-    inputs: Sequence[str],
-    out_url: str,
-    params: MergeParams,
-    cluster: ClusterConfig,
-    *,
-    cell: Any = None,
-    space_group: Any = None,
-    truth: TrueIntensities | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    echo: Callable[[str], None] | None = None,
-    on_cycle: Callable[[int], None] | None = None,
-    point_group: str | None = None,
-) -> MergeResult:
+def _first_reference(ex: MapReduce, prepared: list, setup: _Setup, params: alg.MergeParams,
+                     n_crystals: int) -> tuple[alg.Reference, dict[str, Any]]:
+    edges = alg.WilsonCurve.edges_to(setup.index.d_min_a)
+    wilson = alg.WilsonCurve.from_sums(
+        edges, ex.reduce_sum(ex.map(alg.WilsonCurve.sums, [(p,) for p in prepared], edges)))
+    ambiguity: dict[str, Any] = {"n_operators": len(setup.operators)}
+    if len(setup.operators) == 1:
+        return alg.first_reference(setup.index, wilson), ambiguity
+    frac = min(1.0, params.ambiguity_max_crystals / max(n_crystals, 1))
+    picked = [v for part in ex.gather(ex.map(alg.ambiguity_vectors, [(p,) for p in prepared],
+                                             wilson, frac, params.seed)) for v in part]
+    settings = alg.resolve_ambiguity([v for _, v in picked],
+                                     alg.operator_products(setup.index, setup.operators),
+                                     np.random.default_rng(params.seed),
+                                     params.ambiguity_partners)
+    ambiguity["n_crystals_resolved"] = len(picked)
+    return alg.first_reference(setup.index, wilson, picked, settings), ambiguity
+
+
+def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: alg.Reference
+           ) -> tuple[alg.Reference, list[alg.CrystalFits], list[np.ndarray | None], list[dict]]:
+    """The scaling cycles: fits against the broadcast reference, sums reduced, the next
+    reference and error model, crystals rejected on every crystal's fit."""
+    params, history = job.params, []
+    accepted: list[Any] = [None] * len(prepared)  # None: all that their own fit accepts
+    dropped: Any = None  # crystals rejected for good (delta CC1/2)
+    for it in range(params.iterations):
+        t0 = time.perf_counter()
+        ref_f = ex.put(reference)
+        sums, fits = ex.map_reduce(alg.scale_cycle, list(zip(prepared, accepted, strict=True)),
+                                   ref_f, params, 2 * len(setup.index), it == 0)
+        if params.rejects_on_delta_cc_half() or it == params.iterations - 1:  # and reported
+            fits = ex.gather(ex.map(alg.with_delta_cc_half,
+                                    list(zip(prepared, fits, accepted, strict=True)),
+                                    ref_f, params, ex.put(alg.HalfSums.of(sums))))
+        n_good = int(sum(np.sum(f.status == alg.ACCEPTED) for f in fits))
+        accepted, dropped = alg.reject_globally(fits, dropped, params, against_merge=it > 0)
+        merged, reference, rms = alg.next_reference(sums, params.min_measurements, setup.index.d_a)
+        em, dt = reference.error_model, time.perf_counter() - t0
+        entry = {"cycle": it + 1, "cc_half": alg.pearson(merged.i_half_a, merged.i_half_b),
+                 "n_accepted": n_good, "normalised_deviation_rms": rms, "sdfac": em.sdfac,
+                 "sdadd": em.sdadd, "seconds": dt}
+        truth = ""
+        if job.truth is not None:
+            entry["cc_truth"] = alg.pearson(merged.imean, alg.truth_on(setup.index, job.truth))
+            truth = f", CC to truth {entry['cc_truth']:.4f}"
+        history.append(entry)
+        job.echo(f"cycle {it + 1}/{params.iterations}: {n_good} crystals, CC1/2 "
+                 f"{entry['cc_half']:.4f}{truth}, normalised deviations rms {rms:.2f} ({dt:.1f} s)")
+        job.on_cycle(it + 1)
+    return reference, fits, accepted, history
+
+
+def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
+              cluster: ClusterConfig, *, cell: Any = None, space_group: Any = None,
+              truth: TrueIntensities | None = None,
+              storage_options: Mapping[str, Any] | None = None,
+              echo: Callable[[str], None] | None = None,
+              on_cycle: Callable[[int], None] | None = None,
+              point_group: str | None = None) -> MergeResult:
     """Merge integrated observations from run directories and streams into ``out_url``.
 
     Parameters
@@ -350,220 +218,97 @@ def run_merge(
         (``622``, ``6/mmm``) when no space group is given or recorded.
     truth : true intensities (simulated inputs), for CC to the truth.
     echo : progress lines (e.g. ``print``).
-    on_cycle : called with the cycle number after each scaling cycle (tests use it to kill a
-        worker mid-merge).
+    on_cycle : called with the number of each scaling cycle done (tests kill a worker there).
     """
     refuse_merge_output(out_url, inputs, storage_options)
     specs = discover_shards(inputs, storage_options)
     out = RunDir(out_url, storage_options)
-    t_start = time.perf_counter()
+    t_start = time.perf_counter()  # the performance figures count the cluster's start
     with open_cluster(cluster) as (client, info):
-        ex: Any = _Serial() if client is None else _Dask(client)
-        result = _run(specs, out, ex, params, cell, (space_group, point_group), truth,
-                      storage_options, echo or (lambda s: None), t_start, info.kind, on_cycle)
+        job = _Job(specs, out, params, cell, space_group, point_group, truth, storage_options,
+                   echo or (lambda s: None), on_cycle or (lambda i: None))
+        result = _run(job, MapReduce(client, info.kind, t_start))
     # a merge into an earlier merge's folder: its scaled/ shards beyond ours would mix in
     remove_stale_scaled(out.url, [s.number for s in specs], storage_options)
     return result
 
 
-def _run(specs: list[ShardSpec], out: RunDir, ex: Any, params: MergeParams, cell: Any,
-         symmetry: tuple[Any, str | None], truth: TrueIntensities | None,
-         storage_options: Mapping[str, Any] | None, echo: Callable[[str], None],
-         t_start: float, cluster_kind: str,
-         on_cycle: Callable[[int], None] | None) -> MergeResult:
-    data = [ex.submit(read_shard, s, storage_options) for s in specs]
-    summaries = ex.gather([ex.submit(_summarise, d) for d in data])
-    uc, sg, wavelength = _consensus(specs, summaries, cell, *symmetry)  # (space, point group)
-    out.makedirs()  # only now: a refused input leaves no half-written merge folder
-    n_input = sum(s["n_crystals"] for s in summaries)
-    rejected: Counter[str] = Counter()
-    for s in summaries:
-        rejected.update(s["rejected"])
-        n_input += sum(s["rejected"].values())
-    d_min = params.d_min_a
-    if not d_min:  # every observation
-        d_min = 1.0 / math.sqrt(max(s["inv_d2_max"] for s in summaries)) * (1 - 1e-6)
-    index = AsuIndex.build(uc, sg, d_min)
-    operators = ambiguity_operators(uc, sg) if params.resolve_ambiguity else [np.eye(3, dtype=int)]
-    echo(f"{len(specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
-         f"{' '.join(f'{x:.2f}' for x in uc.parameters)}, {len(index)} unique reflections to "
-         f"{d_min:.2f} A; {len(operators) - 1} ambiguity operator(s)")
-    halves = balanced_halves([s["n_crystals"] for s in summaries], params.seed)
-    prepared = [ex.submit(_prepare, d, index, operators, params, h)
-                for d, h in zip(data, halves, strict=True)]
+def _run(job: _Job, ex: MapReduce) -> MergeResult:
+    params = job.params
+    data = ex.map(read_shard, [(s, job.storage_options) for s in job.specs])
+    summaries = ex.gather(ex.map(_summarise, [(d,) for d in data]))
+    rejected: Counter[str] = sum((Counter(s["rejected"]) for s in summaries), Counter())
+    n_crystals = sum(s["n_crystals"] for s in summaries)
+    n_input, n_obs = n_crystals + sum(rejected.values()), sum(s["n_obs"] for s in summaries)
+    setup = _setup(job, summaries, n_input)
+    job.out.makedirs()  # only now: a refused input leaves no half-written merge folder
+    index = setup.index  # the asymmetric unit every per-reflection array is indexed by
+    halves = alg.balanced_halves([s["n_crystals"] for s in summaries], params.seed)
+    prepared = ex.map(_prepare, list(zip(data, halves, strict=True)), index, setup.operators,
+                      params)
     del data
-    n_codes = 2 * len(index)
-
-    # the first reference: a Wilson curve (and, with an ambiguity, a resolved subset)
-    edges = np.linspace(0.0, 1.0 / d_min**2 * 1.0001, _N_WILSON_BINS + 1)
-    w = ex.reduce_sum([ex.submit(_wilson_sums, p, edges) for p in prepared])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        curve = w[0] / w[1]
-    inv_d2_asu = 1.0 / index.d_a**2
-    ref_i = _wilson_at(curve, edges, inv_d2_asu)
-    ambiguity: dict[str, Any] = {"n_operators": len(operators)}
-    if len(operators) > 1:
-        n_total = sum(s["n_crystals"] for s in summaries)
-        frac = min(1.0, params.ambiguity_max_crystals / max(n_total, 1))
-        picked = [v for part in ex.gather([ex.submit(_ambiguity_vectors, p, curve, edges, frac,
-                                                     params.seed) for p in prepared])
-                  for v in part]
-        products = operator_products(index, operators)
-        ops = resolve_ambiguity([v for _, v in picked], products,
-                                np.random.default_rng(params.seed), params.ambiguity_partners)
-        s_val = np.zeros(len(index))
-        s_n = np.zeros(len(index))
-        for (_, vecs), o in zip(picked, ops, strict=True):
-            idx, val = vecs[int(o)]
-            s_val[idx] += val
-            s_n[idx] += 1
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ref_i = np.where(s_n > 0, s_val / s_n * ref_i, np.nan)
-        ambiguity["n_crystals_resolved"] = len(picked)
-    reference = Reference(ref_i, np.full(len(index), np.nan), np.zeros(len(index), np.int64),
-                          level=_wilson_at(curve, edges, inv_d2_asu))
-
-    accepted: list[np.ndarray | None] = [None] * len(prepared)
-    history = []
-    fits_all: list[CrystalFits] = []
-    sums = ShardSums.zeros(n_codes)
-    metas: list[pa.Table] = []
-    n_obs_total = sum(s["n_obs"] for s in summaries)
-    cycle_seconds = []
-    client_peak = _rss_mb()
-    for it in range(params.iterations):
-        t0 = time.perf_counter()
-        ref_f = ex.scatter(reference)
-        # outliers are rejected only in the final merge, against the settled reference
-        tasks = [ex.submit(_cycle, p, ref_f, params, accepted[i], n_codes, it == 0, None)
-                 for i, p in enumerate(prepared)]
-        fits_all = ex.gather([ex.submit(operator.itemgetter(0), t) for t in tasks])
-        sums = ex.reduce_sum([ex.submit(operator.itemgetter(1), t) for t in tasks])
-        ex.sample_memory()
-        client_peak = max(client_peak, _rss_mb())
-        del tasks
-        # crystals with absurd scales: far from the median of the accepted ones
-        all_fits = CrystalFits.concat(fits_all)
-        good = all_fits.status == ACCEPTED
-        med = float(np.median(all_fits.scale[good])) if good.any() else math.nan
-        for i, f in enumerate(fits_all):
-            absurd = (f.status == ACCEPTED) & ~(np.abs(np.log(f.scale / med))
-                                                <= math.log(params.max_scale_ratio))
-            f.status[absurd] = REJECT_SCALE
-            accepted[i] = f.status == ACCEPTED
-        merged = merge_sums(sums, params.min_measurements)
-        em = ErrorModel.fit(sums.error_sums)
-        reference = merged.reference(em, index.d_a)
-        dev = sums.deviation_sums
-        rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
-        cc_half = pearson(merged.i_half_a, merged.i_half_b)
-        dt = time.perf_counter() - t0
-        cycle_seconds.append(dt)
-        entry = {"cycle": it + 1, "cc_half": cc_half, "n_accepted": int(good.sum()),
-                 "normalised_deviation_rms": rms, "sdfac": em.sdfac, "sdadd": em.sdadd,
-                 "seconds": dt}
-        if truth is not None:
-            entry["cc_truth"] = pearson(merged.imean, _truth_on(index, truth))
-        history.append(entry)
-        echo(f"cycle {it + 1}/{params.iterations}: {int(good.sum())} crystals, CC1/2 "
-             f"{cc_half:.4f}" + (f", CC to truth {entry['cc_truth']:.4f}" if truth else "")
-             + f", normalised deviations rms {rms:.2f} ({dt:.1f} s)")
-        if on_cycle is not None:
-            on_cycle(it + 1)
+    reference, ambiguity = _first_reference(ex, prepared, setup, params, n_crystals)
+    reference, fits_all, accepted, history = _scale(ex, job, setup, prepared, reference)
 
     # the merge itself: the last fits with the error model fitted on them, and half-sets that
     # split the merged crystals evenly (seeded)
     t0 = time.perf_counter()
-    ref_f = ex.scatter(reference)
-    halves, n_half = halves_of_accepted(accepted, params.seed)
-    tasks = [ex.submit(_final_pass, p, fits_all[i], ref_f, params, accepted[i], n_codes, index,
-                       out.url, storage_options, specs[i].number, halves[i])
-             for i, p in enumerate(prepared)]
-    sums = ex.reduce_sum([ex.submit(operator.itemgetter(0), t) for t in tasks])
-    metas = ex.gather([ex.submit(operator.itemgetter(1), t) for t in tasks])
-    ex.sample_memory()
-    client_peak = max(client_peak, _rss_mb())
-    del tasks
-    merged = merge_sums(sums, params.min_measurements)
-    dev = sums.deviation_sums
-    final_rms = math.sqrt(dev[1] / dev[0]) if dev[0] else math.nan
-    echo(f"merged with the error model sdfac {reference.error_model.sdfac:.2f}, sdadd "
-         f"{reference.error_model.sdadd:.3f}: normalised deviations rms {final_rms:.2f} "
-         f"({time.perf_counter() - t0:.1f} s)")
-    final = CrystalFits.concat(fits_all)
+    halves, n_half = alg.halves_of_accepted(
+        [f.status == alg.ACCEPTED if a is None else a
+         for f, a in zip(fits_all, accepted, strict=True)], params.seed)
+    sums = ex.reduce_sum(ex.map(
+        _final_pass, [(p, f, a, s.number, h) for p, f, a, s, h in
+                      zip(prepared, fits_all, accepted, job.specs, halves, strict=True)],
+        ex.put(reference), params, 2 * len(index), index, job.out.url, job.storage_options))
+    merged, _, final_rms = alg.next_reference(sums, params.min_measurements, index.d_a)
+    job.echo(f"merged with the error model sdfac {reference.error_model.sdfac:.2f}, sdadd "
+             f"{reference.error_model.sdadd:.3f}: normalised deviations rms {final_rms:.2f} "
+             f"({time.perf_counter() - t0:.1f} s)")
+    final = alg.CrystalFits.concat(fits_all)
     truth_asu = None
-    if truth is not None:
-        # with an ambiguity the merged setting is arbitrary: compare in the truth's best one
-        by_op = [_truth_on(index, truth, r) for r in operators]
-        ccs = [pearson(merged.imean, t) for t in by_op]
-        best = int(np.nanargmax(ccs)) if np.isfinite(ccs).any() else 0
-        truth_asu = by_op[best]
-        if len(operators) > 1:
+    if job.truth is not None:
+        truth_asu, ccs, best = alg.truth_in_best_setting(index, job.truth, setup.operators,
+                                                         merged.imean)
+        if len(setup.operators) > 1:
             ambiguity["cc_truth_by_operator"] = ccs
             ambiguity["truth_operator"] = best
-    overall, shells = shell_statistics(index, merged, params.n_shells, truth_asu)
-    estimate = estimate_resolution(shells)
-    for code, reason in REASONS.items():
-        n = int(np.sum(final.status == code))
-        if n:
-            rejected[reason] += n
+    overall, shells = alg.shell_statistics(index, merged, params.n_shells, truth_asu)
+    estimate = alg.estimate_resolution(shells)
+    rejected.update(alg.reasons_counted(final.status))
     if ambiguity["n_operators"] > 1:
         ambiguity["fraction_reindexed"] = float(np.mean(final.operator != 0))
     stats = {
-        "space_group": sg.hm, "cell": list(uc.parameters), "wavelength_a": wavelength,
-        "model": params.model, "n_crystals_input": n_input,
-        "n_crystals_merged": int(np.sum(final.status == ACCEPTED)),
+        "space_group": setup.sg.hm, "cell": list(setup.uc.parameters),
+        "wavelength_a": setup.wavelength, "model": params.model,
+        "n_crystals_input": n_input,
+        "n_crystals_merged": int(np.sum(final.status == alg.ACCEPTED)),
         "rejected": dict(rejected), "overall": overall, "shells": shells,
-        "wilson": wilson_b(index, merged.imean),
+        "wilson": alg.wilson_b(index, merged.imean),
         "resolution_estimate": estimate,
         "half_sets": {"n_crystals": n_half, "seed": params.seed},
-        "n_observations": n_obs_total, "n_outliers": sums.n_outliers,
+        "n_observations": n_obs, "n_outliers": sums.n_outliers,
         "n_low_partiality": sums.n_low_partiality,
         "normalised_deviation_rms": final_rms,
         "error_model": {"sdfac": reference.error_model.sdfac,
                         "sdadd": reference.error_model.sdadd},
-        "ambiguity": ambiguity, "cycles": history, "params": _jsonable(params.as_dict()),
-        "performance": {
-            "cluster": cluster_kind, "cores": ex.n_cores, "seconds": time.perf_counter() - t_start,
-            "observations_per_second_per_core_per_cycle":
-                n_obs_total / (float(np.median(cycle_seconds)) * ex.n_cores),
-            "client_peak_mb": client_peak, "client_max_rss_mb": _peak_rss_mb(),
-            "worker_peak_mb": ex.worker_peak_mb(),
-        },
+        "ambiguity": ambiguity, "cycles": history, "params": params.as_dict(),
+        "performance": ex.performance(n_obs, [h["seconds"] for h in history]),
     }
-    crystals = _crystals_table(final, metas)
-    _write_outputs(out, index, merged, uc, sg, wavelength, stats, crystals)
-    table = format_table(overall, shells) + "\n" + format_estimate(estimate)
-    return MergeResult(out.url, stats, table, crystals)
+    crystals = _crystals_table(final, [x["meta"] for x in summaries])
+    _write_outputs(job.out, index, merged, setup.uc, setup.sg, setup.wavelength, stats,
+                   crystals)
+    table = alg.format_table(overall, shells) + "\n" + alg.format_estimate(estimate)
+    return MergeResult(job.out.url, stats, table, crystals)
 
 
-def _truth_on(index: AsuIndex, truth: TrueIntensities,
-              reindex: np.ndarray | None = None) -> np.ndarray:
-    hkl = index.hkl.astype(np.int64)
-    if reindex is not None:
-        hkl = hkl @ np.asarray(reindex, dtype=np.int64)
-    plus = truth.at(hkl)
-    minus = truth.at(-hkl)
-    with np.errstate(invalid="ignore"):
-        both = np.where(np.isfinite(minus), 0.5 * (plus + minus), plus)
-    return both
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def _crystals_table(fits: CrystalFits, metas: list[pa.Table]) -> pa.Table:
+def _crystals_table(fits: alg.CrystalFits, metas: list[pa.Table]) -> pa.Table:
     meta = pa.concat_tables(metas) if metas else pa.table({})
-    cols = {k: v for k, v in fits.as_columns().items() if k != "status"}
-    reason = np.array([REASONS.get(int(s), "") for s in fits.status], dtype=object)
-    table = pa.table({**{k: meta.column(k) for k in meta.column_names}, **cols,
-                      "accepted": fits.status == ACCEPTED,
-                      "reason": pa.array(list(reason), pa.string())})
-    return table
+    cols = fits.table_columns()
+    cols["reason"] = pa.array(cols["reason"], pa.string())  # typed even when empty
+    return pa.table({**{k: meta.column(k) for k in meta.column_names}, **cols})
 
 
-def _write_outputs(out: RunDir, index: AsuIndex, merged: Any, uc: gemmi.UnitCell,
+def _write_outputs(out: RunDir, index: alg.AsuIndex, merged: Any, uc: gemmi.UnitCell,
                    sg: gemmi.SpaceGroup, wavelength: float, stats: dict,
                    crystals: pa.Table) -> None:
     cols = MergedColumns(index.hkl, merged.imean, merged.sigimean, merged.i_plus,
@@ -583,13 +328,5 @@ def _write_outputs(out: RunDir, index: AsuIndex, merged: Any, uc: gemmi.UnitCell
 
 
 def _finite(x: Any) -> Any:
-    """JSON has no NaN: write null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, np.generic):
-        return _finite(x.item())
-    return x
+    """JSON has no NaN: null instead (a round trip through Python's NaN extension of JSON)."""
+    return json.loads(json.dumps(x, default=lambda v: v.item()), parse_constant=lambda c: None)

@@ -178,11 +178,12 @@ def consensus_cell(cells: np.ndarray, space_group: gemmi.SpaceGroup) -> gemmi.Un
     return symmetrise_cell(cells.mean(axis=0), space_group)
 
 
-def cell_outliers(cells: np.ndarray, reference: Sequence[float] | gemmi.UnitCell | None = None
-                  ) -> np.ndarray:
+def cell_outliers(cells: np.ndarray, reference: Sequence[float] | gemmi.UnitCell | None = None,
+                  length_tolerance: float = CELL_LENGTH_TOLERANCE,
+                  angle_tolerance_deg: float = CELL_ANGLE_TOLERANCE_DEG) -> np.ndarray:
     """True for each crystal whose cell is far from ``reference`` (default: the median cell):
-    a length off by more than :data:`CELL_LENGTH_TOLERANCE` or an angle by more than
-    :data:`CELL_ANGLE_TOLERANCE_DEG`.
+    a length off by more than ``length_tolerance`` (a fraction) or an angle by more than
+    ``angle_tolerance_deg``.
 
     >>> cell_outliers(np.array([[60, 60, 80, 90, 90, 90], [60.5, 60, 80, 90, 90, 90],
     ...                         [60, 60, 95, 90, 90, 90]])).tolist()
@@ -196,7 +197,7 @@ def cell_outliers(cells: np.ndarray, reference: Sequence[float] | gemmi.UnitCell
                        else reference, dtype=float)
     length = np.abs(cells[:, :3] / ref[:3] - 1.0).max(axis=1)
     angle = np.abs(cells[:, 3:] - ref[3:]).max(axis=1)
-    return ~((length <= CELL_LENGTH_TOLERANCE) & (angle <= CELL_ANGLE_TOLERANCE_DEG))
+    return ~((length <= length_tolerance) & (angle <= angle_tolerance_deg))
 
 
 @dataclass(frozen=True)
@@ -236,14 +237,17 @@ NO_SPACE_GROUP_HINT = ("give --space-group (e.g. --space-group P6122) or, to mer
 
 
 def merge_target(inputs: Sequence[InputSymmetry], *, space_group: str | None = None,
-                 point_group: str | None = None, cell: Sequence[float] | None = None
+                 point_group: str | None = None, cell: Sequence[float] | None = None,
+                 length_tolerance: float = CELL_LENGTH_TOLERANCE,
+                 angle_tolerance_deg: float = CELL_ANGLE_TOLERANCE_DEG
                  ) -> tuple[gemmi.UnitCell, gemmi.SpaceGroup]:
     """The cell and space group a merge runs in, checked against every input.
 
     The space group is ``space_group``, else ``point_group`` on the inputs' lattice
     (:func:`merge_space_group`), else the one every input records; never guessed. The cell is
     ``cell`` or the mean of the crystals' cells, symmetrised to the space group. Crystals whose
-    cell is far from the median are left out of the mean; more than
+    cell is far from the median (``length_tolerance``, ``angle_tolerance_deg``: MergeParams'
+    ``cell_tolerance_fraction`` and ``cell_tolerance_deg``) are left out of the mean; more than
     :data:`MAX_CELL_OUTLIER_FRACTION` of them, inputs whose median cells differ, or crystals
     on different lattices, are refused.
 
@@ -312,22 +316,23 @@ def merge_target(inputs: Sequence[InputSymmetry], *, space_group: str | None = N
     median = np.median(all_cells, axis=0)
     for x in with_cells:
         m = np.median(np.asarray(x.cells, dtype=float).reshape(-1, 6), axis=0)
-        if cell_outliers(m[None, :], median)[0]:
+        if cell_outliers(m[None, :], median, length_tolerance, angle_tolerance_deg)[0]:
             raise InputError(f"{x.label}: median cell {format_cell(m)} of its {len(x.cells)} "
                              f"crystal(s) differs from {format_cell(median)} (all "
-                             f"{n_total}) by more than {CELL_LENGTH_TOLERANCE:.0%} or "
-                             f"{CELL_ANGLE_TOLERANCE_DEG:g} deg; expected crystals of one form")
-    far = cell_outliers(all_cells, median)
+                             f"{n_total}) by more than {length_tolerance:.0%} or "
+                             f"{angle_tolerance_deg:g} deg; expected crystals of one form")
+    far = cell_outliers(all_cells, median, length_tolerance, angle_tolerance_deg)
     if far.mean() > MAX_CELL_OUTLIER_FRACTION:
         where = with_cells[0].label if len(with_cells) == 1 else f"{len(with_cells)} inputs"
         raise InputError(f"{where}: {int(far.sum())} of {n_total} crystals have cells far from "
                          f"the median {format_cell(median)} (value: {_cells_listed(all_cells[far])});"
                          f" expected at most {MAX_CELL_OUTLIER_FRACTION:.0%} within "
-                         f"{CELL_LENGTH_TOLERANCE:.0%} / {CELL_ANGLE_TOLERANCE_DEG:g} deg")
+                         f"{length_tolerance:.0%} / {angle_tolerance_deg:g} deg")
     if cell is not None:
         given = as_unit_cell(cell)
         uc = symmetrise_cell(given, sg)
-        if cell_outliers(np.array([given.parameters]), uc.parameters)[0] or \
+        if cell_outliers(np.array([given.parameters]), uc.parameters, length_tolerance,
+                         angle_tolerance_deg)[0] or \
                 max(abs(u - g) for u, g in zip(uc.parameters, given.parameters, strict=True)) > 0.5:
             raise InputError(f"--cell {format_cell(given)}: does not fit {sg.xhm()} (value: "
                              f"{format_cell(given)}); expected e.g. {format_cell(uc)}")

@@ -17,7 +17,7 @@ import numpy as np
 
 from sfxflow.models import as_space_group, as_unit_cell
 
-__all__ = ["AsuIndex", "ambiguity_operators", "d_spacing_a"]
+__all__ = ["AsuIndex", "ambiguity_operators", "d_spacing_a", "max_inv_d2"]
 
 
 def _encode(hkl: np.ndarray, m: int) -> np.ndarray:
@@ -36,6 +36,15 @@ def d_spacing_a(cell: gemmi.UnitCell, hkl: np.ndarray) -> np.ndarray:
     q = np.asarray(hkl, dtype=float) @ frac  # rows: reciprocal vectors (Å⁻¹)
     with np.errstate(divide="ignore"):
         return 1.0 / np.linalg.norm(q, axis=-1)
+
+
+def max_inv_d2(a_matrices: np.ndarray, obs_crystal: np.ndarray, hkl: np.ndarray) -> float:
+    """The largest ``1/d²`` (Å⁻²) of observations ``hkl`` of crystals with reciprocal bases
+    ``a_matrices[obs_crystal]`` (columns a*, b*, c*); 0 without observations."""
+    if not len(hkl):
+        return 0.0
+    q = np.einsum("nij,nj->ni", np.asarray(a_matrices)[obs_crystal], np.asarray(hkl, float))
+    return float(np.max(np.einsum("ni,ni->n", q, q)))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+"""One map/reduce over shards, the same code in this process and on a Dask cluster.
+
+The numerics never see the distribution (as dask's ``Bag.reduction`` keeps them unaware): a task
+is a plain function of a shard and some shared values that returns either a summable value
+(per-reflection sums, whose ``+`` combines shards) or a pair (summable, per-shard value).
+:class:`MapReduce` runs the tasks in this process when there is no client (``--scheduler
+synchronous``), or submits them to the cluster, keeps their results on the workers as futures,
+adds the summable parts in a tree of tasks there and brings back only the total and the small
+per-shard values.
+"""
+
+from __future__ import annotations
+
+import operator
+import resource
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MapReduce", "peak_rss_mb", "rss_mb"]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss) / 2**20
+
+
+class MapReduce:
+    """The one map/reduce of the merge, in this process (``client`` None: ``--scheduler
+    synchronous``) or on a Dask cluster, where each task's result stays on its worker as a
+    future until a reduce or a gather asks for it (a lost worker's results are recomputed)."""
+
+    def __init__(self, client: Any, kind: str = "synchronous",
+                 t_start: float | None = None) -> None:
+        self.client, self.kind = client, kind
+        self.t_start = time.perf_counter() if t_start is None else t_start
+        workers = {} if client is None else client.scheduler_info().get("workers", {})
+        self.n_cores = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        self.worker_peaks_mb: dict[str, float] = {}
+        self.client_peak_mb = rss_mb()
+
+    def put(self, value: Any) -> Any:
+        """A value every task of the next maps reads (on a cluster: a task holding it, not
+        scattered data, so that a lost worker's copy is recomputed)."""
+        return value if self.client is None else self.client.submit(_identity, value,
+                                                                     pure=False)
+
+    def map(self, fn: Callable, items: Sequence[tuple], *shared: Any) -> list:
+        """``fn(*item, *shared)`` for each item; the results stay where they were computed."""
+        if self.client is None:
+            return [fn(*item, *shared) for item in items]
+        return [self.client.submit(fn, *item, *shared, pure=False) for item in items]
+
+    def gather(self, results: list) -> list:
+        return results if self.client is None else self.client.gather(results)
+
+    def reduce_sum(self, results: list) -> Any:
+        """The sum of the results: on a cluster a tree of additions, only the total comes back."""
+        add = operator.add if self.client is None else partial(self.client.submit, operator.add,
+                                                               pure=False)
+        while len(results) > 1:
+            results = [add(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)
+                       ] + results[len(results) - len(results) % 2:]
+        return self.gather(results)[0]
+
+    def map_reduce(self, fn: Callable, items: Sequence[tuple], *shared: Any
+                   ) -> tuple[Any, list]:
+        """``fn`` returns (a summable, a per-item value): the sum of the first over the items
+        and the list of the second; then a memory sample."""
+        parts = self.map(fn, items, *shared)
+        total = self.reduce_sum([self._item(p, 0) for p in parts])
+        rest = self.gather([self._item(p, 1) for p in parts])
+        self._sample_memory()
+        return total, rest
+
+    def _item(self, result: Any, k: int) -> Any:
+        return result[k] if self.client is None else self.client.submit(
+            operator.itemgetter(k), result, pure=False)
+
+    def _sample_memory(self) -> None:
+        # resident memory sampled between steps: a worker's ru_maxrss would include what a
+        # forked worker inherited from its parent
+        self.client_peak_mb = max(self.client_peak_mb, rss_mb())
+        if self.client is not None:
+            for worker, mb in self.client.run(rss_mb).items():
+                self.worker_peaks_mb[worker] = max(self.worker_peaks_mb.get(worker, 0.0), mb)
+
+    def performance(self, n_items: int, cycle_seconds: list[float]) -> dict[str, Any]:
+        """Wall time since ``t_start``, throughput (``n_items`` per second per core per cycle,
+        median of the cycles) and memory of the maps so far."""
+        self._sample_memory()
+        per_s = n_items / (float(np.median(cycle_seconds)) * self.n_cores)
+        return {"cluster": self.kind, "seconds": time.perf_counter() - self.t_start,
+                "cores": self.n_cores, "observations_per_second_per_core_per_cycle": per_s,
+                "client_peak_mb": self.client_peak_mb, "client_max_rss_mb": peak_rss_mb(),
+                "worker_peak_mb": list(self.worker_peaks_mb.values())}
