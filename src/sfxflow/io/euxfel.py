@@ -16,14 +16,13 @@ hold them. Frames whose modules are missing from a train read as NaN and fail at
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sfxflow.errors import GeometryError, SourceError
-from sfxflow.io.facility import FrameBuilder, require
+from sfxflow.io.facility import FrameBuilder, RecentlyOpened, require
 from sfxflow.io.source_base import ImageSource
 
 if TYPE_CHECKING:
@@ -45,10 +44,8 @@ def is_euxfel_run(path: str | Path) -> bool:
         return False
 
 
-#: runs opened recently (each block of a run opens it again; opening lists and indexes every
-#: sequence file), keyed by folder and the newest modification time of its files
-_RUNS: OrderedDict[tuple[str, int], Any] = OrderedDict()
-_MAX_RUNS = 4
+#: runs opened recently, keyed by folder and the newest modification time of its files
+_RUNS = RecentlyOpened(4)
 
 
 def _open_run(ed: Any, url: str) -> Any:
@@ -57,17 +54,14 @@ def _open_run(ed: Any, url: str) -> Any:
         stamp = max((c.stat().st_mtime_ns for c in folder.iterdir()), default=0)
     except OSError as exc:
         raise SourceError(url, f"cannot list the run folder ({exc})") from exc
-    key = (str(folder.resolve()), stamp)
-    run = _RUNS.get(key)
-    if run is None:
+
+    def open_run() -> Any:
         try:
-            run = ed.RunDirectory(url)
+            return ed.RunDirectory(url)
         except Exception as exc:  # extra-data raises plain Exceptions for unreadable runs
             raise SourceError(url, f"not a readable European XFEL run ({exc})") from exc
-        _RUNS[key] = run
-        while len(_RUNS) > _MAX_RUNS:
-            _RUNS.popitem(last=False)
-    return run
+
+    return _RUNS.get((str(folder.resolve()), stamp), open_run)
 
 
 class EuXfelRunSource(ImageSource):

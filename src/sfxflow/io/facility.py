@@ -14,7 +14,8 @@ one ``.geom`` serves a CXI file and the same frames read from a facility format.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from sfxflow.io.geometry import CrystfelGeometry
     from sfxflow.models import Beam, Detector
 
-__all__ = ["FrameBuilder", "modules_stacked", "require", "stack_modules"]
+__all__ = ["FrameBuilder", "RecentlyOpened", "modules_stacked", "require", "stack_modules"]
 
 #: the extra that provides each optional facility module
 _EXTRA_OF = {
@@ -52,6 +53,30 @@ def require(module: str) -> ModuleType:
         hint = f"pip install 'sfxflow[{extra}]'" if extra else f"pip install {package}"
         raise ConfigError(f"reading this input needs the Python package {package!r}, which "
                           f"cannot be imported ({exc}); install it with: {hint}") from None
+
+
+class RecentlyOpened:
+    """What opening a source costs once (a run folder's file index, a file's datagram index),
+    kept for the last ``size`` sources: every block of a source opens it again.
+
+    >>> cache = RecentlyOpened(1)
+    >>> cache.get("a", lambda: 1), cache.get("a", lambda: 2), cache.get("b", lambda: 3)
+    (1, 1, 3)
+    """
+
+    def __init__(self, size: int) -> None:
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._size = size
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        hit = self._items.get(key)
+        if hit is None:
+            hit = self._items[key] = make()
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return hit
 
 
 def stack_modules(modules: np.ndarray) -> np.ndarray:

@@ -20,7 +20,6 @@ geometry's ``photon_energy`` reference when it names one.
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from sfxflow.errors import GeometryError, SourceError
 from sfxflow.io import storage
-from sfxflow.io.facility import FrameBuilder, require
+from sfxflow.io.facility import FrameBuilder, RecentlyOpened, require
 from sfxflow.io.source_base import ImageSource
 
 if TYPE_CHECKING:
@@ -70,24 +69,18 @@ def index_datagrams(fh: Any, url: str) -> tuple[list[tuple[int, int, int]], int]
         offset += size
 
 
-#: datagram indexes of recently opened files, keyed by URL and content stamp: every block of a
-#: file opens it again, and indexing reads one header per event
-_INDEXES: OrderedDict[tuple[str, str], tuple[list[tuple[int, int, int]], int]] = OrderedDict()
-_MAX_INDEXES = 16
+#: datagram indexes of recently opened files, keyed by URL and content stamp
+_INDEXES = RecentlyOpened(16)
 
 
 def _datagrams_of(url: str, storage_options: Mapping[str, Any] | None
                   ) -> tuple[list[tuple[int, int, int]], int]:
-    size, version = storage.object_stamp(url, storage_options)
-    key = (url, f"{size}:{version}")
-    hit = _INDEXES.get(key)
-    if hit is None:
+    def index() -> tuple[list[tuple[int, int, int]], int]:
         with storage.open_url(url, "rb", storage_options) as fh:
-            hit = index_datagrams(fh, url)
-        _INDEXES[key] = hit
-        while len(_INDEXES) > _MAX_INDEXES:
-            _INDEXES.popitem(last=False)
-    return hit
+            return index_datagrams(fh, url)
+
+    size, version = storage.object_stamp(url, storage_options)
+    return _INDEXES.get((url, f"{size}:{version}"), index)
 
 
 class Xtc2Source(ImageSource):
