@@ -61,7 +61,7 @@ def test_simulate_on_a_geometry_file(simulated, tmp_path):
         (["--hit-fraction", "1.5"], "--hit-fraction '1.5': expected a number from 0 to 1"),
         (["--distance-mm", "-3"], "--distance-mm '-3': expected a number > 0"),
         (["--wavelength-a", "0"], "--wavelength-a '0': expected a number from 0.1 to 10"),
-        (["--seed", "-1"], "--seed '-1': expected an integer from 0"),
+        (["--seed", "-1"], "--seed '-1': expected an integer >= 0"),
         (["--frames", "99999999999999999999"], "--frames '99999999999999999999': expected an "
                                                "integer from 1 to 10000000"),
         (["--geometry", "/nonexistent/x.geom"], "x.geom"),
