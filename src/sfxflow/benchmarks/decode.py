@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sfxflow.cli.options import number
+from sfxflow.options import number
 
 HELP = "decode speed: frames/s per core for CBF and compressed CXI, local and from S3 (median)"
 DESCRIPTION = HELP + """

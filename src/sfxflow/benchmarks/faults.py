@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sfxflow.cli.options import number
+from sfxflow.options import number
 
 HELP = "fault matrix: frames lost, duplicated and wrongly final, and time to recover, per fault"
 DESCRIPTION = HELP + """

@@ -24,8 +24,8 @@ from sfxflow.algorithms.index import (
     misorientation_deg,
 )
 from sfxflow.algorithms.predict import predict_spots
-from sfxflow.cli.options import number
 from sfxflow.models import Beam, Crystal, Detector, SpotTable, as_space_group, as_unit_cell
+from sfxflow.options import number
 
 HELP = "indexing speed (ms/frame/core, median) and rate on simulated hits with 15/30/60 spots"
 DESCRIPTION = HELP + """

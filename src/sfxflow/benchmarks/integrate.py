@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sfxflow.cli.options import number
+from sfxflow.options import number
 
 HELP = "integration accuracy against simulated truth (CC, normalised deviations, prediction) and ms/crystal"
 DESCRIPTION = HELP + """

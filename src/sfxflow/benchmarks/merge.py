@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from sfxflow.cli.options import number
 from sfxflow.errors import InputError
 from sfxflow.io.stream import BEGIN_CHUNK, BEGIN_CRYSTAL, END_CHUNK, END_CRYSTAL
+from sfxflow.options import number
 
 HELP = "merged CC to the truth vs crystals (ours and partialator), ambiguity, scale"
 DESCRIPTION = HELP + """
@@ -308,8 +308,7 @@ def _images(work: Path, args: argparse.Namespace, truth: Any) -> dict:
 
     from sfxflow.algorithms.layouts import simple
     from sfxflow.algorithms.simulate import SimulationParams
-    from sfxflow.cli.simulate import physical_model
-    from sfxflow.io.simulated import write_simulated_dataset
+    from sfxflow.io.simulated import physical_model, write_simulated_dataset
     from sfxflow.pipeline.config import load_config
     from sfxflow.pipeline.run import run_process
 

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sfxflow.cli.options import number
+from sfxflow.options import number
 
 HELP = "end-to-end frames/s per core (1 and 2 workers) and prefetching on/off from local S3"
 DESCRIPTION = HELP + """

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sfxflow.cli.options import number
+from sfxflow.options import number
 
 HELP = "time to build the run report for a large run of simulated records (goal < 10 s)"
 DESCRIPTION = HELP + """

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from sfxflow.cli.options import number
+from sfxflow.options import number
 
 HELP = "simulator speed: frames/s on one core for a detector layout (median of runs)"
 DESCRIPTION = HELP + """

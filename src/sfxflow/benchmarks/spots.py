@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from sfxflow.cli.options import number
+from sfxflow.options import number
 
 HELP = "spot finding: ms/frame on one core vs a memory-bound floor; --accuracy vs simulated truth"
 DESCRIPTION = HELP + """

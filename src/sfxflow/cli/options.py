@@ -12,54 +12,17 @@ the value and the accepted range.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
+from sfxflow.options import Parser, number
+from sfxflow.options import converter as _converter
 from sfxflow.pipeline import params as _params
-from sfxflow.settings import Spec
 
 T = TypeVar("T")
 
 __all__ = ["Parser", "add_settings", "deprecated", "given", "number", "print_config", "settings_from"]
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block) and exit with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        # "argument --x/--no-x: 'v': expected ..." -> "--x 'v': expected ...", as in our messages
-        message = re.sub(r"^argument ([^:/ ]+)(?:/[^: ]+)?: ", r"\1 ", message)
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _converter(tp: Any, spec: Spec) -> Any:
-    def convert(text: str) -> Any:
-        if tp is str and spec.check is not None and not text.strip():
-            # empty means "not set here" in a configuration file; a flag given empty is a slip
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {spec.expect or 'a value'}")
-        try:
-            return _params.convert(tp, spec, text)
-        except _params.Invalid as exc:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {exc.expected}") from None
-
-    convert.__name__ = getattr(tp, "__name__", "value")  # argparse names it in some messages
-    # what tests and docs read back: the type, the declared range, and the words for it
-    convert.tp, convert.spec = tp, spec  # type: ignore[attr-defined]
-    convert.expected = _params.expected_words(tp, spec)  # type: ignore[attr-defined]
-    return convert
-
-
-def number(parser: Any, *flags: str, kind: type = float, help: str = "",
-           default: Any = None, nargs: str | None = None, **spec: Any) -> argparse.Action:
-    """A numeric option with a declared range (``ge``, ``gt``, ``le``, ``lt``): NaN, infinities
-    and values out of range exit with status 2 naming the option, the value and the range."""
-    s = Spec(**spec)
-    noun = "an integer" if kind is int else "a number"
-    text = f"{help} [{s.describe(noun)}]" if help else s.describe(noun)
-    return parser.add_argument(*flags, type=_converter(kind, s), default=default, nargs=nargs,
-                               help=text.replace("%", "%%"), metavar="N" if kind is int else "X")
 
 
 class _Deprecated(argparse.Action):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 from sfxflow.errors import InputError
 
@@ -87,28 +86,9 @@ def build_detector(args: argparse.Namespace, params):
     return by_name(args.detector, distance_mm=args.distance_mm), args.detector.lower()
 
 
-def physical_model(mtz_path: str, params: Any) -> tuple[Any, Any]:
-    """``--intensities``: the crystal of the MTZ and the physical model of its stills."""
-    from sfxflow.algorithms.simulate_physical import (
-        PhysicalFrames,
-        PhysicalParams,
-        TrueIntensities,
-    )
-    from sfxflow.io.mtz import read_intensity_columns
-
-    truth = TrueIntensities.from_arrays(*read_intensity_columns(mtz_path))
-    cell, sg = truth.index.cell, truth.index.space_group
-    d_min = max(params.d_min_a, truth.index.d_min_a)
-    params = dataclasses.replace(params, cell=tuple(cell.parameters), space_group=sg.xhm(),
-                                 d_min_a=d_min, wilson_b_a2=0.0, crystal_scale_log_sigma=0.0)
-    physical = PhysicalParams(wavelength_a=params.wavelength_a, d_min_a=d_min,
-                              bandwidth_fwhm=max(params.bandwidth_fwhm, 1e-4))
-    return params, PhysicalFrames(truth, physical)
-
-
 def run(args: argparse.Namespace) -> int:
     from sfxflow.cli.options import print_config, settings_from
-    from sfxflow.io.simulated import write_simulated_dataset
+    from sfxflow.io.simulated import physical_model, write_simulated_dataset
     from sfxflow.pipeline.config import SimulateConfig
 
     config = settings_from(args, SimulateConfig)

@@ -20,6 +20,7 @@ from typing import Any
 import gemmi
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sfxflow.algorithms.diffraction import polarisation_factor
@@ -27,7 +28,7 @@ from sfxflow.errors import InputError
 from sfxflow.io.results import RunDir, parquet_bytes, read_parquet_bytes
 from sfxflow.io.storage import shown_url
 from sfxflow.io.stream import UNUSABLE_FLAGS
-from sfxflow.models import A_MATRIX_COLUMNS
+from sfxflow.models import A_MATRIX_COLUMNS, a_matrix_columns
 
 __all__ = [
     "ShardData",
@@ -284,78 +285,128 @@ def _empty(number: int, rejected: dict[str, int]) -> ShardData:
                      np.zeros((0, 3), np.int32), z, z, z, rejected)
 
 
+#: how a run directory's reflections name their crystal (crystals.parquet has the same columns)
+_CRYSTAL_KEY = ("source_url", "frame_index", "crystal")
+_CELL_COLUMNS = ("a", "b", "c", "alpha", "beta", "gamma")
+#: the columns a merge reads (the shards' others are not decoded)
+_CRYSTAL_COLUMNS = frozenset((*_CRYSTAL_KEY, *A_MATRIX_COLUMNS, *_CELL_COLUMNS, "wavelength_a",
+                              "status"))
+_OBSERVATION_COLUMNS = frozenset((*_CRYSTAL_KEY, "h", "k", "l", "intensity", "sigma", "flags",
+                                  "polarisation"))
+
+
+def _usable(intensity: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Observations with an intensity to merge: finite, with a finite positive sigma."""
+    return np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0)
+
+
+def _join(crystals: pa.Table, observations: pa.Table, key: Sequence[str]) -> np.ndarray:
+    """Row of ``crystals`` each observation belongs to (-1: none), joined on the columns
+    ``key`` at once: the source URL as its place among the crystals' URLs, the columns as one
+    integer, a binary search among the crystals' sorted keys. A key on two crystal rows names
+    the later one."""
+    n = crystals.num_rows
+    if n == 0:
+        return np.full(observations.num_rows, -1, np.int64)
+    codes = []
+    for k in key:
+        c, o = crystals.column(k), observations.column(k)
+        if k == "source_url":
+            c, o = c.cast(pa.string()), o.cast(pa.string())
+            known = pc.unique(c)
+            c, o = (pc.index_in(x, value_set=known).fill_null(-1) for x in (c, o))
+        code = np.concatenate([c.to_numpy(), o.to_numpy()]).astype(np.int64)
+        codes.append(code - code.min())
+    whole = codes[0]
+    for code in codes[1:]:
+        size = int(code.max()) + 1
+        if (int(whole.max()) + 1) * size >= 2**62:  # too wide for one integer: number the keys
+            whole = np.unique(np.column_stack([whole, code]), axis=0, return_inverse=True)[1]
+            whole = whole.reshape(-1)
+        else:
+            whole = whole * size + code
+    order = np.argsort(whole[:n], kind="stable")
+    ranked = whole[:n][order]
+    # the last of equal keys; a key below every crystal's lands on the first and differs
+    at = np.maximum(np.searchsorted(ranked, whole[n:], side="right") - 1, 0)
+    return np.where(ranked[at] == whole[n:], order[at], -1).astype(np.int64)
+
+
+def _floats(table: pa.Table, names: Sequence[str]) -> np.ndarray:
+    if not names:
+        return np.zeros((table.num_rows, 0))
+    return np.column_stack([table.column(k).to_numpy(zero_copy_only=False).astype(float)
+                            for k in names]).reshape(table.num_rows, len(names))
+
+
+def _assemble(label: str, crys: pa.Table, refl: pa.Table, key: Sequence[str],
+              rejected: Counter[str], crystals_file: str) -> ShardData:
+    """A shard's crystals (the crystals.parquet columns) and observations (the reflections
+    columns: ``key``, ``h k l intensity sigma``, optional ``flags polarisation``) as
+    :class:`ShardData`, both readers' one path: crystals without a usable orientation and
+    wavelength, or whose integration failed, are left out and counted; observations are
+    joined to their crystal on ``key`` and kept when usable and without an unusable flag."""
+    ok = np.ones(crys.num_rows, bool)
+    if "status" in crys.column_names:  # no status (None) counts as integrated
+        status = crys.column("status").cast(pa.string())
+        ok = pc.fill_null(pc.equal(status, "integrated"), True).to_numpy(zero_copy_only=False)
+        if n := int(np.sum(~ok)):
+            rejected["integration failed"] += n
+    a = _floats(crys, A_MATRIX_COLUMNS).reshape(-1, 3, 3)
+    lam = _floats(crys, ("wavelength_a",))[:, 0]
+    with np.errstate(invalid="ignore"):
+        oriented = np.isfinite(a).all(axis=(1, 2)) & np.isfinite(lam) & (lam > 0)
+    if n := int(np.sum(ok & ~oriented)):
+        rejected["no orientation or wavelength"] += n
+    take = ok & oriented
+    crys = crys.filter(pa.array(take))
+    obs_c = _join(crys, refl, key)
+    if refl.num_rows and (obs_c < 0).all() and crys.num_rows:
+        raise InputError(f"{label}: no reflection belongs to a crystal of {crystals_file}")
+    inten = refl.column("intensity").to_numpy().astype(float)
+    sig = refl.column("sigma").to_numpy().astype(float)
+    keep = (obs_c >= 0) & _usable(inten, sig)
+    if "flags" in refl.column_names:
+        # what the run's stream leaves out, left out here too: one answer per run
+        keep &= (refl.column("flags").to_numpy() & int(UNUSABLE_FLAGS)) == 0
+    pol = _floats(refl, ("polarisation",))[:, 0] if "polarisation" in refl.column_names else \
+        np.ones(refl.num_rows)
+    counts = np.bincount(obs_c[keep], minlength=crys.num_rows)
+    rejected["no integrated reflections"] += int(np.sum(counts == 0))
+    src = crys.column("source_url").to_pylist()
+    fr = crys.column("frame_index").to_numpy().astype(np.int64)
+    cr = crys.column("crystal").to_numpy().astype(np.int32)
+    lattices = Counter(crys.column("lattice").to_pylist()) if "lattice" in crys.column_names \
+        else {}
+    hkl = np.column_stack([refl.column(x).to_numpy() for x in "hkl"]).reshape(-1, 3)
+    return ShardData(
+        crystal_ids=crystal_ids_of(src, fr, cr), a_matrices=a[take],
+        wavelengths_a=lam[take], cells=_floats(crys, _CELL_COLUMNS), source_url=src,
+        frame_index=fr, crystal=cr, obs_crystal=obs_c[keep],
+        hkl=hkl.astype(np.int32)[keep], intensity=inten[keep], sigma=sig[keep],
+        polarisation=pol[keep], rejected={k: v for k, v in rejected.items() if v},
+        lattices=dict(lattices),
+    )
+
+
 def _read_run_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None) -> ShardData:
     run = RunDir(spec.root, storage_options)
     rel = f"shards/{spec.name}.reflections.parquet"
     try:
-        refl = read_parquet_bytes(run.read_bytes(rel))
-        crys = read_parquet_bytes(run.read_bytes(f"shards/{spec.name}.crystals.parquet"))
+        refl = read_parquet_bytes(run.read_bytes(rel), _OBSERVATION_COLUMNS)
+        crys = read_parquet_bytes(run.read_bytes(f"shards/{spec.name}.crystals.parquet"),
+                                  _CRYSTAL_COLUMNS)
     except FileNotFoundError as exc:
         raise InputError(f"{spec.label}: missing shard file ({exc})") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{spec.label}: unreadable Parquet shard ({exc})") from None
-    need = {"source_url", "frame_index", "crystal", "h", "k", "l", "intensity", "sigma"}
+    need = {*_CRYSTAL_KEY, "h", "k", "l", "intensity", "sigma"}
     missing = need - set(refl.column_names)
     if missing:
         raise InputError(f"{spec.label}: reflections shard lacks column(s) "
                          f"{', '.join(sorted(missing))} (see docs/run-directory.md)")
-    rejected: Counter[str] = Counter()
-    c = crys.to_pydict()
-    keys: dict[tuple[str, int, int], int] = {}
-    a_list: list[np.ndarray] = []
-    wl: list[float] = []
-    cells: list[list[float]] = []
-    src: list[str] = []
-    fr: list[int] = []
-    cr: list[int] = []
-    for i in range(crys.num_rows):
-        if c.get("status", ["integrated"] * crys.num_rows)[i] not in ("integrated", None):
-            rejected["integration failed"] += 1
-            continue
-        a = np.array([c[k][i] for k in A_MATRIX_COLUMNS], dtype=float).reshape(3, 3)
-        lam = float(c["wavelength_a"][i])
-        if not (np.all(np.isfinite(a)) and math.isfinite(lam) and lam > 0):
-            rejected["no orientation or wavelength"] += 1
-            continue
-        keys[(c["source_url"][i], int(c["frame_index"][i]), int(c["crystal"][i]))] = len(a_list)
-        a_list.append(a)
-        wl.append(lam)
-        cells.append([c[k][i] for k in ("a", "b", "c", "alpha", "beta", "gamma")])
-        src.append(c["source_url"][i])
-        fr.append(int(c["frame_index"][i]))
-        cr.append(int(c["crystal"][i]))
-    s_url = refl.column("source_url").to_pylist()
-    f_idx = refl.column("frame_index").to_numpy()
-    c_idx = refl.column("crystal").to_numpy()
-    obs_c = np.array([keys.get((u, int(f), int(k)), -1) for u, f, k in zip(s_url, f_idx, c_idx,
-                                                                        strict=True)],
-                     dtype=np.int64)
-    if refl.num_rows and (obs_c < 0).all() and keys:
-        raise InputError(f"{spec.label}: no reflection belongs to a crystal of "
-                         f"shards/{spec.name}.crystals.parquet")
-    keep = obs_c >= 0
-    if "flags" in refl.column_names:
-        # what the run's stream leaves out, left out here too: one answer per run
-        keep &= (refl.column("flags").to_numpy() & int(UNUSABLE_FLAGS)) == 0
-    inten = refl.column("intensity").to_numpy().astype(float)
-    sig = refl.column("sigma").to_numpy().astype(float)
-    keep &= np.isfinite(inten) & np.isfinite(sig) & (sig > 0)  # as the stream reader
-    pol = refl.column("polarisation").to_numpy() if "polarisation" in refl.column_names else \
-        np.ones(refl.num_rows)
-    counts = np.bincount(obs_c[keep], minlength=len(a_list))
-    rejected["no integrated reflections"] += int(np.sum(counts == 0))
-    ids = crystal_ids_of(src, fr, cr)
-    hkl = np.column_stack([refl.column(x).to_numpy() for x in "hkl"]).astype(np.int32)
-    return ShardData(
-        crystal_ids=ids,
-        a_matrices=np.array(a_list).reshape(-1, 3, 3), wavelengths_a=np.array(wl),
-        cells=np.array(cells, dtype=float).reshape(-1, 6), source_url=src,
-        frame_index=np.array(fr, np.int64), crystal=np.array(cr, np.int32),
-        obs_crystal=obs_c[keep], hkl=hkl[keep],
-        intensity=inten[keep], sigma=sig[keep],
-        polarisation=np.asarray(pol, dtype=float)[keep],
-        rejected=dict(rejected),
-    )
+    return _assemble(spec.label, crys, refl, _CRYSTAL_KEY, Counter(),
+                     f"shards/{spec.name}.crystals.parquet")
 
 
 def _polarisation(stream: Any, chunk: Any, refl: Any, cache: dict,
@@ -386,53 +437,42 @@ def _read_stream_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | Non
 
     stream = read_stream(spec.root, storage_options)
     rejected: Counter[str] = Counter()
-    a_list: list[np.ndarray] = []
-    wl: list[float] = []
-    cells: list[list[float]] = []
-    src: list[str] = []
-    fr: list[int] = []
-    cr: list[int] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("c", "hkl", "i", "s", "p")}
-    lattices: list[tuple[str, ...]] = []
+    rows: list[dict[str, Any]] = []  # the crystals.parquet columns, and the crystal's place
+    obs: dict[str, list[np.ndarray]] = {k: [] for k in ("_n", "hkl", "intensity", "sigma",
+                                                        "polarisation")}
     cache: dict = {}
     for n_chunk, chunk in enumerate(stream):
         for k, xtal in enumerate(chunk.crystals):
             refl = xtal.reflections
             lam = chunk.wavelength_a
-            good = np.isfinite(refl.intensity) & np.isfinite(refl.sigma) & (refl.sigma > 0)
             if lam is None or not math.isfinite(lam):
                 rejected["no wavelength"] += 1
                 continue
-            if not good.any():
+            if not _usable(refl.intensity, refl.sigma).any():
                 rejected["no integrated reflections"] += 1
                 continue
-            ci = len(a_list)
-            lattices.append(tuple(xtal.lattice))
-            a_list.append(np.asarray(xtal.a_matrix, dtype=float))
-            wl.append(lam)
-            cells.append(list(xtal.cell.parameters))
-            src.append(chunk.filename)
-            fr.append(chunk.frame_index if chunk.frame_index is not None else n_chunk)
-            cr.append(k)
-            parts["c"].append(np.full(int(good.sum()), ci, dtype=np.int64))
-            parts["hkl"].append(refl.hkl[good])
-            parts["i"].append(refl.intensity[good])
-            parts["s"].append(refl.sigma[good])
-            parts["p"].append(_polarisation(stream, chunk, refl, cache)[good])
-    if not a_list:
+            lt, cen, *_ = xtal.lattice
+            frame = chunk.frame_index if chunk.frame_index is not None else n_chunk
+            rows.append({"_n": len(rows), "source_url": chunk.filename, "frame_index": frame,
+                         "crystal": k, "wavelength_a": lam, "lattice": f"{lt} {cen}",
+                         **a_matrix_columns(np.asarray(xtal.a_matrix, dtype=float)),
+                         **dict(zip(_CELL_COLUMNS, xtal.cell.parameters, strict=True))})
+            for name, values in (("_n", np.full(len(refl.intensity), len(rows) - 1)),
+                                 ("hkl", refl.hkl), ("intensity", refl.intensity),
+                                 ("sigma", refl.sigma),
+                                 ("polarisation", _polarisation(stream, chunk, refl, cache))):
+                obs[name].append(values)
+    if not rows:
         n_x = sum(len(c.crystals) for c in stream)
         raise InputError(f"{spec.label}: no crystal with integrated reflections ({len(stream)} "
                          f"chunks, {n_x} crystals); expected indexamajig output with "
                          "reflection lists (not --integration=none)")
-    ids = crystal_ids_of(src, fr, cr)
-    return ShardData(
-        lattices=dict(Counter(f"{lt} {cen}" for lt, cen, *_ in lattices)),
-        crystal_ids=ids, a_matrices=np.array(a_list), wavelengths_a=np.array(wl),
-        cells=np.array(cells), source_url=src, frame_index=np.array(fr, np.int64),
-        crystal=np.array(cr, np.int32), obs_crystal=np.concatenate(parts["c"]),
-        hkl=np.concatenate(parts["hkl"]).astype(np.int32),
-        intensity=np.concatenate(parts["i"]), sigma=np.concatenate(parts["s"]),
-        polarisation=np.concatenate(parts["p"]), rejected=dict(rejected))
+    # the crystal's place in the stream names it: a stream may hold one frame twice
+    cols = {k: np.concatenate(v) for k, v in obs.items()}
+    hkl = cols.pop("hkl")
+    refl_table = pa.table({**cols, "h": hkl[:, 0], "k": hkl[:, 1], "l": hkl[:, 2]})
+    return _assemble(spec.label, pa.Table.from_pylist(rows), refl_table, ("_n",), rejected,
+                     "the stream")
 
 
 def read_shard(spec: ShardSpec, storage_options: Mapping[str, Any] | None = None) -> ShardData:

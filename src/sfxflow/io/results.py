@@ -29,7 +29,7 @@ import math
 import os
 import posixpath
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -292,9 +292,13 @@ def parquet_bytes(table: pa.Table, metadata: Mapping[str, str] | None = None) ->
     return buf.getvalue()
 
 
-def read_parquet_bytes(data: bytes) -> pa.Table:
-    """Parquet bytes -> Arrow table."""
-    return pq.read_table(io.BytesIO(data))
+def read_parquet_bytes(data: bytes, columns: Collection[str] | None = None) -> pa.Table:
+    """Parquet bytes -> Arrow table: every column, or those of ``columns`` the file has (the
+    others are neither read nor decoded)."""
+    if columns is None:
+        return pq.read_table(io.BytesIO(data))
+    file = pq.ParquetFile(io.BytesIO(data))
+    return file.read(columns=[c for c in file.schema_arrow.names if c in columns])
 
 
 def table_metadata(table: pa.Table) -> dict[str, str]:

@@ -46,6 +46,7 @@ __all__ = [
     "DISTANCE_PATH",
     "PHOTON_ENERGY_PATH",
     "DatasetInfo",
+    "physical_model",
     "write_simulated_dataset",
 ]
 
@@ -256,3 +257,24 @@ def write_simulated_dataset(
     }
     (out / "simulation.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def physical_model(mtz_path: str, params: Any) -> tuple[Any, Any]:
+    """The crystal of the MTZ and the physical model of its stills
+    (``sfxflow simulate --intensities``): the simulation parameters set to its cell, space
+    group and resolution, and the :class:`~sfxflow.algorithms.simulate_physical.PhysicalFrames`."""
+    from sfxflow.algorithms.simulate_physical import (
+        PhysicalFrames,
+        PhysicalParams,
+        TrueIntensities,
+    )
+    from sfxflow.io.mtz import read_intensity_columns
+
+    truth = TrueIntensities.from_arrays(*read_intensity_columns(mtz_path))
+    cell, sg = truth.index.cell, truth.index.space_group
+    d_min = max(params.d_min_a, truth.index.d_min_a)
+    params = dataclasses.replace(params, cell=tuple(cell.parameters), space_group=sg.xhm(),
+                                 d_min_a=d_min, wilson_b_a2=0.0, crystal_scale_log_sigma=0.0)
+    physical = PhysicalParams(wavelength_a=params.wavelength_a, d_min_a=d_min,
+                              bandwidth_fwhm=max(params.bandwidth_fwhm, 1e-4))
+    return params, PhysicalFrames(truth, physical)
