@@ -24,7 +24,7 @@ SCRIPT = """
 import json, sys
 from sfxflow.pipeline.config import load_config
 from sfxflow.pipeline.run import run_process
-from tests.pipeline.crashing import crash_on_one_frame
+from crashing import crash_on_one_frame
 files, out, overrides = json.loads(sys.argv[1])
 r = run_process(files, out, load_config(overrides=overrides), frame_fn=crash_on_one_frame)
 print(json.dumps({"failed": r.blocks_failed, "done": r.blocks_done, "complete": r.complete}))
@@ -32,7 +32,10 @@ print(json.dumps({"failed": r.blocks_failed, "done": r.blocks_done, "complete": 
 
 
 def _run(files, out, overrides):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    # crashing.py as a top-level module (the spawned child imports it by name): a package named
+    # `tests` installed by another project (reciprocalspaceship ships one) would shadow ours
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
+                                                        str(ROOT / "tests" / "pipeline")])}
     return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([files, out, overrides])],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
