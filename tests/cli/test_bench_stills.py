@@ -22,13 +22,3 @@ def test_bench_process_stills_only_without_data(monkeypatch, capsys) -> None:
     monkeypatch.setattr(stills, "stills_dir", lambda: None)
     assert main(["bench", "process", "--stills-only", "--no-crystfel"]) == 0
     assert "independent stills not found" in capsys.readouterr().out
-
-
-def test_whole_command_against_its_processing() -> None:
-    # issue 20: the whole `sfxflow process` (fresh Python, cluster, report) and its processing
-    d = stills.stills_dir()
-    if d is None:
-        pytest.skip("independent stills not in ../shared/data")
-    whole, processing = stills.whole_command(d, repeats=1)
-    assert len(whole) == len(processing) == 1
-    assert 0 < processing[0] < whole[0]

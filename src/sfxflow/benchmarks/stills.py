@@ -7,12 +7,9 @@ CrystFEL 0.12's ``indexamajig`` on the same frames when it is present (a benchma
 from __future__ import annotations
 
 import csv
-import json
-import os
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -157,30 +154,6 @@ def crystfel_cpu_per_frame(d: Path) -> tuple[float, int, str]:
     return cpu / len(files), n_indexed, ""
 
 
-def whole_command(d: Path, repeats: int = 3) -> tuple[list[float], list[float]]:
-    """``sfxflow process`` on the stills with one worker, as a user runs it (a fresh Python,
-    cluster start, report): the whole command's wall seconds and the processing's (summary.json
-    ``wall_s``) of each of ``repeats`` runs into fresh run directories (issue 20)."""
-    whole, processing = [], []
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    files = [str(p) for p in sorted(d.glob("sim-*.h5"))]
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="sfxflow-bench-whole-") as tmp:
-            t0 = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, "-m", "sfxflow", "process", *files, "--geometry",
-                 str(d / "sim.geom"), "--cell", CELL.strip("[]").replace(",", ""),
-                 "--space-group", SPACE_GROUP, "--workers", "1", "--out", f"{tmp}/run",
-                 "--no-progress", "-q"], env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"sfxflow process failed: {tail[0]}")
-            whole.append(time.perf_counter() - t0)
-            summary = json.loads(Path(f"{tmp}/run/summary.json").read_text())
-            processing.append(float(summary["wall_s"]))
-    return whole, processing
-
-
 def print_stills(repeats: int, crystfel: bool = True) -> None:
     """The stills section of ``sfxflow bench process`` (and the spot figures' data)."""
     d = stills_dir()
@@ -199,12 +172,6 @@ def print_stills(repeats: int, crystfel: bool = True) -> None:
           + f"  (spots {ms['spots'] / rep.mpixel:.2f} ms/Mpixel)")
     print(f"  indexed {rep.indexed}/{rep.frames}, misorientation to the truth median "
           f"{rep.median_misorientation_deg:.4f} deg (max {rep.max_misorientation_deg:.4f})")
-    n_whole = min(repeats, 3)
-    whole, processing = whole_command(d, n_whole)
-    w, p = statistics.median(whole), statistics.median(processing)
-    print(f"  the whole command (`sfxflow process --workers 1`, {rep.frames} frames, median of "
-          f"{n_whole}): {w:.2f} s / processing {p:.2f} s = {w / p:.2f}x "
-          f"(start-up, cluster, report: {w - p:.2f} s)")
     if not crystfel:
         return
     cpu, n_idx, why = crystfel_cpu_per_frame(d)

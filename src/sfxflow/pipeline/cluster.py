@@ -266,9 +266,7 @@ def open_cluster(cfg: ClusterConfig, *, allowed_failures: int | None = None
                                    processes=True, host="127.0.0.1",
                                    dashboard_address="127.0.0.1:0",
                                    silence_logs=logging.WARNING)
-        # closing(), not the client's own context: that sets a context variable which only the
-        # thread that set it may reset, and the run closes this cluster in a background thread
-        with cluster, contextlib.closing(Client(cluster)) as client:
+        with cluster, Client(cluster) as client:
             yield client, _info("local", client, cluster.scheduler)
         return
     cluster = _jobqueue_cluster(cfg, allowed_failures)

@@ -32,11 +32,9 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,28 +250,6 @@ class Execution:
     n_cores: int
     cluster: ClusterInfo | None
     live_report: Reporter | None = None
-    closing: threading.Thread | None = None  # the cluster closing while the results are reduced
-
-    def wait_closed(self) -> None:
-        """Wait for the cluster started for the run to be closed."""
-        if self.closing is not None:
-            self.closing.join()
-            self.closing = None
-
-
-def _close_in_background(stack: ExitStack) -> threading.Thread:
-    """Close a local cluster (a second or two waiting on its worker processes to stop) while
-    the client reduces the results and draws the report; :meth:`Execution.wait_closed` joins it
-    before the run returns (issue 20)."""
-    def close() -> None:
-        try:
-            stack.close()
-        except Exception as exc:  # the results are written: a cluster that closes badly is news
-            logger.warning("closing the cluster: %s", exc)
-
-    thread = threading.Thread(target=close, name="sfxflow-cluster-close", daemon=True)
-    thread.start()
-    return thread
 
 
 def _problem_kind(problem: str) -> str:
@@ -560,11 +536,9 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
     info: ClusterInfo | None = None
     t_exec0 = time.perf_counter()
     t_exec1 = 0.0
-    closing: threading.Thread | None = None
     try:
-        with ExitStack() as stack:
-            client, info = stack.enter_context(
-                open_cluster(config.cluster, allowed_failures=config.run.allowed_failures))
+        with open_cluster(config.cluster,
+                          allowed_failures=config.run.allowed_failures) as (client, info):
             if on_cluster is not None:
                 on_cluster(info)
             t_exec0 = time.perf_counter()
@@ -581,8 +555,6 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
                              file_errors=plan.file_errors)
                 n_cores = max(n_cores, cluster_threads(client))
             t_exec1 = time.perf_counter()
-            if info.kind == "local":  # a cluster started here, every result in: close it aside
-                closing = _close_in_background(stack.pop_all())
     finally:
         progress.close()
         try:
@@ -590,7 +562,7 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
         finally:
             run.remove_temporaries()
     wall_s = (t_exec1 or time.perf_counter()) - t_exec0
-    return Execution(reports, failures, wall_s, n_cores, info, live_report, closing)
+    return Execution(reports, failures, wall_s, n_cores, info, live_report)
 
 
 def _drop_replaced_placeholders(run: RunDir, plan: RunPlan) -> None:
@@ -745,7 +717,4 @@ def run_process(
         execution = execute_plan(plan, ctx, config, lock=lock, progress=progress,
                                  on_block=on_block, on_cluster=on_cluster,
                                  reporter=reporter)
-        try:
-            return reduce_run(plan, execution, run, config, geometry, t_start)
-        finally:
-            execution.wait_closed()
+        return reduce_run(plan, execution, run, config, geometry, t_start)

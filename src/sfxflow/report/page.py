@@ -9,6 +9,7 @@ browser never reads half of it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import posixpath
 import threading
@@ -110,26 +111,12 @@ def write_merge_report(merge_url: str, inputs: Sequence[str], *,
     return written
 
 
-def _preload_drawing() -> None:
-    """Import what drawing the page needs (matplotlib: about half a second), off the critical
-    path; a failure here is left for the drawing itself to report."""
-    try:
-        import matplotlib.backends.backend_agg
-        import matplotlib.backends.backend_svg
-        import matplotlib.figure  # noqa: F401
-
-        import sfxflow.report.picture  # noqa: F401
-    except Exception:  # pragma: no cover - the page says what is wrong when it is drawn
-        pass
-
-
 class LiveReport:
     """Refreshes ``RUN/report.html`` while a run goes, and once at the end (a
     :class:`~sfxflow.pipeline.report.Reporter` for ``run_process``).
 
-    After a block, when at least ``interval_s`` seconds since the start or the last build (and
-    ten times the last build's time, so that drawing takes at most a tenth of the client's time)
-    have passed, the page is rebuilt
+    After a block, when at least ``interval_s`` seconds (and ten times the last build's time,
+    so that drawing takes at most a tenth of the client's time) have passed, the page is rebuilt
     in a background thread: the client goes on collecting results and handing out blocks
     meanwhile (block finishing times in the manifest stay true). :meth:`finish` waits for it and
     writes the final page.
@@ -143,15 +130,10 @@ class LiveReport:
         self.storage_options = dict(storage_options or {})
         self.interval_s = interval_s
         self.cache = ReportCache()
-        # the first refresh comes ``interval_s`` after the start, not at the first block: a short
-        # run draws its page once, at the end, instead of twice (issue 20)
-        self._last = time.perf_counter()
+        self._last = -math.inf
         self._build_s = 0.0
         self._thread: threading.Thread | None = None
         self.written = 0
-        # the drawing modules load meanwhile, while the client mostly waits on its workers
-        threading.Thread(target=_preload_drawing, daemon=True,
-                         name="sfxflow-report-preload").start()
 
     def _write(self, running: bool) -> None:
         t0 = time.perf_counter()
