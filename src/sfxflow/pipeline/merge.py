@@ -14,14 +14,11 @@ per-reflection arrays and per-crystal results, never the observations.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import gemmi
@@ -30,8 +27,7 @@ import pyarrow as pa
 
 from sfxflow.algorithms import merge as alg
 from sfxflow.algorithms.simulate_physical import TrueIntensities
-from sfxflow.io.hkl import write_half_hkls, write_hkl
-from sfxflow.io.mtz import MergedColumns, write_merged_mtz
+from sfxflow.io.merged import crystals_table, write_merge_outputs
 from sfxflow.io.observations import (
     ShardSpec,
     discover_shards,
@@ -294,39 +290,8 @@ def _run(job: _Job, ex: MapReduce) -> MergeResult:
         "ambiguity": ambiguity, "cycles": history, "params": params.as_dict(),
         "performance": ex.performance(n_obs, [h["seconds"] for h in history]),
     }
-    crystals = _crystals_table(final, [x["meta"] for x in summaries])
-    _write_outputs(job.out, index, merged, setup.uc, setup.sg, setup.wavelength, stats,
-                   crystals)
+    crystals = crystals_table(final.table_columns(), [x["meta"] for x in summaries])
+    write_merge_outputs(job.out, index.hkl, merged, setup.uc, setup.sg, setup.wavelength, stats,
+                        crystals)
     table = alg.format_table(overall, shells) + "\n" + alg.format_estimate(estimate)
     return MergeResult(job.out.url, stats, table, crystals)
-
-
-def _crystals_table(fits: alg.CrystalFits, metas: list[pa.Table]) -> pa.Table:
-    meta = pa.concat_tables(metas) if metas else pa.table({})
-    cols = fits.table_columns()
-    cols["reason"] = pa.array(cols["reason"], pa.string())  # typed even when empty
-    return pa.table({**{k: meta.column(k) for k in meta.column_names}, **cols})
-
-
-def _write_outputs(out: RunDir, index: alg.AsuIndex, merged: Any, uc: gemmi.UnitCell,
-                   sg: gemmi.SpaceGroup, wavelength: float, stats: dict,
-                   crystals: pa.Table) -> None:
-    cols = MergedColumns(index.hkl, merged.imean, merged.sigimean, merged.i_plus,
-                         merged.sigi_plus, merged.i_minus, merged.sigi_minus, merged.n)
-    with tempfile.TemporaryDirectory() as tmp:
-        mtz = Path(tmp) / "merged.mtz"
-        write_merged_mtz(mtz, uc, sg, wavelength, cols)
-        out.write_bytes("merged.mtz", mtz.read_bytes())
-        hkl = Path(tmp) / "merged.hkl"
-        write_hkl(hkl, sg, cols)
-        out.write_bytes("merged.hkl", hkl.read_bytes())
-        # the two half-data sets behind CC1/2, named as partialator names them
-        for half in write_half_hkls(Path(tmp) / "merged", sg, index.hkl, merged):
-            out.write_bytes(half.name, half.read_bytes())
-    out.write_bytes("crystals.parquet", parquet_bytes(crystals))
-    out.write_text("stats.json", json.dumps(_finite(stats), indent=1) + "\n")
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no NaN: null instead (a round trip through Python's NaN extension of JSON)."""
-    return json.loads(json.dumps(x, default=lambda v: v.item()), parse_constant=lambda c: None)
