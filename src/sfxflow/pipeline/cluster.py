@@ -235,16 +235,6 @@ def _children_ignore_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def quiet_cluster_logs() -> None:
-    """Silence distributed's and tornado's logs for the rest of this process: a run that stops
-    (Ctrl-C, an unwritable run directory) says so in one line. CRITICAL, not ERROR: a block still
-    queued when the run stops runs after its plugin is unregistered and its "Compute Failed" dump
-    is logged at ERROR; a comm callback cut by Ctrl-C logs "Exception in callback" with a
-    traceback at ERROR through tornado (seen once in four full test runs)."""
-    for name in ("distributed", "tornado"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
 @contextlib.contextmanager
 def open_cluster(cfg: ClusterConfig, *, allowed_failures: int | None = None
                  ) -> Iterator[tuple[Any, ClusterInfo]]:
@@ -277,13 +267,7 @@ def open_cluster(cfg: ClusterConfig, *, allowed_failures: int | None = None
                                    dashboard_address="127.0.0.1:0",
                                    silence_logs=logging.WARNING)
         with cluster, Client(cluster) as client:
-            try:
-                yield client, _info("local", client, cluster.scheduler)
-            except KeyboardInterrupt:
-                # Ctrl-C or SIGTERM in any phase: the nannies in this process and tornado's
-                # callbacks log tracebacks while the cluster stops; the CLI says the one line
-                quiet_cluster_logs()
-                raise
+            yield client, _info("local", client, cluster.scheduler)
         return
     cluster = _jobqueue_cluster(cfg, allowed_failures)
     with cluster:
