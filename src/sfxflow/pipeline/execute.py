@@ -374,8 +374,10 @@ def _register_cleanup(client: Any, worker_plugin: str) -> str | None:
 
 def _quiet_distributed_logs() -> None:
     # CRITICAL, not ERROR: a block still queued when the run stops runs after the plugin is
-    # unregistered, and its "Compute Failed" dump is logged at ERROR, past the plugin's filter
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    # unregistered, and its "Compute Failed" dump is logged at ERROR, past the plugin's filter;
+    # tornado too: a comm callback cut by Ctrl-C logs "Exception in callback" with a traceback
+    for name in ("distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def execute_dask(client: Any, blocks: Sequence[BlockRef], ctx: BlockContext,
