@@ -75,7 +75,7 @@ def test_sge_dry_run_prints_job_script(capsys):
     assert rc == 0
     lines = out.splitlines()
     assert "#$ -q all.q" in lines and "#$ -l h_rt=01:00:00" in lines
-    assert any(re.match(r"#\$ -l h_vmem=8GB", line) for line in lines)
+    assert any(re.match(r"#\$ -l mem_free=8GB", line) for line in lines)
     worker = next(line for line in lines if "distributed.cli.dask_worker" in line)
     assert re.search(r"python\S* -m distributed\.cli\.dask_worker tcp://\S+ ", worker)
     assert "--nthreads 1" in worker

@@ -17,6 +17,11 @@ import time
 import uuid
 
 import dask.config
+
+# dask_jobqueue's defaults must be in dask's config before a test sets ``jobqueue.*``: a
+# dask.config.set that creates the section removes all of it on exit, and later tests that read
+# the site's jobqueue settings then fail with KeyError 'jobqueue'
+import dask_jobqueue  # noqa: F401
 import pytest
 
 from sfxflow.cli import main

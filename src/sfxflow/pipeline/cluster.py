@@ -121,8 +121,11 @@ def _job_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
         kwargs["job_extra_directives"] = [*(_site(kind, "job-extra-directives") or []),
                                           *cfg.job_extra]
     if kind == "sge" and "memory" in kwargs and _site(kind, "resource-spec") is None:
-        # SGE has no memory option of its own: ask for it as a resource
-        kwargs["resource_spec"] = f"h_vmem={kwargs['memory']}"
+        # SGE has no memory option of its own: ask for a host with that much free memory.
+        # Not h_vmem: it caps the job's address space, and a worker's thread pools and malloc
+        # arenas (one per core the host reports) reserve far more than they touch, so pyarrow's
+        # allocations failed at 1G on a many-core host; the Dask worker bounds its own memory.
+        kwargs["resource_spec"] = f"mem_free={kwargs['memory']}"
     return kwargs
 
 
