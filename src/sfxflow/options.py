@@ -27,15 +27,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def converter(tp: Any, spec: Spec) -> Any:
+def converter(tp: Any, spec: Spec, key: str = "") -> Any:
+    """The ``type=`` of an option: ``text`` converted and checked, or a one-line error naming
+    the value, what is accepted and (for a setting) its configuration ``key``."""
+    where = f" (key {key})" if key else ""
+
     def convert(text: str) -> Any:
         if tp is str and spec.check is not None and not text.strip():
             # empty means "not set here" in a configuration file; a flag given empty is a slip
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {spec.expect or 'a value'}")
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {spec.expect or 'a value'}{where}")
         try:
             return _params.convert(tp, spec, text)
         except _params.Invalid as exc:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {exc.expected}") from None
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {exc.expected}{where}") from None
 
     convert.__name__ = getattr(tp, "__name__", "value")  # argparse names it in some messages
     # what tests and docs read back: the type, the declared range, and the words for it

@@ -1,9 +1,11 @@
 """Declaring settings: the valid range of a parameter, next to the field it belongs to.
 
 Every ``Params`` dataclass (next to its algorithm) declares its numeric fields with
-:func:`setting`, which records the range in the field's metadata, and its nested sections with
-:func:`section`. ``__post_init__`` calls :func:`check_fields`, so a value out of range is refused
-wherever the object is built. The configuration layer (:mod:`sfxflow.pipeline.params`) reads the
+:func:`setting`, which records the range in the field's metadata (and a bound set by another
+field: ``at_least="min_spot_pixels"``), and its nested sections with :func:`section`.
+``__post_init__`` calls :func:`check_fields`, so a value out of range is refused wherever the
+object is built, and this is the one place ranges are checked: configuration files and
+``--set`` only convert types, and every bad setting is a :class:`SettingError`. The configuration layer (:mod:`sfxflow.pipeline.params`) reads the
 same metadata to generate command-line flags, config-file keys, ``--print-config`` and
 ``docs/config.md``: one declaration, every surface. The one-line documentation of a setting is
 the entry for its name in the class's numpydoc ``Parameters`` section.
@@ -31,17 +33,29 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from sfxflow.errors import ConfigError
 
-__all__ = ["SettingError", "Spec", "check_fields", "check_value", "section", "setting", "spec_of"]
+__all__ = ["SettingError", "Spec", "check_fields", "check_value", "refuse", "section", "setting",
+           "spec_of"]
 
 _KEY = "sfxflow"
 
 
 class SettingError(ConfigError, ValueError):
-    """A setting outside its declared range (a user error, and a ValueError for library callers)."""
+    """Every bad setting: an unknown key, a value of the wrong type or out of range, settings that
+    contradict each other (a user error: exit 2; and a ValueError for library callers).
+
+    ``field`` (the field's name), ``value`` and ``expected`` (in words) are kept when the error
+    is about one field, so that the configuration layer can name the file, ``--set`` or flag the
+    value came from; ``also`` is the other field of a cross-field check.
+    """
+
+    def __init__(self, message: str, *, field: str = "", value: Any = None, expected: str = "",
+                 also: str = "") -> None:
+        super().__init__(message)
+        self.field, self.value, self.expected, self.also = field, value, expected, also
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,8 @@ class Spec:
     doc : one-line documentation when the class docstring has no entry for the field.
     check : a callable that raises ValueError for a value it refuses (a space group, a cell, an
         address), applied to the whole value; ``expect`` says in words what it accepts.
+    at_least, above : the name of another field of the same class that bounds this one from
+        below (``>=``, ``>``); a ``None`` on either side is no bound.
     """
 
     ge: float | None = None
@@ -73,6 +89,8 @@ class Spec:
     doc: str = ""
     check: Callable[[Any], Any] | None = None
     expect: str = ""
+    at_least: str = ""
+    above: str = ""
 
     @property
     def has_range(self) -> bool:
@@ -156,18 +174,39 @@ def passes_check(spec: Spec, value: Any) -> bool:
     return True
 
 
-def check_value(spec: Spec, value: Any, name: str) -> None:
-    """Raise :class:`SettingError` ``"NAME = VALUE: expected RANGE"`` when out of range."""
+def value_problem(spec: Spec, value: Any) -> str:
+    """What ``value`` (already of the field's type) should have been, or ``""`` when it is fine."""
     values: Sequence[Any] = value if isinstance(value, tuple | list) and not spec.choices else (value,)
     for v in values:
         if v is not None and spec.problem(v):
-            raise SettingError(f"{name} = {value!r}: expected {spec.describe(kind_of(v))}")
+            return spec.describe(kind_of(v))
     if not passes_check(spec, value):
-        raise SettingError(f"{name} = {value!r}: expected {spec.expect or 'a valid value'}")
+        return spec.expect or "a valid value"
+    return ""
+
+
+def check_value(spec: Spec, value: Any, name: str) -> None:
+    """Raise :class:`SettingError` ``"NAME = VALUE: expected RANGE"`` when out of range."""
+    expected = value_problem(spec, value)
+    if expected:
+        raise SettingError(f"{name} = {value!r}: expected {expected}",
+                           field=name.rpartition(".")[2], value=value, expected=expected)
+
+
+def refuse(obj: Any, name: str, expected: str, also: str = "") -> NoReturn:
+    """Raise :class:`SettingError` for ``obj.name`` (a check no :class:`Spec` can declare)."""
+    value = getattr(obj, name)
+    raise SettingError(f"{type(obj).__name__}.{name} = {value!r}: expected {expected}",
+                       field=name, value=value, expected=expected, also=also)
 
 
 def check_fields(obj: Any) -> None:
     """Check every field of a dataclass instance against its declared :class:`Spec`."""
     for f in dataclasses.fields(obj):
         spec = spec_of(f)
-        check_value(spec, getattr(obj, f.name), f"{type(obj).__name__}.{f.name}")
+        value = getattr(obj, f.name)
+        check_value(spec, value, f"{type(obj).__name__}.{f.name}")
+        for other, strict in ((spec.at_least, False), (spec.above, True)):
+            bound = getattr(obj, other) if other else None
+            if value is not None and bound is not None and (value <= bound if strict else value < bound):
+                refuse(obj, f.name, f"{'>' if strict else '>='} {other} ({bound!r})", also=other)

@@ -76,27 +76,14 @@ class IntegrateParams:
 
     method: str = setting("rings", choices=("rings", "none"))
     peak_radius_px: float = setting(3.0, gt=0, le=30)
-    background_inner_px: float = setting(4.0, gt=0, le=30)
-    background_outer_px: float = setting(6.0, gt=0, le=30)
+    background_inner_px: float = setting(4.0, gt=0, le=30, at_least="peak_radius_px")
+    background_outer_px: float = setting(6.0, gt=0, le=30, above="background_inner_px")
     outlier_nsigma: float = setting(4.0, gt=0, le=1000)
     outlier_cycles: int = setting(2, ge=0, le=100)
     min_background_pixels: int = setting(10, ge=4, le=100_000)
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if not (0 < self.peak_radius_px <= self.background_inner_px < self.background_outer_px
-                <= 30):
-            raise ValueError(
-                "IntegrateParams: expected 0 < peak_radius_px <= background_inner_px < "
-                f"background_outer_px <= 30, got {self.peak_radius_px}, "
-                f"{self.background_inner_px}, {self.background_outer_px}")
-        if not self.outlier_nsigma > 0:
-            raise ValueError(f"IntegrateParams.outlier_nsigma must be > 0, got {self.outlier_nsigma}")
-        if self.outlier_cycles < 0:
-            raise ValueError(f"IntegrateParams.outlier_cycles must be >= 0, got {self.outlier_cycles}")
-        if self.min_background_pixels < 4:
-            raise ValueError("IntegrateParams.min_background_pixels must be >= 4, got "
-                             f"{self.min_background_pixels}")
 
 
 @njit(cache=True)

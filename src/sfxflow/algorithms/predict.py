@@ -91,7 +91,7 @@ class PredictParams:
     cutoff: float = setting(2.5, gt=0, le=100)
     d_min_a: float = setting(0.0, ge=0, le=100)
     min_profile_radius_inv_a: float = setting(5e-5, gt=0, le=1)
-    max_profile_radius_inv_a: float = setting(5e-3, gt=0, le=1)
+    max_profile_radius_inv_a: float = setting(5e-3, gt=0, le=1, above="min_profile_radius_inv_a")
     detection_bias: float = setting(1.0, gt=0, le=100)
     min_spots: int = setting(5, ge=1, le=100_000)
     default_profile_radius_inv_a: float = setting(3e-4, gt=0, le=1)
@@ -99,21 +99,6 @@ class PredictParams:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        checks = {
-            "cutoff": self.cutoff > 0,
-            "d_min_a": self.d_min_a >= 0,
-            "min_profile_radius_inv_a": self.min_profile_radius_inv_a > 0,
-            "max_profile_radius_inv_a": self.max_profile_radius_inv_a
-            > self.min_profile_radius_inv_a,
-            "detection_bias": self.detection_bias > 0,
-            "min_spots": self.min_spots >= 1,
-            "default_profile_radius_inv_a": self.default_profile_radius_inv_a > 0,
-            "polarisation_fraction": 0 <= self.polarisation_fraction <= 1,
-        }
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not (ok and math.isfinite(value)):
-                raise ValueError(f"PredictParams.{name} = {value!r} is out of range")
 
 
 def excitation_errors(crystal: Crystal, hkl: np.ndarray, beam: Beam

@@ -35,7 +35,7 @@ from numba import njit
 
 from sfxflow.algorithms.geometry import panel_matrices
 from sfxflow.models import Beam, Crystal, Detector, reciprocal_basis
-from sfxflow.settings import check_fields, setting
+from sfxflow.settings import check_fields, refuse, setting
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,9 @@ class RefineParams:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.refine_distance and self.refine_cell:
-            raise ValueError("refine_distance needs refine_cell = False: on a single still the "
-                             "detector distance and the cell scale cannot be told apart")
+            refuse(self, "refine_distance", "False (refine_distance needs refine_cell = False: on "
+                   "a single still the detector distance and the cell scale cannot be told apart)",
+                   also="refine_cell")
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from sfxflow.models import (
     as_unit_cell,
     photon_energy_ev_to_wavelength_a,
 )
-from sfxflow.settings import check_fields, setting
+from sfxflow.settings import check_fields, refuse, setting
 
 __all__ = [
     "TRUTH_COLUMNS",
@@ -175,12 +175,10 @@ class SimulationParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", tuple(float(x) for x in self.cell))
-        if len(self.cell) != 6:
-            raise ValueError(f"SimulationParams.cell needs 6 numbers, got {self.cell!r}")
         check_fields(self)
         if 0 < self.crystal_size_max_a < self.crystal_size_min_a:
-            raise ValueError(f"SimulationParams.crystal_size_max_a = {self.crystal_size_max_a} "
-                             f"is below crystal_size_min_a = {self.crystal_size_min_a}")
+            refuse(self, "crystal_size_max_a", f"0 (off) or >= crystal_size_min_a "
+                   f"({self.crystal_size_min_a})", also="crystal_size_min_a")
         object.__setattr__(self, "space_group", as_space_group(self.space_group).xhm())
 
     def beam(self) -> Beam:

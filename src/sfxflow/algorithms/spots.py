@@ -83,7 +83,7 @@ from numba import njit
 
 from sfxflow.algorithms.detector_tables import FrameLayout, as_data3, frame_layout
 from sfxflow.algorithms.geometry import d_spacing_a, miller_indices, pixels_to_q
-from sfxflow.errors import ConfigError, GeometryError
+from sfxflow.errors import GeometryError
 from sfxflow.models import (
     Beam,
     Detector,
@@ -174,11 +174,11 @@ class SpotParams:
     gain_adu_per_photon: float | None = setting(None, gt=0, le=1e6)
     border_px: int = setting(1, ge=0, le=256)
     min_spot_pixels: int = setting(2, ge=1, le=1_000_000)
-    max_spot_pixels: int = setting(500, ge=1, le=10_000_000)
+    max_spot_pixels: int = setting(500, ge=1, le=10_000_000, at_least="min_spot_pixels")
     min_snr: float = setting(3.0, ge=0, le=1000)
     background_margin_px: int = setting(2, ge=1, le=100)
     d_min_a: float | None = setting(None, gt=0, le=1e4)
-    d_max_a: float | None = setting(None, gt=0, le=1e4)
+    d_max_a: float | None = setting(None, gt=0, le=1e4, at_least="d_min_a")
     filter_ice_rings: bool = False
     ice_ring_half_width_inv_a: float = setting(0.004, ge=0, le=0.1)
     radial_snr: float = setting(5.0, ge=0, le=1000)
@@ -187,12 +187,6 @@ class SpotParams:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.max_spot_pixels < self.min_spot_pixels:
-            raise ConfigError(f"SpotParams.max_spot_pixels = {self.max_spot_pixels}: expected "
-                              f">= min_spot_pixels ({self.min_spot_pixels})")
-        if self.d_min_a is not None and self.d_max_a is not None and self.d_min_a > self.d_max_a:
-            raise ConfigError(f"SpotParams.d_min_a = {self.d_min_a}: expected <= d_max_a "
-                              f"({self.d_max_a})")
 
     @property
     def half_window(self) -> int:

@@ -148,7 +148,7 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
                                metavar="TEXT",
                                help=_help(leaf).replace("[a list, each text; ", "[repeatable; "))
         else:
-            group.add_argument(*names, dest=leaf.key, type=_converter(leaf.type, leaf.spec),
+            group.add_argument(*names, dest=leaf.key, type=_converter(leaf.type, leaf.spec, leaf.key),
                                default=argparse.SUPPRESS, metavar=_metavar(leaf), help=_help(leaf))
     if essential is not None:
         parser.add_argument("--help-all", action=_HelpAll,
@@ -174,7 +174,7 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
                                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             else:
                 deprecated(parser, old, leaf.key, f"--{leaf.flag}",
-                           kind=_converter(leaf.type, leaf.spec),
+                           kind=_converter(leaf.type, leaf.spec, leaf.key),
                            append=leaf.type == tuple[str, ...])
     for option, key in (aliases or {}).items():
         if key.startswith("preset:"):
@@ -184,7 +184,7 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
             continue
         leaf = by_key[key]
         deprecated(parser, option, key, f"--{leaf.flag}", flag=leaf.type is bool,
-                   kind=_converter(leaf.type, leaf.spec))
+                   kind=_converter(leaf.type, leaf.spec, leaf.key))
 
 
 def given(args: argparse.Namespace, tree: type) -> dict[str, Any]:

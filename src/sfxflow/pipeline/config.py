@@ -47,7 +47,7 @@ from sfxflow.algorithms.spots import HitParams, SpotParams
 from sfxflow.errors import ConfigError, redact_userinfo
 from sfxflow.models import as_space_group, as_unit_cell
 from sfxflow.pipeline import params as _params
-from sfxflow.settings import check_fields, section, setting
+from sfxflow.settings import SettingError, check_fields, section, setting
 
 T = TypeVar("T")
 
@@ -296,8 +296,8 @@ class ProcessConfig:
         if self.target.cell is None:
             return None
         if not self.target.space_group:
-            raise ConfigError("target.space_group is empty: a cell needs a space group "
-                              "(e.g. --space-group P6122)")
+            raise SettingError("target.space_group is empty: a cell needs a space group "
+                               "(e.g. --space-group P6122)")
         return _target(tuple(self.target.cell), self.target.space_group)
 
     def to_toml(self) -> str:
@@ -373,7 +373,7 @@ def _target(cell: tuple[float, ...], space_group: str) -> TargetCell:
     try:
         return TargetCell(cell, space_group)  # type: ignore[arg-type]  # it converts
     except ValueError as exc:
-        raise ConfigError(f"target: {exc}") from None
+        raise SettingError(f"target: {exc}") from None
 
 
 def preset_names() -> list[str]:
@@ -415,7 +415,7 @@ def resolve_tree(cls: type[T], *, presets: Sequence[str] = (), path: str | Path 
     if path is not None:
         layers.append((str(path), _params.load_mapping(path)))
     if flags:
-        layers.append(("command line", flags))
+        layers.append((_params.FLAGS, flags))
     if overrides:
         layers.append(("--set", dict(_params.parse_override(o) for o in overrides)))
     return _params.resolve(cls, layers, base=tree)

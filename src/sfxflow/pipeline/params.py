@@ -8,10 +8,11 @@ class docstring's numpydoc entry). From the leaves come, with no code per settin
 layering configuration files, presets and ``--set`` overrides (:func:`resolve`), the flags of
 every command (:mod:`sfxflow.cli.options`), ``--print-config`` (:func:`commented_toml`) and
 ``docs/config.md`` (:func:`markdown`). A misspelt key or a bad value is a one-line
-:class:`~sfxflow.errors.ConfigError` naming where it came from, the value and what is accepted.
+:class:`~sfxflow.settings.SettingError` naming where it came from, the value and what is
+accepted; values are converted here and checked once, by the dataclasses' own ``__post_init__``.
 
 >>> from dataclasses import dataclass, field
->>> from sfxflow.settings import setting
+>>> from sfxflow.settings import check_fields, setting
 >>> @dataclass(frozen=True)
 ... class Inner:
 ...     '''Parameters
@@ -20,10 +21,14 @@ every command (:mod:`sfxflow.cli.options`), ``--print-config`` (:func:`commented
 ...     '''
 ...     sigma: float = setting(3.0, ge=0, le=100)
 ...     mode: str = "fast"
+...     def __post_init__(self) -> None:
+...         check_fields(self)
 >>> @dataclass(frozen=True)
 ... class Outer:
 ...     inner: Inner = field(default_factory=Inner)
 ...     n: int = setting(1, ge=1, le=9)
+...     def __post_init__(self) -> None:
+...         check_fields(self)
 >>> [(leaf.key, leaf.flag) for leaf in leaves(Outer)]
 [('inner.sigma', 'inner-sigma'), ('inner.mode', 'inner-mode'), ('n', 'n')]
 >>> tree = resolve(Outer, [("file.toml", {"inner": {"sigma": 4}}), ("--set", {"n": "2"})])
@@ -34,7 +39,7 @@ every command (:mod:`sfxflow.cli.options`), ``--print-config`` (:func:`commented
 >>> resolve(Outer, [("--set", {"inner.sigma": -1})])
 Traceback (most recent call last):
 ...
-sfxflow.errors.ConfigError: --set inner.sigma = -1: expected a number from 0 to 100
+sfxflow.settings.SettingError: --set inner.sigma = -1: expected a number from 0 to 100
 """
 
 import dataclasses
@@ -51,7 +56,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sfxflow.errors import ConfigError
-from sfxflow.settings import Spec, passes_check, spec_of
+from sfxflow.settings import SettingError, Spec, spec_of, value_problem
 
 __all__ = [
     "Leaf",
@@ -98,6 +103,13 @@ class Leaf:
     def expected(self) -> str:
         """What the setting accepts, in words: ``"a number from 0 to 1"``."""
         return expected_words(self.type, self.spec)
+
+    @property
+    def accepted(self) -> str:
+        """:attr:`expected` and a bound set by another field (``">= min_spot_pixels"``)."""
+        bound = (f">= {self.spec.at_least}" if self.spec.at_least else
+                 f"> {self.spec.above}" if self.spec.above else "")
+        return f"{self.expected}, {bound}" if bound else self.expected
 
 
 @dataclass(frozen=True)
@@ -216,6 +228,11 @@ def leaves(cls: type) -> tuple[Leaf, ...]:
     return _walk(cls)[1]
 
 
+def leaves_by_key(cls: type) -> dict[str, Leaf]:
+    """Every setting of the tree ``cls`` by its dotted key."""
+    return {leaf.key: leaf for leaf in leaves(cls)}
+
+
 def sections(cls: type) -> tuple[Section, ...]:
     """Every section of the tree ``cls`` (the root first, key ``""``)."""
     return _walk(cls)[0]
@@ -278,12 +295,13 @@ def _scalar(value: Any, tp: Any) -> Any:
 
 
 def convert(tp: Any, spec: Spec, value: Any) -> Any:
-    """``value`` (text from a flag, or a TOML/YAML value) as type ``tp`` within ``spec``.
+    """``value`` (text from a flag) as type ``tp``, checked against ``spec`` (a flag's value is
+    refused as it is parsed, naming the flag).
 
     Raises :class:`Invalid` with what would have been accepted.
     """
     out = _convert(tp, spec, value)
-    if not passes_check(spec, out):
+    if value_problem(spec, out):
         raise Invalid(expected_words(tp, spec))
     return out
 
@@ -314,19 +332,9 @@ def _convert(tp: Any, spec: Spec, value: Any) -> Any:
         except Invalid:
             raise Invalid(expected_words(tp, spec)) from None
     try:
-        out = _scalar(value, tp)
+        return _scalar(value, tp)
     except (TypeError, ValueError, OverflowError):
         raise Invalid(expected_words(tp, spec)) from None
-    if spec.problem(out):
-        raise Invalid(expected_words(tp, spec))
-    return out
-
-
-def _convert_leaf(leaf: Leaf, value: Any, name: str) -> Any:
-    try:
-        return convert(leaf.type, leaf.spec, value)
-    except Invalid as exc:
-        raise ConfigError(f"{name} = {value!r}: expected {exc.expected}") from None
 
 
 # ---------------------------------------------------------------------------- building trees
@@ -343,8 +351,8 @@ def _flatten(cls: type, data: Mapping[str, Any], where: str, strict: bool) -> di
             key = f"{prefix}{raw_key}"
             if key in secs:
                 if not isinstance(value, Mapping):
-                    raise ConfigError(f"{where}: {key} = {value!r}: expected a table of "
-                                      f"{secs[key].__name__} settings")
+                    raise SettingError(f"{where}: {key} = {value!r}: expected a table of "
+                                       f"{secs[key].__name__} settings")
                 visit(value, f"{key}.")
             elif key in known:
                 out[key] = value
@@ -361,31 +369,66 @@ def _unknown(cls: type, key: str, where: str) -> typing.NoReturn:
     for i in range(1, len(parts)):
         above = ".".join(parts[:i])
         if above not in secs and any(leaf.key == above for leaf in leaves(cls)):
-            raise ConfigError(f"{where} {key}: {above} is a value, not a section")
+            raise SettingError(f"{where} {key}: {above} is a value, not a section")
     scope = ".".join(parts[:-1])
     while scope and scope not in secs:
         scope = scope.rpartition(".")[0]
     names = sorted(f.name for f in dataclasses.fields(secs.get(scope, cls)) if f.init)
-    raise ConfigError(f"{where}: unknown key {key}; accepted keys in {scope or 'the top level'}: "
-                      f"{', '.join(names)}")
+    raise SettingError(f"{where}: unknown key {key}; accepted keys in {scope or 'the top level'}: "
+                       f"{', '.join(names)}")
 
 
-def _construct(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+#: the layer name :func:`resolve` gives command-line flags (messages name each flag)
+FLAGS = "command line"
+#: where a value came from: dotted key -> (how messages name it, the value as given there)
+Sources = Mapping[str, tuple[str, Any]]
+
+
+def _label(where: str, leaf: Leaf) -> str:
+    """``"--set a.b"``, ``"file.toml: a.b"`` or ``"--a-b (key a.b)"`` for a flag."""
+    if where == FLAGS:
+        return f"--{leaf.flag} (key {leaf.key})"
+    return f"{where} {leaf.key}" if where.startswith("--") else f"{where}: {leaf.key}"
+
+
+def _located(exc: SettingError, prefix: str, sources: Sources) -> SettingError:
+    """``exc`` (from a ``__post_init__``) naming the layer and key the bad value came from.
+
+    A cross-field check (``at_least``) that fails because of the *other* field, the one given
+    (a minimum raised above the default maximum), is reported on that field.
+    """
+    field, value, expected = exc.field, exc.value, exc.expected
+    if exc.also and f"{prefix}{field}" not in sources and f"{prefix}{exc.also}" in sources:
+        op = {">=": "<=", ">": "<"}.get(expected.split(" ", 1)[0], "")
+        if op:
+            field, value, expected = exc.also, exc.value, f"{op} {exc.field} ({exc.value!r})"
+    label, value = sources.get(f"{prefix}{field}", (f"{prefix}{field}", value))
+    out = SettingError(f"{label} = {value!r}: expected {expected}", field=field, value=value,
+                       expected=expected, also=exc.also)
+    out.located = True  # type: ignore[attr-defined]
+    return out
+
+
+def _construct(cls: type[T], values: Mapping[str, Any], sources: Sources, prefix: str = "") -> T:
     kwargs: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         key = f"{prefix}{f.name}"
         if _is_section(hints[f.name]):
             if any(k.startswith(f"{key}.") for k in values):
-                kwargs[f.name] = _construct(hints[f.name], values, f"{key}.")
+                kwargs[f.name] = _construct(hints[f.name], values, sources, f"{key}.")
         elif key in values:
             kwargs[f.name] = values[key]
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, ConfigError):
+    except SettingError as exc:  # the one range check, in __post_init__: say where it came from
+        if getattr(exc, "located", False) or not exc.field:
             raise
-        raise ConfigError(f"invalid {prefix.rstrip('.') or cls.__name__} settings: {exc}") from None
+        if not exc.also and f"{prefix}{exc.field}" in sources:  # its words: "... or none"
+            exc.expected = leaves_by_key(cls)[exc.field].expected
+        raise _located(exc, prefix, sources) from None
+    except (ValueError, TypeError) as exc:
+        raise SettingError(f"invalid {prefix.rstrip('.') or cls.__name__} settings: {exc}") from None
 
 
 def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
@@ -402,18 +445,27 @@ def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
 
     Raises
     ------
-    ConfigError
-        For an unknown key (listing the accepted ones) or a value of the wrong type or range.
+    SettingError
+        For an unknown key (listing the accepted ones) or a value of the wrong type or range,
+        naming the layer, the key, the value and what is accepted. Values are converted to
+        their types here; ranges are checked once, by the dataclasses themselves.
     """
     values: dict[str, Any] = {}
     if base is not None:
         values.update(_flat_values(base))
-    by_key = {leaf.key: leaf for leaf in leaves(cls)}
+    by_key = leaves_by_key(cls)
+    sources: dict[str, tuple[str, Any]] = {}
     for where, data in layers:
         for key, value in _flatten(cls, data, where, strict).items():
-            name = f"{where} {key}" if where.startswith("--") else f"{where}: {key}"
-            values[key] = _convert_leaf(by_key[key], value, name)
-    return _construct(cls, values)
+            leaf = by_key[key]
+            try:
+                values[key] = _convert(leaf.type, leaf.spec, value)
+            except Invalid as exc:
+                raise SettingError(f"{_label(where, leaf)} = {value!r}: expected {exc.expected}",
+                                   field=key.rpartition(".")[2], value=value,
+                                   expected=exc.expected) from None
+            sources[key] = (_label(where, leaf), value)
+    return _construct(cls, values, sources)
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "configuration") -> T:
@@ -439,7 +491,7 @@ def parse_override(item: str, where: str = "--set") -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"{where} {item!r}: expected section.key=value")
+        raise SettingError(f"{where} {item!r}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -522,7 +574,7 @@ def commented_toml(tree: Any) -> str:
         for leaf in own:
             value = flat[leaf.key]
             note = f"{first_sentence(leaf.doc)}" if leaf.doc else ""
-            extra = [f"--{leaf.flag}", leaf.expected]
+            extra = [f"--{leaf.flag}", leaf.accepted]
             if _plain(value) != _plain(leaf.default):
                 extra.append(f"default {_toml_value(leaf.default)}")
             lines.append(f"{leaf.key.rpartition('.')[2]} = {_toml_value(value)}  # {note}"
@@ -544,7 +596,7 @@ def markdown(cls: type, title: str, intro: str = "") -> str:
             doc = _plain_text(leaf.doc).replace("|", "\\|")
             default = "none" if leaf.default is None else _toml_value(leaf.default)
             out.append(f"| `{leaf.key.rpartition('.')[2]}` | `--{leaf.flag}` | "
-                       f"`{default}` | {leaf.expected} | {doc} |")
+                       f"`{default}` | {leaf.accepted} | {doc} |")
         out.append("")
     return "\n".join(out)
 

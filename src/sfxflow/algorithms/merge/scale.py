@@ -43,7 +43,7 @@ from sfxflow.algorithms.diffraction import (
 )
 from sfxflow.algorithms.merge.reflections import AsuIndex
 from sfxflow.models import FWHM_TO_SIGMA
-from sfxflow.settings import SettingError, check_fields, setting
+from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "MODELS",
@@ -159,7 +159,7 @@ class MergeParams:
     unity_b_limit_a2: float = setting(20.0, gt=0.0, le=1000.0)
     b_sigma_a2: float = setting(10.0, gt=0.0, le=1000.0)
     radius_min_inv_a: float = setting(2.0e-4, gt=0.0, le=0.1)
-    radius_max_inv_a: float = setting(5.0e-3, gt=0.0, le=0.1)
+    radius_max_inv_a: float = setting(5.0e-3, gt=0.0, le=0.1, at_least="radius_min_inv_a")
     n_radius: int = setting(10, ge=1, le=100)
     mosaicity_grid_deg: tuple[float, ...] = setting((0.0, 0.03, 0.06, 0.1), check=_angles,
                                                     expect="one or more angles from 0 to 10")
@@ -182,9 +182,6 @@ class MergeParams:
         object.__setattr__(self, "mosaicity_grid_deg",
                            tuple(float(x) for x in self.mosaicity_grid_deg))
         check_fields(self)
-        if self.radius_max_inv_a < self.radius_min_inv_a:
-            raise SettingError(f"MergeParams.radius_max_inv_a = {self.radius_max_inv_a}: "
-                               f"expected at least radius_min_inv_a ({self.radius_min_inv_a})")
 
     def rejects_on_delta_cc_half(self) -> bool:
         return self.model == "partiality" and self.delta_cc_half_sigma > 0
