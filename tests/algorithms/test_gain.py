@@ -32,7 +32,7 @@ def test_simulated_frame_with_a_placeholder_gain_warns_and_with_the_true_one_not
     frame = _simulated(32.0, 1.0)  # the header says 1, the data hold 32 ADU per photon
     note = gain_warning(frame, None)
     assert "one-photon peak of the pixel histogram is at 3" in note
-    assert "declared gain 1 ADU per photon" in note and "--spots-gain-adu-per-photon" in note
+    assert "declared gain 1 ADU per photon" in note and "--gain-adu-per-photon" in note
     assert gain_warning(frame, 32.0) == ""
     assert gain_warning(frame, 20.0) == ""      # within 2x: no warning
     assert "declared gain 100" in gain_warning(frame, 100.0)  # too high is as wrong
@@ -61,7 +61,7 @@ def cspad_frames(shared_data):
 def test_real_cspad_cbfs_warn_without_the_preset_and_not_with_it(cspad_frames):
     from sfxflow.pipeline.config import load_config
 
-    preset_gain = load_config(presets=["cspad-cbf"]).spots.gain_adu_per_photon
+    preset_gain = load_config(presets=["cspad-cbf"]).detector.gain_adu_per_photon
     for frame in cspad_frames:
         # documented in algorithms/spots.py: the one-photon peak sits ~9 ADU above the zero peak
         assert measured_gain(frame) == pytest.approx(9.0, abs=1.0)

@@ -132,7 +132,7 @@ def _reference_strong(img: np.ndarray, good: np.ndarray, half: int, p: SpotParam
 def _kernel_strong(frame: Frame, p: SpotParams, floor: float = 0.0) -> np.ndarray:
     data3 = as_data3(frame.data)
     prep = frame_layout(frame.detector, tuple(frame.data.shape[:-2]), frame.data.shape[-2:])
-    pf = prep.pf(frame.detector, p.gain_adu_per_photon)
+    pf = prep.pf(frame.detector, None)
     pf[:, 2] = floor
     sp_panel, sp_r, sp_c, _, n = S._dispersion_strong(
         data3, prep.mask3, prep.ptab, pf, p.half_window, p.sigma_strong, p.sigma_background,
@@ -233,7 +233,7 @@ def test_gain_is_folded_in_not_copied() -> None:
     np.testing.assert_allclose(a.fs_px, b.fs_px)
     np.testing.assert_allclose(a.intensity, b.intensity, rtol=1e-9)
     # the override wins over the panels' gain
-    c = find_spots(frame8, replace(p, gain_adu_per_photon=1.0))
+    c = find_spots(frame8, p, gain_adu_per_photon=1.0)
     assert len(c) > len(b)
 
 
@@ -360,7 +360,7 @@ def test_big_endian_and_integer_data() -> None:
     ({"sigma_strong": -1.0}, "sigma_strong"),
     ({"min_spot_pixels": 5, "max_spot_pixels": 2}, "max_spot_pixels"),
     ({"d_min_a": 5.0, "d_max_a": 2.0}, "d_min_a"),
-    ({"gain_adu_per_photon": 0.0}, "gain_adu_per_photon"),
+    ({"background_margin_px": 0}, "background_margin_px"),
     ({"border_px": -1}, "border_px"),
 ])
 def test_bad_parameters_are_config_errors(kwargs: dict, match: str) -> None:
@@ -416,8 +416,8 @@ def test_real_cspad_cbf_frames(shared_data) -> None:
     for path in cbfs:
         with open_source(str(path)) as src:
             frame = src.read_frame(0)
-        for params in (SpotParams(), SpotParams(gain_adu_per_photon=25.0, noise_model="poisson")):
-            spots = find_spots(frame, params)
+        for params, gain in ((SpotParams(), None), (SpotParams(noise_model="poisson"), 25.0)):
+            spots = find_spots(frame, params, gain_adu_per_photon=gain)
             assert 50 < len(spots) < 5000, (path.name, len(spots))
             assert is_hit(spots, HitParams())
             # every centroid lies on a good pixel of its own panel (none in gaps or masks)
@@ -475,15 +475,16 @@ def test_real_cspad_settings_find_lattice_spots(shared_data, name: str,
     the defaults, and the indexer still indexes as many spots."""
     pytest.importorskip("sfxflow.io.cbf")
     from sfxflow.algorithms.index import IndexParams, TargetCell, index_spots
-    from sfxflow.algorithms.spots import CSPAD_CBF_SETTINGS
+    from sfxflow.algorithms.spots import CSPAD_CBF_GAIN_ADU_PER_PHOTON, CSPAD_CBF_SETTINGS
     from sfxflow.io.sources import open_source
 
     with open_source(str(shared_data / "lcls-cspad-thermolysin" / name)) as src:
         frame = src.read_frame(0)
     target = TargetCell(*THERMOLYSIN)
     fractions = {}
-    for label, params in (("cspad", SpotParams(**CSPAD_CBF_SETTINGS)), ("default", SpotParams())):
-        spots = find_spots(frame, params)
+    for label, params, gain in (("cspad", SpotParams(**CSPAD_CBF_SETTINGS),
+                                 CSPAD_CBF_GAIN_ADU_PER_PHOTON), ("default", SpotParams(), None)):
+        spots = find_spots(frame, params, gain_adu_per_photon=gain)
         res = index_spots(spots, frame.detector, frame.beam, target, IndexParams())
         assert res.success, (label, res.reason)
         a, _, c = res.crystal.cell.parameters[:3]

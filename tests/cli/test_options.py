@@ -169,7 +169,7 @@ def test_print_config_shows_the_resolved_tree_with_docs(capsys):
                  "--print-config"]) == 0
     text = capsys.readouterr().out
     data = tomllib.loads(text)
-    assert data["spots"]["gain_adu_per_photon"] == 9.0 and data["io"]["frames_per_block"] == 20
+    assert data["detector"]["gain_adu_per_photon"] == 9.0 and data["io"]["frames_per_block"] == 20
     line = next(ln for ln in text.splitlines() if ln.startswith("frames_per_block"))
     assert "frames per block" in line and "--frames-per-block" in line and "default 10" in line
     assert "[integrate]" in text or "integrate" not in data  # sections added later show up

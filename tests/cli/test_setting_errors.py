@@ -8,8 +8,10 @@ is checked by that class alone (``__post_init__``), so the same words come from 
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 
 import pytest
+import tomli_w
 
 from sfxflow.algorithms.integrate import IntegrateParams
 from sfxflow.algorithms.merge.scale import MergeParams
@@ -134,3 +136,52 @@ def test_a_minimum_above_the_default_maximum_is_reported_on_the_key_given():
     with pytest.raises(SettingError, match=r"^--set spots\.max_spot_pixels = 1: expected >= "
                                            r"min_spot_pixels \(2\)$"):
         load_config(overrides=["spots.max_spot_pixels=1"])
+
+
+@pytest.mark.parametrize(("old", "new", "value"), [
+    ("spots.gain_adu_per_photon", "detector.gain_adu_per_photon", 9.0),
+    ("spots.radial_snr", "spots.radial.snr", 4.0),
+    ("spots.radial_iterations", "spots.radial.iterations", 3),
+    ("spots.radial_bin_px", "spots.radial.bin_px", 2.0),
+])
+def test_moved_settings_keep_their_old_keys_and_flags_with_a_warning(old, new, value, tmp_path,
+                                                                     caplog):
+    """The gain lives with the detector and the radial method's settings in spots.radial; a
+    file, --set or flag (process and find-spots) with the old name still works, and says so."""
+    def get(cfg):
+        obj = cfg
+        for part in new.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    assert get(load_config(overrides=[f"{new}={value}"])) == value
+    assert get(load_config(overrides=[f"{old}={value}"])) == value
+    assert f"--set: {old} is deprecated; use {new}" in caplog.text
+    section, _, name = old.partition(".")
+    path = tmp_path / "old.toml"
+    path.write_text(f"[{section}]\n{name} = {value}\n")
+    assert get(load_config(path)) == value
+    assert f"{path}: {old} is deprecated; use {new}" in caplog.text
+    from sfxflow.pipeline.config import ProcessConfig, config_from_toml
+
+    # a run directory's config.toml written before the move still resumes
+    data = tomllib.loads(ProcessConfig().to_toml())
+    del data["detector"], data["spots"]["radial"]
+    data["spots"][name] = value
+    assert get(config_from_toml(tomli_w.dumps(data))) == value
+    old_flag = "--" + old.replace(".", "-").replace("_", "-")
+    new_flag = "--" + (params.leaves_by_key(ProcessConfig)[new].flag)
+    for command in (["process", "in.cxi"], ["find-spots", "in.cxi"]):
+        caplog.clear()
+        assert main([*command, old_flag, str(value), "--print-config"]) == 0
+        if old_flag != new_flag:  # --spots-radial-snr: the flag kept its name
+            assert f"{old_flag} is deprecated; use {new_flag}" in caplog.text
+
+
+def test_gain_is_a_detector_setting(capsys):
+    with pytest.raises(SettingError, match=r"gain_adu_per_photon = 0: expected a number > 0"):
+        load_config(overrides=["detector.gain_adu_per_photon=0"])
+    assert main(["process", "in.cxi", "--gain-adu-per-photon", "9", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "[detector]" in text and "gain_adu_per_photon = 9.0" in text
+    assert "gain_adu_per_photon" not in text.split("[spots]")[1].split("\n[")[0]

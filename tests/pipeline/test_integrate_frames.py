@@ -86,7 +86,7 @@ def test_real_cspad_frames_strong_reflections_sit_on_found_spots(shared_data, na
 
     with open_source(str(shared_data / "lcls-cspad-thermolysin" / name)) as src:
         frame = src.read_frame(0)
-    result = process_frame(frame, _config("spots.gain_adu_per_photon=9", "spots.min_snr=6"))
+    result = process_frame(frame, _config("detector.gain_adu_per_photon=9", "spots.min_snr=6"))
     assert result.status == FrameStatus.INDEXED, result.reason
     assert len(result.crystals) == n_crystals
     spots = result.spots

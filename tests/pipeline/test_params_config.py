@@ -134,7 +134,7 @@ def test_files_presets_and_precedence(tmp_path):
         cfg = load_config(path, ["hit.min_spots=5"], base={"io.frames_per_block": 9},
                           presets=["cspad-cbf"])
         assert cfg.io.frames_per_block == 9 and cfg.hit.min_spots == 5
-        assert cfg.spots.min_snr == 4.0 and cfg.spots.gain_adu_per_photon == 9.0  # file > preset
+        assert cfg.spots.min_snr == 4.0 and cfg.detector.gain_adu_per_photon == 9.0  # file > preset
     bad = tmp_path / "bad.toml"
     bad.write_text("[spots]\nsigma_strong = 'high'\n")
     with pytest.raises(ConfigError, match=rf"{bad}: spots\.sigma_strong = 'high': expected a "
@@ -182,10 +182,11 @@ def test_scheduler_addresses_accepted():
 
 
 def test_cspad_preset_is_the_libraries_cspad_settings():
-    from sfxflow.algorithms.spots import CSPAD_CBF_SETTINGS
+    from sfxflow.algorithms.spots import CSPAD_CBF_GAIN_ADU_PER_PHOTON, CSPAD_CBF_SETTINGS
     from sfxflow.pipeline.config import preset
 
-    assert preset("cspad-cbf") == {"spots": CSPAD_CBF_SETTINGS}
+    assert preset("cspad-cbf") == {"detector": {"gain_adu_per_photon": CSPAD_CBF_GAIN_ADU_PER_PHOTON},
+                                   "spots": CSPAD_CBF_SETTINGS}
 
 
 def test_target_needs_space_group():

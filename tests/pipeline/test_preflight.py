@@ -171,7 +171,7 @@ def test_preflight_gain_note_on_the_real_cspad_cbfs(shared_data, tmp_path):
         pytest.skip("no CSPAD CBFs in ../shared/data/lcls-cspad-thermolysin")
     target = ["target.cell=[93, 93, 130.5, 90, 90, 120]", "target.space_group=P6122"]
     note = preflight(cbfs, str(tmp_path / "r"), load_config(overrides=target)).gain_note
-    assert "--spots-gain-adu-per-photon 9" in note and "--preset cspad-cbf" in note
+    assert "--gain-adu-per-photon 9" in note and "--preset cspad-cbf" in note
     with_preset = load_config(overrides=target, presets=["cspad-cbf"])
     assert preflight(cbfs, str(tmp_path / "r"), with_preset).gain_note == ""
 

@@ -92,7 +92,7 @@ def measured_gain(frame: Frame, panels: int = _PANELS) -> float | None:
 
 
 def gain_warning(frame: Frame, declared: float | None,
-                 option: str = "--spots-gain-adu-per-photon") -> str:
+                 option: str = "--gain-adu-per-photon") -> str:
     """One line when ``frame``'s one-photon peak and the declared gain differ more than 2x.
 
     ``declared`` is the configured gain (``None``: the detector's own, 1 when it has none);

@@ -301,7 +301,7 @@ def integrate_reflections(
     detector : its detector (masks, gains, saturation levels).
     prediction : the reflections (:func:`sfxflow.algorithms.predict.predict_reflections`).
     params : :class:`IntegrateParams`.
-    gain_adu_per_photon : overrides every panel's gain (as ``spots.gain_adu_per_photon``);
+    gain_adu_per_photon : overrides every panel's gain (``detector.gain_adu_per_photon``);
         panels without a gain and no override are taken as 1 ADU per photon.
     occupancy : :func:`peak_occupancy` of every lattice on the frame; by default this
         crystal's own predictions only.

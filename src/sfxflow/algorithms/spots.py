@@ -16,9 +16,9 @@ window sums in one vectorised loop). With an expected background variance ``e`` 
 * the index of dispersion ``v / e > 1 + sigma_background * sqrt(2 / (n - 1))``.
 
 ``radial`` (peakfinder8-style). Pixels are binned by their distance from the beam axis; per bin
-the mean and standard deviation of good pixels are found with ``radial_iterations`` rounds of
-clipping at ``radial_snr`` sigma, and a pixel is strong when it exceeds its bin's mean by
-``radial_snr`` standard deviations (and the global threshold).
+the mean and standard deviation of good pixels are found with ``radial.iterations`` rounds of
+clipping at ``radial.snr`` sigma, and a pixel is strong when it exceeds its bin's mean by
+``radial.snr`` standard deviations (and the global threshold); :class:`RadialParams`.
 
 Strong pixels are joined into spots with 8-connectivity in the same compiled pass (union-find).
 Spots with fewer than ``min_spot_pixels`` or more than ``max_spot_pixels`` pixels are dropped.
@@ -52,7 +52,9 @@ integer ADU, header gain a placeholder 1.0):
   the outer columns 2-4 times; rows are normal. ``border_px=1`` (default) masks them; 2 changes
   little on these frames but loses 2 % of the simulated reflections.
 
-For such data use ``gain_adu_per_photon=9`` (intensities in photons) and ``min_snr=6``
+For such data use ``gain_adu_per_photon=9`` (intensities in photons; an argument of
+:func:`find_spots`, the detector's setting ``detector.gain_adu_per_photon`` in a configuration,
+:data:`CSPAD_CBF_GAIN_ADU_PER_PHOTON`) and ``min_snr=6``
 (:data:`CSPAD_CBF_SETTINGS`; ``--preset cspad-cbf`` on the command line, the file
 ``sfxflow/presets/cspad-cbf.toml``): on the two frames this keeps
 203 and 118 spots, of which 93 % and 47 % lie within 3 px of the indexed lattice's predictions
@@ -93,14 +95,16 @@ from sfxflow.models import (
     as_space_group,
     as_unit_cell,
 )
-from sfxflow.settings import check_fields, setting
+from sfxflow.settings import check_fields, section, setting
 
 __all__ = [
+    "CSPAD_CBF_GAIN_ADU_PER_PHOTON",
     "CSPAD_CBF_SETTINGS",
     "ICE_IH_CELL",
     "METHODS",
     "NOISE_MODELS",
     "HitParams",
+    "RadialParams",
     "SpotParams",
     "find_spots",
     "find_spots_panel",
@@ -114,8 +118,29 @@ METHODS = ("dispersion", "radial")
 NOISE_MODELS = ("auto", "poisson", "local")
 
 #: SpotParams settings for LCLS CSPAD CBF files (pedestal-subtracted ADU; see the module
-#: docstring): ``SpotParams(**CSPAD_CBF_SETTINGS)``.
-CSPAD_CBF_SETTINGS: dict[str, Any] = {"gain_adu_per_photon": 9.0, "min_snr": 6.0}
+#: docstring): ``SpotParams(**CSPAD_CBF_SETTINGS)``, with their gain below.
+CSPAD_CBF_SETTINGS: dict[str, Any] = {"min_snr": 6.0}
+#: ADU per photon of LCLS CSPAD CBF files, whose headers say 1.0 (``find_spots``' argument)
+CSPAD_CBF_GAIN_ADU_PER_PHOTON = 9.0
+
+
+@dataclass(frozen=True)
+class RadialParams:
+    """Settings of the ``radial`` spot-finding method (the ``dispersion`` method ignores them).
+
+    Parameters
+    ----------
+    snr : threshold in standard deviations above the ring mean.
+    iterations : rounds of sigma clipping of the ring statistics.
+    bin_px : ring width in pixels.
+    """
+
+    snr: float = setting(5.0, ge=0, le=1000)
+    iterations: int = setting(5, ge=0, le=100)
+    bin_px: float = setting(1.0, gt=0, le=1000)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 #: Hexagonal ice Ih: unit cell (Å, degrees) and space group used for the ice-ring filter.
 ICE_IH_CELL = (4.498, 4.498, 7.338, 90.0, 90.0, 120.0)
@@ -141,9 +166,6 @@ class SpotParams:
         sqrt(2 / (n - 1))``.
     min_local : fewest good pixels in a window for its centre to be tested.
     global_threshold_photons : a strong pixel must be above this value (photons).
-    gain_adu_per_photon : overrides every panel's ``adu_per_photon`` when set; panels without a
-        gain and no override are taken as 1 ADU per photon. LCLS CSPAD CBFs declare a
-        placeholder 1.0; their one-photon peak is at ~9 ADU (use 9, see the module docstring).
     border_px : pixels this close to a panel edge are ignored (the ASIC-edge mask: the edge
         pixels of CSPAD-class detectors are larger and brighter than the rest; 0 keeps them).
     min_spot_pixels, max_spot_pixels : allowed number of strong pixels in one spot.
@@ -156,9 +178,7 @@ class SpotParams:
     d_min_a, d_max_a : keep spots with ``d_min_a <= d <= d_max_a`` (Å; ``None`` = no limit).
     filter_ice_rings : drop spots within ``ice_ring_half_width_inv_a`` of an ice Ih ring in 1/d.
     ice_ring_half_width_inv_a : half width of an ice ring in 1/d (Å⁻¹).
-    radial_snr : ``radial`` method: threshold in standard deviations above the ring mean.
-    radial_iterations : ``radial`` method: rounds of sigma clipping of the ring statistics.
-    radial_bin_px : ``radial`` method: ring width in pixels.
+    radial : the ``radial`` method's settings (:class:`RadialParams`).
 
     >>> SpotParams(window_px=7).half_window
     3
@@ -171,7 +191,6 @@ class SpotParams:
     sigma_background: float = setting(4.5, ge=0, le=1000)
     min_local: int = setting(2, ge=2, le=4096)
     global_threshold_photons: float = setting(0.0, ge=-1e9, le=1e9)
-    gain_adu_per_photon: float | None = setting(None, gt=0, le=1e6)
     border_px: int = setting(1, ge=0, le=256)
     min_spot_pixels: int = setting(2, ge=1, le=1_000_000)
     max_spot_pixels: int = setting(500, ge=1, le=10_000_000, at_least="min_spot_pixels")
@@ -181,9 +200,7 @@ class SpotParams:
     d_max_a: float | None = setting(None, gt=0, le=1e4, at_least="d_min_a")
     filter_ice_rings: bool = False
     ice_ring_half_width_inv_a: float = setting(0.004, ge=0, le=0.1)
-    radial_snr: float = setting(5.0, ge=0, le=1000)
-    radial_iterations: int = setting(5, ge=0, le=100)
-    radial_bin_px: float = setting(1.0, gt=0, le=1000)
+    radial: RadialParams = section(RadialParams, flag_prefix="spots-radial-")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -805,14 +822,14 @@ _STRONG_CAPACITY = 4096
 _FLOOR_ROW_STEP = 16  # every 16th row: ~12 rows per CSPAD ASIC, ~150k pixel pairs
 
 def _find_spots_raw(
-    data: np.ndarray, detector: Detector, params: SpotParams
+    data: np.ndarray, detector: Detector, params: SpotParams, gain_adu_per_photon: float | None
 ) -> tuple[tuple[np.ndarray, ...], FrameLayout]:
     a = np.asarray(data)
     if a.ndim < 2:
         raise GeometryError(f"frame data must have at least 2 dimensions, got shape {a.shape}")
     data3 = as_data3(a)
     prep = frame_layout(detector, tuple(a.shape[:-2]), (a.shape[-2], a.shape[-1]))
-    pf = prep.pf(detector, params.gain_adu_per_photon)
+    pf = prep.pf(detector, gain_adu_per_photon)
     if params.method == "dispersion" and params.noise_model == "auto":
         _noise_floor(data3, prep.mask3, prep.ptab, pf, _FLOOR_ROW_STEP, pf[:, ::2])
     if params.method == "dispersion":
@@ -823,10 +840,10 @@ def _find_spots_raw(
             int(params.border_px), _STRONG_CAPACITY,
         )
     else:
-        bins3, n_bins = prep.radial_bins(detector, float(params.radial_bin_px))
+        bins3, n_bins = prep.radial_bins(detector, float(params.radial.bin_px))
         sp_panel, sp_r, sp_c, parent, n = _radial_strong(
-            data3, prep.mask3, bins3, n_bins, prep.ptab, pf, float(params.radial_snr),
-            int(params.radial_iterations), float(params.global_threshold_photons),
+            data3, prep.mask3, bins3, n_bins, prep.ptab, pf, float(params.radial.snr),
+            int(params.radial.iterations), float(params.global_threshold_photons),
             int(params.border_px), _STRONG_CAPACITY,
         )
     stats = _spot_stats(
@@ -888,6 +905,7 @@ def find_spots(
     frame: Frame,
     params: SpotParams | None = None,
     *,
+    gain_adu_per_photon: float | None = None,
     timings: dict[str, float] | None = None,
 ) -> SpotTable:
     """Find Bragg spots on every panel of a frame.
@@ -896,6 +914,10 @@ def find_spots(
     ----------
     frame : the still image and its geometry (masks, gains and saturation from its panels).
     params : spot-finding parameters (defaults: :class:`SpotParams`).
+    gain_adu_per_photon : the detector's gain, overriding every panel's ``adu_per_photon`` when
+        given; panels without a gain and no override are taken as 1 ADU per photon. LCLS CSPAD
+        CBFs declare a placeholder 1.0; their one-photon peak is at ~9 ADU (use 9, see the
+        module docstring).
     timings : when given, ``spots_threshold_s`` (threshold, labelling and spot measurement in the
         compiled kernels) and ``spots_resolution_s`` (d-spacings and filters) are added to it.
 
@@ -919,7 +941,7 @@ def find_spots(
     """
     params = params if params is not None else SpotParams()
     t0 = time.perf_counter()
-    stats, _ = _find_spots_raw(frame.data, frame.detector, params)
+    stats, _ = _find_spots_raw(frame.data, frame.detector, params, gain_adu_per_photon)
     t1 = time.perf_counter()
     panel, fs, ss = stats[0], stats[1], stats[2]
     if panel.size:
@@ -946,6 +968,7 @@ def find_spots_panel(
     *,
     beam: Beam | None = None,
     panel_index: int = 0,
+    gain_adu_per_photon: float | None = None,
 ) -> SpotTable:
     """Find spots on one panel's pixels (``data`` of shape ``panel.shape``).
 
@@ -971,7 +994,7 @@ def find_spots_panel(
 
     local = replace(panel, data_index=(), data_origin=(0, 0))
     detector = Detector((local,))
-    stats, _ = _find_spots_raw(a, detector, params)
+    stats, _ = _find_spots_raw(a, detector, params, gain_adu_per_photon)
     n = stats[0].shape[0]
     if beam is not None and n:
         d = d_spacing_a(pixels_to_q(detector, beam, stats[0], stats[1], stats[2]))

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     ms_per_crystal: list[float] = []
     for ft, image, truth in _frames(detector, sim, args.frames, args.seed):
         frame = Frame(image, detector, ft.beam, "sim", ft.index)
-        spots = find_spots(frame, cfg.spots)
+        spots = find_spots(frame, cfg.spots, gain_adu_per_photon=cfg.detector.gain_adu_per_photon)
         lattices = index_lattices(spots, detector, ft.beam, cfg.target_cell(), cfg.index)
         if not lattices[0].success:
             continue

@@ -175,8 +175,13 @@ def _time_per_frame(fn: Callable[[Any], Any], items: list[Any], repeats: int) ->
     return out
 
 
-def _report(label: str, frames: list[Any], params: Any, repeats: int) -> None:
-    from sfxflow.algorithms.spots import find_spots
+def _report(label: str, frames: list[Any], params: Any, repeats: int,
+            gain_adu_per_photon: float | None = None) -> None:
+    from functools import partial
+
+    from sfxflow.algorithms.spots import find_spots as find
+
+    find_spots = partial(find, gain_adu_per_photon=gain_adu_per_photon)
 
     n_px = frames[0].detector.n_pixels
     t0 = time.perf_counter()
@@ -245,10 +250,12 @@ def run(args: argparse.Namespace) -> int:
                 real.append(src.read_frame(0))
         _report(f"CSPAD real CBF ({len(real)} LCLS thermolysin frames)", real, params,
                 max(args.repeats, 10))
-        from sfxflow.algorithms.spots import CSPAD_CBF_SETTINGS
+        from sfxflow.algorithms.spots import CSPAD_CBF_GAIN_ADU_PER_PHOTON, CSPAD_CBF_SETTINGS
 
-        _report(f"CSPAD real CBF with CSPAD_CBF_SETTINGS {CSPAD_CBF_SETTINGS}", real,
-                replace(params, **CSPAD_CBF_SETTINGS), max(args.repeats, 10))
+        _report(f"CSPAD real CBF with CSPAD_CBF_SETTINGS {CSPAD_CBF_SETTINGS} and gain "
+                f"{CSPAD_CBF_GAIN_ADU_PER_PHOTON:g} ADU/photon", real,
+                replace(params, **CSPAD_CBF_SETTINGS), max(args.repeats, 10),
+                CSPAD_CBF_GAIN_ADU_PER_PHOTON)
     elif not args.no_real:
         print(f"(real CBF frames not found under {data_dir}: skipped)")
     if args.accuracy:

@@ -22,7 +22,7 @@ ss_px, intensity, background, snr, n_pixels, d_a), to --out.
 
 LCLS CSPAD CBF files declare a placeholder gain of 1 ADU per photon; their one-photon peak is at
 ~9 ADU and their background has bright isolated pixels, so use --preset cspad-cbf (=
---spots-gain-adu-per-photon 9 --spots-min-snr 6); a warning names the gain the first frame shows.
+--gain-adu-per-photon 9 --spots-min-snr 6); a warning names the gain the first frame shows.
 Every setting is a flag named as in `process` (spots.* as --spots-*, hit.* as --hit-*); see
 --print-config. Lists (files.lst, @FILE) select frames with //N events, as in CrystFEL.
 
@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write an overlay PNG of every frame with its spots here")
     add_settings(parser, FindSpotsConfig, aliases={
         "--window": "spots.window_px", "--border": "spots.border_px",
-        "--gain": "spots.gain_adu_per_photon", "--global-threshold": "spots.global_threshold_photons",
+        "--gain": "detector.gain_adu_per_photon",
+        "--global-threshold": "spots.global_threshold_photons",
         "--d-min": "spots.d_min_a", "--d-max": "spots.d_max_a",
         "--ice-rings": "spots.filter_ice_rings", "--min-spots": "hit.min_spots",
         "--min-spots-beyond-d": "hit.min_spots_beyond_d_a", "--hit-d": "hit.d_a",
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs:
         raise InputError("no INPUT given: name image files, URLs or a list (.lst, -i LIST)")
     spot_params, hit_params = config.spots, config.hit
+    gain = config.detector.gain_adu_per_photon
     geometry_path = args.geometry or geometry_beside([u for u, _ in _inputs(args.inputs)])
     geometry = read_geom(geometry_path) if geometry_path else None
     render: Any = None
@@ -135,12 +137,11 @@ def run(args: argparse.Namespace) -> int:
                 frame = source.read_frame(i)
                 if not gain_checked:  # once: the first frame tells the detector's gain
                     gain_checked = True
-                    note = gain_warning(frame, spot_params.gain_adu_per_photon,
-                                        option="--spots-gain-adu-per-photon")
+                    note = gain_warning(frame, gain, option="--gain-adu-per-photon")
                     if note:
                         log.warning("%s", note)
                 t0 = time.perf_counter()
-                spots = find_spots(frame, spot_params)
+                spots = find_spots(frame, spot_params, gain_adu_per_photon=gain)
                 hit = is_hit(spots, hit_params)
                 dt = time.perf_counter() - t0
                 times_ms.append(dt * 1e3)

@@ -117,7 +117,7 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
         section's settings stay as hidden deprecated aliases (one flag name per setting across
         commands: ``--index-max-crystals`` everywhere, ``--max-crystals`` still accepted).
     """
-    from sfxflow.pipeline.config import preset_names
+    from sfxflow.pipeline.config import MOVED, preset_names
 
     cfg = parser.add_argument_group("configuration (see --print-config and docs/config.md)")
     cfg.add_argument("--preset", dest="presets", action="append", default=[],
@@ -164,7 +164,8 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
                     else argparse.SUPPRESS
     for section_key, (new_prefix, old_prefix) in (renamed or {}).items():
         for leaf in by_key.values():
-            if leaf.section != section_key or not leaf.flag.startswith(new_prefix):
+            if not f"{leaf.section}.".startswith(f"{section_key}.") \
+                    or not leaf.flag.startswith(new_prefix):
                 continue
             old = f"--{old_prefix}{leaf.flag[len(new_prefix):]}"
             if leaf.type is bool:
@@ -176,7 +177,10 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
                 deprecated(parser, old, leaf.key, f"--{leaf.flag}",
                            kind=_converter(leaf.type, leaf.spec, leaf.key),
                            append=leaf.type == tuple[str, ...])
-    for option, key in (aliases or {}).items():
+    moved = {flag: new for old, new in MOVED.items()  # the old key's flag, if it changed
+             if new in by_key and (flag := f"--{old.replace('.', '-').replace('_', '-')}")
+             != f"--{by_key[new].flag}"}
+    for option, key in {**moved, **(aliases or {})}.items():
         if key.startswith("preset:"):
             parser.add_argument(option, dest="presets", action=_Deprecated, nargs=0,
                                 store=key.split(":", 1)[1], default=argparse.SUPPRESS,

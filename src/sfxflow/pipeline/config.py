@@ -2,7 +2,8 @@
 
 Sections (each a frozen dataclass; the algorithms' own ``Params`` live next to their code):
 
-* ``spots`` - :class:`~sfxflow.algorithms.spots.SpotParams`
+* ``detector`` - :class:`DetectorConfig`: the detector's gain
+* ``spots`` - :class:`~sfxflow.algorithms.spots.SpotParams` (``spots.radial``: the radial method's)
 * ``hit`` - :class:`~sfxflow.algorithms.spots.HitParams`
 * ``index`` - :class:`~sfxflow.algorithms.index.IndexParams` (with ``index.refine``)
 * ``predict`` - :class:`~sfxflow.algorithms.predict.PredictParams`: the per-crystal profile model
@@ -53,8 +54,10 @@ T = TypeVar("T")
 
 __all__ = [
     "CLUSTER_KINDS",
+    "MOVED",
     "TREES",
     "ClusterConfig",
+    "DetectorConfig",
     "FindSpotsConfig",
     "IOConfig",
     "IndexConfig",
@@ -102,6 +105,35 @@ class TargetConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The detector's response (its geometry: ``io.geometry``).
+
+    Parameters
+    ----------
+    gain_adu_per_photon : overrides every panel's ``adu_per_photon`` (from the geometry or the
+        image files) when set; panels without a gain and no override are taken as 1 ADU per
+        photon. LCLS CSPAD CBFs declare a placeholder 1.0; their one-photon peak is at ~9 ADU
+        (``--preset cspad-cbf``); a warning names the gain the first frame shows.
+    """
+
+    gain_adu_per_photon: float | None = setting(None, gt=0, le=1e6)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+#: Settings that moved: old dotted key -> new one. Configuration files, presets, ``--set`` and
+#: the old flags (``--spots-gain-adu-per-photon``) still take the old key, with a warning that
+#: names the new one; a run directory's ``config.toml`` from before the move still resumes.
+MOVED: dict[str, str] = {
+    "spots.gain_adu_per_photon": "detector.gain_adu_per_photon",
+    "spots.radial_snr": "spots.radial.snr",
+    "spots.radial_iterations": "spots.radial.iterations",
+    "spots.radial_bin_px": "spots.radial.bin_px",
+}
 
 
 @dataclass(frozen=True)
@@ -270,6 +302,7 @@ class ProcessConfig:
 
     Parameters
     ----------
+    detector : the detector's gain (flag ``--gain-adu-per-photon``).
     spots : spot finding (flags ``--spots-*``).
     hit : hit finding (flags ``--hit-*``).
     index : indexing (flags ``--index-*``; refinement ``--refine-*``).
@@ -281,6 +314,7 @@ class ProcessConfig:
     cluster : where the Dask workers run.
     """
 
+    detector: DetectorConfig = section(DetectorConfig, flag_prefix="")
     spots: SpotParams = section(SpotParams, flag_prefix="spots-")
     hit: HitParams = section(HitParams, flag_prefix="hit-")
     index: IndexParams = section(IndexParams, flag_prefix="index-")
@@ -312,10 +346,12 @@ class FindSpotsConfig:
 
     Parameters
     ----------
+    detector : the detector's gain (as for ``process``).
     spots : spot finding (flags ``--spots-*``, as for ``process``).
     hit : hit finding (flags ``--hit-*``).
     """
 
+    detector: DetectorConfig = section(DetectorConfig, flag_prefix="")
     spots: SpotParams = section(SpotParams, flag_prefix="spots-")
     hit: HitParams = section(HitParams, flag_prefix="hit-")
 
@@ -410,7 +446,8 @@ def resolve_tree(cls: type[T], *, presets: Sequence[str] = (), path: str | Path 
     """
     tree: T = _params.resolve(cls, [])
     for name in presets:
-        tree = _params.resolve(cls, [(f"preset {name}", preset(name))], base=tree, strict=False)
+        tree = _params.resolve(cls, [(f"preset {name}", preset(name))], base=tree, strict=False,
+                               moved=MOVED)
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if path is not None:
         layers.append((str(path), _params.load_mapping(path)))
@@ -418,7 +455,7 @@ def resolve_tree(cls: type[T], *, presets: Sequence[str] = (), path: str | Path 
         layers.append((_params.FLAGS, flags))
     if overrides:
         layers.append(("--set", dict(_params.parse_override(o) for o in overrides)))
-    return _params.resolve(cls, layers, base=tree)
+    return _params.resolve(cls, layers, base=tree, moved=MOVED)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -442,7 +479,7 @@ def config_from_toml(text: str, where: str = "config.toml") -> ProcessConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    return _params.from_mapping(ProcessConfig, data, where=where)
+    return _params.resolve(ProcessConfig, [(where, data)], moved=MOVED)
 
 
 def changed_settings(cfg: ProcessConfig) -> dict[str, tuple[Any, Any]]:
@@ -478,6 +515,10 @@ def config_reference() -> str:
         "declares its ranges with `sfxflow.settings.setting`; a section added to a tree gets its "
         "flags, keys, checks and this documentation with no other code.",
         "",
+        "Moved settings (the old key, in a file or `--set`, and its old flag still work, with a "
+        "warning naming the new one): " + ", ".join(f"`{old}` -> `{new}`" for old, new in MOVED.items())
+        + ".",
+        "",
         "Presets (`--preset NAME`, files in `src/sfxflow/presets/`):",
         "",
     ]
@@ -486,7 +527,7 @@ def config_reference() -> str:
         comment = " ".join(line.lstrip("# ").strip() for line in text.splitlines()
                            if line.startswith("#"))
         changed = _params.differences(ProcessConfig(), _params.resolve(
-            ProcessConfig, [(name, tomllib.loads(text))], strict=False))
+            ProcessConfig, [(name, tomllib.loads(text))], strict=False, moved=MOVED))
         settings = ", ".join(f"`{k} = {new}`" for k, (_, new) in changed.items())
         parts.append(f"* `{name}`: {comment} Sets {settings}.")
     parts.append("")

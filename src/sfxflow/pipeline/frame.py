@@ -83,7 +83,8 @@ def process_frame(frame: Frame, config: ProcessConfig) -> ImageResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        spots = find_spots(frame, config.spots)
+        spots = find_spots(frame, config.spots,
+                           gain_adu_per_photon=config.detector.gain_adu_per_photon)
     except Exception as exc:
         timings["spots"] = time.perf_counter() - t0
         return _failure(frame, "spots", exc, config, timings)
@@ -166,7 +167,7 @@ def integrate_lattices(frame: Frame, lattices: list[IndexResult],
         reason = _stage_error(frame, exc_, config)
         return [r if r.status == "failed" else replace(r, status="failed", reason=reason)
                 for r in records]
-    gain = config.spots.gain_adu_per_photon
+    gain = config.detector.gain_adu_per_photon
     for i, maybe in enumerate(predictions):
         rec = records[i]
         if maybe is None:

@@ -45,6 +45,7 @@ sfxflow.settings.SettingError: --set inner.sigma = -1: expected a number from 0 
 import dataclasses
 import functools
 import inspect
+import logging
 import math
 import re
 import tomllib
@@ -77,6 +78,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class Invalid(ValueError):
@@ -340,8 +342,10 @@ def _convert(tp: Any, spec: Spec, value: Any) -> Any:
 # ---------------------------------------------------------------------------- building trees
 
 
-def _flatten(cls: type, data: Mapping[str, Any], where: str, strict: bool) -> dict[str, Any]:
-    """Nested or dotted mapping -> ``{dotted key: value}``; unknown keys raise unless not strict."""
+def _flatten(cls: type, data: Mapping[str, Any], where: str, strict: bool,
+             moved: Mapping[str, str]) -> dict[str, Any]:
+    """Nested or dotted mapping -> ``{dotted key: value}``; unknown keys raise unless not strict;
+    a key that ``moved`` (old -> new) is read as the new one, with a warning."""
     known = {leaf.key for leaf in leaves(cls)}
     secs = {s.key: s.cls for s in sections(cls)}
     out: dict[str, Any] = {}
@@ -356,6 +360,9 @@ def _flatten(cls: type, data: Mapping[str, Any], where: str, strict: bool) -> di
                 visit(value, f"{key}.")
             elif key in known:
                 out[key] = value
+            elif moved.get(key) in known:
+                logger.warning("%s: %s is deprecated; use %s", where, key, moved[key])
+                out[moved[key]] = value
             elif strict:
                 _unknown(cls, key, where)
 
@@ -432,7 +439,7 @@ def _construct(cls: type[T], values: Mapping[str, Any], sources: Sources, prefix
 
 
 def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
-            base: T | None = None, strict: bool = True) -> T:
+            base: T | None = None, strict: bool = True, moved: Mapping[str, str] | None = None) -> T:
     """Build the tree ``cls`` from layers applied in order over ``base`` (default: defaults).
 
     Parameters
@@ -442,6 +449,7 @@ def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
         file) or has dotted keys (``--set``); ``where`` names the source in messages.
     base : the tree the layers apply to.
     strict : refuse keys the tree lacks (presets are applied with ``strict=False``).
+    moved : old dotted key -> new one, for settings that moved (read with a warning).
 
     Raises
     ------
@@ -456,7 +464,7 @@ def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
     by_key = leaves_by_key(cls)
     sources: dict[str, tuple[str, Any]] = {}
     for where, data in layers:
-        for key, value in _flatten(cls, data, where, strict).items():
+        for key, value in _flatten(cls, data, where, strict, moved or {}).items():
             leaf = by_key[key]
             try:
                 values[key] = _convert(leaf.type, leaf.spec, value)

@@ -156,7 +156,7 @@ def preflight(inputs: Sequence[str], out: str, config: ProcessConfig,
     frame = _first_frame(files, geometry, options)
     note = ""
     if frame is not None:
-        note = gain_warning(frame, config.spots.gain_adu_per_photon)
+        note = gain_warning(frame, config.detector.gain_adu_per_photon)
         if note:
             logger.warning("%s", note)
     return Preflight(config, geometry, files, note)
