@@ -158,30 +158,17 @@ def spec_of(f: dataclasses.Field) -> Spec:
     return spec if isinstance(spec, Spec) else Spec()
 
 
-def kind_of(value: Any) -> str:
-    """``"an integer"`` or ``"a number"``: the noun of a value's type, for messages."""
-    return "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a number"
-
-
-def passes_check(spec: Spec, value: Any) -> bool:
-    """Whether ``value`` passes the spec's ``check`` (``None`` always does)."""
-    if spec.check is None or value is None:
-        return True
-    try:
-        spec.check(value)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
 def value_problem(spec: Spec, value: Any) -> str:
     """What ``value`` (already of the field's type) should have been, or ``""`` when it is fine."""
     values: Sequence[Any] = value if isinstance(value, tuple | list) and not spec.choices else (value,)
     for v in values:
         if v is not None and spec.problem(v):
-            return spec.describe(kind_of(v))
-    if not passes_check(spec, value):
-        return spec.expect or "a valid value"
+            return spec.describe("an integer" if type(v) is int else "a number")
+    if spec.check is not None and value is not None:
+        try:
+            spec.check(value)
+        except (ValueError, TypeError):
+            return spec.expect or "a valid value"
     return ""
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from sfxflow.cli import main
 from sfxflow.pipeline import params
-from sfxflow.pipeline.config import FindSpotsConfig, IndexConfig, ProcessConfig
+from sfxflow.pipeline.config import TREES, FindSpotsConfig, IndexConfig, ProcessConfig
 
 
 def _help(capsys, *argv: str) -> str:
@@ -61,3 +61,31 @@ def test_old_flag_names_are_deprecated_aliases(caplog, capsys):
     assert "--min-snr is deprecated; use --spots-min-snr" in caplog.text
     # the old names are not shown
     assert "--max-crystals " not in _help(capsys, "index", "--help")
+
+
+@pytest.mark.parametrize("command", ["find-spots", "index", "merge"])
+def test_every_command_help_is_short_and_help_all_shows_every_setting(command, capsys):
+    short = _help(capsys, command, "--help")
+    assert len(short.splitlines()) < 100, len(short.splitlines())
+    assert "--help-all" in short and "--preset" in short and "--set" in short
+    full = _help(capsys, command, "--help-all")
+    tree = TREES[command][0]
+    hidden = [leaf for leaf in params.leaves(tree) if f"--{leaf.flag}" not in short]
+    assert hidden  # the expert settings are behind --help-all
+    for leaf in params.leaves(tree):
+        assert f"--{leaf.flag}" in full, (command, leaf.key)
+
+
+def test_a_setting_has_one_flag_in_every_command():
+    flags: dict[str, set[str]] = {}
+    for tree, _ in TREES.values():
+        for leaf in params.leaves(tree):
+            flags.setdefault(leaf.key, set()).add(leaf.flag)
+    assert {k: v for k, v in flags.items() if len(v) > 1} == {}
+
+
+@pytest.mark.parametrize("command", ["process", "find-spots", "index"])
+def test_geometry_and_out_have_the_same_short_options(command, capsys):
+    text = _help(capsys, command, "--help")
+    assert "-g " in text or "-g," in text, command
+    assert "-o " in text or "-o," in text, command

@@ -79,9 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "optional //N event; -i LIST as for indexamajig)")
     parser.add_argument("-i", "--input", dest="more_inputs", action="append", default=[],
                         metavar="LIST", help=argparse.SUPPRESS)  # indexamajig's habit
-    parser.add_argument("--geometry", metavar="G",
+    parser.add_argument("-g", "--geometry", metavar="G",
                         help="CrystFEL .geom (default for a CXI file: the one .geom beside it)")
-    parser.add_argument("--out", metavar="SPOTS.parquet", help="write the spots here (Parquet)")
+    parser.add_argument("-o", "--out", metavar="SPOTS.parquet",
+                        help="write the spots here (Parquet)")
     parser.add_argument("--frame-range", metavar="A:B",
                         help="frames A to B-1 of every input (A:, :B or A; default all)")
     deprecated(parser, "--frames", "frame_range", "--frame-range")
@@ -94,7 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--d-min": "spots.d_min_a", "--d-max": "spots.d_max_a",
         "--ice-rings": "spots.filter_ice_rings", "--min-spots": "hit.min_spots",
         "--min-spots-beyond-d": "hit.min_spots_beyond_d_a", "--hit-d": "hit.d_a",
-        "--cspad": "preset:cspad-cbf"}, renamed={"spots": ("spots-", "")})
+        "--cspad": "preset:cspad-cbf"}, renamed={"spots": ("spots-", "")},
+        essential=("detector.gain_adu_per_photon", "spots.method", "spots.min_snr",
+                   "hit.min_spots"))
 
 
 def run(args: argparse.Namespace) -> int:

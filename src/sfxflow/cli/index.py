@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cell", help='target cell "a b c alpha beta gamma" (Å, degrees)')
     parser.add_argument("--space-group", help="space group symbol or number (e.g. P6122, 19)")
     parser.add_argument("--cell-file", help="CrystFEL unit-cell file (or PDB with CRYST1)")
-    parser.add_argument("--geometry", help="CrystFEL .geom for Parquet spot tables")
+    parser.add_argument("-g", "--geometry", help="CrystFEL .geom for Parquet spot tables")
     number(parser, "--wavelength-a", ge=0.05, le=20,
            help="wavelength (Å) when the geometry does not give one")
     parser.add_argument("-o", "--out", help="write per-frame results to this Parquet file")
@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # flags as in process (--index-max-crystals); the old --max-crystals etc. stay as aliases
     add_settings(parser, IndexConfig, aliases={"--min-fraction": "index.min_fraction_indexed",
                                                "--refine-shift": "index.refine.refine_detector_shift"},
-                 renamed={"index": ("index-", "")})
+                 renamed={"index": ("index-", "")},
+                 essential=("index.max_crystals", "index.min_indexed"))
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st = parser.add_argument_group("storage")
     st.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, Ceph)")
     st.add_argument("--profile", metavar="NAME", help="AWS profile")
-    add_settings(parser, MergeConfig, short={"--highres": "merge.d_min_a"})
+    add_settings(parser, MergeConfig, short={"--highres": "merge.d_min_a"},
+                 aliases={"--worker-timeout": "cluster.worker_timeout_s"},  # as in process
+                 essential=("merge.model", "merge.iterations", "merge.d_min_a", "cluster.kind",
+                            "cluster.n_workers", "cluster.scheduler"))
     parser.add_argument("--json", action="store_true", help="print stats.json to stdout")
 
 

@@ -48,28 +48,18 @@ class _Deprecated(argparse.Action):
 
 
 def deprecated(parser: Any, option: str, dest: str, new: str, *, kind: Any = None,
-               flag: bool = False, append: bool = False) -> None:
+               append: bool = False) -> None:
     """A renamed option kept as a hidden alias: stores into ``dest`` and logs a note."""
-    if flag:
-        parser.add_argument(option, dest=dest, action=_Deprecated, nargs=0, store=True, new=new,
-                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    else:
-        parser.add_argument(option, dest=dest, action=_Deprecated, new=new, type=kind,
-                            append=append, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument(option, dest=dest, action=_Deprecated, new=new, type=kind, append=append,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _metavar(leaf: _params.Leaf) -> str:
     if leaf.spec.choices:
         return "{" + ",".join(str(c) for c in leaf.spec.choices) + "}"
-    tp = leaf.type
-    text = str(tp)
-    if "tuple" in text:
-        return '"A B ..."'
-    if "int" in text:
-        return "N"
-    if "float" in text:
-        return "X"
-    return "TEXT"
+    text = str(leaf.type)
+    return next((m for word, m in (("tuple", '"A B ..."'), ("int", "N"), ("float", "X"))
+                 if word in text), "TEXT")
 
 
 def _help(leaf: _params.Leaf) -> str:
@@ -162,33 +152,31 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
                 brief = _params.first_sentence(leaf.doc) if leaf.doc else leaf.key
                 action.help = brief.replace("%", "%%") if action.dest in shown \
                     else argparse.SUPPRESS
-    for section_key, (new_prefix, old_prefix) in (renamed or {}).items():
-        for leaf in by_key.values():
-            if not f"{leaf.section}.".startswith(f"{section_key}.") \
-                    or not leaf.flag.startswith(new_prefix):
-                continue
-            old = f"--{old_prefix}{leaf.flag[len(new_prefix):]}"
-            if leaf.type is bool:
-                for option, value in ((old, True), (f"--no-{old[2:]}", False)):
-                    parser.add_argument(option, dest=leaf.key, action=_Deprecated, nargs=0,
-                                        store=value, new=f"--{'' if value else 'no-'}{leaf.flag}",
-                                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-            else:
-                deprecated(parser, old, leaf.key, f"--{leaf.flag}",
-                           kind=_converter(leaf.type, leaf.spec, leaf.key),
-                           append=leaf.type == tuple[str, ...])
-    moved = {flag: new for old, new in MOVED.items()  # the old key's flag, if it changed
-             if new in by_key and (flag := f"--{old.replace('.', '-').replace('_', '-')}")
-             != f"--{by_key[new].flag}"}
-    for option, key in {**moved, **(aliases or {})}.items():
+    # the old names, hidden: renamed sections' flags, moved keys' flags, the command's aliases
+    old: dict[str, str] = {f"--{old_prefix}{leaf.flag[len(new_prefix):]}": leaf.key
+                           for key, (new_prefix, old_prefix) in (renamed or {}).items()
+                           for leaf in by_key.values() if leaf.flag.startswith(new_prefix)
+                           and f"{leaf.section}.".startswith(f"{key}.")}
+    old.update({f"--{k.replace('.', '-').replace('_', '-')}": new for k, new in MOVED.items()
+                if new in by_key})
+    for option, key in {**old, **(aliases or {})}.items():
         if key.startswith("preset:"):
             parser.add_argument(option, dest="presets", action=_Deprecated, nargs=0,
                                 store=key.split(":", 1)[1], default=argparse.SUPPRESS,
                                 new=f"--preset {key.split(':', 1)[1]}", help=argparse.SUPPRESS)
             continue
         leaf = by_key[key]
-        deprecated(parser, option, key, f"--{leaf.flag}", flag=leaf.type is bool,
-                   kind=_converter(leaf.type, leaf.spec, leaf.key))
+        if option == f"--{leaf.flag}":  # the key moved, its flag did not (--spots-radial-snr)
+            continue
+        if leaf.type is bool:
+            for option_, value in ((option, True), (f"--no-{option[2:]}", False)):
+                parser.add_argument(option_, dest=key, action=_Deprecated, nargs=0, store=value,
+                                    new=f"--{'' if value else 'no-'}{leaf.flag}",
+                                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            deprecated(parser, option, key, f"--{leaf.flag}",
+                       kind=_converter(leaf.type, leaf.spec, leaf.key),
+                       append=leaf.type == tuple[str, ...])
 
 
 def given(args: argparse.Namespace, tree: type) -> dict[str, Any]:

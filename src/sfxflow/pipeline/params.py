@@ -267,32 +267,22 @@ def expected_words(tp: Any, spec: Spec) -> str:
     return f"a {getattr(tp, '__name__', tp)}"
 
 
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True,
+          "false": False, "no": False, "off": False, "0": False}
+
+
 def _scalar(value: Any, tp: Any) -> Any:
+    if (isinstance(value, bool) and tp in (int, float)) \
+            or (tp is str and not isinstance(value, str | int | float)):
+        raise ValueError  # true is not 1, and a table is not text
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return text in ("true", "yes", "on", "1")
+        return value if isinstance(value, bool) else _BOOLS[str(value).strip().lower()]
+    if tp is int and isinstance(value, float) and not value.is_integer():
         raise ValueError
     if tp is int:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError
-            return int(value)
-        return int(str(value).strip()) if isinstance(value, str) else int(value)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError
-        return float(value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float):
-            return str(value)
-        raise ValueError
+        return int(value.strip()) if isinstance(value, str) else int(value)
+    if tp in (float, str):
+        return tp(value)
     return value if tp is Any or isinstance(value, tp) else tp(value)
 
 
@@ -335,7 +325,7 @@ def _convert(tp: Any, spec: Spec, value: Any) -> Any:
             raise Invalid(expected_words(tp, spec)) from None
     try:
         return _scalar(value, tp)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, KeyError):
         raise Invalid(expected_words(tp, spec)) from None
 
 
