@@ -47,6 +47,7 @@ import functools
 import inspect
 import logging
 import math
+import operator
 import re
 import tomllib
 import types
@@ -471,17 +472,9 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "
     return resolve(cls, [(where, data or {})])
 
 
-def _flat_values(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(tree):
-        if not f.init:
-            continue
-        value = getattr(tree, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            out.update(_flat_values(value, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = value
-    return out
+def _flat_values(tree: Any) -> dict[str, Any]:
+    """``{dotted key: value}`` of every setting of ``tree``."""
+    return {leaf.key: operator.attrgetter(leaf.key)(tree) for leaf in leaves(type(tree))}
 
 
 def parse_override(item: str, where: str = "--set") -> tuple[str, Any]:
@@ -507,18 +500,17 @@ def apply_overrides(tree: T, overrides: Sequence[str], where: str = "--set") -> 
 
 
 def _plain(value: Any) -> Any:
+    """``value`` with dataclasses as dicts and tuples as lists (as TOML and YAML read back)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_mapping(value)
+        value = dataclasses.asdict(value)
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
+    return {str(k): _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
 def to_mapping(tree: Any) -> dict[str, Any]:
     """Nested plain dict of a parameter tree (tuples as lists)."""
-    return {f.name: _plain(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.init}
+    return _plain(tree)  # type: ignore[no-any-return]
 
 
 def _toml_safe(value: Any) -> Any:
@@ -626,7 +618,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def differences(default: Any, tree: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+def differences(default: Any, tree: Any) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose value in ``tree`` differs from ``default``: key -> (default, value)."""
-    a, b = _flat_values(default, prefix), _flat_values(tree, prefix)
+    a, b = _flat_values(default), _flat_values(tree)
     return {k: (_plain(a.get(k)), _plain(v)) for k, v in b.items() if _plain(a.get(k)) != _plain(v)}
