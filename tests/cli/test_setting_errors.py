@@ -185,3 +185,17 @@ def test_gain_is_a_detector_setting(capsys):
     text = capsys.readouterr().out
     assert "[detector]" in text and "gain_adu_per_photon = 9.0" in text
     assert "gain_adu_per_photon" not in text.split("[spots]")[1].split("\n[")[0]
+
+
+def test_a_run_directory_made_with_another_gain_is_not_resumed(tmp_path):
+    """The gain changes every intensity: like a spot-finding setting, it must match to resume."""
+    from sfxflow.io.results import RunDir
+    from sfxflow.pipeline.run import _check_compatible
+
+    run = RunDir(str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text(
+        load_config(overrides=["detector.gain_adu_per_photon=9"]).to_toml())
+    _check_compatible(run, load_config(overrides=["detector.gain_adu_per_photon=9"]))
+    with pytest.raises(ConfigError, match=r"made with detector\.gain_adu_per_photon = 9\.0, now"):
+        _check_compatible(run, load_config())

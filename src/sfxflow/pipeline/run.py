@@ -57,7 +57,7 @@ __all__ = ["Execution", "RunPlan", "RunResult", "execute_plan", "plan_and_resume
 logger = logging.getLogger(__name__)
 
 #: Settings that change per-frame results: a run directory made with other values is not resumed.
-RESULT_SECTIONS = ("spots", "hit", "index", "predict", "integrate", "target")
+RESULT_SECTIONS = ("detector", "spots", "hit", "index", "predict", "integrate", "target")
 RESULT_IO_KEYS = ("frames_per_block", "geometry")
 
 
