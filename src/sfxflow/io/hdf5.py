@@ -356,10 +356,6 @@ class CxiSource(ImageSource):
         return det, beam
 
     # -- reading
-    def read_frame(self, i: int) -> Frame:
-        self._check_index(i)
-        return self.read_frames(i, i + 1)[0]
-
     def _slab(self, ds: h5py.Dataset, start: int, stop: int) -> np.ndarray:
         if self.frame_dim is None:
             return ds[()][None, ...]
@@ -700,10 +696,6 @@ class NxmxSource(ImageSource):
         return Beam(wavelength_a=float(w[i] if w.size > 1 else w[0]))
 
     # -- reading
-    def read_frame(self, i: int) -> Frame:
-        self._check_index(i)
-        return self.read_frames(i, i + 1)[0]
-
     def read_frames(self, start: int, stop: int) -> list[Frame]:
         self._check_range(start, stop)
         frames: list[Frame] = []

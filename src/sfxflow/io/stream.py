@@ -304,16 +304,20 @@ class _Lines:
                            f"(value {value!r}, expected {expected})")
 
     def until(self, end: str, what: str) -> list[str]:
+        return list(self.lines_until(end, what, strip=False))
+
+    def lines_until(self, end: str, what: str, strip: bool = True) -> Iterator[str]:
+        """The lines up to the line ``end`` (consumed, not yielded), read lazily so that the
+        caller can hand the cursor to a nested parser between two lines."""
         start = self.lineno
-        out: list[str] = []
         while True:
             s = self.next()
             if s is None:
                 raise self.error(f"{what} is not terminated", f"end of file after line {start}",
                                  f"'{end}'", line=start)
             if s.strip() == end:
-                return out
-            out.append(s)
+                return
+            yield s.strip() if strip else s
 
 
 def _float(cur: _Lines, text: str, what: str) -> float:
@@ -419,14 +423,7 @@ def _parse_crystal(cur: _Lines, panels: dict[str, tuple[int, int, int]]) -> Stre
     cell = None
     vecs: dict[str, np.ndarray] = {}
     refl = Reflections.empty()
-    while True:
-        s = cur.next()
-        if s is None:
-            raise cur.error("crystal is not terminated", "end of file", f"'{END_CRYSTAL}'",
-                            line=start)
-        t = s.strip()
-        if t == END_CRYSTAL:
-            break
+    for t in cur.lines_until(END_CRYSTAL, "crystal"):
         if t.startswith("Cell parameters"):
             m = re.match(r"Cell parameters\s+(\S+)\s+(\S+)\s+(\S+)\s+nm,\s+(\S+)\s+(\S+)\s+(\S+)"
                          r"\s+deg$", t)
@@ -468,14 +465,7 @@ def _parse_chunk(cur: _Lines, panels: dict[str, tuple[int, int, int]]) -> Chunk:
     crystals: list[StreamCrystal] = []
     headers: dict[str, float] = {}
     info: dict[str, str] = {}
-    while True:
-        s = cur.next()
-        if s is None:
-            raise cur.error("chunk is not terminated", "end of file", f"'{END_CHUNK}'",
-                            line=start)
-        t = s.strip()
-        if t == END_CHUNK:
-            break
+    for t in cur.lines_until(END_CHUNK, "chunk"):
         if t == BEGIN_CHUNK:
             raise cur.error("chunk is not terminated", t, f"'{END_CHUNK}' first", line=start)
         if t.startswith("Image filename:"):
