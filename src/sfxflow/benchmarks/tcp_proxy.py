@@ -31,7 +31,6 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self.cuts = 0
         #: connections of an older generation than this forward nothing any more
         self._generation = 0
         self._holed = False
@@ -90,7 +89,6 @@ class TcpProxy:
 
     def cut(self) -> None:
         """Refuse new connections and break the open ones."""
-        self.cuts += 1
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []

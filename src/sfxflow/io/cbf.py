@@ -523,7 +523,7 @@ def cbf_geometry(data: bytes, url: str = "") -> tuple[Detector, Beam]:
     geom = _geometry(handle, url, data)
     if geom.minicbf:
         arrays = _decode_arrays(handle, url)
-        geom = _fill_minicbf(geom, arrays, url)
+        geom = _fill_minicbf(geom, arrays)
     return geom.detector, geom.beam
 
 
@@ -582,7 +582,7 @@ def _header_stub() -> _Header:
     return _Header((), (), (), (), (), (), (), (), (), None)
 
 
-def _fill_minicbf(geom: CbfGeometry, arrays: dict[str, np.ndarray], url: str) -> CbfGeometry:
+def _fill_minicbf(geom: CbfGeometry, arrays: dict[str, np.ndarray]) -> CbfGeometry:
     (a,) = list(arrays.values())[:1]
     ns, nf = a.shape[-2], a.shape[-1]
     p = replace(geom.detector[0], shape=(ns, nf))
@@ -637,7 +637,7 @@ def read_cbf(data: bytes, url: str = "", index: int = 0) -> Frame:
     raw = _decode_arrays(handle, url)  # first: a truncated file fails here with a clear message
     geom = _geometry(handle, url, data)
     if geom.minicbf:
-        geom = _fill_minicbf(geom, raw, url)
+        geom = _fill_minicbf(geom, raw)
     plane = np.zeros(geom.data_shape, dtype=np.float32) if len(
         {lay.dims[1] * lay.dims[2] for lay in geom.arrays}) > 1 else np.empty(
         geom.data_shape, dtype=np.float32)

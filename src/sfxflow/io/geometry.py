@@ -270,7 +270,7 @@ class CrystfelGeometry:
         return out
 
     # ---------------------------------------------------------------- resolution
-    def _value(self, key: str, spec: float | str | None, values: Mapping[str, float] | None,
+    def _value(self, spec: float | str | None, values: Mapping[str, float] | None,
                what: str) -> float:
         """A literal (already in internal units) or a reference looked up in ``values``."""
         if spec is None:
@@ -301,7 +301,7 @@ class CrystfelGeometry:
         if self.energy is None:
             return None
         kind, spec, _unit = self.energy
-        v = self._value(kind, spec, values, kind)
+        v = self._value(spec, values, kind)
         if kind == "photon_energy":
             e_ev = v * self.photon_energy_scale
             if not e_ev > 0:
@@ -329,14 +329,12 @@ class CrystfelGeometry:
                 beam_energy_ev = None if b is None else b.photon_energy_ev
             except GeometryError:
                 beam_energy_ev = None
-        sx = self._value("detector_shift_x", self.detector_shift_m[0], values,
-                         "detector_shift_x") * 1000.0
-        sy = self._value("detector_shift_y", self.detector_shift_m[1], values,
-                         "detector_shift_y") * 1000.0
+        sx = self._value(self.detector_shift_m[0], values, "detector_shift_x") * 1000.0
+        sy = self._value(self.detector_shift_m[1], values, "detector_shift_y") * 1000.0
         panels = []
         for p in self.panel_specs:
-            clen = self._value("clen", p.clen, values, f"clen of panel {p.name}")
-            coff = self._value("coffset", p.coffset, values, f"coffset of panel {p.name}")
+            clen = self._value(p.clen, values, f"clen of panel {p.name}")
+            coff = self._value(p.coffset, values, f"coffset of panel {p.name}")
             pix = p.pixel_size_mm
             origin = (p.corner_px[0] * pix + sx, p.corner_px[1] * pix + sy,
                       1000.0 * (clen + coff))

@@ -327,7 +327,7 @@ def _float(cur: _Lines, text: str, what: str) -> float:
         raise cur.error(f"cannot parse {what}", text, "a number") from None
 
 
-def _panel_lookup(geometry: CrystfelGeometry | None, cur: _Lines) -> dict[str, tuple[int, int, int]]:
+def _panel_lookup(geometry: CrystfelGeometry | None) -> dict[str, tuple[int, int, int]]:
     if geometry is None:
         return {}
     return {s.name: (i, s.data_origin[0], s.data_origin[1])
@@ -521,7 +521,7 @@ def parse_stream(text: str, source: str = "<stream>",
     geom = geometry
     target = None
     chunks: list[Chunk] = []
-    panels = _panel_lookup(geom, cur)
+    panels = _panel_lookup(geom)
     while (s := cur.next()) is not None:
         t = s.strip()
         if t == BEGIN_CHUNK:
@@ -538,7 +538,7 @@ def parse_stream(text: str, source: str = "<stream>",
                     except GeometryError as exc:
                         raise StreamError(str(exc)) from exc
                     geom = _with_text(geom, body)
-                    panels = _panel_lookup(geom, cur)
+                    panels = _panel_lookup(geom)
         elif t == BEGIN_CELL:
             start = cur.lineno
             body = "\n".join(cur.until(END_CELL, "unit cell block")) + "\n"
