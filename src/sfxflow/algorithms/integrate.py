@@ -91,20 +91,13 @@ class IntegrateParams:
     min_background_pixels: int = setting(10, ge=4, le=100_000)
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self)  # each field's range; what is left is how two fields relate
         if not (0 < self.peak_radius_px <= self.background_inner_px < self.background_outer_px
                 <= 30):
             raise ValueError(
                 "IntegrateParams: expected 0 < peak_radius_px <= background_inner_px < "
                 f"background_outer_px <= 30, got {self.peak_radius_px}, "
                 f"{self.background_inner_px}, {self.background_outer_px}")
-        if not self.outlier_nsigma > 0:
-            raise ValueError(f"IntegrateParams.outlier_nsigma must be > 0, got {self.outlier_nsigma}")
-        if self.outlier_cycles < 0:
-            raise ValueError(f"IntegrateParams.outlier_cycles must be >= 0, got {self.outlier_cycles}")
-        if self.min_background_pixels < 4:
-            raise ValueError("IntegrateParams.min_background_pixels must be >= 4, got "
-                             f"{self.min_background_pixels}")
 
 
 @njit(cache=True)

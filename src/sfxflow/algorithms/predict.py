@@ -98,22 +98,10 @@ class PredictParams:
     polarisation_fraction: float = setting(1.0, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        checks = {
-            "cutoff": self.cutoff > 0,
-            "d_min_a": self.d_min_a >= 0,
-            "min_profile_radius_inv_a": self.min_profile_radius_inv_a > 0,
-            "max_profile_radius_inv_a": self.max_profile_radius_inv_a
-            > self.min_profile_radius_inv_a,
-            "detection_bias": self.detection_bias > 0,
-            "min_spots": self.min_spots >= 1,
-            "default_profile_radius_inv_a": self.default_profile_radius_inv_a > 0,
-            "polarisation_fraction": 0 <= self.polarisation_fraction <= 1,
-        }
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not (ok and math.isfinite(value)):
-                raise ValueError(f"PredictParams.{name} = {value!r} is out of range")
+        check_fields(self)  # each field's range; what is left is how two fields relate
+        if not self.max_profile_radius_inv_a > self.min_profile_radius_inv_a:
+            raise ValueError(f"PredictParams.max_profile_radius_inv_a = "
+                             f"{self.max_profile_radius_inv_a!r} is out of range")
 
 
 def excitation_errors(crystal: Crystal, hkl: np.ndarray, beam: Beam
