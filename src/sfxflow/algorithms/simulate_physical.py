@@ -45,7 +45,7 @@ from scipy.spatial.transform import Rotation
 from sfxflow.algorithms import diffraction
 from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.merge.reflections import AsuIndex
-from sfxflow.algorithms.predict import predict_spots
+from sfxflow.algorithms.predict import PredictedSpots, predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
     Beam,
@@ -344,27 +344,7 @@ def simulate_crystal(
         # the same spots: A' h' = A h with h' = h R
         reported = Crystal(reported.cell, sg,
                            reported.a_matrix @ np.linalg.inv(r.astype(float)).T)
-    exc = pred.excitation_error_inv_a[known]
-    nominal_width = params.prediction_radius_inv_a / 2.0
-    n = hkl.shape[0]
-    reflections = {
-        "h": hkl_rep[:, 0].astype(np.int32),
-        "k": hkl_rep[:, 1].astype(np.int32),
-        "l": hkl_rep[:, 2].astype(np.int32),
-        "panel": pred.panel[known].astype(np.int32),
-        "fs_px": pred.fs_px[known],
-        "ss_px": pred.ss_px[known],
-        "intensity": intensity,
-        "sigma": sigma,
-        "background": np.full(n, params.background_photons / 40.0),
-        "peak_pixels": np.full(n, 40, dtype=np.int32),
-        "partiality": diffraction.partiality(exc, nominal_width * nominal_width),
-        "d_a": d,
-        "excitation_error_inv_a": exc,
-        "lorentz": diffraction.lorentz_factor(n),
-        "polarisation": pol,
-        "flags": np.zeros(n, dtype=np.int32),
-    }
+    reflections = _reported_reflections(hkl_rep, pred, known, intensity, sigma, pol, params)
     return SimulatedCrystal(
         reported=reported,
         wavelength_a=lam_shot,
@@ -374,6 +354,35 @@ def simulate_crystal(
         b_factor_a2=b_factor,
         reindex_op=op,
     )
+
+
+def _reported_reflections(hkl: np.ndarray, pred: PredictedSpots, known: np.ndarray,
+                          intensity: np.ndarray, sigma: np.ndarray, pol: np.ndarray,
+                          params: PhysicalParams) -> dict[str, np.ndarray]:
+    """The columns integration would report for the predicted reflections ``pred[known]``
+    (indices ``hkl`` as reported): the partiality as the nominal model gives it, not the true
+    one."""
+    exc = pred.excitation_error_inv_a[known]
+    nominal_width = params.prediction_radius_inv_a / 2.0
+    n = hkl.shape[0]
+    return {
+        "h": hkl[:, 0].astype(np.int32),
+        "k": hkl[:, 1].astype(np.int32),
+        "l": hkl[:, 2].astype(np.int32),
+        "panel": pred.panel[known].astype(np.int32),
+        "fs_px": pred.fs_px[known],
+        "ss_px": pred.ss_px[known],
+        "intensity": intensity,
+        "sigma": sigma,
+        "background": np.full(n, params.background_photons / 40.0),
+        "peak_pixels": np.full(n, 40, dtype=np.int32),
+        "partiality": diffraction.partiality(exc, nominal_width * nominal_width),
+        "d_a": pred.d_a[known],
+        "excitation_error_inv_a": exc,
+        "lorentz": diffraction.lorentz_factor(n),
+        "polarisation": pol,
+        "flags": np.zeros(n, dtype=np.int32),
+    }
 
 
 def _true_crystal(cell0: gemmi.UnitCell, sg: gemmi.SpaceGroup, params: PhysicalParams,
