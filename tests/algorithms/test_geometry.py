@@ -9,9 +9,9 @@ from sfxflow.algorithms.geometry import (
     miller_indices,
     pixels_to_lab_mm,
     pixels_to_q,
-    predict_spots,
     rays_to_pixels,
 )
+from sfxflow.algorithms.predict import predict_spots
 from sfxflow.models import Beam, Crystal, Detector, Panel
 
 

@@ -127,3 +127,35 @@ def test_refine_profile_falls_back_with_few_spots():
     params = PredictParams(min_spots=5, default_profile_radius_inv_a=2e-4)
     m = refine_profile(np.array([1e-4, 2e-4]), np.array([0.2, 0.3]), beam, params)
     assert m.radius_inv_a == 2e-4
+
+
+def test_d_min_and_the_polarisation_fraction_reach_the_prediction():
+    det = simple(100.0, 0.1, 1024)
+    beam = Beam(LAMBDA)
+    c, prof = _on_sphere_crystal(), ProfileModel.for_beam(3e-4, beam)
+    d_100 = LAMBDA / (2 * math.sin(TWO_THETA / 2))
+    # beam polarised along y: a ray in the x-z plane is perpendicular to it, factor 1
+    vertical = predict_reflections(c, beam, det, prof, PredictParams(polarisation_fraction=0.0))
+    i = int(np.flatnonzero(np.all(vertical.hkl == [1, 0, 0], axis=1))[0])
+    assert vertical.polarisation[i] == pytest.approx(1.0)
+    # a resolution limit just above d(100) removes (1 0 0) and everything finer
+    cut = predict_reflections(c, beam, det, prof, PredictParams(d_min_a=d_100 * 1.001))
+    assert not np.any(np.all(cut.hkl == [1, 0, 0], axis=1))
+    assert np.all(cut.d_a >= d_100 * 1.001)
+
+
+def test_refine_profile_is_bounded_and_scaled_by_the_detection_bias():
+    beam = Beam(1.3)
+    exc = np.random.default_rng(1).normal(0, 4e-4, 400)
+    q = np.full(400, 0.3)
+    plain = refine_profile(exc, q, beam, PredictParams(detection_bias=1.0)).radius_inv_a
+    biased = refine_profile(exc, q, beam, PredictParams(detection_bias=1.5)).radius_inv_a
+    assert biased == pytest.approx(1.5 * plain, rel=1e-9)
+    # wider than the bounds allow: clipped to the bound, whichever side
+    params = PredictParams(min_profile_radius_inv_a=5e-4, max_profile_radius_inv_a=1e-3)
+    assert refine_profile(exc * 10, q, beam, params).radius_inv_a == 1e-3
+    assert refine_profile(exc / 10, q, beam, params).radius_inv_a == 5e-4
+    # non-finite errors do not count towards min_spots
+    few = np.array([1e-4, np.nan, np.inf, 2e-4, 3e-4])
+    fallback = PredictParams(min_spots=4, default_profile_radius_inv_a=2e-4)
+    assert refine_profile(few, np.full(5, 0.3), beam, fallback).radius_inv_a == 2e-4

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from sfxflow.algorithms.geometry import miller_indices, predict_spots
+from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.index import misorientation_deg
 from sfxflow.algorithms.layouts import cspad
+from sfxflow.algorithms.predict import predict_spots
 from sfxflow.algorithms.refine import (
     RefineParams,
     assign_hkl,

@@ -6,8 +6,8 @@ import gemmi
 import numpy as np
 import pytest
 
-from sfxflow.algorithms.geometry import predict_spots
 from sfxflow.algorithms.layouts import cspad, simple
+from sfxflow.algorithms.predict import predict_spots
 from sfxflow.algorithms.simulate import (
     TRUTH_COLUMNS,
     SimulationParams,

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from sfxflow.benchmarks.localhost import free_port
 from sfxflow.cli import main
 
 HAVE_PSANA = importlib.util.find_spec("psana") is not None
@@ -131,12 +132,6 @@ def test_missing_facility_package_is_one_line(monkeypatch, tmp_path, capsys, cap
     assert not (tmp_path / "run").exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serve(run_dir: Path, port: int):
@@ -162,7 +157,7 @@ def test_live_stream_resumes_and_matches_cxi(jungfrau_set, tmp_path):
     common = ["--geometry", str(jungfrau_set["geom"]), "--cell", CELL, "--space-group",
               "P 43 21 2", "--out", str(out), "--scheduler", "synchronous", "--no-report",
               "-q", "--stream-idle-s", "4", "--stream-update-s", "1", "--frames-per-block", "1"]
-    port = _free_port()
+    port = free_port()
     server = _serve(run_dir, port)
     try:
         # the beamline's stream stops after two frames (the connection is gone) ...
@@ -174,7 +169,7 @@ def test_live_stream_resumes_and_matches_cxi(jungfrau_set, tmp_path):
     first = pq.read_table(out / "frames.parquet").num_rows
     assert first == 2
     # ... and comes back replaying the whole run: what was spooled is not duplicated
-    port = _free_port()
+    port = free_port()
     server = _serve(run_dir, port)
     try:
         assert main(["process", "--stream", f"tcp://127.0.0.1:{port}", *common]) == 0

@@ -80,3 +80,9 @@ def test_unreadable_lists_are_one_line_errors(tmp_path):
         read_hkl(tmp_path / "z.hkl")
     with pytest.raises(InputError, match="cannot read reflection list"):
         read_hkl(tmp_path / "missing.hkl")
+
+
+def test_an_unwritable_list_is_a_one_line_error(tmp_path):
+    with pytest.raises(InputError, match="cannot write reflection list"):
+        write_reflections(tmp_path / "no" / "dir" / "x.hkl", gemmi.SpaceGroup("P 1"),
+                          np.array([[1, 0, 0]]), np.ones(1), np.ones(1), np.ones(1))

@@ -82,3 +82,32 @@ def test_amplitudes_are_squared_and_bad_files_are_one_line_errors(tmp_path):
         read_intensity_columns(bad)
     with pytest.raises(InputError, match="cannot write MTZ"):
         write_merged_mtz(tmp_path / "no" / "such" / "dir.mtz", CELL, SG, 1.0, _merged())
+
+
+def _mtz_with(tmp_path, columns: list[tuple[str, str]], rows: list[list[float]]):
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.spacegroup = SG
+    mtz.set_cell_for_all(CELL)
+    mtz.add_dataset("x")
+    for label, kind in columns:
+        mtz.add_column(label, kind)
+    mtz.set_data(np.array(rows, dtype=np.float32))
+    path = tmp_path / "in.mtz"
+    mtz.write_to_file(str(path))
+    return path
+
+
+def test_missing_i_plus_falls_back_to_imean_and_rows_without_a_value_are_dropped(tmp_path):
+    nan = float("nan")
+    path = _mtz_with(tmp_path, [("IMEAN", "J"), ("I(+)", "K"), ("I(-)", "K")],
+                     [[1, 2, 3, 5.0, nan, nan], [2, 2, 2, 7.0, 8.0, 6.0], [3, 1, 1, nan, nan, nan]])
+    _, _, hkl, i_plus, i_minus = read_intensity_columns(path)
+    assert hkl.tolist() == [[1, 2, 3], [2, 2, 2]]
+    assert i_plus.tolist() == [5.0, 8.0]
+    assert np.isnan(i_minus[0]) and i_minus[1] == 6.0
+
+
+def test_an_mtz_without_intensities_or_amplitudes_names_its_columns(tmp_path):
+    path = _mtz_with(tmp_path, [("PHIC", "P")], [[1, 2, 3, 90.0]])
+    with pytest.raises(InputError, match=r"no intensity column .* found H, K, L, PHIC"):
+        read_intensity_columns(path)

@@ -113,3 +113,30 @@ def test_a_run_directory_and_its_own_stream_read_the_same(tmp_path):
     np.testing.assert_array_equal(run.hkl, stream.hkl)
     np.testing.assert_allclose(run.intensity, stream.intensity, rtol=1e-3, atol=0.01)
     assert sum(stream.lattices.values()) == 3 and not run.lattices
+
+
+def test_a_shard_without_a_needed_column_is_named(tmp_path):
+    from sfxflow.io.results import parquet_bytes
+
+    url = str(tmp_path / "run")
+    write_observation_run(url, gemmi.UnitCell(*CELL), gemmi.SpaceGroup("P 21 21 21"),
+                          [([_crystal("r.cxi", 0, 0)], [_reflections(3)])])
+    refl = {"source_url": ["r.cxi"] * 3, "frame_index": [0] * 3, "crystal": [0] * 3,
+            **{k: v for k, v in _reflections(3).items() if k != "sigma"}}
+    (tmp_path / "run" / "shards" / "sim-00000.reflections.parquet").write_bytes(
+        parquet_bytes(pa.table(refl)))
+    with pytest.raises(InputError, match=r"lacks column\(s\) sigma"):
+        read_shard(discover_shards([url])[0])
+
+
+def test_observations_join_the_crystal_of_their_own_file_frame_and_lattice(tmp_path):
+    # the same frame number in two files and two lattices on one frame: each observation goes
+    # to the crystal its three key columns name, whatever the order of the rows
+    rows = [_crystal("b.cxi", 7, 0), _crystal("a.cxi", 7, 1), _crystal("a.cxi", 7, 0)]
+    data = _run(tmp_path, rows, [_reflections(1, intensity=np.array([1.0])),
+                                 _reflections(2, intensity=np.array([2.0, 2.5])),
+                                 _reflections(3, intensity=np.array([3.0, 3.5, 4.0]))])
+    assert data.source_url == ["b.cxi", "a.cxi", "a.cxi"]
+    assert data.crystal.tolist() == [0, 1, 0]
+    assert [data.intensity[data.obs_crystal == c].tolist() for c in range(3)] == [
+        [1.0], [2.0, 2.5], [3.0, 3.5, 4.0]]

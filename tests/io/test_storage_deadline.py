@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
+from sfxflow.benchmarks.tcp_proxy import TcpProxy
 from sfxflow.errors import RunDirError, StorageUnavailable
 from sfxflow.io import storage
 from sfxflow.io.results import RunDir
-
-from ..pipeline.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.s3
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from sfxflow.benchmarks.localhost import free_port, stop_processes
 from sfxflow.io.results import TIMING_COLUMNS
 
 CELL = "93 93 130.5 90 90 120"
@@ -76,25 +76,6 @@ def serial_run(sim_set, tmp_path_factory: pytest.TempPathFactory):
 
 
 DASK = str(Path(sys.executable).with_name("dask"))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_processes(procs: list[subprocess.Popen]) -> None:
-    """Terminate ``procs`` (last started first), killing those that do not stop in 15 s."""
-    for p in reversed(procs):
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 @pytest.fixture()

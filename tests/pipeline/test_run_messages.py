@@ -12,13 +12,14 @@ import time
 
 import pytest
 
+from sfxflow.benchmarks.localhost import free_port
 from sfxflow.cli import main
 from sfxflow.errors import EXIT_RERUN, RunDirError
 from sfxflow.pipeline.config import load_config
 from sfxflow.pipeline.run import run_process
 from sfxflow.pipeline.runlock import LOCK_NAME
 
-from .conftest import CELL, SPACE_GROUP, base_overrides, free_port
+from .conftest import CELL, SPACE_GROUP, base_overrides
 
 
 def _cfg(sim_set, *more):

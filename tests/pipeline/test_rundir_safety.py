@@ -182,12 +182,12 @@ def test_a_prefix_unlisted_then_listed_resumes_and_drops_its_placeholder(
         sim_set, s3_server, s3_bucket, s3_storage_options, tmp_path):
     import s3fs
 
-    from sfxflow.benchmarks.tcp_proxy import FaultProxy
+    from sfxflow.benchmarks.tcp_proxy import TcpProxy
 
     fs = s3fs.S3FileSystem(**s3_storage_options)
     for path in sim_set.files:
         fs.put_file(str(path), f"{s3_bucket}/in/{path.name}")
-    proxy = FaultProxy(int(s3_server.rsplit(":", 1)[1]))  # not started: connections refused
+    proxy = TcpProxy(int(s3_server.rsplit(":", 1)[1]))  # not started: connections refused
     options = {**s3_storage_options, "client_kwargs": {"endpoint_url": proxy.url}}
     out = tmp_path / "run"
     cfg = _cfg(sim_set, "run.storage_retry_s=0")

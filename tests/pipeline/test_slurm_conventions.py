@@ -14,13 +14,14 @@ import dask.config
 import dask_jobqueue  # registers jobqueue's defaults before tests set values
 import pytest
 
+from sfxflow.benchmarks.localhost import free_port, stop_processes
 from sfxflow.cli import main
 from sfxflow.errors import ConfigError
 from sfxflow.pipeline.cluster import job_script
 from sfxflow.pipeline.config import ClusterConfig, load_config
 from sfxflow.pipeline.run import run_process
 
-from .conftest import base_overrides, comparable, free_port, read_frames, stop_processes
+from .conftest import base_overrides, comparable, read_frames
 
 SITE_JOBQUEUE_YAML = """\
 jobqueue:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from sfxflow.benchmarks.tcp_proxy import TcpProxy
 from sfxflow.cli import main
 from sfxflow.errors import EXIT_RERUN
 from sfxflow.io.storage import CONNECT_TIMEOUT_S
 
 from .conftest import CELL, SPACE_GROUP, comparable, read_frames
-from .tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 

@@ -7,7 +7,6 @@ See :mod:`sfxflow.models` for the frame and pixel conventions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import gemmi
 import numpy as np
@@ -147,12 +146,3 @@ def miller_indices(
     absent = np.asarray(space_group.operations().systematic_absences(hkl), dtype=bool)
     return hkl[~absent]
 
-
-def __getattr__(name: str) -> Any:
-    # prediction lives in sfxflow.algorithms.predict (one implementation); the old names stay
-    # importable from here
-    if name in ("predict_spots", "PredictedSpots"):
-        from sfxflow.algorithms import predict
-
-        return getattr(predict, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -327,6 +327,24 @@ def predict_spots(
     )
 
 
+def _lattice_near_sphere(a: np.ndarray, s0: np.ndarray, k0: float, q_max: float,
+                         exc_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """Miller indices (n, 3) and excitation errors of the lattice points of ``A`` within
+    ``q_max`` and within ``exc_max`` of the Ewald sphere (the search kernel fills buffers: a
+    full buffer is grown to the count it reports and the search run again)."""
+    real = np.linalg.inv(a)  # rows: real-space a, b, c (Å); h = a_vec . q
+    hmax = int(np.linalg.norm(real[0]) * q_max) + 1
+    kmax = int(np.linalg.norm(real[1]) * q_max) + 1
+    cap = 4096
+    while True:
+        hkl = np.empty((cap, 3), dtype=np.int64)
+        exc = np.empty(cap)
+        n = _near_sphere(a, s0, k0, q_max, exc_max, hmax, kmax, hkl, exc)
+        if n <= cap:
+            return hkl[:n], exc[:n]
+        cap = n
+
+
 def predict_reflections(
     crystal: Crystal,
     beam: Beam,
@@ -371,18 +389,7 @@ def predict_reflections(
     if params.d_min_a > 0:
         q_max = min(q_max, 1.0 / params.d_min_a)
     exc_max = float(params.cutoff * profile.width_inv_a(np.array([q_max]))[0])
-    real = np.linalg.inv(a)  # rows: real-space a, b, c (Å); h = a_vec . q
-    hmax = int(np.linalg.norm(real[0]) * q_max) + 1
-    kmax = int(np.linalg.norm(real[1]) * q_max) + 1
-    cap = 4096
-    while True:
-        hkl = np.empty((cap, 3), dtype=np.int64)
-        exc = np.empty(cap)
-        n = _near_sphere(a, s0, k0, q_max, exc_max, hmax, kmax, hkl, exc)
-        if n <= cap:
-            break
-        cap = n
-    hkl, exc = hkl[:n], exc[:n]
+    hkl, exc = _lattice_near_sphere(a, s0, k0, q_max, exc_max)
     q = hkl @ a.T
     q_len = np.linalg.norm(q, axis=1)
     keep = np.abs(exc) <= params.cutoff * profile.width_inv_a(q_len)

@@ -1,6 +1,6 @@
 """Least-squares refinement of one still's crystal against observed spot positions (pixels).
 
-The model is the stills model of :func:`sfxflow.algorithms.geometry.predict_spots`: an indexed
+The model is the stills model of :func:`sfxflow.algorithms.predict.predict_spots`: an indexed
 reflection ``h`` lands where the ray along ``A @ h + s0`` meets the detector. Refinement adjusts
 
 * the orientation ``U`` (a small rotation vector applied on the left of the starting ``U``),
@@ -245,7 +245,7 @@ def predict_positions_px(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predicted ``(fs_px, ss_px)`` of reflections ``hkl`` on the given panels (the spots' own).
 
-    The ray is ``A @ h + s0`` as in :func:`~sfxflow.algorithms.geometry.predict_spots`; the
+    The ray is ``A @ h + s0`` as in :func:`~sfxflow.algorithms.predict.predict_spots`; the
     position is on the plane of ``panel`` even when it falls just outside the panel's edge.
     ``distance_shift_mm`` / ``detector_shift_mm`` move the detector as in
     :class:`RefineResult`.

@@ -45,7 +45,7 @@ from scipy.spatial.transform import Rotation
 from sfxflow.algorithms import diffraction
 from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.merge.reflections import AsuIndex
-from sfxflow.algorithms.predict import predict_spots
+from sfxflow.algorithms.predict import PredictedSpots, predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
     Beam,
@@ -297,33 +297,14 @@ def simulate_crystal(
     reindex_ops : indexing-ambiguity operators (``hkl @ R``; the first the identity); the
         crystal is reported in one of them chosen at random. ``None``: never re-indexed.
     """
+    # the random draws are made in a fixed order (cell, orientation, spectrum, errors, blocks,
+    # scale, photons, re-indexing): a seed gives the same crystal whatever is reported
     cell0 = truth.index.cell
     sg = truth.index.space_group
-    a, b, c, al, be, ga = cell0.parameters
-    # non-isomorphism that keeps the lattice's symmetry: a and b together where they are equal
-    da, dc = rng.normal(0.0, params.cell_sigma_rel, 2)
-    db = da if abs(a - b) < 1e-3 else rng.normal(0.0, params.cell_sigma_rel)
-    if abs(a - c) < 1e-3 and abs(a - b) < 1e-3:
-        dc = da
-    true_cell = gemmi.UnitCell(a * (1 + da), b * (1 + db), c * (1 + dc), al, be, ga)
-    u = Rotation.random(random_state=rng).as_matrix()
-    crystal = Crystal.from_u(true_cell, sg, u)
-
-    lam_shot = params.wavelength_a * (1.0 + params.wavelength_jitter_rel * rng.standard_normal())
-    n_spikes = max(1, int(rng.poisson(params.n_spikes_mean)))
-    lam_spikes = lam_shot * (1.0 + params.bandwidth_fwhm * FWHM_TO_SIGMA
-                             * rng.standard_normal(n_spikes))
-    weights = rng.exponential(1.0, n_spikes)
-    weights /= weights.sum()
-    direction = np.array([0.0, 0.0, 1.0])
-    s0_spikes = direction[None, :] / lam_spikes[:, None]
-
-    # reported geometry: orientation error, cell error, nominal wavelength
-    err = Rotation.from_rotvec(rng.normal(0.0, math.radians(params.indexing_error_deg), 3))
-    cell_err = 1.0 + rng.normal(0.0, params.cell_error_rel)
-    ra, rb, rc = (x * cell_err for x in true_cell.parameters[:3])
-    rep_cell = gemmi.UnitCell(ra, rb, rc, al, be, ga)
-    reported = Crystal.from_u(rep_cell, sg, err.as_matrix() @ u)
+    crystal, u = _true_crystal(cell0, sg, params, rng)
+    lam_shot, lam_spikes, weights = _spectrum(params, rng)
+    s0_spikes = np.array([0.0, 0.0, 1.0])[None, :] / lam_spikes[:, None]
+    reported = _reported_crystal(crystal, u, params, rng)
     beam = Beam(wavelength_a=lam_shot)
 
     hkl_all = _hkl_sphere(cell0.parameters, sg.xhm(), params.d_min_a)
@@ -352,45 +333,18 @@ def simulate_crystal(
     k = pred.q_inv_a[known] + np.asarray(beam.s0_inv_a)
     pol = diffraction.polarisation_factor(k, params.polarization_fraction)
     mu = scale * i_true * np.exp(-b_factor / (2 * d * d)) * partiality_true * pol
-
-    # photon counting: peak area holds signal + background; background estimated from a ring
-    bg = params.background_photons
-    peak = rng.poisson(mu + bg).astype(float)
-    bg_est = rng.poisson(bg * params.background_ratio) / params.background_ratio
-    intensity = peak - bg_est
-    sigma = np.sqrt(np.maximum(peak, 1.0) + bg / params.background_ratio)
+    intensity, sigma = _photons(mu, params, rng)
 
     op = 0
-    a_rep = reported.a_matrix
     hkl_rep = hkl
     if reindex_ops is not None and len(reindex_ops) > 1:
         op = int(rng.integers(0, len(reindex_ops)))
         r = np.asarray(reindex_ops[op], dtype=np.int64)
         hkl_rep = hkl @ r
         # the same spots: A' h' = A h with h' = h R
-        a_rep = a_rep @ np.linalg.inv(r.astype(float)).T
-        reported = Crystal(reported.cell, sg, a_rep)
-    n = hkl.shape[0]
-    exc = pred.excitation_error_inv_a[known]
-    nominal_width = params.prediction_radius_inv_a / 2.0
-    reflections = {
-        "h": hkl_rep[:, 0].astype(np.int32),
-        "k": hkl_rep[:, 1].astype(np.int32),
-        "l": hkl_rep[:, 2].astype(np.int32),
-        "panel": pred.panel[known].astype(np.int32),
-        "fs_px": pred.fs_px[known],
-        "ss_px": pred.ss_px[known],
-        "intensity": intensity,
-        "sigma": sigma,
-        "background": np.full(n, bg / 40.0),
-        "peak_pixels": np.full(n, 40, dtype=np.int32),
-        "partiality": diffraction.partiality(exc, nominal_width * nominal_width),
-        "d_a": d,
-        "excitation_error_inv_a": exc,
-        "lorentz": diffraction.lorentz_factor(n),
-        "polarisation": pol,
-        "flags": np.zeros(n, dtype=np.int32),
-    }
+        reported = Crystal(reported.cell, sg,
+                           reported.a_matrix @ np.linalg.inv(r.astype(float)).T)
+    reflections = _reported_reflections(hkl_rep, pred, known, intensity, sigma, pol, params)
     return SimulatedCrystal(
         reported=reported,
         wavelength_a=lam_shot,
@@ -400,6 +354,81 @@ def simulate_crystal(
         b_factor_a2=b_factor,
         reindex_op=op,
     )
+
+
+def _reported_reflections(hkl: np.ndarray, pred: PredictedSpots, known: np.ndarray,
+                          intensity: np.ndarray, sigma: np.ndarray, pol: np.ndarray,
+                          params: PhysicalParams) -> dict[str, np.ndarray]:
+    """The columns integration would report for the predicted reflections ``pred[known]``
+    (indices ``hkl`` as reported): the partiality as the nominal model gives it, not the true
+    one."""
+    exc = pred.excitation_error_inv_a[known]
+    nominal_width = params.prediction_radius_inv_a / 2.0
+    n = hkl.shape[0]
+    return {
+        "h": hkl[:, 0].astype(np.int32),
+        "k": hkl[:, 1].astype(np.int32),
+        "l": hkl[:, 2].astype(np.int32),
+        "panel": pred.panel[known].astype(np.int32),
+        "fs_px": pred.fs_px[known],
+        "ss_px": pred.ss_px[known],
+        "intensity": intensity,
+        "sigma": sigma,
+        "background": np.full(n, params.background_photons / 40.0),
+        "peak_pixels": np.full(n, 40, dtype=np.int32),
+        "partiality": diffraction.partiality(exc, nominal_width * nominal_width),
+        "d_a": pred.d_a[known],
+        "excitation_error_inv_a": exc,
+        "lorentz": diffraction.lorentz_factor(n),
+        "polarisation": pol,
+        "flags": np.zeros(n, dtype=np.int32),
+    }
+
+
+def _true_crystal(cell0: gemmi.UnitCell, sg: gemmi.SpaceGroup, params: PhysicalParams,
+                  rng: np.random.Generator) -> tuple[Crystal, np.ndarray]:
+    """The crystal as it is and its orientation ``U``: the cell varied (non-isomorphism that
+    keeps the lattice's symmetry: a and b together where they are equal), ``U`` random."""
+    a, b, c, al, be, ga = cell0.parameters
+    da, dc = rng.normal(0.0, params.cell_sigma_rel, 2)
+    db = da if abs(a - b) < 1e-3 else rng.normal(0.0, params.cell_sigma_rel)
+    if abs(a - c) < 1e-3 and abs(a - b) < 1e-3:
+        dc = da
+    true_cell = gemmi.UnitCell(a * (1 + da), b * (1 + db), c * (1 + dc), al, be, ga)
+    u = Rotation.random(random_state=rng).as_matrix()
+    return Crystal.from_u(true_cell, sg, u), u
+
+
+def _spectrum(params: PhysicalParams, rng: np.random.Generator
+              ) -> tuple[float, np.ndarray, np.ndarray]:
+    """The shot's mean wavelength, and its SASE spikes' wavelengths and weights (sum 1)."""
+    lam_shot = params.wavelength_a * (1.0 + params.wavelength_jitter_rel * rng.standard_normal())
+    n_spikes = max(1, int(rng.poisson(params.n_spikes_mean)))
+    lam_spikes = lam_shot * (1.0 + params.bandwidth_fwhm * FWHM_TO_SIGMA
+                             * rng.standard_normal(n_spikes))
+    weights = rng.exponential(1.0, n_spikes)
+    return lam_shot, lam_spikes, weights / weights.sum()
+
+
+def _reported_crystal(crystal: Crystal, u: np.ndarray, params: PhysicalParams,
+                      rng: np.random.Generator) -> Crystal:
+    """The crystal as indexing reports it: an orientation error and a cell length error."""
+    err = Rotation.from_rotvec(rng.normal(0.0, math.radians(params.indexing_error_deg), 3))
+    cell_err = 1.0 + rng.normal(0.0, params.cell_error_rel)
+    a, b, c, al, be, ga = crystal.cell.parameters
+    rep_cell = gemmi.UnitCell(a * cell_err, b * cell_err, c * cell_err, al, be, ga)
+    return Crystal.from_u(rep_cell, crystal.space_group, err.as_matrix() @ u)
+
+
+def _photons(mu: np.ndarray, params: PhysicalParams, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Integrated intensities and sigmas of mean photon counts ``mu``: the peak area holds
+    signal and background, the background is estimated from a ring ``background_ratio`` times
+    larger."""
+    bg = params.background_photons
+    peak = rng.poisson(mu + bg).astype(float)
+    bg_est = rng.poisson(bg * params.background_ratio) / params.background_ratio
+    return peak - bg_est, np.sqrt(np.maximum(peak, 1.0) + bg / params.background_ratio)
 
 
 @functools.lru_cache(maxsize=4)

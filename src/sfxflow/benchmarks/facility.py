@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from sfxflow.benchmarks.localhost import free_port
 
 Row = tuple[str, str, int, float, float]
 
@@ -70,11 +71,6 @@ def facility_rows(cxi: Path, geom_path: Path, energy_ev: float, tmp: Path, repea
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _live_row(run_dir: Path, geom: Any, tmp: Path, repeats: int, frames_per_block: int,
               n_frames: int) -> Row:
@@ -85,7 +81,7 @@ def _live_row(run_dir: Path, geom: Any, tmp: Path, repeats: int, frames_per_bloc
         Path(sys.executable).with_name("karabo-bridge-serve-files"))
     rates, lost = [], []
     for k in range(repeats):
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen([exe, str(run_dir), f"tcp://127.0.0.1:{port}"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         spool = tmp / f"spool-{k}"

@@ -211,10 +211,10 @@ def _reference(bench: Bench) -> None:
 @contextlib.contextmanager
 def _dask_cluster(bench: Bench, n_workers: int = 2) -> Iterator[tuple[str, list[Any]]]:
     """A ``dask scheduler`` and single-threaded ``dask worker --no-nanny`` processes."""
-    from sfxflow.benchmarks.local_s3 import _free_port
+    from sfxflow.benchmarks.localhost import free_port, stop_processes
 
     dask = str(Path(sys.executable).with_name("dask"))
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [bench.launch([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                            "--dashboard-address", "127.0.0.1:0"], "dask.log")]
@@ -229,15 +229,8 @@ def _dask_cluster(bench: Bench, n_workers: int = 2) -> Iterator[tuple[str, list[
             client.wait_for_workers(n_workers, timeout=60)
         yield address, procs[1:]
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
+        stop_processes(procs)
         for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
             p._log.close()  # type: ignore[attr-defined]
 
 
@@ -273,7 +266,7 @@ def client_killed(bench: Bench, o: Outcome) -> Outcome:
 @contextlib.contextmanager
 def _inputs_on_s3(bench: Bench) -> Iterator[tuple[dict[str, Any], Any] | None]:
     from sfxflow.benchmarks.local_s3 import local_s3
-    from sfxflow.benchmarks.tcp_proxy import FaultProxy
+    from sfxflow.benchmarks.tcp_proxy import TcpProxy
 
     with local_s3(BUCKET) as opts:
         if opts is None:
@@ -285,7 +278,7 @@ def _inputs_on_s3(bench: Bench) -> Iterator[tuple[dict[str, Any], Any] | None]:
         for path in (*bench.files, bench.geometry):
             fs.put_file(str(path), f"{BUCKET}/in/{path.name}")
         port = int(opts["client_kwargs"]["endpoint_url"].rsplit(":", 1)[1])
-        with FaultProxy(port) as proxy:
+        with TcpProxy(port) as proxy:
             yield opts, proxy
 
 

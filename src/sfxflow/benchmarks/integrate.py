@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -82,10 +82,71 @@ def _frames(detector: Any, sim: Any, n: int, seed: int) -> list[tuple[Any, np.nd
     return list(iter_frames(detector, sim, n, seed))
 
 
+@dataclass
+class _Tally:
+    """Integrated reflections compared with the simulator's truth, crystal by crystal."""
+
+    z: list[np.ndarray] = field(default_factory=list)  # (I - I_true) / sigma
+    i_obs: list[np.ndarray] = field(default_factory=list)
+    i_true: list[np.ndarray] = field(default_factory=list)
+    snr_true: list[np.ndarray] = field(default_factory=list)
+    n_full: int = 0  # truth reflections with partiality >= 0.5
+    n_full_hit: int = 0  # ... predicted within 0.5 px on their panel
+    n_pred: int = 0
+    n_pred_extra: int = 0  # predictions without a truth counterpart
+
+    def add(self, refl: Any, truth: dict[str, np.ndarray], m: np.ndarray) -> None:
+        """One crystal's reflections ``refl``, indexed in a setting that ``m`` maps to the
+        truth's."""
+        from sfxflow.algorithms.integrate import BAD_FLAGS
+
+        t_hkl = np.stack([truth["h"], truth["k"], truth["l"]], axis=1)
+        keys = {tuple(h): i for i, h in enumerate(t_hkl.tolist())}
+        hkl = refl.hkl @ m.T
+        idx = np.array([keys.get(tuple(h), -1) for h in hkl.tolist()], dtype=np.int64)
+        self.n_pred += len(refl)
+        self.n_pred_extra += int(np.count_nonzero(idx < 0))
+        ok = (idx >= 0) & ((refl["flags"] & int(BAD_FLAGS)) == 0)
+        self.z.append((refl["intensity"][ok] - truth["intensity_photons"][idx[ok]])
+                      / refl["sigma"][ok])
+        self.i_obs.append(refl["intensity"][ok])
+        self.i_true.append(truth["intensity_photons"][idx[ok]])
+        self.snr_true.append(truth["snr_true"][idx[ok]])
+        full = np.flatnonzero(truth["partiality"] >= 0.5)
+        near = np.zeros(len(t_hkl), bool)
+        good = idx >= 0
+        dist = np.hypot(refl["fs_px"][good] - truth["fs_px"][idx[good]],
+                        refl["ss_px"][good] - truth["ss_px"][idx[good]])
+        same_panel = refl["panel"][good] == truth["panel"][idx[good]]
+        near[idx[good][(dist <= 0.5) & same_panel]] = True
+        self.n_full += full.size
+        self.n_full_hit += int(near[full].sum())
+
+    def report(self, partiality_min: float) -> None:
+        if not self.z:
+            return
+        z = np.concatenate(self.z)
+        med = float(np.median(z))
+        rsd = 1.4826 * float(np.median(np.abs(z - med)))
+        strong = np.concatenate(self.snr_true) >= 10
+        obs, tru = np.concatenate(self.i_obs), np.concatenate(self.i_true)
+        cc = float(np.corrcoef(obs[strong], tru[strong])[0, 1]) if strong.sum() > 2 else float("nan")
+        print(f"  CC(I, true photons), true I/sigma >= 10: {cc:.4f} over {int(strong.sum())} "
+              "reflections (goal >= 0.99)")
+        print(f"  (I - I_true)/sigma over {z.size} reflections: median {med:+.3f}, robust sd "
+              f"{rsd:.3f} (goal 0.9-1.2)")
+        n_full, n_pred = self.n_full, self.n_pred
+        print(f"  truth reflections with partiality >= 0.5 predicted within 0.5 px: "
+              f"{self.n_full_hit}/{n_full} = {100 * self.n_full_hit / max(n_full, 1):.1f}% "
+              "(goal >= 95%)")
+        print(f"  predicted reflections without a truth counterpart: {self.n_pred_extra} of "
+              f"{n_pred} ({100 * self.n_pred_extra / max(n_pred, 1):.1f}%; the truth stops at "
+              f"partiality {partiality_min})")
+
+
 def run(args: argparse.Namespace) -> int:
     from sfxflow.algorithms import layouts
     from sfxflow.algorithms.index import index_lattices
-    from sfxflow.algorithms.integrate import BAD_FLAGS
     from sfxflow.algorithms.simulate import SimulationParams, with_defects_masked
     from sfxflow.algorithms.spots import find_spots
     from sfxflow.errors import InputError
@@ -115,8 +176,7 @@ def run(args: argparse.Namespace) -> int:
     warm = _frames(detector, sim, 1, args.seed + 1000)
     for ft, image, _ in warm:
         process_frame(Frame(image, detector, ft.beam, "warm", 0), cfg)
-    z_all, i_obs, i_true, snr_true = [], [], [], []
-    n_full = n_full_hit = n_pred = n_pred_extra = 0
+    tally = _Tally()
     n_crystals = n_indexed_frames = 0
     ms_per_crystal: list[float] = []
     for ft, image, truth in _frames(detector, sim, args.frames, args.seed):
@@ -130,50 +190,13 @@ def run(args: argparse.Namespace) -> int:
         ms_per_crystal.append(1e3 * (time.process_time() - t0) / len(crystals))
         n_indexed_frames += 1
         n_crystals += len(crystals)
-        t_hkl = np.stack([truth["h"], truth["k"], truth["l"]], axis=1)
-        keys = {tuple(h): i for i, h in enumerate(t_hkl.tolist())}
         rec = crystals[0]
         m = _setting_map(rec.crystal.a_matrix, ft.crystal.a_matrix)
-        refl = rec.reflections
-        if m is None or refl is None:
-            continue
-        hkl = refl.hkl @ m.T
-        idx = np.array([keys.get(tuple(h), -1) for h in hkl.tolist()], dtype=np.int64)
-        n_pred += len(refl)
-        n_pred_extra += int(np.count_nonzero(idx < 0))
-        ok = (idx >= 0) & ((refl["flags"] & int(BAD_FLAGS)) == 0)
-        z_all.append((refl["intensity"][ok] - truth["intensity_photons"][idx[ok]])
-                     / refl["sigma"][ok])
-        i_obs.append(refl["intensity"][ok])
-        i_true.append(truth["intensity_photons"][idx[ok]])
-        snr_true.append(truth["snr_true"][idx[ok]])
-        full = np.flatnonzero(truth["partiality"] >= 0.5)
-        near = np.zeros(len(t_hkl), bool)
-        good = idx >= 0
-        dist = np.hypot(refl["fs_px"][good] - truth["fs_px"][idx[good]],
-                        refl["ss_px"][good] - truth["ss_px"][idx[good]])
-        same_panel = refl["panel"][good] == truth["panel"][idx[good]]
-        near[idx[good][(dist <= 0.5) & same_panel]] = True
-        n_full += full.size
-        n_full_hit += int(near[full].sum())
+        if m is not None and rec.reflections is not None:
+            tally.add(rec.reflections, truth, m)
     print(f"  frames indexed: {n_indexed_frames} of {args.frames}; crystals integrated: "
           f"{n_crystals}")
-    if z_all:
-        z = np.concatenate(z_all)
-        med = float(np.median(z))
-        rsd = 1.4826 * float(np.median(np.abs(z - med)))
-        strong = np.concatenate(snr_true) >= 10
-        obs, tru = np.concatenate(i_obs), np.concatenate(i_true)
-        cc = float(np.corrcoef(obs[strong], tru[strong])[0, 1]) if strong.sum() > 2 else float("nan")
-        print(f"  CC(I, true photons), true I/sigma >= 10: {cc:.4f} over {int(strong.sum())} "
-              "reflections (goal >= 0.99)")
-        print(f"  (I - I_true)/sigma over {z.size} reflections: median {med:+.3f}, robust sd "
-              f"{rsd:.3f} (goal 0.9-1.2)")
-        print(f"  truth reflections with partiality >= 0.5 predicted within 0.5 px: "
-              f"{n_full_hit}/{n_full} = {100 * n_full_hit / max(n_full, 1):.1f}% (goal >= 95%)")
-        print(f"  predicted reflections without a truth counterpart: {n_pred_extra} of {n_pred} "
-              f"({100 * n_pred_extra / max(n_pred, 1):.1f}%; the truth stops at partiality "
-              f"{sim.partiality_min})")
+    tally.report(sim.partiality_min)
     if ms_per_crystal:
         print(f"  integrate stage (profile, prediction, integration): median "
               f"{statistics.median(ms_per_crystal):.2f} ms CPU per crystal, p90 "

@@ -7,18 +7,14 @@ S3 part of a benchmark is skipped with a line saying so instead of failing.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sfxflow.benchmarks.localhost import free_port
+
 __all__ = ["local_s3"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -37,7 +33,7 @@ def local_s3(*buckets: str) -> Iterator[dict[str, Any] | None]:
     import botocore.session
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -200,6 +200,47 @@ def _merge_stats(rng: np.random.Generator, n_crystals: int) -> dict[str, Any]:
     }
 
 
+def _write_block_shards(root: Path, block_id: str, part: pa.Table, crystals: pa.Table | None,
+                        rng: np.random.Generator, with_spots: bool) -> None:
+    """A done block's shards: its frames, its spots and predictions (``with_spots``) and its
+    crystals (when given)."""
+    from sfxflow.io.results import parquet_bytes, shard_names
+
+    names = shard_names(block_id)
+    (root / names["frames"]).write_bytes(parquet_bytes(
+        part, {"sfxflow.block_id": block_id, "sfxflow.n_frames": str(part.num_rows)}))
+    if with_spots:
+        spots, predicted = _spot_shards(rng, part)
+        (root / names["spots"]).write_bytes(parquet_bytes(spots))
+        (root / f"shards/{block_id}.reflections.parquet").write_bytes(parquet_bytes(predicted))
+    if crystals is not None:
+        (root / f"shards/{block_id}.crystals.parquet").write_bytes(parquet_bytes(crystals))
+
+
+def _summary(frames: pa.Table, wall: float, n_workers: int, n_blocks: int,
+             frames_per_block: int) -> dict[str, Any]:
+    """``summary.json`` of a finished run of ``frames`` that took ``wall`` seconds."""
+    n_frames = frames.num_rows
+    t = frames.column("t_total_s").to_numpy()
+    return {"frames": n_frames, "frames_processed": n_frames, "wall_s": wall - 20.0,
+            "total_wall_s": wall, "n_cores": n_workers, "frames_per_s": n_frames / wall,
+            "core_seconds_per_frame": n_workers * wall / n_frames,
+            "busy_core_seconds_per_frame": float(t.mean()), "hit_rate": 0.3,
+            "stage_seconds": {"spots": 0.7 * float(t.sum()), "index": 0.3 * float(t.sum())},
+            "blocks": n_blocks, "frames_per_block": frames_per_block, "complete": True}
+
+
+def _write_merge(folder: Path, rng: np.random.Generator, crystals: pa.Table) -> dict[str, Any]:
+    """A merge's ``stats.json`` and ``crystals.parquet``; returns the stats."""
+    from sfxflow.io.results import parquet_bytes
+
+    folder.mkdir(exist_ok=True)
+    stats = _merge_stats(rng, crystals.num_rows)
+    (folder / "stats.json").write_text(json.dumps(stats))
+    (folder / "crystals.parquet").write_bytes(parquet_bytes(_merge_crystals(rng, crystals)))
+    return stats
+
+
 def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block: int = 50, *,
                         n_files: int = 4, n_workers: int = 4, seed: int = 0, done_blocks:
                         int | None = None, with_crystals: bool = True, with_merge: bool = True,
@@ -224,7 +265,7 @@ def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block
     dict with ``frames`` and ``crystals`` (the tables written), ``stats`` (or ``None``) and
     ``blocks`` (ids in order, done ones first).
     """
-    from sfxflow.io.results import parquet_bytes, shard_names
+    from sfxflow.io.results import parquet_bytes
     from sfxflow.pipeline.config import load_config
     from sfxflow.pipeline.manifest import BlockEntry, Manifest
 
@@ -253,18 +294,10 @@ def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block
             entry.worker = f"tcp://10.0.0.{worker + 1}:40{worker:03d}"
             entry.finished_at = t_start + 20.0 + (b // n_workers + 1) * per_block_s * (
                 1.0 + 0.15 * worker) + rng.normal(0.0, 1.0)
-            names = shard_names(block_id)
-            part = frames.slice(int(lo), int(hi - lo))
-            (root / names["frames"]).write_bytes(parquet_bytes(
-                part, {"sfxflow.block_id": block_id, "sfxflow.n_frames": str(hi - lo)}))
-            if with_spots:
-                spots, predicted = _spot_shards(rng, part)
-                (root / names["spots"]).write_bytes(parquet_bytes(spots))
-                (root / f"shards/{block_id}.reflections.parquet").write_bytes(
-                    parquet_bytes(predicted))
-            if with_crystals:
-                mine = crystals.filter(pa.array(crystal_blocks == block_id))
-                (root / f"shards/{block_id}.crystals.parquet").write_bytes(parquet_bytes(mine))
+            mine = crystals.filter(pa.array(crystal_blocks == block_id)) if with_crystals \
+                else None
+            _write_block_shards(root, block_id, frames.slice(int(lo), int(hi - lo)), mine, rng,
+                                with_spots)
         entries.append(entry)
     manifest = Manifest.from_plan(sorted(set(urls.tolist())), entries)
     manifest.created_at = t_start
@@ -279,22 +312,10 @@ def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block
         if with_crystals:
             (root / "crystals.parquet").write_bytes(parquet_bytes(crystals))
         wall = max(e.finished_at for e in entries) - t_start
-        t = frames.column("t_total_s").to_numpy()
-        summary = {"frames": n_frames, "frames_processed": n_frames, "wall_s": wall - 20.0,
-                   "total_wall_s": wall, "n_cores": n_workers,
-                   "frames_per_s": n_frames / wall, "core_seconds_per_frame":
-                   n_workers * wall / n_frames, "busy_core_seconds_per_frame": float(t.mean()),
-                   "hit_rate": 0.3, "stage_seconds": {"spots": 0.7 * float(t.sum()),
-                                                      "index": 0.3 * float(t.sum())},
-                   "blocks": len(entries), "frames_per_block": frames_per_block,
-                   "complete": True}
+        summary = _summary(frames, wall, n_workers, len(entries), frames_per_block)
         (root / "summary.json").write_text(json.dumps(summary))
         if with_merge:
-            (root / "merge").mkdir(exist_ok=True)
-            stats = _merge_stats(rng, crystals.num_rows)
-            (root / "merge" / "stats.json").write_text(json.dumps(stats))
-            (root / "merge" / "crystals.parquet").write_bytes(
-                parquet_bytes(_merge_crystals(rng, crystals)))
+            stats = _write_merge(root / "merge", rng, crystals)
     return {"frames": frames, "crystals": crystals, "stats": stats,
             "blocks": [e.block_id for e in entries]}
 

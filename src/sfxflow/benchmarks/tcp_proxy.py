@@ -1,7 +1,13 @@
-"""A TCP proxy on 127.0.0.1 that plays storage faults for real: an endpoint that goes away
-(:meth:`FaultProxy.cut`: connections refused, open ones broken) or a network that drops
-packets silently (:meth:`FaultProxy.blackhole`: connections accepted, nothing answered, open
-ones stall), until :meth:`FaultProxy.restore`. Used by ``sfxflow bench faults``.
+"""A TCP proxy on 127.0.0.1 that can be cut and restored, to play a storage outage for real (used
+by ``sfxflow bench faults`` and the storage-outage tests).
+
+While cut, the listening socket is closed (new connections are refused) and every open
+connection is closed (requests in flight break), as when an endpoint goes away.
+
+While a blackhole (:meth:`TcpProxy.blackhole`), connections are still accepted but nothing is
+forwarded either way and nothing is closed, as when packets are dropped silently (a firewall, a
+dead route): only a timeout ends a request. The connections open during a blackhole stay dead
+after :meth:`TcpProxy.restore`; new ones work again.
 """
 
 from __future__ import annotations
@@ -10,38 +16,37 @@ import contextlib
 import socket
 import threading
 
-__all__ = ["FaultProxy"]
+from sfxflow.benchmarks.localhost import free_port
+
+__all__ = ["TcpProxy"]
 
 
-class FaultProxy:
-    """Forward ``127.0.0.1:port`` to ``127.0.0.1:target_port``, with faults on demand.
-
-    A connection opened or stalled during a blackhole stays silent for good (its bytes were
-    dropped): the client must time out and reconnect, as after a real one.
-    """
+class TcpProxy:
+    """Forward ``127.0.0.1:port`` to ``target_port``; :meth:`cut` and :meth:`restore` it."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
-        self._silent: set[int] = set()  # ids of sockets whose bytes are dropped
-        self._black = False
         self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        #: connections of an older generation than this forward nothing any more
+        self._generation = 0
+        self._holed = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> FaultProxy:
+    def start(self) -> TcpProxy:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
         self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        self._thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._thread.start()
         return self
 
     def _accept(self, listener: socket.socket) -> None:
@@ -50,12 +55,10 @@ class FaultProxy:
                 client, _ = listener.accept()
             except OSError:  # closed by cut()/stop()
                 return
-            with self._lock:
-                if self._black:  # accepted, never answered
-                    self._silent.add(id(client))
+            if self._holed:  # accepted, then never answered (closed by cut()/stop() only)
+                with self._lock:
                     self._conns.append(client)
-                    threading.Thread(target=self._drain, args=(client,), daemon=True).start()
-                    continue
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:
@@ -63,32 +66,29 @@ class FaultProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
+                if self._listener is not listener:  # cut while this one was being accepted
+                    client.close()
+                    upstream.close()
+                    continue
                 self._conns += [client, upstream]
+                generation = self._generation
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, generation), daemon=True).start()
 
-    @staticmethod
-    def _drain(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while sock.recv(1 << 16):
-                pass
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, generation: int) -> None:
         try:
             while data := src.recv(1 << 16):
-                if id(src) in self._silent or id(dst) in self._silent:
-                    continue  # dropped on the floor
-                dst.sendall(data)
+                if generation == self._generation:  # else: dropped silently
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
-            if id(src) not in self._silent:
-                for s in (src, dst):
-                    with contextlib.suppress(OSError):
-                        s.shutdown(socket.SHUT_RDWR)
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
-        """Refuse new connections and break the open ones (an endpoint gone)."""
+        """Refuse new connections and break the open ones."""
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
@@ -100,28 +100,27 @@ class FaultProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def blackhole(self) -> None:
-        """Drop every byte, in open connections and new ones, without closing anything."""
+        """Drop everything silently: open connections stop forwarding without being closed, new
+        ones are accepted and never answered."""
         with self._lock:
-            self._black = True
-            self._silent.update(id(s) for s in self._conns)
+            self._holed = True
+            self._generation += 1
 
     def restore(self) -> None:
-        """New connections work again (those silenced stay silent)."""
+        """Forward again (new connections): after :meth:`cut` or :meth:`blackhole`."""
         with self._lock:
-            self._black = False
-            listening = self._listener is not None
-        if not listening:
+            self._holed = False
+        if self._listener is None:
             self.start()
 
     def stop(self) -> None:
         self.cut()
-        with self._lock:
-            silent, self._silent = self._silent, set()
-        del silent
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> TcpProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -108,6 +108,54 @@ def _as_times(name: str, values: ArrayLike, n: int | None = None) -> NDArray[np.
     return arr
 
 
+def _pull(w: list[float], d: list[float], n_nodes: int, startup_s: float, prefetch: bool
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic policy: each unit, in order, goes to the node that asks first. Returns each
+    unit's node and each node's finish time."""
+    n = len(w)
+    # heap of (time the node asks for its next unit, when it finishes its current one,
+    # node): at equal times an idle node is served before a prefetching one
+    heap = [(startup_s, startup_s, i) for i in range(n_nodes)]
+    f_last = [startup_s] * n_nodes
+    owner = np.empty(n, dtype=np.int64)
+    for j in range(n):
+        t, _, i = heapq.heappop(heap)
+        owner[j] = i
+        start = max(t + d[j], f_last[i])
+        f = start + w[j]
+        f_last[i] = f
+        ask = max(start, f - d[j]) if prefetch else f
+        heapq.heappush(heap, (ask, f, i))
+    return owner, np.asarray(f_last)
+
+
+def _lpt(w: list[float], down: np.ndarray, est: np.ndarray, n_nodes: int, startup_s: float,
+         prefetch: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Static policy: units assigned longest (estimated) first to the least loaded node, then
+    each node works through its own list with the actual times. Returns each unit's node and
+    each node's finish time."""
+    n = len(w)
+    d = down.tolist()
+    cost = np.maximum(est, down) if prefetch else est + down
+    order = np.argsort(-cost, kind="stable")
+    loads = [(0.0, i) for i in range(n_nodes)]
+    owner = np.empty(n, dtype=np.int64)
+    c = cost.tolist()
+    for j in order.tolist():
+        load, i = heapq.heappop(loads)
+        owner[j] = i
+        heapq.heappush(loads, (load + c[j], i))
+    by_node = order[np.argsort(owner[order], kind="stable")]
+    f_last = [startup_s] * n_nodes
+    t_next = [startup_s] * n_nodes
+    for j in by_node.tolist():
+        i = int(owner[j])
+        start = max(t_next[i] + d[j], f_last[i])
+        f_last[i] = start + w[j]
+        t_next[i] = start if prefetch else f_last[i]
+    return owner, np.asarray(f_last)
+
+
 def simulate_schedule(
     compute_s: ArrayLike,
     n_nodes: int,
@@ -163,50 +211,13 @@ def simulate_schedule(
     if startup_s < 0:
         raise InputError(f"startup_s = {startup_s}; expected >= 0")
 
-    finish = np.full(n_nodes, float(startup_s))
-    busy = np.zeros(n_nodes)
-    count = np.zeros(n_nodes, dtype=np.int64)
-    w = work.tolist()
-    d = down.tolist()
-
     if policy is Policy.DYNAMIC:
-        # heap of (time the node can take its next unit, node)
-        # heap of (time the node asks for its next unit, when it finishes its current one,
-        # node): at equal times an idle node is served before a prefetching one
-        heap = [(float(startup_s), float(startup_s), i) for i in range(n_nodes)]
-        f_last = finish.tolist()
-        owner = np.empty(n, dtype=np.int64)
-        for j in range(n):
-            t, _, i = heapq.heappop(heap)
-            owner[j] = i
-            start = max(t + d[j], f_last[i])
-            f = start + w[j]
-            f_last[i] = f
-            ask = max(start, f - d[j]) if prefetch else f
-            heapq.heappush(heap, (ask, f, i))
-        finish = np.asarray(f_last)
+        owner, finish = _pull(work.tolist(), down.tolist(), n_nodes, float(startup_s), prefetch)
     else:
         est = work if estimate_s is None else _as_times("estimate_s", estimate_s, n)
-        cost = np.maximum(est, down) if prefetch else est + down
-        order = np.argsort(-cost, kind="stable")
-        loads = [(0.0, i) for i in range(n_nodes)]
-        owner = np.empty(n, dtype=np.int64)
-        c = cost.tolist()
-        for j in order.tolist():
-            load, i = heapq.heappop(loads)
-            owner[j] = i
-            heapq.heappush(loads, (load + c[j], i))
-        # each node works through its own list, largest first, with the actual times
-        by_node = order[np.argsort(owner[order], kind="stable")]
-        f_last = finish.tolist()
-        t_next = [float(startup_s)] * n_nodes
-        for j in by_node.tolist():
-            i = int(owner[j])
-            start = max(t_next[i] + d[j], f_last[i])
-            f_last[i] = start + w[j]
-            t_next[i] = start if prefetch else f_last[i]
-        finish = np.asarray(f_last)
-
+        owner, finish = _lpt(work.tolist(), down, est, n_nodes, float(startup_s), prefetch)
+    busy = np.zeros(n_nodes)
+    count = np.zeros(n_nodes, dtype=np.int64)
     np.add.at(busy, owner, work)
     np.add.at(count, owner, 1)
     return ScheduleResult(policy=policy, node_finish_s=finish, node_compute_s=busy,

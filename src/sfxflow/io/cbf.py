@@ -250,16 +250,8 @@ def _beam_direction(axes: Mapping[str, Axis], h: _Header) -> tuple[float, float,
     return (0.0, 0.0, 1.0)
 
 
-def _geometry_from_header(h: _Header) -> CbfGeometry:
-    """Geometry from the header tables (cached: files of one run share their header)."""
-    if not h.axis:
-        return _minicbf_geometry(h)
-    axes = _parse_axes(h)
-    settings = _settings(h, axes)
-    wavelength = _wavelength(h)
-    beam = Beam(wavelength_a=wavelength, direction=_beam_direction(axes, h))
-
-    list_rows = _dicts(h.structure_list)
+def _axis_sets(h: _Header) -> dict[str, list[PixelAxis]]:
+    """The pixel axes of each axis set (``_array_structure_list_axis``)."""
     axis_sets: dict[str, list[PixelAxis]] = {}
     for r in _dicts(h.list_axis):
         sid = r.get("axis_set_id")
@@ -268,13 +260,21 @@ def _geometry_from_header(h: _Header) -> CbfGeometry:
                 PixelAxis(str(r.get("axis_id")), _num(r.get("displacement")),
                            _num(r.get("displacement_increment"), math.nan))
             )
-    intens = {r.get("array_id"): r for r in _dicts(h.intensities)}
+    return axis_sets
 
-    # array dimensions (rows without a section id)
-    array_dims: dict[str, dict[int, tuple[int, int, str | None]]] = {}
+
+_ArrayDims = dict[str, dict[int, tuple[int, int, str | None]]]
+
+
+def _array_structure(h: _Header) -> tuple[_ArrayDims, dict[str, dict[int, tuple[int, str | None]]],
+                                          dict[str, str]]:
+    """From ``_array_structure_list``: each array's dimensions by index ``(size, precedence,
+    axis set)`` (rows without a section id), each section's axis sets by precedence
+    ``(index, axis set)``, and the array of each section."""
+    array_dims: _ArrayDims = {}
     section_axes: dict[str, dict[int, tuple[int, str | None]]] = {}
     section_array: dict[str, str] = {}
-    for r in list_rows:
+    for r in _dicts(h.structure_list):
         aid = str(r.get("array_id"))
         idx = int(_num(r.get("index")))
         prec = int(_num(r.get("precedence"), idx))
@@ -288,6 +288,13 @@ def _geometry_from_header(h: _Header) -> CbfGeometry:
         else:
             section_axes.setdefault(sec, {})[prec] = (idx, _val(r.get("axis_set_id")))
             section_array[sec] = aid
+    return array_dims, section_axes, section_array
+
+
+def _sections(h: _Header, section_array: dict[str, str]
+              ) -> tuple[dict[str, dict[int, tuple[int, int]]], list[str]]:
+    """Each section's pixel ranges by dimension index (1-based, inclusive) and the sections in
+    file order; ``section_array`` gains the array of sections named only here."""
     section_ranges: dict[str, dict[int, tuple[int, int]]] = {}
     section_order: list[str] = []
     for r in _dicts(h.sections):
@@ -297,12 +304,17 @@ def _geometry_from_header(h: _Header) -> CbfGeometry:
         section_ranges.setdefault(sid, {})[int(_num(r.get("index")))] = (
             int(_num(r.get("start"))), int(_num(r.get("end"))))
         section_array.setdefault(sid, str(r.get("array_id")))
+    return section_ranges, section_order
 
-    order = list(h.array_order) or list(array_dims)
+
+def _array_layouts(h: _Header, array_dims: _ArrayDims, intens: Mapping[Any, Mapping[str, Any]]
+                   ) -> tuple[list[_ArrayLayout], int, int]:
+    """The arrays side by side in the frame's pixel array (in ``_array_data`` order): their
+    layouts, the frame's rows and columns."""
     arrays: list[_ArrayLayout] = []
     col = 0
     n_rows = 0
-    for aid in order:
+    for aid in list(h.array_order) or list(array_dims):
         dims = array_dims.get(aid)
         if not dims:
             raise GeometryError(f"no _array_structure_list rows for array {aid}")
@@ -322,6 +334,23 @@ def _geometry_from_header(h: _Header) -> CbfGeometry:
                                    _num(it.get("overload"), math.inf)))
         col += nf
         n_rows = max(n_rows, nm * ns)
+    return arrays, n_rows, col
+
+
+def _geometry_from_header(h: _Header) -> CbfGeometry:
+    """Geometry from the header tables (cached: files of one run share their header)."""
+    if not h.axis:
+        return _minicbf_geometry(h)
+    axes = _parse_axes(h)
+    settings = _settings(h, axes)
+    wavelength = _wavelength(h)
+    beam = Beam(wavelength_a=wavelength, direction=_beam_direction(axes, h))
+
+    axis_sets = _axis_sets(h)
+    intens = {r.get("array_id"): r for r in _dicts(h.intensities)}
+    array_dims, section_axes, section_array = _array_structure(h)
+    section_ranges, section_order = _sections(h, section_array)
+    arrays, n_rows, col = _array_layouts(h, array_dims, intens)
     layout = {a.array_id: a for a in arrays}
 
     def make_panel(name: str, aid: str, fast_set: str | None, slow_set: str | None,
@@ -523,7 +552,7 @@ def cbf_geometry(data: bytes, url: str = "") -> tuple[Detector, Beam]:
     geom = _geometry(handle, url, data)
     if geom.minicbf:
         arrays = _decode_arrays(handle, url)
-        geom = _fill_minicbf(geom, arrays, url)
+        geom = _fill_minicbf(geom, arrays)
     return geom.detector, geom.beam
 
 
@@ -582,7 +611,7 @@ def _header_stub() -> _Header:
     return _Header((), (), (), (), (), (), (), (), (), None)
 
 
-def _fill_minicbf(geom: CbfGeometry, arrays: dict[str, np.ndarray], url: str) -> CbfGeometry:
+def _fill_minicbf(geom: CbfGeometry, arrays: dict[str, np.ndarray]) -> CbfGeometry:
     (a,) = list(arrays.values())[:1]
     ns, nf = a.shape[-2], a.shape[-1]
     p = replace(geom.detector[0], shape=(ns, nf))
@@ -637,7 +666,7 @@ def read_cbf(data: bytes, url: str = "", index: int = 0) -> Frame:
     raw = _decode_arrays(handle, url)  # first: a truncated file fails here with a clear message
     geom = _geometry(handle, url, data)
     if geom.minicbf:
-        geom = _fill_minicbf(geom, raw, url)
+        geom = _fill_minicbf(geom, raw)
     plane = np.zeros(geom.data_shape, dtype=np.float32) if len(
         {lay.dims[1] * lay.dims[2] for lay in geom.arrays}) > 1 else np.empty(
         geom.data_shape, dtype=np.float32)

@@ -109,10 +109,6 @@ class EuXfelRunSource(ImageSource):
         source = next(iter(self._det.source_to_modno))
         return set(self._run[source].keys())
 
-    def read_frame(self, i: int) -> Frame:
-        self._check_index(i)
-        return self.read_frames(i, i + 1)[0]
-
     def read_frames(self, start: int, stop: int) -> list[Frame]:
         ed = require("extra_data")
         self._check_range(start, stop)

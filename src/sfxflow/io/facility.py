@@ -150,9 +150,3 @@ class FrameBuilder:
                      event_id=event_id)
 
 
-def any_value(mapping: Mapping[str, Any], *keys: str) -> Any:
-    """The first of ``keys`` present in ``mapping`` (``None`` if none is)."""
-    for k in keys:
-        if k in mapping:
-            return mapping[k]
-    return None

@@ -270,7 +270,7 @@ class CrystfelGeometry:
         return out
 
     # ---------------------------------------------------------------- resolution
-    def _value(self, key: str, spec: float | str | None, values: Mapping[str, float] | None,
+    def _value(self, spec: float | str | None, values: Mapping[str, float] | None,
                what: str) -> float:
         """A literal (already in internal units) or a reference looked up in ``values``."""
         if spec is None:
@@ -301,7 +301,7 @@ class CrystfelGeometry:
         if self.energy is None:
             return None
         kind, spec, _unit = self.energy
-        v = self._value(kind, spec, values, kind)
+        v = self._value(spec, values, kind)
         if kind == "photon_energy":
             e_ev = v * self.photon_energy_scale
             if not e_ev > 0:
@@ -329,14 +329,12 @@ class CrystfelGeometry:
                 beam_energy_ev = None if b is None else b.photon_energy_ev
             except GeometryError:
                 beam_energy_ev = None
-        sx = self._value("detector_shift_x", self.detector_shift_m[0], values,
-                         "detector_shift_x") * 1000.0
-        sy = self._value("detector_shift_y", self.detector_shift_m[1], values,
-                         "detector_shift_y") * 1000.0
+        sx = self._value(self.detector_shift_m[0], values, "detector_shift_x") * 1000.0
+        sy = self._value(self.detector_shift_m[1], values, "detector_shift_y") * 1000.0
         panels = []
         for p in self.panel_specs:
-            clen = self._value("clen", p.clen, values, f"clen of panel {p.name}")
-            coff = self._value("coffset", p.coffset, values, f"coffset of panel {p.name}")
+            clen = self._value(p.clen, values, f"clen of panel {p.name}")
+            coff = self._value(p.coffset, values, f"coffset of panel {p.name}")
             pix = p.pixel_size_mm
             origin = (p.corner_px[0] * pix + sx, p.corner_px[1] * pix + sy,
                       1000.0 * (clen + coff))
@@ -1184,6 +1182,59 @@ def _mask_rectangles(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
     return done
 
 
+def _mask_ref_lines(mask_refs: tuple[MaskRef, ...] | list[MaskRef]) -> list[str]:
+    out: list[str] = []
+    for k_mask, m in enumerate(mask_refs):
+        out.append(f"mask{k_mask}_data = {m.data_path}")
+        if m.file is not None:
+            out.append(f"mask{k_mask}_file = {m.file}")
+        out.append(f"mask{k_mask}_goodbits = {m.good_bits:#x}")
+        out.append(f"mask{k_mask}_badbits = {m.bad_bits:#x}")
+    return out
+
+
+def _panel_lines(p: Panel, fixed_dims: list[int], clen_m: float) -> tuple[list[str], list[str]]:
+    """A panel's lines in a geometry file, and the ``bad_*`` regions of its mask."""
+    lines: list[str] = []
+    bad_lines: list[str] = []
+    pix = p.pixel_size_mm
+    n = p.name
+    ss0, fs0 = p.data_origin
+    lines += [
+        f"{n}/min_fs = {fs0}",
+        f"{n}/max_fs = {fs0 + p.shape[1] - 1}",
+        f"{n}/min_ss = {ss0}",
+        f"{n}/max_ss = {ss0 + p.shape[0] - 1}",
+    ]
+    for dim_no, idx in zip(fixed_dims, p.data_index, strict=True):
+        lines.append(f"{n}/dim{dim_no} = {idx}")
+    lines += [
+        f"{n}/fs = {_vec(p.fast_axis)}",
+        f"{n}/ss = {_vec(p.slow_axis)}",
+        f"{n}/res = {_num(1000.0 / pix)}",
+        f"{n}/corner_x = {_num(p.origin_mm[0] / pix)}",
+        f"{n}/corner_y = {_num(p.origin_mm[1] / pix)}",
+        f"{n}/coffset = {_num(p.origin_mm[2] / 1000.0 - clen_m)}",
+    ]
+    if p.adu_per_photon is not None:
+        lines.append(f"{n}/adu_per_photon = {_num(p.adu_per_photon)}")
+    if math.isfinite(p.max_adu):
+        lines.append(f"{n}/max_adu = {_num(p.max_adu)}")
+    if p.mask is not None and not p.mask.any():
+        lines.append(f"{n}/no_index = 1")
+    elif p.mask is not None and not p.mask.all():
+        for k, (a_ss, b_ss, a_fs, b_fs) in enumerate(_mask_rectangles(p.mask)):
+            bad_lines += [
+                f"bad_{n}_{k}/min_fs = {a_fs + fs0}",
+                f"bad_{n}_{k}/max_fs = {b_fs + fs0}",
+                f"bad_{n}_{k}/min_ss = {a_ss + ss0}",
+                f"bad_{n}_{k}/max_ss = {b_ss + ss0}",
+                f"bad_{n}_{k}/panel = {n}",
+                "",
+            ]
+    return lines, bad_lines
+
+
 def format_geom(
     detector: Detector,
     *,
@@ -1243,12 +1294,7 @@ def format_geom(
         if d != "?":
             out.append(f"dim{i} = {d}")
     fixed_dims = [i for i, d in enumerate(dims) if d == "?"]
-    for k_mask, m in enumerate(mask_refs):
-        out.append(f"mask{k_mask}_data = {m.data_path}")
-        if m.file is not None:
-            out.append(f"mask{k_mask}_file = {m.file}")
-        out.append(f"mask{k_mask}_goodbits = {m.good_bits:#x}")
-        out.append(f"mask{k_mask}_badbits = {m.bad_bits:#x}")
+    out += _mask_ref_lines(mask_refs)
     out.append("")
     for g, members in detector.rigid_groups.items():
         out.append(f"rigid_group_{g} = {','.join(members)}")
@@ -1261,41 +1307,9 @@ def format_geom(
         if len(p.data_index) != lead:
             raise ValueError(f"format_geom: panel {p.name} has {len(p.data_index)} fixed "
                              f"indices, others {lead}; one layout per file")
-        pix = p.pixel_size_mm
-        n = p.name
-        ss0, fs0 = p.data_origin
-        out += [
-            f"{n}/min_fs = {fs0}",
-            f"{n}/max_fs = {fs0 + p.shape[1] - 1}",
-            f"{n}/min_ss = {ss0}",
-            f"{n}/max_ss = {ss0 + p.shape[0] - 1}",
-        ]
-        for dim_no, idx in zip(fixed_dims, p.data_index, strict=True):
-            out.append(f"{n}/dim{dim_no} = {idx}")
-        out += [
-            f"{n}/fs = {_vec(p.fast_axis)}",
-            f"{n}/ss = {_vec(p.slow_axis)}",
-            f"{n}/res = {_num(1000.0 / pix)}",
-            f"{n}/corner_x = {_num(p.origin_mm[0] / pix)}",
-            f"{n}/corner_y = {_num(p.origin_mm[1] / pix)}",
-            f"{n}/coffset = {_num(p.origin_mm[2] / 1000.0 - clen_m)}",
-        ]
-        if p.adu_per_photon is not None:
-            out.append(f"{n}/adu_per_photon = {_num(p.adu_per_photon)}")
-        if math.isfinite(p.max_adu):
-            out.append(f"{n}/max_adu = {_num(p.max_adu)}")
-        if p.mask is not None and not p.mask.any():
-            out.append(f"{n}/no_index = 1")
-        elif p.mask is not None and not p.mask.all():
-            for k, (a_ss, b_ss, a_fs, b_fs) in enumerate(_mask_rectangles(p.mask)):
-                bad_lines += [
-                    f"bad_{n}_{k}/min_fs = {a_fs + fs0}",
-                    f"bad_{n}_{k}/max_fs = {b_fs + fs0}",
-                    f"bad_{n}_{k}/min_ss = {a_ss + ss0}",
-                    f"bad_{n}_{k}/max_ss = {b_ss + ss0}",
-                    f"bad_{n}_{k}/panel = {n}",
-                    "",
-                ]
+        lines, bad = _panel_lines(p, fixed_dims, clen_m)
+        out += lines
+        bad_lines += bad
         out.append("")
     out += bad_lines
     return "\n".join(out).rstrip("\n") + "\n"

@@ -356,10 +356,6 @@ class CxiSource(ImageSource):
         return det, beam
 
     # -- reading
-    def read_frame(self, i: int) -> Frame:
-        self._check_index(i)
-        return self.read_frames(i, i + 1)[0]
-
     def _slab(self, ds: h5py.Dataset, start: int, stop: int) -> np.ndarray:
         if self.frame_dim is None:
             return ds[()][None, ...]
@@ -605,8 +601,7 @@ class NxmxSource(ImageSource):
                     sat, h5py.Dataset) else math.inf
                 for name, mod in det.items():
                     if isinstance(mod, h5py.Group) and _nx_class(mod) == "NXdetector_module":
-                        panels.append(self._module_panel(det.name, name, mod, mask_arr, max_adu,
-                                                         len(panels)))
+                        panels.append(self._module_panel(det.name, name, mod, mask_arr, max_adu))
         if not panels:
             raise GeometryError(f"{self.url}: NXmx file has no NXdetector_module")
         names = [p.name for p in panels]
@@ -615,7 +610,7 @@ class NxmxSource(ImageSource):
         return Detector(tuple(panels))
 
     def _module_panel(self, det_name: str, name: str, mod: h5py.Group,
-                      mask_arr: np.ndarray | None, max_adu: float, k: int) -> Panel:
+                      mask_arr: np.ndarray | None, max_adu: float) -> Panel:
         where = f"{mod.name}"
         for field in ("data_origin", "data_size", "fast_pixel_direction",
                       "slow_pixel_direction"):
@@ -700,10 +695,6 @@ class NxmxSource(ImageSource):
         return Beam(wavelength_a=float(w[i] if w.size > 1 else w[0]))
 
     # -- reading
-    def read_frame(self, i: int) -> Frame:
-        self._check_index(i)
-        return self.read_frames(i, i + 1)[0]
-
     def read_frames(self, start: int, stop: int) -> list[Frame]:
         self._check_range(start, stop)
         frames: list[Frame] = []

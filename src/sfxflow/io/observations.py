@@ -278,13 +278,6 @@ def remove_stale_scaled(out_url: str, written: Sequence[int],
     return len(stale)
 
 
-def _empty(number: int, rejected: dict[str, int]) -> ShardData:
-    z = np.zeros(0)
-    return ShardData(np.zeros(0, np.int64), np.zeros((0, 3, 3)), z, np.zeros((0, 6)), [],
-                     np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64),
-                     np.zeros((0, 3), np.int32), z, z, z, rejected)
-
-
 #: how a run directory's reflections name their crystal (crystals.parquet has the same columns)
 _CRYSTAL_KEY = ("source_url", "frame_index", "crystal")
 _CELL_COLUMNS = ("a", "b", "c", "alpha", "beta", "gamma")

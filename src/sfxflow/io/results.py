@@ -585,10 +585,6 @@ class RunDir:
         """Concatenate the crystals shards of ``block_ids`` (:data:`CRYSTAL_SCHEMA`)."""
         return self._read_tables(block_ids, "crystals", CRYSTAL_SCHEMA)
 
-    def read_reflections_shards(self, block_ids: Iterable[str]) -> pa.Table:
-        """Concatenate the reflections shards of ``block_ids`` (:data:`REFLECTION_SCHEMA`)."""
-        return self._read_tables(block_ids, "reflections", REFLECTION_SCHEMA)
-
     def mtime(self, rel: str) -> float | None:
         """Modification time (POSIX seconds) of ``rel`` where the store reports one."""
         from sfxflow.io.storage import call_fs

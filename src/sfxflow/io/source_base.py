@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from typing import TYPE_CHECKING
 
 from sfxflow.errors import SourceError
@@ -27,12 +27,20 @@ class ImageSource(ABC):
     n_frames: int
     kind: str = "unknown"
 
-    @abstractmethod
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        # each default below is written with the other: a source must give one of them
+        super().__init_subclass__(**kwargs)
+        if cls.read_frame is ImageSource.read_frame and cls.read_frames is ImageSource.read_frames:
+            raise TypeError(f"{cls.__name__} must define read_frame or read_frames")
+
     def read_frame(self, i: int) -> Frame:
-        """Frame ``i`` (0-based)."""
+        """Frame ``i`` (0-based): by default the one-frame block (for sources read by blocks)."""
+        self._check_index(i)
+        return self.read_frames(i, i + 1)[0]
 
     def read_frames(self, start: int, stop: int) -> list[Frame]:
-        """Frames ``start .. stop-1``."""
+        """Frames ``start .. stop-1``: by default one :meth:`read_frame` each (for sources
+        read frame by frame)."""
         self._check_range(start, stop)
         return [self.read_frame(i) for i in range(start, stop)]
 

@@ -304,16 +304,20 @@ class _Lines:
                            f"(value {value!r}, expected {expected})")
 
     def until(self, end: str, what: str) -> list[str]:
+        return list(self.lines_until(end, what, strip=False))
+
+    def lines_until(self, end: str, what: str, strip: bool = True) -> Iterator[str]:
+        """The lines up to the line ``end`` (consumed, not yielded), read lazily so that the
+        caller can hand the cursor to a nested parser between two lines."""
         start = self.lineno
-        out: list[str] = []
         while True:
             s = self.next()
             if s is None:
                 raise self.error(f"{what} is not terminated", f"end of file after line {start}",
                                  f"'{end}'", line=start)
             if s.strip() == end:
-                return out
-            out.append(s)
+                return
+            yield s.strip() if strip else s
 
 
 def _float(cur: _Lines, text: str, what: str) -> float:
@@ -323,7 +327,7 @@ def _float(cur: _Lines, text: str, what: str) -> float:
         raise cur.error(f"cannot parse {what}", text, "a number") from None
 
 
-def _panel_lookup(geometry: CrystfelGeometry | None, cur: _Lines) -> dict[str, tuple[int, int, int]]:
+def _panel_lookup(geometry: CrystfelGeometry | None) -> dict[str, tuple[int, int, int]]:
     if geometry is None:
         return {}
     return {s.name: (i, s.data_origin[0], s.data_origin[1])
@@ -419,14 +423,7 @@ def _parse_crystal(cur: _Lines, panels: dict[str, tuple[int, int, int]]) -> Stre
     cell = None
     vecs: dict[str, np.ndarray] = {}
     refl = Reflections.empty()
-    while True:
-        s = cur.next()
-        if s is None:
-            raise cur.error("crystal is not terminated", "end of file", f"'{END_CRYSTAL}'",
-                            line=start)
-        t = s.strip()
-        if t == END_CRYSTAL:
-            break
+    for t in cur.lines_until(END_CRYSTAL, "crystal"):
         if t.startswith("Cell parameters"):
             m = re.match(r"Cell parameters\s+(\S+)\s+(\S+)\s+(\S+)\s+nm,\s+(\S+)\s+(\S+)\s+(\S+)"
                          r"\s+deg$", t)
@@ -468,14 +465,7 @@ def _parse_chunk(cur: _Lines, panels: dict[str, tuple[int, int, int]]) -> Chunk:
     crystals: list[StreamCrystal] = []
     headers: dict[str, float] = {}
     info: dict[str, str] = {}
-    while True:
-        s = cur.next()
-        if s is None:
-            raise cur.error("chunk is not terminated", "end of file", f"'{END_CHUNK}'",
-                            line=start)
-        t = s.strip()
-        if t == END_CHUNK:
-            break
+    for t in cur.lines_until(END_CHUNK, "chunk"):
         if t == BEGIN_CHUNK:
             raise cur.error("chunk is not terminated", t, f"'{END_CHUNK}' first", line=start)
         if t.startswith("Image filename:"):
@@ -531,7 +521,7 @@ def parse_stream(text: str, source: str = "<stream>",
     geom = geometry
     target = None
     chunks: list[Chunk] = []
-    panels = _panel_lookup(geom, cur)
+    panels = _panel_lookup(geom)
     while (s := cur.next()) is not None:
         t = s.strip()
         if t == BEGIN_CHUNK:
@@ -548,7 +538,7 @@ def parse_stream(text: str, source: str = "<stream>",
                     except GeometryError as exc:
                         raise StreamError(str(exc)) from exc
                     geom = _with_text(geom, body)
-                    panels = _panel_lookup(geom, cur)
+                    panels = _panel_lookup(geom)
         elif t == BEGIN_CELL:
             start = cur.lineno
             body = "\n".join(cur.until(END_CELL, "unit cell block")) + "\n"
@@ -771,6 +761,37 @@ def _crystal_block(crystal: Crystal, reflections: Reflections, detector: Detecto
     return out
 
 
+def _beam_lines(beam: Beam) -> list[str]:
+    # partialator takes each shot's bandwidth from its chunk, not from the geometry, and
+    # aborts on a zero one (CrystFEL's own default is 1e-8); its bandwidth is the σ
+    sigma = max(beam.bandwidth_fwhm / FWHM_PER_SIGMA, _CRYSTFEL_MIN_BANDWIDTH)
+    return [f"photon_energy_eV = {beam.photon_energy_ev:.6f}",
+            f"beam_divergence = {beam.divergence_rad:.2e} rad",
+            f"beam_bandwidth = {sigma:.2e} (fraction)"]
+
+
+def _peak_lines(spots: SpotTable, detector: Detector, beam: Beam | None) -> list[str]:
+    """The rows of a chunk's peak list: positions in the data's pixels (panel origin added),
+    1/d in nm^-1 (from the spots' ``d_a``, else from their position and ``beam``)."""
+    if not len(spots):
+        return []
+    inv_d_nm = np.zeros(len(spots))
+    with np.errstate(divide="ignore"):
+        known = np.isfinite(spots.d_a) & (spots.d_a > 0)
+        inv_d_nm[known] = 10.0 / spots.d_a[known]
+    if beam is not None and not known.all():
+        q = pixels_to_q(detector, beam, spots.panel[~known], spots.fs_px[~known],
+                        spots.ss_px[~known])
+        inv_d_nm[~known] = 10.0 * np.linalg.norm(q, axis=1)
+    lines = []
+    for i in range(len(spots)):
+        pn = detector.panels[int(spots.panel[i])]
+        lines.append(f"{spots.fs_px[i] + pn.data_origin[1]:7.2f} "
+                     f"{spots.ss_px[i] + pn.data_origin[0]:7.2f} {inv_d_nm[i]:10.2f}  "
+                     f"{spots.intensity[i]:10.2f}   {pn.name}")
+    return lines
+
+
 def format_chunk(
     result: ImageResult,
     detector: Detector,
@@ -831,12 +852,7 @@ def format_chunk(
         out.append(f"Image serial number: {serial}")
     out += [f"hit = {int(hit)}", f"indexed_by = {indexed_by if crystal is not None else 'none'}"]
     if beam is not None:
-        # partialator takes each shot's bandwidth from its chunk, not from the geometry, and
-        # aborts on a zero one (CrystFEL's own default is 1e-8); its bandwidth is the σ
-        sigma = max(beam.bandwidth_fwhm / FWHM_PER_SIGMA, _CRYSTFEL_MIN_BANDWIDTH)
-        out += [f"photon_energy_eV = {beam.photon_energy_ev:.6f}",
-                f"beam_divergence = {beam.divergence_rad:.2e} rad",
-                f"beam_bandwidth = {sigma:.2e} (fraction)"]
+        out += _beam_lines(beam)
     for path, v in (header_values or {}).items():
         out.append(f"hdf5{'' if path.startswith('/') else '/'}{path} = {float(v):.6f}")
     if result.status == FrameStatus.FAILED or result.reason:
@@ -846,37 +862,34 @@ def format_chunk(
         if result.reason:
             out.append(f"sfxflow/reason = {' '.join(result.reason.split())}")
     spots = result.spots if result.spots is not None else SpotTable.empty()
-    out += [f"num_peaks = {len(spots)}", PEAKS_START, PEAKS_HEADER]
-    if len(spots):
-        inv_d_nm = np.zeros(len(spots))
-        with np.errstate(divide="ignore"):
-            known = np.isfinite(spots.d_a) & (spots.d_a > 0)
-            inv_d_nm[known] = 10.0 / spots.d_a[known]
-        if beam is not None and not known.all():
-            q = pixels_to_q(detector, beam, spots.panel[~known], spots.fs_px[~known],
-                            spots.ss_px[~known])
-            inv_d_nm[~known] = 10.0 * np.linalg.norm(q, axis=1)
-        for i in range(len(spots)):
-            pn = detector.panels[int(spots.panel[i])]
-            out.append(f"{spots.fs_px[i] + pn.data_origin[1]:7.2f} "
-                       f"{spots.ss_px[i] + pn.data_origin[0]:7.2f} {inv_d_nm[i]:10.2f}  "
-                       f"{spots.intensity[i]:10.2f}   {pn.name}")
+    out += [f"num_peaks = {len(spots)}", PEAKS_START, PEAKS_HEADER,
+            *_peak_lines(spots, detector, beam)]
     out.append(PEAKS_END)
-    if crystal is not None and result.crystals and reflections is None:
+    if crystal is not None:
+        out += _crystal_lines(result, crystal, detector, reflections, crystal_info)
+    out.append(END_CHUNK)
+    return "\n".join(out) + "\n"
+
+
+def _crystal_lines(result: ImageResult, crystal: Crystal, detector: Detector,
+                   reflections: Reflections | None, crystal_info: Mapping[str, str] | None
+                   ) -> list[str]:
+    """The crystal blocks of an indexed frame: one per integrated crystal, or one of the
+    given (else the indexed spots') reflections."""
+    out: list[str] = []
+    if result.crystals and reflections is None:
         for rec in result.crystals:
             refl = (reflections_from_integrated(rec.reflections)
                     if rec.reflections is not None else Reflections.empty())
             info = {**_integrated_info(rec, refl), **dict(crystal_info or {})}
             out += _crystal_block(rec.crystal, refl, detector, info)
-    elif crystal is not None:
-        refl = reflections if reflections is not None else reflections_from_spots(result)
-        info = dict(crystal_info or {})
-        if math.isfinite(result.rmsd_px):
-            info.setdefault("sfxflow/rmsd_px", f"{result.rmsd_px:.4f}")
-        info.setdefault("sfxflow/n_indexed_peaks", str(result.n_indexed))
-        out += _crystal_block(crystal, refl, detector, info)
-    out.append(END_CHUNK)
-    return "\n".join(out) + "\n"
+        return out
+    refl = reflections if reflections is not None else reflections_from_spots(result)
+    info = dict(crystal_info or {})
+    if math.isfinite(result.rmsd_px):
+        info.setdefault("sfxflow/rmsd_px", f"{result.rmsd_px:.4f}")
+    info.setdefault("sfxflow/n_indexed_peaks", str(result.n_indexed))
+    return _crystal_block(crystal, refl, detector, info)
 
 
 class StreamWriter:

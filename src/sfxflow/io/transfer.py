@@ -863,6 +863,77 @@ def _download_jobs(engine: _Transfer, sources: Sequence[str], dest: Path
     return jobs
 
 
+def _check_arguments(sources: Sequence[str], dest: str, streams: int, part_size: int,
+                     verify: str) -> bool:
+    """An :class:`InputError` for arguments :func:`transfer` cannot take; whether it uploads."""
+    if not sources:
+        raise InputError("no sources given; expected at least one file, folder or s3:// URL")
+    if streams < 1:
+        raise InputError(f"streams = {streams}; expected >= 1")
+    if part_size < MIN_PART_SIZE:
+        raise InputError(f"part size {part_size} bytes; expected >= {MIN_PART_SIZE} (5 MiB, "
+                         "S3's minimum)")
+    if verify not in ("etag", "reread"):
+        raise InputError(f"verify = {verify!r}; expected 'etag' or 'reread'")
+    remote_src = [not is_local(s) for s in sources]
+    if any(remote_src) and not all(remote_src):
+        raise InputError("sources mix local paths and URLs; expected all local or all s3://")
+    for url in [*sources, dest]:
+        if not is_local(url) and not url.startswith("s3://"):
+            raise InputError(f"{url}: only local paths and s3:// URLs are supported")
+    upload = not remote_src[0]
+    if upload == is_local(dest):
+        raise InputError(f"{sources[0]} -> {dest}: expected one side local and the other "
+                         "s3://")
+    return upload
+
+
+def _result_of(fut: cf.Future[ObjectResult], job: _Job) -> ObjectResult:
+    """A file's result; a file whose transfer raised is a failed result naming the error."""
+    try:
+        return fut.result()
+    except (OSError, SfxflowError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error("%s: %s", job.src, text)
+        return ObjectResult(job.name, job.src, job.dst, job.size, "failed", error=text)
+
+
+def _upload_jobs(sources: Sequence[str], bucket: str, prefix: str, hash_prefix: bool
+                 ) -> list[tuple[_Job, str | None]]:
+    key_of = hashed_key if hash_prefix else _plain_key
+    return [(_Job(name, str(path), f"{bucket}/{key_of(prefix, name)}", path.stat().st_size),
+             None) for name, path in _local_files(sources)]
+
+
+def _write_manifest(engine: _Transfer, bucket: str, prefix: str, results: list[ObjectResult],
+                    completed: bool) -> None:
+    """The upload's manifest; when the transfer was stopped by an error, a manifest that
+    cannot be written is logged, not raised (that would hide the error that stopped it)."""
+    try:
+        engine.write_manifest(bucket, prefix, results)
+    except (OSError, SfxflowError) as exc:
+        if completed:
+            raise
+        log.error("s3://%s: could not write the transfer manifest: %s",
+                  _plain_key(f"{bucket}/{prefix}", MANIFEST_NAME), exc)
+
+
+def _run_jobs(files: cf.ThreadPoolExecutor, engine: _Transfer, jobs: list[tuple[_Job, str | None]],
+              upload: bool, futures: dict[cf.Future[ObjectResult], _Job], report: TransferReport,
+              on_object_done: Callable[[ObjectResult], None] | None) -> None:
+    """Submit every job to ``files`` (its future recorded in ``futures``) and add each result
+    to ``report`` as it comes."""
+    for job, sha in jobs:
+        fut = (files.submit(engine.upload, job) if upload
+               else files.submit(engine.download, job, sha))
+        futures[fut] = job
+    for fut in cf.as_completed(futures):
+        result = _result_of(fut, futures[fut])
+        report.results.append(result)
+        if on_object_done is not None:
+            on_object_done(result)
+
+
 def transfer(
     sources: Sequence[str],
     dest: str,
@@ -907,25 +978,7 @@ def transfer(
     ------
     InputError : bad arguments, missing sources, neither side (or both) on S3.
     """
-    if not sources:
-        raise InputError("no sources given; expected at least one file, folder or s3:// URL")
-    if streams < 1:
-        raise InputError(f"streams = {streams}; expected >= 1")
-    if part_size < MIN_PART_SIZE:
-        raise InputError(f"part size {part_size} bytes; expected >= {MIN_PART_SIZE} (5 MiB, "
-                         "S3's minimum)")
-    if verify not in ("etag", "reread"):
-        raise InputError(f"verify = {verify!r}; expected 'etag' or 'reread'")
-    remote_src = [not is_local(s) for s in sources]
-    if any(remote_src) and not all(remote_src):
-        raise InputError("sources mix local paths and URLs; expected all local or all s3://")
-    for url in [*sources, dest]:
-        if not is_local(url) and not url.startswith("s3://"):
-            raise InputError(f"{url}: only local paths and s3:// URLs are supported")
-    upload = not remote_src[0]
-    if upload == is_local(dest):
-        raise InputError(f"{sources[0]} -> {dest}: expected one side local and the other "
-                         "s3://")
+    upload = _check_arguments(sources, dest, streams, part_size, verify)
     s3_url = dest if upload else sources[0]
     settings = _client_settings(storage_options or {}, s3_url)
     t0 = time.perf_counter()
@@ -941,9 +994,7 @@ def transfer(
     try:
         if upload:
             bucket, prefix = _split_s3(dest)
-            key_of = hashed_key if hash_prefix else _plain_key
-            jobs = [(_Job(name, str(path), f"{bucket}/{key_of(prefix, name)}",
-                          path.stat().st_size), None) for name, path in _local_files(sources)]
+            jobs = _upload_jobs(sources, bucket, prefix, hash_prefix)
         else:
             jobs = _download_jobs(engine, sources, local_path(dest))
         total = sum(job.size for job, _ in jobs)
@@ -951,22 +1002,7 @@ def transfer(
                  len(jobs), total / 1e9, streams)
         if on_start is not None:
             on_start(len(jobs), total)
-        for job, sha in jobs:
-            fut = (files.submit(engine.upload, job) if upload
-                   else files.submit(engine.download, job, sha))
-            futures[fut] = job
-        for fut in cf.as_completed(futures):
-            job = futures[fut]
-            try:
-                result = fut.result()
-            except (OSError, SfxflowError) as exc:
-                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                log.error("%s: %s", job.src, text)
-                result = ObjectResult(job.name, job.src, job.dst, job.size, "failed",
-                                      error=text)
-            report.results.append(result)
-            if on_object_done is not None:
-                on_object_done(result)
+        _run_jobs(files, engine, jobs, upload, futures, report, on_object_done)
         completed = True
     finally:
         files.shutdown(wait=True, cancel_futures=True)
@@ -978,14 +1014,7 @@ def transfer(
                 report.results.append(fut.result())
         report.wall_s = time.perf_counter() - t0
         if upload:
-            try:
-                engine.write_manifest(bucket, prefix, report.results)
-            except (OSError, SfxflowError) as exc:
-                if completed:
-                    raise
-                # do not hide the error that stopped the transfer
-                log.error("s3://%s: could not write the transfer manifest: %s",
-                          _plain_key(f"{bucket}/{prefix}", MANIFEST_NAME), exc)
+            _write_manifest(engine, bucket, prefix, report.results, completed)
     log.info("%d sent (%d re-sent), %d skipped, %d failed; %.3f GB in %.2f s = %.3f Gbit/s",
              report.n_sent, report.n_resent, report.n_skipped, report.n_failed,
              report.bytes_sent / 1e9, report.wall_s, report.gbit_per_s)

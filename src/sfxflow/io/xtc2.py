@@ -123,10 +123,6 @@ class Xtc2Source(ImageSource):
         raise SourceError(self.url, "no area detector with a 2-D raw, calib or image array in "
                                     "its Configure")
 
-    def read_frame(self, i: int) -> Frame:
-        self._check_index(i)
-        return self.read_frames(i, i + 1)[0]
-
     def read_frames(self, start: int, stop: int) -> list[Frame]:
         self._check_range(start, stop)
         if start == stop:

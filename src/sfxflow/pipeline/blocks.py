@@ -336,31 +336,8 @@ def run_block(block: BlockRef, ctx: BlockContext, fetched: Fetched | None = None
     if block.start < 0:
         results = _file_failure_results(block, file_error or "file could not be opened")
     else:
-        items: list[Frame | ImageResult]
-        if fetched.error is not None:
-            logger.warning("block %s: reading failed (%s)%s", block.block_id,
-                           failure_reason(fetched.error),
-                           "" if _is_transient(fetched.error) else "; reading frame by frame")
-            items, unread = _salvage(block, ctx, fetched.error)
-        else:
-            items = list(fetched.frames or [])
-        items = _checked(items)
-        n_good = sum(isinstance(x, Frame) for x in items)
-        n_pixels = next((x.detector.n_pixels for x in items if isinstance(x, Frame)), 0)
-        read_per_frame = fetched.fetch_s / n_good if n_good else 0.0
-        for item in items:
-            if isinstance(item, ImageResult):
-                results.append(item)
-                continue
-            r = frame_fn(item, ctx.config)
-            r.timings_s["read"] = read_per_frame
-            results.append(r)
-            frames_by_index[item.index] = item
-        seen = {r.frame_index for r in results}
-        missing = [i for i in range(block.start, block.stop) if i not in seen]
-        for i in missing:  # a reader that returned fewer frames than asked
-            results.append(_failed(block.url, i, "read", "frame not returned by the reader"))
-        results = [r for r in results if block.start <= r.frame_index < block.stop]
+        results, frames_by_index, n_pixels, unread = _process_frames(block, ctx, fetched,
+                                                                     frame_fn)
     compute_s = time.perf_counter() - t_compute0
     shards = shards_for_results(block, results, ctx.stream_chunk_fn, frames_by_index,
                                 block_failed=bool(unread))
@@ -391,6 +368,44 @@ def run_block(block: BlockRef, ctx: BlockContext, fetched: Fetched | None = None
         n_pixels=n_pixels,
         unread_reason=unread,
     )
+
+
+def _process_frames(block: BlockRef, ctx: BlockContext, fetched: Fetched,
+                    frame_fn: FrameFn
+                    ) -> tuple[list[ImageResult], dict[int, Frame], int, str]:
+    """One result per frame of the block: the frames read (or salvaged one by one when reading
+    the block failed) through ``frame_fn``, a failure for each frame the reader did not give.
+    Returns the results, the frames by index, the detector's pixel count and why frames stayed
+    unread (empty when none did)."""
+    results: list[ImageResult] = []
+    frames_by_index: dict[int, Frame] = {}
+    unread = ""
+    items: list[Frame | ImageResult]
+    if fetched.error is not None:
+        logger.warning("block %s: reading failed (%s)%s", block.block_id,
+                       failure_reason(fetched.error),
+                       "" if _is_transient(fetched.error) else "; reading frame by frame")
+        items, unread = _salvage(block, ctx, fetched.error)
+    else:
+        items = list(fetched.frames or [])
+    items = _checked(items)
+    n_good = sum(isinstance(x, Frame) for x in items)
+    n_pixels = next((x.detector.n_pixels for x in items if isinstance(x, Frame)), 0)
+    read_per_frame = fetched.fetch_s / n_good if n_good else 0.0
+    for item in items:
+        if isinstance(item, ImageResult):
+            results.append(item)
+            continue
+        r = frame_fn(item, ctx.config)
+        r.timings_s["read"] = read_per_frame
+        results.append(r)
+        frames_by_index[item.index] = item
+    seen = {r.frame_index for r in results}
+    missing = [i for i in range(block.start, block.stop) if i not in seen]
+    for i in missing:  # a reader that returned fewer frames than asked
+        results.append(_failed(block.url, i, "read", "frame not returned by the reader"))
+    results = [r for r in results if block.start <= r.frame_index < block.stop]
+    return results, frames_by_index, n_pixels, unread
 
 
 def _is_transient(exc: BaseException) -> bool:

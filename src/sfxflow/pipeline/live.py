@@ -59,6 +59,64 @@ def _spooled(spool: Path) -> set[int]:
     return done
 
 
+class _Spooler:
+    """Trains received and not yet spooled; :meth:`flush` writes them as one spool file."""
+
+    def __init__(self, folder: Path, data_path: str, flatten: bool, result: LiveResult) -> None:
+        self.folder, self.data_path, self.flatten, self.result = folder, data_path, flatten, result
+        self.pending: list[Any] = []
+        self.n_frames = 0
+
+    def add(self, train: Any) -> None:
+        self.pending.append(train)
+        self.n_frames += train.n_frames
+
+    def flush(self) -> None:
+        from sfxflow.io.karabo import write_spool
+
+        if not self.pending:
+            return
+        written = write_spool(self.folder, self.pending, self.data_path, self.flatten)
+        self.result.frames_spooled += written.n_frames
+        self.result.spool_files += 1
+        self.pending, self.n_frames = [], 0
+
+
+def _receive(receiver: Any, seen: set[int], spooler: _Spooler, cycle: Callable[[], None], *,
+             block: int, idle_s: float, update_s: float, max_frames: int, poll_s: float) -> None:
+    """Receive trains until the stream ends (``idle_s`` quiet, or ``max_frames`` received):
+    new trains spooled a block at a time (sooner when the stream pauses), a processing
+    ``cycle`` at least every ``update_s`` and a last one at the end."""
+    result = spooler.result
+    last_train = time.monotonic()
+    last_cycle = time.monotonic()
+    while True:
+        train = receiver.next_train()
+        now = time.monotonic()
+        if train is not None:
+            last_train = now
+            result.trains_received += 1
+            result.frames_received += train.n_frames
+            if train.train_id in seen:
+                result.trains_skipped += 1
+            else:
+                seen.add(train.train_id)
+                spooler.add(train)
+        quiet = train is None and spooler.pending and now - last_train >= poll_s
+        if spooler.pending and (spooler.n_frames >= block or quiet):
+            spooler.flush()
+        patience = idle_s if result.trains_received else max(idle_s, FIRST_TRAIN_WAIT_S)
+        done = (max_frames and result.frames_received >= max_frames) or \
+            now - last_train >= patience
+        if done or now - last_cycle >= update_s:
+            if done:
+                spooler.flush()
+            cycle()
+            last_cycle = time.monotonic()
+            if done:
+                break
+
+
 def run_live(endpoint: str, out: str, config: ProcessConfig, *,
              socket_type: str = "REQ", idle_s: float = 30.0, update_s: float = 5.0,
              max_frames: int = 0, poll_s: float = 0.5,
@@ -82,7 +140,7 @@ def run_live(endpoint: str, out: str, config: ProcessConfig, *,
     """
     from sfxflow.io.facility import modules_stacked
     from sfxflow.io.geometry import read_geom
-    from sfxflow.io.karabo import BridgeReceiver, spool_data_path, write_spool
+    from sfxflow.io.karabo import BridgeReceiver, spool_data_path
     from sfxflow.pipeline.cluster import open_cluster
     from sfxflow.pipeline.run import resolve_config, run_process
 
@@ -117,43 +175,10 @@ def run_live(endpoint: str, out: str, config: ProcessConfig, *,
             if on_cycle is not None:
                 on_cycle(result)
 
-        pending: list[Any] = []
-        pending_frames = 0
-        last_train = time.monotonic()
-        last_cycle = time.monotonic()
+        spooler = _Spooler(spool, data_path, flatten, result)
         try:
-            while True:
-                train = receiver.next_train()
-                now = time.monotonic()
-                if train is not None:
-                    last_train = now
-                    result.trains_received += 1
-                    result.frames_received += train.n_frames
-                    if train.train_id in seen:
-                        result.trains_skipped += 1
-                    else:
-                        seen.add(train.train_id)
-                        pending.append(train)
-                        pending_frames += train.n_frames
-                quiet = train is None and pending and now - last_train >= poll_s
-                if pending and (pending_frames >= block or quiet):
-                    written = write_spool(spool, pending, data_path, flatten)
-                    result.frames_spooled += written.n_frames
-                    result.spool_files += 1
-                    pending, pending_frames = [], 0
-                patience = idle_s if result.trains_received else max(idle_s, FIRST_TRAIN_WAIT_S)
-                done = (max_frames and result.frames_received >= max_frames) or \
-                    now - last_train >= patience
-                if done or now - last_cycle >= update_s:
-                    if pending and done:
-                        written = write_spool(spool, pending, data_path, flatten)
-                        result.frames_spooled += written.n_frames
-                        result.spool_files += 1
-                        pending, pending_frames = [], 0
-                    cycle()
-                    last_cycle = time.monotonic()
-                    if done:
-                        break
+            _receive(receiver, seen, spooler, cycle, block=block, idle_s=idle_s,
+                     update_s=update_s, max_frames=max_frames, poll_s=poll_s)
         finally:
             receiver.close()
             result.reconnects = receiver.reconnects

@@ -165,9 +165,6 @@ class Manifest:
             out[b.state] = out.get(b.state, 0) + 1
         return out
 
-    def ids_in(self, *states: str) -> list[str]:
-        return [b.block_id for b in self.blocks.values() if b.state in states]
-
     def input_changes(self, files: Iterable[InputFile]) -> tuple[list[str], list[str]]:
         """How ``files`` differ from the input files recorded here: ``(changes, added)``.
 

@@ -975,6 +975,84 @@ def _open_run(run_url: str, options: Mapping[str, Any]) -> tuple[RunDir, bool]:
     return run, has_manifest
 
 
+#: the frames table of a run without any
+_NO_FRAMES = pa.table({c: pa.array([], pa.string()) for c in
+                       ("source_url", "block_id", "status", "stage", "reason")}
+                      | {"frame_index": pa.array([], pa.int64()),
+                         "n_spots": pa.array([], pa.int64())})
+
+
+def _unreadable_note(unreadable: list[str]) -> str:
+    shown = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more"
+                                          if len(unreadable) > 5 else "")
+    return (f"{len(unreadable)} file(s) of the run directory cannot be read and are left out: "
+            f"{shown}")
+
+
+def _manifest_and_summary(run: RunDir, has_manifest: bool, notes: list[str]
+                          ) -> tuple[Manifest | None, dict[str, Any] | None]:
+    """The run's manifest and ``summary.json``; one that cannot be read is ``None`` and a
+    note says why."""
+    manifest = None
+    if has_manifest:
+        try:
+            manifest = Manifest.from_json(run.read_text(MANIFEST_NAME),
+                                          where=run.url_of(MANIFEST_NAME))
+        except (InputError, *UNREADABLE) as exc:
+            notes.append(f"the manifest cannot be read ({_why(exc)}); block states are not "
+                         "shown")
+    try:
+        summary = _json(run, "summary.json")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        notes.append(f"summary.json cannot be read ({exc})")
+        summary = None
+    return manifest, summary
+
+
+def _run_overview(frames: pa.Table, crystals: pa.Table | None, manifest: Manifest | None,
+                  summary: dict[str, Any] | None, running: bool, fpb: int, with_cost: bool
+                  ) -> RunOverview | Unavailable:
+    if not frames.num_rows:
+        return Unavailable("no block has finished yet" if manifest is not None
+                           else "no frames recorded in this run directory")
+    n_crystals = None
+    if crystals is not None:
+        n_crystals = crystals.num_rows
+    elif "n_crystals" in frames.column_names:
+        n_crystals = int(pc.sum(frames.column("n_crystals")).as_py() or 0)
+    return _overview(frames, manifest, summary, n_crystals, running, fpb, with_cost)
+
+
+def _run_state(manifest: Manifest | None, shards_read: list[str] | None, running: bool,
+               complete: bool, n_frames: int, overview: RunOverview | Unavailable
+               ) -> tuple[str, RunOverview | Unavailable]:
+    """The run's state in words (running, stopped, incomplete, complete), and the overview
+    without the blocks whose results are gone."""
+    total = len(manifest.blocks) if manifest else None
+    done = sum(b.state == "done" for b in manifest.blocks.values()) if manifest else None
+    lost: list[str] = []
+    if manifest is not None and shards_read is not None:
+        have = {n.removesuffix(".frames.parquet") for n in shards_read}
+        lost = [b for b, e in manifest.blocks.items() if e.state == "done" and b not in have]
+        if running:
+            # the manifest is rewritten every few seconds only; a shard on disk is a block done
+            done = max(done or 0, len(have))
+    expected = sum(b.expected_rows for b in manifest.blocks.values()) if manifest else None
+    if lost and not running and isinstance(overview, RunOverview):
+        # the manifest says done, but their results are gone: not done as far as we can show
+        overview = replace(overview, blocks_done=max(0, overview.blocks_done - len(lost)))
+    if running:
+        return f"running: {done} of {total} blocks done", overview
+    if not complete:
+        return (f"stopped: {done} of {total} blocks done (run process again to continue)",
+                overview)
+    if lost or (expected is not None and n_frames < expected):
+        return (f"incomplete: {n_frames:,} of {expected:,} frames found"
+                + (f", the results of {len(lost)} of {total} blocks missing" if lost else "")
+                + " (run process again to redo them)"), overview
+    return "complete", overview
+
+
 def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = None,
                  merge_url: str | None = None, running: bool | None = None,
                  with_picture: bool = True, cache: ReportCache | None = None,
@@ -1004,19 +1082,7 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
     run, has_manifest = _open_run(run_url, options)
     notes: list[str] = []
     unreadable: list[str] = []
-    manifest = None
-    if has_manifest:
-        try:
-            manifest = Manifest.from_json(run.read_text(MANIFEST_NAME),
-                                          where=run.url_of(MANIFEST_NAME))
-        except (InputError, *UNREADABLE) as exc:
-            notes.append(f"the manifest cannot be read ({_why(exc)}); block states are not "
-                         "shown")
-    try:
-        summary = _json(run, "summary.json")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        notes.append(f"summary.json cannot be read ({exc})")
-        summary = None
+    manifest, summary = _manifest_and_summary(run, has_manifest, notes)
     config = _config(run)
     pending = manifest.counts()["pending"] if manifest is not None else 0
     if running is None:
@@ -1031,60 +1097,23 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
     crystals, _ = _load(run, "crystals.parquet", ".crystals.parquet",
                         CRYSTAL_FIELDS + REFINED_COLUMNS, whole, cache, planned, unreadable)
     if frames is None:
-        frames = pa.table({c: pa.array([], pa.string()) for c in
-                           ("source_url", "block_id", "status", "stage", "reason")}
-                          | {"frame_index": pa.array([], pa.int64()),
-                             "n_spots": pa.array([], pa.int64())})
+        frames = _NO_FRAMES
     frames = frames.sort_by([("source_url", "ascending"), ("frame_index", "ascending")])
     fpb = int((config.get("io") or {}).get("frames_per_block") or
               (summary or {}).get("frames_per_block") or 1)
     with_cost = _is_cloud(run, frames) if cost is None else cost
 
-    if frames.num_rows:
-        n_crystals = None
-        if crystals is not None:
-            n_crystals = crystals.num_rows
-        elif "n_crystals" in frames.column_names:
-            n_crystals = int(pc.sum(frames.column("n_crystals")).as_py() or 0)
-        overview: RunOverview | Unavailable = _overview(frames, manifest, summary, n_crystals,
-                                                        running, fpb, with_cost)
-    else:
-        overview = Unavailable("no block has finished yet" if manifest is not None
-                               else "no frames recorded in this run directory")
+    overview = _run_overview(frames, crystals, manifest, summary, running, fpb, with_cost)
     merge_dir = RunDir(merge_url, options) if merge_url else RunDir(run.url_of("merge"), options)
     picture: FramePicture | Unavailable = Unavailable("not drawn (--no-picture)")
     if with_picture:
         picture = _picture(run, frames, manifest, config, options, cache)
     diagnostics = _diagnostics(run, planned, crystals, cache, unreadable)
 
-    total = len(manifest.blocks) if manifest else None
-    done = sum(b.state == "done" for b in manifest.blocks.values()) if manifest else None
-    lost: list[str] = []
-    if manifest is not None and shards_read is not None:
-        have = {n.removesuffix(".frames.parquet") for n in shards_read}
-        lost = [b for b, e in manifest.blocks.items() if e.state == "done" and b not in have]
-        if running:
-            # the manifest is rewritten every few seconds only; a shard on disk is a block done
-            done = max(done or 0, len(have))
-    expected = sum(b.expected_rows for b in manifest.blocks.values()) if manifest else None
-    if lost and not running and isinstance(overview, RunOverview):
-        # the manifest says done, but their results are gone: not done as far as we can show
-        overview = replace(overview, blocks_done=max(0, overview.blocks_done - len(lost)))
-    if running:
-        state = f"running: {done} of {total} blocks done"
-    elif not complete:
-        state = f"stopped: {done} of {total} blocks done (run process again to continue)"
-    elif lost or (expected is not None and frames.num_rows < expected):
-        state = (f"incomplete: {frames.num_rows:,} of {expected:,} frames found"
-                 + (f", the results of {len(lost)} of {total} blocks missing" if lost else "")
-                 + " (run process again to redo them)")
-    else:
-        state = "complete"
+    state, overview = _run_state(manifest, shards_read, bool(running), complete,
+                                 frames.num_rows, overview)
     if unreadable:
-        shown = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more"
-                                              if len(unreadable) > 5 else "")
-        notes.append(f"{len(unreadable)} file(s) of the run directory cannot be read and are "
-                     f"left out: {shown}")
+        notes.append(_unreadable_note(unreadable))
     name = posixpath.basename(run.url.rstrip("/")) or run.url
     merged = _merged(merge_dir)
     return ReportData(
