@@ -11,7 +11,7 @@ from sfxflow.algorithms.diffraction import (
     profile_sigma2_inv_a2,
     scaled_partiality,
 )
-from sfxflow.algorithms.merge.kernels import exp_vec_array, profile_vec
+from sfxflow.algorithms.merge.kernels import exp32, exp_vec_array, profile_vec
 from sfxflow.algorithms.merge.scale import ACCEPTED, fit_crystals, scaled_observations
 
 from .test_merge_algorithms import _orthorhombic_set, _shard_from_sims
@@ -26,6 +26,21 @@ def test_exp_vec_matches_the_c_library():
     assert np.all(np.abs(got[normal] - want[normal]) <= 2 * np.spacing(want[normal]))
     assert np.all(got[x <= -708.0] < 1e-307) and np.all(np.isinf(got[x >= 709.0]))
     assert np.isnan(exp_vec_array(np.array([np.nan]))[0])
+
+
+def test_exp32_is_single_precision_exp():
+    @numba.njit
+    def each(x):  # pragma: no cover - numba
+        out = np.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i] = exp32(x[i])
+        return out
+
+    x = np.linspace(-86.0, 88.0, 10001).astype(np.float32)
+    got = each(x)
+    assert got.dtype == np.float32
+    assert np.allclose(got, np.exp(x.astype(float)), rtol=4e-7, atol=0)
+    assert each(np.array([-100.0], np.float32))[0] == 0.0
 
 
 def test_profile_vec_is_the_scaled_partiality():
@@ -49,7 +64,8 @@ def test_scaled_observations_follow_the_model():
     counts = np.diff(shard.offsets)
     r = np.repeat(fits.radius_inv_a, counts)
     eta = angular_term(np.radians(np.repeat(fits.mosaicity_deg, counts)))
-    p = scaled_partiality(shard.eps, r, profile_sigma2_inv_a2(shard.inv_d2, r, eta, shard.bw))
+    p = scaled_partiality(shard.eps, r, profile_sigma2_inv_a2(shard.inv_d2, r, eta,
+                                                          np.repeat(shard.bw, counts)))
     corr = (np.repeat(fits.scale, counts) * np.exp(-0.5 * np.repeat(fits.b_a2, counts)
                                                    * shard.inv_d2) * p)
     assert np.allclose(obs["partiality"], p, rtol=1e-12)

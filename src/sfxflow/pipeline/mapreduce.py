@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MapReduce", "peak_rss_mb", "rss_mb"]
+__all__ = ["MapReduce", "cpu_s", "peak_rss_mb", "rss_mb"]
 
 
 def _identity(value: Any) -> Any:
@@ -30,6 +30,11 @@ def _identity(value: Any) -> Any:
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cpu_s() -> float:
+    """This process's CPU time, all threads (s)."""
+    return time.process_time()
 
 
 def rss_mb() -> float:
@@ -90,20 +95,39 @@ class MapReduce:
         return result[k] if self.client is None else self.client.submit(
             operator.itemgetter(k), result, pure=False)
 
+    def cpu_mark(self) -> dict[str, float]:
+        """CPU time used so far by this process and by each worker (s), for
+        :meth:`cpu_since`."""
+        workers = {} if self.client is None else self.client.run(cpu_s, on_error="ignore")
+        return {"": cpu_s(), **workers}
+
+    def cpu_since(self, mark: dict[str, float]) -> float:
+        """CPU seconds used by this process and the workers since ``mark``: a step's work
+        without the time other programs took the cores for (a worker lost or started in
+        between counts only while it was there at both ends)."""
+        now = self.cpu_mark()
+        return float(sum(now[k] - mark[k] for k in now if k in mark))
+
     def _sample_memory(self) -> None:
         # resident memory sampled between steps: a worker's ru_maxrss would include what a
         # forked worker inherited from its parent
         self.client_peak_mb = max(self.client_peak_mb, rss_mb())
         if self.client is not None:
-            for worker, mb in self.client.run(rss_mb).items():
+            for worker, mb in self.client.run(rss_mb, on_error="ignore").items():
                 self.worker_peaks_mb[worker] = max(self.worker_peaks_mb.get(worker, 0.0), mb)
 
-    def performance(self, n_items: int, cycle_seconds: list[float]) -> dict[str, Any]:
+    def performance(self, n_items: int, cycle_seconds: list[float],
+                    cycle_cpu_seconds: list[float] | None = None) -> dict[str, Any]:
         """Wall time since ``t_start``, throughput (``n_items`` per second per core per cycle,
-        median of the cycles) and memory of the maps so far."""
+        median of the cycles: from the wall time times the cores, and from the CPU time the
+        cycles used, which a machine shared with other programs does not inflate) and memory
+        of the maps so far."""
         self._sample_memory()
         per_s = n_items / (float(np.median(cycle_seconds)) * self.n_cores)
+        per_cpu_s = (n_items / float(np.median(cycle_cpu_seconds)) if cycle_cpu_seconds
+                     else float("nan"))
         return {"cluster": self.kind, "seconds": time.perf_counter() - self.t_start,
                 "cores": self.n_cores, "observations_per_second_per_core_per_cycle": per_s,
+                "observations_per_cpu_second_per_cycle": per_cpu_s,
                 "client_peak_mb": self.client_peak_mb, "client_max_rss_mb": peak_rss_mb(),
                 "worker_peak_mb": list(self.worker_peaks_mb.values())}

@@ -34,9 +34,6 @@ from sfxflow.algorithms.diffraction import (
     angular_term,
     bandwidth_term_a,
     excitation_error_inv_a,
-    partiality,
-    profile_sigma2_inv_a2,
-    scaled_partiality,
 )
 from sfxflow.algorithms.merge.kernels import fit_kernel, observations_kernel, sums_kernel
 from sfxflow.algorithms.merge.reflections import AsuIndex
@@ -201,7 +198,9 @@ class PreparedShard:
     ``codes[o]`` holds each observation's ``2 * asu + minus`` when its crystal is re-indexed by
     ambiguity operator ``o`` (-1: outside the merge); ``intensity``/``sigma`` have the
     polarisation divided out; ``inv_d2`` is ``|q|²`` and ``eps`` the excitation error, both from
-    the crystal's orientation matrix and wavelength; ``bw`` is ``β λ / 2`` per observation.
+    the crystal's orientation matrix and wavelength; ``bw`` is ``β λ / 2`` per crystal. The
+    shards stay in the workers' memory for every cycle: codes are int32 and what is one number
+    per crystal is stored once.
     """
 
     crystal_ids: np.ndarray
@@ -278,8 +277,8 @@ def prepare_shard(
     s0[:, 2] = 1.0 / lam
     eps = excitation_error_inv_a(q, s0, lam)
     inv_d2 = np.einsum("ni,ni->n", q, q)
-    codes = np.stack([index.lookup(hkl @ r) for r in operators]) if len(hkl) else \
-        np.zeros((len(operators), 0), dtype=np.int64)
+    codes = np.stack([index.lookup(hkl @ r).astype(np.int32) for r in operators]) \
+        if len(hkl) else np.zeros((len(operators), 0), dtype=np.int32)
     if params.d_min_a > 0:
         codes[:, inv_d2 > 1.0 / params.d_min_a**2] = -1
     counts = np.bincount(oc, minlength=len(crystal_ids))
@@ -295,7 +294,7 @@ def prepare_shard(
         sigma=sigma[sel] / pol[sel],
         inv_d2=inv_d2,
         eps=eps,
-        bw=bandwidth_term_a(params.bandwidth_fwhm, lam),
+        bw=bandwidth_term_a(params.bandwidth_fwhm, np.asarray(wavelengths_a, dtype=float)),
         extra={k: np.asarray(v)[sel] for k, v in (extra or {}).items()},
     )
 
@@ -379,9 +378,11 @@ def choose_operators(shard: PreparedShard, reference: np.ndarray,
 
 def chosen_codes(shard: PreparedShard, operator: np.ndarray) -> np.ndarray:
     """Each observation's code under its crystal's operator."""
+    if shard.codes.shape[0] == 1:  # no ambiguity: no copy
+        return shard.codes[0]
     op_obs = np.repeat(operator.astype(np.int64), np.diff(shard.offsets))
     return shard.codes[op_obs, np.arange(len(shard))] if len(shard) else \
-        np.zeros(0, dtype=np.int64)
+        np.zeros(0, dtype=np.int32)
 
 
 def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParams,
@@ -416,24 +417,6 @@ def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParam
     status[(status == ACCEPTED) & ~(np.nan_to_num(cc, nan=-2.0) >= params.min_cc)] = REJECT_CC
     return CrystalFits(shard.crystal_ids, operator.astype(np.int16), g, b, r,
                        np.degrees(eta) / FWHM_TO_SIGMA, n, cc, status)
-
-
-def partiality_of(shard: PreparedShard, fits: CrystalFits, model: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(full model correction without G and B, the Gaussian factor alone) per observation."""
-    if model == "unity":
-        one = np.ones(len(shard))
-        return one, one
-    counts = np.diff(shard.offsets)
-    r = np.repeat(fits.radius_inv_a, counts)
-    eta = angular_term(np.radians(np.repeat(fits.mosaicity_deg, counts)))
-    s2 = profile_sigma2_inv_a2(shard.inv_d2, r, eta, shard.bw)
-    with np.errstate(invalid="ignore"):
-        gauss = partiality(shard.eps, s2)
-        full = scaled_partiality(shard.eps, r, s2)
-    # crystals fitted without a profile (the first, unity cycle) count as fully recorded
-    unity = ~np.isfinite(r)
-    return np.where(unity, 1.0, full), np.where(unity, 1.0, gauss)
 
 
 @dataclass(frozen=True)
