@@ -27,6 +27,17 @@ def _identity(value: Any) -> Any:
     return value
 
 
+def _summable(value: Any) -> Any:
+    """The summable part of a map result: the first of a (summable, per-item value) pair."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _add(a: Any, b: Any) -> Any:
+    """``a + b`` of two map results or partial sums (pairs give their first element: the
+    first level of the tree reads the map's results directly, no task splits them)."""
+    return _summable(a) + _summable(b)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -73,27 +84,29 @@ class MapReduce:
         return results if self.client is None else self.client.gather(results)
 
     def reduce_sum(self, results: list) -> Any:
-        """The sum of the results: on a cluster a tree of additions, only the total comes back."""
-        add = operator.add if self.client is None else partial(self.client.submit, operator.add,
-                                                               pure=False)
+        """The sum of the results (of pairs: of their first elements): on a cluster a tree of
+        additions, only the total comes back."""
+        add = _add if self.client is None else partial(self.client.submit, _add, pure=False)
         while len(results) > 1:
             results = [add(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)
                        ] + results[len(results) - len(results) % 2:]
-        return self.gather(results)[0]
+        if len(results) == 1 and self.client is not None:
+            results = [self.client.submit(_summable, results[0], pure=False)]
+        return _summable(self.gather(results)[0])
 
     def map_reduce(self, fn: Callable, items: Sequence[tuple], *shared: Any
                    ) -> tuple[Any, list]:
         """``fn`` returns (a summable, a per-item value): the sum of the first over the items
         and the list of the second; then a memory sample."""
         parts = self.map(fn, items, *shared)
-        total = self.reduce_sum([self._item(p, 0) for p in parts])
+        total = self.reduce_sum(parts)
         rest = self.gather([self._item(p, 1) for p in parts])
         self._sample_memory()
         return total, rest
 
     def _item(self, result: Any, k: int) -> Any:
         return result[k] if self.client is None else self.client.submit(
-            operator.itemgetter(k), result, pure=False)
+            operator.itemgetter(k), result, pure=False)  # the small part only comes back
 
     def cpu_mark(self) -> dict[str, float]:
         """CPU time used so far by this process and by each worker (s), for
