@@ -132,22 +132,30 @@ def _profile32(m, q2, half_eps2, bw, radius, eta, p):  # type: ignore[no-untyped
 
 
 @register_jitable
-def _rank32(m, y, var, ref, q2, p, g2, b_limit, b_restraint, t):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _rank32(m, y, var, inv_var, ref, q2, p, g2, b_limit, b_restraint,
+            t):  # type: ignore[no-untyped-def]  # pragma: no cover
     """(G, weighted residual) of :func:`_fit_point` with two rounds, in single precision on
     observations normalised per crystal (the residual does not change with the units of the
-    intensities and the reference): what ranks the profile grid."""
+    intensities and the reference): what ranks the profile grid. The first round starts from
+    G = 0 and B = 0, where the weights are ``inv_var`` (1/σ²) and exp(-B q²/2) is 1."""
     bb = _F0
     g = _F0
-    for _ in range(2):
-        for j in range(m):
-            t[j] = exp32(-_FHALF * bb * q2[j]) * p[j] * ref[j]
+    for it in range(2):
         num = _F0
         den = _F0
-        for j in range(m):
-            mg = g * t[j]
-            w = _F1 / (var[j] + g2 * mg * mg)
-            num += w * y[j] * t[j]
-            den += w * t[j] * t[j]
+        if it == 0:
+            for j in range(m):
+                t[j] = p[j] * ref[j]
+                num += inv_var[j] * y[j] * t[j]
+                den += inv_var[j] * t[j] * t[j]
+        else:
+            for j in range(m):
+                t[j] = exp32(-_FHALF * bb * q2[j]) * p[j] * ref[j]
+            for j in range(m):
+                mg = g * t[j]
+                w = _F1 / (var[j] + g2 * mg * mg)
+                num += w * y[j] * t[j]
+                den += w * t[j] * t[j]
         if not (den > _F0):
             return _F0, np.float32(np.inf)
         g = num / den
@@ -262,6 +270,7 @@ def fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_gri
     # the grid's ranking in single precision: twice the vector lanes
     y32 = np.empty(longest, dtype=np.float32)
     var32 = np.empty(longest, dtype=np.float32)
+    ivar32 = np.empty(longest, dtype=np.float32)
     rf32 = np.empty(longest, dtype=np.float32)
     q2_32 = np.empty(longest, dtype=np.float32)
     he2_32 = np.empty(longest, dtype=np.float32)
@@ -313,6 +322,7 @@ def fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_gri
             for j in range(m):
                 y32[j] = y[j] / sy
                 var32[j] = var[j] / (sy * sy)
+                ivar32[j] = _F1 / var32[j]
                 rf32[j] = rf[j] / sr
                 q2_32[j] = q2[j]
                 he2_32[j] = he2[j]
@@ -323,8 +333,8 @@ def fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_gri
             for ir in range(r_grid.shape[0]):
                 for ie in range(eta_grid.shape[0]):
                     _profile32(m, q2_32, he2_32, bw32, r_grid32[ir], eta_grid32[ie], p32)
-                    g, res = _rank32(m, y32, var32, rf32, q2_32, p32, g2_32, b_limit32,
-                                     b_restraint32, t32)
+                    g, res = _rank32(m, y32, var32, ivar32, rf32, q2_32, p32, g2_32,
+                                     b_limit32, b_restraint32, t32)
                     if res < best and g > _F0:
                         best = res
                         ir_best = ir
