@@ -519,12 +519,17 @@ def _scale(work: Path, args: argparse.Namespace, truth: Any) -> dict:
     print(f"  merged {r.stats['n_observations']:,} observations on {perf['cores']} worker cores "
           f"in {wall:.0f} s; cycle times {', '.join(f'{c:.1f}' for c in cycles)} s (median "
           f"{statistics.median(cycles):.1f} s)")
+    cpu = [c["cpu_seconds"] for c in r.stats["cycles"]]
     print(f"  {perf['observations_per_second_per_core_per_cycle']:,.0f} observations per second "
-          f"per core per scaling cycle")
+          f"per core per scaling cycle (wall time x cores, median of the cycles); "
+          f"{perf['observations_per_cpu_second_per_cycle']:,.0f} per CPU second (cycle CPU "
+          f"times of the workers and the client {', '.join(f'{c:.1f}' for c in cpu)} s: what "
+          f"other programs on the machine do not change)")
     print(f"  peak memory: client {perf['client_peak_mb']:.0f} MB, workers "
           f"{', '.join(f'{m:.0f}' for m in perf['worker_peak_mb'])} MB; CC to truth "
           f"{r.stats['overall']['cc_truth']:.4f}", flush=True)
     return {"n_observations": r.stats["n_observations"], "wall_s": wall, "cycle_s": cycles,
+            "cycle_cpu_s": cpu,
             **perf}
 
 

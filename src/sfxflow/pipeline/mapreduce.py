@@ -20,16 +20,32 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MapReduce", "peak_rss_mb", "rss_mb"]
+__all__ = ["MapReduce", "cpu_s", "peak_rss_mb", "rss_mb"]
 
 
 def _identity(value: Any) -> Any:
     return value
 
 
+def _summable(value: Any) -> Any:
+    """The summable part of a map result: the first of a (summable, per-item value) pair."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _add(a: Any, b: Any) -> Any:
+    """``a + b`` of two map results or partial sums (pairs give their first element: the
+    first level of the tree reads the map's results directly, no task splits them)."""
+    return _summable(a) + _summable(b)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cpu_s() -> float:
+    """This process's CPU time, all threads (s)."""
+    return time.process_time()
 
 
 def rss_mb() -> float:
@@ -68,42 +84,63 @@ class MapReduce:
         return results if self.client is None else self.client.gather(results)
 
     def reduce_sum(self, results: list) -> Any:
-        """The sum of the results: on a cluster a tree of additions, only the total comes back."""
-        add = operator.add if self.client is None else partial(self.client.submit, operator.add,
-                                                               pure=False)
+        """The sum of the results (of pairs: of their first elements): on a cluster a tree of
+        additions, only the total comes back."""
+        add = _add if self.client is None else partial(self.client.submit, _add, pure=False)
         while len(results) > 1:
             results = [add(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)
                        ] + results[len(results) - len(results) % 2:]
-        return self.gather(results)[0]
+        if len(results) == 1 and self.client is not None:
+            results = [self.client.submit(_summable, results[0], pure=False)]
+        return _summable(self.gather(results)[0])
 
     def map_reduce(self, fn: Callable, items: Sequence[tuple], *shared: Any
                    ) -> tuple[Any, list]:
         """``fn`` returns (a summable, a per-item value): the sum of the first over the items
         and the list of the second; then a memory sample."""
         parts = self.map(fn, items, *shared)
-        total = self.reduce_sum([self._item(p, 0) for p in parts])
+        total = self.reduce_sum(parts)
         rest = self.gather([self._item(p, 1) for p in parts])
         self._sample_memory()
         return total, rest
 
     def _item(self, result: Any, k: int) -> Any:
         return result[k] if self.client is None else self.client.submit(
-            operator.itemgetter(k), result, pure=False)
+            operator.itemgetter(k), result, pure=False)  # the small part only comes back
+
+    def cpu_mark(self) -> dict[str, float]:
+        """CPU time used so far by this process and by each worker (s), for
+        :meth:`cpu_since`."""
+        workers = {} if self.client is None else self.client.run(cpu_s, on_error="ignore")
+        return {"": cpu_s(), **workers}
+
+    def cpu_since(self, mark: dict[str, float]) -> float:
+        """CPU seconds used by this process and the workers since ``mark``: a step's work
+        without the time other programs took the cores for (a worker lost or started in
+        between counts only while it was there at both ends)."""
+        now = self.cpu_mark()
+        return float(sum(now[k] - mark[k] for k in now if k in mark))
 
     def _sample_memory(self) -> None:
         # resident memory sampled between steps: a worker's ru_maxrss would include what a
         # forked worker inherited from its parent
         self.client_peak_mb = max(self.client_peak_mb, rss_mb())
         if self.client is not None:
-            for worker, mb in self.client.run(rss_mb).items():
+            for worker, mb in self.client.run(rss_mb, on_error="ignore").items():
                 self.worker_peaks_mb[worker] = max(self.worker_peaks_mb.get(worker, 0.0), mb)
 
-    def performance(self, n_items: int, cycle_seconds: list[float]) -> dict[str, Any]:
+    def performance(self, n_items: int, cycle_seconds: list[float],
+                    cycle_cpu_seconds: list[float] | None = None) -> dict[str, Any]:
         """Wall time since ``t_start``, throughput (``n_items`` per second per core per cycle,
-        median of the cycles) and memory of the maps so far."""
+        median of the cycles: from the wall time times the cores, and from the CPU time the
+        cycles used, which a machine shared with other programs does not inflate) and memory
+        of the maps so far."""
         self._sample_memory()
         per_s = n_items / (float(np.median(cycle_seconds)) * self.n_cores)
+        per_cpu_s = (n_items / float(np.median(cycle_cpu_seconds)) if cycle_cpu_seconds
+                     else float("nan"))
         return {"cluster": self.kind, "seconds": time.perf_counter() - self.t_start,
                 "cores": self.n_cores, "observations_per_second_per_core_per_cycle": per_s,
+                "observations_per_cpu_second_per_cycle": per_cpu_s,
                 "client_peak_mb": self.client_peak_mb, "client_max_rss_mb": peak_rss_mb(),
                 "worker_peak_mb": list(self.worker_peaks_mb.values())}

@@ -97,6 +97,33 @@ class AsuIndex:
         """``2 * asu_index + minus`` for each row of ``hkl`` (-1: absent, beyond ``d_min_a``
         or the 0 0 0 term)."""
         hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
+        table = self._table()
+        if table is None:
+            return self._lookup(hkl)
+        inside = np.all(np.abs(hkl) < self._m - 1, axis=1)
+        return np.where(inside, table[_encode(np.where(inside[:, None], hkl, 0), self._m)],
+                        -1).astype(np.int64)
+
+    def _table(self) -> np.ndarray | None:
+        """The code of every index in the box ``|h|, |k|, |l| <= m`` (built once per process
+        and index: a shard's lookup is then one gather instead of a binary search per
+        symmetry operator and Friedel sign); None where the box exceeds 64 MB."""
+        w = 2 * self._m + 1
+        if w**3 > _MAX_TABLE:
+            return None
+        # by content: every task of a merge gets its own copy of the index
+        key = (tuple(self.cell.parameters), self.space_group.xhm(), self.d_min_a, self._m,
+               len(self))
+        table = _TABLES.get(key)
+        if table is None:  # (threads of one worker may both build it: the same table)
+            r = np.arange(-self._m, self._m + 1)
+            box = np.stack(np.meshgrid(r, r, r, indexing="ij"), axis=-1).reshape(-1, 3)
+            table = self._lookup(box).astype(np.int32)
+            _TABLES.clear()  # one index per merge: keep the latest only
+            _TABLES[key] = table
+        return table
+
+    def _lookup(self, hkl: np.ndarray) -> np.ndarray:
         out = np.full(hkl.shape[0], -1, dtype=np.int64)
         inside = np.all(np.abs(hkl) < self._m - 1, axis=1)
         if not len(self):
@@ -110,6 +137,11 @@ class AsuIndex:
                 hit = inside & (out < 0) & (self._keys[pos] == key)
                 out[hit] = 2 * pos[hit] + (1 if sign < 0 else 0)
         return out
+
+
+#: the lookup table of the last index used in this process
+_TABLES: dict[tuple, np.ndarray] = {}
+_MAX_TABLE = 16_000_000  # entries (int32)
 
 
 def ambiguity_operators(cell: gemmi.UnitCell | str | tuple[float, ...],

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sfxflow.algorithms.merge.kernels import delta_cc_half_kernel
 from sfxflow.algorithms.merge.scale import (
     ACCEPTED,
     REASONS,
@@ -125,36 +126,11 @@ def delta_cc_half(shard: PreparedShard, fits: CrystalFits, accepted: np.ndarray 
     """
     obs = scaled_observations(shard, fits, reference, params, accepted_of(fits, accepted),
                               False)
-    use = obs["use"]
-    n_asu = halves.sw_a.shape[0]
-    crystal = shard.crystal_of_obs()[use]
-    asu = obs["code"][use] // 2
-    w = 1.0 / obs["sigma"][use] ** 2
-    key = crystal.astype(np.int64) * n_asu + asu
-    pairs, inv = np.unique(key, return_inverse=True)
-    w_pair = np.bincount(inv, weights=w)
-    wi_pair = np.bincount(inv, weights=w * obs["intensity"][use])
-    c_pair, h_pair = pairs // n_asu, pairs % n_asu
-    in_a = shard.half[c_pair] == 0
-    x, has_x = _half_means(halves.sw_a, halves.swi_a)
-    y, has_y = _half_means(halves.sw_b, halves.swi_b)
-    both = has_x & has_y
-    total = _moments(x, y, both).sum(axis=1)
-    # the crystal's half without it (what is left of Σw below rounding counts as empty)
-    sw = np.where(in_a, halves.sw_a[h_pair], halves.sw_b[h_pair]) - w_pair
-    swi = np.where(in_a, halves.swi_a[h_pair], halves.swi_b[h_pair]) - wi_pair
-    left = sw > 1e-9 * (sw + w_pair)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_left = np.where(left, swi / np.where(left, sw, 1.0), 0.0)
-    x_new = np.where(in_a, mean_left, x[h_pair])
-    y_new = np.where(in_a, y[h_pair], mean_left)
-    present_new = np.where(in_a, left & has_y[h_pair], left & has_x[h_pair])
-    change = _moments(x_new, y_new, present_new) - _moments(x[h_pair], y[h_pair], both[h_pair])
-    nc = shard.n_crystals
-    without = total[:, None] + np.stack([np.bincount(c_pair, weights=ch, minlength=nc)
-                                         for ch in change])
-    delta = _pearson(total) - _pearson(without)
-    return np.where(np.bincount(c_pair, minlength=nc) > 0, delta, np.nan)
+    delta = np.empty(shard.n_crystals)
+    delta_cc_half_kernel(shard.offsets, shard.half, obs["code"], obs["use"], obs["intensity"],
+                         obs["sigma"], halves.sw_a, halves.swi_a, halves.sw_b, halves.swi_b,
+                         delta)
+    return delta
 
 
 def with_delta_cc_half(shard: PreparedShard, fits: CrystalFits, accepted: np.ndarray | None,

@@ -28,19 +28,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numba
 import numpy as np
 
 from sfxflow.algorithms.diffraction import (
     angular_term,
     bandwidth_term_a,
     excitation_error_inv_a,
-    partiality,
-    profile_sigma2_inv_a2,
-    profile_sigma2_nb,
-    scaled_partiality,
-    scaled_partiality_nb,
 )
+from sfxflow.algorithms.merge.kernels import fit_kernel, observations_kernel, sums_kernel
 from sfxflow.algorithms.merge.reflections import AsuIndex
 from sfxflow.models import FWHM_TO_SIGMA
 from sfxflow.settings import check_fields, setting
@@ -200,7 +195,9 @@ class PreparedShard:
     ``codes[o]`` holds each observation's ``2 * asu + minus`` when its crystal is re-indexed by
     ambiguity operator ``o`` (-1: outside the merge); ``intensity``/``sigma`` have the
     polarisation divided out; ``inv_d2`` is ``|q|²`` and ``eps`` the excitation error, both from
-    the crystal's orientation matrix and wavelength; ``bw`` is ``β λ / 2`` per observation.
+    the crystal's orientation matrix and wavelength; ``bw`` is ``β λ / 2`` per crystal. The
+    shards stay in the workers' memory for every cycle: codes are int32 and what is one number
+    per crystal is stored once.
     """
 
     crystal_ids: np.ndarray
@@ -277,8 +274,8 @@ def prepare_shard(
     s0[:, 2] = 1.0 / lam
     eps = excitation_error_inv_a(q, s0, lam)
     inv_d2 = np.einsum("ni,ni->n", q, q)
-    codes = np.stack([index.lookup(hkl @ r) for r in operators]) if len(hkl) else \
-        np.zeros((len(operators), 0), dtype=np.int64)
+    codes = np.stack([index.lookup(hkl @ r).astype(np.int32) for r in operators]) \
+        if len(hkl) else np.zeros((len(operators), 0), dtype=np.int32)
     if params.d_min_a > 0:
         codes[:, inv_d2 > 1.0 / params.d_min_a**2] = -1
     counts = np.bincount(oc, minlength=len(crystal_ids))
@@ -294,7 +291,7 @@ def prepare_shard(
         sigma=sigma[sel] / pol[sel],
         inv_d2=inv_d2,
         eps=eps,
-        bw=bandwidth_term_a(params.bandwidth_fwhm, lam),
+        bw=bandwidth_term_a(params.bandwidth_fwhm, np.asarray(wavelengths_a, dtype=float)),
         extra={k: np.asarray(v)[sel] for k, v in (extra or {}).items()},
     )
 
@@ -334,137 +331,6 @@ class CrystalFits:
         cols["accepted"] = self.status == ACCEPTED
         cols["reason"] = [REASONS.get(int(s), "") for s in self.status]
         return cols
-
-
-@numba.njit(cache=True)
-def _fit_point(lo, hi, ref, inten, sig, inv_d2, p, gamma, b_limit, b_restraint, n_iter,
-               e):  # pragma: no cover - numba
-    """(G, B, weighted residual) of one crystal at one profile (partialities ``p``):
-    ``n_iter`` rounds of G in closed form and one Gauss-Newton step in B; ``e`` is scratch
-    for exp(-B q²/2), computed once per round instead of once per pass."""
-    bb = 0.0
-    g = 0.0
-    for _ in range(n_iter):
-        for i in range(lo, hi):
-            e[i - lo] = math.exp(-0.5 * bb * inv_d2[i]) * p[i - lo]
-        # G in closed form at this B (weights from the current model)
-        num = 0.0
-        den = 0.0
-        for i in range(lo, hi):
-            if ref[i] != ref[i]:
-                continue
-            t = e[i - lo] * ref[i]
-            m = g * t
-            w = 1.0 / (sig[i] * sig[i] + gamma * gamma * m * m)
-            num += w * inten[i] * t
-            den += w * t * t
-        if den <= 0.0:
-            return 0.0, bb, np.inf
-        g = num / den
-        # one Gauss-Newton step in B
-        num = 0.0
-        den = 0.0
-        for i in range(lo, hi):
-            if ref[i] != ref[i]:
-                continue
-            m = g * e[i - lo] * ref[i]
-            w = 1.0 / (sig[i] * sig[i] + gamma * gamma * m * m)
-            dm = -0.5 * inv_d2[i] * m
-            num += w * (inten[i] - m) * dm
-            den += w * dm * dm
-        # a restraint towards B = 0 keeps weak crystals from running off
-        num -= bb * b_restraint
-        den += b_restraint
-        if den > 0.0:
-            bb = min(max(bb + num / den, -b_limit), b_limit)
-    res = 0.0
-    for i in range(lo, hi):
-        if ref[i] != ref[i]:
-            continue
-        m = g * math.exp(-0.5 * bb * inv_d2[i]) * p[i - lo] * ref[i]
-        w = 1.0 / (sig[i] * sig[i] + gamma * gamma * m * m)
-        res += w * (inten[i] - m) ** 2
-    return g, bb, res
-
-
-@numba.njit(cache=True)
-def _profile(lo, hi, inv_d2, eps, bw, r, eta, p):  # pragma: no cover - numba
-    for i in range(lo, hi):
-        s2 = profile_sigma2_nb(inv_d2[i], r, eta, bw[i])
-        p[i - lo] = scaled_partiality_nb(eps[i], r, s2)
-
-
-@numba.njit(cache=True)
-def _fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_grid, gamma,
-                b_limit, b_restraint, g_out, b_out, r_out, eta_out, n_out, cc_out):  # pragma: no cover
-    nc = offsets.shape[0] - 1
-    for c in range(nc):
-        lo, hi = offsets[c], offsets[c + 1]
-        n = 0
-        for i in range(lo, hi):
-            if ref[i] == ref[i]:
-                n += 1
-        n_out[c] = n
-        g_out[c] = np.nan
-        b_out[c] = 0.0
-        r_out[c] = np.nan
-        eta_out[c] = np.nan
-        cc_out[c] = np.nan
-        if n < 3:
-            continue
-        p = np.ones(hi - lo)
-        e = np.empty(hi - lo)
-        if use_p:
-            # the profile grid ranked by a short fit (two rounds), then the full fit (six
-            # rounds) at the best profile: the ranking rarely changes after two rounds, and
-            # the search costs a third of fitting every profile in full
-            best = np.inf
-            ir_best = -1
-            ie_best = -1
-            for ir in range(r_grid.shape[0]):
-                for ie in range(eta_grid.shape[0]):
-                    _profile(lo, hi, inv_d2, eps, bw, r_grid[ir], eta_grid[ie], p)
-                    g, bb, res = _fit_point(lo, hi, ref, inten, sig, inv_d2, p, gamma, b_limit,
-                                            b_restraint, 2, e)
-                    if res < best and g > 0.0:
-                        best = res
-                        ir_best = ir
-                        ie_best = ie
-            if ir_best < 0:
-                continue
-            r_out[c] = r_grid[ir_best]
-            eta_out[c] = eta_grid[ie_best]
-            _profile(lo, hi, inv_d2, eps, bw, r_out[c], eta_out[c], p)
-        g, bb, res = _fit_point(lo, hi, ref, inten, sig, inv_d2, p, gamma, b_limit,
-                                b_restraint, 6, e)
-        if g > 0.0 and res < np.inf:
-            g_out[c] = g
-            b_out[c] = bb
-        else:
-            r_out[c] = np.nan
-            eta_out[c] = np.nan
-        # correlation of observations with the fitted model (for rejection and reporting)
-        sx = 0.0
-        sy = 0.0
-        sxx = 0.0
-        syy = 0.0
-        sxy = 0.0
-        k = 0
-        for i in range(lo, hi):
-            if ref[i] != ref[i] or not (g_out[c] == g_out[c]):
-                continue
-            m = math.exp(-0.5 * b_out[c] * inv_d2[i]) * p[i - lo] * ref[i]  # p: the fitted profile
-            sx += m
-            sy += inten[i]
-            sxx += m * m
-            syy += inten[i] * inten[i]
-            sxy += m * inten[i]
-            k += 1
-        if k > 2:
-            vx = sxx - sx * sx / k
-            vy = syy - sy * sy / k
-            if vx > 0 and vy > 0:
-                cc_out[c] = (sxy - sx * sy / k) / math.sqrt(vx * vy)
 
 
 def _crystal_cc(shard: PreparedShard, ref_obs: np.ndarray, inten: np.ndarray) -> np.ndarray:
@@ -509,9 +375,11 @@ def choose_operators(shard: PreparedShard, reference: np.ndarray,
 
 def chosen_codes(shard: PreparedShard, operator: np.ndarray) -> np.ndarray:
     """Each observation's code under its crystal's operator."""
+    if shard.codes.shape[0] == 1:  # no ambiguity: no copy
+        return shard.codes[0]
     op_obs = np.repeat(operator.astype(np.int64), np.diff(shard.offsets))
     return shard.codes[op_obs, np.arange(len(shard))] if len(shard) else \
-        np.zeros(0, dtype=np.int64)
+        np.zeros(0, dtype=np.int32)
 
 
 def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParams,
@@ -531,7 +399,7 @@ def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParam
     cc = np.empty(nc)
     use_p = params.model == "partiality" and not unity_first
     b_limit = params.unity_b_limit_a2 if params.model == "unity" else params.b_limit_a2
-    _fit_kernel(shard.offsets, ref, shard.intensity, shard.sigma, shard.inv_d2, shard.eps,
+    fit_kernel(shard.offsets, ref, shard.intensity, shard.sigma, shard.inv_d2, shard.eps,
                 shard.bw, use_p, params.radius_grid(),
                 angular_term(np.radians(np.asarray(params.mosaicity_grid_deg))),
                 params.model_error, b_limit, 1.0 / params.b_sigma_a2**2, g, b, r,
@@ -546,24 +414,6 @@ def fit_crystals(shard: PreparedShard, reference: np.ndarray, params: MergeParam
     status[(status == ACCEPTED) & ~(np.nan_to_num(cc, nan=-2.0) >= params.min_cc)] = REJECT_CC
     return CrystalFits(shard.crystal_ids, operator.astype(np.int16), g, b, r,
                        np.degrees(eta) / FWHM_TO_SIGMA, n, cc, status)
-
-
-def partiality_of(shard: PreparedShard, fits: CrystalFits, model: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(full model correction without G and B, the Gaussian factor alone) per observation."""
-    if model == "unity":
-        one = np.ones(len(shard))
-        return one, one
-    counts = np.diff(shard.offsets)
-    r = np.repeat(fits.radius_inv_a, counts)
-    eta = angular_term(np.radians(np.repeat(fits.mosaicity_deg, counts)))
-    s2 = profile_sigma2_inv_a2(shard.inv_d2, r, eta, shard.bw)
-    with np.errstate(invalid="ignore"):
-        gauss = partiality(shard.eps, s2)
-        full = scaled_partiality(shard.eps, r, s2)
-    # crystals fitted without a profile (the first, unity cycle) count as fully recorded
-    unity = ~np.isfinite(r)
-    return np.where(unity, 1.0, full), np.where(unity, 1.0, gauss)
 
 
 @dataclass(frozen=True)
@@ -651,38 +501,25 @@ def scaled_observations(shard: PreparedShard, fits: CrystalFits, reference: Refe
     would reject the truly strong reflections and keep them low, so callers reject only once
     it has settled (``reject_outliers``)."""
     codes = chosen_codes(shard, fits.operator)
-    counts = np.diff(shard.offsets)
-    g = np.repeat(fits.scale, counts)
-    b = np.repeat(fits.b_a2, counts)
-    p_full, gauss = partiality_of(shard, fits, params.model)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        corr = g * np.exp(-0.5 * b * shard.inv_d2) * p_full
-        i_est = shard.intensity / corr
-        s_est = shard.sigma / corr
+    n = len(shard)
+    out = {k: np.empty(n) for k in ("intensity", "sigma", "sigma_raw", "self_in", "partiality",
+                                     "z", "reference", "ref_n")}
+    flags = {k: np.empty(n, dtype=np.bool_) for k in ("use", "outlier", "low_partiality")}
     em = reference.error_model
-    ref = _ref_per_obs(codes, reference.intensity)
-    ref_n = _ref_per_obs(codes, reference.n.astype(float))
-    base = np.where(np.isfinite(ref), np.maximum(ref, 0.0), np.abs(i_est))
-    s_model = em.sdfac * np.sqrt(s_est**2 + (em.sdadd * base) ** 2)
-    use = (codes >= 0) & np.repeat(accepted, counts) & np.isfinite(i_est) & (s_model > 0)
-    low_p = use & ~(gauss >= params.min_partiality)
-    if reference.level is not None:
-        # an observation whose σ dwarfs the mean intensity at its resolution carries no
-        # information, and where it is one of the only two it makes a wild merged value
-        level = _ref_per_obs(codes, reference.level)
-        low_p |= use & (s_est > params.max_sigma_ratio * level)
-    use &= ~low_p
-    # the reference includes (nearly) this observation: I - <I> varies as σ² (1 - 1/n)
-    self_in = np.clip(1.0 - 1.0 / np.maximum(ref_n, 1.0), 0.05, 1.0)
-    with np.errstate(invalid="ignore"):
-        z = (i_est - ref) / (s_model * np.sqrt(self_in))
-    has_ref = np.isfinite(z) & (ref_n >= 3)
-    outlier = use & has_ref & (np.abs(z) > params.outlier_z) & reject_outliers
-    use &= ~outlier
-    return {"code": codes, "intensity": i_est, "sigma": s_model, "sigma_raw": s_est,
-            "self_in": self_in,
-            "partiality": p_full, "use": use, "outlier": outlier, "low_partiality": low_p,
-            "z": np.where(has_ref, z, np.nan), "reference": ref, "ref_n": ref_n}
+    level = np.zeros(0) if reference.level is None else np.asarray(reference.level, float)
+    observations_kernel(
+        shard.offsets, codes, shard.intensity, shard.sigma, shard.inv_d2, shard.eps, shard.bw,
+        np.asarray(fits.scale, float), np.asarray(fits.b_a2, float),
+        np.asarray(fits.radius_inv_a, float),
+        angular_term(np.radians(np.asarray(fits.mosaicity_deg, float))),
+        np.asarray(accepted, np.bool_), params.model == "partiality",
+        np.asarray(reference.intensity, float), np.asarray(reference.n, float), level,
+        float(em.sdfac), float(em.sdadd), float(params.min_partiality),
+        float(params.max_sigma_ratio), float(params.outlier_z), bool(reject_outliers),
+        out["intensity"], out["sigma"], out["sigma_raw"], out["partiality"], out["self_in"],
+        out["z"], out["reference"], out["ref_n"], flags["use"], flags["outlier"],
+        flags["low_partiality"])
+    return {"code": codes, **out, **flags}
 
 
 def scaled_columns(shard: PreparedShard, obs: dict[str, np.ndarray], index: AsuIndex
@@ -709,39 +546,20 @@ def accumulate(shard: PreparedShard, fits: CrystalFits, reference: Reference,
     :func:`scaled_observations` of the same arguments, where the caller has them already."""
     if obs is None:
         obs = scaled_observations(shard, fits, reference, params, accepted, reject_outliers)
-    use = obs["use"]
-    code = obs["code"][use]
-    w = 1.0 / obs["sigma"][use] ** 2
-    wi = w * obs["intensity"][use]
-    half = np.repeat(shard.half, np.diff(shard.offsets))[use]
-
-    def bc(weights: np.ndarray | None, sel: np.ndarray | None = None) -> np.ndarray:
-        c = code if sel is None else code[sel]
-        wt = weights if sel is None or weights is None else weights[sel]
-        return np.bincount(c, weights=wt, minlength=n_codes).astype(float)
-
-    a, b = half == 0, half == 1
-    sums = ShardSums(bc(None), bc(w), bc(wi), bc(w, a), bc(wi, a), bc(None, a), bc(w, b),
-                     bc(wi, b), bc(None, b), error_sums=np.zeros(5), deviation_sums=np.zeros(3),
-                     n_outliers=int(obs["outlier"].sum()),
-                     n_low_partiality=int(obs["low_partiality"].sum()))
-    # error model: E[(I - Iref)²] = c1 σ² + c2 Iref², over well-measured references
-    fit = use & (obs["ref_n"] >= 3) & np.isfinite(obs["reference"])
-    v = (obs["intensity"][fit] - obs["reference"][fit]) ** 2
-    f = obs["self_in"][fit]
-    s2 = f * obs["sigma_raw"][fit] ** 2
-    i2 = f * np.maximum(obs["reference"][fit], 0.0) ** 2
-    # weights 1/Var(v)² from the error model of the last cycle (iteratively reweighted over
-    # the cycles): a fixed guess of the fractional error makes the fit lean on whichever of the
+    table = np.zeros((len(_SUM_FIELDS), n_codes))
+    error_sums, deviation_sums = np.zeros(5), np.zeros(3)
+    # error model: E[(I - Iref)²] = c1 σ² + c2 Iref², over well-measured references, weighted
+    # 1/Var(v)² from the error model of the last cycle (iteratively reweighted over the
+    # cycles): a fixed guess of the fractional error makes the fit lean on whichever of the
     # two nearly collinear terms it underweights (sdfac ran to its limit with unity)
     em = reference.error_model
-    wt = 1.0 / (em.sdfac**2 * (s2 + max(em.sdadd, 0.1) ** 2 * i2)) ** 2
-    sums.error_sums = np.array([np.sum(wt * s2 * s2), np.sum(wt * s2 * i2), np.sum(wt * i2 * i2),
-                                np.sum(wt * v * s2), np.sum(wt * v * i2)])
-    z = obs["z"][use]
-    z = z[np.isfinite(z)]
-    sums.deviation_sums = np.array([z.size, float(np.sum(z * z)), float(np.sum(np.abs(z) > 3))])
-    return sums
+    sums_kernel(shard.offsets, shard.half, obs["code"], obs["use"], obs["intensity"],
+                obs["sigma"], obs["sigma_raw"], obs["self_in"], obs["reference"], obs["ref_n"],
+                obs["z"], float(em.sdfac), float(em.sdadd), table, error_sums, deviation_sums)
+    return ShardSums(**dict(zip(_SUM_FIELDS, table, strict=True)), error_sums=error_sums,
+                     deviation_sums=deviation_sums,
+                     n_outliers=int(obs["outlier"].sum()),
+                     n_low_partiality=int(obs["low_partiality"].sum()))
 
 
 def accepted_of(fits: CrystalFits, accepted: np.ndarray | None) -> np.ndarray:
