@@ -398,7 +398,7 @@ def _sum5(a, c):  # pragma: no cover - compiled
     return ((a[c] + a[c + 1]) + (a[c + 2] + a[c + 3])) + a[c + 4]
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _window_sums(col, win, k, m):  # pragma: no cover - compiled
     """``win[c] = col[c] + ... + col[c + k - 1]`` for ``c < m``: the column sums summed over
     the window's columns (fixed-size sums for the usual windows, in the order of
@@ -453,7 +453,7 @@ def _bands(ptab, half):  # pragma: no cover - compiled
     return members, starts[: nb + 2], off, width[: nb + 1]
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _clean_row(drow, mrow, rv, rg, max_adu, lo, hi):  # pragma: no cover - compiled
     """Copy one panel row into the ring: bad pixels (masked, saturated, NaN, in the border
     columns outside [lo, hi)) as 0 with good flag 0."""
@@ -464,7 +464,7 @@ def _clean_row(drow, mrow, rv, rg, max_adu, lo, hi):  # pragma: no cover - compi
         rg[c] = good
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _slide_sums(vin, gin, vout, gout, col_n, col_s, col_q):  # pragma: no cover - compiled
     """Column sums over the window's rows, moved down one row: add the incoming ring row,
     subtract the outgoing one (a zero row where there is none)."""
@@ -476,29 +476,38 @@ def _slide_sums(vin, gin, vout, gout, col_n, col_s, col_q):  # pragma: no cover 
         col_q[c] += a * a - b * b
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _flag_row(rv, rg, win, gain, floor, thr, min_local, s2, b2, local_sigma,
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _flag_row(rv, rg, cols, win, gain, floor, thr, k, min_local, s2, b2, local_sigma,
               flag):  # pragma: no cover - compiled
-    """Flag the pixels of one band row from their window sums ``win`` (n, s, q). With a
-    Poisson-type noise model the flag is :func:`_bright`, a necessary condition that 1-2 %
-    of the pixels pass: the variance is tested on those alone (:func:`_collect_row`); with
-    ``"local"`` it is the whole test. Loops without branches: LLVM vectorises them."""
-    win_n = win[0]
-    win_s = win[1]
-    if local_sigma:
-        win_q = win[2]
+    """Flag the pixels of one band row from the sums of the column sums ``cols`` (n, s, q)
+    over their windows. With a Poisson-type noise model the flag is :func:`_bright`, a
+    necessary condition that 1-2 % of the pixels pass: the variance is tested on those alone
+    (:func:`_collect_row`); with ``"local"`` it is the whole test. Loops without branches:
+    LLVM vectorises them (the default 9 x 9 window in one loop, others through ``win``)."""
+    if k == 9 and not local_sigma:
+        col_n = cols[0]
+        col_s = cols[1]
         for c in range(rv.shape[0]):
+            cnt = _sum9(col_n, c)
+            s = _sum9(col_s, c)
+            gs = max(gain[c] * s, cnt * floor[c])
+            flag[c] = _bright(np.float64(rv[c]), rg[c] != 0, cnt, s, gs, thr[c], min_local, s2)
+        return
+    for i in range(3 if local_sigma else 2):  # the variance only where it is needed
+        _window_sums(cols[i], win[i], k, rv.shape[0])
+    win_n, win_s, win_q = win[0], win[1], win[2]
+    for c in range(rv.shape[0]):
+        if local_sigma:
             flag[c] = _strong_local(np.float64(rv[c]), rg[c] != 0, win_n[c], win_s[c],
                                     win_q[c], gain[c], floor[c], thr[c], min_local, s2, b2)
-        return
-    for c in range(rv.shape[0]):
-        gs = max(gain[c] * win_s[c], win_n[c] * floor[c])
-        flag[c] = _bright(np.float64(rv[c]), rg[c] != 0, win_n[c], win_s[c], gs, thr[c],
-                          min_local, s2)
+        else:
+            gs = max(gain[c] * win_s[c], win_n[c] * floor[c])
+            flag[c] = _bright(np.float64(rv[c]), rg[c] != 0, win_n[c], win_s[c], gs, thr[c],
+                              min_local, s2)
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _collect_row(flag, n_cols, win, col_q, par, k, b2, local_sigma, band, r, row_id, labels,
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _collect_row(flag, n_cols, cols, par, k, b2, local_sigma, band, r, row_id, labels,
                  n):  # pragma: no cover - compiled
     """Record the flagged pixels of one band row as strong pixels, in raster order, labelled;
     with a Poisson-type noise model only those that pass the variance test as well."""
@@ -512,10 +521,10 @@ def _collect_row(flag, n_cols, win, col_q, par, k, b2, local_sigma, band, r, row
             if flag[c] == 0:
                 continue
             if not local_sigma:
-                cnt = win[0, c]
-                s = win[1, c]
+                cnt = _box(cols[0], c, k)
+                s = _box(cols[1], c, k)
                 gs = max(par[0, c] * s, cnt * par[1, c])
-                if not _dispersed(cnt, s, _box(col_q, c, k), gs, b2, False):
+                if not _dispersed(cnt, s, _box(cols[2], c, k), gs, b2, False):
                     continue
             j = c + half
             p = col_panel[j]
@@ -545,7 +554,7 @@ def _band_setup(ptab, pf, panels, off, w, global_thr, bufs):  # pragma: no cover
         col_panel[o : o + nfs] = p
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v,
                  ring_g):  # pragma: no cover - compiled
     """Clean band row ``rin`` of every panel into its ring row."""
@@ -591,12 +600,10 @@ def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, t
         if rr < 0:
             continue
         slot = rr % (k + 1)
-        for i in range(3 if local_sigma else 2):  # the variance only where it is needed
-            _window_sums(cols[i], win[i], k, m)
-        _flag_row(ring_v[slot, half : w - half], ring_g[slot, half : w - half], win,
+        _flag_row(ring_v[slot, half : w - half], ring_g[slot, half : w - half], cols, win,
                   par[0, half : w - half], par[1, half : w - half], par[2, half : w - half],
-                  min_local, s2, b2, local_sigma, flag)
-        labels, n = _collect_row(flag, m, win, cols[2], par[:, half:], k, b2, local_sigma,
+                  k, min_local, s2, b2, local_sigma, flag)
+        labels, n = _collect_row(flag, m, cols, par[:, half:], k, b2, local_sigma,
                                  (col_panel, off, half), rr, row_id0 + rr, labels, n)
     return labels, n
 
