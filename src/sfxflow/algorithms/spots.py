@@ -299,9 +299,10 @@ def _link_strong(rowlab, rowtag, parent, j, row_id, n):  # pragma: no cover - co
 def _new_labels(width, cap):  # pragma: no cover - compiled
     """The strong-pixel list and its labelling buffers (rows of ``width`` columns), as one
     tuple for both kernels: ``(sp_panel, sp_r, sp_c, parent, rowlab, rowtag)``."""
+    # tags start at -2: row ids are >= 0, so no first row (id 0) sees a row "id - 1" above
     return (np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.int32),
             np.empty(cap, np.int32), np.zeros((2, width), np.int32),
-            np.full((2, width), -1, np.int64))
+            np.full((2, width), -2, np.int64))
 
 
 @njit(cache=True, nogil=True, inline="always")
