@@ -246,6 +246,42 @@ def test_stacked_layout_gives_the_same_spots() -> None:
         np.testing.assert_allclose(getattr(a, k), getattr(b, k))
 
 
+def test_panels_swept_as_one_band_match_each_panel_alone() -> None:
+    """Panels side by side in the data rows (swept together, one ring row with gaps between
+    them) of different widths and gains, beside a panel in other rows, give each panel the
+    spots it has alone: no window reaches across a panel edge."""
+    rng = np.random.default_rng(21)
+    widths = (120, 57, 90)
+    panels = []
+    planes = []
+    fs0 = 0
+    for i, (n_fs, gain) in enumerate(zip(widths, (8.0, 1.0, 3.0), strict=True)):
+        panels.append(Panel(f"p{i}", (-13.0 + 4.0 * i, -11.0, 100.0), (1, 0, 0), (0, 1, 0),
+                            0.11, (96, n_fs), data_origin=(0, fs0), adu_per_photon=gain))
+        fs0 += n_fs
+        img = rng.poisson(2.0, (96, n_fs)).astype(np.float64)
+        img[:, -1] += 60.0  # a bright last column: it must not leak into the next panel
+        img[40:42, n_fs // 2 : n_fs // 2 + 2] += 90.0
+        planes.append(img * gain)
+    panels.append(Panel("p3", (-13.0, 0.5, 100.0), (1, 0, 0), (0, 1, 0), 0.11, (40, 100),
+                        data_origin=(96, 0), adu_per_photon=2.0))
+    data = np.zeros((136, fs0), np.float32)
+    data[:96] = np.concatenate(planes, axis=1)
+    data[96:, :100] = rng.poisson(2.0, (40, 100)) * 2.0
+    data[110:112, 50:52] += 180.0
+    det = Detector(tuple(panels))
+    p = SpotParams(border_px=0, min_snr=0.0)
+    frame = Frame(data, det, BEAM)
+    whole = find_spots(frame, p)
+    assert np.all(np.diff(whole.panel) >= 0)  # panel by panel, as before the band sweep
+    for i, panel in enumerate(det):
+        alone = find_spots_panel(frame.panel_data(i), panel, p, beam=BEAM, panel_index=i)
+        on = whole.select(np.flatnonzero(whole.panel == i))
+        assert len(on) == len(alone) >= 1, i
+        for k in ("fs_px", "ss_px", "intensity", "background", "snr", "n_pixels"):
+            np.testing.assert_array_equal(getattr(on, k), getattr(alone, k), err_msg=k)
+
+
 def test_masked_nan_and_saturated_pixels_never_make_spots() -> None:
     rng = np.random.default_rng(9)
     mask0 = np.ones((96, 120), bool)

@@ -153,14 +153,17 @@ def _with_gain(detector: Any, adu_per_photon: float) -> Any:
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _sum_kernel(a):  # pragma: no cover - compiled
+    # indexed loop: LLVM vectorises it (``for x in a`` compiled to a scalar add chain, 4x
+    # slower than reading the frame, which made the floor look 4x higher than it is)
     acc = 0.0
-    for x in a:
-        acc += x
+    for i in range(a.shape[0]):
+        acc += np.float64(a[i])
     return acc
 
 
 def _stream_sum(data: np.ndarray) -> float:
-    """One plain streaming pass over the frame (the memory-bound floor of any per-pixel work)."""
+    """One plain streaming pass over the frame (the memory-bound floor of any per-pixel work):
+    a vectorised sum, as fast as the frame can be read."""
     return float(_sum_kernel(data.reshape(-1)))
 
 
