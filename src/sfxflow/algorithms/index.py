@@ -68,12 +68,8 @@ import gemmi
 import numpy as np
 from numba import njit
 
-from sfxflow.algorithms.geometry import (
-    lab_to_q,
-    miller_indices,
-    panel_matrices,
-    pixels_to_lab_mm,
-)
+from sfxflow.algorithms.detector_tables import detector_tables
+from sfxflow.algorithms.geometry import lab_to_q, miller_indices
 from sfxflow.algorithms.refine import (
     RefineParams,
     RefineResult,
@@ -801,7 +797,7 @@ def solution_significance(
     refined; the detector-shift range over the tolerance).
     """
     n = len(spots)
-    d = panel_matrices(detector).d[np.asarray(spots.panel, dtype=np.int64)]
+    d = detector_tables(detector).d[np.asarray(spots.panel, dtype=np.int64)]
     lab = np.einsum("nij,nj->ni", d, np.stack([spots.fs_px, spots.ss_px, np.ones(n)], -1))
     dist = np.linalg.norm(lab, axis=1)
     pix = np.linalg.norm(d[:, :, 0], axis=1)
@@ -866,6 +862,15 @@ def profile_depth_inv_a(refined: RefineResult, q_len: np.ndarray, beam: Beam,
 
 
 # --------------------------------------------------------------------------- main entry point
+
+
+def _lab_mm(detector: Detector, spots: SpotTable) -> np.ndarray:
+    """Lab positions (mm) of the spots, with the detector's cached panel matrices
+    (:func:`~sfxflow.algorithms.geometry.pixels_to_lab_mm` rebuilds them on every call)."""
+    d = detector_tables(detector).d[np.asarray(spots.panel, dtype=np.int64)]
+    v = np.stack([np.asarray(spots.fs_px, float), np.asarray(spots.ss_px, float),
+                  np.ones(len(spots))], -1)
+    return np.einsum("nij,nj->ni", d, v)
 
 
 def reason_kind(reason: str) -> str:
@@ -965,7 +970,7 @@ def index_spots(
     n = len(spots)
     if n < max(params.min_spots, params.min_indexed):
         return _fail(f"too few spots ({n} < {max(params.min_spots, params.min_indexed)})", n)
-    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
+    lab = _lab_mm(detector, spots)
     q = lab_to_q(lab, beam)
     q_len = np.linalg.norm(q, axis=1)
     eligible = np.flatnonzero((q_len > 0) & (q_len >= 1.0 / params.max_d_a))
@@ -1131,7 +1136,7 @@ def _near_lattice(res: IndexResult, spots: SpotTable, detector: Detector, beam: 
     for the next lattice."""
     if res.crystal is None or len(spots) == 0:
         return np.zeros(len(spots), bool)
-    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
+    lab = _lab_mm(detector, spots)
     rays = lab / np.linalg.norm(lab, axis=1, keepdims=True)
     hkl, _, exc = assign_hkl(res.crystal.a_matrix, rays, beam, params.refine.max_excitation_inv_a,
                              res.crystal.space_group)
