@@ -572,6 +572,32 @@ def _strict_score(
     return ok.sum(axis=1), np.where(ok, d2, 0.0).sum(axis=1)
 
 
+@njit(cache=True, nogil=True)
+def _angle_matches(unit, rep, lo2, hi2, cos_lo, cos_hi):  # pragma: no cover - compiled
+    """``(i, j)`` of the index pairs ``(rep[i], lo2 + j)`` whose angle's cosine lies in
+    ``[cos_lo, cos_hi]``, row by row (as ``np.nonzero`` of the cosine matrix, which at high
+    resolution, windows of a thousand indices each, cost most of a search in temporaries)."""
+    n = 0
+    for i in range(rep.size):
+        r = rep[i]
+        for j in range(lo2, hi2):
+            c = unit[r, 0] * unit[j, 0] + unit[r, 1] * unit[j, 1] + unit[r, 2] * unit[j, 2]
+            if c >= cos_lo and c <= cos_hi:
+                n += 1
+    ii = np.empty(n, np.int64)
+    jj = np.empty(n, np.int64)
+    k = 0
+    for i in range(rep.size):
+        r = rep[i]
+        for j in range(lo2, hi2):
+            c = unit[r, 0] * unit[j, 0] + unit[r, 1] * unit[j, 1] + unit[r, 2] * unit[j, 2]
+            if c >= cos_lo and c <= cos_hi:
+                ii[k] = i
+                jj[k] = j - lo2
+                k += 1
+    return ii, jj
+
+
 def _candidate_pairs(q: np.ndarray, q_len: np.ndarray, sel: np.ndarray, table: _Table,
                      params: IndexParams) -> tuple[dict, dict, list[tuple[int, int, int]]]:
     """The table windows of the pair spots ``sel`` (``|q|`` within tolerance; among the orbit
@@ -651,8 +677,7 @@ def index_q_candidates(
         )
         cos_hi = math.cos(max(0.0, obs_ang - tol))
         cos_lo = math.cos(min(math.pi, obs_ang + tol))
-        cos_c = table.qc_unit[rep] @ table.qc_unit[lo2:hi2].T
-        ii, jj = np.nonzero((cos_c >= cos_lo) & (cos_c <= cos_hi))
+        ii, jj = _angle_matches(table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi)
         if ii.size == 0:
             continue
         v1, v2 = table.qc[rep[ii]], table.qc[lo2 + jj]
