@@ -176,3 +176,26 @@ def test_spots_at_absent_reflections_are_not_indexed() -> None:
     res = refine_still(truth, panel2, fs2, ss2, det, BEAM, RefineParams())
     assert res.indexed_mask[: len(panel)].sum() >= len(panel) - 1
     assert not res.indexed_mask[len(panel):].any()
+
+
+@pytest.mark.parametrize(("cell", "sg"), [
+    ("35 41 56 79 87 71", "P 1"),
+    ("40 50 60 90 101 90", "P 1 21 1"),
+    ("93 93 130.5 90 90 120", "P 61 2 2"),
+    ("60 60 60 80 80 80", "R 3:R"),
+    ("78 78 78 90 90 90", "I 2 3"),
+])
+def test_compiled_cell_model_matches_gemmi(cell: str, sg: str) -> None:
+    # the compiled fit builds B from the free cell parameters itself: it must be gemmi's B
+    from sfxflow.algorithms.refine import _cell_map, _reciprocal_basis_of
+    from sfxflow.models import reciprocal_basis
+
+    c = gemmi.UnitCell(*map(float, cell.split()))
+    values, build, cell6, index = _cell_map(c, gemmi.SpaceGroup(sg))
+    moved = values * 1.01
+    p = cell6.copy()
+    p[index >= 0] = moved[index[index >= 0]]
+    assert np.allclose(p, build(moved).parameters, rtol=0, atol=1e-12)
+    b = np.empty((3, 3))
+    _reciprocal_basis_of(p, b)
+    assert np.allclose(b, reciprocal_basis(build(moved)), rtol=1e-12, atol=1e-15)

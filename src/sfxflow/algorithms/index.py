@@ -68,12 +68,9 @@ import gemmi
 import numpy as np
 from numba import njit
 
-from sfxflow.algorithms.geometry import (
-    lab_to_q,
-    miller_indices,
-    panel_matrices,
-    pixels_to_lab_mm,
-)
+from sfxflow.algorithms.detector_tables import detector_tables
+from sfxflow.algorithms.geometry import lab_to_q, miller_indices
+from sfxflow.algorithms.predict import PredictParams, refine_profile
 from sfxflow.algorithms.refine import (
     RefineParams,
     RefineResult,
@@ -95,6 +92,9 @@ from sfxflow.models import (
 from sfxflow.settings import check_fields, section, setting
 
 log = logging.getLogger(__name__)
+
+#: the profile model a solution is judged by (:func:`profile_depth_inv_a`)
+_PROFILE_PARAMS = PredictParams(detection_bias=1.0, min_spots=3)
 
 __all__ = [
     "IndexParams",
@@ -572,6 +572,60 @@ def _strict_score(
     return ok.sum(axis=1), np.where(ok, d2, 0.0).sum(axis=1)
 
 
+@njit(cache=True, nogil=True)
+def _angle_matches(unit, rep, lo2, hi2, cos_lo, cos_hi):  # pragma: no cover - compiled
+    """``(i, j)`` of the index pairs ``(rep[i], lo2 + j)`` whose angle's cosine lies in
+    ``[cos_lo, cos_hi]``, row by row (as ``np.nonzero`` of the cosine matrix, which at high
+    resolution, windows of a thousand indices each, cost most of a search in temporaries)."""
+    n = 0
+    for i in range(rep.size):
+        r = rep[i]
+        for j in range(lo2, hi2):
+            c = unit[r, 0] * unit[j, 0] + unit[r, 1] * unit[j, 1] + unit[r, 2] * unit[j, 2]
+            if c >= cos_lo and c <= cos_hi:
+                n += 1
+    ii = np.empty(n, np.int64)
+    jj = np.empty(n, np.int64)
+    k = 0
+    for i in range(rep.size):
+        r = rep[i]
+        for j in range(lo2, hi2):
+            c = unit[r, 0] * unit[j, 0] + unit[r, 1] * unit[j, 1] + unit[r, 2] * unit[j, 2]
+            if c >= cos_lo and c <= cos_hi:
+                ii[k] = i
+                jj[k] = j - lo2
+                k += 1
+    return ii, jj
+
+
+def _candidate_pairs(q: np.ndarray, q_len: np.ndarray, sel: np.ndarray, table: _Table,
+                     params: IndexParams) -> tuple[dict, dict, list[tuple[int, int, int]]]:
+    """The table windows of the pair spots ``sel`` (``|q|`` within tolerance; among the orbit
+    representatives and among all indices) and their pairs ``(n(h1) n(h2), i, j)`` that are not
+    nearly collinear, fewest candidates first."""
+
+    def window(sorted_len: np.ndarray, x: float) -> tuple[int, int]:
+        tol = params.q_tolerance_rel * x + params.q_tolerance_abs_inv_a
+        return (int(np.searchsorted(sorted_len, x - tol)), int(np.searchsorted(sorted_len, x + tol)))
+
+    win_rep = {int(i): window(table.rep_q_len, q_len[i]) for i in sel}
+    win_all = {int(i): window(table.q_len, q_len[i]) for i in sel}
+    pairs = []
+    for a_pos, i in enumerate(sel):
+        for j in sel[a_pos + 1 :]:
+            i, j = int(i), int(j)
+            cosang = float(q[i] @ q[j]) / (q_len[i] * q_len[j])
+            if abs(cosang) > math.cos(math.radians(8.0)):
+                continue  # nearly collinear pair: orientation undetermined
+            # the lower-resolution spot takes the representative role (fewer candidates)
+            n1 = win_rep[i][1] - win_rep[i][0]
+            n2 = win_all[j][1] - win_all[j][0]
+            if n1 * n2 > 0:
+                pairs.append((n1 * n2, i, j))
+    pairs.sort()
+    return win_rep, win_all, pairs
+
+
 def index_q_candidates(
     q: np.ndarray,
     rays: np.ndarray,
@@ -606,25 +660,7 @@ def index_q_candidates(
     early = max(params.min_indexed, math.ceil(params.early_exit_fraction * n))
     exc_tol = 1.5 * params.max_excitation_inv_a
 
-    def window(sorted_len: np.ndarray, x: float) -> tuple[int, int]:
-        tol = params.q_tolerance_rel * x + params.q_tolerance_abs_inv_a
-        return (int(np.searchsorted(sorted_len, x - tol)), int(np.searchsorted(sorted_len, x + tol)))
-
-    win_rep = {int(i): window(table.rep_q_len, q_len[i]) for i in sel}
-    win_all = {int(i): window(table.q_len, q_len[i]) for i in sel}
-    pairs = []
-    for a_pos, i in enumerate(sel):
-        for j in sel[a_pos + 1 :]:
-            i, j = int(i), int(j)
-            cosang = float(q[i] @ q[j]) / (q_len[i] * q_len[j])
-            if abs(cosang) > math.cos(math.radians(8.0)):
-                continue  # nearly collinear pair: orientation undetermined
-            # the lower-resolution spot takes the representative role (fewer candidates)
-            n1 = win_rep[i][1] - win_rep[i][0]
-            n2 = win_all[j][1] - win_all[j][0]
-            if n1 * n2 > 0:
-                pairs.append((n1 * n2, i, j))
-    pairs.sort()
+    win_rep, win_all, pairs = _candidate_pairs(q, q_len, sel, table, params)
     all_rots: list[np.ndarray] = []
     all_counts: list[np.ndarray] = []
     all_err: list[np.ndarray] = []
@@ -641,8 +677,7 @@ def index_q_candidates(
         )
         cos_hi = math.cos(max(0.0, obs_ang - tol))
         cos_lo = math.cos(min(math.pi, obs_ang + tol))
-        cos_c = table.qc_unit[rep] @ table.qc_unit[lo2:hi2].T
-        ii, jj = np.nonzero((cos_c >= cos_lo) & (cos_c <= cos_hi))
+        ii, jj = _angle_matches(table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi)
         if ii.size == 0:
             continue
         v1, v2 = table.qc[rep[ii]], table.qc[lo2 + jj]
@@ -801,7 +836,41 @@ def solution_significance(
     refined; the detector-shift range over the tolerance).
     """
     n = len(spots)
-    d = panel_matrices(detector).d[np.asarray(spots.panel, dtype=np.int64)]
+    omega, q_len, r_inv_a, pix = _acceptance_geometry(spots, detector, beam, params)
+    depth = np.full(n, params.significance_excitation_inv_a)
+    if params.profile_acceptance and n:
+        depth = profile_depth_inv_a(refined, q_len, beam, params)
+    p_i = chance_match_probability(target.cell.volume, _n_centring(target), beam.wavelength_a,
+                                   omega, depth)
+    p = float(np.mean(p_i)) if n else 1.0
+    tol = params.significance_tolerance_px
+    res = np.hypot(refined.residuals_px[:, 0], refined.residuals_px[:, 1])
+    with np.errstate(invalid="ignore"):
+        matched = (refined.indexed_mask & (res <= tol)
+                   & (np.abs(refined.excitation_inv_a) <= depth))
+    k = int(matched.sum())
+    # angular resolution: the tolerance radius in reciprocal space over a typical |q|
+    sel = matched if k else np.ones(n, bool)
+    delta = float(np.median(r_inv_a[sel]) / max(np.median(q_len[sel]), 1e-9)) if n else 1.0
+    rp = params.refine
+    shift_steps = 1.0
+    if rp.refine_detector_shift and refined.n_indexed >= rp.min_spots_detector_shift:
+        steps_1d = 2.0 * rp.max_detector_shift_mm / (tol * float(np.median(pix)))
+        shift_steps = max(1.0, steps_1d) ** 2
+    return Significance(n, k, p, binomial_log10_tail(k, n, p),
+                        _log10_trials(delta, target, params, shift_steps))
+
+
+def _n_centring(target: TargetCell) -> int:
+    return len(target.space_group.operations().cen_ops)
+
+
+def _acceptance_geometry(spots: SpotTable, detector: Detector, beam: Beam, params: IndexParams
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per spot: the solid angle (sr) of the significance tolerance disc seen from the sample,
+    ``|q|`` (Å⁻¹), the disc's radius in reciprocal space (Å⁻¹) and the pixel size (mm)."""
+    n = len(spots)
+    d = detector_tables(detector).d[np.asarray(spots.panel, dtype=np.int64)]
     lab = np.einsum("nij,nj->ni", d, np.stack([spots.fs_px, spots.ss_px, np.ones(n)], -1))
     dist = np.linalg.norm(lab, axis=1)
     pix = np.linalg.norm(d[:, :, 0], axis=1)
@@ -809,26 +878,18 @@ def solution_significance(
     cos_inc = np.abs(np.einsum("ij,ij->i", normals, lab)) / dist
     tol = params.significance_tolerance_px
     omega = math.pi * (tol * pix) ** 2 * cos_inc / dist**2
-    n_cen = len(target.space_group.operations().cen_ops)
     q_len = np.linalg.norm(lab / (dist * beam.wavelength_a)[:, None] - np.asarray(beam.s0_inv_a),
                            axis=1)
-    depth = np.full(n, params.significance_excitation_inv_a)
-    if params.profile_acceptance and n:
-        depth = profile_depth_inv_a(refined, q_len, beam, params)
-    p_i = chance_match_probability(target.cell.volume, n_cen, beam.wavelength_a, omega, depth)
-    p = float(np.mean(p_i)) if n else 1.0
-    res = np.hypot(refined.residuals_px[:, 0], refined.residuals_px[:, 1])
-    with np.errstate(invalid="ignore"):
-        matched = (refined.indexed_mask & (res <= tol)
-                   & (np.abs(refined.excitation_inv_a) <= depth))
-    k = int(matched.sum())
-    # angular resolution: the tolerance radius in reciprocal space over a typical |q|
     r_inv_a = np.sqrt(omega) / math.sqrt(math.pi) / beam.wavelength_a
-    sel = matched if k else np.ones(n, bool)
-    delta = float(np.median(r_inv_a[sel]) / max(np.median(q_len[sel]), 1e-9)) if n else 1.0
-    rp = params.refine
+    return omega, q_len, r_inv_a, pix
+
+
+def _log10_trials(delta: float, target: TargetCell, params: IndexParams,
+                  shift_steps: float) -> float:
+    """:func:`log10_independent_trials` of a search at angular resolution ``delta`` with the
+    cell freedom the refinement has."""
     n_len = n_ang = 0
-    if rp.refine_cell:
+    if params.refine.refine_cell:
         vals, build = cell_parameters(target.cell, target.space_group)
         # free angles: triclinic 3, monoclinic 1, rhombohedral axes 1 (a, alpha); others none
         system = target.space_group.crystal_system_str()
@@ -836,14 +897,9 @@ def solution_significance(
         if vals.size == 2 and abs(build(vals).alpha - 90.0) > 1e-6:
             n_ang = 1
         n_len = vals.size - n_ang
-    shift_steps = 1.0
-    if rp.refine_detector_shift and refined.n_indexed >= rp.min_spots_detector_shift:
-        steps_1d = 2.0 * rp.max_detector_shift_mm / (tol * float(np.median(pix)))
-        shift_steps = max(1.0, steps_1d) ** 2
-    log_trials = log10_independent_trials(
+    return log10_independent_trials(
         delta, len(point_group_rotations(target.space_group)), n_len,
         params.cell_length_tolerance, n_ang, params.cell_angle_tolerance_deg, shift_steps)
-    return Significance(n, k, p, binomial_log10_tail(k, n, p), log_trials)
 
 
 def profile_depth_inv_a(refined: RefineResult, q_len: np.ndarray, beam: Beam,
@@ -857,15 +913,21 @@ def profile_depth_inv_a(refined: RefineResult, q_len: np.ndarray, beam: Beam,
     lattice fitted to spots needs a broad profile too, and pays for it: the chance that a random
     spot falls in a deeper region is larger, so its matches are less significant.
     """
-    from sfxflow.algorithms.predict import PredictParams, refine_profile
-
     mask = refined.indexed_mask & np.isfinite(refined.excitation_inv_a)
-    model = refine_profile(refined.excitation_inv_a[mask], q_len[mask], beam,
-                           PredictParams(detection_bias=1.0, min_spots=3))
+    model = refine_profile(refined.excitation_inv_a[mask], q_len[mask], beam, _PROFILE_PARAMS)
     return params.profile_nsigma * model.width_inv_a(q_len)
 
 
 # --------------------------------------------------------------------------- main entry point
+
+
+def _lab_mm(detector: Detector, spots: SpotTable) -> np.ndarray:
+    """Lab positions (mm) of the spots, with the detector's cached panel matrices
+    (:func:`~sfxflow.algorithms.geometry.pixels_to_lab_mm` rebuilds them on every call)."""
+    d = detector_tables(detector).d[np.asarray(spots.panel, dtype=np.int64)]
+    v = np.stack([np.asarray(spots.fs_px, float), np.asarray(spots.ss_px, float),
+                  np.ones(len(spots))], -1)
+    return np.einsum("nij,nj->ni", d, v)
 
 
 def reason_kind(reason: str) -> str:
@@ -899,6 +961,111 @@ def _cell_ok(cell: gemmi.UnitCell, target: gemmi.UnitCell, params: IndexParams) 
     )
 
 
+def _index_strongest(spots: SpotTable, detector: Detector, beam: Beam, target: TargetCell,
+                     params: IndexParams) -> IndexResult:
+    """:func:`index_spots` on the ``max_spots`` strongest spots (by ``snr``, else
+    ``intensity``), then every other spot indexed on the refined lattice."""
+    n_all = len(spots)
+    assert params.max_spots is not None
+    strength = np.where(np.isfinite(spots.snr) & (spots.snr > 0), spots.snr, -np.inf)
+    if not np.isfinite(strength).any():
+        strength = np.nan_to_num(spots.intensity, nan=-np.inf)
+    keep = np.sort(np.argsort(-strength, kind="stable")[: params.max_spots])
+    sub = index_spots(spots.select(keep), detector, beam, target,
+                      replace(params, max_spots=None))
+    if sub.success and sub.crystal is not None:
+        hkl, mask, _ = index_on_lattice(
+            sub.crystal, spots.panel, spots.fs_px, spots.ss_px, detector, beam,
+            threshold_px=sub.outlier_threshold_px,
+            max_excitation_inv_a=params.refine.max_excitation_inv_a,
+            distance_shift_mm=sub.distance_shift_mm, detector_shift_mm=sub.detector_shift_mm)
+    else:
+        hkl, mask = np.zeros((n_all, 3), np.int32), np.zeros(n_all, bool)
+    hkl[keep] = sub.miller_indices  # the refinement's own verdict on the spots it used
+    mask[keep] = sub.indexed_mask
+    n_indexed = int(mask.sum()) if sub.success else sub.n_indexed
+    return replace(sub, miller_indices=hkl, indexed_mask=mask, n_spots=n_all,
+                   n_indexed=n_indexed, fraction_indexed=n_indexed / n_all)
+
+
+def _refine_candidates(rots: np.ndarray, counts: np.ndarray, spots: SpotTable,
+                       detector: Detector, beam: Beam, target: TargetCell,
+                       params: IndexParams) -> list[RefineResult]:
+    """Refine the best distinct candidates (more than a degree apart), best first, until
+    ``n_solutions_refined``, a candidate too weak to become a solution, or one clearly right."""
+    # a candidate must index most of what a solution needs before refinement may add spots
+    min_candidate = max(3, math.ceil(0.75 * params.min_indexed))
+    early = max(params.min_indexed, math.ceil(params.early_exit_fraction * len(spots)))
+    tried: list[Crystal] = []
+    refined = []
+    for u, count in zip(rots, counts, strict=True):
+        if len(tried) >= params.n_solutions_refined or count < min_candidate:
+            break
+        cand = Crystal.from_u(target.cell, target.space_group, u)
+        if any(misorientation_deg(cand, t) < 1.0 for t in tried):
+            continue
+        tried.append(cand)
+        ref = refine_still(cand, spots.panel, spots.fs_px, spots.ss_px, detector, beam,
+                           params.refine)
+        refined.append(ref)
+        if ref.n_indexed >= early and ref.rmsd_px <= 0.5 * params.max_rmsd_px:
+            break  # clearly right: no need to look further
+    return refined
+
+
+def _rejection(ref: RefineResult, sig: Significance, n: int, target: TargetCell,
+               params: IndexParams) -> str:
+    """Why the refined solution ``ref`` on ``n`` spots is not accepted (empty: accepted)."""
+    frac = ref.n_indexed / n
+    log10_false = sig.log10_false_probability
+    if ref.n_indexed < params.min_indexed:
+        return f"too few spots indexed ({ref.n_indexed} < {params.min_indexed})"
+    if frac < params.min_fraction_indexed:
+        return f"fraction indexed too low ({frac:.2f} < {params.min_fraction_indexed})"
+    if not ref.rmsd_px <= params.max_rmsd_px:
+        return f"rmsd too high ({ref.rmsd_px:.2f} px > {params.max_rmsd_px} px)"
+    med_exc = float(np.median(np.abs(ref.excitation_inv_a[ref.indexed_mask])))
+    if not med_exc <= params.max_median_excitation_inv_a:
+        return (f"lattice points too far from the Ewald sphere (median {med_exc:.2e} > "
+                f"{params.max_median_excitation_inv_a:.2e} 1/A)")
+    if not _cell_ok(ref.crystal.cell, target.cell, params):
+        return ("refined cell too far from target ("
+                + " ".join(f"{x:.2f}" for x in ref.crystal.cell.parameters) + ")")
+    if not log10_false <= math.log10(params.max_false_probability):
+        return (f"not significant: {sig.n_matched} of {sig.n_spots} spots matched, "
+                f"chance probability 10^{log10_false:.1f} > {params.max_false_probability:g}")
+    return ""
+
+
+def _accepted_result(ref: RefineResult, q: np.ndarray, n_tested: int,
+                     log10_false: float) -> IndexResult:
+    """The successful :class:`IndexResult` of ``ref``, in the canonical setting."""
+    n = q.shape[0]
+    crystal = canonical_crystal(ref.crystal)
+    # Miller indices in the canonical setting: A' = A M  ->  h' = M^-1 h
+    m = np.rint(np.linalg.solve(ref.crystal.a_matrix, crystal.a_matrix))
+    hkl = np.rint(ref.miller_indices @ np.linalg.inv(m).T).astype(np.int32)
+    mask = ref.indexed_mask
+    q_pred = hkl @ crystal.a_matrix.T
+    rmsd_q = float(np.sqrt(np.mean(np.sum((q[mask] - q_pred[mask]) ** 2, axis=1))))
+    return IndexResult(
+        success=True,
+        crystal=crystal,
+        miller_indices=hkl,
+        indexed_mask=mask,
+        n_indexed=ref.n_indexed,
+        fraction_indexed=ref.n_indexed / n,
+        rmsd_px=ref.rmsd_px,
+        rmsd_inv_a=rmsd_q,
+        n_spots=n,
+        n_candidates=n_tested,
+        log10_false_probability=log10_false,
+        detector_shift_mm=ref.detector_shift_mm,
+        distance_shift_mm=ref.distance_shift_mm,
+        outlier_threshold_px=ref.outlier_threshold_px,
+    )
+
+
 def index_spots(
     spots: SpotTable,
     detector: Detector,
@@ -907,6 +1074,11 @@ def index_spots(
     params: IndexParams | None = None,
 ) -> IndexResult:
     """Index one still's spots against a known cell and refine the solution.
+
+    The steps: scattering vectors of the spots, candidate orientations from spot pairs
+    (:func:`index_q_candidates`), refinement of the best distinct candidates
+    (:func:`_refine_candidates`), the tests of the best refined one (:func:`_rejection`,
+    :func:`solution_significance`) and its canonical setting (:func:`_accepted_result`).
 
     Parameters
     ----------
@@ -942,31 +1114,12 @@ def index_spots(
     (True, True, True)
     """
     params = params or IndexParams()
-    n_all = len(spots)
-    if params.max_spots is not None and n_all > params.max_spots:
-        strength = np.where(np.isfinite(spots.snr) & (spots.snr > 0), spots.snr, -np.inf)
-        if not np.isfinite(strength).any():
-            strength = np.nan_to_num(spots.intensity, nan=-np.inf)
-        keep = np.sort(np.argsort(-strength, kind="stable")[: params.max_spots])
-        sub = index_spots(spots.select(keep), detector, beam, target,
-                          replace(params, max_spots=None))
-        if sub.success and sub.crystal is not None:
-            hkl, mask, _ = index_on_lattice(
-                sub.crystal, spots.panel, spots.fs_px, spots.ss_px, detector, beam,
-                threshold_px=sub.outlier_threshold_px,
-                max_excitation_inv_a=params.refine.max_excitation_inv_a,
-                distance_shift_mm=sub.distance_shift_mm, detector_shift_mm=sub.detector_shift_mm)
-        else:
-            hkl, mask = np.zeros((n_all, 3), np.int32), np.zeros(n_all, bool)
-        hkl[keep] = sub.miller_indices  # the refinement's own verdict on the spots it used
-        mask[keep] = sub.indexed_mask
-        n_indexed = int(mask.sum()) if sub.success else sub.n_indexed
-        return replace(sub, miller_indices=hkl, indexed_mask=mask, n_spots=n_all,
-                       n_indexed=n_indexed, fraction_indexed=n_indexed / n_all)
+    if params.max_spots is not None and len(spots) > params.max_spots:
+        return _index_strongest(spots, detector, beam, target, params)
     n = len(spots)
     if n < max(params.min_spots, params.min_indexed):
         return _fail(f"too few spots ({n} < {max(params.min_spots, params.min_indexed)})", n)
-    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
+    lab = _lab_mm(detector, spots)
     q = lab_to_q(lab, beam)
     q_len = np.linalg.norm(q, axis=1)
     eligible = np.flatnonzero((q_len > 0) & (q_len >= 1.0 / params.max_d_a))
@@ -974,106 +1127,25 @@ def index_spots(
     if pair_order.size < 2:
         return _fail("too few spots with usable resolution for pairs", n)
     dist = np.linalg.norm(lab, axis=1)
-    rays = lab / dist[:, None]
     pix = np.array([p.pixel_size_mm for p in detector.panels])[spots.panel]
     perp_tol = params.strict_tolerance_px * pix / dist / beam.wavelength_a
-    rots, counts, n_tested = index_q_candidates(q, rays, perp_tol, target, params, pair_order)
+    rots, counts, n_tested = index_q_candidates(q, lab / dist[:, None], perp_tol, target, params,
+                                                pair_order)
     if rots.shape[0] == 0:
         return _fail("no candidate orientation (no spot pair matches the cell)", n, n_tested)
-
-    sg = target.space_group
-    # a candidate must index most of what a solution needs before refinement may add spots
-    min_candidate = max(3, math.ceil(0.75 * params.min_indexed))
-    early = max(params.min_indexed, math.ceil(params.early_exit_fraction * n))
-    tried: list[Crystal] = []
-    refined = []
-    for u, count in zip(rots, counts, strict=True):
-        if len(tried) >= params.n_solutions_refined or count < min_candidate:
-            break
-        cand = Crystal.from_u(target.cell, sg, u)
-        if any(misorientation_deg(cand, t) < 1.0 for t in tried):
-            continue
-        tried.append(cand)
-        ref = refine_still(cand, spots.panel, spots.fs_px, spots.ss_px, detector, beam,
-                           params.refine)
-        refined.append(ref)
-        if ref.n_indexed >= early and ref.rmsd_px <= 0.5 * params.max_rmsd_px:
-            break  # clearly right: no need to look further
+    refined = _refine_candidates(rots, counts, spots, detector, beam, target, params)
+    if not refined:
+        return _fail("no candidate orientation indexes enough spots", n, n_tested)
     # the solution is the candidate that explains most spots (then the smallest RMSD); if it
     # fails a check the frame fails: a worse candidate that happens to pass is not trusted
-    accepted = []
-    best_fail = None
-    log10_false = math.nan
-    if refined:
-        ref = max(refined, key=lambda r: (r.n_indexed, -r.rmsd_px))
-        frac = ref.n_indexed / n
-        sig = solution_significance(ref, spots, detector, beam, target, params)
-        log10_false = sig.log10_false_probability
-        if ref.n_indexed < params.min_indexed:
-            reason = f"too few spots indexed ({ref.n_indexed} < {params.min_indexed})"
-        elif frac < params.min_fraction_indexed:
-            reason = f"fraction indexed too low ({frac:.2f} < {params.min_fraction_indexed})"
-        elif not ref.rmsd_px <= params.max_rmsd_px:
-            reason = f"rmsd too high ({ref.rmsd_px:.2f} px > {params.max_rmsd_px} px)"
-        elif not (med_exc := float(np.median(np.abs(ref.excitation_inv_a[ref.indexed_mask])))
-                  ) <= params.max_median_excitation_inv_a:
-            reason = (f"lattice points too far from the Ewald sphere (median {med_exc:.2e} > "
-                      f"{params.max_median_excitation_inv_a:.2e} 1/A)")
-        elif not _cell_ok(ref.crystal.cell, target.cell, params):
-            reason = (
-                "refined cell too far from target ("
-                + " ".join(f"{x:.2f}" for x in ref.crystal.cell.parameters)
-                + ")"
-            )
-        elif not log10_false <= math.log10(params.max_false_probability):
-            reason = (f"not significant: {sig.n_matched} of {sig.n_spots} spots matched, "
-                      f"chance probability 10^{log10_false:.1f} > "
-                      f"{params.max_false_probability:g}")
-        else:
-            reason = ""
-            accepted.append(ref)
-        if reason:
-            best_fail = (ref, reason)
-    if accepted:
-        ref = max(accepted, key=lambda r: (r.n_indexed, -r.rmsd_px))
-        crystal = canonical_crystal(ref.crystal)
-        # Miller indices in the canonical setting: A' = A M  ->  h' = M^-1 h
-        m = np.rint(np.linalg.solve(ref.crystal.a_matrix, crystal.a_matrix))
-        hkl = np.rint(ref.miller_indices @ np.linalg.inv(m).T).astype(np.int32)
-        mask = ref.indexed_mask
-        q_pred = hkl @ crystal.a_matrix.T
-        rmsd_q = float(np.sqrt(np.mean(np.sum((q[mask] - q_pred[mask]) ** 2, axis=1))))
-        return IndexResult(
-            success=True,
-            crystal=crystal,
-            miller_indices=hkl,
-            indexed_mask=mask,
-            n_indexed=ref.n_indexed,
-            fraction_indexed=ref.n_indexed / n,
-            rmsd_px=ref.rmsd_px,
-            rmsd_inv_a=rmsd_q,
-            n_spots=n,
-            n_candidates=n_tested,
-            log10_false_probability=log10_false,
-            detector_shift_mm=ref.detector_shift_mm,
-            distance_shift_mm=ref.distance_shift_mm,
-            outlier_threshold_px=ref.outlier_threshold_px,
-        )
-    if best_fail is None:
-        return _fail("no candidate orientation indexes enough spots", n, n_tested)
-    ref, reason = best_fail
-    return IndexResult(
-        success=False,
-        miller_indices=np.zeros((n, 3), np.int32),
-        indexed_mask=np.zeros(n, bool),
-        n_indexed=ref.n_indexed,
-        fraction_indexed=ref.n_indexed / n,
-        rmsd_px=ref.rmsd_px,
-        reason=reason,
-        n_spots=n,
-        n_candidates=n_tested,
-        log10_false_probability=log10_false,
-    )
+    ref = max(refined, key=lambda r: (r.n_indexed, -r.rmsd_px))
+    sig = solution_significance(ref, spots, detector, beam, target, params)
+    reason = _rejection(ref, sig, n, target, params)
+    if not reason:
+        return _accepted_result(ref, q, n_tested, sig.log10_false_probability)
+    return replace(_fail(reason, n, n_tested), n_indexed=ref.n_indexed,
+                   fraction_indexed=ref.n_indexed / n, rmsd_px=ref.rmsd_px,
+                   log10_false_probability=sig.log10_false_probability)
 
 
 def index_lattices(
@@ -1132,7 +1204,7 @@ def _near_lattice(res: IndexResult, spots: SpotTable, detector: Detector, beam: 
     for the next lattice."""
     if res.crystal is None or len(spots) == 0:
         return np.zeros(len(spots), bool)
-    lab = pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px)
+    lab = _lab_mm(detector, spots)
     rays = lab / np.linalg.norm(lab, axis=1, keepdims=True)
     hkl, _, exc = assign_hkl(res.crystal.a_matrix, rays, beam, params.refine.max_excitation_inv_a,
                              res.crystal.space_group)

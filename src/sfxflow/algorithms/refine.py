@@ -33,7 +33,7 @@ import gemmi
 import numpy as np
 from numba import njit
 
-from sfxflow.algorithms.geometry import panel_matrices
+from sfxflow.algorithms.detector_tables import detector_tables
 from sfxflow.models import Beam, Crystal, Detector, reciprocal_basis
 from sfxflow.settings import check_fields, refuse, setting
 
@@ -222,8 +222,10 @@ def _spot_matrices(
     shift_xy_mm: tuple[float, float] | np.ndarray = (0.0, 0.0),
 ):
     """Per-spot panel matrices ``(d, d_inv)`` with the detector moved by ``shift_xy_mm`` across
-    and ``shift_mm`` along the beam (the panels' origins move; their axes do not)."""
-    m = panel_matrices(detector)
+    and ``shift_mm`` along the beam (the panels' origins move; their axes do not). The panel
+    matrices come from the detector's cached tables: rebuilding them (64 panels of a CSPAD)
+    cost about half a millisecond per call, most of a still's refinement."""
+    m = detector_tables(detector).matrices
     d = m.d[np.asarray(panel, dtype=np.int64)].copy()
     dx, dy = float(shift_xy_mm[0]), float(shift_xy_mm[1])
     if shift_mm or dx or dy:
@@ -405,82 +407,180 @@ def _still_residuals(a, h, s0, d_inv, t, fs_o, ss_o, k0, exc_scale, out):  # pra
                 out[j, 2 * n + i] = (math.sqrt(kx * kx + ky * ky + kz * kz) - k0) * exc_scale
 
 
-def _reciprocal_bases(values: np.ndarray, build) -> np.ndarray:
-    """``reciprocal_basis(build(row))`` of each row of ``values`` (m, n_cell), each distinct
-    row built once (a finite-difference batch steps one parameter per row)."""
-    out = np.empty((values.shape[0], 3, 3))
-    seen: dict[bytes, np.ndarray] = {}
-    for i, row in enumerate(values):
-        key = row.tobytes()
-        b = seen.get(key)
-        if b is None:
-            b = seen[key] = reciprocal_basis(build(row))
-        out[i] = b
-    return out
+@njit(cache=True, nogil=True, error_model="numpy")
+def _reciprocal_basis_of(p, b):  # pragma: no cover - compiled
+    """``b`` = :func:`~sfxflow.models.reciprocal_basis` of the cell ``p`` (a, b, c in Å,
+    angles in degrees): gemmi's orthogonalisation (a along x, b in the xy plane) inverted, its
+    exact cosines of right angles included."""
+    ca = 0.0 if p[3] == 90.0 else math.cos(math.radians(p[3]))
+    cb = 0.0 if p[4] == 90.0 else math.cos(math.radians(p[4]))
+    cg = 0.0 if p[5] == 90.0 else math.cos(math.radians(p[5]))
+    sb = 1.0 if p[4] == 90.0 else math.sin(math.radians(p[4]))
+    sg = 1.0 if p[5] == 90.0 else math.sin(math.radians(p[5]))
+    car = (cb * cg - ca) / (sb * sg)  # cos(alpha*)
+    sar = math.sqrt(1.0 - car * car)
+    o11 = p[1] * sg
+    o22 = p[2] * sb * sar
+    # columns of B are the rows of the upper-triangular fractionalisation matrix
+    b[0, 0] = 1.0 / p[0]
+    b[1, 0] = -cg / (sg * p[0])
+    b[2, 0] = -(cg * car * sb + cb * sg) / (sar * sb * sg * p[0])
+    b[0, 1] = 0.0
+    b[1, 1] = 1.0 / o11
+    b[2, 1] = car / (sar * sg * p[1])
+    b[0, 2] = 0.0
+    b[1, 2] = 0.0
+    b[2, 2] = 1.0 / o22
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _model_residuals(x, model, out):  # pragma: no cover - compiled
+    """Residuals of :func:`_still_residuals` at parameters ``x`` (rotation vector, free cell
+    parameters, distance and lateral shifts) of the still ``model`` (see :func:`_fit_still`)."""
+    u0, cell6, cell_idx, i_dist, i_xy, sh0, xy0, h, s0, d_inv, fs_o, ss_o, k0, exc_scale = model
+    p = cell6.copy()
+    for i in range(6):
+        if cell_idx[i] >= 0:
+            p[i] = x[cell_idx[i]]
+    bs = np.empty((1, 3, 3))
+    _reciprocal_basis_of(p, bs[0])
+    rv = np.empty((1, 3))
+    rv[0, 0], rv[0, 1], rv[0, 2] = x[0], x[1], x[2]
+    a = np.empty((1, 3, 3))
+    _orientations(rv, u0, bs, a)
+    t = np.zeros((1, 3))
+    if i_xy >= 0:
+        t[0, 0] = x[i_xy] - xy0[0]
+        t[0, 1] = x[i_xy + 1] - xy0[1]
+    if i_dist >= 0:
+        t[0, 2] = x[i_dist] - sh0
+    _still_residuals(a, h, s0, d_inv, t, fs_o, ss_o, k0, exc_scale, out.reshape(1, -1))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _soft_l1_cost(f, f_scale):  # pragma: no cover - compiled
+    """scipy's ``loss='soft_l1'`` cost: ``f_scale² Σ (sqrt(1 + (f/f_scale)²) - 1)``."""
+    c = 0.0
+    for r in range(f.size):
+        z = f[r] / f_scale
+        c += math.sqrt(1.0 + z * z) - 1.0
+    c *= f_scale * f_scale
+    return c if math.isfinite(c) else math.inf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _solve_small(m, rhs, out):  # pragma: no cover - compiled
+    """``out = m⁻¹ rhs`` by Gaussian elimination with partial pivoting (a few parameters);
+    False when ``m`` is singular (an exactly zero pivot, as LAPACK's)."""
+    n = rhs.size
+    a = m.copy()
+    y = rhs.copy()
+    for c in range(n):
+        piv = c
+        for r in range(c + 1, n):
+            if abs(a[r, c]) > abs(a[piv, c]):
+                piv = r
+        if a[piv, c] == 0.0:
+            return False
+        if piv != c:
+            for k in range(n):
+                a[c, k], a[piv, k] = a[piv, k], a[c, k]
+            y[c], y[piv] = y[piv], y[c]
+        for r in range(c + 1, n):
+            f = a[r, c] / a[c, c]
+            for k in range(c, n):
+                a[r, k] -= f * a[c, k]
+            y[r] -= f * y[c]
+    for c in range(n - 1, -1, -1):
+        s = y[c]
+        for k in range(c + 1, n):
+            s -= a[c, k] * out[k]
+        out[c] = s / a[c, c]
+    return True
 
 
 _FD_STEP = math.sqrt(np.finfo(float).eps)  # scipy's relative step for '2-point' differences
 
 
-def _fd_jacobian(residuals_batch, x: np.ndarray, f0: np.ndarray, lower: np.ndarray,
-                 upper: np.ndarray) -> np.ndarray:
-    """Forward-difference Jacobian with scipy's ``'2-point'`` steps (relative ``sqrt(eps)``,
-    signed like ``x``, reversed where a bound is in the way), every step in one batched call."""
-    sign = np.where(x >= 0.0, 1.0, -1.0)
-    h = _FD_STEP * sign * np.maximum(1.0, np.abs(x))
-    h = np.where((x + h > upper) | (x + h < lower), -h, h)
-    dx = (x + h) - x
-    f = residuals_batch(x[None, :] + np.diag(dx))
-    return ((f - f0[None, :]) / dx[:, None]).T
+@njit(cache=True, nogil=True, error_model="numpy")
+def _normal_equations(x, f, lower, upper, f_scale, model, jac, a, g):  # pragma: no cover
+    """Forward-difference Jacobian ``jac`` (scipy's ``'2-point'`` steps: relative
+    ``sqrt(eps)``, signed like ``x``, reversed where a bound is in the way) and the reweighted
+    normal equations ``a = Jᵀ W J``, ``g = Jᵀ W f`` with ``w = (1 + (f/f_scale)²)^-1/2``."""
+    n_p, n_res = x.size, f.size
+    xj = x.copy()
+    fj = np.empty(n_res)
+    for j in range(n_p):
+        sign = 1.0 if x[j] >= 0.0 else -1.0
+        step = _FD_STEP * sign * max(1.0, abs(x[j]))
+        if x[j] + step > upper[j] or x[j] + step < lower[j]:
+            step = -step
+        xj[j] = x[j] + step
+        dx = xj[j] - x[j]
+        _model_residuals(xj, model, fj)
+        xj[j] = x[j]
+        for r in range(n_res):
+            jac[r, j] = (fj[r] - f[r]) / dx
+    a[:, :] = 0.0
+    g[:] = 0.0
+    for r in range(n_res):
+        z = f[r] / f_scale
+        w = 1.0 / math.sqrt(1.0 + z * z)
+        for i in range(n_p):
+            jw = jac[r, i] * w
+            g[i] += jw * f[r]
+            for k in range(n_p):
+                a[i, k] += jw * jac[r, k]
 
 
-def _soft_l1_cost(f: np.ndarray, f_scale: float) -> float:
-    """scipy's ``loss='soft_l1'`` cost: ``f_scale² Σ (sqrt(1 + (f/f_scale)²) - 1)``."""
-    z = (f / f_scale) ** 2
-    c = float(f_scale * f_scale * np.sum(np.sqrt(1.0 + z) - 1.0))
-    return c if math.isfinite(c) else math.inf
+@njit(cache=True, nogil=True, error_model="numpy")
+def _fit_still(x0, lower, upper, f_scale, model, n_res, max_iterations, ftol, xtol,
+               gtol):  # pragma: no cover - compiled
+    """Minimise the soft-L1 cost of the still ``model``'s residuals (as
+    ``scipy.optimize.least_squares`` with ``loss='soft_l1'``, ``x_scale='jac'``, box bounds) by
+    Levenberg-Marquardt on the iteratively reweighted normal equations: damping proportional to
+    their diagonal (scale invariance, like ``x_scale='jac'``), steps clipped into the bounds,
+    scipy's ``ftol``/``xtol``/``gtol`` stopping tests. The stationary points are scipy's; one
+    compiled call per fit (the numpy version's per-iteration Python calls were most of a
+    still's refinement time). Returns ``(x, f(x))``.
 
-
-def robust_least_squares(residuals_batch, x0: np.ndarray, lower: np.ndarray,
-                         upper: np.ndarray, f_scale: float, max_iterations: int = 100,
-                         ftol: float = 1e-8, xtol: float = 1e-8,
-                         gtol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
-    """Minimise the soft-L1 cost of ``residuals_batch`` (as ``scipy.optimize.least_squares``
-    with ``loss='soft_l1'``, ``x_scale='jac'``, box bounds), by Levenberg-Marquardt on the
-    iteratively reweighted normal equations.
-
-    ``residuals_batch(xs)`` gives the residuals of each row of ``xs`` (m, n_params): the
-    forward-difference Jacobian is one call. With weights ``w = (1 + (f/f_scale)²)^-1/2`` the
-    cost's gradient is ``Jᵀ W f`` and ``Jᵀ W J`` is its Gauss-Newton matrix; the damping is
-    proportional to its diagonal (scale invariance, like ``x_scale='jac'``) and steps are clipped
-    into the bounds. The stationary points are scipy's; the cost is a few small numpy calls per
-    iteration instead of scipy's general trust-region machinery (most of a still's indexing
-    time before). Stops on scipy's ``ftol``/``xtol``/``gtol`` tests. Returns ``(x, f(x))``.
+    ``model`` is ``(u0, cell6, cell_idx, i_dist, i_xy, sh0, xy0, h, s0, d_inv, fs_o, ss_o, k0,
+    exc_scale)``: the starting ``U``, the cell's six parameters with ``cell_idx[i]`` the entry
+    of ``x`` that sets parameter ``i`` (-1: fixed), where ``x`` holds the distance and the
+    lateral shift (-1: not refined) and their starting values, then the data of
+    :func:`_still_residuals`.
     """
-    x = np.clip(np.asarray(x0, dtype=float), lower, upper)
-    f = residuals_batch(x[None])[0]
+    n_p = x0.size
+    x = np.minimum(np.maximum(x0, lower), upper)
+    f = np.empty(n_res)
+    _model_residuals(x, model, f)
     cost = _soft_l1_cost(f, f_scale)
     if not math.isfinite(cost):
         return x, f
     lam = 1e-3
+    jac = np.empty((n_res, n_p))
+    a = np.empty((n_p, n_p))
+    g = np.empty(n_p)
+    dx = np.empty(n_p)
+    damped = np.empty((n_p, n_p))
     for _ in range(max_iterations):
-        jac = _fd_jacobian(residuals_batch, x, f, lower, upper)
-        w = 1.0 / np.sqrt(1.0 + (f / f_scale) ** 2)
-        jw = jac * w[:, None]
-        a = jac.T @ jw
-        g = jw.T @ f
-        if not np.all(np.isfinite(a)) or float(np.max(np.abs(g))) < gtol:
+        _normal_equations(x, f, lower, upper, f_scale, model, jac, a, g)
+        if not np.all(np.isfinite(a)) or np.max(np.abs(g)) < gtol:
             break
-        diag = np.maximum(np.diag(a).copy(), 1e-12 * max(float(np.max(np.diag(a))), 1e-300))
+        diag = np.diag(a).copy()
+        diag = np.maximum(diag, 1e-12 * max(np.max(diag), 1e-300))
         accepted = False
+        x_new, f_new, cost_new = x, f, cost
         while lam <= 1e12:
-            try:
-                dx = np.linalg.solve(a + lam * np.diag(diag), -g)
-            except np.linalg.LinAlgError:
+            damped[:, :] = a
+            for i in range(n_p):
+                damped[i, i] += lam * diag[i]
+            if not _solve_small(damped, -g, dx):
                 lam *= 10.0
                 continue
-            x_new = np.clip(x + dx, lower, upper)
-            f_new = residuals_batch(x_new[None])[0]
+            x_new = np.minimum(np.maximum(x + dx, lower), upper)
+            f_new = np.empty(n_res)
+            _model_residuals(x_new, model, f_new)
             cost_new = _soft_l1_cost(f_new, f_scale)
             if cost_new < cost:
                 accepted = True
@@ -489,10 +589,10 @@ def robust_least_squares(residuals_batch, x0: np.ndarray, lower: np.ndarray,
             lam *= 10.0
         if not accepted:
             break
-        step = float(np.linalg.norm(x_new - x))
+        step = np.sqrt(np.sum((x_new - x) ** 2))
         decrease = cost - cost_new
         x, f, cost = x_new, f_new, cost_new
-        if decrease < ftol * cost or step < xtol * (xtol + float(np.linalg.norm(x))):
+        if decrease < ftol * cost or step < xtol * (xtol + np.sqrt(np.sum(x * x))):
             break
     return x, f
 
@@ -501,6 +601,156 @@ def _robust_sigma(x: np.ndarray) -> float:
     if x.size == 0:
         return math.nan
     return float(1.4826 * np.median(np.abs(x)))
+
+
+def _cell_map(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup):
+    """The free cell parameters of :func:`cell_parameters` as the compiled fit sees them:
+    ``(values, build, cell6, index)``, ``cell6`` the six parameters ``build(values)`` gives
+    and ``index[i]`` which free value sets parameter ``i`` (-1: fixed by the lattice system),
+    found by moving each free value in turn."""
+    values, build = cell_parameters(cell, space_group)
+    cell6 = np.array(build(values).parameters, dtype=float)
+    index = np.full(6, -1, dtype=np.int64)
+    for j in range(values.size):
+        moved = values.copy()
+        moved[j] += 1.0
+        index[np.abs(np.array(build(moved).parameters) - cell6) > 1e-9] = j
+    return values, build, cell6, index
+
+
+@dataclass
+class _StillModel:
+    """What :func:`refine_still` refines, as it stands between cycles."""
+
+    u: np.ndarray
+    cell: gemmi.UnitCell
+    space_group: gemmi.SpaceGroup
+    shift_mm: float = 0.0
+    shift_xy_mm: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+
+@dataclass(frozen=True)
+class _Assignment:
+    """One cycle's Miller indices, predicted positions and distances from the spots (inf
+    where a spot has no admissible index), and the per-spot panel matrices used."""
+
+    hkl: np.ndarray
+    fs_pred: np.ndarray
+    ss_pred: np.ndarray
+    dist_px: np.ndarray
+    d_inv: np.ndarray
+
+
+def _assign(model: _StillModel, a_matrix: np.ndarray, panel: np.ndarray, fs_px: np.ndarray,
+            ss_px: np.ndarray, detector: Detector, beam: Beam, params: RefineParams,
+            ) -> _Assignment:
+    """Best index of every spot along its ray (:func:`assign_hkl`) and its prediction."""
+    d, d_inv = _spot_matrices(detector, panel, model.shift_mm, model.shift_xy_mm)
+    hkl, ang, _ = assign_hkl(a_matrix, _ray_dirs(d, fs_px, ss_px), beam,
+                             params.max_excitation_inv_a, model.space_group)
+    fs_p, ss_p = _project(d_inv, hkl @ a_matrix.T + np.asarray(beam.s0_inv_a))
+    dist = np.hypot(fs_p - fs_px, ss_p - ss_px)
+    # no admissible index (absent, 000 or too far from the Ewald sphere): not indexed
+    dist = np.where(np.isfinite(dist) & np.isfinite(ang), dist, np.inf)
+    return _Assignment(hkl, fs_p, ss_p, dist, d_inv)
+
+
+def _fit_cycle(model: _StillModel, asg: _Assignment, sel: np.ndarray, fs_px: np.ndarray,
+               ss_px: np.ndarray, beam: Beam, params: RefineParams, threshold: float,
+               exc_scale: float) -> np.ndarray | None:
+    """One least-squares round on the spots ``sel`` (:func:`_fit_still`); updates ``model``
+    and returns the residuals at the solution, or None when too few spots for the
+    parameters."""
+    values, build, cell6, index = _cell_map(model.cell, model.space_group)
+    n_cell = values.size if params.refine_cell else 0
+    use_dist = params.refine_distance
+    use_xy = params.refine_detector_shift and sel.size >= params.min_spots_detector_shift
+    n_free = 3 + n_cell + int(use_dist) + 2 * int(use_xy)
+    if 2 * sel.size < n_free + 2:
+        return None
+    i_dist = 3 + n_cell
+    i_xy = i_dist + int(use_dist)
+    x0 = np.zeros(n_free)
+    lower = np.full(n_free, -np.inf)
+    upper = np.full(n_free, np.inf)
+    if n_cell:
+        x0[3 : 3 + n_cell] = values
+        cell_idx = np.where(index >= 0, index + 3, -1)
+    else:
+        cell6 = np.array(model.cell.parameters, dtype=float)
+        cell_idx = np.full(6, -1, dtype=np.int64)
+    if use_dist:
+        x0[i_dist] = model.shift_mm
+    if use_xy:
+        lim = params.max_detector_shift_mm
+        x0[i_xy : i_xy + 2] = np.clip(model.shift_xy_mm, -0.999 * lim, 0.999 * lim)
+        lower[i_xy : i_xy + 2] = -lim
+        upper[i_xy : i_xy + 2] = lim
+    data = (np.ascontiguousarray(model.u, dtype=float), cell6, cell_idx,
+            i_dist if use_dist else -1, i_xy if use_xy else -1, float(model.shift_mm),
+            np.asarray(model.shift_xy_mm, dtype=float), asg.hkl[sel].astype(float),
+            np.asarray(beam.s0_inv_a, dtype=float), np.ascontiguousarray(asg.d_inv[sel]),
+            fs_px[sel], ss_px[sel], 1.0 / beam.wavelength_a, float(exc_scale))
+    n_res = (3 if exc_scale > 0 else 2) * sel.size
+    x, f_fit = _fit_still(x0, lower, upper, max(0.5, threshold / 3.0), data, n_res, 100,
+                          1e-8, 1e-8, 1e-8)
+    if n_cell:
+        rel = np.abs(x[3 : 3 + n_cell] - values) / np.maximum(np.abs(values), 1e-9)
+        if not np.all(np.isfinite(rel)) or rel.max() > params.max_cell_change:
+            x[3 : 3 + n_cell] = values
+        model.cell = build(x[3 : 3 + n_cell])
+    model.u = rotation_matrix(x[:3]) @ model.u
+    if use_dist:
+        model.shift_mm = float(x[i_dist])
+    if use_xy:
+        model.shift_xy_mm = np.array(x[i_xy : i_xy + 2], dtype=float)
+    return f_fit
+
+
+def _reweight(f_fit: np.ndarray, h_sel: np.ndarray, a_matrix: np.ndarray, beam: Beam,
+              params: RefineParams, exc_scale: float) -> tuple[float, float]:
+    """The next cycle's ``(excitation scale, outlier threshold px)`` from a fit's residuals."""
+    r = f_fit[: 2 * h_sel.shape[0]].reshape(2, -1)
+    sigma = _robust_sigma(np.hypot(r[0], r[1]))
+    if params.excitation_weight > 0:
+        # weight the excitation residuals by their observed scatter relative to the pixel
+        # residuals' (both robust): each kind then counts by its own precision
+        k_fit = h_sel @ a_matrix.T + np.asarray(beam.s0_inv_a)
+        exc_sigma = _robust_sigma(np.linalg.norm(k_fit, axis=1) - 1.0 / beam.wavelength_a)
+        px_sigma = _robust_sigma(np.concatenate([r[0], r[1]]))
+        if exc_sigma > 0 and px_sigma > 0:
+            exc_scale = params.excitation_weight * px_sigma / exc_sigma
+    threshold = min(params.outlier_px, max(params.min_outlier_px, params.outlier_nsigma * sigma))
+    return exc_scale, threshold
+
+
+def _still_result(model: _StillModel, a_matrix: np.ndarray, asg: _Assignment, mask: np.ndarray,
+                  fs_px: np.ndarray, ss_px: np.ndarray, beam: Beam,
+                  threshold: float) -> RefineResult:
+    n = fs_px.size
+    residuals_px = np.full((n, 2), np.nan)
+    exc_out = np.full(n, np.nan)
+    if mask.sum() >= 4:
+        residuals_px[mask, 0] = (asg.fs_pred - fs_px)[mask]
+        residuals_px[mask, 1] = (asg.ss_pred - ss_px)[mask]
+        k = asg.hkl[mask] @ a_matrix.T + np.asarray(beam.s0_inv_a)
+        exc_out[mask] = np.linalg.norm(k, axis=1) - 1.0 / beam.wavelength_a
+        rmsd = float(np.sqrt(np.mean(np.sum(residuals_px[mask] ** 2, axis=1))))
+    else:
+        mask = np.zeros(n, dtype=bool)
+        rmsd = math.inf
+    return RefineResult(
+        crystal=Crystal(model.cell, model.space_group, a_matrix),
+        miller_indices=np.where(mask[:, None], asg.hkl, 0).astype(np.int32),
+        indexed_mask=mask,
+        residuals_px=residuals_px,
+        excitation_inv_a=exc_out,
+        rmsd_px=rmsd,
+        distance_shift_mm=model.shift_mm,
+        n_indexed=int(mask.sum()),
+        detector_shift_mm=(float(model.shift_xy_mm[0]), float(model.shift_xy_mm[1])),
+        outlier_threshold_px=float(threshold),
+    )
 
 
 def refine_still(
@@ -513,6 +763,11 @@ def refine_still(
     params: RefineParams | None = None,
 ) -> RefineResult:
     """Refine a still's crystal (orientation, cell, detector shift) against spot centroids.
+
+    Each cycle assigns every spot its best index along its ray (:func:`_assign`), keeps those
+    predicted within the outlier threshold, fits the parameters to them (:func:`_fit_cycle`)
+    and sets the next cycle's threshold and excitation weight from the fit's residuals
+    (:func:`_reweight`); a last assignment decides which spots are indexed.
 
     Parameters
     ----------
@@ -531,136 +786,20 @@ def refine_still(
     panel = np.asarray(panel, dtype=np.int64)
     fs_px = np.asarray(fs_px, dtype=float)
     ss_px = np.asarray(ss_px, dtype=float)
-    n = panel.shape[0]
-    sg = crystal.space_group
-    s0 = np.asarray(beam.s0_inv_a)
-    k0 = 1.0 / beam.wavelength_a
-    cell = crystal.cell
-    u = crystal.u_matrix
-    shift = 0.0
-    shift_xy = np.zeros(2)
-    _, build = cell_parameters(cell, sg)
-    exc_scale = params.excitation_weight / params.max_excitation_inv_a
-    lim = params.max_detector_shift_mm
-
-    hkl = np.zeros((n, 3), dtype=np.int32)
-    mask = np.zeros(n, dtype=bool)
+    model = _StillModel(crystal.u_matrix, crystal.cell, crystal.space_group)
     a_cur = crystal.a_matrix
+    exc_scale = params.excitation_weight / params.max_excitation_inv_a
     threshold = params.outlier_px
     for cycle in range(params.n_cycles + 1):
-        d, d_inv = _spot_matrices(detector, panel, shift, shift_xy)
-        dirs = _ray_dirs(d, fs_px, ss_px)
-        hkl, ang, _ = assign_hkl(a_cur, dirs, beam, params.max_excitation_inv_a, sg)
-        fs_p, ss_p = _project(d_inv, hkl @ a_cur.T + s0)
-        res = np.hypot(fs_p - fs_px, ss_p - ss_px)
-        # no admissible index (absent, 000 or too far from the Ewald sphere): not indexed
-        res = np.where(np.isfinite(res) & np.isfinite(ang), res, np.inf)
-        mask = res <= threshold
+        asg = _assign(model, a_cur, panel, fs_px, ss_px, detector, beam, params)
+        mask = asg.dist_px <= threshold
         if cycle == params.n_cycles or mask.sum() < 4:
             break
         sel = np.flatnonzero(mask)
-        h_sel = hkl[sel].astype(float)
-        fs_o, ss_o = fs_px[sel], ss_px[sel]
-        cell_start, _ = cell_parameters(cell, sg)
-        n_cell = cell_start.size if params.refine_cell else 0
-        use_dist = params.refine_distance
-        use_xy = params.refine_detector_shift and sel.size >= params.min_spots_detector_shift
-        n_free = 3 + n_cell + int(use_dist) + 2 * int(use_xy)
-        if 2 * sel.size < n_free + 2:
+        f_fit = _fit_cycle(model, asg, sel, fs_px, ss_px, beam, params, threshold, exc_scale)
+        if f_fit is None:
             break
-        i_dist = 3 + n_cell
-        i_xy = i_dist + int(use_dist)
-
-        def unpack(x, u0=u, cell0=cell, sh0=shift, xy0=shift_xy, n_cell=n_cell,
-                   use_dist=use_dist, use_xy=use_xy, i_dist=i_dist, i_xy=i_xy):
-            rot = rotation_matrix(x[:3]) @ u0
-            c = build(x[3 : 3 + n_cell]) if n_cell else cell0
-            sh = float(x[i_dist]) if use_dist else sh0
-            xy = np.array(x[i_xy : i_xy + 2], dtype=float) if use_xy else xy0
-            return rot, c, sh, xy
-
-        def residuals_batch(
-            xs, h_sel=h_sel, fs_o=fs_o, ss_o=ss_o, di0=d_inv[sel], sh0=shift,
-            xy0=shift_xy, u0=u, cell0=cell, n_cell=n_cell, use_dist=use_dist, use_xy=use_xy,
-            i_dist=i_dist, i_xy=i_xy, exc_scale=exc_scale,
-        ):
-            # the residuals of several parameter vectors (rows of xs) in one pass: the
-            # finite-difference Jacobian costs one call instead of one per parameter
-            m = xs.shape[0]
-            if n_cell:
-                bs = _reciprocal_bases(xs[:, 3 : 3 + n_cell], build)
-            else:
-                bs = reciprocal_basis(cell0)[None]
-            t = np.zeros((m, 3))
-            if use_xy:
-                t[:, 0] = xs[:, i_xy] - xy0[0]
-                t[:, 1] = xs[:, i_xy + 1] - xy0[1]
-            if use_dist:
-                t[:, 2] = xs[:, i_dist] - sh0
-            out = np.empty((m, (3 if exc_scale > 0 else 2) * fs_o.size))
-            a = np.empty((m, 3, 3))
-            _orientations(np.ascontiguousarray(xs[:, :3]), u0, bs, a)
-            _still_residuals(a, h_sel, s0, di0, t, fs_o, ss_o, k0, exc_scale, out)
-            return out
-
-        x0 = np.zeros(n_free)
-        lower = np.full(n_free, -np.inf)
-        upper = np.full(n_free, np.inf)
-        if n_cell:
-            x0[3 : 3 + n_cell] = cell_start
-        if use_dist:
-            x0[i_dist] = shift
-        if use_xy:
-            x0[i_xy : i_xy + 2] = np.clip(shift_xy, -0.999 * lim, 0.999 * lim)
-            lower[i_xy : i_xy + 2] = -lim
-            upper[i_xy : i_xy + 2] = lim
-        try:
-            x, f_fit = robust_least_squares(residuals_batch, x0, lower, upper,
-                                            f_scale=max(0.5, threshold / 3.0))
-        except ValueError as exc:  # e.g. more parameters than residuals
-            log.debug("refinement skipped: %s", exc)
-            break
-        if n_cell:
-            rel = np.abs(x[3 : 3 + n_cell] - cell_start) / np.maximum(np.abs(cell_start), 1e-9)
-            if not np.all(np.isfinite(rel)) or rel.max() > params.max_cell_change:
-                x[3 : 3 + n_cell] = cell_start
-        u, cell, shift, shift_xy = unpack(x)
-        a_cur = u @ reciprocal_basis(cell)
-        r = f_fit[: 2 * sel.size].reshape(2, -1)
-        sigma = _robust_sigma(np.hypot(r[0], r[1]))
-        if params.excitation_weight > 0:
-            # weight the excitation residuals by their observed scatter relative to the pixel
-            # residuals' (both robust): each kind then counts by its own precision
-            k_fit = h_sel @ a_cur.T + s0
-            exc_sigma = _robust_sigma(np.linalg.norm(k_fit, axis=1) - k0)
-            px_sigma = _robust_sigma(np.concatenate([r[0], r[1]]))
-            if exc_sigma > 0 and px_sigma > 0:
-                exc_scale = params.excitation_weight * px_sigma / exc_sigma
-        threshold = min(
-            params.outlier_px, max(params.min_outlier_px, params.outlier_nsigma * sigma)
-        )
-
-    crystal_out = Crystal(cell, sg, a_cur)
-    residuals_px = np.full((n, 2), np.nan)
-    exc_out = np.full(n, np.nan)
-    if mask.sum() >= 4:
-        residuals_px[mask, 0] = (fs_p - fs_px)[mask]
-        residuals_px[mask, 1] = (ss_p - ss_px)[mask]
-        exc_out[mask] = np.linalg.norm(hkl[mask] @ a_cur.T + s0, axis=1) - k0
-        rmsd = float(np.sqrt(np.mean(np.sum(residuals_px[mask] ** 2, axis=1))))
-    else:
-        mask = np.zeros(n, dtype=bool)
-        rmsd = math.inf
-    hkl_out = np.where(mask[:, None], hkl, 0).astype(np.int32)
-    return RefineResult(
-        crystal=crystal_out,
-        miller_indices=hkl_out,
-        indexed_mask=mask,
-        residuals_px=residuals_px,
-        excitation_inv_a=exc_out,
-        rmsd_px=rmsd,
-        distance_shift_mm=shift,
-        n_indexed=int(mask.sum()),
-        detector_shift_mm=(float(shift_xy[0]), float(shift_xy[1])),
-        outlier_threshold_px=float(threshold),
-    )
+        a_cur = model.u @ reciprocal_basis(model.cell)
+        exc_scale, threshold = _reweight(f_fit, asg.hkl[sel].astype(float), a_cur, beam,
+                                         params, exc_scale)
+    return _still_result(model, a_cur, asg, mask, fs_px, ss_px, beam, threshold)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -20,6 +20,7 @@ from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.index import (
     IndexParams,
     TargetCell,
+    index_lattices,
     index_spots,
     misorientation_deg,
 )
@@ -34,11 +35,15 @@ Each frame: a random orientation of the target cell, N spots of which ~15% are f
 pixels), centroids jittered by 0.3 px, reflections within 4e-4 1/A of the Ewald sphere (about
 1.5 times the profile radius CrystFEL reports in the real 5-HT2B test stream, 2.6e-4 1/A), CSPAD layout at 130 mm, 1.3 A. Prints per space group
 and spot count the median and 90th percentile time per frame, the indexing rate and the median
-misorientation to the truth (modulo the point-group rotations).
+misorientation to the truth (modulo the point-group rotations). With --multi, also the median
+time of every-lattice indexing (index_lattices, as the pipeline runs it) with the default
+max_crystals and with 1 on the same hits: the cost of searching the spots the crystal leaves
+unexplained for another lattice.
 
 Examples:
   sfxflow bench index
   sfxflow bench index --frames 100 --spots 30
+  sfxflow bench index --spots 30 60 --multi
 """
 
 #: (name, cell, space group) of the benchmark targets.
@@ -122,6 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", nargs="+", default=[t[0] for t in TARGETS],
                         choices=[t[0] for t in TARGETS], help="which targets (default all)")
     number(parser, "--seed", kind=int, default=1, ge=0, le=2**63 - 1, help="random seed")
+    parser.add_argument("--multi", action="store_true",
+                        help="also time index_lattices with the default max_crystals and with 1")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,7 +169,28 @@ def run(args: argparse.Namespace) -> int:
             med_mis = statistics.median(mis) if mis else float("nan")
             print(f"{name:<14} {sg:<11} {n:>5} {statistics.median(times):>9.2f} {p90:>7.2f} "
                   f"{ok:>4}/{len(hits):<3} {100 * ok / len(hits):>5.1f}% {med_mis:>16.4f}")
+            if args.multi:
+                _print_multi_cost(hits, detector, beam, target, params)
     if all_times:
         print(f"overall median {statistics.median(all_times):.2f} ms/frame/core "
               f"({1e3 / statistics.median(all_times):.0f} frames/s/core)")
     return 0
+
+
+def _print_multi_cost(hits: list[SimulatedHit], detector: Detector, beam: Beam,
+                      target: TargetCell, params: IndexParams) -> None:
+    """Median CPU ms per hit of :func:`index_lattices` with ``params.max_crystals`` and with 1,
+    alternating per hit so that both see the same load."""
+    one = replace(params, max_crystals=1)
+    times: dict[int, list[float]] = {params.max_crystals: [], 1: []}
+    n_extra = 0
+    for hit in hits:
+        for p in (params, one):
+            t0 = time.thread_time()
+            found = index_lattices(hit.spots, detector, beam, target, p)
+            times[p.max_crystals].append((time.thread_time() - t0) * 1e3)
+            if p is params:
+                n_extra += sum(r.success for r in found[1:])
+    print(f"{'':<14} {'':<11} {'':>5} every lattice: max_crystals {params.max_crystals} "
+          f"{statistics.median(times[params.max_crystals]):.2f} ms, max_crystals 1 "
+          f"{statistics.median(times[1]):.2f} ms ({n_extra} further lattices found)")
