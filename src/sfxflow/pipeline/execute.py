@@ -58,8 +58,8 @@ from sfxflow.pipeline.blocks import (
 if TYPE_CHECKING:
     from sfxflow.pipeline.runlock import RunLock
 
-__all__ = ["BlockCrashed", "BlockFailure", "BlockRunner", "RunCleanup", "execute_dask",
-           "execute_serial", "run_block_in_child"]
+__all__ = ["BlockCrashed", "BlockFailure", "BlockRunner", "LocalWorkerExit", "RunCleanup",
+           "execute_dask", "execute_serial", "run_block_in_child"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,26 @@ class _NoComputeFailedDumps(logging.Filter):
             return True
         key = record.args[0] if isinstance(record.args, tuple) and record.args else ""
         return not str(key).startswith(self.prefix)
+
+
+class LocalWorkerExit(_WorkerPluginBase):  # type: ignore[misc,valid-type]
+    """Worker plugin of a local cluster this run started: when the worker closes, its objects
+    are frozen out of the garbage collector (:func:`gc.freeze`).
+
+    Why: a worker process that has run blocks holds millions of objects (numba's typing and
+    target registries, the imported libraries), and the collection at interpreter exit took
+    longer than the nanny's 4 s before it kills the process ("Worker process still alive after
+    4.0 seconds, killing"): the cluster's close took 3.6-4.2 s after 16 frames, 0.3-0.5 s with
+    this. Only on workers that exit with the run: a joined cluster's long-lived workers keep
+    collecting.
+    """
+
+    name = "sfxflow-local-worker-exit"
+
+    def teardown(self, worker: Any) -> None:
+        import gc
+
+        gc.freeze()
 
 
 class BlockRunner(_WorkerPluginBase):  # type: ignore[misc,valid-type]
