@@ -111,7 +111,9 @@ class LocalWorkerExit(_WorkerPluginBase):  # type: ignore[misc,valid-type]
     longer than the nanny's 4 s before it kills the process ("Worker process still alive after
     4.0 seconds, killing"): the cluster's close took 3.6-4.2 s after 16 frames, 0.3-0.5 s with
     this. Only on workers that exit with the run: a joined cluster's long-lived workers keep
-    collecting.
+    collecting. What tornado and asyncio log after this point is the event loop's shutdown
+    (a comm callback cut by the close, after Ctrl-C most often): silenced, as it was when the
+    nanny killed the process before it could say it.
     """
 
     name = "sfxflow-local-worker-exit"
@@ -119,6 +121,8 @@ class LocalWorkerExit(_WorkerPluginBase):  # type: ignore[misc,valid-type]
     def teardown(self, worker: Any) -> None:
         import gc
 
+        for name in ("tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         gc.freeze()
 
 
@@ -396,7 +400,8 @@ def _quiet_distributed_logs() -> None:
     # CRITICAL, not ERROR: a block still queued when the run stops runs after the plugin is
     # unregistered, and its "Compute Failed" dump is logged at ERROR, past the plugin's filter;
     # tornado too: a comm callback cut by Ctrl-C logs "Exception in callback" with a traceback
-    for name in ("distributed", "tornado"):
+    # (asyncio's loop logs one the same way when the callback is its own)
+    for name in ("distributed", "tornado", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
