@@ -1,5 +1,5 @@
 import sys
 
-from sfxflow.cli import main
+from sfxflow.cli import command
 
-sys.exit(main())
+sys.exit(command())

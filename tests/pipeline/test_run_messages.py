@@ -123,3 +123,29 @@ def test_a_run_directory_failing_on_dask_is_one_line(sim_set, tmp_path, capfd):
     err = capfd.readouterr().err
     # before: five "Compute Failed" dumps with the task, exception and traceback text
     assert "Compute Failed" not in err and "Traceback" not in err
+
+
+def test_a_signal_inside_a_numba_kernel_stops_the_run_not_the_frame(monkeypatch):
+    # a SIGTERM handled while a numba kernel ran came back as "SystemError: CPUDispatcher(...)
+    # returned a result with an exception set" (the interruption its cause): recorded as the
+    # frame's failure, the run went on and exited 0 (the SIGTERM test above, 1 run in 4)
+    import numpy as np
+
+    from sfxflow.errors import Terminated
+    from sfxflow.models import Beam, Detector, Frame, Panel
+    from sfxflow.pipeline import frame as frame_mod
+
+    def interrupted(*_args, **_kwargs):
+        try:
+            raise Terminated()
+        except Terminated as exc:
+            raise SystemError("CPUDispatcher(<function _noise_floor>) returned a result with "
+                              "an exception set") from exc
+
+    monkeypatch.setattr(frame_mod, "find_spots", interrupted)
+    panel = Panel("p0", (-10.0, -10.0, 100.0), (1, 0, 0), (0, 1, 0), 0.1, (100, 100))
+    frame = Frame(np.ones((100, 100), np.float32), Detector((panel,)), Beam(1.0), "x.h5", 0)
+    with pytest.raises(Terminated):
+        frame_mod.process_frame(frame, frame_mod.ProcessConfig())
+    monkeypatch.setattr(frame_mod, "find_spots", lambda *a, **k: 1 / 0)
+    assert frame_mod.process_frame(frame, frame_mod.ProcessConfig()).status.value == "failed"

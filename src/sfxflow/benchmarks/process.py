@@ -80,6 +80,50 @@ def _runs(inputs: list[str], geometry: str, work: Path, tag: str, args: argparse
     return out
 
 
+def whole_command(inputs: list[str], options: list[str], out: Path) -> tuple[float, float]:
+    """``(whole, processing)`` seconds of one ``sfxflow process`` as a user runs it: a new
+    Python process (this checkout of sfxflow), its wall time to exit, against the summary's
+    ``wall_s`` (from the cluster being up to the last block)."""
+    import json
+    import os
+    import subprocess
+    import time
+
+    import sfxflow
+
+    src = str(Path(sfxflow.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [src, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sfxflow", "-q", "process", *inputs, *options,
+                           "--out", str(out), "--json", "--no-progress"],
+                          env=env, capture_output=True, text=True, check=False)
+    whole_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"sfxflow process exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return whole_s, float(json.loads(proc.stdout)["wall_s"])
+
+
+def print_whole_command(repeats: int) -> None:
+    """The whole command against its processing time on the independent stills (issue 20:
+    start-up, cluster close and the report, which do not scale with the frames)."""
+    from sfxflow.benchmarks.stills import SPACE_GROUP, stills_dir
+
+    d = stills_dir()
+    if d is None:
+        return
+    inputs = [str(p) for p in sorted(d.glob("sim-*.h5"))]
+    options = ["-g", str(d / "sim.geom"), "--cell-file", str(d / "cell.cell"),
+               "--space-group", SPACE_GROUP]
+    with tempfile.TemporaryDirectory(prefix="sfxflow-bench-whole-") as tmp:
+        runs = [whole_command(inputs, options, Path(tmp) / f"r{i}") for i in range(repeats)]
+    whole = statistics.median(w for w, _ in runs)
+    busy = statistics.median(p for _, p in runs)
+    print(f"  whole command `sfxflow process` on the {len(inputs)} stills (local cluster, "
+          f"report on), median of {repeats}: {whole:.2f} s, processing {busy:.2f} s -> "
+          f"{statistics.median(w / p for w, p in runs):.2f}x its processing time")
+
+
 def _med(summaries: list[dict], key: str) -> float:
     return statistics.median(float(s[key]) for s in summaries)
 
@@ -95,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.benchmarks.stills import print_stills
 
     print_stills(max(args.repeats, 5), crystfel=not args.no_crystfel)
+    print_whole_command(args.repeats)
     if args.stills_only:
         return 0
     with tempfile.TemporaryDirectory(prefix="sfxflow-bench-process-") as tmp:

@@ -108,17 +108,14 @@ def settings(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from sfxflow.cli.options import print_config
     from sfxflow.io.storage import storage_options_from
-    from sfxflow.pipeline.cluster import job_script
     from sfxflow.pipeline.preflight import preflight
-    from sfxflow.pipeline.progress import Progress
-    from sfxflow.pipeline.run import run_process
-    from sfxflow.pipeline.summary import format_summary
-    from sfxflow.report.page import LiveReport
 
     config = settings(args)
     if args.print_config:
         return print_config(config)
     if args.dry_run:
+        from sfxflow.pipeline.cluster import job_script
+
         if config.cluster.kind not in ("slurm", "sge", "pbs"):
             raise InputError("--dry-run needs --cluster slurm, sge or pbs")
         print(job_script(config.cluster))
@@ -142,6 +139,12 @@ def run(args: argparse.Namespace) -> int:
                                            config.io.profile or None)
     # every user error here, in one line with status 2, before any cluster or run directory
     config = preflight(args.inputs, args.out, config, storage_options).config
+    # what a run needs past the checks (distributed, the report's page) is imported now
+    from sfxflow.pipeline.progress import Progress
+    from sfxflow.pipeline.run import run_process
+    from sfxflow.pipeline.summary import format_summary
+    from sfxflow.report.page import LiveReport
+
     progress = None
     if not args.no_progress and sys.stderr.isatty():
         progress = Progress(0, stream=sys.stderr, tty=True)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfxflow.errors import failure_reason
+from sfxflow.errors import failure_reason, raise_interrupt_behind
 from sfxflow.io.results import (
     RunDir,
     ShardBytes,
@@ -182,6 +182,7 @@ def fetch_block(block: BlockRef, ctx: BlockContext) -> Fetched:
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as exc:  # recorded per frame by run_block, after a frame-by-frame retry
+        raise_interrupt_behind(exc)  # a signal during a numba decode: not a read failure
         return Fetched(None, exc, time.perf_counter() - t0)
 
 
@@ -220,6 +221,7 @@ def _salvage(block: BlockRef, ctx: BlockContext,
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as exc:
+        raise_interrupt_behind(exc)
         if is_transient(exc):
             return list(_unread(block, block.start, exc)), failure_reason(exc)
         reason = failure_reason(exc)
@@ -231,6 +233,7 @@ def _salvage(block: BlockRef, ctx: BlockContext,
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:
+                raise_interrupt_behind(exc)
                 if is_transient(exc):
                     out.extend(_unread(block, i, exc))
                     return out, failure_reason(exc)

@@ -270,6 +270,12 @@ def open_cluster(cfg: ClusterConfig, *, allowed_failures: int | None = None
                                    dashboard_address="127.0.0.1:0",
                                    silence_logs=logging.WARNING)
         with cluster, Client(cluster) as client:
+            from sfxflow.pipeline.execute import LocalWorkerExit
+
+            try:
+                client.register_plugin(LocalWorkerExit(), name=LocalWorkerExit.name)
+            except Exception as exc:  # only the close is slower without it
+                logger.debug("workers will exit without gc.freeze: %s", exc)
             yield client, _info("local", client, cluster.scheduler)
         return
     cluster = _jobqueue_cluster(cfg, allowed_failures)

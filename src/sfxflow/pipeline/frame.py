@@ -26,7 +26,7 @@ from sfxflow.algorithms.predict import (
     refine_profile,
 )
 from sfxflow.algorithms.spots import find_spots, is_hit
-from sfxflow.errors import failure_reason
+from sfxflow.errors import failure_reason, raise_interrupt_behind
 from sfxflow.models import CrystalResult, Frame, FrameStatus, ImageResult
 from sfxflow.pipeline.config import ProcessConfig
 
@@ -39,6 +39,7 @@ _reported: set[tuple[str, str]] = set()
 
 def _failure(frame: Frame, stage: str, exc: Exception, config: ProcessConfig,
              timings: dict[str, float], n_spots: int = 0) -> ImageResult:
+    raise_interrupt_behind(exc)
     if config.run.strict:
         raise exc
     reason = failure_reason(exc)
@@ -200,6 +201,7 @@ def integrate_lattices(frame: Frame, lattices: list[IndexResult],
 
 
 def _stage_error(frame: Frame, exc: Exception, config: ProcessConfig) -> str:
+    raise_interrupt_behind(exc)
     if config.run.strict:
         raise exc
     reason = failure_reason(exc)

@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sfxflow.errors import ConfigError, InputError
 from sfxflow.io.results import RunDir, shard_names, sort_frames
@@ -44,12 +44,15 @@ from sfxflow.pipeline import params as _params
 from sfxflow.pipeline.blocks import BlockContext, BlockRef, BlockReport, apply_storage_retry
 from sfxflow.pipeline.cluster import ClusterInfo, cluster_threads, open_cluster
 from sfxflow.pipeline.config import ProcessConfig, changed_settings, config_from_toml, with_target
-from sfxflow.pipeline.execute import BlockFailure, execute_dask, execute_serial
 from sfxflow.pipeline.manifest import MANIFEST_NAME, BlockEntry, Manifest, input_files
 from sfxflow.pipeline.progress import Progress
 from sfxflow.pipeline.report import Reporter, ReporterFactory
 from sfxflow.pipeline.runlock import LockInfo, RunLock
 from sfxflow.pipeline.summary import build_summary, keep_measured_figures
+
+if TYPE_CHECKING:  # imported where the blocks run: it imports distributed (0.7 s), which a
+    # user error found before (preflight imports this module) need not wait for
+    from sfxflow.pipeline.execute import BlockFailure
 
 __all__ = ["Execution", "RunPlan", "RunResult", "execute_plan", "plan_and_resume", "plan_run",
            "reduce_run", "resolve_config", "run_process"]
@@ -491,6 +494,8 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
                  reporter: ReporterFactory | None = None) -> Execution:
     """Run the plan's blocks (serially or on Dask), keeping the manifest current (and the
     report, made by ``reporter`` when ``run.report`` is on)."""
+    from sfxflow.pipeline.execute import execute_dask, execute_serial
+
     run, manifest = ctx.run, plan.manifest
     reports: list[BlockReport] = []
     failures: list[BlockFailure] = []
