@@ -44,7 +44,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.optimize
 
 from sfxflow.algorithms.merge.reflections import AsuIndex
 from sfxflow.algorithms.merge.scale import ErrorModel, Reference, ShardSums
@@ -388,6 +387,8 @@ def fit_cc_half(inv_d2: np.ndarray, cc: np.ndarray, n_pairs: np.ndarray
     below = y < 0.5
     s0_start = float(s[below][0]) if below.any() else float(s[-1])
     p0 = (s0_start, max(float(s[-1] - s[0]) / 4.0, 1e-4))
+    import scipy.optimize  # here: every `process` imports this module, few reach the fit (0.4 s)
+
     try:
         with warnings.catch_warnings():
             # an undetermined covariance is no reason to drop the curve itself
