@@ -107,7 +107,7 @@ def test_package_copied_is_this_project() -> None:
     files = (ROOT / "apptainer.def").read_text().split("%files", 1)[1].split("%", 1)[0]
     assert {w.split()[0] for w in files.strip().splitlines()} == {
         "constraints.txt", "pyproject.toml", readme, "src"}
-    assert _pyproject()["project"]["scripts"]["sfxflow"] == "sfxflow.cli:main"
+    assert _pyproject()["project"]["scripts"]["sfxflow"] == "sfxflow.cli:command"
 
 
 def test_runs_as_non_root_with_sfxflow_entrypoint() -> None:
