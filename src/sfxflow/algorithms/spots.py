@@ -73,16 +73,22 @@ one frame per core; they release the GIL (``nogil``).
 
 Speed (``sfxflow bench spots``): the dispersion method sweeps the frame once, a band of rows at
 a time (the panels side by side in the data, e.g. the 8 ASICs of a CSPAD row, share one ring
-row with zero columns between them). Per row: clean the incoming row into the ring, slide the
-column sums, then one vectorised loop forms each pixel's 9 x 9 sums of count and value and
-applies the tests that need no variance; the variance test and the labelling run on the 1-2 %
-of pixels that pass. About 3.3 ms per Mpixel on one core of the development VM, ~10x one
-vectorised read of the frame. What costs: the 18-tap window sums and the test in float64 (~1.2
-ms/Mpixel), cleaning and reading the frame (~0.6), sliding the column sums (~0.5), the flagged
-pixels (~0.4). Per-row numba calls with array arguments cost ~100-300 ns each (reference
-counting), hence the helpers are inlined. A float32 variant of the first test (exact for
-integer data below 2**16, float64 test on the candidates) made the flag loop 40 % cheaper but
-the row checks it needs cost more than that.
+row with zero columns between them). Per row: clean the incoming row into the ring and slide
+the column sums in the same loop, then, panel by panel (its gain, floor and threshold as
+scalars), one vectorised loop forms each pixel's 9 x 9 sums of count and value and applies the
+tests that need no variance; the variance test and the labelling run on the 1-2 % of pixels
+that pass. The 9-column sums are ``(quad[c] + quad[c + 4]) + col[c + 8]`` with ``quad`` the
+sums of 4 columns: the association of the plain 9-term sum (the same bits for any data) in 5
+additions instead of 8. About 3.0 ms per Mpixel on one core of the development VM on the
+stills, 3.4-3.6 on the CSPAD CBFs, ~9x one vectorised read of the frame. What costs on a CBF
+(2.3 Mpixel, ms per frame): the sweep without candidates ~5.4, the candidates' variance test
+and labelling ~1.2 (more of them than on the stills), the spot measurement ~0.6, the noise
+floor ~0.3-0.4 (2,300 calls of 194 pixels: a per-panel 2-D variant was 3x slower, not
+vectorised). Per-row numba calls with array arguments cost ~100-300 ns each (reference
+counting), hence the helpers are inlined. Tried and dropped: a float32 variant of the first
+test (exact for integer data below 2**16, float64 test on the candidates) made the flag loop
+40 % cheaper but the row checks it needs cost more than that; the variance test on every pixel
+in the vectorised loop (no branchy candidate pass) was 15-30 % slower overall.
 """
 
 from __future__ import annotations
@@ -96,8 +102,13 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from sfxflow.algorithms.detector_tables import FrameLayout, as_data3, frame_layout
-from sfxflow.algorithms.geometry import d_spacing_a, miller_indices, pixels_to_q
+from sfxflow.algorithms.detector_tables import (
+    FrameLayout,
+    as_data3,
+    detector_tables,
+    frame_layout,
+)
+from sfxflow.algorithms.geometry import d_spacing_a, lab_to_q, miller_indices, pixels_to_lab_mm
 from sfxflow.errors import GeometryError
 from sfxflow.models import (
     Beam,
@@ -424,6 +435,15 @@ def _sum5(a, c):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _quad_sums(col, quad, m):  # pragma: no cover - compiled
+    """``quad[c] = (col[c] + col[c + 1]) + (col[c + 2] + col[c + 3])`` for ``c < m``: the
+    9-column window sum is then ``(quad[c] + quad[c + 4]) + col[c + 8]``, the association of
+    :func:`_sum9` (the same bits) in 5 additions instead of 8."""
+    for c in range(m):
+        quad[c] = (col[c] + col[c + 1]) + (col[c + 2] + col[c + 3])
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _window_sums(col, win, k, m):  # pragma: no cover - compiled
     """``win[c] = col[c] + ... + col[c + k - 1]`` for ``c < m``: the column sums summed over
     the window's columns (fixed-size sums for the usual windows, in the order of
@@ -479,14 +499,22 @@ def _bands(ptab, half):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _clean_row(drow, mrow, rv, rg, max_adu, lo, hi):  # pragma: no cover - compiled
-    """Copy one panel row into the ring: bad pixels (masked, saturated, NaN, in the border
-    columns outside [lo, hi)) as 0 with good flag 0."""
+def _clean_slide(drow, mrow, rv, rg, vout, gout, col_n, col_s, col_q, max_adu, lo,
+                 hi):  # pragma: no cover - compiled
+    """Copy one panel row into the ring (bad pixels: masked, saturated, NaN, in the border
+    columns outside [lo, hi), as 0 with good flag 0) and slide the column sums down by it in
+    the same loop, as :func:`_slide_sums` would (one pass over the row instead of two)."""
     for c in range(drow.shape[0]):
         x = drow[c]
         good = (mrow[c] != 0) & (np.float64(x) < max_adu) & (c >= lo) & (c < hi)
-        rv[c] = x if good else 0
+        v = x if good else 0
+        rv[c] = v
         rg[c] = good
+        a = np.float64(rv[c])
+        b = np.float64(vout[c])
+        col_n[c] += np.float64(rg[c]) - np.float64(gout[c])
+        col_s[c] += a - b
+        col_q[c] += a * a - b * b
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
@@ -502,21 +530,37 @@ def _slide_sums(vin, gin, vout, gout, col_n, col_s, col_q):  # pragma: no cover 
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _flag_segment9(rv, rg, col_n, col_s, quad_n, quad_s, gain, floor, thr, min_local, s2,
+                   flag):  # pragma: no cover - compiled
+    """:func:`_flag_row` of one panel's columns with the 9 x 9 window: the window sums as
+    ``(quad[c] + quad[c + 4]) + col[c + 8]`` (:func:`_quad_sums`, the bits of :func:`_sum9`)."""
+    m = rv.shape[0]
+    _quad_sums(col_n, quad_n, m + 4)
+    _quad_sums(col_s, quad_s, m + 4)
+    for c in range(m):
+        cnt = (quad_n[c] + quad_n[c + 4]) + col_n[c + 8]
+        s = (quad_s[c] + quad_s[c + 4]) + col_s[c + 8]
+        gs = max(gain * s, cnt * floor)
+        flag[c] = _bright(np.float64(rv[c]), rg[c] != 0, cnt, s, gs, thr, min_local, s2)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
 def _flag_row(rv, rg, cols, win, gain, floor, thr, k, min_local, s2, b2, local_sigma,
-              flag):  # pragma: no cover - compiled
+              segments, flag):  # pragma: no cover - compiled
     """Flag the pixels of one band row from the sums of the column sums ``cols`` (n, s, q)
     over their windows. With a Poisson-type noise model the flag is :func:`_bright`, a
     necessary condition that 1-2 % of the pixels pass: the variance is tested on those alone
     (:func:`_collect_row`); with ``"local"`` it is the whole test. Loops without branches:
-    LLVM vectorises them (the default 9 x 9 window in one loop, others through ``win``)."""
+    LLVM vectorises them (the default 9 x 9 window panel by panel, ``segments`` = (first
+    tested column, width) of each, with its settings as scalars; the gaps' flags stay 0;
+    other windows through ``win``)."""
     if k == 9 and not local_sigma:
-        col_n = cols[0]
-        col_s = cols[1]
-        for c in range(rv.shape[0]):
-            cnt = _sum9(col_n, c)
-            s = _sum9(col_s, c)
-            gs = max(gain[c] * s, cnt * floor[c])
-            flag[c] = _bright(np.float64(rv[c]), rg[c] != 0, cnt, s, gs, thr[c], min_local, s2)
+        for i in range(segments.shape[0]):
+            a = segments[i, 0]
+            b = a + segments[i, 1]
+            _flag_segment9(rv[a:b], rg[a:b], cols[0, a : b + 8], cols[1, a : b + 8],
+                           win[0, a : b + 4], win[1, a : b + 4], gain[a], floor[a], thr[a],
+                           min_local, s2, flag[a:b])
         return
     for i in range(3 if local_sigma else 2):  # the variance only where it is needed
         _window_sums(cols[i], win[i], k, rv.shape[0])
@@ -580,30 +624,40 @@ def _band_setup(ptab, pf, panels, off, w, global_thr, bufs):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v,
-                 ring_g):  # pragma: no cover - compiled
-    """Clean band row ``rin`` of every panel into its ring row."""
+def _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v, ring_g, slot_in,
+                 slot_out, cols):  # pragma: no cover - compiled
+    """Clean band row ``rin`` of every panel into ring row ``slot_in`` and slide the column
+    sums down (ring row ``slot_out`` leaves them). The gap columns stay zero in every ring
+    row, so their sums need no update."""
     p0 = panels[0]
     lead = ptab[p0, 0]
     row = ptab[p0, 1] + rin
     nss = ptab[p0, 3]
+    vin = ring_v[slot_in]
+    gin = ring_g[slot_in]
+    vout = ring_v[slot_out]
+    gout = ring_g[slot_out]
     if rin < border or rin >= nss - border:
-        ring_v[:w] = 0
-        ring_g[:w] = 0
+        vin[:w] = 0
+        gin[:w] = 0
+        _slide_sums(vin[:w], gin[:w], vout[:w], gout[:w], cols[0, :w], cols[1, :w],
+                    cols[2, :w])
         return
     for p in panels:
         fs0 = ptab[p, 2]
         nfs = ptab[p, 4]
         o = off[p]
-        _clean_row(data3[lead, row, fs0 : fs0 + nfs], mask3[lead, row, fs0 : fs0 + nfs],
-                   ring_v[o : o + nfs], ring_g[o : o + nfs], pf[p, 1], border, nfs - border)
+        _clean_slide(data3[lead, row, fs0 : fs0 + nfs], mask3[lead, row, fs0 : fs0 + nfs],
+                     vin[o : o + nfs], gin[o : o + nfs], vout[o : o + nfs], gout[o : o + nfs],
+                     cols[0, o : o + nfs], cols[1, o : o + nfs], cols[2, o : o + nfs],
+                     pf[p, 1], border, nfs - border)
 
 
 @njit(cache=True, nogil=True)
 def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, tests, bufs,
                 labels, n):  # pragma: no cover - compiled
     """Threshold and label one band, row by row: the incoming row is cleaned into the ring
-    (``k + 1`` rows, and a last row kept zero), the column sums slide down one row, and the
+    (``k + 1`` rows, and a last row kept zero) as the column sums slide down one row, and the
     window sums of the row ``half`` above are tested (:func:`_flag_row`)."""
     ring_v, ring_g, cols, par, col_panel, win, flag = bufs
     min_local, s2, b2, global_thr, local_sigma = tests
@@ -612,22 +666,27 @@ def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, t
     _band_setup(ptab, pf, panels, off, w, global_thr, bufs)
     nss = ptab[panels[0], 3]
     m = w - 2 * half  # tested columns: ring columns half .. w - half - 1
+    segments = np.empty((panels.shape[0], 2), np.int64)  # each panel's tested columns
+    for i in range(panels.shape[0]):
+        segments[i, 0] = off[panels[i]] - half
+        segments[i, 1] = ptab[panels[i], 4]
+    flag[:m] = 0  # the gaps' flags (not written by the 9 x 9 flag loop)
     for rr in range(-half, nss):
         rin = rr + half
         rout = rr - half - 1
-        slot_in = rin % (k + 1) if rin < nss else zero
-        if rin < nss:
-            _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v[slot_in],
-                         ring_g[slot_in])
         slot_out = rout % (k + 1) if rout >= 0 else zero
-        _slide_sums(ring_v[slot_in, :w], ring_g[slot_in, :w], ring_v[slot_out, :w],
-                    ring_g[slot_out, :w], cols[0, :w], cols[1, :w], cols[2, :w])
+        if rin < nss:
+            _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v, ring_g,
+                         rin % (k + 1), slot_out, cols)
+        else:
+            _slide_sums(ring_v[zero, :w], ring_g[zero, :w], ring_v[slot_out, :w],
+                        ring_g[slot_out, :w], cols[0, :w], cols[1, :w], cols[2, :w])
         if rr < 0:
             continue
         slot = rr % (k + 1)
         _flag_row(ring_v[slot, half : w - half], ring_g[slot, half : w - half], cols, win,
                   par[0, half : w - half], par[1, half : w - half], par[2, half : w - half],
-                  k, min_local, s2, b2, local_sigma, flag)
+                  k, min_local, s2, b2, local_sigma, segments, flag)
         labels, n = _collect_row(flag, m, cols, par[:, half:], k, b2, local_sigma,
                                  (col_panel, off, half), rr, row_id0 + rr, labels, n)
     return labels, n
@@ -1081,6 +1140,15 @@ def _resolution_keep(d: np.ndarray, params: SpotParams) -> np.ndarray:
     return keep
 
 
+def _d_spacings_a(detector: Detector, beam: Beam, panel: np.ndarray, fs_px: np.ndarray,
+                  ss_px: np.ndarray) -> np.ndarray:
+    """The spots' resolution (Å), from the detector's cached panel matrices (rebuilding them
+    cost 0.24 ms per CSPAD frame, more than measuring the spots)."""
+    matrices = detector_tables(detector).matrices
+    lab_mm = pixels_to_lab_mm(detector, panel, fs_px, ss_px, matrices=matrices)
+    return d_spacing_a(lab_to_q(lab_mm, beam))
+
+
 def _table(stats: tuple[np.ndarray, ...], d: np.ndarray) -> SpotTable:
     panel, fs, ss, inten, bg, snr, npix = stats
     return SpotTable(panel=panel, fs_px=fs, ss_px=ss, intensity=inten, background=bg, snr=snr,
@@ -1131,7 +1199,7 @@ def find_spots(
     t1 = time.perf_counter()
     panel, fs, ss = stats[0], stats[1], stats[2]
     if panel.size:
-        d = d_spacing_a(pixels_to_q(frame.detector, frame.beam, panel, fs, ss))
+        d = _d_spacings_a(frame.detector, frame.beam, panel, fs, ss)
     else:
         d = np.zeros(0)
     table = _table(stats, d)
@@ -1183,7 +1251,7 @@ def find_spots_panel(
     stats, _ = _find_spots_raw(a, detector, params, gain_adu_per_photon)
     n = stats[0].shape[0]
     if beam is not None and n:
-        d = d_spacing_a(pixels_to_q(detector, beam, stats[0], stats[1], stats[2]))
+        d = _d_spacings_a(detector, beam, stats[0], stats[1], stats[2])
     else:
         d = np.full(n, np.nan)
     table = _table(stats, d)
