@@ -7,8 +7,10 @@ from scipy.spatial.transform import Rotation
 
 from sfxflow.algorithms.geometry import (
     miller_indices,
+    panel_matrices,
     pixels_to_lab_mm,
     pixels_to_q,
+    plane_grid_to_pixels,
     rays_to_pixels,
 )
 from sfxflow.algorithms.predict import predict_spots
@@ -20,6 +22,24 @@ def _two_panel_detector() -> Detector:
     left = Panel("left", (-60.0, -30.0, 100.0), (1, 0, 0.1), (0, 1, 0), 0.1, (600, 550))
     right = Panel("right", (5.0, 30.0, 102.0), (0, -1, 0), (1, 0, 0), 0.1, (600, 550))
     return Detector((left, right))
+
+
+def test_plane_grid_to_pixels_matches_rays_to_pixels_per_panel():
+    # the frame picture's fast path: a grid on the plane z = 101 mm through tilted panels
+    det = _two_panel_detector()
+    x_mm = np.linspace(-70.0, 70.0, 157)
+    y_mm = np.linspace(-40.0, 90.0, 131)
+    cols, rows = np.meshgrid(x_mm, y_mm)
+    dirs = np.stack([cols, rows, np.full(cols.shape, 101.0)], axis=-1).reshape(-1, 3)
+    for i, p in enumerate(det.panels):
+        hit, fs, ss = plane_grid_to_pixels(panel_matrices(det), i, x_mm, y_mm, 101.0)
+        ref_panel, ref_fs, ref_ss = rays_to_pixels(Detector((p,)), dirs)
+        assert hit.shape == (131, 157) and hit.any() and not hit.all()
+        np.testing.assert_array_equal(hit.reshape(-1), ref_panel == 0)
+        np.testing.assert_allclose(fs.reshape(-1)[ref_panel == 0], ref_fs[ref_panel == 0],
+                                   rtol=0, atol=1e-9)
+        np.testing.assert_allclose(ss.reshape(-1)[ref_panel == 0], ref_ss[ref_panel == 0],
+                                   rtol=0, atol=1e-9)
 
 
 def test_rays_to_pixels_inverts_pixels_to_lab():

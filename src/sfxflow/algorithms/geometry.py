@@ -123,6 +123,36 @@ def rays_to_pixels(
     return best_panel, best_fs, best_ss
 
 
+def plane_grid_to_pixels(
+    matrices: PanelMatrices, panel: int, x_mm: np.ndarray, y_mm: np.ndarray, z_mm: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the rays from the sample through the grid of points ``(x_mm[col], y_mm[row], z_mm)``
+    hit one panel: ``(hit, fs_px, ss_px)``, each of shape ``(len(y_mm), len(x_mm))``; ``hit``
+    is False where a ray misses the panel.
+
+    What :func:`rays_to_pixels` gives for that panel alone, without building the
+    ``(rows * cols, 3)`` directions and their matrix product: ``d_inv @ (x, y, z)`` is a column
+    term plus a row term, added by broadcasting (the frame picture's grid, ~1 Mpx).
+
+    >>> from sfxflow.algorithms.layouts import simple
+    >>> det = simple(n_px=64)
+    >>> hit, fs, ss = plane_grid_to_pixels(panel_matrices(det), 0, np.array([0.0]),
+    ...                                    np.array([0.0, 1e3]), det.mean_distance_mm())
+    >>> hit.tolist(), rays_to_pixels(det, [[0.0, 0.0, det.mean_distance_mm()]])[0].tolist()
+    ([[True], [False]], [0])
+    """
+    a = matrices.d_inv[panel]
+    x = np.asarray(x_mm, dtype=float)[None, :]
+    y = np.asarray(y_mm, dtype=float)[:, None]
+    fs_w, ss_w, w = (a[k, 0] * x + (a[k, 1] * y + a[k, 2] * z_mm) for k in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fs = fs_w / w
+        ss = ss_w / w
+    n_ss, n_fs = matrices.shape[panel]
+    hit = (w > 0) & (fs >= 0) & (fs < n_fs) & (ss >= 0) & (ss < n_ss)
+    return hit, fs, ss
+
+
 def miller_indices(
     cell: gemmi.UnitCell,
     space_group: gemmi.SpaceGroup,

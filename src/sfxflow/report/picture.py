@@ -2,7 +2,7 @@
 
 The picture is a central projection onto the plane ``z = z_mm`` (the detector's mean distance):
 each picture pixel's ray from the sample is intersected with the panels by
-:func:`sfxflow.algorithms.geometry.rays_to_pixels` and takes the value of the panel pixel it
+:func:`sfxflow.algorithms.geometry.plane_grid_to_pixels` and takes the value of the panel pixel it
 hits (nearest neighbour), so quadrants, gaps and tilts appear where they are in the lab.
 The view is along ``-z`` (standing behind the detector, looking back at the sample):
 ``+x`` to the right, ``+y`` up. Gaps between panels are white, masked pixels grey.
@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from sfxflow.algorithms.geometry import pixels_to_lab_mm, rays_to_pixels
+from sfxflow.algorithms.detector_tables import detector_tables
+from sfxflow.algorithms.geometry import pixels_to_lab_mm, plane_grid_to_pixels
 from sfxflow.errors import InputError
 from sfxflow.models import Detector, Frame
 
@@ -36,6 +37,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _OVERLAY_COLOURS = ("#00e5ff", "#ff2bd6", "#7CFC00", "#ffa500", "#ffffff")
+_MASKED_RGBA = np.array([140, 140, 140, 255], dtype=np.uint8)  # grey, 0.55 of full scale
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def assemble_lab_image(frame: Frame, max_size_px: int = 2000) -> LabImage:
     values = np.full((ny, nx), np.nan, dtype=np.float64)
     masked = np.zeros((ny, nx), dtype=bool)
     panel_of = np.full((ny, nx), -1, dtype=np.int32)
+    matrices = detector_tables(det).matrices
     for i, p in enumerate(det.panels):
         # picture pixels within this panel's projected bounding box only
         px, py = xs[pan == i], ys[pan == i]
@@ -121,18 +124,16 @@ def assemble_lab_image(frame: Frame, max_size_px: int = 2000) -> LabImage:
         r1 = min(ny, int(np.ceil((py.max() - y0) / pixel_mm)) + 1)
         if c1 <= c0 or r1 <= r0:
             continue
-        cols, rows = np.meshgrid(np.arange(c0, c1), np.arange(r0, r1))
-        dirs = np.stack(
-            [x0 + (cols + 0.5) * pixel_mm, y0 + (rows + 0.5) * pixel_mm, np.full(cols.shape, z_mm)],
-            axis=-1,
-        ).reshape(-1, 3)
-        hit, fs, ss = rays_to_pixels(Detector((p,)), dirs)
-        ok = (hit == 0) & (panel_of[rows, cols].reshape(-1) < 0)
+        hit, fs, ss = plane_grid_to_pixels(matrices, i, x0 + (np.arange(c0, c1) + 0.5) * pixel_mm,
+                                           y0 + (np.arange(r0, r1) + 0.5) * pixel_mm, z_mm)
+        ok = hit & (panel_of[r0:r1, c0:c1] < 0)
         if not ok.any():
             continue
         fi = np.clip(np.floor(fs[ok]).astype(np.int64), 0, p.shape[1] - 1)
         si = np.clip(np.floor(ss[ok]).astype(np.int64), 0, p.shape[0] - 1)
-        rr, cc = rows.reshape(-1)[ok], cols.reshape(-1)[ok]
+        rr, cc = np.nonzero(ok)
+        rr += r0
+        cc += c0
         data = np.asarray(frame.panel_data(i), dtype=np.float64)
         values[rr, cc] = data[si, fi]
         masked[rr, cc] = ~p.good_mask()[si, fi]
@@ -214,12 +215,11 @@ def render_frame_png(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     extent = lab.extent_mm
-    ax.imshow(shown, origin="lower", extent=extent, cmap=cmap, vmin=0.0, vmax=1.0,
-              interpolation="nearest")
-    if lab.masked.any():
-        grey = np.zeros((*shown.shape, 4))
-        grey[lab.masked] = (0.55, 0.55, 0.55, 1.0)
-        ax.imshow(grey, origin="lower", extent=extent, interpolation="nearest")
+    # one RGBA image, coloured here with the masked pixels already grey: Agg resamples it
+    # once (a colour-mapped image under a grey layer was two full-size resamplings)
+    rgba = cmap(shown, bytes=True)
+    rgba[lab.masked] = _MASKED_RGBA
+    ax.imshow(rgba, origin="lower", extent=extent, interpolation="nearest")
     ax.plot([0.0], [0.0], marker="+", color="#00ff00", markersize=10, linestyle="none")
     handles = []
     radius_mm = 6 * lab.pixel_mm
