@@ -479,7 +479,7 @@ def config_from_toml(text: str, where: str = "config.toml") -> ProcessConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    return _params.resolve(ProcessConfig, [(where, data)], moved=MOVED)
+    return _params.resolve(ProcessConfig, [(where, data)], moved=MOVED, warn_moved=False)
 
 
 def changed_settings(cfg: ProcessConfig) -> dict[str, tuple[Any, Any]]:

@@ -334,9 +334,9 @@ def _convert(tp: Any, spec: Spec, value: Any) -> Any:
 
 
 def _flatten(cls: type, data: Mapping[str, Any], where: str, strict: bool,
-             moved: Mapping[str, str]) -> dict[str, Any]:
+             moved: Mapping[str, str], warn_moved: bool = True) -> dict[str, Any]:
     """Nested or dotted mapping -> ``{dotted key: value}``; unknown keys raise unless not strict;
-    a key that ``moved`` (old -> new) is read as the new one, with a warning."""
+    a key that ``moved`` (old -> new) is read as the new one, with a warning (``warn_moved``)."""
     known = {leaf.key for leaf in leaves(cls)}
     secs = {s.key: s.cls for s in sections(cls)}
     out: dict[str, Any] = {}
@@ -352,7 +352,8 @@ def _flatten(cls: type, data: Mapping[str, Any], where: str, strict: bool,
             elif key in known:
                 out[key] = value
             elif moved.get(key) in known:
-                logger.warning("%s: %s is deprecated; use %s", where, key, moved[key])
+                logger.log(logging.WARNING if warn_moved else logging.DEBUG,
+                           "%s: %s is deprecated; use %s", where, key, moved[key])
                 out[moved[key]] = value
             elif strict:
                 _unknown(cls, key, where)
@@ -430,7 +431,8 @@ def _construct(cls: type[T], values: Mapping[str, Any], sources: Sources, prefix
 
 
 def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
-            base: T | None = None, strict: bool = True, moved: Mapping[str, str] | None = None) -> T:
+            base: T | None = None, strict: bool = True, moved: Mapping[str, str] | None = None,
+            warn_moved: bool = True) -> T:
     """Build the tree ``cls`` from layers applied in order over ``base`` (default: defaults).
 
     Parameters
@@ -441,6 +443,8 @@ def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
     base : the tree the layers apply to.
     strict : refuse keys the tree lacks (presets are applied with ``strict=False``).
     moved : old dotted key -> new one, for settings that moved (read with a warning).
+    warn_moved : ``False`` for files sfxflow wrote itself (a run directory's ``config.toml``
+        from an older version lists every key): the user wrote none of them.
 
     Raises
     ------
@@ -455,7 +459,7 @@ def resolve(cls: type[T], layers: Iterable[tuple[str, Mapping[str, Any]]], *,
     by_key = leaves_by_key(cls)
     sources: dict[str, tuple[str, Any]] = {}
     for where, data in layers:
-        for key, value in _flatten(cls, data, where, strict, moved or {}).items():
+        for key, value in _flatten(cls, data, where, strict, moved or {}, warn_moved).items():
             leaf = by_key[key]
             try:
                 values[key] = _convert(leaf.type, leaf.spec, value)
