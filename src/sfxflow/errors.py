@@ -116,3 +116,29 @@ def raise_interrupt_behind(exc: BaseException) -> None:
             raise cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
+
+
+#: the SIGTERM this process received, until :func:`clear_pending_interrupt` (one per process)
+_pending: list[KeyboardInterrupt] = []
+
+
+def signal_interrupt(exc: KeyboardInterrupt) -> None:
+    """Raise ``exc`` from a signal handler, remembering it.
+
+    Why remembered: a handler's exception can be swallowed where it lands (inside a numba
+    kernel it comes back as a ``SystemError``; a library may catch it during a write), and the
+    run then went on to exit 0. :func:`raise_pending_interrupt`, called between blocks and when
+    the command ends, raises it again, so a SIGTERM always ends the run with 143.
+    """
+    _pending[:] = [exc]
+    raise exc
+
+
+def raise_pending_interrupt() -> None:
+    """Raise again the interruption :func:`signal_interrupt` raised, if one was."""
+    if _pending:
+        raise _pending[0]
+
+
+def clear_pending_interrupt() -> None:
+    _pending.clear()

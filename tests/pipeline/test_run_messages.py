@@ -149,3 +149,33 @@ def test_a_signal_inside_a_numba_kernel_stops_the_run_not_the_frame(monkeypatch)
         frame_mod.process_frame(frame, frame_mod.ProcessConfig())
     monkeypatch.setattr(frame_mod, "find_spots", lambda *a, **k: 1 / 0)
     assert frame_mod.process_frame(frame, frame_mod.ProcessConfig()).status.value == "failed"
+
+
+def test_a_swallowed_sigterm_still_ends_the_run_with_143(sim_set, tmp_path, monkeypatch, capsys):
+    # a signal's exception caught where it lands (a library's except clause, a kernel's
+    # SystemError no one unwraps) used to let the run go on and exit 0
+    import sfxflow.pipeline.frame as frame_mod
+    from sfxflow.cli import main
+
+    real = frame_mod.process_frame
+    calls = []
+
+    def swallowing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs here, in the main thread
+            except BaseException:  # what the test is about: a handler swallowing it
+                pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frame_mod, "process_frame", swallowing)
+    out = tmp_path / "run"
+    rc = main(_argv(sim_set, out, "--frames-per-block", "1", "--scheduler", "synchronous"))
+    assert rc == 143
+    assert "terminated (SIGTERM); run the same command again to resume" in capsys.readouterr().err
+    assert len(calls) < 12  # it stopped at the next block, not at the end
+    monkeypatch.setattr(frame_mod, "process_frame", real)
+    assert main(_argv(sim_set, out, "--frames-per-block", "1", "--scheduler", "synchronous")) == 0
+    assert json.loads((out / "summary.json").read_text())["frames"] == 12

@@ -16,7 +16,16 @@ from collections.abc import Sequence
 
 from sfxflow import __version__
 from sfxflow.cli.options import Parser
-from sfxflow.errors import EXIT_RERUN, InputError, RunDirError, StorageUnavailable, Terminated
+from sfxflow.errors import (
+    EXIT_RERUN,
+    InputError,
+    RunDirError,
+    StorageUnavailable,
+    Terminated,
+    clear_pending_interrupt,
+    raise_pending_interrupt,
+    signal_interrupt,
+)
 
 SUBCOMMANDS: dict[str, str] = {
     "demo": "sfxflow.cli.demo",
@@ -108,7 +117,7 @@ class _RedactUrls(logging.Filter):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+    signal_interrupt(Terminated())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
+    clear_pending_interrupt()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(argv)
@@ -140,7 +150,9 @@ def _main(argv: Sequence[str] | None) -> int:
     for note in getattr(args, "_deprecated", []):
         logging.getLogger("sfxflow.cli").warning(note)
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        raise_pending_interrupt()  # a SIGTERM swallowed on the way still ends the run as one
+        return status
     except (RunDirError, StorageUnavailable) as exc:
         hint = "" if isinstance(exc, RunDirError) else "; run the same command again to resume"
         print(f"sfxflow {args.command}: error: {redact_urls(str(exc))}{hint}", file=sys.stderr)

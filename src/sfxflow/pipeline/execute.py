@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sfxflow.errors import RunDirError, failure_reason
+from sfxflow.errors import RunDirError, failure_reason, raise_pending_interrupt
 from sfxflow.io.prefetch import Prefetcher, prefetch
 from sfxflow.pipeline.blocks import (
     BlockContext,
@@ -300,6 +300,7 @@ def execute_serial(blocks: Sequence[BlockRef], ctx: BlockContext, on_report: OnR
     stream = prefetch(list(blocks), fetch, max_in_memory=1 + depth)
     try:
         while True:
+            raise_pending_interrupt()  # a SIGTERM swallowed inside the last block stops here
             t0 = time.perf_counter()
             try:
                 block, fetched = next(stream)
