@@ -518,6 +518,36 @@ def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, g
                    unreachable & {b.block_id for b in todo}, superseded)
 
 
+def _progress_for(progress: Progress | None, total_rows: int) -> Progress:
+    """The caller's progress display counting ``total_rows``, or a plain (non-tty) one."""
+    if progress is None:
+        return Progress(total_rows, tty=False)
+    progress.total = total_rows
+    return progress
+
+
+def _dispatch(client: Any, info: ClusterInfo, plan: RunPlan, ctx: BlockContext,
+              config: ProcessConfig, on_report: Callable[[BlockReport], None],
+              on_failure: Callable[[BlockFailure], None], lock: RunLock | None) -> int:
+    """Run the blocks to do in this process (no ``client``) or on Dask; the cores they had."""
+    from sfxflow.pipeline.execute import execute_dask, execute_serial
+
+    n_cores = 1
+    if client is None:
+        execute_serial(plan.todo, ctx, on_report, on_failure,
+                       prefetch_depth=config.io.prefetch_depth,
+                       attempts=1 + config.run.task_retries, file_errors=plan.file_errors,
+                       isolated=plan.isolated, lock=lock)
+    else:
+        n_cores = max(info.n_threads, 1)
+        execute_dask(client, plan.todo, ctx, on_report, on_failure,
+                     prefetch_depth=config.io.prefetch_depth,
+                     task_retries=config.run.task_retries,
+                     file_errors=plan.file_errors)
+        n_cores = max(n_cores, cluster_threads(client))
+    return n_cores
+
+
 def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
                  lock: RunLock | None = None, progress: Progress | None = None,
                  on_block: Callable[[BlockReport], None] | None = None,
@@ -525,16 +555,11 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
                  reporter: ReporterFactory | None = None) -> Execution:
     """Run the plan's blocks (serially or on Dask), keeping the manifest current (and the
     report, made by ``reporter`` when ``run.report`` is on)."""
-    from sfxflow.pipeline.execute import execute_dask, execute_serial
-
     run, manifest = ctx.run, plan.manifest
     reports: list[BlockReport] = []
     failures: list[BlockFailure] = []
     total_todo = sum(b.expected_rows for b in plan.todo)
-    if progress is None:
-        progress = Progress(total_todo, tty=False)
-    else:
-        progress.total = total_todo
+    progress = _progress_for(progress, total_todo)
     last_manifest = [time.perf_counter()]
     live_report = (reporter(run.url, dict(ctx.storage_options), config.run.report_interval_s)
                    if config.run.report and reporter is not None else None)
@@ -578,18 +603,7 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
             if on_cluster is not None:
                 on_cluster(info)
             t_exec0 = time.perf_counter()
-            if client is None:
-                execute_serial(plan.todo, ctx, on_report, on_failure,
-                               prefetch_depth=config.io.prefetch_depth,
-                               attempts=1 + config.run.task_retries, file_errors=plan.file_errors,
-                               isolated=plan.isolated, lock=lock)
-            else:
-                n_cores = max(info.n_threads, 1)
-                execute_dask(client, plan.todo, ctx, on_report, on_failure,
-                             prefetch_depth=config.io.prefetch_depth,
-                             task_retries=config.run.task_retries,
-                             file_errors=plan.file_errors)
-                n_cores = max(n_cores, cluster_threads(client))
+            n_cores = _dispatch(client, info, plan, ctx, config, on_report, on_failure, lock)
             t_exec1 = time.perf_counter()
     finally:
         progress.close()
