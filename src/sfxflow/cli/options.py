@@ -88,26 +88,9 @@ class _HelpAll(argparse.Action):
         parser.exit()
 
 
-def add_settings(parser: argparse.ArgumentParser, tree: type, *,
-                 aliases: Mapping[str, str] | None = None,
-                 short: Mapping[str, str] | None = None,
-                 essential: Sequence[str] | None = None,
-                 renamed: Mapping[str, tuple[str, str]] | None = None) -> None:
-    """Flags for every setting of ``tree`` plus ``--preset/--config/--set/--print-config``.
-
-    Parameters
-    ----------
-    parser : the command's parser.
-    tree : the configuration tree (e.g. :class:`~sfxflow.pipeline.config.ProcessConfig`).
-    aliases : deprecated option strings -> dotted key (or ``"preset:NAME"``), hidden from help.
-    short : extra option strings -> dotted key, e.g. ``{"-g": "io.geometry"}``.
-    essential : when given, ``--help`` shows only these settings' flags (dotted keys) and
-        ``--help-all`` every one (each flag works either way).
-    renamed : section key -> ``(new flag prefix, old flag prefix)``: the old flags of that
-        section's settings stay as hidden deprecated aliases (one flag name per setting across
-        commands: ``--index-max-crystals`` everywhere, ``--max-crystals`` still accepted).
-    """
-    from sfxflow.pipeline.config import MOVED, preset_names
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """``--preset``, ``--config``, ``--set`` and ``--print-config``."""
+    from sfxflow.pipeline.config import preset_names
 
     cfg = parser.add_argument_group("configuration (see --print-config and docs/config.md)")
     cfg.add_argument("--preset", dest="presets", action="append", default=[],
@@ -118,9 +101,13 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
                      metavar="SECTION.KEY=VALUE", help="override one setting (repeatable)")
     cfg.add_argument("--print-config", action="store_true",
                      help="print the resolved configuration (TOML, with docs and ranges) and exit")
-    by_key = {leaf.key: leaf for leaf in _params.leaves(tree)}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, tree: type,
+                       by_key: Mapping[str, _params.Leaf], short: Mapping[str, str]) -> None:
+    """One flag per setting (plus its ``short`` option strings), grouped by section."""
     extra: dict[str, list[str]] = {}
-    for option, key in (short or {}).items():
+    for option, key in short.items():
         extra.setdefault(key, []).append(option)
     groups: dict[str, Any] = {}
     for sec in _params.sections(tree):
@@ -140,26 +127,36 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
         else:
             group.add_argument(*names, dest=leaf.key, type=_converter(leaf.type, leaf.spec, leaf.key),
                                default=argparse.SUPPRESS, metavar=_metavar(leaf), help=_help(leaf))
-    if essential is not None:
-        parser.add_argument("--help-all", action=_HelpAll,
-                            help="show every option (each setting of --print-config) and exit")
-        shown = set(essential)
-        for action in parser._actions:
-            if action.dest in by_key:
-                action.full_help = action.help  # type: ignore[attr-defined]
-                leaf = by_key[action.dest]
-                # shown: its first sentence (range, default and key: --help-all)
-                brief = _params.first_sentence(leaf.doc) if leaf.doc else leaf.key
-                action.help = brief.replace("%", "%%") if action.dest in shown \
-                    else argparse.SUPPRESS
-    # the old names, hidden: renamed sections' flags, moved keys' flags, the command's aliases
+
+
+def _show_essential_only(parser: argparse.ArgumentParser, by_key: Mapping[str, _params.Leaf],
+                         essential: Sequence[str]) -> None:
+    """``--help`` shows the ``essential`` settings' flags, ``--help-all`` every one."""
+    parser.add_argument("--help-all", action=_HelpAll,
+                        help="show every option (each setting of --print-config) and exit")
+    shown = set(essential)
+    for action in parser._actions:
+        if action.dest in by_key:
+            action.full_help = action.help  # type: ignore[attr-defined]
+            leaf = by_key[action.dest]
+            # shown: its first sentence (range, default and key: --help-all)
+            brief = _params.first_sentence(leaf.doc) if leaf.doc else leaf.key
+            action.help = brief.replace("%", "%%") if action.dest in shown \
+                else argparse.SUPPRESS
+
+
+def _add_old_names(parser: argparse.ArgumentParser, by_key: Mapping[str, _params.Leaf],
+                   renamed: Mapping[str, tuple[str, str]], aliases: Mapping[str, str]) -> None:
+    """Hidden deprecated flags: renamed sections', moved keys' and the command's aliases."""
+    from sfxflow.pipeline.config import MOVED
+
     old: dict[str, str] = {f"--{old_prefix}{leaf.flag[len(new_prefix):]}": leaf.key
-                           for key, (new_prefix, old_prefix) in (renamed or {}).items()
+                           for key, (new_prefix, old_prefix) in renamed.items()
                            for leaf in by_key.values() if leaf.flag.startswith(new_prefix)
                            and f"{leaf.section}.".startswith(f"{key}.")}
     old.update({f"--{k.replace('.', '-').replace('_', '-')}": new for k, new in MOVED.items()
                 if new in by_key})
-    for option, key in {**old, **(aliases or {})}.items():
+    for option, key in {**old, **aliases}.items():
         if key.startswith("preset:"):
             parser.add_argument(option, dest="presets", action=_Deprecated, nargs=0,
                                 store=key.split(":", 1)[1], default=argparse.SUPPRESS,
@@ -177,6 +174,33 @@ def add_settings(parser: argparse.ArgumentParser, tree: type, *,
             deprecated(parser, option, key, f"--{leaf.flag}",
                        kind=_converter(leaf.type, leaf.spec, leaf.key),
                        append=leaf.type == tuple[str, ...])
+
+
+def add_settings(parser: argparse.ArgumentParser, tree: type, *,
+                 aliases: Mapping[str, str] | None = None,
+                 short: Mapping[str, str] | None = None,
+                 essential: Sequence[str] | None = None,
+                 renamed: Mapping[str, tuple[str, str]] | None = None) -> None:
+    """Flags for every setting of ``tree`` plus ``--preset/--config/--set/--print-config``.
+
+    Parameters
+    ----------
+    parser : the command's parser.
+    tree : the configuration tree (e.g. :class:`~sfxflow.pipeline.config.ProcessConfig`).
+    aliases : deprecated option strings -> dotted key (or ``"preset:NAME"``), hidden from help.
+    short : extra option strings -> dotted key, e.g. ``{"-g": "io.geometry"}``.
+    essential : when given, ``--help`` shows only these settings' flags (dotted keys) and
+        ``--help-all`` every one (each flag works either way).
+    renamed : section key -> ``(new flag prefix, old flag prefix)``: the old flags of that
+        section's settings stay as hidden deprecated aliases (one flag name per setting across
+        commands: ``--index-max-crystals`` everywhere, ``--max-crystals`` still accepted).
+    """
+    _add_config_options(parser)
+    by_key = {leaf.key: leaf for leaf in _params.leaves(tree)}
+    _add_setting_flags(parser, tree, by_key, short or {})
+    if essential is not None:
+        _show_essential_only(parser, by_key, essential)
+    _add_old_names(parser, by_key, renamed or {}, aliases or {})
 
 
 def given(args: argparse.Namespace, tree: type) -> dict[str, Any]:

@@ -105,6 +105,51 @@ def settings(args: argparse.Namespace) -> Any:
     return settings_from(args, ProcessConfig)
 
 
+def _with_geometry_beside(config: Any, inputs: list[str]) -> Any:
+    """``config`` with the geometry file found beside the inputs, if there is one."""
+    from dataclasses import replace
+
+    from sfxflow.io.nearby import geometry_beside
+
+    found = geometry_beside(inputs)
+    if found:
+        return replace(config, io=replace(config.io, geometry=found))
+    return config
+
+
+def _show_cluster(info: Any) -> None:
+    """Say where the Dask scheduler (and its dashboard, batch jobs) can be found."""
+    if info.scheduler_address:
+        print(f"scheduler {info.scheduler_address} ({info.n_workers} workers, "
+              f"{info.n_threads} threads)"
+              + (f", batch jobs {', '.join(info.job_ids)}" if info.job_ids else "")
+              + (f", dashboard {info.dashboard_link}" if info.dashboard_link else ""),
+              file=sys.stderr, flush=True)
+
+
+def _exit_status(result: Any) -> int:
+    """Say what is left to do or failed; 0, 1 (blocks or every frame failed) or EXIT_RERUN."""
+    left = result.blocks_total - result.blocks_skipped - result.blocks_done - result.blocks_failed
+    if not result.complete and left > 0:  # unread blocks are done, for now: said below
+        print(f"{left} block(s) left: run the same command again to continue", file=sys.stderr)
+    if result.blocks_unread:
+        reason = next(iter(result.unread_reasons), "storage unreachable")
+        print(f"{result.blocks_unread} block(s) could not be read from storage ({reason}); "
+              "run the same command again to read them", file=sys.stderr)
+        return EXIT_RERUN
+    if result.blocks_failed:
+        print(f"{result.blocks_failed} block(s) failed; their frames are recorded as failed "
+              "(run again to retry them)", file=sys.stderr)
+        return 1
+    frames, failed = result.summary.get("frames", 0), result.summary.get("failed", 0)
+    if result.complete and frames and failed == frames:
+        # a run that produced nothing usable must not look like success to a batch script
+        print(f"every input failed ({failed} record(s)); see failed_reasons in the summary",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from sfxflow.cli.options import print_config
     from sfxflow.io.storage import storage_options_from
@@ -126,13 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs:
         raise InputError("no INPUT given: name image files, globs, folders or s3:// prefixes")
     if not config.io.geometry:
-        from dataclasses import replace
-
-        from sfxflow.io.nearby import geometry_beside
-
-        found = geometry_beside(args.inputs)
-        if found:
-            config = replace(config, io=replace(config.io, geometry=found))
+        config = _with_geometry_beside(config, args.inputs)
     if not args.out:
         raise InputError("--out RUN is required (a folder or s3:// URL for the results)")
     storage_options = storage_options_from(config.io.endpoint_url or None,
@@ -149,16 +188,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress and sys.stderr.isatty():
         progress = Progress(0, stream=sys.stderr, tty=True)
 
-    def show_cluster(info: Any) -> None:
-        if info.scheduler_address:
-            print(f"scheduler {info.scheduler_address} ({info.n_workers} workers, "
-                  f"{info.n_threads} threads)"
-                  + (f", batch jobs {', '.join(info.job_ids)}" if info.job_ids else "")
-                  + (f", dashboard {info.dashboard_link}" if info.dashboard_link else ""),
-                  file=sys.stderr, flush=True)
-
     result = run_process(args.inputs, args.out, config, storage_options=storage_options,
-                         force=args.force, progress=progress, on_cluster=show_cluster,
+                         force=args.force, progress=progress, on_cluster=_show_cluster,
                          reporter=LiveReport)
     if args.json:
         print(json.dumps(result.summary, indent=1))
@@ -168,25 +199,7 @@ def run(args: argparse.Namespace) -> int:
               + (f", report {result.run_url}/report.html" if config.run.report else ""))
     if args.merge and result.complete:
         merge_run(result.run_url, config.cluster, storage_options)
-    left = result.blocks_total - result.blocks_skipped - result.blocks_done - result.blocks_failed
-    if not result.complete and left > 0:  # unread blocks are done, for now: said below
-        print(f"{left} block(s) left: run the same command again to continue", file=sys.stderr)
-    if result.blocks_unread:
-        reason = next(iter(result.unread_reasons), "storage unreachable")
-        print(f"{result.blocks_unread} block(s) could not be read from storage ({reason}); "
-              "run the same command again to read them", file=sys.stderr)
-        return EXIT_RERUN
-    if result.blocks_failed:
-        print(f"{result.blocks_failed} block(s) failed; their frames are recorded as failed "
-              "(run again to retry them)", file=sys.stderr)
-        return 1
-    frames, failed = result.summary.get("frames", 0), result.summary.get("failed", 0)
-    if result.complete and frames and failed == frames:
-        # a run that produced nothing usable must not look like success to a batch script
-        print(f"every input failed ({failed} record(s)); see failed_reasons in the summary",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(result)
 
 
 def _run_stream(args: argparse.Namespace, config: Any) -> int:

@@ -934,6 +934,25 @@ def _run_jobs(files: cf.ThreadPoolExecutor, engine: _Transfer, jobs: list[tuple[
             on_object_done(result)
 
 
+def _announce(jobs: list[tuple[_Job, str | None]], upload: bool, streams: int,
+              on_start: Callable[[int, int], None] | None) -> None:
+    """Log the number of files and bytes to move, and tell ``on_start``."""
+    total = sum(job.size for job, _ in jobs)
+    log.info("%s %d file(s), %.3f GB, %d streams", "uploading" if upload else "downloading",
+             len(jobs), total / 1e9, streams)
+    if on_start is not None:
+        on_start(len(jobs), total)
+
+
+def _record_finished(futures: Mapping[cf.Future[ObjectResult], _Job],
+                     report: TransferReport) -> None:
+    """Add to ``report`` the results of finished files it does not list yet."""
+    for fut in futures:
+        if fut.done() and not fut.cancelled() and fut.exception() is None \
+                and fut.result() not in report.results:
+            report.results.append(fut.result())
+
+
 def transfer(
     sources: Sequence[str],
     dest: str,
@@ -997,21 +1016,14 @@ def transfer(
             jobs = _upload_jobs(sources, bucket, prefix, hash_prefix)
         else:
             jobs = _download_jobs(engine, sources, local_path(dest))
-        total = sum(job.size for job, _ in jobs)
-        log.info("%s %d file(s), %.3f GB, %d streams", "uploading" if upload else "downloading",
-                 len(jobs), total / 1e9, streams)
-        if on_start is not None:
-            on_start(len(jobs), total)
+        _announce(jobs, upload, streams, on_start)
         _run_jobs(files, engine, jobs, upload, futures, report, on_object_done)
         completed = True
     finally:
         files.shutdown(wait=True, cancel_futures=True)
         engine.close()
         # record what finished, also when interrupted: later downloads find names/checksums
-        for fut in futures:
-            if fut.done() and not fut.cancelled() and fut.exception() is None \
-                    and fut.result() not in report.results:
-                report.results.append(fut.result())
+        _record_finished(futures, report)
         report.wall_s = time.perf_counter() - t0
         if upload:
             _write_manifest(engine, bucket, prefix, report.results, completed)

@@ -1053,6 +1053,32 @@ def _run_state(manifest: Manifest | None, shards_read: list[str] | None, running
     return "complete", overview
 
 
+def _running_and_complete(run: RunDir, manifest: Manifest | None,
+                          running: bool | None) -> tuple[bool, bool]:
+    """Whether the run is going now (``running``, else inferred: blocks pending and no
+    ``summary.json`` newer than the manifest) and whether no block is pending."""
+    pending = manifest.counts()["pending"] if manifest is not None else 0
+    if running is None:
+        m_time, s_time = _mtime(run, MANIFEST_NAME), _mtime(run, "summary.json")
+        running = pending > 0 and (s_time is None or (m_time is not None and m_time > s_time))
+    return bool(running), manifest is None or pending == 0
+
+
+def _frames_and_crystals(run: RunDir, whole: bool, cache: ReportCache | None,
+                         planned: Mapping[str, Any] | None, unreadable: list[str]
+                         ) -> tuple[pa.Table, pa.Table | None, list[str] | None]:
+    """The frame table (sorted by file and index; empty when none is written yet), the crystal
+    table and the names of the frame shards read (``None``: the whole-run table)."""
+    frames, shards_read = _load(run, "frames.parquet", ".frames.parquet", FRAME_FIELDS, whole,
+                                cache, planned, unreadable)
+    crystals, _ = _load(run, "crystals.parquet", ".crystals.parquet",
+                        CRYSTAL_FIELDS + REFINED_COLUMNS, whole, cache, planned, unreadable)
+    if frames is None:
+        frames = _NO_FRAMES
+    frames = frames.sort_by([("source_url", "ascending"), ("frame_index", "ascending")])
+    return frames, crystals, shards_read
+
+
 def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = None,
                  merge_url: str | None = None, running: bool | None = None,
                  with_picture: bool = True, cache: ReportCache | None = None,
@@ -1084,21 +1110,11 @@ def build_report(run_url: str, *, storage_options: Mapping[str, Any] | None = No
     unreadable: list[str] = []
     manifest, summary = _manifest_and_summary(run, has_manifest, notes)
     config = _config(run)
-    pending = manifest.counts()["pending"] if manifest is not None else 0
-    if running is None:
-        m_time, s_time = _mtime(run, MANIFEST_NAME), _mtime(run, "summary.json")
-        running = pending > 0 and (s_time is None or (m_time is not None and m_time > s_time))
-    complete = manifest is None or pending == 0
+    running, complete = _running_and_complete(run, manifest, running)
 
     planned = manifest.blocks if manifest is not None else None
     whole = complete and not running
-    frames, shards_read = _load(run, "frames.parquet", ".frames.parquet", FRAME_FIELDS, whole,
-                             cache, planned, unreadable)
-    crystals, _ = _load(run, "crystals.parquet", ".crystals.parquet",
-                        CRYSTAL_FIELDS + REFINED_COLUMNS, whole, cache, planned, unreadable)
-    if frames is None:
-        frames = _NO_FRAMES
-    frames = frames.sort_by([("source_url", "ascending"), ("frame_index", "ascending")])
+    frames, crystals, shards_read = _frames_and_crystals(run, whole, cache, planned, unreadable)
     fpb = int((config.get("io") or {}).get("frames_per_block") or
               (summary or {}).get("frames_per_block") or 1)
     with_cost = _is_cloud(run, frames) if cost is None else cost

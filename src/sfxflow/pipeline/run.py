@@ -388,6 +388,78 @@ def _superseded_placeholders(blocks: Sequence[BlockRef], old: Manifest | None) -
             if e.start < 0 and e.block_id not in planned}
 
 
+def _refuse_changed_geometry(run: RunDir, config: ProcessConfig, old_manifest: Manifest | None,
+                             manifest: Manifest) -> None:
+    """Refuse a run directory made with other contents of the same --geometry path."""
+    if old_manifest is None or not old_manifest.geometry_sha256:
+        return
+    if old_manifest.geometry_sha256 != manifest.geometry_sha256:
+        # the same --geometry path with edited contents: done blocks would be kept as they were
+        raise ConfigError(f"{run.url}: the geometry file {config.io.geometry} changed since "
+                          "this run directory was made (its contents differ); use --force to "
+                          "recompute or a new --out")
+
+
+def _refuse_changed_inputs(run: RunDir, old_manifest: Manifest, manifest: Manifest) -> None:
+    """Refuse input files that differ from the run directory's; new files are only noted."""
+    changes, added = old_manifest.input_changes(manifest.files)
+    if changes:
+        more = f" (and {len(changes) - 1} more change(s))" if len(changes) > 1 else ""
+        raise ConfigError(f"{run.url}: the input files differ from the ones this run directory "
+                          f"was made with: {changes[0]}{more}; use --force to recompute with "
+                          "the new inputs, or a new --out")
+    if added:
+        logger.info("%d input file(s) new since the last run (%s%s): processing them too",
+                    len(added), added[0], ", ..." if len(added) > 1 else "")
+
+
+def _sort_done_from_todo(run: RunDir, blocks: Sequence[BlockRef], old_manifest: Manifest | None,
+                         manifest: Manifest, force: bool
+                         ) -> tuple[list[BlockRef], int, Counter[str]]:
+    """Blocks to run, how many are done (their shards verified, kept in ``manifest``) and why
+    the others are recomputed: ``(todo, skipped, {reason: count})``."""
+    todo: list[BlockRef] = []
+    skipped = 0
+    recomputed: Counter[str] = Counter()
+    for b in blocks:
+        old = old_manifest.blocks.get(b.block_id) if old_manifest else None
+        if not force and (old is None or old.state not in ("failed", "unread")):
+            problem = run.verify_shards(b.block_id, b.expected_rows,
+                                        old.checksums if old and old.state == "done" else None)
+            if not problem:
+                manifest.keep_done(b.block_id, b.expected_rows, old)
+                skipped += 1
+                continue
+            never_written = _problem_kind(problem) == "missing shard" and (
+                old is None or old.state == "pending")
+            if not never_written:
+                recomputed[_problem_kind(problem)] += 1
+        elif old is not None:
+            recomputed[f"{old.state} before"] += 1
+        manifest.carry_history(b.block_id, old)
+        todo.append(b)
+    return todo, skipped, recomputed
+
+
+def _record_crashed_blocks(crashed_lock: LockInfo, manifest: Manifest) -> None:
+    """The blocks a dead run had in flight count a crash (so they run in a child process)."""
+    for block_id in crashed_lock.in_flight.split(","):
+        if block_id in manifest.blocks:
+            logger.warning("block %s was being processed when the previous run (%s) died; "
+                           "it will run in a separate process", block_id,
+                           crashed_lock.describe())
+            manifest.record_crash(block_id)
+
+
+def _log_resume(skipped: int, n_todo: int, recomputed: Counter[str]) -> None:
+    """Say how much of the run is already done and why blocks are done again."""
+    if skipped:
+        logger.info("resuming: %d block(s) already done, %d to do", skipped, n_todo)
+    if recomputed:
+        logger.info("%d block(s) will be recomputed (%s)", sum(recomputed.values()),
+                    ", ".join(f"{n} {kind}" for kind, n in recomputed.most_common()))
+
+
 def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, geometry: Any,
                     storage_options: Mapping[str, Any], *, force: bool = False,
                     crashed_lock: LockInfo | None = None) -> RunPlan:
@@ -423,61 +495,20 @@ def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, g
                                   input_files(files))
     if geometry is not None:
         manifest.geometry_sha256 = hashlib.sha256(geometry.text.encode()).hexdigest()
-    if old_manifest is not None:
-        if old_manifest.geometry_sha256 and old_manifest.geometry_sha256 != manifest.geometry_sha256:
-            # the same --geometry path with edited contents: done blocks would be kept as they were
-            raise ConfigError(f"{run.url}: the geometry file {config.io.geometry} changed since "
-                              "this run directory was made (its contents differ); use --force to "
-                              "recompute or a new --out")
+    _refuse_changed_geometry(run, config, old_manifest, manifest)
     # storage that did not answer while listing leaves the input set unknown: nothing is
     # compared or removed on its account (its blocks are "unread" and the run asks for a rerun)
     listed = not any(getattr(f, "transient", False) for f in files)
     if old_manifest is not None and listed:
-        changes, added = old_manifest.input_changes(manifest.files)
-        if changes:
-            more = f" (and {len(changes) - 1} more change(s))" if len(changes) > 1 else ""
-            raise ConfigError(f"{run.url}: the input files differ from the ones this run directory "
-                              f"was made with: {changes[0]}{more}; use --force to recompute with "
-                              "the new inputs, or a new --out")
-        if added:
-            logger.info("%d input file(s) new since the last run (%s%s): processing them too",
-                        len(added), added[0], ", ..." if len(added) > 1 else "")
+        _refuse_changed_inputs(run, old_manifest, manifest)
     superseded = _superseded_placeholders(blocks, old_manifest)
     if listed:
         _settle_foreign_shards(run, blocks, superseded, force)
 
-    todo: list[BlockRef] = []
-    skipped = 0
-    recomputed: Counter[str] = Counter()
-    for b in blocks:
-        old = old_manifest.blocks.get(b.block_id) if old_manifest else None
-        if not force and (old is None or old.state not in ("failed", "unread")):
-            problem = run.verify_shards(b.block_id, b.expected_rows,
-                                        old.checksums if old and old.state == "done" else None)
-            if not problem:
-                manifest.keep_done(b.block_id, b.expected_rows, old)
-                skipped += 1
-                continue
-            never_written = _problem_kind(problem) == "missing shard" and (
-                old is None or old.state == "pending")
-            if not never_written:
-                recomputed[_problem_kind(problem)] += 1
-        elif old is not None:
-            recomputed[f"{old.state} before"] += 1
-        manifest.carry_history(b.block_id, old)
-        todo.append(b)
+    todo, skipped, recomputed = _sort_done_from_todo(run, blocks, old_manifest, manifest, force)
     if crashed_lock is not None:
-        for block_id in crashed_lock.in_flight.split(","):
-            if block_id in manifest.blocks:
-                logger.warning("block %s was being processed when the previous run (%s) died; "
-                               "it will run in a separate process", block_id,
-                               crashed_lock.describe())
-                manifest.record_crash(block_id)
-    if skipped:
-        logger.info("resuming: %d block(s) already done, %d to do", skipped, len(todo))
-    if recomputed:
-        logger.info("%d block(s) will be recomputed (%s)", sum(recomputed.values()),
-                    ", ".join(f"{n} {kind}" for kind, n in recomputed.most_common()))
+        _record_crashed_blocks(crashed_lock, manifest)
+    _log_resume(skipped, len(todo), recomputed)
     if config.run.max_blocks and len(todo) > config.run.max_blocks:
         logger.info("run.max_blocks = %d: doing %d of %d remaining block(s) now",
                     config.run.max_blocks, config.run.max_blocks, len(todo))
@@ -487,6 +518,36 @@ def plan_and_resume(inputs: Sequence[str], run: RunDir, config: ProcessConfig, g
                    unreachable & {b.block_id for b in todo}, superseded)
 
 
+def _progress_for(progress: Progress | None, total_rows: int) -> Progress:
+    """The caller's progress display counting ``total_rows``, or a plain (non-tty) one."""
+    if progress is None:
+        return Progress(total_rows, tty=False)
+    progress.total = total_rows
+    return progress
+
+
+def _dispatch(client: Any, info: ClusterInfo, plan: RunPlan, ctx: BlockContext,
+              config: ProcessConfig, on_report: Callable[[BlockReport], None],
+              on_failure: Callable[[BlockFailure], None], lock: RunLock | None) -> int:
+    """Run the blocks to do in this process (no ``client``) or on Dask; the cores they had."""
+    from sfxflow.pipeline.execute import execute_dask, execute_serial
+
+    n_cores = 1
+    if client is None:
+        execute_serial(plan.todo, ctx, on_report, on_failure,
+                       prefetch_depth=config.io.prefetch_depth,
+                       attempts=1 + config.run.task_retries, file_errors=plan.file_errors,
+                       isolated=plan.isolated, lock=lock)
+    else:
+        n_cores = max(info.n_threads, 1)
+        execute_dask(client, plan.todo, ctx, on_report, on_failure,
+                     prefetch_depth=config.io.prefetch_depth,
+                     task_retries=config.run.task_retries,
+                     file_errors=plan.file_errors)
+        n_cores = max(n_cores, cluster_threads(client))
+    return n_cores
+
+
 def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
                  lock: RunLock | None = None, progress: Progress | None = None,
                  on_block: Callable[[BlockReport], None] | None = None,
@@ -494,16 +555,11 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
                  reporter: ReporterFactory | None = None) -> Execution:
     """Run the plan's blocks (serially or on Dask), keeping the manifest current (and the
     report, made by ``reporter`` when ``run.report`` is on)."""
-    from sfxflow.pipeline.execute import execute_dask, execute_serial
-
     run, manifest = ctx.run, plan.manifest
     reports: list[BlockReport] = []
     failures: list[BlockFailure] = []
     total_todo = sum(b.expected_rows for b in plan.todo)
-    if progress is None:
-        progress = Progress(total_todo, tty=False)
-    else:
-        progress.total = total_todo
+    progress = _progress_for(progress, total_todo)
     last_manifest = [time.perf_counter()]
     live_report = (reporter(run.url, dict(ctx.storage_options), config.run.report_interval_s)
                    if config.run.report and reporter is not None else None)
@@ -547,18 +603,7 @@ def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
             if on_cluster is not None:
                 on_cluster(info)
             t_exec0 = time.perf_counter()
-            if client is None:
-                execute_serial(plan.todo, ctx, on_report, on_failure,
-                               prefetch_depth=config.io.prefetch_depth,
-                               attempts=1 + config.run.task_retries, file_errors=plan.file_errors,
-                               isolated=plan.isolated, lock=lock)
-            else:
-                n_cores = max(info.n_threads, 1)
-                execute_dask(client, plan.todo, ctx, on_report, on_failure,
-                             prefetch_depth=config.io.prefetch_depth,
-                             task_retries=config.run.task_retries,
-                             file_errors=plan.file_errors)
-                n_cores = max(n_cores, cluster_threads(client))
+            n_cores = _dispatch(client, info, plan, ctx, config, on_report, on_failure, lock)
             t_exec1 = time.perf_counter()
     finally:
         progress.close()

@@ -170,6 +170,63 @@ def _console_text(params: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _chromium_args(exe: str, profile: str) -> list[str]:
+    """The command line of a headless Chromium driven over ``--remote-debugging-pipe``."""
+    return [exe, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
+            "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
+            "--disable-extensions", "--disable-background-networking", "--disable-sync",
+            "--disable-component-update", "--hide-scrollbars", "--mute-audio",
+            f"--user-data-dir={profile}", "about:blank"]
+
+
+def _open_page(pipe: _Pipe, url: str, width_px: int, timeout_s: float) -> str:
+    """Open ``url`` in a new tab, wait for its load event and return the tab's session id."""
+    target = pipe.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+    session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+        "sessionId"]
+    for domain in ("Page", "Runtime", "Log", "Network"):
+        pipe.call(f"{domain}.enable", session=session)
+    pipe.call("Emulation.setDeviceMetricsOverride",
+              {"width": width_px, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+              session=session)
+    pipe.call("Page.navigate", {"url": url}, session=session)
+    if not pipe.wait_event("Page.loadEventFired", session, pipe.deadline - time.monotonic()):
+        raise BrowserError(f"{url}: the page did not finish loading in {timeout_s:g} s")
+    return session
+
+
+def _capture_full_page(pipe: _Pipe, session: str, width_px: int,
+                       result: PageResult) -> None:
+    """Grow the viewport to the page's height and store its PNG screenshot in ``result``."""
+    metrics = pipe.call("Page.getLayoutMetrics", session=session)
+    size = metrics.get("cssContentSize") or metrics["contentSize"]
+    height = math.ceil(size["height"])
+    pipe.call("Emulation.setDeviceMetricsOverride",
+              {"width": width_px, "height": height, "deviceScaleFactor": 1,
+               "mobile": False}, session=session)
+    shot = pipe.call("Page.captureScreenshot",
+                     {"format": "png", "captureBeyondViewport": True}, session=session)
+    result.screenshot_png = base64.b64decode(shot["data"])
+    result.width_px, result.height_px = width_px, height
+
+
+def _collect_events(events: list[dict[str, Any]], result: PageResult) -> None:
+    """Record the requests and the console errors among the browser's ``events``."""
+    for event in events:
+        method, params = event.get("method"), event.get("params", {})
+        if method == "Network.requestWillBeSent":
+            result.requests.append(params["request"]["url"])
+        elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+            result.console_errors.append(_console_text(params))
+        elif method == "Runtime.exceptionThrown":
+            details = params.get("exceptionDetails", {})
+            result.console_errors.append(
+                str(details.get("exception", {}).get("description") or details.get("text")))
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            entry = params["entry"]
+            result.console_errors.append(f"{entry.get('text')} {entry.get('url', '')}".strip())
+
+
 def render_page(path: str | Path, *, screenshot: bool = False, width_px: int = 1100,
                 evaluate: str | None = None, timeout_s: float = 60.0,
                 settle_s: float = 0.5) -> PageResult:
@@ -199,11 +256,7 @@ def render_page(path: str | Path, *, screenshot: bool = False, width_px: int = 1
     to_browser_r, to_browser_w = (_high_fd(fd) for fd in os.pipe())
     from_browser_r, from_browser_w = (_high_fd(fd) for fd in os.pipe())
     profile = tempfile.mkdtemp(prefix="sfxflow-chromium-")
-    args = [exe, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-            "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
-            "--disable-extensions", "--disable-background-networking", "--disable-sync",
-            "--disable-component-update", "--hide-scrollbars", "--mute-audio",
-            f"--user-data-dir={profile}", "about:blank"]
+    args = _chromium_args(exe, profile)
     # the browser reads commands on fd 3 and writes answers on fd 4
     redirect = (f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w} '
                 f"{to_browser_r}<&- {from_browser_w}>&-")
@@ -216,33 +269,14 @@ def render_page(path: str | Path, *, screenshot: bool = False, width_px: int = 1
     pipe = _Pipe(from_browser_r, to_browser_w, deadline)
     result = PageResult(url=url)
     try:
-        target = pipe.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            pipe.call(f"{domain}.enable", session=session)
-        pipe.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width_px, "height": 900, "deviceScaleFactor": 1, "mobile": False},
-                  session=session)
-        pipe.call("Page.navigate", {"url": url}, session=session)
-        if not pipe.wait_event("Page.loadEventFired", session, deadline - time.monotonic()):
-            raise BrowserError(f"{url}: the page did not finish loading in {timeout_s:g} s")
+        session = _open_page(pipe, url, width_px, timeout_s)
         pipe.drain(settle_s)
         if evaluate is not None:
             value = pipe.call("Runtime.evaluate", {"expression": evaluate, "returnByValue": True},
                               session=session)
             result.evaluated = value.get("result", {}).get("value")
         if screenshot:
-            metrics = pipe.call("Page.getLayoutMetrics", session=session)
-            size = metrics.get("cssContentSize") or metrics["contentSize"]
-            height = math.ceil(size["height"])
-            pipe.call("Emulation.setDeviceMetricsOverride",
-                      {"width": width_px, "height": height, "deviceScaleFactor": 1,
-                       "mobile": False}, session=session)
-            shot = pipe.call("Page.captureScreenshot",
-                             {"format": "png", "captureBeyondViewport": True}, session=session)
-            result.screenshot_png = base64.b64decode(shot["data"])
-            result.width_px, result.height_px = width_px, height
+            _capture_full_page(pipe, session, width_px, result)
         pipe.drain(0.1)
         try:
             pipe.send("Browser.close")
@@ -262,17 +296,5 @@ def render_page(path: str | Path, *, screenshot: bool = False, width_px: int = 1
         os.close(to_browser_w)
         stderr.close()
         shutil.rmtree(profile, ignore_errors=True)
-    for event in pipe.events:
-        method, params = event.get("method"), event.get("params", {})
-        if method == "Network.requestWillBeSent":
-            result.requests.append(params["request"]["url"])
-        elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            result.console_errors.append(_console_text(params))
-        elif method == "Runtime.exceptionThrown":
-            details = params.get("exceptionDetails", {})
-            result.console_errors.append(
-                str(details.get("exception", {}).get("description") or details.get("text")))
-        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-            entry = params["entry"]
-            result.console_errors.append(f"{entry.get('text')} {entry.get('url', '')}".strip())
+    _collect_events(pipe.events, result)
     return result

@@ -156,6 +156,64 @@ def _overlay_arrays(spots: Any, detector: Detector) -> tuple[np.ndarray, np.ndar
     return panel.astype(np.int64), col("fs_px").astype(float), col("ss_px").astype(float)
 
 
+def _scaled_values(lab: LabImage, scaling: str, low_percentile: float,
+                   high_percentile: float) -> np.ndarray:
+    """Good pixels mapped to 0..1 between the percentiles (``log`` or ``linear``), others NaN."""
+    good = np.isfinite(lab.values) & ~lab.masked
+    shown = np.full(lab.values.shape, np.nan)
+    if good.any():
+        lo, hi = np.percentile(lab.values[good], [low_percentile, high_percentile])
+        hi = max(hi, lo + 1e-6)
+        v = np.clip((lab.values[good] - lo) / (hi - lo), 0.0, 1.0)
+        shown[good] = np.log1p(v * 100.0) / np.log1p(100.0) if scaling == "log" else v
+    return shown
+
+
+def _draw_spots(ax: Any, spots: Mapping[str, Any], detector: Detector,
+                lab: LabImage) -> list[Any]:
+    """Open circles, one colour per label, for each ``{label: table}``; their legend handles."""
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = []
+    radius_mm = 6 * lab.pixel_mm
+    for n, (label, table) in enumerate(spots.items()):
+        panel, fs, ss = _overlay_arrays(table, detector)
+        x, y = lab_xy_mm(detector, panel, fs, ss, lab.z_mm)
+        colour = _OVERLAY_COLOURS[n % len(_OVERLAY_COLOURS)]
+        ax.scatter(x, y, s=(radius_mm / lab.pixel_mm) ** 2 * 2.0, facecolors="none",
+                   edgecolors=colour, linewidths=0.8)
+        handles.append(Patch(facecolor="none", edgecolor=colour, label=f"{label} ({len(x)})"))
+    return handles
+
+
+def _draw_predicted(ax: Any, predicted: Any, detector: Detector, lab: LabImage) -> list[Any]:
+    """Open squares for the predicted positions (one table or ``{label: table}``); their handles."""
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = []
+    # {label: table} (one per crystal): squares coloured as the spot overlay of the same rank
+    several = isinstance(predicted, Mapping) and "panel" not in predicted
+    for n, (label, table) in enumerate((predicted if several else
+                                        {"predicted": predicted} if predicted is not None
+                                        else {}).items()):
+        panel, fs, ss = _overlay_arrays(table, detector)
+        x, y = lab_xy_mm(detector, panel, fs, ss, lab.z_mm)
+        colour = _OVERLAY_COLOURS[n % len(_OVERLAY_COLOURS)] if several else "#ffffff"
+        ax.scatter(x, y, s=60, marker="s", facecolors="none", edgecolors=colour, linewidths=0.7)
+        handles.append(Patch(facecolor="none", edgecolor=colour, label=f"{label} ({len(x)})"))
+    return handles
+
+
+def _save_png(fig: Any, out: Path) -> Path:
+    """Write ``fig`` to ``out`` as PNG, creating its folder; a one-line error if it cannot."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png")
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write the picture ({exc.strerror})") from exc
+    return out
+
+
 def render_frame_png(
     frame: Frame,
     out_path: str | Path,
@@ -195,18 +253,11 @@ def render_frame_png(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     if scaling not in ("log", "linear"):
         raise InputError(f"picture scaling {scaling!r}: expected 'log' or 'linear'")
     lab = assemble_lab_image(frame, max_size_px=max_size_px)
-    good = np.isfinite(lab.values) & ~lab.masked
-    shown = np.full(lab.values.shape, np.nan)
-    if good.any():
-        lo, hi = np.percentile(lab.values[good], [low_percentile, high_percentile])
-        hi = max(hi, lo + 1e-6)
-        v = np.clip((lab.values[good] - lo) / (hi - lo), 0.0, 1.0)
-        shown[good] = np.log1p(v * 100.0) / np.log1p(100.0) if scaling == "log" else v
+    shown = _scaled_values(lab, scaling, low_percentile, high_percentile)
     cmap = ListedColormap(_inferno_like()).with_extremes(bad="white")
 
     ny, nx = lab.values.shape
@@ -221,25 +272,8 @@ def render_frame_png(
     rgba[lab.masked] = _MASKED_RGBA
     ax.imshow(rgba, origin="lower", extent=extent, interpolation="nearest")
     ax.plot([0.0], [0.0], marker="+", color="#00ff00", markersize=10, linestyle="none")
-    handles = []
-    radius_mm = 6 * lab.pixel_mm
-    for n, (label, table) in enumerate((spots or {}).items()):
-        panel, fs, ss = _overlay_arrays(table, frame.detector)
-        x, y = lab_xy_mm(frame.detector, panel, fs, ss, lab.z_mm)
-        colour = _OVERLAY_COLOURS[n % len(_OVERLAY_COLOURS)]
-        ax.scatter(x, y, s=(radius_mm / lab.pixel_mm) ** 2 * 2.0, facecolors="none",
-                   edgecolors=colour, linewidths=0.8)
-        handles.append(Patch(facecolor="none", edgecolor=colour, label=f"{label} ({len(x)})"))
-    # {label: table} (one per crystal): squares coloured as the spot overlay of the same rank
-    several = isinstance(predicted, Mapping) and "panel" not in predicted
-    for n, (label, table) in enumerate((predicted if several else
-                                        {"predicted": predicted} if predicted is not None
-                                        else {}).items()):
-        panel, fs, ss = _overlay_arrays(table, frame.detector)
-        x, y = lab_xy_mm(frame.detector, panel, fs, ss, lab.z_mm)
-        colour = _OVERLAY_COLOURS[n % len(_OVERLAY_COLOURS)] if several else "#ffffff"
-        ax.scatter(x, y, s=60, marker="s", facecolors="none", edgecolors=colour, linewidths=0.7)
-        handles.append(Patch(facecolor="none", edgecolor=colour, label=f"{label} ({len(x)})"))
+    handles = _draw_spots(ax, spots or {}, frame.detector, lab)
+    handles += _draw_predicted(ax, predicted, frame.detector, lab)
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.7)
     ax.set_xlabel("x (mm)")
@@ -249,12 +283,7 @@ def render_frame_png(
         title = f"{frame.frame_id}   {frame.beam.photon_energy_ev:.1f} eV   ({scaling} scale)"
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    out = Path(out_path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
-    except OSError as exc:
-        raise InputError(f"{out}: cannot write the picture ({exc.strerror})") from exc
+    out = _save_png(fig, Path(out_path))
     log.info("wrote %s (%d x %d px of %.3f mm)", out, nx, ny, lab.pixel_mm)
     return out
 

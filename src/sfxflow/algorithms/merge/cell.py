@@ -236,26 +236,8 @@ NO_SPACE_GROUP_HINT = ("give --space-group (e.g. --space-group P6122) or, to mer
                        "systematic absences, --point-group (e.g. 622 or 6/mmm)")
 
 
-def merge_target(inputs: Sequence[InputSymmetry], *, space_group: str | None = None,
-                 point_group: str | None = None, cell: Sequence[float] | None = None,
-                 length_tolerance: float = CELL_LENGTH_TOLERANCE,
-                 angle_tolerance_deg: float = CELL_ANGLE_TOLERANCE_DEG
-                 ) -> tuple[gemmi.UnitCell, gemmi.SpaceGroup]:
-    """The cell and space group a merge runs in, checked against every input.
-
-    The space group is ``space_group``, else ``point_group`` on the inputs' lattice
-    (:func:`merge_space_group`), else the one every input records; never guessed. The cell is
-    ``cell`` or the mean of the crystals' cells, symmetrised to the space group. Crystals whose
-    cell is far from the median (``length_tolerance``, ``angle_tolerance_deg``: MergeParams'
-    ``cell_tolerance_fraction`` and ``cell_tolerance_deg``) are left out of the mean; more than
-    :data:`MAX_CELL_OUTLIER_FRACTION` of them, inputs whose median cells differ, or crystals
-    on different lattices, are refused.
-
-    Raises
-    ------
-    InputError
-        With a one-line message naming the input, the value and what was expected.
-    """
+def _common_lattice(inputs: Sequence[InputSymmetry]) -> str:
+    """The one lattice (e.g. ``"hexagonal P"``) of the inputs' crystals, ``""`` if none records it."""
     # lattices: one per input (crystals agree), and one across inputs
     lattice_of: dict[str, str] = {}
     for x in inputs:
@@ -273,8 +255,12 @@ def merge_target(inputs: Sequence[InputSymmetry], *, space_group: str | None = N
         raise InputError("inputs are on different lattices (value: " + "; ".join(
             f"{lab}: {lat}" for lab, lat in lattice_of.items()) + "); expected one lattice "
             "(merge them separately)")
-    lattice = next(iter(lattice_of.values()), "")
+    return next(iter(lattice_of.values()), "")
 
+
+def _target_space_group(inputs: Sequence[InputSymmetry], space_group: str | None,
+                        point_group: str | None, lattice: str) -> gemmi.SpaceGroup:
+    """``space_group``, else ``point_group`` on ``lattice``, else the one every input records."""
     if space_group:
         sg = as_space_group(space_group)
     elif point_group:
@@ -304,7 +290,12 @@ def merge_target(inputs: Sequence[InputSymmetry], *, space_group: str | None = N
         raise InputError(f"space group {sg.xhm()} is on a {_lattice_of(sg)} lattice but the "
                          f"crystals are on a {lattice} lattice (value: {lattice}); expected "
                          "a space group of their lattice")
+    return sg
 
+
+def _checked_cells(inputs: Sequence[InputSymmetry], length_tolerance: float,
+                   angle_tolerance_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """All crystals' cells and which are far from the median, refused if inputs disagree."""
     with_cells = [x for x in inputs if len(x.cells)]
     n_total = sum(len(x.cells) for x in inputs)
     if n_total < 2:
@@ -328,6 +319,13 @@ def merge_target(inputs: Sequence[InputSymmetry], *, space_group: str | None = N
                          f"the median {format_cell(median)} (value: {_cells_listed(all_cells[far])});"
                          f" expected at most {MAX_CELL_OUTLIER_FRACTION:.0%} within "
                          f"{length_tolerance:.0%} / {angle_tolerance_deg:g} deg")
+    return all_cells, far
+
+
+def _target_cell(cell: Sequence[float] | None, sg: gemmi.SpaceGroup, all_cells: np.ndarray,
+                 far: np.ndarray, length_tolerance: float,
+                 angle_tolerance_deg: float) -> gemmi.UnitCell:
+    """``cell`` checked against ``sg``, else the consensus of the crystals near the median."""
     if cell is not None:
         given = as_unit_cell(cell)
         uc = symmetrise_cell(given, sg)
@@ -338,6 +336,33 @@ def merge_target(inputs: Sequence[InputSymmetry], *, space_group: str | None = N
                              f"{format_cell(given)}); expected e.g. {format_cell(uc)}")
     else:
         uc = consensus_cell(all_cells[~far], sg)
+    return uc
+
+
+def merge_target(inputs: Sequence[InputSymmetry], *, space_group: str | None = None,
+                 point_group: str | None = None, cell: Sequence[float] | None = None,
+                 length_tolerance: float = CELL_LENGTH_TOLERANCE,
+                 angle_tolerance_deg: float = CELL_ANGLE_TOLERANCE_DEG
+                 ) -> tuple[gemmi.UnitCell, gemmi.SpaceGroup]:
+    """The cell and space group a merge runs in, checked against every input.
+
+    The space group is ``space_group``, else ``point_group`` on the inputs' lattice
+    (:func:`merge_space_group`), else the one every input records; never guessed. The cell is
+    ``cell`` or the mean of the crystals' cells, symmetrised to the space group. Crystals whose
+    cell is far from the median (``length_tolerance``, ``angle_tolerance_deg``: MergeParams'
+    ``cell_tolerance_fraction`` and ``cell_tolerance_deg``) are left out of the mean; more than
+    :data:`MAX_CELL_OUTLIER_FRACTION` of them, inputs whose median cells differ, or crystals
+    on different lattices, are refused.
+
+    Raises
+    ------
+    InputError
+        With a one-line message naming the input, the value and what was expected.
+    """
+    lattice = _common_lattice(inputs)
+    sg = _target_space_group(inputs, space_group, point_group, lattice)
+    all_cells, far = _checked_cells(inputs, length_tolerance, angle_tolerance_deg)
+    uc = _target_cell(cell, sg, all_cells, far, length_tolerance, angle_tolerance_deg)
     if not uc.is_compatible_with_spacegroup(sg):  # a bug, not a user error
         raise AssertionError(f"cell {format_cell(uc)} incompatible with {sg.xhm()}")
     return uc, sg

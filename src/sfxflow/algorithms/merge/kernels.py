@@ -246,6 +246,88 @@ def _fit_point(m, y, var, ref, q2, p, gamma, b_limit, b_restraint, n_iter,
     return g, bb, res
 
 
+# fit_kernel's steps are inlined into it (inline="always"), as integrate.py's are: a call per
+# crystal and per profile would cost time in the innermost loops.
+@numba.njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+def _gather_observations(start, stop, bw_c, ref, inten, sig, inv_d2, eps, y, var, rf, q2, he2,
+                         bwc):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """Copy the observations ``start:stop`` that have a reference to the front of the work
+    arrays (contiguous, for the fits' vector loops); their number."""
+    m = 0
+    for i in range(start, stop):
+        if ref[i] == ref[i]:
+            y[m] = inten[i]
+            var[m] = sig[i] * sig[i]
+            rf[m] = ref[i]
+            q2[m] = inv_d2[i]
+            he2[m] = 0.5 * eps[i] * eps[i]
+            bwc[m] = bw_c
+            m += 1
+    return m
+
+
+@numba.njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+def _rank_profiles(m, y, var, rf, q2, he2, bwc, r_grid32, eta_grid32, g2_32, b_limit32,
+                   b_restraint32, y32, var32, ivar32, rf32, q2_32, he2_32, bw32, p32,
+                   t32):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """The grid point ``(radius index, eta index)`` whose short single-precision fit leaves the
+    least residual with a positive scale; ``(-1, -1)`` if none does."""
+    # normalised so that single precision keeps the sums' digits
+    sy = 0.0
+    sr = 0.0
+    for j in range(m):
+        sy += var[j]
+        sr += abs(rf[j])
+    sy = math.sqrt(sy / m)
+    sr = sr / m
+    if not (sy > 0.0 and sy < np.inf):
+        sy = 1.0
+    if not (sr > 0.0 and sr < np.inf):
+        sr = 1.0
+    for j in range(m):
+        y32[j] = y[j] / sy
+        var32[j] = var[j] / (sy * sy)
+        ivar32[j] = _F1 / var32[j]
+        rf32[j] = rf[j] / sr
+        q2_32[j] = q2[j]
+        he2_32[j] = he2[j]
+        bw32[j] = bwc[j]
+    best = np.float32(np.inf)
+    ir_best = -1
+    ie_best = -1
+    for ir in range(r_grid32.shape[0]):
+        for ie in range(eta_grid32.shape[0]):
+            _profile32(m, q2_32, he2_32, bw32, r_grid32[ir], eta_grid32[ie], p32)
+            g, res = _rank32(m, y32, var32, ivar32, rf32, q2_32, p32, g2_32,
+                             b_limit32, b_restraint32, t32)
+            if res < best and g > _F0:
+                best = res
+                ir_best = ir
+                ie_best = ie
+    return ir_best, ie_best
+
+
+@numba.njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+def _correlation(m, t, y):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """Pearson correlation of ``t[:m]`` and ``y[:m]``; NaN when either is constant."""
+    sx = 0.0
+    sy = 0.0
+    sxx = 0.0
+    syy = 0.0
+    sxy = 0.0
+    for j in range(m):
+        sx += t[j]
+        sy += y[j]
+        sxx += t[j] * t[j]
+        syy += y[j] * y[j]
+        sxy += t[j] * y[j]
+    vx = sxx - sx * sx / m
+    vy = syy - sy * sy / m
+    if vx > 0 and vy > 0:
+        return (sxy - sx * sy / m) / math.sqrt(vx * vy)
+    return np.nan
+
+
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_grid, gamma,
                b_limit, b_restraint, g_out, b_out, r_out, eta_out, n_out,
@@ -283,17 +365,8 @@ def fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_gri
     b_limit32 = np.float32(b_limit)
     b_restraint32 = np.float32(b_restraint)
     for c in range(nc):
-        # the crystal's observations with a reference, contiguous
-        m = 0
-        for i in range(offsets[c], offsets[c + 1]):
-            if ref[i] == ref[i]:
-                y[m] = inten[i]
-                var[m] = sig[i] * sig[i]
-                rf[m] = ref[i]
-                q2[m] = inv_d2[i]
-                he2[m] = 0.5 * eps[i] * eps[i]
-                bwc[m] = bw[c]
-                m += 1
+        m = _gather_observations(offsets[c], offsets[c + 1], bw[c], ref, inten, sig, inv_d2, eps,
+                                 y, var, rf, q2, he2, bwc)
         n_out[c] = m
         g_out[c] = np.nan
         b_out[c] = 0.0
@@ -308,37 +381,9 @@ def fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_gri
             # the profile grid ranked by a short fit (two rounds, single precision), then the
             # full fit (six rounds) at the best profile: the ranking rarely changes after two
             # rounds, and the search costs a third of fitting every profile in full
-            sy = 0.0
-            sr = 0.0
-            for j in range(m):
-                sy += var[j]
-                sr += abs(rf[j])
-            sy = math.sqrt(sy / m)
-            sr = sr / m
-            if not (sy > 0.0 and sy < np.inf):
-                sy = 1.0
-            if not (sr > 0.0 and sr < np.inf):
-                sr = 1.0
-            for j in range(m):
-                y32[j] = y[j] / sy
-                var32[j] = var[j] / (sy * sy)
-                ivar32[j] = _F1 / var32[j]
-                rf32[j] = rf[j] / sr
-                q2_32[j] = q2[j]
-                he2_32[j] = he2[j]
-                bw32[j] = bwc[j]
-            best = np.float32(np.inf)
-            ir_best = -1
-            ie_best = -1
-            for ir in range(r_grid.shape[0]):
-                for ie in range(eta_grid.shape[0]):
-                    _profile32(m, q2_32, he2_32, bw32, r_grid32[ir], eta_grid32[ie], p32)
-                    g, res = _rank32(m, y32, var32, ivar32, rf32, q2_32, p32, g2_32,
-                                     b_limit32, b_restraint32, t32)
-                    if res < best and g > _F0:
-                        best = res
-                        ir_best = ir
-                        ie_best = ie
+            ir_best, ie_best = _rank_profiles(m, y, var, rf, q2, he2, bwc, r_grid32, eta_grid32,
+                                              g2_32, b_limit32, b_restraint32, y32, var32, ivar32,
+                                              rf32, q2_32, he2_32, bw32, p32, t32)
             if ir_best < 0:
                 continue
             r_out[c] = r_grid[ir_best]
@@ -353,21 +398,7 @@ def fit_kernel(offsets, ref, inten, sig, inv_d2, eps, bw, use_p, r_grid, eta_gri
         b_out[c] = bb
         # correlation of observations with the fitted model (for rejection and reporting)
         _model_terms(m, bb, q2, p, rf, t)
-        sx = 0.0
-        sy = 0.0
-        sxx = 0.0
-        syy = 0.0
-        sxy = 0.0
-        for j in range(m):
-            sx += t[j]
-            sy += y[j]
-            sxx += t[j] * t[j]
-            syy += y[j] * y[j]
-            sxy += t[j] * y[j]
-        vx = sxx - sx * sx / m
-        vy = syy - sy * sy / m
-        if vx > 0 and vy > 0:
-            cc_out[c] = (sxy - sx * sy / m) / math.sqrt(vx * vy)
+        cc_out[c] = _correlation(m, t, y)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
