@@ -5,7 +5,8 @@ Every ``Params`` dataclass (next to its algorithm) declares its numeric fields w
 field: ``at_least="min_spot_pixels"``), and its nested sections with :func:`section`.
 ``__post_init__`` calls :func:`check_fields`, so a value out of range is refused wherever the
 object is built, and this is the one place ranges are checked: configuration files and
-``--set`` only convert types, and every bad setting is a :class:`SettingError`. The configuration layer (:mod:`sfxflow.pipeline.params`) reads the
+``--set`` only convert types, and every bad setting is a :class:`SettingError`. The
+configuration layer (:mod:`sfxflow.pipeline.params`) reads the
 same metadata to generate command-line flags, config-file keys, ``--print-config`` and
 ``docs/config.md``: one declaration, every surface. The one-line documentation of a setting is
 the entry for its name in the class's numpydoc ``Parameters`` section.
@@ -49,13 +50,15 @@ class SettingError(ConfigError, ValueError):
 
     ``field`` (the field's name), ``value`` and ``expected`` (in words) are kept when the error
     is about one field, so that the configuration layer can name the file, ``--set`` or flag the
-    value came from; ``also`` is the other field of a cross-field check.
+    value came from; ``also`` is the other field of a cross-field check. ``located``: the
+    message already names that source (a nested section's error passing through its parents).
     """
 
     def __init__(self, message: str, *, field: str = "", value: Any = None, expected: str = "",
-                 also: str = "") -> None:
+                 also: str = "", located: bool = False) -> None:
         super().__init__(message)
         self.field, self.value, self.expected, self.also = field, value, expected, also
+        self.located = located
 
 
 @dataclass(frozen=True)

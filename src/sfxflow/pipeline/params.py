@@ -402,10 +402,8 @@ def _located(exc: SettingError, prefix: str, sources: Sources) -> SettingError:
         if op:
             field, value, expected = exc.also, exc.value, f"{op} {exc.field} ({exc.value!r})"
     label, value = sources.get(f"{prefix}{field}", (f"{prefix}{field}", value))
-    out = SettingError(f"{label} = {value!r}: expected {expected}", field=field, value=value,
-                       expected=expected, also=exc.also)
-    out.located = True  # type: ignore[attr-defined]
-    return out
+    return SettingError(f"{label} = {value!r}: expected {expected}", field=field, value=value,
+                        expected=expected, also=exc.also, located=True)
 
 
 def _construct(cls: type[T], values: Mapping[str, Any], sources: Sources, prefix: str = "") -> T:
@@ -421,7 +419,7 @@ def _construct(cls: type[T], values: Mapping[str, Any], sources: Sources, prefix
     try:
         return cls(**kwargs)
     except SettingError as exc:  # the one range check, in __post_init__: say where it came from
-        if getattr(exc, "located", False) or not exc.field:
+        if exc.located or not exc.field:
             raise
         if not exc.also and f"{prefix}{exc.field}" in sources:  # its words: "... or none"
             exc.expected = leaves_by_key(cls)[exc.field].expected
