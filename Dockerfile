@@ -39,7 +39,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     SFXFLOW_SRC=/opt/sfxflow-src \
     CONSTRAINTS=/opt/sfxflow-src/constraints.txt \
     MPLBACKEND=Agg \
-    NUMBA_CACHE_DIR=/tmp/numba-cache
+    NUMBA_CACHE_DIR=/tmp/numba-cache \
+    SFXFLOW_NUMBA_CACHE_SEED=/opt/sfxflow/numba-cache
 
 RUN python3 -m venv "$VIRTUAL_ENV"
 
@@ -52,6 +53,14 @@ RUN pip install --require-virtualenv -r "$CONSTRAINTS"
 COPY pyproject.toml README.md "$SFXFLOW_SRC"/
 COPY src "$SFXFLOW_SRC"/src
 RUN pip install --require-virtualenv --no-deps -c "$CONSTRAINTS" "$SFXFLOW_SRC" && pip check && sfxflow --help > /dev/null
+
+# 3. numba's compiled kernels, built once here (a small demo run in this process, ~70 CPU-s):
+#    the image is read-only where HPC centres run it, so sfxflow copies them into the writable
+#    NUMBA_CACHE_DIR at a node's first start (sfxflow/kernel_cache.py) instead of every worker
+#    compiling them again. Entries are per CPU: a node whose CPU differs from the build host's
+#    compiles as before.
+RUN NUMBA_CACHE_DIR="$SFXFLOW_NUMBA_CACHE_SEED" sfxflow demo /tmp/warm-up --frames 24 \
+        --hit-fraction 1 --scheduler synchronous > /dev/null && rm -rf /tmp/warm-up
 
 # run as an unprivileged user; /data is a place to mount data and run directories
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin sfx && \
