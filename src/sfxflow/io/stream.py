@@ -27,7 +27,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -250,12 +250,9 @@ class Stream:
             values["photon_energy"] = chunk.photon_energy_ev
             values.pop("wavelength", None)
         det = self.geometry.detector(values)
-        beam = None
-        if chunk.photon_energy_ev is not None:
-            beam = Beam(wavelength_a=photon_energy_ev_to_wavelength_a(chunk.photon_energy_ev))
-        else:
-            beam = self.geometry.beam(values)
-        return det, beam
+        if chunk.photon_energy_ev is None:
+            return det, self.geometry.beam(values)
+        return det, Beam(wavelength_a=photon_energy_ev_to_wavelength_a(chunk.photon_energy_ev))
 
 
 def cell_from_a_matrix(a_matrix: np.ndarray) -> gemmi.UnitCell:
@@ -285,18 +282,14 @@ class _Lines:
 
     def __init__(self, text: str, source: str) -> None:
         self.lines = text.replace("\r\n", "\n").split("\n")
-        self.i = 0
+        self.lineno = 0  # lines read so far: the number of the last one
         self.source = source
 
     def next(self) -> str | None:
-        if self.i >= len(self.lines):
+        if self.lineno >= len(self.lines):
             return None
-        self.i += 1
-        return self.lines[self.i - 1]
-
-    @property
-    def lineno(self) -> int:
-        return self.i
+        self.lineno += 1
+        return self.lines[self.lineno - 1]
 
     def error(self, problem: str, value: Any, expected: str, line: int | None = None
               ) -> StreamError:
@@ -352,9 +345,7 @@ def _parse_peaks(cur: _Lines, panels: dict[str, tuple[int, int, int]]) -> SpotTa
     data: list[tuple[int, float, float, float, float]] = []
     for k, row in enumerate(rows):
         parts = row.split()
-        if not parts:
-            continue
-        if parts[0] == "fs/px":
+        if not parts or parts[0] == "fs/px":
             continue
         if len(parts) != 5:
             raise cur.error("bad peak line", row.strip(), "'fs/px ss/px (1/d)/nm^-1 Intensity "
@@ -537,7 +528,7 @@ def parse_stream(text: str, source: str = "<stream>",
                         geom = parse_geom("\n" * (start - 1) + body, source)
                     except GeometryError as exc:
                         raise StreamError(str(exc)) from exc
-                    geom = _with_text(geom, body)
+                    geom = replace(geom, text=body)
                     panels = _panel_lookup(geom)
         elif t == BEGIN_CELL:
             start = cur.lineno
@@ -575,12 +566,6 @@ def _with_space_group(target: CellFile, body: str, source: str, start: int) -> C
                               f"(value {m.group(1)!r}, expected a Hermann-Mauguin symbol such "
                               "as P 61 2 2)") from None
     return target
-
-
-def _with_text(geom: CrystfelGeometry, text: str) -> CrystfelGeometry:
-    from dataclasses import replace
-
-    return replace(geom, text=text)
 
 
 def read_stream(path_or_url: str | Path, storage_options: Mapping[str, Any] | None = None,
@@ -689,8 +674,6 @@ def reflections_from_integrated(table: ReflectionTable) -> Reflections:
 
 def _integrated_info(rec: CrystalResult, reflections: Reflections) -> dict[str, str]:
     """The lines of indexamajig's crystal block that describe prediction and integration."""
-    from sfxflow.algorithms.integrate import Flag
-
     info: dict[str, str] = {}
     if math.isfinite(rec.profile_radius_inv_a):
         info["profile_radius"] = f"{rec.profile_radius_inv_a * 10.0:.5f} nm^-1"
