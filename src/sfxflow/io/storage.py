@@ -544,14 +544,10 @@ def redact_urls(text: str) -> str:
     return redact_userinfo(text)
 
 
-def _strip(url: str, fs: Any = None) -> str:
+def _strip(url: str, fs: Any) -> str:
     """The path of ``url`` as ``fs`` names it: without the scheme for s3 or memory, the whole URL
     for http(s) (whose requests need it, userinfo included)."""
-    if fs is not None:
-        return str(fs._strip_protocol(url))
-    if "://" not in url:
-        return url
-    return url.split("://", 1)[1]
+    return str(fs._strip_protocol(url))
 
 
 def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> SourceError:
@@ -648,17 +644,6 @@ def read_bytes(
     return data
 
 
-def _counting(fetcher: Callable[[int, int], bytes], url: str) -> Callable[[int, int], bytes]:
-    def fetch(start: int, end: int) -> bytes:
-        # a ranged read inside h5py: an outage is retried here, below the decoder, so that the
-        # HDF5 library never sees a half-failed read it cannot resume
-        data = retrying(lambda: fetcher(start, end), url)
-        _count(len(data))
-        return data
-
-    return fetch
-
-
 class _CountingLocalFile(io.FileIO):
     """A local file whose reads are added to the process read counters."""
 
@@ -745,10 +730,15 @@ def open_url(
         return fh  # type: ignore[no-any-return]
 
     def fetch(start: int, end: int) -> bytes:
-        # every ranged read (h5py asks for them) is one operation with its own deadline
-        return bytes(call_fs(fs, "cat_file", path_in_fs, start=start, end=min(end, size)))
+        # every ranged read (h5py asks for them) is one operation with its own deadline; an
+        # outage is retried here, below the decoder, so that the HDF5 library never sees a
+        # half-failed read it cannot resume
+        data = retrying(lambda: bytes(call_fs(fs, "cat_file", path_in_fs, start=start,
+                                              end=min(end, size))), url)
+        _count(len(data))
+        return data
 
-    cache.fetcher = _counting(fetch, url)
+    cache.fetcher = fetch
     log.debug("opened %s (%d bytes) with %d-byte ranged reads", shown_url(url), size, block_size)
     return fh
 
