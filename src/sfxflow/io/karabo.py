@@ -82,11 +82,9 @@ def train_frames(data: Mapping[str, Any], meta: Mapping[str, Any]) -> TrainFrame
     stacked = np.stack(modules, axis=1)  # (cells, modules, ss, fs)
     if stacked.ndim == 3:  # one cell per train, sent without its axis
         stacked = stacked[None]
-    tid = None
-    for source_meta in list(meta.values()) + [c.get("metadata", {}) for c in data.values()]:
-        if isinstance(source_meta, Mapping) and "timestamp.tid" in source_meta:
-            tid = int(source_meta["timestamp.tid"])
-            break
+    metas = list(meta.values()) + [c.get("metadata", {}) for c in data.values()]
+    tid = next((int(m["timestamp.tid"]) for m in metas
+                if isinstance(m, Mapping) and "timestamp.tid" in m), None)
     if tid is None:
         raise SourceError("karabo bridge", "a train without a train id (timestamp.tid)")
     return TrainFrames(tid, stacked)
@@ -198,9 +196,5 @@ def spooled_trains(folder: Path) -> list[tuple[int, int]]:
     """``(first, last)`` train ids of the spool files already in ``folder``."""
     if not folder.is_dir():
         return []
-    out = []
-    for p in folder.iterdir():
-        m = _SPOOL_NAME.match(p.name)
-        if m:
-            out.append((int(m.group(1)), int(m.group(2))))
-    return sorted(out)
+    return sorted((int(m.group(1)), int(m.group(2))) for p in folder.iterdir()
+                  if (m := _SPOOL_NAME.match(p.name)))
