@@ -576,12 +576,7 @@ def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> S
 
 def object_size(url: str, storage_options: Mapping[str, Any] | None = None) -> int:
     """Size in bytes of a file or object; :class:`SourceError` when it cannot be listed."""
-    if is_local(url):
-        try:
-            return local_path(url).stat().st_size
-        except OSError as exc:
-            raise _wrap_storage_error(url, exc) from exc
-    return int(_remote_info(url, storage_options).get("size") or 0)
+    return object_stamp(url, storage_options)[0]
 
 
 def _remote_info(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
