@@ -593,16 +593,14 @@ def _is_panel_key(key: str) -> bool:
     return key in _PANEL_KEYS or bool(_MASK_N.match(key) or _DIM_N.match(key))
 
 
-def _set_rigid_collection(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
-    ls.rigid_coll[key[len("rigid_group_collection_"):]] = _members(val)
-
-
-def _set_rigid_group(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
-    ls.rigid[key[len("rigid_group_"):]] = _members(val)
+#: group lines: key prefix (the longest first) -> the table of :class:`_Lines` they go to
+_GROUP_PREFIXES = (("rigid_group_collection_", "rigid_coll"), ("rigid_group_", "rigid"),
+                   ("group_", "groups"))
 
 
 def _set_group(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
-    ls.groups[key[len("group_"):]] = _members(val)
+    prefix, table = next((p, t) for p, t in _GROUP_PREFIXES if key.startswith(p))
+    getattr(ls, table)[key[len(prefix):]] = _members(val)
 
 
 def _set_global(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
@@ -622,9 +620,7 @@ def _set_default(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None
 
 #: Keys without a panel name: the first row whose test accepts the key handles it.
 _TOP_LEVEL_HANDLERS = (
-    (lambda k: k.startswith("rigid_group_collection_"), _set_rigid_collection),
-    (lambda k: k.startswith("rigid_group_"), _set_rigid_group),
-    (lambda k: k.startswith("group_"), _set_group),
+    (lambda k: k.startswith(tuple(p for p, _ in _GROUP_PREFIXES)), _set_group),
     (lambda k: k in _GLOBAL_KEYS or k == "clen", _set_global),
     (lambda k: k in _IGNORED_KEYS, _ignore),
     (_is_panel_key, _set_default),
@@ -767,8 +763,10 @@ def _panel_extent(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> Non
 
 def _panel_axes(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
     """corner_x/corner_y (pixels) and the fs/ss direction vectors."""
-    cx, cy = p.parse(ctx.number, "corner_x"), p.parse(ctx.number, "corner_y")
-    fsv, ssv = p.parse(ctx.vector, "fs"), p.parse(ctx.vector, "ss")
+    cx = p.parse(ctx.number, "corner_x")
+    cy = p.parse(ctx.number, "corner_y")
+    fsv = p.parse(ctx.vector, "fs")
+    ssv = p.parse(ctx.vector, "ss")
     if abs(float(np.linalg.norm(np.cross(fsv, ssv)))) < 1e-6:
         v, ln = p.kv["ss"]
         raise ctx.error(ln, f"panel '{p.name}' fs and ss are parallel", v,
