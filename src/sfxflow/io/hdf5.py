@@ -86,8 +86,6 @@ class _H5Handle:
                 self.fobj = storage.open_url(url, "rb", storage_options, block_size=block,
                                              whole_object_max_bytes=0)
                 self.file = h5py.File(self.fobj, "r")
-        except SourceError:
-            raise
         except FileNotFoundError as exc:
             raise SourceError(url, "no such file") from exc
         except OSError as exc:

@@ -28,13 +28,12 @@ import h5py
 import numpy as np
 
 from sfxflow.errors import ConfigError, SourceError
-from sfxflow.io.facility import require
+from sfxflow.io.facility import PIXEL_KEYS, require
 from sfxflow.io.hdf5 import DEFAULT_DATA_PATHS
 
 __all__ = ["BridgeReceiver", "SpooledFrames", "TrainFrames", "spooled_trains",
            "train_frames", "write_spool"]
 
-_PIXEL_KEYS = ("data.adc", "image.data", "data.image.pixels")
 _MODULE_NUMBER = re.compile(r"(\d+)(?:CH\d+)?(?::[A-Za-z]+)?$")
 _SPOOL_NAME = re.compile(r"^stream-(\d{10,})-(\d{10,})\.cxi$")
 TRAIN_ID_PATH = "/entry_1/train_id"
@@ -70,12 +69,12 @@ def train_frames(data: Mapping[str, Any], meta: Mapping[str, Any]) -> TrainFrame
     modules = []
     for source in sorted(data, key=_module_number):
         content = data[source]
-        key = next((k for k in _PIXEL_KEYS if k in content), None)
+        key = next((k for k in PIXEL_KEYS if k in content), None)
         if key is not None:
             modules.append(np.asarray(content[key], dtype=np.float32))
     if not modules:
         raise SourceError("karabo bridge", f"a train without detector pixels (expected one of "
-                                           f"{', '.join(_PIXEL_KEYS)} in {sorted(data)})")
+                                           f"{', '.join(PIXEL_KEYS)} in {sorted(data)})")
     shapes = {m.shape for m in modules}
     if len(shapes) != 1:
         raise SourceError("karabo bridge", f"modules of different shapes {sorted(shapes)}")
