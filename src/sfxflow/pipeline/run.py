@@ -514,20 +514,17 @@ def _dispatch(client: Any, info: ClusterInfo, plan: RunPlan, ctx: BlockContext,
     """Run the blocks to do in this process (no ``client``) or on Dask; the cores they had."""
     from sfxflow.pipeline.execute import execute_dask, execute_serial
 
-    n_cores = 1
     if client is None:
         execute_serial(plan.todo, ctx, on_report, on_failure,
                        prefetch_depth=config.io.prefetch_depth,
                        attempts=1 + config.run.task_retries, file_errors=plan.file_errors,
                        isolated=plan.isolated, lock=lock)
-    else:
-        n_cores = max(info.n_threads, 1)
-        execute_dask(client, plan.todo, ctx, on_report, on_failure,
-                     prefetch_depth=config.io.prefetch_depth,
-                     task_retries=config.run.task_retries,
-                     file_errors=plan.file_errors)
-        n_cores = max(n_cores, cluster_threads(client))
-    return n_cores
+        return 1
+    execute_dask(client, plan.todo, ctx, on_report, on_failure,
+                 prefetch_depth=config.io.prefetch_depth,
+                 task_retries=config.run.task_retries,
+                 file_errors=plan.file_errors)
+    return max(info.n_threads, 1, cluster_threads(client))
 
 
 def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
