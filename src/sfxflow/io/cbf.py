@@ -153,10 +153,8 @@ def _frozen(rows: list[dict[str, str | None]]) -> tuple[tuple[tuple[str, str | N
 def _read_header(handle: Any) -> _Header:
     data_rows = _table(handle, "array_data")
     array_order = tuple(str(r.get("array_id") or f"ARRAY{i}") for i, r in enumerate(data_rows))
-    contents = None
-    for r in data_rows:
-        if r.get("header_contents"):
-            contents = r["header_contents"]
+    contents = next((r["header_contents"] for r in reversed(data_rows)
+                     if r.get("header_contents")), None)
     return _Header(
         axis=_frozen(_table(handle, "axis")),
         scan_frame_axis=_frozen(_table(handle, "diffrn_scan_frame_axis")),
@@ -425,14 +423,13 @@ _MINI_KEYS = {
 
 def _minicbf_geometry(h: _Header) -> CbfGeometry:
     text = h.header_contents or ""
-    found = {k: rx.search(text) for k, rx in _MINI_KEYS.items()}
-    missing = [k for k in ("pixel", "distance", "wavelength", "beam") if found[k] is None]
+    m = {k: rx.search(text) for k, rx in _MINI_KEYS.items()}
+    missing = [k for k in ("pixel", "distance", "wavelength", "beam") if m[k] is None]
     if missing:
         raise GeometryError(
             f"CBF has no axis hierarchy and its mini-CBF header lacks {missing} "
             "(expected '# Pixel_size', '# Detector_distance', '# Wavelength', '# Beam_xy')"
         )
-    m = found
     px_x, px_y = float(m["pixel"].group(1)) * 1e3, float(m["pixel"].group(2)) * 1e3  # type: ignore[union-attr]
     if abs(px_x - px_y) > 1e-9:
         raise GeometryError(f"non-square pixels {px_x} x {px_y} mm")
