@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sfxflow.errors import ConfigError, GeometryError, InputError, SourceError
 from sfxflow.io import storage
-from sfxflow.io.cbf import CbfSource
+from sfxflow.io.cbf import CbfSource, is_cbf
 from sfxflow.io.euxfel import is_euxfel_run
 from sfxflow.io.hdf5 import open_hdf5_source
 from sfxflow.io.source_base import ImageSource
@@ -54,10 +54,7 @@ _LCLS_RUN = re.compile(r"^exp=(?P<exp>[A-Za-z0-9_]+):run=(?P<run>\d+)(?::dir=(?P
 
 def _extension(url: str) -> str:
     name = url.rsplit("/", 1)[-1].lower()
-    for ext in IMAGE_EXTENSIONS:
-        if name.endswith(ext):
-            return ext
-    return ""
+    return next((ext for ext in IMAGE_EXTENSIONS if name.endswith(ext)), "")
 
 
 def source_kind(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -81,7 +78,7 @@ def source_kind(url: str, storage_options: Mapping[str, Any] | None = None) -> s
     head = storage.read_bytes(url, storage_options, start=0, end=64)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "hdf5"
-    if head.lstrip()[:6] == b"###CBF":
+    if is_cbf(head):
         return "cbf"
     raise SourceError(url, "unknown image format (expected CBF, HDF5 or XTC2 by extension or "
                            "content, or a European XFEL run folder)")
