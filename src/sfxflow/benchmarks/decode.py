@@ -90,9 +90,6 @@ def _time_decode(urls: list[str], geometry: Any, opts: dict | None, fpb: int,
 def run(args: argparse.Namespace) -> int:
     from sfxflow.errors import InputError
 
-    if args.frames < 1 or args.repeats < 1 or args.frames_per_block < 1:
-        raise InputError(f"--frames {args.frames} / --repeats {args.repeats} / --frames-per-block "
-                         f"{args.frames_per_block}: expected >= 1")
     cbf_dir = Path(args.cbf_dir) if args.cbf_dir else _default_cbf_dir()
     if cbf_dir is not None and not cbf_dir.is_dir():
         raise InputError(f"--cbf-dir {cbf_dir}: not a folder")

@@ -71,7 +71,6 @@ def facility_rows(cxi: Path, geom_path: Path, energy_ev: float, tmp: Path, repea
     return rows
 
 
-
 def _live_row(run_dir: Path, geom: Any, tmp: Path, repeats: int, frames_per_block: int,
               n_frames: int) -> Row:
     from sfxflow.io.facility import modules_stacked

@@ -443,9 +443,9 @@ def run(args: argparse.Namespace) -> int:
         bench = Bench(work, list(info.files), Path(info.geometry_path), args.timeout_s)
         bench.deadline = time.monotonic() + args.timeout_s
         _reference(bench)
+        logs = f"; logs in {work}" if keep else ""
         print(f"fault matrix: {args.frames} frames in 2 files, blocks of 2, against a clean serial "
-              f"run; logs in {work}" if keep else f"fault matrix: {args.frames} frames in 2 files, "
-              "blocks of 2, against a clean serial run", flush=True)
+              f"run{logs}", flush=True)
         outcomes = []
         for name in chosen:
             bench.deadline = time.monotonic() + args.timeout_s

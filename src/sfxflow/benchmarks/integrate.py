@@ -153,9 +153,6 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.models import Detector, Frame
     from sfxflow.pipeline.frame import integrate_lattices, process_frame
 
-    if args.frames < 1 or args.throughput_frames < 0:
-        raise InputError(f"--frames must be >= 1 and --throughput-frames >= 0, got "
-                         f"{args.frames} and {args.throughput_frames}")
     if args.max_size_nm and not 0 < args.min_size_nm <= args.max_size_nm:
         raise InputError(f"--min-size-nm {args.min_size_nm} / --max-size-nm {args.max_size_nm}: "
                          "expected 0 < min <= max")

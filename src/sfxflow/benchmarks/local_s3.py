@@ -16,13 +16,12 @@ from sfxflow.benchmarks.localhost import free_port
 __all__ = ["local_s3"]
 
 
-
 @contextmanager
 def local_s3(*buckets: str) -> Iterator[dict[str, Any] | None]:
     """Start moto's S3 server on a free local port with ``buckets``; yield s3fs storage options.
 
-    Yields ``None`` (after printing why) when moto (a development dependency) is not installed. The credentials are
-    dummy values that only this server accepts.
+    Yields ``None`` (after printing why) when moto (a development dependency) is not installed.
+    The credentials are dummy values that only this server accepts.
     """
     try:
         from moto.server import ThreadedMotoServer

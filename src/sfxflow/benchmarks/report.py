@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from sfxflow.io.results import parquet_bytes, shard_names
 from sfxflow.options import number
 
 HELP = "time to build the run report for a large run of simulated records (goal < 10 s)"
@@ -204,17 +205,15 @@ def _write_block_shards(root: Path, block_id: str, part: pa.Table, crystals: pa.
                         rng: np.random.Generator, with_spots: bool) -> None:
     """A done block's shards: its frames, its spots and predictions (``with_spots``) and its
     crystals (when given)."""
-    from sfxflow.io.results import parquet_bytes, shard_names
-
     names = shard_names(block_id)
     (root / names["frames"]).write_bytes(parquet_bytes(
         part, {"sfxflow.block_id": block_id, "sfxflow.n_frames": str(part.num_rows)}))
     if with_spots:
         spots, predicted = _spot_shards(rng, part)
         (root / names["spots"]).write_bytes(parquet_bytes(spots))
-        (root / f"shards/{block_id}.reflections.parquet").write_bytes(parquet_bytes(predicted))
+        (root / names["reflections"]).write_bytes(parquet_bytes(predicted))
     if crystals is not None:
-        (root / f"shards/{block_id}.crystals.parquet").write_bytes(parquet_bytes(crystals))
+        (root / names["crystals"]).write_bytes(parquet_bytes(crystals))
 
 
 def _summary(frames: pa.Table, wall: float, n_workers: int, n_blocks: int,
@@ -232,8 +231,6 @@ def _summary(frames: pa.Table, wall: float, n_workers: int, n_blocks: int,
 
 def _write_merge(folder: Path, rng: np.random.Generator, crystals: pa.Table) -> dict[str, Any]:
     """A merge's ``stats.json`` and ``crystals.parquet``; returns the stats."""
-    from sfxflow.io.results import parquet_bytes
-
     folder.mkdir(exist_ok=True)
     stats = _merge_stats(rng, crystals.num_rows)
     (folder / "stats.json").write_text(json.dumps(stats))
@@ -265,7 +262,6 @@ def write_simulated_run(root: str | Path, n_frames: int = 2000, frames_per_block
     dict with ``frames`` and ``crystals`` (the tables written), ``stats`` (or ``None``) and
     ``blocks`` (ids in order, done ones first).
     """
-    from sfxflow.io.results import parquet_bytes
     from sfxflow.pipeline.config import load_config
     from sfxflow.pipeline.manifest import BlockEntry, Manifest
 
@@ -339,11 +335,8 @@ def _time_builds(run_dir: Path, repeats: int) -> tuple[float, float, int]:
 def run(args: argparse.Namespace) -> int:
     import matplotlib  # noqa: F401  (imported once before timing, as in a running process)
 
-    from sfxflow.errors import InputError
     from sfxflow.report.page import write_report
 
-    if args.frames < 1 or args.frames_per_block < 1 or args.repeats < 1:
-        raise InputError("--frames, --frames-per-block and --repeats must be >= 1")
     with tempfile.TemporaryDirectory(prefix="sfxflow-bench-report-") as tmp:
         base = Path(args.keep) if args.keep else Path(tmp)
         n_blocks = -(-args.frames // args.frames_per_block)

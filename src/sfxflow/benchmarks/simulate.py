@@ -38,10 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sfxflow.algorithms.layouts import by_name
     from sfxflow.algorithms.simulate import SimulationParams, random_crystal, simulate_frame
-    from sfxflow.errors import InputError
 
-    if args.frames < 1 or args.repeats < 1:
-        raise InputError(f"--frames {args.frames} / --repeats {args.repeats}: expected >= 1")
     numba.set_num_threads(1)
     detector = by_name(args.detector)
     params = SimulationParams()

@@ -121,14 +121,13 @@ def _table(handle: Any, category: str) -> list[dict[str, str | None]]:
     return rows
 
 
-def _num(v: str | None, default: float = 0.0) -> float:
-    if v is None or v in (".", "?", ""):
-        return default
-    return float(v)
-
-
 def _val(v: str | None) -> str | None:
     return None if v is None or v in (".", "?", "") else v
+
+
+def _num(v: str | None, default: float = 0.0) -> float:
+    v = _val(v)
+    return default if v is None else float(v)
 
 
 @dataclass(frozen=True)
@@ -154,10 +153,8 @@ def _frozen(rows: list[dict[str, str | None]]) -> tuple[tuple[tuple[str, str | N
 def _read_header(handle: Any) -> _Header:
     data_rows = _table(handle, "array_data")
     array_order = tuple(str(r.get("array_id") or f"ARRAY{i}") for i, r in enumerate(data_rows))
-    contents = None
-    for r in data_rows:
-        if r.get("header_contents"):
-            contents = r["header_contents"]
+    contents = next((r["header_contents"] for r in reversed(data_rows)
+                     if r.get("header_contents")), None)
     return _Header(
         axis=_frozen(_table(handle, "axis")),
         scan_frame_axis=_frozen(_table(handle, "diffrn_scan_frame_axis")),
@@ -196,8 +193,7 @@ def _dicts(rows: tuple[tuple[tuple[str, str | None], ...], ...]) -> list[dict[st
     return [dict(r) for r in rows]
 
 
-def _wavelength(h: _Header) -> float:
-    rows = _dicts(h.wavelength)
+def _wavelength(rows: Sequence[Mapping[str, str | None]]) -> float:
     for r in rows:
         w = _num(r.get("wavelength"), math.nan)
         if w > 0:
@@ -343,8 +339,8 @@ def _geometry_from_header(h: _Header) -> CbfGeometry:
         return _minicbf_geometry(h)
     axes = _parse_axes(h)
     settings = _settings(h, axes)
-    wavelength = _wavelength(h)
-    beam = Beam(wavelength_a=wavelength, direction=_beam_direction(axes, h))
+    beam = Beam(wavelength_a=_wavelength(_dicts(h.wavelength)),
+                direction=_beam_direction(axes, h))
 
     axis_sets = _axis_sets(h)
     intens = {r.get("array_id"): r for r in _dicts(h.intensities)}
@@ -427,14 +423,13 @@ _MINI_KEYS = {
 
 def _minicbf_geometry(h: _Header) -> CbfGeometry:
     text = h.header_contents or ""
-    found = {k: rx.search(text) for k, rx in _MINI_KEYS.items()}
-    missing = [k for k in ("pixel", "distance", "wavelength", "beam") if found[k] is None]
+    m = {k: rx.search(text) for k, rx in _MINI_KEYS.items()}
+    missing = [k for k in ("pixel", "distance", "wavelength", "beam") if m[k] is None]
     if missing:
         raise GeometryError(
             f"CBF has no axis hierarchy and its mini-CBF header lacks {missing} "
             "(expected '# Pixel_size', '# Detector_distance', '# Wavelength', '# Beam_xy')"
         )
-    m = found
     px_x, px_y = float(m["pixel"].group(1)) * 1e3, float(m["pixel"].group(2)) * 1e3  # type: ignore[union-attr]
     if abs(px_x - px_y) > 1e-9:
         raise GeometryError(f"non-square pixels {px_x} x {px_y} mm")
@@ -594,8 +589,7 @@ def _geometry(handle: Any, url: str, data: bytes) -> CbfGeometry:
         else:
             _GEOMETRY_CACHE.move_to_end(key)
         if not geom.minicbf:
-            h = replace(_header_stub(), wavelength=_frozen(wavelength_rows))
-            w = _wavelength(h)
+            w = _wavelength(wavelength_rows)
             if w != geom.beam.wavelength_a:
                 geom = replace(geom, beam=replace(geom.beam, wavelength_a=w))
         return geom
@@ -604,11 +598,6 @@ def _geometry(handle: Any, url: str, data: bytes) -> CbfGeometry:
         raise GeometryError(f"{url}: {msg}" if url else msg) from None
     except (KeyError, ValueError) as exc:
         raise GeometryError(f"{url}: inconsistent CBF detector description ({exc})") from exc
-
-
-def _header_stub() -> _Header:
-    """An empty header (for reading single tables through the header helpers)."""
-    return _Header((), (), (), (), (), (), (), (), (), None)
 
 
 def _fill_minicbf(geom: CbfGeometry, arrays: dict[str, np.ndarray]) -> CbfGeometry:
@@ -685,7 +674,6 @@ def read_cbf(data: bytes, url: str = "", index: int = 0) -> Frame:
         if bad.any():
             p = detector[0]
             detector = Detector((p.with_mask(p.good_mask() & ~bad),))
-    event = ""
     try:
         event = handle.datablock_name().decode("latin-1")
     except Exception:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sfxflow.errors import GeometryError, SourceError
-from sfxflow.io.facility import FrameBuilder, RecentlyOpened, require
+from sfxflow.io.facility import PIXEL_KEYS, FrameBuilder, RecentlyOpened, require
 from sfxflow.io.source_base import ImageSource
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["EuXfelRunSource", "is_euxfel_run"]
 
 _SEQUENCE_FILE = re.compile(r"^(RAW|CORR)-R\d{4}-.+-S\d{5}\.h5$", re.IGNORECASE)
-_PIXEL_KEYS = ("data.adc", "image.data", "data.image.pixels")
 
 
 def is_euxfel_run(path: str | Path) -> bool:
@@ -89,10 +88,10 @@ class EuXfelRunSource(ImageSource):
         name, component = found[0]
         self.detector_name = name
         self._det = component(self._run, detector_name=name)
-        self._key = next((k for k in _PIXEL_KEYS if k in self._keys()), None)
+        self._key = next((k for k in PIXEL_KEYS if k in self._keys()), None)
         if self._key is None:
             raise SourceError(url, f"detector {name} has none of the pixel arrays "
-                                   f"{', '.join(_PIXEL_KEYS)}")
+                                   f"{', '.join(PIXEL_KEYS)}")
         # JUNGFRAU stores one entry per train holding every memory cell; AGIPD, LPD and DSSC
         # one entry per pulse
         source = next(iter(self._det.source_to_modno))

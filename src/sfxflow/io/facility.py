@@ -29,8 +29,11 @@ if TYPE_CHECKING:
     from sfxflow.io.geometry import CrystfelGeometry
     from sfxflow.models import Beam, Detector
 
-__all__ = ["FrameBuilder", "RecentlyOpened", "modules_stacked", "require", "stack_modules"]
+__all__ = ["PIXEL_KEYS", "FrameBuilder", "RecentlyOpened", "modules_stacked", "require",
+           "stack_modules"]
 
+#: where a multi-module detector's source keeps its pixels (JUNGFRAU; AGIPD, LPD; DSSC)
+PIXEL_KEYS = ("data.adc", "image.data", "data.image.pixels")
 #: the extra that provides each optional facility module
 _EXTRA_OF = {
     "psana": "lcls",

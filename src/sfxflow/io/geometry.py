@@ -41,10 +41,10 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -68,6 +68,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Keys that may appear for a panel (or as defaults before panels).
 _PANEL_KEYS = frozenset(
@@ -291,10 +292,13 @@ class CrystfelGeometry:
                 f"{self.source}: {what} is read per frame from {path} (value missing, "
                 f"expected resolve(values) with key {ref_key!r})"
             )
+        return float(v) * self._reference_factor(ref_key)
+
+    def _reference_factor(self, ref_key: str) -> float:
+        """Factor from a reference's unit in the data file to the internal unit."""
         base = ref_key.rsplit("/", 1)[-1]
         unit = self.reference_units.get(ref_key, _REF_DEFAULT_UNIT.get(base, ""))
-        factor = _UNITS.get(base, {}).get(unit, 1.0)
-        return float(v) * factor
+        return _UNITS.get(base, {}).get(unit, 1.0)
 
     def beam(self, values: Mapping[str, float] | None = None) -> Beam | None:
         """The beam (``None`` when the file gives no energy/wavelength)."""
@@ -381,8 +385,6 @@ class CrystfelGeometry:
         by_name = {p.name: p for p in detector.panels}
         for key, path in self.references.items():
             base = key.rsplit("/", 1)[-1]
-            unit = self.reference_units.get(key, _REF_DEFAULT_UNIT.get(base, ""))
-            factor = _UNITS.get(base, {}).get(unit, 1.0)
             value: float | None = None
             if base == "photon_energy" and beam is not None:
                 value = beam.photon_energy_ev / self.photon_energy_scale
@@ -394,7 +396,7 @@ class CrystfelGeometry:
                         and spec.name in by_name:
                     value = by_name[spec.name].origin_mm[2] / 1000.0 - float(spec.coffset)
             if value is not None:
-                out[path] = value / factor
+                out[path] = value / self._reference_factor(key)
         return out
 
     def _panel_rigid_groups(self) -> dict[str, tuple[str, ...]]:
@@ -485,28 +487,20 @@ class _Ctx:
 
     def vector(self, line: int, key: str, text: str) -> tuple[float, float, float]:
         compact = text.replace(" ", "").replace("\t", "")
+        malformed = self.error(line, f"cannot parse {key} vector", text,
+                               "terms like '-0.0002x +1.0000y +0.01z'")
         pos = 0
         comp = {"x": 0.0, "y": 0.0, "z": 0.0}
-        n = 0
         while pos < len(compact):
             m = _VECTOR_TERM.match(compact, pos)
-            if m is None or m.end() == pos:
-                raise self.error(line, f"cannot parse {key} vector", text,
-                                 "terms like '-0.0002x +1.0000y +0.01z'")
+            if m is None or m.end() == pos or m.group(2) == ".":
+                raise malformed
             sign, coef, axis = m.groups()
-            if coef in ("", "."):
-                if coef == ".":
-                    raise self.error(line, f"cannot parse {key} vector", text,
-                                     "terms like '-0.0002x +1.0000y +0.01z'")
-                c = 1.0
-            else:
-                c = float(coef)
+            c = float(coef) if coef else 1.0
             comp[axis] += -c if sign == "-" else c
             pos = m.end()
-            n += 1
-        if n == 0:
-            raise self.error(line, f"cannot parse {key} vector", text,
-                             "terms like '-0.0002x +1.0000y +0.01z'")
+        if pos == 0:
+            raise malformed
         v = np.array([comp["x"], comp["y"], comp["z"]])
         norm = float(np.linalg.norm(v))
         if not norm > 0:
@@ -599,16 +593,14 @@ def _is_panel_key(key: str) -> bool:
     return key in _PANEL_KEYS or bool(_MASK_N.match(key) or _DIM_N.match(key))
 
 
-def _set_rigid_collection(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
-    ls.rigid_coll[key[len("rigid_group_collection_"):]] = _members(val)
-
-
-def _set_rigid_group(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
-    ls.rigid[key[len("rigid_group_"):]] = _members(val)
+#: group lines: key prefix (the longest first) -> the table of :class:`_Lines` they go to
+_GROUP_PREFIXES = (("rigid_group_collection_", "rigid_coll"), ("rigid_group_", "rigid"),
+                   ("group_", "groups"))
 
 
 def _set_group(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
-    ls.groups[key[len("group_"):]] = _members(val)
+    prefix, table = next((p, t) for p, t in _GROUP_PREFIXES if key.startswith(p))
+    getattr(ls, table)[key[len(prefix):]] = _members(val)
 
 
 def _set_global(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None:
@@ -628,9 +620,7 @@ def _set_default(ls: _Lines, ctx: _Ctx, key: str, val: str, lineno: int) -> None
 
 #: Keys without a panel name: the first row whose test accepts the key handles it.
 _TOP_LEVEL_HANDLERS = (
-    (lambda k: k.startswith("rigid_group_collection_"), _set_rigid_collection),
-    (lambda k: k.startswith("rigid_group_"), _set_rigid_group),
-    (lambda k: k.startswith("group_"), _set_group),
+    (lambda k: k.startswith(tuple(p for p, _ in _GROUP_PREFIXES)), _set_group),
     (lambda k: k in _GLOBAL_KEYS or k == "clen", _set_global),
     (lambda k: k in _IGNORED_KEYS, _ignore),
     (_is_panel_key, _set_default),
@@ -745,29 +735,26 @@ class _Panel:
     line: int
     glob: dict[str, _Item]
 
-    def item(self, key: str) -> _Item:
-        """The line of a key the panel must have (checked by :func:`_panel_extent` first)."""
-        return self.kv[key]
+    def parse(self, how: Callable[[int, str, str], _T], key: str) -> _T:
+        """The value of a key the panel has, read by ``how`` (a :class:`_Ctx` method)."""
+        val, ln = self.kv[key]
+        return how(ln, f"{self.name}/{key}", val)
 
 
 def _panel_extent(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
     """min_fs/max_fs/min_ss/max_ss (and the required corner, fs and ss are present)."""
-    for req in ("min_fs", "max_fs", "min_ss", "max_ss"):
+    for req in ("min_fs", "max_fs", "min_ss", "max_ss", "corner_x", "corner_y", "fs", "ss"):
         if req not in p.kv:
+            what = "<pixel>" if req in _RANGE_KEYS else "..."
             raise ctx.error(p.line, f"panel '{p.name}' has no {req}", None,
-                            f"a line '{p.name}/{req} = <pixel>'")
-    for req in ("corner_x", "corner_y", "fs", "ss"):
-        if req not in p.kv:
-            raise ctx.error(p.line, f"panel '{p.name}' has no {req}", None,
-                            f"a line '{p.name}/{req} = ...'")
-    lim = {k: ctx.integer(p.item(k)[1], f"{p.name}/{k}", p.item(k)[0])
-           for k in ("min_fs", "max_fs", "min_ss", "max_ss")}
+                            f"a line '{p.name}/{req} = {what}'")
+    lim = {k: p.parse(ctx.integer, k) for k in ("min_fs", "max_fs", "min_ss", "max_ss")}
     for lo, hi in (("min_fs", "max_fs"), ("min_ss", "max_ss")):
         if lim[lo] < 0:
-            v, ln = p.item(lo)
+            v, ln = p.kv[lo]
             raise ctx.error(ln, f"{p.name}/{lo} is negative", v, "a pixel index >= 0")
         if lim[lo] > lim[hi]:
-            v, ln = p.item(hi)
+            v, ln = p.kv[hi]
             raise ctx.error(ln, f"{p.name}/{lo} > {p.name}/{hi}", f"{lo}={lim[lo]} {hi}={v}",
                             f"{hi} >= {lo}")
     out["shape"] = (lim["max_ss"] - lim["min_ss"] + 1, lim["max_fs"] - lim["min_fs"] + 1)
@@ -776,12 +763,12 @@ def _panel_extent(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> Non
 
 def _panel_axes(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
     """corner_x/corner_y (pixels) and the fs/ss direction vectors."""
-    cx = ctx.number(p.item("corner_x")[1], f"{p.name}/corner_x", p.item("corner_x")[0])
-    cy = ctx.number(p.item("corner_y")[1], f"{p.name}/corner_y", p.item("corner_y")[0])
-    fsv = ctx.vector(p.item("fs")[1], f"{p.name}/fs", p.item("fs")[0])
-    ssv = ctx.vector(p.item("ss")[1], f"{p.name}/ss", p.item("ss")[0])
+    cx = p.parse(ctx.number, "corner_x")
+    cy = p.parse(ctx.number, "corner_y")
+    fsv = p.parse(ctx.vector, "fs")
+    ssv = p.parse(ctx.vector, "ss")
     if abs(float(np.linalg.norm(np.cross(fsv, ssv)))) < 1e-6:
-        v, ln = p.item("ss")
+        v, ln = p.kv["ss"]
         raise ctx.error(ln, f"panel '{p.name}' fs and ss are parallel", v,
                         "ss not parallel to fs")
     out.update(corner_px=(cx, cy), fast_axis=fsv, slow_axis=ssv)
@@ -792,9 +779,9 @@ def _panel_pixel_size(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) ->
     if "res" not in p.kv:
         raise ctx.error(p.line, f"panel '{p.name}' has no res (pixel size)", None,
                         "'res = <pixels per metre>' before the panel or for it")
-    res_v, res_ln = p.item("res")
-    res = ctx.number(res_ln, f"{p.name}/res", res_v)
+    res = p.parse(ctx.number, "res")
     if not res > 0:
+        res_v, res_ln = p.kv["res"]
         raise ctx.error(res_ln, f"{p.name}/res is not positive", res_v, "pixels per metre > 0")
     out["pixel_size_mm"] = 1000.0 / res
 
@@ -810,7 +797,7 @@ def _panel_distance(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> N
             refs.clen_refs[p.name] = refs.references[clen]
     coffset: float | str = 0.0
     if "coffset" in p.kv:
-        val, ln = p.item("coffset")
+        val, ln = p.kv["coffset"]
         coffset = refs.quantity("coffset", val, ln, f"{p.name}/coffset")
         if isinstance(coffset, str):
             refs.coff_refs[p.name] = refs.references[coffset]
@@ -825,9 +812,7 @@ def _panel_gain(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -> None:
         adu_ev = ctx.number(a_ev[1], f"{p.name}/adu_per_eV", a_ev[0])
     elif a_ph is not None:
         adu_ph = ctx.number(a_ph[1], f"{p.name}/adu_per_photon", a_ph[0])
-    max_adu = math.inf
-    if "max_adu" in p.kv:
-        max_adu = ctx.number(p.item("max_adu")[1], f"{p.name}/max_adu", p.item("max_adu")[0])
+    max_adu = p.parse(ctx.number, "max_adu") if "max_adu" in p.kv else math.inf
     out.update(adu_per_ev=adu_ev, adu_per_photon=adu_ph, max_adu=max_adu)
 
 
@@ -895,8 +880,7 @@ def _panel_static_mask(p: _Panel, ctx: _Ctx, refs: _Refs, out: dict[str, Any]) -
         if k in p.kv and ctx.boolean(p.kv[k][1], f"{p.name}/{k}", p.kv[k][0]):
             mask = np.zeros(shape, dtype=bool)
     if "mask_edge_pixels" in p.kv:
-        val, ln = p.item("mask_edge_pixels")
-        n_edge = ctx.integer(ln, f"{p.name}/mask_edge_pixels", val)
+        n_edge = p.parse(ctx.integer, "mask_edge_pixels")
         if n_edge > 0:
             mask = np.ones(shape, dtype=bool) if mask is None else mask
             mask[:n_edge, :] = False
@@ -969,7 +953,8 @@ def _shared_references(specs: list[_PanelSpec], refs: _Refs) -> list[_PanelSpec]
                 refs.ref_units.pop(f"{pn}/{base}")
             refs.references[base] = path
             refs.ref_units[base] = units.pop()
-            specs = [_replace_spec(s, **{base: base}) for s in specs]
+            shared: dict[str, Any] = {base: base}  # the spec field names the shared reference
+            specs = [replace(s, **shared) for s in specs]
     return specs
 
 
@@ -1035,20 +1020,12 @@ def parse_geom(text: str, source: str = "<geometry>") -> CrystfelGeometry:
     )
 
 
-def _replace_spec(spec: _PanelSpec, **kw: Any) -> _PanelSpec:
-    from dataclasses import replace
-
-    return replace(spec, **kw)
-
-
 def _members(val: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in val.split(",") if m.strip())
 
 
 def _check_dim(ctx: _Ctx, lineno: int, key: str, val: str) -> None:
-    if val in ("%", "ss", "fs"):
-        return
-    if not val.isdigit():
+    if val not in ("%", "ss", "fs") and not val.isdigit():
         raise ctx.error(lineno, f"invalid {key}", val, "%, ss, fs or a non-negative integer")
 
 
@@ -1139,7 +1116,7 @@ def _apply_bad_regions(spec: _PanelSpec, regions: list[BadRegion]) -> _PanelSpec
             if inside.any():
                 mask = np.ones(spec.shape, dtype=bool) if mask is None else mask
                 mask &= ~inside
-    return _replace_spec(spec, mask=mask)
+    return replace(spec, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1180,17 +1157,6 @@ def _mask_rectangles(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
         for run in runs:
             active.setdefault(run, ss)
     return done
-
-
-def _mask_ref_lines(mask_refs: tuple[MaskRef, ...] | list[MaskRef]) -> list[str]:
-    out: list[str] = []
-    for k_mask, m in enumerate(mask_refs):
-        out.append(f"mask{k_mask}_data = {m.data_path}")
-        if m.file is not None:
-            out.append(f"mask{k_mask}_file = {m.file}")
-        out.append(f"mask{k_mask}_goodbits = {m.good_bits:#x}")
-        out.append(f"mask{k_mask}_badbits = {m.bad_bits:#x}")
-    return out
 
 
 def _panel_lines(p: Panel, fixed_dims: list[int], clen_m: float) -> tuple[list[str], list[str]]:
@@ -1286,15 +1252,19 @@ def format_geom(
     if data_path is not None:
         out.append(f"data = {data_path}")
     lead = max((len(p.data_index) for p in detector.panels), default=0)
-    dims: list[str] = ["ss", "fs"]
-    dims = ["?"] * lead + dims
+    dims = ["?"] * lead + ["ss", "fs"]
     if frame_dim is not None:
         dims.insert(frame_dim, "%")
     for i, d in enumerate(dims):
         if d != "?":
             out.append(f"dim{i} = {d}")
     fixed_dims = [i for i, d in enumerate(dims) if d == "?"]
-    out += _mask_ref_lines(mask_refs)
+    for k_mask, m in enumerate(mask_refs):
+        out.append(f"mask{k_mask}_data = {m.data_path}")
+        if m.file is not None:
+            out.append(f"mask{k_mask}_file = {m.file}")
+        out.append(f"mask{k_mask}_goodbits = {m.good_bits:#x}")
+        out.append(f"mask{k_mask}_badbits = {m.bad_bits:#x}")
     out.append("")
     for g, members in detector.rigid_groups.items():
         out.append(f"rigid_group_{g} = {','.join(members)}")

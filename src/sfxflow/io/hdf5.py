@@ -86,8 +86,6 @@ class _H5Handle:
                 self.fobj = storage.open_url(url, "rb", storage_options, block_size=block,
                                              whole_object_max_bytes=0)
                 self.file = h5py.File(self.fobj, "r")
-        except SourceError:
-            raise
         except FileNotFoundError as exc:
             raise SourceError(url, "no such file") from exc
         except OSError as exc:
@@ -129,13 +127,13 @@ def _nx_class(obj: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _nx_groups(group: h5py.Group, nx_class: str) -> list[h5py.Group]:
+    """The subgroups of ``group`` whose ``NX_class`` is ``nx_class``."""
+    return [g for g in group.values() if isinstance(g, h5py.Group) and _nx_class(g) == nx_class]
+
+
 def _find_nxmx_entry(f: h5py.File) -> h5py.Group | None:
-    for _, obj in f.items():
-        if isinstance(obj, h5py.Group) and _nx_class(obj) == "NXentry":
-            for _, sub in obj.items():
-                if isinstance(sub, h5py.Group) and _nx_class(sub) == "NXinstrument":
-                    return obj
-    return None
+    return next((e for e in _nx_groups(f, "NXentry") if _nx_groups(e, "NXinstrument")), None)
 
 
 def open_hdf5_source(
@@ -349,7 +347,7 @@ class CxiSource(ImageSource):
             raise GeometryError(f"{self.url}: geometry {self.geometry.source} gives no photon "
                                 "energy or wavelength (expected photon_energy = ... )")
         if self._static_masks:
-            det = _apply_masks(det, [(r, m) for r, m in self._static_masks])
+            det = _apply_masks(det, self._static_masks)
         if len(self._cache) >= _MAX_CACHED_GEOMETRIES:
             self._cache.clear()
         self._cache[key] = (det, beam)
@@ -535,9 +533,7 @@ class NxmxSource(ImageSource):
         return obj if isinstance(obj, h5py.Dataset) else None
 
     def _find_data(self, entry: h5py.Group) -> list[h5py.Dataset]:
-        groups = [g for _, g in entry.items()
-                  if isinstance(g, h5py.Group) and _nx_class(g) == "NXdata"]
-        for g in groups:
+        for g in _nx_groups(entry, "NXdata"):
             names = sorted(n for n in g if n == "data" or n.startswith("data_"))
             out = []
             for n in names:
@@ -590,10 +586,8 @@ class NxmxSource(ImageSource):
 
     def _build_detector(self, entry: h5py.Group) -> Detector:
         panels: list[Panel] = []
-        for inst in (g for g in entry.values()
-                     if isinstance(g, h5py.Group) and _nx_class(g) == "NXinstrument"):
-            for det in (g for g in inst.values()
-                        if isinstance(g, h5py.Group) and _nx_class(g) == "NXdetector"):
+        for inst in _nx_groups(entry, "NXinstrument"):
+            for det in _nx_groups(inst, "NXdetector"):
                 mask = det.get("pixel_mask")
                 mask_arr = mask[()] if isinstance(mask, h5py.Dataset) else None
                 sat = det.get("saturation_value")
@@ -652,8 +646,8 @@ class NxmxSource(ImageSource):
             except IndexError as exc:
                 raise GeometryError(f"{self.url}: pixel_mask shape {mask_arr.shape} does not "
                                     f"cover module {where}") from exc
-            if pmask.shape != (n_ss, n_fs) or pmask.all():
-                pmask = None if pmask.all() else pmask
+            if pmask.all():
+                pmask = None
         return Panel(
             name=f"{posixpath.basename(det_name)}/{name}",
             origin_mm=tuple(origin.tolist()),

@@ -28,13 +28,12 @@ import h5py
 import numpy as np
 
 from sfxflow.errors import ConfigError, SourceError
-from sfxflow.io.facility import require
+from sfxflow.io.facility import PIXEL_KEYS, require
 from sfxflow.io.hdf5 import DEFAULT_DATA_PATHS
 
 __all__ = ["BridgeReceiver", "SpooledFrames", "TrainFrames", "spooled_trains",
            "train_frames", "write_spool"]
 
-_PIXEL_KEYS = ("data.adc", "image.data", "data.image.pixels")
 _MODULE_NUMBER = re.compile(r"(\d+)(?:CH\d+)?(?::[A-Za-z]+)?$")
 _SPOOL_NAME = re.compile(r"^stream-(\d{10,})-(\d{10,})\.cxi$")
 TRAIN_ID_PATH = "/entry_1/train_id"
@@ -70,23 +69,21 @@ def train_frames(data: Mapping[str, Any], meta: Mapping[str, Any]) -> TrainFrame
     modules = []
     for source in sorted(data, key=_module_number):
         content = data[source]
-        key = next((k for k in _PIXEL_KEYS if k in content), None)
+        key = next((k for k in PIXEL_KEYS if k in content), None)
         if key is not None:
             modules.append(np.asarray(content[key], dtype=np.float32))
     if not modules:
         raise SourceError("karabo bridge", f"a train without detector pixels (expected one of "
-                                           f"{', '.join(_PIXEL_KEYS)} in {sorted(data)})")
+                                           f"{', '.join(PIXEL_KEYS)} in {sorted(data)})")
     shapes = {m.shape for m in modules}
     if len(shapes) != 1:
         raise SourceError("karabo bridge", f"modules of different shapes {sorted(shapes)}")
     stacked = np.stack(modules, axis=1)  # (cells, modules, ss, fs)
     if stacked.ndim == 3:  # one cell per train, sent without its axis
         stacked = stacked[None]
-    tid = None
-    for source_meta in list(meta.values()) + [c.get("metadata", {}) for c in data.values()]:
-        if isinstance(source_meta, Mapping) and "timestamp.tid" in source_meta:
-            tid = int(source_meta["timestamp.tid"])
-            break
+    metas = list(meta.values()) + [c.get("metadata", {}) for c in data.values()]
+    tid = next((int(m["timestamp.tid"]) for m in metas
+                if isinstance(m, Mapping) and "timestamp.tid" in m), None)
     if tid is None:
         raise SourceError("karabo bridge", "a train without a train id (timestamp.tid)")
     return TrainFrames(tid, stacked)
@@ -198,9 +195,5 @@ def spooled_trains(folder: Path) -> list[tuple[int, int]]:
     """``(first, last)`` train ids of the spool files already in ``folder``."""
     if not folder.is_dir():
         return []
-    out = []
-    for p in folder.iterdir():
-        m = _SPOOL_NAME.match(p.name)
-        if m:
-            out.append((int(m.group(1)), int(m.group(2))))
-    return sorted(out)
+    return sorted((int(m.group(1)), int(m.group(2))) for p in folder.iterdir()
+                  if (m := _SPOOL_NAME.match(p.name)))

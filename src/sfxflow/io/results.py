@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sfxflow.errors import InputError, RunDirError, SfxflowError, StorageUnavailable
+from sfxflow.io import storage
 from sfxflow.models import (
     A_MATRIX_COLUMNS,
     REFLECTION_COLUMNS,
@@ -103,12 +104,12 @@ FRAME_COLUMNS: tuple[str, ...] = tuple(FRAME_SCHEMA.names)
 #: Columns that depend on timing, not on the data: left out when comparing two runs' results.
 TIMING_COLUMNS: tuple[str, ...] = tuple(c for c in FRAME_COLUMNS if c.startswith("t_"))
 
-_SPOT_ARROW = {"int32": pa.int32(), "float64": pa.float64()}
+_ARROW = {"int32": pa.int32(), "float64": pa.float64()}
 SPOT_SCHEMA = pa.schema(
     [
         ("source_url", pa.string()),
         ("frame_index", pa.int64()),
-        *[(k, _SPOT_ARROW[v]) for k, v in SPOT_COLUMNS.items()],
+        *[(k, _ARROW[v]) for k, v in SPOT_COLUMNS.items()],
         ("indexed", pa.bool_()),
         ("h", pa.int32()),
         ("k", pa.int32()),
@@ -138,7 +139,6 @@ CRYSTAL_SCHEMA = pa.schema(
     ]
 )
 
-_ARROW = {"int32": pa.int32(), "float64": pa.float64()}
 REFLECTION_SCHEMA = pa.schema(
     [
         ("source_url", pa.string()),
@@ -177,10 +177,7 @@ def frame_row(result: ImageResult, block_id: str = "") -> dict[str, Any]:
     }
     crystal = result.crystal
     if crystal is not None:
-        cell = crystal.cell
-        for name, v in zip(CELL_COLUMNS, (cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma),
-                           strict=True):
-            row[name] = float(v)
+        row.update(zip(CELL_COLUMNS, crystal.cell.parameters, strict=True))
         row.update(a_matrix_columns(crystal.a_matrix))
     else:
         row.update(dict.fromkeys(CELL_COLUMNS, math.nan))
@@ -197,10 +194,6 @@ def frame_row(result: ImageResult, block_id: str = "") -> dict[str, Any]:
     return row
 
 
-def _a_row(a_matrix: Any) -> dict[str, float]:
-    return a_matrix_columns(a_matrix)
-
-
 def crystals_table(results: Iterable[ImageResult], block_id: str = "",
                    wavelengths_a: Mapping[int, float] | None = None) -> pa.Table:
     """Arrow table with :data:`CRYSTAL_SCHEMA`: one row per crystal of every result
@@ -213,7 +206,7 @@ def crystals_table(results: Iterable[ImageResult], block_id: str = "",
                 "source_url": r.source_url, "frame_index": int(r.frame_index),
                 "event_id": r.event_id, "block_id": block_id, "crystal": i,
                 **dict(zip(CELL_COLUMNS, cell.parameters, strict=True)),
-                **_a_row(c.crystal.a_matrix),
+                **a_matrix_columns(c.crystal.a_matrix),
                 "wavelength_a": float((wavelengths_a or {}).get(r.frame_index, math.nan)),
                 "n_indexed": int(c.n_indexed), "rmsd_px": float(c.rmsd_px),
                 "profile_radius_inv_a": float(c.profile_radius_inv_a),
@@ -240,12 +233,14 @@ def reflections_table(results: Iterable[ImageResult]) -> pa.Table:
             parts["crystal"].append(np.full(n, i, dtype=np.int32))
             for k in REFLECTION_COLUMNS:
                 parts[k].append(refl[k])
-    arrays = []
-    for fld in REFLECTION_SCHEMA:
-        chunks = parts[fld.name]
-        arrays.append(pa.array(np.concatenate(chunks), type=fld.type) if chunks
-                      else pa.array([], type=fld.type))
-    return pa.Table.from_arrays(arrays, schema=REFLECTION_SCHEMA)
+    return _concatenated(parts, REFLECTION_SCHEMA)
+
+
+def _concatenated(parts: Mapping[str, list[np.ndarray]], schema: pa.Schema) -> pa.Table:
+    """The table of ``schema`` whose columns are the concatenated ``parts`` (empty where none)."""
+    arrays = [pa.array(np.concatenate(parts[f.name]), type=f.type) if parts[f.name]
+              else pa.array([], type=f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def frames_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -271,14 +266,7 @@ def spots_table(results: Iterable[ImageResult]) -> pa.Table:
         parts["indexed"].append(np.any(hkl != 0, axis=1))
         for j, name in enumerate("hkl"):
             parts[name].append(hkl[:, j])
-    arrays = []
-    for field in SPOT_SCHEMA:
-        chunks = parts[field.name]
-        if chunks:
-            arrays.append(pa.array(np.concatenate(chunks), type=field.type))
-        else:
-            arrays.append(pa.array([], type=field.type))
-    return pa.Table.from_arrays(arrays, schema=SPOT_SCHEMA)
+    return _concatenated(parts, SPOT_SCHEMA)
 
 
 def parquet_bytes(table: pa.Table, metadata: Mapping[str, str] | None = None) -> bytes:
@@ -348,23 +336,21 @@ class RunDir:
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        from sfxflow.io.storage import filesystem, is_local, local_path, shown_url
-
         if "://" in str(url) and not str(url).split("://", 1)[1].strip("/"):
             # "s3://" would otherwise become the local folder "s3:"
-            raise InputError(f"run directory {shown_url(str(url))!r}: no bucket or path after "
-                             "'://'; expected e.g. s3://bucket/prefix or a local folder")
+            raise InputError(f"run directory {storage.shown_url(str(url))!r}: no bucket or path "
+                             "after '://'; expected e.g. s3://bucket/prefix or a local folder")
         self.url = str(url).rstrip("/") or str(url)
         self.storage_options = dict(storage_options or {})
-        self.is_local = is_local(self.url)
+        self.is_local = storage.is_local(self.url)
         try:
             # other processes (workers) write here: listings are never served from a cache
-            self.fs = filesystem(self.url, self.storage_options, cache_listings=False)
+            self.fs = storage.filesystem(self.url, self.storage_options, cache_listings=False)
         except InputError as exc:
-            raise InputError(f"{shown_url(self.url)}: cannot use this run directory: {exc}"
+            raise InputError(f"{storage.shown_url(self.url)}: cannot use this run directory: {exc}"
                              ) from None
         if self.is_local:
-            self.root = str(local_path(self.url).absolute())
+            self.root = str(storage.local_path(self.url).absolute())
         else:
             self.root = self.url.split("://", 1)[1]
 
@@ -392,11 +378,9 @@ class RunDir:
                                  f"({exc.strerror or exc}); expected a folder path") from None
 
     def exists(self, rel: str) -> bool:
-        from sfxflow.io.storage import call_fs
-
         def lookup() -> bool:
             try:
-                call_fs(self.fs, "info", self.path(rel))
+                storage.call_fs(self.fs, "info", self.path(rel))
             except FileNotFoundError:
                 return False
             return True
@@ -404,10 +388,8 @@ class RunDir:
         return bool(self._storage_call(rel, "lookup", lookup))
 
     def read_bytes(self, rel: str) -> bytes:
-        from sfxflow.io.storage import call_fs
-
-        return bytes(self._storage_call(rel, "read",
-                                        lambda: call_fs(self.fs, "cat_file", self.path(rel))))
+        return bytes(self._storage_call(
+            rel, "read", lambda: storage.call_fs(self.fs, "cat_file", self.path(rel))))
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -420,32 +402,28 @@ class RunDir:
         RunDirError
             The store refused the write (a full disk, an endpoint dead beyond the retries).
         """
-        from sfxflow.io.storage import call_fs
-
         if self.is_local:
             self._storage_call(rel, "write", lambda: self._write_local(rel, data))
         else:
             self._storage_call(rel, "write",
-                               lambda: call_fs(self.fs, "pipe_file", self.path(rel), data))
+                               lambda: storage.call_fs(self.fs, "pipe_file", self.path(rel), data))
 
     def _storage_call(self, rel: str, action: str, call: Callable[[], T]) -> T:
         """``call()``, with transient errors retried and storage failures as one clear
         :class:`RunDirError` (a missing file stays :class:`FileNotFoundError`)."""
-        from sfxflow.io.storage import is_transient, redact_urls, retrying, shown_url
-
         try:
-            return call() if self.is_local else retrying(call, self.url_of(rel), action)
+            return call() if self.is_local else storage.retrying(call, self.url_of(rel), action)
         except FileNotFoundError:
             raise
         except Exception as exc:
             if isinstance(exc, SfxflowError) and not isinstance(exc, StorageUnavailable):
                 raise
-            if not (isinstance(exc, OSError) or is_transient(exc)):
+            if not (isinstance(exc, OSError) or storage.is_transient(exc)):
                 raise
             text = (getattr(exc, "strerror", None) or str(exc).splitlines()[0] if str(exc)
                     else type(exc).__name__)
-            raise RunDirError(shown_url(self.url), f"{action} of {rel} failed "
-                              f"({type(exc).__name__}: {redact_urls(str(text))})",
+            raise RunDirError(storage.shown_url(self.url), f"{action} of {rel} failed "
+                              f"({type(exc).__name__}: {storage.redact_urls(str(text))})",
                               "write to" if action == "write" else "read") from None
 
     def _write_local(self, rel: str, data: bytes) -> None:
@@ -480,20 +458,16 @@ class RunDir:
         return shards.checksums()
 
     def remove(self, rel: str) -> None:
-        from sfxflow.io.storage import call_fs
-
         try:
-            call_fs(self.fs, "rm", self.path(rel))
+            storage.call_fs(self.fs, "rm", self.path(rel))
         except FileNotFoundError:
             pass
 
     def list(self, rel: str = "shards") -> list[str]:
         """Names (not paths) of the files directly under ``rel``; empty if it does not exist."""
-        from sfxflow.io.storage import call_fs
-
         try:
-            entries = self._storage_call(rel, "list",
-                                         lambda: call_fs(self.fs, "ls", self.path(rel), detail=False))
+            entries = self._storage_call(
+                rel, "list", lambda: storage.call_fs(self.fs, "ls", self.path(rel), detail=False))
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
@@ -557,18 +531,12 @@ class RunDir:
         try:
             return self.read_bytes(rel)
         except FileNotFoundError:
-            from sfxflow.io.storage import shown_url
-
-            raise RunDirError(shown_url(self.url), f"{rel} is missing although its block is recorded as "
+            raise RunDirError(storage.shown_url(self.url), f"{rel} is missing although its block is recorded as "
                               "done (deleted since?)", "read") from None
 
     def read_frames_shards(self, block_ids: Iterable[str]) -> pa.Table:
         """Concatenate the frames shards of ``block_ids`` (schema :data:`FRAME_SCHEMA`)."""
-        tables = [read_parquet_bytes(self._read_shard(shard_names(b)["frames"])) for b in block_ids]
-        tables = [t.replace_schema_metadata(None).select(FRAME_COLUMNS) for t in tables]
-        if not tables:
-            return FRAME_SCHEMA.empty_table()
-        return pa.concat_tables(tables).cast(FRAME_SCHEMA)
+        return self._read_tables(block_ids, "frames", FRAME_SCHEMA)
 
     def _read_tables(self, block_ids: Iterable[str], kind: str, schema: pa.Schema) -> pa.Table:
         tables = []
@@ -587,10 +555,8 @@ class RunDir:
 
     def mtime(self, rel: str) -> float | None:
         """Modification time (POSIX seconds) of ``rel`` where the store reports one."""
-        from sfxflow.io.storage import call_fs
-
         try:
-            info = call_fs(self.fs, "info", self.path(rel))
+            info = storage.call_fs(self.fs, "info", self.path(rel))
         except FileNotFoundError:
             return None
         for key in ("mtime", "LastModified", "last_modified", "created"):

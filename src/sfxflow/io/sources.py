@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sfxflow.errors import ConfigError, GeometryError, InputError, SourceError
 from sfxflow.io import storage
-from sfxflow.io.cbf import CbfSource
+from sfxflow.io.cbf import CbfSource, is_cbf
 from sfxflow.io.euxfel import is_euxfel_run
 from sfxflow.io.hdf5 import open_hdf5_source
 from sfxflow.io.source_base import ImageSource
@@ -34,6 +34,7 @@ __all__ = [
     "FileInfo",
     "ImageSource",
     "discover",
+    "file_tag",
     "open_source",
     "plan_blocks",
     "read_block",
@@ -53,10 +54,7 @@ _LCLS_RUN = re.compile(r"^exp=(?P<exp>[A-Za-z0-9_]+):run=(?P<run>\d+)(?::dir=(?P
 
 def _extension(url: str) -> str:
     name = url.rsplit("/", 1)[-1].lower()
-    for ext in IMAGE_EXTENSIONS:
-        if name.endswith(ext):
-            return ext
-    return ""
+    return next((ext for ext in IMAGE_EXTENSIONS if name.endswith(ext)), "")
 
 
 def source_kind(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -80,7 +78,7 @@ def source_kind(url: str, storage_options: Mapping[str, Any] | None = None) -> s
     head = storage.read_bytes(url, storage_options, start=0, end=64)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "hdf5"
-    if head.lstrip()[:6] == b"###CBF":
+    if is_cbf(head):
         return "cbf"
     raise SourceError(url, "unknown image format (expected CBF, HDF5 or XTC2 by extension or "
                            "content, or a European XFEL run folder)")
@@ -159,8 +157,6 @@ def _expand(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
                                    "EXP-rNNNN-sNNN-cNNN.xtc2 in the run's dir)")
         return found
     if storage.is_local(url):
-        from pathlib import Path
-
         path = storage.local_path(url)
         if is_euxfel_run(path):
             return [str(path)]
@@ -174,7 +170,7 @@ def _expand(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
             )
         if not path.exists():
             raise SourceError(url, "no such file or folder")
-        return [str(Path(path))]
+        return [str(path)]
     fs = storage.filesystem(url, storage_options)
     proto = url.split("://", 1)[0]
     # s3://b/k -> b/k, but an http(s) request needs its whole URL
@@ -264,13 +260,8 @@ def discover(
     with ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
         described = dict(zip(todo, pool.map(
             lambda u: _describe(u, geometry, storage_options), todo), strict=True))
-    out: list[FileInfo] = []
-    for slot in slots:
-        if isinstance(slot, FileInfo):
-            out.append(slot)
-            continue
-        out.append(_select(described[slot], events[slot]))
-    return out
+    return [slot if isinstance(slot, FileInfo) else _select(described[slot], events[slot])
+            for slot in slots]
 
 
 def _select(info: FileInfo, events: list[int] | None) -> FileInfo:
@@ -338,12 +329,21 @@ class Block:
     @property
     def block_id(self) -> str:
         """Deterministic, filesystem-safe name: file stem, URL hash, frame range."""
-        # from the URL as shown: a password inside it must not leak through the hash
-        url = storage.shown_url(self.url)
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip(".") or "file"
-        digest = hashlib.sha1(url.encode()).hexdigest()[:10]
-        return f"{stem}-{digest}-{self.start:06d}-{self.stop:06d}"
+        return f"{file_tag(self.url)}-{self.start:06d}-{self.stop:06d}"
+
+
+def file_tag(url: str) -> str:
+    """Filesystem-safe name of a file: its stem and a hash of its URL (the start of its block
+    ids).
+
+    >>> file_tag("s3://me:secret@host/run_0001.cxi") == file_tag("s3://***@host/run_0001.cxi")
+    True
+    """
+    # from the URL as shown: a password inside it must not leak through the hash
+    shown = storage.shown_url(url)
+    name = shown.rstrip("/").rsplit("/", 1)[-1]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip(".") or "file"
+    return f"{stem}-{hashlib.sha1(shown.encode()).hexdigest()[:10]}"
 
 
 def plan_blocks(files: Sequence[FileInfo], frames_per_block: int) -> list[Block]:

@@ -544,14 +544,10 @@ def redact_urls(text: str) -> str:
     return redact_userinfo(text)
 
 
-def _strip(url: str, fs: Any = None) -> str:
+def _strip(url: str, fs: Any) -> str:
     """The path of ``url`` as ``fs`` names it: without the scheme for s3 or memory, the whole URL
     for http(s) (whose requests need it, userinfo included)."""
-    if fs is not None:
-        return str(fs._strip_protocol(url))
-    if "://" not in url:
-        return url
-    return url.split("://", 1)[1]
+    return str(fs._strip_protocol(url))
 
 
 def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> SourceError:
@@ -580,12 +576,7 @@ def _wrap_storage_error(url: str, exc: BaseException, action: str = "read") -> S
 
 def object_size(url: str, storage_options: Mapping[str, Any] | None = None) -> int:
     """Size in bytes of a file or object; :class:`SourceError` when it cannot be listed."""
-    if is_local(url):
-        try:
-            return local_path(url).stat().st_size
-        except OSError as exc:
-            raise _wrap_storage_error(url, exc) from exc
-    return int(_remote_info(url, storage_options).get("size") or 0)
+    return object_stamp(url, storage_options)[0]
 
 
 def _remote_info(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -646,17 +637,6 @@ def read_bytes(
         raise _wrap_storage_error(url, exc) from exc
     _count(len(data), 1, 1)
     return data
-
-
-def _counting(fetcher: Callable[[int, int], bytes], url: str) -> Callable[[int, int], bytes]:
-    def fetch(start: int, end: int) -> bytes:
-        # a ranged read inside h5py: an outage is retried here, below the decoder, so that the
-        # HDF5 library never sees a half-failed read it cannot resume
-        data = retrying(lambda: fetcher(start, end), url)
-        _count(len(data))
-        return data
-
-    return fetch
 
 
 class _CountingLocalFile(io.FileIO):
@@ -745,10 +725,15 @@ def open_url(
         return fh  # type: ignore[no-any-return]
 
     def fetch(start: int, end: int) -> bytes:
-        # every ranged read (h5py asks for them) is one operation with its own deadline
-        return bytes(call_fs(fs, "cat_file", path_in_fs, start=start, end=min(end, size)))
+        # every ranged read (h5py asks for them) is one operation with its own deadline; an
+        # outage is retried here, below the decoder, so that the HDF5 library never sees a
+        # half-failed read it cannot resume
+        data = retrying(lambda: bytes(call_fs(fs, "cat_file", path_in_fs, start=start,
+                                              end=min(end, size))), url)
+        _count(len(data))
+        return data
 
-    cache.fetcher = _counting(fetch, url)
+    cache.fetcher = fetch
     log.debug("opened %s (%d bytes) with %d-byte ranged reads", shown_url(url), size, block_size)
     return fh
 

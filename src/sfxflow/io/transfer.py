@@ -47,7 +47,6 @@ import logging
 import os
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,64 +150,13 @@ def _part_size_for(size: int, part_size: int) -> int:
     return int(ChunksizeAdjuster().adjust_chunksize(part_size, size))
 
 
-@dataclass
-class _Hashes:
-    """Result of one sequential pass over a file (see :func:`_hash_pass`)."""
-
-    size: int
-    sha256: str
-    part_md5: list[bytes]
-    part_crc32: list[int]
-
-
-def _hash_pass(path: str | os.PathLike[str], part_size: int, *, md5: bool, crc32: bool,
-               progress: Callable[[int], None] | None = None) -> _Hashes:
-    """Read a file once, to its end: SHA-256 of all of it, optionally MD5 and CRC-32 per part.
-
-    One reusable buffer, no copies; hashlib and zlib release the GIL on large buffers, so
-    passes over several files run in parallel.
-    """
-    sha = hashlib.sha256()
-    md5s: list[bytes] = []
-    crcs: list[int] = []
-    buf = bytearray(min(_READ_CHUNK, part_size))
-    view = memoryview(buf)
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            part_md5 = hashlib.md5() if md5 else None
-            crc = 0
-            left = part_size
-            got = 0
-            while left > 0:
-                n = fh.readinto(view[:min(len(buf), left)])
-                if not n:
-                    break
-                chunk = view[:n]
-                sha.update(chunk)
-                if part_md5 is not None:
-                    part_md5.update(chunk)
-                if crc32:
-                    crc = zlib.crc32(chunk, crc)
-                got += n
-                left -= n
-                if progress is not None:
-                    progress(n)
-            if got == 0 and (md5s or crcs):
-                break
-            if part_md5 is not None:
-                md5s.append(part_md5.digest())
-            if crc32:
-                crcs.append(crc)
-            size += got
-            if got < part_size:
-                break
-    return _Hashes(size, sha.hexdigest(), md5s, crcs)
-
-
 def file_digest(path: str | os.PathLike[str], part_size: int,
-                progress: Callable[[int], None] | None = None) -> Digest:
-    """Read a local file once: SHA-256 of all of it and MD5 of each part.
+                progress: Callable[[int], None] | None = None, *, md5: bool = True) -> Digest:
+    """Read a local file once, to its end: SHA-256 of all of it and (unless ``md5`` is false:
+    ``part_md5`` is then empty) the MD5 of each part.
+
+    One reusable buffer, no copies; hashlib releases the GIL on large buffers, so passes over
+    several files run in parallel.
 
     >>> import tempfile
     >>> with tempfile.NamedTemporaryFile() as f:
@@ -217,8 +165,34 @@ def file_digest(path: str | os.PathLike[str], part_size: int,
     >>> d.sha256[:12], d.etag()
     ('ba7816bf8f01', '900150983cd24fb0d6963f7d28e17f72')
     """
-    h = _hash_pass(path, part_size, md5=True, crc32=False, progress=progress)
-    return Digest(size=h.size, sha256=h.sha256, part_size=part_size, part_md5=tuple(h.part_md5))
+    sha = hashlib.sha256()
+    md5s: list[bytes] = []
+    buf = bytearray(min(_READ_CHUNK, part_size))
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            part_md5 = hashlib.md5() if md5 else None
+            got = 0
+            while got < part_size:
+                n = fh.readinto(view[:min(len(buf), part_size - got)])
+                if not n:
+                    break
+                chunk = view[:n]
+                sha.update(chunk)
+                if part_md5 is not None:
+                    part_md5.update(chunk)
+                got += n
+                if progress is not None:
+                    progress(n)
+            if got == 0 and md5s:
+                break
+            if part_md5 is not None:
+                md5s.append(part_md5.digest())
+            size += got
+            if got < part_size:
+                break
+    return Digest(size, sha.hexdigest(), part_size, tuple(md5s))
 
 
 def _strip_etag(etag: str | None) -> str:
@@ -228,6 +202,11 @@ def _strip_etag(etag: str | None) -> str:
 def _is_md5_etag(etag: str) -> bool:
     head = etag.split("-", 1)[0]
     return len(head) == 32 and all(c in "0123456789abcdef" for c in head)
+
+
+def _metadata(head: Mapping[str, Any]) -> dict[str, str]:
+    """The user metadata of a HEAD answer, keys lower-cased (servers differ in case)."""
+    return {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
 
 
 def _b64(digest: bytes) -> str:
@@ -482,19 +461,14 @@ def _changed(path: Path, detail: str) -> SourceError:
 
 
 class _Progress:
-    """s3transfer subscriber passing byte counts on to ``transfer``'s ``progress``."""
+    """s3transfer subscriber passing byte counts on to ``transfer``'s ``progress`` (s3transfer
+    calls only the ``on_*`` methods a subscriber has)."""
 
     def __init__(self, report: Callable[[int], None]) -> None:
         self.report = report
 
-    def on_queued(self, future: Any, **kwargs: Any) -> None:
-        pass
-
     def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
         self.report(bytes_transferred)
-
-    def on_done(self, future: Any, **kwargs: Any) -> None:
-        pass
 
 
 class _Transfer:
@@ -541,15 +515,14 @@ class _Transfer:
     def _extra_for(self, op: str) -> dict[str, Any]:
         """The extra request arguments of the storage options (``s3_additional_kwargs``,
         requester pays) that operation ``op`` accepts."""
+        if not self._extra:
+            return {}
         if op not in self._extra_by_op:
-            if self._extra:
-                model = self.client.meta.service_model
-                name = model.operation_names[[n.lower() for n in model.operation_names]
-                                             .index(op.replace("_", ""))]
-                members = model.operation_model(name).input_shape.members
-                self._extra_by_op[op] = {k: v for k, v in self._extra.items() if k in members}
-            else:
-                self._extra_by_op[op] = {}
+            model = self.client.meta.service_model
+            name = model.operation_names[[n.lower() for n in model.operation_names]
+                                         .index(op.replace("_", ""))]
+            members = model.operation_model(name).input_shape.members
+            self._extra_by_op[op] = {k: v for k, v in self._extra.items() if k in members}
         return self._extra_by_op[op]
 
     @staticmethod
@@ -589,7 +562,7 @@ class _Transfer:
     def _remote_matches(self, head: Mapping[str, Any] | None, digest: Digest) -> bool:
         if head is None:
             return False
-        meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+        meta = _metadata(head)
         return (int(head.get("ContentLength", -1)) == digest.size
                 and meta.get(META_SHA256) == digest.sha256
                 and meta.get(META_PART_SIZE) == str(digest.part_size)
@@ -629,9 +602,8 @@ class _Transfer:
         part_size = _part_size_for(st.st_size, self.part_size)
         head = self.head(bucket, key)
         with self.hashing:
-            h = _hash_pass(path, part_size, md5=True, crc32=False)
-        digest = Digest(h.size, h.sha256, part_size, tuple(h.part_md5))
-        if _stat_key(os.stat(path)) != _stat_key(st) or h.size != st.st_size:
+            digest = file_digest(path, part_size)
+        if _stat_key(os.stat(path)) != _stat_key(st) or digest.size != st.st_size:
             raise _changed(path, "size/mtime/inode differ after hashing")
         if self._remote_matches(head, digest):
             log.debug("s3://%s/%s: present and verified, skipped", bucket, key)
@@ -674,7 +646,7 @@ class _Transfer:
         except OSError as exc:  # the reason for deleting matters more
             log.warning("s3://%s/%s: could not delete the bad object: %s", bucket, key, exc)
 
-    def _reread_sha256(self, bucket: str, key: str) -> str:
+    def _reread_problem(self, bucket: str, key: str, digest: Digest) -> str:
         sha = hashlib.sha256()
         body = self.s3("get_object", Bucket=bucket, Key=key)["Body"]
         try:
@@ -682,19 +654,15 @@ class _Transfer:
                 sha.update(chunk)
         finally:
             body.close()
-        return sha.hexdigest()
-
-    def _reread_problem(self, bucket: str, key: str, digest: Digest) -> str:
-        sha = self._reread_sha256(bucket, key)
-        if sha != digest.sha256:
-            return f"object read back has SHA-256 {sha}, file has {digest.sha256}"
+        if sha.hexdigest() != digest.sha256:
+            return f"object read back has SHA-256 {sha.hexdigest()}, file has {digest.sha256}"
         return ""
 
     # -- download ---------------------------------------------------------------------------
 
     def _etag_part_size(self, bucket: str, key: str, head: Mapping[str, Any]) -> int | None:
         """Part size of the object's ETag layout; None when the ETag is not MD5-based."""
-        meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+        meta = _metadata(head)
         etag = _strip_etag(head.get("ETag"))
         size = int(head["ContentLength"])
         if not _is_md5_etag(etag):
@@ -718,7 +686,7 @@ class _Transfer:
         if path.stat().st_size != size:
             return f"size {path.stat().st_size} != {size}"
         if sha256:
-            got = _hash_pass(path, max(size, 1), md5=False, crc32=False).sha256
+            got = file_digest(path, max(size, 1), md5=False).sha256
             return None if got == sha256 else f"SHA-256 {got} != expected {sha256}"
         if part_size:
             digest = file_digest(path, part_size)
@@ -745,8 +713,7 @@ class _Transfer:
             raise SourceError(src_url, "no such object")
         size = int(head["ContentLength"])
         etag = _strip_etag(head.get("ETag"))
-        meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-        meta_sha = meta.get(META_SHA256)
+        meta_sha = _metadata(head).get(META_SHA256)
         if manifest_sha and meta_sha and manifest_sha != meta_sha:
             raise IntegrityError(f"{src_url}: metadata SHA-256 {meta_sha} differs from the "
                                  f"transfer manifest's {manifest_sha}")

@@ -158,7 +158,6 @@ class Xtc2Source(ImageSource):
         return self._builder.from_modules(modules, i, f"//{i}", values)
 
 
-
 def write_xtc2(path: str, modules: Any, photon_energy_ev: Any, *,
                detector: str = "jungfrau", experiment: str = "sfxsim01", run: int = 1) -> None:
     """Write events as an LCLS-II XTC2 file with psana's own writer (``DgramEdit``).

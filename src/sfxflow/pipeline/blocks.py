@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sfxflow.errors import failure_reason, raise_interrupt_behind
+from sfxflow.io import storage
 from sfxflow.io.results import (
     RunDir,
     ShardBytes,
@@ -143,10 +144,8 @@ _bytes_reported = 0
 def _bytes_read_since_last_report() -> int:
     """Process-wide bytes fetched from storage since the previous call (exact in total)."""
     global _bytes_reported
-    from sfxflow.io.storage import read_stats
-
     with _bytes_lock:
-        now = read_stats().bytes_read
+        now = storage.read_stats().bytes_read
         delta = now - _bytes_reported
         _bytes_reported = now
     return max(delta, 0)
@@ -162,11 +161,9 @@ def read_frames_of(block: BlockRef, ctx: BlockContext) -> list[Frame]:
 
 def apply_storage_retry(config: Any) -> None:
     """Use the run's retry period for transient storage errors in this process."""
-    from sfxflow.io.storage import RetryPolicy, retry_policy, set_retry_policy
-
     total_s = float(getattr(getattr(config, "run", None), "storage_retry_s", 60.0))
-    if retry_policy().total_s != total_s:
-        set_retry_policy(RetryPolicy(total_s=total_s))
+    if storage.retry_policy().total_s != total_s:
+        storage.set_retry_policy(storage.RetryPolicy(total_s=total_s))
 
 
 def fetch_block(block: BlockRef, ctx: BlockContext) -> Fetched:
@@ -192,7 +189,9 @@ def _failed(url: str, index: int, stage: str, reason: str, event_id: str = "") -
 
 
 def _unread(block: BlockRef, first: int, exc: BaseException) -> list[ImageResult]:
-    """Frames ``first ..`` of a block that storage could not deliver (retries spent)."""
+    """Failure records (stage ``read``) of frames ``first ..`` of a block that could not be
+    read, ``exc`` saying why (storage that could not deliver them, retries spent; a file that
+    cannot be opened)."""
     reason = failure_reason(exc)
     return [_failed(block.url, i, "read", reason) for i in range(first, block.stop)]
 
@@ -205,14 +204,11 @@ def _salvage(block: BlockRef, ctx: BlockContext,
     (``''`` when none were): an unreachable store is not bad data, so frames after it are not
     tried one by one (each would wait out the retries again).
     """
-    from sfxflow.io.storage import is_transient
-
-    if is_transient(error):
+    if storage.is_transient(error):
         return list(_unread(block, block.start, error)), failure_reason(error)
     out: list[Frame | ImageResult] = []
     if ctx.read_fn is not None:  # an injected reader has no per-frame access
-        return [_failed(block.url, i, "read", failure_reason(error))
-                for i in range(block.start, block.stop)], ""
+        return list(_unread(block, block.start, error)), ""
     from sfxflow.io.sources import open_source
 
     try:
@@ -222,10 +218,9 @@ def _salvage(block: BlockRef, ctx: BlockContext,
         raise
     except Exception as exc:
         raise_interrupt_behind(exc)
-        if is_transient(exc):
+        if storage.is_transient(exc):
             return list(_unread(block, block.start, exc)), failure_reason(exc)
-        reason = failure_reason(exc)
-        return [_failed(block.url, i, "read", reason) for i in range(block.start, block.stop)], ""
+        return list(_unread(block, block.start, exc)), ""
     with source:
         for i in range(block.start, block.stop):
             try:
@@ -234,7 +229,7 @@ def _salvage(block: BlockRef, ctx: BlockContext,
                 raise
             except Exception as exc:
                 raise_interrupt_behind(exc)
-                if is_transient(exc):
+                if storage.is_transient(exc):
                     out.extend(_unread(block, i, exc))
                     return out, failure_reason(exc)
                 out.append(_failed(block.url, i, "read", failure_reason(exc)))
@@ -255,23 +250,17 @@ def _checked(items: list[Frame | ImageResult]) -> list[Frame | ImageResult]:
     return out
 
 
-def _file_failure_results(block: BlockRef, reason: str) -> list[ImageResult]:
-    return [_failed(block.url, -1, "open", reason)]
-
-
 def shards_for_results(block: BlockRef, results: list[ImageResult],
                        stream_chunk_fn: Callable[[ImageResult, Frame], str] | None = None,
                        frames_by_index: Mapping[int, Frame] | None = None,
                        block_failed: bool = False) -> ShardBytes:
     """Serialise a block's results into its shard files (stream chunks for the frames in
     ``frames_by_index``)."""
-    from sfxflow.io.storage import redact_urls, shown_url
-
     names = shard_names(block.block_id)
     # a password inside an input URL is needed to read it, never to describe it
-    results = sorted((_redacted(r, redact_urls) for r in results), key=lambda r: r.frame_index)
+    results = sorted((_redacted(r) for r in results), key=lambda r: r.frame_index)
     meta = {"sfxflow.block_id": block.block_id, "sfxflow.n_frames": str(len(results)),
-            "sfxflow.url": shown_url(block.url), "sfxflow.start": str(block.start),
+            "sfxflow.url": storage.shown_url(block.url), "sfxflow.start": str(block.start),
             "sfxflow.stop": str(block.stop)}
     if block_failed:
         meta["sfxflow.block_failed"] = "1"
@@ -294,8 +283,8 @@ def shards_for_results(block: BlockRef, results: list[ImageResult],
     return ShardBytes(block.block_id, files, len(results))
 
 
-def _redacted(result: ImageResult, redact_urls: Callable[[str], str]) -> ImageResult:
-    url, reason = redact_urls(result.source_url), redact_urls(result.reason)
+def _redacted(result: ImageResult) -> ImageResult:
+    url, reason = storage.redact_urls(result.source_url), storage.redact_urls(result.reason)
     if url == result.source_url and reason == result.reason:
         return result
     return dataclasses.replace(result, source_url=url, reason=reason)
@@ -337,7 +326,7 @@ def run_block(block: BlockRef, ctx: BlockContext, fetched: Fetched | None = None
     unread = ""
     t_compute0 = time.perf_counter()
     if block.start < 0:
-        results = _file_failure_results(block, file_error or "file could not be opened")
+        results = [_failed(block.url, -1, "open", file_error or "file could not be opened")]
     else:
         results, frames_by_index, n_pixels, unread = _process_frames(block, ctx, fetched,
                                                                      frame_fn)
@@ -387,7 +376,7 @@ def _process_frames(block: BlockRef, ctx: BlockContext, fetched: Fetched,
     if fetched.error is not None:
         logger.warning("block %s: reading failed (%s)%s", block.block_id,
                        failure_reason(fetched.error),
-                       "" if _is_transient(fetched.error) else "; reading frame by frame")
+                       "" if storage.is_transient(fetched.error) else "; reading frame by frame")
         items, unread = _salvage(block, ctx, fetched.error)
     else:
         items = list(fetched.frames or [])
@@ -409,9 +398,3 @@ def _process_frames(block: BlockRef, ctx: BlockContext, fetched: Fetched,
         results.append(_failed(block.url, i, "read", "frame not returned by the reader"))
     results = [r for r in results if block.start <= r.frame_index < block.stop]
     return results, frames_by_index, n_pixels, unread
-
-
-def _is_transient(exc: BaseException) -> bool:
-    from sfxflow.io.storage import is_transient
-
-    return is_transient(exc)

@@ -290,10 +290,7 @@ class ClusterConfig:
 
     def adapt_range(self) -> tuple[int, int] | None:
         """``adapt`` as ``(minimum, maximum)`` jobs, or ``None`` for a fixed number of jobs."""
-        if not self.adapt:
-            return None
-        low, high = _adapt(self.adapt)
-        return low, high
+        return _adapt(self.adapt) if self.adapt else None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class LiveResult:
     cycles: int = 0
     wall_s: float = 0.0
     last: Any = None  # the last cycle's RunResult
-    received_per_s: list[float] = field(default_factory=list)
 
 
 def _spooled(spool: Path) -> set[int]:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sfxflow.errors import InputError
+from sfxflow.io.storage import shown_url as _shown
 
 if TYPE_CHECKING:
     from sfxflow.pipeline.blocks import BlockReport
@@ -41,12 +42,6 @@ __all__ = ["BLOCK_STATES", "BlockEntry", "InputFile", "Manifest"]
 BLOCK_STATES = ("pending", "done", "failed", "unread")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2
-
-
-def _shown(url: str) -> str:
-    from sfxflow.io.storage import shown_url
-
-    return shown_url(url)
 
 
 @dataclass

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sfxflow.errors import ConfigError, InputError
-from sfxflow.io.results import RunDir, shard_names, sort_frames
+from sfxflow.io.results import RunDir, parquet_bytes, shard_names, sort_frames
 from sfxflow.pipeline import params as _params
 from sfxflow.pipeline.blocks import BlockContext, BlockRef, BlockReport, apply_storage_retry
 from sfxflow.pipeline.cluster import ClusterInfo, cluster_threads, open_cluster
@@ -54,7 +53,7 @@ if TYPE_CHECKING:  # imported where the blocks run: it imports distributed (0.7 
     # user error found before (preflight imports this module) need not wait for
     from sfxflow.pipeline.execute import BlockFailure
 
-__all__ = ["Execution", "RunPlan", "RunResult", "execute_plan", "plan_and_resume", "plan_run",
+__all__ = ["Execution", "RunPlan", "RunResult", "execute_plan", "plan_and_resume",
            "reduce_run", "resolve_config", "run_process"]
 
 logger = logging.getLogger(__name__)
@@ -96,13 +95,9 @@ def resolve_config(config: ProcessConfig) -> ProcessConfig:
 
 
 def _failed_file_ref(url: str) -> BlockRef:
-    from sfxflow.io.storage import shown_url
+    from sfxflow.io.sources import file_tag
 
-    shown = shown_url(url)
-    name = shown.rstrip("/").rsplit("/", 1)[-1]
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip(".") or "file"
-    digest = hashlib.sha1(shown.encode()).hexdigest()[:10]
-    return BlockRef(f"{stem}-{digest}-unreadable", url, -1, 0)
+    return BlockRef(f"{file_tag(url)}-unreadable", url, -1, 0)
 
 
 def _refuse_same_file_twice(urls: Sequence[str]) -> None:
@@ -118,25 +113,14 @@ def _refuse_same_file_twice(urls: Sequence[str]) -> None:
         seen.setdefault(key, url)
 
 
-def plan_run(inputs: Sequence[str], config: ProcessConfig, geometry: Any,
-             storage_options: Mapping[str, Any] | None) -> tuple[list[BlockRef], dict[str, str],
-                                                                  int]:
-    """Discover inputs and cut them into blocks.
-
-    Returns ``(blocks, file_errors, total_bytes)``: files that cannot be opened become one block
-    with ``start = -1`` (one ``failed`` record, ``frame_index = -1``: their frame count is
-    unknown); ``file_errors`` maps such a block's id to the reason.
-    """
-    from sfxflow.io.sources import discover
-
-    files = discover(list(inputs), geometry=geometry, storage_options=dict(storage_options or {}))
-    blocks, file_errors, total_bytes, _ = _blocks_of(files, config)
-    return blocks, file_errors, total_bytes
-
-
 def _blocks_of(files: Sequence[Any], config: ProcessConfig
                ) -> tuple[list[BlockRef], dict[str, str], int, set[str]]:
-    """Blocks, file errors, input bytes and the ids of files unread for storage reasons."""
+    """Blocks, file errors, input bytes and the ids of files unread for storage reasons.
+
+    Files that cannot be opened become one block with ``start = -1`` (one ``failed`` record,
+    ``frame_index = -1``: their frame count is unknown); the file errors map such a block's id
+    to the reason.
+    """
     from sfxflow.io.sources import plan_blocks
 
     _refuse_same_file_twice([f.url for f in files if f.ok])
@@ -184,9 +168,7 @@ def _check_compatible(run: RunDir, config: ProcessConfig) -> None:
 def _stream_parts(config: ProcessConfig, geometry: Any, inputs: list[str],
                   storage_options: Mapping[str, Any]) -> tuple[str | None,
                                                                Callable[..., str] | None]:
-    """Header text and chunk function for CrystFEL stream shards (``None`` when disabled)."""
-    if not config.io.write_stream:
-        return None, None
+    """Header text and chunk function for CrystFEL stream shards."""
     from sfxflow.pipeline.streams import stream_chunk, stream_header
 
     chunk = stream_chunk if geometry is None else functools.partial(stream_chunk, geometry=geometry)
@@ -532,20 +514,17 @@ def _dispatch(client: Any, info: ClusterInfo, plan: RunPlan, ctx: BlockContext,
     """Run the blocks to do in this process (no ``client``) or on Dask; the cores they had."""
     from sfxflow.pipeline.execute import execute_dask, execute_serial
 
-    n_cores = 1
     if client is None:
         execute_serial(plan.todo, ctx, on_report, on_failure,
                        prefetch_depth=config.io.prefetch_depth,
                        attempts=1 + config.run.task_retries, file_errors=plan.file_errors,
                        isolated=plan.isolated, lock=lock)
-    else:
-        n_cores = max(info.n_threads, 1)
-        execute_dask(client, plan.todo, ctx, on_report, on_failure,
-                     prefetch_depth=config.io.prefetch_depth,
-                     task_retries=config.run.task_retries,
-                     file_errors=plan.file_errors)
-        n_cores = max(n_cores, cluster_threads(client))
-    return n_cores
+        return 1
+    execute_dask(client, plan.todo, ctx, on_report, on_failure,
+                 prefetch_depth=config.io.prefetch_depth,
+                 task_retries=config.run.task_retries,
+                 file_errors=plan.file_errors)
+    return max(info.n_threads, 1, cluster_threads(client))
 
 
 def execute_plan(plan: RunPlan, ctx: BlockContext, config: ProcessConfig, *,
@@ -637,13 +616,10 @@ def reduce_run(plan: RunPlan, execution: Execution, run: RunDir, config: Process
     done_ids = [b.block_id for b in plan.blocks if manifest.blocks[b.block_id].state != "pending"]
     frames = sort_frames(run.read_frames_shards(done_ids))
     if counts["pending"] == 0:  # every frame has its record (unread ones as failed, for now)
-        from sfxflow.io.results import parquet_bytes
-
-        run.write_bytes("frames.parquet",
-                        parquet_bytes(frames, {"sfxflow.blocks": str(len(plan.blocks))}))
+        meta = {"sfxflow.blocks": str(len(plan.blocks))}
+        run.write_bytes("frames.parquet", parquet_bytes(frames, meta))
         crystals = sort_frames(run.read_crystals_shards(done_ids))
-        run.write_bytes("crystals.parquet",
-                        parquet_bytes(crystals, {"sfxflow.blocks": str(len(plan.blocks))}))
+        run.write_bytes("crystals.parquet", parquet_bytes(crystals, meta))
     else:
         for name in ("frames.parquet", "crystals.parquet"):
             if run.exists(name):
