@@ -54,7 +54,6 @@ from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "PredictParams",
-    "PredictedSpots",
     "Prediction",
     "ProfileModel",
     "detector_max_q_inv_a",
@@ -156,14 +155,16 @@ def refine_profile(excitation_inv_a: np.ndarray, q_inv_a: np.ndarray, beam: Beam
 
 @dataclass(frozen=True)
 class Prediction:
-    """Reflections predicted on the detector for one crystal (one row each)."""
+    """Reflections predicted on the detector (one row each): from a crystal's profile model
+    (:func:`predict_reflections`) or from given Miller indices and a reach
+    (:func:`predict_spots`, whose ``partiality`` is NaN: no profile model was given)."""
 
     hkl: np.ndarray  # (n, 3) int32
     panel: np.ndarray  # (n,) int32
     fs_px: np.ndarray
     ss_px: np.ndarray
     d_a: np.ndarray
-    excitation_error_inv_a: np.ndarray
+    excitation_error_inv_a: np.ndarray  # signed distance of q from the Ewald sphere
     partiality: np.ndarray
     lorentz: np.ndarray
     polarisation: np.ndarray
@@ -282,17 +283,32 @@ def _rays_on_panels(detector: Detector, k_vecs: np.ndarray,
     return panel, fs, ss
 
 
-@dataclass(frozen=True)
-class PredictedSpots:
-    """Reflections predicted to diffract on a still, one row per reflection on a panel."""
-
-    hkl: np.ndarray  # (n, 3) int
-    panel: np.ndarray  # (n,) int
-    fs_px: np.ndarray
-    ss_px: np.ndarray
-    excitation_error_inv_a: np.ndarray  # signed distance of q from the Ewald sphere
-    q_inv_a: np.ndarray  # (n, 3)
-    d_a: np.ndarray
+def _on_detector(hkl: np.ndarray, q: np.ndarray, exc: np.ndarray, beam: Beam,
+                 detector: Detector, profile: ProfileModel | None, polarisation_fraction: float,
+                 detector_shift_mm: tuple[float, float] = (0.0, 0.0), by_panel: bool = False
+                 ) -> Prediction:
+    """The :class:`Prediction` of the reflections ``hkl`` (scattering vectors ``q``, excitation
+    errors ``exc``) whose ray ``q + s0`` meets a panel: in input order, or sorted by panel
+    then ``ss`` (``by_panel``)."""
+    k_vecs = np.ascontiguousarray(q + np.asarray(beam.s0_inv_a, dtype=float))
+    panel, fs, ss = _rays_on_panels(detector, k_vecs, detector_shift_mm)
+    sel = np.flatnonzero(panel >= 0)
+    if by_panel:
+        sel = sel[np.argsort(panel[sel] * 1e5 + ss[sel], kind="stable")]
+    q_len = np.linalg.norm(q[sel], axis=1)
+    return Prediction(
+        hkl=hkl[sel].astype(np.int32),
+        panel=panel[sel].astype(np.int32),
+        fs_px=fs[sel],
+        ss_px=ss[sel],
+        d_a=1.0 / q_len,
+        excitation_error_inv_a=exc[sel],
+        partiality=(np.full(sel.size, np.nan) if profile is None
+                    else profile.partiality(exc[sel], q_len)),
+        lorentz=lorentz_factor(sel.size),
+        polarisation=polarisation_factor(k_vecs[sel], polarisation_fraction),
+        n_off_detector=int(k_vecs.shape[0] - sel.size),
+    )
 
 
 def predict_spots(
@@ -301,30 +317,22 @@ def predict_spots(
     detector: Detector,
     hkl: np.ndarray,
     max_excitation_inv_a: float,
-) -> PredictedSpots:
+    polarisation_fraction: float = 1.0,
+) -> Prediction:
     """Where the given reflections near the Ewald sphere land on a still (input order kept).
 
     A reflection is kept when ``| |q + s0| - 1/λ | <= max_excitation_inv_a``; its ray is
     ``s1 ∝ q + s0`` (the point of the sphere nearest q, as for stills in DIALS). The same
     excitation error and ray-to-panel intersection as :func:`predict_reflections`, for callers
-    that choose the Miller indices and the reach themselves (simulators, tests).
+    that choose the Miller indices and the reach themselves and model the partiality their own
+    way (simulators, tests): ``partiality`` is NaN.
     """
     hkl = np.asarray(hkl)
     q = hkl @ crystal.a_matrix.T
     exc = excitation_error_inv_a(q, beam.s0_inv_a, beam.wavelength_a)
     keep = np.abs(exc) <= max_excitation_inv_a
-    hkl, q, exc = hkl[keep], q[keep], exc[keep]
-    panel, fs, ss = _rays_on_panels(detector, q + np.asarray(beam.s0_inv_a))
-    on = panel >= 0
-    return PredictedSpots(
-        hkl=hkl[on].astype(np.int32),
-        panel=panel[on],
-        fs_px=fs[on],
-        ss_px=ss[on],
-        excitation_error_inv_a=exc[on],
-        q_inv_a=q[on],
-        d_a=1.0 / np.linalg.norm(q[on], axis=1),
-    )
+    return _on_detector(hkl[keep], q[keep], exc[keep], beam, detector, None,
+                        polarisation_fraction)
 
 
 def _lattice_near_sphere(a: np.ndarray, s0: np.ndarray, k0: float, q_max: float,
@@ -397,22 +405,5 @@ def predict_reflections(
         absent = np.asarray(_group_ops(crystal.space_group.xhm()).systematic_absences(
             hkl[keep].astype(np.int32)), dtype=bool)
         keep[np.flatnonzero(keep)[absent]] = False
-    hkl, exc, q, q_len = hkl[keep], exc[keep], q[keep], q_len[keep]
-    k_vecs = np.ascontiguousarray(q + s0)
-    n = k_vecs.shape[0]
-    panel, fs, ss = _rays_on_panels(detector, k_vecs, detector_shift_mm)
-    on = panel >= 0
-    order = np.argsort(panel[on] * 1e5 + ss[on], kind="stable")  # by panel, then ss
-    sel = np.flatnonzero(on)[order]
-    return Prediction(
-        hkl=hkl[sel].astype(np.int32),
-        panel=panel[sel].astype(np.int32),
-        fs_px=fs[sel],
-        ss_px=ss[sel],
-        d_a=1.0 / q_len[sel],
-        excitation_error_inv_a=exc[sel],
-        partiality=profile.partiality(exc[sel], q_len[sel]),
-        lorentz=lorentz_factor(sel.size),
-        polarisation=polarisation_factor(k_vecs[sel], params.polarisation_fraction),
-        n_off_detector=int(n - sel.size),
-    )
+    return _on_detector(hkl[keep], q[keep], exc[keep], beam, detector, profile,
+                        params.polarisation_fraction, detector_shift_mm, by_panel=True)

@@ -610,7 +610,8 @@ def _predict_truth(
     near = _near_ewald(
         st.hkl, crystal.a_matrix, np.asarray(beam.s0_inv_a), 1.0 / beam.wavelength_a, max_exc
     )
-    pred = predict_spots(crystal, beam, detector, st.hkl[near], max_exc)
+    pred = predict_spots(crystal, beam, detector, st.hkl[near], max_exc,
+                         params.polarization_fraction)
     if len(pred.hkl) == 0:
         return _empty_truth()
     if physics is not None:
@@ -628,8 +629,7 @@ def _predict_truth(
     d = pred.d_a[keep]
     partiality = partiality[keep]
     exc = pred.excitation_error_inv_a[keep]
-    k_vec = pred.q_inv_a[keep] + np.asarray(beam.s0_inv_a)
-    pol = diffraction.polarisation_factor(k_vec, params.polarization_fraction)
+    pol = pred.polarisation[keep]
     if physics is not None:
         f2 = f2_phys[keep]  # the data set's own falloff, and the crystal's B, are in it
         wilson = np.ones(len(d))

@@ -45,7 +45,7 @@ from scipy.spatial.transform import Rotation
 from sfxflow.algorithms import diffraction
 from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.merge.reflections import AsuIndex
-from sfxflow.algorithms.predict import PredictedSpots, predict_spots
+from sfxflow.algorithms.predict import Prediction, predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
     Beam,
@@ -310,7 +310,8 @@ def simulate_crystal(
     hkl_all = _hkl_sphere(cell0.parameters, sg.xhm(), params.d_min_a)
     # a cheap float pre-selection near the Ewald sphere before the exact prediction
     near = _near_ewald(hkl_all, reported.a_matrix, 1.0 / lam_shot, params.prediction_radius_inv_a)
-    pred = predict_spots(reported, beam, detector, hkl_all[near], params.prediction_radius_inv_a)
+    pred = predict_spots(reported, beam, detector, hkl_all[near], params.prediction_radius_inv_a,
+                         params.polarization_fraction)
     hkl = pred.hkl.astype(np.int64)
     i_true = truth.at(hkl)
     known = np.isfinite(i_true)
@@ -330,8 +331,7 @@ def simulate_crystal(
         params.beam_jitter_rel * rng.standard_normal())
     b_factor = float(rng.normal(0.0, params.b_sigma_a2))
     d = pred.d_a[known]
-    k = pred.q_inv_a[known] + np.asarray(beam.s0_inv_a)
-    pol = diffraction.polarisation_factor(k, params.polarization_fraction)
+    pol = pred.polarisation[known]
     mu = scale * i_true * np.exp(-b_factor / (2 * d * d)) * partiality_true * pol
     intensity, sigma = _photons(mu, params, rng)
 
@@ -356,7 +356,7 @@ def simulate_crystal(
     )
 
 
-def _reported_reflections(hkl: np.ndarray, pred: PredictedSpots, known: np.ndarray,
+def _reported_reflections(hkl: np.ndarray, pred: Prediction, known: np.ndarray,
                           intensity: np.ndarray, sigma: np.ndarray, pol: np.ndarray,
                           params: PhysicalParams) -> dict[str, np.ndarray]:
     """The columns integration would report for the predicted reflections ``pred[known]``
