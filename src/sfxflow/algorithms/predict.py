@@ -283,6 +283,26 @@ def _rays_on_panels(detector: Detector, k_vecs: np.ndarray,
     return panel, fs, ss
 
 
+@njit(cache=True)
+def _rows_near_sphere(hkl, a, s0, k0, exc_max):  # pragma: no cover - numba
+    """Rows of ``hkl`` whose ``A h`` is within ``exc_max`` of the sphere: a cheap pre-selection
+    of a long index list, with no (n, 3) temporaries, before the exact test."""
+    n = hkl.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    cnt = 0
+    for i in range(n):
+        h = float(hkl[i, 0])
+        k = float(hkl[i, 1])
+        l = float(hkl[i, 2])
+        x = a[0, 0] * h + a[0, 1] * k + a[0, 2] * l + s0[0]
+        y = a[1, 0] * h + a[1, 1] * k + a[1, 2] * l + s0[1]
+        z = a[2, 0] * h + a[2, 1] * k + a[2, 2] * l + s0[2]
+        if abs(math.sqrt(x * x + y * y + z * z) - k0) <= exc_max:
+            out[cnt] = i
+            cnt += 1
+    return out[:cnt]
+
+
 def _on_detector(hkl: np.ndarray, q: np.ndarray, exc: np.ndarray, beam: Beam,
                  detector: Detector, profile: ProfileModel | None, polarisation_fraction: float,
                  detector_shift_mm: tuple[float, float] = (0.0, 0.0), by_panel: bool = False
@@ -328,6 +348,9 @@ def predict_spots(
     way (simulators, tests): ``partiality`` is NaN.
     """
     hkl = np.asarray(hkl)
+    s0 = np.asarray(beam.s0_inv_a)
+    hkl = hkl[_rows_near_sphere(hkl, crystal.a_matrix, s0, 1.0 / beam.wavelength_a,
+                                max_excitation_inv_a)]
     q = hkl @ crystal.a_matrix.T
     exc = excitation_error_inv_a(q, beam.s0_inv_a, beam.wavelength_a)
     keep = np.abs(exc) <= max_excitation_inv_a

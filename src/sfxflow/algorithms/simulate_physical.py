@@ -263,18 +263,6 @@ def _recorded(q_blocks, s0_spikes, inv_lambda, weights, t_tab, f_tab):  # pragma
     return out
 
 
-@numba.njit(cache=True)
-def _near_ewald(hkl, a, inv_lambda, max_exc):  # pragma: no cover - numba
-    keep = np.zeros(hkl.shape[0], dtype=np.bool_)
-    for i in range(hkl.shape[0]):
-        h, k, l = float(hkl[i, 0]), float(hkl[i, 1]), float(hkl[i, 2])
-        x = a[0, 0] * h + a[0, 1] * k + a[0, 2] * l
-        y = a[1, 0] * h + a[1, 1] * k + a[1, 2] * l
-        z = a[2, 0] * h + a[2, 1] * k + a[2, 2] * l + inv_lambda
-        keep[i] = abs(math.sqrt(x * x + y * y + z * z) - inv_lambda) <= max_exc
-    return keep
-
-
 def _small_rotations(rng: np.random.Generator, n: int, sigma_rad: float) -> np.ndarray:
     return Rotation.from_rotvec(rng.normal(0.0, sigma_rad, (n, 3))).as_matrix()
 
@@ -308,9 +296,7 @@ def simulate_crystal(
     beam = Beam(wavelength_a=lam_shot)
 
     hkl_all = _hkl_sphere(cell0.parameters, sg.xhm(), params.d_min_a)
-    # a cheap float pre-selection near the Ewald sphere before the exact prediction
-    near = _near_ewald(hkl_all, reported.a_matrix, 1.0 / lam_shot, params.prediction_radius_inv_a)
-    pred = predict_spots(reported, beam, detector, hkl_all[near], params.prediction_radius_inv_a,
+    pred = predict_spots(reported, beam, detector, hkl_all, params.prediction_radius_inv_a,
                          params.polarization_fraction)
     hkl = pred.hkl.astype(np.int64)
     i_true = truth.at(hkl)
