@@ -49,6 +49,7 @@ from sfxflow.algorithms.diffraction import (
     lorentz_factor,
     polarisation_factor,
 )
+from sfxflow.algorithms.geometry import PanelMatrices, rays_to_pixels
 from sfxflow.models import Beam, Crystal, Detector
 from sfxflow.settings import check_fields, setting
 
@@ -241,46 +242,18 @@ def _near_sphere(a, s0, k0, q_max, exc_max, hmax, kmax, out_hkl, out_exc):  # pr
     return n
 
 
-@njit(cache=True)
-def _project(k_vecs, d_inv, shapes, panel, fs, ss):  # pragma: no cover - numba
-    """Intersect rays along ``k_vecs`` with the panels (nearest panel wins)."""
-    for i in range(k_vecs.shape[0]):
-        best_t = np.inf
-        panel[i] = -1
-        kx, ky, kz = k_vecs[i, 0], k_vecs[i, 1], k_vecs[i, 2]
-        for p in range(d_inv.shape[0]):
-            w = d_inv[p, 2, 0] * kx + d_inv[p, 2, 1] * ky + d_inv[p, 2, 2] * kz
-            if w <= 0.0:
-                continue
-            f = (d_inv[p, 0, 0] * kx + d_inv[p, 0, 1] * ky + d_inv[p, 0, 2] * kz) / w
-            s = (d_inv[p, 1, 0] * kx + d_inv[p, 1, 1] * ky + d_inv[p, 1, 2] * kz) / w
-            if f < 0.0 or s < 0.0 or f >= shapes[p, 1] or s >= shapes[p, 0]:
-                continue
-            t = 1.0 / w
-            if t < best_t:
-                best_t = t
-                panel[i] = p
-                fs[i] = f
-                ss[i] = s
-
-
 def _rays_on_panels(detector: Detector, k_vecs: np.ndarray,
                     detector_shift_mm: tuple[float, float] = (0.0, 0.0)
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(panel, fs, ss)`` where diffracted rays along ``k_vecs`` (n, 3) meet the (shifted)
-    detector; ``panel`` -1 where a ray hits no panel."""
-    m = detector_tables(detector)
-    d = m.d.copy()
+    """:func:`~sfxflow.algorithms.geometry.rays_to_pixels` on the detector's cached matrices,
+    shifted laterally by ``detector_shift_mm``."""
+    m = detector_tables(detector).matrices
     if detector_shift_mm != (0.0, 0.0):
+        d = m.d.copy()
         d[:, 0, 2] += detector_shift_mm[0]
         d[:, 1, 2] += detector_shift_mm[1]
-    d_inv = np.linalg.inv(d) if len(d) else d
-    n = k_vecs.shape[0]
-    panel = np.empty(n, dtype=np.int64)
-    fs = np.empty(n)
-    ss = np.empty(n)
-    _project(np.ascontiguousarray(k_vecs), np.ascontiguousarray(d_inv), m.shape, panel, fs, ss)
-    return panel, fs, ss
+        m = PanelMatrices(d, np.linalg.inv(d), m.shape)
+    return rays_to_pixels(detector, k_vecs, m)
 
 
 @njit(cache=True)
