@@ -113,6 +113,6 @@ def test_predicted_spots_satisfy_the_diffraction_condition():
     # the pixel's scattering vector is parallel to q + s0 and has the predicted |q| direction
     q_pix = pixels_to_q(det, beam, pred.panel, pred.fs_px, pred.ss_px)
     k_pix = q_pix + beam.s0_inv_a
-    k_pred = pred.q_inv_a + beam.s0_inv_a
+    k_pred = pred.hkl @ xtal.a_matrix.T + beam.s0_inv_a
     cos = np.sum(k_pix * k_pred, 1) / (np.linalg.norm(k_pix, axis=1) * np.linalg.norm(k_pred, axis=1))
     np.testing.assert_allclose(cos, 1.0, atol=1e-12)

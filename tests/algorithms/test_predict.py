@@ -118,6 +118,9 @@ def test_predict_spots_agrees_with_predict_reflections():
     # (the search kernel sums the ray's components in its own order: last-bit differences)
     assert np.allclose(spots.excitation_error_inv_a, pred.excitation_error_inv_a[::-1],
                        rtol=0, atol=1e-15)
+    assert np.allclose(spots.polarisation, pred.polarisation[::-1], rtol=0, atol=1e-15)
+    assert np.allclose(spots.d_a, pred.d_a[::-1], rtol=1e-15)
+    assert np.isnan(spots.partiality).all()  # a reach, not a profile model, was given
     # and drops what is beyond its reach
     assert 0 < predict_spots(c, beam, det, pred.hkl, reach / 10).hkl.shape[0] < len(pred)
 

@@ -5,9 +5,8 @@ per frame or per crystal (64 panel matrices, a mask the size of the frame, radia
 cost more than the work that uses them. :func:`detector_tables` keeps them per Detector object
 (by identity, held weakly) in one bounded, thread-safe cache:
 
-* :attr:`DetectorTables.d`, :attr:`~DetectorTables.shape` and
-  :attr:`~DetectorTables.corner_dirs`: panel matrices and unit rays to the panel corners
-  (prediction);
+* :attr:`DetectorTables.matrices` and :attr:`~DetectorTables.corner_dirs`: panel matrices and
+  unit rays to the panel corners (prediction, refinement, the frame picture);
 * :meth:`DetectorTables.layout` / :func:`frame_layout`: the :class:`FrameLayout` of the frame
   data (spot finding, integration);
 * :meth:`DetectorTables.memo`: anything else a stage derives from the detector alone (the
@@ -131,11 +130,6 @@ class DetectorTables:
     def d(self) -> np.ndarray:
         """(n_panels, 3, 3) as :attr:`sfxflow.algorithms.geometry.PanelMatrices.d`."""
         return self.matrices.d
-
-    @property
-    def shape(self) -> np.ndarray:
-        """(n_panels, 2) as ``(n_ss, n_fs)``."""
-        return self.matrices.shape
 
     @property
     def corner_dirs(self) -> np.ndarray:

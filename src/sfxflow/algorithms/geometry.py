@@ -1,6 +1,7 @@
 """Diffraction geometry on the sfxflow lab frame: pixels <-> rays <-> reciprocal space.
 
-Shared by the simulator, spot finder (resolution of spots), indexer and refinement. Pure numpy.
+Shared by the simulator, spot finder (resolution of spots), indexer and refinement. Pure numpy;
+the ray-panel intersection is a numba kernel.
 See :mod:`sfxflow.models` for the frame and pixel conventions.
 """
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import gemmi
 import numpy as np
+from numba import njit
 
 from sfxflow.models import Beam, Detector
 
@@ -84,43 +86,47 @@ def d_spacing_a(q: np.ndarray) -> np.ndarray:
         return 1.0 / np.linalg.norm(np.atleast_2d(q), axis=1)
 
 
+@njit(cache=True)
+def _project(k_vecs, d_inv, shapes, panel, fs, ss):  # pragma: no cover - numba
+    """Intersect rays along ``k_vecs`` with the panels (nearest panel wins)."""
+    for i in range(k_vecs.shape[0]):
+        best_t = np.inf
+        panel[i] = -1
+        kx, ky, kz = k_vecs[i, 0], k_vecs[i, 1], k_vecs[i, 2]
+        for p in range(d_inv.shape[0]):
+            w = d_inv[p, 2, 0] * kx + d_inv[p, 2, 1] * ky + d_inv[p, 2, 2] * kz
+            if w <= 0.0:
+                continue
+            f = (d_inv[p, 0, 0] * kx + d_inv[p, 0, 1] * ky + d_inv[p, 0, 2] * kz) / w
+            s = (d_inv[p, 1, 0] * kx + d_inv[p, 1, 1] * ky + d_inv[p, 1, 2] * kz) / w
+            if f < 0.0 or s < 0.0 or f >= shapes[p, 1] or s >= shapes[p, 0]:
+                continue
+            t = 1.0 / w
+            if t < best_t:
+                best_t = t
+                panel[i] = p
+                fs[i] = f
+                ss[i] = s
+
+
 def rays_to_pixels(
-    detector: Detector, directions: np.ndarray, margin_px: float = 0.0
+    detector: Detector, directions: np.ndarray, matrices: PanelMatrices | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Intersect rays from the sample along ``directions`` (n, 3) with the panels.
 
-    Returns ``(panel, fs_px, ss_px)``; ``panel`` is -1 where a ray hits no panel. When panels
-    overlap along a ray (they should not), the nearest panel wins.
+    Returns ``(panel, fs_px, ss_px)``; ``panel`` is -1 (and ``fs_px``, ``ss_px`` NaN) where a
+    ray hits no panel. When panels overlap along a ray (they should not), the nearest panel
+    wins. ``matrices``: as for :func:`pixels_to_lab_mm` (prediction passes the cached ones,
+    shifted by the refined detector shift).
     """
-    m = panel_matrices(detector)
-    directions = np.atleast_2d(np.asarray(directions, dtype=float))
+    m = matrices if matrices is not None else panel_matrices(detector)
+    directions = np.ascontiguousarray(np.atleast_2d(np.asarray(directions, dtype=float)))
     n = directions.shape[0]
-    best_panel = np.full(n, -1, dtype=np.int64)
-    best_fs = np.full(n, np.nan)
-    best_ss = np.full(n, np.nan)
-    best_t = np.full(n, np.inf)
-    for p in range(len(detector)):
-        # Solve d @ (fs, ss, 1) * 1/t = direction  ->  (fs, ss, 1)/t = d_inv @ direction
-        v = directions @ m.d_inv[p].T
-        w = v[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            fs = v[:, 0] / w
-            ss = v[:, 1] / w
-            t = 1.0 / w  # ray parameter: lab point = t * direction
-        n_ss, n_fs = m.shape[p]
-        ok = (
-            (w > 0)
-            & (fs >= -margin_px)
-            & (fs < n_fs + margin_px)
-            & (ss >= -margin_px)
-            & (ss < n_ss + margin_px)
-            & (t < best_t)
-        )
-        best_panel[ok] = p
-        best_fs[ok] = fs[ok]
-        best_ss[ok] = ss[ok]
-        best_t[ok] = t[ok]
-    return best_panel, best_fs, best_ss
+    panel = np.empty(n, dtype=np.int64)
+    fs = np.full(n, np.nan)
+    ss = np.full(n, np.nan)
+    _project(directions, np.ascontiguousarray(m.d_inv), m.shape, panel, fs, ss)
+    return panel, fs, ss
 
 
 def plane_grid_to_pixels(

@@ -49,12 +49,12 @@ from sfxflow.algorithms.diffraction import (
     lorentz_factor,
     polarisation_factor,
 )
+from sfxflow.algorithms.geometry import PanelMatrices, rays_to_pixels
 from sfxflow.models import Beam, Crystal, Detector
 from sfxflow.settings import check_fields, setting
 
 __all__ = [
     "PredictParams",
-    "PredictedSpots",
     "Prediction",
     "ProfileModel",
     "detector_max_q_inv_a",
@@ -156,14 +156,16 @@ def refine_profile(excitation_inv_a: np.ndarray, q_inv_a: np.ndarray, beam: Beam
 
 @dataclass(frozen=True)
 class Prediction:
-    """Reflections predicted on the detector for one crystal (one row each)."""
+    """Reflections predicted on the detector (one row each): from a crystal's profile model
+    (:func:`predict_reflections`) or from given Miller indices and a reach
+    (:func:`predict_spots`, whose ``partiality`` is NaN: no profile model was given)."""
 
     hkl: np.ndarray  # (n, 3) int32
     panel: np.ndarray  # (n,) int32
     fs_px: np.ndarray
     ss_px: np.ndarray
     d_a: np.ndarray
-    excitation_error_inv_a: np.ndarray
+    excitation_error_inv_a: np.ndarray  # signed distance of q from the Ewald sphere
     partiality: np.ndarray
     lorentz: np.ndarray
     polarisation: np.ndarray
@@ -240,59 +242,66 @@ def _near_sphere(a, s0, k0, q_max, exc_max, hmax, kmax, out_hkl, out_exc):  # pr
     return n
 
 
-@njit(cache=True)
-def _project(k_vecs, d_inv, shapes, panel, fs, ss):  # pragma: no cover - numba
-    """Intersect rays along ``k_vecs`` with the panels (nearest panel wins)."""
-    for i in range(k_vecs.shape[0]):
-        best_t = np.inf
-        panel[i] = -1
-        kx, ky, kz = k_vecs[i, 0], k_vecs[i, 1], k_vecs[i, 2]
-        for p in range(d_inv.shape[0]):
-            w = d_inv[p, 2, 0] * kx + d_inv[p, 2, 1] * ky + d_inv[p, 2, 2] * kz
-            if w <= 0.0:
-                continue
-            f = (d_inv[p, 0, 0] * kx + d_inv[p, 0, 1] * ky + d_inv[p, 0, 2] * kz) / w
-            s = (d_inv[p, 1, 0] * kx + d_inv[p, 1, 1] * ky + d_inv[p, 1, 2] * kz) / w
-            if f < 0.0 or s < 0.0 or f >= shapes[p, 1] or s >= shapes[p, 0]:
-                continue
-            t = 1.0 / w
-            if t < best_t:
-                best_t = t
-                panel[i] = p
-                fs[i] = f
-                ss[i] = s
-
-
 def _rays_on_panels(detector: Detector, k_vecs: np.ndarray,
                     detector_shift_mm: tuple[float, float] = (0.0, 0.0)
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(panel, fs, ss)`` where diffracted rays along ``k_vecs`` (n, 3) meet the (shifted)
-    detector; ``panel`` -1 where a ray hits no panel."""
-    m = detector_tables(detector)
-    d = m.d.copy()
+    """:func:`~sfxflow.algorithms.geometry.rays_to_pixels` on the detector's cached matrices,
+    shifted laterally by ``detector_shift_mm``."""
+    m = detector_tables(detector).matrices
     if detector_shift_mm != (0.0, 0.0):
+        d = m.d.copy()
         d[:, 0, 2] += detector_shift_mm[0]
         d[:, 1, 2] += detector_shift_mm[1]
-    d_inv = np.linalg.inv(d) if len(d) else d
-    n = k_vecs.shape[0]
-    panel = np.empty(n, dtype=np.int64)
-    fs = np.empty(n)
-    ss = np.empty(n)
-    _project(np.ascontiguousarray(k_vecs), np.ascontiguousarray(d_inv), m.shape, panel, fs, ss)
-    return panel, fs, ss
+        m = PanelMatrices(d, np.linalg.inv(d), m.shape)
+    return rays_to_pixels(detector, k_vecs, m)
 
 
-@dataclass(frozen=True)
-class PredictedSpots:
-    """Reflections predicted to diffract on a still, one row per reflection on a panel."""
+@njit(cache=True)
+def _rows_near_sphere(hkl, a, s0, k0, exc_max):  # pragma: no cover - numba
+    """Rows of ``hkl`` whose ``A h`` is within ``exc_max`` of the sphere: a cheap pre-selection
+    of a long index list, with no (n, 3) temporaries, before the exact test."""
+    n = hkl.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    cnt = 0
+    for i in range(n):
+        h = float(hkl[i, 0])
+        k = float(hkl[i, 1])
+        l = float(hkl[i, 2])
+        x = a[0, 0] * h + a[0, 1] * k + a[0, 2] * l + s0[0]
+        y = a[1, 0] * h + a[1, 1] * k + a[1, 2] * l + s0[1]
+        z = a[2, 0] * h + a[2, 1] * k + a[2, 2] * l + s0[2]
+        if abs(math.sqrt(x * x + y * y + z * z) - k0) <= exc_max:
+            out[cnt] = i
+            cnt += 1
+    return out[:cnt]
 
-    hkl: np.ndarray  # (n, 3) int
-    panel: np.ndarray  # (n,) int
-    fs_px: np.ndarray
-    ss_px: np.ndarray
-    excitation_error_inv_a: np.ndarray  # signed distance of q from the Ewald sphere
-    q_inv_a: np.ndarray  # (n, 3)
-    d_a: np.ndarray
+
+def _on_detector(hkl: np.ndarray, q: np.ndarray, exc: np.ndarray, beam: Beam,
+                 detector: Detector, profile: ProfileModel | None, polarisation_fraction: float,
+                 detector_shift_mm: tuple[float, float] = (0.0, 0.0), by_panel: bool = False
+                 ) -> Prediction:
+    """The :class:`Prediction` of the reflections ``hkl`` (scattering vectors ``q``, excitation
+    errors ``exc``) whose ray ``q + s0`` meets a panel: in input order, or sorted by panel
+    then ``ss`` (``by_panel``)."""
+    k_vecs = np.ascontiguousarray(q + np.asarray(beam.s0_inv_a, dtype=float))
+    panel, fs, ss = _rays_on_panels(detector, k_vecs, detector_shift_mm)
+    sel = np.flatnonzero(panel >= 0)
+    if by_panel:
+        sel = sel[np.argsort(panel[sel] * 1e5 + ss[sel], kind="stable")]
+    q_len = np.linalg.norm(q[sel], axis=1)
+    return Prediction(
+        hkl=hkl[sel].astype(np.int32),
+        panel=panel[sel].astype(np.int32),
+        fs_px=fs[sel],
+        ss_px=ss[sel],
+        d_a=1.0 / q_len,
+        excitation_error_inv_a=exc[sel],
+        partiality=(np.full(sel.size, np.nan) if profile is None
+                    else profile.partiality(exc[sel], q_len)),
+        lorentz=lorentz_factor(sel.size),
+        polarisation=polarisation_factor(k_vecs[sel], polarisation_fraction),
+        n_off_detector=int(k_vecs.shape[0] - sel.size),
+    )
 
 
 def predict_spots(
@@ -301,30 +310,25 @@ def predict_spots(
     detector: Detector,
     hkl: np.ndarray,
     max_excitation_inv_a: float,
-) -> PredictedSpots:
+    polarisation_fraction: float = 1.0,
+) -> Prediction:
     """Where the given reflections near the Ewald sphere land on a still (input order kept).
 
     A reflection is kept when ``| |q + s0| - 1/λ | <= max_excitation_inv_a``; its ray is
     ``s1 ∝ q + s0`` (the point of the sphere nearest q, as for stills in DIALS). The same
     excitation error and ray-to-panel intersection as :func:`predict_reflections`, for callers
-    that choose the Miller indices and the reach themselves (simulators, tests).
+    that choose the Miller indices and the reach themselves and model the partiality their own
+    way (simulators, tests): ``partiality`` is NaN.
     """
     hkl = np.asarray(hkl)
+    s0 = np.asarray(beam.s0_inv_a)
+    hkl = hkl[_rows_near_sphere(hkl, crystal.a_matrix, s0, 1.0 / beam.wavelength_a,
+                                max_excitation_inv_a)]
     q = hkl @ crystal.a_matrix.T
     exc = excitation_error_inv_a(q, beam.s0_inv_a, beam.wavelength_a)
     keep = np.abs(exc) <= max_excitation_inv_a
-    hkl, q, exc = hkl[keep], q[keep], exc[keep]
-    panel, fs, ss = _rays_on_panels(detector, q + np.asarray(beam.s0_inv_a))
-    on = panel >= 0
-    return PredictedSpots(
-        hkl=hkl[on].astype(np.int32),
-        panel=panel[on],
-        fs_px=fs[on],
-        ss_px=ss[on],
-        excitation_error_inv_a=exc[on],
-        q_inv_a=q[on],
-        d_a=1.0 / np.linalg.norm(q[on], axis=1),
-    )
+    return _on_detector(hkl[keep], q[keep], exc[keep], beam, detector, None,
+                        polarisation_fraction)
 
 
 def _lattice_near_sphere(a: np.ndarray, s0: np.ndarray, k0: float, q_max: float,
@@ -397,22 +401,5 @@ def predict_reflections(
         absent = np.asarray(_group_ops(crystal.space_group.xhm()).systematic_absences(
             hkl[keep].astype(np.int32)), dtype=bool)
         keep[np.flatnonzero(keep)[absent]] = False
-    hkl, exc, q, q_len = hkl[keep], exc[keep], q[keep], q_len[keep]
-    k_vecs = np.ascontiguousarray(q + s0)
-    n = k_vecs.shape[0]
-    panel, fs, ss = _rays_on_panels(detector, k_vecs, detector_shift_mm)
-    on = panel >= 0
-    order = np.argsort(panel[on] * 1e5 + ss[on], kind="stable")  # by panel, then ss
-    sel = np.flatnonzero(on)[order]
-    return Prediction(
-        hkl=hkl[sel].astype(np.int32),
-        panel=panel[sel].astype(np.int32),
-        fs_px=fs[sel],
-        ss_px=ss[sel],
-        d_a=1.0 / q_len[sel],
-        excitation_error_inv_a=exc[sel],
-        partiality=profile.partiality(exc[sel], q_len[sel]),
-        lorentz=lorentz_factor(sel.size),
-        polarisation=polarisation_factor(k_vecs[sel], params.polarisation_fraction),
-        n_off_detector=int(n - sel.size),
-    )
+    return _on_detector(hkl[keep], q[keep], exc[keep], beam, detector, profile,
+                        params.polarisation_fraction, detector_shift_mm, by_panel=True)

@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit
 
 from sfxflow.algorithms.detector_tables import detector_tables
+from sfxflow.algorithms.diffraction import excitation_error_inv_a
 from sfxflow.models import Beam, Crystal, Detector, reciprocal_basis
 from sfxflow.settings import check_fields, refuse, setting
 
@@ -322,19 +323,14 @@ def index_on_lattice(
     is moved as in :class:`RefineResult`. Returns ``(hkl (n, 3) int32, indexed (n,) bool,
     residuals_px (n, 2))``, zeros and NaN where a spot is not indexed.
     """
-    panel = np.asarray(panel, dtype=np.int64)
     fs_px = np.asarray(fs_px, dtype=float)
     ss_px = np.asarray(ss_px, dtype=float)
-    d, d_inv = _spot_matrices(detector, panel, distance_shift_mm, detector_shift_mm)
-    hkl, ang, _ = assign_hkl(crystal.a_matrix, _ray_dirs(d, fs_px, ss_px), beam,
-                             max_excitation_inv_a, crystal.space_group)
-    fs_p, ss_p = _project(d_inv, hkl @ crystal.a_matrix.T + np.asarray(beam.s0_inv_a))
-    dist = np.hypot(fs_p - fs_px, ss_p - ss_px)
-    indexed = np.isfinite(ang) & np.isfinite(dist) & (dist <= threshold_px)
-    residuals = np.full((panel.shape[0], 2), np.nan)
-    residuals[indexed, 0] = (fs_p - fs_px)[indexed]
-    residuals[indexed, 1] = (ss_p - ss_px)[indexed]
-    return np.where(indexed[:, None], hkl, 0).astype(np.int32), indexed, residuals
+    asg = _assign(crystal.a_matrix, crystal.space_group, np.asarray(panel, dtype=np.int64),
+                  fs_px, ss_px, detector, beam, max_excitation_inv_a, distance_shift_mm,
+                  detector_shift_mm)
+    indexed = np.isfinite(asg.dist_px) & (asg.dist_px <= threshold_px)
+    return (np.where(indexed[:, None], asg.hkl, 0).astype(np.int32), indexed,
+            np.where(indexed[:, None], asg.offset_px, np.nan))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -631,28 +627,31 @@ class _StillModel:
 
 @dataclass(frozen=True)
 class _Assignment:
-    """One cycle's Miller indices, predicted positions and distances from the spots (inf
-    where a spot has no admissible index), and the per-spot panel matrices used."""
+    """One cycle's Miller indices, predicted minus observed ``(fs, ss)`` and distances from
+    the spots (inf where a spot has no admissible index), and the per-spot panel matrices
+    used."""
 
     hkl: np.ndarray
-    fs_pred: np.ndarray
-    ss_pred: np.ndarray
+    offset_px: np.ndarray  # (n, 2)
     dist_px: np.ndarray
     d_inv: np.ndarray
 
 
-def _assign(model: _StillModel, a_matrix: np.ndarray, panel: np.ndarray, fs_px: np.ndarray,
-            ss_px: np.ndarray, detector: Detector, beam: Beam, params: RefineParams,
-            ) -> _Assignment:
-    """Best index of every spot along its ray (:func:`assign_hkl`) and its prediction."""
-    d, d_inv = _spot_matrices(detector, panel, model.shift_mm, model.shift_xy_mm)
-    hkl, ang, _ = assign_hkl(a_matrix, _ray_dirs(d, fs_px, ss_px), beam,
-                             params.max_excitation_inv_a, model.space_group)
+def _assign(a_matrix: np.ndarray, space_group: gemmi.SpaceGroup, panel: np.ndarray,
+            fs_px: np.ndarray, ss_px: np.ndarray, detector: Detector, beam: Beam,
+            max_excitation_inv_a: float, shift_mm: float,
+            shift_xy_mm: tuple[float, float] | np.ndarray) -> _Assignment:
+    """Best index of every spot along its ray (:func:`assign_hkl`) and its prediction, the
+    detector moved as in :class:`RefineResult`."""
+    d, d_inv = _spot_matrices(detector, panel, shift_mm, shift_xy_mm)
+    hkl, ang, _ = assign_hkl(a_matrix, _ray_dirs(d, fs_px, ss_px), beam, max_excitation_inv_a,
+                             space_group)
     fs_p, ss_p = _project(d_inv, hkl @ a_matrix.T + np.asarray(beam.s0_inv_a))
-    dist = np.hypot(fs_p - fs_px, ss_p - ss_px)
+    offset = np.stack([fs_p - fs_px, ss_p - ss_px], axis=1)
+    dist = np.hypot(offset[:, 0], offset[:, 1])
     # no admissible index (absent, 000 or too far from the Ewald sphere): not indexed
     dist = np.where(np.isfinite(dist) & np.isfinite(ang), dist, np.inf)
-    return _Assignment(hkl, fs_p, ss_p, dist, d_inv)
+    return _Assignment(hkl, offset, dist, d_inv)
 
 
 def _fit_cycle(model: _StillModel, asg: _Assignment, sel: np.ndarray, fs_px: np.ndarray,
@@ -715,8 +714,8 @@ def _reweight(f_fit: np.ndarray, h_sel: np.ndarray, a_matrix: np.ndarray, beam: 
     if params.excitation_weight > 0:
         # weight the excitation residuals by their observed scatter relative to the pixel
         # residuals' (both robust): each kind then counts by its own precision
-        k_fit = h_sel @ a_matrix.T + np.asarray(beam.s0_inv_a)
-        exc_sigma = _robust_sigma(np.linalg.norm(k_fit, axis=1) - 1.0 / beam.wavelength_a)
+        exc_sigma = _robust_sigma(excitation_error_inv_a(h_sel @ a_matrix.T, beam.s0_inv_a,
+                                                         beam.wavelength_a))
         px_sigma = _robust_sigma(np.concatenate([r[0], r[1]]))
         if exc_sigma > 0 and px_sigma > 0:
             exc_scale = params.excitation_weight * px_sigma / exc_sigma
@@ -728,17 +727,15 @@ def _still_result(model: _StillModel, a_matrix: np.ndarray, asg: _Assignment, ma
                   fs_px: np.ndarray, ss_px: np.ndarray, beam: Beam,
                   threshold: float) -> RefineResult:
     n = fs_px.size
-    residuals_px = np.full((n, 2), np.nan)
-    exc_out = np.full(n, np.nan)
-    if mask.sum() >= 4:
-        residuals_px[mask, 0] = (asg.fs_pred - fs_px)[mask]
-        residuals_px[mask, 1] = (asg.ss_pred - ss_px)[mask]
-        k = asg.hkl[mask] @ a_matrix.T + np.asarray(beam.s0_inv_a)
-        exc_out[mask] = np.linalg.norm(k, axis=1) - 1.0 / beam.wavelength_a
-        rmsd = float(np.sqrt(np.mean(np.sum(residuals_px[mask] ** 2, axis=1))))
-    else:
+    if mask.sum() < 4:
         mask = np.zeros(n, dtype=bool)
-        rmsd = math.inf
+    residuals_px = np.where(mask[:, None], asg.offset_px, np.nan)
+    exc_out = np.full(n, np.nan)
+    rmsd = math.inf
+    if mask.any():
+        exc_out[mask] = excitation_error_inv_a(asg.hkl[mask] @ a_matrix.T, beam.s0_inv_a,
+                                               beam.wavelength_a)
+        rmsd = float(np.sqrt(np.mean(np.sum(residuals_px[mask] ** 2, axis=1))))
     return RefineResult(
         crystal=Crystal(model.cell, model.space_group, a_matrix),
         miller_indices=np.where(mask[:, None], asg.hkl, 0).astype(np.int32),
@@ -791,7 +788,8 @@ def refine_still(
     exc_scale = params.excitation_weight / params.max_excitation_inv_a
     threshold = params.outlier_px
     for cycle in range(params.n_cycles + 1):
-        asg = _assign(model, a_cur, panel, fs_px, ss_px, detector, beam, params)
+        asg = _assign(a_cur, model.space_group, panel, fs_px, ss_px, detector, beam,
+                      params.max_excitation_inv_a, model.shift_mm, model.shift_xy_mm)
         mask = asg.dist_px <= threshold
         if cycle == params.n_cycles or mask.sum() < 4:
             break

@@ -289,25 +289,6 @@ def _relative_intensity(st: _Structure, hkl: np.ndarray, sg: gemmi.SpaceGroup) -
 
 
 @numba.njit(cache=True)
-def _near_ewald(hkl, a, s0, inv_lambda, max_exc):  # pragma: no cover - numba
-    n = hkl.shape[0]
-    out = np.empty(n, dtype=np.int64)
-    cnt = 0
-    for i in range(n):
-        h = float(hkl[i, 0])
-        k = float(hkl[i, 1])
-        l = float(hkl[i, 2])
-        x = a[0, 0] * h + a[0, 1] * k + a[0, 2] * l + s0[0]
-        y = a[1, 0] * h + a[1, 1] * k + a[1, 2] * l + s0[1]
-        z = a[2, 0] * h + a[2, 1] * k + a[2, 2] * l + s0[2]
-        exc = math.sqrt(x * x + y * y + z * z) - inv_lambda
-        if abs(exc) <= max_exc:
-            out[cnt] = i
-            cnt += 1
-    return out[:cnt]
-
-
-@numba.njit(cache=True)
 def _render_spots_kernel(
     img, base, stride, n_ss, n_fs, panel, fs, ss, photons, sigma, radius, frac
 ):  # pragma: no cover - numba
@@ -607,10 +588,8 @@ def _predict_truth(
     max_exc = float(partiality_width_inv_a(np.array([q_max]), beam, params)[0]) * cut
     if physics is not None:
         max_exc = physics.reach_inv_a(q_max, beam)
-    near = _near_ewald(
-        st.hkl, crystal.a_matrix, np.asarray(beam.s0_inv_a), 1.0 / beam.wavelength_a, max_exc
-    )
-    pred = predict_spots(crystal, beam, detector, st.hkl[near], max_exc)
+    pred = predict_spots(crystal, beam, detector, st.hkl, max_exc,
+                         params.polarization_fraction)
     if len(pred.hkl) == 0:
         return _empty_truth()
     if physics is not None:
@@ -628,8 +607,7 @@ def _predict_truth(
     d = pred.d_a[keep]
     partiality = partiality[keep]
     exc = pred.excitation_error_inv_a[keep]
-    k_vec = pred.q_inv_a[keep] + np.asarray(beam.s0_inv_a)
-    pol = diffraction.polarisation_factor(k_vec, params.polarization_fraction)
+    pol = pred.polarisation[keep]
     if physics is not None:
         f2 = f2_phys[keep]  # the data set's own falloff, and the crystal's B, are in it
         wilson = np.ones(len(d))

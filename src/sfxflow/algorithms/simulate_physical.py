@@ -45,7 +45,7 @@ from scipy.spatial.transform import Rotation
 from sfxflow.algorithms import diffraction
 from sfxflow.algorithms.geometry import miller_indices
 from sfxflow.algorithms.merge.reflections import AsuIndex
-from sfxflow.algorithms.predict import PredictedSpots, predict_spots
+from sfxflow.algorithms.predict import Prediction, predict_spots
 from sfxflow.models import (
     FWHM_TO_SIGMA,
     Beam,
@@ -263,20 +263,16 @@ def _recorded(q_blocks, s0_spikes, inv_lambda, weights, t_tab, f_tab):  # pragma
     return out
 
 
-@numba.njit(cache=True)
-def _near_ewald(hkl, a, inv_lambda, max_exc):  # pragma: no cover - numba
-    keep = np.zeros(hkl.shape[0], dtype=np.bool_)
-    for i in range(hkl.shape[0]):
-        h, k, l = float(hkl[i, 0]), float(hkl[i, 1]), float(hkl[i, 2])
-        x = a[0, 0] * h + a[0, 1] * k + a[0, 2] * l
-        y = a[1, 0] * h + a[1, 1] * k + a[1, 2] * l
-        z = a[2, 0] * h + a[2, 1] * k + a[2, 2] * l + inv_lambda
-        keep[i] = abs(math.sqrt(x * x + y * y + z * z) - inv_lambda) <= max_exc
-    return keep
-
-
-def _small_rotations(rng: np.random.Generator, n: int, sigma_rad: float) -> np.ndarray:
-    return Rotation.from_rotvec(rng.normal(0.0, sigma_rad, (n, 3))).as_matrix()
+def _true_partiality(q_inv_a: np.ndarray, s0_spikes: np.ndarray, lam_spikes: np.ndarray,
+                     weights: np.ndarray, params: PhysicalParams, rng: np.random.Generator
+                     ) -> np.ndarray:
+    """The true recording of reflections at ``q_inv_a`` (n, 3): every mosaic block (drawn
+    here) through every spike's Ewald sphere (:func:`_recorded`)."""
+    sigma_rad = math.radians(params.mosaicity_deg) * FWHM_TO_SIGMA
+    blocks = Rotation.from_rotvec(rng.normal(0.0, sigma_rad, (params.n_blocks, 3))).as_matrix()
+    q_blocks = np.ascontiguousarray(np.einsum("bij,rj->bri", blocks, q_inv_a))
+    t_tab, f_tab = _profile_table(float(params.block_size_a))
+    return _recorded(q_blocks, s0_spikes, 1.0 / lam_spikes, weights, t_tab, f_tab)
 
 
 def simulate_crystal(
@@ -308,30 +304,22 @@ def simulate_crystal(
     beam = Beam(wavelength_a=lam_shot)
 
     hkl_all = _hkl_sphere(cell0.parameters, sg.xhm(), params.d_min_a)
-    # a cheap float pre-selection near the Ewald sphere before the exact prediction
-    near = _near_ewald(hkl_all, reported.a_matrix, 1.0 / lam_shot, params.prediction_radius_inv_a)
-    pred = predict_spots(reported, beam, detector, hkl_all[near], params.prediction_radius_inv_a)
+    pred = predict_spots(reported, beam, detector, hkl_all, params.prediction_radius_inv_a,
+                         params.polarization_fraction)
     hkl = pred.hkl.astype(np.int64)
     i_true = truth.at(hkl)
     known = np.isfinite(i_true)
     hkl, i_true = hkl[known], np.maximum(i_true[known], 0.0)
 
-    # the true recording: every block, every spike
-    blocks = _small_rotations(rng, params.n_blocks,
-                              math.radians(params.mosaicity_deg) * FWHM_TO_SIGMA)
-    q_true = hkl @ crystal.a_matrix.T
-    q_blocks = np.einsum("bij,rj->bri", blocks, q_true)
-    t_tab, f_tab = _profile_table(float(params.block_size_a))
-    partiality_true = _recorded(np.ascontiguousarray(q_blocks), s0_spikes, 1.0 / lam_spikes,
-                                weights, t_tab, f_tab)
+    partiality_true = _true_partiality(hkl @ crystal.a_matrix.T, s0_spikes, lam_spikes, weights,
+                                       params, rng)
 
     log_range = math.log(params.scale_range)
     scale = params.scale_photons * math.exp(rng.uniform(-0.5, 0.5) * log_range) * math.exp(
         params.beam_jitter_rel * rng.standard_normal())
     b_factor = float(rng.normal(0.0, params.b_sigma_a2))
     d = pred.d_a[known]
-    k = pred.q_inv_a[known] + np.asarray(beam.s0_inv_a)
-    pol = diffraction.polarisation_factor(k, params.polarization_fraction)
+    pol = pred.polarisation[known]
     mu = scale * i_true * np.exp(-b_factor / (2 * d * d)) * partiality_true * pol
     intensity, sigma = _photons(mu, params, rng)
 
@@ -356,7 +344,7 @@ def simulate_crystal(
     )
 
 
-def _reported_reflections(hkl: np.ndarray, pred: PredictedSpots, known: np.ndarray,
+def _reported_reflections(hkl: np.ndarray, pred: Prediction, known: np.ndarray,
                           intensity: np.ndarray, sigma: np.ndarray, pol: np.ndarray,
                           params: PhysicalParams) -> dict[str, np.ndarray]:
     """The columns integration would report for the predicted reflections ``pred[known]``
@@ -403,11 +391,17 @@ def _spectrum(params: PhysicalParams, rng: np.random.Generator
               ) -> tuple[float, np.ndarray, np.ndarray]:
     """The shot's mean wavelength, and its SASE spikes' wavelengths and weights (sum 1)."""
     lam_shot = params.wavelength_a * (1.0 + params.wavelength_jitter_rel * rng.standard_normal())
+    return lam_shot, *_spikes(lam_shot, params, rng)
+
+
+def _spikes(lam_mean_a: float, params: PhysicalParams, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A shot's SASE spikes about ``lam_mean_a``: their wavelengths and weights (sum 1)."""
     n_spikes = max(1, int(rng.poisson(params.n_spikes_mean)))
-    lam_spikes = lam_shot * (1.0 + params.bandwidth_fwhm * FWHM_TO_SIGMA
-                             * rng.standard_normal(n_spikes))
+    lam_spikes = lam_mean_a * (1.0 + params.bandwidth_fwhm * FWHM_TO_SIGMA
+                               * rng.standard_normal(n_spikes))
     weights = rng.exponential(1.0, n_spikes)
-    return lam_shot, lam_spikes, weights / weights.sum()
+    return lam_spikes, weights / weights.sum()
 
 
 def _reported_crystal(crystal: Crystal, u: np.ndarray, params: PhysicalParams,
@@ -497,17 +491,10 @@ class PhysicalFrames:
         p = self.params
         hkl = np.asarray(hkl, dtype=np.int64)
         i_true = self.truth.at(hkl) / self.mean
-        n_spikes = max(1, int(rng.poisson(p.n_spikes_mean)))
-        lam = beam.wavelength_a * (1.0 + p.bandwidth_fwhm * FWHM_TO_SIGMA
-                                   * rng.standard_normal(n_spikes))
-        weights = rng.exponential(1.0, n_spikes)
-        weights /= weights.sum()
+        lam, weights = _spikes(beam.wavelength_a, p, rng)
         s0 = np.asarray(beam.direction, dtype=float)[None, :] / lam[:, None]
-        blocks = _small_rotations(rng, p.n_blocks, math.radians(p.mosaicity_deg) * FWHM_TO_SIGMA)
         q = hkl.astype(float) @ crystal.a_matrix.T
-        q_blocks = np.ascontiguousarray(np.einsum("bij,rj->bri", blocks, q))
-        t_tab, f_tab = _profile_table(float(p.block_size_a))
-        partiality = _recorded(q_blocks, s0, 1.0 / lam, weights, t_tab, f_tab)
+        partiality = _true_partiality(q, s0, lam, weights, p, rng)
         size = math.exp(rng.uniform(-0.5, 0.5) * math.log(p.scale_range))
         b = float(rng.normal(0.0, p.b_sigma_a2))
         inv_d2 = np.einsum("ri,ri->r", q, q)

@@ -65,7 +65,6 @@ class ScheduleResult:
 
     @property
     def n_nodes(self) -> int:
-        """Number of nodes."""
         return int(self.node_finish_s.size)
 
     @property

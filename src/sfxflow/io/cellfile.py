@@ -149,17 +149,22 @@ def default_space_group(lattice_type: str, centering: str, unique_axis: str = "*
                          f"{lt} space group ({name})") from exc
 
 
-def _parse_length_a(value: str, where: str) -> float:
+def _number_and_unit(value: str, where: str, what: str, units: tuple[str, str],
+                     example: str) -> tuple[float, str | None]:
+    """The number and unit (``None`` when absent) of a value such as ``66.2 A``."""
     parts = value.split()
     unit = parts[1] if len(parts) == 2 else None
-    if len(parts) not in (1, 2) or unit not in (None, "A", "nm"):
-        raise CellFileError(f"{where}: bad length (value {value!r}, expected e.g. '66.2 A' or "
-                            f"'6.62 nm')")
+    if len(parts) not in (1, 2) or unit not in (None, *units):
+        raise CellFileError(f"{where}: bad {what} (value {value!r}, expected e.g. {example})")
     try:
-        v = float(parts[0])
+        return float(parts[0]), unit
     except ValueError:
-        raise CellFileError(f"{where}: bad length (value {value!r}, expected a number with "
-                            f"unit A or nm)") from None
+        raise CellFileError(f"{where}: bad {what} (value {value!r}, expected a number with "
+                            f"unit {units[0]} or {units[1]})") from None
+
+
+def _parse_length_a(value: str, where: str) -> float:
+    v, unit = _number_and_unit(value, where, "length", ("A", "nm"), "'66.2 A' or '6.62 nm'")
     if unit is None:
         log.warning("%s: length %r has no unit; assuming Å", where, value)
     v = v * 10.0 if unit == "nm" else v
@@ -169,15 +174,7 @@ def _parse_length_a(value: str, where: str) -> float:
 
 
 def _parse_angle_deg(value: str, where: str) -> float:
-    parts = value.split()
-    unit = parts[1] if len(parts) == 2 else None
-    if len(parts) not in (1, 2) or unit not in (None, "deg", "rad"):
-        raise CellFileError(f"{where}: bad angle (value {value!r}, expected e.g. '90.0 deg')")
-    try:
-        v = float(parts[0])
-    except ValueError:
-        raise CellFileError(f"{where}: bad angle (value {value!r}, expected a number with unit "
-                            f"deg or rad)") from None
+    v, unit = _number_and_unit(value, where, "angle", ("deg", "rad"), "'90.0 deg'")
     v = math.degrees(v) if unit == "rad" else v
     if not 0 < v < 180:
         raise CellFileError(f"{where}: bad angle (value {value!r}, expected 0 < angle < 180 "

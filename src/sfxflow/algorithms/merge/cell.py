@@ -112,10 +112,8 @@ def merge_space_group(point_group: str, centering: str, lattice_type: str = "",
     elif pg == "2":
         ua = unique_axis.strip().lower() if unique_axis.strip().lower() in "abc" else "b"
         name = {"a": f"{cen} 2 1 1", "b": f"{cen} 1 2 1", "c": f"{cen} 1 1 2"}[ua or "b"]
-    elif pg in ("321", "312"):
+    else:  # "422" -> "P 4 2 2"
         name = f"{cen} {' '.join(pg)}"
-    else:
-        name = f"{cen} {' '.join(pg)}" if len(pg) > 1 else f"{cen} {pg}"
     try:
         sg = gemmi.SpaceGroup(name)
     except ValueError:

@@ -321,13 +321,11 @@ class CrystalFits:
     def concat(cls, parts: list[CrystalFits]) -> CrystalFits:
         return cls(*[np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)])
 
-    def as_columns(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
     def table_columns(self) -> dict[str, Any]:
         """The columns of ``crystals.parquet``: the fits, ``accepted`` and the rejection
         ``reason`` ("" when accepted) in place of the status code."""
-        cols: dict[str, Any] = {k: v for k, v in self.as_columns().items() if k != "status"}
+        cols: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                                if f.name != "status"}
         cols["accepted"] = self.status == ACCEPTED
         cols["reason"] = [REASONS.get(int(s), "") for s in self.status]
         return cols
@@ -358,19 +356,15 @@ def _ref_per_obs(codes: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return out
 
 
-def choose_operators(shard: PreparedShard, reference: np.ndarray,
-                     fixed: np.ndarray | None = None) -> np.ndarray:
-    """Per crystal, the ambiguity operator whose re-indexing correlates best with the reference
-    (``fixed`` >= 0 keeps a crystal's operator)."""
+def choose_operators(shard: PreparedShard, reference: np.ndarray) -> np.ndarray:
+    """Per crystal, the ambiguity operator whose re-indexing correlates best with the
+    reference."""
     n_ops = shard.codes.shape[0]
     if n_ops == 1:
         return np.zeros(shard.n_crystals, dtype=np.int16)
     ccs = np.stack([_crystal_cc(shard, _ref_per_obs(shard.codes[o], reference), shard.intensity)
                     for o in range(n_ops)])
-    best = np.argmax(np.nan_to_num(ccs, nan=-2.0), axis=0).astype(np.int16)
-    if fixed is not None:
-        best = np.where(fixed >= 0, fixed, best).astype(np.int16)
-    return best
+    return np.argmax(np.nan_to_num(ccs, nan=-2.0), axis=0).astype(np.int16)
 
 
 def chosen_codes(shard: PreparedShard, operator: np.ndarray) -> np.ndarray:

@@ -270,29 +270,28 @@ def shell_of(inv_d2: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return b
 
 
-def _pairs_cc(a: np.ndarray, b: np.ndarray, min_pairs: int) -> tuple[int, float]:
+def _pairs_cc(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
     ok = np.isfinite(a) & np.isfinite(b)
     n = int(ok.sum())
-    return n, pearson(a, b) if n >= min_pairs else math.nan
+    return n, pearson(a, b) if n >= MIN_PAIRS else math.nan
 
 
 def _shell(sel: np.ndarray, merged: Merged, index: AsuIndex, truth: np.ndarray | None,
-           d_range_a: tuple[float, float], min_pairs: int) -> dict:
+           d_range_a: tuple[float, float]) -> dict:
     measured = sel & (merged.n > 0)
     n_obs = int(merged.n[sel].sum())
     n_unique = int(measured.sum())
     n_possible = int(sel.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         ios = merged.imean[measured] / merged.sigimean[measured]
-    mean_ios = float(np.mean(ios)) if n_unique >= min_pairs else math.nan
-    n_pairs, cc = _pairs_cc(merged.i_half_a[sel], merged.i_half_b[sel], min_pairs)
-    r_split = _r_split(merged.i_half_a[sel], merged.i_half_b[sel]) if n_pairs >= min_pairs \
+    mean_ios = float(np.mean(ios)) if n_unique >= MIN_PAIRS else math.nan
+    n_pairs, cc = _pairs_cc(merged.i_half_a[sel], merged.i_half_b[sel])
+    r_split = _r_split(merged.i_half_a[sel], merged.i_half_b[sel]) if n_pairs >= MIN_PAIRS \
         else math.nan
-    n_pairs_any, cc_any = _pairs_cc(merged.i_half_a_any[sel], merged.i_half_b_any[sel],
-                                    min_pairs)
+    n_pairs_any, cc_any = _pairs_cc(merged.i_half_a_any[sel], merged.i_half_b_any[sel])
     acentric = sel & ~index.centric
     n_pairs_ano, cc_ano = _pairs_cc((merged.i_plus_a - merged.i_minus_a)[acentric],
-                                    (merged.i_plus_b - merged.i_minus_b)[acentric], min_pairs)
+                                    (merged.i_plus_b - merged.i_minus_b)[acentric])
     both = acentric & (merged.n_plus > 0) & (merged.n_minus > 0)
     n_acentric, n_both = int(acentric.sum()), int(both.sum())
     return {
@@ -314,14 +313,14 @@ def _shell(sel: np.ndarray, merged: Merged, index: AsuIndex, truth: np.ndarray |
 
 
 def shell_statistics(index: AsuIndex, merged: Merged, n_shells: int,
-                     truth: np.ndarray | None = None, d_min_a: float | None = None,
-                     min_pairs: int = MIN_PAIRS) -> tuple[dict, list[dict]]:
+                     truth: np.ndarray | None = None, d_min_a: float | None = None
+                     ) -> tuple[dict, list[dict]]:
     """(overall, per shell) statistics, as in ``stats.json`` (docs/run-directory.md).
 
     Shells span the merged reflections and half-set pairs, from the lowest- to the
     highest-resolution one (to ``d_min_a`` where given). ``truth`` is the true
     Friedel-averaged intensity per asymmetric-unit reflection (NaN where unknown), or
-    ``None``. Figures from fewer than ``min_pairs`` pairs (or reflections) are NaN.
+    ``None``. Figures from fewer than :data:`MIN_PAIRS` pairs (or reflections) are NaN.
     """
     inv = 1.0 / index.d_a**2
     # and every half-set pair (one observation in each half makes a merged value only where
@@ -332,8 +331,8 @@ def shell_statistics(index: AsuIndex, merged: Merged, n_shells: int,
     shell = shell_of(inv, edges)
     with np.errstate(divide="ignore"):
         d_edges = [float(x) for x in 1.0 / np.sqrt(edges)]
-    overall = _shell(shell >= 0, merged, index, truth, (d_edges[0], d_edges[-1]), min_pairs)
-    shells = [_shell(shell == j, merged, index, truth, (d_edges[j], d_edges[j + 1]), min_pairs)
+    overall = _shell(shell >= 0, merged, index, truth, (d_edges[0], d_edges[-1]))
+    shells = [_shell(shell == j, merged, index, truth, (d_edges[j], d_edges[j + 1]))
               for j in range(n_shells)]
     return overall, shells
 
@@ -491,7 +490,7 @@ def _nan(v: float | None) -> float:
     return math.nan if v is None else float(v)
 
 
-def format_table(overall: dict, shells: list[dict], min_pairs: int = MIN_PAIRS) -> str:
+def format_table(overall: dict, shells: list[dict]) -> str:
     """The statistics as a text table (shells, then the overall line, then a legend)."""
     head = (f"{'d_max':>6} {'d_min':>5} {'n_obs':>8} {'uniq':>6} {'compl':>6} {'mult':>5} "
             f"{'I/sig':>6} {'pairs':>6} {'CC1/2':>6} {'CC*':>5} {'Rsplit':>6} "
@@ -513,7 +512,7 @@ def format_table(overall: dict, shells: list[dict], min_pairs: int = MIN_PAIRS) 
     lines.insert(len(lines) - 1, "-" * len(head))
     lines.append(f"pairs, CC1/2, CC*, Rsplit: reflections with >= 2 observations in each half-set "
                  f"(CrystFEL);\npairs1, CC1/2_1: >= 1 in each (aimless/DIALS); '-': fewer than "
-                 f"{min_pairs} pairs (or reflections, for I/sig)")
+                 f"{MIN_PAIRS} pairs (or reflections, for I/sig)")
     return "\n".join(lines)
 
 
