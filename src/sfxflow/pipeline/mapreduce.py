@@ -101,10 +101,39 @@ class MapReduce:
                                                                      pure=False)
 
     def map(self, fn: Callable, items: Sequence[tuple], *shared: Any) -> list:
-        """``fn(*item, *shared)`` for each item; the results stay where they were computed."""
+        """``fn(*item, *shared)`` for each item; the results stay where they were computed.
+        On a cluster, a task whose item starts with the result of an earlier map (a shard) runs
+        on the worker holding that result; the others (reading the shards) are dealt out to the
+        workers in turn, so that each holds as many shards (dask's own choice followed the
+        speed of the first reads: on a shared machine 2 to 1, and every cycle after that
+        waited for the worker with two thirds of the shards)."""
         if self.client is None:
             return [fn(*item, *shared) for item in items]
-        return [self.client.submit(fn, *item, *shared, pure=False) for item in items]
+        holders = self._holders([item[0] for item in items if item])
+        workers = sorted(self.client.scheduler_info().get("workers", {}))
+        out = []
+        for n, item in enumerate(items):
+            key = getattr(item[0], "key", None) if item else None
+            where = holders.get(key) if key is not None else workers[n % len(workers):][:1]
+            place = {"workers": where, "allow_other_workers": True} if where else {}
+            out.append(self.client.submit(fn, *item, *shared, pure=False, **place))
+        return out
+
+    def _holders(self, values: list) -> dict[Any, list[str]]:
+        """The workers holding each of ``values`` that is a finished result (by key).
+
+        Dask places a task by the time its inputs would take to move against how busy each
+        worker is; a shard of tens of MB moves in milliseconds here, so nearly every task went
+        to the idlest worker with a copy of its shard, which stayed in that worker's memory
+        (not memory-mapped) and cost a serialisation each way. Naming the holder keeps the
+        shard where it is; ``allow_other_workers`` lets the task run elsewhere when the holder
+        is gone (its shard is then recomputed)."""
+        from distributed import Future
+
+        futures = [v for v in values if isinstance(v, Future) and v.status == "finished"]
+        if not futures:
+            return {}
+        return {k: list(w) for k, w in self.client.who_has(futures).items() if w}
 
     def gather(self, results: list) -> list:
         return results if self.client is None else self.client.gather(results)

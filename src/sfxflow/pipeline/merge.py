@@ -31,11 +31,13 @@ import dask.config
 import gemmi
 import numpy as np
 import pyarrow as pa
+from dask.sizeof import sizeof
 
 from sfxflow.algorithms import merge as alg
 from sfxflow.algorithms.simulate_physical import TrueIntensities
 from sfxflow.io.merged import crystals_table, write_merge_outputs
 from sfxflow.io.observations import (
+    ShardData,
     ShardSpec,
     discover_shards,
     read_shard,
@@ -65,6 +67,16 @@ class MergeResult:
 #: the per-observation arrays of a read shard and of a prepared one: memory-mapped scratch files
 _DATA_ARRAYS = ("obs_crystal", "hkl", "intensity", "sigma", "polarisation")
 _PREPARED_ARRAYS = ("hkl", "codes", "intensity", "sigma", "inv_d2", "eps")
+
+
+@sizeof.register(ShardData)
+@sizeof.register(alg.PreparedShard)
+def _shard_bytes(shard: Any) -> int:
+    """A shard's arrays (memory-mapped or not): what moving it to another worker would send,
+    for the scheduler's choice of worker. Dask's default (an object's own few bytes) made
+    every placement look free: a cycle's tasks went to whichever worker was idle, each taking
+    a copy of its shard into that worker's own memory and serialising it on the way."""
+    return sum(v.nbytes for v in vars(shard).values() if isinstance(v, np.ndarray))
 
 
 def _scratch_root(dask_worker: Any = None) -> Path:
@@ -242,6 +254,18 @@ def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: a
     return reference, fits, accepted, history
 
 
+# glibc's malloc in workers started here: Dask's MALLOC_TRIM_THRESHOLD_ of 64 kB (which turns
+# off glibc's adaptive thresholds) gave every temporary array of a cycle (a shard's worth, a few
+# MB each) back to the system when freed and took it again, zeroed, page by page when next
+# made: about 120,000 page faults and 0.2 s of system time per cycle per 3 million
+# observations, a quarter of the workers' CPU time. Arrays below 32 MB (glibc's largest mmap
+# threshold) now come from the heap, which keeps up to 64 MB free: one task's temporaries,
+# the same however many observations a worker holds.
+_MALLOC_ENVIRON = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in
+                   (("MALLOC_MMAP_THRESHOLD_", 32 * 2**20),
+                    ("MALLOC_TRIM_THRESHOLD_", 64 * 2**20))}
+
+
 def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
               cluster: ClusterConfig, *, cell: Any = None, space_group: Any = None,
               truth: TrueIntensities | None = None,
@@ -270,8 +294,13 @@ def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
     out = RunDir(out_url, storage_options)
     t_start = time.perf_counter()  # the performance figures count the cluster's start
     # workers started here skip dask's statistical profiler (a stack sample every 10 ms of
-    # every cycle: about 3% of the merge's CPU time, and no one reads it)
-    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+    # every cycle: about 3% of the merge's CPU time, and no one reads it); a scheduler started
+    # here does not steal: a stolen task takes a copy of its shard (tens of MB, memory-mapped
+    # where it was made) into the thief's own memory, where it stays, so that a worker's
+    # memory grew with the observations again (a joined scheduler keeps its own setting)
+    with dask.config.set({"distributed.worker.profile.enabled": False,
+                          "distributed.scheduler.work-stealing": False,
+                          **_MALLOC_ENVIRON}), \
             open_cluster(cluster) as (client, info):
         job = _Job(specs, out, params, cell, space_group, point_group, truth, storage_options,
                    echo or (lambda s: None), on_cycle or (lambda i: None),
