@@ -258,7 +258,7 @@ def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: a
 # off glibc's adaptive thresholds) gave every temporary array of a cycle (a shard's worth, a few
 # MB each) back to the system when freed and took it again, zeroed, page by page when next
 # made: about 120,000 page faults and 0.2 s of system time per cycle per 3 million
-# observations, a quarter of the workers' CPU time. Arrays below 32 MB (glibc's largest mmap
+# observations, a fifth of the workers' CPU time. Arrays below 32 MB (glibc's largest mmap
 # threshold) now come from the heap, which keeps up to 64 MB free: one task's temporaries,
 # the same however many observations a worker holds.
 _MALLOC_ENVIRON = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in
