@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import gemmi
 import numpy as np
@@ -213,6 +214,35 @@ def test_p63_ambiguity_resolution_restores_the_cc_to_truth(tmp_path):
     assert with_res.stats["overall"]["cc_truth"] > without.stats["overall"]["cc_truth"] + 0.2
 
 
+def test_shards_are_memory_mapped_from_scratch_files_removed_however_the_merge_ends(
+        sim_run, truth, tmp_path):
+    """The shards' observations are kept in memory-mapped scratch files under Dask's
+    temporary-directory while the merge runs: nothing is left there after a merge, nor after
+    one that failed."""
+    import dask.config
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    seen: list[list[Path]] = []
+
+    def look(cycle: int) -> None:
+        seen.append(list(scratch.glob("sfxflow-merge-*/*")))
+
+    def fail(cycle: int) -> None:
+        raise RuntimeError(f"stopped in cycle {cycle}")
+
+    with dask.config.set({"temporary-directory": str(scratch)}):
+        r = run_merge([str(sim_run / "run")], str(tmp_path / "m"), MergeParams(iterations=3),
+                      SERIAL, truth=truth, on_cycle=look)
+        assert r.stats["overall"]["cc_truth"] > 0.9
+        assert len(seen[0]) == 2 * 3  # each of the 3 shards as read and as prepared
+        assert not list(scratch.iterdir())
+        with pytest.raises(RuntimeError, match="stopped in cycle 1"):
+            run_merge([str(sim_run / "run")], str(tmp_path / "f"), MergeParams(iterations=3),
+                      SERIAL, truth=truth, on_cycle=fail)
+        assert not list(scratch.iterdir())
+
+
 # ----------------------------------------------------------------------------- on Dask
 
 @pytest.mark.dask
@@ -241,6 +271,14 @@ def test_distributed_merge_equals_serial_and_survives_a_killed_worker(
     a = gemmi.read_mtz_file(str(tmp_path / "d" / "merged.mtz"))
     b = gemmi.read_mtz_file(str(Path(serial_results["partiality"].out_url) / "merged.mtz"))
     assert np.allclose(np.asarray(a.array), np.asarray(b.array), rtol=1e-5, equal_nan=True)
+    # the surviving worker kept its shards in scratch files, all removed at the end
+    from distributed import Client
+
+    def left(dask_worker: Any) -> list[str]:
+        return [p.name for p in Path(dask_worker.local_directory).glob("sfxflow-merge-*")]
+
+    with Client(address, timeout="20s") as client:
+        assert list(client.run(left).values()) == [[]]
 
 
 @pytest.mark.s3

@@ -17,7 +17,8 @@
    same crystals unambiguously indexed; the fraction of crystals re-indexed correctly.
 3. **Scale.** At least ``--scale-observations`` observations (copies of simulated crystals with
    fresh scales and noise: cheap) merged on a LocalCluster: observations per second per core per
-   scaling cycle (median of the cycles), client and worker peak memory, wall time.
+   scaling cycle (median of the cycles), client and worker peak resident memory (and of it
+   anonymous and file-backed), wall time.
 """
 
 from __future__ import annotations
@@ -525,8 +526,15 @@ def _scale(work: Path, args: argparse.Namespace, truth: Any) -> dict:
           f"{perf['observations_per_cpu_second_per_cycle']:,.0f} per CPU second (cycle CPU "
           f"times of the workers and the client {', '.join(f'{c:.1f}' for c in cpu)} s: what "
           f"other programs on the machine do not change)")
-    print(f"  peak memory: client {perf['client_peak_mb']:.0f} MB, workers "
-          f"{', '.join(f'{m:.0f}' for m in perf['worker_peak_mb'])} MB; CC to truth "
+    def mb(values: list[float]) -> str:
+        return ", ".join(f"{m:.0f}" for m in values)
+
+    print(f"  peak resident memory: client {perf['client_peak_mb']:.0f} MB, workers "
+          f"{mb(perf['worker_peak_mb'])} MB; of it anonymous (the process's own) client "
+          f"{perf['client_peak_anon_mb']:.0f}, workers {mb(perf['worker_peak_anon_mb'])} MB, "
+          f"file-backed (libraries, memory-mapped shards: the kernel drops them under "
+          f"pressure) client {perf['client_peak_file_mb']:.0f}, workers "
+          f"{mb(perf['worker_peak_file_mb'])} MB; CC to truth "
           f"{r.stats['overall']['cc_truth']:.4f}", flush=True)
     return {"n_observations": r.stats["n_observations"], "wall_s": wall, "cycle_s": cycles,
             "cycle_cpu_s": cpu,

@@ -11,6 +11,8 @@ per-shard values.
 
 from __future__ import annotations
 
+import logging
+import math
 import operator
 import resource
 import time
@@ -20,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MapReduce", "cpu_s", "peak_rss_mb", "rss_mb"]
+log = logging.getLogger(__name__)
+
+__all__ = ["MapReduce", "cpu_s", "memory_mb", "peak_rss_mb", "rss_mb"]
 
 
 def _identity(value: Any) -> Any:
@@ -54,6 +58,27 @@ def rss_mb() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
 
 
+_STATUS_FIELDS = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory (MB): ``rss`` in all, of which ``anon`` is its own (heap,
+    stacks: only swap could free it) and ``file`` the pages of mapped files (libraries, the
+    merge's memory-mapped scratch files: the kernel drops these under pressure and reads them
+    again when touched). From Linux's /proc/self/status; elsewhere ``rss`` only (the parts
+    NaN)."""
+    out = {"rss": math.nan, "anon": math.nan, "file": math.nan}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                name, *value = line.split()
+                if name in _STATUS_FIELDS:
+                    out[_STATUS_FIELDS[name]] = int(value[0]) / 1024.0  # kB
+    except OSError:
+        out["rss"] = rss_mb()
+    return out
+
+
 class MapReduce:
     """The one map/reduce of the merge, in this process (``client`` None: ``--scheduler
     synchronous``) or on a Dask cluster, where each task's result stays on its worker as a
@@ -65,8 +90,9 @@ class MapReduce:
         self.t_start = time.perf_counter() if t_start is None else t_start
         workers = {} if client is None else client.scheduler_info().get("workers", {})
         self.n_cores = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
-        self.worker_peaks_mb: dict[str, float] = {}
-        self.client_peak_mb = rss_mb()
+        #: the most resident memory seen (:func:`memory_mb`'s parts), of each worker
+        self.worker_peaks_mb: dict[str, dict[str, float]] = {}
+        self.client_peak_mb = memory_mb()
 
     def put(self, value: Any) -> Any:
         """A value every task of the next maps reads (on a cluster: a task holding it, not
@@ -75,10 +101,39 @@ class MapReduce:
                                                                      pure=False)
 
     def map(self, fn: Callable, items: Sequence[tuple], *shared: Any) -> list:
-        """``fn(*item, *shared)`` for each item; the results stay where they were computed."""
+        """``fn(*item, *shared)`` for each item; the results stay where they were computed.
+        On a cluster, a task whose item starts with the result of an earlier map (a shard) runs
+        on the worker holding that result; the others (reading the shards) are dealt out to the
+        workers in turn, so that each holds as many shards (dask's own choice followed the
+        speed of the first reads: on a shared machine 2 to 1, and every cycle after that
+        waited for the worker with two thirds of the shards)."""
         if self.client is None:
             return [fn(*item, *shared) for item in items]
-        return [self.client.submit(fn, *item, *shared, pure=False) for item in items]
+        holders = self._holders([item[0] for item in items if item])
+        workers = sorted(self.client.scheduler_info().get("workers", {}))
+        out = []
+        for n, item in enumerate(items):
+            key = getattr(item[0], "key", None) if item else None
+            where = holders.get(key) if key is not None else workers[n % len(workers):][:1]
+            place = {"workers": where, "allow_other_workers": True} if where else {}
+            out.append(self.client.submit(fn, *item, *shared, pure=False, **place))
+        return out
+
+    def _holders(self, values: list) -> dict[Any, list[str]]:
+        """The workers holding each of ``values`` that is a finished result (by key).
+
+        Dask places a task by the time its inputs would take to move against how busy each
+        worker is; a shard of tens of MB moves in milliseconds here, so nearly every task went
+        to the idlest worker with a copy of its shard, which stayed in that worker's memory
+        (not memory-mapped) and cost a serialisation each way. Naming the holder keeps the
+        shard where it is; ``allow_other_workers`` lets the task run elsewhere when the holder
+        is gone (its shard is then recomputed)."""
+        from distributed import Future
+
+        futures = [v for v in values if isinstance(v, Future) and v.status == "finished"]
+        if not futures:
+            return {}
+        return {k: list(w) for k, w in self.client.who_has(futures).items() if w}
 
     def gather(self, results: list) -> list:
         return results if self.client is None else self.client.gather(results)
@@ -86,27 +141,48 @@ class MapReduce:
     def reduce_sum(self, results: list) -> Any:
         """The sum of the results (of pairs: of their first elements): on a cluster a tree of
         additions, only the total comes back."""
-        add = _add if self.client is None else partial(self.client.submit, _add, pure=False)
+        return self.gather([self._total(results)])[0]
+
+    def _total(self, results: list) -> Any:
+        """The sum of the results as one future (in this process: the sum). The additions go
+        before the maps still queued (dask's priority), so that each worker holds the partial
+        sums of the few maps it ran last, not one per map: a worker's memory does not grow
+        with the number of shards."""
+        add = _add if self.client is None else partial(self.client.submit, _add, pure=False,
+                                                       priority=1)
         while len(results) > 1:
             results = [add(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)
                        ] + results[len(results) - len(results) % 2:]
-        if len(results) == 1 and self.client is not None:
-            results = [self.client.submit(_summable, results[0], pure=False)]
-        return _summable(self.gather(results)[0])
+        if self.client is None:
+            return _summable(results[0])
+        return self.client.submit(_summable, results[0], pure=False, priority=1)
 
     def map_reduce(self, fn: Callable, items: Sequence[tuple], *shared: Any
                    ) -> tuple[Any, list]:
         """``fn`` returns (a summable, a per-item value): the sum of the first over the items
         and the list of the second; then a memory sample."""
         parts = self.map(fn, items, *shared)
-        total = self.reduce_sum(parts)
-        rest = self.gather([self._item(p, 1) for p in parts])
-        self._sample_memory()
-        return total, rest
+        rest = [self._item(p, 1) for p in parts]  # the small part only comes back
+        total = self._total(parts)
+        del parts  # each map's result is released once added and its small part taken
+        got = self.gather([total, *rest])
+        self.sample_memory()
+        return got[0], got[1:]
 
     def _item(self, result: Any, k: int) -> Any:
         return result[k] if self.client is None else self.client.submit(
-            operator.itemgetter(k), result, pure=False)  # the small part only comes back
+            operator.itemgetter(k), result, pure=False, priority=1)
+
+    def everywhere(self, fn: Callable, *args: Any) -> None:
+        """``fn(*args)`` in this process and on every worker (``Client.run``): housekeeping
+        such as removing scratch files, also after a failure, so a failure here (a cluster
+        already gone) is logged, not raised over the error that ended the run."""
+        try:
+            fn(*args)
+            if self.client is not None:
+                self.client.run(fn, *args, on_error="return")
+        except Exception as exc:  # see the docstring
+            log.warning("%s on the workers failed: %s", getattr(fn, "__name__", fn), exc)
 
     def cpu_mark(self) -> dict[str, float]:
         """CPU time used so far by this process and by each worker (s), for
@@ -121,13 +197,15 @@ class MapReduce:
         now = self.cpu_mark()
         return float(sum(now[k] - mark[k] for k in now if k in mark))
 
-    def _sample_memory(self) -> None:
+    def sample_memory(self) -> None:
+        """Note the resident memory of this process and of each worker (the peaks reported by
+        :meth:`performance`)."""
         # resident memory sampled between steps: a worker's ru_maxrss would include what a
         # forked worker inherited from its parent
-        self.client_peak_mb = max(self.client_peak_mb, rss_mb())
+        self.client_peak_mb = _peaks(self.client_peak_mb, memory_mb())
         if self.client is not None:
-            for worker, mb in self.client.run(rss_mb, on_error="ignore").items():
-                self.worker_peaks_mb[worker] = max(self.worker_peaks_mb.get(worker, 0.0), mb)
+            for worker, mb in self.client.run(memory_mb, on_error="ignore").items():
+                self.worker_peaks_mb[worker] = _peaks(self.worker_peaks_mb.get(worker, mb), mb)
 
     def performance(self, n_items: int, cycle_seconds: list[float],
                     cycle_cpu_seconds: list[float] | None = None) -> dict[str, Any]:
@@ -135,12 +213,21 @@ class MapReduce:
         median of the cycles: from the wall time times the cores, and from the CPU time the
         cycles used, which a machine shared with other programs does not inflate) and memory
         of the maps so far."""
-        self._sample_memory()
+        self.sample_memory()
         per_s = n_items / (float(np.median(cycle_seconds)) * self.n_cores)
         per_cpu_s = (n_items / float(np.median(cycle_cpu_seconds)) if cycle_cpu_seconds
                      else float("nan"))
         return {"cluster": self.kind, "seconds": time.perf_counter() - self.t_start,
                 "cores": self.n_cores, "observations_per_second_per_core_per_cycle": per_s,
                 "observations_per_cpu_second_per_cycle": per_cpu_s,
-                "client_peak_mb": self.client_peak_mb, "client_max_rss_mb": peak_rss_mb(),
-                "worker_peak_mb": list(self.worker_peaks_mb.values())}
+                "client_peak_mb": self.client_peak_mb["rss"],
+                "client_peak_anon_mb": self.client_peak_mb["anon"],
+                "client_peak_file_mb": self.client_peak_mb["file"],
+                "client_max_rss_mb": peak_rss_mb(),
+                **{f"worker_peak{part}_mb": [w[key] for w in self.worker_peaks_mb.values()]
+                   for part, key in (("", "rss"), ("_anon", "anon"), ("_file", "file"))}}
+
+
+def _peaks(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """The larger of each part of two :func:`memory_mb` samples (NaN where unknown)."""
+    return {k: max(a[k], b[k]) if not math.isnan(a[k]) else b[k] for k in a}

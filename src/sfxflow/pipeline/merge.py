@@ -3,7 +3,9 @@
 ``_run`` is the list of steps, each a map over the shards on the workers
 (:class:`~sfxflow.pipeline.mapreduce.MapReduce`) and a small reduce on the client; the numbers
 are decided in :mod:`sfxflow.algorithms.merge`: read and prepare each shard (it stays on its
-worker as a future: a lost worker's shards are recomputed from their files); the space group,
+worker as a future: a lost worker's shards are recomputed from their files; its per-observation
+arrays are written once to the worker's scratch folder and memory-mapped, so that a worker's
+own memory does not grow with the observations); the space group,
 cell and asymmetric unit; the first reference (a Wilson curve, and with an indexing ambiguity a
 Brehm-Diederichs-resolved subset of crystals); ``iterations`` scaling cycles against the
 broadcast reference; the final merge, which writes each shard's scaled observations; then the
@@ -15,21 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dask.config
 import gemmi
 import numpy as np
 import pyarrow as pa
+from dask.sizeof import sizeof
 
 from sfxflow.algorithms import merge as alg
 from sfxflow.algorithms.simulate_physical import TrueIntensities
 from sfxflow.io.merged import crystals_table, write_merge_outputs
 from sfxflow.io.observations import (
+    ShardData,
     ShardSpec,
     discover_shards,
     read_shard,
@@ -37,6 +45,7 @@ from sfxflow.io.observations import (
     remove_stale_scaled,
 )
 from sfxflow.io.results import RunDir, parquet_bytes
+from sfxflow.io.scratch import mapped_arrays, remove_scratch
 from sfxflow.pipeline.cluster import open_cluster
 from sfxflow.pipeline.config import ClusterConfig
 from sfxflow.pipeline.mapreduce import MapReduce
@@ -55,6 +64,55 @@ class MergeResult:
     reports: list[str] = field(default_factory=list)  #: the report pages written
 
 
+#: the per-observation arrays of a read shard and of a prepared one: memory-mapped scratch files
+_DATA_ARRAYS = ("obs_crystal", "hkl", "intensity", "sigma", "polarisation")
+_PREPARED_ARRAYS = ("hkl", "codes", "intensity", "sigma", "inv_d2", "eps")
+
+
+@sizeof.register(ShardData)
+@sizeof.register(alg.PreparedShard)
+def _shard_bytes(shard: Any) -> int:
+    """A shard's arrays (memory-mapped or not): what moving it to another worker would send,
+    for the scheduler's choice of worker. Dask's default (an object's own few bytes) made
+    every placement look free: a cycle's tasks went to whichever worker was idle, each taking
+    a copy of its shard into that worker's own memory and serialising it on the way."""
+    return sum(v.nbytes for v in vars(shard).values() if isinstance(v, np.ndarray))
+
+
+def _scratch_root(dask_worker: Any = None) -> Path:
+    """Where this process keeps a merge's scratch files: a Dask worker's local directory
+    (Dask's ``temporary-directory`` setting or ``dask worker --local-directory``; Dask removes
+    it with the worker), else Dask's ``temporary-directory``, else the system's temporary
+    folder (``TMPDIR``)."""
+    # a worker has imported distributed; importing it here (a serial merge) would add its
+    # defaults inside run_merge's dask.config.set, which takes them away again on leaving
+    if dask_worker is None and "distributed" in sys.modules:
+        try:
+            dask_worker = sys.modules["distributed"].get_worker()
+        except ValueError:  # not in a task on a worker
+            pass
+    if dask_worker is not None:
+        return Path(dask_worker.local_directory)
+    return Path(dask.config.get("temporary-directory", None) or tempfile.gettempdir())
+
+
+def _mapped(value: Any, names: Sequence[str], scratch: str) -> Any:
+    """``value`` (a dataclass) with its arrays ``names`` written to this process's folder
+    ``scratch`` and memory-mapped read-only (:func:`sfxflow.io.scratch.mapped_arrays`)."""
+    arrays = mapped_arrays({n: getattr(value, n) for n in names}, _scratch_root() / scratch)
+    return dataclasses.replace(value, **arrays)
+
+
+def _remove_scratch(scratch: str, dask_worker: Any = None) -> bool:
+    """Remove this process's folder ``scratch`` (on a worker through ``Client.run``, which
+    passes ``dask_worker``)."""
+    return remove_scratch(_scratch_root(dask_worker) / scratch)
+
+
+def _read(spec: ShardSpec, storage_options: Mapping[str, Any] | None, scratch: str) -> Any:
+    return _mapped(read_shard(spec, storage_options), _DATA_ARRAYS, scratch)
+
+
 def _summarise(data: Any) -> dict:
     return {"n_crystals": data.n_crystals, "n_obs": int(data.hkl.shape[0]),
             "cells": data.cells, "wavelengths": data.wavelengths_a, "rejected": data.rejected,
@@ -65,11 +123,12 @@ def _summarise(data: Any) -> dict:
 
 
 def _prepare(data: Any, half: np.ndarray, index: alg.AsuIndex, operators: list[np.ndarray],
-             params: alg.MergeParams) -> alg.PreparedShard:
+             params: alg.MergeParams, scratch: str) -> alg.PreparedShard:
     shard = alg.prepare_shard(data.crystal_ids, data.a_matrices, data.wavelengths_a,
                               data.obs_crystal, data.hkl, data.intensity, data.sigma,
                               data.polarisation, index, operators, params)
-    return dataclasses.replace(shard, half=half)  # a balanced split over every shard's crystals
+    shard = dataclasses.replace(shard, half=half)  # a balanced split over every shard's crystals
+    return _mapped(shard, _PREPARED_ARRAYS, scratch)
 
 
 def _final_pass(shard: alg.PreparedShard, fits: alg.CrystalFits, accepted: np.ndarray | None,
@@ -101,6 +160,7 @@ class _Job:
     storage_options: Mapping[str, Any] | None
     echo: Callable[[str], None]
     on_cycle: Callable[[int], None]
+    scratch: str  # the name of this merge's scratch folder in each process's (_scratch_root)
 
 
 @dataclass(frozen=True)
@@ -194,6 +254,18 @@ def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: a
     return reference, fits, accepted, history
 
 
+# glibc's malloc in workers started here: Dask's MALLOC_TRIM_THRESHOLD_ of 64 kB (which turns
+# off glibc's adaptive thresholds) gave every temporary array of a cycle (a shard's worth, a few
+# MB each) back to the system when freed and took it again, zeroed, page by page when next
+# made: about 120,000 page faults and 0.2 s of system time per cycle per 3 million
+# observations, a fifth of the workers' CPU time. Arrays below 32 MB (glibc's largest mmap
+# threshold) now come from the heap, which keeps up to 64 MB free: one task's temporaries,
+# the same however many observations a worker holds.
+_MALLOC_ENVIRON = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in
+                   (("MALLOC_MMAP_THRESHOLD_", 32 * 2**20),
+                    ("MALLOC_TRIM_THRESHOLD_", 64 * 2**20))}
+
+
 def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
               cluster: ClusterConfig, *, cell: Any = None, space_group: Any = None,
               truth: TrueIntensities | None = None,
@@ -222,12 +294,22 @@ def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
     out = RunDir(out_url, storage_options)
     t_start = time.perf_counter()  # the performance figures count the cluster's start
     # workers started here skip dask's statistical profiler (a stack sample every 10 ms of
-    # every cycle: about 3% of the merge's CPU time, and no one reads it)
-    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+    # every cycle: about 3% of the merge's CPU time, and no one reads it); a scheduler started
+    # here does not steal: a stolen task takes a copy of its shard (tens of MB, memory-mapped
+    # where it was made) into the thief's own memory, where it stays, so that a worker's
+    # memory grew with the observations again (a joined scheduler keeps its own setting)
+    with dask.config.set({"distributed.worker.profile.enabled": False,
+                          "distributed.scheduler.work-stealing": False,
+                          **_MALLOC_ENVIRON}), \
             open_cluster(cluster) as (client, info):
         job = _Job(specs, out, params, cell, space_group, point_group, truth, storage_options,
-                   echo or (lambda s: None), on_cycle or (lambda i: None))
-        result = _run(job, MapReduce(client, info.kind, t_start))
+                   echo or (lambda s: None), on_cycle or (lambda i: None),
+                   f"sfxflow-merge-{uuid.uuid4().hex[:12]}")
+        ex = MapReduce(client, info.kind, t_start)
+        try:
+            result = _run(job, ex)
+        finally:  # the shards' scratch files, however the merge ended
+            ex.everywhere(_remove_scratch, job.scratch)
     # a merge into an earlier merge's folder: its scaled/ shards beyond ours would mix in
     remove_stale_scaled(out.url, [s.number for s in specs], storage_options)
     return result
@@ -235,7 +317,7 @@ def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
 
 def _run(job: _Job, ex: MapReduce) -> MergeResult:
     params = job.params
-    data = ex.map(read_shard, [(s, job.storage_options) for s in job.specs])
+    data = ex.map(_read, [(s, job.storage_options, job.scratch) for s in job.specs])
     summaries = ex.gather(ex.map(_summarise, [(d,) for d in data]))
     rejected: Counter[str] = sum((Counter(s["rejected"]) for s in summaries), Counter())
     n_crystals = sum(s["n_crystals"] for s in summaries)
@@ -245,9 +327,10 @@ def _run(job: _Job, ex: MapReduce) -> MergeResult:
     index = setup.index  # the asymmetric unit every per-reflection array is indexed by
     halves = alg.balanced_halves([s["n_crystals"] for s in summaries], params.seed)
     prepared = ex.map(_prepare, list(zip(data, halves, strict=True)), index, setup.operators,
-                      params)
+                      params, job.scratch)
     del data
     reference, ambiguity = _first_reference(ex, prepared, setup, params, n_crystals)
+    ex.sample_memory()  # every shard read and prepared
     reference, fits_all, accepted, history = _scale(ex, job, setup, prepared, reference)
 
     # the merge itself: the last fits with the error model fitted on them, and half-sets that
