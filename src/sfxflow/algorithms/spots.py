@@ -83,23 +83,25 @@ additions instead of 8. Each band's spots are measured right after the band is s
 its pixels are in cache (measured after the whole frame, the background rings cost ~3 cache
 misses per ring row: 0.4-0.7 ms more per CSPAD frame); the strong pixels' values are kept
 with their labels and ``min_snr`` applies as the spots are measured. About 3.0-3.1 ms per
-Mpixel on one core of the development VM on the stills, 3.4-3.6 on the CSPAD CBFs, ~9x one
+Mpixel on one core of the development VM on the stills, 3.3-3.6 on the CSPAD CBFs, ~9x one
 vectorised read of the frame. What costs on a CBF with CSPAD_CBF_SETTINGS (2.3 Mpixel, ms
-per frame, busy VM): the sweep without candidates ~5.9-6.7 (2.6-2.9 ms/Mpixel; on the
-stills 2.3-2.6: the 8 panels of a band row cost 8 short loops each, ~0.3 ms/Mpixel more
-than one panel of the same width), the ~20,000 candidates' variance test and labelling
-~0.7-0.9 (0.9 % of the pixels vs 0.6 % on the stills), the spot measurement ~0.4-0.6
-(~4,300 components, mostly single pixels; 700-1,000 measured), the noise floor ~0.4-0.5
-(2,300 calls of 194 pixels, taken row by row across each band, the data's memory order: a
-per-panel 2-D variant was 3x slower, not vectorised). Per-row numba calls with array
-arguments cost ~100-300 ns each (reference counting), hence the helpers are inlined. Tried and dropped: a float32 variant of the first
-test (exact for integer data below 2**16, float64 test on the candidates) made the flag loop
-40 % cheaper but the row checks it needs cost more than that; the variance test on every pixel
-in the vectorised loop (no branchy candidate pass) was 15-30 % slower overall; per panel,
-sliding a row's column sums and testing it right away (its buffers in L1) was 3-5 % slower
-on the CBFs; the flag loop over a whole band row with per-column settings instead of per
-panel, ~10 % slower on one panel; the flagged pixels found by a trailing-zero count instead
-of a byte scan, no faster; compiled d-spacings are not the bits of numpy's einsum and norm.
+per frame, busy VM): the sweep without candidates ~6 (~2.6 ms/Mpixel vs ~2.3 on the stills:
+each band row is cleaned into the ring in 8 short loops, one per ASIC, and with per-ASIC
+gains also flagged in 8), the ~20,000 candidates' variance test and labelling ~0.7-0.9 (0.9 %
+of the pixels vs 0.6 % on the stills), the spot measurement ~0.6 (~4,300 components, mostly
+single pixels; 700-1,000 measured), the noise floor ~0.4-0.5 (2,300 calls of 194 pixels,
+taken row by row across each band, the data's memory order: a per-panel 2-D variant was 3x
+slower, not vectorised). Per-row numba calls with array arguments cost ~100-300 ns each
+(reference counting), hence the helpers are inlined. Tried and dropped: a float32 variant of
+the first test (exact for integer data below 2**16, float64 test on the candidates) made the
+flag loop 40 % cheaper but the row checks it needs cost more than that; the variance test on
+every pixel in the vectorised loop (no branchy candidate pass) was 15-30 % slower overall;
+per panel, sliding a row's column sums and testing it right away (its buffers in L1) was
+3-5 % slower on the CBFs; cleaning per panel but sliding the whole band row in one loop, 0-4 %
+slower; the flag loop over a whole band row with per-column settings (not only where the
+panels share them), ~10 % slower on one panel; the flagged pixels found by a trailing-zero
+count instead of a byte scan, no faster; the background ring's rows as runs left and right of
+the box, 1-4 % slower; compiled d-spacings are not the bits of numpy's einsum and norm.
 """
 
 from __future__ import annotations
