@@ -79,16 +79,29 @@ scalars), one vectorised loop forms each pixel's 9 x 9 sums of count and value a
 tests that need no variance; the variance test and the labelling run on the 1-2 % of pixels
 that pass. The 9-column sums are ``(quad[c] + quad[c + 4]) + col[c + 8]`` with ``quad`` the
 sums of 4 columns: the association of the plain 9-term sum (the same bits for any data) in 5
-additions instead of 8. About 3.0 ms per Mpixel on one core of the development VM on the
-stills, 3.4-3.6 on the CSPAD CBFs, ~9x one vectorised read of the frame. What costs on a CBF
-(2.3 Mpixel, ms per frame): the sweep without candidates ~5.4, the candidates' variance test
-and labelling ~1.2 (more of them than on the stills), the spot measurement ~0.6, the noise
-floor ~0.3-0.4 (2,300 calls of 194 pixels: a per-panel 2-D variant was 3x slower, not
-vectorised). Per-row numba calls with array arguments cost ~100-300 ns each (reference
-counting), hence the helpers are inlined. Tried and dropped: a float32 variant of the first
-test (exact for integer data below 2**16, float64 test on the candidates) made the flag loop
-40 % cheaper but the row checks it needs cost more than that; the variance test on every pixel
-in the vectorised loop (no branchy candidate pass) was 15-30 % slower overall.
+additions instead of 8. Each band's spots are measured right after the band is swept, while
+its pixels are in cache (measured after the whole frame, the background rings cost ~3 cache
+misses per ring row: 0.4-0.7 ms more per CSPAD frame); the strong pixels' values are kept
+with their labels and ``min_snr`` applies as the spots are measured. About 3.0-3.1 ms per
+Mpixel on one core of the development VM on the stills, 3.3-3.6 on the CSPAD CBFs, ~9x one
+vectorised read of the frame. What costs on a CBF with CSPAD_CBF_SETTINGS (2.3 Mpixel, ms
+per frame, busy VM): the sweep without candidates ~6 (~2.6 ms/Mpixel vs ~2.3 on the stills:
+each band row is cleaned into the ring in 8 short loops, one per ASIC, and with per-ASIC
+gains also flagged in 8), the ~20,000 candidates' variance test and labelling ~0.7-0.9 (0.9 %
+of the pixels vs 0.6 % on the stills), the spot measurement ~0.6 (~4,300 components, mostly
+single pixels; 700-1,000 measured), the noise floor ~0.4-0.5 (2,300 calls of 194 pixels,
+taken row by row across each band, the data's memory order: a per-panel 2-D variant was 3x
+slower, not vectorised). Per-row numba calls with array arguments cost ~100-300 ns each
+(reference counting), hence the helpers are inlined. Tried and dropped: a float32 variant of
+the first test (exact for integer data below 2**16, float64 test on the candidates) made the
+flag loop 40 % cheaper but the row checks it needs cost more than that; the variance test on
+every pixel in the vectorised loop (no branchy candidate pass) was 15-30 % slower overall;
+per panel, sliding a row's column sums and testing it right away (its buffers in L1) was
+3-5 % slower on the CBFs; cleaning per panel but sliding the whole band row in one loop, 0-4 %
+slower; the flag loop over a whole band row with per-column settings (not only where the
+panels share them), ~10 % slower on one panel; the flagged pixels found by a trailing-zero
+count instead of a byte scan, no faster; the background ring's rows as runs left and right of
+the box, 1-4 % slower; compiled d-spacings are not the bits of numpy's einsum and norm.
 """
 
 from __future__ import annotations
@@ -333,30 +346,33 @@ def _link_strong(rowlab, rowtag, parent, j, row_id, n):  # pragma: no cover - co
 @njit(cache=True, nogil=True)
 def _new_labels(width, cap):  # pragma: no cover - compiled
     """The strong-pixel list and its labelling buffers (rows of ``width`` columns), as one
-    tuple for both kernels: ``(sp_panel, sp_r, sp_c, parent, rowlab, rowtag)``."""
+    tuple for both kernels: ``(sp_panel, sp_r, sp_c, parent, rowlab, rowtag, sp_v)``, with
+    ``sp_v`` the pixels' values (ADU, so measuring the spots reads no frame data)."""
     # tags start at -2: row ids are >= 0, so no first row (id 0) sees a row "id - 1" above
     return (np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.int32),
             np.empty(cap, np.int32), np.zeros((2, width), np.int32),
-            np.full((2, width), -2, np.int64))
+            np.full((2, width), -2, np.int64), np.empty(cap))
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _room_for_row(labels, n, nfs):  # pragma: no cover - compiled
     """``labels`` with room for a whole row of ``nfs`` more strong pixels after the ``n``."""
-    sp_panel, sp_r, sp_c, parent, rowlab, rowtag = labels
+    sp_panel, sp_r, sp_c, parent, rowlab, rowtag, sp_v = labels
     if n + nfs <= sp_panel.shape[0]:
         return labels
-    return (_grow(sp_panel), _grow(sp_r), _grow(sp_c), _grow(parent), rowlab, rowtag)
+    return (_grow(sp_panel), _grow(sp_r), _grow(sp_c), _grow(parent), rowlab, rowtag,
+            _grow(sp_v))
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _add_strong(labels, p, r, c, j, row_id, n):  # pragma: no cover - compiled
-    """Record strong pixel ``n`` at panel ``p`` (r, c), labelled in column ``j`` of row
-    ``row_id`` of the labelling buffers; returns ``n + 1``."""
-    sp_panel, sp_r, sp_c, parent, rowlab, rowtag = labels
+def _add_strong(labels, p, r, c, v, j, row_id, n):  # pragma: no cover - compiled
+    """Record strong pixel ``n`` at panel ``p`` (r, c) with value ``v`` (ADU), labelled in
+    column ``j`` of row ``row_id`` of the labelling buffers; returns ``n + 1``."""
+    sp_panel, sp_r, sp_c, parent, rowlab, rowtag, sp_v = labels
     sp_panel[n] = p
     sp_r[n] = r
     sp_c[n] = c
+    sp_v[n] = v
     _link_strong(rowlab, rowtag, parent, j, row_id, n)
     return n + 1
 
@@ -579,8 +595,10 @@ def _flag_row(rv, rg, cols, win, gain, floor, thr, k, min_local, s2, b2, local_s
 def _collect_row(flag, n_cols, cols, par, k, b2, local_sigma, band, r, row_id, labels,
                  n):  # pragma: no cover - compiled
     """Record the flagged pixels of one band row as strong pixels, in raster order, labelled;
-    with a Poisson-type noise model only those that pass the variance test as well."""
-    col_panel, off, half = band
+    with a Poisson-type noise model only those that pass the variance test as well
+    (``band``: each ring column's panel, the panels' ring offsets, ``half``, the ring and the
+    row's ring row, for the pixels' values)."""
+    col_panel, off, half, ring_v, slot = band
     words = flag.view(np.uint64)
     labels = _room_for_row(labels, n, n_cols)
     for w in range((n_cols + 7) // 8):
@@ -597,7 +615,7 @@ def _collect_row(flag, n_cols, cols, par, k, b2, local_sigma, band, r, row_id, l
                     continue
             j = c + half
             p = col_panel[j]
-            n = _add_strong(labels, p, r, j - off[p], j, row_id, n)
+            n = _add_strong(labels, p, r, j - off[p], np.float64(ring_v[slot, j]), j, row_id, n)
     return labels, n
 
 
@@ -654,6 +672,26 @@ def _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v, ri
 
 
 @njit(cache=True, nogil=True)
+def _flag_segments(ptab, panels, off, half, m, par):  # pragma: no cover - compiled
+    """The (first tested column, width) of each panel of a band, or one segment for the
+    whole band row where its panels share their gain, noise floor and threshold (one loop
+    per row instead of one per panel: a CSPAD row of 8 ASICs is ~10 % faster; the gaps'
+    pixels are never good, so their flags stay 0)."""
+    p0 = panels[0]
+    uniform = True
+    for p in panels:
+        for i in range(3):
+            uniform &= par[i, off[p]] == par[i, off[p0]]
+    if uniform:
+        return np.array([[off[p0] - half, m]], np.int64)
+    segments = np.empty((panels.shape[0], 2), np.int64)
+    for i in range(panels.shape[0]):
+        segments[i, 0] = off[panels[i]] - half
+        segments[i, 1] = ptab[panels[i], 4]
+    return segments
+
+
+@njit(cache=True, nogil=True)
 def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, tests, bufs,
                 labels, n):  # pragma: no cover - compiled
     """Threshold and label one band, row by row: the incoming row is cleaned into the ring
@@ -666,10 +704,7 @@ def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, t
     _band_setup(ptab, pf, panels, off, w, global_thr, bufs)
     nss = ptab[panels[0], 3]
     m = w - 2 * half  # tested columns: ring columns half .. w - half - 1
-    segments = np.empty((panels.shape[0], 2), np.int64)  # each panel's tested columns
-    for i in range(panels.shape[0]):
-        segments[i, 0] = off[panels[i]] - half
-        segments[i, 1] = ptab[panels[i], 4]
+    segments = _flag_segments(ptab, panels, off, half, m, par)
     flag[:m] = 0  # the gaps' flags (not written by the 9 x 9 flag loop)
     for rr in range(-half, nss):
         rin = rr + half
@@ -688,14 +723,39 @@ def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, t
                   par[0, half : w - half], par[1, half : w - half], par[2, half : w - half],
                   k, min_local, s2, b2, local_sigma, segments, flag)
         labels, n = _collect_row(flag, m, cols, par[:, half:], k, b2, local_sigma,
-                                 (col_panel, off, half), rr, row_id0 + rr, labels, n)
+                                 (col_panel, off, half, ring_v, slot), rr, row_id0 + rr,
+                                 labels, n)
     return labels, n
 
 
 @njit(cache=True, nogil=True)
 def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local,
                        global_thr, local_sigma, border, cap):  # pragma: no cover - compiled
-    """Threshold every panel and label strong pixels (union-find, 8-connectivity).
+    """The strong pixels of :func:`_dispersion_spots`: ``(sp_panel, sp_r, sp_c, parent, n)``
+    for the ``n`` strong pixels (in raster order within each panel)."""
+    tests = (min_local, sigma_s * sigma_s, 2.0 * sigma_b * sigma_b, global_thr, local_sigma)
+    labels, n, _ = _dispersion_sweep(data3, mask3, ptab, pf, half, tests, border, cap, None)
+    return labels[0], labels[1], labels[2], labels[3], n
+
+
+@njit(cache=True, nogil=True)
+def _dispersion_spots(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local,
+                      global_thr, local_sigma, border, cap,
+                      limits):  # pragma: no cover - compiled
+    """Threshold every panel, label strong pixels (union-find, 8-connectivity) and measure
+    the spots (:func:`_spot_columns`; ``limits``: see :func:`_spot_stats`)."""
+    tests = (min_local, sigma_s * sigma_s, 2.0 * sigma_b * sigma_b, global_thr, local_sigma)
+    _, _, spots = _dispersion_sweep(data3, mask3, ptab, pf, half, tests, border, cap, limits)
+    return _spot_columns(spots, ptab.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _dispersion_sweep(data3, mask3, ptab, pf, half, tests, border, cap,
+                      limits):  # pragma: no cover - compiled
+    """Threshold every panel and label strong pixels (union-find, 8-connectivity); with
+    ``limits``, measure each band's spots right after sweeping it, while its pixels are still
+    in cache (measured after the whole frame, each spot's background ring cost ~3 cache
+    misses per row; rows of spots to :func:`_new_spots`).
 
     Panels side by side in the data are swept together, one band of rows at a time
     (:func:`_bands`). Per row: the incoming row is cleaned (mask, saturation, NaN, border)
@@ -704,8 +764,7 @@ def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local
     window sums and applies the cheap tests; the variance test runs on the 1-2 % of pixels
     that pass them. The loops have no branches and no loop-carried dependency, so LLVM
     vectorises them; only the rare flagged pixels take the branchy path.
-    Returns ``(sp_panel, sp_r, sp_c, parent, n)`` for the ``n`` strong pixels (in raster order
-    within each panel).
+    Returns ``(labels, n, spots)``.
     """
     members, starts, off, width = _bands(ptab, half)
     max_w = width.max()
@@ -713,14 +772,17 @@ def _dispersion_strong(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local
     bufs = (np.zeros((k + 2, max_w), data3.dtype), np.zeros((k + 2, max_w), np.uint8),
             np.zeros((3, max_w)), np.zeros((3, max_w)), np.zeros(max_w, np.int64),
             np.zeros((3, max_w)), np.zeros(max_w + 8 - max_w % 8, np.uint8))
-    tests = (min_local, sigma_s * sigma_s, 2.0 * sigma_b * sigma_b, global_thr, local_sigma)
     labels = _new_labels(max_w, cap)
+    spots = _new_spots(data3.shape)
     n = 0
     for b in range(width.shape[0]):
+        n0 = n
         labels, n = _sweep_band(data3, mask3, ptab, pf, members[starts[b] : starts[b + 1]],
                                 off, width[b], b * _ROW_ID, half, border, tests, bufs, labels,
                                 n)
-    return labels[0], labels[1], labels[2], labels[3], n
+        if limits is not None:
+            spots = _spot_stats(data3, mask3, ptab, pf, labels, n0, n, limits, spots)
+    return labels, n, spots
 
 
 _FLOOR_CLIP2 = 36.0  # clip neighbour differences at 6 sigma: drops spots, keeps photon noise
@@ -749,6 +811,29 @@ def _pair_moments(drow, mrow, max_adu, clip):  # pragma: no cover - compiled
     return acc, acc_v, cnt
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _floor_round(data3, mask3, ptab, pf, panels, row_step, clip, done,
+                 acc):  # pragma: no cover - compiled
+    """One clipping round of :func:`_noise_floor` on the panels of one band: ``acc[p]`` =
+    the sums of :func:`_pair_moments` over panel ``p``'s sampled rows, in row order. Row by
+    row across the band (the data's memory order: prefetched better than panel by panel)."""
+    p0 = panels[0]
+    lead = ptab[p0, 0]
+    for p in panels:
+        acc[p, :] = 0.0
+    for r in range(ptab[p0, 1], ptab[p0, 1] + ptab[p0, 3], row_step):
+        for p in panels:
+            if done[p]:
+                continue
+            fs0 = ptab[p, 2]
+            nfs = ptab[p, 4]
+            a, b, c = _pair_moments(data3[lead, r, fs0 : fs0 + nfs],
+                                    mask3[lead, r, fs0 : fs0 + nfs], pf[p, 1], clip[p])
+            acc[p, 0] += a
+            acc[p, 1] += b
+            acc[p, 2] += c
+
+
 @njit(cache=True, nogil=True)
 def _noise_floor(data3, mask3, ptab, pf, row_step, out):  # pragma: no cover - compiled
     """Per panel, a robust background variance (ADU²) from differences of neighbouring pixels
@@ -756,43 +841,43 @@ def _noise_floor(data3, mask3, ptab, pf, row_step, out):  # pragma: no cover - c
     hot pixels drop out), corrected for the clipping; insensitive to smooth background
     gradients. Written to ``out[p]``.
     """
-    for p in range(ptab.shape[0]):
-        lead = ptab[p, 0]
-        ss0 = ptab[p, 1]
-        fs0 = ptab[p, 2]
-        nfs = ptab[p, 4]
-        clip = np.inf
-        est = 0.0
-        mean = 0.0
+    members, starts, _, _ = _bands(ptab, 0)
+    n = ptab.shape[0]
+    clip = np.full(n, np.inf)
+    est = np.zeros(n)
+    mean = np.zeros(n)
+    done = np.zeros(n, np.bool_)
+    acc = np.zeros((n, 3))
+    for b in range(starts.shape[0] - 1):
+        panels = members[starts[b] : starts[b + 1]]
         for _ in range(3):
-            acc = 0.0
-            acc_v = 0.0
-            cnt = 0.0
-            for r in range(0, ptab[p, 3], row_step):
-                a, b, c = _pair_moments(data3[lead, ss0 + r, fs0 : fs0 + nfs],
-                                        mask3[lead, ss0 + r, fs0 : fs0 + nfs], pf[p, 1], clip)
-                acc += a
-                acc_v += b
-                cnt += c
-            if cnt < 2.0:
-                est = 0.0
-                break
-            # var(v1 - v0) = 2 var(v); a normal clipped at 3 sigma keeps 97.3% of its variance
-            est = acc / cnt / 2.0
-            mean = acc_v / cnt / 2.0
-            clip = _FLOOR_CLIP2 * 2.0 * est
-        # Poisson data: variance = gain * mean, so the background's own index of dispersion is
-        # the effective gain (raises a declared gain that is too low, e.g. 1 for ADU data)
-        if mean > 0.0 and est / mean > pf[p, 0]:
-            out[p, 0] = est / mean
+            _floor_round(data3, mask3, ptab, pf, panels, row_step, clip, done, acc)
+            for p in panels:
+                if done[p]:
+                    continue
+                if acc[p, 2] < 2.0:
+                    est[p] = 0.0
+                    done[p] = True
+                    continue
+                # var(v1 - v0) = 2 var(v); a normal clipped at 3 sigma keeps 97.3% of its
+                # variance
+                est[p] = acc[p, 0] / acc[p, 2] / 2.0
+                mean[p] = acc[p, 1] / acc[p, 2] / 2.0
+                clip[p] = _FLOOR_CLIP2 * 2.0 * est[p]
+    for p in range(n):
+        # Poisson data: variance = gain * mean, so the background's own index of dispersion
+        # is the effective gain (raises a declared gain that is too low, e.g. 1 for ADU data)
+        if mean[p] > 0.0 and est[p] / mean[p] > pf[p, 0]:
+            out[p, 0] = est[p] / mean[p]
         # no photons in the mean (pedestal-subtracted, empty background): noise floor instead
-        out[p, 1] = est if mean <= 0.0 else 0.0
+        out[p, 1] = est[p] if mean[p] <= 0.0 else 0.0
 
 
 @njit(cache=True, nogil=True)
-def _radial_strong(data3, mask3, bins3, n_bins, ptab, pf, snr, iterations, global_thr,
-                   border, cap):  # pragma: no cover - compiled
-    """peakfinder8-style: per-ring mean/sigma with sigma clipping, then threshold + label."""
+def _radial_spots(data3, mask3, bins3, n_bins, ptab, pf, snr, iterations, global_thr,
+                  border, cap, limits):  # pragma: no cover - compiled
+    """peakfinder8-style: per-ring mean/sigma with sigma clipping, then threshold, label and
+    measure the spots (:func:`_spot_columns`)."""
     bsum = np.zeros(n_bins)
     bsq = np.zeros(n_bins)
     bcnt = np.zeros(n_bins)
@@ -853,31 +938,39 @@ def _radial_strong(data3, mask3, bins3, n_bins, ptab, pf, snr, iterations, globa
                 b = bins3[lead, row, col]
                 if b < 0 or mask3[lead, row, col] == 0:
                     continue
-                v = np.float64(data3[lead, row, col])
-                if not (v == v and v < max_adu):
+                v_adu = np.float64(data3[lead, row, col])
+                if not (v_adu == v_adu and v_adu < max_adu):
                     continue
-                v = v / gain
+                v = v_adu / gain
                 if v <= thr[b] or v <= global_thr:
                     continue
-                n = _add_strong(labels, p, r, c, c, p * _ROW_ID + r, n)
-    return labels[0], labels[1], labels[2], labels[3], n
+                n = _add_strong(labels, p, r, c, v_adu, c, p * _ROW_ID + r, n)
+    spots = _spot_stats(data3, mask3, ptab, pf, labels, 0, n, limits, _new_spots(data3.shape))
+    return _spot_columns(spots, ptab.shape[0])
 
 
 _BG_GAP_PX = 1
 
 
 @njit(cache=True, nogil=True)
-def _strong_bits(shape3, ptab, sp_panel, sp_r, sp_c, n):  # pragma: no cover - compiled
-    """One bit per pixel of the frame data, set on the strong pixels: the membership test of
-    the background rings (36 kB per Mpixel, cleared in microseconds)."""
+def _new_spots(shape3):  # pragma: no cover - compiled
+    """The measured spots of a frame as they are found, ``(bits, rows, n_rows)``: one bit per
+    pixel of the frame data, set on the strong pixels (the membership test of the background
+    rings, 36 kB per Mpixel), and one row per spot (see :func:`_spot_stats`)."""
+    bits = np.zeros(shape3[0] * shape3[1] * shape3[2] // 8 + 1, np.uint8)
+    return bits, np.empty((256, 7)), 0
+
+
+@njit(cache=True, nogil=True)
+def _set_strong_bits(bits, shape3, ptab, sp_panel, sp_r, sp_c, n0,
+                     n):  # pragma: no cover - compiled
+    """Set the bits of strong pixels ``n0 .. n - 1``."""
     n_ss = shape3[1]
     n_fs = shape3[2]
-    bits = np.zeros(shape3[0] * n_ss * n_fs // 8 + 1, np.uint8)
-    for i in range(n):
+    for i in range(n0, n):
         p = sp_panel[i]
         at = (ptab[p, 0] * n_ss + ptab[p, 1] + sp_r[i]) * n_fs + ptab[p, 2] + sp_c[i]
         bits[at >> 3] |= np.uint8(1 << (at & 7))
-    return bits
 
 
 @njit(cache=True, nogil=True)
@@ -922,36 +1015,44 @@ def _ring_background(data3, mask3, bits, lead, ss0, fs0, nss, nfs, gain, max_adu
 
 
 @njit(cache=True, nogil=True)
-def _spot_ids(sp_panel, parent, n, n_panels):  # pragma: no cover - compiled
-    """The strong pixels in raster order of the panels (panel, row, column; a stable counting
-    sort of the sweep order, which interleaves the panels of a band) and each one's spot,
-    numbered in that order. Returns ``(order, spot_id, n_spots)``."""
+def _panel_order(panel, n_panels):  # pragma: no cover - compiled
+    """Indices that sort ``panel`` (a stable counting sort)."""
     start = np.zeros(n_panels + 1, np.int64)
-    for i in range(n):
-        start[sp_panel[i] + 1] += 1
+    for p in panel:
+        start[p + 1] += 1
     for p in range(n_panels):
         start[p + 1] += start[p]
-    order = np.empty(n, np.int64)
-    for i in range(n):
-        order[start[sp_panel[i]]] = i
-        start[sp_panel[i]] += 1
-    spot_of_root = np.full(n, -1, np.int64)
-    spot_id = np.empty(n, np.int64)
+    order = np.empty(panel.shape[0], np.int64)
+    for i in range(panel.shape[0]):
+        order[start[panel[i]]] = i
+        start[panel[i]] += 1
+    return order
+
+
+@njit(cache=True, nogil=True)
+def _spot_ids(sp_panel, parent, n0, n, n_panels):  # pragma: no cover - compiled
+    """The strong pixels ``n0 .. n - 1`` (whole components) in raster order of the panels
+    (panel, row, column; the sweep order interleaves the panels of a band) and each one's
+    spot (``spot_id[i - n0]``), numbered in that order. Returns ``(order, spot_id,
+    n_spots)``."""
+    order = _panel_order(sp_panel[n0:n], n_panels) + n0
+    spot_of_root = np.full(n - n0, -1, np.int64)
+    spot_id = np.empty(n - n0, np.int64)
     n_spots = 0
     for i in order:
-        root = _find_root(parent, i)
+        root = _find_root(parent, i) - n0
         if spot_of_root[root] < 0:
             spot_of_root[root] = n_spots
             n_spots += 1
-        spot_id[i] = spot_of_root[root]
+        spot_id[i - n0] = spot_of_root[root]
     return order, spot_id, n_spots
 
 
 @njit(cache=True, nogil=True)
-def _spot_boxes(data3, ptab, pf, sp_panel, sp_r, sp_c, order, spot_id,
-                n_spots):  # pragma: no cover - compiled
+def _spot_boxes(labels, pf, order, spot_id, n0, n_spots):  # pragma: no cover - compiled
     """Per spot: pixel count, panel, bounding box ``(rmin, rmax, cmin, cmax)`` and the sum of
     its pixels (photons)."""
+    sp_panel, sp_r, sp_c, _, _, _, sp_v = labels
     cnt = np.zeros(n_spots, np.int64)
     panel = np.zeros(n_spots, np.int64)
     box = np.empty((n_spots, 4), np.int64)
@@ -959,7 +1060,7 @@ def _spot_boxes(data3, ptab, pf, sp_panel, sp_r, sp_c, order, spot_id,
     box[:, 1::2] = -1
     raw = np.zeros(n_spots)
     for i in order:
-        j = spot_id[i]
+        j = spot_id[i - n0]
         p = sp_panel[i]
         r = sp_r[i]
         c = sp_c[i]
@@ -969,7 +1070,7 @@ def _spot_boxes(data3, ptab, pf, sp_panel, sp_r, sp_c, order, spot_id,
         box[j, 1] = max(box[j, 1], r)
         box[j, 2] = min(box[j, 2], c)
         box[j, 3] = max(box[j, 3], c)
-        raw[j] += np.float64(data3[ptab[p, 0], ptab[p, 1] + r, ptab[p, 2] + c]) / pf[p, 0]
+        raw[j] += sp_v[i] / pf[p, 0]
     return cnt, panel, box, raw
 
 
@@ -998,20 +1099,20 @@ def _spot_backgrounds(data3, mask3, ptab, pf, bits, keep, panel, box,
 
 
 @njit(cache=True, nogil=True)
-def _spot_centroids(data3, ptab, pf, sp_panel, sp_r, sp_c, order, spot_id, keep,
-                    bg):  # pragma: no cover - compiled
+def _spot_centroids(labels, pf, order, spot_id, n0, keep, bg):  # pragma: no cover - compiled
     """Per spot: sums of the background-subtracted photons (clipped at 0) and of their
     products with the pixel centres, and the plain sums of the centres: columns
     ``(w, w fs, w ss, fs, ss)``."""
+    sp_panel, sp_r, sp_c, _, _, _, sp_v = labels
     acc = np.zeros((keep.shape[0], 5))
     for i in order:
-        j = spot_id[i]
+        j = spot_id[i - n0]
         if not keep[j]:
             continue
         p = sp_panel[i]
         r = sp_r[i]
         c = sp_c[i]
-        v = np.float64(data3[ptab[p, 0], ptab[p, 1] + r, ptab[p, 2] + c]) / pf[p, 0]
+        v = sp_v[i] / pf[p, 0]
         w = max(v - bg[j, 0], 0.0)
         acc[j, 0] += w
         acc[j, 1] += w * (c + 0.5)
@@ -1022,40 +1123,55 @@ def _spot_centroids(data3, ptab, pf, sp_panel, sp_r, sp_c, order, spot_id, keep,
 
 
 @njit(cache=True, nogil=True)
-def _spot_stats(data3, mask3, ptab, pf, sp_panel, sp_r, sp_c, parent, n,
-                min_pix, max_pix, margin):  # pragma: no cover - compiled
-    """Group strong pixels by root and measure each spot (in raster order of the panels).
-
-    Returns ``(panel, fs_px, ss_px, intensity, background, snr, n_pixels)`` arrays.
-    """
-    order, spot_id, n_spots = _spot_ids(sp_panel, parent, n, ptab.shape[0])
-    cnt, panel, box, raw = _spot_boxes(data3, ptab, pf, sp_panel, sp_r, sp_c, order, spot_id,
-                                       n_spots)
+def _spot_stats(data3, mask3, ptab, pf, labels, n0, n, limits,
+                spots):  # pragma: no cover - compiled
+    """Group the strong pixels ``n0 .. n - 1`` (whole components) by root and measure each
+    spot of ``limits[0] .. limits[1]`` pixels (background ring ``limits[2]`` wide), in raster
+    order of the panels; ``spots`` (:func:`_new_spots`) with a row appended per spot whose
+    SNR is at least ``limits[3]`` (when > 0): ``(panel, fs_px, ss_px, intensity,
+    background, snr, n_pixels)``."""
+    min_pix, max_pix, margin, min_snr = limits
+    bits, rows, n_rows = spots
+    order, spot_id, n_spots = _spot_ids(labels[0], labels[3], n0, n, ptab.shape[0])
+    cnt, panel, box, raw = _spot_boxes(labels, pf, order, spot_id, n0, n_spots)
     keep = (cnt >= min_pix) & (cnt <= max_pix)
-    bits = _strong_bits(data3.shape, ptab, sp_panel, sp_r, sp_c, n)
+    _set_strong_bits(bits, data3.shape, ptab, labels[0], labels[1], labels[2], n0, n)
     bg = _spot_backgrounds(data3, mask3, ptab, pf, bits, keep, panel, box, margin)
-    acc = _spot_centroids(data3, ptab, pf, sp_panel, sp_r, sp_c, order, spot_id, keep, bg)
-    kept = np.flatnonzero(keep)
-    n_out = kept.shape[0]
-    o_fs = np.empty(n_out)
-    o_ss = np.empty(n_out)
-    o_int = np.empty(n_out)
-    o_snr = np.empty(n_out)
-    for k in range(n_out):
-        j = kept[k]
+    acc = _spot_centroids(labels, pf, order, spot_id, n0, keep, bg)
+    while rows.shape[0] < n_rows + n_spots:
+        rows = np.concatenate((rows, np.empty_like(rows)))
+    for j in np.flatnonzero(keep):
+        out = rows[n_rows]
+        out[0] = panel[j]
         if acc[j, 0] > 0.0:
-            o_fs[k] = acc[j, 1] / acc[j, 0]
-            o_ss[k] = acc[j, 2] / acc[j, 0]
+            out[1] = acc[j, 1] / acc[j, 0]
+            out[2] = acc[j, 2] / acc[j, 0]
         else:
-            o_fs[k] = acc[j, 3] / cnt[j]
-            o_ss[k] = acc[j, 4] / cnt[j]
-        o_int[k] = raw[j] - cnt[j] * bg[j, 0]
-        var_i = max(o_int[k], 0.0)
+            out[1] = acc[j, 3] / cnt[j]
+            out[2] = acc[j, 4] / cnt[j]
+        out[3] = raw[j] - cnt[j] * bg[j, 0]
+        var_i = max(out[3], 0.0)
         if bg[j, 2] > 0:
             var_i += cnt[j] * bg[j, 1] * (1.0 + cnt[j] / bg[j, 2])
-        o_snr[k] = o_int[k] / math.sqrt(var_i) if var_i > 0.0 else 0.0
-    return (panel[kept].astype(np.int32), o_fs, o_ss, o_int, bg[kept, 0].copy(), o_snr,
-            cnt[kept].astype(np.int32))
+        out[5] = out[3] / math.sqrt(var_i) if var_i > 0.0 else 0.0
+        out[4] = bg[j, 0]
+        out[6] = cnt[j]
+        if min_snr <= 0.0 or out[5] >= min_snr:  # kept (else the next spot overwrites it)
+            n_rows += 1
+    return bits, rows, n_rows
+
+
+@njit(cache=True, nogil=True)
+def _spot_columns(spots, n_panels):  # pragma: no cover - compiled
+    """The measured spots in raster order of the panels (a stable sort by panel: bands
+    measured one after the other interleave the panels) as ``(panel, fs_px, ss_px,
+    intensity, background, snr, n_pixels)`` arrays."""
+    rows = spots[1][: spots[2]]
+    order = _panel_order(rows[:, 0].astype(np.int64), n_panels)
+    rows = rows[order]
+    return (rows[:, 0].astype(np.int32), rows[:, 1].copy(), rows[:, 2].copy(),
+            rows[:, 3].copy(), rows[:, 4].copy(), rows[:, 5].copy(),
+            rows[:, 6].astype(np.int32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1077,29 +1193,22 @@ def _find_spots_raw(
     pf = prep.pf(detector, gain_adu_per_photon)
     if params.method == "dispersion" and params.noise_model == "auto":
         _noise_floor(data3, prep.mask3, prep.ptab, pf, _FLOOR_ROW_STEP, pf[:, ::2])
+    limits = (int(params.min_spot_pixels), int(params.max_spot_pixels),
+              int(params.background_margin_px), float(params.min_snr))
     if params.method == "dispersion":
-        sp_panel, sp_r, sp_c, parent, n = _dispersion_strong(
+        stats = _dispersion_spots(
             data3, prep.mask3, prep.ptab, pf, params.half_window, float(params.sigma_strong),
             float(params.sigma_background), float(params.min_local),
             float(params.global_threshold_photons), params.noise_model == "local",
-            int(params.border_px), _STRONG_CAPACITY,
+            int(params.border_px), _STRONG_CAPACITY, limits,
         )
     else:
         bins3, n_bins = prep.radial_bins(detector, float(params.radial.bin_px))
-        sp_panel, sp_r, sp_c, parent, n = _radial_strong(
+        stats = _radial_spots(
             data3, prep.mask3, bins3, n_bins, prep.ptab, pf, float(params.radial.snr),
             int(params.radial.iterations), float(params.global_threshold_photons),
-            int(params.border_px), _STRONG_CAPACITY,
+            int(params.border_px), _STRONG_CAPACITY, limits,
         )
-    stats = _spot_stats(
-        data3, prep.mask3, prep.ptab, pf, sp_panel, sp_r, sp_c, parent, n,
-        int(params.min_spot_pixels), int(params.max_spot_pixels),
-        int(params.background_margin_px),
-    )
-    if params.min_snr > 0 and stats[0].size:
-        keep = np.flatnonzero(stats[5] >= params.min_snr)
-        if keep.size < stats[0].size:
-            stats = tuple(a[keep] for a in stats)
     return stats, prep
 
 
