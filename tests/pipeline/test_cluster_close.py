@@ -66,3 +66,23 @@ def test_local_workers_are_forked_from_the_server_started_early(monkeypatch):
     assert parent != os.getpid()  # a spawned worker's parent is this process (its nanny's)
     assert late == "yes"  # the environment of now, not the server's
     assert on_sigint == signal.SIG_IGN  # Ctrl-C is for the client alone, as before
+
+
+@pytest.mark.parametrize(("argv", "started"), [
+    (["process", "a.cxi", "--out", "r", "--workers", "2"], True),
+    (["process", "a.cxi", "--out", "r", "--scheduler", "tcp://h:8786"], False),
+    (["process", "a.cxi", "--out", "r", "--cluster=slurm"], False),
+    (["process", "a.cxi", "--out", "r", "--set", "cluster.kind=pbs"], False),
+    (["process", "--help"], False),
+    (["process", "a.cxi", "--dry-run"], False),
+    (["process", "--print-config"], False),
+])
+def test_the_fork_server_starts_before_parsing_only_for_a_local_cluster(monkeypatch, argv,
+                                                                        started):
+    from sfxflow.cli.process import start_workers_early
+    from sfxflow.pipeline import forkserver
+
+    calls = []
+    monkeypatch.setattr(forkserver, "start", lambda: calls.append(1) or True)
+    start_workers_early(argv)
+    assert bool(calls) is started

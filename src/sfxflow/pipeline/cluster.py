@@ -243,81 +243,15 @@ def _children_ignore_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-#: what a local worker imports before and in its first block (distributed, the run's worker
-#: plugin, the settings its context unpickles into, the per-frame pipeline, the image readers):
-#: imported once, by the process the workers are forked from (:func:`start_worker_forkserver`)
-WORKER_MODULES = ("distributed", "sfxflow.pipeline.execute", "sfxflow.pipeline.config",
-                  "sfxflow.pipeline.frame", "sfxflow.io.sources")
-#: distributed's defaults of ``distributed.nanny.pre-spawn-environ`` and the hash seed its nanny
-#: sets: a forked worker inherits its server's environment, so the server starts with them
-_PRE_SPAWN_DEFAULTS = {"MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
-                       "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                       "PYTHONHASHSEED": "6640"}
-_forkserver_started = False
-_server_env: dict[str, str] = {}
-
-
 def start_worker_forkserver(cfg: ClusterConfig) -> bool:
-    """For a local cluster (``cfg``): start now, in the background, the process its workers
-    will be forked from (multiprocessing's fork server), importing :data:`WORKER_MODULES`;
-    :func:`open_cluster` then forks them from it. Returns whether it did.
-
-    Why: each spawned worker imported distributed and sfxflow itself (about 1 CPU-s: 0.5 s
-    before the cluster was up, the rest in its first block), after the client's own start-up
-    (1.1 CPU-s, one core busy and the other idle). The fork server imports them once, on that
-    idle core, while the client parses, checks its inputs and plans; a worker forked from it
-    is up at once. No cluster exists yet (a user error still comes before any): a process that
-    imports, and exits with this one. Its environment is the one the nanny gives a spawned
-    worker (single-threaded BLAS, malloc trimming, the hash seed), and Ctrl-C is ignored there
-    as in every local worker (the client alone stops them).
-    """
-    global _forkserver_started, _server_env
-    if _forkserver_started:
-        return True
-    import multiprocessing
-    import signal
-
-    if (cfg.kind != "local" or cfg.scheduler or cfg.scheduler_file
-            or "forkserver" not in multiprocessing.get_all_start_methods()
-            or threading.current_thread() is not threading.main_thread()):
+    """For a local cluster (``cfg``): start the process its workers will be forked from
+    (:func:`sfxflow.pipeline.forkserver.start`), if it does not run yet; returns whether it
+    runs. :func:`open_cluster` forks a local cluster's workers from it where it runs."""
+    if cfg.kind != "local" or cfg.scheduler or cfg.scheduler_file:
         return False
-    from multiprocessing import forkserver
+    from sfxflow.pipeline import forkserver
 
-    import dask.config
-
-    env = {**_PRE_SPAWN_DEFAULTS, **{k: str(v) for k, v in (dask.config.get(
-        "distributed.nanny.pre-spawn-environ", default=None) or {}).items()}}
-    saved = {k: os.environ.get(k) for k in env}
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_MODULES))
-    os.environ.update(env)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the server
-    try:
-        forkserver.ensure_running()
-    except Exception as exc:  # the workers are spawned instead
-        logger.debug("no fork server for the local workers: %s", exc)
-        return False
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    _forkserver_started, _server_env = True, env
-    return True
-
-
-def _forked_workers() -> dict[str, Any]:
-    """The Dask setting that forks local workers from the fork server, where one was started."""
-    if not _forkserver_started:
-        return {}
-    import distributed.utils
-
-    # distributed would otherwise name its own preload (the server runs already: no effect)
-    # and import pandas and lz4 here to make that list (0.25 s)
-    if hasattr(distributed.utils, "_forkserver_preload_set"):
-        distributed.utils._forkserver_preload_set = True
-    return {"distributed.worker.multiprocessing-method": "forkserver"}
+    return forkserver.start()
 
 
 #: closes handed to background threads inside :func:`closing_in_background` (``None``: outside)
@@ -392,12 +326,15 @@ def open_cluster(cfg: ClusterConfig, *, allowed_failures: int | None = None
         if cfg.adapt:
             raise ConfigError("cluster.adapt needs a batch cluster (--cluster slurm, sge or pbs)")
         n = cfg.n_workers or local_worker_count()
-        forked = _forked_workers()
+        from sfxflow.pipeline import forkserver
+
+        forked = forkserver.dask_settings()
         settings.update(forked)
         # a forked worker has its server's environment: this one's now is set in it as it
-        # starts, as a spawned worker would inherit it (credentials set since, for one)
-        # (but not over what the nanny sets: the server's own environment)
-        env = {"env": {k: v for k, v in os.environ.items() if k not in _server_env}
+        # starts, as a spawned worker would inherit it (credentials set since, for one), but
+        # not over what the server's own environment set (the nanny's)
+        server_env = forkserver.server_environment() or {}
+        env = {"env": {k: v for k, v in os.environ.items() if k not in server_env}
                } if forked else {}
         with dask.config.set(settings), _children_ignore_ctrl_c():
             cluster = LocalCluster(n_workers=n, threads_per_worker=cfg.threads_per_worker,
