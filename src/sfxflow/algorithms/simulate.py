@@ -42,8 +42,6 @@ from typing import Any
 import gemmi
 import numba
 import numpy as np
-from scipy import special
-from scipy.spatial.transform import Rotation
 
 from sfxflow.algorithms import diffraction
 from sfxflow.algorithms.detector_tables import detector_tables
@@ -211,6 +209,8 @@ def random_crystal(
     >>> bool(np.allclose(c.u_matrix @ c.u_matrix.T, np.eye(3)))
     True
     """
+    from scipy.spatial.transform import Rotation  # here: `process` imports this module, not this
+
     u = Rotation.random(random_state=rng).as_matrix()
     return Crystal.from_u(as_unit_cell(cell), as_space_group(sg), u)
 
@@ -331,9 +331,19 @@ _U53 = 1.0 / 9007199254740992.0
 # Readout noise: the standard normal quantile function tabulated on a uniform grid of (0, 1)
 # (clipped at ±4.5σ), linearly interpolated; far cheaper than Box-Muller per pixel.
 _NQ_SIZE = 8193
-_NORMAL_Q = np.clip(
-    special.ndtri(np.linspace(0.0, 1.0, _NQ_SIZE).clip(3.4e-6, 1 - 3.4e-6)), -4.5, 4.5
-)
+
+
+@functools.cache
+def _normal_quantiles() -> np.ndarray:
+    # made on first use: every `process` (client and workers) imports this module for its
+    # settings, and scipy.special and scipy.spatial cost it 0.19 s of CPU
+    from scipy import special
+
+    return np.clip(
+        special.ndtri(np.linspace(0.0, 1.0, _NQ_SIZE).clip(3.4e-6, 1 - 3.4e-6)), -4.5, 4.5
+    )
+
+
 _INV_K = np.concatenate([[0.0], 1.0 / np.arange(1, 64)])
 
 
@@ -712,7 +722,7 @@ def simulate_frame(
         float(params.hot_photons),
         seed,
         bool(params.noise),
-        _NORMAL_Q,
+        _normal_quantiles(),
         _INV_K,
     )
     return out, truth

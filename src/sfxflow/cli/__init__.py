@@ -141,7 +141,12 @@ def _main(argv: Sequence[str] | None) -> int:
     from sfxflow.io.storage import redact_urls
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(only=_subcommand_in(argv))
+    command = _subcommand_in(argv)
+    if command == "process":  # its local workers' imports begin beside the parsing
+        from sfxflow.cli.process import start_workers_early
+
+        start_workers_early(argv)
+    parser = build_parser(only=command)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a bad option (one line, status 2)

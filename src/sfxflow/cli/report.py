@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sfxflow.io.arrow import pyarrow_without_pandas
     from sfxflow.io.storage import is_local, storage_options_from
+
+    pyarrow_without_pandas()  # before the first Arrow array: this process needs no pandas
     from sfxflow.report.page import write_report
 
     options = storage_options_from(args.endpoint_url, args.profile)
