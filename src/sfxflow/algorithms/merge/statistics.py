@@ -547,7 +547,7 @@ def format_table(overall: dict, shells: list[dict]) -> str:
     lines.append(f"pairs, CC1/2, CC*, Rsplit: reflections with >= 2 observations in each half-set "
                  f"(CrystFEL);\npairs1, CC1/2_1: >= 1 in each (aimless/DIALS); '-': fewer than "
                  f"{MIN_PAIRS} pairs (or reflections, for I/sig);\n+-: CCano's standard error with no "
-                 f"anomalous signal (a CCano within 3 of it is no evidence of one)")
+                 f"anomalous signal (a CCano within 3 times it is no evidence of one)")
     return "\n".join(lines)
 
 
