@@ -22,6 +22,7 @@ from sfxflow.algorithms.merge.scale import (
     Reference,
     ShardSums,
     accumulate,
+    error_bins,
     fit_crystals,
     prepare_shard,
 )
@@ -160,6 +161,21 @@ def test_error_model_recovers_known_inflation():
                                   np.sum(w * v * s2), np.sum(w * v * i2)]))
     assert em.sdfac == pytest.approx(1.5, rel=0.1)
     assert em.sdadd == pytest.approx(0.05, rel=0.3)
+
+
+def test_binned_error_model_recovers_a_mostly_proportional_error():
+    # unity-like: deviations mostly proportional to I (unmodelled partiality), sdadd large
+    rng = np.random.default_rng(4)
+    ref = rng.exponential(100.0, 50000)
+    sigma = np.sqrt(ref + 20.0)
+    obs = ref + rng.normal(0, 1, ref.size) * 1.5 * np.sqrt(sigma**2 + (0.4 * ref) ** 2)
+    n = ref.size
+    bins = error_bins({"use": np.ones(n, bool), "ref_n": np.full(n, 1e9), "reference": ref,
+                       "self_in": np.ones(n), "sigma_raw": sigma, "intensity": obs})
+    em = ErrorModel.fit_binned(bins)
+    assert em.sdfac == pytest.approx(1.5, rel=0.1)
+    assert em.sdadd == pytest.approx(0.4, rel=0.1)
+    assert ErrorModel.fit_binned(np.zeros_like(bins)) == ErrorModel()
 
 
 def test_statistics_of_perfect_halves_and_wilson_b():

@@ -162,6 +162,31 @@ def test_cc_ano_and_anomalous_completeness_from_friedel_mates_kept_apart(index):
     assert abs(shell_statistics(index, flat, 3)[0]["cc_ano"]) < 0.1
 
 
+def test_cc_ano_sigma_is_its_scatter_without_a_signal_where_noise_grows_with_intensity(index):
+    # I(+) = I(-), each observation off by a fraction of the intensity (unmodelled partiality
+    # with unity scaling): the strong reflections' differences, noisy in both halves, carry
+    # the correlation, and CC_ano scatters far beyond 1/sqrt(n - 3) about zero
+    rng = np.random.default_rng(11)
+    refl = np.flatnonzero(~index.centric)
+    code = np.concatenate([np.repeat(2 * refl + sign, 4) for sign in (0, 1)])
+    half = np.tile([0, 0, 1, 1], 2 * refl.size)
+    cc, sigma = [], []
+    for _ in range(60):
+        mean = rng.exponential(100.0, len(index))[code // 2]
+        obs = mean * (1.0 + rng.normal(0.0, 0.5, code.size)) + rng.normal(0.0, 1.0, code.size)
+        overall, shells = shell_statistics(index, merge_sums(sums_of(len(index), code, obs,
+                                                                     half)), 3)
+        cc.append(overall["cc_ano"])
+        sigma.append(overall["cc_ano_sigma"])
+        assert all(math.isfinite(s["cc_ano_sigma"]) for s in shells)
+    naive = 1.0 / math.sqrt(refl.size - 3)
+    scatter = float(np.std(cc))
+    assert scatter > 1.5 * naive  # the textbook error understates it
+    assert float(np.mean(sigma)) == pytest.approx(scatter, rel=0.25)
+    assert abs(float(np.mean(cc))) < 3 * scatter / math.sqrt(len(cc))  # and nothing biases it
+    assert "+-" in format_table(overall, shells).splitlines()[0]
+
+
 def _shells(cc_at, ios_at, n_pairs=800, n=10, s_max=0.3):
     s = np.linspace(s_max / n, s_max, n)
     return [{"d_min_a": 1 / math.sqrt(x), "cc_half_aimless": float(cc_at(x)),

@@ -28,6 +28,7 @@ SG = "P 41 21 2"
 SHELL_KEYS = {"d_max_a", "d_min_a", "n_obs", "n_unique", "n_possible", "completeness",
               "multiplicity", "mean_i_over_sigma", "n_pairs", "cc_half", "cc_star", "r_split",
               "n_pairs_aimless", "cc_half_aimless", "cc_star_aimless", "n_pairs_ano", "cc_ano",
+              "cc_ano_sigma",
               "n_possible_acentric", "anomalous_completeness", "anomalous_multiplicity",
               "cc_truth"}
 

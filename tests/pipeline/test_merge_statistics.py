@@ -162,3 +162,71 @@ def test_merge_json_prints_valid_json_with_null_for_blank_shells(merged, tmp_pat
     thin = [s for s in stats["shells"] if s["n_pairs"] < MIN_PAIRS]
     assert thin and all(s["cc_half"] is None and s["r_split"] is None for s in thin)
     assert "resolution_estimate" in stats
+
+
+def test_compare_hkl_reproduces_our_cc_ano_on_half_sets_with_friedel_mates_apart(tmp_path,
+                                                                                shared_data):
+    tool = shared_data.parent / "peers" / "crystfel-0.12" / "bin" / "compare_hkl"
+    if not tool.exists():
+        pytest.skip(f"CrystFEL 0.12 compare_hkl not found at {tool}")
+    if subprocess.run([str(tool), "--version"], capture_output=True).returncode != 0:
+        pytest.skip("compare_hkl does not run here (see ../shared/peers/README.md)")
+    from sfxflow.algorithms.merge.reflections import AsuIndex
+    from sfxflow.algorithms.merge.scale import ShardSums
+    from sfxflow.algorithms.merge.statistics import merge_sums, shell_statistics
+    from sfxflow.io.hkl import write_reflections
+
+    index = AsuIndex.build(CELL, SG, 2.5)
+    rng = np.random.default_rng(2)
+    # I(+) = I(-) with noise growing with the intensity, each sign in each half 0 to 2 times
+    code = np.repeat(np.arange(2 * len(index)), rng.integers(0, 5, 2 * len(index)))
+    code = code[~(index.centric[code // 2] & (code % 2 == 1))]  # a centric's mate is itself
+    obs = rng.exponential(100.0, len(index))[code // 2] * rng.normal(1.0, 0.5, code.size)
+    half = rng.integers(0, 2, code.size)
+    sums = ShardSums.zeros(2 * len(index))
+    for name, sel in (("", half >= 0), ("_a", half == 0), ("_b", half == 1)):
+        for field, w in (("n", 1.0), ("sw", 1.0), ("swi", obs[sel])):
+            np.add.at(getattr(sums, f"{field}{name}"), code[sel], w)
+    merged = merge_sums(sums)
+    overall, _ = shell_statistics(index, merged, 1)
+    hkl = np.concatenate([index.hkl, -index.hkl])
+    files = []
+    for h in "ab":
+        i = np.concatenate([getattr(merged, f"i_plus_{h}"), getattr(merged, f"i_minus_{h}")])
+        files.append(tmp_path / f"ano.hkl{h}")
+        write_reflections(files[-1], gemmi.SpaceGroup("P 1"), hkl, i, np.ones(i.size),
+                          np.isfinite(i).astype(int))
+    uc, sg = gemmi.UnitCell(*map(float, CELL.split())), gemmi.SpaceGroup(SG)
+    (tmp_path / "cell.cell").write_text(format_cell_file(uc, lattice_from_space_group(sg)))
+    proc = subprocess.run(
+        [str(tool), *map(str, files), "-y", "422", "-p", str(tmp_path / "cell.cell"),
+         "--fom=ccano", "--nshells=1", "-u", f"--lowres={overall['d_max_a'] * (1 + 1e-5):.9f}",
+         f"--highres={overall['d_min_a'] * (1 - 1e-5):.9f}",
+         f"--shell-file={tmp_path / 'ano.dat'}"], capture_output=True, text=True, cwd=tmp_path,
+        timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    value, n_pairs = (float(x) for x in
+                         (tmp_path / "ano.dat").read_text().splitlines()[1].split()[1:3])
+    assert n_pairs == overall["n_pairs_ano"] > 100
+    assert value == pytest.approx(overall["cc_ano"], abs=TOLERANCE)
+    # the differences do not correlate beyond their own standard error
+    assert abs(overall["cc_ano"]) < 4 * overall["cc_ano_sigma"]
+
+
+@pytest.mark.parametrize("model", ["unity", "partiality"])
+def test_error_model_makes_the_normalised_deviations_unit_without_a_clip(model, tmp_path):
+    # unity's deviations are mostly unmodelled partiality, about proportional to I: sdadd's
+    # to absorb (the old per-observation fit left them at rms 0.83 here, and at sdfac's
+    # clip of 10 on x4wide stills)
+    uc, group = gemmi.UnitCell(*map(float, CELL.split())), gemmi.SpaceGroup(SG)
+    hkl = np.asarray(gemmi.make_miller_array(uc, group, 2.5, 0, True))
+    d = d_spacing_a(uc, hkl)
+    i = np.random.default_rng(0).exponential(1000.0, len(hkl)) * np.exp(-15.0 / (2 * d * d))
+    truth = TrueIntensities.from_arrays(uc, group, hkl, i)
+    write_simulated_observations(str(tmp_path / "run"), truth, simple(80.0, 0.1, 3000),
+                                 PhysicalParams(d_min_a=2.5), 80, 3)
+    stats = run_merge([str(tmp_path / "run")], str(tmp_path / "merge"),
+                      MergeParams(model=model, iterations=3), SERIAL, truth=truth).stats
+    assert 0.9 < stats["normalised_deviation_rms"] < 1.1
+    assert 0.3 < stats["error_model"]["sdfac"] < 10.0 and stats["error_model"]["sdadd"] < 1.0
+    assert stats["overall"]["cc_truth"] > (0.78 if model == "unity" else 0.91)

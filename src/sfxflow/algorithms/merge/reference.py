@@ -138,7 +138,7 @@ def next_reference(sums: ShardSums, min_measurements: int, d_a: np.ndarray
     """After a cycle's reduce: the merged values, the next reference (with the error model
     fitted on this cycle's deviations) and the rms of the normalised deviations."""
     merged = merge_sums(sums, min_measurements)
-    reference = merged.reference(ErrorModel.fit(sums.error_sums), d_a)
+    reference = merged.reference(ErrorModel.fit_binned(sums.error_bins), d_a)
     dev = sums.deviation_sums
     return merged, reference, float(np.sqrt(dev[1] / dev[0])) if dev[0] else float("nan")
 
