@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -194,8 +194,6 @@ class Panel:
         )
 
     def with_mask(self, mask: np.ndarray | None) -> Panel:
-        from dataclasses import replace
-
         return replace(self, mask=mask)
 
 
@@ -237,6 +235,11 @@ class Detector:
     @property
     def n_pixels(self) -> int:
         return sum(p.shape[0] * p.shape[1] for p in self.panels)
+
+    def with_gain(self, adu_per_photon: float) -> Detector:
+        """This detector with every panel's gain set to ``adu_per_photon``."""
+        return Detector(tuple(replace(p, adu_per_photon=adu_per_photon) for p in self.panels),
+                        rigid_groups=dict(self.rigid_groups))
 
     def data_shape(self) -> tuple[int, ...]:
         """Smallest per-frame data array shape that holds every panel."""

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.algorithms.simulate import SimulationParams, with_defects_masked
     from sfxflow.algorithms.spots import find_spots
     from sfxflow.errors import InputError
-    from sfxflow.models import Detector, Frame
+    from sfxflow.models import Frame
     from sfxflow.pipeline.frame import integrate_lattices, process_frame
 
     if args.max_size_nm and not 0 < args.min_size_nm <= args.max_size_nm:
@@ -160,8 +160,7 @@ def run(args: argparse.Namespace) -> int:
                            space_group=SPACE_GROUP,
                            crystal_size_min_a=args.min_size_nm * 10.0,
                            crystal_size_max_a=args.max_size_nm * 10.0)
-    plain = Detector(tuple(replace(p, adu_per_photon=sim.adu_per_photon)
-                           for p in layouts.cspad().panels))
+    plain = layouts.cspad().with_gain(sim.adu_per_photon)
     # the simulator's dead and hot pixels masked, as a bad-pixel mask from dark runs would
     detector = with_defects_masked(plain, sim.beam(), sim)
     cfg = _config(args.overrides)

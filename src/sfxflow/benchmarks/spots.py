@@ -116,7 +116,7 @@ def measure_accuracy(n_frames: int, seed: int, spot_params: Any = None,
     spot_params = spot_params or SpotParams()
     hit_params = hit_params or HitParams()
     sim = SimulationParams()
-    detector = _with_gain(cspad(), sim.adu_per_photon)
+    detector = cspad().with_gain(sim.adu_per_photon)
     n_truth = n_truth_found = n_found = n_matched = 0
     errors: list[float] = []
     correct = hits_true = fp_hits = fn_hits = 0
@@ -142,13 +142,6 @@ def measure_accuracy(n_frames: int, seed: int, spot_params: Any = None,
         hit_accuracy=correct / n_frames if n_frames else float("nan"),
         misses_as_hits=fp_hits, hits_as_misses=fn_hits,
     )
-
-
-def _with_gain(detector: Any, adu_per_photon: float) -> Any:
-    from sfxflow.models import Detector
-
-    return Detector(tuple(replace(p, adu_per_photon=adu_per_photon) for p in detector.panels),
-                    dict(detector.rigid_groups))
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -231,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     sim = SimulationParams()
     for name, layout in (("CSPAD (simulated)", cspad()), ("Jungfrau 4M (simulated)",
                                                            jungfrau4m())):
-        detector = _with_gain(layout, sim.adu_per_photon)
+        detector = layout.with_gain(sim.adu_per_photon)
         frames = [Frame(img, detector, ft.beam, "sim", ft.index)
                   for ft, img, _ in iter_frames(detector, sim, args.frames, seed=args.seed)]
         _report(name, frames, params, args.repeats)

@@ -565,7 +565,6 @@ class _SimStream:
 
     def __init__(self, path: str, detector: Any, truth: Any, wavelength_a: float,
                  bandwidth_fwhm: float) -> None:
-        import dataclasses
 
         from sfxflow.io.cellfile import CellFile, lattice_from_space_group
         from sfxflow.io.geometry import format_geom
@@ -573,8 +572,7 @@ class _SimStream:
         from sfxflow.models import Beam
 
         # CrystFEL needs a wavelength and a gain in the geometry (intensities are photons)
-        detector = type(detector)(tuple(dataclasses.replace(p, adu_per_photon=1.0)
-                                        for p in detector.panels))
+        detector = detector.with_gain(1.0)
         self.detector = detector
         self.bandwidth_fwhm = bandwidth_fwhm
         self.fh = open(path, "w", encoding="utf-8")

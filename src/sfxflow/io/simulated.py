@@ -90,11 +90,6 @@ def _frames_per_file(n_frames: int, n_files: int) -> list[int]:
     return [(f + 1) * n_frames // n_files - f * n_frames // n_files for f in range(n_files)]
 
 
-def _with_gain(detector: Detector, adu_per_photon: float) -> Detector:
-    panels = tuple(dataclasses.replace(p, adu_per_photon=adu_per_photon) for p in detector.panels)
-    return Detector(panels, rigid_groups=dict(detector.rigid_groups))
-
-
 def write_simulated_dataset(
     out_dir: str | Path,
     detector: Detector,
@@ -198,7 +193,7 @@ def _write_geometry(out: Path, detector: Detector, params: SimulationParams, nom
 
     geometry_path = out / "geometry.geom"
     write_geom(
-        _with_gain(detector, params.adu_per_photon),
+        detector.with_gain(params.adu_per_photon),
         geometry_path,
         beam=nominal,
         data_path=DATA_PATH,
