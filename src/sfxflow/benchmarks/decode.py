@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from sfxflow.benchmarks.shared import shared_path
 from sfxflow.options import number
 
 HELP = "decode speed: frames/s per core for CBF and compressed CXI, local and from S3 (median)"
@@ -48,18 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the XTC2, European XFEL and live karabo-bridge rows")
 
 
-def _default_cbf_dir() -> Path | None:
-    env = os.environ.get("SFXFLOW_SHARED_DATA")
-    cands = [Path(env)] if env else []
-    cands += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3].parent
-              / "shared" / "data"]
-    for c in cands:
-        d = c / "lcls-cspad-thermolysin"
-        if d.is_dir():
-            return d
-    return None
-
-
 def _time_decode(urls: list[str], geometry: Any, opts: dict | None, fpb: int,
                  repeats: int) -> tuple[float, float, int]:
     """Median frames/s, bytes read per frame, frames; discover + plan are not timed."""
@@ -90,7 +78,7 @@ def _time_decode(urls: list[str], geometry: Any, opts: dict | None, fpb: int,
 def run(args: argparse.Namespace) -> int:
     from sfxflow.errors import InputError
 
-    cbf_dir = Path(args.cbf_dir) if args.cbf_dir else _default_cbf_dir()
+    cbf_dir = Path(args.cbf_dir) if args.cbf_dir else shared_path("data/lcls-cspad-thermolysin")
     if cbf_dir is not None and not cbf_dir.is_dir():
         raise InputError(f"--cbf-dir {cbf_dir}: not a folder")
     from sfxflow.algorithms import layouts

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from sfxflow.benchmarks.shared import shared_path
 from sfxflow.errors import InputError
 from sfxflow.io.stream import BEGIN_CHUNK, BEGIN_CRYSTAL, END_CHUNK, END_CRYSTAL
 from sfxflow.options import number
@@ -85,24 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", metavar="DIR", help="keep the simulated data and results here")
 
 
-def _shared_data() -> Path:
-    import os
-
-    here = Path(__file__).resolve()
-    for root in [os.environ.get("SFXFLOW_SHARED_DATA", ""), *(str(p / "shared" / "data")
-                                                               for p in here.parents)]:
-        if root and (Path(root) / "reference" / "x4wide-P41212-merged.mtz").exists():
-            return Path(root)
-    raise InputError("x4wide-P41212-merged.mtz not found (value: ../shared/data/reference); "
-                     "set SFXFLOW_SHARED_DATA to the shared data folder")
+def _truth_mtz() -> Path:
+    mtz = shared_path("data/reference/x4wide-P41212-merged.mtz")
+    if mtz is None:
+        raise InputError("x4wide-P41212-merged.mtz not found (value: ../shared/data/reference); "
+                         "set SFXFLOW_SHARED_DATA to the shared data folder")
+    return mtz
 
 
 def _partialator() -> Path | None:
-    try:
-        peers = _shared_data().parent / "peers" / "crystfel-0.12" / "bin" / "partialator"
-    except InputError:
-        return None
-    return peers if peers.exists() else None
+    return shared_path("peers/crystfel-0.12/bin/partialator")
 
 
 def _cc(x: np.ndarray, y: np.ndarray) -> float:
@@ -313,7 +306,7 @@ def _images(work: Path, args: argparse.Namespace, truth: Any) -> dict:
     from sfxflow.pipeline.config import load_config
     from sfxflow.pipeline.run import run_process
 
-    mtz = _shared_data() / "reference" / "x4wide-P41212-merged.mtz"
+    mtz = _truth_mtz()
     params, physics = physical_model(str(mtz), SimulationParams(hit_fraction=1.0,
                                                                 d_min_a=args.d_min_a))
     t0 = time.perf_counter()
@@ -546,7 +539,7 @@ def run(args: argparse.Namespace) -> int:
     from sfxflow.io.mtz import read_intensity_columns
 
     truth = TrueIntensities.from_arrays(*read_intensity_columns(
-        _shared_data() / "reference" / "x4wide-P41212-merged.mtz"))
+        _truth_mtz()))
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sfxflow-bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}

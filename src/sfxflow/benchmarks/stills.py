@@ -18,18 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from sfxflow.benchmarks.shared import shared_path
+
 CELL = "[104.447, 67.542, 31.835, 90, 90, 90]"
 SPACE_GROUP = "P21212"
 STAGES = ("read", "spots", "index", "integrate", "total")
 
 
-def shared_dir() -> Path:
-    return Path(__file__).resolve().parents[3].parent / "shared"
-
-
 def stills_dir() -> Path | None:
-    d = shared_dir() / "data" / "independent-stills-lysozyme"
-    return d if (d / "sim.geom").is_file() and any(d.glob("sim-*.h5")) else None
+    d = shared_path("data/independent-stills-lysozyme")
+    return d if d and (d / "sim.geom").is_file() and any(d.glob("sim-*.h5")) else None
 
 
 def stills_config() -> Any:
@@ -124,8 +122,8 @@ def measure_stills(d: Path, repeats: int = 5) -> StillsReport:
 
 
 def indexamajig() -> Path | None:
-    exe = shared_dir() / "peers" / "crystfel-0.12" / "bin" / "indexamajig"
-    return exe if exe.is_file() else None
+    exe = shared_path("peers/crystfel-0.12/bin/indexamajig")
+    return exe if exe is not None and exe.is_file() else None
 
 
 def crystfel_cpu_per_frame(d: Path) -> tuple[float, int, str]:
@@ -159,7 +157,7 @@ def print_stills(repeats: int, crystfel: bool = True) -> None:
     """The stills section of ``sfxflow bench process`` (and the spot figures' data)."""
     d = stills_dir()
     if d is None:
-        print(f"(independent stills not found under {shared_dir() / 'data'}: skipped)")
+        print("(independent stills not found under ../shared/data: skipped)")
         return
     import numba
 
