@@ -220,6 +220,46 @@ def test_wrong_cell_is_not_indexed() -> None:
     assert n_ok == 0
 
 
+def test_pair_search_stops_once_further_pairs_cannot_find_another_lattice() -> None:
+    from sfxflow.algorithms.index import _pairs_needed
+
+    pairs = [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 1, 2), (5, 2, 3)]
+    assert _pairs_needed(pairs, 0) == 1  # every spot on the lattice: any pair finds it
+    # one spot off: the pairs through spot 0 miss a lattice without it, (1, 2) finds that one
+    assert _pairs_needed(pairs, 1) == 4
+    assert _pairs_needed(pairs, 3) == 5  # all but two spots off: only their own pair finds it
+    assert _pairs_needed(pairs[:3], 1) == 2  # a star: no pair finds a lattice without spot 0
+
+
+def test_search_among_noise_spots_tries_only_the_pairs_a_lattice_needs() -> None:
+    """8 random spots at high resolution, as a 60-spot hit leaves after its crystal: a lattice
+    must index all 8 (``min_indexed``), so the first pair finds it if any does (the old search
+    tried every pair: 10^4 to 10^5 candidate orientations, 50 ms)."""
+    target = TargetCell(TARGETS["P 21 21 21"], "P 21 21 21")
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        n = 8
+        z = np.zeros(n)
+        spots = SpotTable(rng.integers(0, len(DETECTOR), n), rng.uniform(0, 194, n),
+                          rng.uniform(0, 185, n), z, z, z, np.ones(n, np.int32), z)
+        res = index_spots(spots, DETECTOR, BEAM, target)
+        first_pair = index_spots(spots, DETECTOR, BEAM, target, IndexParams(max_pairs=1))
+        assert not res.success and first_pair.n_candidates > 0
+        assert res.n_candidates == first_pair.n_candidates
+
+
+def test_lattice_with_one_false_spot_among_nine_is_found() -> None:
+    """The pair search stops early there (one spot may be off the lattice) and still finds it."""
+    target = TargetCell(TARGETS["P 21 21 21"], "P 21 21 21")
+    rng = np.random.default_rng(8)
+    for _ in range(5):
+        hit = simulated_hit(target, DETECTOR, BEAM, 9, rng, false_fraction=0.12)
+        assert hit.is_false.sum() == 1
+        res = index_spots(hit.spots, DETECTOR, BEAM, target)
+        assert res.success and res.crystal is not None
+        assert misorientation_deg(res.crystal, hit.truth) < 0.2
+
+
 def test_too_few_spots_reason() -> None:
     target = TargetCell(TARGETS["P 1"], "P 1")
     hit = simulated_hit(target, DETECTOR, BEAM, 5, np.random.default_rng(0), false_fraction=0)

@@ -70,7 +70,7 @@ from numba import njit
 
 from sfxflow.algorithms.detector_tables import detector_tables
 from sfxflow.algorithms.geometry import lab_to_q, miller_indices
-from sfxflow.algorithms.predict import PredictParams, refine_profile
+from sfxflow.algorithms.predict import PredictParams, ProfileModel, refine_profile
 from sfxflow.algorithms.refine import (
     RefineParams,
     RefineResult,
@@ -626,6 +626,39 @@ def _candidate_pairs(q: np.ndarray, q_len: np.ndarray, sel: np.ndarray, table: _
     return win_rep, win_all, pairs
 
 
+def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
+    """How many of ``pairs``, tried in their order, find every lattice that all of them would
+    find, when at most ``n_off`` of the spots may be off that lattice.
+
+    The pair search finds a lattice from a pair of its spots (the pair test accepts their two
+    indices), so a lattice whose off-lattice spots ``S`` touch every pair tried is not found,
+    and no pair can find one whose ``S`` touches them all. Once each set ``S`` of at most
+    ``n_off`` spots that some pair misses is missed by one of the first ``t`` pairs, the others
+    can only find again what those found. With ``n_off`` at least the number of spots less one
+    that takes every pair (all spots but two miss only their pair).
+
+    This ends the search for a further lattice (:func:`index_lattices`) on the 8 or 9 false
+    spots a 60-spot hit leaves: at high resolution, their 26-36 pairs hold 10^4 to 10^5
+    candidate orientations; with 8 spots every one must be on the lattice and the first pair
+    is enough, with 9 the first pairs that do not all share one spot. A search on 19 spots or
+    more with the default settings tries every pair as before (12 pair spots, 11 off).
+    """
+    spots = sorted({s for _, i, j in pairs for s in (i, j)})
+    if not pairs or n_off >= len(spots) - 1:
+        return len(pairs)
+    bit = {s: 1 << k for k, s in enumerate(spots)}
+    pair_bits = np.array([bit[i] | bit[j] for _, i, j in pairs], dtype=np.int64)
+    subsets = np.arange(1 << len(spots), dtype=np.int64)
+    size = np.zeros(subsets.size, np.int64)
+    for k in range(len(spots)):
+        size += (subsets >> k) & 1
+    subsets = subsets[size <= n_off]  # the sets of off-lattice spots possible
+    misses = (subsets[:, None] & pair_bits[None, :]) == 0  # (set, pair): both spots on lattice
+    missed_by_first = np.logical_or.accumulate(misses, axis=1)
+    enough = np.flatnonzero((missed_by_first | ~misses.any(axis=1)[:, None]).all(axis=0))
+    return int(enough[0]) + 1 if enough.size else len(pairs)
+
+
 def index_q_candidates(
     q: np.ndarray,
     rays: np.ndarray,
@@ -633,6 +666,7 @@ def index_q_candidates(
     target: TargetCell,
     params: IndexParams,
     pair_order: np.ndarray,
+    least_indexed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Candidate orientations ``U`` of a frame from pairs of its scattering vectors.
 
@@ -643,6 +677,10 @@ def index_q_candidates(
     perp_tol_inv_a : ``(n,)`` how far (Å⁻¹) across its ray a spot may be from its lattice point.
     target, params : target cell and options.
     pair_order : indices of the spots eligible for pairs, most promising first.
+    least_indexed : the least number of the ``n`` spots a solution must index to be accepted
+        (:func:`_least_indexed`; 0: no bound). At most ``n - least_indexed`` spots are off
+        its lattice, so the search stops once the pairs tried have one on any lattice the
+        further pairs could find (:func:`_pairs_needed`).
 
     Returns
     -------
@@ -665,9 +703,10 @@ def index_q_candidates(
     all_counts: list[np.ndarray] = []
     all_err: list[np.ndarray] = []
     n_tested = 0
-    for cost, i, j in pairs[: params.max_pairs]:
-        if cost > params.max_pair_candidates:
-            continue
+    tried = [pair for pair in pairs[: params.max_pairs] if pair[0] <= params.max_pair_candidates]
+    if least_indexed > 0:
+        tried = tried[: _pairs_needed(tried, n - least_indexed)]
+    for _, i, j in tried:
         lo1, hi1 = win_rep[i]
         lo2, hi2 = win_all[j]
         rep = table.rep_idx[lo1:hi1]
@@ -1037,6 +1076,58 @@ def _rejection(ref: RefineResult, sig: Significance, n: int, target: TargetCell,
     return ""
 
 
+def _least_indexed(spots: SpotTable, detector: Detector, beam: Beam, target: TargetCell,
+                   params: IndexParams) -> int:
+    """The least number of ``spots`` a solution found on them must index to pass the count tests
+    of :func:`_rejection` and its significance test; ``len(spots) + 1`` when none can.
+
+    The significance bound takes the case most favourable to a solution: its profile at the
+    narrowest the refinement allows (the chance of a match grows with the depth), the angular
+    resolution at its coarsest over the spots (the number of trials falls as it grows), no
+    detector shift, and every indexed spot matched. On the 8 or 9 false spots a 60-spot hit
+    leaves it needs 4 to 6 of them for the bench targets, fewer than ``min_indexed``, so at the
+    default settings the count tests bound it; with a lower ``min_indexed`` it is the
+    significance test. It is computed (about 0.5 ms) only where the count tests already leave
+    fewer spots off the lattice than the pair spots less one, where the pair search can stop
+    early (:func:`_pairs_needed`); on more spots every pair is tried and the solution's own
+    significance test decides, as before.
+    """
+    n = len(spots)
+    f = params.min_fraction_indexed
+    least_fraction = min(n, math.ceil(f * n))  # n_indexed / n >= f, as _rejection computes it
+    while least_fraction > 0 and (least_fraction - 1) / n >= f:
+        least_fraction -= 1
+    while least_fraction < n and least_fraction / n < f:
+        least_fraction += 1
+    least = max(params.min_indexed, least_fraction)
+    pair_spots = min(n, params.n_pair_spots)
+    if least > n or n - least >= pair_spots - 1 or params.max_false_probability >= 1.0:
+        return least
+    omega, q_len, r_inv_a, _ = _acceptance_geometry(spots, detector, beam, params)
+    if params.profile_acceptance:
+        narrowest = ProfileModel.for_beam(_PROFILE_PARAMS.min_profile_radius_inv_a, beam)
+        depth = params.profile_nsigma * narrowest.width_inv_a(q_len)
+    else:
+        depth = np.full(n, params.significance_excitation_inv_a)
+    p = float(np.mean(chance_match_probability(target.cell.volume, _n_centring(target),
+                                               beam.wavelength_a, omega, depth)))
+    delta = float(np.max(r_inv_a) / max(float(np.min(q_len)), 1e-9))
+    limit = math.log10(params.max_false_probability) - _log10_trials(delta, target, params, 1.0)
+
+    def significant(k: int) -> bool:
+        return binomial_log10_tail(k, n, p) <= limit
+
+    if significant(least):
+        return least
+    if not significant(n):
+        return n + 1
+    lo, hi = least, n  # not significant at lo, significant at hi: the tail falls as k grows
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if significant(mid) else (mid, hi)
+    return hi
+
+
 def _accepted_result(ref: RefineResult, q: np.ndarray, n_tested: int,
                      log10_false: float) -> IndexResult:
     """The successful :class:`IndexResult` of ``ref``, in the canonical setting."""
@@ -1129,8 +1220,11 @@ def index_spots(
     dist = np.linalg.norm(lab, axis=1)
     pix = np.array([p.pixel_size_mm for p in detector.panels])[spots.panel]
     perp_tol = params.strict_tolerance_px * pix / dist / beam.wavelength_a
+    least = _least_indexed(spots, detector, beam, target, params)
+    if least > n:
+        return _fail(f"not significant: a lattice on all {n} spots would be chance", n)
     rots, counts, n_tested = index_q_candidates(q, lab / dist[:, None], perp_tol, target, params,
-                                                pair_order)
+                                                pair_order, least)
     if rots.shape[0] == 0:
         return _fail("no candidate orientation (no spot pair matches the cell)", n, n_tested)
     refined = _refine_candidates(rots, counts, spots, detector, beam, target, params)
