@@ -24,7 +24,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from sfxflow.pipeline.report import (
     Unavailable,
 )
 
-__all__ = ["render_report_html"]
+__all__ = ["picture_png", "render_report_html"]
 
 CELL_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
 _CELL_UNITS = {"a": "Å", "b": "Å", "c": "Å", "alpha": "°", "beta": "°", "gamma": "°"}
@@ -717,7 +717,7 @@ def _scaling_html(sc: Scaling) -> str:
     return "".join(parts)
 
 
-def _picture_png(p: FramePicture) -> bytes:
+def picture_png(p: FramePicture) -> bytes:
     """The frame drawn once (a live refresh reuses the same FramePicture and so its PNG)."""
     if p.png is None:
         from sfxflow.report.picture import render_frame_png
@@ -732,8 +732,8 @@ def _picture_png(p: FramePicture) -> bytes:
     return p.png
 
 
-def _picture_html(p: FramePicture) -> str:
-    data = base64.b64encode(_picture_png(p)).decode("ascii")
+def _picture_html(p: FramePicture, draw: Callable[[FramePicture], bytes] | None = None) -> str:
+    data = base64.b64encode((draw or picture_png)(p)).decode("ascii")
     return (f'<figure class="picture"><img alt="{_e(p.caption)}" '
             f'src="data:image/png;base64,{data}"><figcaption>{_e(p.caption)}</figcaption>'
             "</figure>")
@@ -791,8 +791,13 @@ _SECTIONS = (
 )
 
 
-def render_report_html(data: ReportData) -> str:
+def render_report_html(data: ReportData,
+                       draw_picture: Callable[[FramePicture], bytes] | None = None) -> str:
     """The whole page as a string (UTF-8, no external references).
+
+    ``draw_picture`` gives the strongest frame's PNG (default :func:`picture_png`, drawn here);
+    the frame's section comes last, so a PNG drawn elsewhere meanwhile is fetched after the
+    plots are drawn.
 
     Examples
     --------
@@ -814,7 +819,8 @@ def render_report_html(data: ReportData) -> str:
     renderers: dict[str, Any] = {
         "overview": _overview_html, "along": _along_html, "spots": _diagnostics_html,
         "crystals": _crystals_html, "merged": lambda m: _merged_html(m, full),
-        "scaling": _scaling_html, "frame": _picture_html,
+        "scaling": _scaling_html,
+        "frame": lambda p: _picture_html(p, draw_picture),
     }
     sections = []
     present = [(k, t) for k, t in _SECTIONS if bodies[k] is not None]

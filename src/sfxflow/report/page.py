@@ -12,8 +12,12 @@ import importlib
 import logging
 import os
 import posixpath
+import select
+import signal
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,11 +25,12 @@ from sfxflow.errors import InputError, RunDirError, SfxflowError
 from sfxflow.io.results import RunDir
 from sfxflow.pipeline.report import (
     REPORT_NAME,
+    FramePicture,
     ReportCache,
     build_merge_report,
     build_report,
 )
-from sfxflow.report.html import render_report_html
+from sfxflow.report.html import picture_png, render_report_html
 
 __all__ = ["LiveReport", "write_merge_report", "write_report"]
 
@@ -62,18 +67,147 @@ def _write_to(out: str, page: bytes, storage_options: Mapping[str, Any] | None) 
     return target.url_of(name)
 
 
+#: how long the page waits for the frame's picture drawn in a child (:class:`_PictureAside`)
+#: before it draws it itself: ~0.5 s for a CSPAD frame on one core; the child only outlasts
+#: this if it hangs (a lock another thread held when it was forked)
+PICTURE_ASIDE_TIMEOUT_S = 60.0
+
+
+def _can_fork_aside() -> bool:
+    """Whether a picture drawn in a forked child runs beside this process: on Linux (forking a
+    process with threads is unsafe on macOS) with two cores or more for it."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return False
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) >= 2
+
+
+class _PictureAside:
+    """The strongest frame's PNG drawn in a forked child while this process draws the plots.
+
+    Why: the final page is drawn once the last block is in, on one core (0.4-0.5 s for the
+    picture, 0.6-0.7 s for the nine plots on a CSPAD run), while the cluster's cores idle. The
+    child is a copy of this process as it is (matplotlib imported, the frame in memory): it
+    starts in milliseconds and draws the same PNG, byte for byte. Any trouble in the child (an
+    error, a crash, no answer within :data:`PICTURE_ASIDE_TIMEOUT_S`) and the picture is
+    drawn here instead, as without it: what fails there fails here the same way.
+    """
+
+    def __init__(self, picture: FramePicture) -> None:
+        self.picture = picture
+        self.pid = 0
+        self.fd = -1
+        read_fd, write_fd = os.pipe()
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of forking a process with threads; the child only draws
+                # (no lock another thread holds), and the wait for it is bounded
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except Exception as exc:
+            os.close(read_fd)
+            os.close(write_fd)
+            logger.debug("picture drawn in this process: %s", exc)
+            return
+        if pid == 0:  # pragma: no cover - the child; coverage does not follow it
+            self._child(read_fd, write_fd)
+        os.close(write_fd)
+        self.pid, self.fd = pid, read_fd
+
+    def _child(self, read_fd: int, write_fd: int) -> None:  # pragma: no cover - in the child
+        code = 1
+        try:
+            os.close(read_fd)
+            # a stop (Ctrl-C, SIGTERM) ends the child at once; the parent handles it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            png = picture_png(self.picture)
+            view = memoryview(png)
+            while view:
+                view = view[os.write(write_fd, view):]
+            code = 0
+        except BaseException:  # the parent draws it itself and reports what fails
+            pass
+        finally:
+            os._exit(code)
+
+    def _collect(self) -> bytes | None:
+        """The child's PNG, or ``None`` where it gave none in time (it is then killed)."""
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + PICTURE_ASIDE_TIMEOUT_S
+        status = -1
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                    logger.debug("picture child gave no answer in %.0f s",
+                                 PICTURE_ASIDE_TIMEOUT_S)
+                    return None
+                chunk = os.read(self.fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            status = os.waitpid(self.pid, 0)[1]
+            self.pid = 0
+        finally:
+            self.close()  # a child that gave no answer, or this process stopped meanwhile
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            return None
+        return b"".join(chunks)
+
+    def draw(self, picture: FramePicture) -> bytes:
+        """:func:`~sfxflow.report.html.picture_png`, from the child where it drew it."""
+        if picture is self.picture and self.fd >= 0 and picture.png is None:
+            png = self._collect()
+            if png is not None:
+                picture.png = png
+        return picture_png(picture)
+
+    def close(self) -> None:
+        """End the child if its PNG was not collected (an error drawing a plot, no answer)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+            self.pid = 0
+
+
+def _render(data: Any, picture_aside: bool) -> bytes:
+    """The page of ``data``; ``picture_aside``: its frame drawn in a forked child meanwhile
+    (:class:`_PictureAside`) where that can run beside this process."""
+    picture = data.picture
+    if not (picture_aside and isinstance(picture, FramePicture) and picture.png is None
+            and _can_fork_aside()):
+        return render_report_html(data).encode("utf-8")
+    aside = _PictureAside(picture)
+    try:
+        return render_report_html(data, draw_picture=aside.draw).encode("utf-8")
+    finally:
+        aside.close()
+
+
 def write_report(run_url: str, out: str | None = None, *,
                  storage_options: Mapping[str, Any] | None = None, merge_url: str | None = None,
                  running: bool | None = None, with_picture: bool = True,
-                 cache: ReportCache | None = None, cost: bool | None = None) -> str:
+                 cache: ReportCache | None = None, cost: bool | None = None,
+                 picture_aside: bool = False) -> str:
     """Build the report of ``run_url`` and write it atomically; returns where it went.
 
     ``out`` defaults to ``RUN/report.html``; a local path or URL. ``cost``: show the run priced
-    at cloud prices (``None``: only for a run on object storage).
+    at cloud prices (``None``: only for a run on object storage). ``picture_aside``: draw the
+    strongest frame in a forked child while this process draws the plots (the same page, on
+    two cores; see :class:`_PictureAside`).
     """
     data = build_report(run_url, storage_options=storage_options, merge_url=merge_url,
                         running=running, with_picture=with_picture, cache=cache, cost=cost)
-    page = render_report_html(data).encode("utf-8")
+    page = _render(data, picture_aside)
     if out is None:
         run = RunDir(run_url, storage_options)
         run.write_bytes(REPORT_NAME, page)
@@ -172,8 +306,10 @@ class LiveReport:
     def _write(self, running: bool) -> None:
         t0 = time.perf_counter()
         try:
+            # the final page, drawn after the last block: its picture on the cores the
+            # workers no longer use
             write_report(self.run_url, storage_options=self.storage_options, running=running,
-                         cache=self.cache)
+                         cache=self.cache, picture_aside=not running)
             self.written += 1
         except Exception as exc:  # the report must never stop a run
             # a full disk or a dead endpoint says all in one line; anything else is a bug
