@@ -1,4 +1,4 @@
-"""The final page's picture drawn in a forked child (sfxflow.report.page._PictureAside): the
+"""The final page's sections drawn in a forked child (sfxflow.report.page._DrawnAside): the
 same page as drawn in one process, and a child that fails or hangs never costs the page."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sfxflow.report.page as page
 from sfxflow.algorithms.layouts import simple
 from sfxflow.models import Beam, Frame
 from sfxflow.pipeline.report import AlongRun, FramePicture, ReportData, Unavailable
-from sfxflow.report.html import picture_png, render_report_html
+from sfxflow.report.html import render_report_html, render_sections
 
 pytestmark = pytest.mark.skipif(not page._can_fork_aside(),
                                 reason="needs fork and two cores for the child")
@@ -54,49 +54,55 @@ def _children() -> set[int]:
         return set()
 
 
-def test_picture_drawn_aside_gives_the_same_page():
-    alone = render_report_html(_data()).encode("utf-8")
+def test_sections_drawn_aside_give_the_same_page(monkeypatch):
+    alone = _without_ids(render_report_html(_data()))
     before = _children()
-    data = _data()
-    aside = page._render(data, picture_aside=True)
-    assert data.picture.png == picture_png(_data().picture)  # the child's PNG, byte for byte
-    assert _without_ids(aside.decode()) == _without_ids(alone.decode())
+    drawn: list[int] = []
+    real = page.render_sections
+
+    def spy(data, keys=None):
+        drawn.append(os.getpid())
+        return real(data, keys)
+
+    monkeypatch.setattr(page, "render_sections", spy)
+    aside = page._render(_data(), aside=True).decode()
+    assert _without_ids(aside) == alone  # the PNG byte for byte, the SVGs but for their ids
+    assert drawn == [os.getpid()]  # this process drew its own share only: the child the rest
     assert _children() <= before  # the child is gone (waited for, no zombie)
 
 
-def test_child_that_fails_or_hangs_leaves_the_picture_to_the_parent(monkeypatch):
+def test_child_that_fails_or_hangs_leaves_its_sections_to_the_parent(monkeypatch):
     parent = os.getpid()
-    expected = picture_png(_data().picture)
+    expected = _without_ids(render_report_html(_data()))
 
-    def failing(p):
+    def failing(data, keys=None):
         if os.getpid() != parent:
             raise RuntimeError("the child fails")
-        return picture_png(p)
+        return render_sections(data, keys)
 
-    monkeypatch.setattr(page, "picture_png", failing)
-    data = _data()
-    page._render(data, picture_aside=True)
-    assert data.picture.png == expected
+    monkeypatch.setattr(page, "render_sections", failing)
+    assert _without_ids(page._render(_data(), aside=True).decode()) == expected
 
-    def hanging(p):
+    def hanging(data, keys=None):
         if os.getpid() != parent:
             time.sleep(120)
-        return picture_png(p)
+        return render_sections(data, keys)
 
-    monkeypatch.setattr(page, "picture_png", hanging)
-    monkeypatch.setattr(page, "PICTURE_ASIDE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(page, "render_sections", hanging)
+    monkeypatch.setattr(page, "ASIDE_TIMEOUT_S", 0.5)
     before = _children()
     t0 = time.monotonic()
-    data = _data()
-    page._render(data, picture_aside=True)
-    assert data.picture.png == expected and time.monotonic() - t0 < 30
+    assert _without_ids(page._render(_data(), aside=True).decode()) == expected
+    assert time.monotonic() - t0 < 30
     assert _children() <= before  # the hung child is killed
 
 
 def test_a_picture_that_cannot_be_drawn_fails_the_page_as_before(monkeypatch):
+    import sfxflow.report.html as html
+
     def broken(p):
         raise ValueError("no picture")
 
-    monkeypatch.setattr(page, "picture_png", broken)
+    monkeypatch.setattr(html, "_picture_png", broken)
     with pytest.raises(ValueError, match="no picture"):
-        page._render(_data(), picture_aside=True)
+        page._render(_data(), aside=True)

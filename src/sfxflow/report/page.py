@@ -9,6 +9,7 @@ browser never reads half of it.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import posixpath
@@ -27,10 +28,11 @@ from sfxflow.pipeline.report import (
     REPORT_NAME,
     FramePicture,
     ReportCache,
+    ReportData,
     build_merge_report,
     build_report,
 )
-from sfxflow.report.html import picture_png, render_report_html
+from sfxflow.report.html import SECTION_KEYS, render_report_html, render_sections
 
 __all__ = ["LiveReport", "write_merge_report", "write_report"]
 
@@ -67,14 +69,17 @@ def _write_to(out: str, page: bytes, storage_options: Mapping[str, Any] | None) 
     return target.url_of(name)
 
 
-#: how long the page waits for the frame's picture drawn in a child (:class:`_PictureAside`)
-#: before it draws it itself: ~0.5 s for a CSPAD frame on one core; the child only outlasts
-#: this if it hangs (a lock another thread held when it was forked)
-PICTURE_ASIDE_TIMEOUT_S = 60.0
+#: how long the page waits for the sections drawn in a child (:class:`_DrawnAside`) before it
+#: draws them itself: ~0.6 s on a CSPAD run on one core; the child only outlasts this if it
+#: hangs (on a lock another thread held when it was forked)
+ASIDE_TIMEOUT_S = 60.0
+#: the sections the child draws: the frame picture (0.4-0.5 s on a CSPAD run) and the spots'
+#: two plots (~0.2 s), against the other seven plots (0.5-0.6 s) and the data read here
+ASIDE_SECTIONS = ("spots", "frame")
 
 
 def _can_fork_aside() -> bool:
-    """Whether a picture drawn in a forked child runs beside this process: on Linux (forking a
+    """Whether sections drawn in a forked child run beside this process: on Linux (forking a
     process with threads is unsafe on macOS) with two cores or more for it."""
     if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
         return False
@@ -84,19 +89,20 @@ def _can_fork_aside() -> bool:
         return (os.cpu_count() or 1) >= 2
 
 
-class _PictureAside:
-    """The strongest frame's PNG drawn in a forked child while this process draws the plots.
+class _DrawnAside:
+    """Some of the page's sections drawn in a forked child while this process draws the rest.
 
     Why: the final page is drawn once the last block is in, on one core (0.4-0.5 s for the
-    picture, 0.6-0.7 s for the nine plots on a CSPAD run), while the cluster's cores idle. The
-    child is a copy of this process as it is (matplotlib imported, the frame in memory): it
-    starts in milliseconds and draws the same PNG, byte for byte. Any trouble in the child (an
-    error, a crash, no answer within :data:`PICTURE_ASIDE_TIMEOUT_S`) and the picture is
-    drawn here instead, as without it: what fails there fails here the same way.
+    frame picture, 0.6-0.8 s for the nine plots on a CSPAD run) while the cluster's cores
+    idle, and threads would share one core (matplotlib holds the GIL). The child is a copy of
+    this process as it is (matplotlib imported, the data in memory): it starts in milliseconds
+    and draws the same HTML (the same PNG, byte for byte). Any trouble in the child (an error,
+    a crash, no answer within :data:`ASIDE_TIMEOUT_S`) and the sections are drawn here
+    instead, as without it: what fails there fails here the same way.
     """
 
-    def __init__(self, picture: FramePicture) -> None:
-        self.picture = picture
+    def __init__(self, data: ReportData, keys: Sequence[str]) -> None:
+        self.data, self.keys = data, list(keys)
         self.pid = 0
         self.fd = -1
         read_fd, write_fd = os.pipe()
@@ -109,7 +115,7 @@ class _PictureAside:
         except Exception as exc:
             os.close(read_fd)
             os.close(write_fd)
-            logger.debug("picture drawn in this process: %s", exc)
+            logger.debug("report drawn in this process only: %s", exc)
             return
         if pid == 0:  # pragma: no cover - the child; coverage does not follow it
             self._child(read_fd, write_fd)
@@ -123,27 +129,25 @@ class _PictureAside:
             # a stop (Ctrl-C, SIGTERM) ends the child at once; the parent handles it
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            png = picture_png(self.picture)
-            view = memoryview(png)
+            view = memoryview(json.dumps(render_sections(self.data, self.keys)).encode())
             while view:
                 view = view[os.write(write_fd, view):]
             code = 0
-        except BaseException:  # the parent draws it itself and reports what fails
+        except BaseException:  # the parent draws them itself and reports what fails
             pass
         finally:
             os._exit(code)
 
-    def _collect(self) -> bytes | None:
-        """The child's PNG, or ``None`` where it gave none in time (it is then killed)."""
+    def _collect(self) -> dict[str, str] | None:
+        """The child's sections, or ``None`` where it gave none in time (it is then killed)."""
         chunks: list[bytes] = []
-        deadline = time.monotonic() + PICTURE_ASIDE_TIMEOUT_S
+        deadline = time.monotonic() + ASIDE_TIMEOUT_S
         status = -1
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                    logger.debug("picture child gave no answer in %.0f s",
-                                 PICTURE_ASIDE_TIMEOUT_S)
+                    logger.debug("report child gave no answer in %.0f s", ASIDE_TIMEOUT_S)
                     return None
                 chunk = os.read(self.fd, 1 << 20)
                 if not chunk:
@@ -155,18 +159,17 @@ class _PictureAside:
             self.close()  # a child that gave no answer, or this process stopped meanwhile
         if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
             return None
-        return b"".join(chunks)
+        drawn = json.loads(b"".join(chunks))
+        return drawn if isinstance(drawn, dict) else None
 
-    def draw(self, picture: FramePicture) -> bytes:
-        """:func:`~sfxflow.report.html.picture_png`, from the child where it drew it."""
-        if picture is self.picture and self.fd >= 0 and picture.png is None:
-            png = self._collect()
-            if png is not None:
-                picture.png = png
-        return picture_png(picture)
+    def sections(self) -> dict[str, str]:
+        """The sections of ``keys``: from the child where it drew them, else drawn here."""
+        drawn = self._collect() if self.fd >= 0 else None
+        return drawn if drawn is not None else render_sections(self.data, self.keys)
 
     def close(self) -> None:
-        """End the child if its PNG was not collected (an error drawing a plot, no answer)."""
+        """End the child if its sections were not collected (an error drawing the others, no
+        answer)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -179,35 +182,36 @@ class _PictureAside:
             self.pid = 0
 
 
-def _render(data: Any, picture_aside: bool) -> bytes:
-    """The page of ``data``; ``picture_aside``: its frame drawn in a forked child meanwhile
-    (:class:`_PictureAside`) where that can run beside this process."""
-    picture = data.picture
-    if not (picture_aside and isinstance(picture, FramePicture) and picture.png is None
+def _render(data: ReportData, aside: bool) -> bytes:
+    """The page of ``data``; ``aside``: its :data:`ASIDE_SECTIONS` drawn in a forked child
+    meanwhile (:class:`_DrawnAside`) where that can run beside this process."""
+    keys = [k for k in ASIDE_SECTIONS if k in SECTION_KEYS]
+    if not (aside and isinstance(data.picture, FramePicture) and data.picture.png is None
             and _can_fork_aside()):
         return render_report_html(data).encode("utf-8")
-    aside = _PictureAside(picture)
+    child = _DrawnAside(data, keys)
     try:
-        return render_report_html(data, draw_picture=aside.draw).encode("utf-8")
+        mine = render_sections(data, [k for k in SECTION_KEYS if k not in keys])
+        return render_report_html(data, {**mine, **child.sections()}).encode("utf-8")
     finally:
-        aside.close()
+        child.close()
 
 
 def write_report(run_url: str, out: str | None = None, *,
                  storage_options: Mapping[str, Any] | None = None, merge_url: str | None = None,
                  running: bool | None = None, with_picture: bool = True,
                  cache: ReportCache | None = None, cost: bool | None = None,
-                 picture_aside: bool = False) -> str:
+                 aside: bool = False) -> str:
     """Build the report of ``run_url`` and write it atomically; returns where it went.
 
     ``out`` defaults to ``RUN/report.html``; a local path or URL. ``cost``: show the run priced
-    at cloud prices (``None``: only for a run on object storage). ``picture_aside``: draw the
-    strongest frame in a forked child while this process draws the plots (the same page, on
-    two cores; see :class:`_PictureAside`).
+    at cloud prices (``None``: only for a run on object storage). ``aside``: draw some sections
+    (the frame picture) in a forked child while this process draws the others (the same page,
+    on two cores; see :class:`_DrawnAside`).
     """
     data = build_report(run_url, storage_options=storage_options, merge_url=merge_url,
                         running=running, with_picture=with_picture, cache=cache, cost=cost)
-    page = _render(data, picture_aside)
+    page = _render(data, aside)
     if out is None:
         run = RunDir(run_url, storage_options)
         run.write_bytes(REPORT_NAME, page)
@@ -309,7 +313,7 @@ class LiveReport:
             # the final page, drawn after the last block: its picture on the cores the
             # workers no longer use
             write_report(self.run_url, storage_options=self.storage_options, running=running,
-                         cache=self.cache, picture_aside=not running)
+                         cache=self.cache, aside=not running)
             self.written += 1
         except Exception as exc:  # the report must never stop a run
             # a full disk or a dead endpoint says all in one line; anything else is a bug
