@@ -144,9 +144,11 @@ class _DrawnAside:
         deadline = time.monotonic() + ASIDE_TIMEOUT_S
         status = -1
         try:
+            poller = select.poll()  # not select.select: a client with many sockets has fds > 1023
+            poller.register(self.fd, select.POLLIN)
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                if left <= 0 or not poller.poll(left * 1000.0):
                     logger.debug("report child gave no answer in %.0f s", ASIDE_TIMEOUT_S)
                     return None
                 chunk = os.read(self.fd, 1 << 20)
@@ -164,7 +166,12 @@ class _DrawnAside:
 
     def sections(self) -> dict[str, str]:
         """The sections of ``keys``: from the child where it drew them, else drawn here."""
-        drawn = self._collect() if self.fd >= 0 else None
+        drawn = None
+        if self.fd >= 0:
+            try:
+                drawn = self._collect()
+            except (OSError, ValueError) as exc:  # the sections are drawn here
+                logger.debug("report child not read: %s", exc)
         return drawn if drawn is not None else render_sections(self.data, self.keys)
 
     def close(self) -> None:
