@@ -24,7 +24,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from sfxflow.pipeline.report import (
     Unavailable,
 )
 
-__all__ = ["render_report_html"]
+__all__ = ["SECTION_KEYS", "render_report_html", "render_sections"]
 
 CELL_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
 _CELL_UNITS = {"a": "Å", "b": "Å", "c": "Å", "alpha": "°", "beta": "°", "gamma": "°"}
@@ -789,10 +789,40 @@ _SECTIONS = (
     ("scaling", "Per-crystal scaling"),
     ("frame", "Strongest frame"),
 )
+#: the page's sections, in its order
+SECTION_KEYS = tuple(k for k, _ in _SECTIONS)
 
 
-def render_report_html(data: ReportData) -> str:
+def _bodies(data: ReportData) -> dict[str, Any]:
+    return {
+        "overview": data.overview, "along": data.along, "spots": data.diagnostics,
+        "crystals": data.crystals, "merged": data.merged, "scaling": data.scaling,
+        "frame": data.picture,
+    }
+
+
+def render_sections(data: ReportData, keys: Collection[str] | None = None) -> dict[str, str]:
+    """The inner HTML of the page's sections (:data:`SECTION_KEYS`; those of ``keys`` only),
+    by key; a section the page leaves out (``None`` in ``data``) has none."""
+    full = data.kind == "merge"
+    renderers: dict[str, Any] = {
+        "overview": _overview_html, "along": _along_html, "spots": _diagnostics_html,
+        "crystals": _crystals_html, "merged": lambda m: _merged_html(m, full),
+        "scaling": _scaling_html, "frame": _picture_html,
+    }
+    inner = {}
+    for key, item in _bodies(data).items():
+        if item is None or (keys is not None and key not in keys):
+            continue
+        inner[key] = _unavailable(item) if isinstance(item, Unavailable) else renderers[key](item)
+    return inner
+
+
+def render_report_html(data: ReportData, sections: Mapping[str, str] | None = None) -> str:
     """The whole page as a string (UTF-8, no external references).
+
+    ``sections``: the inner HTML of some sections, drawn already (:func:`render_sections`);
+    the others are drawn here.
 
     Examples
     --------
@@ -805,23 +835,12 @@ def render_report_html(data: ReportData) -> str:
     >>> "not available: no merged data in this run" in page, "://" in page
     (True, False)
     """
-    bodies: dict[str, Any] = {
-        "overview": data.overview, "along": data.along, "spots": data.diagnostics,
-        "crystals": data.crystals, "merged": data.merged, "scaling": data.scaling,
-        "frame": data.picture,
-    }
-    full = data.kind == "merge"
-    renderers: dict[str, Any] = {
-        "overview": _overview_html, "along": _along_html, "spots": _diagnostics_html,
-        "crystals": _crystals_html, "merged": lambda m: _merged_html(m, full),
-        "scaling": _scaling_html, "frame": _picture_html,
-    }
-    sections = []
+    bodies = _bodies(data)
     present = [(k, t) for k, t in _SECTIONS if bodies[k] is not None]
-    for key, title in present:
-        item = bodies[key]
-        inner = _unavailable(item) if isinstance(item, Unavailable) else renderers[key](item)
-        sections.append(f'<section id="{key}"><h2>{_e(title)}</h2>{inner}</section>')
+    drawn = dict(sections or {})
+    drawn.update(render_sections(data, [k for k, _ in present if k not in drawn]))
+    sections_html = [f'<section id="{key}"><h2>{_e(title)}</h2>{drawn[key]}</section>'
+                     for key, title in present]
     nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t in present)
     if data.link is not None:
         nav += f'<a class="other" href="{_e(data.link[0])}">{_e(data.link[1])} →</a>'
@@ -838,7 +857,7 @@ def render_report_html(data: ReportData) -> str:
         f"{refresh}<title>{_e(data.title)}</title><style>{_CSS}</style></head><body>"
         f'<header><h1>{_e(data.title)}<span class="state {state_class}">{_e(data.state)}</span>'
         f'</h1><div class="meta">{_e(data.run_url)} · report made {_e(data.generated_at)}'
-        f"{_e(live)}</div></header><nav>{nav}</nav><main>{notes}{''.join(sections)}</main>"
+        f"{_e(live)}</div></header><nav>{nav}</nav><main>{notes}{''.join(sections_html)}</main>"
         f"<footer>sfxflow {_e(data.version)} · one self-contained page: no scripts, nothing "
         "fetched from anywhere</footer></body></html>\n"
     )

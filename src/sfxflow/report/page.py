@@ -9,11 +9,16 @@ browser never reads half of it.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import posixpath
+import select
+import signal
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,11 +26,13 @@ from sfxflow.errors import InputError, RunDirError, SfxflowError
 from sfxflow.io.results import RunDir
 from sfxflow.pipeline.report import (
     REPORT_NAME,
+    FramePicture,
     ReportCache,
+    ReportData,
     build_merge_report,
     build_report,
 )
-from sfxflow.report.html import render_report_html
+from sfxflow.report.html import SECTION_KEYS, render_report_html, render_sections
 
 __all__ = ["LiveReport", "write_merge_report", "write_report"]
 
@@ -62,18 +69,156 @@ def _write_to(out: str, page: bytes, storage_options: Mapping[str, Any] | None) 
     return target.url_of(name)
 
 
+#: how long the page waits for the sections drawn in a child (:class:`_DrawnAside`) before it
+#: draws them itself: ~0.6 s on a CSPAD run on one core; the child only outlasts this if it
+#: hangs (on a lock another thread held when it was forked)
+ASIDE_TIMEOUT_S = 60.0
+#: the sections the child draws: the frame picture (0.4-0.5 s on a CSPAD run) and the spots'
+#: two plots (~0.2 s), against the other seven plots (0.5-0.6 s) and the data read here
+ASIDE_SECTIONS = ("spots", "frame")
+
+
+def _can_fork_aside() -> bool:
+    """Whether sections drawn in a forked child run beside this process: on Linux (forking a
+    process with threads is unsafe on macOS) with two cores or more for it."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return False
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) >= 2
+
+
+class _DrawnAside:
+    """Some of the page's sections drawn in a forked child while this process draws the rest.
+
+    Why: the final page is drawn once the last block is in, on one core (0.4-0.5 s for the
+    frame picture, 0.6-0.8 s for the nine plots on a CSPAD run) while the cluster's cores
+    idle, and threads would share one core (matplotlib holds the GIL). The child is a copy of
+    this process as it is (matplotlib imported, the data in memory): it starts in milliseconds
+    and draws the same HTML (the same PNG, byte for byte). Any trouble in the child (an error,
+    a crash, no answer within :data:`ASIDE_TIMEOUT_S`) and the sections are drawn here
+    instead, as without it: what fails there fails here the same way.
+    """
+
+    def __init__(self, data: ReportData, keys: Sequence[str]) -> None:
+        self.data, self.keys = data, list(keys)
+        self.pid = 0
+        self.fd = -1
+        read_fd, write_fd = os.pipe()
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of forking a process with threads; the child only draws
+                # (no lock another thread holds), and the wait for it is bounded
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except Exception as exc:
+            os.close(read_fd)
+            os.close(write_fd)
+            logger.debug("report drawn in this process only: %s", exc)
+            return
+        if pid == 0:  # pragma: no cover - the child; coverage does not follow it
+            self._child(read_fd, write_fd)
+        os.close(write_fd)
+        self.pid, self.fd = pid, read_fd
+
+    def _child(self, read_fd: int, write_fd: int) -> None:  # pragma: no cover - in the child
+        code = 1
+        try:
+            os.close(read_fd)
+            # a stop (Ctrl-C, SIGTERM) ends the child at once; the parent handles it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            view = memoryview(json.dumps(render_sections(self.data, self.keys)).encode())
+            while view:
+                view = view[os.write(write_fd, view):]
+            code = 0
+        except BaseException:  # the parent draws them itself and reports what fails
+            pass
+        finally:
+            os._exit(code)
+
+    def _collect(self) -> dict[str, str] | None:
+        """The child's sections, or ``None`` where it gave none in time (it is then killed)."""
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + ASIDE_TIMEOUT_S
+        status = -1
+        try:
+            poller = select.poll()  # not select.select: a client with many sockets has fds > 1023
+            poller.register(self.fd, select.POLLIN)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000.0):
+                    logger.debug("report child gave no answer in %.0f s", ASIDE_TIMEOUT_S)
+                    return None
+                chunk = os.read(self.fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            status = os.waitpid(self.pid, 0)[1]
+            self.pid = 0
+        finally:
+            self.close()  # a child that gave no answer, or this process stopped meanwhile
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            return None
+        drawn = json.loads(b"".join(chunks))
+        return drawn if isinstance(drawn, dict) else None
+
+    def sections(self) -> dict[str, str]:
+        """The sections of ``keys``: from the child where it drew them, else drawn here."""
+        drawn = None
+        if self.fd >= 0:
+            try:
+                drawn = self._collect()
+            except (OSError, ValueError) as exc:  # the sections are drawn here
+                logger.debug("report child not read: %s", exc)
+        return drawn if drawn is not None else render_sections(self.data, self.keys)
+
+    def close(self) -> None:
+        """End the child if its sections were not collected (an error drawing the others, no
+        answer)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+            self.pid = 0
+
+
+def _render(data: ReportData, aside: bool) -> bytes:
+    """The page of ``data``; ``aside``: its :data:`ASIDE_SECTIONS` drawn in a forked child
+    meanwhile (:class:`_DrawnAside`) where that can run beside this process."""
+    keys = [k for k in ASIDE_SECTIONS if k in SECTION_KEYS]
+    if not (aside and isinstance(data.picture, FramePicture) and data.picture.png is None
+            and _can_fork_aside()):
+        return render_report_html(data).encode("utf-8")
+    child = _DrawnAside(data, keys)
+    try:
+        mine = render_sections(data, [k for k in SECTION_KEYS if k not in keys])
+        return render_report_html(data, {**mine, **child.sections()}).encode("utf-8")
+    finally:
+        child.close()
+
+
 def write_report(run_url: str, out: str | None = None, *,
                  storage_options: Mapping[str, Any] | None = None, merge_url: str | None = None,
                  running: bool | None = None, with_picture: bool = True,
-                 cache: ReportCache | None = None, cost: bool | None = None) -> str:
+                 cache: ReportCache | None = None, cost: bool | None = None,
+                 aside: bool = False) -> str:
     """Build the report of ``run_url`` and write it atomically; returns where it went.
 
     ``out`` defaults to ``RUN/report.html``; a local path or URL. ``cost``: show the run priced
-    at cloud prices (``None``: only for a run on object storage).
+    at cloud prices (``None``: only for a run on object storage). ``aside``: draw some sections
+    (the frame picture) in a forked child while this process draws the others (the same page,
+    on two cores; see :class:`_DrawnAside`).
     """
     data = build_report(run_url, storage_options=storage_options, merge_url=merge_url,
                         running=running, with_picture=with_picture, cache=cache, cost=cost)
-    page = render_report_html(data).encode("utf-8")
+    page = _render(data, aside)
     if out is None:
         run = RunDir(run_url, storage_options)
         run.write_bytes(REPORT_NAME, page)
@@ -172,8 +317,10 @@ class LiveReport:
     def _write(self, running: bool) -> None:
         t0 = time.perf_counter()
         try:
+            # the final page, drawn after the last block: its picture on the cores the
+            # workers no longer use
             write_report(self.run_url, storage_options=self.storage_options, running=running,
-                         cache=self.cache)
+                         cache=self.cache, aside=not running)
             self.written += 1
         except Exception as exc:  # the report must never stop a run
             # a full disk or a dead endpoint says all in one line; anything else is a bug
