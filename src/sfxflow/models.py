@@ -350,6 +350,24 @@ def reciprocal_basis(cell: gemmi.UnitCell) -> np.ndarray:
     return np.array(cell.frac.mat.tolist(), dtype=float).T
 
 
+def cell_of_basis(a_matrix: np.ndarray) -> gemmi.UnitCell:
+    """The unit cell (Å, degrees) of any reciprocal basis ``A`` (columns a*, b*, c*, Å⁻¹): the
+    inverse of :func:`reciprocal_basis` up to orientation.
+
+    >>> cell_of_basis(np.diag([0.1, 0.05, 0.02])).parameters
+    (10.0, 20.0, 50.0, 90.0, 90.0, 90.0)
+    """
+    real = np.linalg.inv(np.asarray(a_matrix, dtype=float))  # rows a, b, c
+    lengths = np.linalg.norm(real, axis=1)
+
+    def angle(i: int, j: int) -> float:
+        c = float(real[i] @ real[j]) / float(lengths[i] * lengths[j])
+        return math.degrees(math.acos(min(1.0, max(-1.0, c))))
+
+    a, b, c = (float(x) for x in lengths)
+    return gemmi.UnitCell(a, b, c, angle(1, 2), angle(0, 2), angle(0, 1))
+
+
 @dataclass(frozen=True)
 class Crystal:
     """A crystal lattice: unit cell, space group and the orientation matrix ``A = U @ B``.

@@ -87,6 +87,7 @@ from sfxflow.models import (
     SpotTable,
     as_space_group,
     as_unit_cell,
+    cell_of_basis,
     reciprocal_basis,
 )
 from sfxflow.settings import check_fields, section, setting
@@ -359,19 +360,11 @@ def _rotation_angle_deg(r: np.ndarray) -> float:
 def _setting_cell(cell: gemmi.UnitCell, m: np.ndarray) -> gemmi.UnitCell:
     """Cell of the lattice ``A @ m`` where ``A`` belongs to ``cell``.
 
-    The real-space vectors of ``A @ m`` are the rows of ``m⁻¹ A⁻¹``; for a cell whose angles are
-    not exactly those of its lattice's symmetry (a refined cell) this setting's cell, and so its
-    ``B``, differs from ``cell``'s, and reusing ``cell``'s ``B`` would add a spurious strain.
+    For a cell whose angles are not exactly those of its lattice's symmetry (a refined cell)
+    this setting's cell, and so its ``B``, differs from ``cell``'s, and reusing ``cell``'s ``B``
+    would add a spurious strain.
     """
-    real = np.linalg.inv(m.astype(float)) @ np.linalg.inv(reciprocal_basis(cell))
-    lengths = np.linalg.norm(real, axis=1)
-
-    def angle(i: int, j: int) -> float:
-        c = float(real[i] @ real[j]) / float(lengths[i] * lengths[j])
-        return math.degrees(math.acos(min(1.0, max(-1.0, c))))
-
-    a, b, c = (float(x) for x in lengths)
-    return gemmi.UnitCell(a, b, c, angle(1, 2), angle(0, 2), angle(0, 1))
+    return cell_of_basis(reciprocal_basis(cell) @ m.astype(float))
 
 
 def _setting_rotations(

@@ -58,6 +58,7 @@ from sfxflow.models import (
     ReflectionTable,
     SpotTable,
     as_space_group,
+    cell_of_basis,
     photon_energy_ev_to_wavelength_a,
 )
 
@@ -68,7 +69,6 @@ __all__ = [
     "StreamCrystal",
     "StreamError",
     "StreamWriter",
-    "cell_from_a_matrix",
     "format_chunk",
     "format_stream_header",
     "parse_stream",
@@ -178,7 +178,7 @@ class StreamCrystal:
                 sg = default_space_group(*self.lattice)
             except ValueError:
                 sg = gemmi.SpaceGroup("P 1")
-        return Crystal(cell_from_a_matrix(self.a_matrix), sg, self.a_matrix)
+        return Crystal(cell_of_basis(self.a_matrix), sg, self.a_matrix)
 
 
 @dataclass(frozen=True)
@@ -254,23 +254,6 @@ class Stream:
         if chunk.photon_energy_ev is None:
             return det, self.geometry.beam(values)
         return det, Beam(wavelength_a=photon_energy_ev_to_wavelength_a(chunk.photon_energy_ev))
-
-
-def cell_from_a_matrix(a_matrix: np.ndarray) -> gemmi.UnitCell:
-    """Unit cell (Å, degrees) of a reciprocal basis ``A`` (columns a*, b*, c*, Å⁻¹).
-
-    >>> cell_from_a_matrix(np.diag([0.1, 0.05, 0.02])).parameters
-    (10.0, 20.0, 50.0, 90.0, 90.0, 90.0)
-    """
-    real = np.linalg.inv(np.asarray(a_matrix, dtype=float))  # rows a, b, c
-    a, b, c = (float(np.linalg.norm(v)) for v in real)
-
-    def ang(u: np.ndarray, v: np.ndarray) -> float:
-        cosang = float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
-        return math.degrees(math.acos(max(-1.0, min(1.0, cosang))))
-
-    return gemmi.UnitCell(a, b, c, ang(real[1], real[2]), ang(real[0], real[2]),
-                          ang(real[0], real[1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +423,7 @@ def _parse_crystal(cur: _Lines, panels: dict[str, tuple[int, int, int]]) -> Stre
                         line=start)
     a_matrix = np.column_stack([vecs["astar"], vecs["bstar"], vecs["cstar"]]) / 10.0
     if cell is None:
-        cell = cell_from_a_matrix(a_matrix)
+        cell = cell_of_basis(a_matrix)
     lattice = LatticeInfo(info.pop("lattice_type", "triclinic"), info.pop("centering", "P"),
                           info.pop("unique_axis", "*"))
     return StreamCrystal(cell, a_matrix, lattice, refl, info)
@@ -698,7 +681,7 @@ _NUM_KEYS = ("num_saturated_reflections", "num_implausible_reflections")
 def _crystal_block(crystal: Crystal, reflections: Reflections, detector: Detector,
                    extra: Mapping[str, str] | None) -> list[str]:
     a = np.asarray(crystal.a_matrix, dtype=float)
-    cell = cell_from_a_matrix(a)
+    cell = cell_of_basis(a)
     lat = lattice_from_space_group(crystal.space_group)
     p = cell.parameters
     out = [BEGIN_CRYSTAL,
