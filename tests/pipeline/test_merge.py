@@ -244,6 +244,52 @@ def test_shards_are_memory_mapped_from_scratch_files_removed_however_the_merge_e
         assert not list(scratch.iterdir())
 
 
+def test_work_units_add_the_shards_in_the_tree_order_of_single_shards():
+    """Units of 2**k consecutive shards summed with ``tree_sum``, then the units' sums added
+    in MapReduce's tree: the same additions in the same order as the tree over the shards."""
+    from sfxflow.pipeline.mapreduce import MapReduce, tree_sum
+    from sfxflow.pipeline.merge import _grouped
+
+    def add(a: str, b: str) -> str:
+        return f"({a}+{b})"
+
+    tree = MapReduce(None)._total
+    for n in range(1, 40):
+        shards = [str(i) for i in range(n)]
+        whole = tree(shards, add, str)
+        for size in (1, 2, 4, 8):
+            assert tree([tree_sum(u, add) for u in _grouped(shards, size)], add, str) == whole
+
+
+@pytest.mark.parametrize(("n_shards", "n_workers", "n_cores", "size"),
+                         [(50, 2, 2, 8), (5, 2, 2, 2), (3, 1, 1, 4), (2, 2, 2, 1),
+                          (20, 2, 4, 2), (1, 4, 4, 1)])
+def test_work_units_are_as_large_as_the_balance_over_the_workers_allows(n_shards, n_workers,
+                                                                          n_cores, size):
+    from sfxflow.pipeline.merge import _unit_shards
+
+    assert _unit_shards(n_shards, n_workers, n_cores) == size
+
+
+def test_a_merge_in_work_units_is_the_merge_shard_by_shard_to_the_bit(
+        sim_run, truth, serial_results, tmp_path, monkeypatch):
+    import sfxflow.pipeline.merge as pipeline_merge
+
+    monkeypatch.setattr(pipeline_merge, "_UNIT_SHARDS_MAX", 1)  # one shard a unit
+    r = run_merge([str(sim_run / "run")], str(tmp_path / "one"),
+                  MergeParams(model="partiality", iterations=3), SERIAL, truth=truth)
+    grouped = serial_results["partiality"]  # its 3 shards in one unit
+    a = gemmi.read_mtz_file(str(tmp_path / "one" / "merged.mtz"))
+    b = gemmi.read_mtz_file(str(Path(grouped.out_url) / "merged.mtz"))
+    assert np.array_equal(np.asarray(a.array), np.asarray(b.array), equal_nan=True)
+    assert r.crystals.column_names == grouped.crystals.column_names
+    for name in r.crystals.column_names:  # NaN where a crystal has no delta CC1/2
+        x, y = (t.column(name).to_numpy(zero_copy_only=False) for t in (r.crystals,
+                                                                         grouped.crystals))
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+    assert r.stats["overall"] == grouped.stats["overall"]
+
+
 # ----------------------------------------------------------------------------- on Dask
 
 @pytest.mark.dask

@@ -6,7 +6,7 @@ is a plain function of a shard and some shared values that returns either a summ
 :class:`MapReduce` runs the tasks in this process when there is no client (``--scheduler
 synchronous``), or submits them to the cluster, keeps their results on the workers as futures,
 adds the summable parts in a tree of tasks there and brings back only the total and the small
-per-shard values.
+per-shard values, which ride up the same tree (no task per shard to take them out).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import operator
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MapReduce", "cpu_s", "memory_mb", "peak_rss_mb", "rss_mb"]
+__all__ = ["MapReduce", "cpu_s", "memory_mb", "peak_rss_mb", "rss_mb", "tree_sum"]
 
 
 def _identity(value: Any) -> Any:
@@ -40,6 +40,56 @@ def _add(a: Any, b: Any) -> Any:
     """``a + b`` of two map results or partial sums (pairs give their first element: the
     first level of the tree reads the map's results directly, no task splits them)."""
     return _summable(a) + _summable(b)
+
+
+class _Carried:
+    """A partial sum of (summable, per-item value) map results and the per-item values of the
+    items it sums, in order: the per-item values go up the addition tree with the sums, so
+    that the root brings back both and no task per item takes its value out of its result."""
+
+    __slots__ = ("total", "values")
+
+    def __init__(self, total: Any, values: list) -> None:
+        self.total, self.values = total, values
+
+
+def _carried(value: Any) -> _Carried:
+    return value if isinstance(value, _Carried) else _Carried(value[0], [value[1]])
+
+
+def _add_carrying(a: Any, b: Any) -> _Carried:
+    """``a + b`` of two (summable, per-item value) map results or :class:`_Carried` sums."""
+    a, b = _carried(a), _carried(b)
+    return _Carried(a.total + b.total, a.values + b.values)
+
+
+def _pairwise(results: list, add: Callable[[Any, Any], Any]) -> list:
+    """One level of the addition tree: neighbours added in pairs, an odd last one kept."""
+    return [add(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)
+            ] + results[len(results) - len(results) % 2:]
+
+
+def tree_sum(values: Iterable, add: Callable[[Any, Any], Any] = operator.add) -> Any:
+    """The sum of ``values`` (at least one) added in the order of :class:`MapReduce`'s tree
+    (neighbours in pairs, level by level), holding one partial sum per level only.
+
+    The order fixes the rounding: summing each of the aligned blocks of 2**k values of a list
+    with this, and then the blocks' sums with the tree, gives the tree's sum of the whole
+    list to the bit (every level's odd last value is the block at the list's end).
+
+    >>> tree_sum(["a", "b", "c", "d", "e"], lambda x, y: f"({x}+{y})")
+    '(((a+b)+(c+d))+e)'
+    """
+    levels: list[tuple[int, Any]] = []  # (level, partial sum of 2**level values)
+    for value in values:
+        level = 0
+        while levels and levels[-1][0] == level:
+            value, level = add(levels.pop()[1], value), level + 1
+        levels.append((level, value))
+    total = levels.pop()[1]
+    while levels:  # the blocks left at the end: the odd last ones of the tree's levels
+        total = add(levels.pop()[1], total)
+    return total
 
 
 def peak_rss_mb() -> float:
@@ -90,6 +140,8 @@ class MapReduce:
         self.t_start = time.perf_counter() if t_start is None else t_start
         workers = {} if client is None else client.scheduler_info().get("workers", {})
         self.n_cores = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        #: the workers items without a placed input are dealt out to, in turn
+        self.n_workers = max(1, len(workers))
         #: the most resident memory seen (:func:`memory_mb`'s parts), of each worker
         self.worker_peaks_mb: dict[str, dict[str, float]] = {}
         self.client_peak_mb = memory_mb()
@@ -143,35 +195,28 @@ class MapReduce:
         additions, only the total comes back."""
         return self.gather([self._total(results)])[0]
 
-    def _total(self, results: list) -> Any:
-        """The sum of the results as one future (in this process: the sum). The additions go
-        before the maps still queued (dask's priority), so that each worker holds the partial
-        sums of the few maps it ran last, not one per map: a worker's memory does not grow
-        with the number of shards."""
-        add = _add if self.client is None else partial(self.client.submit, _add, pure=False,
-                                                       priority=1)
-        while len(results) > 1:
-            results = [add(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)
-                       ] + results[len(results) - len(results) % 2:]
+    def _total(self, results: list, add: Callable[[Any, Any], Any] = _add,
+               last: Callable[[Any], Any] = _summable) -> Any:
+        """The sum of the results as one future (in this process: the sum), ``last`` of the
+        root. The additions go before the maps still queued (dask's priority), so that each
+        worker holds the partial sums of the few maps it ran last, not one per map: a
+        worker's memory does not grow with the number of shards."""
         if self.client is None:
-            return _summable(results[0])
-        return self.client.submit(_summable, results[0], pure=False, priority=1)
+            return last(tree_sum(results, add))
+        while len(results) > 1:
+            results = _pairwise(results, partial(self.client.submit, add, pure=False,
+                                                 priority=1))
+        return self.client.submit(last, results[0], pure=False, priority=1)
 
     def map_reduce(self, fn: Callable, items: Sequence[tuple], *shared: Any
                    ) -> tuple[Any, list]:
         """``fn`` returns (a summable, a per-item value): the sum of the first over the items
-        and the list of the second; then a memory sample."""
-        parts = self.map(fn, items, *shared)
-        rest = [self._item(p, 1) for p in parts]  # the small part only comes back
-        total = self._total(parts)
-        del parts  # each map's result is released once added and its small part taken
-        got = self.gather([total, *rest])
+        and the list of the second (carried up the addition tree with the sums); then a
+        memory sample."""
+        total = self._total(self.map(fn, items, *shared), _add_carrying, _carried)
+        got = self.gather([total])[0]
         self.sample_memory()
-        return got[0], got[1:]
-
-    def _item(self, result: Any, k: int) -> Any:
-        return result[k] if self.client is None else self.client.submit(
-            operator.itemgetter(k), result, pure=False, priority=1)
+        return got.total, got.values
 
     def everywhere(self, fn: Callable, *args: Any) -> None:
         """``fn(*args)`` in this process and on every worker (``Client.run``): housekeeping

@@ -1,9 +1,10 @@
 """The distributed merge: map over reflection shards, reduce per-reflection sums, iterate.
 
-``_run`` is the list of steps, each a map over the shards on the workers
+``_run`` is the list of steps, each a map over work units of shards on the workers
 (:class:`~sfxflow.pipeline.mapreduce.MapReduce`) and a small reduce on the client; the numbers
-are decided in :mod:`sfxflow.algorithms.merge`: read and prepare each shard (it stays on its
-worker as a future: a lost worker's shards are recomputed from their files; its per-observation
+are decided in :mod:`sfxflow.algorithms.merge`, one shard at a time: read and prepare each
+unit's shards (they stay on the unit's worker as a future: a lost worker's units are
+recomputed from their files; a shard's per-observation
 arrays are written once to the worker's scratch folder and memory-mapped, so that a worker's
 own memory does not grow with the observations); the space group,
 cell and asymmetric unit; the first reference (a Wilson curve, and with an indexing ambiguity a
@@ -24,6 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ from sfxflow.io.results import RunDir, parquet_bytes
 from sfxflow.io.scratch import mapped_arrays, remove_scratch
 from sfxflow.pipeline.cluster import open_cluster
 from sfxflow.pipeline.config import ClusterConfig
-from sfxflow.pipeline.mapreduce import MapReduce
+from sfxflow.pipeline.mapreduce import MapReduce, tree_sum
 
 __all__ = ["MergeResult", "run_merge"]
 
@@ -109,11 +111,48 @@ def _remove_scratch(scratch: str, dask_worker: Any = None) -> bool:
     return remove_scratch(_scratch_root(dask_worker) / scratch)
 
 
-def _read(spec: ShardSpec, storage_options: Mapping[str, Any] | None, scratch: str) -> Any:
-    return _mapped(read_shard(spec, storage_options), _DATA_ARRAYS, scratch)
+#: the most shards in a work unit (a power of two: see :func:`_unit_shards`)
+_UNIT_SHARDS_MAX = 8
 
 
-def _summarise(data: Any) -> dict:
+def _unit_shards(n_shards: int, n_workers: int, n_cores: int) -> int:
+    """How many consecutive shards make a work unit: one task each step, however many shards.
+
+    Every task costs the client, the scheduler and the worker about the same whatever its
+    size (about 5 ms in all on Dask per task of a 200,000-observation shard: a fifth of a
+    cycle's CPU time at four tasks per shard), so a unit of up to ``_UNIT_SHARDS_MAX`` shards
+    pays it once. A unit works through its shards one at a time (memory as for one shard).
+    Units are blocks of a power of two aligned on the shard list, whose sums are added in the
+    order of the tree over shards (:func:`~sfxflow.pipeline.mapreduce.tree_sum`): the merge
+    is the same to the bit however the shards are grouped. The largest such size for which
+    units dealt out to the workers in turn load the busiest worker with at most 10% more
+    shards than single shards would, and give every core a unit."""
+    def busiest(size: int) -> int:
+        units = [min(size, n_shards - i) for i in range(0, n_shards, size)]
+        return max(sum(units[w::n_workers]) for w in range(n_workers))
+
+    size = _UNIT_SHARDS_MAX
+    while size > 1 and (size >= 2 * n_shards or math.ceil(n_shards / size) < min(n_cores, n_shards)
+                        or busiest(size) > 1.1 * busiest(1)):
+        size //= 2
+    return size
+
+
+def _grouped(values: Sequence, size: int) -> list[list]:
+    """``values`` (one per shard) in work units of ``size`` consecutive shards."""
+    return [list(values[i:i + size]) for i in range(0, len(values), size)]
+
+
+def _read(specs: list[ShardSpec], storage_options: Mapping[str, Any] | None, scratch: str
+          ) -> list[ShardData]:
+    return [_mapped(read_shard(spec, storage_options), _DATA_ARRAYS, scratch) for spec in specs]
+
+
+def _summarise(unit: list[ShardData]) -> list[dict]:
+    return [_summary(data) for data in unit]
+
+
+def _summary(data: ShardData) -> dict:
     return {"n_crystals": data.n_crystals, "n_obs": int(data.hkl.shape[0]),
             "cells": data.cells, "wavelengths": data.wavelengths_a, "rejected": data.rejected,
             "inv_d2_max": alg.max_inv_d2(data.a_matrices, data.obs_crystal, data.hkl),
@@ -122,8 +161,16 @@ def _summarise(data: Any) -> dict:
                               "frame_index": data.frame_index, "crystal": data.crystal})}
 
 
-def _prepare(data: Any, half: np.ndarray, index: alg.AsuIndex, operators: list[np.ndarray],
-             params: alg.MergeParams, scratch: str) -> alg.PreparedShard:
+def _prepare(unit: list[ShardData], halves: list[np.ndarray], index: alg.AsuIndex,
+             operators: list[np.ndarray], params: alg.MergeParams, scratch: str
+             ) -> list[alg.PreparedShard]:
+    return [_prepare_shard(data, half, index, operators, params, scratch)
+            for data, half in zip(unit, halves, strict=True)]
+
+
+def _prepare_shard(data: ShardData, half: np.ndarray, index: alg.AsuIndex,
+                   operators: list[np.ndarray], params: alg.MergeParams, scratch: str
+                   ) -> alg.PreparedShard:
     shard = alg.prepare_shard(data.crystal_ids, data.a_matrices, data.wavelengths_a,
                               data.obs_crystal, data.hkl, data.intensity, data.sigma,
                               data.polarisation, index, operators, params)
@@ -131,10 +178,56 @@ def _prepare(data: Any, half: np.ndarray, index: alg.AsuIndex, operators: list[n
     return _mapped(shard, _PREPARED_ARRAYS, scratch)
 
 
-def _final_pass(shard: alg.PreparedShard, fits: alg.CrystalFits, accepted: np.ndarray | None,
-                number: int, half: np.ndarray, reference: alg.Reference,
-                params: alg.MergeParams, n_codes: int, index: alg.AsuIndex, out_url: str,
-                storage_options: Mapping[str, Any] | None) -> alg.ShardSums:
+def _summed(fn: Callable[..., Any], unit: list[alg.PreparedShard], *shared: Any) -> Any:
+    """The sum of ``fn(shard, *shared)`` over a unit's shards (in the tree's order)."""
+    return tree_sum(fn(shard, *shared) for shard in unit)
+
+
+def _concatenated(fn: Callable[..., list], unit: list[alg.PreparedShard], *shared: Any) -> list:
+    """The lists ``fn(shard, *shared)`` of a unit's shards, one after the other."""
+    return [v for shard in unit for v in fn(shard, *shared)]
+
+
+def _scale_cycle(unit: list[alg.PreparedShard], accepted: list[np.ndarray | None],
+                 reference: alg.Reference, params: alg.MergeParams, n_codes: int,
+                 unity_first: bool) -> tuple[alg.ShardSums, list[alg.CrystalFits]]:
+    """:func:`~sfxflow.algorithms.merge.scale_cycle` over a unit's shards: their sums added
+    (in the tree's order) and their fits."""
+    fits: list[alg.CrystalFits] = []
+
+    def each() -> Any:
+        for shard, ok in zip(unit, accepted, strict=True):
+            sums, shard_fits = alg.scale_cycle(shard, ok, reference, params, n_codes,
+                                               unity_first)
+            fits.append(shard_fits)
+            yield sums
+
+    return tree_sum(each()), fits
+
+
+def _with_delta_cc_half(unit: list[alg.PreparedShard], fits: list[alg.CrystalFits],
+                        accepted: list[np.ndarray | None], reference: alg.Reference,
+                        params: alg.MergeParams, halves: alg.HalfSums
+                        ) -> list[alg.CrystalFits]:
+    return [alg.with_delta_cc_half(shard, f, a, reference, params, halves)
+            for shard, f, a in zip(unit, fits, accepted, strict=True)]
+
+
+def _final_pass(unit: list[alg.PreparedShard], fits: list[alg.CrystalFits],
+                accepted: list[np.ndarray | None], numbers: list[int], halves: list[np.ndarray],
+                reference: alg.Reference, params: alg.MergeParams, n_codes: int,
+                index: alg.AsuIndex, out_url: str, storage_options: Mapping[str, Any] | None
+                ) -> alg.ShardSums:
+    """:func:`_final_shard` over a unit's shards: their sums added (in the tree's order)."""
+    return tree_sum(_final_shard(*shard_args, reference, params, n_codes, index, out_url,
+                                 storage_options)
+                    for shard_args in zip(unit, fits, accepted, numbers, halves, strict=True))
+
+
+def _final_shard(shard: alg.PreparedShard, fits: alg.CrystalFits, accepted: np.ndarray | None,
+                 number: int, half: np.ndarray, reference: alg.Reference,
+                 params: alg.MergeParams, n_codes: int, index: alg.AsuIndex, out_url: str,
+                 storage_options: Mapping[str, Any] | None) -> alg.ShardSums:
     """The merge with the last cycle's fits and the error model fitted on that cycle: the
     per-reflection sums (half-sets ``half``: the merged crystals split evenly), and the shard's
     scaled observations written to ``scaled/``."""
@@ -174,7 +267,7 @@ class _Setup:
     operators: list[np.ndarray]
 
 
-def _setup(job: _Job, summaries: list[dict], n_input: int) -> _Setup:
+def _setup(job: _Job, summaries: list[dict], n_input: int, unit_shards: int) -> _Setup:
     # the cell and space group are decided per input (run directory or stream), not per shard
     per_input: dict[str, dict[str, Any]] = {}
     for spec, x in zip(job.specs, summaries, strict=True):
@@ -195,23 +288,26 @@ def _setup(job: _Job, summaries: list[dict], n_input: int) -> _Setup:
     index = alg.AsuIndex.build(uc, sg, d_min)
     operators = (alg.ambiguity_operators(uc, sg) if job.params.resolve_ambiguity
                  else [np.eye(3, dtype=int)])
-    job.echo(f"{len(job.specs)} shard(s), {n_input} crystal(s); {sg.xhm()}, cell "
+    n_units = math.ceil(len(job.specs) / unit_shards)
+    job.echo(f"{len(job.specs)} shard(s) in {n_units} work unit(s), {n_input} crystal(s); "
+             f"{sg.xhm()}, cell "
              f"{' '.join(f'{x:.2f}' for x in uc.parameters)}, {len(index)} unique reflections "
              f"to {d_min:.2f} A; {len(operators) - 1} ambiguity operator(s)")
     return _Setup(uc, sg, float(np.median(wl)) if wl.size else math.nan, index, operators)
 
 
-def _first_reference(ex: MapReduce, prepared: list, setup: _Setup, params: alg.MergeParams,
+def _first_reference(ex: MapReduce, units: list, setup: _Setup, params: alg.MergeParams,
                      n_crystals: int) -> tuple[alg.Reference, dict[str, Any]]:
     edges = alg.WilsonCurve.edges_to(setup.index.d_min_a)
-    wilson = alg.WilsonCurve.from_sums(
-        edges, ex.reduce_sum(ex.map(alg.WilsonCurve.sums, [(p,) for p in prepared], edges)))
+    wilson = alg.WilsonCurve.from_sums(edges, ex.reduce_sum(
+        ex.map(partial(_summed, alg.WilsonCurve.sums), [(u,) for u in units], edges)))
     ambiguity: dict[str, Any] = {"n_operators": len(setup.operators)}
     if len(setup.operators) == 1:
         return alg.first_reference(setup.index, wilson), ambiguity
     frac = min(1.0, params.ambiguity_max_crystals / max(n_crystals, 1))
-    picked = [v for part in ex.gather(ex.map(alg.ambiguity_vectors, [(p,) for p in prepared],
-                                             wilson, frac, params.seed)) for v in part]
+    picked = [v for part in ex.gather(ex.map(partial(_concatenated, alg.ambiguity_vectors),
+                                             [(u,) for u in units], wilson, frac, params.seed))
+              for v in part]
     settings = alg.resolve_ambiguity([v for _, v in picked],
                                      alg.operator_products(setup.index, setup.operators),
                                      np.random.default_rng(params.seed),
@@ -220,22 +316,27 @@ def _first_reference(ex: MapReduce, prepared: list, setup: _Setup, params: alg.M
     return alg.first_reference(setup.index, wilson, picked, settings), ambiguity
 
 
-def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: alg.Reference
+def _scale(ex: MapReduce, job: _Job, setup: _Setup, units: list, size: int,
+           reference: alg.Reference
            ) -> tuple[alg.Reference, list[alg.CrystalFits], list[np.ndarray | None], list[dict]]:
     """The scaling cycles: fits against the broadcast reference, sums reduced, the next
-    reference and error model, crystals rejected on every crystal's fit."""
+    reference and error model, crystals rejected on every crystal's fit. ``units`` of
+    ``size`` shards; the fits and acceptances are kept per shard."""
     params, history = job.params, []
-    accepted: list[Any] = [None] * len(prepared)  # None: all that their own fit accepts
+    accepted: list[Any] = [None] * len(job.specs)  # None: all that their own fit accepts
     dropped: Any = None  # crystals rejected for good (delta CC1/2)
     for it in range(params.iterations):
         t0, cpu0 = time.perf_counter(), ex.cpu_mark()
         ref_f = ex.put(reference)
-        sums, fits = ex.map_reduce(alg.scale_cycle, list(zip(prepared, accepted, strict=True)),
-                                   ref_f, params, 2 * len(setup.index), it == 0)
+        sums, unit_fits = ex.map_reduce(
+            _scale_cycle, list(zip(units, _grouped(accepted, size), strict=True)),
+            ref_f, params, 2 * len(setup.index), it == 0)
         if params.rejects_on_delta_cc_half() or it == params.iterations - 1:  # and reported
-            fits = ex.gather(ex.map(alg.with_delta_cc_half,
-                                    list(zip(prepared, fits, accepted, strict=True)),
-                                    ref_f, params, ex.put(alg.HalfSums.of(sums))))
+            unit_fits = ex.gather(ex.map(
+                _with_delta_cc_half, list(zip(units, unit_fits, _grouped(accepted, size),
+                                              strict=True)),
+                ref_f, params, ex.put(alg.HalfSums.of(sums))))
+        fits = [f for part in unit_fits for f in part]
         n_good = int(sum(np.sum(f.status == alg.ACCEPTED) for f in fits))
         accepted, dropped = alg.reject_globally(fits, dropped, params, against_merge=it > 0)
         merged, reference, rms = alg.next_reference(sums, params.min_measurements, setup.index.d_a)
@@ -264,6 +365,17 @@ def _scale(ex: MapReduce, job: _Job, setup: _Setup, prepared: list, reference: a
 _MALLOC_ENVIRON = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in
                    (("MALLOC_MMAP_THRESHOLD_", 32 * 2**20),
                     ("MALLOC_TRIM_THRESHOLD_", 64 * 2**20))}
+
+# Dask's housekeeping in the processes started here, at rates for a merge that runs a few
+# dozen tasks a cycle and keeps its memory flat: every process's event loop measured its own
+# latency every 20 ms, sampled its CPU and memory every 0.5 s and each worker and nanny
+# checked its memory every 0.1 s. Idle, that cost 3.3% of a core in the client (with the
+# scheduler) and 2% in each worker, 0.07 CPU-s per second of a cycle in all, about a tenth of
+# a 10^7-observation cycle's CPU on a loaded 2-core machine; 0.014 at these rates. Memory is
+# still checked every second (pausing, terminating a worker past its limit).
+_HOUSEKEEPING = {"distributed.admin.tick.interval": "1s",
+                 "distributed.admin.system-monitor.interval": "5s",
+                 "distributed.worker.memory.monitor-interval": "1s"}
 
 
 def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
@@ -300,7 +412,7 @@ def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
     # memory grew with the observations again (a joined scheduler keeps its own setting)
     with dask.config.set({"distributed.worker.profile.enabled": False,
                           "distributed.scheduler.work-stealing": False,
-                          **_MALLOC_ENVIRON}), \
+                          **_MALLOC_ENVIRON, **_HOUSEKEEPING}), \
             open_cluster(cluster) as (client, info):
         job = _Job(specs, out, params, cell, space_group, point_group, truth, storage_options,
                    echo or (lambda s: None), on_cycle or (lambda i: None),
@@ -317,21 +429,24 @@ def run_merge(inputs: Sequence[str], out_url: str, params: alg.MergeParams,
 
 def _run(job: _Job, ex: MapReduce) -> MergeResult:
     params = job.params
-    data = ex.map(_read, [(s, job.storage_options, job.scratch) for s in job.specs])
-    summaries = ex.gather(ex.map(_summarise, [(d,) for d in data]))
+    size = _unit_shards(len(job.specs), ex.n_workers, ex.n_cores)
+    data = ex.map(_read, [(specs, job.storage_options, job.scratch)
+                          for specs in _grouped(job.specs, size)])
+    summaries = [x for part in ex.gather(ex.map(_summarise, [(d,) for d in data]))
+                 for x in part]
     rejected: Counter[str] = sum((Counter(s["rejected"]) for s in summaries), Counter())
     n_crystals = sum(s["n_crystals"] for s in summaries)
     n_input, n_obs = n_crystals + sum(rejected.values()), sum(s["n_obs"] for s in summaries)
-    setup = _setup(job, summaries, n_input)
+    setup = _setup(job, summaries, n_input, size)
     job.out.makedirs()  # only now: a refused input leaves no half-written merge folder
     index = setup.index  # the asymmetric unit every per-reflection array is indexed by
     halves = alg.balanced_halves([s["n_crystals"] for s in summaries], params.seed)
-    prepared = ex.map(_prepare, list(zip(data, halves, strict=True)), index, setup.operators,
-                      params, job.scratch)
+    units = ex.map(_prepare, list(zip(data, _grouped(halves, size), strict=True)), index,
+                   setup.operators, params, job.scratch)
     del data
-    reference, ambiguity = _first_reference(ex, prepared, setup, params, n_crystals)
+    reference, ambiguity = _first_reference(ex, units, setup, params, n_crystals)
     ex.sample_memory()  # every shard read and prepared
-    reference, fits_all, accepted, history = _scale(ex, job, setup, prepared, reference)
+    reference, fits_all, accepted, history = _scale(ex, job, setup, units, size, reference)
 
     # the merge itself: the last fits with the error model fitted on them, and half-sets that
     # split the merged crystals evenly (seeded)
@@ -342,8 +457,8 @@ def _run(job: _Job, ex: MapReduce) -> MergeResult:
 
     def final_pass(reference: alg.Reference) -> alg.ShardSums:
         return ex.reduce_sum(ex.map(
-            _final_pass, [(p, f, a, s.number, h) for p, f, a, s, h in
-                          zip(prepared, fits_all, accepted, job.specs, halves, strict=True)],
+            _final_pass, list(zip(units, *(_grouped(v, size) for v in (
+                fits_all, accepted, [s.number for s in job.specs], halves)), strict=True)),
             ex.put(reference), params, 2 * len(index), index, job.out.url, job.storage_options))
 
     sums = final_pass(reference)
