@@ -248,7 +248,7 @@ def test_work_units_add_the_shards_in_the_tree_order_of_single_shards():
     """Units of 2**k consecutive shards summed with ``tree_sum``, then the units' sums added
     in MapReduce's tree: the same additions in the same order as the tree over the shards."""
     from sfxflow.pipeline.mapreduce import MapReduce, tree_sum
-    from sfxflow.pipeline.merge import _grouped
+    from sfxflow.pipeline.merge_tasks import grouped as _grouped
 
     def add(a: str, b: str) -> str:
         return f"({a}+{b})"
@@ -266,16 +266,16 @@ def test_work_units_add_the_shards_in_the_tree_order_of_single_shards():
                           (20, 2, 4, 2), (1, 4, 4, 1)])
 def test_work_units_are_as_large_as_the_balance_over_the_workers_allows(n_shards, n_workers,
                                                                           n_cores, size):
-    from sfxflow.pipeline.merge import _unit_shards
+    from sfxflow.pipeline.merge_tasks import unit_shards as _unit_shards
 
     assert _unit_shards(n_shards, n_workers, n_cores) == size
 
 
 def test_a_merge_in_work_units_is_the_merge_shard_by_shard_to_the_bit(
         sim_run, truth, serial_results, tmp_path, monkeypatch):
-    import sfxflow.pipeline.merge as pipeline_merge
+    import sfxflow.pipeline.merge_tasks as merge_tasks
 
-    monkeypatch.setattr(pipeline_merge, "_UNIT_SHARDS_MAX", 1)  # one shard a unit
+    monkeypatch.setattr(merge_tasks, "UNIT_SHARDS_MAX", 1)  # one shard a unit
     r = run_merge([str(sim_run / "run")], str(tmp_path / "one"),
                   MergeParams(model="partiality", iterations=3), SERIAL, truth=truth)
     grouped = serial_results["partiality"]  # its 3 shards in one unit
