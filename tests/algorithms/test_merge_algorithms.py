@@ -150,19 +150,6 @@ def test_sums_add_across_shards_and_merge():
     assert isinstance(ShardSums.zeros(4) + ShardSums.zeros(4), ShardSums)
 
 
-def test_error_model_recovers_known_inflation():
-    rng = np.random.default_rng(3)
-    ref = rng.exponential(100.0, 20000)
-    sigma = np.sqrt(ref + 20.0)
-    obs = ref + rng.normal(0, 1, ref.size) * 1.5 * np.sqrt(sigma**2 + (0.05 * ref) ** 2)
-    s2, i2, v = sigma**2, ref**2, (obs - ref) ** 2
-    w = 1.0 / (s2 + 0.01 * i2) ** 2
-    em = ErrorModel.fit(np.array([np.sum(w * s2 * s2), np.sum(w * s2 * i2), np.sum(w * i2 * i2),
-                                  np.sum(w * v * s2), np.sum(w * v * i2)]))
-    assert em.sdfac == pytest.approx(1.5, rel=0.1)
-    assert em.sdadd == pytest.approx(0.05, rel=0.3)
-
-
 def test_binned_error_model_recovers_a_mostly_proportional_error():
     # unity-like: deviations mostly proportional to I (unmodelled partiality), sdadd large
     rng = np.random.default_rng(4)

@@ -460,12 +460,11 @@ def observations_kernel(offsets, code, inten, sig, inv_d2, eps, bw, scale, b_a2,
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def sums_kernel(offsets, half, code, use, intensity, sigma, sigma_raw, self_in, ref, ref_n, z,
-                sdfac, sdadd, sums, error_sums, deviation_sums):  # type: ignore[no-untyped-def]  # pragma: no cover
+def sums_kernel(offsets, half, code, use, intensity, sigma, z, sums, deviation_sums
+                ):  # type: ignore[no-untyped-def]  # pragma: no cover
     """Add the used observations into ``sums`` (rows n, Σw, Σw·I, then the same for half-sets
-    a and b, per code), and the error model's normal-equation sums and the normalised
-    deviations' sums (see :func:`~sfxflow.algorithms.merge.scale.accumulate`)."""
-    sdadd_fit = max(sdadd, 0.1)
+    a and b, per code), and the normalised deviations' sums (see
+    :func:`~sfxflow.algorithms.merge.scale.accumulate`)."""
     for c in range(offsets.shape[0] - 1):
         k = 3 if half[c] == 0 else 6
         for i in range(offsets[c], offsets[c + 1]):
@@ -480,19 +479,6 @@ def sums_kernel(offsets, half, code, use, intensity, sigma, sigma_raw, self_in, 
             sums[k, h] += w
             sums[k + 1, h] += wi
             sums[k + 2, h] += 1.0
-            if ref_n[i] >= 3.0 and ref[i] == ref[i] and abs(ref[i]) < np.inf:
-                v = (intensity[i] - ref[i]) * (intensity[i] - ref[i])
-                f = self_in[i]
-                s2 = f * sigma_raw[i] * sigma_raw[i]
-                rp = max(ref[i], 0.0)
-                i2 = f * rp * rp
-                d = sdfac * sdfac * (s2 + sdadd_fit * sdadd_fit * i2)
-                wt = 1.0 / (d * d)
-                error_sums[0] += wt * s2 * s2
-                error_sums[1] += wt * s2 * i2
-                error_sums[2] += wt * i2 * i2
-                error_sums[3] += wt * v * s2
-                error_sums[4] += wt * v * i2
             zi = z[i]
             if zi == zi and abs(zi) < np.inf:
                 deviation_sums[0] += 1.0

@@ -419,23 +419,6 @@ class ErrorModel:
     sdfac: float = 1.0
     sdadd: float = 0.0
 
-    @classmethod
-    def fit(cls, sums: np.ndarray) -> ErrorModel:
-        """From the five weighted normal-equation sums of :class:`ShardSums` ``error_sums``."""
-        s_ss, s_si, s_ii, s_vs, s_vi = sums[:5]
-        det = s_ss * s_ii - s_si * s_si
-        if not (det > 0):
-            return cls()
-        c1 = (s_vs * s_ii - s_vi * s_si) / det
-        c2 = (s_ss * s_vi - s_si * s_vs) / det
-        if c1 <= 0:
-            c1 = s_vs / s_ss if s_ss > 0 else 1.0
-            c2 = 0.0
-        c2 = max(c2, 0.0)
-        sdfac = float(np.clip(math.sqrt(max(c1, 1e-6)), 0.3, 10.0))
-        sdadd = float(np.clip(math.sqrt(c2) / sdfac, 0.0, 1.0))
-        return cls(sdfac, sdadd)
-
     def close_to(self, other: ErrorModel, rtol: float = 0.1) -> bool:
         """Whether the two give σ' within ``rtol`` of each other, for weak (sdfac) and strong
         (sdfac·sdadd) observations alike.
@@ -525,7 +508,6 @@ class ShardSums:
     sw_b: np.ndarray
     swi_b: np.ndarray
     n_b: np.ndarray
-    error_sums: np.ndarray  # 5 normal-equation sums of the error model
     error_bins: np.ndarray  # the error model's sums per bin of I²/s² (:func:`error_bins`)
     deviation_sums: np.ndarray  # n, Σδ², Σ|δ|>3 of normalised deviations
     n_outliers: int = 0
@@ -534,12 +516,10 @@ class ShardSums:
     @classmethod
     def zeros(cls, n_codes: int) -> ShardSums:
         arrays: dict[str, Any] = {f: np.zeros(n_codes) for f in _SUM_FIELDS}
-        return cls(**arrays, error_sums=np.zeros(5),
-                   error_bins=np.zeros((3, N_ERROR_BINS)), deviation_sums=np.zeros(3))
+        return cls(**arrays, error_bins=np.zeros((3, N_ERROR_BINS)), deviation_sums=np.zeros(3))
 
     def __add__(self, other: ShardSums) -> ShardSums:
         return ShardSums(**{f: getattr(self, f) + getattr(other, f) for f in _SUM_FIELDS},
-                         error_sums=self.error_sums + other.error_sums,
                          error_bins=self.error_bins + other.error_bins,
                          deviation_sums=self.deviation_sums + other.deviation_sums,
                          n_outliers=self.n_outliers + other.n_outliers,
@@ -615,17 +595,11 @@ def accumulate(shard: PreparedShard, fits: CrystalFits, reference: Reference,
     if obs is None:
         obs = scaled_observations(shard, fits, reference, params, accepted, reject_outliers)
     table = np.zeros((len(_SUM_FIELDS), n_codes))
-    error_sums, deviation_sums = np.zeros(5), np.zeros(3)
-    # error model: E[(I - Iref)²] = c1 σ² + c2 Iref², over well-measured references, weighted
-    # 1/Var(v)² from the error model of the last cycle (iteratively reweighted over the
-    # cycles): a fixed guess of the fractional error makes the fit lean on whichever of the
-    # two nearly collinear terms it underweights (sdfac ran to its limit with unity)
-    em = reference.error_model
+    deviation_sums = np.zeros(3)
     sums_kernel(shard.offsets, shard.half, obs["code"], obs["use"], obs["intensity"],
-                obs["sigma"], obs["sigma_raw"], obs["self_in"], obs["reference"], obs["ref_n"],
-                obs["z"], float(em.sdfac), float(em.sdadd), table, error_sums, deviation_sums)
-    return ShardSums(**dict(zip(_SUM_FIELDS, table, strict=True)), error_sums=error_sums,
-                     error_bins=error_bins(obs),
+                obs["sigma"], obs["z"], table, deviation_sums)
+    # the error model is fitted through bins of I²/s² (:meth:`ErrorModel.fit_binned`)
+    return ShardSums(**dict(zip(_SUM_FIELDS, table, strict=True)), error_bins=error_bins(obs),
                      deviation_sums=deviation_sums,
                      n_outliers=int(obs["outlier"].sum()),
                      n_low_partiality=int(obs["low_partiality"].sum()))
