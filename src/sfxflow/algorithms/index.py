@@ -488,43 +488,6 @@ def _bisector_pair(v1: np.ndarray, v2: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return u1 + u2, u1 - u2
 
 
-@njit(cache=True, nogil=True)
-def _score_kernel(m, q, tol, counts, err):  # pragma: no cover - compiled
-    k_n = m.shape[0]
-    n = q.shape[0]
-    for k in range(k_n):
-        c = 0
-        e = 0.0
-        for i in range(n):
-            worst = 0.0
-            for j in range(3):
-                x = q[i, 0] * m[k, 0, j] + q[i, 1] * m[k, 1, j] + q[i, 2] * m[k, 2, j]
-                d = abs(x - np.rint(x))
-                if d > worst:
-                    worst = d
-                    if worst > tol:
-                        break
-            if worst <= tol:
-                c += 1
-                e += worst * worst
-        counts[k] = c
-        err[k] = e
-
-
-def _score(
-    rots: np.ndarray, q: np.ndarray, b_inv: np.ndarray, tol: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Count spots indexed by each rotation. Returns (counts (k,), sum of squared frac errors).
-
-    A spot counts when all three fractional indices ``B⁻¹ Uᵀ q`` are within ``tol`` of integers.
-    """
-    m = np.ascontiguousarray(rots @ b_inv.T)  # q^T (U B^-T) are the fractional indices (rows)
-    counts = np.zeros(m.shape[0], dtype=np.int64)
-    err = np.zeros(m.shape[0])
-    _score_kernel(m, np.ascontiguousarray(q, dtype=float), float(tol), counts, err)
-    return counts, err
-
-
 def _polish_batch(rots: np.ndarray, q: np.ndarray, b: np.ndarray, tol: float,
                   n_iter: int = 3) -> np.ndarray:
     """Kabsch re-fit of each ``U`` (k, 3, 3) to the spots it indexes, in q space, a few rounds."""
@@ -566,29 +529,93 @@ def _strict_score(
 
 
 @njit(cache=True, nogil=True)
-def _angle_matches(unit, rep, lo2, hi2, cos_lo, cos_hi):  # pragma: no cover - compiled
-    """``(i, j)`` of the index pairs ``(rep[i], lo2 + j)`` whose angle's cosine lies in
-    ``[cos_lo, cos_hi]``, row by row (as ``np.nonzero`` of the cosine matrix, which at high
-    resolution, windows of a thousand indices each, cost most of a search in temporaries)."""
-    n = 0
-    for i in range(rep.size):
-        r = rep[i]
+def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q_obs, b_inv, tol,
+                         n_keep):  # pragma: no cover - compiled
+    """The raw rotations of one spot pair that :func:`index_q_candidates` polishes: the
+    ``n_keep`` best by the number of spots they index (all three fractional indices within
+    ``tol`` of integers; ties: the smaller sum of squared fractional errors, then the earlier
+    candidate), among those indexing at least 3.
+
+    The candidates are the index pairs ``(rep[a], lo2 + b)`` whose angle's cosine lies in
+    ``[cos_lo, cos_hi]``, in row order; each gives the rotation that carries the bisector
+    frame of its two table vectors onto that of the observed pair, and ``q_obs`` holds the
+    spots in the observed pair's frame (``q @ T_obs``), so that the fractional indices are
+    ``B⁻¹ T_lat q_obs``. A candidate is dropped as soon as the spots it has missed leave it
+    unable to reach the count of the ``n_keep``-th best so far (or 3): it could not be kept,
+    so the ones kept are exactly those a full scoring of every candidate would keep.
+
+    Returns ``(a, b, counts, n_matched)``: the kept candidates best first and how many index
+    pairs passed the angle test (each a raw rotation considered).
+    """
+    n = q_obs.shape[0]
+    keep_a = np.empty(n_keep, np.int64)
+    keep_b = np.empty(n_keep, np.int64)
+    keep_c = np.empty(n_keep, np.int64)
+    keep_e = np.empty(n_keep)
+    n_kept = 0
+    n_matched = 0
+    for a in range(rep.size):
+        r = rep[a]
+        u0, u1, u2 = unit[r, 0], unit[r, 1], unit[r, 2]
         for j in range(lo2, hi2):
-            c = unit[r, 0] * unit[j, 0] + unit[r, 1] * unit[j, 1] + unit[r, 2] * unit[j, 2]
-            if c >= cos_lo and c <= cos_hi:
-                n += 1
-    ii = np.empty(n, np.int64)
-    jj = np.empty(n, np.int64)
-    k = 0
-    for i in range(rep.size):
-        r = rep[i]
-        for j in range(lo2, hi2):
-            c = unit[r, 0] * unit[j, 0] + unit[r, 1] * unit[j, 1] + unit[r, 2] * unit[j, 2]
-            if c >= cos_lo and c <= cos_hi:
-                ii[k] = i
-                jj[k] = j - lo2
-                k += 1
-    return ii, jj
+            w0, w1, w2 = unit[j, 0], unit[j, 1], unit[j, 2]
+            c = u0 * w0 + u1 * w1 + u2 * w2
+            if c < cos_lo or c > cos_hi:
+                continue
+            n_matched += 1
+            # lattice frame of the pair: e1 along the bisector, e3 normal to the pair's plane
+            s0, s1, s2 = u0 + w0, u1 + w1, u2 + w2
+            d0, d1, d2 = u0 - w0, u1 - w1, u2 - w2
+            ns = math.sqrt(s0 * s0 + s1 * s1 + s2 * s2)
+            x0, x1, x2 = s0 / ns, s1 / ns, s2 / ns
+            z0, z1, z2 = s1 * d2 - s2 * d1, s2 * d0 - s0 * d2, s0 * d1 - s1 * d0
+            nz = math.sqrt(z0 * z0 + z1 * z1 + z2 * z2)
+            z0, z1, z2 = z0 / nz, z1 / nz, z2 / nz
+            y0, y1, y2 = z1 * x2 - z2 * x1, z2 * x0 - z0 * x2, z0 * x1 - z1 * x0
+            need = 3
+            if n_kept == n_keep:
+                need = max(3, keep_c[n_keep - 1])
+            count = 0
+            err = 0.0
+            for i in range(n):
+                if count + (n - i) < need:
+                    break  # cannot be kept any more
+                p0, p1, p2 = q_obs[i, 0], q_obs[i, 1], q_obs[i, 2]
+                v0 = x0 * p0 + y0 * p1 + z0 * p2
+                v1 = x1 * p0 + y1 * p1 + z1 * p2
+                v2 = x2 * p0 + y2 * p1 + z2 * p2
+                worst = 0.0
+                for k in range(3):
+                    f = b_inv[k, 0] * v0 + b_inv[k, 1] * v1 + b_inv[k, 2] * v2
+                    dev = abs(f - np.rint(f))
+                    if dev > worst:
+                        worst = dev
+                        if worst > tol:
+                            break
+                if worst <= tol:
+                    count += 1
+                    err += worst * worst
+            if count < need:
+                continue
+            if n_kept == n_keep and (count < keep_c[n_keep - 1] or (
+                    count == keep_c[n_keep - 1] and err >= keep_e[n_keep - 1])):
+                continue
+            # insert after every kept candidate that is at least as good (earlier ones win ties)
+            pos = n_kept if n_kept < n_keep else n_keep - 1
+            while pos > 0 and (keep_c[pos - 1] < count or (
+                    keep_c[pos - 1] == count and keep_e[pos - 1] > err)):
+                keep_a[pos] = keep_a[pos - 1]
+                keep_b[pos] = keep_b[pos - 1]
+                keep_c[pos] = keep_c[pos - 1]
+                keep_e[pos] = keep_e[pos - 1]
+                pos -= 1
+            keep_a[pos] = a
+            keep_b[pos] = j - lo2
+            keep_c[pos] = count
+            keep_e[pos] = err
+            if n_kept < n_keep:
+                n_kept += 1
+    return keep_a[:n_kept], keep_b[:n_kept], keep_c[:n_kept], n_matched
 
 
 def _candidate_pairs(q: np.ndarray, q_len: np.ndarray, sel: np.ndarray, table: _Table,
@@ -709,20 +736,16 @@ def index_q_candidates(
         )
         cos_hi = math.cos(max(0.0, obs_ang - tol))
         cos_lo = math.cos(min(math.pi, obs_ang + tol))
-        ii, jj = _angle_matches(table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi)
-        if ii.size == 0:
+        t_obs = _triad(*_bisector_pair(q[i][None, :], q[j][None, :]))[0]
+        aa, bb, _, n_matched = _pair_top_candidates(
+            table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi, q @ t_obs, b_inv, params.hkl_tolerance,
+            params.n_polish_per_pair)
+        n_tested += n_matched
+        if aa.size == 0:
             continue
-        v1, v2 = table.qc[rep[ii]], table.qc[lo2 + jj]
-        b1, b2 = _bisector_pair(v1, v2)
-        o1, o2 = _bisector_pair(q[i][None, :], q[j][None, :])
-        rots = _triad(o1, o2) @ np.swapaxes(_triad(b1, b2), 1, 2)
-        counts, err = _score(rots, q, b_inv, params.hkl_tolerance)
-        n_tested += rots.shape[0]
-        top = np.lexsort((err, -counts))[: params.n_polish_per_pair]
-        top = top[counts[top] >= 3]
-        if top.size == 0:
-            continue
-        pol = _polish_batch(rots[top], q, b, params.hkl_tolerance)
+        b1, b2 = _bisector_pair(table.qc[rep[aa]], table.qc[lo2 + bb])
+        top_rots = t_obs[None] @ np.swapaxes(_triad(b1, b2), 1, 2)
+        pol = _polish_batch(top_rots, q, b, params.hkl_tolerance)
         c2, e2 = _strict_score(pol, q, rays, perp_tol_inv_a, b, exc_tol)
         all_rots.append(pol)
         all_counts.append(c2)
