@@ -231,6 +231,22 @@ def test_pair_search_stops_once_further_pairs_cannot_find_another_lattice() -> N
     assert _pairs_needed(pairs[:3], 1) == 2  # a star: no pair finds a lattice without spot 0
 
 
+def test_pairs_tried_are_the_cheapest_set_that_finds_every_lattice() -> None:
+    from sfxflow.algorithms.index import _pairs_needed, _pairs_to_try
+
+    pairs = [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 0, 4), (5, 1, 2), (6, 3, 4)]
+    assert _pairs_needed(pairs, 1) == 5  # the first pair without spot 0 is the fifth
+    # one spot off: (0, 1) finds a lattice without 3 or 4, (3, 4) one without 0 or 1 (cost 7,
+    # the first five pairs cost 15, the triangle on 0, 1, 2 costs 8)
+    assert _pairs_to_try(pairs, 1) == [(1, 0, 1), (6, 3, 4)]
+    assert _pairs_to_try(pairs, 0) == [(1, 0, 1)]
+    # two spots off: no two or three of them cover every set, so the first ones needed
+    assert _pairs_to_try(pairs, 2) == pairs[: _pairs_needed(pairs, 2)]
+    # three pairs on three spots (cost 8) against two disjoint ones (9 at best)
+    triangle = [(1, 0, 1), (2, 0, 2), (4, 0, 3), (4, 0, 4), (5, 1, 2), (20, 3, 4)]
+    assert _pairs_to_try(triangle, 1) == [(1, 0, 1), (2, 0, 2), (5, 1, 2)]
+
+
 def test_search_among_noise_spots_tries_only_the_pairs_a_lattice_needs() -> None:
     """8 random spots at high resolution, as a 60-spot hit leaves after its crystal: a lattice
     must index all 8 (``min_indexed``), so the first pair finds it if any does (the old search
