@@ -675,7 +675,7 @@ def _pairs_on_lattice(pairs: list[tuple[int, int, int]], spots: list[int],
     for k in range(len(spots)):
         size += (subsets >> k) & 1
     subsets = subsets[size <= n_off]  # the sets of off-lattice spots possible
-    return (subsets[:, None] & pair_bits[None, :]) == 0
+    return np.equal(subsets[:, None] & pair_bits[None, :], 0)
 
 
 def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
