@@ -700,7 +700,7 @@ def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
         return len(pairs)
     misses = _pairs_on_lattice(pairs, spots, n_off)
     missed_by_first = np.logical_or.accumulate(misses, axis=1)
-    enough = np.flatnonzero((missed_by_first | ~misses.any(axis=1)[:, None]).all(axis=0))
+    enough = np.flatnonzero((missed_by_first | ~np.logical_or.reduce(misses, axis=1)[:, None]).all(axis=0))
     return int(enough[0]) + 1 if enough.size else len(pairs)
 
 
@@ -721,7 +721,7 @@ def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[i
         return pairs[:t]
     spots = sorted({s for _, i, j in pairs for s in (i, j)})
     finds = _pairs_on_lattice(pairs, spots, n_off)
-    must = finds.any(axis=1)  # the sets of off spots a lattice could be found with
+    must = np.logical_or.reduce(finds, axis=1)  # the sets of off spots a lattice could be found with
     k = min(len(pairs), 16)
     cost = np.array([c for c, _, _ in pairs[:k]], dtype=np.int64)
     best, best_cost = list(range(t)), sum(c for c, _, _ in pairs[:t])
