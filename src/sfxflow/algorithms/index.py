@@ -473,20 +473,20 @@ def target_table(target: TargetCell, d_min_a: float) -> _Table:
 # --------------------------------------------------------------------------- candidate search
 
 
-def _triad(v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
-    """Orthonormal frames (k, 3, 3) built from vector pairs (k, 3): columns e1, e2, e3."""
-    e1 = v1 / np.linalg.norm(v1, axis=-1, keepdims=True)
-    e3 = np.cross(v1, v2)
-    e3 /= np.linalg.norm(e3, axis=-1, keepdims=True)
-    e2 = np.cross(e3, e1)
-    return np.stack([e1, e2, e3], axis=-1)
-
-
-def _bisector_pair(v1: np.ndarray, v2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric version of a pair: (bisector, difference) spreads the error over both vectors."""
-    u1 = v1 / np.linalg.norm(v1, axis=-1, keepdims=True)
-    u2 = v2 / np.linalg.norm(v2, axis=-1, keepdims=True)
-    return u1 + u2, u1 - u2
+@njit(cache=True, nogil=True, inline="always")
+def _pair_frame(u0, u1, u2, w0, w1, w2):  # pragma: no cover - compiled
+    """Orthonormal frame of two unit vectors ``u``, ``w``: ``e1`` along their bisector, ``e3``
+    normal to their plane, ``e2 = e3 x e1``, as ``(e1, e2, e3)`` components. Aligning the
+    bisector and the difference of a pair, rather than one vector and then the other, spreads
+    the error over both."""
+    s0, s1, s2 = u0 + w0, u1 + w1, u2 + w2
+    d0, d1, d2 = u0 - w0, u1 - w1, u2 - w2
+    ns = math.sqrt(s0 * s0 + s1 * s1 + s2 * s2)
+    x0, x1, x2 = s0 / ns, s1 / ns, s2 / ns
+    z0, z1, z2 = s1 * d2 - s2 * d1, s2 * d0 - s0 * d2, s0 * d1 - s1 * d0
+    nz = math.sqrt(z0 * z0 + z1 * z1 + z2 * z2)
+    z0, z1, z2 = z0 / nz, z1 / nz, z2 / nz
+    return x0, x1, x2, z1 * x2 - z2 * x1, z2 * x0 - z0 * x2, z0 * x1 - z1 * x0, z0, z1, z2
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -566,7 +566,7 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
 
 
 @njit(cache=True, nogil=True)
-def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q_obs, b_inv, tol,
+def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q, i_obs, j_obs, b_inv, tol,
                          n_keep):  # pragma: no cover - compiled
     """The raw rotations of one spot pair that :func:`index_q_candidates` polishes: the
     ``n_keep`` best by the number of spots they index (all three fractional indices within
@@ -575,16 +575,22 @@ def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q_obs, b_inv, tol,
 
     The candidates are the index pairs ``(rep[a], lo2 + b)`` whose angle's cosine lies in
     ``[cos_lo, cos_hi]``, in row order; each gives the rotation that carries the bisector
-    frame of its two table vectors onto that of the observed pair, and ``q_obs`` holds the
-    spots in the observed pair's frame (``q @ T_obs``), so that the fractional indices are
-    ``B⁻¹ T_lat q_obs``. A candidate is dropped as soon as the spots it has missed leave it
+    frame of its two table vectors onto that of the observed pair ``q[i_obs], q[j_obs]``
+    (:func:`_pair_frame`): ``U = T_obs T_latᵀ``, and with the spots in the observed pair's
+    frame (``q_obs = q T_obs``) the fractional indices are ``B⁻¹ T_lat q_obs``. A candidate is dropped as soon as the spots it has missed leave it
     unable to reach the count of the ``n_keep``-th best so far (or 3): it could not be kept,
     so the ones kept are exactly those a full scoring of every candidate would keep.
 
-    Returns ``(a, b, counts, n_matched)``: the kept candidates best first and how many index
-    pairs passed the angle test (each a raw rotation considered).
+    Returns ``(rotations (k, 3, 3), n_matched)``: the kept candidates best first and how many
+    index pairs passed the angle test (each a raw rotation considered).
     """
-    n = q_obs.shape[0]
+    n = q.shape[0]
+    nq_i = math.sqrt(q[i_obs, 0] ** 2 + q[i_obs, 1] ** 2 + q[i_obs, 2] ** 2)
+    nq_j = math.sqrt(q[j_obs, 0] ** 2 + q[j_obs, 1] ** 2 + q[j_obs, 2] ** 2)
+    t_obs = np.array(_pair_frame(q[i_obs, 0] / nq_i, q[i_obs, 1] / nq_i, q[i_obs, 2] / nq_i,
+                                 q[j_obs, 0] / nq_j, q[j_obs, 1] / nq_j, q[j_obs, 2] / nq_j)
+                     ).reshape(3, 3).T  # columns e1, e2, e3
+    q_obs = q @ t_obs
     keep_a = np.empty(n_keep, np.int64)
     keep_b = np.empty(n_keep, np.int64)
     keep_c = np.empty(n_keep, np.int64)
@@ -612,16 +618,7 @@ def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q_obs, b_inv, tol,
         n_matched += n_row
         for m_i in range(n_row):
             t = matched[m_i]
-            w0, w1, w2 = wx[t], wy[t], wz[t]
-            # lattice frame of the pair: e1 along the bisector, e3 normal to the pair's plane
-            s0, s1, s2 = u0 + w0, u1 + w1, u2 + w2
-            d0, d1, d2 = u0 - w0, u1 - w1, u2 - w2
-            ns = math.sqrt(s0 * s0 + s1 * s1 + s2 * s2)
-            x0, x1, x2 = s0 / ns, s1 / ns, s2 / ns
-            z0, z1, z2 = s1 * d2 - s2 * d1, s2 * d0 - s0 * d2, s0 * d1 - s1 * d0
-            nz = math.sqrt(z0 * z0 + z1 * z1 + z2 * z2)
-            z0, z1, z2 = z0 / nz, z1 / nz, z2 / nz
-            y0, y1, y2 = z1 * x2 - z2 * x1, z2 * x0 - z0 * x2, z0 * x1 - z1 * x0
+            x0, x1, x2, y0, y1, y2, z0, z1, z2 = _pair_frame(u0, u1, u2, wx[t], wy[t], wz[t])
             # fractional indices of a spot p (observed pair's frame): B⁻¹ (x p0 + y p1 + z p2)
             m00 = bi[0, 0] * x0 + bi[0, 1] * x1 + bi[0, 2] * x2
             m01 = bi[0, 0] * y0 + bi[0, 1] * y1 + bi[0, 2] * y2
@@ -670,7 +667,13 @@ def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q_obs, b_inv, tol,
             keep_e[pos] = err
             if n_kept < n_keep:
                 n_kept += 1
-    return keep_a[:n_kept], keep_b[:n_kept], keep_c[:n_kept], n_matched
+    rots = np.empty((n_kept, 3, 3))
+    for k in range(n_kept):
+        r, t = rep[keep_a[k]], keep_b[k]
+        t_lat = np.array(_pair_frame(unit[r, 0], unit[r, 1], unit[r, 2], wx[t], wy[t], wz[t])
+                         ).reshape(3, 3)  # rows e1, e2, e3: T_latᵀ
+        rots[k] = t_obs @ t_lat
+    return rots, n_matched
 
 
 def _candidate_pairs(q: np.ndarray, q_len: np.ndarray, sel: np.ndarray, table: _Table,
@@ -805,6 +808,7 @@ def index_q_candidates(
         Polished candidates sorted best first by the number of spots they index in the stills
         sense (see :func:`_polish_and_score`), and how many raw pair rotations were scored.
     """
+    q = np.ascontiguousarray(q, dtype=float)
     q_len = np.linalg.norm(q, axis=1)
     sel = pair_order[: params.n_pair_spots]
     d_min = 1.0 / (q_len[sel].max() * (1 + params.q_tolerance_rel) + params.q_tolerance_abs_inv_a)
@@ -833,15 +837,12 @@ def index_q_candidates(
         )
         cos_hi = math.cos(max(0.0, obs_ang - tol))
         cos_lo = math.cos(min(math.pi, obs_ang + tol))
-        t_obs = _triad(*_bisector_pair(q[i][None, :], q[j][None, :]))[0]
-        aa, bb, _, n_matched = _pair_top_candidates(
-            table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi, q @ t_obs, b_inv, params.hkl_tolerance,
+        top_rots, n_matched = _pair_top_candidates(
+            table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi, q, i, j, b_inv, params.hkl_tolerance,
             params.n_polish_per_pair)
         n_tested += n_matched
-        if aa.size == 0:
+        if top_rots.shape[0] == 0:
             continue
-        b1, b2 = _bisector_pair(table.qc[rep[aa]], table.qc[lo2 + bb])
-        top_rots = t_obs[None] @ np.swapaxes(_triad(b1, b2), 1, 2)
         pol, c2, e2 = _polish_and_score(top_rots, q, rays, perp_tol_inv_a, b,
                                         params.hkl_tolerance, exc_tol, 3)
         all_rots.append(pol)
