@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from sfxflow.algorithms.geometry import miller_indices
+from sfxflow.algorithms.geometry import miller_indices, pixels_to_q
 from sfxflow.algorithms.index import (
     IndexParams,
     TargetCell,
     index_lattices,
     index_spots,
     misorientation_deg,
+    target_table,
 )
 from sfxflow.algorithms.predict import predict_spots
 from sfxflow.models import Beam, Crystal, Detector, SpotTable, as_space_group, as_unit_cell
@@ -131,6 +132,23 @@ def with_second_crystal(hit: SimulatedHit, target: TargetCell, detector: Detecto
     return spots, second.truth
 
 
+def warm_tables(target: TargetCell, detector: Detector, beam: Beam, params: IndexParams) -> None:
+    """Build every candidate table (:func:`~sfxflow.algorithms.index.target_table`) a search on
+    ``detector`` can ask for, as a long run has them all cached: a hit's first search takes
+    its table from its low-resolution spots, the search for a further lattice from the false
+    spots left over, anywhere on the detector, which need finer tables (30-90 ms each to
+    build, once per process: without this they made the largest every-lattice times)."""
+    corners = [(p, fs, ss) for p in range(len(detector))
+               for fs in (0.0, float(detector[p].shape[1]))
+               for ss in (0.0, float(detector[p].shape[0]))]
+    panel, fs, ss = (np.array(c) for c in zip(*corners, strict=True))
+    q_max = float(np.linalg.norm(pixels_to_q(detector, beam, panel, fs, ss), axis=1).max())
+    d_a = 1.0 / (q_max * (1 + params.q_tolerance_rel) + params.q_tolerance_abs_inv_a)
+    while d_a < 20.0:  # every step of the tables' grid (2^(1/4)) from there
+        target_table(target, d_a)
+        d_a *= 2.0**0.25
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     number(parser, "--frames", kind=int, default=40, ge=1, le=100_000,
            help="frames per case (default 40)")
@@ -168,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         # warm the per-target cache (as a long run would be) before timing
         warm = simulated_hit(target, detector, beam, 30, rng)
         index_spots(warm.spots, detector, beam, target, params)
+        warm_tables(target, detector, beam, params)
         for n in args.spots:
             hits = [simulated_hit(target, detector, beam, n, rng) for _ in range(args.frames)]
             times, mis, ok = [], [], 0
