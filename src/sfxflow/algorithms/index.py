@@ -12,9 +12,11 @@ Method (pair-vector matching with a known cell, the idea of TakeTwo / TORO):
    ``(h1, h2)`` must also reproduce the observed angle between the two vectors. The angle
    tolerance grows with the expected excitation error, which tilts a low-resolution ``q`` the
    most. Each surviving pair gives a rotation (two-vector alignment).
-4. Every rotation is scored at once (numpy, vectorised over candidates and spots) by the number
-   of spots whose fractional Miller indices lie within ``hkl_tolerance`` of integers. The search
-   stops early when a candidate indexes ``early_exit_fraction`` of the spots.
+4. Every rotation is scored, in one compiled step per pair with the angle test
+   (:func:`_pair_top_candidates`), by the number of spots whose fractional Miller indices lie
+   within ``hkl_tolerance`` of integers; the ``n_polish_per_pair`` best of the pair go on (a
+   rotation is dropped once its misses keep it below them). The search stops early when a
+   candidate indexes ``early_exit_fraction`` of the spots.
 5. The best distinct candidates are polished (Kabsch fit of ``U B h`` to ``q``) and refined in
    pixel space by :func:`sfxflow.algorithms.refine.refine_still` (orientation, cell within the
    lattice constraints, optionally the distance), with Miller indices re-assigned along each
@@ -806,8 +808,8 @@ def index_q_candidates(
     pair_order : indices of the spots eligible for pairs, most promising first.
     least_indexed : the least number of the ``n`` spots a solution must index to be accepted
         (:func:`_least_indexed`; 0: no bound). At most ``n - least_indexed`` spots are off
-        its lattice, so the search stops once the pairs tried have one on any lattice the
-        further pairs could find (:func:`_pairs_needed`).
+        its lattice, so only pairs that have one on any lattice the others could find are
+        tried: the cheapest such set (:func:`_pairs_to_try`, :func:`_pairs_needed`).
 
     Returns
     -------
@@ -1211,9 +1213,9 @@ def _least_indexed(spots: SpotTable, detector: Detector, beam: Beam, target: Tar
     detector shift, and every indexed spot matched. On the 8 or 9 false spots a 60-spot hit
     leaves it needs 4 to 6 of them for the bench targets, fewer than ``min_indexed``, so at the
     default settings the count tests bound it; with a lower ``min_indexed`` it is the
-    significance test. It is computed (about 0.5 ms) only where the count tests already leave
+    significance test. It is computed (0.09 ms) only where the count tests already leave
     fewer spots off the lattice than the pair spots less one, where the pair search can stop
-    early (:func:`_pairs_needed`); on more spots every pair is tried and the solution's own
+    early (:func:`_pairs_to_try`); on more spots every pair is tried and the solution's own
     significance test decides, as before.
     """
     n = len(spots)
