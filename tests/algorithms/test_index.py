@@ -247,6 +247,61 @@ def test_pairs_tried_are_the_cheapest_set_that_finds_every_lattice() -> None:
     assert _pairs_to_try(triangle, 1) == [(1, 0, 1), (2, 0, 2), (5, 1, 2)]
 
 
+def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
+    """The compiled pair step drops a raw rotation once its misses keep it below the kept
+    ones; what it keeps must be what scoring every rotation in full (numpy) keeps, in order."""
+    from sfxflow.algorithms.index import _pair_top_candidates
+
+    target = TargetCell(TARGETS["P 1"], "P 1")
+    rng = np.random.default_rng(5)
+    for n_spots in (9, 30):
+        n = n_spots
+        z = np.zeros(n)
+        spots = SpotTable(rng.integers(0, len(DETECTOR), n), rng.uniform(0, 194, n),
+                          rng.uniform(0, 185, n), z, z, z, np.ones(n, np.int32), z)
+        from sfxflow.algorithms.geometry import pixels_to_q
+
+        q = pixels_to_q(DETECTOR, BEAM, spots.panel, spots.fs_px, spots.ss_px)
+        q_len = np.linalg.norm(q, axis=1)
+        i, j = np.argsort(q_len)[n // 2 : n // 2 + 2]  # mid resolution: thousands of matches
+        table = target_table(target, 1.0 / q_len.max())
+        b = reciprocal_basis(target.cell)
+        b_inv = np.linalg.inv(b)
+
+        tol = 0.01 * q_len[[i, j]] + 0.0005
+        (lo1, lo2), (hi1, hi2) = (np.searchsorted(table.q_len, q_len[[i, j]] - tol).tolist(),
+                                  np.searchsorted(table.q_len, q_len[[i, j]] + tol).tolist())
+        rep = table.rep_idx[(table.rep_idx >= lo1) & (table.rep_idx < hi1)]
+        ang = math.acos(float(q[i] @ q[j]) / (q_len[i] * q_len[j]))
+        cos_lo, cos_hi = math.cos(ang + 0.03), math.cos(ang - 0.03)
+        rots, n_matched = _pair_top_candidates(table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi,
+                                               q, int(i), int(j), b_inv, 0.3, 8)
+        # the reference: every matching index pair's rotation, scored in full
+        cos = table.qc_unit[rep] @ table.qc_unit[lo2:hi2].T
+        aa, bb = np.nonzero((cos >= cos_lo) & (cos <= cos_hi))
+        assert n_matched == aa.size > 100
+
+        def frames(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+            v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+            w = w / np.linalg.norm(w, axis=-1, keepdims=True)
+            e1 = (v + w) / np.linalg.norm(v + w, axis=-1, keepdims=True)
+            e3 = np.cross(v + w, v - w)
+            e3 /= np.linalg.norm(e3, axis=-1, keepdims=True)
+            return np.stack([e1, np.cross(e3, e1), e3], axis=-1)
+
+        t_obs = frames(q[i], q[j])
+        all_rots = t_obs @ np.swapaxes(frames(table.qc[rep[aa]], table.qc[lo2 + bb]), 1, 2)
+        frac = np.einsum("ij,kjl,nl->kni", b_inv, np.swapaxes(all_rots, 1, 2), q)
+        worst = np.abs(frac - np.rint(frac)).max(axis=2)
+        hit = worst <= 0.3
+        counts = hit.sum(axis=1)
+        err = np.where(hit, worst**2, 0.0).sum(axis=1)
+        top = np.lexsort((err, -counts))[:8]
+        top = top[counts[top] >= 3]
+        assert rots.shape == (top.size, 3, 3) and top.size > 0
+        np.testing.assert_allclose(rots, all_rots[top], atol=1e-12)
+
+
 def test_search_among_noise_spots_tries_only_the_pairs_a_lattice_needs() -> None:
     """8 random spots at high resolution, as a 60-spot hit leaves after its crystal: a lattice
     must index all 8 (``min_indexed``), so the first pair finds it if any does (the old search
