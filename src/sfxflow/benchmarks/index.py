@@ -41,7 +41,8 @@ and the largest time per hit of every-lattice indexing (index_lattices, as the p
 with the default max_crystals and with 1 on the same hits (the cost of searching the spots the
 crystal leaves unexplained for another lattice), and the two-lattice recovery: each hit with a
 second crystal's N/3 spots added (no false ones), how often both crystals are found (within
-0.1 deg of the truth) with the default max_crystals.
+0.1 deg of the truth) with the default max_crystals. Before timing, every candidate table a
+search on the detector can ask for is built, as a long run has them cached.
 
 Examples:
   sfxflow bench index
