@@ -158,6 +158,24 @@ def test_strong_pixels_match_numpy_reference(window: int, noise_model: str) -> N
         np.testing.assert_array_equal(got[i], ref, err_msg=f"panel {i}")
 
 
+@pytest.mark.parametrize("offset", [0.1, 150000.0])
+def test_values_inexact_in_float32_are_swept_in_float64(offset: float) -> None:
+    # the counts and sums are float32 while the values are integers of at most 2**23 / k**2;
+    # a fraction or a larger value from row 40 of the third panel (its own band) makes the
+    # sweep redo that band, and sweep the rest, in float64: still the reference's pixels
+    rng = np.random.default_rng(11)
+    frame, _ = _synthetic_frame(rng, gain=1.0, photons=120.0, background=3.0, stacked=True)
+    data = frame.data.copy()
+    data[2, 40:, :] += np.float32(offset)
+    frame = replace(frame, data=data)
+    p = SpotParams(noise_model="poisson", border_px=0, sigma_background=4.0)
+    got = _kernel_strong(frame, p)
+    assert got[:2].sum() > 10 and got[3].sum() > 5
+    for i, panel in enumerate(frame.detector):
+        ref = _reference_strong(frame.panel_data(i), panel.good_mask(), p.half_window, p, 1.0)
+        np.testing.assert_array_equal(got[i], ref, err_msg=f"panel {i}")
+
+
 def test_noise_floor_and_gain_enter_the_test_like_the_reference() -> None:
     rng = np.random.default_rng(3)
     frame, _ = _synthetic_frame(rng, gain=4.0, photons=150.0, background=0.5)
