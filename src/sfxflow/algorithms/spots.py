@@ -757,6 +757,8 @@ def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, t
     ring_v, ring_g, cols, col_q, par, col_panel, win, win_q, flag = bufs
     one = np.ones(1, cols.dtype)[0]
     check = lim < np.inf  # float64 sums (lim inf) are never abandoned
+    lim_t = np.full(1, one)
+    lim_t[0] = lim  # in the sums' type: the check compares values without converting them
     min_local, s2, b2, global_thr, local_sigma = tests
     k = 2 * half + 1
     zero = ring_v.shape[0] - 1
@@ -772,7 +774,7 @@ def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, t
         slot_out = rout % (k + 1) if rout >= 0 else zero
         if rin < nss:
             inexact = _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v,
-                                   ring_g, rin % (k + 1), slot_out, cols, col_q, one, lim)
+                                   ring_g, rin % (k + 1), slot_out, cols, col_q, one, lim_t[0])
             if check and inexact:
                 return labels, n, False
         else:
