@@ -79,17 +79,30 @@ scalars), one vectorised loop forms each pixel's 9 x 9 sums of count and value a
 tests that need no variance; the variance test and the labelling run on the 1-2 % of pixels
 that pass. The 9-column sums are ``(quad[c] + quad[c + 4]) + col[c + 8]`` with ``quad`` the
 sums of 4 columns: the association of the plain 9-term sum (the same bits for any data) in 5
-additions instead of 8. Each band's spots are measured right after the band is swept, while
-its pixels are in cache (measured after the whole frame, the background rings cost ~3 cache
-misses per ring row: 0.4-0.7 ms more per CSPAD frame); the strong pixels' values are kept
-with their labels and ``min_snr`` applies as the spots are measured. About 3.0-3.1 ms per
-Mpixel on one core of the development VM on the stills, 3.3-3.6 on the CSPAD CBFs, ~9x one
-vectorised read of the frame. What costs on a CBF with CSPAD_CBF_SETTINGS (2.3 Mpixel, ms
-per frame, busy VM): the sweep without candidates ~6 (~2.6 ms/Mpixel vs ~2.3 on the stills:
-each band row is cleaned into the ring in 8 short loops, one per ASIC, and with per-ASIC
-gains also flagged in 8), the ~20,000 candidates' variance test and labelling ~0.7-0.9 (0.9 %
-of the pixels vs 0.6 % on the stills), the spot measurement ~0.6 (~4,300 components, mostly
-single pixels; 700-1,000 measured), the noise floor ~0.4-0.5 (2,300 calls of 194 pixels,
+additions instead of 8. The counts and sums of values are float32 (eight lanes, not four)
+while they are exact: every value an integer of magnitude at most ``2**23 / k**2`` (ADU
+counts, uint16 stills, pedestal-subtracted CBFs), so every column, 4-column and window sum is
+an exact float32 integer; the cleaning loop checks each value as it copies it (a boolean
+or-ed in the loop: no measurable cost) and a band where one fails is swept again, with the
+rest of the frame, in float64 sums (the earlier labels dropped). The 9 x 9 flag loop applies
+the strong test in float32 too, as a superset of the float64 test (threshold rounded down,
+``sigma_strong**2`` scaled by 1 - 2**-10, far above float32 rounding), and the flagged pixels
+are tested again in float64 before the variance test (sums of squares stay float64): the
+same strong pixels, bit for bit, as the float64 sweep. Each band's spots are measured right
+after the band is swept, while its pixels are in cache (measured after the whole frame, the
+background rings cost ~3 cache misses per ring row: 0.4-0.7 ms more per CSPAD frame); the
+strong pixels' values are kept with their labels and ``min_snr`` applies as the spots are
+measured. About 2.6 ms per
+Mpixel on one core of the development VM on the stills, 2.8-2.9 on the CSPAD CBFs with
+CSPAD_CBF_SETTINGS (3.0 and 3.2 before the float32 sums), ~8x one vectorised read of the
+frame on the stills, ~20x on the CBFs (whose 2-frame floor sits in cache). What costs on a
+CBF with CSPAD_CBF_SETTINGS (2.3 Mpixel, ms per frame): the sweep without candidates ~4.8
+(~2.1 ms/Mpixel; in float64 sums ~5.3: of that the cleaning and sliding ~2.2, the 4-column
+sums ~1.2 and the flag loop ~1.5, the byte scan of the flags ~0.6; each band row is cleaned
+into the ring in 8 short loops, one per ASIC, and with per-ASIC gains also flagged in 8),
+the ~20,000 candidates' tests and labelling ~0.75 (0.9 % of the pixels vs 0.6 % on the
+stills), the spot measurement ~0.5 (~4,300 components, mostly single pixels; 700-1,000
+measured), the noise floor ~0.3 (2,300 calls of 194 pixels,
 taken row by row across each band, the data's memory order: a per-panel 2-D variant was 3x
 slower, not vectorised). Per-row numba calls with array arguments cost ~100-300 ns each
 (reference counting), hence the helpers are inlined. Tried and dropped: a float32 variant of
@@ -102,6 +115,17 @@ slower; the flag loop over a whole band row with per-column settings (not only w
 panels share them), ~10 % slower on one panel; the flagged pixels found by a trailing-zero
 count instead of a byte scan, no faster; the background ring's rows as runs left and right of
 the box, 1-4 % slower; compiled d-spacings are not the bits of numpy's einsum and norm.
+Tried with the float32 sums (same-process A/B on the CBFs and stills): no column sums of
+squares slid with every pixel, ``q`` formed from the ring for the flagged pixels alone (per
+column, kept for the row), saved ~0.35 ms per CBF frame in the sweep but cost ~1.4 in the
+~20,000 candidates (a 9-row dependent chain per column); float32 sums with the float64 test
+alone, no faster (the flag loop is what gains); the exactness flag as an int32 or-reduction,
+~25 % of the cleaning loop (a boolean: free); a "no flag in this row" summary from the flag
+loop, no faster (on the CBFs nearly every band row has candidates); the nonzero flag words
+compacted branch-free before the scan, no faster; 9-term window sums without the 4-column
+sums, 3 % slower; one flag loop per band row with per-column settings on the CBFs (8
+per-ASIC gains), 3 % slower; the candidates' count and sum from the 4-column sums, or the
+pre-test without the good-pixel flag, no faster.
 """
 
 from __future__ import annotations
