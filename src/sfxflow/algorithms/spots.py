@@ -544,6 +544,7 @@ def _clean_slide(drow, mrow, rv, rg, vout, gout, col_n, col_s, col_q, max_adu, l
     """Copy one panel row into the ring (bad pixels: masked, saturated, NaN, in the border
     columns outside [lo, hi), as 0 with good flag 0) and slide the column sums down by it in
     the same loop, as :func:`_slide_sums` would (one pass over the row instead of two).
+    ``max_adu``: the saturation level in the type of ``x * float32(1)`` (:func:`_saturation`).
 
     The counts and sums are in the type of ``one`` (float32 or float64: ``x * one`` converts,
     exactly). Returns True when a cleaned value is not an integer of magnitude at most
@@ -552,7 +553,7 @@ def _clean_slide(drow, mrow, rv, rg, vout, gout, col_n, col_s, col_q, max_adu, l
     inexact = False
     for c in range(drow.shape[0]):
         x = drow[c]
-        good = (mrow[c] != 0) & (np.float64(x) < max_adu) & (c >= lo) & (c < hi)
+        good = (mrow[c] != 0) & (x * np.float32(1.0) < max_adu) & (c >= lo) & (c < hi)
         v = x if good else 0
         rv[c] = v
         rg[c] = good
@@ -715,8 +716,8 @@ def _band_setup(ptab, pf, panels, off, w, global_thr, bufs):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v, ring_g, slot_in,
-                 slot_out, cols, col_q, one, lim):  # pragma: no cover - compiled
+def _ring_row_in(data3, mask3, ptab, max_t, panels, off, w, rin, border, ring_v, ring_g,
+                 slot_in, slot_out, cols, col_q, one, lim):  # pragma: no cover - compiled
     """Clean band row ``rin`` of every panel into ring row ``slot_in`` and slide the column
     sums down (ring row ``slot_out`` leaves them). The gap columns stay zero in every ring
     row, so their sums need no update. Returns True where a value is no integer of at most
@@ -744,7 +745,7 @@ def _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v, ri
                                 mask3[lead, row, fs0 : fs0 + nfs], vin[o : o + nfs],
                                 gin[o : o + nfs], vout[o : o + nfs], gout[o : o + nfs],
                                 cols[0, o : o + nfs], cols[1, o : o + nfs], col_q[o : o + nfs],
-                                pf[p, 1], border, nfs - border, one, lim)
+                                max_t[p], border, nfs - border, one, lim)
     return inexact
 
 
@@ -769,8 +770,8 @@ def _flag_segments(ptab, panels, off, half, m, par):  # pragma: no cover - compi
 
 
 @njit(cache=True, nogil=True)
-def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, tests, bufs,
-                lim, labels, n):  # pragma: no cover - compiled
+def _sweep_band(data3, mask3, ptab, pf, max_t, panels, off, w, row_id0, half, border, tests,
+                bufs, lim, labels, n):  # pragma: no cover - compiled
     """Threshold and label one band, row by row: the incoming row is cleaned into the ring
     (``k + 1`` rows, and a last row kept zero) as the column sums slide down one row, and the
     window sums of the row ``half`` above are tested (:func:`_flag_row`).
@@ -797,7 +798,7 @@ def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, t
         rout = rr - half - 1
         slot_out = rout % (k + 1) if rout >= 0 else zero
         if rin < nss:
-            inexact = _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v,
+            inexact = _ring_row_in(data3, mask3, ptab, max_t, panels, off, w, rin, border, ring_v,
                                    ring_g, rin % (k + 1), slot_out, cols, col_q, one, lim_t[0])
             if check and inexact:
                 return labels, n, False
@@ -839,6 +840,22 @@ def _dispersion_spots(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local,
 
 
 @njit(cache=True, nogil=True)
+def _saturation(data3, max_adu):  # pragma: no cover - compiled
+    """Each panel's saturation level ``max_adu`` (float64) in the type of ``x * float32(1)``
+    for the frame's values ``x`` (float32 for float32 and 8/16-bit integer data), rounded up,
+    so ``x * float32(1) < max_t[p]`` is ``float64(x) < max_adu[p]`` for every value: the
+    cleaning loop compares without converting each value to float64."""
+    max_t = np.full(max_adu.shape[0], data3[0, 0, 0] * np.float32(1.0))
+    big = np.full(1, max_t[0])
+    big[0] = np.inf
+    for p in range(max_adu.shape[0]):
+        max_t[p] = max_adu[p]
+        if max_t[p] < max_adu[p]:  # rounded down: the next value of the type up
+            max_t[p] = np.nextafter(max_t[p], big[0])
+    return max_t
+
+
+@njit(cache=True, nogil=True)
 def _sweep_buffers(dtype, k, max_w, sum_dtype):  # pragma: no cover - compiled
     """The buffers of :func:`_sweep_band`: ``(ring_v, ring_g, cols, col_q, par, col_panel,
     win, win_q, flag)``, the counts and sums (``cols``, ``win``) in ``sum_dtype``."""
@@ -875,6 +892,7 @@ def _dispersion_sweep(data3, mask3, ptab, pf, half, tests, border, cap,
     # stay float64. "local" uses float64 throughout.
     lim = 2.0**23 / (k * k)
     narrow = not tests[4]
+    max_t = _saturation(data3, pf[:, 1])
     labels = _new_labels(max_w, cap)
     spots = _new_spots(data3.shape)
     n = 0
@@ -882,14 +900,14 @@ def _dispersion_sweep(data3, mask3, ptab, pf, half, tests, border, cap,
         n0 = n
         panels = members[starts[b] : starts[b + 1]]
         if narrow:
-            labels, n, narrow = _sweep_band(data3, mask3, ptab, pf, panels, off, width[b],
+            labels, n, narrow = _sweep_band(data3, mask3, ptab, pf, max_t, panels, off, width[b],
                                             b * _ROW_ID, half, border, tests, bufs32, lim,
                                             labels, n)
             if not narrow:  # not exact in float32: this band and the rest in float64
                 n = n0
                 labels[5][:] = -2  # the row tags of the abandoned sweep
         if not narrow:
-            labels, n, _ = _sweep_band(data3, mask3, ptab, pf, panels, off, width[b],
+            labels, n, _ = _sweep_band(data3, mask3, ptab, pf, max_t, panels, off, width[b],
                                        b * _ROW_ID, half, border, tests, bufs64, np.inf,
                                        labels, n)
         if limits is not None:
