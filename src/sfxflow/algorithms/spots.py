@@ -88,26 +88,29 @@ rest of the frame, in float64 sums (the earlier labels dropped). The 9 x 9 flag 
 the strong test in float32 too, as a superset of the float64 test (threshold rounded down,
 ``sigma_strong**2`` scaled by 1 - 2**-10, far above float32 rounding), and the flagged pixels
 are tested again in float64 before the variance test (sums of squares stay float64): the
-same strong pixels, bit for bit, as the float64 sweep. Each band's spots are measured right
+same strong pixels, bit for bit, as the float64 sweep. The cleaning loop's saturation test
+compares each value in float32 too (for float32 and 8/16-bit data: the level rounded up,
+:func:`_saturation`, decides as the float64 compare), 2-3 % of the frame's time. Each band's
+spots are measured right
 after the band is swept, while its pixels are in cache (measured after the whole frame, the
 background rings cost ~3 cache misses per ring row: 0.4-0.7 ms more per CSPAD frame); the
 strong pixels' values are kept with their labels and ``min_snr`` applies as the spots are
-measured. About 2.6 ms per
-Mpixel on one core of the development VM on the stills, 2.8-2.9 on the CSPAD CBFs with
-CSPAD_CBF_SETTINGS (3.0 and 3.2 before the float32 sums), ~8x one vectorised read of the
-frame on the stills, ~20x on the CBFs (whose 2-frame floor sits in cache). What costs on a
-CBF with CSPAD_CBF_SETTINGS (2.3 Mpixel, ms per frame): the sweep without candidates ~4.8
-(~2.1 ms/Mpixel; in float64 sums ~5.3: of that the cleaning and sliding ~2.2, the 4-column
-sums ~1.2 and the flag loop ~1.5, the byte scan of the flags ~0.6; each band row is cleaned
-into the ring in 8 short loops, one per ASIC, and with per-ASIC gains also flagged in 8),
-the ~20,000 candidates' tests and labelling ~0.75 (0.9 % of the pixels vs 0.6 % on the
-stills), the spot measurement ~0.5 (~4,300 components, mostly single pixels; 700-1,000
-measured), the noise floor ~0.3 (2,300 calls of 194 pixels,
-taken row by row across each band, the data's memory order: a per-panel 2-D variant was 3x
-slower, not vectorised). Per-row numba calls with array arguments cost ~100-300 ns each
-(reference counting), hence the helpers are inlined. Tried and dropped: a float32 variant of
-the first test (exact for integer data below 2**16, float64 test on the candidates) made the
-flag loop 40 % cheaper but the row checks it needs cost more than that; the variance test on
+measured. About 2.5-2.55 ms per Mpixel on one core of the development VM on the stills,
+2.55-2.7 on the CSPAD CBFs with CSPAD_CBF_SETTINGS (3.0 and 3.05-3.2 before the float32
+sums), ~8-9x one vectorised read of the frame on the stills, ~19x on the CBFs (whose 2-frame
+floor sits in cache). What costs on a CBF with CSPAD_CBF_SETTINGS (2.3 Mpixel, ms per
+frame): the sweep without candidates ~4.5 (~2.0 ms/Mpixel; in float64 sums and compares
+~5.3: of that the cleaning and sliding ~2.2, the 4-column sums ~1.2 and the flag loop
+~1.5, the byte scan of the flags ~0.6; each band row is cleaned into the ring in 8 short
+loops, one per ASIC, and with per-ASIC gains also flagged in 8), the ~20,000 candidates'
+tests and labelling ~0.75 (0.9 % of the pixels vs 0.6 % on the stills), the spot
+measurement ~0.5 (~4,300 components, mostly single pixels; 700-1,000 measured), the noise
+floor ~0.3 (2,300 calls of 194 pixels, taken row by row across each band, the data's memory
+order: a per-panel 2-D variant was 3x slower, not vectorised). Per-row numba calls with
+array arguments cost ~100-300 ns each (reference counting), hence the helpers are inlined. A float32 first test was tried before
+and dropped (the flag loop 40 % cheaper, but its row checks cost more); with the check as a
+boolean or-ed in the cleaning loop and float32 sums it pays (above). Tried and dropped: the
+variance test on
 every pixel in the vectorised loop (no branchy candidate pass) was 15-30 % slower overall;
 per panel, sliding a row's column sums and testing it right away (its buffers in L1) was
 3-5 % slower on the CBFs; cleaning per panel but sliding the whole band row in one loop, 0-4 %
