@@ -107,17 +107,17 @@ tests and labelling ~0.75 (0.9 % of the pixels vs 0.6 % on the stills), the spot
 measurement ~0.5 (~4,300 components, mostly single pixels; 700-1,000 measured), the noise
 floor ~0.3 (2,300 calls of 194 pixels, taken row by row across each band, the data's memory
 order: a per-panel 2-D variant was 3x slower, not vectorised). Per-row numba calls with
-array arguments cost ~100-300 ns each (reference counting), hence the helpers are inlined. A float32 first test was tried before
-and dropped (the flag loop 40 % cheaper, but its row checks cost more); with the check as a
-boolean or-ed in the cleaning loop and float32 sums it pays (above). Tried and dropped: the
-variance test on
-every pixel in the vectorised loop (no branchy candidate pass) was 15-30 % slower overall;
-per panel, sliding a row's column sums and testing it right away (its buffers in L1) was
-3-5 % slower on the CBFs; cleaning per panel but sliding the whole band row in one loop, 0-4 %
-slower; the flag loop over a whole band row with per-column settings (not only where the
-panels share them), ~10 % slower on one panel; the flagged pixels found by a trailing-zero
-count instead of a byte scan, no faster; the background ring's rows as runs left and right of
-the box, 1-4 % slower; compiled d-spacings are not the bits of numpy's einsum and norm.
+array arguments cost ~100-300 ns each (reference counting), hence the helpers are inlined. A
+float32 first test was tried before and dropped (the flag loop 40 % cheaper, but its row
+checks cost more); with the check as a boolean or-ed in the cleaning loop and float32 sums
+it pays (above). Tried and dropped: the variance test on every pixel in the vectorised loop
+(no branchy candidate pass) was 15-30 % slower overall; per panel, sliding a row's column
+sums and testing it right away (its buffers in L1) was 3-5 % slower on the CBFs; cleaning
+per panel but sliding the whole band row in one loop, 0-4 % slower; the flag loop over a
+whole band row with per-column settings (not only where the panels share them), ~10 % slower
+on one panel; the flagged pixels found by a trailing-zero count instead of a byte scan, no
+faster; the background ring's rows as runs left and right of the box, 1-4 % slower;
+compiled d-spacings are not the bits of numpy's einsum and norm.
 Tried with the float32 sums (same-process A/B on the CBFs and stills): no column sums of
 squares slid with every pixel, ``q`` formed from the ring for the flagged pixels alone (per
 column, kept for the row), saved ~0.35 ms per CBF frame in the sweep but cost ~1.4 in the
