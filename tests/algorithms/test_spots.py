@@ -158,6 +158,42 @@ def test_strong_pixels_match_numpy_reference(window: int, noise_model: str) -> N
         np.testing.assert_array_equal(got[i], ref, err_msg=f"panel {i}")
 
 
+@pytest.mark.parametrize("offset", [0.1, 150000.0])
+def test_values_inexact_in_float32_are_swept_in_float64(offset: float) -> None:
+    # the counts and sums are float32 while the values are integers of at most 2**23 / k**2;
+    # a fraction or a larger value from row 40 of the third panel (its own band) makes the
+    # sweep redo that band, and sweep the rest, in float64: still the reference's pixels
+    rng = np.random.default_rng(11)
+    frame, _ = _synthetic_frame(rng, gain=1.0, photons=120.0, background=3.0, stacked=True)
+    data = frame.data.copy()
+    data[2, 40:, :] += np.float32(offset)
+    frame = replace(frame, data=data)
+    p = SpotParams(noise_model="poisson", border_px=0, sigma_background=4.0)
+    got = _kernel_strong(frame, p)
+    assert got[:2].sum() > 10 and got[3].sum() > 5
+    for i, panel in enumerate(frame.detector):
+        ref = _reference_strong(frame.panel_data(i), panel.good_mask(), p.half_window, p, 1.0)
+        np.testing.assert_array_equal(got[i], ref, err_msg=f"panel {i}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int32, np.float64])
+def test_saturation_in_the_data_type_compares_like_float64(dtype: type) -> None:
+    # the cleaning loop compares x * float32(1) with the level in that type, rounded up
+    levels = np.array([1000.5, 2.0**24 + 0.5, 0.1, 1e39, np.inf, 65535.0, 70000.25])
+    max_t = S._saturation(np.zeros((1, 1, 1), dtype), levels)
+    for level, m in zip(levels, max_t, strict=True):
+        near = np.float64(min(level, 1e7))
+        x = np.concatenate([np.arange(-3, 4) + np.floor(near), [0, 65535, 2**24, 2**24 + 2]])
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            x = x[(x >= info.min) & (x <= info.max)]
+        else:
+            x = np.concatenate([x, np.nextafter(np.float32(near), np.float32([-np.inf, np.inf]))])
+        x = x.astype(dtype)
+        np.testing.assert_array_equal(x * np.float32(1.0) < m, x.astype(np.float64) < level,
+                                      err_msg=f"{dtype.__name__} {level}")
+
+
 def test_noise_floor_and_gain_enter_the_test_like_the_reference() -> None:
     rng = np.random.default_rng(3)
     frame, _ = _synthetic_frame(rng, gain=4.0, photons=150.0, background=0.5)

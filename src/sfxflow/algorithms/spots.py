@@ -79,29 +79,56 @@ scalars), one vectorised loop forms each pixel's 9 x 9 sums of count and value a
 tests that need no variance; the variance test and the labelling run on the 1-2 % of pixels
 that pass. The 9-column sums are ``(quad[c] + quad[c + 4]) + col[c + 8]`` with ``quad`` the
 sums of 4 columns: the association of the plain 9-term sum (the same bits for any data) in 5
-additions instead of 8. Each band's spots are measured right after the band is swept, while
-its pixels are in cache (measured after the whole frame, the background rings cost ~3 cache
-misses per ring row: 0.4-0.7 ms more per CSPAD frame); the strong pixels' values are kept
-with their labels and ``min_snr`` applies as the spots are measured. About 3.0-3.1 ms per
-Mpixel on one core of the development VM on the stills, 3.3-3.6 on the CSPAD CBFs, ~9x one
-vectorised read of the frame. What costs on a CBF with CSPAD_CBF_SETTINGS (2.3 Mpixel, ms
-per frame, busy VM): the sweep without candidates ~6 (~2.6 ms/Mpixel vs ~2.3 on the stills:
-each band row is cleaned into the ring in 8 short loops, one per ASIC, and with per-ASIC
-gains also flagged in 8), the ~20,000 candidates' variance test and labelling ~0.7-0.9 (0.9 %
-of the pixels vs 0.6 % on the stills), the spot measurement ~0.6 (~4,300 components, mostly
-single pixels; 700-1,000 measured), the noise floor ~0.4-0.5 (2,300 calls of 194 pixels,
-taken row by row across each band, the data's memory order: a per-panel 2-D variant was 3x
-slower, not vectorised). Per-row numba calls with array arguments cost ~100-300 ns each
-(reference counting), hence the helpers are inlined. Tried and dropped: a float32 variant of
-the first test (exact for integer data below 2**16, float64 test on the candidates) made the
-flag loop 40 % cheaper but the row checks it needs cost more than that; the variance test on
-every pixel in the vectorised loop (no branchy candidate pass) was 15-30 % slower overall;
-per panel, sliding a row's column sums and testing it right away (its buffers in L1) was
-3-5 % slower on the CBFs; cleaning per panel but sliding the whole band row in one loop, 0-4 %
-slower; the flag loop over a whole band row with per-column settings (not only where the
-panels share them), ~10 % slower on one panel; the flagged pixels found by a trailing-zero
-count instead of a byte scan, no faster; the background ring's rows as runs left and right of
-the box, 1-4 % slower; compiled d-spacings are not the bits of numpy's einsum and norm.
+additions instead of 8. The counts and sums of values are float32 (eight lanes, not four)
+while they are exact: every value an integer of magnitude at most ``2**23 / k**2`` (ADU
+counts, uint16 stills, pedestal-subtracted CBFs), so every column, 4-column and window sum is
+an exact float32 integer; the cleaning loop checks each value as it copies it (a boolean
+or-ed in the loop: no measurable cost) and a band where one fails is swept again, with the
+rest of the frame, in float64 sums (the earlier labels dropped). The 9 x 9 flag loop applies
+the strong test in float32 too, as a superset of the float64 test (threshold rounded down,
+``sigma_strong**2`` scaled by 1 - 2**-10, far above float32 rounding), and the flagged pixels
+are tested again in float64 before the variance test (sums of squares stay float64): the
+same strong pixels, bit for bit, as the float64 sweep. The cleaning loop's saturation test
+compares each value in float32 too (for float32 and 8/16-bit data: the level rounded up,
+:func:`_saturation`, decides as the float64 compare), 2-3 % of the frame's time. Each band's
+spots are measured right
+after the band is swept, while its pixels are in cache (measured after the whole frame, the
+background rings cost ~3 cache misses per ring row: 0.4-0.7 ms more per CSPAD frame); the
+strong pixels' values are kept with their labels and ``min_snr`` applies as the spots are
+measured. About 2.5-2.55 ms per Mpixel on one core of the development VM on the stills,
+2.55-2.7 on the CSPAD CBFs with CSPAD_CBF_SETTINGS (3.0 and 3.05-3.2 before the float32
+sums), ~8-9x one vectorised read of the frame on the stills, ~19x on the CBFs (whose 2-frame
+floor sits in cache). What costs on a CBF with CSPAD_CBF_SETTINGS (2.3 Mpixel, ms per
+frame): the sweep without candidates ~4.5 (~2.0 ms/Mpixel; in float64 sums and compares
+~5.3: of that the cleaning and sliding ~2.2, the 4-column sums ~1.2 and the flag loop
+~1.5, the byte scan of the flags ~0.6; each band row is cleaned into the ring in 8 short
+loops, one per ASIC, and with per-ASIC gains also flagged in 8), the ~20,000 candidates'
+tests and labelling ~0.75 (0.9 % of the pixels vs 0.6 % on the stills), the spot
+measurement ~0.5 (~4,300 components, mostly single pixels; 700-1,000 measured), the noise
+floor ~0.3 (2,300 calls of 194 pixels, taken row by row across each band, the data's memory
+order: a per-panel 2-D variant was 3x slower, not vectorised). Per-row numba calls with
+array arguments cost ~100-300 ns each (reference counting), hence the helpers are inlined. A
+float32 first test was tried before and dropped (the flag loop 40 % cheaper, but its row
+checks cost more); with the check as a boolean or-ed in the cleaning loop and float32 sums
+it pays (above). Tried and dropped: the variance test on every pixel in the vectorised loop
+(no branchy candidate pass) was 15-30 % slower overall; per panel, sliding a row's column
+sums and testing it right away (its buffers in L1) was 3-5 % slower on the CBFs; cleaning
+per panel but sliding the whole band row in one loop, 0-4 % slower; the flag loop over a
+whole band row with per-column settings (not only where the panels share them), ~10 % slower
+on one panel; the flagged pixels found by a trailing-zero count instead of a byte scan, no
+faster; the background ring's rows as runs left and right of the box, 1-4 % slower;
+compiled d-spacings are not the bits of numpy's einsum and norm.
+Tried with the float32 sums (same-process A/B on the CBFs and stills): no column sums of
+squares slid with every pixel, ``q`` formed from the ring for the flagged pixels alone (per
+column, kept for the row), saved ~0.35 ms per CBF frame in the sweep but cost ~1.4 in the
+~20,000 candidates (a 9-row dependent chain per column); float32 sums with the float64 test
+alone, no faster (the flag loop is what gains); the exactness flag as an int32 or-reduction,
+~25 % of the cleaning loop (a boolean: free); a "no flag in this row" summary from the flag
+loop, no faster (on the CBFs nearly every band row has candidates); the nonzero flag words
+compacted branch-free before the scan, no faster; 9-term window sums without the 4-column
+sums, 3 % slower; one flag loop per band row with per-column settings on the CBFs (8
+per-ASIC gains), 3 % slower; the candidates' count and sum from the 4-column sums, or the
+pre-test without the good-pixel flag, no faster.
 """
 
 from __future__ import annotations
@@ -515,90 +542,137 @@ def _bands(ptab, half):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _clean_slide(drow, mrow, rv, rg, vout, gout, col_n, col_s, col_q, max_adu, lo,
-                 hi):  # pragma: no cover - compiled
+def _clean_slide(drow, mrow, rv, rg, vout, gout, col_n, col_s, col_q, max_adu, lo, hi, one,
+                 lim):  # pragma: no cover - compiled
     """Copy one panel row into the ring (bad pixels: masked, saturated, NaN, in the border
     columns outside [lo, hi), as 0 with good flag 0) and slide the column sums down by it in
-    the same loop, as :func:`_slide_sums` would (one pass over the row instead of two)."""
+    the same loop, as :func:`_slide_sums` would (one pass over the row instead of two).
+    ``max_adu``: the saturation level in the type of ``x * float32(1)`` (:func:`_saturation`).
+
+    The counts and sums are in the type of ``one`` (float32 or float64: ``x * one`` converts,
+    exactly). Returns True when a cleaned value is not an integer of magnitude at most
+    ``lim``, the values whose float32 sums are exact (:func:`_dispersion_sweep`; a boolean
+    accumulated this way costs nothing measurable, an int32 one ~25 % of the loop)."""
+    inexact = False
     for c in range(drow.shape[0]):
         x = drow[c]
-        good = (mrow[c] != 0) & (np.float64(x) < max_adu) & (c >= lo) & (c < hi)
+        good = (mrow[c] != 0) & (x * np.float32(1.0) < max_adu) & (c >= lo) & (c < hi)
         v = x if good else 0
         rv[c] = v
         rg[c] = good
         a = np.float64(rv[c])
         b = np.float64(vout[c])
-        col_n[c] += np.float64(rg[c]) - np.float64(gout[c])
-        col_s[c] += a - b
+        y = rv[c] * one
+        inexact |= (y != np.floor(y)) | (np.abs(y) > lim)
+        col_n[c] += rg[c] * one - gout[c] * one
+        col_s[c] += y - vout[c] * one
         col_q[c] += a * a - b * b
+    return inexact
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _slide_sums(vin, gin, vout, gout, col_n, col_s, col_q):  # pragma: no cover - compiled
+def _slide_sums(vin, gin, vout, gout, col_n, col_s, col_q, one):  # pragma: no cover - compiled
     """Column sums over the window's rows, moved down one row: add the incoming ring row,
-    subtract the outgoing one (a zero row where there is none)."""
+    subtract the outgoing one (a zero row where there is none); counts and sums in the type
+    of ``one``."""
     for c in range(col_n.shape[0]):
         a = np.float64(vin[c])
         b = np.float64(vout[c])
-        col_n[c] += np.float64(gin[c]) - np.float64(gout[c])
-        col_s[c] += a - b
+        col_n[c] += gin[c] * one - gout[c] * one
+        col_s[c] += vin[c] * one - vout[c] * one
         col_q[c] += a * a - b * b
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _flag_segment9(rv, rg, col_n, col_s, quad_n, quad_s, gain, floor, thr, min_local, s2,
+def _flag_segment9(rv, rg, col_n, col_s, quad_n, quad_s, seg_par,
                    flag):  # pragma: no cover - compiled
     """:func:`_flag_row` of one panel's columns with the 9 x 9 window: the window sums as
-    ``(quad[c] + quad[c + 4]) + col[c + 8]`` (:func:`_quad_sums`, the bits of :func:`_sum9`)."""
+    ``(quad[c] + quad[c + 4]) + col[c + 8]`` (:func:`_quad_sums`, the bits of :func:`_sum9`),
+    and :func:`_bright` in the sums' type with the settings ``seg_par`` of
+    :func:`_segment_params` (in float32, twice the lanes: a superset of the pixels that pass
+    in float64, which :func:`_collect_row` tests again)."""
     m = rv.shape[0]
+    gain, floor, thr, min_local, s2, one = (seg_par[0], seg_par[1], seg_par[2], seg_par[3],
+                                            seg_par[4], seg_par[5])
     _quad_sums(col_n, quad_n, m + 4)
     _quad_sums(col_s, quad_s, m + 4)
     for c in range(m):
         cnt = (quad_n[c] + quad_n[c + 4]) + col_n[c + 8]
         s = (quad_s[c] + quad_s[c + 4]) + col_s[c + 8]
         gs = max(gain * s, cnt * floor)
-        flag[c] = _bright(np.float64(rv[c]), rg[c] != 0, cnt, s, gs, thr, min_local, s2)
+        flag[c] = _bright(rv[c] * one, rg[c] != 0, cnt, s, gs, thr, min_local, s2)
+
+
+@njit(cache=True, nogil=True)
+def _segment_params(segments, par, min_local, s2, one):  # pragma: no cover - compiled
+    """Per flag segment, its settings for :func:`_flag_segment9` in the type of ``one``:
+    ``(gain, floor, thr, min_local, s2, 1)``. In float32 they are rounded so that the test
+    passes wherever the float64 test does: the threshold rounded down, a positive floor kept
+    positive, and ``s2`` scaled by 1 - 2**-10, far more than the few float32 roundings of
+    the strong test (relative 2**-24 each; the window sums and ``cnt * v - s`` are exact,
+    see :func:`_dispersion_sweep`). The float64 sums get the same margin: their flags too
+    are tested again."""
+    out = np.full((segments.shape[0], 6), one)
+    for i in range(segments.shape[0]):
+        a = segments[i, 0]
+        thr = par[2, a]
+        out[i, 0] = par[0, a]
+        out[i, 1] = par[1, a]
+        if par[1, a] > 0.0 and out[i, 1] <= 0:  # no float32 underflow to 0
+            out[i, 1] = 1.2e-38
+        out[i, 2] = thr
+        if out[i, 2] > thr:
+            out[i, 2] = thr - abs(thr) * 1e-6
+        out[i, 3] = min_local
+        out[i, 4] = s2 * (1.0 - 2.0**-10)
+    return out
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _flag_row(rv, rg, cols, win, gain, floor, thr, k, min_local, s2, b2, local_sigma,
-              segments, flag):  # pragma: no cover - compiled
-    """Flag the pixels of one band row from the sums of the column sums ``cols`` (n, s, q)
-    over their windows. With a Poisson-type noise model the flag is :func:`_bright`, a
-    necessary condition that 1-2 % of the pixels pass: the variance is tested on those alone
-    (:func:`_collect_row`); with ``"local"`` it is the whole test. Loops without branches:
-    LLVM vectorises them (the default 9 x 9 window panel by panel, ``segments`` = (first
-    tested column, width) of each, with its settings as scalars; the gaps' flags stay 0;
-    other windows through ``win``)."""
+def _flag_row(rv, rg, cols, col_q, win, win_q, gain, floor, thr, k, min_local, s2, b2,
+              local_sigma, segments, seg_par, flag):  # pragma: no cover - compiled
+    """Flag the pixels of one band row from the sums of the column sums ``cols`` (n, s) and
+    ``col_q`` over their windows (into ``win``, ``win_q``). With a Poisson-type noise model
+    the flag is :func:`_bright`, a necessary condition that 1-2 % of the pixels pass: the
+    variance is tested on those alone (:func:`_collect_row`); with ``"local"`` it is the
+    whole test. Loops without branches: LLVM vectorises them (the default 9 x 9 window panel
+    by panel, ``segments`` = (first tested column, width) of each, with its settings
+    ``seg_par`` as scalars in the sums' type; the gaps' flags stay 0; other windows through
+    ``win``, in float64)."""
     if k == 9 and not local_sigma:
         for i in range(segments.shape[0]):
             a = segments[i, 0]
             b = a + segments[i, 1]
             _flag_segment9(rv[a:b], rg[a:b], cols[0, a : b + 8], cols[1, a : b + 8],
-                           win[0, a : b + 4], win[1, a : b + 4], gain[a], floor[a], thr[a],
-                           min_local, s2, flag[a:b])
+                           win[0, a : b + 4], win[1, a : b + 4], seg_par[i], flag[a:b])
         return
-    for i in range(3 if local_sigma else 2):  # the variance only where it is needed
+    for i in range(2):
         _window_sums(cols[i], win[i], k, rv.shape[0])
-    win_n, win_s, win_q = win[0], win[1], win[2]
+    if local_sigma:  # the variance only where it is needed
+        _window_sums(col_q, win_q, k, rv.shape[0])
+    win_n, win_s = win[0], win[1]
     for c in range(rv.shape[0]):
+        cnt = np.float64(win_n[c])
+        s = np.float64(win_s[c])
         if local_sigma:
-            flag[c] = _strong_local(np.float64(rv[c]), rg[c] != 0, win_n[c], win_s[c],
-                                    win_q[c], gain[c], floor[c], thr[c], min_local, s2, b2)
+            flag[c] = _strong_local(np.float64(rv[c]), rg[c] != 0, cnt, s, win_q[c], gain[c],
+                                    floor[c], thr[c], min_local, s2, b2)
         else:
-            gs = max(gain[c] * win_s[c], win_n[c] * floor[c])
-            flag[c] = _bright(np.float64(rv[c]), rg[c] != 0, win_n[c], win_s[c], gs, thr[c],
-                              min_local, s2)
+            gs = max(gain[c] * s, cnt * floor[c])
+            flag[c] = _bright(np.float64(rv[c]), rg[c] != 0, cnt, s, gs, thr[c], min_local,
+                              s2)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _collect_row(flag, n_cols, cols, par, k, b2, local_sigma, band, r, row_id, labels,
+def _collect_row(flag, n_cols, cols, col_q, par, k, tests, band, r, row_id, labels,
                  n):  # pragma: no cover - compiled
     """Record the flagged pixels of one band row as strong pixels, in raster order, labelled;
-    with a Poisson-type noise model only those that pass the variance test as well
+    with a Poisson-type noise model only those that pass :func:`_bright` in float64 (the
+    9 x 9 flags are a superset, :func:`_segment_params`) and the variance test as well
     (``band``: each ring column's panel, the panels' ring offsets, ``half``, the ring and the
-    row's ring row, for the pixels' values)."""
+    row's ring row, for the pixels' values; ``tests`` as in :func:`_sweep_band`)."""
     col_panel, off, half, ring_v, slot = band
+    min_local, s2, b2, _, local_sigma = tests
     words = flag.view(np.uint64)
     labels = _room_for_row(labels, n, n_cols)
     for w in range((n_cols + 7) // 8):
@@ -607,13 +681,15 @@ def _collect_row(flag, n_cols, cols, par, k, b2, local_sigma, band, r, row_id, l
         for c in range(8 * w, min(8 * w + 8, n_cols)):
             if flag[c] == 0:
                 continue
-            if not local_sigma:
-                cnt = _box(cols[0], c, k)
-                s = _box(cols[1], c, k)
-                gs = max(par[0, c] * s, cnt * par[1, c])
-                if not _dispersed(cnt, s, _box(cols[2], c, k), gs, b2, False):
-                    continue
             j = c + half
+            if not local_sigma:
+                cnt = np.float64(_box(cols[0], c, k))
+                s = np.float64(_box(cols[1], c, k))
+                gs = max(par[0, c] * s, cnt * par[1, c])
+                if not (_bright(np.float64(ring_v[slot, j]), True, cnt, s, gs, par[2, c],
+                                min_local, s2)
+                        and _dispersed(cnt, s, _box(col_q, c, k), gs, b2, False)):
+                    continue
             p = col_panel[j]
             n = _add_strong(labels, p, r, j - off[p], np.float64(ring_v[slot, j]), j, row_id, n)
     return labels, n
@@ -624,10 +700,11 @@ def _band_setup(ptab, pf, panels, off, w, global_thr, bufs):  # pragma: no cover
     """Clear a band's ring and column sums; per ring column the panel's gain, noise floor
     (ADU²) and threshold (ADU), and the panel index (-1 in the gaps, whose pixels are never
     good)."""
-    ring_v, ring_g, cols, par, col_panel, _, _ = bufs
+    ring_v, ring_g, cols, col_q, par, col_panel, _, _, _ = bufs
     ring_v[:, :w] = 0
     ring_g[:, :w] = 0
     cols[:, :w] = 0.0
+    col_q[:w] = 0.0
     par[0, :w] = 1.0
     par[1, :w] = 0.0
     par[2, :w] = np.inf
@@ -642,11 +719,12 @@ def _band_setup(ptab, pf, panels, off, w, global_thr, bufs):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v, ring_g, slot_in,
-                 slot_out, cols):  # pragma: no cover - compiled
+def _ring_row_in(data3, mask3, ptab, max_t, panels, off, w, rin, border, ring_v, ring_g,
+                 slot_in, slot_out, cols, col_q, one, lim):  # pragma: no cover - compiled
     """Clean band row ``rin`` of every panel into ring row ``slot_in`` and slide the column
     sums down (ring row ``slot_out`` leaves them). The gap columns stay zero in every ring
-    row, so their sums need no update."""
+    row, so their sums need no update. Returns True where a value is no integer of at most
+    ``lim`` (:func:`_clean_slide`)."""
     p0 = panels[0]
     lead = ptab[p0, 0]
     row = ptab[p0, 1] + rin
@@ -658,17 +736,20 @@ def _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v, ri
     if rin < border or rin >= nss - border:
         vin[:w] = 0
         gin[:w] = 0
-        _slide_sums(vin[:w], gin[:w], vout[:w], gout[:w], cols[0, :w], cols[1, :w],
-                    cols[2, :w])
-        return
+        _slide_sums(vin[:w], gin[:w], vout[:w], gout[:w], cols[0, :w], cols[1, :w], col_q[:w],
+                    one)
+        return False
+    inexact = False
     for p in panels:
         fs0 = ptab[p, 2]
         nfs = ptab[p, 4]
         o = off[p]
-        _clean_slide(data3[lead, row, fs0 : fs0 + nfs], mask3[lead, row, fs0 : fs0 + nfs],
-                     vin[o : o + nfs], gin[o : o + nfs], vout[o : o + nfs], gout[o : o + nfs],
-                     cols[0, o : o + nfs], cols[1, o : o + nfs], cols[2, o : o + nfs],
-                     pf[p, 1], border, nfs - border)
+        inexact |= _clean_slide(data3[lead, row, fs0 : fs0 + nfs],
+                                mask3[lead, row, fs0 : fs0 + nfs], vin[o : o + nfs],
+                                gin[o : o + nfs], vout[o : o + nfs], gout[o : o + nfs],
+                                cols[0, o : o + nfs], cols[1, o : o + nfs], col_q[o : o + nfs],
+                                max_t[p], border, nfs - border, one, lim)
+    return inexact
 
 
 @njit(cache=True, nogil=True)
@@ -692,12 +773,20 @@ def _flag_segments(ptab, panels, off, half, m, par):  # pragma: no cover - compi
 
 
 @njit(cache=True, nogil=True)
-def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, tests, bufs,
-                labels, n):  # pragma: no cover - compiled
+def _sweep_band(data3, mask3, ptab, pf, max_t, panels, off, w, row_id0, half, border, tests,
+                bufs, lim, labels, n):  # pragma: no cover - compiled
     """Threshold and label one band, row by row: the incoming row is cleaned into the ring
     (``k + 1`` rows, and a last row kept zero) as the column sums slide down one row, and the
-    window sums of the row ``half`` above are tested (:func:`_flag_row`)."""
-    ring_v, ring_g, cols, par, col_panel, win, flag = bufs
+    window sums of the row ``half`` above are tested (:func:`_flag_row`).
+
+    Returns ``(labels, n, exact)``: with float32 counts and sums (the dtype of the buffers
+    ``bufs``; ``lim`` finite), the sweep stops at the first value that is no integer of at
+    most ``lim`` (``exact`` False: the band is to be swept again in float64)."""
+    ring_v, ring_g, cols, col_q, par, col_panel, win, win_q, flag = bufs
+    one = np.ones(1, cols.dtype)[0]
+    check = lim < np.inf  # float64 sums (lim inf) are never abandoned
+    lim_t = np.full(1, one)
+    lim_t[0] = lim  # in the sums' type: the check compares values without converting them
     min_local, s2, b2, global_thr, local_sigma = tests
     k = 2 * half + 1
     zero = ring_v.shape[0] - 1
@@ -705,27 +794,31 @@ def _sweep_band(data3, mask3, ptab, pf, panels, off, w, row_id0, half, border, t
     nss = ptab[panels[0], 3]
     m = w - 2 * half  # tested columns: ring columns half .. w - half - 1
     segments = _flag_segments(ptab, panels, off, half, m, par)
+    seg_par = _segment_params(segments, par[:, half:], min_local, s2, one)
     flag[:m] = 0  # the gaps' flags (not written by the 9 x 9 flag loop)
     for rr in range(-half, nss):
         rin = rr + half
         rout = rr - half - 1
         slot_out = rout % (k + 1) if rout >= 0 else zero
         if rin < nss:
-            _ring_row_in(data3, mask3, ptab, pf, panels, off, w, rin, border, ring_v, ring_g,
-                         rin % (k + 1), slot_out, cols)
+            inexact = _ring_row_in(data3, mask3, ptab, max_t, panels, off, w, rin, border, ring_v,
+                                   ring_g, rin % (k + 1), slot_out, cols, col_q, one, lim_t[0])
+            if check and inexact:
+                return labels, n, False
         else:
             _slide_sums(ring_v[zero, :w], ring_g[zero, :w], ring_v[slot_out, :w],
-                        ring_g[slot_out, :w], cols[0, :w], cols[1, :w], cols[2, :w])
+                        ring_g[slot_out, :w], cols[0, :w], cols[1, :w], col_q[:w], one)
         if rr < 0:
             continue
         slot = rr % (k + 1)
-        _flag_row(ring_v[slot, half : w - half], ring_g[slot, half : w - half], cols, win,
-                  par[0, half : w - half], par[1, half : w - half], par[2, half : w - half],
-                  k, min_local, s2, b2, local_sigma, segments, flag)
-        labels, n = _collect_row(flag, m, cols, par[:, half:], k, b2, local_sigma,
+        _flag_row(ring_v[slot, half : w - half], ring_g[slot, half : w - half], cols, col_q,
+                  win, win_q, par[0, half : w - half], par[1, half : w - half],
+                  par[2, half : w - half], k, min_local, s2, b2, local_sigma, segments, seg_par,
+                  flag)
+        labels, n = _collect_row(flag, m, cols, col_q, par[:, half:], k, tests,
                                  (col_panel, off, half, ring_v, slot), rr, row_id0 + rr,
                                  labels, n)
-    return labels, n
+    return labels, n, True
 
 
 @njit(cache=True, nogil=True)
@@ -750,6 +843,32 @@ def _dispersion_spots(data3, mask3, ptab, pf, half, sigma_s, sigma_b, min_local,
 
 
 @njit(cache=True, nogil=True)
+def _saturation(data3, max_adu):  # pragma: no cover - compiled
+    """Each panel's saturation level ``max_adu`` (float64) in the type of ``x * float32(1)``
+    for the frame's values ``x`` (float32 for float32 and 8/16-bit integer data), rounded up,
+    so ``x * float32(1) < max_t[p]`` is ``float64(x) < max_adu[p]`` for every value: the
+    cleaning loop compares without converting each value to float64."""
+    max_t = np.full(max_adu.shape[0], data3[0, 0, 0] * np.float32(1.0))
+    big = np.full(1, max_t[0])
+    big[0] = np.inf
+    for p in range(max_adu.shape[0]):
+        max_t[p] = max_adu[p]
+        if max_t[p] < max_adu[p]:  # rounded down: the next value of the type up
+            max_t[p] = np.nextafter(max_t[p], big[0])
+    return max_t
+
+
+@njit(cache=True, nogil=True)
+def _sweep_buffers(dtype, k, max_w, sum_dtype):  # pragma: no cover - compiled
+    """The buffers of :func:`_sweep_band`: ``(ring_v, ring_g, cols, col_q, par, col_panel,
+    win, win_q, flag)``, the counts and sums (``cols``, ``win``) in ``sum_dtype``."""
+    return (np.zeros((k + 2, max_w), dtype), np.zeros((k + 2, max_w), np.uint8),
+            np.zeros((2, max_w), sum_dtype), np.zeros(max_w), np.zeros((3, max_w)),
+            np.zeros(max_w, np.int64), np.zeros((2, max_w), sum_dtype), np.zeros(max_w),
+            np.zeros(max_w + 8 - max_w % 8, np.uint8))
+
+
+@njit(cache=True, nogil=True)
 def _dispersion_sweep(data3, mask3, ptab, pf, half, tests, border, cap,
                       limits):  # pragma: no cover - compiled
     """Threshold every panel and label strong pixels (union-find, 8-connectivity); with
@@ -769,17 +888,31 @@ def _dispersion_sweep(data3, mask3, ptab, pf, half, tests, border, cap,
     members, starts, off, width = _bands(ptab, half)
     max_w = width.max()
     k = 2 * half + 1
-    bufs = (np.zeros((k + 2, max_w), data3.dtype), np.zeros((k + 2, max_w), np.uint8),
-            np.zeros((3, max_w)), np.zeros((3, max_w)), np.zeros(max_w, np.int64),
-            np.zeros((3, max_w)), np.zeros(max_w + 8 - max_w % 8, np.uint8))
+    bufs64 = _sweep_buffers(data3.dtype, k, max_w, np.float64)
+    bufs32 = _sweep_buffers(data3.dtype, k, max_w, np.float32)
+    # float32 counts and sums while they are exact: integers of magnitude at most lim, whose
+    # window sums (k * k values) stay below 2**24; the variance test and the sums of squares
+    # stay float64. "local" uses float64 throughout.
+    lim = 2.0**23 / (k * k)
+    narrow = not tests[4]
+    max_t = _saturation(data3, pf[:, 1])
     labels = _new_labels(max_w, cap)
     spots = _new_spots(data3.shape)
     n = 0
     for b in range(width.shape[0]):
         n0 = n
-        labels, n = _sweep_band(data3, mask3, ptab, pf, members[starts[b] : starts[b + 1]],
-                                off, width[b], b * _ROW_ID, half, border, tests, bufs, labels,
-                                n)
+        panels = members[starts[b] : starts[b + 1]]
+        if narrow:
+            labels, n, narrow = _sweep_band(data3, mask3, ptab, pf, max_t, panels, off, width[b],
+                                            b * _ROW_ID, half, border, tests, bufs32, lim,
+                                            labels, n)
+            if not narrow:  # not exact in float32: this band and the rest in float64
+                n = n0
+                labels[5][:] = -2  # the row tags of the abandoned sweep
+        if not narrow:
+            labels, n, _ = _sweep_band(data3, mask3, ptab, pf, max_t, panels, off, width[b],
+                                       b * _ROW_ID, half, border, tests, bufs64, np.inf,
+                                       labels, n)
         if limits is not None:
             spots = _spot_stats(data3, mask3, ptab, pf, labels, n0, n, limits, spots)
     return labels, n, spots
