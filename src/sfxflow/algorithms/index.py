@@ -64,7 +64,7 @@ import itertools
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import gemmi
@@ -435,6 +435,10 @@ class _Table:
     rep_idx: np.ndarray  # indices into the arrays above of one member per rotation orbit
     rep_q_len: np.ndarray  # q_len[rep_idx] (sorted)
     d_min_a: float
+    # one of each Friedel pair (h, -h) whose unit vectors are exact negatives, and every index
+    # without such a mate; ascending. mate: the index of -h for those, -1 for the others
+    half_idx: np.ndarray
+    mate: np.ndarray
 
 
 @functools.lru_cache(maxsize=32)
@@ -458,9 +462,30 @@ def _table_cached(cell_params: tuple, hm: str, d_min_a: float) -> _Table:
     orbit_codes = code(np.einsum("mij,nj->mni", ops, hkl))
     rep_idx = np.flatnonzero(code(hkl) == orbit_codes.max(axis=0))
     qc_unit = qc / q_len[:, None]
-    for arr in (hkl, qc, qc_unit, q_len, rep_idx):
+    half_idx, mate = _friedel_halves(hkl, code, qc_unit, q_len)
+    for arr in (hkl, qc, qc_unit, q_len, rep_idx, half_idx, mate):
         arr.setflags(write=False)
-    return _Table(hkl, qc, qc_unit, q_len, rep_idx, q_len[rep_idx], d_min_a)
+    return _Table(hkl, qc, qc_unit, q_len, rep_idx, q_len[rep_idx], d_min_a, half_idx, mate)
+
+
+def _friedel_halves(hkl: np.ndarray, code: Callable[[np.ndarray], np.ndarray],
+                    qc_unit: np.ndarray, q_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:attr:`_Table.half_idx` and :attr:`_Table.mate`: the pair step computes the cosines of
+    one of each Friedel pair only, ``cos(u, -w) = -cos(u, w)`` exactly when the unit vectors
+    are exact negatives (the same ``|q|`` too, so both lie in every window or neither)."""
+    codes = code(hkl)
+    order = np.argsort(codes, kind="stable")
+    pos = np.searchsorted(codes[order], code(-hkl))
+    pos = np.minimum(pos, codes.size - 1)
+    other = order[pos]
+    found = codes[other] == code(-hkl)
+    other = np.where(found, other, -1)
+    mine = np.maximum(other, 0)
+    exact = found & np.all(qc_unit[mine] == -qc_unit, axis=1) & (q_len[mine] == q_len)
+    mate = np.where(exact, other, -1).astype(np.int64)
+    # keep the first of each exact pair (and every unpaired index)
+    half_idx = np.flatnonzero((mate < 0) | (np.arange(hkl.shape[0]) < mate)).astype(np.int64)
+    return half_idx, mate
 
 
 def target_table(target: TargetCell, d_min_a: float) -> _Table:
@@ -568,15 +593,16 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
 
 
 @njit(cache=True, nogil=True)
-def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q, i_obs, j_obs, b_inv, tol,
-                         n_keep):  # pragma: no cover - compiled
+def _pair_top_candidates(unit, half_idx, mate, rep, lo2, hi2, cos_lo, cos_hi, q, i_obs, j_obs,
+                         b_inv, tol, n_keep):  # pragma: no cover - compiled
     """The raw rotations of one spot pair that :func:`index_q_candidates` polishes: the
     ``n_keep`` best by the number of spots they index (all three fractional indices within
     ``tol`` of integers; ties: the smaller sum of squared fractional errors, then the earlier
     candidate), among those indexing at least 3.
 
     The candidates are the index pairs ``(rep[a], lo2 + b)`` whose angle's cosine lies in
-    ``[cos_lo, cos_hi]``, in row order; each gives the rotation that carries the bisector
+    ``[cos_lo, cos_hi]``, in row order (the cosines of half the window computed: ``half_idx``,
+    ``mate``, :func:`_friedel_halves`); each gives the rotation that carries the bisector
     frame of its two table vectors onto that of the observed pair ``q[i_obs], q[j_obs]``
     (:func:`_pair_frame`): ``U = T_obs T_latᵀ``, and with the spots in the observed pair's
     frame (``q_obs = q T_obs``) the fractional indices are ``B⁻¹ T_lat q_obs``. A candidate is dropped as soon as the spots it has missed leave it
@@ -599,24 +625,58 @@ def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q, i_obs, j_obs, b
     keep_e = np.empty(n_keep)
     n_kept = 0
     n_matched = 0
-    # the second window's unit vectors as columns, a row of cosines computed apart from the
-    # tests (a loop the compiler vectorises), then the matches of the row listed
-    n2 = hi2 - lo2
     wx = np.ascontiguousarray(unit[lo2:hi2, 0])
     wy = np.ascontiguousarray(unit[lo2:hi2, 1])
     wz = np.ascontiguousarray(unit[lo2:hi2, 2])
-    cosines = np.empty(n2)
-    matched = np.empty(n2, np.int64)
+    # the cosines of one of each Friedel pair of the window only (``cos(u, -w) = -cos(u, w)``
+    # exactly, :func:`_friedel_halves`): its unit vectors as columns, a row of cosines computed
+    # apart from the tests (a loop the compiler vectorises), then the matches of the row
+    # listed, either member of the pair, and put back in window order (the order ties follow)
+    h_lo = np.searchsorted(half_idx, lo2)
+    h_hi = np.searchsorted(half_idx, hi2)
+    n_h = h_hi - h_lo
+    n_words = (n_h + 7) // 8
+    hx = np.zeros(8 * n_words)
+    hy = np.zeros(8 * n_words)
+    hz = np.zeros(8 * n_words)
+    t_plus = np.zeros(8 * n_words, np.int64)
+    t_minus = np.zeros(8 * n_words, np.int64)
+    paired = np.zeros(8 * n_words, np.bool_)
+    for s in range(n_h):
+        p = half_idx[h_lo + s]
+        hx[s], hy[s], hz[s] = unit[p, 0], unit[p, 1], unit[p, 2]
+        t_plus[s] = p - lo2
+        paired[s] = lo2 <= mate[p] < hi2
+        t_minus[s] = mate[p] - lo2
+    flags = np.zeros(8 * n_words, np.uint8)
+    words = flags.view(np.uint64)
+    lo_m, hi_m = -cos_hi, -cos_lo  # the band of cos(u, w) for which -w matches
+    matched = np.empty(2 * n_h + 1, np.int64)
     bi = b_inv
     for a in range(rep.size):
         r = rep[a]
         u0, u1, u2 = unit[r, 0], unit[r, 1], unit[r, 2]
-        for t in range(n2):
-            cosines[t] = u0 * wx[t] + u1 * wy[t] + u2 * wz[t]
+        for s in range(n_h):  # no branch: the compiler vectorises it
+            c = u0 * hx[s] + u1 * hy[s] + u2 * hz[s]
+            flags[s] = ((c >= cos_lo) & (c <= cos_hi)) | (
+                ((c >= lo_m) & (c <= hi_m) & paired[s]) << 1)
         n_row = 0
-        for t in range(n2):  # without a branch: one taken at random cost 1.2 ns a product
-            matched[n_row] = t
-            n_row += (cosines[t] >= cos_lo) & (cosines[t] <= cos_hi)
+        for w in range(n_words):  # eight flags at a time: most are all clear
+            if words[w] == 0:
+                continue
+            for s in range(8 * w, 8 * w + 8):
+                f = flags[s]
+                matched[n_row] = t_plus[s]
+                n_row += f & 1
+                matched[n_row] = t_minus[s]
+                n_row += f >> 1
+        for k in range(1, n_row):  # a few matches a row: insertion sort
+            v = matched[k]
+            pos = k
+            while pos > 0 and matched[pos - 1] > v:
+                matched[pos] = matched[pos - 1]
+                pos -= 1
+            matched[pos] = v
         n_matched += n_row
         for m_i in range(n_row):
             t = matched[m_i]
@@ -847,8 +907,8 @@ def index_q_candidates(
         cos_hi = math.cos(max(0.0, obs_ang - tol))
         cos_lo = math.cos(min(math.pi, obs_ang + tol))
         top_rots, n_matched = _pair_top_candidates(
-            table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi, q, i, j, b_inv, params.hkl_tolerance,
-            params.n_polish_per_pair)
+            table.qc_unit, table.half_idx, table.mate, rep, lo2, hi2, cos_lo, cos_hi, q, i, j,
+            b_inv, params.hkl_tolerance, params.n_polish_per_pair)
         n_tested += n_matched
         if top_rots.shape[0] == 0:
             continue
