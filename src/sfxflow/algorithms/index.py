@@ -1514,7 +1514,9 @@ def index_lattices(
         too_few = max(params.min_spots, params.min_indexed)
         if remaining.size - int(res.indexed_mask.sum()) < too_few:
             break  # the unexplained spots cannot make another lattice: no search, no cost
-        explained = res.indexed_mask | _near_lattice(res, sub, detector, beam, params)
+        explained = res.indexed_mask.copy()
+        rest = np.flatnonzero(~explained)  # only these can be near the lattice yet not indexed
+        explained[rest] = _near_lattice(res, sub.select(rest), detector, beam, params)
         remaining = remaining[~explained]
         if remaining.size < too_few:
             break
