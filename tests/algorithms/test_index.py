@@ -162,6 +162,13 @@ def test_candidate_table_uses_orbit_representatives() -> None:
     # 622 has 12 rotations: general reflections come 12 to an orbit
     assert 10 < table.hkl.shape[0] / table.rep_idx.size <= 12
     assert target_table(target, 8.01) is table  # cached
+    # one of each Friedel pair (their unit vectors exact negatives, the same |q|) and its mate
+    half, mate = table.half_idx, table.mate
+    assert np.all(mate[half] > half)  # every index has its mate here
+    assert np.array_equal(np.sort(np.concatenate([half, mate[half]])), np.arange(len(mate)))
+    assert np.array_equal(table.hkl[mate[half]], -table.hkl[half])
+    assert np.array_equal(table.qc_unit[mate[half]], -table.qc_unit[half])
+    assert np.array_equal(table.q_len[mate[half]], table.q_len[half])
 
 
 @pytest.mark.parametrize("sg", list(TARGETS))
@@ -245,6 +252,42 @@ def test_pairs_tried_are_the_cheapest_set_that_finds_every_lattice() -> None:
     # three pairs on three spots (cost 8) against two disjoint ones (9 at best)
     triangle = [(1, 0, 1), (2, 0, 2), (4, 0, 3), (4, 0, 4), (5, 1, 2), (20, 3, 4)]
     assert _pairs_to_try(triangle, 1) == [(1, 0, 1), (2, 0, 2), (5, 1, 2)]
+
+
+def test_pairs_tried_match_a_plain_search_over_every_set() -> None:
+    """The cover test on bit words (and the cached sets) against the plain boolean one, on
+    random pair lists of 8-12 spots (up to 79 off-lattice sets: two words) and 0-2 off."""
+    import itertools
+
+    from sfxflow.algorithms.index import _pairs_needed, _pairs_on_lattice, _pairs_to_try
+
+    def plain(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[int, int, int]]:
+        t = _pairs_needed(pairs, n_off)
+        if t <= 2 or n_off > 2:
+            return pairs[:t]
+        finds = _pairs_on_lattice(pairs, sorted({s for _, i, j in pairs for s in (i, j)}), n_off)
+        must = finds.any(axis=1)
+        k = min(len(pairs), 16)
+        best, best_cost = list(range(t)), sum(c for c, _, _ in pairs[:t])
+        for size in (2, 3):
+            for chosen in itertools.combinations(range(k), size):
+                covers = (finds[:, list(chosen)].any(axis=1) | ~must).all()
+                cost = sum(pairs[c][0] for c in chosen)
+                if covers and cost < best_cost:
+                    best, best_cost = list(chosen), cost
+        return [pairs[i] for i in best]
+
+    rng = np.random.default_rng(4)
+    n_cases = 0
+    for _ in range(60):
+        n_spots = int(rng.integers(8, 13))
+        every = [(int(i), int(j)) for i, j in itertools.combinations(range(n_spots), 2)]
+        chosen = rng.permutation(len(every))[: int(rng.integers(3, len(every) + 1))]
+        pairs = sorted((int(rng.integers(1, 50)), *every[c]) for c in chosen)
+        for n_off in (0, 1, 2):
+            assert _pairs_to_try(pairs, n_off) == plain(pairs, n_off)
+            n_cases += _pairs_needed(pairs, n_off) > 2
+    assert n_cases > 50  # most cases reach the search over sets
 
 
 def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
