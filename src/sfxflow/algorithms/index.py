@@ -524,6 +524,19 @@ def _times_row(m, q, i):  # pragma: no cover - compiled
             m[2, 0] * q[i, 0] + m[2, 1] * q[i, 1] + m[2, 2] * q[i, 2])
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _same_used(this, last):  # pragma: no cover - compiled
+    """Whether two rounds of :func:`_polish_and_score` fit the same spots with the same
+    indices (their rows: ``h, k, l, used``)."""
+    for i in range(this.shape[0]):
+        if this[i, 3] != last[i, 3]:
+            return False
+        if this[i, 3] and (this[i, 0] != last[i, 0] or this[i, 1] != last[i, 1]
+                           or this[i, 2] != last[i, 2]):
+            return False
+    return True
+
+
 @njit(cache=True, nogil=True)
 def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                       n_iter):  # pragma: no cover - compiled
@@ -531,7 +544,9 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
 
     Polishing: ``n_iter`` rounds of a Kabsch re-fit of ``U`` to the spots it indexes (all three
     fractional indices ``B⁻¹ Uᵀ q`` within ``tol`` of integers, not ``000``), in q space; a
-    round with fewer than 3 such spots keeps ``U``. Scoring: a spot is indexed when the nearest
+    round with fewer than 3 such spots keeps ``U``; a round that would fit the same spots with
+    the same indices as the last one (the same sum, so the same ``U``) ends the rounds.
+    Scoring: a spot is indexed when the nearest
     lattice point ``U B h`` lies within ``exc_tol`` of it along its ray and ``perp_tol`` across
     (one compiled loop: the numpy version, a dozen array steps for 8 candidates, cost 0.3 ms a
     pair, about what the pair's thousands of raw rotations cost).
@@ -544,9 +559,12 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
     out = np.empty_like(rots)
     counts = np.zeros(k_n, np.int64)
     err = np.zeros(k_n)
+    # each spot's index in the last round (a 4th column: used), to see a round repeat it
+    last = np.empty((n, 4))
+    this = np.empty((n, 4))
     for k in range(k_n):
         u = rots[k].copy()
-        for _ in range(n_iter):
+        for it in range(n_iter):
             m = b_inv @ u.T  # fractional indices of a spot: m q
             hm = np.zeros((3, 3))
             n_ok = 0
@@ -554,13 +572,18 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                 f0, f1, f2 = _times_row(m, q, i)
                 h0, h1, h2 = np.rint(f0), np.rint(f1), np.rint(f2)
                 dev = max(abs(f0 - h0), abs(f1 - h1), abs(f2 - h2))
-                if dev > tol or (h0 == 0.0 and h1 == 0.0 and h2 == 0.0):
+                used = not (dev > tol or (h0 == 0.0 and h1 == 0.0 and h2 == 0.0))
+                this[i, 0], this[i, 1], this[i, 2], this[i, 3] = h0, h1, h2, used
+                if not used:
                     continue
                 n_ok += 1
                 for r in range(3):
                     bh = b[r, 0] * h0 + b[r, 1] * h1 + b[r, 2] * h2
                     for c in range(3):
                         hm[c, r] += q[i, c] * bh
+            if it > 0 and _same_used(this, last):
+                break  # the same fit as the last round: U is its outcome already
+            last[:] = this
             if n_ok >= 3:
                 w, _, vt = np.linalg.svd(hm)
                 new = w @ vt
