@@ -290,6 +290,33 @@ def test_pairs_tried_match_a_plain_search_over_every_set() -> None:
     assert n_cases > 50  # most cases reach the search over sets
 
 
+def test_polishing_stop_is_exact() -> None:
+    """Polishing stops once a round would repeat the last one's fit; three rounds in one call
+    must equal three calls of one round each (which never stop early), bit for bit."""
+    from sfxflow.algorithms.index import _polish_and_score
+
+    target = TargetCell(TARGETS["P 1"], "P 1")
+    b = reciprocal_basis(target.cell)
+    rng = np.random.default_rng(8)
+    truth = Rotation.random(random_state=8).as_matrix()
+    hkl = rng.integers(-6, 7, (12, 3)).astype(float)
+    q = (truth @ b @ hkl.T).T + rng.normal(0, 2e-4, (12, 3))
+    q[9:] = rng.normal(0, 0.2, (3, 3))  # three spots off the lattice
+    rays = q / np.linalg.norm(q, axis=1, keepdims=True)
+    perp = np.full(12, 1e-3)
+    # near the truth (polishing converges, then repeats) and random (few spots fit)
+    rots = np.concatenate([
+        Rotation.from_rotvec(rng.normal(0, 0.003, (6, 3))).as_matrix() @ truth,
+        Rotation.random(6, random_state=9).as_matrix()])
+    once, counts, err = _polish_and_score(rots, q, rays, perp, b, 0.3, 1e-3, 3)
+    step = rots
+    for _ in range(3):
+        step, counts1, err1 = _polish_and_score(step, q, rays, perp, b, 0.3, 1e-3, 1)
+    assert np.array_equal(once, step)
+    assert np.array_equal(counts, counts1) and np.array_equal(err, err1)
+    assert (counts[:6] >= 9).sum() >= 3  # the near ones do converge
+
+
 def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
     """The compiled pair step drops a raw rotation once its misses keep it below the kept
     ones; what it keeps must be what scoring every rotation in full (numpy) keeps, in order."""
