@@ -162,6 +162,13 @@ def test_candidate_table_uses_orbit_representatives() -> None:
     # 622 has 12 rotations: general reflections come 12 to an orbit
     assert 10 < table.hkl.shape[0] / table.rep_idx.size <= 12
     assert target_table(target, 8.01) is table  # cached
+    # one of each Friedel pair (their unit vectors exact negatives, the same |q|) and its mate
+    half, mate = table.half_idx, table.mate
+    assert np.all(mate[half] > half)  # every index has its mate here
+    assert np.array_equal(np.sort(np.concatenate([half, mate[half]])), np.arange(len(mate)))
+    assert np.array_equal(table.hkl[mate[half]], -table.hkl[half])
+    assert np.array_equal(table.qc_unit[mate[half]], -table.qc_unit[half])
+    assert np.array_equal(table.q_len[mate[half]], table.q_len[half])
 
 
 @pytest.mark.parametrize("sg", list(TARGETS))
@@ -247,6 +254,69 @@ def test_pairs_tried_are_the_cheapest_set_that_finds_every_lattice() -> None:
     assert _pairs_to_try(triangle, 1) == [(1, 0, 1), (2, 0, 2), (5, 1, 2)]
 
 
+def test_pairs_tried_match_a_plain_search_over_every_set() -> None:
+    """The cover test on bit words (and the cached sets) against the plain boolean one, on
+    random pair lists of 8-12 spots (up to 79 off-lattice sets: two words) and 0-2 off."""
+    import itertools
+
+    from sfxflow.algorithms.index import _pairs_needed, _pairs_on_lattice, _pairs_to_try
+
+    def plain(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[int, int, int]]:
+        t = _pairs_needed(pairs, n_off)
+        if t <= 2 or n_off > 2:
+            return pairs[:t]
+        finds = _pairs_on_lattice(pairs, sorted({s for _, i, j in pairs for s in (i, j)}), n_off)
+        must = finds.any(axis=1)
+        k = min(len(pairs), 16)
+        best, best_cost = list(range(t)), sum(c for c, _, _ in pairs[:t])
+        for size in (2, 3):
+            for chosen in itertools.combinations(range(k), size):
+                covers = (finds[:, list(chosen)].any(axis=1) | ~must).all()
+                cost = sum(pairs[c][0] for c in chosen)
+                if covers and cost < best_cost:
+                    best, best_cost = list(chosen), cost
+        return [pairs[i] for i in best]
+
+    rng = np.random.default_rng(4)
+    n_cases = 0
+    for _ in range(60):
+        n_spots = int(rng.integers(8, 13))
+        every = [(int(i), int(j)) for i, j in itertools.combinations(range(n_spots), 2)]
+        chosen = rng.permutation(len(every))[: int(rng.integers(3, len(every) + 1))]
+        pairs = sorted((int(rng.integers(1, 50)), *every[c]) for c in chosen)
+        for n_off in (0, 1, 2):
+            assert _pairs_to_try(pairs, n_off) == plain(pairs, n_off)
+            n_cases += _pairs_needed(pairs, n_off) > 2
+    assert n_cases > 50  # most cases reach the search over sets
+
+
+def test_polishing_stop_is_exact() -> None:
+    """Polishing stops once a round would repeat the last one's fit; three rounds in one call
+    must equal three calls of one round each (which never stop early), bit for bit."""
+    from sfxflow.algorithms.index import _polish_and_score
+
+    target = TargetCell(TARGETS["P 1"], "P 1")
+    b = reciprocal_basis(target.cell)
+    rng = np.random.default_rng(8)
+    truth = Rotation.random(random_state=8).as_matrix()
+    hkl = rng.integers(-6, 7, (12, 3)).astype(float)
+    q = (truth @ b @ hkl.T).T + rng.normal(0, 2e-4, (12, 3))
+    q[9:] = rng.normal(0, 0.2, (3, 3))  # three spots off the lattice
+    rays = q / np.linalg.norm(q, axis=1, keepdims=True)
+    perp = np.full(12, 1e-3)
+    # near the truth (polishing converges, then repeats) and random (few spots fit)
+    rots = np.concatenate([
+        Rotation.from_rotvec(rng.normal(0, 0.003, (6, 3))).as_matrix() @ truth,
+        Rotation.random(6, random_state=9).as_matrix()])
+    once, counts, err = _polish_and_score(rots, q, rays, perp, b, 0.3, 1e-3, 3)
+    step = rots
+    for _ in range(3):
+        step, counts1, err1 = _polish_and_score(step, q, rays, perp, b, 0.3, 1e-3, 1)
+    assert np.array_equal(once, step)
+    assert np.array_equal(counts, counts1) and np.array_equal(err, err1)
+    assert (counts[:6] >= 9).sum() >= 3  # the near ones do converge
+
+
 def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
     """The compiled pair step drops a raw rotation once its misses keep it below the kept
     ones; what it keeps must be what scoring every rotation in full (numpy) keeps, in order."""
@@ -274,8 +344,9 @@ def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
         rep = table.rep_idx[(table.rep_idx >= lo1) & (table.rep_idx < hi1)]
         ang = math.acos(float(q[i] @ q[j]) / (q_len[i] * q_len[j]))
         cos_lo, cos_hi = math.cos(ang + 0.03), math.cos(ang - 0.03)
-        rots, n_matched = _pair_top_candidates(table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi,
-                                               q, int(i), int(j), b_inv, 0.3, 8)
+        rots, n_matched = _pair_top_candidates(table.qc_unit, table.half_idx, table.mate, rep,
+                                               lo2, hi2, cos_lo, cos_hi, q, int(i), int(j),
+                                               b_inv, 0.3, 8)
         # the reference: every matching index pair's rotation, scored in full
         cos = table.qc_unit[rep] @ table.qc_unit[lo2:hi2].T
         aa, bb = np.nonzero((cos >= cos_lo) & (cos <= cos_hi))

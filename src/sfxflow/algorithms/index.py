@@ -64,7 +64,7 @@ import itertools
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import gemmi
@@ -435,6 +435,10 @@ class _Table:
     rep_idx: np.ndarray  # indices into the arrays above of one member per rotation orbit
     rep_q_len: np.ndarray  # q_len[rep_idx] (sorted)
     d_min_a: float
+    # one of each Friedel pair (h, -h) whose unit vectors are exact negatives, and every index
+    # without such a mate; ascending. mate: the index of -h for those, -1 for the others
+    half_idx: np.ndarray
+    mate: np.ndarray
 
 
 @functools.lru_cache(maxsize=32)
@@ -458,9 +462,30 @@ def _table_cached(cell_params: tuple, hm: str, d_min_a: float) -> _Table:
     orbit_codes = code(np.einsum("mij,nj->mni", ops, hkl))
     rep_idx = np.flatnonzero(code(hkl) == orbit_codes.max(axis=0))
     qc_unit = qc / q_len[:, None]
-    for arr in (hkl, qc, qc_unit, q_len, rep_idx):
+    half_idx, mate = _friedel_halves(hkl, code, qc_unit, q_len)
+    for arr in (hkl, qc, qc_unit, q_len, rep_idx, half_idx, mate):
         arr.setflags(write=False)
-    return _Table(hkl, qc, qc_unit, q_len, rep_idx, q_len[rep_idx], d_min_a)
+    return _Table(hkl, qc, qc_unit, q_len, rep_idx, q_len[rep_idx], d_min_a, half_idx, mate)
+
+
+def _friedel_halves(hkl: np.ndarray, code: Callable[[np.ndarray], np.ndarray],
+                    qc_unit: np.ndarray, q_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:attr:`_Table.half_idx` and :attr:`_Table.mate`: the pair step computes the cosines of
+    one of each Friedel pair only, ``cos(u, -w) = -cos(u, w)`` exactly when the unit vectors
+    are exact negatives (the same ``|q|`` too, so both lie in every window or neither)."""
+    codes = code(hkl)
+    order = np.argsort(codes, kind="stable")
+    pos = np.searchsorted(codes[order], code(-hkl))
+    pos = np.minimum(pos, codes.size - 1)
+    other = order[pos]
+    found = codes[other] == code(-hkl)
+    other = np.where(found, other, -1)
+    mine = np.maximum(other, 0)
+    exact = found & np.all(qc_unit[mine] == -qc_unit, axis=1) & (q_len[mine] == q_len)
+    mate = np.where(exact, other, -1).astype(np.int64)
+    # keep the first of each exact pair (and every unpaired index)
+    half_idx = np.flatnonzero((mate < 0) | (np.arange(hkl.shape[0]) < mate)).astype(np.int64)
+    return half_idx, mate
 
 
 def target_table(target: TargetCell, d_min_a: float) -> _Table:
@@ -499,6 +524,19 @@ def _times_row(m, q, i):  # pragma: no cover - compiled
             m[2, 0] * q[i, 0] + m[2, 1] * q[i, 1] + m[2, 2] * q[i, 2])
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _same_used(this, last):  # pragma: no cover - compiled
+    """Whether two rounds of :func:`_polish_and_score` fit the same spots with the same
+    indices (their rows: ``h, k, l, used``)."""
+    for i in range(this.shape[0]):
+        if this[i, 3] != last[i, 3]:
+            return False
+        if this[i, 3] and (this[i, 0] != last[i, 0] or this[i, 1] != last[i, 1]
+                           or this[i, 2] != last[i, 2]):
+            return False
+    return True
+
+
 @njit(cache=True, nogil=True)
 def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                       n_iter):  # pragma: no cover - compiled
@@ -506,7 +544,9 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
 
     Polishing: ``n_iter`` rounds of a Kabsch re-fit of ``U`` to the spots it indexes (all three
     fractional indices ``B⁻¹ Uᵀ q`` within ``tol`` of integers, not ``000``), in q space; a
-    round with fewer than 3 such spots keeps ``U``. Scoring: a spot is indexed when the nearest
+    round with fewer than 3 such spots keeps ``U``; a round that would fit the same spots with
+    the same indices as the last one (the same sum, so the same ``U``) ends the rounds.
+    Scoring: a spot is indexed when the nearest
     lattice point ``U B h`` lies within ``exc_tol`` of it along its ray and ``perp_tol`` across
     (one compiled loop: the numpy version, a dozen array steps for 8 candidates, cost 0.3 ms a
     pair, about what the pair's thousands of raw rotations cost).
@@ -519,9 +559,12 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
     out = np.empty_like(rots)
     counts = np.zeros(k_n, np.int64)
     err = np.zeros(k_n)
+    # each spot's index in the last round (a 4th column: used), to see a round repeat it
+    last = np.empty((n, 4))
+    this = np.empty((n, 4))
     for k in range(k_n):
         u = rots[k].copy()
-        for _ in range(n_iter):
+        for it in range(n_iter):
             m = b_inv @ u.T  # fractional indices of a spot: m q
             hm = np.zeros((3, 3))
             n_ok = 0
@@ -529,13 +572,18 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                 f0, f1, f2 = _times_row(m, q, i)
                 h0, h1, h2 = np.rint(f0), np.rint(f1), np.rint(f2)
                 dev = max(abs(f0 - h0), abs(f1 - h1), abs(f2 - h2))
-                if dev > tol or (h0 == 0.0 and h1 == 0.0 and h2 == 0.0):
+                used = not (dev > tol or (h0 == 0.0 and h1 == 0.0 and h2 == 0.0))
+                this[i, 0], this[i, 1], this[i, 2], this[i, 3] = h0, h1, h2, used
+                if not used:
                     continue
                 n_ok += 1
                 for r in range(3):
                     bh = b[r, 0] * h0 + b[r, 1] * h1 + b[r, 2] * h2
                     for c in range(3):
                         hm[c, r] += q[i, c] * bh
+            if it > 0 and _same_used(this, last):
+                break  # the same fit as the last round: U is its outcome already
+            last[:] = this
             if n_ok >= 3:
                 w, _, vt = np.linalg.svd(hm)
                 new = w @ vt
@@ -568,15 +616,16 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
 
 
 @njit(cache=True, nogil=True)
-def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q, i_obs, j_obs, b_inv, tol,
-                         n_keep):  # pragma: no cover - compiled
+def _pair_top_candidates(unit, half_idx, mate, rep, lo2, hi2, cos_lo, cos_hi, q, i_obs, j_obs,
+                         b_inv, tol, n_keep):  # pragma: no cover - compiled
     """The raw rotations of one spot pair that :func:`index_q_candidates` polishes: the
     ``n_keep`` best by the number of spots they index (all three fractional indices within
     ``tol`` of integers; ties: the smaller sum of squared fractional errors, then the earlier
     candidate), among those indexing at least 3.
 
     The candidates are the index pairs ``(rep[a], lo2 + b)`` whose angle's cosine lies in
-    ``[cos_lo, cos_hi]``, in row order; each gives the rotation that carries the bisector
+    ``[cos_lo, cos_hi]``, in row order (the cosines of half the window computed: ``half_idx``,
+    ``mate``, :func:`_friedel_halves`); each gives the rotation that carries the bisector
     frame of its two table vectors onto that of the observed pair ``q[i_obs], q[j_obs]``
     (:func:`_pair_frame`): ``U = T_obs T_latᵀ``, and with the spots in the observed pair's
     frame (``q_obs = q T_obs``) the fractional indices are ``B⁻¹ T_lat q_obs``. A candidate is dropped as soon as the spots it has missed leave it
@@ -599,24 +648,58 @@ def _pair_top_candidates(unit, rep, lo2, hi2, cos_lo, cos_hi, q, i_obs, j_obs, b
     keep_e = np.empty(n_keep)
     n_kept = 0
     n_matched = 0
-    # the second window's unit vectors as columns, a row of cosines computed apart from the
-    # tests (a loop the compiler vectorises), then the matches of the row listed
-    n2 = hi2 - lo2
     wx = np.ascontiguousarray(unit[lo2:hi2, 0])
     wy = np.ascontiguousarray(unit[lo2:hi2, 1])
     wz = np.ascontiguousarray(unit[lo2:hi2, 2])
-    cosines = np.empty(n2)
-    matched = np.empty(n2, np.int64)
+    # the cosines of one of each Friedel pair of the window only (``cos(u, -w) = -cos(u, w)``
+    # exactly, :func:`_friedel_halves`): its unit vectors as columns, a row of cosines computed
+    # apart from the tests (a loop the compiler vectorises), then the matches of the row
+    # listed, either member of the pair, and put back in window order (the order ties follow)
+    h_lo = np.searchsorted(half_idx, lo2)
+    h_hi = np.searchsorted(half_idx, hi2)
+    n_h = h_hi - h_lo
+    n_words = (n_h + 7) // 8
+    hx = np.zeros(8 * n_words)
+    hy = np.zeros(8 * n_words)
+    hz = np.zeros(8 * n_words)
+    t_plus = np.zeros(8 * n_words, np.int64)
+    t_minus = np.zeros(8 * n_words, np.int64)
+    paired = np.zeros(8 * n_words, np.bool_)
+    for s in range(n_h):
+        p = half_idx[h_lo + s]
+        hx[s], hy[s], hz[s] = unit[p, 0], unit[p, 1], unit[p, 2]
+        t_plus[s] = p - lo2
+        paired[s] = lo2 <= mate[p] < hi2
+        t_minus[s] = mate[p] - lo2
+    flags = np.zeros(8 * n_words, np.uint8)
+    words = flags.view(np.uint64)
+    lo_m, hi_m = -cos_hi, -cos_lo  # the band of cos(u, w) for which -w matches
+    matched = np.empty(2 * n_h + 1, np.int64)
     bi = b_inv
     for a in range(rep.size):
         r = rep[a]
         u0, u1, u2 = unit[r, 0], unit[r, 1], unit[r, 2]
-        for t in range(n2):
-            cosines[t] = u0 * wx[t] + u1 * wy[t] + u2 * wz[t]
+        for s in range(n_h):  # no branch: the compiler vectorises it
+            c = u0 * hx[s] + u1 * hy[s] + u2 * hz[s]
+            flags[s] = ((c >= cos_lo) & (c <= cos_hi)) | (
+                ((c >= lo_m) & (c <= hi_m) & paired[s]) << 1)
         n_row = 0
-        for t in range(n2):  # without a branch: one taken at random cost 1.2 ns a product
-            matched[n_row] = t
-            n_row += (cosines[t] >= cos_lo) & (cosines[t] <= cos_hi)
+        for w in range(n_words):  # eight flags at a time: most are all clear
+            if words[w] == 0:
+                continue
+            for s in range(8 * w, 8 * w + 8):
+                f = flags[s]
+                matched[n_row] = t_plus[s]
+                n_row += f & 1
+                matched[n_row] = t_minus[s]
+                n_row += f >> 1
+        for k in range(1, n_row):  # a few matches a row: insertion sort
+            v = matched[k]
+            pos = k
+            while pos > 0 and matched[pos - 1] > v:
+                matched[pos] = matched[pos - 1]
+                pos -= 1
+            matched[pos] = v
         n_matched += n_row
         for m_i in range(n_row):
             t = matched[m_i]
@@ -719,12 +802,46 @@ def _pairs_on_lattice(pairs: list[tuple[int, int, int]], spots: list[int],
     ``spots`` off it, for every set of at most ``n_off`` of them."""
     bit = {s: 1 << k for k, s in enumerate(spots)}
     pair_bits = np.array([bit[i] | bit[j] for _, i, j in pairs], dtype=np.int64)
-    subsets = np.arange(1 << len(spots), dtype=np.int64)
-    size = np.zeros(subsets.size, np.int64)
-    for k in range(len(spots)):
-        size += (subsets >> k) & 1
-    subsets = subsets[size <= n_off]  # the sets of off-lattice spots possible
+    subsets = _off_lattice_sets(len(spots), n_off)
     return np.equal(subsets[:, None] & pair_bits[None, :], 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _off_lattice_sets(n_spots: int, n_off: int) -> np.ndarray:
+    """The sets of at most ``n_off`` of ``n_spots`` spots, as bit masks (cached: a search for
+    a further lattice asks for the same few)."""
+    subsets = np.arange(1 << n_spots, dtype=np.int64)
+    size = np.zeros(subsets.size, np.int64)
+    for k in range(n_spots):
+        size += (subsets >> k) & 1
+    subsets = subsets[size <= n_off]
+    subsets.setflags(write=False)
+    return subsets
+
+
+@functools.lru_cache(maxsize=16)
+def _index_sets(k: int, size: int) -> np.ndarray:
+    """Every set of ``size`` of ``range(k)``, ``(n, size)``, in :func:`itertools.combinations`
+    order (cached: building the 560 triples of 16 pairs cost 0.1 ms a search)."""
+    sets = np.array(list(itertools.combinations(range(k), size)), dtype=np.int64)
+    sets.setflags(write=False)
+    return sets
+
+
+def _bit_words(columns: np.ndarray) -> np.ndarray:
+    """The boolean ``(rows, k)`` array's columns as bit masks, ``(k, words)`` uint64."""
+    packed = np.packbits(columns, axis=0, bitorder="little")
+    pad = (-packed.shape[0]) % 8
+    if pad:
+        packed = np.concatenate([packed, np.zeros((pad, packed.shape[1]), np.uint8)])
+    return np.ascontiguousarray(packed.T).view(np.uint64)
+
+
+def _first_enough(misses: np.ndarray) -> int:
+    """:func:`_pairs_needed` from its :func:`_pairs_on_lattice` matrix."""
+    missed_by_first = np.logical_or.accumulate(misses, axis=1)
+    enough = np.flatnonzero((missed_by_first | ~np.logical_or.reduce(misses, axis=1)[:, None]).all(axis=0))
+    return int(enough[0]) + 1 if enough.size else misses.shape[1]
 
 
 def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
@@ -747,10 +864,7 @@ def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
     spots = sorted({s for _, i, j in pairs for s in (i, j)})
     if not pairs or n_off >= len(spots) - 1:
         return len(pairs)
-    misses = _pairs_on_lattice(pairs, spots, n_off)
-    missed_by_first = np.logical_or.accumulate(misses, axis=1)
-    enough = np.flatnonzero((missed_by_first | ~np.logical_or.reduce(misses, axis=1)[:, None]).all(axis=0))
-    return int(enough[0]) + 1 if enough.size else len(pairs)
+    return _first_enough(_pairs_on_lattice(pairs, spots, n_off))
 
 
 def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[int, int, int]]:
@@ -765,20 +879,33 @@ def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[i
     hit leaves this halves the candidates (3.7 10^7 index pairs over 37 searches -> 2.0 10^7).
     Sets of two pairs cover one spot off, of three two; with more every first pair is tried.
     """
-    t = _pairs_needed(pairs, n_off)
+    spots = sorted({s for _, i, j in pairs for s in (i, j)})
+    if not pairs or n_off >= len(spots) - 1:
+        t, finds = len(pairs), None
+    else:  # _pairs_needed, with the matrix kept for the sets below
+        finds = _pairs_on_lattice(pairs, spots, n_off)
+        t = _first_enough(finds)
     if t <= 2 or n_off > 2:
         return pairs[:t]
-    spots = sorted({s for _, i, j in pairs for s in (i, j)})
-    finds = _pairs_on_lattice(pairs, spots, n_off)
+    if finds is None:
+        finds = _pairs_on_lattice(pairs, spots, n_off)
     must = np.logical_or.reduce(finds, axis=1)  # the sets of off spots a lattice could be found with
     k = min(len(pairs), 16)
     cost = np.array([c for c, _, _ in pairs[:k]], dtype=np.int64)
     best, best_cost = list(range(t)), sum(c for c, _, _ in pairs[:t])
+    # each pair's column of ``finds`` as bit words: a set of pairs covers ``must`` when the
+    # union of its columns is ``must`` (a column lies within it); the boolean array steps on
+    # the 560 triples cost 0.06 ms a search
+    words = _bit_words(finds[:, :k])
+    want = _bit_words(must[:, None])[0]
     for size in (2, 3):
-        sets = np.array(list(itertools.combinations(range(k), size)), dtype=np.int64)
+        sets = _index_sets(k, size)
         if sets.size == 0:
             continue
-        covers = (finds[:, sets].any(axis=2) | ~must[:, None]).all(axis=0)
+        union = words[sets[:, 0]]
+        for c in range(1, size):
+            union = union | words[sets[:, c]]
+        covers = (union == want).all(axis=1)
         if not covers.any():
             continue
         total = np.where(covers, cost[sets].sum(axis=1), np.iinfo(np.int64).max)
@@ -847,8 +974,8 @@ def index_q_candidates(
         cos_hi = math.cos(max(0.0, obs_ang - tol))
         cos_lo = math.cos(min(math.pi, obs_ang + tol))
         top_rots, n_matched = _pair_top_candidates(
-            table.qc_unit, rep, lo2, hi2, cos_lo, cos_hi, q, i, j, b_inv, params.hkl_tolerance,
-            params.n_polish_per_pair)
+            table.qc_unit, table.half_idx, table.mate, rep, lo2, hi2, cos_lo, cos_hi, q, i, j,
+            b_inv, params.hkl_tolerance, params.n_polish_per_pair)
         n_tested += n_matched
         if top_rots.shape[0] == 0:
             continue
@@ -1410,7 +1537,9 @@ def index_lattices(
         too_few = max(params.min_spots, params.min_indexed)
         if remaining.size - int(res.indexed_mask.sum()) < too_few:
             break  # the unexplained spots cannot make another lattice: no search, no cost
-        explained = res.indexed_mask | _near_lattice(res, sub, detector, beam, params)
+        explained = res.indexed_mask.copy()
+        rest = np.flatnonzero(~explained)  # only these can be near the lattice yet not indexed
+        explained[rest] = _near_lattice(res, sub.select(rest), detector, beam, params)
         remaining = remaining[~explained]
         if remaining.size < too_few:
             break
