@@ -296,8 +296,41 @@ def call_fs(fs: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
     if loop is not None and not getattr(fs, "asynchronous", False) \
             and inspect.iscoroutinefunction(coro_fn):
-        return _run_coroutine(loop, coro_fn(*args, **kwargs), _remaining())
+        try:
+            return _run_coroutine(loop, coro_fn(*args, **kwargs), _remaining())
+        except Exception as exc:
+            if _went_silent(exc):
+                _new_client(fs, loop)
+            raise
     return getattr(fs, method)(*args, **kwargs)
+
+
+def _went_silent(exc: BaseException) -> bool:
+    """A request that waited for bytes that never came (botocore's read timeout, or our
+    deadline), rather than one the endpoint refused or answered with an error."""
+    if isinstance(exc, _StorageTimeout):
+        return True
+    try:
+        from botocore.exceptions import ReadTimeoutError
+    except ImportError:  # pragma: no cover - s3fs always brings botocore
+        return False
+    return isinstance(exc, ReadTimeoutError)
+
+
+def _new_client(fs: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Give an S3 filesystem a new client (its own connection pool) after a request went
+    silent: the next attempt must not wait on anything the silent connection's client still
+    holds. The old client is left to the requests other threads have in flight on it."""
+    set_session = getattr(fs, "set_session", None)
+    if set_session is None or getattr(fs, "_s3", None) is None:
+        return
+    left_s = min(_remaining(), CONNECT_TIMEOUT_S)
+    if left_s <= 0:  # the operation's deadline is spent: its caller gives up anyway
+        return
+    try:
+        _run_coroutine(loop, set_session(refresh=True), left_s)
+    except Exception as exc:  # the attempt after this one reports what is wrong
+        log.debug("could not make a new storage client: %s", exc)
 
 
 def retrying(call: Callable[[], T], url: str, action: str = "read") -> T:
