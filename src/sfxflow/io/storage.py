@@ -143,6 +143,8 @@ _TRANSIENT_NAMES = frozenset((
     "ServerDisconnectedError", "ClientOSError", "ClientPayloadError", "ServerTimeoutError",
     "ProtocolError", "NewConnectionError",
 ))
+#: of those, the errors of a request that got no bytes in time (:func:`_went_silent`)
+_SILENT_NAMES = frozenset(("ReadTimeoutError", "ServerTimeoutError"))
 _TRANSIENT_CODES = frozenset(("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
                               "Throttling", "RequestTimeTooSkewed"))
 
@@ -306,15 +308,12 @@ def call_fs(fs: Any, method: str, *args: Any, **kwargs: Any) -> Any:
 
 
 def _went_silent(exc: BaseException) -> bool:
-    """A request that waited for bytes that never came (botocore's read timeout, or our
-    deadline), rather than one the endpoint refused or answered with an error."""
-    if isinstance(exc, _StorageTimeout):
-        return True
-    try:
-        from botocore.exceptions import ReadTimeoutError
-    except ImportError:  # pragma: no cover - s3fs always brings botocore
-        return False
-    return isinstance(exc, ReadTimeoutError)
+    """A request that waited for bytes that never came (botocore's or aiohttp's read timeout,
+    or our deadline; also where s3fs wraps it), rather than one the endpoint refused or
+    answered with an error. Matched by name, as :func:`is_transient` does."""
+    return any(isinstance(e, _StorageTimeout)
+               or any(cls.__name__ in _SILENT_NAMES for cls in type(e).__mro__)
+               for e in _chain(exc))
 
 
 def _new_client(fs: Any, loop: asyncio.AbstractEventLoop) -> None:
