@@ -290,6 +290,22 @@ def test_pairs_tried_match_a_plain_search_over_every_set() -> None:
     assert n_cases > 50  # most cases reach the search over sets
 
 
+def test_pairs_tried_with_many_pair_spots_and_many_off_are_every_pair() -> None:
+    """Thirty pair spots with 21 off: 10^8 sets of off-lattice spots (the masks of all 2^30
+    sets were once built to list them, 8 GB): every pair is tried, at once."""
+    import itertools
+
+    from sfxflow.algorithms.index import _off_lattice_sets, _pairs_needed, _pairs_to_try
+
+    pairs = sorted((31 * i + j, i, j) for i, j in itertools.combinations(range(30), 2))
+    assert _pairs_to_try(pairs, 21) == pairs
+    assert _pairs_needed(pairs, 21) == len(pairs)
+    # the sets it does list: every set of at most n_off spots, once
+    sets = _off_lattice_sets(9, 2)
+    assert sets.size == 1 + 9 + 36 == np.unique(sets).size
+    assert max(bin(int(x)).count("1") for x in sets) == 2
+
+
 def test_polishing_stop_is_exact() -> None:
     """Polishing stops once a round would repeat the last one's fit; three rounds in one call
     must equal three calls of one round each (which never stop early), bit for bit."""

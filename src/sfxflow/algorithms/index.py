@@ -824,45 +824,39 @@ def _candidate_pairs(q: np.ndarray, q_len: np.ndarray, sel: np.ndarray, table: _
     return win_rep, win_all, pairs
 
 
+#: the most sets of off-lattice spots :func:`_pairs_to_try` enumerates: beyond (many pair spots,
+#: several off) it tries every pair, as it does once all but two spots may be off
+_MAX_OFF_LATTICE_SETS = 4096
+
+
 def _pairs_on_lattice(pairs: list[tuple[int, int, int]], spots: list[int],
                       n_off: int) -> np.ndarray:
     """``(set, pair)``: whether both spots of each pair are on a lattice that has the set of
     ``spots`` off it, for every set of at most ``n_off`` of them."""
+    return np.equal(_off_lattice_sets(len(spots), n_off)[:, None]
+                    & _pair_bits(pairs, spots)[None, :], 0)
+
+
+def _pair_bits(pairs: list[tuple[int, int, int]], spots: list[int]) -> np.ndarray:
+    """Each pair's two spots as a bit mask over ``spots``."""
     bit = {s: 1 << k for k, s in enumerate(spots)}
-    pair_bits = np.array([bit[i] | bit[j] for _, i, j in pairs], dtype=np.int64)
-    subsets = _off_lattice_sets(len(spots), n_off)
-    return np.equal(subsets[:, None] & pair_bits[None, :], 0)
+    return np.array([bit[i] | bit[j] for _, i, j in pairs], dtype=np.int64)
+
+
+def _n_off_lattice_sets(n_spots: int, n_off: int) -> int:
+    return sum(math.comb(n_spots, r) for r in range(min(n_off, n_spots) + 1))
 
 
 @functools.lru_cache(maxsize=64)
 def _off_lattice_sets(n_spots: int, n_off: int) -> np.ndarray:
-    """The sets of at most ``n_off`` of ``n_spots`` spots, as bit masks (cached: a search for
-    a further lattice asks for the same few)."""
-    subsets = np.arange(1 << n_spots, dtype=np.int64)
-    size = np.zeros(subsets.size, np.int64)
-    for k in range(n_spots):
-        size += (subsets >> k) & 1
-    subsets = subsets[size <= n_off]
+    """The sets of at most ``n_off`` of ``n_spots`` spots, as bit masks, smallest sets first
+    (cached: a search for a further lattice asks for the same few). Listed set by set, not
+    filtered from all ``2**n_spots`` masks, which a setting of 30 pair spots made 8 GB."""
+    subsets = np.array([sum(1 << b for b in chosen) for r in range(min(n_off, n_spots) + 1)
+                        for chosen in itertools.combinations(range(n_spots), r)],
+                       dtype=np.int64)
     subsets.setflags(write=False)
     return subsets
-
-
-@functools.lru_cache(maxsize=16)
-def _index_sets(k: int, size: int) -> np.ndarray:
-    """Every set of ``size`` of ``range(k)``, ``(n, size)``, in :func:`itertools.combinations`
-    order (cached: building the 560 triples of 16 pairs cost 0.1 ms a search)."""
-    sets = np.array(list(itertools.combinations(range(k), size)), dtype=np.int64)
-    sets.setflags(write=False)
-    return sets
-
-
-def _bit_words(columns: np.ndarray) -> np.ndarray:
-    """The boolean ``(rows, k)`` array's columns as bit masks, ``(k, words)`` uint64."""
-    packed = np.packbits(columns, axis=0, bitorder="little")
-    pad = (-packed.shape[0]) % 8
-    if pad:
-        packed = np.concatenate([packed, np.zeros((pad, packed.shape[1]), np.uint8)])
-    return np.ascontiguousarray(packed.T).view(np.uint64)
 
 
 def _first_enough(misses: np.ndarray) -> int:
@@ -890,7 +884,8 @@ def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
     more with the default settings tries every pair as before (12 pair spots, 11 off).
     """
     spots = sorted({s for _, i, j in pairs for s in (i, j)})
-    if not pairs or n_off >= len(spots) - 1:
+    if (not pairs or n_off >= len(spots) - 1 or len(spots) > 62
+            or _n_off_lattice_sets(len(spots), n_off) > _MAX_OFF_LATTICE_SETS):
         return len(pairs)
     return _first_enough(_pairs_on_lattice(pairs, spots, n_off))
 
@@ -906,41 +901,83 @@ def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[i
     pairs, or three pairs on three spots, are enough. On the 9 false spots a triclinic 60-spot
     hit leaves this halves the candidates (3.7 10^7 index pairs over 37 searches -> 2.0 10^7).
     Sets of two pairs cover one spot off, of three two; with more every first pair is tried.
+    One compiled pass (:func:`_cover_search`): the boolean matrices and bit words it replaced
+    cost 55-70 µs a search.
     """
     spots = sorted({s for _, i, j in pairs for s in (i, j)})
-    if not pairs or n_off >= len(spots) - 1:
-        t, finds = len(pairs), None
-    else:  # _pairs_needed, with the matrix kept for the sets below
-        finds = _pairs_on_lattice(pairs, spots, n_off)
-        t = _first_enough(finds)
-    if t <= 2 or n_off > 2:
-        return pairs[:t]
-    if finds is None:
-        finds = _pairs_on_lattice(pairs, spots, n_off)
-    must = np.logical_or.reduce(finds, axis=1)  # the sets of off spots a lattice could be found with
-    k = min(len(pairs), 16)
-    cost = np.array([c for c, _, _ in pairs[:k]], dtype=np.int64)
-    best, best_cost = list(range(t)), sum(c for c, _, _ in pairs[:t])
-    # each pair's column of ``finds`` as bit words: a set of pairs covers ``must`` when the
-    # union of its columns is ``must`` (a column lies within it); the boolean array steps on
-    # the 560 triples cost 0.06 ms a search
-    words = _bit_words(finds[:, :k])
-    want = _bit_words(must[:, None])[0]
-    for size in (2, 3):
-        sets = _index_sets(k, size)
-        if sets.size == 0:
-            continue
-        union = words[sets[:, 0]]
-        for c in range(1, size):
-            union = union | words[sets[:, c]]
-        covers = (union == want).all(axis=1)
-        if not covers.any():
-            continue
-        total = np.where(covers, cost[sets].sum(axis=1), np.iinfo(np.int64).max)
-        i = int(np.argmin(total))
-        if total[i] < best_cost:
-            best, best_cost = sorted(sets[i].tolist()), int(total[i])
-    return [pairs[i] for i in best]
+    if (not pairs or n_off >= len(spots) - 1 or len(spots) > 62
+            or _n_off_lattice_sets(len(spots), n_off) > _MAX_OFF_LATTICE_SETS):
+        return pairs
+    cost = np.array([c for c, _, _ in pairs], dtype=np.int64)
+    chosen = _cover_search(_pair_bits(pairs, spots), cost,
+                           _off_lattice_sets(len(spots), n_off), n_off <= 2)
+    return [pairs[i] for i in chosen]
+
+
+@njit(cache=True, nogil=True)
+def _cover_search(pair_bits, cost, off_sets, try_sets):  # pragma: no cover - compiled
+    """:func:`_pairs_to_try` on bit masks: the indices of the pairs to try, ascending.
+
+    A pair misses the set ``S`` of off-lattice spots when neither of its spots is in ``S``; the
+    sets some pair misses must each be missed by a pair tried. First the fewest first pairs
+    (:func:`_pairs_needed`); then, with ``try_sets`` and more than two of those, the cheapest
+    set of two, then of three, of the first 16 pairs (first in
+    :func:`itertools.combinations` order among the cheapest) if cheaper still."""
+    n_pairs = pair_bits.size
+    n_sets = off_sets.size
+    must = np.empty(n_sets, np.int64)  # the sets some pair misses
+    n_must = 0
+    t = 0
+    for s in range(n_sets):
+        for p in range(n_pairs):
+            if off_sets[s] & pair_bits[p] == 0:
+                must[n_must] = off_sets[s]
+                n_must += 1
+                t = max(t, p + 1)
+                break
+    best = np.arange(t)
+    if t <= 2 or not try_sets:
+        return best
+    best_cost = cost[:t].sum()
+    k = min(n_pairs, 16)
+    n_words = (n_must + 63) // 64
+    covers = np.zeros((k, n_words), np.uint64)  # the must sets each of the first k misses
+    want = np.zeros(n_words, np.uint64)
+    for m in range(n_must):
+        bit = np.uint64(1) << np.uint64(m % 64)
+        want[m // 64] |= bit
+        for p in range(k):
+            if must[m] & pair_bits[p] == 0:
+                covers[p, m // 64] |= bit
+    found = np.empty(0, np.int64)
+    for a in range(k):
+        for b in range(a + 1, k):
+            total = cost[a] + cost[b]
+            if total >= best_cost:
+                continue
+            ok = True
+            for w in range(n_words):
+                if covers[a, w] | covers[b, w] != want[w]:
+                    ok = False
+                    break
+            if ok:
+                best_cost = total
+                found = np.array([a, b])
+    for a in range(k):
+        for b in range(a + 1, k):
+            for c in range(b + 1, k):
+                total = cost[a] + cost[b] + cost[c]
+                if total >= best_cost:
+                    continue
+                ok = True
+                for w in range(n_words):
+                    if covers[a, w] | covers[b, w] | covers[c, w] != want[w]:
+                        ok = False
+                        break
+                if ok:
+                    best_cost = total
+                    found = np.array([a, b, c])
+    return found if found.size else best
 
 
 def index_q_candidates(
@@ -1092,11 +1129,18 @@ def binomial_log10_tail(k: int, n: int, p: float) -> float:
         return -math.inf
     if p >= 1.0:
         return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    if n - k < 32:  # a short tail (a search for a further lattice): no arrays, 12 -> 2 µs
+        terms_short = [math.lgamma(n + 1.0) - math.lgamma(j + 1.0) - math.lgamma(n - j + 1.0)
+                       + j * log_p + (n - j) * log_q for j in range(k, n + 1)]
+        top_short = max(terms_short)
+        log_sum = top_short + math.log(sum(math.exp(t - top_short) for t in terms_short))
+        return float(min(0.0, log_sum / math.log(10.0)))
     from scipy.special import gammaln
 
     j = np.arange(k, n + 1, dtype=float)
     terms = (gammaln(n + 1.0) - gammaln(j + 1.0) - gammaln(n - j + 1.0)
-             + j * math.log(p) + (n - j) * math.log1p(-p))
+             + j * log_p + (n - j) * log_q)
     # log-sum-exp about the largest term (scipy's logsumexp costs 0.2 ms a call in checks)
     top = float(terms.max())
     log_sum = top + math.log(float(np.exp(terms - top).sum()))
@@ -1188,19 +1232,43 @@ def _n_centring(target: TargetCell) -> int:
 def _acceptance_geometry(spots: SpotTable, detector: Detector, beam: Beam, params: IndexParams
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per spot: the solid angle (sr) of the significance tolerance disc seen from the sample,
-    ``|q|`` (Å⁻¹), the disc's radius in reciprocal space (Å⁻¹) and the pixel size (mm)."""
-    n = len(spots)
-    d = detector_tables(detector).d[np.asarray(spots.panel, dtype=np.int64)]
-    lab = np.einsum("nij,nj->ni", d, np.stack([spots.fs_px, spots.ss_px, np.ones(n)], -1))
-    dist = np.linalg.norm(lab, axis=1)
-    pix = np.linalg.norm(d[:, :, 0], axis=1)
-    normals = np.cross(d[:, :, 0], d[:, :, 1]) / (pix * pix)[:, None]
-    cos_inc = np.abs(np.einsum("ij,ij->i", normals, lab)) / dist
-    tol = params.significance_tolerance_px
-    omega = math.pi * (tol * pix) ** 2 * cos_inc / dist**2
-    q_len = np.linalg.norm(lab / (dist * beam.wavelength_a)[:, None] - np.asarray(beam.s0_inv_a),
-                           axis=1)
-    r_inv_a = np.sqrt(omega) / math.sqrt(math.pi) / beam.wavelength_a
+    ``|q|`` (Å⁻¹), the disc's radius in reciprocal space (Å⁻¹) and the pixel size (mm)
+    (one compiled loop: the dozen numpy steps on the 8 or 9 spots of a search for a further
+    lattice cost 40 µs, twice a search)."""
+    s0 = np.asarray(beam.s0_inv_a, dtype=float)
+    return _acceptance_kernel(
+        detector_tables(detector).d, np.asarray(spots.panel, dtype=np.int64),
+        np.asarray(spots.fs_px, dtype=float), np.asarray(spots.ss_px, dtype=float),
+        float(params.significance_tolerance_px), float(beam.wavelength_a), s0[0], s0[1], s0[2])
+
+
+@njit(cache=True, nogil=True)
+def _acceptance_kernel(d, panel, fs, ss, tol_px, wavelength_a, s0x, s0y,
+                       s0z):  # pragma: no cover - compiled
+    """:func:`_acceptance_geometry` for panel matrices ``d`` (lab = d @ (fs, ss, 1)): the spot's
+    lab position, its distance, the incidence on its panel (the panel normal: fs x ss axes)."""
+    n = panel.size
+    omega = np.empty(n)
+    q_len = np.empty(n)
+    r_inv_a = np.empty(n)
+    pix = np.empty(n)
+    for i in range(n):
+        m = d[panel[i]]
+        x = m[0, 0] * fs[i] + m[0, 1] * ss[i] + m[0, 2]
+        y = m[1, 0] * fs[i] + m[1, 1] * ss[i] + m[1, 2]
+        z = m[2, 0] * fs[i] + m[2, 1] * ss[i] + m[2, 2]
+        dist = math.sqrt(x * x + y * y + z * z)
+        p = math.sqrt(m[0, 0] ** 2 + m[1, 0] ** 2 + m[2, 0] ** 2)
+        nx = (m[1, 0] * m[2, 1] - m[2, 0] * m[1, 1]) / (p * p)
+        ny = (m[2, 0] * m[0, 1] - m[0, 0] * m[2, 1]) / (p * p)
+        nz = (m[0, 0] * m[1, 1] - m[1, 0] * m[0, 1]) / (p * p)
+        cos_inc = abs(nx * x + ny * y + nz * z) / dist
+        omega[i] = math.pi * (tol_px * p) ** 2 * cos_inc / dist**2
+        scale = dist * wavelength_a
+        qx, qy, qz = x / scale - s0x, y / scale - s0y, z / scale - s0z
+        q_len[i] = math.sqrt(qx * qx + qy * qy + qz * qz)
+        r_inv_a[i] = math.sqrt(omega[i]) / math.sqrt(math.pi) / wavelength_a
+        pix[i] = p
     return omega, q_len, r_inv_a, pix
 
 
