@@ -306,6 +306,35 @@ def test_pairs_tried_with_many_pair_spots_and_many_off_are_every_pair() -> None:
     assert max(bin(int(x)).count("1") for x in sets) == 2
 
 
+def test_nearest_rotation_is_the_svd_kabsch_fit() -> None:
+    """The Newton polar factor against LAPACK's ``W Vᵀ`` (with the weakest axis flipped for a
+    reflection): strained rotations, reflections and rank-2 sums (spots in a plane)."""
+    from scipy.spatial.transform import Rotation
+
+    from sfxflow.algorithms.index import _nearest_rotation
+
+    def kabsch(m: np.ndarray) -> np.ndarray:
+        w, _, vt = np.linalg.svd(m)
+        if np.linalg.det(w @ vt) < 0:
+            w[:, 2] *= -1.0
+        return w @ vt
+
+    rng = np.random.default_rng(7)
+    for case in range(600):
+        r = Rotation.random(random_state=rng).as_matrix()
+        p = np.eye(3) + 0.4 * rng.normal(size=(3, 3))
+        m = r @ (p @ p.T)
+        if case % 3 == 1:
+            m = m @ np.diag([1.0, 1.0, -1.0])  # a reflection: det < 0
+        elif case % 3 == 2:
+            v = rng.normal(size=(2, 3))
+            m = r @ (v.T @ v)  # rank 2
+        u = _nearest_rotation(m)
+        np.testing.assert_allclose(u, kabsch(m), atol=1e-12)
+        np.testing.assert_allclose(u @ u.T, np.eye(3), atol=1e-14)
+        assert np.linalg.det(u) > 0
+
+
 def test_polishing_stop_is_exact() -> None:
     """Polishing stops once a round would repeat the last one's fit; three rounds in one call
     must equal three calls of one round each (which never stop early), bit for bit."""

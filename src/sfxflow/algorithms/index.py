@@ -566,6 +566,49 @@ def _same_used(this, last):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _nearest_rotation(m):  # pragma: no cover - compiled
+    """The proper rotation nearest ``m`` (3x3; the Kabsch fit of ``Σ q (B h)ᵀ``): its polar
+    factor, by Higham's scaled Newton iteration ``X ← (γ X + X⁻ᵀ / γ) / 2`` (quadratic; 6-9
+    rounds of a 3x3 adjugate), which agrees with the SVD's ``W Vᵀ`` to rounding at a tenth of
+    its cost (LAPACK's 3x3 SVD: 1.9 µs, 24 of them for a pair's 8 candidates: most of their
+    polishing). A reflection or a nearly singular ``m`` (spots in a plane through the origin)
+    goes to the SVD, which flips the weakest axis."""
+    x = m.copy()
+    d = np.linalg.det(x)
+    scale = math.sqrt((x * x).sum())
+    if not d > 1e-9 * scale**3:
+        w, _, vt = np.linalg.svd(m)
+        new = w @ vt
+        if np.linalg.det(new) < 0:
+            w[:, 2] *= -1.0
+            new = w @ vt
+        return new
+    for _ in range(30):
+        d = (x[0, 0] * (x[1, 1] * x[2, 2] - x[1, 2] * x[2, 1])
+             - x[0, 1] * (x[1, 0] * x[2, 2] - x[1, 2] * x[2, 0])
+             + x[0, 2] * (x[1, 0] * x[2, 1] - x[1, 1] * x[2, 0]))
+        # X⁻ᵀ = cofactor(X) / det(X)
+        c = np.empty((3, 3))
+        c[0, 0] = x[1, 1] * x[2, 2] - x[1, 2] * x[2, 1]
+        c[0, 1] = x[1, 2] * x[2, 0] - x[1, 0] * x[2, 2]
+        c[0, 2] = x[1, 0] * x[2, 1] - x[1, 1] * x[2, 0]
+        c[1, 0] = x[0, 2] * x[2, 1] - x[0, 1] * x[2, 2]
+        c[1, 1] = x[0, 0] * x[2, 2] - x[0, 2] * x[2, 0]
+        c[1, 2] = x[0, 1] * x[2, 0] - x[0, 0] * x[2, 1]
+        c[2, 0] = x[0, 1] * x[1, 2] - x[0, 2] * x[1, 1]
+        c[2, 1] = x[0, 2] * x[1, 0] - x[0, 0] * x[1, 2]
+        c[2, 2] = x[0, 0] * x[1, 1] - x[0, 1] * x[1, 0]
+        c /= d
+        gamma = math.sqrt(math.sqrt((c * c).sum() / (x * x).sum()))
+        new = 0.5 * (gamma * x + c / gamma)
+        change = math.sqrt(((new - x) ** 2).sum())
+        x = new
+        if change <= 1e-15:
+            break
+    return x
+
+
+@njit(cache=True, nogil=True)
 def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                       n_iter):  # pragma: no cover - compiled
     """Polish each raw rotation ``U`` (k, 3, 3) and score it in the stills sense.
@@ -613,12 +656,7 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                 break  # the same fit as the last round: U is its outcome already
             last[:] = this
             if n_ok >= 3:
-                w, _, vt = np.linalg.svd(hm)
-                new = w @ vt
-                if np.linalg.det(new) < 0:
-                    w[:, 2] *= -1.0
-                    new = w @ vt
-                u = new
+                u = _nearest_rotation(hm)
         out[k] = u
         m = b_inv @ u.T
         ub = u @ b
