@@ -335,6 +335,32 @@ def test_nearest_rotation_is_the_svd_kabsch_fit() -> None:
         assert np.linalg.det(u) > 0
 
 
+def test_setting_traces_are_those_of_each_setting_cell() -> None:
+    """The compiled traces of the canonical setting search against each setting's own cell,
+    ``B`` and SVD polar factor, on strained (refined-like) crystals of every bench target."""
+    from scipy.spatial.transform import Rotation
+
+    from sfxflow.algorithms.index import _setting_cell, _setting_traces
+    from sfxflow.benchmarks.index import TARGETS
+    from sfxflow.models import as_space_group, as_unit_cell, cell_of_basis
+
+    rng = np.random.default_rng(3)
+    for _, cell, sg in TARGETS:
+        target = TargetCell(as_unit_cell(cell), as_space_group(sg))
+        for _ in range(20):
+            u = Rotation.random(random_state=rng).as_matrix()
+            a = u @ reciprocal_basis(target.cell) @ (np.eye(3) + 2e-3 * rng.normal(size=(3, 3)))
+            own = cell_of_basis(a)
+            ops = point_group_rotations(target.space_group)
+            expected = []
+            for m in ops:
+                x = a @ m @ np.linalg.inv(reciprocal_basis(_setting_cell(own, m)))
+                w, _, vt = np.linalg.svd(x)
+                expected.append(np.trace(w @ vt))
+            got = _setting_traces(a, reciprocal_basis(own), ops)
+            np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
 def test_polishing_stop_is_exact() -> None:
     """Polishing stops once a round would repeat the last one's fit; three rounds in one call
     must equal three calls of one round each (which never stop early), bit for bit."""
