@@ -488,3 +488,31 @@ def test_params_are_validated() -> None:
         IndexParams(hkl_tolerance=0.7)
     with pytest.raises(ValueError, match="min_indexed"):
         IndexParams(min_indexed=2)
+
+
+def test_spots_near_a_lattice_are_judged_with_its_refined_distance() -> None:
+    """A frame recorded 1.5 mm further than the geometry says, refined with a distance shift:
+    its own spots lie on its predictions (its refined detector), so none of them may seed the
+    search for a further lattice; judged at the unshifted distance (as they were), 18 of the
+    first frame's 60 were near and the other 42 went on to the next search."""
+    from dataclasses import replace
+
+    from sfxflow.algorithms.index import _near_lattice
+    from sfxflow.algorithms.refine import RefineParams
+
+    target = TargetCell("79.1 79.1 38.0 90 90 90", "P 43 21 2")
+    params = IndexParams(refine=RefineParams(refine_cell=False, refine_distance=True))
+    rng = np.random.default_rng(11)
+    far = cspad(distance_mm=131.5)
+    n_near = n_spots = 0
+    for _ in range(5):
+        hit = simulated_hit(target, far, BEAM, 60, rng, false_fraction=0.0, noise_px=0.1)
+        res = index_spots(hit.spots, DETECTOR, BEAM, target, params)
+        assert res.success and abs(res.distance_shift_mm - 1.5) < 0.3
+        near = _near_lattice(res, hit.spots, DETECTOR, BEAM, params)
+        n_near += int(near.sum())
+        n_spots += len(hit.spots)
+        unshifted = _near_lattice(replace(res, distance_shift_mm=0.0), hit.spots, DETECTOR,
+                                  BEAM, params)
+        assert unshifted.sum() < near.sum()
+    assert n_near >= 0.98 * n_spots

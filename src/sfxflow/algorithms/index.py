@@ -1710,6 +1710,7 @@ def _near_lattice(res: IndexResult, spots: SpotTable, detector: Detector, beam: 
     hkl, _, exc = assign_hkl(res.crystal.a_matrix, rays, beam, params.refine.max_excitation_inv_a,
                              res.crystal.space_group)
     fs, ss = predict_positions_px(res.crystal.a_matrix, hkl, spots.panel, detector, beam,
+                                  distance_shift_mm=res.distance_shift_mm,
                                   detector_shift_mm=res.detector_shift_mm)
     with np.errstate(invalid="ignore"):
         near = np.hypot(fs - spots.fs_px, ss - spots.ss_px) <= params.refine.outlier_px
