@@ -12,6 +12,7 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -20,6 +21,7 @@ from sfxflow.algorithms.geometry import miller_indices, pixels_to_q
 from sfxflow.algorithms.index import (
     IndexParams,
     TargetCell,
+    _near_lattice,
     index_lattices,
     index_spots,
     misorientation_deg,
@@ -41,8 +43,11 @@ and the largest time per hit of every-lattice indexing (index_lattices, as the p
 with the default max_crystals and with 1 on the same hits (the cost of searching the spots the
 crystal leaves unexplained for another lattice), and the two-lattice recovery: each hit with a
 second crystal's N/3 spots added (no false ones), how often both crystals are found (within
-0.1 deg of the truth) with the default max_crystals. Before timing, every candidate table a
-search on the detector can ask for is built, as a long run has them cached.
+0.1 deg of the truth) with the default max_crystals; then the same cost on frames not
+simulated here, with their spots as the pipeline finds them (the 16 independent stills and
+the 2 real CSPAD CBFs in ../shared/data), and how many searches for a further lattice each
+set made. Before timing, every candidate table a search on the detector can ask for is
+built, as a long run has them cached.
 
 Examples:
   sfxflow bench index
@@ -208,7 +213,100 @@ def run(args: argparse.Namespace) -> int:
     if all_times:
         print(f"overall median {statistics.median(all_times):.2f} ms/frame/core "
               f"({1e3 / statistics.median(all_times):.0f} frames/s/core)")
+    if args.multi:
+        _print_multi_cost_real(params)
     return 0
+
+
+def _real_frames() -> list[tuple[str, list[tuple[Any, SpotTable]], TargetCell]]:
+    """The frames not simulated here, with their spots as the pipeline finds them: the 16
+    independent stills (pattern_sim) and the 2 real LCLS CSPAD CBFs (``CSPAD_CBF_SETTINGS``),
+    each set with its target; the sets ``../shared`` lacks are left out."""
+    from sfxflow.algorithms.spots import (
+        CSPAD_CBF_GAIN_ADU_PER_PHOTON,
+        CSPAD_CBF_SETTINGS,
+        SpotParams,
+        find_spots,
+    )
+    from sfxflow.benchmarks.shared import shared_path
+    from sfxflow.benchmarks.stills import load_stills, read_still, stills_config, stills_dir
+
+    sets = []
+    d = stills_dir()
+    if d is not None:
+        files, geometry, _ = load_stills(d)
+        cfg = stills_config()
+        frames = [read_still(p, geometry) for p in files]
+        sets.append((f"{len(frames)} independent stills", [
+            (f, find_spots(f, cfg.spots, gain_adu_per_photon=cfg.detector.gain_adu_per_photon))
+            for f in frames], cfg.target_cell()))
+    cbf_dir = shared_path("data/lcls-cspad-thermolysin")
+    cbfs = sorted(cbf_dir.glob("*.cbf")) if cbf_dir else []
+    if cbfs:
+        from sfxflow.io.sources import open_source
+
+        spot_params = replace(SpotParams(), **CSPAD_CBF_SETTINGS)
+        thermolysin = TargetCell(as_unit_cell("93 93 130.5 90 90 120"),
+                                 as_space_group("P 61 2 2"))
+        for path in cbfs:
+            with open_source(str(path)) as src:
+                frame = src.read_frame(0)
+            spots = find_spots(frame, spot_params,
+                               gain_adu_per_photon=CSPAD_CBF_GAIN_ADU_PER_PHOTON)
+            sets.append((f"CSPAD CBF {path.stem}", [(frame, spots)], thermolysin))
+    return sets
+
+
+def _print_multi_cost_real(params: IndexParams, repeats: int = 7) -> None:
+    """:func:`_print_multi_cost` on frames not simulated here: CPU ms per frame of
+    :func:`index_lattices` with ``params.max_crystals`` and with 1 (alternating, median of
+    ``repeats`` passes), the searches for a further lattice made (those that found none
+    included) and the lattices found."""
+    sets = _real_frames()
+    if not sets:
+        print("(no independent stills or real CBFs under ../shared: real-frame cost skipped)")
+        return
+    one = replace(params, max_crystals=1)
+    print(f"every lattice on frames not simulated here (max_crystals {params.max_crystals} "
+          "against 1, CPU ms per frame, median of {repeats} passes):".replace(
+              "{repeats}", str(repeats)))
+    for label, frames, target in sets:
+        times: dict[int, list[float]] = {params.max_crystals: [], 1: []}
+        lattices = searches = 0
+        for rep in range(repeats + 1):
+            for frame, spots in frames:
+                for p in (params, one):
+                    t0 = time.thread_time()
+                    found = index_lattices(spots, frame.detector, frame.beam, target, p)
+                    if rep:  # the first pass compiles and fills the caches
+                        times[p.max_crystals].append((time.thread_time() - t0) * 1e3)
+                    elif p is params:
+                        lattices += sum(r.success for r in found)
+                        searches += _further_searches(found, spots, frame, target, p)
+        many, single = times[params.max_crystals], times[1]
+        print(f"  {label:<34} {statistics.median(many):7.2f} against {statistics.median(single):7.2f}"
+              f" ms (+{statistics.median(many) - statistics.median(single):.2f}); "
+              f"{lattices} lattices, {searches} searches for a further one")
+
+
+def _further_searches(found: list[Any], spots: SpotTable, frame: Any, target: TargetCell,
+                      params: IndexParams) -> int:
+    """How many times :func:`index_lattices` searched the spots left for a further lattice:
+    once after each lattice found unless the lattices reached ``max_crystals`` or it stopped
+    for too few spots left (counted again here from its own rule)."""
+    n_ok = sum(r.success for r in found)
+    if n_ok == 0 or n_ok >= params.max_crystals:
+        return max(0, n_ok - 1) if n_ok else 0
+    explained = np.zeros(len(spots), bool)
+    for r in found:
+        if r.success:
+            explained |= r.indexed_mask
+    rest = np.flatnonzero(~explained)
+    last = [r for r in found if r.success][-1]
+    near = _near_lattice(last, spots.select(rest), frame.detector, frame.beam, params)
+    left = int((~near).sum())
+    too_few = max(params.min_spots, params.min_indexed)
+    return (n_ok - 1) + (left >= too_few)
 
 
 def _print_multi_cost(hits: list[SimulatedHit], detector: Detector, beam: Beam,
