@@ -162,3 +162,32 @@ def test_refine_profile_is_bounded_and_scaled_by_the_detection_bias():
     few = np.array([1e-4, np.nan, np.inf, 2e-4, 3e-4])
     fallback = PredictParams(min_spots=4, default_profile_radius_inv_a=2e-4)
     assert refine_profile(few, np.full(5, 0.3), beam, fallback).radius_inv_a == 2e-4
+
+
+def test_profile_radius_is_that_of_the_whole_grid_median() -> None:
+    """refine_profile's bisection against numpy's median of |ε|/σ(R) over all 97 radii at
+    once, interpolated at the first below the half-normal median: the same radius, bit for bit."""
+    from sfxflow.algorithms.predict import _HALF_NORMAL_MEDIAN, refine_profile
+
+    params = PredictParams()
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        n = int(rng.integers(params.min_spots, 150))
+        exc = np.abs(rng.normal(0, 10 ** rng.uniform(-5.5, -2.0), n))
+        q = rng.uniform(0.05, 0.6, n)
+        beam = Beam(wavelength_a=float(rng.uniform(0.8, 2.0)))
+        lo, hi = params.min_profile_radius_inv_a, params.max_profile_radius_inv_a
+        grid = np.geomspace(lo, hi, 97)
+        terms = ProfileModel.for_beam(0.0, beam).width_inv_a(q) ** 2
+        typical = np.median(exc[None, :] / np.sqrt(grid[:, None] ** 2 + terms[None, :]), axis=1)
+        if typical[0] <= _HALF_NORMAL_MEDIAN:
+            r = lo
+        elif typical[-1] >= _HALF_NORMAL_MEDIAN:
+            r = hi
+        else:
+            k = int(np.flatnonzero(typical < _HALF_NORMAL_MEDIAN)[0])
+            t0, t1 = typical[k - 1], typical[k]
+            frac = (t0 - _HALF_NORMAL_MEDIAN) / (t0 - t1) if t0 != t1 else 0.0
+            r = float(np.exp(np.log(grid[k - 1]) + frac * np.log(grid[k] / grid[k - 1])))
+        r = min(max(r * params.detection_bias, lo), hi)
+        assert refine_profile(exc, q, beam, params).radius_inv_a == r
