@@ -345,8 +345,9 @@ def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
         ang = math.acos(float(q[i] @ q[j]) / (q_len[i] * q_len[j]))
         cos_lo, cos_hi = math.cos(ang + 0.03), math.cos(ang - 0.03)
         rots, n_matched = _pair_top_candidates(table.qc_unit, table.half_idx, table.half_unit,
-                                               table.half_mate, rep, lo2, hi2, cos_lo, cos_hi,
-                                               q, int(i), int(j), b_inv, 0.3, 8)
+                                               table.half_unit32, table.half_mate, rep, lo2,
+                                               hi2, cos_lo, cos_hi, q, int(i), int(j), b_inv,
+                                               0.3, 8)
         # the reference: every matching index pair's rotation, scored in full
         cos = table.qc_unit[rep] @ table.qc_unit[lo2:hi2].T
         aa, bb = np.nonzero((cos >= cos_lo) & (cos <= cos_hi))

@@ -443,6 +443,7 @@ class _Table:
     # 2-3 µs): their unit vectors as rows x, y, z (3, n_half), and mate[half_idx]
     half_unit: np.ndarray
     half_mate: np.ndarray
+    half_unit32: np.ndarray  # half_unit in float32, for the pair step's first pass
 
 
 @functools.lru_cache(maxsize=32)
@@ -469,10 +470,12 @@ def _table_cached(cell_params: tuple, hm: str, d_min_a: float) -> _Table:
     half_idx, mate = _friedel_halves(hkl, code, qc_unit, q_len)
     half_unit = np.ascontiguousarray(qc_unit[half_idx].T)
     half_mate = mate[half_idx]
-    for arr in (hkl, qc, qc_unit, q_len, rep_idx, half_idx, mate, half_unit, half_mate):
+    half_unit32 = half_unit.astype(np.float32)
+    for arr in (hkl, qc, qc_unit, q_len, rep_idx, half_idx, mate, half_unit, half_mate,
+                half_unit32):
         arr.setflags(write=False)
     return _Table(hkl, qc, qc_unit, q_len, rep_idx, q_len[rep_idx], d_min_a, half_idx, mate,
-                  half_unit, half_mate)
+                  half_unit, half_mate, half_unit32)
 
 
 def _friedel_halves(hkl: np.ndarray, code: Callable[[np.ndarray], np.ndarray],
@@ -624,6 +627,10 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
 
 #: matched rotations of a pair step scored together (:func:`_pair_top_candidates`)
 _CHUNK = 256
+#: how far the pair step's float32 first pass widens the cosine band: its rounding is below
+#: 3e-7 (unit vectors rounded to 2^-24 each, three products and two sums); every entry it
+#: flags is tested again in float64, the test the band always had
+_MARGIN = 1e-5
 #: the lowest set bit of a uint64 ``x``: ``_BIT_OF[(x & -x) * _DE_BRUIJN >> _SHIFT]``
 _DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
 _SHIFT = np.uint64(58)
@@ -633,8 +640,9 @@ _BIT_OF[[((1 << b) * 0x03F79D71B4CB0A89 % 2**64) >> 58 for b in range(64)]] = np
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _pair_top_candidates(unit, half_idx, half_unit, half_mate, rep, lo2, hi2, cos_lo, cos_hi, q,
-                         i_obs, j_obs, b_inv, tol, n_keep):  # pragma: no cover - compiled
+def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep, lo2, hi2,
+                         cos_lo, cos_hi, q, i_obs, j_obs, b_inv, tol,
+                         n_keep):  # pragma: no cover - compiled
     """The raw rotations of one spot pair that :func:`index_q_candidates` polishes: the
     ``n_keep`` best by the number of spots they index (all three fractional indices within
     ``tol`` of integers; ties: the smaller sum of squared fractional errors, then the earlier
@@ -642,11 +650,11 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_mate, rep, lo2, hi2, co
 
     The candidates are the index pairs ``(rep[a], lo2 + b)`` whose angle's cosine lies in
     ``[cos_lo, cos_hi]``, in row order (the cosines of half the window computed:
-    ``half_idx``, ``half_unit``, ``half_mate``, :func:`_friedel_halves`); each gives the
-    rotation that carries the bisector frame of its two table vectors onto that of the observed
-    pair ``q[i_obs], q[j_obs]`` (:func:`_pair_frame`): ``U = T_obs T_latᵀ``, and with the spots
-    in the observed pair's frame (``q_obs = q T_obs``) the fractional indices are
-    ``B⁻¹ T_lat q_obs``.
+    ``half_idx``, ``half_unit`` (``half_unit32``), ``half_mate``, :func:`_friedel_halves`);
+    each gives the rotation that carries the bisector frame of its two table vectors onto that
+    of the observed pair ``q[i_obs], q[j_obs]`` (:func:`_pair_frame`): ``U = T_obs T_latᵀ``,
+    and with the spots in the observed pair's frame (``q_obs = q T_obs``) the fractional
+    indices are ``B⁻¹ T_lat q_obs``.
 
     The matches are gathered ``_CHUNK`` at a time and scored together, in loops without a
     branch on the outcome that the compiler vectorises across the rotations (4 doubles a step:
@@ -660,9 +668,12 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_mate, rep, lo2, hi2, co
     bound by the latency of each rotation's frame (two square roots, six divisions) and its
     branches. A row's matches are listed from its flag words by their set bits, the words with
     a match first listed without a branch. On the 99 pair steps of 58 leftover searches
-    (4342 matches, ~10^5 cosines a call) this took a call 0.32 -> 0.16 ms: the cosines
-    0.06 ms, listing 0.02, frames 0.02, scoring 0.04, choosing 0.02 (the 3x3 products by hand:
-    numba's matrix product costs 1 µs a call). The same kept rotations, to rounding.
+    (4342 matches, ~10^5 cosines a call) this took a call 0.32 -> 0.15 ms: the cosines
+    0.04 ms (float32 first pass), listing 0.03, frames 0.025, scoring 0.04, choosing 0.01
+    (the 3x3 products by hand: numba's matrix product costs 1 µs a call). The same kept
+    rotations, to rounding. Tried and not kept: the frames from per-table ``B⁻¹ u`` (two
+    divisions, not six, but other rounding) 0.003 ms; the frames gathering their vectors
+    (not vectorised) 0.03 ms slower.
 
     Returns ``(rotations (k, 3, 3), n_matched)``: the kept candidates best first and how many
     index pairs passed the angle test (each a raw rotation considered).
@@ -682,8 +693,9 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_mate, rep, lo2, hi2, co
     n_matched = 0
     # the cosines of one of each Friedel pair of the window only (``cos(u, -w) = -cos(u, w)``
     # exactly, :func:`_friedel_halves`), from the table's copies of their unit vectors as
-    # rows: a row of cosines computed apart from the tests (a loop the compiler vectorises),
-    # then its matches listed, either member of the pair
+    # rows: a row of cosines computed apart from the tests (a loop the compiler vectorises;
+    # in float32, 8 a step, with the band widened: 0.057 -> 0.037 ms a leftover call), then
+    # its matches listed, either member of the pair, each tested again in float64
     h_lo = np.searchsorted(half_idx, lo2)
     h_hi = np.searchsorted(half_idx, hi2)
     n_h = h_hi - h_lo
@@ -695,6 +707,12 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_mate, rep, lo2, hi2, co
     flags = np.zeros(8 * n_words, np.uint8)
     words = flags.view(np.uint64)
     lo_m, hi_m = -cos_hi, -cos_lo  # the band of cos(u, w) for which -w matches
+    # a first pass in float32 with the bands widened by far more than its rounding (3e-7)
+    gx = half_unit32[0, h_lo:h_hi]
+    gy = half_unit32[1, h_lo:h_hi]
+    gz = half_unit32[2, h_lo:h_hi]
+    lo32, hi32 = np.float32(cos_lo - _MARGIN), np.float32(cos_hi + _MARGIN)
+    lo_m32, hi_m32 = np.float32(lo_m - _MARGIN), np.float32(hi_m + _MARGIN)
     paired = np.empty(n_h, np.uint8)  # whether -w is in the window too
     for s in range(n_h):
         paired[s] = (hm[s] >= lo2) & (hm[s] < hi2)
@@ -721,10 +739,11 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_mate, rep, lo2, hi2, co
         if a < rep.size:
             r = rep[a]
             u0, u1, u2 = unit[r, 0], unit[r, 1], unit[r, 2]
-            for s in range(n_h):  # no branch: the compiler vectorises it
-                c = u0 * hx[s] + u1 * hy[s] + u2 * hz[s]
-                flags[s] = ((c >= cos_lo) & (c <= cos_hi)) | (
-                    (c >= lo_m) & (c <= hi_m) & paired[s]) << 1
+            v0, v1, v2 = np.float32(u0), np.float32(u1), np.float32(u2)
+            for s in range(n_h):  # no branch: the compiler vectorises it, 8 a step
+                c32 = v0 * gx[s] + v1 * gy[s] + v2 * gz[s]
+                flags[s] = ((c32 >= lo32) & (c32 <= hi32)) | (
+                    (c32 >= lo_m32) & (c32 <= hi_m32) & paired[s]) << 1
             # the words with a match (a fifth of them), listed without a branch
             n_nz = 0
             for w in range(n_words):
@@ -739,19 +758,22 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_mate, rep, lo2, hi2, co
                     low = x & (~x + _ONE)
                     x ^= low
                     bit = _BIT_OF[(low * _DE_BRUIJN) >> _SHIFT]
-                    buf_s[n_buf] = 8 * w + (bit >> 3)
-                    buf_neg[n_buf] = bit & 1
-                    n_buf += 1
+                    s = 8 * w + (bit >> 3)
+                    neg = bit & 1
+                    w0, w1, w2 = hx[s], hy[s], hz[s]
+                    c = u0 * w0 + u1 * w1 + u2 * w2  # the test in float64
+                    sign = 1.0 - 2.0 * neg  # -w exactly for a mate (its unit vector)
+                    buf_s[n_buf] = s
+                    buf_neg[n_buf] = neg
+                    wx[n_buf], wy[n_buf], wz[n_buf] = w0 * sign, w1 * sign, w2 * sign
+                    n_buf += ((neg == 0) & (c >= cos_lo) & (c <= cos_hi)) | (
+                        (neg == 1) & (c >= lo_m) & (c <= hi_m))
                     if x == 0:
                         break
             buf_a[start:n_buf] = a
             ux[start:n_buf] = u0
             uy[start:n_buf] = u1
             uz[start:n_buf] = u2
-            for k in range(start, n_buf):  # -w exactly for a mate (its unit vector)
-                s = buf_s[k]
-                sign = 1.0 - 2.0 * buf_neg[k]
-                wx[k], wy[k], wz[k] = hx[s] * sign, hy[s] * sign, hz[s] * sign
             n_matched += n_buf - start
             if n_buf < _CHUNK:
                 continue
@@ -1061,8 +1083,9 @@ def index_q_candidates(
         cos_hi = math.cos(max(0.0, obs_ang - tol))
         cos_lo = math.cos(min(math.pi, obs_ang + tol))
         top_rots, n_matched = _pair_top_candidates(
-            table.qc_unit, table.half_idx, table.half_unit, table.half_mate, rep, lo2, hi2,
-            cos_lo, cos_hi, q, i, j, b_inv, params.hkl_tolerance, params.n_polish_per_pair)
+            table.qc_unit, table.half_idx, table.half_unit, table.half_unit32, table.half_mate,
+            rep, lo2, hi2, cos_lo, cos_hi, q, i, j, b_inv, params.hkl_tolerance,
+            params.n_polish_per_pair)
         n_tested += n_matched
         if top_rots.shape[0] == 0:
             continue
