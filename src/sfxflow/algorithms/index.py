@@ -13,10 +13,10 @@ Method (pair-vector matching with a known cell, the idea of TakeTwo / TORO):
    tolerance grows with the expected excitation error, which tilts a low-resolution ``q`` the
    most. Each surviving pair gives a rotation (two-vector alignment).
 4. Every rotation is scored, in one compiled step per pair with the angle test
-   (:func:`_pair_top_candidates`), by the number of spots whose fractional Miller indices lie
-   within ``hkl_tolerance`` of integers; the ``n_polish_per_pair`` best of the pair go on (a
-   rotation is dropped once its misses keep it below them). The search stops early when a
-   candidate indexes ``early_exit_fraction`` of the spots.
+   (:func:`_pair_top_candidates`, a few hundred rotations at a time), by the number of spots
+   whose fractional Miller indices lie within ``hkl_tolerance`` of integers; the
+   ``n_polish_per_pair`` best of the pair go on. The search stops early when a candidate
+   indexes ``early_exit_fraction`` of the spots.
 5. The best distinct candidates are polished (Kabsch fit of ``U B h`` to ``q``) and refined in
    pixel space by :func:`sfxflow.algorithms.refine.refine_still` (orientation, cell within the
    lattice constraints, optionally the distance), with Miller indices re-assigned along each
