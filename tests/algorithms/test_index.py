@@ -389,8 +389,10 @@ def test_polishing_stop_is_exact() -> None:
 
 
 def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
-    """The compiled pair step drops a raw rotation once its misses keep it below the kept
-    ones; what it keeps must be what scoring every rotation in full (numpy) keeps, in order."""
+    """The compiled pair step lists the matches from a float32 first pass of the cosines and
+    compares one by one only the rotations that a chunk's counts leave in reach of the kept
+    ones; what it keeps must be what scoring every rotation in full (numpy) keeps, in order,
+    and its matches those of the float64 angle test."""
     from sfxflow.algorithms.index import _pair_top_candidates
 
     target = TargetCell(TARGETS["P 1"], "P 1")
@@ -415,9 +417,10 @@ def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
         rep = table.rep_idx[(table.rep_idx >= lo1) & (table.rep_idx < hi1)]
         ang = math.acos(float(q[i] @ q[j]) / (q_len[i] * q_len[j]))
         cos_lo, cos_hi = math.cos(ang + 0.03), math.cos(ang - 0.03)
-        rots, n_matched = _pair_top_candidates(table.qc_unit, table.half_idx, table.mate, rep,
-                                               lo2, hi2, cos_lo, cos_hi, q, int(i), int(j),
-                                               b_inv, 0.3, 8)
+        rots, n_matched = _pair_top_candidates(table.qc_unit, table.half_idx, table.half_unit,
+                                               table.half_unit32, table.half_mate, rep, lo2,
+                                               hi2, cos_lo, cos_hi, q, int(i), int(j), b_inv,
+                                               0.3, 8)
         # the reference: every matching index pair's rotation, scored in full
         cos = table.qc_unit[rep] @ table.qc_unit[lo2:hi2].T
         aa, bb = np.nonzero((cos >= cos_lo) & (cos <= cos_hi))

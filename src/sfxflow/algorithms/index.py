@@ -13,10 +13,10 @@ Method (pair-vector matching with a known cell, the idea of TakeTwo / TORO):
    tolerance grows with the expected excitation error, which tilts a low-resolution ``q`` the
    most. Each surviving pair gives a rotation (two-vector alignment).
 4. Every rotation is scored, in one compiled step per pair with the angle test
-   (:func:`_pair_top_candidates`), by the number of spots whose fractional Miller indices lie
-   within ``hkl_tolerance`` of integers; the ``n_polish_per_pair`` best of the pair go on (a
-   rotation is dropped once its misses keep it below them). The search stops early when a
-   candidate indexes ``early_exit_fraction`` of the spots.
+   (:func:`_pair_top_candidates`, a few hundred rotations at a time), by the number of spots
+   whose fractional Miller indices lie within ``hkl_tolerance`` of integers; the
+   ``n_polish_per_pair`` best of the pair go on. The search stops early when a candidate
+   indexes ``early_exit_fraction`` of the spots.
 5. The best distinct candidates are polished (Kabsch fit of ``U B h`` to ``q``) and refined in
    pixel space by :func:`sfxflow.algorithms.refine.refine_still` (orientation, cell within the
    lattice constraints, optionally the distance), with Miller indices re-assigned along each
@@ -484,6 +484,12 @@ class _Table:
     # without such a mate; ascending. mate: the index of -h for those, -1 for the others
     half_idx: np.ndarray
     mate: np.ndarray
+    # what the pair step reads of those in a window, contiguous (gathering them, with the
+    # dispatch of a call included, cost 4.5 µs a leftover-search call): their unit vectors
+    # as rows x, y, z (3, n_half), and mate[half_idx]
+    half_unit: np.ndarray
+    half_mate: np.ndarray
+    half_unit32: np.ndarray  # half_unit in float32, for the pair step's first pass
 
 
 @functools.lru_cache(maxsize=32)
@@ -508,9 +514,14 @@ def _table_cached(cell_params: tuple, hm: str, d_min_a: float) -> _Table:
     rep_idx = np.flatnonzero(code(hkl) == orbit_codes.max(axis=0))
     qc_unit = qc / q_len[:, None]
     half_idx, mate = _friedel_halves(hkl, code, qc_unit, q_len)
-    for arr in (hkl, qc, qc_unit, q_len, rep_idx, half_idx, mate):
+    half_unit = np.ascontiguousarray(qc_unit[half_idx].T)
+    half_mate = mate[half_idx]
+    half_unit32 = half_unit.astype(np.float32)
+    for arr in (hkl, qc, qc_unit, q_len, rep_idx, half_idx, mate, half_unit, half_mate,
+                half_unit32):
         arr.setflags(write=False)
-    return _Table(hkl, qc, qc_unit, q_len, rep_idx, q_len[rep_idx], d_min_a, half_idx, mate)
+    return _Table(hkl, qc, qc_unit, q_len, rep_idx, q_len[rep_idx], d_min_a, half_idx, mate,
+                  half_unit, half_mate, half_unit32)
 
 
 def _friedel_halves(hkl: np.ndarray, code: Callable[[np.ndarray], np.ndarray],
@@ -698,22 +709,55 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
     return out, counts, err
 
 
-@njit(cache=True, nogil=True)
-def _pair_top_candidates(unit, half_idx, mate, rep, lo2, hi2, cos_lo, cos_hi, q, i_obs, j_obs,
-                         b_inv, tol, n_keep):  # pragma: no cover - compiled
+#: matched rotations of a pair step scored together (:func:`_pair_top_candidates`)
+_CHUNK = 256
+#: how far the pair step's float32 first pass widens the cosine band: its rounding is below
+#: 3e-7 (unit vectors rounded to 2^-24 each, three products and two sums); every entry it
+#: flags is tested again in float64, the test the band always had
+_MARGIN = 1e-5
+#: the lowest set bit of a uint64 ``x``: ``_BIT_OF[(x & -x) * _DE_BRUIJN >> _SHIFT]``
+_DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
+_SHIFT = np.uint64(58)
+_ONE = np.uint64(1)
+_BIT_OF = np.zeros(64, np.int64)
+_BIT_OF[[((1 << b) * 0x03F79D71B4CB0A89 % 2**64) >> 58 for b in range(64)]] = np.arange(64)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep, lo2, hi2,
+                         cos_lo, cos_hi, q, i_obs, j_obs, b_inv, tol,
+                         n_keep):  # pragma: no cover - compiled
     """The raw rotations of one spot pair that :func:`index_q_candidates` polishes: the
     ``n_keep`` best by the number of spots they index (all three fractional indices within
     ``tol`` of integers; ties: the smaller sum of squared fractional errors, then the earlier
     candidate), among those indexing at least 3.
 
     The candidates are the index pairs ``(rep[a], lo2 + b)`` whose angle's cosine lies in
-    ``[cos_lo, cos_hi]``, in row order (the cosines of half the window computed: ``half_idx``,
-    ``mate``, :func:`_friedel_halves`); each gives the rotation that carries the bisector
-    frame of its two table vectors onto that of the observed pair ``q[i_obs], q[j_obs]``
-    (:func:`_pair_frame`): ``U = T_obs T_latᵀ``, and with the spots in the observed pair's
-    frame (``q_obs = q T_obs``) the fractional indices are ``B⁻¹ T_lat q_obs``. A candidate is dropped as soon as the spots it has missed leave it
-    unable to reach the count of the ``n_keep``-th best so far (or 3): it could not be kept,
-    so the ones kept are exactly those a full scoring of every candidate would keep.
+    ``[cos_lo, cos_hi]``, in row order (the cosines of half the window computed:
+    ``half_idx``, ``half_unit`` (``half_unit32``), ``half_mate``, :func:`_friedel_halves`);
+    each gives the rotation that carries the bisector frame of its two table vectors onto that
+    of the observed pair ``q[i_obs], q[j_obs]`` (:func:`_pair_frame`): ``U = T_obs T_latᵀ``,
+    and with the spots in the observed pair's frame (``q_obs = q T_obs``) the fractional
+    indices are ``B⁻¹ T_lat q_obs``.
+
+    The matches are gathered ``_CHUNK`` at a time and scored together, in loops without a
+    branch on the outcome that the compiler vectorises across the rotations (4 doubles a step:
+    LLVM keeps to 256-bit vectors here): their frames and ``B⁻¹ T_lat``, then every spot
+    against all of them; then the kept ones are chosen with the full order (count, error,
+    ``a``, ``b``), so the matches of a row need not be put back in window order, and only the
+    few that the chunk's counts leave in reach of the kept ones (a histogram of the counts:
+    5 % of them on a leftover search) are compared one by one. Each rotation is scored on
+    every spot: the old loop, one rotation at a time and dropping it as soon as its misses kept
+    it below the ``n_keep``-th best, scored 3-4 of the 8-9 spots of a leftover search but was
+    bound by the latency of each rotation's frame (two square roots, six divisions) and its
+    branches. A row's matches are listed from its flag words by their set bits, the words with
+    a match first listed without a branch. On the 99 pair steps of 58 leftover searches
+    (4342 matches, ~10^5 cosines a call) this took a call 0.32 -> 0.15 ms: the cosines
+    0.04 ms (float32 first pass), listing 0.03, frames 0.025, scoring 0.04, choosing 0.01
+    (the 3x3 products by hand: numba's matrix product costs 1 µs a call). The same kept
+    rotations, to rounding. Tried and not kept: the frames from per-table ``B⁻¹ u`` (two
+    divisions, not six, but other rounding) 0.003 ms; the frames gathering their vectors
+    (not vectorised) 0.03 ms slower.
 
     Returns ``(rotations (k, 3, 3), n_matched)``: the kept candidates best first and how many
     index pairs passed the angle test (each a raw rotation considered).
@@ -731,116 +775,182 @@ def _pair_top_candidates(unit, half_idx, mate, rep, lo2, hi2, cos_lo, cos_hi, q,
     keep_e = np.empty(n_keep)
     n_kept = 0
     n_matched = 0
-    wx = np.ascontiguousarray(unit[lo2:hi2, 0])
-    wy = np.ascontiguousarray(unit[lo2:hi2, 1])
-    wz = np.ascontiguousarray(unit[lo2:hi2, 2])
     # the cosines of one of each Friedel pair of the window only (``cos(u, -w) = -cos(u, w)``
-    # exactly, :func:`_friedel_halves`): its unit vectors as columns, a row of cosines computed
-    # apart from the tests (a loop the compiler vectorises), then the matches of the row
-    # listed, either member of the pair, and put back in window order (the order ties follow)
+    # exactly, :func:`_friedel_halves`), from the table's copies of their unit vectors as
+    # rows: a row of cosines computed apart from the tests (a loop the compiler vectorises;
+    # in float32, 8 a step, with the band widened: 0.057 -> 0.037 ms a leftover call), then
+    # its matches listed, either member of the pair, each tested again in float64
     h_lo = np.searchsorted(half_idx, lo2)
     h_hi = np.searchsorted(half_idx, hi2)
     n_h = h_hi - h_lo
+    hx = half_unit[0, h_lo:h_hi]
+    hy = half_unit[1, h_lo:h_hi]
+    hz = half_unit[2, h_lo:h_hi]
+    hm = half_mate[h_lo:h_hi]
     n_words = (n_h + 7) // 8
-    hx = np.zeros(8 * n_words)
-    hy = np.zeros(8 * n_words)
-    hz = np.zeros(8 * n_words)
-    t_plus = np.zeros(8 * n_words, np.int64)
-    t_minus = np.zeros(8 * n_words, np.int64)
-    paired = np.zeros(8 * n_words, np.bool_)
-    for s in range(n_h):
-        p = half_idx[h_lo + s]
-        hx[s], hy[s], hz[s] = unit[p, 0], unit[p, 1], unit[p, 2]
-        t_plus[s] = p - lo2
-        paired[s] = lo2 <= mate[p] < hi2
-        t_minus[s] = mate[p] - lo2
     flags = np.zeros(8 * n_words, np.uint8)
     words = flags.view(np.uint64)
     lo_m, hi_m = -cos_hi, -cos_lo  # the band of cos(u, w) for which -w matches
-    matched = np.empty(2 * n_h + 1, np.int64)
-    bi = b_inv
-    for a in range(rep.size):
-        r = rep[a]
-        u0, u1, u2 = unit[r, 0], unit[r, 1], unit[r, 2]
-        for s in range(n_h):  # no branch: the compiler vectorises it
-            c = u0 * hx[s] + u1 * hy[s] + u2 * hz[s]
-            flags[s] = ((c >= cos_lo) & (c <= cos_hi)) | (
-                ((c >= lo_m) & (c <= hi_m) & paired[s]) << 1)
-        n_row = 0
-        for w in range(n_words):  # eight flags at a time: most are all clear
-            if words[w] == 0:
+    # a first pass in float32 with the bands widened by far more than its rounding (3e-7)
+    gx = half_unit32[0, h_lo:h_hi]
+    gy = half_unit32[1, h_lo:h_hi]
+    gz = half_unit32[2, h_lo:h_hi]
+    lo32, hi32 = np.float32(cos_lo - _MARGIN), np.float32(cos_hi + _MARGIN)
+    lo_m32, hi_m32 = np.float32(lo_m - _MARGIN), np.float32(hi_m + _MARGIN)
+    paired = np.empty(n_h, np.uint8)  # whether -w is in the window too
+    for s in range(n_h):
+        paired[s] = (hm[s] >= lo2) & (hm[s] < hi2)
+    nz_w = np.empty(n_words, np.int64)
+    nz_x = np.empty(n_words, np.uint64)
+    cap = _CHUNK + 2 * n_h + 1
+    buf_a = np.empty(cap, np.int64)  # each match: its row,
+    buf_s = np.empty(cap, np.int64)  # its entry of the half window,
+    buf_neg = np.empty(cap, np.bool_)  # whether its mate
+    vec = np.empty((6, cap))  # u, w of each match
+    ux, uy, uz, wx, wy, wz = vec[0], vec[1], vec[2], vec[3], vec[4], vec[5]
+    mat = np.empty((9, cap))  # B⁻¹ T_lat of each match, row-major
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = (mat[0], mat[1], mat[2], mat[3], mat[4],
+                                                   mat[5], mat[6], mat[7], mat[8])
+    count = np.empty(cap, np.int64)
+    can = np.empty(cap, np.int64)
+    hist = np.empty(n + 1, np.int64)
+    err = np.empty(cap)
+    bi00, bi01, bi02 = b_inv[0, 0], b_inv[0, 1], b_inv[0, 2]
+    bi10, bi11, bi12 = b_inv[1, 0], b_inv[1, 1], b_inv[1, 2]
+    bi20, bi21, bi22 = b_inv[2, 0], b_inv[2, 1], b_inv[2, 2]
+    n_buf = 0
+    for a in range(rep.size + 1):
+        if a < rep.size:
+            r = rep[a]
+            u0, u1, u2 = unit[r, 0], unit[r, 1], unit[r, 2]
+            v0, v1, v2 = np.float32(u0), np.float32(u1), np.float32(u2)
+            for s in range(n_h):  # no branch: the compiler vectorises it, 8 a step
+                c32 = v0 * gx[s] + v1 * gy[s] + v2 * gz[s]
+                flags[s] = ((c32 >= lo32) & (c32 <= hi32)) | (
+                    (c32 >= lo_m32) & (c32 <= hi_m32) & paired[s]) << 1
+            # the words with a match (a fifth of them), listed without a branch
+            n_nz = 0
+            for w in range(n_words):
+                x = words[w]
+                nz_w[n_nz] = w
+                nz_x[n_nz] = x
+                n_nz += x != 0
+            start = n_buf
+            for v in range(n_nz):  # each set bit: 8 s + 0 (``w``) or 8 s + 1 (``-w``)
+                x, w = nz_x[v], nz_w[v]
+                while True:  # mostly one match a word: the exit is predicted
+                    low = x & (~x + _ONE)
+                    x ^= low
+                    bit = _BIT_OF[(low * _DE_BRUIJN) >> _SHIFT]
+                    s = 8 * w + (bit >> 3)
+                    neg = bit & 1
+                    w0, w1, w2 = hx[s], hy[s], hz[s]
+                    c = u0 * w0 + u1 * w1 + u2 * w2  # the test in float64
+                    sign = 1.0 - 2.0 * neg  # -w exactly for a mate (its unit vector)
+                    buf_s[n_buf] = s
+                    buf_neg[n_buf] = neg
+                    wx[n_buf], wy[n_buf], wz[n_buf] = w0 * sign, w1 * sign, w2 * sign
+                    n_buf += ((neg == 0) & (c >= cos_lo) & (c <= cos_hi)) | (
+                        (neg == 1) & (c >= lo_m) & (c <= hi_m))
+                    if x == 0:
+                        break
+            buf_a[start:n_buf] = a
+            ux[start:n_buf] = u0
+            uy[start:n_buf] = u1
+            uz[start:n_buf] = u2
+            n_matched += n_buf - start
+            if n_buf < _CHUNK:
                 continue
-            for s in range(8 * w, 8 * w + 8):
-                f = flags[s]
-                matched[n_row] = t_plus[s]
-                n_row += f & 1
-                matched[n_row] = t_minus[s]
-                n_row += f >> 1
-        for k in range(1, n_row):  # a few matches a row: insertion sort
-            v = matched[k]
-            pos = k
-            while pos > 0 and matched[pos - 1] > v:
-                matched[pos] = matched[pos - 1]
-                pos -= 1
-            matched[pos] = v
-        n_matched += n_row
-        for m_i in range(n_row):
-            t = matched[m_i]
-            x0, x1, x2, y0, y1, y2, z0, z1, z2 = _pair_frame(u0, u1, u2, wx[t], wy[t], wz[t])
-            # fractional indices of a spot p (observed pair's frame): B⁻¹ (x p0 + y p1 + z p2)
-            m00 = bi[0, 0] * x0 + bi[0, 1] * x1 + bi[0, 2] * x2
-            m01 = bi[0, 0] * y0 + bi[0, 1] * y1 + bi[0, 2] * y2
-            m02 = bi[0, 0] * z0 + bi[0, 1] * z1 + bi[0, 2] * z2
-            m10 = bi[1, 0] * x0 + bi[1, 1] * x1 + bi[1, 2] * x2
-            m11 = bi[1, 0] * y0 + bi[1, 1] * y1 + bi[1, 2] * y2
-            m12 = bi[1, 0] * z0 + bi[1, 1] * z1 + bi[1, 2] * z2
-            m20 = bi[2, 0] * x0 + bi[2, 1] * x1 + bi[2, 2] * x2
-            m21 = bi[2, 0] * y0 + bi[2, 1] * y1 + bi[2, 2] * y2
-            m22 = bi[2, 0] * z0 + bi[2, 1] * z1 + bi[2, 2] * z2
-            need = 3
-            if n_kept == n_keep:
-                need = max(3, keep_c[n_keep - 1])
-            count = 0
-            err = 0.0
-            for i in range(n):
-                if count + (n - i) < need:
-                    break  # cannot be kept any more
-                # every component and no branch on the outcome: hit or miss is a coin toss
-                # for a wrong rotation, and a branch on it cost 70 ns a rotation
-                p0, p1, p2 = q_obs[i, 0], q_obs[i, 1], q_obs[i, 2]
-                f0 = m00 * p0 + m01 * p1 + m02 * p2
-                f1 = m10 * p0 + m11 * p1 + m12 * p2
-                f2 = m20 * p0 + m21 * p1 + m22 * p2
+        if n_buf == 0:
+            continue
+        # fractional indices of a spot p (observed pair's frame): B⁻¹ (x p0 + y p1 + z p2)
+        for k in range(n_buf):  # vectorised (b_inv's entries held apart: stores could alias)
+            x0, x1, x2, y0, y1, y2, z0, z1, z2 = _pair_frame(ux[k], uy[k], uz[k],
+                                                             wx[k], wy[k], wz[k])
+            m00[k] = bi00 * x0 + bi01 * x1 + bi02 * x2
+            m01[k] = bi00 * y0 + bi01 * y1 + bi02 * y2
+            m02[k] = bi00 * z0 + bi01 * z1 + bi02 * z2
+            m10[k] = bi10 * x0 + bi11 * x1 + bi12 * x2
+            m11[k] = bi10 * y0 + bi11 * y1 + bi12 * y2
+            m12[k] = bi10 * z0 + bi11 * z1 + bi12 * z2
+            m20[k] = bi20 * x0 + bi21 * x1 + bi22 * x2
+            m21[k] = bi20 * y0 + bi21 * y1 + bi22 * y2
+            m22[k] = bi20 * z0 + bi21 * z1 + bi22 * z2
+        count[:n_buf] = 0
+        err[:n_buf] = 0.0
+        for i in range(n):
+            p0, p1, p2 = q_obs[i, 0], q_obs[i, 1], q_obs[i, 2]
+            for k in range(n_buf):  # every component and no branch: the compiler vectorises it
+                f0 = m00[k] * p0 + m01[k] * p1 + m02[k] * p2
+                f1 = m10[k] * p0 + m11[k] * p1 + m12[k] * p2
+                f2 = m20[k] * p0 + m21[k] * p1 + m22[k] * p2
                 worst = max(abs(f0 - np.rint(f0)), abs(f1 - np.rint(f1)), abs(f2 - np.rint(f2)))
                 hit = worst <= tol
-                count += hit
-                err += hit * (worst * worst)
-            if count < need:
+                count[k] += hit
+                err[k] += hit * (worst * worst)
+        # the matches that could be kept by the last kept one so far (it only gets better),
+        # listed without a branch; then each of them in order
+        c_l, e_l = 3, np.inf
+        if n_kept == n_keep:
+            c_l, e_l = max(3, keep_c[n_keep - 1]), keep_e[n_keep - 1]
+        # and at least the count that n_keep of these and the kept ones reach
+        hist[:] = 0
+        for k in range(n_buf):
+            hist[count[k]] += 1
+        for k in range(n_kept):
+            hist[keep_c[k]] += 1
+        c_t, n_above = n, hist[n]
+        while n_above < n_keep and c_t > c_l:
+            c_t -= 1
+            n_above += hist[c_t]
+        if c_t > c_l:
+            c_l, e_l = c_t, np.inf
+        n_can = 0
+        for k in range(n_buf):
+            can[n_can] = k
+            n_can += (count[k] > c_l) | ((count[k] == c_l) & (err[k] <= e_l))
+        for v in range(n_can):
+            k = can[v]
+            c_k, e_k = count[k], err[k]
+            if n_kept == n_keep:
+                c_l, e_l = keep_c[n_keep - 1], keep_e[n_keep - 1]
+                if (c_k < c_l) | ((c_k == c_l) & (e_k > e_l)):
+                    continue
+            a_k, s = buf_a[k], buf_s[k]
+            b_k = (hm[s] if buf_neg[k] else half_idx[h_lo + s]) - lo2
+            if n_kept == n_keep and c_k == c_l and e_k == e_l and (
+                    a_k > keep_a[n_keep - 1] or (a_k == keep_a[n_keep - 1]
+                                                 and b_k > keep_b[n_keep - 1])):
                 continue
-            if n_kept == n_keep and (count < keep_c[n_keep - 1] or (
-                    count == keep_c[n_keep - 1] and err >= keep_e[n_keep - 1])):
-                continue
-            # insert after every kept candidate that is at least as good (earlier ones win ties)
+            # insert after every kept candidate that is better (more spots, less error, earlier)
             pos = n_kept if n_kept < n_keep else n_keep - 1
-            while pos > 0 and (keep_c[pos - 1] < count or (
-                    keep_c[pos - 1] == count and keep_e[pos - 1] > err)):
+            while pos > 0:
+                c_l, e_l = keep_c[pos - 1], keep_e[pos - 1]
+                if c_l > c_k or (c_l == c_k and (e_l < e_k or (e_l == e_k and (
+                        keep_a[pos - 1] < a_k or (keep_a[pos - 1] == a_k
+                                                  and keep_b[pos - 1] < b_k))))):
+                    break
                 keep_a[pos] = keep_a[pos - 1]
                 keep_b[pos] = keep_b[pos - 1]
                 keep_c[pos] = keep_c[pos - 1]
                 keep_e[pos] = keep_e[pos - 1]
                 pos -= 1
-            keep_a[pos] = a
-            keep_b[pos] = t
-            keep_c[pos] = count
-            keep_e[pos] = err
+            keep_a[pos] = a_k
+            keep_b[pos] = b_k
+            keep_c[pos] = c_k
+            keep_e[pos] = e_k
             if n_kept < n_keep:
                 n_kept += 1
+        n_buf = 0
     rots = np.empty((n_kept, 3, 3))
-    for k in range(n_kept):
-        r, t = rep[keep_a[k]], keep_b[k]
-        t_lat = np.array(_pair_frame(unit[r, 0], unit[r, 1], unit[r, 2], wx[t], wy[t], wz[t])
-                         ).reshape(3, 3)  # rows e1, e2, e3: T_latᵀ
-        rots[k] = t_obs @ t_lat
+    for k in range(n_kept):  # U = T_obs T_latᵀ (numba's matrix product of 3x3 costs 1 µs)
+        r, t = rep[keep_a[k]], lo2 + keep_b[k]
+        t_lat = _pair_frame(unit[r, 0], unit[r, 1], unit[r, 2],
+                            unit[t, 0], unit[t, 1], unit[t, 2])  # rows e1, e2, e3: T_latᵀ
+        for i in range(3):
+            for j in range(3):
+                rots[k, i, j] = (t_obs[i, 0] * t_lat[j] + t_obs[i, 1] * t_lat[3 + j]
+                                 + t_obs[i, 2] * t_lat[6 + j])
     return rots, n_matched
 
 
@@ -1094,8 +1204,9 @@ def index_q_candidates(
         cos_hi = math.cos(max(0.0, obs_ang - tol))
         cos_lo = math.cos(min(math.pi, obs_ang + tol))
         top_rots, n_matched = _pair_top_candidates(
-            table.qc_unit, table.half_idx, table.mate, rep, lo2, hi2, cos_lo, cos_hi, q, i, j,
-            b_inv, params.hkl_tolerance, params.n_polish_per_pair)
+            table.qc_unit, table.half_idx, table.half_unit, table.half_unit32, table.half_mate,
+            rep, lo2, hi2, cos_lo, cos_hi, q, i, j, b_inv, params.hkl_tolerance,
+            params.n_polish_per_pair)
         n_tested += n_matched
         if top_rots.shape[0] == 0:
             continue
