@@ -326,20 +326,21 @@ def _inverse3(a, out):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True, error_model="numpy")
 def _assign_rays(a, a_inv, dirs, s0, k0, offsets, max_exc, cen, rot, tran, check_absent,
                  hkl, ang, exc):  # pragma: no cover - compiled
-    """:func:`assign_hkl` into ``hkl`` (n, 3), ``ang``, ``exc``: per ray, the candidates in
-    the order of ``offsets``, the first of the smallest angle winning (``np.argmin``'s
-    choice, a NaN angle first of all); the first candidate with angle inf when none is
-    admissible. A candidate equal to the one before has its angle, so cannot win; the
-    absence test runs only on a candidate that would win."""
+    """:func:`assign_hkl` into ``hkl`` (n, 3), ``ang``, ``exc``: per ray, of the candidates
+    in the order of ``offsets``, the first of the smallest angle wins (``np.argmin``'s choice,
+    a NaN angle first of all); the first candidate, with angle inf, when none is admissible.
+    A candidate equal to the one before has its angle, so cannot win and is skipped; the
+    absence test runs on the would-be winner only, then on the next best if it is absent
+    (about once per ray: testing every improving candidate was two thirds of the time)."""
+    n_t = offsets.size
+    ch = np.empty((n_t, 3), dtype=np.int64)
+    ce = np.empty(n_t)
+    cg = np.empty(n_t)
     for i in range(dirs.shape[0]):
         dx, dy, dz = dirs[i, 0], dirs[i, 1], dirs[i, 2]
-        best_ang = math.inf
-        found = False
-        nan_won = False
-        bh = bk = bl = 0
-        be = math.nan
+        n_c = 0
         ph = pk = pl = 0
-        for t in range(offsets.size):
+        for t in range(n_t):
             kk = k0 + offsets[t]
             qx = kk * dx - s0[0]
             qy = kk * dy - s0[1]
@@ -355,23 +356,36 @@ def _assign_rays(a, a_inv, dirs, s0, k0, offsets, max_exc, cen, rot, tran, check
             kz = a[2, 0] * h + a[2, 1] * k + a[2, 2] * l + s0[2]
             k_len = math.sqrt(kx * kx + ky * ky + kz * kz)
             e = k_len - k0
-            if t == 0:
-                bh, bk, bl, be = h, k, l, e
-            if nan_won or (h == 0 and k == 0 and l == 0) or abs(e) > 2.0 * max_exc:
+            if t == 0:  # the answer when no candidate is admissible
+                hkl[i, 0], hkl[i, 1], hkl[i, 2] = h, k, l
+                ang[i] = math.inf
+                exc[i] = e
+            if (h == 0 and k == 0 and l == 0) or abs(e) > 2.0 * max_exc:
                 continue
             c = (kx * dx + ky * dy + kz * dz) / k_len
-            g = math.acos(min(max(c, -1.0), 1.0)) if c == c else math.nan
-            if g == g and not g < best_ang:
-                continue
-            if check_absent and _is_absent(h, k, l, cen, rot, tran):
-                continue
-            bh, bk, bl, be = h, k, l, e
-            best_ang = g
-            found = True
-            nan_won = g != g
-        hkl[i, 0], hkl[i, 1], hkl[i, 2] = bh, bk, bl
-        ang[i] = best_ang if found else math.inf
-        exc[i] = be
+            ch[n_c, 0], ch[n_c, 1], ch[n_c, 2] = h, k, l
+            ce[n_c] = e
+            cg[n_c] = math.acos(min(max(c, -1.0), 1.0)) if c == c else math.nan
+            n_c += 1
+        while n_c > 0:
+            best = 0
+            for c in range(n_c):
+                if cg[c] != cg[c]:
+                    best = c
+                    break
+                if cg[c] < cg[best]:
+                    best = c
+            if not (check_absent and _is_absent(ch[best, 0], ch[best, 1], ch[best, 2], cen,
+                                                rot, tran)):
+                hkl[i, 0], hkl[i, 1], hkl[i, 2] = ch[best, 0], ch[best, 1], ch[best, 2]
+                ang[i] = cg[best]
+                exc[i] = ce[best]
+                break
+            for c in range(best, n_c - 1):  # drop the absent one, keeping the order
+                ch[c] = ch[c + 1]
+                ce[c] = ce[c + 1]
+                cg[c] = cg[c + 1]
+            n_c -= 1
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -871,6 +885,44 @@ def _fit_still(x0, lower, upper, f_scale, model, n_res, max_iterations, ftol, xt
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _fit_spots(x0, lower, upper, f_scale, u0, cell6, cell_idx, i_dist, i_xy, sh0, xy0, hkl,
+               sel, s0, d_inv, row, fs, ss, k0, exc_scale, n_cell,
+               max_cell_change):  # pragma: no cover - compiled
+    """:func:`_fit_still` on the spots ``sel`` (their indices ``hkl``, panels ``d_inv[row]``,
+    positions ``fs, ss``), gathered here, with the starting cell (``x0[3 : 3 + n_cell]``)
+    restored when any free cell value moved by more than ``max_cell_change`` (relative) or
+    is not finite. Returns ``(x, f(x), h)``, ``h`` the spots' indices as floats."""
+    n = sel.size
+    h = np.empty((n, 3))
+    d_sel = np.empty((n, 3, 3))
+    fs_sel = np.empty(n)
+    ss_sel = np.empty(n)
+    for j in range(n):
+        i = sel[j]
+        for c in range(3):
+            h[j, c] = hkl[i, c]
+        d_sel[j] = d_inv[row[i]]
+        fs_sel[j] = fs[i]
+        ss_sel[j] = ss[i]
+    model = (u0, cell6, cell_idx, i_dist, i_xy, sh0, xy0, h, s0, d_sel, fs_sel, ss_sel, k0,
+             exc_scale)
+    n_res = (3 if exc_scale > 0 else 2) * n
+    x, f = _fit_still(x0, lower, upper, f_scale, model, n_res, 100, 1e-8, 1e-8, 1e-8)
+    runaway = False
+    for j in range(3, 3 + n_cell):
+        scale = abs(x0[j])
+        if scale < 1e-9:  # np.maximum(|v|, 1e-9), NaN kept
+            scale = 1e-9
+        rel = abs(x[j] - x0[j]) / scale
+        if not math.isfinite(rel) or rel > max_cell_change:
+            runaway = True
+    if runaway:
+        for j in range(3, 3 + n_cell):
+            x[j] = x0[j]
+    return x, f, h
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _median(x):  # pragma: no cover - compiled
     """``np.median`` of the 1-D ``x`` (NaN when empty or any is NaN), sorting ``x`` in place:
     the middle order statistic, or the mean of the two, whichever way it is found, so the
@@ -980,10 +1032,10 @@ def _assign(a_matrix: np.ndarray, space_group: gemmi.SpaceGroup | None, rays: _S
 
 def _fit_cycle(model: _StillModel, asg: _Assignment, sel: np.ndarray, rays: _SpotRays,
                beam: Beam, params: RefineParams, threshold: float,
-               exc_scale: float) -> np.ndarray | None:
-    """One least-squares round on the spots ``sel`` (:func:`_fit_still`); updates ``model``
-    and returns the residuals at the solution, or None when too few spots for the
-    parameters."""
+               exc_scale: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """One least-squares round on the spots ``sel`` (:func:`_fit_spots`); updates ``model``
+    and returns the residuals at the solution and the spots' indices (floats), or None when
+    too few spots for the parameters."""
     n_cell = 0
     if params.refine_cell:
         values, build, cell6, index = _cell_map(model.cell, model.space_group)
@@ -1011,25 +1063,20 @@ def _fit_cycle(model: _StillModel, asg: _Assignment, sel: np.ndarray, rays: _Spo
         x0[i_xy : i_xy + 2] = np.clip(model.shift_xy_mm, -0.999 * lim, 0.999 * lim)
         lower[i_xy : i_xy + 2] = -lim
         upper[i_xy : i_xy + 2] = lim
-    data = (np.ascontiguousarray(model.u, dtype=float), cell6, cell_idx,
-            i_dist if use_dist else -1, i_xy if use_xy else -1, float(model.shift_mm),
-            np.asarray(model.shift_xy_mm, dtype=float), asg.hkl[sel].astype(float),
-            np.asarray(beam.s0_inv_a, dtype=float), asg.d_inv[asg.row[sel]],
-            rays.fs_px[sel], rays.ss_px[sel], 1.0 / beam.wavelength_a, float(exc_scale))
-    n_res = (3 if exc_scale > 0 else 2) * sel.size
-    x, f_fit = _fit_still(x0, lower, upper, max(0.5, threshold / 3.0), data, n_res, 100,
-                          1e-8, 1e-8, 1e-8)
+    x, f_fit, h_sel = _fit_spots(
+        x0, lower, upper, max(0.5, threshold / 3.0), np.ascontiguousarray(model.u, dtype=float),
+        cell6, cell_idx, i_dist if use_dist else -1, i_xy if use_xy else -1,
+        float(model.shift_mm), np.asarray(model.shift_xy_mm, dtype=float), asg.hkl, sel,
+        np.asarray(beam.s0_inv_a, dtype=float), asg.d_inv, asg.row, rays.fs_px, rays.ss_px,
+        1.0 / beam.wavelength_a, float(exc_scale), n_cell, float(params.max_cell_change))
     if n_cell:
-        rel = np.abs(x[3 : 3 + n_cell] - values) / np.maximum(np.abs(values), 1e-9)
-        if not np.all(np.isfinite(rel)) or rel.max() > params.max_cell_change:
-            x[3 : 3 + n_cell] = values
         model.cell = build(x[3 : 3 + n_cell])
     model.u = rotation_matrix(x[:3]) @ model.u
     if use_dist:
         model.shift_mm = float(x[i_dist])
     if use_xy:
         model.shift_xy_mm = np.array(x[i_xy : i_xy + 2], dtype=float)
-    return f_fit
+    return f_fit, h_sel
 
 
 def _reweight(f_fit: np.ndarray, h_sel: np.ndarray, a_matrix: np.ndarray, beam: Beam,
@@ -1120,10 +1167,9 @@ def refine_still(
         if cycle == params.n_cycles or mask.sum() < 4:
             break
         sel = np.flatnonzero(mask)
-        f_fit = _fit_cycle(model, asg, sel, rays, beam, params, threshold, exc_scale)
-        if f_fit is None:
+        fitted = _fit_cycle(model, asg, sel, rays, beam, params, threshold, exc_scale)
+        if fitted is None:
             break
         a_cur = model.u @ reciprocal_basis(model.cell)
-        exc_scale, threshold = _reweight(f_fit, asg.hkl[sel].astype(float), a_cur, beam, params,
-                                         exc_scale)
+        exc_scale, threshold = _reweight(*fitted, a_cur, beam, params, exc_scale)
     return _still_result(model, a_cur, asg, mask, beam, threshold)
