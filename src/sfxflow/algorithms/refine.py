@@ -260,8 +260,16 @@ def predict_positions_px(
     return _project(d_inv, k)
 
 
-_NO_OPS = np.zeros((0, 3), dtype=np.int64), np.zeros((0, 3, 3), dtype=np.int64), \
-    np.zeros((0, 1, 3), dtype=np.int64)
+def _read_only(cen: np.ndarray, rot: np.ndarray, tran: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The absence tables made read-only: they are shared (cached)."""
+    for a in (cen, rot, tran):
+        a.flags.writeable = False
+    return cen, rot, tran
+
+
+_NO_OPS = _read_only(np.zeros((0, 3), dtype=np.int64), np.zeros((0, 3, 3), dtype=np.int64),
+                     np.zeros((0, 1, 3), dtype=np.int64))
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,7 +284,7 @@ def _absence_ops(hall: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rot = np.array([op.rot for op in sym], dtype=np.int64).reshape(-1, 3, 3)
     tran = np.array([[np.add(op.tran, c) for c in ops.cen_ops] for op in sym],
                     dtype=np.int64).reshape(len(sym), len(ops.cen_ops), 3)
-    return cen[1:], rot, tran
+    return _read_only(np.ascontiguousarray(cen[1:]), rot, tran)
 
 
 def _absences(space_group: gemmi.SpaceGroup | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
