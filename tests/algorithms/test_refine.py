@@ -199,3 +199,95 @@ def test_compiled_cell_model_matches_gemmi(cell: str, sg: str) -> None:
     b = np.empty((3, 3))
     _reciprocal_basis_of(p, b)
     assert np.allclose(b, reciprocal_basis(build(moved)), rtol=1e-12, atol=1e-15)
+
+
+def test_cell_map_index_cached_per_parameterisation() -> None:
+    # the index is found once per lattice system (and free monoclinic angle), then reused
+    from sfxflow.algorithms.refine import _cell_map
+
+    sg = gemmi.SpaceGroup("P 1 1 2")  # c-unique: gamma free
+    first = _cell_map(gemmi.UnitCell(40, 50, 60, 90, 90, 101), sg)[3]
+    again = _cell_map(gemmi.UnitCell(41, 52, 63, 90, 90, 97), sg)[3]
+    b_unique = _cell_map(gemmi.UnitCell(40, 50, 60, 90, 101, 90), gemmi.SpaceGroup("P 1 21 1"))[3]
+    assert again is first and first.tolist() == [0, 1, 2, -1, -1, 3]
+    assert b_unique.tolist() == [0, 1, 2, -1, 3, -1]
+
+
+def test_compiled_absences_match_gemmi_in_every_setting() -> None:
+    # assign_hkl tests absences compiled: it must agree with gemmi's GroupOps everywhere
+    from numba import njit
+
+    from sfxflow.algorithms.refine import _absence_ops, _is_absent
+
+    @njit(cache=False)
+    def absent(hkl, cen, rot, tran, out):  # pragma: no cover - compiled
+        for i in range(hkl.shape[0]):
+            out[i] = _is_absent(hkl[i, 0], hkl[i, 1], hkl[i, 2], cen, rot, tran)
+
+    r = np.arange(-7, 8)
+    hkl = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3).astype(np.int32)
+    out = np.empty(len(hkl), dtype=bool)
+    for sg in gemmi.spacegroup_table():
+        absent(hkl.astype(np.int64), *_absence_ops(sg.hall), out)
+        assert np.array_equal(out, sg.operations().systematic_absences(hkl)), sg.xhm()
+
+
+def test_compiled_median_is_numpys() -> None:
+    from sfxflow.algorithms.refine import _median
+
+    rng = np.random.default_rng(3)
+    for n in range(1, 40):
+        x = rng.normal(size=n) if n % 3 else np.round(rng.normal(size=n), 1)  # ties too
+        assert _median(x.copy()) == np.median(x)
+    assert np.isnan(_median(np.array([1.0, np.nan, 2.0])))
+    assert np.isnan(_median(np.zeros(0)))
+
+
+def _assign_hkl_numpy(a, dirs, beam, max_exc, space_group):
+    """assign_hkl as it was in numpy (before it was compiled): the reference it must match."""
+    a_inv = np.linalg.inv(a)
+    s0 = np.asarray(beam.s0_inv_a)
+    k0 = 1.0 / beam.wavelength_a
+    n = dirs.shape[0]
+    offsets = np.linspace(-max_exc, max_exc, 5)
+    cand = np.rint(((k0 + offsets)[:, None, None] * dirs[None] - s0) @ a_inv.T).astype(np.int64)
+    cand = cand.reshape(-1, 3)
+    k = cand @ a.T + s0
+    k_len = np.linalg.norm(k, axis=1)
+    ang = np.arccos(np.clip(np.einsum("ij,ij->i", k, np.tile(dirs, (5, 1))) / k_len, -1, 1))
+    exc = k_len - k0
+    bad = np.all(cand == 0, axis=1) | (np.abs(exc) > 2.0 * max_exc)
+    if space_group is not None:
+        bad |= np.asarray(space_group.operations().systematic_absences(cand.astype(np.int32)))
+    ang = np.where(bad, np.inf, ang).reshape(5, n)
+    best = np.argmin(ang, axis=0)
+    cols = np.arange(n)
+    return cand.reshape(5, n, 3)[best, cols], ang[best, cols], exc.reshape(5, n)[best, cols]
+
+
+@pytest.mark.parametrize(("cell", "sg"), [
+    ("93 93 130.5 90 90 120", "P 61 2 2"),
+    ("61.4 122.6 168.0 90 90 90", "C 2 2 21"),
+    ("45.2 51.7 66.3 79.5 87.2 71.4", None),
+])
+def test_compiled_assign_hkl_matches_numpy(cell: str, sg: str | None) -> None:
+    # random rays (most far from any lattice point, so many have no admissible index) and
+    # near-lattice ones: the same index, angle and excitation error as the numpy formulation
+    x = _crystal(cell, sg or "P 1", 5)
+    rng = np.random.default_rng(5)
+    dirs = rng.normal(size=(400, 3)) * [0.3, 0.3, 0.05] + [0.0, 0.0, 1.0]
+    dirs[:10] = BEAM.s0_inv_a  # along the beam: only 000 (never chosen) nearby
+    dirs /= np.linalg.norm(dirs, axis=1)[:, None]
+    space_group = None if sg is None else x.space_group
+    n_none = 0
+    for max_exc in (1e-4, 1.5e-3, 1e-2):
+        got = assign_hkl(x.a_matrix, dirs, BEAM, max_exc, space_group)
+        want = _assign_hkl_numpy(x.a_matrix, dirs, BEAM, max_exc, space_group)
+        assert np.array_equal(got[0], want[0])
+        assert np.array_equal(np.isinf(got[1]), np.isinf(want[1]))
+        # the arccos of a cosine rounded either way: up to sqrt(2 eps) rad near zero
+        assert np.allclose(got[1], want[1], rtol=1e-9, atol=3e-8)
+        assert np.allclose(got[2], want[2], rtol=0, atol=1e-15)
+        assert np.isinf(got[1]).sum() < len(dirs)
+        n_none += np.isinf(got[1]).sum()
+    assert n_none > 0  # some rays with no admissible index were compared too
