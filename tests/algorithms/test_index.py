@@ -519,3 +519,34 @@ def test_spots_near_a_lattice_are_judged_with_its_refined_distance() -> None:
                                   BEAM, params)
         assert unshifted.sum() < near.sum()
     assert n_near >= 0.98 * n_spots
+
+
+def test_candidate_pairs_match_a_plain_listing() -> None:
+    """The compiled windows and pairs against a plain listing: every pair of pair spots not
+    within 8 degrees of collinear with candidates in both windows, sorted as tuples."""
+    from sfxflow.algorithms.index import _candidate_pairs, _lab_mm, lab_to_q
+
+    target = TargetCell("61.4 122.6 168.0 90 90 90", "C 2 2 21")
+    params = IndexParams()
+    rng = np.random.default_rng(8)
+    for n_spots in (9, 15, 30, 60):
+        hit = simulated_hit(target, DETECTOR, BEAM, n_spots, rng)
+        q = lab_to_q(_lab_mm(DETECTOR, hit.spots), BEAM)
+        q_len = np.linalg.norm(q, axis=1)
+        sel = np.argsort(q_len, kind="stable")[: params.n_pair_spots]
+        table = target_table(target, 1.0 / (q_len[sel].max() * 1.02))
+        win_rep, win_all, pairs = _candidate_pairs(q, q_len, sel, table, params)
+        expected = []
+        for a, i in enumerate(sel.tolist()):
+            tol = params.q_tolerance_rel * q_len[i] + params.q_tolerance_abs_inv_a
+            window = [int(np.searchsorted(table.rep_q_len, q_len[i] + d)) for d in (-tol, tol)]
+            assert win_rep[i] == tuple(window)
+            for j in sel[a + 1:].tolist():
+                tol_j = params.q_tolerance_rel * q_len[j] + params.q_tolerance_abs_inv_a
+                lo, hi = (int(np.searchsorted(table.q_len, q_len[j] + d)) for d in (-tol_j, tol_j))
+                assert win_all[j] == (lo, hi)
+                cos = float(q[i] @ q[j]) / (q_len[i] * q_len[j])
+                n = (window[1] - window[0]) * (hi - lo)
+                if abs(cos) <= math.cos(math.radians(8.0)) and n > 0:
+                    expected.append((n, i, j))
+        assert pairs == sorted(expected) and len(pairs) > 0
