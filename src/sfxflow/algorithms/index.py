@@ -572,27 +572,6 @@ def _pair_frame(u0, u1, u2, w0, w1, w2):  # pragma: no cover - compiled
     return x0, x1, x2, z1 * x2 - z2 * x1, z2 * x0 - z0 * x2, z0 * x1 - z1 * x0, z0, z1, z2
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _times_row(m, q, i):  # pragma: no cover - compiled
-    """``m @ q[i]`` for a 3x3 ``m``, as three numbers."""
-    return (m[0, 0] * q[i, 0] + m[0, 1] * q[i, 1] + m[0, 2] * q[i, 2],
-            m[1, 0] * q[i, 0] + m[1, 1] * q[i, 1] + m[1, 2] * q[i, 2],
-            m[2, 0] * q[i, 0] + m[2, 1] * q[i, 1] + m[2, 2] * q[i, 2])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _same_used(this, last):  # pragma: no cover - compiled
-    """Whether two rounds of :func:`_polish_and_score` fit the same spots with the same
-    indices (their rows: ``h, k, l, used``)."""
-    for i in range(this.shape[0]):
-        if this[i, 3] != last[i, 3]:
-            return False
-        if this[i, 3] and (this[i, 0] != last[i, 0] or this[i, 1] != last[i, 1]
-                           or this[i, 2] != last[i, 2]):
-            return False
-    return True
-
-
 @njit(cache=True, nogil=True)
 def _nearest_rotation(m):  # pragma: no cover - compiled
     """The proper rotation nearest ``m`` (3x3; the Kabsch fit of ``Σ q (B h)ᵀ``): its polar
@@ -650,60 +629,99 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
     (one compiled loop: the numpy version, a dozen array steps for 8 candidates, cost 0.3 ms a
     pair, about what the pair's thousands of raw rotations cost).
 
+    The spot loops keep their matrices and sums in scalars and have no branches: a spot that a
+    candidate does not use (or score) adds an exact 0 to its sums, which still run in spot
+    order, so the results are those of skipping it, bit for bit.
+
     Returns (polished rotations (k, 3, 3), counts (k,), sum of squared normalised distances).
     """
     k_n = rots.shape[0]
     n = q.shape[0]
     b_inv = np.linalg.inv(b)
+    b00, b01, b02 = b[0, 0], b[0, 1], b[0, 2]
+    b10, b11, b12 = b[1, 0], b[1, 1], b[1, 2]
+    b20, b21, b22 = b[2, 0], b[2, 1], b[2, 2]
     out = np.empty_like(rots)
     counts = np.zeros(k_n, np.int64)
     err = np.zeros(k_n)
     # each spot's index in the last round (a 4th column: used), to see a round repeat it
     last = np.empty((n, 4))
-    this = np.empty((n, 4))
+    hm = np.empty((3, 3))
     for k in range(k_n):
         u = rots[k].copy()
+        m = b_inv  # any 3x3 until a round computes it
+        m_of_u = False  # whether m is B⁻¹ Uᵀ of this U (then the score reuses it)
         for it in range(n_iter):
             m = b_inv @ u.T  # fractional indices of a spot: m q
-            hm = np.zeros((3, 3))
+            m_of_u = True
+            m00, m01, m02 = m[0, 0], m[0, 1], m[0, 2]
+            m10, m11, m12 = m[1, 0], m[1, 1], m[1, 2]
+            m20, m21, m22 = m[2, 0], m[2, 1], m[2, 2]
+            s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = 0.0  # Σ q (B h)ᵀ
             n_ok = 0
+            # whether this round fits the same spots with the same indices as the last,
+            # tested spot by spot
+            same = it > 0
             for i in range(n):
-                f0, f1, f2 = _times_row(m, q, i)
+                q0, q1, q2 = q[i, 0], q[i, 1], q[i, 2]
+                f0 = m00 * q0 + m01 * q1 + m02 * q2
+                f1 = m10 * q0 + m11 * q1 + m12 * q2
+                f2 = m20 * q0 + m21 * q1 + m22 * q2
                 h0, h1, h2 = np.rint(f0), np.rint(f1), np.rint(f2)
                 dev = max(abs(f0 - h0), abs(f1 - h1), abs(f2 - h2))
                 used = not (dev > tol or (h0 == 0.0 and h1 == 0.0 and h2 == 0.0))
-                this[i, 0], this[i, 1], this[i, 2], this[i, 3] = h0, h1, h2, used
-                if not used:
-                    continue
-                n_ok += 1
-                for r in range(3):
-                    bh = b[r, 0] * h0 + b[r, 1] * h1 + b[r, 2] * h2
-                    for c in range(3):
-                        hm[c, r] += q[i, c] * bh
-            if it > 0 and _same_used(this, last):
+                u_f = 1.0 if used else 0.0
+                same &= (u_f == last[i, 3]) & ((not used) | (
+                    (h0 == last[i, 0]) & (h1 == last[i, 1]) & (h2 == last[i, 2])))
+                last[i, 0], last[i, 1], last[i, 2], last[i, 3] = h0, h1, h2, u_f
+                n_ok += used
+                bh0 = b00 * h0 + b01 * h1 + b02 * h2
+                bh1 = b10 * h0 + b11 * h1 + b12 * h2
+                bh2 = b20 * h0 + b21 * h1 + b22 * h2
+                s00 += q0 * bh0 if used else 0.0
+                s01 += q0 * bh1 if used else 0.0
+                s02 += q0 * bh2 if used else 0.0
+                s10 += q1 * bh0 if used else 0.0
+                s11 += q1 * bh1 if used else 0.0
+                s12 += q1 * bh2 if used else 0.0
+                s20 += q2 * bh0 if used else 0.0
+                s21 += q2 * bh1 if used else 0.0
+                s22 += q2 * bh2 if used else 0.0
+            if same:
                 break  # the same fit as the last round: U is its outcome already
-            last[:] = this
             if n_ok >= 3:
+                hm[0, 0], hm[0, 1], hm[0, 2] = s00, s01, s02
+                hm[1, 0], hm[1, 1], hm[1, 2] = s10, s11, s12
+                hm[2, 0], hm[2, 1], hm[2, 2] = s20, s21, s22
                 u = _nearest_rotation(hm)
+                m_of_u = False
         out[k] = u
-        m = b_inv @ u.T
+        if not m_of_u:
+            m = b_inv @ u.T
+        m00, m01, m02 = m[0, 0], m[0, 1], m[0, 2]
+        m10, m11, m12 = m[1, 0], m[1, 1], m[1, 2]
+        m20, m21, m22 = m[2, 0], m[2, 1], m[2, 2]
         ub = u @ b
+        a00, a01, a02 = ub[0, 0], ub[0, 1], ub[0, 2]
+        a10, a11, a12 = ub[1, 0], ub[1, 1], ub[1, 2]
+        a20, a21, a22 = ub[2, 0], ub[2, 1], ub[2, 2]
         c_k = 0
         e_k = 0.0
         for i in range(n):
-            f0, f1, f2 = _times_row(m, q, i)
+            q0, q1, q2 = q[i, 0], q[i, 1], q[i, 2]
+            f0 = m00 * q0 + m01 * q1 + m02 * q2
+            f1 = m10 * q0 + m11 * q1 + m12 * q2
+            f2 = m20 * q0 + m21 * q1 + m22 * q2
             h0, h1, h2 = np.rint(f0), np.rint(f1), np.rint(f2)
-            if h0 == 0.0 and h1 == 0.0 and h2 == 0.0:
-                continue
-            d0 = q[i, 0] - (ub[0, 0] * h0 + ub[0, 1] * h1 + ub[0, 2] * h2)
-            d1 = q[i, 1] - (ub[1, 0] * h0 + ub[1, 1] * h1 + ub[1, 2] * h2)
-            d2 = q[i, 2] - (ub[2, 0] * h0 + ub[2, 1] * h1 + ub[2, 2] * h2)
+            d0 = q0 - (a00 * h0 + a01 * h1 + a02 * h2)
+            d1 = q1 - (a10 * h0 + a11 * h1 + a12 * h2)
+            d2 = q2 - (a20 * h0 + a21 * h1 + a22 * h2)
             par = d0 * rays[i, 0] + d1 * rays[i, 1] + d2 * rays[i, 2]
             perp2 = max(d0 * d0 + d1 * d1 + d2 * d2 - par * par, 0.0)
             dist2 = (par / exc_tol) ** 2 + perp2 / perp_tol[i] ** 2
-            if dist2 <= 1.0:
-                c_k += 1
-                e_k += dist2
+            ok = (dist2 <= 1.0) & ((h0 != 0.0) | (h1 != 0.0) | (h2 != 0.0))
+            c_k += ok
+            e_k += dist2 if ok else 0.0
         counts[k] = c_k
         err[k] = e_k
     return out, counts, err
