@@ -577,17 +577,6 @@ def _product_into(p, q, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _orientations(rotvecs, u0, bs, a):  # pragma: no cover - compiled
-    """``a[j] = R(rotvecs[j]) @ (u0 @ bs[j or 0])`` with ``R`` as in :func:`rotation_matrix`."""
-    r = np.empty((3, 3))
-    ub = np.empty((3, 3))
-    for j in range(rotvecs.shape[0]):
-        _rotation_into(rotvecs[j, 0], rotvecs[j, 1], rotvecs[j, 2], r)
-        _product_into(u0, bs[j if bs.shape[0] > 1 else 0], ub)
-        _product_into(r, ub, a[j])
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
 def _still_residuals(a, h, s0, d_inv, t, fs_o, ss_o, k0, exc_scale, out):  # pragma: no cover
     """Residuals of :func:`refine_still` for each of ``m`` models: ``a`` (m, 3, 3) orientation
     matrices, ``t`` (m, 3) detector shifts from the one ``d_inv`` (n, 3, 3) describes. Row ``j``
