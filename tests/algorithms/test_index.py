@@ -255,17 +255,33 @@ def test_pairs_tried_are_the_cheapest_set_that_finds_every_lattice() -> None:
 
 
 def test_pairs_tried_match_a_plain_search_over_every_set() -> None:
-    """The cover test on bit words (and the cached sets) against the plain boolean one, on
-    random pair lists of 8-12 spots (up to 79 off-lattice sets: two words) and 0-2 off."""
+    """The compiled cover search (bit masks and words, the cached sets) against a plain
+    boolean one over every set of off-lattice spots, on random pair lists of 8-12 spots (up to
+    79 off-lattice sets: two words) and 0-2 off: the first pairs needed, then the sets."""
     import itertools
 
-    from sfxflow.algorithms.index import _pairs_needed, _pairs_on_lattice, _pairs_to_try
+    from sfxflow.algorithms.index import _pairs_needed, _pairs_to_try
+
+    def plain_finds(pairs: list[tuple[int, int, int]], n_off: int) -> np.ndarray:
+        """``(set, pair)``: whether the pair has no spot in the set of off-lattice spots."""
+        spots = sorted({s for _, i, j in pairs for s in (i, j)})
+        off_sets = [set(c) for r in range(n_off + 1) for c in itertools.combinations(spots, r)]
+        return np.array([[i not in off and j not in off for _, i, j in pairs]
+                         for off in off_sets])
+
+    def plain_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
+        if n_off >= len({s for _, i, j in pairs for s in (i, j)}) - 1:
+            return len(pairs)  # all spots but two may be off: only their own pair finds it
+        finds = plain_finds(pairs, n_off)
+        must = finds.any(axis=1)
+        return next(t for t in range(1, len(pairs) + 1)
+                    if (finds[:, :t].any(axis=1) | ~must).all())
 
     def plain(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[int, int, int]]:
-        t = _pairs_needed(pairs, n_off)
+        t = plain_needed(pairs, n_off)
         if t <= 2 or n_off > 2:
             return pairs[:t]
-        finds = _pairs_on_lattice(pairs, sorted({s for _, i, j in pairs for s in (i, j)}), n_off)
+        finds = plain_finds(pairs, n_off)
         must = finds.any(axis=1)
         k = min(len(pairs), 16)
         best, best_cost = list(range(t)), sum(c for c, _, _ in pairs[:t])
@@ -285,6 +301,7 @@ def test_pairs_tried_match_a_plain_search_over_every_set() -> None:
         chosen = rng.permutation(len(every))[: int(rng.integers(3, len(every) + 1))]
         pairs = sorted((int(rng.integers(1, 50)), *every[c]) for c in chosen)
         for n_off in (0, 1, 2):
+            assert _pairs_needed(pairs, n_off) == plain_needed(pairs, n_off)
             assert _pairs_to_try(pairs, n_off) == plain(pairs, n_off)
             n_cases += _pairs_needed(pairs, n_off) > 2
     assert n_cases > 50  # most cases reach the search over sets

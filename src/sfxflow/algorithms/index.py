@@ -1039,14 +1039,6 @@ def _pair_windows(q, q_len, sel, rep_q_len, all_q_len, tol_rel, tol_abs,
 _MAX_OFF_LATTICE_SETS = 4096
 
 
-def _pairs_on_lattice(pairs: list[tuple[int, int, int]], spots: list[int],
-                      n_off: int) -> np.ndarray:
-    """``(set, pair)``: whether both spots of each pair are on a lattice that has the set of
-    ``spots`` off it, for every set of at most ``n_off`` of them."""
-    return np.equal(_off_lattice_sets(len(spots), n_off)[:, None]
-                    & _pair_bits(pairs, spots)[None, :], 0)
-
-
 def _pair_bits(pairs: list[tuple[int, int, int]], spots: list[int]) -> np.ndarray:
     """Each pair's two spots as a bit mask over ``spots``."""
     bit = {s: 1 << k for k, s in enumerate(spots)}
@@ -1069,11 +1061,17 @@ def _off_lattice_sets(n_spots: int, n_off: int) -> np.ndarray:
     return subsets
 
 
-def _first_enough(misses: np.ndarray) -> int:
-    """:func:`_pairs_needed` from its :func:`_pairs_on_lattice` matrix."""
-    missed_by_first = np.logical_or.accumulate(misses, axis=1)
-    enough = np.flatnonzero((missed_by_first | ~np.logical_or.reduce(misses, axis=1)[:, None]).all(axis=0))
-    return int(enough[0]) + 1 if enough.size else misses.shape[1]
+def _chosen_pairs(pairs: list[tuple[int, int, int]], n_off: int, try_sets: bool) -> list[int]:
+    """:func:`_cover_search` on ``pairs``: the positions of those to try; every position where
+    the pairs' spots are all but two or fewer (any pair finds what it can), more than 62, or
+    have more than ``_MAX_OFF_LATTICE_SETS`` sets of ``n_off`` off."""
+    spots = sorted({s for _, i, j in pairs for s in (i, j)})
+    if (not pairs or n_off >= len(spots) - 1 or len(spots) > 62
+            or _n_off_lattice_sets(len(spots), n_off) > _MAX_OFF_LATTICE_SETS):
+        return list(range(len(pairs)))
+    cost = np.array([c for c, _, _ in pairs], dtype=np.int64)
+    return _cover_search(_pair_bits(pairs, spots), cost, _off_lattice_sets(len(spots), n_off),
+                         try_sets).tolist()
 
 
 def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
@@ -1093,11 +1091,7 @@ def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
     is enough, with 9 the first pairs that do not all share one spot. A search on 19 spots or
     more with the default settings tries every pair as before (12 pair spots, 11 off).
     """
-    spots = sorted({s for _, i, j in pairs for s in (i, j)})
-    if (not pairs or n_off >= len(spots) - 1 or len(spots) > 62
-            or _n_off_lattice_sets(len(spots), n_off) > _MAX_OFF_LATTICE_SETS):
-        return len(pairs)
-    return _first_enough(_pairs_on_lattice(pairs, spots, n_off))
+    return len(_chosen_pairs(pairs, n_off, try_sets=False))
 
 
 def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[int, int, int]]:
@@ -1114,14 +1108,7 @@ def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[i
     One compiled pass (:func:`_cover_search`): the boolean matrices and bit words it replaced
     cost 55-70 µs a search.
     """
-    spots = sorted({s for _, i, j in pairs for s in (i, j)})
-    if (not pairs or n_off >= len(spots) - 1 or len(spots) > 62
-            or _n_off_lattice_sets(len(spots), n_off) > _MAX_OFF_LATTICE_SETS):
-        return pairs
-    cost = np.array([c for c, _, _ in pairs], dtype=np.int64)
-    chosen = _cover_search(_pair_bits(pairs, spots), cost,
-                           _off_lattice_sets(len(spots), n_off), n_off <= 2)
-    return [pairs[i] for i in chosen]
+    return [pairs[i] for i in _chosen_pairs(pairs, n_off, try_sets=n_off <= 2)]
 
 
 @njit(cache=True, nogil=True)
