@@ -344,7 +344,10 @@ def point_group_rotations(space_group: gemmi.SpaceGroup | str) -> np.ndarray:
     return _point_group_rotations_cached(as_space_group(space_group).xhm())
 
 
-def _polar_rotation(m: np.ndarray) -> np.ndarray:
+@njit(cache=True, nogil=True)
+def _polar_rotation(m):  # pragma: no cover - compiled
+    """The proper rotation nearest ``m`` by its SVD ``W Vᵀ``, the weakest axis flipped for a
+    reflection (numba's LAPACK call gives numpy's bits)."""
     w, _, vt = np.linalg.svd(m)
     r = w @ vt
     if np.linalg.det(r) < 0:
@@ -579,17 +582,12 @@ def _nearest_rotation(m):  # pragma: no cover - compiled
     rounds of a 3x3 adjugate), which agrees with the SVD's ``W Vᵀ`` to rounding at a tenth of
     its cost (LAPACK's 3x3 SVD: 1.9 µs, 24 of them for a pair's 8 candidates: most of their
     polishing). A reflection or a nearly singular ``m`` (spots in a plane through the origin)
-    goes to the SVD, which flips the weakest axis."""
+    goes to the SVD (:func:`_polar_rotation`), which flips the weakest axis."""
     x = m.copy()
     d = np.linalg.det(x)
     scale = math.sqrt((x * x).sum())
     if not d > 1e-9 * scale**3:
-        w, _, vt = np.linalg.svd(m)
-        new = w @ vt
-        if np.linalg.det(new) < 0:
-            w[:, 2] *= -1.0
-            new = w @ vt
-        return new
+        return _polar_rotation(m)
     for _ in range(30):
         d = (x[0, 0] * (x[1, 1] * x[2, 2] - x[1, 2] * x[2, 1])
              - x[0, 1] * (x[1, 0] * x[2, 2] - x[1, 2] * x[2, 0])
