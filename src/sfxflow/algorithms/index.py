@@ -117,6 +117,7 @@ __all__ = [
     "point_group_rotations",
     "reason_kind",
     "solution_significance",
+    "spots_left_after",
     "target_table",
 ]
 
@@ -1827,16 +1828,27 @@ def index_lattices(
             mask = np.zeros(n, bool)
             mask[remaining] = res.indexed_mask
             found.append(replace(res, miller_indices=hkl, indexed_mask=mask, n_spots=n))
-        too_few = max(params.min_spots, params.min_indexed)
-        if remaining.size - int(res.indexed_mask.sum()) < too_few:
-            break  # the unexplained spots cannot make another lattice: no search, no cost
-        explained = res.indexed_mask.copy()
-        rest = np.flatnonzero(~explained)  # only these can be near the lattice yet not indexed
-        explained[rest] = _near_lattice(res, sub.select(rest), detector, beam, params)
-        remaining = remaining[~explained]
-        if remaining.size < too_few:
+        remaining = spots_left_after(res, sub, remaining, detector, beam, params)
+        if remaining.size == 0:
             break
     return found
+
+
+def spots_left_after(res: IndexResult, sub: SpotTable, remaining: np.ndarray,
+                     detector: Detector, beam: Beam, params: IndexParams) -> np.ndarray:
+    """The frame's spots the search for a further lattice gets once ``res`` is found on ``sub``
+    (the frame's spots ``remaining``; ``res``'s masks over ``sub``): those it neither indexes
+    nor lies near (:func:`_near_lattice`); none when too few are left to make a lattice
+    (``min_spots``, ``min_indexed``): then no search is made, at no cost.
+    :func:`index_lattices` steps from lattice to lattice with it."""
+    too_few = max(params.min_spots, params.min_indexed)
+    if remaining.size - int(res.indexed_mask.sum()) < too_few:
+        return remaining[:0]
+    explained = res.indexed_mask.copy()
+    rest = np.flatnonzero(~explained)  # only these can be near the lattice yet not indexed
+    explained[rest] = _near_lattice(res, sub.select(rest), detector, beam, params)
+    left = remaining[~explained]
+    return left if left.size >= too_few else left[:0]
 
 
 def _near_lattice(res: IndexResult, spots: SpotTable, detector: Detector, beam: Beam,

@@ -21,10 +21,10 @@ from sfxflow.algorithms.geometry import miller_indices, pixels_to_q
 from sfxflow.algorithms.index import (
     IndexParams,
     TargetCell,
-    _near_lattice,
     index_lattices,
     index_spots,
     misorientation_deg,
+    spots_left_after,
     target_table,
 )
 from sfxflow.algorithms.predict import predict_spots
@@ -268,8 +268,7 @@ def _print_multi_cost_real(params: IndexParams, repeats: int = 7) -> None:
         return
     one = replace(params, max_crystals=1)
     print(f"every lattice on frames not simulated here (max_crystals {params.max_crystals} "
-          "against 1, CPU ms per frame, median of {repeats} passes):".replace(
-              "{repeats}", str(repeats)))
+          f"against 1, CPU ms per frame, median of {repeats} passes):")
     for label, frames, target in sets:
         times: dict[int, list[float]] = {params.max_crystals: [], 1: []}
         lattices = searches = 0
@@ -282,31 +281,29 @@ def _print_multi_cost_real(params: IndexParams, repeats: int = 7) -> None:
                         times[p.max_crystals].append((time.thread_time() - t0) * 1e3)
                     elif p is params:
                         lattices += sum(r.success for r in found)
-                        searches += _further_searches(found, spots, frame, target, p)
+                        searches += _further_searches(found, spots, frame, p)
         many, single = times[params.max_crystals], times[1]
         print(f"  {label:<34} {statistics.median(many):7.2f} against {statistics.median(single):7.2f}"
               f" ms (+{statistics.median(many) - statistics.median(single):.2f}); "
               f"{lattices} lattices, {searches} searches for a further one")
 
 
-def _further_searches(found: list[Any], spots: SpotTable, frame: Any, target: TargetCell,
+def _further_searches(found: list[Any], spots: SpotTable, frame: Any,
                       params: IndexParams) -> int:
-    """How many times :func:`index_lattices` searched the spots left for a further lattice:
-    once after each lattice found unless the lattices reached ``max_crystals`` or it stopped
-    for too few spots left (counted again here from its own rule)."""
-    n_ok = sum(r.success for r in found)
-    if n_ok == 0 or n_ok >= params.max_crystals:
-        return max(0, n_ok - 1) if n_ok else 0
-    explained = np.zeros(len(spots), bool)
-    for r in found:
-        if r.success:
-            explained |= r.indexed_mask
-    rest = np.flatnonzero(~explained)
-    last = [r for r in found if r.success][-1]
-    near = _near_lattice(last, spots.select(rest), frame.detector, frame.beam, params)
-    left = int((~near).sum())
-    too_few = max(params.min_spots, params.min_indexed)
-    return (n_ok - 1) + (left >= too_few)
+    """How many times :func:`index_lattices` searched for a further lattice on the frame whose
+    lattices it returned as ``found``: its steps replayed with its own rule
+    (:func:`~sfxflow.algorithms.index.spots_left_after`), a search after each lattice while
+    spots are left and ``max_crystals`` not reached (those that found none included)."""
+    remaining = np.arange(len(spots))
+    searches = 0
+    for k, res in enumerate(r for r in found if r.success):
+        sub = spots.select(remaining)
+        on_sub = replace(res, indexed_mask=res.indexed_mask[remaining])
+        remaining = spots_left_after(on_sub, sub, remaining, frame.detector, frame.beam, params)
+        if remaining.size == 0 or k + 1 >= params.max_crystals:
+            break
+        searches += 1
+    return searches
 
 
 def _print_multi_cost(hits: list[SimulatedHit], detector: Detector, beam: Beam,
