@@ -233,7 +233,7 @@ def test_compiled_absences_match_gemmi_in_every_setting() -> None:
 
 
 def test_compiled_median_is_numpys() -> None:
-    from sfxflow.algorithms.refine import _median
+    from sfxflow.algorithms.robust import median_in_place as _median
 
     rng = np.random.default_rng(3)
     for n in range(1, 40):

@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from sfxflow.algorithms.detector_tables import detector_tables
+from sfxflow.algorithms.robust import median_in_place
 from sfxflow.models import Beam, Crystal, Detector
 from sfxflow.settings import check_fields, refuse, setting
 
@@ -919,24 +920,6 @@ def _fit_spots(x0, lower, upper, f_scale, u0, cell6, cell_idx, i_dist, i_xy, sh0
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _median(x):  # pragma: no cover - compiled
-    """``np.median`` of the 1-D ``x`` (NaN when empty or any is NaN), sorting ``x`` in place:
-    the middle order statistic, or the mean of the two, whichever way it is found, so the
-    value is numpy's to the bit (np.median's own calls cost ~25 µs each, 13 per refinement)."""
-    n = x.size
-    for i in range(n):
-        if x[i] != x[i]:
-            return math.nan
-    if n == 0:
-        return math.nan
-    x.sort()
-    m = n // 2
-    if n % 2:
-        return x[m]
-    return (x[m - 1] + x[m]) / 2.0
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
 def _residual_sigmas(f, k, k0, with_exc):  # pragma: no cover - compiled
     """Robust standard deviations (1.4826 × the median absolute value) of a fit's residuals
     ``f`` of ``n`` spots: of the spots' distances from their predictions, then (``with_exc``,
@@ -946,7 +929,7 @@ def _residual_sigmas(f, k, k0, with_exc):  # pragma: no cover - compiled
     dist = np.empty(n)
     for i in range(n):
         dist[i] = math.hypot(f[i], f[n + i])
-    sigma = 1.4826 * _median(dist)
+    sigma = 1.4826 * median_in_place(dist)
     if not with_exc:
         return sigma, math.nan, math.nan
     exc = np.empty(n)
@@ -955,7 +938,7 @@ def _residual_sigmas(f, k, k0, with_exc):  # pragma: no cover - compiled
         exc[i] = abs(math.sqrt(k[i, 0] * k[i, 0] + k[i, 1] * k[i, 1] + k[i, 2] * k[i, 2]) - k0)
         both[i] = abs(f[i])
         both[n + i] = abs(f[n + i])
-    return sigma, 1.4826 * _median(exc), 1.4826 * _median(both)
+    return sigma, 1.4826 * median_in_place(exc), 1.4826 * median_in_place(both)
 
 
 _CELL_INDEX: dict[object, np.ndarray] = {}  # _cell_map's index per parameterisation
