@@ -169,6 +169,12 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
+def _named(exc: BaseException, names: frozenset[str]) -> bool:
+    """Whether ``exc``'s class or one it derives from has one of ``names`` (botocore's and
+    aiohttp's errors are matched by name: neither is imported here)."""
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` (or what caused it) is a storage outage worth retrying: a refused or
     reset connection, a timeout, an HTTP 5xx or throttling answer, EIO.
@@ -195,7 +201,7 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True
-        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(e).__mro__):
+        if _named(e, _TRANSIENT_NAMES):
             return True
     return False
 
@@ -311,9 +317,7 @@ def _went_silent(exc: BaseException) -> bool:
     """A request that waited for bytes that never came (botocore's or aiohttp's read timeout,
     or our deadline; also where s3fs wraps it), rather than one the endpoint refused or
     answered with an error. Matched by name, as :func:`is_transient` does."""
-    return any(isinstance(e, _StorageTimeout)
-               or any(cls.__name__ in _SILENT_NAMES for cls in type(e).__mro__)
-               for e in _chain(exc))
+    return any(isinstance(e, _StorageTimeout) or _named(e, _SILENT_NAMES) for e in _chain(exc))
 
 
 def _new_client(fs: Any, loop: asyncio.AbstractEventLoop) -> None:
