@@ -66,6 +66,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import gemmi
 import numpy as np
@@ -1328,20 +1329,26 @@ def binomial_log10_tail(k: int, n: int, p: float) -> float:
         return 0.0
     log_p, log_q = math.log(p), math.log1p(-p)
     if n - k < 32:  # a short tail (a search for a further lattice): no arrays, 12 -> 2 µs
-        terms_short = [math.lgamma(n + 1.0) - math.lgamma(j + 1.0) - math.lgamma(n - j + 1.0)
-                       + j * log_p + (n - j) * log_q for j in range(k, n + 1)]
+        terms_short = [_log_binomial_term(n, j, log_p, log_q, math.lgamma)
+                       for j in range(k, n + 1)]
         top_short = max(terms_short)
         log_sum = top_short + math.log(sum(math.exp(t - top_short) for t in terms_short))
         return float(min(0.0, log_sum / math.log(10.0)))
     from scipy.special import gammaln
 
-    j = np.arange(k, n + 1, dtype=float)
-    terms = (gammaln(n + 1.0) - gammaln(j + 1.0) - gammaln(n - j + 1.0)
-             + j * log_p + (n - j) * log_q)
+    terms = _log_binomial_term(n, np.arange(k, n + 1, dtype=float), log_p, log_q, gammaln)
     # log-sum-exp about the largest term (scipy's logsumexp costs 0.2 ms a call in checks)
     top = float(terms.max())
     log_sum = top + math.log(float(np.exp(terms - top).sum()))
     return float(min(0.0, log_sum / math.log(10.0)))
+
+
+def _log_binomial_term(n: int, j: Any, log_p: float, log_q: float,
+                       lgamma: Callable[[Any], Any]) -> Any:
+    """``log (C(n, j) p^j q^(n-j))`` for a number ``j`` (``math.lgamma``) or an array of them
+    (``scipy.special.gammaln``): :func:`binomial_log10_tail`'s terms, one formula for both."""
+    return (lgamma(n + 1.0) - lgamma(j + 1.0) - lgamma(n - j + 1.0)
+            + j * log_p + (n - j) * log_q)
 
 
 def log10_independent_trials(
