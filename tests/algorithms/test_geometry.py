@@ -3,11 +3,13 @@ from __future__ import annotations
 import gemmi
 import numpy as np
 import pytest
+from numba import njit
 from scipy.spatial.transform import Rotation
 
 from sfxflow.algorithms.geometry import (
     miller_indices,
     panel_matrices,
+    panel_point_mm,
     pixels_to_lab_mm,
     pixels_to_q,
     plane_grid_to_pixels,
@@ -116,3 +118,25 @@ def test_predicted_spots_satisfy_the_diffraction_condition():
     k_pred = pred.hkl @ xtal.a_matrix.T + beam.s0_inv_a
     cos = np.sum(k_pix * k_pred, 1) / (np.linalg.norm(k_pix, axis=1) * np.linalg.norm(k_pred, axis=1))
     np.testing.assert_allclose(cos, 1.0, atol=1e-12)
+
+
+@njit
+def _points_mm(d, panel, fs, ss):
+    out = np.empty((panel.size, 3))
+    for i in range(panel.size):
+        out[i, 0], out[i, 1], out[i, 2] = panel_point_mm(d, panel[i], fs[i], ss[i])
+    return out
+
+
+def test_compiled_panel_point_is_pixels_to_lab_to_the_bit():
+    """Compiled kernels' affine map sums as the einsum of pixels_to_lab_mm does: same bits, on
+    random panel matrices of every scale and any number of points."""
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 7, 8, 9, 100, 5000):
+        d = rng.normal(size=(16, 3, 3)) * rng.choice([1e-3, 0.1, 100.0], size=(16, 3, 3))
+        m = panel_matrices(_two_panel_detector())
+        m = type(m)(d=d, d_inv=np.linalg.inv(d), shape=np.tile(m.shape[:1], (16, 1)))
+        panel = rng.integers(0, 16, n)
+        fs, ss = rng.uniform(0, 400, n), rng.uniform(0, 400, n)
+        expected = pixels_to_lab_mm(None, panel, fs, ss, matrices=m)  # type: ignore[arg-type]
+        assert np.array_equal(_points_mm(d, panel, fs, ss), expected)

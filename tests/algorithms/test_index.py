@@ -541,7 +541,8 @@ def test_spots_near_a_lattice_are_judged_with_its_refined_distance() -> None:
 def test_candidate_pairs_match_a_plain_listing() -> None:
     """The compiled windows and pairs against a plain listing: every pair of pair spots not
     within 8 degrees of collinear with candidates in both windows, sorted as tuples."""
-    from sfxflow.algorithms.index import _candidate_pairs, _lab_mm, lab_to_q
+    from sfxflow.algorithms.geometry import lab_to_q
+    from sfxflow.algorithms.index import _candidate_pairs, _lab_mm
 
     target = TargetCell("61.4 122.6 168.0 90 90 90", "C 2 2 21")
     params = IndexParams()
@@ -567,3 +568,126 @@ def test_candidate_pairs_match_a_plain_listing() -> None:
                 if abs(cos) <= math.cos(math.radians(8.0)) and n > 0:
                     expected.append((n, i, j))
         assert pairs == sorted(expected) and len(pairs) > 0
+
+
+def test_search_vectors_are_the_numpy_steps_to_the_bit() -> None:
+    """The compiled prelude of ``index_spots`` (:func:`_search_vectors`) against the numpy steps
+    it replaced: ``q``, rays, the strict tolerance and the pair order, bit for bit."""
+    from sfxflow.algorithms.geometry import lab_to_q, pixels_to_lab_mm
+    from sfxflow.algorithms.index import _search_vectors
+
+    params = IndexParams(max_d_a=20.0)
+    rng = np.random.default_rng(11)
+    shapes = np.array([p.shape for p in DETECTOR.panels])
+    pix_all = np.array([p.pixel_size_mm for p in DETECTOR.panels])
+    for _ in range(50):
+        n = int(rng.integers(1, 80))
+        panel = rng.integers(0, len(DETECTOR), n)
+        fs, ss = rng.uniform(0, shapes[panel, 1]), rng.uniform(0, shapes[panel, 0])
+        z = np.zeros(n)
+        spots = SpotTable(panel, fs, ss, z, z, z, np.ones(n, np.int32), z)
+        beam = Beam(wavelength_a=float(rng.uniform(0.7, 2.0)))
+        lab = pixels_to_lab_mm(DETECTOR, panel, fs, ss)
+        q = lab_to_q(lab, beam)
+        q_len = np.linalg.norm(q, axis=1)
+        eligible = np.flatnonzero((q_len > 0) & (q_len >= 1.0 / params.max_d_a))
+        dist = np.linalg.norm(lab, axis=1)
+        got = _search_vectors(spots, DETECTOR, beam, params)
+        assert np.array_equal(got[0], q)
+        assert np.array_equal(got[1], lab / dist[:, None])
+        assert np.array_equal(got[2], params.strict_tolerance_px * pix_all[panel] / dist
+                              / beam.wavelength_a)
+        assert np.array_equal(got[3], eligible[np.argsort(q_len[eligible], kind="stable")])
+
+
+def _least_indexed_numpy(spots: SpotTable, target: TargetCell, params: IndexParams) -> int:
+    """``_least_indexed`` as numpy steps, the cell freedom from the gemmi objects each call:
+    the reference of the compiled one."""
+    from sfxflow.algorithms.index import (
+        _PROFILE_PARAMS,
+        _acceptance_geometry,
+        binomial_log10_tail,
+        chance_match_probability,
+        log10_independent_trials,
+    )
+    from sfxflow.algorithms.predict import ProfileModel
+    from sfxflow.algorithms.refine import cell_parameters
+
+    n = len(spots)
+    f = params.min_fraction_indexed
+    least_fraction = min(n, math.ceil(f * n))
+    while least_fraction > 0 and (least_fraction - 1) / n >= f:
+        least_fraction -= 1
+    while least_fraction < n and least_fraction / n < f:
+        least_fraction += 1
+    least = max(params.min_indexed, least_fraction)
+    if least > n or n - least >= min(n, params.n_pair_spots) - 1 or (
+            params.max_false_probability >= 1.0):
+        return least
+    omega, q_len, r_inv_a, _ = _acceptance_geometry(spots, DETECTOR, BEAM, params)
+    if params.profile_acceptance:
+        narrowest = ProfileModel.for_beam(_PROFILE_PARAMS.min_profile_radius_inv_a, BEAM)
+        depth = params.profile_nsigma * narrowest.width_inv_a(q_len)
+    else:
+        depth = np.full(n, params.significance_excitation_inv_a)
+    p = float(np.mean(chance_match_probability(
+        target.cell.volume, len(target.space_group.operations().cen_ops), BEAM.wavelength_a,
+        omega, depth)))
+    delta = float(np.max(r_inv_a) / max(float(np.min(q_len)), 1e-9))
+    n_len = n_ang = 0
+    if params.refine.refine_cell:
+        vals, build = cell_parameters(target.cell, target.space_group)
+        n_ang = {"triclinic": 3, "monoclinic": 1}.get(target.space_group.crystal_system_str(), 0)
+        if vals.size == 2 and abs(build(vals).alpha - 90.0) > 1e-6:
+            n_ang = 1
+        n_len = vals.size - n_ang
+    trials = log10_independent_trials(
+        delta, len(point_group_rotations(target.space_group)), n_len,
+        params.cell_length_tolerance, n_ang, params.cell_angle_tolerance_deg, 1.0)
+    limit = math.log10(params.max_false_probability) - trials
+    if binomial_log10_tail(least, n, p) <= limit:
+        return least
+    if not binomial_log10_tail(n, n, p) <= limit:
+        return n + 1
+    lo, hi = least, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if binomial_log10_tail(mid, n, p) <= limit else (mid, hi)
+    return hi
+
+
+def test_least_indexed_is_the_numpy_computation() -> None:
+    """The compiled bound (one pass: acceptance geometry, narrowest profile, chance probability,
+    resolution) gives the numpy steps' answer on random spot sets, every target and settings
+    where the significance test bounds it and where the count tests do."""
+    from dataclasses import replace
+
+    from sfxflow.algorithms.index import _least_indexed
+    from sfxflow.algorithms.refine import RefineParams
+    from sfxflow.benchmarks.index import TARGETS as BENCH_TARGETS
+
+    rng = np.random.default_rng(12)
+    settings = [IndexParams(), IndexParams(min_indexed=3), IndexParams(min_indexed=4),
+                IndexParams(min_indexed=3, profile_acceptance=False),
+                IndexParams(min_indexed=3, max_false_probability=1e-8),
+                IndexParams(min_indexed=5, max_false_probability=0.2, profile_nsigma=6.0),
+                IndexParams(min_indexed=3, refine=RefineParams(refine_cell=False)),
+                IndexParams(min_indexed=3, min_fraction_indexed=0.9, n_pair_spots=30)]
+    shapes = np.array([p.shape for p in DETECTOR.panels])
+    answers = set()
+    for _, cell, sg in BENCH_TARGETS:
+        target = TargetCell(cell, sg)
+        for _ in range(25):
+            n = int(rng.integers(3, 16))
+            panel = rng.integers(0, len(DETECTOR), n)
+            z = np.zeros(n)
+            spots = SpotTable(panel, rng.uniform(0, shapes[panel, 1]),
+                              rng.uniform(0, shapes[panel, 0]), z, z, z, np.ones(n, np.int32), z)
+            for params in settings:
+                got = _least_indexed(spots, DETECTOR, BEAM, target, params)
+                assert got == _least_indexed_numpy(spots, target, params)
+                answers.add(got - max(params.min_indexed, 1))
+            fresh = replace(target)  # a new object: its constants computed again
+            assert _least_indexed(spots, DETECTOR, BEAM, fresh, settings[1]) == \
+                _least_indexed_numpy(spots, fresh, settings[1])
+    assert len(answers) > 3  # the count tests and the significance test both decide somewhere

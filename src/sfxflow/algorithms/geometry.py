@@ -21,6 +21,7 @@ __all__ = [
     "lab_to_q",
     "miller_indices",
     "panel_matrices",
+    "panel_point_mm",
     "pixels_to_lab_mm",
     "pixels_to_q",
     "rays_to_pixels",
@@ -65,6 +66,19 @@ def pixels_to_lab_mm(
     panel = np.asarray(panel, dtype=np.int64)
     v = np.stack([np.asarray(fs_px, float), np.asarray(ss_px, float), np.ones(panel.shape)], -1)
     return np.einsum("nij,nj->ni", m.d[panel], v)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def panel_point_mm(d, panel, fs_px, ss_px):  # pragma: no cover - compiled
+    """The lab position (mm) ``(x, y, z)`` of one pixel point, ``d[panel] @ (fs, ss, 1)`` for
+    panel matrices ``d`` (:attr:`PanelMatrices.d`), summed in the order
+    :func:`pixels_to_lab_mm`'s einsum sums it, ``(origin + fast fs) + slow ss``, so compiled
+    kernels see the same bits as the numpy callers (the order ``fast fs + slow ss + origin``
+    differs in the last bit for most points)."""
+    m = d[panel]
+    return ((m[0, 2] + m[0, 0] * fs_px) + m[0, 1] * ss_px,
+            (m[1, 2] + m[1, 0] * fs_px) + m[1, 1] * ss_px,
+            (m[2, 2] + m[2, 0] * fs_px) + m[2, 1] * ss_px)
 
 
 def pixels_to_q(

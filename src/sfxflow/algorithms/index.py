@@ -71,13 +71,16 @@ from typing import Any
 import gemmi
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 from sfxflow.algorithms.detector_tables import detector_tables
-from sfxflow.algorithms.geometry import lab_to_q, miller_indices
+from sfxflow.algorithms.diffraction import _profile_sigma2
+from sfxflow.algorithms.geometry import miller_indices, panel_point_mm, pixels_to_lab_mm
 from sfxflow.algorithms.predict import PredictParams, ProfileModel, refine_profile
 from sfxflow.algorithms.refine import (
     RefineParams,
     RefineResult,
+    _pairwise_sum,
     assign_hkl,
     cell_parameters,
     index_on_lattice,
@@ -270,6 +273,44 @@ class TargetCell:
     @property
     def key(self) -> tuple:
         return (tuple(round(x, 6) for x in self.cell.parameters), self.space_group.xhm())
+
+    @functools.cached_property
+    def _fixed(self) -> _TargetFixed:
+        """What every search on this target derives from it alone (:class:`_TargetFixed`),
+        once per object: a cached property of a frozen dataclass lives in its ``__dict__``."""
+        return _TargetFixed.of(self.cell, self.space_group)
+
+
+@dataclass(frozen=True)
+class _TargetFixed:
+    """A target's constants of a search, computed once (:attr:`TargetCell._fixed`): rebuilding
+    the table key, ``B``, ``B⁻¹`` and the cell freedom from the gemmi objects cost 15 µs a search,
+    a tenth of a search for a further lattice that finds no pair."""
+
+    cell_params: tuple  # the table cache's key: the cell parameters and the space group's xhm
+    xhm: str
+    b: np.ndarray  # reciprocal_basis(cell), read-only
+    b_inv: np.ndarray  # np.linalg.inv(b), read-only
+    volume_a3: float
+    n_centring: int
+    n_rotations: int  # |point group|
+    n_cell_lengths: int  # free cell lengths and angles of the refinement (refine_cell)
+    n_cell_angles: int
+
+    @classmethod
+    def of(cls, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup) -> _TargetFixed:
+        b = reciprocal_basis(cell)
+        b_inv = np.linalg.inv(b)
+        b.setflags(write=False)
+        b_inv.setflags(write=False)
+        vals, build = cell_parameters(cell, space_group)
+        # free angles: triclinic 3, monoclinic 1, rhombohedral axes 1 (a, alpha); others none
+        n_ang = {"triclinic": 3, "monoclinic": 1}.get(space_group.crystal_system_str(), 0)
+        if vals.size == 2 and abs(build(vals).alpha - 90.0) > 1e-6:
+            n_ang = 1
+        return cls(tuple(cell.parameters), space_group.xhm(), b, b_inv, cell.volume,
+                   len(space_group.operations().cen_ops), len(point_group_rotations(space_group)),
+                   vals.size - n_ang, n_ang)
 
 
 @dataclass(frozen=True)
@@ -555,7 +596,8 @@ def target_table(target: TargetCell, d_min_a: float) -> _Table:
     ``d_min_a`` is rounded down on a coarse logarithmic grid so that frames share tables.
     """
     d_q = 2.0 ** (math.floor(math.log2(max(d_min_a, 0.5)) * 4.0) / 4.0)
-    return _table_cached(tuple(target.cell.parameters), target.space_group.xhm(), round(d_q, 6))
+    fixed = target._fixed
+    return _table_cached(fixed.cell_params, fixed.xhm, round(d_q, 6))
 
 
 # --------------------------------------------------------------------------- candidate search
@@ -1211,8 +1253,7 @@ def index_q_candidates(
     sel = pair_order[: params.n_pair_spots]
     d_min = 1.0 / (q_len[sel].max() * (1 + params.q_tolerance_rel) + params.q_tolerance_abs_inv_a)
     table = target_table(target, d_min)
-    b = reciprocal_basis(target.cell)
-    b_inv = np.linalg.inv(b)
+    b, b_inv = target._fixed.b, target._fixed.b_inv
     n = q.shape[0]
     early = max(params.min_indexed, math.ceil(params.early_exit_fraction * n))
     exc_tol = 1.5 * params.max_excitation_inv_a
@@ -1302,11 +1343,22 @@ def chance_match_probability(
     >>> round(float(chance_match_probability(1e6, 2, 1.0, 1e-5, 1e-3)), 6)
     0.01
     """
+    return _capped_match_probability(
+        _lattice_points_per_sr(cell_volume_a3, n_centring, wavelength_a),
+        np.asarray(solid_angle_sr, float), np.asarray(excitation_inv_a, float))
+
+
+def _lattice_points_per_sr(cell_volume_a3: float, n_centring: int, wavelength_a: float) -> float:
+    """``(V / n_centring) k²``: :func:`chance_match_probability`'s factor of ``Ω 2 e``."""
     k = 1.0 / wavelength_a
-    p = (cell_volume_a3 / n_centring) * k * k * np.asarray(solid_angle_sr, float) * (
-        2.0 * np.asarray(excitation_inv_a, float)
-    )
-    return np.minimum(p, 1.0)
+    return (cell_volume_a3 / n_centring) * k * k
+
+
+@register_jitable
+def _capped_match_probability(points_per_sr, solid_angle_sr, excitation_inv_a):
+    """:func:`chance_match_probability` from :func:`_lattice_points_per_sr`, on arrays (numpy)
+    or one spot (compiled, :func:`_least_indexed_bound`): one formula for both."""
+    return np.minimum(points_per_sr * solid_angle_sr * (2.0 * excitation_inv_a), 1.0)
 
 
 def binomial_log10_tail(k: int, n: int, p: float) -> float:
@@ -1430,7 +1482,7 @@ def solution_significance(
 
 
 def _n_centring(target: TargetCell) -> int:
-    return len(target.space_group.operations().cen_ops)
+    return target._fixed.n_centring
 
 
 def _acceptance_geometry(spots: SpotTable, detector: Detector, beam: Beam, params: IndexParams
@@ -1457,40 +1509,72 @@ def _acceptance_kernel(d, panel, fs, ss, tol_px, wavelength_a, s0x, s0y,
     r_inv_a = np.empty(n)
     pix = np.empty(n)
     for i in range(n):
-        m = d[panel[i]]
-        x = m[0, 0] * fs[i] + m[0, 1] * ss[i] + m[0, 2]
-        y = m[1, 0] * fs[i] + m[1, 1] * ss[i] + m[1, 2]
-        z = m[2, 0] * fs[i] + m[2, 1] * ss[i] + m[2, 2]
-        dist = math.sqrt(x * x + y * y + z * z)
-        p = math.sqrt(m[0, 0] ** 2 + m[1, 0] ** 2 + m[2, 0] ** 2)
-        nx = (m[1, 0] * m[2, 1] - m[2, 0] * m[1, 1]) / (p * p)
-        ny = (m[2, 0] * m[0, 1] - m[0, 0] * m[2, 1]) / (p * p)
-        nz = (m[0, 0] * m[1, 1] - m[1, 0] * m[0, 1]) / (p * p)
-        cos_inc = abs(nx * x + ny * y + nz * z) / dist
-        omega[i] = math.pi * (tol_px * p) ** 2 * cos_inc / dist**2
-        scale = dist * wavelength_a
-        qx, qy, qz = x / scale - s0x, y / scale - s0y, z / scale - s0z
-        q_len[i] = math.sqrt(qx * qx + qy * qy + qz * qz)
-        r_inv_a[i] = math.sqrt(omega[i]) / math.sqrt(math.pi) / wavelength_a
-        pix[i] = p
+        omega[i], q_len[i], r_inv_a[i], pix[i] = _acceptance_point(
+            d, panel[i], fs[i], ss[i], tol_px, wavelength_a, s0x, s0y, s0z)
     return omega, q_len, r_inv_a, pix
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _acceptance_point(d, panel, fs, ss, tol_px, wavelength_a, s0x, s0y,
+                      s0z):  # pragma: no cover - compiled
+    """One spot of :func:`_acceptance_kernel`: the solid angle, ``|q|`` (:func:`lab_to_q`'s and
+    :func:`_spot_vectors`' to the bit), the disc's radius in reciprocal space and the pixel
+    size along the fast axis."""
+    m = d[panel]
+    x, y, z = panel_point_mm(d, panel, fs, ss)
+    dist = math.sqrt(x * x + y * y + z * z)
+    p = math.sqrt(m[0, 0] ** 2 + m[1, 0] ** 2 + m[2, 0] ** 2)
+    nx = (m[1, 0] * m[2, 1] - m[2, 0] * m[1, 1]) / (p * p)
+    ny = (m[2, 0] * m[0, 1] - m[0, 0] * m[2, 1]) / (p * p)
+    nz = (m[0, 0] * m[1, 1] - m[1, 0] * m[0, 1]) / (p * p)
+    cos_inc = abs(nx * x + ny * y + nz * z) / dist
+    omega = math.pi * (tol_px * p) ** 2 * cos_inc / dist**2
+    scale = dist * wavelength_a
+    qx, qy, qz = x / scale - s0x, y / scale - s0y, z / scale - s0z
+    q_len = math.sqrt(qx * qx + qy * qy + qz * qz)
+    r_inv_a = math.sqrt(omega) / math.sqrt(math.pi) / wavelength_a
+    return omega, q_len, r_inv_a, p
+
+
+@njit(cache=True, nogil=True)
+def _least_indexed_bound(d, panel, fs, ss, tol_px, wavelength_a, s0x, s0y, s0z, profile,
+                         nsigma, radius, angular, bandwidth_term, fixed_depth,
+                         points_per_sr):  # pragma: no cover - compiled
+    """:func:`_least_indexed`'s chance probability ``p`` (the mean over the spots, summed as
+    ``np.mean`` sums) and angular resolution ``delta``, in one pass over the spots: the
+    acceptance geometry (:func:`_acceptance_point`), the narrowest profile's depth
+    (``profile``; else ``fixed_depth``) and the capped probability
+    (:func:`_capped_match_probability`), numpy's bits (the dozen numpy steps and calls cost
+    40 µs a search for a further lattice)."""
+    n = panel.size
+    p_i = np.empty(n)
+    r_max = -math.inf
+    q_min = math.inf
+    for i in range(n):
+        omega, q_len, r_inv_a, _ = _acceptance_point(d, panel[i], fs[i], ss[i], tol_px,
+                                                     wavelength_a, s0x, s0y, s0z)
+        depth = fixed_depth
+        if profile:
+            depth = nsigma * np.sqrt(_profile_sigma2(q_len * q_len, radius, angular,
+                                                     bandwidth_term))
+        p_i[i] = _capped_match_probability(points_per_sr, omega, depth)
+        if i == 0 or r_inv_a > r_max or r_inv_a != r_inv_a:  # np.max / np.min: NaN wins
+            r_max = r_inv_a if r_max == r_max else r_max
+        if i == 0 or q_len < q_min or q_len != q_len:
+            q_min = q_len if q_min == q_min else q_min
+    q_floor = q_min if not 1e-9 > q_min else 1e-9  # Python's max(q_min, 1e-9), NaN kept
+    return _pairwise_sum(p_i, n) / n, r_max / q_floor
 
 
 def _log10_trials(delta: float, target: TargetCell, params: IndexParams,
                   shift_steps: float) -> float:
     """:func:`log10_independent_trials` of a search at angular resolution ``delta`` with the
     cell freedom the refinement has."""
-    n_len = n_ang = 0
-    if params.refine.refine_cell:
-        vals, build = cell_parameters(target.cell, target.space_group)
-        # free angles: triclinic 3, monoclinic 1, rhombohedral axes 1 (a, alpha); others none
-        system = target.space_group.crystal_system_str()
-        n_ang = {"triclinic": 3, "monoclinic": 1}.get(system, 0)
-        if vals.size == 2 and abs(build(vals).alpha - 90.0) > 1e-6:
-            n_ang = 1
-        n_len = vals.size - n_ang
+    fixed = target._fixed
+    n_len, n_ang = ((fixed.n_cell_lengths, fixed.n_cell_angles) if params.refine.refine_cell
+                    else (0, 0))
     return log10_independent_trials(
-        delta, len(point_group_rotations(target.space_group)), n_len,
+        delta, fixed.n_rotations, n_len,
         params.cell_length_tolerance, n_ang, params.cell_angle_tolerance_deg, shift_steps)
 
 
@@ -1513,13 +1597,57 @@ def profile_depth_inv_a(refined: RefineResult, q_len: np.ndarray, beam: Beam,
 # --------------------------------------------------------------------------- main entry point
 
 
+def _search_vectors(spots: SpotTable, detector: Detector, beam: Beam, params: IndexParams
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_spot_vectors` of ``spots``: ``q``, rays, the strict tolerance across each ray and
+    the spots eligible for pairs, by ascending ``|q|``."""
+    tables = detector_tables(detector)
+    s0 = beam.s0_inv_a
+    return _spot_vectors(  # type: ignore[no-any-return]
+        tables.d, tables.memo("pixel_size_mm", lambda: _pixel_sizes_mm(detector)),
+        np.asarray(spots.panel, dtype=np.int64), np.asarray(spots.fs_px, dtype=float),
+        np.asarray(spots.ss_px, dtype=float), float(beam.wavelength_a), float(s0[0]),
+        float(s0[1]), float(s0[2]), float(params.strict_tolerance_px), 1.0 / params.max_d_a)
+
+
+def _pixel_sizes_mm(detector: Detector) -> np.ndarray:
+    """Each panel's pixel size (mm), read-only (cached per detector in :func:`index_spots`)."""
+    pix = np.array([p.pixel_size_mm for p in detector.panels], dtype=float)
+    pix.setflags(write=False)
+    return pix
+
+
+@njit(cache=True, nogil=True)
+def _spot_vectors(d, pixel_mm, panel, fs, ss, wavelength_a, s0x, s0y, s0z, strict_px,
+                  min_q_len):  # pragma: no cover - compiled
+    """What :func:`index_spots` searches with, in one pass over the spots: their scattering
+    vectors ``q`` (Å⁻¹), unit rays, the strict score's tolerance across each ray
+    (``strict_px`` pixels, Å⁻¹) and the spots eligible for pairs (``|q| >= min_q_len``, not 0)
+    by ascending ``|q|`` (stable). Each value to the bit as the numpy steps it replaced give it
+    (:func:`_lab_mm` as :func:`panel_point_mm` sums it, :func:`lab_to_q`, the norms summed in
+    order), which with their calls cost 25 µs a search for a further lattice."""
+    n = panel.size
+    q = np.empty((n, 3))
+    q_len = np.empty(n)
+    rays = np.empty((n, 3))
+    perp_tol = np.empty(n)
+    for i in range(n):
+        x, y, z = panel_point_mm(d, panel[i], fs[i], ss[i])
+        dist = math.sqrt(x * x + y * y + z * z)
+        scale = dist * wavelength_a
+        q[i, 0], q[i, 1], q[i, 2] = x / scale - s0x, y / scale - s0y, z / scale - s0z
+        q_len[i] = math.sqrt(q[i, 0] * q[i, 0] + q[i, 1] * q[i, 1] + q[i, 2] * q[i, 2])
+        rays[i, 0], rays[i, 1], rays[i, 2] = x / dist, y / dist, z / dist
+        perp_tol[i] = strict_px * pixel_mm[panel[i]] / dist / wavelength_a
+    eligible = np.flatnonzero((q_len > 0) & (q_len >= min_q_len))
+    return q, rays, perp_tol, eligible[np.argsort(q_len[eligible], kind="mergesort")]
+
+
 def _lab_mm(detector: Detector, spots: SpotTable) -> np.ndarray:
     """Lab positions (mm) of the spots, with the detector's cached panel matrices
     (:func:`~sfxflow.algorithms.geometry.pixels_to_lab_mm` rebuilds them on every call)."""
-    d = detector_tables(detector).d[np.asarray(spots.panel, dtype=np.int64)]
-    v = np.stack([np.asarray(spots.fs_px, float), np.asarray(spots.ss_px, float),
-                  np.ones(len(spots))], -1)
-    return np.einsum("nij,nj->ni", d, v)
+    return pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px,
+                            matrices=detector_tables(detector).matrices)
 
 
 def reason_kind(reason: str) -> str:
@@ -1657,15 +1785,18 @@ def _least_indexed(spots: SpotTable, detector: Detector, beam: Beam, target: Tar
     pair_spots = min(n, params.n_pair_spots)
     if least > n or n - least >= pair_spots - 1 or params.max_false_probability >= 1.0:
         return least
-    omega, q_len, r_inv_a, _ = _acceptance_geometry(spots, detector, beam, params)
-    if params.profile_acceptance:
-        narrowest = ProfileModel.for_beam(_PROFILE_PARAMS.min_profile_radius_inv_a, beam)
-        depth = params.profile_nsigma * narrowest.width_inv_a(q_len)
-    else:
-        depth = np.full(n, params.significance_excitation_inv_a)
-    p = float(np.mean(chance_match_probability(target.cell.volume, _n_centring(target),
-                                               beam.wavelength_a, omega, depth)))
-    delta = float(np.max(r_inv_a) / max(float(np.min(q_len)), 1e-9))
+    narrowest = ProfileModel.for_beam(_PROFILE_PARAMS.min_profile_radius_inv_a, beam)
+    fixed = target._fixed
+    s0 = beam.s0_inv_a
+    p, delta = _least_indexed_bound(
+        detector_tables(detector).d, np.asarray(spots.panel, dtype=np.int64),
+        np.asarray(spots.fs_px, dtype=float), np.asarray(spots.ss_px, dtype=float),
+        float(params.significance_tolerance_px), float(beam.wavelength_a),
+        float(s0[0]), float(s0[1]), float(s0[2]), bool(params.profile_acceptance),
+        float(params.profile_nsigma), float(narrowest.radius_inv_a),
+        float(narrowest.divergence_term), float(narrowest.bandwidth_term_a),
+        float(params.significance_excitation_inv_a),
+        _lattice_points_per_sr(fixed.volume_a3, fixed.n_centring, beam.wavelength_a))
     limit = math.log10(params.max_false_probability) - _log10_trials(delta, target, params, 1.0)
 
     def significant(k: int) -> bool:
@@ -1764,20 +1895,13 @@ def index_spots(
     n = len(spots)
     if n < max(params.min_spots, params.min_indexed):
         return _fail(f"too few spots ({n} < {max(params.min_spots, params.min_indexed)})", n)
-    lab = _lab_mm(detector, spots)
-    q = lab_to_q(lab, beam)
-    q_len = np.linalg.norm(q, axis=1)
-    eligible = np.flatnonzero((q_len > 0) & (q_len >= 1.0 / params.max_d_a))
-    pair_order = eligible[np.argsort(q_len[eligible], kind="stable")]
+    q, rays, perp_tol, pair_order = _search_vectors(spots, detector, beam, params)
     if pair_order.size < 2:
         return _fail("too few spots with usable resolution for pairs", n)
-    dist = np.linalg.norm(lab, axis=1)
-    pix = np.array([p.pixel_size_mm for p in detector.panels])[spots.panel]
-    perp_tol = params.strict_tolerance_px * pix / dist / beam.wavelength_a
     least = _least_indexed(spots, detector, beam, target, params)
     if least > n:
         return _fail(f"not significant: a lattice on all {n} spots would be chance", n)
-    rots, counts, n_tested = index_q_candidates(q, lab / dist[:, None], perp_tol, target, params,
+    rots, counts, n_tested = index_q_candidates(q, rays, perp_tol, target, params,
                                                 pair_order, least)
     if rots.shape[0] == 0:
         return _fail("no candidate orientation (no spot pair matches the cell)", n, n_tested)
@@ -1865,8 +1989,7 @@ def _near_lattice(res: IndexResult, spots: SpotTable, detector: Detector, beam: 
     for the next lattice."""
     if res.crystal is None or len(spots) == 0:
         return np.zeros(len(spots), bool)
-    lab = _lab_mm(detector, spots)
-    rays = lab / np.linalg.norm(lab, axis=1, keepdims=True)
+    _, rays, _, _ = _search_vectors(spots, detector, beam, params)
     hkl, _, exc = assign_hkl(res.crystal.a_matrix, rays, beam, params.refine.max_excitation_inv_a,
                              res.crystal.space_group)
     fs, ss = predict_positions_px(res.crystal.a_matrix, hkl, spots.panel, detector, beam,
