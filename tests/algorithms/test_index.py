@@ -567,7 +567,7 @@ def test_candidate_pairs_match_a_plain_listing() -> None:
                 n = (window[1] - window[0]) * (hi - lo)
                 if abs(cos) <= math.cos(math.radians(8.0)) and n > 0:
                     expected.append((n, i, j))
-        assert pairs == sorted(expected) and len(pairs) > 0
+        assert [tuple(p) for p in pairs.tolist()] == sorted(expected) and len(pairs) > 0
 
 
 def test_search_vectors_are_the_numpy_steps_to_the_bit() -> None:

@@ -60,7 +60,6 @@ Pure numpy/scipy; no I/O.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import re
@@ -1014,19 +1013,22 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
     return rots, n_matched
 
 
+#: pairs within this angle (8 degrees) of collinear are not tried: orientation undetermined
+_COS_COLLINEAR = math.cos(math.radians(8.0))
+
+
 def _candidate_pairs(q: np.ndarray, q_len: np.ndarray, sel: np.ndarray, table: _Table,
-                     params: IndexParams) -> tuple[dict, dict, list[tuple[int, int, int]]]:
+                     params: IndexParams) -> tuple[dict, dict, np.ndarray]:
     """The table windows of the pair spots ``sel`` (``|q|`` within tolerance; among the orbit
-    representatives and among all indices) and their pairs ``(n(h1) n(h2), i, j)`` that are not
-    nearly collinear, fewest candidates first (:func:`_pair_windows`)."""
+    representatives and among all indices) and their pairs, rows ``(n(h1) n(h2), i, j)``, that
+    are not nearly collinear, fewest candidates first (:func:`_pair_windows`)."""
     sel = np.ascontiguousarray(sel, dtype=np.int64)
-    lo_r, hi_r, lo_a, hi_a, cost, first, second = _pair_windows(
+    lo_r, hi_r, lo_a, hi_a, pairs = _pair_windows(
         q, q_len, sel, table.rep_q_len, table.q_len, params.q_tolerance_rel,
-        params.q_tolerance_abs_inv_a, math.cos(math.radians(8.0)))
+        params.q_tolerance_abs_inv_a, _COS_COLLINEAR)
     keys = sel.tolist()
     win_rep = dict(zip(keys, zip(lo_r.tolist(), hi_r.tolist(), strict=True), strict=True))
     win_all = dict(zip(keys, zip(lo_a.tolist(), hi_a.tolist(), strict=True), strict=True))
-    pairs = list(zip(cost.tolist(), first.tolist(), second.tolist(), strict=True))
     return win_rep, win_all, pairs
 
 
@@ -1037,8 +1039,9 @@ def _pair_windows(q, q_len, sel, rep_q_len, all_q_len, tol_rel, tol_abs,
     over the 66 pairs of 12 spots cost 25 µs, a tenth of a search for a further lattice): each
     spot's windows ``[lo, hi)`` among the representatives and among all indices, then the pairs
     ``(cost, i, j)`` that are not nearly collinear (``|cos| > collinear``) and have candidates,
-    sorted as tuples are (cost, then ``i``, then ``j``); the lower-resolution spot of a pair (the
-    earlier in ``sel``) takes the representative role: fewer candidates."""
+    sorted as tuples are (cost, then ``i``, then ``j``), as the rows of one array (three arrays
+    and their tuples cost 3 µs more); the lower-resolution spot of a pair (the earlier in
+    ``sel``) takes the representative role: fewer candidates."""
     k = sel.size
     lo_r = np.empty(k, np.int64)
     hi_r = np.empty(k, np.int64)
@@ -1073,7 +1076,10 @@ def _pair_windows(q, q_len, sel, rep_q_len, all_q_len, tol_rel, tol_abs,
     order = np.argsort(second, kind="mergesort")  # stable sorts, last key first
     order = order[np.argsort(first[order], kind="mergesort")]
     order = order[np.argsort(cost[order], kind="mergesort")]
-    return lo_r, hi_r, lo_a, hi_a, cost[order], first[order], second[order]
+    pairs = np.empty((m, 3), np.int64)
+    for p in range(m):
+        pairs[p, 0], pairs[p, 1], pairs[p, 2] = cost[order[p]], first[order[p]], second[order[p]]
+    return lo_r, hi_r, lo_a, hi_a, pairs
 
 
 #: the most sets of off-lattice spots :func:`_pairs_to_try` enumerates: beyond (many pair spots,
@@ -1081,39 +1087,113 @@ def _pair_windows(q, q_len, sel, rep_q_len, all_q_len, tol_rel, tol_abs,
 _MAX_OFF_LATTICE_SETS = 4096
 
 
-def _pair_bits(pairs: list[tuple[int, int, int]], spots: list[int]) -> np.ndarray:
-    """Each pair's two spots as a bit mask over ``spots``."""
-    bit = {s: 1 << k for k, s in enumerate(spots)}
-    return np.array([bit[i] | bit[j] for _, i, j in pairs], dtype=np.int64)
+@njit(cache=True, nogil=True)
+def _n_off_lattice_sets(n_spots, n_off, cap):  # pragma: no cover - compiled
+    """How many sets of at most ``n_off`` of ``n_spots`` spots there are, or ``cap + 1`` once
+    more than ``cap`` (no overflow on the way)."""
+    total = 0
+    n_r = 1  # C(n_spots, r)
+    for r in range(min(n_off, n_spots) + 1):
+        if r:
+            n_r = n_r * (n_spots - r + 1) // r
+        total += n_r
+        if total > cap:
+            return cap + 1
+    return total
 
 
-def _n_off_lattice_sets(n_spots: int, n_off: int) -> int:
-    return sum(math.comb(n_spots, r) for r in range(min(n_off, n_spots) + 1))
+@njit(cache=True, nogil=True)
+def _subset_masks(n_spots, n_off, n_sets):  # pragma: no cover - compiled
+    """The ``n_sets`` sets of at most ``n_off`` of ``n_spots`` spots as bit masks, smallest sets
+    first, each size in :func:`itertools.combinations` order. Listed set by set, not filtered
+    from all ``2**n_spots`` masks, which a setting of 30 pair spots made 8 GB."""
+    out = np.empty(n_sets, np.int64)
+    chosen = np.empty(max(n_off, 1), np.int64)
+    m = 0
+    for r in range(min(n_off, n_spots) + 1):
+        for a in range(r):
+            chosen[a] = a
+        while True:
+            mask = 0
+            for a in range(r):
+                mask |= 1 << chosen[a]
+            out[m] = mask
+            m += 1
+            a = r - 1  # the next combination: raise the last index that can still rise
+            while a >= 0 and chosen[a] == n_spots - r + a:
+                a -= 1
+            if a < 0:
+                break
+            chosen[a] += 1
+            for b in range(a + 1, r):
+                chosen[b] = chosen[b - 1] + 1
+    return out
 
 
 @functools.lru_cache(maxsize=64)
 def _off_lattice_sets(n_spots: int, n_off: int) -> np.ndarray:
-    """The sets of at most ``n_off`` of ``n_spots`` spots, as bit masks, smallest sets first
-    (cached: a search for a further lattice asks for the same few). Listed set by set, not
-    filtered from all ``2**n_spots`` masks, which a setting of 30 pair spots made 8 GB."""
-    subsets = np.array([sum(1 << b for b in chosen) for r in range(min(n_off, n_spots) + 1)
-                        for chosen in itertools.combinations(range(n_spots), r)],
-                       dtype=np.int64)
+    """:func:`_subset_masks`: every set of at most ``n_off`` of ``n_spots`` spots (cached)."""
+    subsets = _subset_masks(n_spots, n_off, _n_off_lattice_sets(n_spots, n_off, 2**62))
     subsets.setflags(write=False)
-    return subsets
+    return subsets  # type: ignore[no-any-return]
+
+
+@njit(cache=True, nogil=True)
+def _tried_positions(pairs, max_pairs, max_candidates, cover, n_off,
+                     try_sets):  # pragma: no cover - compiled
+    """The rows of ``pairs`` (``(cost, i, j)``, in order) to try: among the first
+    ``max_pairs``, those of at most ``max_candidates``; with ``cover``, of those the positions
+    :func:`_cover_search` chooses when at most ``n_off`` spots may be off a lattice, except
+    where the pairs' spots are all but two or fewer (any pair finds what it can), more than 62,
+    or have more than ``_MAX_OFF_LATTICE_SETS`` sets of ``n_off`` off: then every one. One
+    compiled pass (the pairs as tuples, their spots' bit masks and the set listing cost 10 µs
+    a search in Python)."""
+    k = min(max_pairs, pairs.shape[0])
+    keep = np.empty(k, np.int64)
+    m = 0
+    for p in range(k):
+        if pairs[p, 0] <= max_candidates:
+            keep[m] = p
+            m += 1
+    keep = keep[:m]
+    if not cover or m == 0:
+        return keep
+    ends = np.empty(2 * m, np.int64)
+    for p in range(m):
+        ends[2 * p], ends[2 * p + 1] = pairs[keep[p], 1], pairs[keep[p], 2]
+    spots = np.unique(ends)
+    n_spots = spots.size
+    if n_off >= n_spots - 1 or n_spots > 62:
+        return keep
+    n_sets = _n_off_lattice_sets(n_spots, n_off, _MAX_OFF_LATTICE_SETS)
+    if n_sets > _MAX_OFF_LATTICE_SETS:
+        return keep
+    bits = np.empty(m, np.int64)
+    cost = np.empty(m, np.int64)
+    for p in range(m):
+        bits[p] = ((1 << np.searchsorted(spots, pairs[keep[p], 1]))
+                   | (1 << np.searchsorted(spots, pairs[keep[p], 2])))
+        cost[p] = pairs[keep[p], 0]
+    return keep[_cover_search(bits, cost, _subset_masks(n_spots, n_off, n_sets), try_sets)]
 
 
 def _chosen_pairs(pairs: list[tuple[int, int, int]], n_off: int, try_sets: bool) -> list[int]:
-    """:func:`_cover_search` on ``pairs``: the positions of those to try; every position where
-    the pairs' spots are all but two or fewer (any pair finds what it can), more than 62, or
-    have more than ``_MAX_OFF_LATTICE_SETS`` sets of ``n_off`` off."""
-    spots = sorted({s for _, i, j in pairs for s in (i, j)})
-    if (not pairs or n_off >= len(spots) - 1 or len(spots) > 62
-            or _n_off_lattice_sets(len(spots), n_off) > _MAX_OFF_LATTICE_SETS):
-        return list(range(len(pairs)))
-    cost = np.array([c for c, _, _ in pairs], dtype=np.int64)
-    return _cover_search(_pair_bits(pairs, spots), cost, _off_lattice_sets(len(spots), n_off),
-                         try_sets).tolist()
+    """:func:`_tried_positions` of every one of ``pairs``: the positions of those to try."""
+    rows = np.array(pairs, dtype=np.int64).reshape(-1, 3)
+    pos = _tried_positions(rows, rows.shape[0], rows[:, 0].max(initial=0), True, n_off,
+                           try_sets)
+    return pos.tolist()  # type: ignore[no-any-return]
+
+
+def _pairs_tried(pairs: np.ndarray, params: IndexParams, n_off: int | None) -> list[list[int]]:
+    """The rows ``(cost, i, j)`` of ``pairs`` that :func:`index_q_candidates` tries: the first
+    ``max_pairs`` of at most ``max_pair_candidates``, and when at most ``n_off`` spots may be
+    off a lattice (not None) the cheapest of them that find every lattice
+    (:func:`_pairs_to_try`)."""
+    pos = _tried_positions(pairs, params.max_pairs, params.max_pair_candidates,
+                           n_off is not None, -1 if n_off is None else n_off,
+                           n_off is not None and n_off <= 2)
+    return pairs[pos].tolist()  # type: ignore[no-any-return]
 
 
 def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
@@ -1263,9 +1343,7 @@ def index_q_candidates(
     all_counts: list[np.ndarray] = []
     all_err: list[np.ndarray] = []
     n_tested = 0
-    tried = [pair for pair in pairs[: params.max_pairs] if pair[0] <= params.max_pair_candidates]
-    if least_indexed > 0:
-        tried = _pairs_to_try(tried, n - least_indexed)
+    tried = _pairs_tried(pairs, params, n - least_indexed if least_indexed > 0 else None)
     for _, i, j in tried:
         lo1, hi1 = win_rep[i]
         lo2, hi2 = win_all[j]
