@@ -592,7 +592,7 @@ def test_search_vectors_are_the_numpy_steps_to_the_bit() -> None:
         q_len = np.linalg.norm(q, axis=1)
         eligible = np.flatnonzero((q_len > 0) & (q_len >= 1.0 / params.max_d_a))
         dist = np.linalg.norm(lab, axis=1)
-        got = _search_vectors(spots, DETECTOR, beam, params)
+        got = _search_vectors(spots.panel, spots.fs_px, spots.ss_px, DETECTOR, beam, params)
         assert np.array_equal(got[0], q)
         assert np.array_equal(got[1], lab / dist[:, None])
         assert np.array_equal(got[2], params.strict_tolerance_px * pix_all[panel] / dist
