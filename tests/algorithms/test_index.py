@@ -558,11 +558,11 @@ def test_candidate_pairs_match_a_plain_listing() -> None:
         for a, i in enumerate(sel.tolist()):
             tol = params.q_tolerance_rel * q_len[i] + params.q_tolerance_abs_inv_a
             window = [int(np.searchsorted(table.rep_q_len, q_len[i] + d)) for d in (-tol, tol)]
-            assert win_rep[i] == tuple(window)
+            assert tuple(win_rep[i].tolist()) == tuple(window)
             for j in sel[a + 1:].tolist():
                 tol_j = params.q_tolerance_rel * q_len[j] + params.q_tolerance_abs_inv_a
                 lo, hi = (int(np.searchsorted(table.q_len, q_len[j] + d)) for d in (-tol_j, tol_j))
-                assert win_all[j] == (lo, hi)
+                assert tuple(win_all[j].tolist()) == (lo, hi)
                 cos = float(q[i] @ q[j]) / (q_len[i] * q_len[j])
                 n = (window[1] - window[0]) * (hi - lo)
                 if abs(cos) <= math.cos(math.radians(8.0)) and n > 0:
@@ -572,7 +572,7 @@ def test_candidate_pairs_match_a_plain_listing() -> None:
 
 def test_search_vectors_are_the_numpy_steps_to_the_bit() -> None:
     """The compiled prelude of ``index_spots`` (:func:`_search_vectors`) against the numpy steps
-    it replaced: ``q``, rays, the strict tolerance and the pair order, bit for bit."""
+    it replaced: ``q``, ``|q|``, rays, the strict tolerance and the pair order, bit for bit."""
     from sfxflow.algorithms.geometry import lab_to_q, pixels_to_lab_mm
     from sfxflow.algorithms.index import _search_vectors
 
@@ -594,10 +594,11 @@ def test_search_vectors_are_the_numpy_steps_to_the_bit() -> None:
         dist = np.linalg.norm(lab, axis=1)
         got = _search_vectors(spots.panel, spots.fs_px, spots.ss_px, DETECTOR, beam, params)
         assert np.array_equal(got[0], q)
-        assert np.array_equal(got[1], lab / dist[:, None])
-        assert np.array_equal(got[2], params.strict_tolerance_px * pix_all[panel] / dist
+        assert np.array_equal(got[1], q_len)
+        assert np.array_equal(got[2], lab / dist[:, None])
+        assert np.array_equal(got[3], params.strict_tolerance_px * pix_all[panel] / dist
                               / beam.wavelength_a)
-        assert np.array_equal(got[3], eligible[np.argsort(q_len[eligible], kind="stable")])
+        assert np.array_equal(got[4], eligible[np.argsort(q_len[eligible], kind="stable")])
 
 
 def _least_indexed_numpy(spots: SpotTable, target: TargetCell, params: IndexParams) -> int:

@@ -1018,18 +1018,15 @@ _COS_COLLINEAR = math.cos(math.radians(8.0))
 
 
 def _candidate_pairs(q: np.ndarray, q_len: np.ndarray, sel: np.ndarray, table: _Table,
-                     params: IndexParams) -> tuple[dict, dict, np.ndarray]:
-    """The table windows of the pair spots ``sel`` (``|q|`` within tolerance; among the orbit
-    representatives and among all indices) and their pairs, rows ``(n(h1) n(h2), i, j)``, that
-    are not nearly collinear, fewest candidates first (:func:`_pair_windows`)."""
-    sel = np.ascontiguousarray(sel, dtype=np.int64)
-    lo_r, hi_r, lo_a, hi_a, pairs = _pair_windows(
-        q, q_len, sel, table.rep_q_len, table.q_len, params.q_tolerance_rel,
-        params.q_tolerance_abs_inv_a, _COS_COLLINEAR)
-    keys = sel.tolist()
-    win_rep = dict(zip(keys, zip(lo_r.tolist(), hi_r.tolist(), strict=True), strict=True))
-    win_all = dict(zip(keys, zip(lo_a.tolist(), hi_a.tolist(), strict=True), strict=True))
-    return win_rep, win_all, pairs
+                     params: IndexParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The table windows ``[lo, hi)`` of the pair spots ``sel`` (``|q|`` within tolerance; among
+    the orbit representatives and among all indices), as rows of ``(n, 2)`` arrays by spot
+    (-1 for the others: a dict of the few a search reads cost 3 µs to build), and their pairs,
+    rows ``(n(h1) n(h2), i, j)``, that are not nearly collinear, fewest candidates first
+    (:func:`_pair_windows`)."""
+    return _pair_windows(  # type: ignore[no-any-return]
+        q, q_len, np.ascontiguousarray(sel, dtype=np.int64), table.rep_q_len, table.q_len,
+        params.q_tolerance_rel, params.q_tolerance_abs_inv_a, _COS_COLLINEAR)
 
 
 @njit(cache=True, nogil=True)
@@ -1047,6 +1044,8 @@ def _pair_windows(q, q_len, sel, rep_q_len, all_q_len, tol_rel, tol_abs,
     hi_r = np.empty(k, np.int64)
     lo_a = np.empty(k, np.int64)
     hi_a = np.empty(k, np.int64)
+    win_rep = np.full((q.shape[0], 2), -1, np.int64)
+    win_all = np.full((q.shape[0], 2), -1, np.int64)
     unit = np.empty((k, 3))
     for a in range(k):
         x = q_len[sel[a]]
@@ -1055,6 +1054,8 @@ def _pair_windows(q, q_len, sel, rep_q_len, all_q_len, tol_rel, tol_abs,
         hi_r[a] = np.searchsorted(rep_q_len, x + tol)
         lo_a[a] = np.searchsorted(all_q_len, x - tol)
         hi_a[a] = np.searchsorted(all_q_len, x + tol)
+        win_rep[sel[a], 0], win_rep[sel[a], 1] = lo_r[a], hi_r[a]
+        win_all[sel[a], 0], win_all[sel[a], 1] = lo_a[a], hi_a[a]
         for c in range(3):
             unit[a, c] = q[sel[a], c] / x
     n_max = k * (k - 1) // 2
@@ -1079,7 +1080,7 @@ def _pair_windows(q, q_len, sel, rep_q_len, all_q_len, tol_rel, tol_abs,
     pairs = np.empty((m, 3), np.int64)
     for p in range(m):
         pairs[p, 0], pairs[p, 1], pairs[p, 2] = cost[order[p]], first[order[p]], second[order[p]]
-    return lo_r, hi_r, lo_a, hi_a, pairs
+    return win_rep, win_all, pairs
 
 
 #: the most sets of off-lattice spots :func:`_pairs_to_try` enumerates: beyond (many pair spots,
@@ -1307,6 +1308,8 @@ def index_q_candidates(
     params: IndexParams,
     pair_order: np.ndarray,
     least_indexed: int = 0,
+    *,
+    q_len_inv_a: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Candidate orientations ``U`` of a frame from pairs of its scattering vectors.
 
@@ -1321,6 +1324,8 @@ def index_q_candidates(
         (:func:`_least_indexed`; 0: no bound). At most ``n - least_indexed`` spots are off
         its lattice, so only pairs that have one on any lattice the others could find are
         tried: the cheapest such set (:func:`_pairs_to_try`, :func:`_pairs_needed`).
+    q_len_inv_a : ``|q|`` when the caller has it (:func:`index_spots`), as ``np.linalg.norm``
+        gives it; computed here otherwise.
 
     Returns
     -------
@@ -1329,7 +1334,7 @@ def index_q_candidates(
         sense (see :func:`_polish_and_score`), and how many raw pair rotations were scored.
     """
     q = np.ascontiguousarray(q, dtype=float)
-    q_len = np.linalg.norm(q, axis=1)
+    q_len = np.linalg.norm(q, axis=1) if q_len_inv_a is None else q_len_inv_a
     sel = pair_order[: params.n_pair_spots]
     d_min = 1.0 / (q_len[sel].max() * (1 + params.q_tolerance_rel) + params.q_tolerance_abs_inv_a)
     table = target_table(target, d_min)
@@ -1677,10 +1682,10 @@ def profile_depth_inv_a(refined: RefineResult, q_len: np.ndarray, beam: Beam,
 
 def _search_vectors(panel: np.ndarray, fs_px: np.ndarray, ss_px: np.ndarray, detector: Detector,
                     beam: Beam, params: IndexParams
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_spot_vectors` of spot columns (a :class:`SpotTable`'s: int32 and float64,
-    contiguous, passed as they are): ``q``, rays, the strict tolerance across each ray and the
-    spots eligible for pairs, by ascending ``|q|``."""
+    contiguous, passed as they are): ``q``, ``|q|``, rays, the strict tolerance across each ray
+    and the spots eligible for pairs, by ascending ``|q|``."""
     tables = detector_tables(detector)
     s0 = beam.s0_inv_a
     return _spot_vectors(  # type: ignore[no-any-return]
@@ -1700,7 +1705,7 @@ def _pixel_sizes_mm(detector: Detector) -> np.ndarray:
 def _spot_vectors(d, pixel_mm, panel, fs, ss, wavelength_a, s0x, s0y, s0z, strict_px,
                   min_q_len):  # pragma: no cover - compiled
     """What :func:`index_spots` searches with, in one pass over the spots: their scattering
-    vectors ``q`` (Å⁻¹), unit rays, the strict score's tolerance across each ray
+    vectors ``q`` (Å⁻¹), their lengths, unit rays, the strict score's tolerance across each ray
     (``strict_px`` pixels, Å⁻¹) and the spots eligible for pairs (``|q| >= min_q_len``, not 0)
     by ascending ``|q|`` (stable). Each value to the bit as the numpy steps it replaced give it
     (:func:`_lab_mm` as :func:`panel_point_mm` sums it, :func:`lab_to_q`, the norms summed in
@@ -1719,7 +1724,7 @@ def _spot_vectors(d, pixel_mm, panel, fs, ss, wavelength_a, s0x, s0y, s0z, stric
         rays[i, 0], rays[i, 1], rays[i, 2] = x / dist, y / dist, z / dist
         perp_tol[i] = strict_px * pixel_mm[panel[i]] / dist / wavelength_a
     eligible = np.flatnonzero((q_len > 0) & (q_len >= min_q_len))
-    return q, rays, perp_tol, eligible[np.argsort(q_len[eligible], kind="mergesort")]
+    return q, q_len, rays, perp_tol, eligible[np.argsort(q_len[eligible], kind="mergesort")]
 
 
 def _lab_mm(detector: Detector, spots: SpotTable) -> np.ndarray:
@@ -1973,15 +1978,15 @@ def index_spots(
     n = len(spots)
     if n < max(params.min_spots, params.min_indexed):
         return _fail(f"too few spots ({n} < {max(params.min_spots, params.min_indexed)})", n)
-    q, rays, perp_tol, pair_order = _search_vectors(spots.panel, spots.fs_px, spots.ss_px,
-                                                    detector, beam, params)
+    q, q_len, rays, perp_tol, pair_order = _search_vectors(spots.panel, spots.fs_px,
+                                                           spots.ss_px, detector, beam, params)
     if pair_order.size < 2:
         return _fail("too few spots with usable resolution for pairs", n)
     least = _least_indexed(spots, detector, beam, target, params)
     if least > n:
         return _fail(f"not significant: a lattice on all {n} spots would be chance", n)
     rots, counts, n_tested = index_q_candidates(q, rays, perp_tol, target, params,
-                                                pair_order, least)
+                                                pair_order, least, q_len_inv_a=q_len)
     if rots.shape[0] == 0:
         return _fail("no candidate orientation (no spot pair matches the cell)", n, n_tested)
     refined = _refine_candidates(rots, counts, spots, detector, beam, target, params)
@@ -2078,7 +2083,7 @@ def _near_lattice_columns(res: IndexResult, panel: np.ndarray, fs_px: np.ndarray
     7 µs to build, a fifth of :func:`spots_left_after`)."""
     if res.crystal is None or panel.size == 0:
         return np.zeros(panel.size, bool)
-    _, rays, _, _ = _search_vectors(panel, fs_px, ss_px, detector, beam, params)
+    _, _, rays, _, _ = _search_vectors(panel, fs_px, ss_px, detector, beam, params)
     hkl, _, exc = assign_hkl(res.crystal.a_matrix, rays, beam, params.refine.max_excitation_inv_a,
                              res.crystal.space_group)
     fs, ss = predict_positions_px(res.crystal.a_matrix, hkl, panel, detector, beam,
