@@ -1885,6 +1885,10 @@ def _least_indexed(spots: SpotTable, detector: Detector, beam: Beam, target: Tar
     def significant(k: int) -> bool:
         return binomial_log10_tail(k, n, p) <= limit
 
+    # a sufficient test first: P(X >= k) <= C(n, k) p^k (some k of the n spots all match), and
+    # the tail is computed to far better than the margin; 0.3 µs against the tail's 1.8
+    if 0.0 < p and math.log10(math.comb(n, least)) + least * math.log10(p) <= limit - 1e-9:
+        return least
     if significant(least):
         return least
     if not significant(n):
