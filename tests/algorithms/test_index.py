@@ -692,3 +692,16 @@ def test_least_indexed_is_the_numpy_computation() -> None:
             assert _least_indexed(spots, DETECTOR, BEAM, fresh, settings[1]) == \
                 _least_indexed_numpy(spots, fresh, settings[1])
     assert len(answers) > 3  # the count tests and the significance test both decide somewhere
+
+
+def test_target_constants_are_rebuilt_read_only_after_pickling() -> None:
+    """A target sent to a worker carries its cell and space group, not its search constants."""
+    import pickle
+
+    target = TargetCell(TARGETS["P 61 2 2"], "P 61 2 2")
+    fixed = target._fixed
+    copy = pickle.loads(pickle.dumps(target))
+    assert "_fixed" not in copy.__dict__
+    assert np.array_equal(copy._fixed.b, fixed.b) and not copy._fixed.b.flags.writeable
+    assert copy._fixed.cell_params == fixed.cell_params == tuple(target.cell.parameters)
+    assert copy._fixed.n_rotations == len(point_group_rotations(target.space_group)) == 12

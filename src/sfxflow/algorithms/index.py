@@ -273,6 +273,11 @@ class TargetCell:
     def key(self) -> tuple:
         return (tuple(round(x, 6) for x in self.cell.parameters), self.space_group.xhm())
 
+    def __getstate__(self) -> dict:
+        # without the search constants: a worker rebuilds them once, read-only (unpickled
+        # arrays are writable, and the compiled steps would be compiled again for them)
+        return {k: v for k, v in self.__dict__.items() if k != "_fixed"}
+
     @functools.cached_property
     def _fixed(self) -> _TargetFixed:
         """What every search on this target derives from it alone (:class:`_TargetFixed`),
