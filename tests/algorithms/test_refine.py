@@ -291,3 +291,35 @@ def test_compiled_assign_hkl_matches_numpy(cell: str, sg: str | None) -> None:
         assert np.isinf(got[1]).sum() < len(dirs)
         n_none += np.isinf(got[1]).sum()
     assert n_none > 0  # some rays with no admissible index were compared too
+
+
+def _predict_positions_numpy(a, hkl, panel, detector, dsh, xy):
+    """predict_positions_px as it was in numpy (before it was compiled): the reference."""
+    from sfxflow.algorithms.refine import _spot_matrices
+
+    _, d_inv = _spot_matrices(detector, panel, dsh, xy)
+    k = np.asarray(hkl, dtype=float) @ np.asarray(a).T + np.asarray(BEAM.s0_inv_a)
+    v = np.einsum("nij,nj->ni", d_inv, k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return v[:, 0] / v[:, 2], v[:, 1] / v[:, 2]
+
+
+def test_compiled_predict_positions_match_numpy() -> None:
+    # the spots judged near a found lattice (index._near_lattice_columns) depend on these bits:
+    # numpy's to the bit from 2 spots on, the detector moved or not; one spot is a single-row
+    # product numpy rounds in another order (gemv): within a few ulp
+    det = cspad(distance_mm=130.0)
+    rng = np.random.default_rng(8)
+    for t in range(300):
+        n = int(rng.integers(1, 60))
+        a = Rotation.random(random_state=t).as_matrix() @ np.diag(1 / rng.uniform(30, 150, 3))
+        hkl = rng.integers(-40, 40, (n, 3)).astype(np.int32)
+        panel = rng.integers(0, len(det), n)
+        shift = (0.0, (0.0, 0.0)) if t % 3 else (float(rng.normal()), tuple(rng.normal(size=2)))
+        got = predict_positions_px(a, hkl, panel, det, BEAM, *shift)
+        want = _predict_positions_numpy(a, hkl, panel, det, *shift)
+        for g, w in zip(got, want, strict=True):
+            if n > 1:
+                assert np.array_equal(g, w, equal_nan=True)
+            else:
+                assert np.allclose(g, w, rtol=1e-13, atol=1e-9, equal_nan=True)

@@ -2100,6 +2100,18 @@ def _near_lattice_columns(res: IndexResult, panel: np.ndarray, fs_px: np.ndarray
     fs, ss = predict_positions_px(res.crystal.a_matrix, hkl, panel, detector, beam,
                                   distance_shift_mm=res.distance_shift_mm,
                                   detector_shift_mm=res.detector_shift_mm)
-    with np.errstate(invalid="ignore"):
-        near = np.hypot(fs - fs_px, ss - ss_px) <= params.refine.outlier_px
-    return near & np.any(hkl != 0, axis=1) & np.isfinite(exc)
+    near = np.empty(panel.size, np.bool_)
+    _near_predictions(hkl, exc, fs, ss, fs_px, ss_px, params.refine.outlier_px, near)
+    return near
+
+
+@njit(cache=True, nogil=True)
+def _near_predictions(hkl, exc, fs, ss, fs_px, ss_px, outlier_px,
+                      near):  # pragma: no cover - compiled
+    """Spot ``j`` has an index (not ``000``, a finite excitation) whose prediction lies within
+    ``outlier_px`` of it: :func:`_near_lattice_columns`' test in one pass, not five numpy
+    steps (5 µs on 9 spots; ``math.hypot`` is libm's, as ``np.hypot``)."""
+    for j in range(near.size):
+        indexed = (hkl[j, 0] != 0) | (hkl[j, 1] != 0) | (hkl[j, 2] != 0)
+        near[j] = indexed & math.isfinite(exc[j]) & (
+            math.hypot(fs[j] - fs_px[j], ss[j] - ss_px[j]) <= outlier_px)
