@@ -2054,6 +2054,8 @@ def index_lattices(
             mask = np.zeros(n, bool)
             mask[remaining] = res.indexed_mask
             found.append(replace(res, miller_indices=hkl, indexed_mask=mask, n_spots=n))
+        if len(found) == params.max_crystals:
+            break  # no further search: the spots it would get are not needed
         remaining = spots_left_after(res, sub, remaining, detector, beam, params)
         if remaining.size == 0:
             break
