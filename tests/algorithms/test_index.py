@@ -406,7 +406,8 @@ def test_polishing_stop_is_exact() -> None:
 
 
 def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
-    """The compiled pair step lists the matches from a float32 first pass of the cosines and
+    """The compiled pair step lists the matches from a float32 first pass of the cosines,
+    scores them in float32 (again in float64 where unsure or in reach of being kept) and
     compares one by one only the rotations that a chunk's counts leave in reach of the kept
     ones; what it keeps must be what scoring every rotation in full (numpy) keeps, in order,
     and its matches those of the float64 angle test."""
