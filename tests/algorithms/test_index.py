@@ -405,6 +405,37 @@ def test_polishing_stop_is_exact() -> None:
     assert (counts[:6] >= 9).sum() >= 3  # the near ones do converge
 
 
+def test_compiled_3x3_products_are_fused_multiply_add_chains() -> None:
+    """The polishing's 3x3 products: each entry ``a_i0 b_0j`` then two fused multiply-adds
+    (what OpenBLAS's small-matrix kernel computes), exact in rational arithmetic, and the
+    matrix product to rounding."""
+    from fractions import Fraction
+
+    from numba import njit
+
+    from sfxflow.algorithms.index import _mul3, _mul3_t
+
+    @njit
+    def both(a, b):  # pragma: no cover - numba
+        out, out_t = np.empty((3, 3)), np.empty((3, 3))
+        _mul3(a, b, out)
+        _mul3_t(a, b, out_t)
+        return out, out_t
+
+    def fma(x: float, y: float, z: float) -> float:
+        return float(Fraction(x) * Fraction(y) + Fraction(z))
+
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        a, b = rng.normal(size=(3, 3)), rng.normal(size=(3, 3)) * 10.0 ** rng.uniform(-3, 3)
+        out, out_t = both(a, b)
+        for bb, got in ((b, out), (b.T, out_t)):
+            want = [[fma(a[i, 2], bb[2, j], fma(a[i, 1], bb[1, j], a[i, 0] * bb[0, j]))
+                     for j in range(3)] for i in range(3)]
+            assert np.array_equal(got, np.array(want))
+            np.testing.assert_allclose(got, a @ bb, rtol=1e-12, atol=1e-12 * np.abs(bb).max())
+
+
 def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
     """The compiled pair step lists the matches from a float32 first pass of the cosines,
     scores them in float32 (again in float64 where unsure or in reach of being kept) and
