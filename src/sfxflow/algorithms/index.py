@@ -812,29 +812,51 @@ def _frac_distance(m00, m01, m02, m10, m11, m12, m20, m21, m22, p0, p1, p2):  # 
     return max(abs(f0 - np.rint(f0)), abs(f1 - np.rint(f1)), abs(f2 - np.rint(f2)))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _score_exactly(idx, n_idx, mat, q_obs, tol, count, err):  # pragma: no cover - compiled
-    """The float64 scores of the matches ``idx[:n_idx]`` of :func:`_pair_top_candidates`
-    (rows of ``B⁻¹ T_lat`` in ``mat`` (9, k)): into ``count`` and ``err``, the same
-    operations in the same order as scoring every match in float64, so the same bits.
+@njit(cache=True, nogil=True, inline="always")
+def _lattice_matrix(u0, u1, u2, w0, w1, w2, bi00, bi01, bi02, bi10, bi11, bi12, bi20, bi21,
+                    bi22):  # pragma: no cover - compiled
+    """``B⁻¹ T_lat`` (row-major) of the table pair ``u``, ``w``: the fractional indices of a
+    spot ``p`` in the observed pair's frame are ``B⁻¹ T_lat p`` (in the arguments' precision)."""
+    x0, x1, x2, y0, y1, y2, z0, z1, z2 = _pair_frame(u0, u1, u2, w0, w1, w2)
+    return (bi00 * x0 + bi01 * x1 + bi02 * x2, bi00 * y0 + bi01 * y1 + bi02 * y2,
+            bi00 * z0 + bi01 * z1 + bi02 * z2, bi10 * x0 + bi11 * x1 + bi12 * x2,
+            bi10 * y0 + bi11 * y1 + bi12 * y2, bi10 * z0 + bi11 * z1 + bi12 * z2,
+            bi20 * x0 + bi21 * x1 + bi22 * x2, bi20 * y0 + bi21 * y1 + bi22 * y2,
+            bi20 * z0 + bi21 * z1 + bi22 * z2)
 
-    The float32 pass it backs: a fractional index ``f = m · p`` computed from ``m`` and ``p``
-    rounded to float32, with two products and two sums, is within 5 float32 ulps (2^-24) of
-    ``Σ |m_j p_j| <= |m| |p|`` of the float64 one, and ``|m|`` (a row of ``B⁻¹ T_lat``) is the
-    row's norm of ``B⁻¹`` (``T_lat`` orthonormal); the distance to the nearest integer moves
-    no more than ``f``. The pass takes 20 ulps of ``max |B⁻¹ row| max |p|`` as unsure."""
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _score_exactly(idx, n_idx, vec, b_inv, q_obs, tol, count, err):  # pragma: no cover
+    """The float64 scores of the matches ``idx[:n_idx]`` of :func:`_pair_top_candidates`
+    (``u``, ``w`` of each in the rows of ``vec`` (6, k)): their ``B⁻¹ T_lat`` in float64, then
+    into ``count`` and ``err`` each spot in order, the operations of scoring in float64.
+
+    The float32 pass it backs computes ``T_lat`` (:func:`_pair_frame`) from ``u``, ``w``
+    rounded to float32, then ``m = B⁻¹ T_lat`` and ``f = m p``. With ``ε = 2^-24``: the sum
+    ``s`` and difference ``d`` of the unit vectors are within ``4ε`` and ``s ⊥ d``, so the
+    frame's columns are within ``ε (16/|s| + 8/|d| + 26)``; a row of ``m`` within
+    ``|B⁻¹ row| (that + 4ε)`` a component, and ``f`` within ``|B⁻¹ row| |p| (√3 (that + 4ε) +
+    5ε)``, below ``ε |B⁻¹ row| |p| (42 / min(|s|, |d|) + 57)``; the pass takes
+    ``ε max |B⁻¹ row| |p| (64 / min(|s|, |d|) + 96)`` as unsure, ``min(|s|, |d|)`` over the
+    band of angles. The distance to the nearest integer moves no more than ``f``."""
+    bi00, bi01, bi02 = b_inv[0, 0], b_inv[0, 1], b_inv[0, 2]
+    bi10, bi11, bi12 = b_inv[1, 0], b_inv[1, 1], b_inv[1, 2]
+    bi20, bi21, bi22 = b_inv[2, 0], b_inv[2, 1], b_inv[2, 2]
     for t in range(n_idx):
-        count[idx[t]] = 0
-        err[idx[t]] = 0.0
-    for i in range(q_obs.shape[0]):
-        p0, p1, p2 = q_obs[i, 0], q_obs[i, 1], q_obs[i, 2]
-        for t in range(n_idx):
-            k = idx[t]
-            worst = _frac_distance(mat[0, k], mat[1, k], mat[2, k], mat[3, k], mat[4, k],
-                                   mat[5, k], mat[6, k], mat[7, k], mat[8, k], p0, p1, p2)
+        k = idx[t]
+        m00, m01, m02, m10, m11, m12, m20, m21, m22 = _lattice_matrix(
+            vec[0, k], vec[1, k], vec[2, k], vec[3, k], vec[4, k], vec[5, k],
+            bi00, bi01, bi02, bi10, bi11, bi12, bi20, bi21, bi22)
+        c_k = 0
+        e_k = 0.0
+        for i in range(q_obs.shape[0]):
+            worst = _frac_distance(m00, m01, m02, m10, m11, m12, m20, m21, m22,
+                                   q_obs[i, 0], q_obs[i, 1], q_obs[i, 2])
             hit = worst <= tol
-            count[k] += hit
-            err[k] += hit * (worst * worst)
+            c_k += hit
+            e_k += hit * (worst * worst)
+        count[k] = c_k
+        err[k] = e_k
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -873,14 +895,16 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
     divisions, not six, but other rounding) 0.003 ms; the frames gathering their vectors
     (not vectorised) 0.03 ms slower.
 
-    The scoring runs in float32 (8 a step): a spot whose float32 distance to the integers is
-    within a bound of its rounding (:func:`_score_exactly`'s note) of ``tol`` is unsure, and
-    the matches with an unsure spot (0.2 % on leftover searches) and those whose counts leave
-    them in reach of being kept (1.4 %) are scored again in float64, which alone gives the
-    errors: the counts and errors that choose are those of scoring all in float64, bit for bit.
-    On 220 pair steps of the leftover searches (4552 matches a call) 0.160 -> 0.146 ms a call;
-    with two spots a step and the float64 angle test of the listed matches moved to a
-    vectorised loop before the frames, 0.135 ms. Tried and not kept: the float32 copies of
+    The frames and the scoring run in float32 (8 a step, not 4; the frames' six divisions and
+    two square roots bound their loop): a spot whose float32 distance to the integers is within
+    a bound of its rounding (:func:`_score_exactly`'s note; 28 times what 240000 matches of the
+    leftover searches reach) of ``tol`` is unsure, and the matches with an unsure spot (1.3 %
+    on leftover searches) and those whose counts leave them in reach of being kept (1.4 %) are
+    framed and scored again in float64, which alone gives the errors: the counts and errors
+    that choose are those of doing all in float64, bit for bit. On 220 pair steps of the
+    leftover searches (4552 matches a call) 0.160 -> 0.146 ms a call (float32 scoring); 0.135
+    (two spots a step, and the float64 angle test of the listed matches moved to a vectorised
+    loop before the frames); 0.129 (float32 frames). Tried and not kept: the float32 copies of
     ``B⁻¹ T_lat`` stored in the frames' loop (18 arrays stored: the compiler no longer
     vectorises it, 0.191 ms); the sure and unsure counts packed in one integer (no faster);
     three spots a step (no faster than two); listing the first two set bits of a word without
@@ -938,24 +962,30 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
     buf_neg = np.empty(cap, np.bool_)  # whether its mate
     vec = np.empty((6, cap))  # u, w of each match
     ux, uy, uz, wx, wy, wz = vec[0], vec[1], vec[2], vec[3], vec[4], vec[5]
-    mat = np.empty((9, cap))  # B⁻¹ T_lat of each match, row-major
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = (mat[0], mat[1], mat[2], mat[3], mat[4],
-                                                   mat[5], mat[6], mat[7], mat[8])
-    mat32 = np.empty((9, cap), np.float32)  # the same in float32
+    vec32 = np.empty((6, cap), np.float32)  # the same in float32
+    vx, vy, vz, vw0, vw1, vw2 = vec32[0], vec32[1], vec32[2], vec32[3], vec32[4], vec32[5]
+    mat32 = np.empty((9, cap), np.float32)  # B⁻¹ T_lat of each match (float32), row-major
     n00, n01, n02, n10, n11, n12, n20, n21, n22 = (mat32[0], mat32[1], mat32[2], mat32[3],
                                                    mat32[4], mat32[5], mat32[6], mat32[7],
                                                    mat32[8])
     q_obs32 = q_obs.astype(np.float32)
-    # the float32 pass's unsure band (:func:`_score_exactly`): 4 times the 5 ulps of |m| |p|
-    # that its distance to an integer can be from the float64 one (|q_obs| = |q|)
+    ci00, ci01, ci02 = np.float32(b_inv[0, 0]), np.float32(b_inv[0, 1]), np.float32(b_inv[0, 2])
+    ci10, ci11, ci12 = np.float32(b_inv[1, 0]), np.float32(b_inv[1, 1]), np.float32(b_inv[1, 2])
+    ci20, ci21, ci22 = np.float32(b_inv[2, 0]), np.float32(b_inv[2, 1]), np.float32(b_inv[2, 2])
+    # each spot's unsure band in the float32 pass (:func:`_score_exactly`'s note): the bound
+    # there, with the shortest bisector or difference of a match's unit vectors, whose angle
+    # lies in [acos(cos_hi), acos(cos_lo)] (a mate's too: u . (-w) is tested in that band)
     row_max = 0.0
     for i in range(3):
         row_max = max(row_max, math.sqrt(b_inv[i, 0] ** 2 + b_inv[i, 1] ** 2 + b_inv[i, 2] ** 2))
-    p_max = 0.0
+    sd_min = min(2.0 * math.sin(0.5 * math.acos(min(1.0, cos_hi))),
+                 2.0 * math.cos(0.5 * math.acos(max(-1.0, cos_lo))))
+    tol_lo32 = np.empty(n, np.float32)
+    tol_hi32 = np.empty(n, np.float32)
     for i in range(n):
-        p_max = max(p_max, math.sqrt(q[i, 0] ** 2 + q[i, 1] ** 2 + q[i, 2] ** 2))
-    slack = 20.0 * 2.0**-24 * row_max * p_max
-    tol_lo32, tol_hi32 = np.float32(tol - slack), np.float32(tol + slack)
+        p_len = math.sqrt(q[i, 0] ** 2 + q[i, 1] ** 2 + q[i, 2] ** 2)
+        slack = 2.0**-24 * row_max * p_len * (64.0 / max(sd_min, 1e-30) + 96.0)
+        tol_lo32[i], tol_hi32[i] = np.float32(tol - slack), np.float32(tol + slack)
     sure = np.empty(cap, np.int32)
     maybe = np.empty(cap, np.int32)
     ex = np.empty(cap, np.int64)
@@ -964,9 +994,6 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
     can = np.empty(cap, np.int64)
     hist = np.empty(n + 1, np.int64)
     err = np.empty(cap)
-    bi00, bi01, bi02 = b_inv[0, 0], b_inv[0, 1], b_inv[0, 2]
-    bi10, bi11, bi12 = b_inv[1, 0], b_inv[1, 1], b_inv[1, 2]
-    bi20, bi21, bi22 = b_inv[2, 0], b_inv[2, 1], b_inv[2, 2]
     n_buf = 0
     for a in range(rep.size + 1):
         if a < rep.size:
@@ -1014,25 +1041,17 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
         for k in range(n_buf):
             c = ux[k] * wx[k] + uy[k] * wy[k] + uz[k] * wz[k]
             valid[k] = (c >= cos_lo) & (c <= cos_hi)
-        for k in range(n_buf):  # vectorised (b_inv's entries held apart: stores could alias)
-            x0, x1, x2, y0, y1, y2, z0, z1, z2 = _pair_frame(ux[k], uy[k], uz[k],
-                                                             wx[k], wy[k], wz[k])
-            m00[k] = bi00 * x0 + bi01 * x1 + bi02 * x2
-            m01[k] = bi00 * y0 + bi01 * y1 + bi02 * y2
-            m02[k] = bi00 * z0 + bi01 * z1 + bi02 * z2
-            m10[k] = bi10 * x0 + bi11 * x1 + bi12 * x2
-            m11[k] = bi10 * y0 + bi11 * y1 + bi12 * y2
-            m12[k] = bi10 * z0 + bi11 * z1 + bi12 * z2
-            m20[k] = bi20 * x0 + bi21 * x1 + bi22 * x2
-            m21[k] = bi20 * y0 + bi21 * y1 + bi22 * y2
-            m22[k] = bi20 * z0 + bi21 * z1 + bi22 * z2
-        # every match on every spot in float32 (8 a step, not 4): a spot whose float32 distance
-        # lies within ``slack`` of ``tol`` is unsure; the matches with an unsure spot, and then
-        # the ones the counts leave in reach of being kept, are scored again in float64
-        # (:func:`_score_exactly`), which alone gives the errors
-        for j in range(9):  # a loop of its own: in the frames' loop it stops their vectorising
+        for j in range(6):  # float32 copies: a loop on float64 ones vectorises 4 a step, not 8
             for k in range(n_buf):
-                mat32[j, k] = mat[j, k]
+                vec32[j, k] = vec[j, k]
+        for k in range(n_buf):  # vectorised (b_inv's entries held apart: stores could alias)
+            (n00[k], n01[k], n02[k], n10[k], n11[k], n12[k], n20[k], n21[k],
+             n22[k]) = _lattice_matrix(vx[k], vy[k], vz[k], vw0[k], vw1[k], vw2[k], ci00, ci01,
+                                       ci02, ci10, ci11, ci12, ci20, ci21, ci22)
+        # every match on every spot in float32 (8 a step, not 4): a spot whose float32 distance
+        # lies in its unsure band (tol_lo32, tol_hi32] is unsure; the matches with an unsure
+        # spot, and then the ones the counts leave in reach of being kept, are scored again in
+        # float64 (:func:`_score_exactly`), which alone gives the errors
         sure[:n_buf] = 0
         maybe[:n_buf] = 0  # sure or unsure hits
         for i in range(0, n, 2):
@@ -1042,20 +1061,21 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
             two = np.int32(i2 > i)
             p0, p1, p2 = q_obs32[i, 0], q_obs32[i, 1], q_obs32[i, 2]
             r0, r1, r2 = q_obs32[i2, 0], q_obs32[i2, 1], q_obs32[i2, 2]
+            lo_p, hi_p, lo_r, hi_r = tol_lo32[i], tol_hi32[i], tol_lo32[i2], tol_hi32[i2]
             for k in range(n_buf):  # no branch: the compiler vectorises it
                 a00, a01, a02 = n00[k], n01[k], n02[k]
                 a10, a11, a12 = n10[k], n11[k], n12[k]
                 a20, a21, a22 = n20[k], n21[k], n22[k]
                 d_p = _frac_distance(a00, a01, a02, a10, a11, a12, a20, a21, a22, p0, p1, p2)
                 d_r = _frac_distance(a00, a01, a02, a10, a11, a12, a20, a21, a22, r0, r1, r2)
-                sure[k] += np.int32(d_p <= tol_lo32) + two * np.int32(d_r <= tol_lo32)
-                maybe[k] += np.int32(d_p <= tol_hi32) + two * np.int32(d_r <= tol_hi32)
+                sure[k] += np.int32(d_p <= lo_p) + two * np.int32(d_r <= lo_r)
+                maybe[k] += np.int32(d_p <= hi_p) + two * np.int32(d_r <= hi_r)
         n_ex = 0
         for k in range(n_buf):
             count[k] = sure[k]
             ex[n_ex] = k
             n_ex += maybe[k] != sure[k]
-        _score_exactly(ex, n_ex, mat, q_obs, tol, count, err)
+        _score_exactly(ex, n_ex, vec, b_inv, q_obs, tol, count, err)
         for k in range(n_buf):  # those that fail the float64 test are not kept, nor counted
             n_matched += valid[k]
             count[k] = count[k] if valid[k] else 0
@@ -1080,7 +1100,7 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
         for k in range(n_buf):
             ex[n_ex] = k
             n_ex += count[k] >= c_l
-        _score_exactly(ex, n_ex, mat, q_obs, tol, count, err)
+        _score_exactly(ex, n_ex, vec, b_inv, q_obs, tol, count, err)
         n_can = 0
         for v in range(n_ex):
             k = ex[v]
