@@ -405,8 +405,40 @@ def test_polishing_stop_is_exact() -> None:
     assert (counts[:6] >= 9).sum() >= 3  # the near ones do converge
 
 
+def test_compiled_3x3_products_are_fused_multiply_add_chains() -> None:
+    """The polishing's 3x3 products: each entry ``a_i0 b_0j`` then two fused multiply-adds
+    (what OpenBLAS's small-matrix kernel computes), exact in rational arithmetic, and the
+    matrix product to rounding."""
+    from fractions import Fraction
+
+    from numba import njit
+
+    from sfxflow.algorithms.index import _mul3, _mul3_t
+
+    @njit
+    def both(a, b):  # pragma: no cover - numba
+        out, out_t = np.empty((3, 3)), np.empty((3, 3))
+        _mul3(a, b, out)
+        _mul3_t(a, b, out_t)
+        return out, out_t
+
+    def fma(x: float, y: float, z: float) -> float:
+        return float(Fraction(x) * Fraction(y) + Fraction(z))
+
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        a, b = rng.normal(size=(3, 3)), rng.normal(size=(3, 3)) * 10.0 ** rng.uniform(-3, 3)
+        out, out_t = both(a, b)
+        for bb, got in ((b, out), (b.T, out_t)):
+            want = [[fma(a[i, 2], bb[2, j], fma(a[i, 1], bb[1, j], a[i, 0] * bb[0, j]))
+                     for j in range(3)] for i in range(3)]
+            assert np.array_equal(got, np.array(want))
+            np.testing.assert_allclose(got, a @ bb, rtol=1e-12, atol=1e-12 * np.abs(bb).max())
+
+
 def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
-    """The compiled pair step lists the matches from a float32 first pass of the cosines and
+    """The compiled pair step lists the matches from a float32 first pass of the cosines,
+    scores them in float32 (again in float64 where unsure or in reach of being kept) and
     compares one by one only the rotations that a chunk's counts leave in reach of the kept
     ones; what it keeps must be what scoring every rotation in full (numpy) keeps, in order,
     and its matches those of the float64 angle test."""
@@ -414,7 +446,7 @@ def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
 
     target = TargetCell(TARGETS["P 1"], "P 1")
     rng = np.random.default_rng(5)
-    for n_spots in (9, 30):
+    for n_spots, narrow in ((9, False), (30, False), (30, True)):
         n = n_spots
         z = np.zeros(n)
         spots = SpotTable(rng.integers(0, len(DETECTOR), n), rng.uniform(0, 194, n),
@@ -424,6 +456,11 @@ def test_pair_step_keeps_what_scoring_every_rotation_keeps() -> None:
         q = pixels_to_q(DETECTOR, BEAM, spots.panel, spots.fs_px, spots.ss_px)
         q_len = np.linalg.norm(q, axis=1)
         i, j = np.argsort(q_len)[n // 2 : n // 2 + 2]  # mid resolution: thousands of matches
+        if narrow:  # the narrowest pair past 9 degrees: the float32 frames' widest unsure band
+            unit_q = q / q_len[:, None]
+            ang_all = np.degrees(np.arccos(np.clip(unit_q @ unit_q.T, -1, 1)))
+            i, j = np.unravel_index(np.argmin(np.where(ang_all > 9.0, ang_all, 180.0)),
+                                    ang_all.shape)
         table = target_table(target, 1.0 / q_len.max())
         b = reciprocal_basis(target.cell)
         b_inv = np.linalg.inv(b)

@@ -69,8 +69,8 @@ from typing import Any
 
 import gemmi
 import numpy as np
-from numba import njit
-from numba.extending import register_jitable
+from numba import njit, types
+from numba.extending import intrinsic, register_jitable
 
 from sfxflow.algorithms.detector_tables import detector_tables
 from sfxflow.algorithms.diffraction import _profile_sigma2
@@ -630,35 +630,91 @@ def _nearest_rotation(m):  # pragma: no cover - compiled
     rounds of a 3x3 adjugate), which agrees with the SVD's ``W Vᵀ`` to rounding at a tenth of
     its cost (LAPACK's 3x3 SVD: 1.9 µs, 24 of them for a pair's 8 candidates: most of their
     polishing). A reflection or a nearly singular ``m`` (spots in a plane through the origin)
-    goes to the SVD (:func:`_polar_rotation`), which flips the weakest axis."""
-    x = m.copy()
-    d = np.linalg.det(x)
-    scale = math.sqrt((x * x).sum())
-    if not d > 1e-9 * scale**3:
-        return _polar_rotation(m)
-    for _ in range(30):
-        d = (x[0, 0] * (x[1, 1] * x[2, 2] - x[1, 2] * x[2, 1])
-             - x[0, 1] * (x[1, 0] * x[2, 2] - x[1, 2] * x[2, 0])
-             + x[0, 2] * (x[1, 0] * x[2, 1] - x[1, 1] * x[2, 0]))
+    goes to the SVD (:func:`_polar_rotation`), which flips the weakest axis.
+
+    The rounds keep ``X`` in scalars (row-major ``x0..x8``), each sum in row-major order from
+    0 as numpy's ``sum`` of the 3x3 array adds: the bits of the array version, which made five
+    3x3 temporaries a round, on 20000 random matrices (0.80 -> 0.17 µs a call with the
+    determinant below; 8-24 calls a pair's polishing)."""
+    x0, x1, x2 = m[0, 0], m[0, 1], m[0, 2]
+    x3, x4, x5 = m[1, 0], m[1, 1], m[1, 2]
+    x6, x7, x8 = m[2, 0], m[2, 1], m[2, 2]
+    scale = math.sqrt(_sum9_sq(x0, x1, x2, x3, x4, x5, x6, x7, x8))
+    for it in range(30):
+        d = (x0 * (x4 * x8 - x5 * x7)
+             - x1 * (x3 * x8 - x5 * x6)
+             + x2 * (x3 * x7 - x4 * x6))
+        # the cofactor determinant, not LAPACK's LU one (0.2 µs): they differ by rounding,
+        # which moves this test's threshold by a relative 1e-15
+        if it == 0 and not d > 1e-9 * scale**3:
+            return _polar_rotation(m)
         # X⁻ᵀ = cofactor(X) / det(X)
-        c = np.empty((3, 3))
-        c[0, 0] = x[1, 1] * x[2, 2] - x[1, 2] * x[2, 1]
-        c[0, 1] = x[1, 2] * x[2, 0] - x[1, 0] * x[2, 2]
-        c[0, 2] = x[1, 0] * x[2, 1] - x[1, 1] * x[2, 0]
-        c[1, 0] = x[0, 2] * x[2, 1] - x[0, 1] * x[2, 2]
-        c[1, 1] = x[0, 0] * x[2, 2] - x[0, 2] * x[2, 0]
-        c[1, 2] = x[0, 1] * x[2, 0] - x[0, 0] * x[2, 1]
-        c[2, 0] = x[0, 1] * x[1, 2] - x[0, 2] * x[1, 1]
-        c[2, 1] = x[0, 2] * x[1, 0] - x[0, 0] * x[1, 2]
-        c[2, 2] = x[0, 0] * x[1, 1] - x[0, 1] * x[1, 0]
-        c /= d
-        gamma = math.sqrt(math.sqrt((c * c).sum() / (x * x).sum()))
-        new = 0.5 * (gamma * x + c / gamma)
-        change = math.sqrt(((new - x) ** 2).sum())
-        x = new
+        c0 = (x4 * x8 - x5 * x7) / d
+        c1 = (x5 * x6 - x3 * x8) / d
+        c2 = (x3 * x7 - x4 * x6) / d
+        c3 = (x2 * x7 - x1 * x8) / d
+        c4 = (x0 * x8 - x2 * x6) / d
+        c5 = (x1 * x6 - x0 * x7) / d
+        c6 = (x1 * x5 - x2 * x4) / d
+        c7 = (x2 * x3 - x0 * x5) / d
+        c8 = (x0 * x4 - x1 * x3) / d
+        gamma = math.sqrt(math.sqrt(_sum9_sq(c0, c1, c2, c3, c4, c5, c6, c7, c8)
+                                    / _sum9_sq(x0, x1, x2, x3, x4, x5, x6, x7, x8)))
+        n0 = 0.5 * (gamma * x0 + c0 / gamma)
+        n1 = 0.5 * (gamma * x1 + c1 / gamma)
+        n2 = 0.5 * (gamma * x2 + c2 / gamma)
+        n3 = 0.5 * (gamma * x3 + c3 / gamma)
+        n4 = 0.5 * (gamma * x4 + c4 / gamma)
+        n5 = 0.5 * (gamma * x5 + c5 / gamma)
+        n6 = 0.5 * (gamma * x6 + c6 / gamma)
+        n7 = 0.5 * (gamma * x7 + c7 / gamma)
+        n8 = 0.5 * (gamma * x8 + c8 / gamma)
+        change = math.sqrt(_sum9_sq(n0 - x0, n1 - x1, n2 - x2, n3 - x3, n4 - x4, n5 - x5,
+                                    n6 - x6, n7 - x7, n8 - x8))
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = n0, n1, n2, n3, n4, n5, n6, n7, n8
         if change <= 1e-15:
             break
-    return x
+    out = np.empty((3, 3))
+    out[0, 0], out[0, 1], out[0, 2] = x0, x1, x2
+    out[1, 0], out[1, 1], out[1, 2] = x3, x4, x5
+    out[2, 0], out[2, 1], out[2, 2] = x6, x7, x8
+    return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum9_sq(a0, a1, a2, a3, a4, a5, a6, a7, a8):  # pragma: no cover - compiled
+    """``(a * a).sum()`` of a 3x3 array ``a`` given row-major, added in numpy's order."""
+    s = 0.0
+    for v in (a0, a1, a2, a3, a4, a5, a6, a7, a8):
+        s += v * v
+    return s
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """``a * b + c`` rounded once (IEEE fused multiply-add: the same bits on any machine)."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fma(*args)
+
+    return types.float64(types.float64, types.float64, types.float64), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mul3(a, b, out):  # pragma: no cover - compiled
+    """``out = a @ b`` (3x3) as OpenBLAS's small-matrix kernel computes it here: each entry
+    ``a_i0 b_0j`` then two fused multiply-adds (the same bits as numba's ``@``, which calls
+    it, on 3000 random products; that call costs 0.2-0.4 µs, this 0.01)."""
+    for i in range(3):
+        for j in range(3):
+            out[i, j] = _fma(a[i, 2], b[2, j], _fma(a[i, 1], b[1, j], a[i, 0] * b[0, j]))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mul3_t(a, b, out):  # pragma: no cover - compiled
+    """``out = a @ b.T`` (3x3), as :func:`_mul3`."""
+    for i in range(3):
+        for j in range(3):
+            out[i, j] = _fma(a[i, 2], b[j, 2], _fma(a[i, 1], b[j, 1], a[i, 0] * b[j, 0]))
 
 
 @njit(cache=True, nogil=True)
@@ -677,7 +733,10 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
 
     The spot loops keep their matrices and sums in scalars and have no branches: a spot that a
     candidate does not use (or score) adds an exact 0 to its sums, which still run in spot
-    order, so the results are those of skipping it, bit for bit.
+    order, so the results are those of skipping it, bit for bit. Its 3x3 products are
+    :func:`_mul3` and :func:`_mul3_t` (numba's ``@`` calls BLAS: 0.2-0.4 µs each, two or three
+    a round), with :func:`_nearest_rotation` in scalars: on the leftover searches' 219 calls
+    0.024 -> 0.009 ms a call, bit for bit.
 
     Returns (polished rotations (k, 3, 3), counts (k,), sum of squared normalised distances).
     """
@@ -693,12 +752,13 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
     # each spot's index in the last round (a 4th column: used), to see a round repeat it
     last = np.empty((n, 4))
     hm = np.empty((3, 3))
+    m = np.empty((3, 3))
+    ub = np.empty((3, 3))
     for k in range(k_n):
         u = rots[k].copy()
-        m = b_inv  # any 3x3 until a round computes it
         m_of_u = False  # whether m is B⁻¹ Uᵀ of this U (then the score reuses it)
         for it in range(n_iter):
-            m = b_inv @ u.T  # fractional indices of a spot: m q
+            _mul3_t(b_inv, u, m)  # B⁻¹ Uᵀ: fractional indices of a spot, m q
             m_of_u = True
             m00, m01, m02 = m[0, 0], m[0, 1], m[0, 2]
             m10, m11, m12 = m[1, 0], m[1, 1], m[1, 2]
@@ -743,11 +803,11 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                 m_of_u = False
         out[k] = u
         if not m_of_u:
-            m = b_inv @ u.T
+            _mul3_t(b_inv, u, m)
         m00, m01, m02 = m[0, 0], m[0, 1], m[0, 2]
         m10, m11, m12 = m[1, 0], m[1, 1], m[1, 2]
         m20, m21, m22 = m[2, 0], m[2, 1], m[2, 2]
-        ub = u @ b
+        _mul3(u, b, ub)
         a00, a01, a02 = ub[0, 0], ub[0, 1], ub[0, 2]
         a10, a11, a12 = ub[1, 0], ub[1, 1], ub[1, 2]
         a20, a21, a22 = ub[2, 0], ub[2, 1], ub[2, 2]
@@ -787,6 +847,63 @@ _BIT_OF = np.zeros(64, np.int64)
 _BIT_OF[[((1 << b) * 0x03F79D71B4CB0A89 % 2**64) >> 58 for b in range(64)]] = np.arange(64)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _frac_distance(m00, m01, m02, m10, m11, m12, m20, m21, m22, p0, p1, p2):  # pragma: no cover
+    """How far the fractional indices ``m p`` (3x3 ``m`` row-major) are from integers: the
+    largest of the three distances (in the precision of its arguments)."""
+    f0 = m00 * p0 + m01 * p1 + m02 * p2
+    f1 = m10 * p0 + m11 * p1 + m12 * p2
+    f2 = m20 * p0 + m21 * p1 + m22 * p2
+    return max(abs(f0 - np.rint(f0)), abs(f1 - np.rint(f1)), abs(f2 - np.rint(f2)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lattice_matrix(u0, u1, u2, w0, w1, w2, bi00, bi01, bi02, bi10, bi11, bi12, bi20, bi21,
+                    bi22):  # pragma: no cover - compiled
+    """``B⁻¹ T_lat`` (row-major) of the table pair ``u``, ``w``: the fractional indices of a
+    spot ``p`` in the observed pair's frame are ``B⁻¹ T_lat p`` (in the arguments' precision)."""
+    x0, x1, x2, y0, y1, y2, z0, z1, z2 = _pair_frame(u0, u1, u2, w0, w1, w2)
+    return (bi00 * x0 + bi01 * x1 + bi02 * x2, bi00 * y0 + bi01 * y1 + bi02 * y2,
+            bi00 * z0 + bi01 * z1 + bi02 * z2, bi10 * x0 + bi11 * x1 + bi12 * x2,
+            bi10 * y0 + bi11 * y1 + bi12 * y2, bi10 * z0 + bi11 * z1 + bi12 * z2,
+            bi20 * x0 + bi21 * x1 + bi22 * x2, bi20 * y0 + bi21 * y1 + bi22 * y2,
+            bi20 * z0 + bi21 * z1 + bi22 * z2)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _score_exactly(idx, n_idx, vec, b_inv, q_obs, tol, count, err):  # pragma: no cover
+    """The float64 scores of the matches ``idx[:n_idx]`` of :func:`_pair_top_candidates`
+    (``u``, ``w`` of each in the rows of ``vec`` (6, k)): their ``B⁻¹ T_lat`` in float64, then
+    into ``count`` and ``err`` each spot in order, the operations of scoring in float64.
+
+    The float32 pass it backs computes ``T_lat`` (:func:`_pair_frame`) from ``u``, ``w``
+    rounded to float32, then ``m = B⁻¹ T_lat`` and ``f = m p``. With ``ε = 2^-24``: the sum
+    ``s`` and difference ``d`` of the unit vectors are within ``4ε`` and ``s ⊥ d``, so the
+    frame's columns are within ``ε (16/|s| + 8/|d| + 26)``; a row of ``m`` within
+    ``|B⁻¹ row| (that + 4ε)`` a component, and ``f`` within ``|B⁻¹ row| |p| (√3 (that + 4ε) +
+    5ε)``, below ``ε |B⁻¹ row| |p| (42 / min(|s|, |d|) + 57)``; the pass takes
+    ``ε max |B⁻¹ row| |p| (64 / min(|s|, |d|) + 96)`` as unsure, ``min(|s|, |d|)`` over the
+    band of angles. The distance to the nearest integer moves no more than ``f``."""
+    bi00, bi01, bi02 = b_inv[0, 0], b_inv[0, 1], b_inv[0, 2]
+    bi10, bi11, bi12 = b_inv[1, 0], b_inv[1, 1], b_inv[1, 2]
+    bi20, bi21, bi22 = b_inv[2, 0], b_inv[2, 1], b_inv[2, 2]
+    for t in range(n_idx):
+        k = idx[t]
+        m00, m01, m02, m10, m11, m12, m20, m21, m22 = _lattice_matrix(
+            vec[0, k], vec[1, k], vec[2, k], vec[3, k], vec[4, k], vec[5, k],
+            bi00, bi01, bi02, bi10, bi11, bi12, bi20, bi21, bi22)
+        c_k = 0
+        e_k = 0.0
+        for i in range(q_obs.shape[0]):
+            worst = _frac_distance(m00, m01, m02, m10, m11, m12, m20, m21, m22,
+                                   q_obs[i, 0], q_obs[i, 1], q_obs[i, 2])
+            hit = worst <= tol
+            c_k += hit
+            e_k += hit * (worst * worst)
+        count[k] = c_k
+        err[k] = e_k
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep, lo2, hi2,
                          cos_lo, cos_hi, q, i_obs, j_obs, b_inv, tol,
@@ -823,6 +940,24 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
     divisions, not six, but other rounding) 0.003 ms; the frames gathering their vectors
     (not vectorised) 0.03 ms slower.
 
+    The frames and the scoring run in float32 (8 a step, not 4; the frames' six divisions and
+    two square roots bound their loop): a spot whose float32 distance to the integers is within
+    a bound of its rounding (:func:`_score_exactly`'s note; 28 times what 240000 matches of the
+    leftover searches reach) of ``tol`` is unsure, and the matches with an unsure spot (1.3 %
+    on leftover searches) and those whose counts leave them in reach of being kept (1.4 %) are
+    framed and scored again in float64, which alone gives the errors: the counts and errors
+    that choose are those of doing all in float64, bit for bit. On 220 pair steps of the
+    leftover searches (4552 matches a call) 0.160 -> 0.146 ms a call (float32 scoring); 0.135
+    (two spots a step, and the float64 angle test of the listed matches moved to a vectorised
+    loop before the frames); 0.129 (float32 frames). Tried and not kept: the float32 copies of
+    ``B⁻¹ T_lat`` stored in the frames' loop (18 arrays stored: the compiler no longer
+    vectorises it, 0.191 ms); the sure and unsure counts packed in one integer (no faster);
+    three spots a step (no faster than two); listing the first two set bits of a word without
+    a branch (0.166 ms: 84 % of the words with a match have one); gathering ``w`` from the
+    table's rows (``qc_unit``: one cache line, not three; slower); the set bits by
+    ``trailing_zeros`` (internal to numba, 1 %). Binning the window by one coordinate would
+    leave 79 % of the cosines to compute (the bands of a row and its mates span most ``z``).
+
     Returns ``(rotations (k, 3, 3), n_matched)``: the kept candidates best first and how many
     index pairs passed the angle test (each a raw rotation considered).
     """
@@ -843,7 +978,7 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
     # exactly, :func:`_friedel_halves`), from the table's copies of their unit vectors as
     # rows: a row of cosines computed apart from the tests (a loop the compiler vectorises;
     # in float32, 8 a step, with the band widened: 0.057 -> 0.037 ms a leftover call), then
-    # its matches listed, either member of the pair, each tested again in float64
+    # its matches listed, either member of the pair, to be tested again in float64
     h_lo = np.searchsorted(half_idx, lo2)
     h_hi = np.searchsorted(half_idx, hi2)
     n_h = h_hi - h_lo
@@ -872,16 +1007,38 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
     buf_neg = np.empty(cap, np.bool_)  # whether its mate
     vec = np.empty((6, cap))  # u, w of each match
     ux, uy, uz, wx, wy, wz = vec[0], vec[1], vec[2], vec[3], vec[4], vec[5]
-    mat = np.empty((9, cap))  # B⁻¹ T_lat of each match, row-major
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = (mat[0], mat[1], mat[2], mat[3], mat[4],
-                                                   mat[5], mat[6], mat[7], mat[8])
+    vec32 = np.empty((6, cap), np.float32)  # the same in float32
+    vx, vy, vz, vw0, vw1, vw2 = vec32[0], vec32[1], vec32[2], vec32[3], vec32[4], vec32[5]
+    mat32 = np.empty((9, cap), np.float32)  # B⁻¹ T_lat of each match (float32), row-major
+    n00, n01, n02, n10, n11, n12, n20, n21, n22 = (mat32[0], mat32[1], mat32[2], mat32[3],
+                                                   mat32[4], mat32[5], mat32[6], mat32[7],
+                                                   mat32[8])
+    q_obs32 = q_obs.astype(np.float32)
+    ci00, ci01, ci02 = np.float32(b_inv[0, 0]), np.float32(b_inv[0, 1]), np.float32(b_inv[0, 2])
+    ci10, ci11, ci12 = np.float32(b_inv[1, 0]), np.float32(b_inv[1, 1]), np.float32(b_inv[1, 2])
+    ci20, ci21, ci22 = np.float32(b_inv[2, 0]), np.float32(b_inv[2, 1]), np.float32(b_inv[2, 2])
+    # each spot's unsure band in the float32 pass (:func:`_score_exactly`'s note): the bound
+    # there, with the shortest bisector or difference of a match's unit vectors, whose angle
+    # lies in [acos(cos_hi), acos(cos_lo)] (a mate's too: u . (-w) is tested in that band)
+    row_max = 0.0
+    for i in range(3):
+        row_max = max(row_max, math.sqrt(b_inv[i, 0] ** 2 + b_inv[i, 1] ** 2 + b_inv[i, 2] ** 2))
+    sd_min = min(2.0 * math.sin(0.5 * math.acos(min(1.0, cos_hi))),
+                 2.0 * math.cos(0.5 * math.acos(max(-1.0, cos_lo))))
+    tol_lo32 = np.empty(n, np.float32)
+    tol_hi32 = np.empty(n, np.float32)
+    for i in range(n):
+        p_len = math.sqrt(q[i, 0] ** 2 + q[i, 1] ** 2 + q[i, 2] ** 2)
+        slack = 2.0**-24 * row_max * p_len * (64.0 / max(sd_min, 1e-30) + 96.0)
+        tol_lo32[i], tol_hi32[i] = np.float32(tol - slack), np.float32(tol + slack)
+    sure = np.empty(cap, np.int32)
+    maybe = np.empty(cap, np.int32)
+    ex = np.empty(cap, np.int64)
     count = np.empty(cap, np.int64)
+    valid = np.empty(cap, np.bool_)  # whether a match passes the float64 test
     can = np.empty(cap, np.int64)
     hist = np.empty(n + 1, np.int64)
     err = np.empty(cap)
-    bi00, bi01, bi02 = b_inv[0, 0], b_inv[0, 1], b_inv[0, 2]
-    bi10, bi11, bi12 = b_inv[1, 0], b_inv[1, 1], b_inv[1, 2]
-    bi20, bi21, bi22 = b_inv[2, 0], b_inv[2, 1], b_inv[2, 2]
     n_buf = 0
     for a in range(rep.size + 1):
         if a < rep.size:
@@ -908,50 +1065,65 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
                     bit = _BIT_OF[(low * _DE_BRUIJN) >> _SHIFT]
                     s = 8 * w + (bit >> 3)
                     neg = bit & 1
-                    w0, w1, w2 = hx[s], hy[s], hz[s]
-                    c = u0 * w0 + u1 * w1 + u2 * w2  # the test in float64
                     sign = 1.0 - 2.0 * neg  # -w exactly for a mate (its unit vector)
                     buf_s[n_buf] = s
                     buf_neg[n_buf] = neg
-                    wx[n_buf], wy[n_buf], wz[n_buf] = w0 * sign, w1 * sign, w2 * sign
-                    n_buf += ((neg == 0) & (c >= cos_lo) & (c <= cos_hi)) | (
-                        (neg == 1) & (c >= lo_m) & (c <= hi_m))
+                    wx[n_buf], wy[n_buf], wz[n_buf] = hx[s] * sign, hy[s] * sign, hz[s] * sign
+                    n_buf += 1
                     if x == 0:
                         break
             buf_a[start:n_buf] = a
             ux[start:n_buf] = u0
             uy[start:n_buf] = u1
             uz[start:n_buf] = u2
-            n_matched += n_buf - start
             if n_buf < _CHUNK:
                 continue
         if n_buf == 0:
             continue
         # fractional indices of a spot p (observed pair's frame): B⁻¹ (x p0 + y p1 + z p2)
+        # the test in float64, here in a loop the compiler vectorises, not as they are listed:
+        # u . (-w) is -(u . w) exactly, so a mate's band is the band of the -w kept
+        for k in range(n_buf):
+            c = ux[k] * wx[k] + uy[k] * wy[k] + uz[k] * wz[k]
+            valid[k] = (c >= cos_lo) & (c <= cos_hi)
+        for j in range(6):  # float32 copies: a loop on float64 ones vectorises 4 a step, not 8
+            for k in range(n_buf):
+                vec32[j, k] = vec[j, k]
         for k in range(n_buf):  # vectorised (b_inv's entries held apart: stores could alias)
-            x0, x1, x2, y0, y1, y2, z0, z1, z2 = _pair_frame(ux[k], uy[k], uz[k],
-                                                             wx[k], wy[k], wz[k])
-            m00[k] = bi00 * x0 + bi01 * x1 + bi02 * x2
-            m01[k] = bi00 * y0 + bi01 * y1 + bi02 * y2
-            m02[k] = bi00 * z0 + bi01 * z1 + bi02 * z2
-            m10[k] = bi10 * x0 + bi11 * x1 + bi12 * x2
-            m11[k] = bi10 * y0 + bi11 * y1 + bi12 * y2
-            m12[k] = bi10 * z0 + bi11 * z1 + bi12 * z2
-            m20[k] = bi20 * x0 + bi21 * x1 + bi22 * x2
-            m21[k] = bi20 * y0 + bi21 * y1 + bi22 * y2
-            m22[k] = bi20 * z0 + bi21 * z1 + bi22 * z2
-        count[:n_buf] = 0
-        err[:n_buf] = 0.0
-        for i in range(n):
-            p0, p1, p2 = q_obs[i, 0], q_obs[i, 1], q_obs[i, 2]
-            for k in range(n_buf):  # every component and no branch: the compiler vectorises it
-                f0 = m00[k] * p0 + m01[k] * p1 + m02[k] * p2
-                f1 = m10[k] * p0 + m11[k] * p1 + m12[k] * p2
-                f2 = m20[k] * p0 + m21[k] * p1 + m22[k] * p2
-                worst = max(abs(f0 - np.rint(f0)), abs(f1 - np.rint(f1)), abs(f2 - np.rint(f2)))
-                hit = worst <= tol
-                count[k] += hit
-                err[k] += hit * (worst * worst)
+            (n00[k], n01[k], n02[k], n10[k], n11[k], n12[k], n20[k], n21[k],
+             n22[k]) = _lattice_matrix(vx[k], vy[k], vz[k], vw0[k], vw1[k], vw2[k], ci00, ci01,
+                                       ci02, ci10, ci11, ci12, ci20, ci21, ci22)
+        # every match on every spot in float32 (8 a step, not 4): a spot whose float32 distance
+        # lies in its unsure band (tol_lo32, tol_hi32] is unsure; the matches with an unsure
+        # spot, and then the ones the counts leave in reach of being kept, are scored again in
+        # float64 (:func:`_score_exactly`), which alone gives the errors
+        sure[:n_buf] = 0
+        maybe[:n_buf] = 0  # sure or unsure hits
+        for i in range(0, n, 2):
+            # two spots a step (the last one twice when n is odd, counted once): each match's
+            # matrix loaded once for both (0.138 -> 0.133 ms a leftover call)
+            i2 = min(i + 1, n - 1)
+            two = np.int32(i2 > i)
+            p0, p1, p2 = q_obs32[i, 0], q_obs32[i, 1], q_obs32[i, 2]
+            r0, r1, r2 = q_obs32[i2, 0], q_obs32[i2, 1], q_obs32[i2, 2]
+            lo_p, hi_p, lo_r, hi_r = tol_lo32[i], tol_hi32[i], tol_lo32[i2], tol_hi32[i2]
+            for k in range(n_buf):  # no branch: the compiler vectorises it
+                a00, a01, a02 = n00[k], n01[k], n02[k]
+                a10, a11, a12 = n10[k], n11[k], n12[k]
+                a20, a21, a22 = n20[k], n21[k], n22[k]
+                d_p = _frac_distance(a00, a01, a02, a10, a11, a12, a20, a21, a22, p0, p1, p2)
+                d_r = _frac_distance(a00, a01, a02, a10, a11, a12, a20, a21, a22, r0, r1, r2)
+                sure[k] += np.int32(d_p <= lo_p) + two * np.int32(d_r <= lo_r)
+                maybe[k] += np.int32(d_p <= hi_p) + two * np.int32(d_r <= hi_r)
+        n_ex = 0
+        for k in range(n_buf):
+            count[k] = sure[k]
+            ex[n_ex] = k
+            n_ex += maybe[k] != sure[k]
+        _score_exactly(ex, n_ex, vec, b_inv, q_obs, tol, count, err)
+        for k in range(n_buf):  # those that fail the float64 test are not kept, nor counted
+            n_matched += valid[k]
+            count[k] = count[k] if valid[k] else 0
         # the matches that could be kept by the last kept one so far (it only gets better),
         # listed without a branch; then each of them in order
         c_l, e_l = 3, np.inf
@@ -969,8 +1141,14 @@ def _pair_top_candidates(unit, half_idx, half_unit, half_unit32, half_mate, rep,
             n_above += hist[c_t]
         if c_t > c_l:
             c_l, e_l = c_t, np.inf
-        n_can = 0
+        n_ex = 0
         for k in range(n_buf):
+            ex[n_ex] = k
+            n_ex += count[k] >= c_l
+        _score_exactly(ex, n_ex, vec, b_inv, q_obs, tol, count, err)
+        n_can = 0
+        for v in range(n_ex):
+            k = ex[v]
             can[n_can] = k
             n_can += (count[k] > c_l) | ((count[k] == c_l) & (err[k] <= e_l))
         for v in range(n_can):
