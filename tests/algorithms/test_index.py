@@ -413,13 +413,13 @@ def test_compiled_3x3_products_are_fused_multiply_add_chains() -> None:
 
     from numba import njit
 
-    from sfxflow.algorithms.index import _mul3, _mul3_t
+    from sfxflow.algorithms.fused import product3_into, product3_t_into
 
     @njit
     def both(a, b):  # pragma: no cover - numba
         out, out_t = np.empty((3, 3)), np.empty((3, 3))
-        _mul3(a, b, out)
-        _mul3_t(a, b, out_t)
+        product3_into(a, b, out)
+        product3_t_into(a, b, out_t)
         return out, out_t
 
     def fma(x: float, y: float, z: float) -> float:

@@ -69,11 +69,12 @@ from typing import Any
 
 import gemmi
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic, register_jitable
+from numba import njit
+from numba.extending import register_jitable
 
 from sfxflow.algorithms.detector_tables import detector_tables
 from sfxflow.algorithms.diffraction import _profile_sigma2
+from sfxflow.algorithms.fused import product3_into, product3_t_into
 from sfxflow.algorithms.geometry import miller_indices, panel_point_mm, pixels_to_lab_mm
 from sfxflow.algorithms.predict import PredictParams, ProfileModel, refine_profile
 from sfxflow.algorithms.refine import (
@@ -690,33 +691,6 @@ def _sum9_sq(a0, a1, a2, a3, a4, a5, a6, a7, a8):  # pragma: no cover - compiled
     return s
 
 
-@intrinsic
-def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """``a * b + c`` rounded once (IEEE fused multiply-add: the same bits on any machine)."""
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.fma(*args)
-
-    return types.float64(types.float64, types.float64, types.float64), codegen
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _mul3(a, b, out):  # pragma: no cover - compiled
-    """``out = a @ b`` (3x3) as OpenBLAS's small-matrix kernel computes it here: each entry
-    ``a_i0 b_0j`` then two fused multiply-adds (the same bits as numba's ``@``, which calls
-    it, on 3000 random products; that call costs 0.2-0.4 µs, this 0.01)."""
-    for i in range(3):
-        for j in range(3):
-            out[i, j] = _fma(a[i, 2], b[2, j], _fma(a[i, 1], b[1, j], a[i, 0] * b[0, j]))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _mul3_t(a, b, out):  # pragma: no cover - compiled
-    """``out = a @ b.T`` (3x3), as :func:`_mul3`."""
-    for i in range(3):
-        for j in range(3):
-            out[i, j] = _fma(a[i, 2], b[j, 2], _fma(a[i, 1], b[j, 1], a[i, 0] * b[j, 0]))
-
-
 @njit(cache=True, nogil=True)
 def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                       n_iter):  # pragma: no cover - compiled
@@ -734,7 +708,7 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
     The spot loops keep their matrices and sums in scalars and have no branches: a spot that a
     candidate does not use (or score) adds an exact 0 to its sums, which still run in spot
     order, so the results are those of skipping it, bit for bit. Its 3x3 products are
-    :func:`_mul3` and :func:`_mul3_t` (numba's ``@`` calls BLAS: 0.2-0.4 µs each, two or three
+    :func:`~sfxflow.algorithms.fused.product3_into` and ``product3_t_into`` (numba's ``@`` calls BLAS: 0.2-0.4 µs each, two or three
     a round), with :func:`_nearest_rotation` in scalars: on the leftover searches' 219 calls
     0.024 -> 0.009 ms a call, bit for bit.
 
@@ -758,7 +732,7 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
         u = rots[k].copy()
         m_of_u = False  # whether m is B⁻¹ Uᵀ of this U (then the score reuses it)
         for it in range(n_iter):
-            _mul3_t(b_inv, u, m)  # B⁻¹ Uᵀ: fractional indices of a spot, m q
+            product3_t_into(b_inv, u, m)  # B⁻¹ Uᵀ: fractional indices of a spot, m q
             m_of_u = True
             m00, m01, m02 = m[0, 0], m[0, 1], m[0, 2]
             m10, m11, m12 = m[1, 0], m[1, 1], m[1, 2]
@@ -803,11 +777,11 @@ def _polish_and_score(rots, q, rays, perp_tol, b, tol, exc_tol,
                 m_of_u = False
         out[k] = u
         if not m_of_u:
-            _mul3_t(b_inv, u, m)
+            product3_t_into(b_inv, u, m)
         m00, m01, m02 = m[0, 0], m[0, 1], m[0, 2]
         m10, m11, m12 = m[1, 0], m[1, 1], m[1, 2]
         m20, m21, m22 = m[2, 0], m[2, 1], m[2, 2]
-        _mul3(u, b, ub)
+        product3_into(u, b, ub)
         a00, a01, a02 = ub[0, 0], ub[0, 1], ub[0, 2]
         a10, a11, a12 = ub[1, 0], ub[1, 1], ub[1, 2]
         a20, a21, a22 = ub[2, 0], ub[2, 1], ub[2, 2]
@@ -2145,7 +2119,8 @@ def index_spots(
     Examples
     --------
     >>> from scipy.spatial.transform import Rotation
-    >>> from sfxflow.algorithms.geometry import miller_indices
+    >>> from sfxflow.algorithms.fused import product3_into, product3_t_into
+from sfxflow.algorithms.geometry import miller_indices
     >>> from sfxflow.algorithms.predict import predict_spots
     >>> from sfxflow.models import Panel
     >>> det = Detector((Panel("p0", (-100.0, -100.0, 120.0), (1, 0, 0), (0, 1, 0), 0.1,

@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from sfxflow.algorithms.detector_tables import detector_tables
+from sfxflow.algorithms.fused import fma, product3_into
 from sfxflow.algorithms.robust import median_in_place
 from sfxflow.models import Beam, Crystal, Detector
 from sfxflow.settings import check_fields, refuse, setting
@@ -265,14 +266,14 @@ def predict_positions_px(
 @njit(cache=True, nogil=True, error_model="numpy")
 def _predicted_px_into(a, h, s0, d_inv, row, fs, ss):  # pragma: no cover - compiled
     """:func:`predict_positions_px` in one compiled pass, rounded as its numpy steps were
-    (``h @ a.T + s0`` as numpy's ``@``, :func:`_fma`; ``d⁻¹ k`` in einsum's order, last term
+    (``h @ a.T + s0`` as numpy's ``@``, :func:`~sfxflow.algorithms.fused.fma`; ``d⁻¹ k`` in einsum's order, last term
     first), so the spots judged near a lattice are the same to the bit: ``d_inv[row[j]]`` is
     spot ``j``'s inverse panel matrix. The numpy steps cost 10 µs on the 9 spots a 60-spot
     hit leaves, most of :func:`~sfxflow.algorithms.index.spots_left_after`."""
     for j in range(h.shape[0]):
-        k0 = _fma(h[j, 2], a[0, 2], _fma(h[j, 1], a[0, 1], h[j, 0] * a[0, 0])) + s0[0]
-        k1 = _fma(h[j, 2], a[1, 2], _fma(h[j, 1], a[1, 1], h[j, 0] * a[1, 0])) + s0[1]
-        k2 = _fma(h[j, 2], a[2, 2], _fma(h[j, 1], a[2, 1], h[j, 0] * a[2, 0])) + s0[2]
+        k0 = fma(h[j, 2], a[0, 2], fma(h[j, 1], a[0, 1], h[j, 0] * a[0, 0])) + s0[0]
+        k1 = fma(h[j, 2], a[1, 2], fma(h[j, 1], a[1, 1], h[j, 0] * a[1, 0])) + s0[1]
+        k2 = fma(h[j, 2], a[2, 2], fma(h[j, 1], a[2, 1], h[j, 0] * a[2, 0])) + s0[2]
         m = d_inv[row[j]]
         v0 = (m[0, 2] * k2 + m[0, 0] * k0) + m[0, 1] * k1
         v1 = (m[1, 2] * k2 + m[1, 0] * k0) + m[1, 1] * k1
@@ -1021,30 +1022,12 @@ def _assign(a_matrix: np.ndarray, space_group: gemmi.SpaceGroup | None, rays: _S
 
 
 
-# numpy's small products (its OpenBLAS here) sum each entry from the first term by fused
-# multiply-adds: in that order the cycle loop's ``A`` is numpy's to the bit (a plain compiled
-# product moved later fits by up to 1.8e-6 deg; another BLAS may round otherwise, in the last
-# bits only). The fusion is asked for in this function only.
-@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
-def _fma(p, q, acc):  # pragma: no cover - compiled
-    """``p q + acc`` rounded once."""
-    return p * q + acc
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _blas_product_into(p, q, out):  # pragma: no cover - compiled
-    """``out = p @ q`` (3×3) as numpy's ``@`` rounds it (see :func:`_fma`)."""
-    for i in range(3):
-        for k in range(3):
-            out[i, k] = _fma(p[i, 2], q[2, k], _fma(p[i, 1], q[1, k], p[i, 0] * q[0, k]))
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def _blas_rays_into(a, h, s0, out):  # pragma: no cover - compiled
     """``out = h @ a.T + s0`` (``h`` (n, 3)) as numpy rounds it."""
     for j in range(h.shape[0]):
         for c in range(3):
-            q = _fma(h[j, 2], a[c, 2], _fma(h[j, 1], a[c, 1], h[j, 0] * a[c, 0]))
+            q = fma(h[j, 2], a[c, 2], fma(h[j, 1], a[c, 1], h[j, 0] * a[c, 0]))
             out[j, c] = q + s0[c]
 
 
@@ -1052,7 +1035,7 @@ def _blas_rays_into(a, h, s0, out):  # pragma: no cover - compiled
 def _numpy_rotation_into(vx, vy, vz, r):  # pragma: no cover - compiled
     """``r`` = :func:`rotation_matrix` of ``(vx, vy, vz)`` to the bit: its ``v @ v`` and
     ``k @ k`` as numpy rounds them, then ``(I + sin k) + (1 - cos) k²`` entry by entry."""
-    theta = math.sqrt(_fma(vz, vz, _fma(vy, vy, vx * vx)))
+    theta = math.sqrt(fma(vz, vz, fma(vy, vy, vx * vx)))
     k = np.empty((3, 3))
     if theta < 1e-12:
         x, y, z = vx, vy, vz
@@ -1067,7 +1050,7 @@ def _numpy_rotation_into(vx, vy, vz, r):  # pragma: no cover - compiled
                 r[i, j] = (1.0 if i == j else 0.0) + k[i, j]
         return
     kk = np.empty((3, 3))
-    _blas_product_into(k, k, kk)
+    product3_into(k, k, kk)
     s, c1 = math.sin(theta), 1.0 - math.cos(theta)
     for i in range(3):
         for j in range(3):
@@ -1253,7 +1236,7 @@ def _refine_cycles(a, u, cell6, index, vals, refine_dist, refine_xy, min_spots_x
                 if index[i] >= 0:
                     cell6[i] = vals[index[i]]
         _numpy_rotation_into(x[0], x[1], x[2], r)
-        _blas_product_into(r, u, ub)
+        product3_into(r, u, ub)
         u[:, :] = ub
         moved = False
         if refine_dist and x[i_dist] != sh:
@@ -1263,7 +1246,7 @@ def _refine_cycles(a, u, cell6, index, vals, refine_dist, refine_xy, min_spots_x
         if moved:
             d_inv, row, dirs = _moved_rays(d_tab, d_inv_tab, panel, fs, ss, sh, sx, sy)
         _gemmi_basis_into(cell6, b)
-        _blas_product_into(u, b, a)
+        product3_into(u, b, a)
         k = np.empty((n_sel, 3))
         _blas_rays_into(a, h_sel, s0, k)
         sigma, exc_sigma, px_sigma = _residual_sigmas(f_fit, k, k0, exc_weight > 0)
