@@ -2119,8 +2119,7 @@ def index_spots(
     Examples
     --------
     >>> from scipy.spatial.transform import Rotation
-    >>> from sfxflow.algorithms.fused import product3_into, product3_t_into
-from sfxflow.algorithms.geometry import miller_indices
+    >>> from sfxflow.algorithms.geometry import miller_indices
     >>> from sfxflow.algorithms.predict import predict_spots
     >>> from sfxflow.models import Panel
     >>> det = Detector((Panel("p0", (-100.0, -100.0, 120.0), (1, 0, 0), (0, 1, 0), 0.1,
