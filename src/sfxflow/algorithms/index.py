@@ -1343,17 +1343,17 @@ def _chosen_pairs(pairs: list[tuple[int, int, int]], n_off: int, try_sets: bool)
     return pos.tolist()  # type: ignore[no-any-return]
 
 
-def _pairs_tried(pairs: np.ndarray, params: IndexParams, n_off: int | None) -> list[list[int]]:
+def _pairs_tried(pairs: np.ndarray, params: IndexParams, n_off: int | None) -> np.ndarray:
     """The rows ``(cost, i, j)`` of ``pairs`` that :func:`index_q_candidates` tries: the first
     ``max_pairs`` of at most ``max_pair_candidates``, and when at most ``n_off`` spots may be
     off a lattice (not None) the cheapest of them that find every lattice
     (:func:`_pairs_to_try`)."""
     if pairs.shape[0] == 0 or pairs[0, 0] > params.max_pair_candidates:
-        return []  # cheapest first: none to try (28 of the 155 searches on the bench's leftovers)
+        return pairs[:0]  # cheapest first: none to try (28 of the 155 bench leftover searches)
     pos = _tried_positions(pairs, params.max_pairs, params.max_pair_candidates,
                            n_off is not None, -1 if n_off is None else n_off,
                            n_off is not None and n_off <= 2)
-    return pairs[pos].tolist()  # type: ignore[no-any-return]
+    return pairs[pos]
 
 
 def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
@@ -1504,11 +1504,10 @@ def index_q_candidates(
 
     win_rep, win_all, pairs = _candidate_pairs(q, q_len, sel, table, params)
     tried = _pairs_tried(pairs, params, n - least_indexed if least_indexed > 0 else None)
-    if not tried:
+    if tried.shape[0] == 0:
         return np.zeros((0, 3, 3)), np.zeros(0, dtype=np.int64), 0
-    spots_ij = np.array(tried, dtype=np.int64)[:, 1:]
     rots, counts, err, n_tested = _search_pairs(
-        spots_ij, win_rep, win_all, table.rep_idx, table.qc_unit, table.half_idx,
+        np.ascontiguousarray(tried[:, 1:]), win_rep, win_all, table.rep_idx, table.qc_unit, table.half_idx,
         table.half_unit, table.half_unit32, table.half_mate, q, q_len, rays, perp_tol_inv_a, b,
         b_inv, math.radians(params.angle_tolerance_deg), params.max_excitation_inv_a,
         params.hkl_tolerance, params.n_polish_per_pair, exc_tol, early)
