@@ -312,13 +312,18 @@ def test_pairs_tried_with_many_pair_spots_and_many_off_are_every_pair() -> None:
     sets were once built to list them, 8 GB): every pair is tried, at once."""
     import itertools
 
-    from sfxflow.algorithms.index import _off_lattice_sets, _pairs_needed, _pairs_to_try
+    from sfxflow.algorithms.index import (
+        _n_off_lattice_sets,
+        _pairs_needed,
+        _pairs_to_try,
+        _subset_masks,
+    )
 
     pairs = sorted((31 * i + j, i, j) for i, j in itertools.combinations(range(30), 2))
     assert _pairs_to_try(pairs, 21) == pairs
     assert _pairs_needed(pairs, 21) == len(pairs)
     # the sets it does list: every set of at most n_off spots, once
-    sets = _off_lattice_sets(9, 2)
+    sets = _subset_masks(9, 2, _n_off_lattice_sets(9, 2, 2**62))
     assert sets.size == 1 + 9 + 36 == np.unique(sets).size
     assert max(bin(int(x)).count("1") for x in sets) == 2
 
@@ -578,15 +583,16 @@ def test_spots_near_a_lattice_are_judged_with_its_refined_distance() -> None:
 def test_candidate_pairs_match_a_plain_listing() -> None:
     """The compiled windows and pairs against a plain listing: every pair of pair spots not
     within 8 degrees of collinear with candidates in both windows, sorted as tuples."""
-    from sfxflow.algorithms.geometry import lab_to_q
-    from sfxflow.algorithms.index import _candidate_pairs, _lab_mm
+    from sfxflow.algorithms.geometry import lab_to_q, pixels_to_lab_mm
+    from sfxflow.algorithms.index import _candidate_pairs
 
     target = TargetCell("61.4 122.6 168.0 90 90 90", "C 2 2 21")
     params = IndexParams()
     rng = np.random.default_rng(8)
     for n_spots in (9, 15, 30, 60):
         hit = simulated_hit(target, DETECTOR, BEAM, n_spots, rng)
-        q = lab_to_q(_lab_mm(DETECTOR, hit.spots), BEAM)
+        spots = hit.spots
+        q = lab_to_q(pixels_to_lab_mm(DETECTOR, spots.panel, spots.fs_px, spots.ss_px), BEAM)
         q_len = np.linalg.norm(q, axis=1)
         sel = np.argsort(q_len, kind="stable")[: params.n_pair_spots]
         table = target_table(target, 1.0 / (q_len[sel].max() * 1.02))

@@ -75,7 +75,7 @@ from numba.extending import register_jitable
 from sfxflow.algorithms.detector_tables import detector_tables
 from sfxflow.algorithms.diffraction import _profile_sigma2
 from sfxflow.algorithms.fused import fma, product3_into, product3_t_into
-from sfxflow.algorithms.geometry import miller_indices, panel_point_mm, pixels_to_lab_mm
+from sfxflow.algorithms.geometry import miller_indices, panel_point_mm
 from sfxflow.algorithms.predict import PredictParams, ProfileModel, refine_profile
 from sfxflow.algorithms.refine import (
     RefineParams,
@@ -1288,14 +1288,6 @@ def _subset_masks(n_spots, n_off, n_sets):  # pragma: no cover - compiled
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _off_lattice_sets(n_spots: int, n_off: int) -> np.ndarray:
-    """:func:`_subset_masks`: every set of at most ``n_off`` of ``n_spots`` spots (cached)."""
-    subsets = _subset_masks(n_spots, n_off, _n_off_lattice_sets(n_spots, n_off, 2**62))
-    subsets.setflags(write=False)
-    return subsets  # type: ignore[no-any-return]
-
-
 @njit(cache=True, nogil=True)
 def _tried_positions(pairs, max_pairs, max_candidates, cover, n_off,
                      try_sets):  # pragma: no cover - compiled
@@ -1774,6 +1766,17 @@ def _acceptance_kernel(d, panel, fs, ss, tol_px, wavelength_a, s0x, s0y,
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _lab_point_q(x, y, z, wavelength_a, s0x, s0y, s0z):  # pragma: no cover - compiled
+    """The scattering vector ``q`` (Å⁻¹) of a lab point (mm), ``|q|`` and the point's distance
+    from the sample, as :func:`~sfxflow.algorithms.geometry.lab_to_q` and the norms round them
+    (what :func:`_spot_vectors` and :func:`_acceptance_point` both need, to the same bits)."""
+    dist = math.sqrt(x * x + y * y + z * z)
+    scale = dist * wavelength_a
+    qx, qy, qz = x / scale - s0x, y / scale - s0y, z / scale - s0z
+    return qx, qy, qz, math.sqrt(qx * qx + qy * qy + qz * qz), dist
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _acceptance_point(d, panel, fs, ss, tol_px, wavelength_a, s0x, s0y,
                       s0z):  # pragma: no cover - compiled
     """One spot of :func:`_acceptance_kernel`: the solid angle, ``|q|`` (:func:`lab_to_q`'s and
@@ -1781,16 +1784,13 @@ def _acceptance_point(d, panel, fs, ss, tol_px, wavelength_a, s0x, s0y,
     size along the fast axis."""
     m = d[panel]
     x, y, z = panel_point_mm(d, panel, fs, ss)
-    dist = math.sqrt(x * x + y * y + z * z)
+    _, _, _, q_len, dist = _lab_point_q(x, y, z, wavelength_a, s0x, s0y, s0z)
     p = math.sqrt(m[0, 0] ** 2 + m[1, 0] ** 2 + m[2, 0] ** 2)
     nx = (m[1, 0] * m[2, 1] - m[2, 0] * m[1, 1]) / (p * p)
     ny = (m[2, 0] * m[0, 1] - m[0, 0] * m[2, 1]) / (p * p)
     nz = (m[0, 0] * m[1, 1] - m[1, 0] * m[0, 1]) / (p * p)
     cos_inc = abs(nx * x + ny * y + nz * z) / dist
     omega = math.pi * (tol_px * p) ** 2 * cos_inc / dist**2
-    scale = dist * wavelength_a
-    qx, qy, qz = x / scale - s0x, y / scale - s0y, z / scale - s0z
-    q_len = math.sqrt(qx * qx + qy * qy + qz * qz)
     r_inv_a = math.sqrt(omega) / math.sqrt(math.pi) / wavelength_a
     return omega, q_len, r_inv_a, p
 
@@ -1884,7 +1884,7 @@ def _spot_vectors(d, pixel_mm, panel, fs, ss, wavelength_a, s0x, s0y, s0z, stric
     vectors ``q`` (Å⁻¹), their lengths, unit rays, the strict score's tolerance across each ray
     (``strict_px`` pixels, Å⁻¹) and the spots eligible for pairs (``|q| >= min_q_len``, not 0)
     by ascending ``|q|`` (stable). Each value to the bit as the numpy steps it replaced give it
-    (:func:`_lab_mm` as :func:`panel_point_mm` sums it, :func:`lab_to_q`, the norms summed in
+    (the lab position as :func:`panel_point_mm` sums it, :func:`lab_to_q`, the norms summed in
     order), which with their calls cost 25 µs a search for a further lattice."""
     n = panel.size
     q = np.empty((n, 3))
@@ -1893,21 +1893,12 @@ def _spot_vectors(d, pixel_mm, panel, fs, ss, wavelength_a, s0x, s0y, s0z, stric
     perp_tol = np.empty(n)
     for i in range(n):
         x, y, z = panel_point_mm(d, panel[i], fs[i], ss[i])
-        dist = math.sqrt(x * x + y * y + z * z)
-        scale = dist * wavelength_a
-        q[i, 0], q[i, 1], q[i, 2] = x / scale - s0x, y / scale - s0y, z / scale - s0z
-        q_len[i] = math.sqrt(q[i, 0] * q[i, 0] + q[i, 1] * q[i, 1] + q[i, 2] * q[i, 2])
+        q[i, 0], q[i, 1], q[i, 2], q_len[i], dist = _lab_point_q(x, y, z, wavelength_a, s0x,
+                                                                 s0y, s0z)
         rays[i, 0], rays[i, 1], rays[i, 2] = x / dist, y / dist, z / dist
         perp_tol[i] = strict_px * pixel_mm[panel[i]] / dist / wavelength_a
     eligible = np.flatnonzero((q_len > 0) & (q_len >= min_q_len))
     return q, q_len, rays, perp_tol, eligible[np.argsort(q_len[eligible], kind="mergesort")]
-
-
-def _lab_mm(detector: Detector, spots: SpotTable) -> np.ndarray:
-    """Lab positions (mm) of the spots, with the detector's cached panel matrices
-    (:func:`~sfxflow.algorithms.geometry.pixels_to_lab_mm` rebuilds them on every call)."""
-    return pixels_to_lab_mm(detector, spots.panel, spots.fs_px, spots.ss_px,
-                            matrices=detector_tables(detector).matrices)
 
 
 def reason_kind(reason: str) -> str:

@@ -266,14 +266,14 @@ def predict_positions_px(
 @njit(cache=True, nogil=True, error_model="numpy")
 def _predicted_px_into(a, h, s0, d_inv, row, fs, ss):  # pragma: no cover - compiled
     """:func:`predict_positions_px` in one compiled pass, rounded as its numpy steps were
-    (``h @ a.T + s0`` as numpy's ``@``, :func:`~sfxflow.algorithms.fused.fma`; ``d⁻¹ k`` in einsum's order, last term
-    first), so the spots judged near a lattice are the same to the bit: ``d_inv[row[j]]`` is
+    (``h @ a.T + s0`` as numpy's ``@``, :func:`_blas_rays_into`; ``d⁻¹ k`` in einsum's order,
+    last term first), so the spots judged near a lattice are the same to the bit: ``d_inv[row[j]]`` is
     spot ``j``'s inverse panel matrix. The numpy steps cost 10 µs on the 9 spots a 60-spot
     hit leaves, most of :func:`~sfxflow.algorithms.index.spots_left_after`."""
+    k = np.empty((h.shape[0], 3))
+    _blas_rays_into(a, h, s0, k)
     for j in range(h.shape[0]):
-        k0 = fma(h[j, 2], a[0, 2], fma(h[j, 1], a[0, 1], h[j, 0] * a[0, 0])) + s0[0]
-        k1 = fma(h[j, 2], a[1, 2], fma(h[j, 1], a[1, 1], h[j, 0] * a[1, 0])) + s0[1]
-        k2 = fma(h[j, 2], a[2, 2], fma(h[j, 1], a[2, 1], h[j, 0] * a[2, 0])) + s0[2]
+        k0, k1, k2 = k[j, 0], k[j, 1], k[j, 2]
         m = d_inv[row[j]]
         v0 = (m[0, 2] * k2 + m[0, 0] * k0) + m[0, 1] * k1
         v1 = (m[1, 2] * k2 + m[1, 0] * k0) + m[1, 1] * k1
