@@ -748,3 +748,50 @@ def test_target_constants_are_rebuilt_read_only_after_pickling() -> None:
     assert np.array_equal(copy._fixed.b, fixed.b) and not copy._fixed.b.flags.writeable
     assert copy._fixed.cell_params == fixed.cell_params == tuple(target.cell.parameters)
     assert copy._fixed.n_rotations == len(point_group_rotations(target.space_group)) == 12
+
+
+def test_further_lattices_may_be_asked_to_index_more_spots_than_the_first() -> None:
+    """``further_min_indexed``: a second crystal's 10 spots beside a 30-spot hit are found with
+    the default (a further lattice, like the first, must index 8), not when a further lattice
+    must index 12; and the 8 spots a hit leaves are not searched when 9 are needed."""
+    from dataclasses import replace
+
+    from sfxflow.algorithms.index import (
+        IndexParams,
+        further_lattice_params,
+        index_lattices,
+        spots_left_after,
+    )
+    from sfxflow.benchmarks.index import with_second_crystal
+
+    default = IndexParams()
+    assert further_lattice_params(default) is default
+    strict = IndexParams(further_min_indexed=12)
+    assert further_lattice_params(strict) == replace(strict, min_indexed=12)
+    target = TargetCell(TARGETS["P 21 21 21"], "P 21 21 21")
+    rng = np.random.default_rng(3)
+    both_default = both_strict = 0
+    for _ in range(6):
+        hit = simulated_hit(target, DETECTOR, BEAM, 30, rng)
+        spots, second = with_second_crystal(hit, target, DETECTOR, BEAM, 10, rng)
+        for params in (default, strict):
+            found = [r for r in index_lattices(spots, DETECTOR, BEAM, target, params) if r.success]
+            crystals = [r.crystal for r in found]
+            both = all(any(misorientation_deg(c, t) < 0.1 for c in crystals)
+                       for t in (hit.truth, second))
+            if params is default:
+                both_default += both
+            else:
+                both_strict += both
+                assert all(r.n_indexed >= 12 for r in found[1:])
+    assert both_default >= 3 and both_strict == 0
+    hit = simulated_hit(target, DETECTOR, BEAM, 30, rng)
+    (res,) = index_lattices(hit.spots, DETECTOR, BEAM, target, replace(default, max_crystals=1))
+    assert res.success
+    left = np.flatnonzero(~res.indexed_mask)[:8]
+    keep = np.union1d(np.flatnonzero(res.indexed_mask), left)
+    sub = hit.spots.select(keep)
+    on_sub = replace(res, indexed_mask=res.indexed_mask[keep])
+    assert spots_left_after(on_sub, sub, keep, DETECTOR, BEAM, default).size <= 8
+    assert spots_left_after(on_sub, sub, keep, DETECTOR, BEAM,
+                            replace(default, min_indexed=9)).size == 0

@@ -186,6 +186,10 @@ class IndexParams:
     max_crystals : lattices sought per frame (CrystFEL's ``--multi``): after one is found, the
         spots it does not explain are indexed again, until this many crystals or no further
         solution. 1 switches multi-lattice indexing off.
+    further_min_indexed : least number of spots a lattice after the first must index
+        (``None``: ``min_indexed``). Raised, it skips the search on the few false spots a
+        single-crystal hit leaves (~0.2 ms a hit) at the price of small second lattices;
+        ``sfxflow bench index --multi --further-min-indexed N`` prints both.
     refine : :class:`~sfxflow.algorithms.refine.RefineParams`.
     """
 
@@ -216,6 +220,7 @@ class IndexParams:
     profile_acceptance: bool = setting(True)
     profile_nsigma: float = setting(3.0, gt=0, le=100)
     max_crystals: int = setting(4, ge=1, le=100)
+    further_min_indexed: int | None = setting(None, ge=3, le=100_000)
     refine: RefineParams = section(RefineParams, flag_prefix="refine-")
 
     def __post_init__(self) -> None:
@@ -2193,15 +2198,16 @@ def index_lattices(
         ``indexed_mask`` over *all* the frame's spots (rows of another lattice are zero /
         False); when even the first lattice fails, a one-element list with that failure.
         Each later search must pass every test the first one does (significance included),
-        on its own remaining spots.
+        on its own remaining spots, with ``further_min_indexed`` for ``min_indexed`` when set.
     """
     params = params or IndexParams()
+    further = further_lattice_params(params)
     n = len(spots)
     remaining = np.arange(n)
     found: list[IndexResult] = []
     for _ in range(params.max_crystals):
         sub = spots if remaining.size == n else spots.select(remaining)
-        res = index_spots(sub, detector, beam, target, params)
+        res = index_spots(sub, detector, beam, target, further if found else params)
         if not res.success:
             if not found:
                 return [res]
@@ -2216,10 +2222,18 @@ def index_lattices(
             found.append(replace(res, miller_indices=hkl, indexed_mask=mask, n_spots=n))
         if len(found) == params.max_crystals:
             break  # no further search: the spots it would get are not needed
-        remaining = spots_left_after(res, sub, remaining, detector, beam, params)
+        remaining = spots_left_after(res, sub, remaining, detector, beam, further)
         if remaining.size == 0:
             break
     return found
+
+
+def further_lattice_params(params: IndexParams) -> IndexParams:
+    """The options a search for a lattice after the first runs with: ``params`` with
+    ``further_min_indexed`` for ``min_indexed`` when it is set."""
+    if params.further_min_indexed is None:
+        return params
+    return replace(params, min_indexed=params.further_min_indexed)
 
 
 def spots_left_after(res: IndexResult, sub: SpotTable, remaining: np.ndarray,

@@ -21,6 +21,7 @@ from sfxflow.algorithms.geometry import miller_indices, pixels_to_q
 from sfxflow.algorithms.index import (
     IndexParams,
     TargetCell,
+    further_lattice_params,
     index_lattices,
     index_spots,
     misorientation_deg,
@@ -46,13 +47,16 @@ second crystal's N/3 spots added (no false ones), how often both crystals are fo
 0.1 deg of the truth) with the default max_crystals; then the same cost on frames not
 simulated here, with their spots as the pipeline finds them (the 16 independent stills and
 the 2 real CSPAD CBFs in ../shared/data), and how many searches for a further lattice each
-set made. Before timing, every candidate table a search on the detector can ask for is
+set made. With --further-min-indexed N, every lattice after the first must index N spots
+(fewer left: no further search): what that saves and what it loses, side by side with a run
+without it. Before timing, every candidate table a search on the detector can ask for is
 built, as a long run has them cached.
 
 Examples:
   sfxflow bench index
   sfxflow bench index --frames 100 --spots 30
   sfxflow bench index --spots 30 60 --multi
+  sfxflow bench index --spots 30 60 --multi --further-min-indexed 10
 """
 
 #: (name, cell, space group) of the benchmark targets.
@@ -165,6 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     number(parser, "--seed", kind=int, default=1, ge=0, le=2**63 - 1, help="random seed")
     parser.add_argument("--multi", action="store_true",
                         help="also time index_lattices with the default max_crystals and with 1")
+    number(parser, "--further-min-indexed", kind=int, default=None, ge=3, le=100_000,
+           help="least spots a lattice after the first must index (default: min_indexed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--frames must be >= 1, got {args.frames}")
     detector = cspad(distance_mm=130.0)
     beam = Beam(wavelength_a=1.3)
-    params = IndexParams()
+    params = IndexParams(further_min_indexed=args.further_min_indexed)
     rng = np.random.default_rng(args.seed)
     # the second crystals of --multi from their own stream: the hits are the same with or without
     second_rng = np.random.default_rng([args.seed, 2])
@@ -267,8 +273,10 @@ def _print_multi_cost_real(params: IndexParams, repeats: int = 7) -> None:
         print("(no independent stills or real CBFs under ../shared: real-frame cost skipped)")
         return
     one = replace(params, max_crystals=1)
+    further = ("" if params.further_min_indexed is None
+               else f", further lattices {params.further_min_indexed} spots")
     print(f"every lattice on frames not simulated here (max_crystals {params.max_crystals} "
-          f"against 1, CPU ms per frame, median of {repeats} passes):")
+          f"against 1{further}, CPU ms per frame, median of {repeats} passes):")
     for label, frames, target in sets:
         times: dict[int, list[float]] = {params.max_crystals: [], 1: []}
         lattices = searches = 0
@@ -295,11 +303,12 @@ def _further_searches(found: list[Any], spots: SpotTable, frame: Any,
     (:func:`~sfxflow.algorithms.index.spots_left_after`), a search after each lattice while
     spots are left and ``max_crystals`` not reached (those that found none included)."""
     remaining = np.arange(len(spots))
+    further = further_lattice_params(params)
     searches = 0
     for k, res in enumerate(r for r in found if r.success):
         sub = spots.select(remaining)
         on_sub = replace(res, indexed_mask=res.indexed_mask[remaining])
-        remaining = spots_left_after(on_sub, sub, remaining, frame.detector, frame.beam, params)
+        remaining = spots_left_after(on_sub, sub, remaining, frame.detector, frame.beam, further)
         if remaining.size == 0 or k + 1 >= params.max_crystals:
             break
         searches += 1
@@ -322,7 +331,9 @@ def _print_multi_cost(hits: list[SimulatedHit], detector: Detector, beam: Beam,
             if p is params:
                 n_extra += sum(r.success for r in found[1:])
     many, single = times[params.max_crystals], times[1]
-    print(f"{'':<14} {'':<11} {'':>5} every lattice: max_crystals {params.max_crystals} "
+    further = ("" if params.further_min_indexed is None
+               else f" (further lattices: {params.further_min_indexed} spots)")
+    print(f"{'':<14} {'':<11} {'':>5} every lattice{further}: max_crystals {params.max_crystals} "
           f"{statistics.median(many):.2f} ms (max {max(many):.1f}), max_crystals 1 "
           f"{statistics.median(single):.2f} ms (max {max(single):.1f}); "
           f"{n_extra} further lattices found")
