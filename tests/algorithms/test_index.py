@@ -227,8 +227,28 @@ def test_wrong_cell_is_not_indexed() -> None:
     assert n_ok == 0
 
 
+def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
+    """How many of ``pairs``, in their order, the search tries when at most ``n_off`` spots may
+    be off a lattice and no set of two or three is tried instead (the first rule of
+    :func:`~sfxflow.algorithms.index._pairs_tried`)."""
+    from sfxflow.algorithms.index import _tried_positions
+
+    rows = np.array(pairs, dtype=np.int64).reshape(-1, 3)
+    return int(_tried_positions(rows, len(pairs), rows[:, 0].max(initial=0), True, n_off,
+                                False).size)
+
+
+def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[int, int, int]]:
+    """The pairs the search tries, in their order, when at most ``n_off`` spots may be off a
+    lattice (:func:`~sfxflow.algorithms.index._pairs_tried`, every pair allowed)."""
+    from sfxflow.algorithms.index import _pairs_tried
+
+    rows = np.array(pairs, dtype=np.int64).reshape(-1, 3)
+    params = IndexParams(max_pairs=len(pairs), max_pair_candidates=int(rows[:, 0].max()))
+    return [(int(c), int(i), int(j)) for c, i, j in _pairs_tried(rows, params, n_off)]
+
+
 def test_pair_search_stops_once_further_pairs_cannot_find_another_lattice() -> None:
-    from sfxflow.algorithms.index import _pairs_needed
 
     pairs = [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 1, 2), (5, 2, 3)]
     assert _pairs_needed(pairs, 0) == 1  # every spot on the lattice: any pair finds it
@@ -239,8 +259,6 @@ def test_pair_search_stops_once_further_pairs_cannot_find_another_lattice() -> N
 
 
 def test_pairs_tried_are_the_cheapest_set_that_finds_every_lattice() -> None:
-    from sfxflow.algorithms.index import _pairs_needed, _pairs_to_try
-
     pairs = [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 0, 4), (5, 1, 2), (6, 3, 4)]
     assert _pairs_needed(pairs, 1) == 5  # the first pair without spot 0 is the fifth
     # one spot off: (0, 1) finds a lattice without 3 or 4, (3, 4) one without 0 or 1 (cost 7,
@@ -259,8 +277,6 @@ def test_pairs_tried_match_a_plain_search_over_every_set() -> None:
     boolean one over every set of off-lattice spots, on random pair lists of 8-12 spots (up to
     79 off-lattice sets: two words) and 0-2 off: the first pairs needed, then the sets."""
     import itertools
-
-    from sfxflow.algorithms.index import _pairs_needed, _pairs_to_try
 
     def plain_finds(pairs: list[tuple[int, int, int]], n_off: int) -> np.ndarray:
         """``(set, pair)``: whether the pair has no spot in the set of off-lattice spots."""
@@ -312,12 +328,7 @@ def test_pairs_tried_with_many_pair_spots_and_many_off_are_every_pair() -> None:
     sets were once built to list them, 8 GB): every pair is tried, at once."""
     import itertools
 
-    from sfxflow.algorithms.index import (
-        _n_off_lattice_sets,
-        _pairs_needed,
-        _pairs_to_try,
-        _subset_masks,
-    )
+    from sfxflow.algorithms.index import _n_off_lattice_sets, _subset_masks
 
     pairs = sorted((31 * i + j, i, j) for i, j in itertools.combinations(range(30), 2))
     assert _pairs_to_try(pairs, 21) == pairs
@@ -559,7 +570,7 @@ def test_spots_near_a_lattice_are_judged_with_its_refined_distance() -> None:
     first frame's 60 were near and the other 42 went on to the next search."""
     from dataclasses import replace
 
-    from sfxflow.algorithms.index import _near_lattice
+    from sfxflow.algorithms.index import _near_lattice_columns
     from sfxflow.algorithms.refine import RefineParams
 
     target = TargetCell("79.1 79.1 38.0 90 90 90", "P 43 21 2")
@@ -571,11 +582,12 @@ def test_spots_near_a_lattice_are_judged_with_its_refined_distance() -> None:
         hit = simulated_hit(target, far, BEAM, 60, rng, false_fraction=0.0, noise_px=0.1)
         res = index_spots(hit.spots, DETECTOR, BEAM, target, params)
         assert res.success and abs(res.distance_shift_mm - 1.5) < 0.3
-        near = _near_lattice(res, hit.spots, DETECTOR, BEAM, params)
+        columns = (hit.spots.panel, hit.spots.fs_px, hit.spots.ss_px)
+        near = _near_lattice_columns(res, *columns, DETECTOR, BEAM, params)
         n_near += int(near.sum())
         n_spots += len(hit.spots)
-        unshifted = _near_lattice(replace(res, distance_shift_mm=0.0), hit.spots, DETECTOR,
-                                  BEAM, params)
+        unshifted = _near_lattice_columns(replace(res, distance_shift_mm=0.0), *columns,
+                                          DETECTOR, BEAM, params)
         assert unshifted.sum() < near.sum()
     assert n_near >= 0.98 * n_spots
 

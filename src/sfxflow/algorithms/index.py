@@ -1245,7 +1245,7 @@ def _pair_windows(q, q_len, sel, rep_q_len, all_q_len, tol_rel, tol_abs,
     return win_rep, win_all, pairs
 
 
-#: the most sets of off-lattice spots :func:`_pairs_to_try` enumerates: beyond (many pair spots,
+#: the most sets of off-lattice spots :func:`_pairs_tried` enumerates: beyond (many pair spots,
 #: several off) it tries every pair, as it does once all but two spots may be off
 _MAX_OFF_LATTICE_SETS = 4096
 
@@ -1332,19 +1332,30 @@ def _tried_positions(pairs, max_pairs, max_candidates, cover, n_off,
     return keep[_cover_search(bits, cost, _subset_masks(n_spots, n_off, n_sets), try_sets)]
 
 
-def _chosen_pairs(pairs: list[tuple[int, int, int]], n_off: int, try_sets: bool) -> list[int]:
-    """:func:`_tried_positions` of every one of ``pairs``: the positions of those to try."""
-    rows = np.array(pairs, dtype=np.int64).reshape(-1, 3)
-    pos = _tried_positions(rows, rows.shape[0], rows[:, 0].max(initial=0), True, n_off,
-                           try_sets)
-    return pos.tolist()  # type: ignore[no-any-return]
-
-
 def _pairs_tried(pairs: np.ndarray, params: IndexParams, n_off: int | None) -> np.ndarray:
     """The rows ``(cost, i, j)`` of ``pairs`` that :func:`index_q_candidates` tries: the first
     ``max_pairs`` of at most ``max_pair_candidates``, and when at most ``n_off`` spots may be
-    off a lattice (not None) the cheapest of them that find every lattice
-    (:func:`_pairs_to_try`)."""
+    off a lattice (not None) the cheapest of them that find every lattice those could find.
+
+    The pair search finds a lattice from a pair of its spots (the pair test accepts their two
+    indices), so a lattice whose off-lattice spots ``S`` touch every pair tried is not found,
+    and no pair can find one whose ``S`` touches them all. Once each set ``S`` of at most
+    ``n_off`` spots that some pair misses is missed by a pair tried, the others can only find
+    again what those found. Tried are the fewest first pairs that do so, or, with at most two
+    off, the set of two or three of the 16 first pairs of the fewest candidates in all that
+    does (:func:`_tried_positions`, :func:`_cover_search`). With ``n_off`` at least the number
+    of spots less one every pair is tried (all spots but two miss only their pair).
+
+    This ends the search for a further lattice (:func:`index_lattices`) on the 8 or 9 false
+    spots a 60-spot hit leaves: at high resolution, their 26-36 pairs hold 10^4 to 10^5
+    candidate orientations; with 8 spots every one must be on the lattice and the first pair
+    is enough; with 9, two disjoint pairs or three pairs on three spots are (the first pairs
+    share the lowest-resolution spot, the one with the fewest candidates: on the 9 false spots
+    a triclinic 60-spot hit leaves the cheapest set halves the candidates of the first pairs
+    needed, 3.7 10^7 index pairs over 37 searches -> 2.0 10^7). A search on 19 spots or more
+    with the default settings tries every pair (12 pair spots, 11 off). The cover search is one
+    compiled pass: the boolean matrices and bit words it replaced cost 55-70 µs a search.
+    """
     if pairs.shape[0] == 0 or pairs[0, 0] > params.max_pair_candidates:
         return pairs[:0]  # cheapest first: none to try (28 of the 155 bench leftover searches)
     pos = _tried_positions(pairs, params.max_pairs, params.max_pair_candidates,
@@ -1353,50 +1364,13 @@ def _pairs_tried(pairs: np.ndarray, params: IndexParams, n_off: int | None) -> n
     return pairs[pos]
 
 
-def _pairs_needed(pairs: list[tuple[int, int, int]], n_off: int) -> int:
-    """How many of ``pairs``, tried in their order, find every lattice that all of them would
-    find, when at most ``n_off`` of the spots may be off that lattice.
-
-    The pair search finds a lattice from a pair of its spots (the pair test accepts their two
-    indices), so a lattice whose off-lattice spots ``S`` touch every pair tried is not found,
-    and no pair can find one whose ``S`` touches them all. Once each set ``S`` of at most
-    ``n_off`` spots that some pair misses is missed by one of the first ``t`` pairs, the others
-    can only find again what those found. With ``n_off`` at least the number of spots less one
-    that takes every pair (all spots but two miss only their pair).
-
-    This ends the search for a further lattice (:func:`index_lattices`) on the 8 or 9 false
-    spots a 60-spot hit leaves: at high resolution, their 26-36 pairs hold 10^4 to 10^5
-    candidate orientations; with 8 spots every one must be on the lattice and the first pair
-    is enough, with 9 the first pairs that do not all share one spot. A search on 19 spots or
-    more with the default settings tries every pair as before (12 pair spots, 11 off).
-    """
-    return len(_chosen_pairs(pairs, n_off, try_sets=False))
-
-
-def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[int, int, int]]:
-    """The pairs to try, in their order, when at most ``n_off`` spots may be off a lattice: the
-    fewest candidates in all among the first :func:`_pairs_needed` of them and the sets of two
-    or three of the 16 first pairs that have, for every set of off-lattice spots some pair of
-    ``pairs`` misses, a pair that misses it too (every lattice the pairs could find).
-
-    The first pairs share the lowest-resolution spot, the one with the fewest candidates; with
-    one spot off the lattice they are tried until one without it comes, while two disjoint
-    pairs, or three pairs on three spots, are enough. On the 9 false spots a triclinic 60-spot
-    hit leaves this halves the candidates (3.7 10^7 index pairs over 37 searches -> 2.0 10^7).
-    Sets of two pairs cover one spot off, of three two; with more every first pair is tried.
-    One compiled pass (:func:`_cover_search`): the boolean matrices and bit words it replaced
-    cost 55-70 µs a search.
-    """
-    return [pairs[i] for i in _chosen_pairs(pairs, n_off, try_sets=n_off <= 2)]
-
-
 @njit(cache=True, nogil=True)
 def _cover_search(pair_bits, cost, off_sets, try_sets):  # pragma: no cover - compiled
-    """:func:`_pairs_to_try` on bit masks: the indices of the pairs to try, ascending.
+    """:func:`_pairs_tried`' choice on bit masks: the indices of the pairs to try, ascending.
 
     A pair misses the set ``S`` of off-lattice spots when neither of its spots is in ``S``; the
     sets some pair misses must each be missed by a pair tried. First the fewest first pairs
-    (:func:`_pairs_needed`); then, with ``try_sets`` and more than two of those, the cheapest
+    that do so; then, with ``try_sets`` and more than two of those, the cheapest
     set of two, then of three, of the first 16 pairs (first in
     :func:`itertools.combinations` order among the cheapest) if cheaper still."""
     n_pairs = pair_bits.size
@@ -1479,7 +1453,7 @@ def index_q_candidates(
     least_indexed : the least number of the ``n`` spots a solution must index to be accepted
         (:func:`_least_indexed`; 0: no bound). At most ``n - least_indexed`` spots are off
         its lattice, so only pairs that have one on any lattice the others could find are
-        tried: the cheapest such set (:func:`_pairs_to_try`, :func:`_pairs_needed`).
+        tried: the cheapest such set (:func:`_pairs_tried`).
     q_len_inv_a : ``|q|`` when the caller has it (:func:`index_spots`), as ``np.linalg.norm``
         gives it; computed here otherwise.
 
@@ -2027,7 +2001,7 @@ def _least_indexed(spots: SpotTable, detector: Detector, beam: Beam, target: Tar
     default settings the count tests bound it; with a lower ``min_indexed`` it is the
     significance test. It is computed (0.09 ms) only where the count tests already leave
     fewer spots off the lattice than the pair spots less one, where the pair search can stop
-    early (:func:`_pairs_to_try`); on more spots every pair is tried and the solution's own
+    early (:func:`_pairs_tried`); on more spots every pair is tried and the solution's own
     significance test decides, as before.
     """
     n = len(spots)
@@ -2240,7 +2214,7 @@ def spots_left_after(res: IndexResult, sub: SpotTable, remaining: np.ndarray,
                      detector: Detector, beam: Beam, params: IndexParams) -> np.ndarray:
     """The frame's spots the search for a further lattice gets once ``res`` is found on ``sub``
     (the frame's spots ``remaining``; ``res``'s masks over ``sub``): those it neither indexes
-    nor lies near (:func:`_near_lattice`); none when too few are left to make a lattice
+    nor lies near (:func:`_near_lattice_columns`); none when too few are left to make a lattice
     (``min_spots``, ``min_indexed``): then no search is made, at no cost.
     :func:`index_lattices` steps from lattice to lattice with it."""
     too_few = max(params.min_spots, params.min_indexed)
@@ -2254,20 +2228,14 @@ def spots_left_after(res: IndexResult, sub: SpotTable, remaining: np.ndarray,
     return left if left.size >= too_few else left[:0]
 
 
-def _near_lattice(res: IndexResult, spots: SpotTable, detector: Detector, beam: Beam,
-                  params: IndexParams) -> np.ndarray:
-    """Spots that sit on a found lattice's predictions though not counted as indexed by it
-    (beyond ``max_spots``, or rejected as outliers by a whisker): they must not seed the search
-    for the next lattice."""
-    return _near_lattice_columns(res, spots.panel, spots.fs_px, spots.ss_px, detector, beam,
-                                 params)
-
-
 def _near_lattice_columns(res: IndexResult, panel: np.ndarray, fs_px: np.ndarray,
                           ss_px: np.ndarray, detector: Detector, beam: Beam,
                           params: IndexParams) -> np.ndarray:
-    """:func:`_near_lattice` of spot columns (a :class:`SpotTable` of the rows left costs
-    7 µs to build, a fifth of :func:`spots_left_after`)."""
+    """Which of the spots (columns ``panel``, ``fs_px``, ``ss_px``) sit on a found lattice's
+    predictions though not counted as indexed by it (beyond ``max_spots``, or rejected as
+    outliers by a whisker): they must not seed the search for the next lattice. Columns, not a
+    :class:`SpotTable` (one of the rows left costs 7 µs to build, a fifth of
+    :func:`spots_left_after`)."""
     if res.crystal is None or panel.size == 0:
         return np.zeros(panel.size, bool)
     _, _, rays, _, _ = _search_vectors(panel, fs_px, ss_px, detector, beam, params)
