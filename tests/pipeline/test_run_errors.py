@@ -71,11 +71,15 @@ def _closed_port() -> int:
 def test_dead_object_storage_run_directory_is_one_line(sim_set, capsys, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    t0 = time.monotonic()
     code = main(_process_argv(sim_set, "s3://bucket/run", "--scheduler", "synchronous",
                               "--endpoint-url", f"http://127.0.0.1:{_closed_port()}",
                               "--set", "run.storage_retry_s=1"))
     err = capsys.readouterr().err
-    assert code == EXIT_RERUN
+    assert code == EXIT_RERUN, err
+    # the run's retry period from the first storage call on (the checks before the run took
+    # the default 60 s here: 55.8 s in CI); each operation ends by 1 s + a connect timeout
+    assert time.monotonic() - t0 < 30, err
     assert "Traceback" not in err
     assert "s3://bucket/run" in err and "run the same command again" in err
 

@@ -139,6 +139,7 @@ def preflight(inputs: Sequence[str], out: str, config: ProcessConfig,
     """
     from sfxflow.algorithms.gain import gain_warning
     from sfxflow.io.sources import discover
+    from sfxflow.pipeline.blocks import apply_storage_retry
     from sfxflow.pipeline.cluster import check_scheduler_file
     from sfxflow.pipeline.run import _geometry, resolve_config
 
@@ -147,6 +148,11 @@ def preflight(inputs: Sequence[str], out: str, config: ProcessConfig,
         raise InputError("no INPUT given: name image files, globs, folders, s3:// prefixes or a "
                          "list (.lst)")
     config = resolve_config(config)
+    # the run's storage_retry_s from the first storage call (the geometry, the listing), not
+    # only once blocks are read: an unreachable endpoint at start was retried for the default
+    # 60 s (11 attempts over 56 s with storage_retry_s = 2), or for what an earlier run in the
+    # same process had set
+    apply_storage_retry(config)
     config.target_cell()  # the cell fits the space group's lattice
     check_scheduler_file(config.cluster)
     _check_out(out, options)
