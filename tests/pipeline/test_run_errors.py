@@ -84,6 +84,28 @@ def test_dead_object_storage_run_directory_is_one_line(sim_set, capsys, monkeypa
     assert "s3://bucket/run" in err and "run the same command again" in err
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # aiohttp's __del__
+def test_checks_before_a_run_retry_for_the_runs_own_period(sim_set, capsys, monkeypatch):
+    """A run in this process left the retry period at 0 (a test of run_process with
+    ``storage_retry_s=0``): the next run's checks retried nothing, a single hiccup of the store
+    at start was exit 2 (the likely failure of a CI run under load). They use the run's own."""
+    import re
+
+    from sfxflow.io import storage
+
+    monkeypatch.setattr(storage, "_retry", storage.RetryPolicy(total_s=0.0))
+    monkeypatch.setattr(storage, "_gave_up_at", 0.0)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    code = main(_process_argv(sim_set, "s3://bucket/run", "--scheduler", "synchronous",
+                              "--endpoint-url", f"http://127.0.0.1:{_closed_port()}",
+                              "--set", "run.storage_retry_s=1"))
+    err = capsys.readouterr().err
+    assert code == EXIT_RERUN, err
+    attempts = [int(n) for n in re.findall(r"after ([0-9]+) attempt", err)]
+    assert attempts and min(attempts) >= 2, err  # 1 s with a first wait of 0.5 s: 2 attempts
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # fsspec's __del__
 def test_passwords_in_urls_never_leave_the_process(sim_set, tmp_path, caplog, capsys):
     # before: user:password@ of an input URL ended up in frames.parquet, the shards,
