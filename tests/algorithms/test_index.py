@@ -249,7 +249,6 @@ def _pairs_to_try(pairs: list[tuple[int, int, int]], n_off: int) -> list[tuple[i
 
 
 def test_pair_search_stops_once_further_pairs_cannot_find_another_lattice() -> None:
-
     pairs = [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 1, 2), (5, 2, 3)]
     assert _pairs_needed(pairs, 0) == 1  # every spot on the lattice: any pair finds it
     # one spot off: the pairs through spot 0 miss a lattice without it, (1, 2) finds that one

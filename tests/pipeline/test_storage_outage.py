@@ -91,10 +91,10 @@ def test_short_outage_is_retried_and_loses_nothing(fault, proxied_inputs, serial
     proxy, prefix = proxied_inputs
     run = tmp_path / "run"
     cut_at: list[float] = []
-    ended = threading.Event()
-    watcher = _cut_after(proxy, run, 1, SHORT_OUTAGE_S, fault, cut_at, ended)
+    run_ended = threading.Event()
+    watcher = _cut_after(proxy, run, 1, SHORT_OUTAGE_S, fault, cut_at, run_ended)
     code = main(_argv(prefix, run, proxy, retry_s=SHORT_RETRY_S))
-    ended.set()
+    run_ended.set()
     watcher.join()
     err = capsys.readouterr().err
     assert len(cut_at) == 1, err[-3000:]

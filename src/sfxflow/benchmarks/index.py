@@ -273,10 +273,8 @@ def _print_multi_cost_real(params: IndexParams, repeats: int = 7) -> None:
         print("(no independent stills or real CBFs under ../shared: real-frame cost skipped)")
         return
     one = replace(params, max_crystals=1)
-    further = ("" if params.further_min_indexed is None
-               else f", further lattices {params.further_min_indexed} spots")
-    print(f"every lattice on frames not simulated here (max_crystals {params.max_crystals} "
-          f"against 1{further}, CPU ms per frame, median of {repeats} passes):")
+    print(f"every lattice{_further_note(params)} on frames not simulated here (max_crystals "
+          f"{params.max_crystals} against 1, CPU ms per frame, median of {repeats} passes):")
     for label, frames, target in sets:
         times: dict[int, list[float]] = {params.max_crystals: [], 1: []}
         lattices = searches = 0
@@ -294,6 +292,13 @@ def _print_multi_cost_real(params: IndexParams, repeats: int = 7) -> None:
         print(f"  {label:<34} {statistics.median(many):7.2f} against {statistics.median(single):7.2f}"
               f" ms (+{statistics.median(many) - statistics.median(single):.2f}); "
               f"{lattices} lattices, {searches} searches for a further one")
+
+
+def _further_note(params: IndexParams) -> str:
+    """What the every-lattice lines say of ``further_min_indexed`` (nothing when unset)."""
+    if params.further_min_indexed is None:
+        return ""
+    return f" (further lattices must index {params.further_min_indexed} spots)"
 
 
 def _further_searches(found: list[Any], spots: SpotTable, frame: Any,
@@ -331,10 +336,9 @@ def _print_multi_cost(hits: list[SimulatedHit], detector: Detector, beam: Beam,
             if p is params:
                 n_extra += sum(r.success for r in found[1:])
     many, single = times[params.max_crystals], times[1]
-    further = ("" if params.further_min_indexed is None
-               else f" (further lattices: {params.further_min_indexed} spots)")
-    print(f"{'':<14} {'':<11} {'':>5} every lattice{further}: max_crystals {params.max_crystals} "
-          f"{statistics.median(many):.2f} ms (max {max(many):.1f}), max_crystals 1 "
+    print(f"{'':<14} {'':<11} {'':>5} every lattice{_further_note(params)}: max_crystals "
+          f"{params.max_crystals} {statistics.median(many):.2f} ms (max {max(many):.1f}), "
+          f"max_crystals 1 "
           f"{statistics.median(single):.2f} ms (max {max(single):.1f}); "
           f"{n_extra} further lattices found")
     n_second = max(params.min_indexed, len(hits[0].spots) // 3)
